@@ -1,0 +1,497 @@
+"""``banger``: the command line. Each command parses flags and makes one RPC call.
+
+Errors from anywhere are printed once, as ``error: ...`` plus a ``hint:``
+line, in :func:`main`, which is also the one place that turns them into exit
+codes (see :mod:`banger.cli.exits`).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+from banger import __version__
+from banger.cli import exits, output
+from banger.client import Client, connect, start_daemon
+from banger.config import Config, config_path, load_config
+from banger.errors import BadName, BangerError, Cancelled, DaemonUnavailable, from_code
+from banger.layout import Layout
+from banger.names import check_name
+from banger.sshopts import ssh_argv
+
+
+@dataclass
+class App:
+    config_file: Path | None
+    debug: bool
+    json: bool = False
+    _cfg: Config | None = field(default=None, repr=False)
+
+    @property
+    def cfg(self) -> Config:
+        if self._cfg is None:
+            if self.config_file is not None:
+                os.environ["BANGER_CONFIG"] = str(self.config_file)
+            self._cfg = load_config(self.config_file or config_path())
+        return self._cfg
+
+    def client(self, autostart: bool = True) -> Client:
+        return connect(self.cfg, autostart=autostart)
+
+    def emit(self, obj: Any, human: str) -> None:
+        click.echo(output.to_json(obj) if self.json else human)
+
+
+pass_app = click.make_pass_decorator(App)
+
+
+def json_option(f: Any) -> Any:
+    def set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+        if value:
+            ctx.find_object(App).json = True  # type: ignore[union-attr]
+        return value
+
+    return click.option("--json", "as_json", is_flag=True, expose_value=False,
+                        callback=set_json, help="Machine-readable JSON output.")(f)
+
+
+def _name_arg(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if value is not None:
+        try:
+            check_name(value)
+        except BadName as exc:
+            raise click.BadParameter(f"{exc.message} ({exc.hint})") from None
+    return value
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_file", type=click.Path(path_type=Path),
+              help="Config file (default: $BANGER_CONFIG or ~/.config/banger/config.toml).")
+@click.option("--debug", is_flag=True, help="Show tracebacks for unexpected errors.")
+@click.version_option(__version__, prog_name="banger")
+@click.pass_context
+def cli(ctx: click.Context, config_file: Path | None, debug: bool) -> None:
+    """One-command development sandboxes on microVMs.
+
+    \b
+    banger vm run -- uname -a          boot a VM, run a command, keep the VM
+    banger vm run --rm -- make test    ... and delete the VM afterwards
+    banger vm ssh NAME                 a shell in a running VM
+    banger doctor                      check this host
+    """
+    ctx.obj = App(config_file, debug)
+
+
+# ---------------------------------------------------------------------------- doctor
+
+
+@cli.command()
+@json_option
+@pass_app
+def doctor(app: App) -> int:
+    """Check this host for what banger needs (no daemon required)."""
+    from banger.daemon import doctor as run_doctor
+
+    checks = [c.to_json() for c in run_doctor(app.cfg)]
+    app.emit(checks, output.doctor_table(checks))
+    return 1 if any(c["status"] == "FAIL" for c in checks) else 0
+
+
+# ---------------------------------------------------------------------------- daemon
+
+
+@cli.group()
+def daemon() -> None:
+    """Inspect or control bangerd (the CLI starts it on demand)."""
+
+
+@daemon.command("status")
+@json_option
+@pass_app
+def daemon_status(app: App) -> int:
+    """Show pid, socket, log path and version of the running daemon."""
+    client = app.client(autostart=False)
+    try:
+        st = client.call("daemon.status")
+    except DaemonUnavailable:
+        lay = Layout.from_config(app.cfg)
+        app.emit({"running": False, "socket": str(lay.socket), "log": str(lay.daemon_log)},
+                 f"bangerd is not running (socket {lay.socket}, log {lay.daemon_log})")
+        return 3
+    app.emit({"running": True, **st}, output.daemon_status(st))
+    return 0
+
+
+@daemon.command("start")
+@pass_app
+def daemon_start(app: App) -> None:
+    """Start bangerd in the background if it is not running."""
+    client = app.client(autostart=False)
+    if client.alive():
+        click.echo("bangerd is already running")
+        return
+    pid = start_daemon(app.cfg)
+    click.echo(f"bangerd started (pid {pid})")
+
+
+@daemon.command("stop")
+@pass_app
+def daemon_stop(app: App) -> None:
+    """Stop bangerd. Running VMs keep running and are re-adopted on its next start."""
+    client = app.client(autostart=False)
+    try:
+        st = client.call("daemon.status")
+        client.call("daemon.stop")
+    except DaemonUnavailable:
+        click.echo("bangerd is not running")
+        return
+    deadline = time.monotonic() + 15  # it finishes the request in flight, then exits
+    while time.monotonic() < deadline and Path(f"/proc/{st['pid']}").exists():
+        time.sleep(0.05)
+    click.echo("bangerd stopped")
+
+
+# ---------------------------------------------------------------------------- images
+
+
+@cli.group()
+def image() -> None:
+    """Manage images (root file system + kernel)."""
+
+
+@image.command("build")
+@click.argument("name", required=False)
+@json_option
+@pass_app
+def image_build(app: App, name: str | None) -> None:
+    """Build a built-in image (default: debian-bookworm) with debootstrap."""
+    client = app.client()
+    op = client.call("image.build.begin", name=name)
+    result = follow(app, client, op, "image.build")
+    app.emit(result, f"image {result['name']} built ({result['size_bytes'] >> 20} MiB)")
+
+
+@image.command("list")
+@json_option
+@pass_app
+def image_list(app: App) -> None:
+    """List images."""
+    imgs = app.client().call("image.list")
+    app.emit(imgs, output.image_table(imgs))
+
+
+@image.command("show")
+@click.argument("name")
+@json_option
+@pass_app
+def image_show(app: App, name: str) -> None:
+    """Show one image."""
+    img = app.client().call("image.show", name=name)
+    app.emit(img, output.image_detail(img))
+
+
+@image.command("delete")
+@click.argument("name")
+@json_option
+@pass_app
+def image_delete(app: App, name: str) -> None:
+    """Delete an image no VM uses."""
+    res = app.client().call("image.delete", name=name)
+    app.emit(res, f"deleted image {name}")
+
+
+@image.command("register")
+@click.option("--name", required=True, help="Image name (a DNS label).")
+@click.option("--rootfs", required=True, type=click.Path(exists=True, dir_okay=False,
+                                                         path_type=Path),
+              help="ext4 root file system image.")
+@click.option("--kernel", required=True, type=click.Path(exists=True, dir_okay=False,
+                                                         path_type=Path),
+              help="Kernel (bzImage for QEMU, vmlinux for Firecracker).")
+@click.option("--initrd", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Initial ramdisk, if the kernel needs one.")
+@json_option
+@pass_app
+def image_register(app: App, name: str, rootfs: Path, kernel: Path, initrd: Path | None) -> None:
+    """Register your own root file system and kernel as an image (files are copied)."""
+    res = app.client().call(
+        "image.register", name=name, rootfs=str(rootfs.resolve()), kernel=str(kernel.resolve()),
+        initrd=str(initrd.resolve()) if initrd else None, timeout=None)
+    app.emit(res, f"registered image {name}")
+
+
+# ---------------------------------------------------------------------------- vms
+
+
+@cli.group()
+def vm() -> None:
+    """Create, run and manage VMs."""
+
+
+def create_options(f: Any) -> Any:
+    opts = [
+        click.option("--name", callback=_name_arg, help="VM name (a DNS label; generated if "
+                                                        "omitted)."),
+        click.option("--image", help="Image name (default: config default_image_name)."),
+        click.option("--vcpu", type=click.IntRange(1, 64), help="Virtual CPUs."),
+        click.option("--memory", "memory", type=click.IntRange(128, 262144),
+                     help="Memory in MiB."),
+        click.option("--disk-size", help="Root disk size, e.g. 8G."),
+        click.option("--work-disk-size", help="Work disk (/root) size, e.g. 4G."),
+        click.option("--vmm", type=click.Choice(["auto", "qemu", "firecracker"]),
+                     default="auto", show_default=True, help="VMM for this VM."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _create_params(kw: dict[str, Any], start: bool) -> dict[str, Any]:
+    return {"name": kw["name"], "image": kw["image"], "vcpu": kw["vcpu"],
+            "memory_mib": kw["memory"], "disk_size": kw["disk_size"],
+            "work_disk_size": kw["work_disk_size"], "vmm": kw["vmm"], "start": start}
+
+
+@vm.command("create")
+@create_options
+@click.option("--no-start", is_flag=True, help="Create the disks but do not boot.")
+@json_option
+@pass_app
+def vm_create(app: App, /, no_start: bool, **kw: Any) -> None:
+    """Create a VM (and boot it, unless --no-start)."""
+    client = app.client()
+    op = client.call("vm.create.begin", **_create_params(kw, not no_start))
+    res = follow(app, client, op, "vm.create")
+    app.emit(res, f"{res['name']} {res['state']} at {res['ip']}")
+
+
+def _simple(method: str, verb: str) -> Any:
+    @click.argument("names", nargs=-1, required=True)
+    @json_option
+    @pass_app
+    def command(app: App, names: tuple[str, ...]) -> int:
+        client = app.client()
+        results = []
+        failed = 0
+        for name in names:
+            try:
+                res = client.call(method, name=name)
+            except BangerError as exc:
+                if len(names) == 1:
+                    raise
+                failed += 1
+                exits.print_error(exc, app.json)
+                continue
+            results.append(res)
+            if not app.json:
+                click.echo(f"{verb} {name}")
+        if app.json:
+            click.echo(output.to_json(results if len(names) > 1 else results[0]))
+        return exits.BANGER_ERROR if failed else 0
+
+    return command
+
+
+vm.command("start", help="Boot stopped VMs.")(_simple("vm.start", "started"))
+vm.command("stop", help="Stop VMs: sync, clean poweroff over SSH, kill after a bounded wait.")(
+    _simple("vm.stop", "stopped"))
+vm.command("restart", help="Stop then start VMs.")(_simple("vm.restart", "restarted"))
+vm.command("delete", help="Delete VMs: stop them and remove disks, TAP, IP and files.")(
+    _simple("vm.delete", "deleted"))
+vm.command("rm", help="Alias of delete.", hidden=True)(_simple("vm.delete", "deleted"))
+
+
+@vm.command("kill")
+@click.argument("name")
+@click.option("--signal", "-s", "sig", default="KILL", show_default=True,
+              help="Signal for the VMM process (name or number).")
+@json_option
+@pass_app
+def vm_kill(app: App, name: str, sig: str) -> None:
+    """Send a signal to a VM's VMM process (default: KILL, no clean shutdown)."""
+    res = app.client().call("vm.kill", name=name, signal=sig)
+    app.emit(res, f"sent SIG{sig.upper().removeprefix('SIG')} to {name} ({res['state']})")
+
+
+@vm.command("list")
+@json_option
+@pass_app
+def vm_list(app: App) -> None:
+    """List VMs."""
+    vms = app.client().call("vm.list")
+    app.emit(vms, output.vm_table(vms))
+
+
+vm.add_command(vm_list, "ps")
+
+
+@vm.command("show")
+@click.argument("name")
+@json_option
+@pass_app
+def vm_show(app: App, name: str) -> None:
+    """Show one VM: spec, state, address, process."""
+    res = app.client().call("vm.show", name=name)
+    app.emit(res, output.vm_detail(res))
+
+
+@vm.command("logs")
+@click.argument("name")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new output.")
+@pass_app
+def vm_logs(app: App, name: str, follow: bool) -> None:
+    """Print a VM's serial console log."""
+    res = app.client().call("vm.logs", name=name)
+    sys.stdout.write(res["content"])
+    sys.stdout.flush()
+    if follow:
+        _follow_file(Path(res["path"]))
+
+
+def _follow_file(path: Path) -> None:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            while True:
+                chunk = fh.read(65536)
+                if chunk:
+                    sys.stdout.buffer.write(chunk)
+                    sys.stdout.flush()
+                else:
+                    time.sleep(0.3)
+    except KeyboardInterrupt:
+        return
+
+
+@vm.command("ssh", context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@pass_app
+def vm_ssh(app: App, name: str, command: tuple[str, ...]) -> int:
+    """Open a shell in a running VM, or run COMMAND there (after --)."""
+    info = app.client().call("vm.ssh_info", name=name)
+    return run_ssh(info, list(command), interactive=not command)
+
+
+@vm.command("exec", context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@pass_app
+def vm_exec(app: App, name: str, command: tuple[str, ...]) -> int:
+    """Run COMMAND in a running VM; its exit status becomes banger's."""
+    info = app.client().call("vm.ssh_info", name=name)
+    return run_ssh(info, list(command), interactive=False)
+
+
+@vm.command("run", context_settings={"ignore_unknown_options": True})
+@create_options
+@click.option("--rm", "remove", is_flag=True, help="Delete the VM when the command ends.")
+@click.option("-d", "--detach", is_flag=True, help="Boot and return; print the VM name.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@json_option
+@pass_app
+def vm_run(app: App, /, remove: bool, detach: bool, command: tuple[str, ...], **kw: Any) -> int:
+    """Create and boot a VM, then run COMMAND in it (after --) or open a shell.
+
+    The command's exit status becomes banger's own. With --rm the VM is
+    deleted afterwards, whatever happened.
+    """
+    if detach and remove:
+        raise click.UsageError("--rm and --detach cannot be combined")
+    client = app.client()
+    op = client.call("vm.create.begin", **_create_params(kw, True))
+    name = op["target"]
+    try:
+        res = follow(app, client, op, "vm.create")
+        if detach:
+            app.emit(res, res["name"])
+            return 0
+        info = client.call("vm.ssh_info", name=name)
+        return run_ssh(info, list(command), interactive=not command)
+    finally:
+        if remove:
+            try:
+                client.call("vm.delete", name=name)
+            except BangerError as exc:
+                if exc.code != "not_found":
+                    exits.print_error(exc, app.json)
+
+
+def run_ssh(info: dict[str, Any], command: list[str], *, interactive: bool) -> int:
+    """Run the system ssh into a VM; returns its exit status (the remote command's)."""
+    tty = sys.stdin.isatty() and sys.stdout.isatty()
+    argv = ssh_argv("ssh", Path(info["key_path"]), Path(info["known_hosts"]), info["ip"],
+                    tty=tty and (interactive or bool(command)), batch=False)
+    remote = " ".join(shlex.quote(c) for c in command)
+    if info.get("workdir"):
+        cd = f"cd {shlex.quote(info['workdir'])}"
+        remote = f"{cd} && exec {remote}" if remote else f"{cd} && exec \"$SHELL\" -l"
+    if remote:
+        argv.append(remote)
+    try:
+        return subprocess.call(argv)
+    except KeyboardInterrupt:
+        return 130
+
+
+def follow(app: App, client: Client, op: dict[str, Any], kind: str) -> Any:
+    """Show an operation's stages until it ends; Ctrl-C cancels it cleanly."""
+    from banger.cli.progress import Progress
+
+    cancelled = False
+    with Progress(enabled=not app.json) as progress:
+        while True:
+            progress.update(op)
+            if op["done"]:
+                break
+            try:
+                op = client.call(f"{kind}.status", id=op["id"], wait_s=1.0,
+                                 since=op["updated_at"])
+            except KeyboardInterrupt:
+                if cancelled:
+                    raise
+                cancelled = True
+                progress.note("cancelling (Ctrl-C again to stop waiting)...")
+                op = client.call(f"{kind}.cancel", id=op["id"])
+    if op.get("error"):
+        err = op["error"]
+        raise from_code(err["code"], err["message"], err.get("hint", ""))
+    return op["result"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``banger`` console script."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    json_mode = "--json" in (argv if argv is not None else sys.argv[1:])
+    try:
+        rv = cli.main(args=argv, prog_name="banger", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except Cancelled as exc:
+        exits.print_error(exc, json_mode)
+        sys.exit(130)
+    except BangerError as exc:
+        exits.print_error(exc, json_mode)
+        sys.exit(exits.code_for(exc))
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: internal error: {exc}", err=True)
+        click.echo("hint: this is a bug in banger; rerun with --debug for a traceback", err=True)
+        sys.exit(exits.BANGER_ERROR)
+    sys.exit(rv if isinstance(rv, int) else 0)

@@ -1,0 +1,44 @@
+"""``bangerd``: run the banger daemon in the foreground (the CLI starts it detached)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from banger.config import config_path, load_config
+from banger.errors import BangerError
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_file", type=click.Path(path_type=Path),
+              help="Config file (default: $BANGER_CONFIG or ~/.config/banger/config.toml).")
+@click.option("--log-stderr", is_flag=True, help="Log to stderr instead of the log file.")
+def run(config_file: Path | None, log_stderr: bool) -> None:
+    """Serve banger's JSON-RPC API on a Unix socket (root only)."""
+    from banger.daemon import Daemon
+
+    cfg = load_config(config_file or config_path())
+    d = Daemon.open(cfg, log_to_stderr=log_stderr)
+    try:
+        d.serve()
+    finally:
+        d.close()
+
+
+def main() -> None:
+    try:
+        run.main(standalone_mode=False)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except BangerError as exc:
+        print(f"bangerd: error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

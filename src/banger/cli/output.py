@@ -1,0 +1,129 @@
+"""Plain formatting functions for CLI output (tested against golden files)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from banger.config import format_size
+
+
+def to_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    """A left-aligned text table with two-space gutters, no trailing spaces."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+    lines = []
+    for row in [headers, *rows]:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return "\n".join(lines)
+
+
+def age(ts: str, now: datetime | None = None) -> str:
+    """``3m``, ``2h``, ``5d`` since an ISO timestamp."""
+    now = now or datetime.now(UTC)
+    secs = max(0, int((now - datetime.fromisoformat(ts)).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if secs >= size:
+            return f"{secs // size}{unit}"
+    return f"{secs}s"
+
+
+def vm_table(vms: list[dict[str, Any]], now: datetime | None = None) -> str:
+    if not vms:
+        return "no VMs (create one with `banger vm run`)"
+    rows = [
+        [vm["name"], vm["state"], vm["ip"], vm["spec"]["image"], vm["vmm"],
+         f"{vm['spec']['vcpu']}/{vm['spec']['memory_mib']}M", age(vm["created_at"], now)]
+        for vm in vms
+    ]
+    return table(["NAME", "STATE", "IP", "IMAGE", "VMM", "CPU/MEM", "AGE"], rows)
+
+
+def vm_detail(vm: dict[str, Any]) -> str:
+    spec = vm["spec"]
+    pairs: list[tuple[str, str]] = [
+        ("name", vm["name"]),
+        ("id", vm["id"]),
+        ("state", vm["state"]),
+        ("image", spec["image"]),
+        ("vmm", vm["vmm"]),
+        ("vcpu", str(spec["vcpu"])),
+        ("memory", f"{spec['memory_mib']}M"),
+        ("disk", format_size(spec["disk_size"])),
+        ("work disk", format_size(spec["work_disk_size"])),
+        ("ip", vm["ip"]),
+        ("dns", f"{vm['name']}.vm"),
+        ("mac", vm["mac"]),
+    ]
+    if vm.get("pid"):
+        pairs.append(("pid", str(vm["pid"])))
+    if vm.get("tap"):
+        pairs.append(("tap", vm["tap"]))
+    pairs.append(("created", vm["created_at"]))
+    if vm.get("stop_reason") and vm["state"] != "running":
+        pairs.append(("stop reason", vm["stop_reason"]))
+    if vm.get("last_error"):
+        pairs.append(("last error", vm["last_error"]))
+    ws = vm.get("workspace")
+    if ws:
+        pairs.append(("workspace", f"{ws['host_path']} -> {ws['guest_path']}"
+                      + ("" if ws.get("prepared") else " (not prepared)")))
+        pairs.append(("base commit", ws["base_commit"]))
+    width = max(len(k) for k, _ in pairs)
+    return "\n".join(f"{k + ':':<{width + 1}} {v}" for k, v in pairs)
+
+
+def image_table(images: list[dict[str, Any]], now: datetime | None = None) -> str:
+    if not images:
+        return "no images (build the default with `banger image build`)"
+    rows = [
+        [i["name"], i["source"], f"{i['size_bytes'] / (1 << 30):.2f}G",
+         "yes" if i.get("initrd") else "no", age(i["created_at"], now)]
+        for i in images
+    ]
+    return table(["NAME", "SOURCE", "SIZE", "INITRD", "AGE"], rows)
+
+
+def image_detail(img: dict[str, Any]) -> str:
+    pairs = [
+        ("name", img["name"]), ("source", img["source"]), ("rootfs", img["rootfs"]),
+        ("kernel", img["kernel"]), ("initrd", img.get("initrd") or "-"),
+        ("size", f"{img['size_bytes'] / (1 << 30):.2f}G"), ("created", img["created_at"]),
+        ("recipe", img.get("recipe_hash") or "-"),
+    ]
+    width = max(len(k) for k, _ in pairs)
+    return "\n".join(f"{k + ':':<{width + 1}} {v}" for k, v in pairs)
+
+
+def doctor_table(checks: list[dict[str, str]]) -> str:
+    lines = []
+    for c in checks:
+        lines.append(f"[{c['status']:<4}] {c['name']}: {c['detail']}")
+        if c.get("hint") and c["status"] != "OK":
+            lines.append(f"       hint: {c['hint']}")
+    return "\n".join(lines)
+
+
+def daemon_status(st: dict[str, Any]) -> str:
+    pairs = [
+        ("status", "running"), ("pid", str(st["pid"])), ("version", st["version"]),
+        ("socket", st["socket"]), ("log", st["log"]), ("state dir", st["state_dir"]),
+        ("uptime", f"{st['uptime_s']:.0f}s"), ("vms", f"{st['vms']} ({st['running']} running)"),
+    ]
+    width = max(len(k) for k, _ in pairs)
+    return "\n".join(f"{k + ':':<{width + 1}} {v}" for k, v in pairs)
+
+
+def op_line(op: dict[str, Any]) -> str:
+    stages: list[str] = op["stages"]
+    stage = op["stage"]
+    pos = f"[{stages.index(stage) + 1}/{len(stages)}] " if stage in stages else ""
+    progress = f" {op['progress']}" if op.get("progress") else ""
+    return f"{pos}{stage}{progress}"

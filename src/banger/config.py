@@ -1,0 +1,189 @@
+"""banger's configuration: ``config.toml``, every key optional.
+
+Found at ``$BANGER_CONFIG``, else ``~/.config/banger/config.toml``. A missing
+file means all defaults. Unknown keys are refused so a typo is not silently
+ignored.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from banger.errors import BadRequest
+from banger.names import check_name
+
+_SIZE = re.compile(r"(?i)^\s*(\d+)\s*([kmgt]i?b?|b)?\s*$")
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(value: str | int) -> int:
+    """Bytes from ``4G``, ``512M``, ``2GiB`` or a plain integer of bytes."""
+    if isinstance(value, int):
+        if value <= 0:
+            raise BadRequest(f"size must be positive, got {value}")
+        return value
+    match = _SIZE.match(value)
+    if not match:
+        raise BadRequest(
+            f"cannot read size {value!r}", hint="use a number with a unit, e.g. 4G or 512M"
+        )
+    unit = (match.group(2) or "").lower()[:1]
+    size = int(match.group(1)) * _UNITS[unit]
+    if size <= 0:
+        raise BadRequest(f"size must be positive, got {value!r}")
+    return size
+
+
+def format_size(n: int) -> str:
+    """The shortest exact unit spelling of ``n`` bytes (``4G``, ``1536M``)."""
+    for suffix, mult in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n % mult == 0:
+            return f"{n // mult}{suffix}"
+    return str(n)
+
+
+class VMMChoice(StrEnum):
+    AUTO = "auto"
+    QEMU = "qemu"
+    FIRECRACKER = "firecracker"
+
+
+class AccelChoice(StrEnum):
+    AUTO = "auto"
+    KVM = "kvm"
+    TCG = "tcg"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VMDefaults(_Strict):
+    vcpu: Annotated[int, Field(ge=1, le=64)] = 2
+    memory_mib: Annotated[int, Field(ge=128, le=262144)] = 1024
+    disk_size: str = "4G"
+    work_disk_size: str = "2G"
+
+    @field_validator("disk_size", "work_disk_size")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        parse_size(v)
+        return v
+
+
+class FileSync(_Strict):
+    """A host file copied into the guest's /root at VM start (used by workspaces)."""
+
+    host: str
+    guest: str
+    mode: str = "0600"
+
+
+class Config(_Strict):
+    state_dir: Path = Path("/var/lib/banger")
+    cache_dir: Path = Path("/var/cache/banger")
+    runtime_dir: Path = Path("/run/banger")
+    log_level: str = "info"
+    vmm: VMMChoice = VMMChoice.AUTO
+    qemu_accel: AccelChoice = AccelChoice.AUTO
+    qemu_bin: str = "qemu-system-x86_64"
+    firecracker_bin: str = ""
+    jailer_enabled: bool | None = None
+    jailer_bin: str = ""
+    jailer_chroot_base: Path = Path("/srv/jailer")
+    cow_strategy: Literal["auto", "reflink", "copy", "dmsnap"] = "auto"
+    bridge_name: str = "br-banger"
+    bridge_cidr: str = "172.29.0.1/24"
+    ssh_key_path: Path | None = None
+    default_image_name: str = "debian-bookworm"
+    debian_mirror: str = "http://deb.debian.org/debian"
+    dns_enabled: bool = True
+    dns_port: Annotated[int, Field(ge=1, le=65535)] = 53
+    tap_pool_size: Annotated[int, Field(ge=0, le=64)] = 2
+    boot_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 180.0
+    vm_defaults: VMDefaults = VMDefaults()
+    file_sync: list[FileSync] = []
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        if v.lower() not in {"debug", "info", "warning", "error"}:
+            raise ValueError("must be one of debug, info, warning, error")
+        return v.lower()
+
+    @field_validator("bridge_name")
+    @classmethod
+    def _bridge(cls, v: str) -> str:
+        # IFNAMSIZ is 16 including the NUL (linux/if.h).
+        if not 1 <= len(v) <= 15 or not re.fullmatch(r"[A-Za-z0-9_.-]+", v):
+            raise ValueError("must be 1-15 characters of letters, digits, '_', '.', '-'")
+        return v
+
+    @field_validator("bridge_cidr")
+    @classmethod
+    def _cidr(cls, v: str) -> str:
+        iface = ipaddress.ip_interface(v)
+        if iface.version != 4 or iface.network.prefixlen > 29:
+            raise ValueError("must be an IPv4 gateway address with a prefix of /29 or wider")
+        if iface.ip in (iface.network.network_address, iface.network.broadcast_address):
+            raise ValueError("the address part is the gateway; it must be a host address")
+        return v
+
+    @field_validator("default_image_name")
+    @classmethod
+    def _image(cls, v: str) -> str:
+        check_name(v, "image")
+        return v
+
+    @property
+    def key_path(self) -> Path:
+        """The install's SSH private key (public key beside it with ``.pub``)."""
+        return self.ssh_key_path or self.state_dir / "ssh" / "id_ed25519"
+
+
+def config_path(env: dict[str, str] | None = None) -> Path:
+    """Where the config file is looked for."""
+    env = dict(os.environ) if env is None else env
+    if env.get("BANGER_CONFIG"):
+        return Path(env["BANGER_CONFIG"])
+    return Path(env.get("HOME", "/root")) / ".config" / "banger" / "config.toml"
+
+
+def load_config(path: Path | None = None) -> Config:
+    """Load and validate the config; a missing file gives the defaults."""
+    path = path or config_path()
+    data: dict[str, Any] = {}
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        pass
+    except tomllib.TOMLDecodeError as exc:
+        raise BadRequest(f"{path}: {exc}", hint="fix the TOML syntax") from exc
+    except OSError as exc:
+        raise BadRequest(f"cannot read config {path}: {exc.strerror}") from exc
+    return parse_config(data, source=str(path))
+
+
+def parse_config(data: dict[str, Any], source: str = "config") -> Config:
+    """Validate a config mapping, turning pydantic errors into one readable line."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        msg = first["msg"]
+        if first["type"] == "extra_forbidden":
+            msg = "unknown key"
+        raise BadRequest(
+            f"{source}: {where}: {msg}",
+            hint="see the configuration section of the README for valid keys",
+        ) from exc

@@ -1,0 +1,105 @@
+"""VM capability hooks: optional per-VM features that follow the lifecycle.
+
+Each capability hears ``started`` (also on re-adoption after a daemon restart),
+``stopped`` and ``deleted``. A failing hook is logged and never fails the
+lifecycle operation that triggered it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Protocol
+
+from banger.daemon.store import VMRecord
+from banger.fsutil import atomic_write
+
+if TYPE_CHECKING:
+    from banger.daemon.core import Daemon
+
+log = logging.getLogger("banger.caps")
+
+
+class VMCap(Protocol):
+    name: str
+
+    def started(self, vm: VMRecord) -> None: ...
+    def stopped(self, vm: VMRecord) -> None: ...
+    def deleted(self, vm: VMRecord) -> None: ...
+
+
+class DNSCap:
+    """``<name>.vm`` resolves while the VM runs."""
+
+    name = "dns"
+
+    def __init__(self, d: Daemon) -> None:
+        self.d = d
+
+    def started(self, vm: VMRecord) -> None:
+        if self.d.vm_dns is not None:
+            self.d.vm_dns.register(vm.name, vm.ip)
+
+    def stopped(self, vm: VMRecord) -> None:
+        if self.d.vm_dns is not None:
+            self.d.vm_dns.unregister(vm.name)
+
+    deleted = stopped
+
+
+class SSHConfigCap:
+    """Keeps ``state_dir/ssh/config`` listing every VM as ``Host <name>.vm``."""
+
+    name = "ssh-config"
+
+    def __init__(self, d: Daemon) -> None:
+        self.d = d
+
+    def _rewrite(self, vm: VMRecord) -> None:
+        write_ssh_config(self.d)
+
+    started = stopped = deleted = _rewrite
+
+
+def write_ssh_config(d: Daemon) -> None:
+    lay = d.layout
+    lines = [
+        "# Written by banger; do not edit. Add to ~/.ssh/config:",
+        f"#   Include {lay.ssh_config}",
+        "",
+    ]
+    for vm in d.db.list_vms():
+        lines += [
+            f"Host {vm.name}.vm",
+            f"  HostName {vm.ip}",
+            "  User root",
+            f"  IdentityFile {lay.key_path}",
+            "  IdentitiesOnly yes",
+            f"  UserKnownHostsFile {lay.known_hosts}",
+            "  StrictHostKeyChecking accept-new",
+            "",
+        ]
+    atomic_write(lay.ssh_config, "\n".join(lines).encode(), 0o644)
+
+
+def default_caps(d: Daemon) -> list[VMCap]:
+    return [DNSCap(d), SSHConfigCap(d)]
+
+
+def _each(d: Daemon, event: str, vm: VMRecord) -> None:
+    for cap in d.vm_caps:
+        try:
+            getattr(cap, event)(vm)
+        except Exception:
+            log.exception("capability %s failed on %s for %s", cap.name, event, vm.name)
+
+
+def started(d: Daemon, vm: VMRecord) -> None:
+    _each(d, "started", vm)
+
+
+def stopped(d: Daemon, vm: VMRecord) -> None:
+    _each(d, "stopped", vm)
+
+
+def deleted(d: Daemon, vm: VMRecord) -> None:
+    _each(d, "deleted", vm)

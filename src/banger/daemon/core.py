@@ -1,0 +1,355 @@
+"""``Daemon``: the composition root of bangerd.
+
+It owns the infrastructure handles (config, layout, store, runner, logger,
+pid file), the locks, the subsystem registries and the injectable seams, and
+wires the RPC dispatch table. The work itself lives in ``vms``, ``images``,
+``reconcile`` and the leaf subpackages.
+
+Lock order (see ARCHITECTURE.md in this directory): ::
+
+    vm_locks[id] -> workspace_locks[id] -> {create_vm_mu, image_ops_mu} -> leaf locks
+
+``vm_locks[id]`` and ``workspace_locks[id]`` are never held together, and no
+lock is held across guest I/O or a VMM boot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import os
+import secrets
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from banger import __version__
+from banger.api import PROTOCOL_VERSION
+from banger.config import Config
+from banger.daemon import caps as caps_mod
+from banger.daemon.dmsnap import CowStrategy, choose_strategy
+from banger.daemon.dns import VMDNS, upstream_from_resolv_conf
+from banger.daemon.guest import Guest, GuestDialer, SSHGuest, wait_for_ssh
+from banger.daemon.handles import HandleCache
+from banger.daemon.network import HostNetwork, NetlinkNetwork, TapPool, gateway
+from banger.daemon.opstate import Operation, Registry
+from banger.daemon.store import Store
+from banger.errors import BangerError, HostError
+from banger.fsutil import atomic_write
+from banger.layout import Layout
+from banger.runner import CancelToken, Runner, SubprocessRunner
+from banger.vmm import VMMDriver
+
+log = logging.getLogger("banger.daemon")
+
+# The request/operation id stamped on every log line written while serving it.
+current_op: contextvars.ContextVar[str] = contextvars.ContextVar("current_op", default="-")
+
+
+class _OpFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.op = current_op.get()
+        return True
+
+
+def setup_logging(path: Path | None, level: str) -> None:
+    """Log to ``path`` (or stderr) with the op id on every line."""
+    handler: logging.Handler
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path)
+    else:
+        handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(levelname)-7s [%(op)s] %(name)s: %(message)s"))
+    handler.addFilter(_OpFilter())
+    root = logging.getLogger("banger")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+class LockSet:
+    """One ``threading.Lock`` per key (VM id), made on first use.
+
+    ``_mu`` guards only the dict; it is never held while a member lock is.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._mu = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+
+    def get(self, key: str) -> threading.Lock:
+        with self._mu:
+            lock = self._locks.get(key)
+            if lock is None:
+                lock = self._locks[key] = threading.Lock()
+            return lock
+
+    @contextmanager
+    def held(self, key: str) -> Iterator[None]:
+        with self.get(key):
+            yield
+
+    def forget(self, key: str) -> None:
+        with self._mu:
+            self._locks.pop(key, None)
+
+
+@dataclass
+class Seams:
+    """Side effects the tests replace. Real implementations by default."""
+
+    runner: Runner = field(default_factory=SubprocessRunner)
+    net: HostNetwork = field(default_factory=NetlinkNetwork)
+    vmm_factory: Callable[[str], VMMDriver] | None = None
+    cow: CowStrategy | None = None
+    dial: GuestDialer | None = None
+    wait_for_ssh: Callable[..., float] = wait_for_ssh
+    # Builds an image by name into a staging dir; replaced in unit tests.
+    image_build: Callable[..., Any] | None = None
+
+
+class Daemon:
+    """bangerd. Public surface: :meth:`open`, :meth:`serve`, :meth:`close`."""
+
+    def __init__(self, cfg: Config, seams: Seams | None = None, *,
+                 log_to_stderr: bool = False) -> None:
+        self.cfg = cfg
+        self.layout = Layout.from_config(cfg)
+        self.seams = seams or Seams()
+        self.runner = self.seams.runner
+        self.started_at = time.time()
+        self.log_to_stderr = log_to_stderr
+
+        # vm_locks[id]: held only across short state validation + store mutation for one VM.
+        self.vm_locks = LockSet("vm")
+        # workspace_locks[id]: serialises workspace prepare/export on one VM (guest I/O phase).
+        self.workspace_locks = LockSet("workspace")
+        # create_vm_mu: makes "name is free + next free IP" atomic with inserting the VM row.
+        self.create_vm_mu = threading.Lock()
+        # image_ops_mu: serialises image registry mutations (build publish, register, delete).
+        self.image_ops_mu = threading.Lock()
+        self.create_ops: Registry[Operation] = Registry()
+        self.image_ops: Registry[Operation] = Registry()
+        # Cancel tokens of in-flight boots, so stop/delete can interrupt a slow start.
+        # _inflight_mu is a leaf lock guarding only the dict.
+        self._inflight_mu = threading.Lock()
+        self._inflight: dict[str, CancelToken] = {}
+
+        self.store: Store | None = None
+        self.handles = HandleCache(self.layout)
+        self.tap_pool = TapPool(self.seams.net, cfg.bridge_name, cfg.tap_pool_size)
+        self.vm_dns: VMDNS | None = None
+        self.vm_caps: list[caps_mod.VMCap] = []
+        self.cow: CowStrategy | None = self.seams.cow
+        self._drivers: dict[str, VMMDriver] = {}
+        self._drivers_mu = threading.Lock()
+        self._net_mu = threading.Lock()
+        self._net_ready = False
+        self._network_enabled = True
+        self._serving = False
+        self._server: Any = None
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self.methods: dict[str, Callable[[dict[str, Any]], Any]] = {}
+
+    # ----------------------------------------------------------------- lifecycle
+
+    @classmethod
+    def open(cls, cfg: Config, seams: Seams | None = None, *, log_to_stderr: bool = False,
+             network: bool = True) -> Daemon:
+        """Create directories, open the store, set up the bridge, reconcile VMs."""
+        from banger.daemon import reconcile, rpc
+
+        d = cls(cfg, seams, log_to_stderr=log_to_stderr)
+        lay = d.layout
+        for directory in (lay.state_dir, lay.vms_dir, lay.images_dir, lay.kernels_dir,
+                          lay.ssh_dir, lay.runtime_dir, lay.vms_run_dir, lay.cache_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        os.chmod(lay.runtime_dir, 0o700)
+        os.chmod(lay.state_dir, 0o700)
+        setup_logging(None if log_to_stderr else lay.daemon_log, cfg.log_level)
+        log.info("bangerd %s starting (pid %d, state %s)", __version__, os.getpid(),
+                 lay.state_dir)
+        d.store = Store(lay.db)
+        if d.cow is None:
+            d.cow = choose_strategy(cfg.cow_strategy, lay.vms_dir, d.runner)
+        log.info("cow strategy: %s", d.cow.name)
+        d._network_enabled = network
+        d.vm_caps = caps_mod.default_caps(d)
+        if d.db.list_vms():
+            d.ensure_network()
+        reconcile.reconcile(d)
+        rpc.register(d)
+        return d
+
+    def ensure_network(self) -> None:
+        """Bridge, TAP pool and DNS, made on first need (idempotent).
+
+        Lazy so that a daemon that only builds images never touches host networking.
+        ``_net_mu`` is a leaf lock; the netlink calls under it take milliseconds.
+        """
+        with self._net_mu:
+            if self._net_ready or not self._network_enabled:
+                return
+            self.seams.net.ensure_bridge(self.cfg.bridge_name, self.cfg.bridge_cidr)
+            self.tap_pool.fill()
+            if self.cfg.dns_enabled and self._serving:
+                self._start_dns()
+            self._net_ready = True
+
+    def serve(self) -> None:
+        """Serve RPC on the Unix socket until :meth:`shutdown` or a signal."""
+        from banger.daemon.server import RPCServer
+
+        self._write_pid()
+        with self._net_mu:
+            self._serving = True
+            if self._net_ready and self.cfg.dns_enabled:
+                self._start_dns()
+        self._server = RPCServer(self, self.layout.socket)
+        self._watcher = threading.Thread(target=self._watch, name="vm-watcher", daemon=True)
+        self._watcher.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.shutdown())
+        log.info("serving on %s", self.layout.socket)
+        self._server.serve_until(self._stop)
+
+    def shutdown(self) -> None:
+        """Stop serving; running VMs keep running (they are re-adopted on the next start)."""
+        self._stop.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._server is not None:
+            self._server.close()
+        if self.vm_dns is not None:
+            self.vm_dns.close()
+        self.tap_pool.drain()
+        if self.store is not None:
+            self.store.close()
+        with contextlib.suppress(OSError):
+            if self.layout.pid_file.read_text().strip() == str(os.getpid()):
+                self.layout.pid_file.unlink()
+        log.info("bangerd stopped")
+
+    def _write_pid(self) -> None:
+        atomic_write(self.layout.pid_file, f"{os.getpid()}\n".encode(), 0o644)
+
+    def _start_dns(self) -> None:
+        self.vm_dns = VMDNS(upstream_from_resolv_conf())
+        try:
+            self.vm_dns.listen(gateway(self.cfg.bridge_cidr), self.cfg.dns_port)
+        except OSError as exc:
+            log.warning("dns: cannot listen on the bridge: %s", exc)
+        for vm in self.db.list_vms():
+            if vm.state.value == "running":
+                self.vm_dns.register(vm.name, vm.ip)
+
+    def _watch(self) -> None:
+        """Notice VMs whose guest powered off or whose VMM died, every 2 s."""
+        from banger.daemon import reconcile
+
+        while not self._stop.wait(2.0):
+            try:
+                reconcile.reap_exited(self)
+            except Exception:
+                log.exception("vm watcher failed")
+
+    # ----------------------------------------------------------------- helpers
+
+    @property
+    def db(self) -> Store:
+        assert self.store is not None, "Daemon.open() was not called"
+        return self.store
+
+    def driver(self, name: str) -> VMMDriver:
+        """The VMM driver called ``name``, built once."""
+        with self._drivers_mu:
+            drv = self._drivers.get(name)
+            if drv is None:
+                if self.seams.vmm_factory is not None:
+                    drv = self.seams.vmm_factory(name)
+                else:
+                    from banger.daemon import vmmselect
+
+                    drv = vmmselect.make_driver(self.cfg, self.runner, name)
+                self._drivers[name] = drv
+            return drv
+
+    def dial(self, ip: str) -> Guest:
+        if self.seams.dial is not None:
+            return self.seams.dial(ip)
+        return SSHGuest(self.runner, self.layout.key_path, self.layout.known_hosts, ip)
+
+    def begin_inflight(self, vm_id: str) -> CancelToken:
+        token = CancelToken()
+        with self._inflight_mu:
+            self._inflight[vm_id] = token
+        return token
+
+    def end_inflight(self, vm_id: str, token: CancelToken) -> None:
+        with self._inflight_mu:
+            if self._inflight.get(vm_id) is token:
+                del self._inflight[vm_id]
+
+    def cancel_inflight(self, vm_id: str, reason: str) -> bool:
+        with self._inflight_mu:
+            token = self._inflight.get(vm_id)
+        if token is None:
+            return False
+        token.cancel(reason)
+        return True
+
+    def wait_inflight_gone(self, vm_id: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._inflight_mu:
+                if vm_id not in self._inflight:
+                    return True
+            time.sleep(0.05)
+        return False
+
+    def checkpoint(self, name: str) -> None:
+        """Test hook: pause forever at stage ``name`` when ``BANGER_TEST_PAUSE_AT`` names it.
+
+        The fault-injection tests kill -9 the daemon while it sits here. The marker
+        file tells the test the daemon reached the stage.
+        """
+        wanted = os.environ.get("BANGER_TEST_PAUSE_AT", "")
+        if wanted and name in wanted.split(","):
+            marker = self.layout.runtime_dir / f"paused-at-{name}"
+            marker.write_text(str(os.getpid()))
+            log.warning("test hook: paused at %s", name)
+            while True:
+                time.sleep(3600)
+
+    def status(self) -> dict[str, Any]:
+        vms = self.db.list_vms()
+        return {
+            "pid": os.getpid(), "version": __version__, "protocol": PROTOCOL_VERSION,
+            "socket": str(self.layout.socket), "log": str(self.layout.daemon_log),
+            "state_dir": str(self.layout.state_dir),
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "vms": len(vms), "running": sum(1 for v in vms if v.state.value == "running"),
+            "cow_strategy": self.cow.name if self.cow else None,
+        }
+
+
+def new_id() -> str:
+    """A VM id: 12 hex characters, short enough for socket paths and TAP names."""
+    return secrets.token_hex(6)
+
+
+def error_of(exc: BaseException) -> BangerError:
+    if isinstance(exc, BangerError):
+        return exc
+    return HostError(str(exc))

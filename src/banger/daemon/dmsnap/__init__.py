@@ -1,0 +1,263 @@
+"""Per-VM copy-on-write root disks.
+
+Three strategies behind one small interface:
+
+* :class:`ReflinkCow` - ``FICLONE`` a file on XFS/btrfs: instant, shares blocks.
+* :class:`CopyCow` - a sparse copy: works everywhere, costs the image's used bytes.
+* :class:`DmSnapshotCow` - a device-mapper ``snapshot`` of the image over loop
+  devices with a sparse exception store: instant, needs dm-snapshot in the kernel.
+
+Each returns a :class:`CowHandle` whose ``identity`` is the teardown identity
+(files, loop devices, dm target) that the daemon mirrors onto the VM record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from banger.errors import CommandFailed, HostError
+from banger.runner import Runner
+
+FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h
+SECTOR = 512
+DM_CHUNK_SECTORS = 8  # 4 KiB exception chunks: the page size, the usual choice
+DM_PREFIX = "banger-"
+
+
+@dataclass
+class CowHandle:
+    """Teardown identity of one VM's root disk."""
+
+    strategy: str
+    path: str  # the file (reflink/copy) or exception store (dmsnap)
+    device: str | None = None  # what the VMM opens when it is not ``path``
+    loops: list[str] = field(default_factory=list)
+    dm_name: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"strategy": self.strategy, "path": self.path, "device": self.device,
+                "loops": list(self.loops), "dm_name": self.dm_name}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CowHandle:
+        return cls(strategy=str(data["strategy"]), path=str(data["path"]),
+                   device=data.get("device"), loops=list(data.get("loops") or []),
+                   dm_name=data.get("dm_name"))
+
+    @property
+    def disk(self) -> str:
+        """The path the VMM should open as the root disk."""
+        return self.device or self.path
+
+
+class CowStrategy(Protocol):
+    name: str
+
+    def create(self, origin: Path, target: Path) -> CowHandle:
+        """Make the VM's private view of ``origin`` at ``target`` (not yet attached)."""
+        ...
+
+    def activate(self, handle: CowHandle, origin: Path, vm_id: str) -> CowHandle:
+        """Make the disk openable by the VMM (loop/dm set-up); idempotent."""
+        ...
+
+    def deactivate(self, handle: CowHandle) -> CowHandle:
+        """Undo :meth:`activate`; idempotent, tolerant of half-done state."""
+        ...
+
+    def remove(self, handle: CowHandle) -> None:
+        """Delete the disk for good (after :meth:`deactivate`)."""
+        ...
+
+
+def reflink_supported(directory: Path) -> bool:
+    """Try a real ``FICLONE`` between two scratch files in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".reflink-probe-") as src, \
+            tempfile.NamedTemporaryFile(dir=directory, prefix=".reflink-probe-") as dst:
+        src.write(b"banger" * 700)
+        src.flush()
+        try:
+            fcntl.ioctl(dst.fileno(), FICLONE, src.fileno())
+        except OSError:
+            return False
+    return True
+
+
+def dm_snapshot_supported() -> bool:
+    """True when the kernel has device-mapper with the snapshot target (or can load it)."""
+    if not Path("/dev/mapper/control").exists():
+        return False
+    try:
+        targets = Path("/proc/misc").read_text()
+    except OSError:
+        return False
+    return "device-mapper" in targets
+
+
+class ReflinkCow:
+    name = "reflink"
+
+    def create(self, origin: Path, target: Path) -> CowHandle:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with origin.open("rb") as src, target.open("wb") as dst:
+                fcntl.ioctl(dst.fileno(), FICLONE, src.fileno())
+        except OSError as exc:
+            target.unlink(missing_ok=True)
+            raise HostError(f"reflink of {origin} failed: {exc.strerror}",
+                            hint="the state_dir filesystem must support reflinks") from exc
+        return CowHandle(self.name, str(target))
+
+    def activate(self, handle: CowHandle, origin: Path, vm_id: str) -> CowHandle:
+        return handle
+
+    def deactivate(self, handle: CowHandle) -> CowHandle:
+        return handle
+
+    def remove(self, handle: CowHandle) -> None:
+        Path(handle.path).unlink(missing_ok=True)
+
+
+class CopyCow:
+    name = "copy"
+
+    def create(self, origin: Path, target: Path) -> CowHandle:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            sparse_copy(origin, target)
+        except OSError as exc:
+            target.unlink(missing_ok=True)
+            hint = "free some disk space" if exc.errno == errno.ENOSPC else ""
+            raise HostError(f"copy of {origin} failed: {exc.strerror}", hint=hint) from exc
+        return CowHandle(self.name, str(target))
+
+    def activate(self, handle: CowHandle, origin: Path, vm_id: str) -> CowHandle:
+        return handle
+
+    def deactivate(self, handle: CowHandle) -> CowHandle:
+        return handle
+
+    def remove(self, handle: CowHandle) -> None:
+        Path(handle.path).unlink(missing_ok=True)
+
+
+def sparse_copy(src: Path, dst: Path) -> None:
+    """Copy only the data extents of ``src`` (SEEK_DATA/SEEK_HOLE), keeping holes."""
+    with src.open("rb") as fin, dst.open("wb") as fout:
+        size = os.fstat(fin.fileno()).st_size
+        pos = 0
+        while pos < size:
+            try:
+                data = os.lseek(fin.fileno(), pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data after pos: the rest is a hole
+                    break
+                raise
+            hole = os.lseek(fin.fileno(), data, os.SEEK_HOLE)
+            left = hole - data
+            offset = data
+            while left > 0:
+                n = os.copy_file_range(fin.fileno(), fout.fileno(), min(left, 1 << 30),
+                                       offset, offset)
+                if n == 0:
+                    break
+                offset += n
+                left -= n
+            pos = hole
+        fout.truncate(size)
+        os.fsync(fout.fileno())
+
+
+class DmSnapshotCow:
+    """dm-snapshot over loop devices. Needs root and the dm-snapshot target."""
+
+    name = "dmsnap"
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+
+    def create(self, origin: Path, target: Path) -> CowHandle:
+        # The exception store only needs to hold changed chunks; a sparse file the
+        # size of the origin can never overflow (persistent snapshots invalidate on overflow).
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with target.open("wb") as fh:
+            fh.truncate(origin.stat().st_size)
+        return CowHandle(self.name, str(target))
+
+    def activate(self, handle: CowHandle, origin: Path, vm_id: str) -> CowHandle:
+        if handle.device and Path(handle.device).exists():
+            return handle
+        handle = self.deactivate(handle)
+        loops: list[str] = []
+        try:
+            base = self._losetup(origin, read_only=True)
+            loops.append(base)
+            cow = self._losetup(Path(handle.path), read_only=False)
+            loops.append(cow)
+            sectors = origin.stat().st_size // SECTOR
+            dm_name = DM_PREFIX + vm_id
+            table = f"0 {sectors} snapshot {base} {cow} P {DM_CHUNK_SECTORS}"
+            self.runner.run(["dmsetup", "create", dm_name, "--table", table],
+                            desc=f"create dm snapshot {dm_name}", timeout=30)
+        except Exception:
+            for loop in reversed(loops):
+                self._detach(loop)
+            raise
+        return CowHandle(self.name, handle.path, device=f"/dev/mapper/{dm_name}",
+                         loops=loops, dm_name=dm_name)
+
+    def deactivate(self, handle: CowHandle) -> CowHandle:
+        if handle.dm_name:
+            res = self.runner.run(["dmsetup", "remove", "--retry", handle.dm_name],
+                                  desc=f"remove dm snapshot {handle.dm_name}", timeout=30,
+                                  check=False)
+            if res.returncode != 0 and "No such device" not in res.err:
+                raise CommandFailed(f"dmsetup remove {handle.dm_name} failed: {res.err.strip()}")
+        for loop in reversed(handle.loops):
+            self._detach(loop)
+        return CowHandle(self.name, handle.path)
+
+    def remove(self, handle: CowHandle) -> None:
+        Path(handle.path).unlink(missing_ok=True)
+
+    def _losetup(self, path: Path, *, read_only: bool) -> str:
+        argv = ["losetup", "--find", "--show"]
+        if read_only:
+            argv.append("--read-only")
+        res = self.runner.run([*argv, str(path)], desc=f"attach {path.name} to a loop device",
+                              timeout=30)
+        return res.out.strip()
+
+    def _detach(self, loop: str) -> None:
+        with contextlib.suppress(CommandFailed):
+            self.runner.run(["losetup", "--detach", loop], desc=f"detach {loop}", timeout=30,
+                            check=False)
+
+
+def choose_strategy(requested: str, state_dir: Path, runner: Runner) -> CowStrategy:
+    """``auto`` picks reflink when ``state_dir`` supports it, else a sparse copy."""
+    if requested == "dmsnap":
+        if not dm_snapshot_supported():
+            raise HostError("cow_strategy = dmsnap but this kernel has no device-mapper",
+                            hint="use cow_strategy = auto")
+        return DmSnapshotCow(runner)
+    if requested == "reflink" or (requested == "auto" and reflink_supported(state_dir)):
+        return ReflinkCow()
+    return CopyCow()
+
+
+def strategy_for(handle: CowHandle, runner: Runner) -> CowStrategy:
+    """The strategy that made ``handle`` (for teardown after a restart)."""
+    if handle.strategy == "dmsnap":
+        return DmSnapshotCow(runner)
+    if handle.strategy == "reflink":
+        return ReflinkCow()
+    return CopyCow()

@@ -1,0 +1,206 @@
+"""``banger doctor``: host checks that need no daemon.
+
+Each check says OK, WARN or FAIL with what it saw and, when not OK, how to
+fix it. Checks only read the host, except the network check, which creates
+and deletes a scratch network namespace with a bridge in it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from banger.config import Config
+from banger.daemon.dmsnap import dm_snapshot_supported, reflink_supported
+from banger.daemon.hostinfo import kvm_status, which
+from banger.daemon.vmmselect import firecracker_binary, resolve_accel, resolve_vmm
+from banger.errors import BangerError
+from banger.runner import Runner, SubprocessRunner
+
+FREE_WARN = 10 << 30  # an image plus a few VMs
+FREE_FAIL = 2 << 30  # not even one image build fits
+
+
+class Status(StrEnum):
+    OK = "OK"
+    WARN = "WARN"
+    FAIL = "FAIL"
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: Status
+    detail: str
+    hint: str = ""
+
+    def to_json(self) -> dict[str, str]:
+        return {"name": self.name, "status": self.status.value, "detail": self.detail,
+                "hint": self.hint}
+
+
+TOOLS: dict[str, str] = {
+    "debootstrap": "debootstrap",
+    "mkfs.ext4": "e2fsprogs",
+    "debugfs": "e2fsprogs",
+    "e2fsck": "e2fsprogs",
+    "resize2fs": "e2fsprogs",
+    "ssh": "openssh-client",
+    "ssh-keygen": "openssh-client",
+    "losetup": "mount",
+    "ip": "iproute2",
+    "git": "git",
+    "tar": "tar",
+}
+
+
+def doctor(cfg: Config, runner: Runner | None = None) -> list[Check]:
+    """Run every check; never raises."""
+    runner = runner or SubprocessRunner()
+    checks: list[Callable[[], Check | list[Check]]] = [
+        lambda: _qemu(cfg, runner),
+        lambda: _firecracker(cfg, runner),
+        _kvm,
+        lambda: _selected(cfg),
+        _tun,
+        lambda: _netns(runner),
+        _dm,
+        lambda: _reflink(cfg),
+        _tools,
+        lambda: _disk(cfg),
+    ]
+    out: list[Check] = []
+    for check in checks:
+        try:
+            res = check()
+        except Exception as exc:
+            res = Check(getattr(check, "__name__", "check"), Status.FAIL, f"check crashed: {exc}")
+        out.extend(res if isinstance(res, list) else [res])
+    return out
+
+
+def _qemu(cfg: Config, runner: Runner) -> Check:
+    path = which(cfg.qemu_bin)
+    if path is None:
+        return Check("qemu", Status.FAIL, f"{cfg.qemu_bin} not found",
+                     "apt-get install qemu-system-x86")
+    res = runner.run([path, "--version"], desc="qemu version", timeout=10, check=False)
+    version = res.out.splitlines()[0] if res.out else "unknown version"
+    return Check("qemu", Status.OK, f"{path}: {version}")
+
+
+def _firecracker(cfg: Config, runner: Runner) -> Check:
+    path = firecracker_binary(cfg)
+    if path is None:
+        return Check("firecracker", Status.WARN,
+                     f"{cfg.firecracker_bin or 'firecracker'} not found: QEMU will be used",
+                     "install a Firecracker release binary and set firecracker_bin")
+    from banger.daemon.fcproc import check_version
+
+    ok, detail = check_version(runner, path)
+    return Check("firecracker", Status.OK if ok else Status.WARN, detail,
+                 "" if ok else "upgrade Firecracker")
+
+
+def _kvm() -> Check:
+    st = kvm_status()
+    if st.usable:
+        return Check("kvm", Status.OK, st.reason)
+    return Check("kvm", Status.WARN, st.reason + "; guests run under QEMU TCG (slower)",
+                 "use a host with hardware virtualisation (kvm_intel/kvm_amd) for speed")
+
+
+def _selected(cfg: Config) -> Check:
+    try:
+        vmm = resolve_vmm(cfg, "auto")
+        detail = f"vmm={cfg.vmm.value} resolves to {vmm}"
+        if vmm == "qemu":
+            detail += f" with accel={resolve_accel(cfg)}"
+        else:
+            detail += " (Firecracker binary present and KVM usable)"
+        return Check("vmm selection", Status.OK, detail)
+    except BangerError as exc:
+        return Check("vmm selection", Status.FAIL, exc.message, exc.hint)
+
+
+def _tun() -> Check:
+    dev = Path("/dev/net/tun")
+    try:
+        fd = os.open(dev, os.O_RDWR)
+        os.close(fd)
+    except OSError as exc:
+        return Check("tun", Status.FAIL, f"{dev}: {exc.strerror}",
+                     "modprobe tun, and run banger as root")
+    return Check("tun", Status.OK, f"{dev} opens read-write")
+
+
+def _netns(runner: Runner) -> Check:
+    if os.geteuid() != 0:
+        return Check("network", Status.FAIL, "not running as root",
+                     "bangerd needs root (CAP_NET_ADMIN) for bridges and TAPs")
+    ns = f"banger-doctor-{secrets.token_hex(3)}"
+    try:
+        runner.run(["ip", "netns", "add", ns], desc="create a scratch netns", timeout=10)
+        try:
+            runner.run(["ip", "-n", ns, "link", "add", "bgdoctor0", "type", "bridge"],
+                       desc="create a bridge", timeout=10)
+        finally:
+            runner.run(["ip", "netns", "del", ns], desc="delete the scratch netns", timeout=10,
+                       check=False)
+    except BangerError as exc:
+        return Check("network", Status.FAIL, f"cannot create a bridge: {exc.message}",
+                     "check CAP_NET_ADMIN and the bridge module")
+    return Check("network", Status.OK, "can create network namespaces and bridges")
+
+
+def _dm() -> Check:
+    if dm_snapshot_supported():
+        return Check("device-mapper", Status.OK, "dm-snapshot available (cow_strategy = dmsnap)")
+    return Check("device-mapper", Status.WARN,
+                 "no device-mapper in this kernel: dmsnap COW is unavailable",
+                 "not needed: reflink or sparse copy is used instead")
+
+
+def _reflink(cfg: Config) -> Check:
+    target = cfg.state_dir
+    probe = target if target.exists() else _existing_parent(target)
+    try:
+        ok = reflink_supported(probe)
+    except OSError as exc:
+        return Check("reflink", Status.WARN, f"cannot probe {probe}: {exc.strerror}")
+    if ok:
+        return Check("reflink", Status.OK, f"{probe} supports reflinks: VM disks are instant")
+    return Check("reflink", Status.WARN,
+                 f"{probe} has no reflink support: each VM disk is a sparse copy",
+                 "put state_dir on XFS or btrfs for instant VM disks")
+
+
+def _tools() -> list[Check]:
+    missing = sorted({pkg for tool, pkg in TOOLS.items() if which(tool) is None})
+    if missing:
+        return [Check("tools", Status.FAIL,
+                      "missing: " + ", ".join(t for t, p in TOOLS.items() if p in missing),
+                      "apt-get install " + " ".join(missing))]
+    return [Check("tools", Status.OK, "found " + ", ".join(TOOLS))]
+
+
+def _disk(cfg: Config) -> Check:
+    probe = _existing_parent(cfg.state_dir)
+    free = shutil.disk_usage(probe).free
+    detail = f"{free / (1 << 30):.1f} GiB free at {probe}"
+    if free < FREE_FAIL:
+        return Check("disk", Status.FAIL, detail, "free space or move state_dir")
+    if free < FREE_WARN:
+        return Check("disk", Status.WARN, detail, "an image needs ~1.5 GiB, each VM a few more")
+    return Check("disk", Status.OK, detail)
+
+
+def _existing_parent(p: Path) -> Path:
+    while not p.exists():
+        p = p.parent
+    return p

@@ -1,0 +1,129 @@
+"""The daemon's channel into a guest: OpenSSH with the install's key.
+
+:class:`GuestDialer` is the seam: the real one runs the system ``ssh``; unit
+tests substitute a fake that records scripts. :func:`wait_for_ssh` is the
+bounded boot wait shared by create and start.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from banger.errors import CommandFailed, CommandTimeout, GuestError, VMMError
+from banger.runner import CancelToken, Result, Runner
+from banger.sshopts import ssh_argv
+
+SSH_PORT = 22
+
+
+class Guest(Protocol):
+    ip: str
+
+    def run(self, script: str, *, timeout: float = 60.0, input: bytes | None = None,
+            check: bool = True, desc: str = "guest command") -> Result: ...
+
+    def popen(self, script: str, **kwargs: object) -> subprocess.Popen[bytes]: ...
+
+
+@dataclass
+class SSHGuest:
+    """A guest reached with the system ssh; every call is one ssh process."""
+
+    runner: Runner
+    key_path: Path
+    known_hosts: Path
+    ip: str
+    ssh_bin: str = "ssh"
+
+    def argv(self, script: str) -> list[str]:
+        # The remote side always gets one argument run by sh -c, so quoting is ours.
+        return [*ssh_argv(self.ssh_bin, self.key_path, self.known_hosts, self.ip), script]
+
+    def run(self, script: str, *, timeout: float = 60.0, input: bytes | None = None,
+            check: bool = True, desc: str = "guest command") -> Result:
+        try:
+            return self.runner.run(self.argv(script), desc=f"{desc} on {self.ip}",
+                                   timeout=timeout, input=input, check=check)
+        except CommandFailed as exc:
+            raise GuestError(exc.message, **exc.details) from exc
+        except CommandTimeout as exc:
+            raise GuestError(exc.message, hint="the guest may be overloaded or hung") from exc
+
+    def popen(self, script: str, **kwargs: object) -> subprocess.Popen[bytes]:
+        """Start ssh without waiting (streaming copies); the caller owns the process."""
+        return subprocess.Popen(self.argv(script), **kwargs)  # type: ignore[call-overload,no-any-return]
+
+
+class GuestDialer(Protocol):
+    def __call__(self, ip: str) -> Guest: ...
+
+
+def tcp_open(ip: str, port: int = SSH_PORT, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection((ip, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wait_for_ssh(
+    guest: Guest,
+    *,
+    budget_s: float,
+    alive: Callable[[], bool],
+    cancel: CancelToken | None = None,
+    on_wait: Callable[[float], None] | None = None,
+    serial_tail: Callable[[], str] = lambda: "",
+) -> float:
+    """Wait until ``ssh guest true`` succeeds; returns the seconds waited.
+
+    The budget is ``boot_timeout_s`` from the config (180 s by default: a stock
+    Debian guest under TCG reaches sshd in 10-25 s on a loaded two-core host).
+    Each probe is a 1 s TCP connect, then a full ssh login bounded at 15 s.
+    Fails fast when the VMM dies or the operation is cancelled.
+    """
+    start = time.monotonic()
+    deadline = start + budget_s
+    while True:
+        if cancel is not None:
+            cancel.check()
+        if not alive():
+            raise VMMError("the VMM exited while the guest was booting",
+                           hint=_serial_hint(serial_tail()))
+        if tcp_open(guest.ip):
+            try:
+                guest.run("true", timeout=15, desc="ssh readiness probe")
+                return time.monotonic() - start
+            except GuestError:
+                pass
+        now = time.monotonic()
+        if now >= deadline:
+            raise GuestError(f"the guest did not answer SSH within {budget_s:g}s",
+                             hint=_serial_hint(serial_tail()))
+        if on_wait is not None:
+            on_wait(now - start)
+        time.sleep(0.25)
+
+
+def _serial_hint(tail: str) -> str:
+    lines = [ln for ln in tail.splitlines() if ln.strip()][-5:]
+    if not lines:
+        return "see `banger vm logs NAME` for the serial console"
+    return "last serial console lines:\n  " + "\n  ".join(lines)
+
+
+def quote(s: str) -> str:
+    import shlex
+
+    return shlex.quote(s)
+
+
+def script(argv: Sequence[str]) -> str:
+    """A shell line that runs ``argv`` exactly (each word quoted)."""
+    return " ".join(quote(a) for a in argv)

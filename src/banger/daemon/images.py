@@ -1,0 +1,270 @@
+"""The image registry: build the built-in image, register your own, list, delete.
+
+Builds and registrations happen in a staging directory; only the final
+rename and store insert run under ``image_ops_mu``, so a slow debootstrap never
+blocks ``image list`` or an unrelated ``image delete``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from banger.api import ImageView
+from banger.daemon.dmsnap import reflink_supported, sparse_copy
+from banger.daemon.imagemgr import (
+    BUILTIN_RECIPES,
+    Recipe,
+    debugfs_script,
+    finalize_tree,
+    find_boot_files,
+    guest_agent_files,
+    injected_dirs,
+    install_files,
+    recipe_for,
+    rootfs_size,
+    tree_size,
+)
+from banger.daemon.opstate import Operation
+from banger.daemon.store import ImageRecord, now
+from banger.errors import AlreadyExists, BadRequest, NotFound
+from banger.fsutil import remove_tree
+from banger.names import check_name
+
+if TYPE_CHECKING:
+    from banger.daemon.core import Daemon
+
+log = logging.getLogger("banger.images")
+
+BUILD_STAGES = ["debootstrap", "configure", "kernel", "rootfs", "publish"]
+EXT4_MAGIC_OFFSET = 1080  # superblock at 1024 + s_magic at 0x38 (ext4 disk layout)
+EXT4_MAGIC = b"\x53\xef"
+
+
+def view(img: ImageRecord) -> dict[str, Any]:
+    return ImageView(
+        name=img.name, source=img.source, rootfs=img.rootfs, kernel=img.kernel,
+        initrd=img.initrd, size_bytes=img.size_bytes, created_at=img.created_at,
+        recipe_hash=img.recipe_hash,
+    ).model_dump(mode="json")
+
+
+def recipe_or_missing(name: str) -> Recipe:
+    """The built-in recipe for a missing image, or a not-found error with a hint."""
+    if name in BUILTIN_RECIPES:
+        return BUILTIN_RECIPES[name]
+    raise NotFound(
+        f"no image named {name!r}",
+        hint=f"build the default with `banger image build`, or register one with "
+             f"`banger image register --name {name} --rootfs ... --kernel ...`",
+    )
+
+
+def ensure_image(d: Daemon, name: str, op: Operation) -> ImageRecord:
+    """The image, building it first when it is a missing built-in one."""
+    img = d.db.find_image(name)
+    if img is not None:
+        return img
+    recipe_or_missing(name)
+    build_op = begin_build(d, name, join_existing=True)
+    while not build_op.wait(0.5):
+        if op.cancel.cancelled:
+            # The build may be shared with other creates; it carries on without us.
+            op.cancel.check()
+        op.report(f"building image {name}: {build_op.stage} {build_op.progress}".strip())
+    if build_op.error is not None:
+        raise build_op.error
+    return d.db.get_image(name)
+
+
+def begin_build(d: Daemon, name: str, *, join_existing: bool = False) -> Operation:
+    check_name(name, "image")
+    recipe = recipe_for(name)
+    with d.image_ops_mu:
+        for existing in d.image_ops.active():
+            if existing.target == name:
+                if join_existing:
+                    return existing
+                raise AlreadyExists(f"image {name!r} is already being built",
+                                    hint=f"follow it with `banger image build {name}` later")
+        if d.db.find_image(name) is not None:
+            raise AlreadyExists(f"image {name!r} already exists",
+                                hint=f"delete it first with `banger image delete {name}`")
+        op = Operation(kind="image.build", target=name, stages=list(BUILD_STAGES))
+        builder = d.seams.image_build or build
+        return d.image_ops.run(op, lambda o: builder(d, recipe, o), name=f"build-{name}")
+
+
+_DEBOOTSTRAP_STEP = re.compile(r"^I: (Retrieving|Validating|Extracting|Unpacking|Configuring|"
+                               r"Installing|Checking|Resolving|Found|Base system)")
+
+
+def build(d: Daemon, recipe: Recipe, op: Operation) -> dict[str, Any]:
+    """debootstrap -> configure -> kernel -> mkfs.ext4 -d -> publish."""
+    staging = d.layout.staging_dir / f"{recipe.name}-{op.id}"
+    root = staging / "rootfs"
+    try:
+        staging.mkdir(parents=True)
+        op.enter("debootstrap", "starting")
+        d.layout.debootstrap_cache.mkdir(parents=True, exist_ok=True)
+        counter = {"n": 0}
+
+        def progress(line: str) -> None:
+            if _DEBOOTSTRAP_STEP.match(line):
+                counter["n"] += 1
+                op.report(f"[{counter['n']}] {line[3:][:80]}")
+
+        d.runner.stream(
+            recipe.debootstrap_argv(root, d.cfg.debian_mirror, d.layout.debootstrap_cache),
+            desc=f"debootstrap {recipe.suite}", on_line=progress, timeout=3600,
+            cancel=op.cancel,
+        )
+        op.enter("configure")
+        install_files(root, recipe.files(), recipe.masked_units)
+        finalize_tree(root, staging / "workseed")
+        op.enter("kernel")
+        kernel, initrd = find_boot_files(root)
+        shutil.copy2(kernel, staging / "vmlinuz")
+        if initrd is not None:
+            shutil.copy2(initrd, staging / "initrd.img")
+        op.enter("rootfs", "mkfs.ext4")
+        size = rootfs_size(tree_size(root))
+        d.runner.run(
+            ["mkfs.ext4", "-q", "-F", "-L", "banger-root", "-d", str(root),
+             str(staging / "rootfs.ext4"), f"{size // 1024}k"],
+            desc="make the image root file system", timeout=1800,
+        )
+        remove_tree(root)
+        op.enter("publish")
+        return publish(d, recipe.name, staging, source="built", recipe_hash=recipe.digest(),
+                       has_initrd=initrd is not None)
+    except BaseException:
+        remove_tree(staging)
+        raise
+
+
+def publish(d: Daemon, name: str, staging: Path, *, source: str, recipe_hash: str | None,
+            has_initrd: bool) -> dict[str, Any]:
+    """Move a finished staging dir into the registry and record it (under image_ops_mu)."""
+    final = d.layout.image_dir(name)
+    with d.image_ops_mu:
+        if d.db.find_image(name) is not None:
+            raise AlreadyExists(f"image {name!r} already exists")
+        remove_tree(final)  # debris of an earlier crashed publish, never a registered image
+        os.rename(staging, final)
+        workseed = final / "workseed"
+        img = ImageRecord(
+            name=name, source=source, rootfs=str(final / "rootfs.ext4"),
+            kernel=str(final / "vmlinuz"),
+            initrd=str(final / "initrd.img") if has_initrd else None,
+            workseed=str(workseed) if workseed.is_dir() else None,
+            size_bytes=sum(f.stat().st_size for f in final.iterdir() if f.is_file()),
+            recipe_hash=recipe_hash, created_at=now(),
+        )
+        try:
+            d.db.add_image(img)
+        except BaseException:
+            remove_tree(final)
+            raise
+    log.info("image %s published (%s)", name, source)
+    return view(img)
+
+
+def register(d: Daemon, name: str, rootfs: str, kernel: str, initrd: str | None
+             ) -> dict[str, Any]:
+    """Copy a user's rootfs/kernel/initrd into the registry and add banger's guest agent."""
+    check_name(name, "image")
+    rootfs_p = _existing_file(rootfs, "--rootfs")
+    kernel_p = _existing_file(kernel, "--kernel")
+    initrd_p = _existing_file(initrd, "--initrd") if initrd else None
+    with rootfs_p.open("rb") as fh:
+        fh.seek(EXT4_MAGIC_OFFSET)
+        if fh.read(2) != EXT4_MAGIC:
+            raise BadRequest(f"{rootfs_p} is not an ext4 file system image",
+                             hint="make one with `mkfs.ext4 -d DIR IMAGE SIZE`")
+    with kernel_p.open("rb") as fh:
+        head = fh.read(0x206)
+    if head[:4] != b"\x7fELF" and head[0x202:0x206] != b"HdrS":
+        raise BadRequest(f"{kernel_p} is neither a bzImage nor an ELF vmlinux")
+    if d.db.find_image(name) is not None:
+        raise AlreadyExists(f"image {name!r} already exists",
+                            hint=f"delete it first with `banger image delete {name}`")
+    staging = d.layout.staging_dir / f"register-{name}-{secrets.token_hex(4)}"
+    try:
+        staging.mkdir(parents=True)
+        target = staging / "rootfs.ext4"
+        if reflink_supported(staging):
+            d.runner.run(["cp", "--reflink=always", str(rootfs_p), str(target)],
+                         desc="reflink the rootfs", timeout=600)
+        else:
+            sparse_copy(rootfs_p, target)
+        shutil.copy2(kernel_p, staging / "vmlinuz")
+        if initrd_p is not None:
+            shutil.copy2(initrd_p, staging / "initrd.img")
+        extract_workseed(d, target, staging / "workseed")
+        inject_guest_agent(d, target, staging)
+        return publish(d, name, staging, source="registered", recipe_hash=None,
+                       has_initrd=initrd_p is not None)
+    except BaseException:
+        remove_tree(staging)
+        raise
+
+
+def _existing_file(path: str, flag: str) -> Path:
+    p = Path(path)
+    if not p.is_absolute():
+        raise BadRequest(f"{flag} {path!r} must be an absolute path")
+    if not p.is_file():
+        raise BadRequest(f"{flag} {path} does not exist or is not a regular file")
+    return p
+
+
+def extract_workseed(d: Daemon, rootfs: Path, dest: Path) -> None:
+    """Copy the image's /root out (debugfs rdump: no mount) to seed work disks."""
+    dest.mkdir(mode=0o700)
+    res = d.runner.run(["debugfs", "-R", f"rdump /root {dest}", str(rootfs)],
+                       desc="read /root from the image", timeout=300, check=False)
+    dumped = dest / "root"
+    if dumped.is_dir():
+        for item in dumped.iterdir():
+            shutil.move(str(item), dest / item.name)
+        dumped.rmdir()
+    elif res.returncode != 0:
+        log.info("image has no /root to seed from: %s", res.err.strip())
+
+
+def inject_guest_agent(d: Daemon, rootfs: Path, staging: Path) -> None:
+    files = guest_agent_files()
+    missing = set()
+    for directory in injected_dirs(files):
+        res = d.runner.run(["debugfs", "-R", f"stat {directory}", str(rootfs)],
+                           desc=f"look for {directory} in the image", timeout=60, check=False)
+        if "File not found" in res.err:
+            missing.add(directory)
+    script, temps = debugfs_script(files, staging, missing)
+    script_file = staging / "inject.debugfs"
+    script_file.write_text(script)
+    d.runner.run(["debugfs", "-w", "-f", str(script_file), str(rootfs)],
+                 desc="add banger's guest agent to the image", timeout=300)
+    for t in [*temps, script_file]:
+        t.unlink(missing_ok=True)
+
+
+def delete(d: Daemon, name: str) -> dict[str, Any]:
+    with d.image_ops_mu:
+        d.db.delete_image(name)
+        remove_tree(d.layout.image_dir(name))
+    return {"deleted": name}
+
+
+def list_images(d: Daemon) -> list[dict[str, Any]]:
+    return [view(i) for i in d.db.list_images()]
+
+
+def show(d: Daemon, name: str) -> dict[str, Any]:
+    return view(d.db.get_image(name))

@@ -1,0 +1,171 @@
+"""Host networking: the bridge, per-VM TAPs (with a small warm pool), guest IPs.
+
+Every VM gets a TAP enslaved to ``bridge_name`` and a static address from
+``bridge_cidr``; the bridge holds the gateway address. Netlink work goes
+through :class:`HostNetwork` (pyroute2 for real, a dict for unit tests).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import secrets
+import threading
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from banger.errors import HostError
+
+log = logging.getLogger("banger.network")
+
+TAP_PREFIX = "bgt"  # every TAP banger creates starts with this; sweeps rely on it
+
+
+def tap_name() -> str:
+    # IFNAMSIZ is 16 with the NUL; "bgt" + 8 hex = 11 leaves room and avoids collisions.
+    return TAP_PREFIX + secrets.token_hex(4)
+
+
+class HostNetwork(Protocol):
+    def ensure_bridge(self, name: str, cidr: str) -> None: ...
+    def create_tap(self, name: str, bridge: str) -> None: ...
+    def delete_link(self, name: str) -> None: ...
+    def links(self) -> list[str]: ...
+
+
+class NetlinkNetwork:
+    """The real implementation, over rtnetlink via pyroute2."""
+
+    def _ipr(self) -> Any:
+        from pyroute2 import IPRoute
+
+        return IPRoute()
+
+    def ensure_bridge(self, name: str, cidr: str) -> None:
+        iface = ipaddress.ip_interface(cidr)
+        try:
+            with self._ipr() as ipr:
+                found = ipr.link_lookup(ifname=name)
+                if not found:
+                    ipr.link("add", ifname=name, kind="bridge")
+                    found = ipr.link_lookup(ifname=name)
+                idx = found[0]
+                have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"])
+                        for a in ipr.get_addr(index=idx, family=2)}
+                if (str(iface.ip), iface.network.prefixlen) not in have:
+                    ipr.addr("add", index=idx, address=str(iface.ip),
+                             prefixlen=iface.network.prefixlen)
+                ipr.link("set", index=idx, state="up")
+        except Exception as exc:
+            raise HostError(f"cannot set up bridge {name} ({cidr}): {exc}",
+                            hint="banger needs root (CAP_NET_ADMIN); see `banger doctor`") from exc
+
+    def create_tap(self, name: str, bridge: str) -> None:
+        try:
+            with self._ipr() as ipr:
+                bidx = ipr.link_lookup(ifname=bridge)
+                if not bidx:
+                    raise HostError(f"bridge {bridge} is missing")
+                ipr.link("add", ifname=name, kind="tuntap", mode="tap")
+                tidx = ipr.link_lookup(ifname=name)[0]
+                ipr.link("set", index=tidx, master=bidx[0], state="up")
+        except HostError:
+            raise
+        except Exception as exc:
+            self.delete_link(name)
+            raise HostError(f"cannot create tap {name}: {exc}",
+                            hint="check /dev/net/tun with `banger doctor`") from exc
+
+    def delete_link(self, name: str) -> None:
+        try:
+            with self._ipr() as ipr:
+                found = ipr.link_lookup(ifname=name)
+                if found:
+                    ipr.link("del", index=found[0])
+        except Exception as exc:
+            raise HostError(f"cannot delete link {name}: {exc}") from exc
+
+    def links(self) -> list[str]:
+        with self._ipr() as ipr:
+            return [str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()]
+
+
+class TapPool:
+    """A few pre-created TAPs so a VM start does not wait for netlink round trips.
+
+    ``_mu`` guards ``_ready`` only (a leaf lock); netlink calls happen outside it.
+    """
+
+    def __init__(self, net: HostNetwork, bridge: str, size: int) -> None:
+        self.net = net
+        self.bridge = bridge
+        self.size = size
+        self._mu = threading.Lock()
+        self._ready: list[str] = []
+
+    def acquire(self) -> str:
+        with self._mu:
+            if self._ready:
+                return self._ready.pop()
+        name = tap_name()
+        self.net.create_tap(name, self.bridge)
+        return name
+
+    def release(self, name: str) -> None:
+        """Delete a TAP a VM no longer needs (a used TAP is never recycled)."""
+        self.net.delete_link(name)
+
+    def owned(self) -> set[str]:
+        with self._mu:
+            return set(self._ready)
+
+    def fill(self) -> None:
+        """Top the pool up to ``size``; errors are logged, the pool is an optimisation."""
+        while True:
+            with self._mu:
+                if len(self._ready) >= self.size:
+                    return
+            name = tap_name()
+            try:
+                self.net.create_tap(name, self.bridge)
+            except HostError as exc:
+                log.warning("tap pool: %s", exc)
+                return
+            with self._mu:
+                self._ready.append(name)
+
+    def drain(self) -> None:
+        with self._mu:
+            names, self._ready = self._ready, []
+        for name in names:
+            try:
+                self.net.delete_link(name)
+            except HostError as exc:
+                log.warning("tap pool drain: %s", exc)
+
+
+def gateway(cidr: str) -> str:
+    return str(ipaddress.ip_interface(cidr).ip)
+
+
+def prefixlen(cidr: str) -> int:
+    return ipaddress.ip_interface(cidr).network.prefixlen
+
+
+def allocate_ip(cidr: str, used: Iterable[str]) -> str:
+    """The lowest free host address in ``cidr`` that is not the gateway."""
+    iface = ipaddress.ip_interface(cidr)
+    taken = set(used) | {str(iface.ip)}
+    for host in iface.network.hosts():
+        if str(host) not in taken:
+            return str(host)
+    raise HostError(
+        f"no free guest address left in {iface.network}",
+        hint="delete unused VMs or set a wider bridge_cidr",
+    )
+
+
+def mac_for_ip(ip: str) -> str:
+    """A stable, locally administered unicast MAC derived from the guest IP."""
+    b = ipaddress.IPv4Address(ip).packed
+    return "06:00:" + ":".join(f"{x:02x}" for x in b)

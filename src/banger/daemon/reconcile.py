@@ -1,0 +1,255 @@
+"""Start-up reconciliation, leak sweeps, and noticing VMs that exited on their own.
+
+bangerd may die at any instant (kill -9, OOM, host crash). On the next start
+every VM is checked against the host: a VMM that is still the same process
+(``/proc`` pid + start time + command line marker) is re-adopted, anything
+else is torn down and the VM marked stopped with the reason. Half-created or
+half-deleted VMs are removed. Then host resources that look like banger's but
+belong to no VM (TAPs, loop devices, dm targets, VMM processes, runtime files)
+are swept. Restarting bangerd never stops a running VM.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from banger.api import VMState
+from banger.daemon import caps, vms
+from banger.daemon.dmsnap import DM_PREFIX, dm_snapshot_supported
+from banger.daemon.handles import VMHandles
+from banger.daemon.network import TAP_PREFIX
+from banger.daemon.store import VMRecord
+from banger.errors import BangerError, HostError, InvalidState
+from banger.fsutil import remove_tree
+from banger.proc import find_by_marker, identify, matches
+from banger.vmm import vm_marker
+
+if TYPE_CHECKING:
+    from banger.daemon.core import Daemon
+
+log = logging.getLogger("banger.reconcile")
+
+_MARKER = re.compile(r"^banger-([0-9a-f]{12})(,|$)")
+
+
+def ensure_ssh_key(d: Daemon) -> None:
+    """The install's ed25519 key, generated on first use."""
+    key = d.layout.key_path
+    if key.exists() and d.layout.public_key.exists():
+        return
+    key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key.unlink(missing_ok=True)
+    d.layout.public_key.unlink(missing_ok=True)
+    d.runner.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "banger", "-f", str(key)],
+                 desc="generate banger's SSH key", timeout=30)
+    log.info("generated SSH key %s", key)
+
+
+def reconcile(d: Daemon) -> None:
+    ensure_ssh_key(d)
+    remove_tree(d.layout.staging_dir)  # half-built images from a previous life
+    for vm in d.db.list_vms():
+        try:
+            reconcile_vm(d, vm)
+        except Exception:
+            log.exception("reconcile of %s failed", vm.name)
+    sweep(d)
+    caps.write_ssh_config(d)
+
+
+def _live_handles(d: Daemon, vm: VMRecord) -> tuple[VMHandles, bool]:
+    """Rebuild handles and say whether the VMM is alive (finding it by marker if needed)."""
+    h = vms.handles_of(d, vm)
+    if h.process is not None and matches(h.process):
+        return h, True
+    marker = vm_marker(vm.id)
+    for pid, argv in find_by_marker(marker).items():
+        if _ours(d, argv):
+            ident = identify(pid, marker)
+            if ident is not None:
+                return h.with_(process=ident), True
+    return h, False
+
+
+def reconcile_vm(d: Daemon, vm: VMRecord) -> None:
+    h, alive = _live_handles(d, vm)
+    state = vm.state
+    if state in (VMState.CREATING, VMState.DELETING):
+        log.warning("vm %s was %s when bangerd stopped: removing it", vm.name, state.value)
+        vms.destroy(d, vm.id, reason=f"{state.value} interrupted by a daemon restart")
+        return
+    if alive and state in (VMState.RUNNING, VMState.STARTING, VMState.ERROR):
+        vms.save_handles(d, vm.id, h)
+        if state == VMState.STARTING:
+            _finish_start(d, vm, h)
+        else:
+            if state == VMState.ERROR:
+                vm = d.db.update_vm(vm, state=VMState.RUNNING)
+            log.info("vm %s: re-adopted running VMM pid %d", vm.name,
+                     h.process.pid if h.process else -1)
+            caps.started(d, vm)
+        return
+    if state == VMState.STOPPING or (alive and state == VMState.STOPPED):
+        vms.kill_vmm(h.process)
+    if state != VMState.STOPPED or alive or d.layout.vm(vm.id).handles.exists() \
+            or vm.runtime.get("teardown"):
+        problems = vms.teardown(d, vm.id, h)
+        reason = {
+            VMState.STOPPING: "stop finished after a daemon restart",
+            VMState.STOPPED: "stopped",
+        }.get(state, "the VMM was gone when bangerd restarted")
+        if problems:
+            d.db.update_vm(vm, state=VMState.ERROR,
+                           runtime={**vm.runtime, "last_error": "; ".join(problems)})
+        elif state != VMState.STOPPED:
+            d.db.update_vm(vm, state=VMState.STOPPED,
+                           runtime={**vm.runtime, "stop_reason": reason})
+            log.warning("vm %s: marked stopped (%s)", vm.name, reason)
+
+
+def _finish_start(d: Daemon, vm: VMRecord, h: VMHandles) -> None:
+    """A boot interrupted by the restart: wait for SSH in the background, then mark running."""
+    token = d.begin_inflight(vm.id)
+
+    def body() -> None:
+        try:
+            assert h.process is not None
+            ident = h.process
+            d.seams.wait_for_ssh(d.dial(vm.ip), budget_s=d.cfg.boot_timeout_s,
+                                 alive=lambda: matches(ident), cancel=token)
+            fresh = vms.transition(d, vm.id, VMState.RUNNING, expect={VMState.STARTING})
+            caps.started(d, fresh)
+            log.info("vm %s: boot finished after daemon restart", vm.name)
+        except BangerError as exc:
+            log.warning("vm %s: boot after restart failed: %s", vm.name, exc)
+            vms.teardown(d, vm.id, h)
+            vms._settle_failed_start(d, vm.id, exc)
+        finally:
+            d.end_inflight(vm.id, token)
+
+    threading.Thread(target=body, name=f"readopt-{vm.name}", daemon=True).start()
+
+
+def _ours(d: Daemon, argv: list[str]) -> bool:
+    """A VMM process belongs to this daemon when its command line uses our directories.
+
+    Several daemons (test runs, other state dirs) may share a host; never touch theirs.
+    """
+    roots = (str(d.layout.vms_dir) + "/", str(d.layout.vms_run_dir) + "/")
+    return any(root in arg for arg in argv for root in roots)
+
+
+def sweep(d: Daemon) -> dict[str, list[str]]:
+    """Remove banger-looking host resources that no VM owns; returns what was removed."""
+    removed: dict[str, list[str]] = {"processes": [], "taps": [], "loops": [], "dm": [],
+                                     "files": []}
+    known = {vm.id for vm in d.db.list_vms()}
+    owned_taps: set[str] = set(d.tap_pool.owned())
+    for vm_id, h in d.handles.all().items():
+        if vm_id in known and h.tap:
+            owned_taps.add(h.tap)
+    for vm in d.db.list_vms():
+        tap = (vm.runtime.get("teardown") or {}).get("tap")
+        if tap:
+            owned_taps.add(tap)
+
+    for pid, argv in find_by_marker("banger-").items():
+        ids = [m.group(1) for a in argv if (m := _MARKER.match(a))]
+        if not ids or ids[0] in known or not _ours(d, argv):
+            continue
+        ident = identify(pid, vm_marker(ids[0]))
+        if ident is not None and vms.kill_vmm(ident):
+            removed["processes"].append(str(pid))
+
+    try:
+        links = d.seams.net.links()
+    except Exception as exc:
+        log.warning("sweep: cannot list links: %s", exc)
+        links = []
+    for link in links:
+        if link.startswith(TAP_PREFIX) and link not in owned_taps:
+            try:
+                d.seams.net.delete_link(link)
+                removed["taps"].append(link)
+            except HostError as exc:
+                log.warning("sweep: %s", exc)
+
+    removed["loops"] = _sweep_loops(d, known)
+    if dm_snapshot_supported():
+        removed["dm"] = _sweep_dm(d, known)
+
+    for parent in (d.layout.vms_run_dir, d.layout.vms_dir):
+        if parent.is_dir():
+            for child in parent.iterdir():
+                if child.name not in known:
+                    remove_tree(child)
+                    removed["files"].append(str(child))
+    if any(removed.values()):
+        log.warning("sweep removed leftovers: %s", {k: v for k, v in removed.items() if v})
+    return removed
+
+
+def _sweep_loops(d: Daemon, known: set[str]) -> list[str]:
+    res = d.runner.run(["losetup", "--json", "--list"], desc="list loop devices", timeout=30,
+                       check=False)
+    if res.returncode != 0 or not res.out.strip():
+        return []
+    try:
+        devices = json.loads(res.out).get("loopdevices", [])
+    except ValueError:
+        return []
+    vms_dir = str(d.layout.vms_dir) + "/"
+    owned = set()
+    for h in d.handles.all().values():
+        if h.cow is not None:
+            owned.update(h.cow.loops)
+    gone = []
+    for dev in devices:
+        back = str(dev.get("back-file") or "")
+        name = str(dev.get("name") or "")
+        if not back.startswith(vms_dir) or name in owned:
+            continue
+        vm_id = Path(back).relative_to(d.layout.vms_dir).parts[0]
+        if vm_id in known and d.handles.get(vm_id) is not None:
+            continue
+        d.runner.run(["losetup", "--detach", name], desc=f"detach {name}", timeout=30,
+                     check=False)
+        gone.append(name)
+    return gone
+
+
+def _sweep_dm(d: Daemon, known: set[str]) -> list[str]:
+    res = d.runner.run(["dmsetup", "ls"], desc="list dm targets", timeout=30, check=False)
+    gone = []
+    for line in res.out.splitlines():
+        name = line.split()[0] if line.split() else ""
+        if name.startswith(DM_PREFIX) and name[len(DM_PREFIX):] not in known:
+            d.runner.run(["dmsetup", "remove", "--retry", name], desc=f"remove {name}",
+                         timeout=30, check=False)
+            gone.append(name)
+    return gone
+
+
+def reap_exited(d: Daemon) -> None:
+    """Mark running VMs whose VMM exited (guest poweroff, crash) as stopped."""
+    for vm in d.db.list_vms():
+        if vm.state != VMState.RUNNING:
+            continue
+        h = d.handles.get(vm.id)
+        if h is None or h.process is None or matches(h.process):
+            continue
+        try:
+            stopping = vms.transition(d, vm.id, VMState.STOPPING, expect={VMState.RUNNING})
+        except (InvalidState, BangerError):
+            continue  # someone else is already handling it
+        problems = vms.teardown(d, vm.id, h)
+        try:
+            vms._finish_stop(d, stopping, "the guest powered off or its VMM exited", problems)
+        except BangerError as exc:
+            log.warning("vm %s: %s", vm.name, exc)
+        log.info("vm %s: VMM exited on its own; marked stopped", vm.name)

@@ -1,0 +1,155 @@
+"""The Unix-socket JSON-RPC server.
+
+One thread per connection (bounded), newline-delimited frames of at most
+``MAX_FRAME`` bytes, several requests per connection. The socket is mode 0600
+and every peer's uid is checked with ``SO_PEERCRED``: a foreign uid is dropped
+without a reply. A slow, silent or half-closed client only ever occupies its
+own thread until the idle timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import struct
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from banger import api
+from banger.daemon.core import current_op
+from banger.errors import BadRequest, BadVersion, BangerError, HostError, InternalError
+
+if TYPE_CHECKING:
+    from banger.daemon.core import Daemon
+
+log = logging.getLogger("banger.server")
+
+MAX_CONNECTIONS = 128  # concurrent clients; more are refused by closing at once
+IDLE_TIMEOUT_S = 300.0  # a connection that sends nothing for this long is closed
+ACCEPT_POLL_S = 0.5  # how often the accept loop checks for shutdown
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+class RPCServer:
+    def __init__(self, d: Daemon, path: Path) -> None:
+        self.d = d
+        self.path = path
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        if path.exists():
+            if _alive(path):
+                raise HostError(f"another bangerd is already serving {path}",
+                                hint="`banger daemon status` shows it")
+            path.unlink()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # the socket is born 0600: no window where others can connect
+        try:
+            self.sock.bind(str(path))
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        self.sock.listen(64)
+        self.sock.settimeout(ACCEPT_POLL_S)
+        self.allowed_uids = {0, os.getuid()}
+
+    def serve_until(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if stop.is_set():
+                    break
+                raise
+            if not self._slots.acquire(blocking=False):
+                log.warning("too many connections; refusing one")
+                conn.close()
+                continue
+            threading.Thread(target=self._serve_conn, args=(conn,), daemon=True,
+                             name="rpc-conn").start()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+    def _serve_conn(self, conn: socket.socket) -> None:
+        try:
+            uid = _peer_uid(conn)
+            if uid not in self.allowed_uids:
+                log.warning("dropped a connection from uid %d", uid)
+                return
+            conn.settimeout(IDLE_TIMEOUT_S)
+            reader = conn.makefile("rb")
+            while True:
+                frame = reader.readline(api.MAX_FRAME + 1)
+                if not frame:
+                    return  # client closed (or half-closed) its side
+                if len(frame) > api.MAX_FRAME:
+                    err = BadRequest(f"frame exceeds {api.MAX_FRAME} bytes",
+                                     hint="requests are one JSON object per line")
+                    conn.sendall(api.encode(api.error_response(None, err, api.INVALID_REQUEST)))
+                    return  # cannot find the next frame boundary safely
+                if not frame.strip():
+                    continue
+                conn.sendall(api.encode(self.handle_frame(frame)))
+        except (TimeoutError, ConnectionError, BrokenPipeError):
+            pass
+        except OSError as exc:
+            log.debug("connection error: %s", exc)
+        finally:
+            with contextlib.suppress(OSError):
+                conn.close()
+            self._slots.release()
+
+    def handle_frame(self, frame: bytes) -> dict[str, Any]:
+        """Decode, dispatch and encode one request; never raises."""
+        try:
+            req = api.decode_request(frame)
+        except BadVersion as exc:
+            return api.error_response(api.request_id_of(frame), exc, api.INVALID_REQUEST)
+        except BadRequest as exc:
+            code = api.PARSE_ERROR if "malformed JSON" in exc.message else api.INVALID_REQUEST
+            return api.error_response(api.request_id_of(frame), exc, code)
+        token = current_op.set(f"{req.method}#{secrets.token_hex(3)}")
+        try:
+            handler = self.d.methods.get(req.method)
+            if handler is None:
+                raise api.UnknownMethod(f"unknown method {req.method!r}")
+            log.debug("call %s", req.method)
+            result = handler(req.params)
+            return api.result_response(req.id, result)
+        except api.UnknownMethod as exc:
+            return api.error_response(req.id, exc, api.METHOD_NOT_FOUND)
+        except BadRequest as exc:
+            return api.error_response(req.id, exc, api.INVALID_PARAMS)
+        except BangerError as exc:
+            log.info("%s failed: [%s] %s", req.method, exc.code, exc.message)
+            return api.error_response(req.id, exc, api.SERVER_ERROR)
+        except Exception as exc:
+            log.exception("%s crashed", req.method)
+            err = InternalError(f"{req.method} failed unexpectedly: {exc}")
+            return api.error_response(req.id, err, api.SERVER_ERROR)
+        finally:
+            current_op.reset(token)
+
+
+def _alive(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True

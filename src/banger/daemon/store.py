@@ -1,0 +1,294 @@
+"""The SQLite store: images and VMs.
+
+Versioned migrations recorded in ``schema_migrations``, each applied in its own
+transaction; WAL journal and a busy timeout. A VM row keeps the spec (what was
+asked, JSON) apart from its state and ``runtime`` record (JSON: last error,
+stop reason, and the mirrored teardown identity used when ``handles.json`` is
+gone). All access goes through one connection guarded by ``_mu``.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from banger.api import VMSpec, VMState
+from banger.errors import AlreadyExists, HostError, InvalidState, NotFound
+
+BUSY_TIMEOUT_MS = 5000  # another process (a CLI debugging session) may briefly hold the db
+
+MIGRATIONS: list[tuple[int, str, str]] = [
+    (
+        1,
+        "images and vms",
+        """
+        CREATE TABLE images (
+            name        TEXT PRIMARY KEY,
+            source      TEXT NOT NULL,
+            rootfs      TEXT NOT NULL,
+            kernel      TEXT NOT NULL,
+            initrd      TEXT,
+            workseed    TEXT,
+            size_bytes  INTEGER NOT NULL,
+            recipe_hash TEXT,
+            created_at  TEXT NOT NULL
+        );
+        CREATE TABLE vms (
+            id          TEXT PRIMARY KEY,
+            name        TEXT NOT NULL UNIQUE,
+            image       TEXT NOT NULL,
+            spec        TEXT NOT NULL,
+            vmm         TEXT NOT NULL,
+            state       TEXT NOT NULL,
+            ip          TEXT NOT NULL UNIQUE,
+            mac         TEXT NOT NULL UNIQUE,
+            runtime     TEXT NOT NULL DEFAULT '{}',
+            created_at  TEXT NOT NULL,
+            updated_at  TEXT NOT NULL
+        );
+        CREATE INDEX vms_image ON vms(image);
+        """,
+    ),
+]
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    name: str
+    source: str
+    rootfs: str
+    kernel: str
+    initrd: str | None
+    workseed: str | None
+    size_bytes: int
+    recipe_hash: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class VMRecord:
+    id: str
+    name: str
+    image: str
+    spec: VMSpec
+    vmm: str
+    state: VMState
+    ip: str
+    mac: str
+    runtime: dict[str, Any] = field(default_factory=dict)
+    created_at: datetime = field(default_factory=now)
+    updated_at: datetime = field(default_factory=now)
+
+
+class Store:
+    """Typed access to banger.db."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        # Guards the single connection; a leaf lock, never held across I/O other than SQLite.
+        self._mu = threading.Lock()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(
+                path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000
+            )
+            self._db.row_factory = sqlite3.Row
+            self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA foreign_keys = ON")
+            self._db.execute("PRAGMA synchronous = FULL")
+        except sqlite3.Error as exc:
+            raise HostError(f"cannot open the store {path}: {exc}") from exc
+        self.migrate()
+
+    def close(self) -> None:
+        with self._mu:
+            self._db.close()
+
+    # ------------------------------------------------------------ migrations
+
+    def migrate(self) -> list[int]:
+        """Apply pending migrations; returns the versions applied now."""
+        applied: list[int] = []
+        with self._mu:
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+            )
+            done = {r[0] for r in self._db.execute("SELECT version FROM schema_migrations")}
+            newest = max((v for v, _, _ in MIGRATIONS), default=0)
+            if done and max(done) > newest:
+                raise HostError(
+                    f"{self.path} has schema version {max(done)}, newer than this banger "
+                    f"({newest})",
+                    hint="upgrade banger, or point state_dir elsewhere",
+                )
+            for version, name, sql in MIGRATIONS:
+                if version in done:
+                    continue
+                try:
+                    self._db.execute("BEGIN IMMEDIATE")
+                    for stmt in _statements(sql):
+                        self._db.execute(stmt)
+                    self._db.execute(
+                        "INSERT INTO schema_migrations VALUES (?, ?, ?)",
+                        (version, name, now().isoformat()),
+                    )
+                    self._db.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    self._db.execute("ROLLBACK")
+                    raise HostError(f"store migration {version} ({name}) failed: {exc}") from exc
+                applied.append(version)
+        return applied
+
+    def schema_version(self) -> int:
+        with self._mu:
+            row = self._db.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
+        return int(row[0] or 0)
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._mu:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            else:
+                self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._mu:
+            return list(self._db.execute(sql, args))
+
+    # ------------------------------------------------------------ images
+
+    def add_image(self, img: ImageRecord) -> None:
+        try:
+            with self._tx() as db:
+                db.execute(
+                    "INSERT INTO images VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (img.name, img.source, img.rootfs, img.kernel, img.initrd, img.workseed,
+                     img.size_bytes, img.recipe_hash, img.created_at.isoformat()),
+                )
+        except sqlite3.IntegrityError as exc:
+            raise AlreadyExists(
+                f"image {img.name!r} already exists",
+                hint=f"delete it first with `banger image delete {img.name}`",
+            ) from exc
+
+    def get_image(self, name: str) -> ImageRecord:
+        rows = self._query("SELECT * FROM images WHERE name = ?", (name,))
+        if not rows:
+            raise NotFound(f"no image named {name!r}", hint="see `banger image list`")
+        return _image(rows[0])
+
+    def find_image(self, name: str) -> ImageRecord | None:
+        rows = self._query("SELECT * FROM images WHERE name = ?", (name,))
+        return _image(rows[0]) if rows else None
+
+    def list_images(self) -> list[ImageRecord]:
+        return [_image(r) for r in self._query("SELECT * FROM images ORDER BY name")]
+
+    def delete_image(self, name: str) -> None:
+        with self._tx() as db:
+            users = [r[0] for r in db.execute("SELECT name FROM vms WHERE image = ?", (name,))]
+            if users:
+                raise InvalidState(
+                    f"image {name!r} is used by VM(s): {', '.join(sorted(users))}",
+                    hint="delete those VMs first",
+                )
+            if db.execute("DELETE FROM images WHERE name = ?", (name,)).rowcount == 0:
+                raise NotFound(f"no image named {name!r}", hint="see `banger image list`")
+
+    # ------------------------------------------------------------ vms
+
+    def add_vm(self, vm: VMRecord) -> None:
+        try:
+            with self._tx() as db:
+                db.execute(
+                    "INSERT INTO vms (id, name, image, spec, vmm, state, ip, mac, runtime,"
+                    " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (vm.id, vm.name, vm.image, vm.spec.model_dump_json(), vm.vmm, vm.state.value,
+                     vm.ip, vm.mac, json.dumps(vm.runtime), vm.created_at.isoformat(),
+                     vm.updated_at.isoformat()),
+                )
+        except sqlite3.IntegrityError as exc:
+            raise AlreadyExists(
+                f"a VM named {vm.name!r} already exists",
+                hint="pick another --name, or delete it with `banger vm delete`",
+            ) from exc
+
+    def get_vm(self, vm_id: str) -> VMRecord:
+        rows = self._query("SELECT * FROM vms WHERE id = ?", (vm_id,))
+        if not rows:
+            raise NotFound(f"no VM with id {vm_id!r}", hint="see `banger vm list`")
+        return _vm(rows[0])
+
+    def find_vm(self, ref: str) -> VMRecord | None:
+        """A VM by name, else by id, else None."""
+        rows = self._query("SELECT * FROM vms WHERE name = ? OR id = ? ORDER BY name = ? DESC",
+                           (ref, ref, ref))
+        return _vm(rows[0]) if rows else None
+
+    def list_vms(self) -> list[VMRecord]:
+        return [_vm(r) for r in self._query("SELECT * FROM vms ORDER BY created_at, name")]
+
+    def used_ips(self) -> set[str]:
+        return {r[0] for r in self._query("SELECT ip FROM vms")}
+
+    def used_names(self) -> set[str]:
+        return {r[0] for r in self._query("SELECT name FROM vms")}
+
+    def update_vm(self, vm: VMRecord, **changes: Any) -> VMRecord:
+        """Persist ``changes`` (state, runtime, ...) and return the updated record."""
+        new = replace(vm, updated_at=now(), **changes)
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE vms SET state = ?, runtime = ?, vmm = ?, updated_at = ? WHERE id = ?",
+                (new.state.value, json.dumps(new.runtime), new.vmm, new.updated_at.isoformat(),
+                 vm.id),
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"VM {vm.name!r} no longer exists")
+        return new
+
+    def delete_vm(self, vm_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM vms WHERE id = ?", (vm_id,))
+
+
+def _statements(sql: str) -> Iterator[str]:
+    for stmt in sql.split(";"):
+        if stmt.strip():
+            yield stmt
+
+
+def _image(r: sqlite3.Row) -> ImageRecord:
+    return ImageRecord(
+        name=r["name"], source=r["source"], rootfs=r["rootfs"], kernel=r["kernel"],
+        initrd=r["initrd"], workseed=r["workseed"], size_bytes=r["size_bytes"],
+        recipe_hash=r["recipe_hash"], created_at=datetime.fromisoformat(r["created_at"]),
+    )
+
+
+def _vm(r: sqlite3.Row) -> VMRecord:
+    return VMRecord(
+        id=r["id"], name=r["name"], image=r["image"],
+        spec=VMSpec.model_validate_json(r["spec"]), vmm=r["vmm"], state=VMState(r["state"]),
+        ip=r["ip"], mac=r["mac"], runtime=json.loads(r["runtime"]),
+        created_at=datetime.fromisoformat(r["created_at"]),
+        updated_at=datetime.fromisoformat(r["updated_at"]),
+    )

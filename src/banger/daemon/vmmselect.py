@@ -1,0 +1,50 @@
+"""Choosing a VMM driver and QEMU accelerator from the config and the host."""
+
+from __future__ import annotations
+
+from banger.config import Config
+from banger.daemon.hostinfo import kvm_status, which
+from banger.errors import BadRequest, HostError
+from banger.runner import Runner
+from banger.vmm import VMMDriver
+
+
+def firecracker_binary(cfg: Config) -> str | None:
+    return which(cfg.firecracker_bin or "firecracker")
+
+
+def resolve_vmm(cfg: Config, requested: str) -> str:
+    """``auto`` is Firecracker when its binary exists and KVM runs guests, else QEMU."""
+    choice = requested if requested != "auto" else cfg.vmm.value
+    if choice == "auto":
+        if firecracker_binary(cfg) and kvm_status().usable:
+            return "firecracker"
+        return "qemu"
+    if choice not in ("qemu", "firecracker"):
+        raise BadRequest(f"unknown VMM {choice!r}", hint="use auto, qemu or firecracker")
+    return choice
+
+
+def resolve_accel(cfg: Config) -> str:
+    if cfg.qemu_accel.value == "auto":
+        return "kvm" if kvm_status().usable else "tcg"
+    if cfg.qemu_accel.value == "kvm" and not kvm_status().usable:
+        raise HostError(f"qemu_accel = kvm but {kvm_status().reason}",
+                        hint="set qemu_accel = auto (TCG works everywhere, slower)")
+    return cfg.qemu_accel.value
+
+
+def make_driver(cfg: Config, runner: Runner, name: str) -> VMMDriver:
+    if name == "qemu":
+        from banger.daemon.qemuproc import QemuDriver
+
+        qemu = which(cfg.qemu_bin)
+        if qemu is None:
+            raise HostError(f"QEMU ({cfg.qemu_bin}) is not installed",
+                            hint="apt-get install qemu-system-x86")
+        return QemuDriver(runner, qemu, resolve_accel(cfg))
+    if name == "firecracker":
+        from banger.daemon.fcproc import FirecrackerDriver
+
+        return FirecrackerDriver.from_config(cfg, runner)
+    raise BadRequest(f"unknown VMM {name!r}", hint="use auto, qemu or firecracker")

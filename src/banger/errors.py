@@ -1,0 +1,143 @@
+"""banger's one error tree.
+
+Every failure a user can see is a :class:`BangerError` carrying a stable ``code``
+(travels in the JSON-RPC error's ``data``) and a ``hint`` saying what to do next.
+Foreign exceptions (``CalledProcessError``, ``OSError``, ``sqlite3.Error``) are
+translated at the boundary that raised them, with ``raise ... from exc``.
+
+    BangerError                 code
+    +-- BadRequest              bad_request      malformed or invalid input
+    |   +-- BadName             bad_name         not a DNS label
+    +-- BadVersion              bad_version      client/daemon protocol mismatch
+    +-- NotFound                not_found        unknown VM, image, kernel, op
+    +-- AlreadyExists           already_exists   duplicate name
+    +-- InvalidState            invalid_state    VM in the wrong state for the op
+    |   +-- NotRunning          not_running
+    +-- HostError               host_error       the host lacks a tool or ability
+    |   +-- CommandFailed       command_failed   a subprocess exited non-zero
+    |   +-- CommandTimeout      timeout          a subprocess or wait ran out
+    +-- VMMError                vmm_failed       the VMM did not start or died
+    +-- GuestError              guest_error      SSH or a guest command failed
+    +-- Cancelled               cancelled        the user cancelled an operation
+    +-- DaemonUnavailable       daemon_unavailable  the CLI cannot reach bangerd
+    +-- InternalError           internal         a bug; the daemon log has details
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class BangerError(Exception):
+    """Base of every user-facing banger failure."""
+
+    code: ClassVar[str] = "error"
+    default_hint: ClassVar[str] = ""
+
+    def __init__(self, message: str, *, hint: str | None = None, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint if hint is not None else self.default_hint
+        self.details = details
+
+    def to_data(self) -> dict[str, Any]:
+        """The JSON-RPC error ``data`` object for this error."""
+        data: dict[str, Any] = {"code": self.code, "hint": self.hint}
+        if self.details:
+            data["details"] = self.details
+        return data
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class BadRequest(BangerError):
+    code = "bad_request"
+
+
+class BadName(BadRequest):
+    code = "bad_name"
+    default_hint = (
+        "names are DNS labels: 1-63 characters of a-z, 0-9 and '-', "
+        "not starting or ending with '-'"
+    )
+
+
+class BadVersion(BangerError):
+    code = "bad_version"
+    default_hint = "the CLI and bangerd differ; run `banger daemon stop` so the CLI restarts it"
+
+
+class NotFound(BangerError):
+    code = "not_found"
+
+
+class AlreadyExists(BangerError):
+    code = "already_exists"
+
+
+class InvalidState(BangerError):
+    code = "invalid_state"
+
+
+class NotRunning(InvalidState):
+    code = "not_running"
+    default_hint = "start it with `banger vm start NAME`"
+
+
+class HostError(BangerError):
+    code = "host_error"
+    default_hint = "run `banger doctor` to check the host"
+
+
+class CommandFailed(HostError):
+    code = "command_failed"
+
+
+class CommandTimeout(HostError):
+    code = "timeout"
+
+
+class VMMError(BangerError):
+    code = "vmm_failed"
+    default_hint = "see `banger vm logs NAME` and the daemon log (`banger daemon status`)"
+
+
+class GuestError(BangerError):
+    code = "guest_error"
+
+
+class Cancelled(BangerError):
+    code = "cancelled"
+
+
+class DaemonUnavailable(BangerError):
+    code = "daemon_unavailable"
+    default_hint = "check `banger daemon status` and the daemon log"
+
+
+class InternalError(BangerError):
+    code = "internal"
+    default_hint = "this is a bug in banger; the daemon log has the traceback"
+
+
+_BY_CODE: dict[str, type[BangerError]] = {}
+
+
+def _register(cls: type[BangerError]) -> None:
+    _BY_CODE[cls.code] = cls
+    for sub in cls.__subclasses__():
+        _register(sub)
+
+
+_register(BangerError)
+
+
+def from_code(code: str, message: str, hint: str = "", **details: Any) -> BangerError:
+    """Rebuild the most specific error class for a code received over RPC."""
+    cls = _BY_CODE.get(code, BangerError)
+    err = cls(message, hint=hint, **details)
+    if cls is BangerError:
+        # Keep unknown codes from newer daemons instead of flattening them.
+        err.code = code  # type: ignore[misc]
+    return err

@@ -1,0 +1,232 @@
+"""The one chokepoint for subprocesses.
+
+Argument lists only (never a shell string), always a timeout and a one-line
+description, output captured, secrets redacted from anything that reaches a
+log or an error message. A failure becomes :class:`CommandFailed` carrying the
+argv and the tail of stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shlex
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Protocol
+
+from banger.errors import Cancelled, CommandFailed, CommandTimeout, HostError
+
+log = logging.getLogger("banger.runner")
+
+STDERR_TAIL = 2000  # characters of stderr kept in an error message
+
+
+class Hidden(str):
+    """An argv element that is redacted in logs and errors (a key, a token)."""
+
+    __slots__ = ()
+
+
+def redact(argv: Iterable[str]) -> list[str]:
+    """argv with :class:`Hidden` elements replaced by ``****``."""
+    return ["****" if isinstance(a, Hidden) else str(a) for a in argv]
+
+
+def shell_line(argv: Iterable[str]) -> str:
+    """A readable (not executable) one-line rendering of a redacted argv."""
+    return " ".join(shlex.quote(a) for a in redact(argv))
+
+
+@dataclass(frozen=True)
+class Result:
+    argv: list[str]
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def out(self) -> str:
+        return self.stdout.decode(errors="replace")
+
+    @property
+    def err(self) -> str:
+        return self.stderr.decode(errors="replace")
+
+
+@dataclass
+class CancelToken:
+    """Cooperative cancellation shared between an operation and the commands it runs."""
+
+    _event: threading.Event = field(default_factory=threading.Event)
+    reason: str = "cancelled"
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        self.reason = reason
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        """Raise :class:`Cancelled` if cancellation was requested."""
+        if self._event.is_set():
+            raise Cancelled(self.reason)
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; True if cancelled meanwhile."""
+        return self._event.wait(seconds)
+
+
+class Runner(Protocol):
+    """What the daemon and its helpers need from subprocesses."""
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        desc: str,
+        timeout: float = 60.0,
+        input: bytes | None = None,
+        check: bool = True,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> Result: ...
+
+    def stream(
+        self,
+        argv: Sequence[str],
+        *,
+        desc: str,
+        on_line: Callable[[str], None],
+        timeout: float = 3600.0,
+        env: Mapping[str, str] | None = None,
+        cancel: CancelToken | None = None,
+    ) -> Result: ...
+
+
+def _failure(desc: str, argv: Sequence[str], rc: int, stderr: bytes) -> CommandFailed:
+    tail = stderr.decode(errors="replace").strip()[-STDERR_TAIL:]
+    msg = f"{desc} failed (exit {rc}): {shell_line(argv)}"
+    if tail:
+        msg += f"\n{tail}"
+    return CommandFailed(msg, argv=redact(argv), returncode=rc, stderr=tail)
+
+
+def _missing(desc: str, argv: Sequence[str], exc: OSError) -> HostError:
+    return HostError(
+        f"{desc}: cannot run {argv[0]!r}: {exc.strerror}",
+        hint=f"install {Path(argv[0]).name} (see `banger doctor`)",
+    )
+
+
+class SubprocessRunner:
+    """The real runner."""
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        desc: str,
+        timeout: float = 60.0,
+        input: bytes | None = None,
+        check: bool = True,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> Result:
+        args = [str(a) for a in argv]
+        log.debug("run: %s (%s)", shell_line(argv), desc)
+        full_env = {**os.environ, **env} if env is not None else None
+        try:
+            proc = subprocess.run(
+                args,
+                input=input,
+                capture_output=True,
+                timeout=timeout,
+                env=full_env,
+                cwd=cwd,
+                stdin=None if input is not None else subprocess.DEVNULL,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise CommandTimeout(
+                f"{desc} timed out after {timeout:g}s: {shell_line(argv)}",
+                argv=redact(argv),
+            ) from exc
+        except OSError as exc:
+            raise _missing(desc, argv, exc) from exc
+        result = Result(redact(argv), proc.returncode, proc.stdout, proc.stderr)
+        if check and proc.returncode != 0:
+            raise _failure(desc, argv, proc.returncode, proc.stderr)
+        return result
+
+    def stream(
+        self,
+        argv: Sequence[str],
+        *,
+        desc: str,
+        on_line: Callable[[str], None],
+        timeout: float = 3600.0,
+        env: Mapping[str, str] | None = None,
+        cancel: CancelToken | None = None,
+    ) -> Result:
+        """Run, feeding each stdout/stderr line to ``on_line``; kill on timeout or cancel."""
+        args = [str(a) for a in argv]
+        log.debug("stream: %s (%s)", shell_line(argv), desc)
+        full_env = {**os.environ, **env} if env is not None else None
+        try:
+            proc = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=full_env,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise _missing(desc, argv, exc) from exc
+        lines: list[str] = []
+        assert proc.stdout is not None
+        reader = threading.Thread(
+            target=_pump, args=(proc.stdout, lines, on_line), daemon=True
+        )
+        reader.start()
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None:
+            if cancel is not None and cancel.cancelled:
+                _kill_group(proc)
+                reader.join(5)
+                raise Cancelled(f"{desc}: {cancel.reason}")
+            if time.monotonic() > deadline:
+                _kill_group(proc)
+                reader.join(5)
+                raise CommandTimeout(f"{desc} timed out after {timeout:g}s", argv=redact(argv))
+            time.sleep(0.1)
+        reader.join(5)
+        output = "\n".join(lines).encode()
+        if proc.returncode != 0:
+            raise _failure(desc, argv, proc.returncode, output)
+        return Result(redact(argv), proc.returncode, output, b"")
+
+
+def _pump(stream: IO[bytes], lines: list[str], on_line: Callable[[str], None]) -> None:
+    for raw in stream:
+        line = raw.decode(errors="replace").rstrip("\n")
+        lines.append(line)
+        del lines[:-200]  # keep a tail for the error message, not the whole log
+        try:
+            on_line(line)
+        except Exception:  # a progress callback must never kill the command
+            log.exception("progress callback failed")
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, 9)
+    proc.wait()

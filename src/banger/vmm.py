@@ -1,0 +1,60 @@
+"""The VMM driver seam: what the daemon needs from Firecracker or QEMU.
+
+A driver turns a :class:`LaunchPlan` into a running process and returns its
+:class:`~banger.proc.ProcessIdentity`; everything after that (liveness,
+signals, waiting) works on the identity, so a re-adopted VMM after a daemon
+restart is handled exactly like one launched by this daemon.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from banger.layout import VMPaths
+from banger.proc import ProcessIdentity
+
+
+def vm_marker(vm_id: str) -> str:
+    """The string every VMM command line for ``vm_id`` contains (identity + sweeps)."""
+    return f"banger-{vm_id}"
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    vm_id: str
+    name: str
+    vcpu: int
+    memory_mib: int
+    kernel: Path
+    initrd: Path | None
+    cmdline: str
+    rootfs: str
+    work_disk: str
+    tap: str
+    mac: str
+    paths: VMPaths
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def marker(self) -> str:
+        return vm_marker(self.vm_id)
+
+
+class VMMDriver(Protocol):
+    """One VMM. Implementations: ``qemuproc.QemuDriver``, ``fcproc.FirecrackerDriver``."""
+
+    name: str
+
+    def launch(self, plan: LaunchPlan) -> ProcessIdentity:
+        """Start the VM; return once the VMM process runs (not when the guest booted)."""
+        ...
+
+    def request_shutdown(self, plan_paths: VMPaths, ident: ProcessIdentity) -> bool:
+        """Ask the guest to power off through the VMM (ACPI / Ctrl-Alt-Del); True if sent."""
+        ...
+
+    def cleanup(self, plan_paths: VMPaths) -> None:
+        """Remove the VMM's runtime files (sockets, pid file) after the process is gone."""
+        ...
