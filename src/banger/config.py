@@ -75,7 +75,10 @@ class VMDefaults(_Strict):
     @field_validator("disk_size", "work_disk_size")
     @classmethod
     def _size(cls, v: str) -> str:
-        parse_size(v)
+        try:
+            parse_size(v)
+        except BadRequest as exc:
+            raise ValueError(f"{exc.message} ({exc.hint})") from None
         return v
 
 
@@ -140,7 +143,10 @@ class Config(_Strict):
     @field_validator("default_image_name")
     @classmethod
     def _image(cls, v: str) -> str:
-        check_name(v, "image")
+        try:
+            check_name(v, "image")
+        except BadRequest as exc:
+            raise ValueError(exc.message) from None
         return v
 
     @property

@@ -36,6 +36,10 @@ class VMPaths:
     run: Path
 
     @property
+    def vm_id(self) -> str:
+        return self.run.name
+
+    @property
     def rootfs(self) -> Path:
         return self.state / "rootfs.ext4"
 

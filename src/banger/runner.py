@@ -198,17 +198,21 @@ class SubprocessRunner:
         )
         reader.start()
         deadline = time.monotonic() + timeout
-        while proc.poll() is None:
-            if cancel is not None and cancel.cancelled:
-                _kill_group(proc)
-                reader.join(5)
-                raise Cancelled(f"{desc}: {cancel.reason}")
-            if time.monotonic() > deadline:
-                _kill_group(proc)
-                reader.join(5)
-                raise CommandTimeout(f"{desc} timed out after {timeout:g}s", argv=redact(argv))
-            time.sleep(0.1)
-        reader.join(5)
+        try:
+            while proc.poll() is None:
+                if cancel is not None and cancel.cancelled:
+                    _kill_group(proc)
+                    reader.join(5)
+                    raise Cancelled(f"{desc}: {cancel.reason}")
+                if time.monotonic() > deadline:
+                    _kill_group(proc)
+                    reader.join(5)
+                    raise CommandTimeout(f"{desc} timed out after {timeout:g}s",
+                                         argv=redact(argv))
+                time.sleep(0.1)
+            reader.join(5)
+        finally:
+            proc.stdout.close()
         output = "\n".join(lines).encode()
         if proc.returncode != 0:
             raise _failure(desc, argv, proc.returncode, output)

@@ -115,7 +115,7 @@ def daemon_status(st: dict[str, Any]) -> str:
     pairs = [
         ("status", "running"), ("pid", str(st["pid"])), ("version", st["version"]),
         ("socket", st["socket"]), ("log", st["log"]), ("state dir", st["state_dir"]),
-        ("uptime", f"{st['uptime_s']:.0f}s"), ("vms", f"{st['vms']} ({st['running']} running)"),
+        ("uptime", f"{st['uptime_s']:.0f}s"), ("vms", f"{st['vms']} ({st['vms_running']} running)"),
     ]
     width = max(len(k) for k, _ in pairs)
     return "\n".join(f"{k + ':':<{width + 1}} {v}" for k, v in pairs)

@@ -339,7 +339,7 @@ class Daemon:
             "socket": str(self.layout.socket), "log": str(self.layout.daemon_log),
             "state_dir": str(self.layout.state_dir),
             "uptime_s": round(time.time() - self.started_at, 1),
-            "vms": len(vms), "running": sum(1 for v in vms if v.state.value == "running"),
+            "vms": len(vms), "vms_running": sum(1 for v in vms if v.state.value == "running"),
             "cow_strategy": self.cow.name if self.cow else None,
         }
 

@@ -102,11 +102,15 @@ class TapPool:
         self.size = size
         self._mu = threading.Lock()
         self._ready: list[str] = []
+        self._filling = False
 
     def acquire(self) -> str:
+        """A TAP on the bridge: a warm one if any (then refill in the background)."""
         with self._mu:
-            if self._ready:
-                return self._ready.pop()
+            name = self._ready.pop() if self._ready else None
+        if name is not None:
+            threading.Thread(target=self.fill, name="tap-pool-fill", daemon=True).start()
+            return name
         name = tap_name()
         self.net.create_tap(name, self.bridge)
         return name
@@ -121,21 +125,31 @@ class TapPool:
 
     def fill(self) -> None:
         """Top the pool up to ``size``; errors are logged, the pool is an optimisation."""
-        while True:
-            with self._mu:
-                if len(self._ready) >= self.size:
+        with self._mu:
+            if self._filling:
+                return  # another thread is already filling
+            self._filling = True
+        try:
+            while True:
+                with self._mu:
+                    if len(self._ready) >= self.size:
+                        return
+                name = tap_name()
+                try:
+                    self.net.create_tap(name, self.bridge)
+                except HostError as exc:
+                    log.warning("tap pool: %s", exc)
                     return
-            name = tap_name()
-            try:
-                self.net.create_tap(name, self.bridge)
-            except HostError as exc:
-                log.warning("tap pool: %s", exc)
-                return
+                with self._mu:
+                    self._ready.append(name)
+        finally:
             with self._mu:
-                self._ready.append(name)
+                self._filling = False
 
     def drain(self) -> None:
+        """Delete the warm TAPs (daemon shutdown); a fill racing with this stops."""
         with self._mu:
+            self.size = 0
             names, self._ready = self._ready, []
         for name in names:
             try:

@@ -71,6 +71,7 @@ if ! mountpoint -q /root; then
   done
   mount -o noatime LABEL=banger-work /root || echo "banger-init: no work disk" >&2
 fi
+chmod 700 /root
 # One ed25519 host key per VM, made on its first boot (RSA keygen takes ~10 s under TCG).
 [ -s /etc/ssh/ssh_host_ed25519_key ] || \
   ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key
