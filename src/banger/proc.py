@@ -79,7 +79,12 @@ def matches(ident: ProcessIdentity, proc: Path = PROC) -> bool:
         return False
     if int(fields[19]) != ident.start_time:
         return False
-    return any(ident.marker in arg for arg in cmdline(ident.pid, proc))
+    argv = cmdline(ident.pid, proc)
+    if not argv:
+        # cmdline reads empty for an instant during execve (the jailer execs Firecracker)
+        # and during exit; pid + start time already pin the process, so keep believing it.
+        return True
+    return any(ident.marker in arg for arg in argv)
 
 
 def send_signal(ident: ProcessIdentity, sig: int = signal.SIGTERM) -> bool:

@@ -65,6 +65,7 @@ def doctor(cfg: Config, runner: Runner | None = None) -> list[Check]:
     checks: list[Callable[[], Check | list[Check]]] = [
         lambda: _qemu(cfg, runner),
         lambda: _firecracker(cfg, runner),
+        lambda: _jailer(cfg),
         _kvm,
         lambda: _selected(cfg),
         _tun,
@@ -105,6 +106,19 @@ def _firecracker(cfg: Config, runner: Runner) -> Check:
     ok, detail = check_version(runner, path)
     return Check("firecracker", Status.OK if ok else Status.WARN, detail,
                  "" if ok else "upgrade Firecracker")
+
+
+def _jailer(cfg: Config) -> Check:
+    from banger.daemon.fcproc import jailer_status
+
+    if firecracker_binary(cfg) is None:
+        return Check("jailer", Status.OK, "not needed: Firecracker is not installed")
+    jailed, detail = jailer_status(cfg)
+    if jailed:
+        return Check("jailer", Status.OK, detail)
+    failing = cfg.jailer_enabled is True
+    return Check("jailer", Status.FAIL if failing else Status.WARN, detail,
+                 "install Firecracker's jailer next to it (jailer_bin) to run VMs chrooted")
 
 
 def _kvm() -> Check:

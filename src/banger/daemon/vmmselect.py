@@ -10,7 +10,9 @@ from banger.vmm import VMMDriver
 
 
 def firecracker_binary(cfg: Config) -> str | None:
-    return which(cfg.firecracker_bin or "firecracker")
+    from banger.daemon.fcproc import find_firecracker
+
+    return find_firecracker(cfg)
 
 
 def resolve_vmm(cfg: Config, requested: str) -> str:

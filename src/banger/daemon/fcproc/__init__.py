@@ -1,49 +1,73 @@
-"""Firecracker process primitives and API client (full driver: see issue 5)."""
+"""Firecracker process primitives and API client.
+
+- :mod:`.api` — :class:`FirecrackerAPI`, the REST client on the API socket.
+- :mod:`.driver` — :class:`FirecrackerDriver` (the ``VMMDriver``), launch,
+  graceful stop, snapshots.
+- :mod:`.jail` — the jailer's chroot layout and command line (pure), and
+  building/removing a jail.
+- :mod:`.host` — finding the binaries, version check, jailer status for doctor.
+- ``_spawn.py`` — a script that starts a command detached (double fork).
+
+A leaf subpackage: it imports banger's top-level modules, never other
+``banger.daemon`` modules.
+"""
 
 from __future__ import annotations
 
-from banger.config import Config
-from banger.errors import HostError
-from banger.layout import VMPaths
-from banger.proc import ProcessIdentity
-from banger.runner import Runner
-from banger.vmm import LaunchPlan
+from .api import (
+    ActionType,
+    FirecrackerAPI,
+    InstanceInfo,
+    InstanceState,
+    SnapshotType,
+)
+from .driver import (
+    FirecrackerDriver,
+    SnapshotFiles,
+    VMMView,
+    configure,
+    direct_view,
+    jailed_view,
+    kill,
+    stop_gracefully,
+    wait_for_api,
+)
+from .host import (
+    MIN_VERSION,
+    check_version,
+    find_binary,
+    find_firecracker,
+    find_jailer,
+    jail_owner,
+    jailer_settings,
+    jailer_status,
+)
+from .jail import JailerSettings, JailLayout, jailer_argv
 
-
-class FirecrackerDriver:
-    name = "firecracker"
-
-    def __init__(self, runner: Runner, binary: str) -> None:
-        self.runner = runner
-        self.binary = binary
-
-    @classmethod
-    def from_config(cls, cfg: Config, runner: Runner) -> FirecrackerDriver:
-        raise HostError("the Firecracker driver is not available in this build",
-                        hint="use vmm = qemu")
-
-    def launch(self, plan: LaunchPlan) -> ProcessIdentity:
-        raise HostError("the Firecracker driver is not available in this build")
-
-    def request_shutdown(self, plan_paths: VMPaths, ident: ProcessIdentity) -> bool:
-        return False
-
-    def cleanup(self, plan_paths: VMPaths) -> None:
-        return None
-
-
-MIN_VERSION = (1, 4, 0)
-
-
-def check_version(runner: Runner, binary: str) -> tuple[bool, str]:
-    """(supported, description) from ``firecracker --version``."""
-    import re
-
-    res = runner.run([binary, "--version"], desc="firecracker version", timeout=10, check=False)
-    m = re.search(r"v?(\d+)\.(\d+)\.(\d+)", res.out)
-    if not m:
-        return False, f"{binary}: cannot read a version from {res.out.strip()[:60]!r}"
-    version = tuple(int(x) for x in m.groups())
-    want = ".".join(map(str, MIN_VERSION))
-    ok = version >= MIN_VERSION
-    return ok, f"{binary}: v{'.'.join(map(str, version))} (minimum {want})"
+__all__ = [
+    "MIN_VERSION",
+    "ActionType",
+    "FirecrackerAPI",
+    "FirecrackerDriver",
+    "InstanceInfo",
+    "InstanceState",
+    "JailLayout",
+    "JailerSettings",
+    "SnapshotFiles",
+    "SnapshotType",
+    "VMMView",
+    "check_version",
+    "configure",
+    "direct_view",
+    "find_binary",
+    "find_firecracker",
+    "find_jailer",
+    "jail_owner",
+    "jailed_view",
+    "jailer_argv",
+    "jailer_settings",
+    "jailer_status",
+    "kill",
+    "stop_gracefully",
+    "wait_for_api",
+]

@@ -1,0 +1,1 @@
+"""Contract tests: banger against the published interfaces of the tools it drives."""

@@ -1,0 +1,384 @@
+"""Stand-ins for the ``firecracker`` and ``jailer`` binaries, for contract tests.
+
+The test writes tiny executables (see ``conftest.write_fakes``) that call
+:func:`firecracker_main` or :func:`jailer_main`, so banger's real driver
+starts them exactly as it would start the real ones: through the runner and
+the detaching helper, with the real command line.
+
+The fake Firecracker parses ``--api-sock``/``--id`` (and ``--version``),
+serves HTTP on the API socket and checks **every** request against the
+published API spec (:mod:`tests.contract.fcspec`) and against the parts of
+Firecracker's behaviour banger relies on: pre-boot-only resources, files that
+must exist (and be usable by the jailed uid), InstanceStart needing a kernel,
+snapshots needing a paused VM, snapshot loads needing a fresh process. It
+answers as the spec says (204, JSON for ``GET /``, 400 with
+``fault_message``), writes a line to the serial console (its stdout) at
+boot, to the logger file, and to the metrics file on FlushMetrics, creates
+the vsock socket, and exits after SendCtrlAltDel like a guest booted with
+``reboot=k``. Each request goes to a JSON-lines journal the test reads.
+
+The fake jailer validates its arguments like the real one, builds the
+``<base>/<exec>/<id>/root`` directory, and execs the fake Firecracker with
+``--id=<id>`` and the arguments after ``--``. It cannot pivot_root into the
+jail without a Python inside it, so it tells the fake Firecracker where the
+jail is (``FAKE_FC_CHROOT``) and the fake resolves every path it is given
+inside that directory, as a jailed process would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import json
+import os
+import re
+import shutil
+import socket
+import socketserver
+import stat
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.contract.fcspec import FirecrackerSpec, Route
+
+FAKE_VERSION = "1.7.0"
+PRE_BOOT_ONLY = {"/machine-config", "/boot-source", "/drives/{drive_id}",
+                 "/network-interfaces/{iface_id}", "/vsock", "/logger", "/metrics"}
+# Resources that may precede a snapshot load (the spec's /snapshot/load description).
+ALLOWED_BEFORE_LOAD = {"/logger", "/metrics"}
+_MAC = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
+IFNAMSIZ = 16
+
+
+class Fault(Exception):
+    """A request Firecracker would refuse: becomes 400 + fault_message."""
+
+
+class Journal:
+    """Append-only JSON lines, one file per instance id."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._mu = threading.Lock()
+
+    def write(self, **entry: Any) -> None:
+        entry.setdefault("pid", os.getpid())
+        with self._mu, self.path.open("a") as fh:
+            fh.write(json.dumps(entry) + "\n")
+
+
+class FakeVM:
+    """The state machine behind the API."""
+
+    def __init__(self, spec: FirecrackerSpec, instance_id: str, root: Path, *,
+                 journal: Journal, fail_on: tuple[str, str, str] | None,
+                 owner: tuple[int, int] | None) -> None:
+        self.spec = spec
+        self.id = instance_id
+        self.root = root
+        self.journal = journal
+        self.fail_on = fail_on
+        self.owner = owner
+        self.state = "Not started"
+        self.configured: list[str] = []
+        self.root_drive: str | None = None
+        self.log_path: Path | None = None
+        self.metrics_path: Path | None = None
+        self.vsock: socket.socket | None = None
+        self.exit_reason: str | None = None
+        self.mu = threading.Lock()
+
+    # -------------------------------------------------------------- paths
+
+    def host(self, path: str, what: str) -> Path:
+        """Where ``path`` (as Firecracker was told it) is on the host."""
+        if not path.startswith("/"):
+            raise Fault(f"{what}: {path!r} is not an absolute path")
+        return self.root / path.lstrip("/")
+
+    def existing(self, path: str, what: str, *, write: bool) -> Path:
+        host = self.host(path, what)
+        try:
+            st = host.stat()
+        except OSError as exc:
+            raise Fault(f"{what}: cannot open {path}: {exc.strerror}") from exc
+        if self.owner is not None and not _allowed(st, *self.owner, write=write):
+            raise Fault(f"{what}: {path}: Permission denied (uid {self.owner[0]}, file "
+                        f"{st.st_uid}:{st.st_gid} {stat.filemode(st.st_mode)})")
+        return host
+
+    # ------------------------------------------------------------ requests
+
+    def handle(self, method: str, path: str, raw: bytes,
+               content_type: str | None) -> tuple[int, Any]:
+        body: Any = None
+        errors: list[str] = []
+        if raw:
+            try:
+                body = json.loads(raw)
+            except ValueError as exc:
+                errors.append(f"{method} {path}: body is not JSON: {exc}")
+        route, spec_errors = self.spec.validate_request(method, path, body, content_type)
+        errors += spec_errors
+        status, answer = 204, None
+        fault = None
+        if errors:
+            status, answer = 400, {"fault_message": "request rejected by the API spec: "
+                                                    + "; ".join(errors)}
+        elif self.fail_on and (method, path) == self.fail_on[:2]:
+            status, answer = 400, {"fault_message": self.fail_on[2]}
+            fault = "injected"
+        else:
+            assert route is not None
+            try:
+                with self.mu:
+                    answer = self._apply(route, body)
+                status = 200 if answer is not None else 204
+            except Fault as exc:
+                status, answer = 400, {"fault_message": str(exc)}
+                fault = str(exc)
+        if route is not None:
+            errors += self.spec.validate_response(route, status, answer)
+        self.journal.write(method=method, path=path, body=body, status=status,
+                           errors=errors, fault=fault)
+        return status, answer
+
+    def _apply(self, route: Route, body: Any) -> Any:
+        t = route.template
+        if t == "/" and route.method == "GET":
+            return {"app_name": "Firecracker", "id": self.id, "state": self.state,
+                    "vmm_version": FAKE_VERSION}
+        if route.method == "PUT" and t in PRE_BOOT_ONLY:
+            if self.state != "Not started":
+                raise Fault(f"The requested operation is not supported after starting the "
+                            f"microVM ({t}).")
+            self._configure(t, body)
+            self.configured.append(t)
+            return None
+        if t == "/actions":
+            return self._action(body["action_type"])
+        if t == "/vm" and route.method == "PATCH":
+            if self.state == "Not started":
+                raise Fault("The requested operation is not supported before starting the "
+                            "microVM.")
+            self.state = "Paused" if body["state"] == "Paused" else "Running"
+            return None
+        if t == "/snapshot/create":
+            if self.state != "Paused":
+                raise Fault("Cannot create a snapshot of a microVM that is not paused.")
+            for key in ("snapshot_path", "mem_file_path"):
+                target = self.host(body[key], key)
+                if not target.parent.is_dir():
+                    raise Fault(f"{key}: {target.parent} does not exist")
+                target.write_text(f"fake {key} of {self.id}\n")
+            return None
+        if t == "/snapshot/load":
+            if self.state != "Not started" or set(self.configured) - ALLOWED_BEFORE_LOAD:
+                raise Fault("Loading a microVM snapshot not allowed after configuring boot-"
+                            "specific resources.")
+            self.existing(body["snapshot_path"], "snapshot_path", write=False)
+            mem = body.get("mem_file_path") or body["mem_backend"]["backend_path"]
+            self.existing(mem, "mem_backend", write=False)
+            self.state = "Running" if body.get("resume_vm") else "Paused"
+            return None
+        raise Fault(f"fake firecracker does not implement {route.method} {t}")
+
+    def _configure(self, template: str, body: dict[str, Any]) -> None:
+        if template == "/logger":
+            if self.log_path is not None:
+                raise Fault("Logger already initialized.")
+            self.log_path = self.existing(body["log_path"], "log_path", write=True)
+            with self.log_path.open("a") as fh:
+                fh.write(f"fake-firecracker {self.id}: logger ready\n")
+        elif template == "/metrics":
+            if self.metrics_path is not None:
+                raise Fault("Reinitialization of metrics not allowed.")
+            self.metrics_path = self.existing(body["metrics_path"], "metrics_path", write=True)
+        elif template == "/boot-source":
+            self.existing(body["kernel_image_path"], "kernel_image_path", write=False)
+            if "initrd_path" in body:
+                self.existing(body["initrd_path"], "initrd_path", write=False)
+        elif template == "/drives/{drive_id}":
+            self.existing(body["path_on_host"], "path_on_host",
+                          write=not body.get("is_read_only", False))
+            if body["is_root_device"]:
+                if self.root_drive not in (None, body["drive_id"]):
+                    raise Fault("A root block device already exists!")
+                self.root_drive = body["drive_id"]
+        elif template == "/network-interfaces/{iface_id}":
+            if len(body["host_dev_name"]) >= IFNAMSIZ:
+                raise Fault(f"Open tap device failed: name {body['host_dev_name']!r} too long")
+            if "guest_mac" in body and not _MAC.match(body["guest_mac"]):
+                raise Fault(f"Invalid MAC address {body['guest_mac']!r}")
+        elif template == "/vsock":
+            target = self.host(body["uds_path"], "uds_path")
+            if target.exists() or target.is_symlink():
+                raise Fault(f"Cannot create backend for vsock device: {body['uds_path']}: "
+                            "Address in use")
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            # Bind relative to the jail root (our cwd), as a chrooted process would.
+            sock.bind(str(target.relative_to(self.root)))
+            sock.listen(1)
+            self.vsock = sock
+
+    def _action(self, action: str) -> None:
+        if action == "InstanceStart":
+            if self.state != "Not started":
+                raise Fault("The microVM is already running.")
+            if "/boot-source" not in self.configured:
+                raise Fault("Cannot start microvm without kernel configuration.")
+            self.state = "Running"
+            print(f"fake-firecracker {self.id}: guest console: booting", flush=True)
+        elif action == "SendCtrlAltDel":
+            if self.state != "Running":
+                raise Fault("The requested operation is not supported before starting the "
+                            "microVM.")
+            self.exit_reason = "SendCtrlAltDel"
+        elif action == "FlushMetrics":
+            if self.metrics_path is None:
+                raise Fault("Metrics system not initialized.")
+            with self.metrics_path.open("a") as fh:
+                fh.write(json.dumps({"utc_timestamp_ms": int(time.time() * 1000),
+                                     "api_server": {"process_startup_time_us": 1}}) + "\n")
+
+
+def _allowed(st: os.stat_result, uid: int, gid: int, *, write: bool) -> bool:
+    if uid == 0:
+        return True
+    bits = (stat.S_IWUSR, stat.S_IWGRP, stat.S_IWOTH) if write else \
+        (stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH)
+    if st.st_uid == uid:
+        return bool(st.st_mode & bits[0])
+    if st.st_gid == gid:
+        return bool(st.st_mode & bits[1])
+    return bool(st.st_mode & bits[2])
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    vm: FakeVM
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def _serve(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        status, answer = self.server.vm.handle(self.command, self.path, raw,
+                                               self.headers.get("Content-Type"))
+        data = json.dumps(answer).encode() if answer is not None else b""
+        self.send_response(status)
+        if status != 204:
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        self.wfile.flush()
+        if self.server.vm.exit_reason is not None:
+            # The guest "rebooted": Firecracker exits, as with reboot=k.
+            threading.Thread(target=self.server.shutdown, daemon=True).start()
+
+    def do_GET(self) -> None:
+        self._serve()
+
+    def do_PUT(self) -> None:
+        self._serve()
+
+    def do_PATCH(self) -> None:
+        self._serve()
+
+    def do_POST(self) -> None:
+        self._serve()
+
+    def do_DELETE(self) -> None:
+        self._serve()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _option(argv: list[str], name: str, default: str | None = None) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return default
+
+
+def firecracker_main(argv: list[str], *, spec: str, journal_dir: str,
+                     fail_on: tuple[str, str, str] | None = None,
+                     crash: str | None = None) -> int:
+    """The fake ``firecracker`` binary."""
+    if "--version" in argv:
+        print(f"Firecracker v{FAKE_VERSION}")
+        return 0
+    api_sock = _option(argv, "--api-sock", "/run/firecracker.socket")
+    instance_id = _option(argv, "--id", "anonymous-instance")
+    assert api_sock is not None and instance_id is not None
+    journal = Journal(Path(journal_dir) / f"{instance_id}.jsonl")
+    root = Path(os.environ.get("FAKE_FC_CHROOT") or "/")
+    owner = None
+    if "FAKE_FC_UID" in os.environ:
+        owner = (int(os.environ["FAKE_FC_UID"]), int(os.environ["FAKE_FC_GID"]))
+    journal.write(event="start", argv=sys.argv, root=str(root), ppid=os.getppid(),
+                  stdin=os.readlink("/proc/self/fd/0"))
+    if crash is not None:
+        print(crash, file=sys.stderr, flush=True)
+        return 1
+    os.chdir(root)
+    vm = FakeVM(FirecrackerSpec.load(Path(spec)), instance_id, root, journal=journal,
+                fail_on=fail_on, owner=owner)
+    sock_path = str((root / api_sock.lstrip("/")).relative_to(root))
+    server = _Server(sock_path, _Handler)
+    server.vm = vm
+    try:
+        server.serve_forever(poll_interval=0.05)
+    finally:
+        server.server_close()
+        if vm.vsock is not None:
+            vm.vsock.close()
+    journal.write(event="exit", reason=vm.exit_reason)
+    return 0
+
+
+def jailer_main(argv: list[str], *, journal_dir: str) -> int:
+    """The fake ``jailer`` binary."""
+    sep = argv.index("--") if "--" in argv else len(argv)
+    own, extra = argv[:sep], argv[sep + 1:]
+    jail_id = _option(own, "--id")
+    exec_file = _option(own, "--exec-file")
+    uid, gid = _option(own, "--uid"), _option(own, "--gid")
+    base = Path(_option(own, "--chroot-base-dir", "/srv/jailer") or "/srv/jailer")
+    problems = []
+    if not jail_id or len(jail_id) > 64 or not re.fullmatch(r"[A-Za-z0-9-]+", jail_id):
+        problems.append(f"invalid --id {jail_id!r}")
+    if not exec_file or not os.path.isabs(exec_file) or "firecracker" not in Path(exec_file).name:
+        problems.append(f"invalid --exec-file {exec_file!r}")
+    if uid is None or gid is None or not uid.isdigit() or not gid.isdigit():
+        problems.append(f"invalid --uid/--gid {uid!r}/{gid!r}")
+    for flag in ("--daemonize", "--new-pid-ns"):
+        if flag in own:
+            problems.append(f"banger must not pass {flag}")
+    journal = Journal(Path(journal_dir) / f"{jail_id or 'unknown'}.jsonl")
+    journal.write(event="jailer", argv=argv, problems=problems)
+    if problems:
+        print("jailer: " + "; ".join(problems), file=sys.stderr, flush=True)
+        return 1
+    assert jail_id and exec_file and uid and gid
+    exec_name = Path(exec_file).name
+    root = base / exec_name / jail_id / "root"
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(exec_file, root / exec_name)
+    os.chown(root, int(uid), int(gid))
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "FAKE_FC_CHROOT": str(root),
+           "FAKE_FC_UID": uid, "FAKE_FC_GID": gid}
+    with contextlib.suppress(OSError):
+        os.execve(exec_file, [exec_name, f"--id={jail_id}", "--start-time-us=0",
+                              "--start-time-cpu-us=0", *extra], env)
+    return 127

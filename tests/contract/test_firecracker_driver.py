@@ -1,0 +1,338 @@
+"""The real FirecrackerDriver against a fake ``firecracker`` that enforces the published API.
+
+The fake validates every request against ../shared/specs/firecracker-api.yaml
+and journals it; these tests drive full lifecycles and then assert that the
+journal holds exactly the expected requests and not one validation error.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from banger.config import parse_config
+from banger.daemon.fcproc import (
+    FirecrackerAPI,
+    FirecrackerDriver,
+    InstanceState,
+    JailerSettings,
+    SnapshotFiles,
+    kill,
+)
+from banger.daemon.fcproc.jail import JailLayout
+from banger.errors import BadRequest, InvalidState, VMMError
+from banger.layout import VMPaths
+from banger.proc import find_by_marker, matches, wait_gone
+from banger.runner import SubprocessRunner
+from banger.vmm import LaunchPlan
+from tests.contract.conftest import FakeInstall, VMs, write_fakes
+from tests.contract.fcspec import FirecrackerSpec
+
+BOOT_CALLS = [
+    ("PUT", "/logger"),
+    ("PUT", "/metrics"),
+    ("PUT", "/machine-config"),
+    ("PUT", "/boot-source"),
+    ("PUT", "/drives/rootfs"),
+    ("PUT", "/drives/work"),
+    ("PUT", "/network-interfaces/eth0"),
+    ("PUT", "/vsock"),
+    ("PUT", "/actions"),
+]
+
+
+def driver_for(fakes: FakeInstall, vms: VMs) -> FirecrackerDriver:
+    cfg = parse_config({
+        "state_dir": str(vms.layout.state_dir),
+        "runtime_dir": str(vms.layout.runtime_dir),
+        "firecracker_bin": str(fakes.firecracker),
+        "jailer_enabled": False,
+        "jailer_chroot_base": str(vms.layout.state_dir / "jail"),
+    })
+    return FirecrackerDriver.from_config(cfg, SubprocessRunner())
+
+
+def proc_field(pid: int, name: str) -> str:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(name + ":"):
+            return line.split()[1]
+    raise AssertionError(f"{name} not in /proc/{pid}/status")
+
+
+def bodies(fakes: FakeInstall, plan: LaunchPlan, pid: int) -> dict[tuple[str, str], object]:
+    return {(e["method"], e["path"]): e["body"] for e in fakes.journal(plan.marker).requests(pid)}
+
+
+def test_create_start_stop_delete(fakes: FakeInstall, vms: VMs, spec: FirecrackerSpec) -> None:
+    drv = driver_for(fakes, vms)
+    assert drv.jailer is None and drv.binary == str(fakes.firecracker)
+    plan = vms.plan()
+    p = plan.paths
+
+    # create + start
+    ident = drv.launch(plan)
+    assert matches(ident) and ident.marker == plan.marker
+    assert p.pid_file.read_text() == f"{ident.pid}\n"
+    # Detached: bangerd (this process) is not the parent, and not in our session.
+    assert int(proc_field(ident.pid, "PPid")) != os.getpid()
+    assert os.getsid(ident.pid) != os.getsid(0)
+    start = fakes.journal(plan.marker).events("start")[0]
+    assert start["stdin"] == "/dev/null"
+    assert start["argv"][1:] == ["--api-sock", str(p.api_socket), "--id", plan.marker]
+    assert drv.instance_info(p).state is InstanceState.RUNNING
+    assert "guest console: booting" in p.serial_log.read_text()
+    assert "logger ready" in p.vmm_log.read_text()
+    assert p.vsock_socket.is_socket()
+    drv.flush_metrics(p)
+    assert '"utc_timestamp_ms"' in p.metrics.read_text()
+
+    # stop: Ctrl-Alt-Del, and the VMM exits by itself (no SIGKILL needed)
+    assert drv.stop(p, ident, grace_s=10) is True
+    assert not matches(ident)
+    journal = fakes.journal(plan.marker)
+    assert [e["reason"] for e in journal.events("exit")] == ["SendCtrlAltDel"]
+
+    # delete
+    drv.cleanup(p)
+    for gone in (p.api_socket, p.vsock_socket, p.pid_file, p.metrics):
+        assert not gone.exists() and not gone.is_symlink(), gone
+    assert p.serial_log.exists() and p.vmm_log.exists()  # logs are kept
+    drv.cleanup(p)  # idempotent
+
+    assert journal.errors() == []
+    assert journal.calls(ident.pid) == [*BOOT_CALLS, ("PUT", "/actions"), ("PUT", "/actions")]
+    assert ("GET", "/") in journal.calls(ident.pid, skip_probes=False)
+    requests = journal.requests(ident.pid)
+    assert requests[0]["method"] == "GET" and requests[0]["path"] == "/"  # readiness probe
+    assert [r["body"]["action_type"] for r in requests if r["path"] == "/actions"] == [
+        "InstanceStart", "FlushMetrics", "SendCtrlAltDel"]
+    sent = bodies(fakes, plan, ident.pid)
+    assert sent[("PUT", "/machine-config")] == {"vcpu_count": 2, "mem_size_mib": 256,
+                                               "smt": False, "track_dirty_pages": False}
+    assert sent[("PUT", "/boot-source")] == {"kernel_image_path": str(plan.kernel),
+                                            "initrd_path": str(plan.initrd),
+                                            "boot_args": plan.cmdline}
+    assert sent[("PUT", "/drives/rootfs")] == {
+        "drive_id": "rootfs", "path_on_host": plan.rootfs, "is_root_device": True,
+        "is_read_only": False, "cache_type": "Unsafe"}
+    assert sent[("PUT", "/drives/work")] == {
+        "drive_id": "work", "path_on_host": plan.work_disk, "is_root_device": False,
+        "is_read_only": False, "cache_type": "Writeback"}
+    assert sent[("PUT", "/network-interfaces/eth0")] == {
+        "iface_id": "eth0", "host_dev_name": plan.tap, "guest_mac": plan.mac}
+    assert sent[("PUT", "/vsock")] == {"guest_cid": 3, "uds_path": str(p.vsock_socket)}
+    assert sent[("PUT", "/logger")] == {"log_path": str(p.vmm_log), "level": "Info",
+                                        "show_level": True, "show_log_origin": False}
+    assert sent[("PUT", "/metrics")] == {"metrics_path": str(p.metrics)}
+
+
+def test_boot_without_initrd_omits_it(fakes: FakeInstall, vms: VMs) -> None:
+    drv = driver_for(fakes, vms)
+    plan = vms.plan(initrd=False)
+    ident = drv.launch(plan)
+    try:
+        boot = bodies(fakes, plan, ident.pid)[("PUT", "/boot-source")]
+        assert boot == {"kernel_image_path": str(plan.kernel), "boot_args": plan.cmdline}
+    finally:
+        assert kill(ident)
+        drv.cleanup(plan.paths)
+    assert fakes.journal(plan.marker).errors() == []
+
+
+def test_pause_snapshot_load_resume(fakes: FakeInstall, vms: VMs) -> None:
+    drv = driver_for(fakes, vms)
+    plan = vms.plan(tap="tap-first")
+    p = plan.paths
+    first = drv.launch(plan)
+
+    with pytest.raises(InvalidState, match=r"cannot resume .* 'Running'") as exc:
+        drv.resume(p)
+    assert exc.value.hint == "the VM is already running"
+    with pytest.raises(InvalidState, match=r"cannot snapshot .* 'Running'") as exc:
+        drv.snapshot(p, SnapshotFiles(p.state / "x.state", p.state / "x.mem"))
+    assert exc.value.hint == "pause it first"
+    assert not (p.state / "x.mem").exists()
+    drv.pause(p)
+    assert drv.instance_info(p).state is InstanceState.PAUSED
+    files = SnapshotFiles(p.state / "snap" / "vm.state", p.state / "snap" / "vm.mem")
+    drv.snapshot(p, files)
+    assert files.state.read_text().startswith("fake snapshot_path")
+    assert files.memory.read_text().startswith("fake mem_file_path")
+
+    assert kill(first)
+    drv.cleanup(p)
+
+    # A warm start on another TAP from the pool.
+    restored_plan = LaunchPlan(**{**plan.__dict__, "tap": "tap-second"})
+    second = drv.restore(restored_plan, files)
+    assert second.pid != first.pid
+    assert drv.instance_info(p).state is InstanceState.RUNNING
+    assert drv.stop(p, second, grace_s=10)
+    drv.cleanup(p)
+
+    journal = fakes.journal(plan.marker)
+    assert journal.errors() == []
+    assert journal.calls(first.pid) == [*BOOT_CALLS, ("PATCH", "/vm"),
+                                        ("PUT", "/snapshot/create")]
+    assert journal.calls(second.pid) == [("PUT", "/logger"), ("PUT", "/metrics"),
+                                         ("PUT", "/snapshot/load"), ("PATCH", "/vm"),
+                                         ("PUT", "/actions")]
+    first_sent = bodies(fakes, plan, first.pid)
+    assert first_sent[("PATCH", "/vm")] == {"state": "Paused"}
+    assert first_sent[("PUT", "/snapshot/create")] == {
+        "snapshot_type": "Full", "snapshot_path": str(files.state),
+        "mem_file_path": str(files.memory)}
+    second_sent = bodies(fakes, plan, second.pid)
+    assert second_sent[("PUT", "/snapshot/load")] == {
+        "snapshot_path": str(files.state),
+        "mem_backend": {"backend_type": "File", "backend_path": str(files.memory)},
+        "track_dirty_pages": False, "resume_vm": False,
+        "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap-second"}]}
+    assert second_sent[("PATCH", "/vm")] == {"state": "Resumed"}
+
+
+def test_jailed_lifecycle(fakes: FakeInstall, vms: VMs) -> None:
+    """Through the (fake) jailer: files in the chroot, in-jail paths, short socket links."""
+    # Deep enough that the in-jail API socket's host path cannot be connect()ed directly.
+    base = vms.layout.state_dir / ("deep-" * 12) / "jail"
+    settings = JailerSettings(str(fakes.jailer), base, uid=65534, gid=65534)
+    drv = FirecrackerDriver(SubprocessRunner(), str(fakes.firecracker), jailer=settings)
+    plan = vms.plan()
+    p = plan.paths
+    layout = JailLayout.for_vm(base, str(fakes.firecracker), plan.marker)
+
+    ident = drv.launch(plan)
+    jailed_sock = layout.root / "fc.sock"
+    assert len(str(jailed_sock).encode()) >= 108
+    assert p.api_socket.is_symlink() and p.api_socket.resolve() == jailed_sock
+    assert jailed_sock.is_socket()
+    assert (layout.root / "vsock.sock").is_socket()
+    argv = fakes.journal(plan.marker).events("start")[0]["argv"]
+    assert f"--id={plan.marker}" in argv and argv[-2:] == ["--api-sock", "/fc.sock"]
+    jailer_argv = fakes.journal(plan.marker).events("jailer")[0]
+    assert jailer_argv["problems"] == []
+    # Disks and the log are hard links (writes reach the originals), owned by the jail uid.
+    for inside, original in (("rootfs", plan.rootfs), ("work", plan.work_disk),
+                             ("vmm.log", p.vmm_log)):
+        st = os.stat(layout.root / inside)
+        assert st.st_ino == os.stat(original).st_ino
+        assert (st.st_uid, st.st_gid) == (65534, 65534)
+    assert "logger ready" in p.vmm_log.read_text()
+    drv.flush_metrics(p)
+    assert p.metrics.is_symlink() and "utc_timestamp_ms" in p.metrics.read_text()
+
+    drv.pause(p)
+    files = SnapshotFiles(p.state / "snap" / "vm.state", p.state / "snap" / "vm.mem")
+    drv.snapshot(p, files)
+    assert files.memory.read_text().startswith("fake mem_file_path")
+    assert not (layout.root / "snapshot.mem").exists()  # moved out of the jail
+    assert drv.stop(p, ident, grace_s=10)
+    drv.cleanup(p)
+    assert not layout.jail_dir.exists() and not p.api_socket.is_symlink()
+    assert Path(plan.rootfs).read_bytes() == b"fake rootfs"  # originals survive
+
+    second = drv.restore(plan, files)
+    assert drv.instance_info(p).state is InstanceState.RUNNING
+    assert drv.stop(p, second, grace_s=10)
+    drv.cleanup(p)
+    assert not layout.jail_dir.exists()
+
+    journal = fakes.journal(plan.marker)
+    assert journal.errors() == []
+    sent = bodies(fakes, plan, ident.pid)
+    assert sent[("PUT", "/boot-source")] == {"kernel_image_path": "/vmlinux",
+                                            "initrd_path": "/initrd",
+                                            "boot_args": plan.cmdline}
+    assert sent[("PUT", "/drives/rootfs")]["path_on_host"] == "/rootfs"  # type: ignore[index]
+    assert sent[("PUT", "/vsock")] == {"guest_cid": 3, "uds_path": "/vsock.sock"}
+    assert sent[("PUT", "/snapshot/create")] == {
+        "snapshot_type": "Full", "snapshot_path": "/snapshot.state",
+        "mem_file_path": "/snapshot.mem"}
+    loaded = bodies(fakes, plan, second.pid)[("PUT", "/snapshot/load")]
+    assert loaded["snapshot_path"] == "/snapshot.state"  # type: ignore[index]
+
+
+def test_refused_request_kills_and_cleans_up(tmp_path: Path, spec_path: Path, vms: VMs) -> None:
+    fault = "Unable to open the block device backing file: Permission denied"
+    fakes = write_fakes(tmp_path / "bin", spec_path, fail_on=("PUT", "/drives/work", fault))
+    drv = driver_for(fakes, vms)
+    plan = vms.plan()
+    p = plan.paths
+    with pytest.raises(VMMError) as exc:
+        drv.launch(plan)
+    assert "PUT /drives/work" in exc.value.message and fault in exc.value.message
+    assert exc.value.details["fault_message"] == fault
+    assert exc.value.details["method"] == "PUT" and exc.value.details["path"] == "/drives/work"
+    assert str(p.vmm_log) in exc.value.hint
+    assert find_by_marker(plan.marker) == {}
+    for gone in (p.api_socket, p.vsock_socket, p.pid_file, p.metrics):
+        assert not gone.exists(), gone
+    journal = fakes.journal(plan.marker)
+    assert ("PUT", "/actions") not in journal.calls()
+    assert journal.calls()[-1] == ("PUT", "/drives/work")
+    assert journal.errors() == []
+
+
+def test_vmm_dying_at_start_is_reported_with_its_output(tmp_path: Path, spec_path: Path,
+                                                         vms: VMs) -> None:
+    fakes = write_fakes(tmp_path / "bin", spec_path, crash="Error: KVM is not available")
+    drv = driver_for(fakes, vms)
+    plan = vms.plan()
+    with pytest.raises(VMMError) as exc:
+        drv.launch(plan)
+    assert "KVM is not available" in exc.value.message
+    assert find_by_marker(plan.marker) == {}
+    assert not plan.paths.pid_file.exists()
+
+
+def test_invalid_body_is_caught_by_the_fake(fakes: FakeInstall, vms: VMs) -> None:
+    """The harness can fail: a malformed request is refused and journalled as an error."""
+    drv = driver_for(fakes, vms)
+    plan = vms.plan()
+    ident = drv.launch(plan)
+    try:
+        with FirecrackerAPI(plan.paths.api_socket) as api, pytest.raises(VMMError) as exc:
+            api.request("PUT", "/actions", {"action_type": "Reboot"})
+        assert "PUT /actions" in exc.value.message
+        assert "request rejected by the API spec" in exc.value.details["fault_message"]
+        errors = fakes.journal(plan.marker).errors()
+        assert len(errors) == 1 and "'Reboot' is not one of" in errors[0]
+    finally:
+        assert kill(ident)
+        drv.cleanup(plan.paths)
+
+
+def test_request_shutdown_only_reaches_the_live_vmm(fakes: FakeInstall, vms: VMs) -> None:
+    drv = driver_for(fakes, vms)
+    plan = vms.plan()
+    ident = drv.launch(plan)
+    assert drv.request_shutdown(plan.paths, ident) is True
+    assert wait_gone(ident, 10)
+    assert drv.request_shutdown(plan.paths, ident) is False  # gone: nothing sent
+    drv.cleanup(plan.paths)
+    calls = fakes.journal(plan.marker).calls()
+    assert calls.count(("PUT", "/actions")) == 2  # InstanceStart + one SendCtrlAltDel
+
+
+def test_client_operations_are_all_in_the_spec(spec: FirecrackerSpec) -> None:
+    """Every (method, path template) the client can send exists in the spec."""
+    used = {("GET", "/"), ("PUT", "/actions"), ("PUT", "/boot-source"),
+            ("PUT", "/drives/{drive_id}"), ("PUT", "/logger"), ("PUT", "/machine-config"),
+            ("PUT", "/metrics"), ("PUT", "/network-interfaces/{iface_id}"),
+            ("PUT", "/snapshot/create"), ("PUT", "/snapshot/load"), ("PATCH", "/vm"),
+            ("PUT", "/vsock")}
+    assert used <= spec.operations()
+
+
+def test_unix_socket_api_path_is_checked_before_start(fakes: FakeInstall, vms: VMs) -> None:
+    """A runtime dir too deep for sun_path fails before any process starts."""
+    drv = driver_for(fakes, vms)
+    plan = vms.plan()
+    deep = VMPaths(plan.paths.state, vms.layout.runtime_dir / ("x" * 100) / plan.vm_id)
+    with pytest.raises(BadRequest, match=r"the limit is 107"):
+        drv.launch(LaunchPlan(**{**plan.__dict__, "paths": deep}))
+    assert fakes.journal(plan.marker).entries == []
+    assert not deep.run.exists()
+
