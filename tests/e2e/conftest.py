@@ -1,0 +1,296 @@
+"""End-to-end fixtures: real bangerd, real QEMU guests, inside a network namespace per test.
+
+Layers (each fixture hands out a later stage):
+
+* ``test_image``  - the built-in image, built once per recipe hash and cached on disk
+  (``$BANGER_TEST_CACHE``, default /var/cache/banger-test). The build runs with a
+  build-only daemon in the host namespace: debootstrap needs the Debian mirror, and a
+  daemon that only builds images never creates a bridge or boots a VM.
+* ``host``        - a fresh network namespace with its own bangerd and state dir, the
+  test image registered. Every VM network lives inside that namespace.
+* ``running_vm``  - a booted VM on that host.
+
+When a test fails, the daemon log and every serial log are copied to
+``test-artifacts/<test>/``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from banger.daemon.imagemgr import Recipe
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "test-artifacts"
+CACHE = Path(os.environ.get("BANGER_TEST_CACHE", "/var/cache/banger-test"))
+BIN = Path(sys.executable).parent
+IMAGE = "debian-bookworm"
+DAEMON_START_S = 30
+
+
+def _skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "end-to-end tests need root (network namespaces, TAPs, loop devices)"
+    for tool in ("qemu-system-x86_64", "debootstrap", "mkfs.ext4", "ip", "ssh"):
+        if shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") is None:
+            return f"end-to-end tests need {tool} (run .ci/run or scripts/install-deps)"
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _e2e_requirements() -> None:
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"rep_{rep.when}", rep)
+
+
+@dataclass(frozen=True)
+class CachedImage:
+    dir: Path
+
+    @property
+    def rootfs(self) -> Path:
+        return self.dir / "rootfs.ext4"
+
+    @property
+    def kernel(self) -> Path:
+        return self.dir / "vmlinuz"
+
+    @property
+    def initrd(self) -> Path:
+        return self.dir / "initrd.img"
+
+
+def build_test_image() -> CachedImage:
+    """The built-in image for this recipe, from the cache or built now (once, under a lock)."""
+    digest = Recipe().digest()
+    final = CACHE / "images" / digest
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with (CACHE / "build.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # xdist workers and parallel runs build only once
+        if (final / "rootfs.ext4").exists():
+            return CachedImage(final)
+        work = CACHE / f"build-{digest}"
+        shutil.rmtree(work, ignore_errors=True)
+        run_dir = Path(f"/run/banger-tb-{secrets.token_hex(3)}")
+        cfg = work / "config.toml"
+        work.mkdir(parents=True)
+        cfg.write_text(f'state_dir = "{work}/state"\ncache_dir = "{CACHE}"\n'
+                       f'runtime_dir = "{run_dir}"\n')
+        env = {**os.environ, "BANGER_CONFIG": str(cfg)}
+        try:
+            res = subprocess.run([str(BIN / "banger"), "image", "build", IMAGE], env=env,
+                                 capture_output=True, text=True, timeout=3600)
+            if res.returncode != 0:
+                pytest.fail(f"test image build failed:\n{res.stdout}\n{res.stderr}")
+            built = work / "state" / "images" / IMAGE
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(built, final)
+        finally:
+            subprocess.run([str(BIN / "banger"), "daemon", "stop"], env=env,
+                           capture_output=True, timeout=60)
+            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(run_dir, ignore_errors=True)
+        return CachedImage(final)
+
+
+@pytest.fixture(scope="session")
+def test_image() -> CachedImage:
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    return build_test_image()
+
+
+@dataclass
+class Host:
+    """One test's world: a network namespace, a state dir and a bangerd inside."""
+
+    ns: str
+    root: Path
+    run_dir: Path
+    config: Path
+    daemon: subprocess.Popen[bytes] | None = None
+    extra_config: str = ""
+    log_file: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log_file = self.root / "bangerd.out"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "BANGER_CONFIG": str(self.config)}
+
+    def write_config(self, extra: str = "") -> None:
+        self.config.write_text(
+            f'state_dir = "{self.state}"\ncache_dir = "{CACHE}"\n'
+            f'runtime_dir = "{self.run_dir}"\nlog_level = "debug"\n'
+            f"boot_timeout_s = 240\n{self.extra_config}\n{extra}\n"
+            "[vm_defaults]\nvcpu = 1\nmemory_mib = 512\n")
+
+    def netns(self, *argv: str) -> list[str]:
+        return ["ip", "netns", "exec", self.ns, *argv]
+
+    def start_daemon(self) -> None:
+        with self.log_file.open("ab") as out:
+            self.daemon = subprocess.Popen(
+                self.netns(str(BIN / "bangerd")), env=self.env, stdin=subprocess.DEVNULL,
+                stdout=out, stderr=out, start_new_session=True)
+        deadline = time.monotonic() + DAEMON_START_S
+        while time.monotonic() < deadline:
+            if self.cli("daemon", "status").returncode == 0:
+                return
+            if self.daemon.poll() is not None:
+                pytest.fail(f"bangerd exited: {self.log_file.read_text()[-2000:]}")
+            time.sleep(0.1)
+        pytest.fail("bangerd did not start")
+
+    def kill_daemon(self, sig: int = 9) -> None:
+        assert self.daemon is not None
+        os.kill(self.daemon.pid, sig)
+        self.daemon.wait(30)
+        self.daemon = None
+
+    def stop_daemon(self) -> None:
+        if self.daemon is not None:
+            self.cli("daemon", "stop", timeout=60)
+            try:
+                self.daemon.wait(30)
+            except subprocess.TimeoutExpired:
+                self.daemon.kill()
+                self.daemon.wait()
+            self.daemon = None
+
+    def cli(self, *args: str, timeout: float = 600, input: str | None = None
+            ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.netns(str(BIN / "banger"), *args), env=self.env,
+                              capture_output=True, text=True, timeout=timeout, input=input)
+
+    def ok(self, *args: str, timeout: float = 600) -> str:
+        res = self.cli(*args, timeout=timeout)
+        assert res.returncode == 0, f"banger {' '.join(args)} -> {res.returncode}\n" \
+                                    f"{res.stdout}\n{res.stderr}"
+        return res.stdout
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.ok(*args, "--json"))
+
+    def sh(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run a command inside the namespace (never outside: VM traffic stays in here)."""
+        return subprocess.run(self.netns(*argv), capture_output=True, text=True, timeout=120,
+                              check=check)
+
+    def taps(self) -> list[str]:
+        out = subprocess.run(["ip", "-n", self.ns, "-o", "link"], capture_output=True,
+                             text=True, check=True).stdout
+        names = [line.split(":")[1].strip().split("@")[0] for line in out.splitlines()]
+        return [n for n in names if n.startswith("bgt")]
+
+    def vmm_pids(self) -> list[int]:
+        """QEMU processes of this host (their command lines name our state dir)."""
+        pids = []
+        for p in Path("/proc").iterdir():
+            if p.name.isdigit():
+                try:
+                    cmd = (p / "cmdline").read_bytes()
+                except OSError:
+                    continue
+                if b"qemu-system" in cmd and str(self.state).encode() in cmd:
+                    pids.append(int(p.name))
+        return pids
+
+    def loops(self) -> list[str]:
+        out = subprocess.run(["losetup", "--json", "--list"], capture_output=True,
+                             text=True).stdout
+        devs = json.loads(out).get("loopdevices", []) if out.strip() else []
+        return [d["name"] for d in devs if str(self.state) in str(d.get("back-file") or "")]
+
+    def register_image(self, image: CachedImage, name: str = IMAGE) -> None:
+        self.ok("image", "register", "--name", name, "--rootfs", str(image.rootfs),
+                "--kernel", str(image.kernel), "--initrd", str(image.initrd))
+
+    def save_artifacts(self, test_name: str) -> Path:
+        dest = ARTIFACTS / test_name.replace("/", "_")
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in [self.log_file, self.state / "bangerd.log", self.state / "bangerd.stderr"]:
+            if f.exists():
+                shutil.copy2(f, dest / f.name)
+        vms = self.state / "vms"
+        if vms.is_dir():
+            for vm_dir in vms.iterdir():
+                for log in ("serial.log", "vmm.log", "handles.json"):
+                    if (vm_dir / log).exists():
+                        shutil.copy2(vm_dir / log, dest / f"{vm_dir.name}-{log}")
+        return dest
+
+
+def make_host(tmp_path: Path, extra_config: str = "") -> Host:
+    tag = secrets.token_hex(3)
+    ns = f"banger-e2e-{tag}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+    host = Host(ns=ns, root=tmp_path, run_dir=Path(f"/run/banger-e2e-{tag}"),
+                config=tmp_path / "config.toml", extra_config=extra_config)
+    host.write_config()
+    return host
+
+
+def destroy_host(host: Host) -> None:
+    if host.daemon is not None:
+        for vm in json.loads(host.cli("vm", "list", "--json").stdout or "[]"):
+            host.cli("vm", "delete", vm["name"], timeout=120)
+        host.stop_daemon()
+    for pid in host.vmm_pids():
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    for loop in host.loops():
+        subprocess.run(["losetup", "--detach", loop], check=False)
+    subprocess.run(["ip", "netns", "del", host.ns], check=False)
+    shutil.rmtree(host.run_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def host(request: pytest.FixtureRequest, tmp_path: Path, test_image: CachedImage
+         ) -> Iterator[Host]:
+    h = make_host(tmp_path)
+    h.start_daemon()
+    h.register_image(test_image)
+    yield h
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        where = h.save_artifacts(request.node.nodeid)
+        print(f"\nkept daemon and serial logs in {where}")
+    destroy_host(h)
+
+
+@pytest.fixture
+def running_vm(host: Host) -> str:
+    out = host.json("vm", "create", "--name", "box")
+    assert out["state"] == "running"
+    return "box"

@@ -1,0 +1,153 @@
+"""Real QEMU guests driven through the real CLI and daemon, inside a test network namespace."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import CachedImage, Host
+
+pytestmark = pytest.mark.e2e
+
+
+def test_run_rm_propagates_exit_status_and_cleans_up(host: Host) -> None:
+    res = host.cli("vm", "run", "--rm", "--name", "seven", "--", "sh", "-c",
+                   "test \"$(hostname)\" = seven && exit 7")
+    assert res.returncode == 7, res.stderr
+    assert host.json("vm", "list") == []
+    assert host.vmm_pids() == []
+    assert not list((host.state / "vms").iterdir())
+
+
+def test_work_disk_survives_stop_start_and_delete_leaves_nothing(host: Host,
+                                                                 running_vm: str) -> None:
+    host.ok("vm", "exec", running_vm, "--", "sh", "-c", "echo kept > /root/keep && sync")
+    shown = host.json("vm", "show", running_vm)
+    vm_id, tap, pid = shown["id"], shown["tap"], shown["pid"]
+    assert tap in host.taps() and pid in host.vmm_pids()
+
+    host.ok("vm", "stop", running_vm)
+    stopped = host.json("vm", "show", running_vm)
+    assert stopped["state"] == "stopped" and stopped["pid"] is None
+    assert pid not in host.vmm_pids() and tap not in host.taps()
+
+    host.ok("vm", "start", running_vm)
+    assert host.ok("vm", "exec", running_vm, "--", "cat", "/root/keep") == "kept\n"
+    # the guest's /root is the work disk, and authorized_keys lives there
+    mounts = host.ok("vm", "exec", running_vm, "--", "findmnt", "-n", "-o", "SOURCE", "/root")
+    assert mounts.strip() == "/dev/vdb"
+
+    host.ok("vm", "delete", running_vm)
+    assert host.json("vm", "list") == []
+    assert host.vmm_pids() == []
+    assert [t for t in host.taps() if t == tap] == []
+    assert not (host.state / "vms" / vm_id).exists()
+    assert not (host.run_dir / "vms" / vm_id).exists()
+    assert host.loops() == []
+    # the address lease is free again
+    again = host.json("vm", "create", "--name", "again", "--no-start")
+    assert again["ip"] == shown["ip"]
+
+
+def test_two_vms_get_distinct_addresses_and_reach_each_other(host: Host) -> None:
+    a = host.json("vm", "run", "-d", "--name", "a")
+    b = host.json("vm", "run", "-d", "--name", "b")
+    assert a["ip"] != b["ip"]
+    for vm in (a, b):
+        assert host.ok("vm", "exec", vm["name"], "--", "hostname").strip() == vm["name"]
+    # guest to guest over the bridge: b's sshd answers a TCP connect from a
+    probe = f"import socket; socket.create_connection(('{b['ip']}', 22), 5); print('ok')"
+    assert host.ok("vm", "exec", "a", "--", "python3", "-c", probe).strip() == "ok"
+    # banger's DNS answers <name>.vm inside the guests (real DNS packets via the gateway)
+    resolved = host.ok("vm", "exec", "a", "--", "getent", "hosts", "b.vm").split()
+    assert resolved[0] == b["ip"]
+    # ... and for the host, straight to the server on the bridge address
+    query = host.sh(sys.executable, "-c",
+                    "from dnslib import DNSRecord; "
+                    "r = DNSRecord.parse(DNSRecord.question('a.vm').send('172.29.0.1', 53, "
+                    "timeout=5)); print(r.short())")
+    assert query.stdout.strip() == a["ip"]
+
+
+def test_bad_and_duplicate_names_are_refused_cleanly(host: Host) -> None:
+    bad = host.cli("vm", "create", "--name", "Not_A_Label")
+    assert bad.returncode == 2 and "invalid VM name" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    host.ok("vm", "create", "--name", "taken", "--no-start")
+    dup = host.cli("vm", "create", "--name", "taken")
+    assert dup.returncode == 125
+    assert dup.stderr.startswith("error: a VM named 'taken' already exists")
+    assert "hint:" in dup.stderr
+    names = [v["name"] for v in host.json("vm", "list")]
+    assert names == ["taken"]
+    assert host.vmm_pids() == []
+    assert len(list((host.state / "vms").iterdir())) == 1
+
+
+def test_vmm_that_fails_to_start_leaves_nothing(host: Host, test_image: CachedImage,
+                                                tmp_path: Path) -> None:
+    # A bzImage header claiming boot protocol 1.0, which cannot take an initrd: QEMU
+    # refuses to start ("linux kernel too old to load a ram disk").
+    kernel = tmp_path / "bad-vmlinuz"
+    head = bytearray(4096)
+    head[0x202:0x206] = b"HdrS"
+    head[0x206:0x208] = struct.pack("<H", 0x0100)
+    kernel.write_bytes(bytes(head))
+    host.ok("image", "register", "--name", "broken", "--rootfs", str(test_image.rootfs),
+            "--kernel", str(kernel), "--initrd", str(test_image.initrd))
+    taps_before = set(host.taps())
+    res = host.cli("vm", "create", "--name", "doomed", "--image", "broken")
+    assert res.returncode == 125
+    assert "QEMU failed to start doomed" in res.stderr and "hint:" in res.stderr
+    assert len(res.stderr.strip().splitlines()) <= 6
+    assert host.json("vm", "list") == []
+    assert host.vmm_pids() == []
+    assert set(host.taps()) <= taps_before | set(host.taps())  # only pool taps remain
+    assert not list((host.state / "vms").iterdir())
+
+
+def test_wrong_state_and_unknown_vm_errors(host: Host, running_vm: str) -> None:
+    again = host.cli("vm", "start", running_vm)
+    assert again.returncode == 125 and "already running" in again.stderr
+    missing = host.cli("vm", "stop", "ghost")
+    assert missing.returncode == 125 and "no VM named 'ghost'" in missing.stderr
+    logs = host.ok("vm", "logs", running_vm)
+    assert "Linux version" in logs or "systemd" in logs
+    listed = host.ok("vm", "list")
+    assert running_vm in listed and "running" in listed
+
+
+def test_kill_and_restart(host: Host, running_vm: str) -> None:
+    pid = host.json("vm", "show", running_vm)["pid"]
+    killed = host.json("vm", "kill", running_vm)
+    assert killed["state"] == "stopped" and "SIGKILL" in killed["stop_reason"]
+    assert pid not in host.vmm_pids()
+    host.ok("vm", "start", running_vm)
+    first = host.json("vm", "show", running_vm)["pid"]
+    host.ok("vm", "restart", running_vm)
+    second = host.json("vm", "show", running_vm)
+    assert second["state"] == "running" and second["pid"] != first
+    assert host.ok("vm", "exec", running_vm, "--", "true") == ""
+
+
+def test_guest_poweroff_is_noticed(host: Host, running_vm: str) -> None:
+    host.cli("vm", "exec", running_vm, "--", "sh", "-c", "poweroff")
+    for _ in range(120):
+        state = host.json("vm", "show", running_vm)
+        if state["state"] == "stopped":
+            break
+        subprocess.run(["sleep", "0.5"], check=True)
+    assert state["state"] == "stopped"
+    assert "powered off" in state["stop_reason"]
+    assert host.vmm_pids() == []
+
+
+def test_vm_list_json_is_parseable(host: Host) -> None:
+    host.ok("vm", "create", "--name", "cold", "--no-start")
+    data = json.loads(host.ok("vm", "list", "--json"))
+    assert data[0]["name"] == "cold" and data[0]["state"] == "stopped"

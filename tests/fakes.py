@@ -1,0 +1,176 @@
+"""Test doubles for the daemon's seams. Each has a real counterpart exercised in tests/e2e."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from banger.errors import CommandFailed, HostError, VMMError
+from banger.layout import VMPaths
+from banger.proc import ProcessIdentity, identify
+from banger.runner import CancelToken, Result, shell_line
+from banger.vmm import LaunchPlan
+
+
+@dataclass
+class FakeRunner:
+    """Records argv; answers from ``handlers`` (first matching argv prefix) or succeeds."""
+
+    handlers: list[tuple[tuple[str, ...], Callable[[list[str]], Result]]] = field(
+        default_factory=list)
+    calls: list[list[str]] = field(default_factory=list)
+
+    def on(self, prefix: Sequence[str], fn: Callable[[list[str]], Result]) -> None:
+        self.handlers.append((tuple(prefix), fn))
+
+    def _answer(self, argv: list[str]) -> Result:
+        self.calls.append(argv)
+        for prefix, fn in self.handlers:
+            if tuple(argv[: len(prefix)]) == prefix:
+                return fn(argv)
+        return Result(argv, 0, b"", b"")
+
+    def run(self, argv: Sequence[str], *, desc: str, timeout: float = 60.0,
+            input: bytes | None = None, check: bool = True,
+            env: Mapping[str, str] | None = None, cwd: Path | None = None) -> Result:
+        res = self._answer([str(a) for a in argv])
+        if check and res.returncode != 0:
+            raise CommandFailed(f"{desc} failed (exit {res.returncode}): {shell_line(argv)}",
+                                stderr=res.err)
+        return res
+
+    def stream(self, argv: Sequence[str], *, desc: str, on_line: Callable[[str], None],
+               timeout: float = 3600.0, env: Mapping[str, str] | None = None,
+               cancel: CancelToken | None = None) -> Result:
+        res = self._answer([str(a) for a in argv])
+        for line in res.out.splitlines():
+            on_line(line)
+        if res.returncode != 0:
+            raise CommandFailed(f"{desc} failed", stderr=res.err)
+        return res
+
+    def ran(self, *prefix: str) -> list[list[str]]:
+        return [c for c in self.calls if tuple(c[: len(prefix)]) == prefix]
+
+
+def ok(out: str = "", rc: int = 0, err: str = "") -> Callable[[list[str]], Result]:
+    return lambda argv: Result(argv, rc, out.encode(), err.encode())
+
+
+class FakeNet:
+    """Links in a dict instead of the kernel."""
+
+    def __init__(self) -> None:
+        self._links: dict[str, str | None] = {}  # name -> master bridge
+        self.bridges: dict[str, str] = {}
+        self._mu = threading.Lock()
+        self.fail_tap = False
+
+    def ensure_bridge(self, name: str, cidr: str) -> None:
+        with self._mu:
+            self.bridges[name] = cidr
+            self._links.setdefault(name, None)
+
+    def create_tap(self, name: str, bridge: str) -> None:
+        if self.fail_tap:
+            raise HostError(f"cannot create tap {name}: injected failure")
+        with self._mu:
+            if bridge not in self.bridges:
+                raise HostError(f"bridge {bridge} is missing")
+            if name in self._links:
+                raise HostError(f"{name} exists")
+            self._links[name] = bridge
+
+    def delete_link(self, name: str) -> None:
+        with self._mu:
+            self._links.pop(name, None)
+
+    def links(self) -> list[str]:
+        with self._mu:
+            return list(self._links)
+
+    def taps(self) -> list[str]:
+        return [n for n in self.links() if n.startswith("bgt")]
+
+
+class FakeVMM:
+    """A real sleeping process whose argv carries the VM marker, instead of a VMM."""
+
+    name = "qemu"
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.launched: list[LaunchPlan] = []
+        self.shutdown_requests: list[str] = []
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def launch(self, plan: LaunchPlan) -> ProcessIdentity:
+        if self.fail:
+            raise VMMError(f"QEMU failed to start {plan.name}: injected failure")
+        plan.paths.run.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(100000)", plan.marker,
+             str(plan.paths.state)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.launched.append(plan)
+        self.procs.append(proc)
+        for _ in range(200):
+            ident = identify(proc.pid, plan.marker)
+            if ident is not None:
+                return ident
+            time.sleep(0.01)
+        raise AssertionError("fake VMM did not start")
+
+    def request_shutdown(self, plan_paths: VMPaths, ident: ProcessIdentity) -> bool:
+        self.shutdown_requests.append(str(plan_paths.state))
+        return False
+
+    def cleanup(self, plan_paths: VMPaths) -> None:
+        return None
+
+    def reap_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+    def poweroff(self, ip: str) -> None:
+        """What a guest's own poweroff does to its VMM: the process exits."""
+        for plan, proc in zip(self.launched, self.procs, strict=True):
+            if f"banger.ip={ip}/" in plan.cmdline and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@dataclass
+class FakeGuest:
+    ip: str
+    scripts: list[str] = field(default_factory=list)
+    on_poweroff: Callable[[str], None] | None = None
+
+    def run(self, script: str, *, timeout: float = 60.0, input: bytes | None = None,
+            check: bool = True, desc: str = "guest command") -> Result:
+        self.scripts.append(script)
+        if "poweroff" in script and self.on_poweroff is not None:
+            self.on_poweroff(self.ip)
+        return Result(["ssh", script], 0, b"", b"")
+
+    def popen(self, script: str, **kwargs: Any) -> subprocess.Popen[bytes]:
+        raise NotImplementedError
+
+
+def instant_ssh(guest: Any, **kwargs: Any) -> float:
+    """wait_for_ssh seam: the guest is ready at once (if its VMM is alive)."""
+    alive = kwargs["alive"]
+    if not alive():
+        raise VMMError("the VMM exited while the guest was booting")
+    return 0.0

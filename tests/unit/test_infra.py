@@ -1,0 +1,282 @@
+"""Store migrations, the runner, process identity, COW strategies, networking helpers."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from banger.api import VMSpec, VMState
+from banger.daemon import store as store_mod
+from banger.daemon.dmsnap import CopyCow, CowHandle, DmSnapshotCow, sparse_copy
+from banger.daemon.network import TapPool, allocate_ip, mac_for_ip
+from banger.daemon.opstate import Operation, Registry
+from banger.daemon.store import ImageRecord, Store, VMRecord, now
+from banger.errors import (
+    AlreadyExists,
+    Cancelled,
+    CommandFailed,
+    CommandTimeout,
+    HostError,
+    InvalidState,
+    NotFound,
+)
+from banger.proc import ProcessIdentity, identify, matches, send_signal, wait_gone
+from banger.runner import CancelToken, Hidden, SubprocessRunner
+from tests.fakes import FakeNet, FakeRunner, ok
+
+# ----------------------------------------------------------------- store
+
+
+def spec() -> VMSpec:
+    return VMSpec(image="img", vcpu=1, memory_mib=256, disk_size=1 << 30, work_disk_size=1 << 29)
+
+
+def test_store_migrates_once_and_records_versions(tmp_path: Path) -> None:
+    db = tmp_path / "b.db"
+    s = Store(db)
+    assert s.schema_version() == max(v for v, _, _ in store_mod.MIGRATIONS)
+    assert s.migrate() == []  # idempotent
+    s.close()
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    rows = conn.execute("SELECT version FROM schema_migrations").fetchall()
+    assert [r[0] for r in rows] == [v for v, _, _ in store_mod.MIGRATIONS]
+
+
+def test_failed_migration_rolls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = [*store_mod.MIGRATIONS, (99, "broken", "CREATE TABLE t (x); INSERT INTO nope VALUES (1)")]
+    monkeypatch.setattr(store_mod, "MIGRATIONS", broken)
+    with pytest.raises(HostError) as exc:
+        Store(tmp_path / "b.db")
+    assert "migration 99" in exc.value.message
+    conn = sqlite3.connect(tmp_path / "b.db")
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+    assert "t" not in tables  # the half-applied migration was rolled back
+    assert 99 not in {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
+
+
+def test_store_refuses_newer_schema(tmp_path: Path) -> None:
+    s = Store(tmp_path / "b.db")
+    s.close()
+    conn = sqlite3.connect(tmp_path / "b.db")
+    conn.execute("INSERT INTO schema_migrations VALUES (999, 'future', 'now')")
+    conn.commit()
+    with pytest.raises(HostError) as exc:
+        Store(tmp_path / "b.db")
+    assert "newer" in exc.value.message
+
+
+def test_store_vms_and_images(tmp_path: Path) -> None:
+    s = Store(tmp_path / "b.db")
+    img = ImageRecord("img", "built", "/r", "/k", None, None, 1, None, now())
+    s.add_image(img)
+    with pytest.raises(AlreadyExists):
+        s.add_image(img)
+    vm = VMRecord(id="a" * 12, name="one", image="img", spec=spec(), vmm="qemu",
+                  state=VMState.CREATING, ip="10.0.0.2", mac="06:00:0a:00:00:02")
+    s.add_vm(vm)
+    with pytest.raises(AlreadyExists):
+        s.add_vm(VMRecord(id="b" * 12, name="one", image="img", spec=spec(), vmm="qemu",
+                          state=VMState.CREATING, ip="10.0.0.3", mac="06:00:0a:00:00:03"))
+    got = s.find_vm("one")
+    assert got is not None and got.spec == vm.spec
+    updated = s.update_vm(got, state=VMState.STOPPED, runtime={"x": 1})
+    assert s.get_vm(vm.id).state == VMState.STOPPED and s.get_vm(vm.id).runtime == {"x": 1}
+    assert updated.updated_at >= got.updated_at
+    with pytest.raises(InvalidState):
+        s.delete_image("img")  # still used
+    s.delete_vm(vm.id)
+    s.delete_image("img")
+    with pytest.raises(NotFound):
+        s.get_image("img")
+
+
+# ----------------------------------------------------------------- runner
+
+
+def test_runner_success_and_failure() -> None:
+    r = SubprocessRunner()
+    assert r.run(["sh", "-c", "echo hi"], desc="echo").out == "hi\n"
+    with pytest.raises(CommandFailed) as exc:
+        r.run(["sh", "-c", "echo boom >&2; exit 3", Hidden("secret-token")], desc="fail")
+    assert "exit 3" in exc.value.message and "boom" in exc.value.message
+    assert "secret-token" not in exc.value.message  # redacted
+    assert r.run(["sh", "-c", "exit 4"], desc="x", check=False).returncode == 4
+
+
+def test_runner_timeout_and_missing_tool() -> None:
+    r = SubprocessRunner()
+    with pytest.raises(CommandTimeout):
+        r.run(["sleep", "5"], desc="sleep", timeout=0.2)
+    with pytest.raises(HostError) as exc:
+        r.run(["/nonexistent/tool"], desc="tool")
+    assert "install" in exc.value.hint
+
+
+def test_runner_stream_lines_and_cancel() -> None:
+    r = SubprocessRunner()
+    lines: list[str] = []
+    r.stream(["sh", "-c", "echo a; echo b"], desc="s", on_line=lines.append)
+    assert lines == ["a", "b"]
+    token = CancelToken()
+    threading.Timer(0.3, token.cancel).start()
+    t0 = time.monotonic()
+    with pytest.raises(Cancelled):
+        r.stream(["sleep", "30"], desc="s", on_line=lines.append, cancel=token)
+    assert time.monotonic() - t0 < 10
+
+
+# ----------------------------------------------------------------- process identity
+
+
+@pytest.fixture
+def sleeper() -> Iterator[subprocess.Popen[bytes]]:
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "banger-test"])
+    time.sleep(0.1)
+    yield p
+    p.kill()
+    p.wait()
+
+
+def test_identity_matches_and_refuses_recycled(sleeper: subprocess.Popen[bytes]) -> None:
+    ident = identify(sleeper.pid, "banger-test")
+    assert ident is not None and matches(ident)
+    assert identify(sleeper.pid, "banger-other") is None
+    recycled = ProcessIdentity(sleeper.pid, ident.start_time + 1, "banger-test")
+    assert not matches(recycled)
+    assert send_signal(recycled, 15) is False  # never signals a different process
+    assert sleeper.poll() is None
+    assert send_signal(ident, 15) is True
+    assert wait_gone(ident, 5)
+
+
+# ----------------------------------------------------------------- COW
+
+
+def test_sparse_copy_keeps_holes(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    with src.open("wb") as fh:
+        fh.write(b"head")
+        fh.seek(50 << 20)
+        fh.write(b"tail")
+    dst = tmp_path / "dst"
+    sparse_copy(src, dst)
+    assert dst.read_bytes() == src.read_bytes()
+    assert dst.stat().st_blocks * 512 < 1 << 20  # not 50 MiB of zeros
+
+
+def test_copy_cow_create_remove(tmp_path: Path) -> None:
+    origin = tmp_path / "origin"
+    origin.write_bytes(b"x" * 4096)
+    cow = CopyCow()
+    h = cow.create(origin, tmp_path / "vm" / "root")
+    assert Path(h.path).read_bytes() == origin.read_bytes()
+    assert cow.activate(h, origin, "id").disk == h.path
+    cow.remove(h)
+    assert not Path(h.path).exists()
+
+
+def test_dmsnap_commands_and_rollback(tmp_path: Path) -> None:
+    runner = FakeRunner()
+    loops = iter(["/dev/loop7", "/dev/loop8"])
+    runner.on(["losetup", "--find"], lambda argv: ok(next(loops) + "\n")(argv))
+    origin = tmp_path / "origin"
+    with origin.open("wb") as fh:
+        fh.truncate(1 << 20)
+    dm = DmSnapshotCow(runner)
+    h = dm.create(origin, tmp_path / "cow")
+    assert Path(h.path).stat().st_size == 1 << 20
+    active = dm.activate(h, origin, "abc")
+    assert active.device == "/dev/mapper/banger-abc"
+    assert active.loops == ["/dev/loop7", "/dev/loop8"]
+    create = runner.ran("dmsetup", "create")[0]
+    assert create[-1] == "0 2048 snapshot /dev/loop7 /dev/loop8 P 8"
+    assert "--read-only" in runner.ran("losetup", "--find")[0]
+    back = CowHandle.from_json(active.to_json())
+    dm.deactivate(back)
+    assert runner.ran("dmsetup", "remove")
+    assert [c[-1] for c in runner.ran("losetup", "--detach")] == ["/dev/loop8", "/dev/loop7"]
+
+    failing = FakeRunner()
+    loops2 = iter(["/dev/loop1", "/dev/loop2"])
+    failing.on(["losetup", "--find"], lambda argv: ok(next(loops2))(argv))
+    failing.on(["dmsetup", "create"], ok(rc=1, err="no snapshot target"))
+    with pytest.raises(CommandFailed):
+        DmSnapshotCow(failing).activate(h, origin, "abc")
+    # both loop devices were detached again
+    assert sorted(c[-1] for c in failing.ran("losetup", "--detach")) == ["/dev/loop1", "/dev/loop2"]
+
+
+# ----------------------------------------------------------------- network
+
+
+def test_allocate_ip_skips_gateway_and_used() -> None:
+    assert allocate_ip("172.29.0.1/24", []) == "172.29.0.2"
+    assert allocate_ip("172.29.0.1/24", ["172.29.0.2"]) == "172.29.0.3"
+    assert allocate_ip("10.0.0.5/29", []) == "10.0.0.1"
+    with pytest.raises(HostError):
+        allocate_ip("10.0.0.1/30", ["10.0.0.2"])
+    assert mac_for_ip("172.29.0.2") == "06:00:ac:1d:00:02"
+
+
+def test_tap_pool_warm_and_refill() -> None:
+    net = FakeNet()
+    net.ensure_bridge("br0", "10.0.0.1/24")
+    pool = TapPool(net, "br0", 2)
+    pool.fill()
+    warm = pool.owned()
+    assert len(warm) == 2
+    tap = pool.acquire()
+    assert tap in warm
+    for _ in range(100):
+        if len(pool.owned()) == 2:
+            break
+        time.sleep(0.01)
+    assert len(pool.owned()) == 2 and tap not in pool.owned()
+    pool.release(tap)
+    assert tap not in net.links()
+    pool.drain()
+    assert net.taps() == []
+
+
+# ----------------------------------------------------------------- opstate
+
+
+def test_registry_runs_and_records_errors() -> None:
+    reg: Registry[Operation] = Registry()
+    op = reg.run(Operation("k", "t", ["a", "b"]), lambda o: (o.enter("a"), 42)[1], name="t")
+    assert op.wait(5) and op.result == 42 and op.stage == "done"
+
+    def boom(o: Operation) -> None:
+        o.enter("a")
+        raise NotFound("gone")
+
+    bad = reg.run(Operation("k", "t", ["a"]), boom, name="t")
+    assert bad.wait(5) and isinstance(bad.error, NotFound)
+    assert reg.get(bad.id) is bad
+    with pytest.raises(NotFound):
+        reg.get("missing")
+
+
+def test_operation_cancel_stops_at_next_stage() -> None:
+    reg: Registry[Operation] = Registry()
+    started = threading.Event()
+
+    def work(o: Operation) -> None:
+        o.enter("a")
+        started.set()
+        while not o.cancel.wait(0.01):
+            pass
+        o.enter("b")
+
+    op = reg.run(Operation("k", "t", ["a", "b"]), work, name="t")
+    assert started.wait(5)
+    op.cancel.cancel()
+    assert op.wait(5) and isinstance(op.error, Cancelled) and op.stage == "cancelled"

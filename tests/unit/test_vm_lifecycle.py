@@ -1,0 +1,163 @@
+"""VM lifecycle through the daemon's real code paths, with fake VMM/network/guest seams."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from banger.api import VMState
+from banger.daemon import vms
+from banger.daemon.core import Daemon
+from banger.errors import AlreadyExists, BadName, InvalidState, NotFound, NotRunning, VMMError
+from banger.proc import matches
+from tests.conftest import FakeWorld
+
+
+def create(d: Daemon, **kw: object) -> dict[str, object]:
+    return vms.create_sync(d, vms.CreateParams(**kw))  # type: ignore[arg-type]
+
+
+def test_create_boots_and_records_handles(daemon: Daemon, world: FakeWorld) -> None:
+    vm = create(daemon, name="alpha")
+    assert vm["state"] == "running"
+    assert vm["ip"] == "172.29.0.2"
+    rec = daemon.db.find_vm("alpha")
+    assert rec is not None
+    h = daemon.handles.get(rec.id)
+    assert h is not None and h.process is not None and matches(h.process)
+    assert h.tap in world.net.taps()
+    assert daemon.layout.vm(rec.id).handles.exists()
+    # teardown identity mirrored onto the runtime record
+    assert rec.runtime["teardown"]["tap"] == h.tap
+    plan = world.vmm.launched[-1]
+    assert "banger.ip=172.29.0.2/24" in plan.cmdline
+    assert "banger.hostname=alpha" in plan.cmdline
+
+
+def test_two_vms_get_different_ips_and_macs(daemon: Daemon) -> None:
+    a = create(daemon, name="a1")
+    b = create(daemon, name="b1")
+    assert a["ip"] != b["ip"]
+    assert a["mac"] != b["mac"]
+
+
+def test_duplicate_and_bad_names_are_refused_without_leftovers(daemon: Daemon,
+                                                               world: FakeWorld) -> None:
+    create(daemon, name="dup")
+    taps_before = set(world.net.taps())
+    with pytest.raises(AlreadyExists):
+        create(daemon, name="dup")
+    with pytest.raises(BadName):
+        create(daemon, name="Bad_Name")
+    with pytest.raises(BadName):
+        create(daemon, name="-lead")
+    assert [v.name for v in daemon.db.list_vms()] == ["dup"]
+    assert set(world.net.taps()) == taps_before
+    assert len(os.listdir(daemon.layout.vms_dir)) == 1
+
+
+def test_missing_image_is_not_found_with_hint(daemon: Daemon) -> None:
+    with pytest.raises(NotFound) as exc:
+        create(daemon, name="x", image="nope")
+    assert "image register" in exc.value.hint
+    assert daemon.db.list_vms() == []
+
+
+def test_vmm_failure_rolls_back_everything(daemon: Daemon, world: FakeWorld) -> None:
+    world.vmm.fail = True
+    with pytest.raises(VMMError):
+        create(daemon, name="broken")
+    assert daemon.db.list_vms() == []
+    assert world.net.taps() == [t for t in world.net.taps() if t in daemon.tap_pool.owned()]
+    assert os.listdir(daemon.layout.vms_dir) == []
+    assert os.listdir(daemon.layout.vms_run_dir) == []
+
+
+def test_no_start_then_start_stop_delete(daemon: Daemon, world: FakeWorld) -> None:
+    vm = create(daemon, name="cold", start=False)
+    assert vm["state"] == "stopped"
+    assert world.vmm.launched == []
+    started = vms.start(daemon, "cold")
+    assert started["state"] == "running" and started["pid"]
+    pid = started["pid"]
+    with pytest.raises(InvalidState):
+        vms.start(daemon, "cold")
+    stopped = vms.stop(daemon, "cold")
+    assert stopped["state"] == "stopped"
+    assert stopped["stop_reason"].startswith("stopped by")
+    assert not os.path.exists(f"/proc/{pid}") or _zombie_or_gone(pid)
+    with pytest.raises(NotRunning):
+        vms.stop(daemon, "cold")
+    # guest was asked to sync + power off over SSH first
+    assert any("poweroff" in s for g in world.guests.values() for s in g.scripts)
+    vms.delete(daemon, "cold")
+    assert daemon.db.find_vm("cold") is None
+    with pytest.raises(NotFound):
+        vms.show(daemon, "cold")
+
+
+def _zombie_or_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] in "ZX"
+    except FileNotFoundError:
+        return True
+
+
+def test_delete_running_vm_releases_tap_process_and_ip(daemon: Daemon, world: FakeWorld) -> None:
+    vm = create(daemon, name="gone")
+    rec = daemon.db.find_vm("gone")
+    assert rec is not None
+    h = daemon.handles.get(rec.id)
+    assert h is not None and h.process is not None
+    vms.delete(daemon, "gone")
+    assert not matches(h.process)
+    assert h.tap not in world.net.taps()
+    assert not daemon.layout.vm(rec.id).state.exists()
+    again = create(daemon, name="next")
+    assert again["ip"] == vm["ip"]  # the lease was released
+
+
+def test_kill_marks_stopped_with_signal(daemon: Daemon) -> None:
+    create(daemon, name="k")
+    res = vms.kill(daemon, "k", "TERM")
+    assert res["state"] == "stopped"
+    assert "SIGTERM" in res["stop_reason"]
+
+
+def test_vmm_exit_is_noticed(daemon: Daemon) -> None:
+    from banger.daemon import reconcile
+
+    create(daemon, name="exits")
+    rec = daemon.db.find_vm("exits")
+    assert rec is not None
+    h = daemon.handles.get(rec.id)
+    assert h is not None and h.process is not None
+    os.kill(h.process.pid, signal.SIGKILL)
+    for _ in range(100):
+        if not matches(h.process):
+            break
+        time.sleep(0.02)
+    reconcile.reap_exited(daemon)
+    after = daemon.db.find_vm("exits")
+    assert after is not None and after.state == VMState.STOPPED
+    assert "powered off" in after.runtime["stop_reason"]
+
+
+def test_restart_gets_a_new_process(daemon: Daemon) -> None:
+    first = create(daemon, name="r")
+    second = vms.restart(daemon, "r")
+    assert second["state"] == "running"
+    assert second["pid"] != first["pid"]
+
+
+def test_list_and_show_views(daemon: Daemon) -> None:
+    create(daemon, name="v1", vcpu=1, memory_mib=256)
+    listed = vms.list_vms(daemon)
+    assert [v["name"] for v in listed] == ["v1"]
+    shown = vms.show(daemon, "v1")
+    assert shown["spec"]["vcpu"] == 1 and shown["spec"]["memory_mib"] == 256
+    assert shown["spec"]["disk_size"] == 64 << 20
