@@ -87,6 +87,11 @@ class CancelToken:
 class Runner(Protocol):
     """What the daemon and its helpers need from subprocesses."""
 
+    def wrap(self, argv: Sequence[str]) -> list[str]:
+        """The argv this runner would really execute for ``argv`` (for pipelines that
+        must spawn a process themselves but keep the runner's identity rules)."""
+        ...
+
     def run(
         self,
         argv: Sequence[str],
@@ -128,6 +133,9 @@ def _missing(desc: str, argv: Sequence[str], exc: OSError) -> HostError:
 
 class SubprocessRunner:
     """The real runner."""
+
+    def wrap(self, argv: Sequence[str]) -> list[str]:
+        return [str(a) for a in argv]
 
     def run(
         self,
@@ -234,3 +242,53 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, 9)
     proc.wait()
+
+
+class OwnerRunner:
+    """Runs commands as another user (a repository's owner) through ``setpriv``.
+
+    bangerd is root; a user's git repository must not make root run its hooks,
+    filters or ``core.fsmonitor``, and git's ``safe.directory`` check refuses it
+    anyway. Every command goes through the wrapped runner with
+    ``setpriv --reuid --regid --init-groups`` and the owner's HOME.
+    """
+
+    def __init__(self, inner: Runner, uid: int, gid: int, home: str) -> None:
+        self.inner = inner
+        self.uid = uid
+        self.gid = gid
+        self.home = home
+
+    def wrap(self, argv: Sequence[str]) -> list[str]:
+        args = self.inner.wrap(argv)
+        if self.uid == 0:
+            return args
+        return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--init-groups",
+                "--", "env", f"HOME={self.home}", *args]
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        desc: str,
+        timeout: float = 60.0,
+        input: bytes | None = None,
+        check: bool = True,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> Result:
+        return self.inner.run(self.wrap(argv), desc=desc, timeout=timeout, input=input,
+                              check=check, env=env, cwd=cwd)
+
+    def stream(
+        self,
+        argv: Sequence[str],
+        *,
+        desc: str,
+        on_line: Callable[[str], None],
+        timeout: float = 3600.0,
+        env: Mapping[str, str] | None = None,
+        cancel: CancelToken | None = None,
+    ) -> Result:
+        return self.inner.stream(self.wrap(argv), desc=desc, on_line=on_line,
+                                 timeout=timeout, env=env, cancel=cancel)

@@ -1,0 +1,293 @@
+"""The guest side: POSIX sh scripts, one per step, every value quoted.
+
+Layout around a workspace ``T = P/N`` in the guest:
+
+* ``P/.N.banger-partial-<token>``: staging directory a prepare fills; hidden and
+  never at ``T``, so an interrupted copy never looks like a workspace;
+* ``P/.N.banger-old-<token>``: the previous workspace during the swap's
+  two renames; the next prepare restores it if the swap was cut short;
+* ``T/.git/banger/``: banger's private state: ``workspace`` (marker: banger may
+  replace this directory), a private git directory (``HEAD``, ``config``,
+  ``info/attributes``, ``index``) that shares ``T/.git/objects`` and holds the
+  index of the prepared snapshot, and the ``mise install`` log.
+
+The private git directory lets prepare and export hash the work tree without
+touching the user's index or HEAD, and with content conversion switched off
+(``info/attributes`` unsets ``text``, ``eol``, ``filter``, ``ident`` and
+``working-tree-encoding``): snapshot blobs are the files' bytes exactly, so the
+exported patch applies to the host's files byte for byte.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass
+
+from banger.daemon.session import quote, script
+
+from .model import MARKER, MISE_LOG, PREPARED_REF, STATE_DIR
+
+IMPORT_DIR = ".git/banger-import"
+"""Metadata prepare ships inside the tar, consumed and removed by the setup step."""
+
+EXIT_REFUSED = 3  # the request cannot be honoured (path taken, not a workspace): BadRequest
+EXIT_BAD_BASE = 4  # export: base commit unknown in the guest
+
+SNAPSHOT_ATTRIBUTES = "* -text -eol -filter -ident -working-tree-encoding\n"
+
+_PRELUDE = (
+    "unset GIT_DIR GIT_WORK_TREE GIT_INDEX_FILE GIT_OBJECT_DIRECTORY "
+    "GIT_ALTERNATE_OBJECT_DIRECTORIES GIT_COMMON_DIR GIT_CEILING_DIRECTORIES",
+    "export LC_ALL=C GIT_TERMINAL_PROMPT=0",
+    "fail() { code=$1; shift; printf 'banger: %s\\n' \"$*\" >&2; exit \"$code\"; }",
+)
+
+
+@dataclass(frozen=True)
+class Names:
+    """The guest paths one prepare uses (see the module docstring)."""
+
+    target: str
+    token: str
+
+    @property
+    def parent(self) -> str:
+        return posixpath.dirname(self.target)
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.target)
+
+    @property
+    def staging(self) -> str:
+        return posixpath.join(self.parent, f".{self.name}.banger-partial-{self.token}")
+
+    @property
+    def old(self) -> str:
+        return posixpath.join(self.parent, f".{self.name}.banger-old-{self.token}")
+
+    def vars(self) -> str:
+        return (f"T={quote(self.target)} P={quote(self.parent)} N={quote(self.name)} "
+                f"S={quote(self.staging)} O={quote(self.old)}")
+
+
+def _snapshot_fn(index: str, objects: str = "$PWD/.git/objects", alternates: str = "") -> str:
+    """``snap``: git on the private git dir, the work tree in $PWD, a chosen index."""
+    env = (f'GIT_DIR="$PWD/{STATE_DIR}" GIT_WORK_TREE="$PWD" GIT_INDEX_FILE="{index}" '
+           f'GIT_OBJECT_DIRECTORY="{objects}"')
+    if alternates:
+        env += f' GIT_ALTERNATE_OBJECT_DIRECTORIES="{alternates}"'
+    return f'snap() {{ {env} git "$@"; }}'
+
+
+def preflight(names: Names, object_format: str) -> str:
+    """Check tools and the target, finish an interrupted swap, create the staging repo."""
+    fmt = "--object-format=sha256 " if object_format == "sha256" else ""
+    return script(
+        *_PRELUDE, names.vars(),
+        'command -v git >/dev/null 2>&1 || fail 1 "git is not installed in the guest"',
+        'command -v tar >/dev/null 2>&1 || fail 1 "tar is not installed in the guest"',
+        'mkdir -p -- "$P"',
+        '[ "$(cd -P -- "$P" && pwd)" = "$P" ] || '
+        f'fail {EXIT_REFUSED} "$P is or passes through a symlink"',
+        # A swap cut short (guest crash between its two renames) left the old
+        # workspace hidden: put it back rather than lose it.
+        'for o in "$P/.$N.banger-old-"*; do',
+        '  [ -e "$o" ] || continue',
+        '  if [ ! -e "$T" ] && [ ! -L "$T" ]; then mv -T -- "$o" "$T"; else rm -rf -- "$o"; fi',
+        'done',
+        'rm -rf -- "$P/.$N.banger-partial-"*',
+        _check_target(),
+        'mkdir -- "$S"',
+        f'git init -q {fmt}"$S"',
+    )
+
+
+def _check_target() -> str:
+    return (
+        'if [ -L "$T" ] || { [ -e "$T" ] && [ ! -d "$T" ]; }; then '
+        f'fail {EXIT_REFUSED} "$T exists and is not a directory"; fi\n'
+        f'if [ -d "$T" ] && [ ! -f "$T/{MARKER}" ] && [ -n "$(ls -A -- "$T")" ]; then '
+        f'fail {EXIT_REFUSED} "$T exists and is not a banger workspace"; fi'
+    )
+
+
+def extract(names: Names) -> str:
+    """Untar stdin into the staging directory."""
+    return script(
+        *_PRELUDE, names.vars(),
+        'cd -- "$S"',
+        "exec tar -x -f - --no-same-owner --same-permissions --warning=no-timestamp",
+    )
+
+
+def _enter(subdir: str, object_format: str) -> list[str]:
+    """cd into the staging repository (or a submodule's, ``subdir`` ending in ``/``),
+    creating the submodule's repository on first use."""
+    fmt = " --object-format=sha256" if object_format == "sha256" else ""
+    return [f'cd -- "$S"/{quote(subdir)}', f"[ -f .git/HEAD ] || git init -q{fmt} ."]
+
+
+def index_pack(names: Names, subdir: str = "", object_format: str = "sha1") -> str:
+    """Store the pack on stdin in the staging repository (or a submodule's)."""
+    return script(*_PRELUDE, names.vars(), *_enter(subdir, object_format),
+                  "exec git index-pack --stdin")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What the setup step writes into the staging repository."""
+
+    head_symbolic: str | None  # e.g. refs/heads/main; HEAD becomes a symref to it
+    head_commit: str | None  # HEAD's commit when detached (head_symbolic is None)
+    parent: str | None  # the guest HEAD commit the prepared snapshot commit descends from
+    user_name: str | None
+    user_email: str | None
+    object_format: str
+
+
+def setup(names: Names, s: Setup, subdir: str = "") -> str:
+    """Replay refs, HEAD, shallow list, index and identity; record the prepared snapshot.
+
+    ``subdir`` names a submodule's repository below the staging directory (ending in
+    ``/``); submodules are set up before their parents. Prints the prepared
+    snapshot's commit id.
+    """
+    lines: list[str] = [*_PRELUDE, names.vars(), *_enter(subdir, s.object_format),
+                        f"imp={IMPORT_DIR}"]
+    if s.user_name is not None:
+        lines.append(f"git config user.name {quote(s.user_name)}")
+    if s.user_email is not None:
+        lines.append(f"git config user.email {quote(s.user_email)}")
+    lines += [
+        'cat -- "$imp/exclude" >> .git/info/exclude',
+        'if [ -s "$imp/shallow" ]; then cp -- "$imp/shallow" .git/shallow; fi',
+        'if [ -s "$imp/refs" ]; then git update-ref -z --stdin < "$imp/refs"; fi',
+    ]
+    if s.head_symbolic is not None:
+        lines.append(f"git symbolic-ref HEAD {quote(s.head_symbolic)}")
+    elif s.head_commit is not None:
+        lines.append(f"git update-ref --no-deref HEAD {quote(s.head_commit)}")
+    version = "1" if s.object_format == "sha256" else "0"
+    config = f"[core]\\n\\trepositoryformatversion = {version}\\n\\tbare = false\\n"
+    if s.object_format == "sha256":
+        config += "[extensions]\\n\\tobjectformat = sha256\\n"
+    parent = f"-p {quote(s.parent)} " if s.parent else ""
+    lines += [
+        'git update-index -z --index-info < "$imp/index"',
+        # Fill in stat data now so the user's first `git status` is quick; a file
+        # that differs from the index makes --refresh exit non-zero, which is fine.
+        "git update-index -q --refresh >/dev/null 2>&1 || true",
+        f"st={STATE_DIR}",
+        'mkdir -p -- "$st/refs" "$st/objects" "$st/info"',
+        "printf 'ref: refs/heads/banger\\n' > \"$st/HEAD\"",
+        f"printf '{config}' > \"$st/config\"",
+        f"printf '%s' {quote(SNAPSHOT_ATTRIBUTES)} > \"$st/info/attributes\"",
+        'ln -s ../../info/exclude "$st/info/exclude"',
+        _snapshot_fn('$PWD/$st/index'),
+        "snap add -A",
+        'tree=$(snap write-tree)',
+        "commit=$(GIT_AUTHOR_NAME=banger GIT_AUTHOR_EMAIL=banger@localhost "
+        "GIT_COMMITTER_NAME=banger GIT_COMMITTER_EMAIL=banger@localhost "
+        f'git commit-tree --no-gpg-sign {parent}-m "banger: workspace as prepared" "$tree")',
+        f'git update-ref -m "banger prepare" {PREPARED_REF} "$commit"',
+        f'mv -- "$imp/workspace" "{MARKER}"',
+        'if [ -f "$imp/submodules" ]; then mv -- "$imp/submodules" "$st/submodules"; fi',
+        'rm -rf -- "$imp"',
+        'printf "%s\\n" "$commit"',
+    ]
+    return script(*lines)
+
+
+def swap(names: Names) -> str:
+    """Move the staging directory to the target, replacing an old workspace.
+
+    Two renames (``T -> O``, ``S -> T``); if the second fails the first is undone.
+    """
+    return script(
+        *_PRELUDE, names.vars(),
+        _check_target(),
+        'if [ -e "$T" ]; then',
+        '  mv -T -- "$T" "$O"',
+        '  if ! mv -T -- "$S" "$T"; then',
+        '    mv -T -- "$O" "$T"',
+        '    fail 1 "could not move the new workspace into place; the old one is back"',
+        "  fi",
+        '  rm -rf -- "$O"',
+        "else",
+        '  mv -T -- "$S" "$T"',
+        "fi",
+    )
+
+
+def cleanup(names: Names) -> str:
+    """Remove this prepare's staging directory (best effort after a failure)."""
+    return script(*_PRELUDE, names.vars(), 'rm -rf -- "$S"')
+
+
+def start_tools(target: str) -> str:
+    """Start ``mise install`` in the background if the guest has mise; never fails.
+
+    Prints ``started`` or ``no-mise``.
+    """
+    return "\n".join((
+        *_PRELUDE,
+        f"cd -- {quote(target)} || exit 0",
+        'm=$(command -v mise 2>/dev/null) || m=""',
+        'if [ -z "$m" ] && [ -x "${HOME:-/root}/.local/bin/mise" ]; then '
+        'm="${HOME:-/root}/.local/bin/mise"; fi',
+        'if [ -z "$m" ]; then echo no-mise; exit 0; fi',
+        # Detached from the ssh session (no inherited fds), so it outlives it.
+        f'nohup sh -c \'"$1" trust || true; exec "$1" install\' banger-mise "$m" '
+        f'</dev/null >{quote(MISE_LOG)} 2>&1 &',
+        "echo started",
+    )) + "\n"
+
+
+def export(target: str, base_ref: str) -> str:
+    """Print one section per repository (the workspace, then each submodule):
+    ``<base> <n> <m> <k>\n``, ``k`` bytes of path prefix, ``n`` bytes of
+    ``--name-status -z``, ``m`` bytes of patch.
+
+    Each section hashes its work tree into a copy of the prepared snapshot's index,
+    writing new blobs into a temporary object directory, so the workspace's index,
+    HEAD and object store are left as they were. Submodule sections always diff
+    against their own prepared snapshot; gitlink changes are left out (the files
+    inside a submodule travel in its own section).
+    """
+    return script(
+        *_PRELUDE,
+        f"T={quote(target)} REF={quote(base_ref)}",
+        f'cd -- "$T" 2>/dev/null || fail {EXIT_REFUSED} "$T does not exist"',
+        f'[ -f "$T/{MARKER}" ] && [ -f "$T/{STATE_DIR}/index" ] || '
+        f'fail {EXIT_REFUSED} "$T is not a prepared banger workspace"',
+        # Leftovers of an export killed mid-way (exports of one VM are serialised).
+        f'rm -rf -- "$T/{STATE_DIR}/export."*',
+        f'tmp=$(mktemp -d "$T/{STATE_DIR}/export.XXXXXX")',
+        "trap 'rm -rf -- \"$tmp\"' EXIT",
+        _snapshot_fn('$tmp/index', objects='$tmp/objects', alternates='$PWD/.git/objects'),
+        "d() { snap diff-index --cached -M --full-index --no-textconv --no-ext-diff --no-color "
+        '--ignore-submodules=all "$@"; }',
+        "size() { wc -c | tr -d ' '; }",
+        "section() {",
+        f'  [ -f "$T/$1{STATE_DIR}/index" ] || return 0',
+        '  cd -- "$T/$1"',
+        '  base=$(git rev-parse --verify -q "$2^{commit}") || '
+        f'fail {EXIT_BAD_BASE} "unknown base commit $2 in the guest repository $T/$1"',
+        '  rm -rf -- "$tmp/objects" && mkdir -- "$tmp/objects"',
+        # -p: git's racy-entry check compares entries with the index file's mtime.
+        f'  cp -p -- {STATE_DIR}/index "$tmp/index"',
+        "  snap add -A",
+        '  d -z --name-status "$base" > "$tmp/names"',
+        '  d -p --binary --src-prefix="a/$1" --dst-prefix="b/$1" "$base" > "$tmp/patch"',
+        '  printf "%s %s %s %s\\n" "$base" "$(size < "$tmp/names")" "$(size < "$tmp/patch")" '
+        '"$(printf %s "$1" | size)"',
+        '  printf %s "$1"',
+        '  cat -- "$tmp/names" "$tmp/patch"',
+        "}",
+        'section "" "$REF"',
+        f'if [ -f "$T/{STATE_DIR}/submodules" ]; then',
+        f'  while IFS= read -r sub; do section "$sub/" {PREPARED_REF} </dev/null; done '
+        f'< "$T/{STATE_DIR}/submodules"',
+        "fi",
+    )

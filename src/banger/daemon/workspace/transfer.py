@@ -1,0 +1,363 @@
+"""Streams into the guest: a tar of the work tree, a git pack, a script's stdin.
+
+:class:`GuestSink` owns one guest process (``guest.popen``) and feeds its stdin.
+A watchdog thread kills the process group (the ssh client; for a local test
+double, the shell and its children) when the operation is cancelled, when one
+write has been blocked longer than the stall budget, or when the process runs
+past its deadline after its input ended. A blocked write then fails at once and
+the caller sees :class:`Cancelled` or :class:`GuestError`, never a hang.
+
+Nothing is staged on the host: the tar is generated file by file from the work
+tree (:func:`send_tree`), the pack is piped from ``git pack-objects --stdout``
+(:func:`send_pack`). Both are the only subprocesses of this package that do not
+go through the runner, because the runner has no way to connect two processes'
+pipes; they keep its rules (argv lists, captured stderr in errors, bounded waits).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import stat
+import subprocess
+import tarfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import IO, Any, cast
+
+from banger.daemon.session import step_error
+from banger.errors import BangerError, Cancelled, GuestError, HostError
+from banger.runner import CancelToken, Result, shell_line
+
+from .hosttree import HostTree, _changed
+from .model import EntryKind, GuestChannel, PlanEntry
+
+log = logging.getLogger("banger.workspace")
+
+CHUNK = 1 << 20  # bytes per read/write: large enough for throughput, small enough for progress
+TAR_BUFFER = 64 << 10  # tarfile's write size: the unit progress is counted in
+OUTPUT_LIMIT = 1 << 20  # bytes of a process's stdout/stderr kept in memory
+POLL_S = 0.05
+
+
+class _Drain:
+    """Reads a pipe to EOF in a thread, keeping the last ``limit`` bytes."""
+
+    def __init__(self, stream: IO[bytes] | None, limit: int | None = OUTPUT_LIMIT) -> None:
+        self.data = bytearray()
+        self._limit = limit
+        self._thread: threading.Thread | None = None
+        if stream is not None:
+            self._thread = threading.Thread(target=self._run, args=(stream,), daemon=True)
+            self._thread.start()
+
+    def _run(self, stream: IO[bytes]) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            while chunk := stream.read(65536):
+                self.data += chunk
+                if self._limit is not None and len(self.data) > self._limit:
+                    del self.data[: len(self.data) - self._limit]
+
+    def join(self, timeout: float = 5.0) -> bytes:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return bytes(self.data)
+
+
+def _close(*streams: IO[bytes] | None) -> None:
+    for stream in streams:
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+
+
+class GuestSink:
+    """One guest process whose stdin we feed (see the module docstring).
+
+    Use as a context manager: leaving it with an exception kills the process.
+
+    Args:
+        guest: the guest channel.
+        script: the guest shell script; it reads its input from stdin.
+        step: the step's name, used in errors.
+        cancel: cooperative cancellation.
+        stall_timeout: the longest one write may block (the guest not reading).
+        on_bytes: called with the size of each chunk written.
+        stdout_limit: bytes of stdout kept (the last ones); None keeps it all.
+    """
+
+    def __init__(self, guest: GuestChannel, script: str, *, step: str,
+                 cancel: CancelToken | None = None, stall_timeout: float = 120.0,
+                 on_bytes: Callable[[int], None] | None = None,
+                 stdout_limit: int | None = OUTPUT_LIMIT) -> None:
+        self.step = step
+        self._cancel = cancel
+        self._stall = stall_timeout
+        self._on_bytes = on_bytes
+        self._killed: str | None = None
+        self._writing_since: float | None = None
+        self._deadline: float | None = None
+        self._done = threading.Event()
+        self._also_kill: list[subprocess.Popen[bytes]] = []
+        self.sent = 0
+        self.proc = guest.popen(script, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True)
+        self._out = _Drain(self.proc.stdout, stdout_limit)
+        self._err = _Drain(self.proc.stderr)
+        self._watchdog = threading.Thread(target=self._watch, daemon=True,
+                                          name=f"watchdog: {step}")
+        self._watchdog.start()
+
+    def also_kill(self, proc: subprocess.Popen[bytes]) -> None:
+        """Kill ``proc`` too when this sink is cancelled or stalls (a host producer)."""
+        self._also_kill.append(proc)
+
+    def _watch(self) -> None:
+        while not self._done.wait(POLL_S):
+            reason = None
+            now = time.monotonic()
+            if self._cancel is not None and self._cancel.cancelled:
+                reason = "cancelled"
+            elif self._writing_since is not None and now - self._writing_since > self._stall:
+                reason = f"the guest stopped reading for {self._stall:g}s"
+            elif self._deadline is not None and now > self._deadline:
+                reason = "timed out after its input ended"
+            if reason is not None:
+                self._killed = reason
+                self.kill()
+                return
+
+    def kill(self) -> None:
+        """Kill the guest process and any registered host producer."""
+        for proc in (self.proc, *self._also_kill):
+            _kill_group(proc)
+
+    def _interrupted(self) -> BangerError:
+        if self._killed == "cancelled" or (self._cancel is not None and self._cancel.cancelled):
+            reason = self._cancel.reason if self._cancel is not None else "cancelled"
+            return Cancelled(f"{self.step}: {reason}")
+        if self._killed is None:
+            # The script ended on its own (an error, e.g. a full disk): report its exit.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
+            if self.proc.returncode is not None:
+                self._done.set()
+                return step_error(self.step, Result([self.step], self.proc.returncode,
+                                                    self._out.join(), self._err.join()))
+        err = self._err.join(1).decode(errors="replace").strip()[-2000:]
+        msg = f"guest step {self.step!r} failed: {self._killed or 'the guest stopped reading'}"
+        return GuestError(msg + (f"\n{err}" if err else ""),
+                          hint="the guest may be out of disk space, overloaded or hung")
+
+    def write(self, data: bytes) -> int:
+        """Send ``data``; raises :class:`Cancelled` or :class:`GuestError` instead of
+        blocking past the stall budget or writing into a dead process."""
+        if self._cancel is not None:
+            self._cancel.check()
+        assert self.proc.stdin is not None
+        view = memoryview(data)
+        for off in range(0, len(view), CHUNK):
+            piece = view[off:off + CHUNK]
+            self._writing_since = time.monotonic()
+            try:
+                self.proc.stdin.write(piece)
+                self.proc.stdin.flush()  # so a blocked guest shows as a blocked write here
+            except (BrokenPipeError, ValueError, OSError) as exc:
+                raise self._interrupted() from exc
+            finally:
+                self._writing_since = None
+            if self._killed is not None:
+                raise self._interrupted()
+            self.sent += len(piece)
+            if self._on_bytes is not None:
+                self._on_bytes(len(piece))
+        return len(data)
+
+    def finish(self, timeout: float, *, check: bool = True) -> Result:
+        """Close stdin and wait (at most ``timeout`` seconds) for the script to exit.
+
+        Raises:
+            Cancelled: cancelled meanwhile.
+            GuestError: the script failed (with ``check``; message from
+                :func:`session.format_step_error`), or ran past ``timeout``.
+        """
+        assert self.proc.stdin is not None
+        self._deadline = time.monotonic() + timeout
+        with contextlib.suppress(BrokenPipeError, OSError):
+            self.proc.stdin.close()
+        self.proc.wait()
+        self._done.set()
+        out, err = self._out.join(), self._err.join()
+        _close(self.proc.stdout, self.proc.stderr)
+        if self._killed is not None:
+            raise self._interrupted()
+        result = Result([self.step], self.proc.returncode, out, err)
+        if check and result.returncode != 0:
+            raise step_error(self.step, result)
+        return result
+
+    def __enter__(self) -> GuestSink:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> None:
+        if exc_type is not None or not self._done.is_set():
+            # An error, or a caller that never called finish(): never leave it running.
+            self.kill()
+            self._done.set()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
+            self._out.join()
+            self._err.join()
+            _close(self.proc.stdin, self.proc.stdout, self.proc.stderr)
+
+
+def run_script(guest: GuestChannel, script: str, *, step: str, input: bytes = b"",
+               timeout: float, cancel: CancelToken | None = None, check: bool = True,
+               stdout_limit: int | None = OUTPUT_LIMIT) -> Result:
+    """Run a (possibly long) guest script that cancellation can interrupt."""
+    if cancel is not None:
+        cancel.check()
+    with GuestSink(guest, script, step=step, cancel=cancel, stdout_limit=stdout_limit) as sink:
+        if input:
+            sink.write(input)
+        return sink.finish(timeout, check=check)
+
+
+def send_tree(sink: GuestSink, root: str, entries: Sequence[PlanEntry],
+              extra: Iterable[tuple[str, bytes]] = (), *,
+              cancel: CancelToken | None = None,
+              on_file: Callable[[], None] | None = None) -> None:
+    """Write a tar (PAX) of ``entries`` read from the host tree ``root`` into ``sink``.
+
+    ``extra`` are (name, content) metadata files written first. Files keep their
+    content, mtime and executable bit (mode 0755 or 0644, as git records it);
+    symlinks keep their target verbatim; gitlinks become empty directories.
+    Owners are root.
+
+    Raises:
+        BadRequest: a file vanished, changed type, or changed size or mtime while
+            it was being read.
+    """
+    with HostTree(root) as tree, tarfile.open(
+            fileobj=cast(Any, sink), mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8",
+            bufsize=TAR_BUFFER) as tar:
+        for name, data in extra:
+            info = _info(name, 0o600, time.time())
+            info.size = len(data)
+            tar.addfile(info, _BytesReader(data))
+        for entry in entries:
+            if cancel is not None:
+                cancel.check()
+            if entry.kind is EntryKind.FILE:
+                _add_file(tar, tree, entry.path)
+            elif entry.kind is EntryKind.SYMLINK:
+                info = _info(entry.path, 0o777, 0)
+                info.type = tarfile.SYMTYPE
+                info.linkname = tree.readlink(entry.path)
+                tar.addfile(info)
+            else:
+                info = _info(entry.path, 0o755, 0)
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+                continue  # a submodule's directory: its files are entries of their own
+            if on_file is not None:
+                on_file()
+
+
+def _info(name: str, mode: int, mtime: float) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.mode = mode
+    info.mtime = mtime
+    info.uid = info.gid = 0
+    info.uname = info.gname = "root"
+    return info
+
+
+def _add_file(tar: tarfile.TarFile, tree: HostTree, path: str) -> None:
+    fd, st = tree.open_file(path)
+    with os.fdopen(fd, "rb") as fh:
+        info = _info(path, 0o755 if st.st_mode & stat.S_IXUSR else 0o644, st.st_mtime)
+        info.size = st.st_size
+        try:
+            tar.addfile(info, fh)
+        except OSError as exc:  # tarfile: "unexpected end of data" (the file shrank)
+            raise _changed(path) from exc
+        after = os.fstat(fh.fileno())
+    if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+        raise _changed(path)
+
+
+class _BytesReader:
+    def __init__(self, data: bytes) -> None:
+        self._data = memoryview(data)
+        self._pos = 0
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self._data) if size < 0 else self._pos + size
+        chunk = self._data[self._pos:end].tobytes()
+        self._pos += len(chunk)
+        return chunk
+
+
+def send_pack(sink: GuestSink, argv: Sequence[str], revs: bytes, *, env: dict[str, str],
+              timeout: float, cancel: CancelToken | None = None) -> None:
+    """Pipe ``git pack-objects --stdout`` (``argv``, fed ``revs`` on stdin) into ``sink``.
+
+    Raises:
+        HostError: pack-objects failed or is missing.
+        Cancelled / GuestError: as for :meth:`GuestSink.write`.
+    """
+    try:
+        proc = subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env={**os.environ, **env},
+                                start_new_session=True)
+    except OSError as exc:
+        raise HostError(f"cannot run {argv[0]!r}: {exc.strerror}") from exc
+    sink.also_kill(proc)
+    err = _Drain(proc.stderr)
+    assert proc.stdin is not None and proc.stdout is not None
+
+    def feed() -> None:
+        assert proc.stdin is not None
+        with contextlib.suppress(OSError):
+            proc.stdin.write(revs)
+            proc.stdin.close()
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    try:
+        while chunk := os.read(proc.stdout.fileno(), CHUNK):
+            sink.write(chunk)
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None:
+            if cancel is not None:
+                cancel.check()
+            if time.monotonic() > deadline:
+                raise HostError(f"packing history timed out after {timeout:g}s")
+            time.sleep(POLL_S)
+    finally:
+        _kill_group(proc)
+        proc.wait()
+        feeder.join(5)
+        err.join()
+        _close(proc.stdin, proc.stdout, proc.stderr)
+    if cancel is not None:
+        cancel.check()
+    if proc.returncode != 0:
+        tail = err.join().decode(errors="replace").strip()[-2000:]
+        raise HostError(f"packing history failed (exit {proc.returncode}): "
+                        f"{shell_line(argv)}\n{tail}")
