@@ -6,11 +6,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from banger.config import Config, parse_config
 from banger.daemon import Daemon, Seams
 from banger.daemon.dmsnap import CopyCow
 from tests.fakes import FakeGuest, FakeNet, FakeRunner, FakeVMM, instant_ssh
+
+# The suite shares two cores with booting VMs: no wall-clock deadlines in property tests.
+settings.register_profile("banger", deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("banger")
 
 
 @pytest.fixture

@@ -26,6 +26,9 @@ class FakeRunner:
         default_factory=list)
     calls: list[list[str]] = field(default_factory=list)
 
+    def wrap(self, argv: Sequence[str]) -> list[str]:
+        return [str(a) for a in argv]
+
     def on(self, prefix: Sequence[str], fn: Callable[[list[str]], Result]) -> None:
         self.handlers.append((tuple(prefix), fn))
 

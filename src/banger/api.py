@@ -150,10 +150,14 @@ class VMSpec(Model):
 class WorkspaceView(Model):
     guest_path: str
     host_path: str
-    base_commit: str
+    base_commit: str | None = None  # None: the host repository had no commit yet
     branch: str | None = None
+    mode: str = "shallow"
     prepared_at: datetime | None = None
     prepared: bool = False
+    files: int = 0
+    bytes: int = 0
+    error: str | None = None
 
 
 class VMView(Model):

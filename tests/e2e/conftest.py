@@ -16,6 +16,7 @@ When a test fails, the daemon log and every serial log are copied to
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -155,10 +156,14 @@ class Host:
     def netns(self, *argv: str) -> list[str]:
         return ["ip", "netns", "exec", self.ns, *argv]
 
-    def start_daemon(self) -> None:
+    def start_daemon(self, pause_at: str | None = None) -> None:
+        """Start bangerd in the namespace; ``pause_at`` arms the fault-injection hook."""
+        env = self.env
+        if pause_at:
+            env = {**env, "BANGER_TEST_PAUSE_AT": pause_at}
         with self.log_file.open("ab") as out:
             self.daemon = subprocess.Popen(
-                self.netns(str(BIN / "bangerd")), env=self.env, stdin=subprocess.DEVNULL,
+                self.netns(str(BIN / "bangerd")), env=env, stdin=subprocess.DEVNULL,
                 stdout=out, stderr=out, start_new_session=True)
         deadline = time.monotonic() + DAEMON_START_S
         while time.monotonic() < deadline:
@@ -168,6 +173,33 @@ class Host:
                 pytest.fail(f"bangerd exited: {self.log_file.read_text()[-2000:]}")
             time.sleep(0.1)
         pytest.fail("bangerd did not start")
+
+    def popen(self, *args: str) -> subprocess.Popen[str]:
+        """A CLI command running in the background."""
+        return subprocess.Popen(self.netns(str(BIN / "banger"), *args), env=self.env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def wait_paused(self, stage: str, timeout: float = 300) -> None:
+        marker = self.run_dir / f"paused-at-{stage}"
+        deadline = time.monotonic() + timeout
+        while not marker.exists():
+            if time.monotonic() > deadline:
+                pytest.fail(f"daemon never reached stage {stage}")
+            time.sleep(0.1)
+        marker.unlink()
+
+    def wait_settled(self, timeout: float = 300) -> list[dict[str, Any]]:
+        """Poll until no VM is in a busy state (reconcile may finish boots in the background)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            vms: list[dict[str, Any]] = self.json("vm", "list")
+            busy = [v for v in vms if v["state"] in ("creating", "starting", "stopping",
+                                                      "deleting")]
+            if not busy:
+                return vms
+            if time.monotonic() > deadline:
+                pytest.fail(f"VMs still busy: {busy}")
+            time.sleep(1)
 
     def kill_daemon(self, sig: int = 9) -> None:
         assert self.daemon is not None
@@ -265,22 +297,55 @@ def destroy_host(host: Host) -> None:
             host.cli("vm", "delete", vm["name"], timeout=120)
         host.stop_daemon()
     for pid in host.vmm_pids():
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, 9)
-        except ProcessLookupError:
-            pass
     for loop in host.loops():
         subprocess.run(["losetup", "--detach", loop], check=False)
     subprocess.run(["ip", "netns", "del", host.ns], check=False)
     shutil.rmtree(host.run_dir, ignore_errors=True)
 
 
+def firecracker_kernel() -> Path | None:
+    """A vmlinux Firecracker can boot: $BANGER_TEST_FC_KERNEL, else a cached `kernel build`."""
+    if os.environ.get("BANGER_TEST_FC_KERNEL"):
+        return Path(os.environ["BANGER_TEST_FC_KERNEL"])
+    built = sorted(Path("/var/cache/banger-kernel").glob("*/vmlinux"))
+    return built[-1] if built else None
+
+
+def firecracker_skip_reason() -> str | None:
+    from banger.config import parse_config
+    from banger.daemon.doctor import firecracker_blockers
+
+    blockers = firecracker_blockers(parse_config({}))
+    if blockers:
+        return "Firecracker cannot run here: " + "; ".join(blockers)
+    if firecracker_kernel() is None:
+        return "no Firecracker kernel: run `banger kernel build` or set BANGER_TEST_FC_KERNEL"
+    return None
+
+
+@pytest.fixture(params=["qemu", "firecracker"])
+def vmm(request: pytest.FixtureRequest) -> str:
+    """Every end-to-end test runs once per VMM driver that can run on this host."""
+    if request.param == "firecracker":
+        reason = firecracker_skip_reason()
+        if reason:
+            pytest.skip(reason)
+    return str(request.param)
+
+
 @pytest.fixture
-def host(request: pytest.FixtureRequest, tmp_path: Path, test_image: CachedImage
+def host(request: pytest.FixtureRequest, tmp_path: Path, test_image: CachedImage, vmm: str
          ) -> Iterator[Host]:
-    h = make_host(tmp_path)
+    h = make_host(tmp_path, extra_config=f'vmm = "{vmm}"')
     h.start_daemon()
     h.register_image(test_image)
+    if vmm == "firecracker":
+        kernel = firecracker_kernel()
+        assert kernel is not None
+        h.ok("kernel", "import", "--name", "fc", str(kernel))
+        h.ok("image", "set-kernel", IMAGE, "fc")
     yield h
     rep = getattr(request.node, "rep_call", None)
     if rep is not None and rep.failed:

@@ -138,8 +138,8 @@ def test_encode_refuses_oversized() -> None:
 
 
 def test_state_transitions() -> None:
-    S = api.VMState
-    assert S.STOPPED.can_become(S.STARTING)
-    assert not S.STOPPED.can_become(S.RUNNING)
-    assert not S.DELETING.can_become(S.RUNNING)
-    assert all(s.can_become(S.DELETING) for s in S)
+    st = api.VMState
+    assert st.STOPPED.can_become(st.STARTING)
+    assert not st.STOPPED.can_become(st.RUNNING)
+    assert not st.DELETING.can_become(st.RUNNING)
+    assert all(s.can_become(st.DELETING) for s in st)

@@ -15,8 +15,8 @@ from banger.daemon.imagemgr import (
     GUEST_INIT,
     Recipe,
     debugfs_script,
-    find_boot_files,
     finalize_tree,
+    find_boot_files,
     guest_agent_files,
     injected_dirs,
     install_files,
@@ -92,7 +92,7 @@ def test_debugfs_injection_into_real_ext4(tmp_path: Path) -> None:
     files = guest_agent_files()
     existing = {"/etc", "/etc/systemd", "/etc/systemd/system", "/usr"}
     missing = set(injected_dirs(files)) - existing
-    script, temps = debugfs_script(files, tmp_path, missing)
+    script, _temps = debugfs_script(files, tmp_path, missing)
     assert "mkdir /etc\n" not in script  # existing dirs are never re-made (that corrupts)
     (tmp_path / "s").write_text(script)
     subprocess.run(["debugfs", "-w", "-f", str(tmp_path / "s"), str(image)], check=True,

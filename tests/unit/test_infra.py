@@ -51,7 +51,8 @@ def test_store_migrates_once_and_records_versions(tmp_path: Path) -> None:
 
 
 def test_failed_migration_rolls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    broken = [*store_mod.MIGRATIONS, (99, "broken", "CREATE TABLE t (x); INSERT INTO nope VALUES (1)")]
+    bad_sql = "CREATE TABLE t (x); INSERT INTO nope VALUES (1)"
+    broken = [*store_mod.MIGRATIONS, (99, "broken", bad_sql)]
     monkeypatch.setattr(store_mod, "MIGRATIONS", broken)
     with pytest.raises(HostError) as exc:
         Store(tmp_path / "b.db")

@@ -7,6 +7,7 @@ codes (see :mod:`banger.cli.exits`).
 
 from __future__ import annotations
 
+import base64
 import os
 import shlex
 import subprocess
@@ -214,19 +215,89 @@ def image_delete(app: App, name: str) -> None:
 @click.option("--rootfs", required=True, type=click.Path(exists=True, dir_okay=False,
                                                          path_type=Path),
               help="ext4 root file system image.")
-@click.option("--kernel", required=True, type=click.Path(exists=True, dir_okay=False,
-                                                         path_type=Path),
-              help="Kernel (bzImage for QEMU, vmlinux for Firecracker).")
+@click.option("--kernel", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Kernel to bundle (bzImage for QEMU, vmlinux for Firecracker).")
 @click.option("--initrd", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Initial ramdisk, if the kernel needs one.")
+@click.option("--kernel-name", help="Boot this registry kernel (see `banger kernel`) instead.")
 @json_option
 @pass_app
-def image_register(app: App, name: str, rootfs: Path, kernel: Path, initrd: Path | None) -> None:
-    """Register your own root file system and kernel as an image (files are copied)."""
+def image_register(app: App, name: str, rootfs: Path, kernel: Path | None,
+                   initrd: Path | None, kernel_name: str | None) -> None:
+    """Register your own root file system and kernel as an image (files are copied).
+
+    banger adds its small guest agent (network, host name, SSH host key, work disk)
+    to the copy with debugfs; the original file is not changed.
+    """
     res = app.client().call(
-        "image.register", name=name, rootfs=str(rootfs.resolve()), kernel=str(kernel.resolve()),
-        initrd=str(initrd.resolve()) if initrd else None, timeout=None)
+        "image.register", name=name, rootfs=str(rootfs.resolve()),
+        kernel=str(kernel.resolve()) if kernel else None,
+        initrd=str(initrd.resolve()) if initrd else None, kernel_name=kernel_name, timeout=None)
     app.emit(res, f"registered image {name}")
+
+
+@image.command("set-kernel")
+@click.argument("name")
+@click.argument("kernel", required=False)
+@json_option
+@pass_app
+def image_set_kernel(app: App, name: str, kernel: str | None) -> None:
+    """Make image NAME boot registry KERNEL (omit KERNEL: its bundled kernel again)."""
+    res = app.client().call("image.set_kernel", name=name, kernel=kernel)
+    app.emit(res, f"image {name} boots {kernel or 'its bundled kernel'}")
+
+
+# ---------------------------------------------------------------------------- kernels
+
+
+@cli.group()
+def kernel() -> None:
+    """Manage guest kernels (vmlinux for Firecracker, bzImage for QEMU)."""
+
+
+@kernel.command("list")
+@json_option
+@pass_app
+def kernel_list(app: App) -> None:
+    """List kernels."""
+    ks = app.client().call("kernel.list")
+    app.emit(ks, output.kernel_table(ks))
+
+
+@kernel.command("show")
+@click.argument("name")
+@json_option
+@pass_app
+def kernel_show(app: App, name: str) -> None:
+    """Show one kernel."""
+    k = app.client().call("kernel.show", name=name)
+    app.emit(k, output.kernel_detail(k))
+
+
+@kernel.command("import")
+@click.argument("paths", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--name", required=True, help="Kernel name (a DNS label).")
+@click.option("--initrd", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Initial ramdisk to boot with it.")
+@json_option
+@pass_app
+def kernel_import(app: App, paths: tuple[Path, ...], name: str, initrd: Path | None) -> None:
+    """Import a vmlinux and/or a bzImage (validated: ELF x86-64, or a bzImage header)."""
+    res = app.client().call("kernel.import", name=name,
+                            paths=[str(p.resolve()) for p in paths],
+                            initrd=str(initrd.resolve()) if initrd else None, timeout=None)
+    app.emit(res, f"imported kernel {name} ({', '.join(res['vmms'])})")
+
+
+@kernel.command("rm")
+@click.argument("name")
+@json_option
+@pass_app
+def kernel_rm(app: App, name: str) -> None:
+    """Remove a kernel no image uses."""
+    res = app.client().call("kernel.rm", name=name)
+    app.emit(res, f"removed kernel {name}")
 
 
 # ---------------------------------------------------------------------------- vms
@@ -385,10 +456,22 @@ def vm_ssh(app: App, name: str, command: tuple[str, ...]) -> int:
 @vm.command("exec", context_settings={"ignore_unknown_options": True})
 @click.argument("name")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--auto-prepare", is_flag=True,
+              help="Re-sync the workspace first if the host HEAD or work tree changed.")
 @pass_app
-def vm_exec(app: App, name: str, command: tuple[str, ...]) -> int:
-    """Run COMMAND in a running VM; its exit status becomes banger's."""
-    info = app.client().call("vm.ssh_info", name=name)
+def vm_exec(app: App, name: str, command: tuple[str, ...], auto_prepare: bool) -> int:
+    """Run COMMAND in a running VM; its exit status becomes banger's.
+
+    It runs in the VM's last prepared workspace, if it has one.
+    """
+    client = app.client()
+    if auto_prepare:
+        st = client.call("vm.workspace.status", name=name)
+        if st["needs_resync"]:
+            op = client.call("vm.workspace.prepare.begin", name=name, path=st["host_path"],
+                             guest_path=st["guest_path"], mode=st.get("mode") or "shallow")
+            follow(app, client, op, "vm.workspace.prepare")
+    info = client.call("vm.ssh_info", name=name)
     return run_ssh(info, list(command), interactive=False)
 
 
@@ -396,27 +479,46 @@ def vm_exec(app: App, name: str, command: tuple[str, ...]) -> int:
 @create_options
 @click.option("--rm", "remove", is_flag=True, help="Delete the VM when the command ends.")
 @click.option("-d", "--detach", is_flag=True, help="Boot and return; print the VM name.")
+@click.option("--workspace-mode", type=click.Choice(["shallow", "full_copy"]),
+              default="shallow", show_default=True,
+              help="History copied with a repository (full_copy: everything, submodules).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @json_option
 @pass_app
-def vm_run(app: App, /, remove: bool, detach: bool, command: tuple[str, ...], **kw: Any) -> int:
+def vm_run(app: App, /, remove: bool, detach: bool, workspace_mode: str,
+           command: tuple[str, ...], **kw: Any) -> int:
     """Create and boot a VM, then run COMMAND in it (after --) or open a shell.
 
-    The command's exit status becomes banger's own. With --rm the VM is
-    deleted afterwards, whatever happened.
+    \b
+    banger vm run -- make test          in a fresh VM
+    banger vm run ./repo -- make test   copy ./repo in first, run inside it
+    banger vm run ./repo                a shell in the copied repository
+
+    When the first argument is an existing directory it is the repository to
+    copy in (a git work tree; see `banger vm workspace prepare`). The command's
+    exit status becomes banger's own. With --rm the VM is deleted afterwards,
+    whatever happened; `banger vm workspace export` gets the edits out first.
     """
     if detach and remove:
         raise click.UsageError("--rm and --detach cannot be combined")
+    args = list(command)
+    repo: Path | None = None
+    if args and Path(args[0]).is_dir():
+        repo = Path(args.pop(0)).resolve()
     client = app.client()
     op = client.call("vm.create.begin", **_create_params(kw, True))
     name = op["target"]
     try:
         res = follow(app, client, op, "vm.create")
+        if repo is not None:
+            prep = client.call("vm.workspace.prepare.begin", name=name, path=str(repo),
+                               mode=workspace_mode)
+            follow(app, client, prep, "vm.workspace.prepare")
         if detach:
             app.emit(res, res["name"])
             return 0
         info = client.call("vm.ssh_info", name=name)
-        return run_ssh(info, list(command), interactive=not command)
+        return run_ssh(info, args, interactive=not args)
     finally:
         if remove:
             try:
@@ -424,6 +526,78 @@ def vm_run(app: App, /, remove: bool, detach: bool, command: tuple[str, ...], **
             except BangerError as exc:
                 if exc.code != "not_found":
                     exits.print_error(exc, app.json)
+
+
+@vm.group("workspace")
+def vm_workspace() -> None:
+    """Copy a git repository into a VM and get its edits back as a patch."""
+
+
+@vm_workspace.command("prepare")
+@click.argument("name")
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--guest-path", help="Where in the guest (default /root/<repo dir name>).")
+@click.option("--branch", help="Check out a new branch B in the guest.")
+@click.option("--from", "from_ref", help="Start --branch from REF (default HEAD).")
+@click.option("--mode", type=click.Choice(["shallow", "full_copy"]), default="shallow",
+              show_default=True, help="shallow: a few commits of history; full_copy: all "
+                                      "history, branches, tags and submodules.")
+@json_option
+@pass_app
+def workspace_prepare(app: App, name: str, path: Path, guest_path: str | None,
+                      branch: str | None, from_ref: str | None, mode: str) -> None:
+    """Copy the git work tree at PATH into VM NAME (tracked and untracked, not ignored).
+
+    In the guest, HEAD is the host's HEAD commit and `git status` shows the
+    host's uncommitted changes. Ctrl-C cancels without leaving a
+    half-copied directory behind.
+    """
+    client = app.client()
+    op = client.call("vm.workspace.prepare.begin", name=name, path=str(path.resolve()),
+                     guest_path=guest_path, branch=branch, from_ref=from_ref, mode=mode)
+    res = follow(app, client, op, "vm.workspace.prepare")
+    app.emit(res, f"{res['host_path']} -> {res['vm']}:{res['guest_path']} "
+                  f"({res['files']} files, {res['bytes'] / 1e6:.1f} MB)")
+
+
+@vm_workspace.command("export")
+@click.argument("name")
+@click.option("-o", "--output", "out_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the patch here instead of stdout.")
+@click.option("--base-commit", help="Diff against this commit instead of the prepared tree "
+                                    "(includes the copied-in uncommitted changes).")
+@json_option
+@pass_app
+def workspace_export(app: App, name: str, out_file: Path | None,
+                     base_commit: str | None) -> None:
+    """Print the VM's changes since prepare as a binary-safe git patch.
+
+    Apply it on the host with `git apply` (e.g. `banger vm workspace export
+    web | git apply`). The changed files are listed on stderr. With --json the
+    patch is in the JSON (base64) unless -o is given.
+    """
+    res = app.client().call("vm.workspace.export", name=name, base_commit=base_commit)
+    patch_path = Path(res.pop("patch_path"))
+    try:
+        data = patch_path.read_bytes()
+    finally:
+        patch_path.unlink(missing_ok=True)
+    if out_file is not None:
+        out_file.write_bytes(data)
+    if app.json:
+        if out_file is None:
+            res["patch_base64"] = base64.b64encode(data).decode()
+        else:
+            res["patch_file"] = str(out_file)
+        click.echo(output.to_json(res))
+        return
+    if out_file is None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    for change in res["changes"]:
+        old = f"{change['old_path']} -> " if change.get("old_path") else ""
+        click.echo(f"{change['status']}\t{old}{change['path']}", err=True)
+    click.echo(f"{len(res['changes'])} changed file(s)", err=True)
 
 
 def run_ssh(info: dict[str, Any], command: list[str], *, interactive: bool) -> int:

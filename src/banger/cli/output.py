@@ -94,12 +94,36 @@ def image_table(images: list[dict[str, Any]], now: datetime | None = None) -> st
 def image_detail(img: dict[str, Any]) -> str:
     pairs = [
         ("name", img["name"]), ("source", img["source"]), ("rootfs", img["rootfs"]),
-        ("kernel", img["kernel"]), ("initrd", img.get("initrd") or "-"),
+        ("kernel", img.get("kernel_name") or img["kernel"] or "-"),
+        ("initrd", img.get("initrd") or "-"),
         ("size", f"{img['size_bytes'] / (1 << 30):.2f}G"), ("created", img["created_at"]),
         ("recipe", img.get("recipe_hash") or "-"),
     ]
     width = max(len(k) for k, _ in pairs)
     return "\n".join(f"{k + ':':<{width + 1}} {v}" for k, v in pairs)
+
+
+def kernel_table(kernels: list[dict[str, Any]], now: datetime | None = None) -> str:
+    if not kernels:
+        return "no kernels (import one with `banger kernel import`, or `banger kernel build`)"
+    rows = [
+        [k["name"], ",".join(k["vmms"]), k.get("version") or "-",
+         "+".join(f for f in ("vmlinux", "bzimage", "initrd") if k.get(f)) or "-",
+         age(k["created_at"], now)]
+        for k in kernels
+    ]
+    return table(["NAME", "VMMS", "VERSION", "FILES", "AGE"], rows)
+
+
+def kernel_detail(k: dict[str, Any]) -> str:
+    pairs = [
+        ("name", k["name"]), ("vmms", ", ".join(k["vmms"])), ("version", k.get("version") or "-"),
+        ("vmlinux", k.get("vmlinux") or "-"), ("bzImage", k.get("bzimage") or "-"),
+        ("initrd", k.get("initrd") or "-"), ("source", k["source"]),
+        ("size", f"{k['size_bytes'] / (1 << 20):.1f}M"), ("created", k["created_at"]),
+    ]
+    width = max(len(key) for key, _ in pairs)
+    return "\n".join(f"{key + ':':<{width + 1}} {v}" for key, v in pairs)
 
 
 def doctor_table(checks: list[dict[str, str]]) -> str:

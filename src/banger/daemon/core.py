@@ -139,6 +139,7 @@ class Daemon:
         self.image_ops_mu = threading.Lock()
         self.create_ops: Registry[Operation] = Registry()
         self.image_ops: Registry[Operation] = Registry()
+        self.workspace_ops: Registry[Operation] = Registry()
         # Cancel tokens of in-flight boots, so stop/delete can interrupt a slow start.
         # _inflight_mu is a leaf lock guarding only the dict.
         self._inflight_mu = threading.Lock()
@@ -292,9 +293,12 @@ class Daemon:
 
     def begin_inflight(self, vm_id: str) -> CancelToken:
         token = CancelToken()
+        self.register_inflight(vm_id, token)
+        return token
+
+    def register_inflight(self, vm_id: str, token: CancelToken) -> None:
         with self._inflight_mu:
             self._inflight[vm_id] = token
-        return token
 
     def end_inflight(self, vm_id: str, token: CancelToken) -> None:
         with self._inflight_mu:
@@ -341,6 +345,9 @@ class Daemon:
             "uptime_s": round(time.time() - self.started_at, 1),
             "vms": len(vms), "vms_running": sum(1 for v in vms if v.state.value == "running"),
             "cow_strategy": self.cow.name if self.cow else None,
+            "tap_pool": sorted(self.tap_pool.owned()),
+            "operations": sum(len(r.active()) for r in (self.create_ops, self.image_ops,
+                                                          self.workspace_ops)),
         }
 
 

@@ -129,12 +129,27 @@ def _kvm() -> Check:
                  "use a host with hardware virtualisation (kvm_intel/kvm_amd) for speed")
 
 
+def firecracker_blockers(cfg: Config) -> list[str]:
+    """Every reason Firecracker cannot run VMs on this host (empty: it can)."""
+    reasons = []
+    if firecracker_binary(cfg) is None:
+        reasons.append(f"no Firecracker binary ({cfg.firecracker_bin or 'firecracker'} "
+                       "is not on PATH)")
+    kvm = kvm_status()
+    if not kvm.usable:
+        reasons.append(kvm.reason)
+    return reasons
+
+
 def _selected(cfg: Config) -> Check:
     try:
         vmm = resolve_vmm(cfg, "auto")
         detail = f"vmm={cfg.vmm.value} resolves to {vmm}"
         if vmm == "qemu":
             detail += f" with accel={resolve_accel(cfg)}"
+            blockers = firecracker_blockers(cfg)
+            if blockers:
+                detail += "; Firecracker is unusable here: " + "; ".join(blockers)
         else:
             detail += " (Firecracker binary present and KVM usable)"
         return Check("vmm selection", Status.OK, detail)

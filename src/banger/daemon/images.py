@@ -50,8 +50,14 @@ def view(img: ImageRecord) -> dict[str, Any]:
     return ImageView(
         name=img.name, source=img.source, rootfs=img.rootfs, kernel=img.kernel,
         initrd=img.initrd, size_bytes=img.size_bytes, created_at=img.created_at,
-        recipe_hash=img.recipe_hash,
+        recipe_hash=img.recipe_hash, kernel_name=img.kernel_name,
     ).model_dump(mode="json")
+
+
+def set_kernel(d: Daemon, name: str, kernel_name: str | None) -> dict[str, Any]:
+    """Make ``name`` boot the registry kernel ``kernel_name`` (None: its own again)."""
+    with d.image_ops_mu:
+        return view(d.db.set_image_kernel(name, kernel_name))
 
 
 def recipe_or_missing(name: str) -> Recipe:
@@ -149,7 +155,8 @@ def build(d: Daemon, recipe: Recipe, op: Operation) -> dict[str, Any]:
 
 
 def publish(d: Daemon, name: str, staging: Path, *, source: str, recipe_hash: str | None,
-            has_initrd: bool) -> dict[str, Any]:
+            has_initrd: bool, has_kernel: bool = True,
+            kernel_name: str | None = None) -> dict[str, Any]:
     """Move a finished staging dir into the registry and record it (under image_ops_mu)."""
     final = d.layout.image_dir(name)
     with d.image_ops_mu:
@@ -160,11 +167,11 @@ def publish(d: Daemon, name: str, staging: Path, *, source: str, recipe_hash: st
         workseed = final / "workseed"
         img = ImageRecord(
             name=name, source=source, rootfs=str(final / "rootfs.ext4"),
-            kernel=str(final / "vmlinuz"),
+            kernel=str(final / "vmlinuz") if has_kernel else "",
             initrd=str(final / "initrd.img") if has_initrd else None,
             workseed=str(workseed) if workseed.is_dir() else None,
             size_bytes=sum(f.stat().st_size for f in final.iterdir() if f.is_file()),
-            recipe_hash=recipe_hash, created_at=now(),
+            recipe_hash=recipe_hash, created_at=now(), kernel_name=kernel_name,
         )
         try:
             d.db.add_image(img)
@@ -175,22 +182,30 @@ def publish(d: Daemon, name: str, staging: Path, *, source: str, recipe_hash: st
     return view(img)
 
 
-def register(d: Daemon, name: str, rootfs: str, kernel: str, initrd: str | None
-             ) -> dict[str, Any]:
-    """Copy a user's rootfs/kernel/initrd into the registry and add banger's guest agent."""
+def register(d: Daemon, name: str, rootfs: str, kernel: str | None, initrd: str | None,
+             *, kernel_name: str | None = None) -> dict[str, Any]:
+    """Copy a user's rootfs (and kernel/initrd) into the registry, adding banger's guest agent.
+
+    The kernel is either bundled (``kernel``, copied like the rootfs) or a registry
+    kernel named by ``kernel_name``; at least one is required.
+    """
     check_name(name, "image")
     rootfs_p = _existing_file(rootfs, "--rootfs")
-    kernel_p = _existing_file(kernel, "--kernel")
+    if kernel is None and kernel_name is None:
+        raise BadRequest("an image needs a kernel", hint="pass --kernel FILE or --kernel-name K")
+    kernel_p = _existing_file(kernel, "--kernel") if kernel else None
     initrd_p = _existing_file(initrd, "--initrd") if initrd else None
     with rootfs_p.open("rb") as fh:
         fh.seek(EXT4_MAGIC_OFFSET)
         if fh.read(2) != EXT4_MAGIC:
             raise BadRequest(f"{rootfs_p} is not an ext4 file system image",
                              hint="make one with `mkfs.ext4 -d DIR IMAGE SIZE`")
-    with kernel_p.open("rb") as fh:
-        head = fh.read(0x206)
-    if head[:4] != b"\x7fELF" and head[0x202:0x206] != b"HdrS":
-        raise BadRequest(f"{kernel_p} is neither a bzImage nor an ELF vmlinux")
+    if kernel_p is not None:
+        from banger.daemon.imagemgr.kernel import inspect_kernel_file
+
+        inspect_kernel_file(kernel_p)  # a clear refusal for anything that is not a kernel
+    if kernel_name is not None:
+        d.db.get_kernel(kernel_name)
     if d.db.find_image(name) is not None:
         raise AlreadyExists(f"image {name!r} already exists",
                             hint=f"delete it first with `banger image delete {name}`")
@@ -203,13 +218,15 @@ def register(d: Daemon, name: str, rootfs: str, kernel: str, initrd: str | None
                          desc="reflink the rootfs", timeout=600)
         else:
             sparse_copy(rootfs_p, target)
-        shutil.copy2(kernel_p, staging / "vmlinuz")
+        if kernel_p is not None:
+            shutil.copy2(kernel_p, staging / "vmlinuz")
         if initrd_p is not None:
             shutil.copy2(initrd_p, staging / "initrd.img")
         extract_workseed(d, target, staging / "workseed")
         inject_guest_agent(d, target, staging)
         return publish(d, name, staging, source="registered", recipe_hash=None,
-                       has_initrd=initrd_p is not None)
+                       has_initrd=initrd_p is not None, has_kernel=kernel_p is not None,
+                       kernel_name=kernel_name)
     except BaseException:
         remove_tree(staging)
         raise

@@ -8,12 +8,14 @@ daemon's whole control surface.
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import Field, ValidationError
 
 from banger.api import Model
-from banger.daemon import images, vms
+from banger.daemon import images, kernels, vms, workspaces
+from banger.daemon.opstate import Operation, Registry
 from banger.errors import BadRequest
 
 if TYPE_CHECKING:
@@ -58,7 +60,19 @@ class ImageBuildParams(Model):
 class RegisterParams(Model):
     name: str
     rootfs: str
-    kernel: str
+    kernel: str | None = None
+    initrd: str | None = None
+    kernel_name: str | None = None
+
+
+class SetKernelParams(Model):
+    name: str
+    kernel: str | None = None
+
+
+class KernelImportParams(Model):
+    name: str
+    paths: list[str] = Field(min_length=1, max_length=2)
     initrd: str | None = None
 
 
@@ -77,34 +91,44 @@ def register(d: Daemon) -> None:
     def create_begin(p: dict[str, Any]) -> Any:
         return vms.op_view(vms.begin_create(d, parse(vms.CreateParams, p)))
 
-    def create_status(p: dict[str, Any]) -> Any:
-        r = parse(OpRef, p)
-        return vms.op_status(d, r.id, r.wait_s, r.since)
+    def op_methods(prefix: str, registry: Registry[Operation]
+                   ) -> dict[str, Callable[[dict[str, Any]], Any]]:
+        """``<prefix>.status`` (long-polls with wait_s) and ``<prefix>.cancel``."""
 
-    def create_cancel(p: dict[str, Any]) -> Any:
-        op = d.create_ops.get(parse(OpRef, p).id)
-        op.cancel.cancel("cancelled by the user")
-        return vms.op_view(op)
+        def status(p: dict[str, Any]) -> Any:
+            r = parse(OpRef, p)
+            op = registry.get(r.id)
+            if r.wait_s:
+                since = datetime.fromisoformat(r.since) if r.since else op.updated_at
+                op.wait_change(since, r.wait_s)
+            return vms.op_view(op)
+
+        def cancel(p: dict[str, Any]) -> Any:
+            op = registry.get(parse(OpRef, p).id)
+            op.cancel.cancel("cancelled by the user")
+            return vms.op_view(op)
+
+        return {f"{prefix}.status": status, f"{prefix}.cancel": cancel}
 
     def image_build_begin(p: dict[str, Any]) -> Any:
         name = parse(ImageBuildParams, p).name or d.cfg.default_image_name
         return vms.op_view(images.begin_build(d, name))
 
-    def image_build_status(p: dict[str, Any]) -> Any:
-        r = parse(OpRef, p)
-        op = d.image_ops.get(r.id)
-        if r.wait_s:
-            op.wait_change(op.updated_at, r.wait_s)
-        return vms.op_view(op)
-
-    def image_build_cancel(p: dict[str, Any]) -> Any:
-        op = d.image_ops.get(parse(OpRef, p).id)
-        op.cancel.cancel("cancelled by the user")
-        return vms.op_view(op)
+    def prepare_begin(p: dict[str, Any]) -> Any:
+        return vms.op_view(workspaces.begin_prepare(d, parse(workspaces.PrepareParams, p)))
 
     def image_register(p: dict[str, Any]) -> Any:
         r = parse(RegisterParams, p)
-        return images.register(d, r.name, r.rootfs, r.kernel, r.initrd)
+        return images.register(d, r.name, r.rootfs, r.kernel, r.initrd,
+                               kernel_name=r.kernel_name)
+
+    def image_set_kernel(p: dict[str, Any]) -> Any:
+        r = parse(SetKernelParams, p)
+        return images.set_kernel(d, r.name, r.kernel)
+
+    def kernel_import(p: dict[str, Any]) -> Any:
+        r = parse(KernelImportParams, p)
+        return kernels.import_files(d, r.name, r.paths, r.initrd)
 
     def kill(p: dict[str, Any]) -> Any:
         r = parse(KillParams, p)
@@ -115,7 +139,7 @@ def register(d: Daemon) -> None:
         return {"stopping": True}
 
     def operations() -> Any:
-        ops = [*d.create_ops.all(), *d.image_ops.all()]
+        ops = [*d.create_ops.all(), *d.image_ops.all(), *d.workspace_ops.all()]
         return [vms.op_view(o) for o in sorted(ops, key=lambda o: o.started_at)]
 
     d.methods.update({
@@ -125,8 +149,7 @@ def register(d: Daemon) -> None:
         "daemon.operations.list": no(operations),
         "vm.create": lambda p: vms.create_sync(d, parse(vms.CreateParams, p)),
         "vm.create.begin": create_begin,
-        "vm.create.status": create_status,
-        "vm.create.cancel": create_cancel,
+        **op_methods("vm.create", d.create_ops),
         "vm.start": ref(vms.start),
         "vm.stop": ref(vms.stop),
         "vm.restart": ref(vms.restart),
@@ -137,10 +160,19 @@ def register(d: Daemon) -> None:
         "vm.logs": ref(vms.logs),
         "vm.ssh_info": ref(vms.ssh_info),
         "image.build.begin": image_build_begin,
-        "image.build.status": image_build_status,
-        "image.build.cancel": image_build_cancel,
+        **op_methods("image.build", d.image_ops),
+        "vm.workspace.prepare.begin": prepare_begin,
+        **op_methods("vm.workspace.prepare", d.workspace_ops),
+        "vm.workspace.export": lambda p: workspaces.export(
+            d, parse(workspaces.ExportParams, p)),
+        "vm.workspace.status": ref(workspaces.status),
         "image.register": image_register,
         "image.list": no(lambda: images.list_images(d)),
         "image.show": ref(images.show),
         "image.delete": ref(images.delete),
+        "image.set_kernel": image_set_kernel,
+        "kernel.import": kernel_import,
+        "kernel.list": no(lambda: kernels.list_kernels(d)),
+        "kernel.show": ref(kernels.show),
+        "kernel.rm": ref(kernels.remove),
     })

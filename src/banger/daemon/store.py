@@ -56,6 +56,31 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE INDEX vms_image ON vms(image);
         """,
     ),
+    (
+        2,
+        "vm workspaces",
+        """
+        ALTER TABLE vms ADD COLUMN workspace TEXT;
+        """,
+    ),
+    (
+        3,
+        "kernels",
+        """
+        CREATE TABLE kernels (
+            name        TEXT PRIMARY KEY,
+            vmlinux     TEXT,
+            bzimage     TEXT,
+            initrd      TEXT,
+            vmms        TEXT NOT NULL,
+            version     TEXT,
+            source      TEXT NOT NULL,
+            size_bytes  INTEGER NOT NULL,
+            created_at  TEXT NOT NULL
+        );
+        ALTER TABLE images ADD COLUMN kernel_name TEXT;
+        """,
+    ),
 ]
 
 
@@ -74,6 +99,21 @@ class ImageRecord:
     size_bytes: int
     recipe_hash: str | None
     created_at: datetime
+    # A kernel from the kernel registry that overrides the image's own kernel/initrd.
+    kernel_name: str | None = None
+
+
+@dataclass(frozen=True)
+class KernelRecord:
+    name: str
+    vmlinux: str | None  # ELF, for Firecracker (and QEMU when it has a PVH entry)
+    bzimage: str | None  # for QEMU
+    initrd: str | None
+    vmms: tuple[str, ...]
+    version: str | None
+    source: str
+    size_bytes: int
+    created_at: datetime
 
 
 @dataclass(frozen=True)
@@ -89,6 +129,8 @@ class VMRecord:
     runtime: dict[str, Any] = field(default_factory=dict)
     created_at: datetime = field(default_factory=now)
     updated_at: datetime = field(default_factory=now)
+    # The last workspace prepared into the VM (host path, guest path, base commit, ...).
+    workspace: dict[str, Any] | None = None
 
 
 class Store:
@@ -179,9 +221,12 @@ class Store:
         try:
             with self._tx() as db:
                 db.execute(
-                    "INSERT INTO images VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO images (name, source, rootfs, kernel, initrd, workseed,"
+                    " size_bytes, recipe_hash, created_at, kernel_name)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (img.name, img.source, img.rootfs, img.kernel, img.initrd, img.workseed,
-                     img.size_bytes, img.recipe_hash, img.created_at.isoformat()),
+                     img.size_bytes, img.recipe_hash, img.created_at.isoformat(),
+                     img.kernel_name),
                 )
         except sqlite3.IntegrityError as exc:
             raise AlreadyExists(
@@ -201,6 +246,55 @@ class Store:
 
     def list_images(self) -> list[ImageRecord]:
         return [_image(r) for r in self._query("SELECT * FROM images ORDER BY name")]
+
+    def set_image_kernel(self, name: str, kernel_name: str | None) -> ImageRecord:
+        with self._tx() as db:
+            if kernel_name is not None and not db.execute(
+                    "SELECT 1 FROM kernels WHERE name = ?", (kernel_name,)).fetchone():
+                raise NotFound(f"no kernel named {kernel_name!r}",
+                               hint="see `banger kernel list`")
+            if db.execute("UPDATE images SET kernel_name = ? WHERE name = ?",
+                          (kernel_name, name)).rowcount == 0:
+                raise NotFound(f"no image named {name!r}", hint="see `banger image list`")
+        return self.get_image(name)
+
+    # ------------------------------------------------------------ kernels
+
+    def add_kernel(self, k: KernelRecord) -> None:
+        try:
+            with self._tx() as db:
+                db.execute(
+                    "INSERT INTO kernels VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (k.name, k.vmlinux, k.bzimage, k.initrd, json.dumps(list(k.vmms)),
+                     k.version, k.source, k.size_bytes, k.created_at.isoformat()),
+                )
+        except sqlite3.IntegrityError as exc:
+            raise AlreadyExists(f"kernel {k.name!r} already exists",
+                                hint=f"remove it first with `banger kernel rm {k.name}`") from exc
+
+    def find_kernel(self, name: str) -> KernelRecord | None:
+        rows = self._query("SELECT * FROM kernels WHERE name = ?", (name,))
+        return _kernel(rows[0]) if rows else None
+
+    def get_kernel(self, name: str) -> KernelRecord:
+        k = self.find_kernel(name)
+        if k is None:
+            raise NotFound(f"no kernel named {name!r}", hint="see `banger kernel list`")
+        return k
+
+    def list_kernels(self) -> list[KernelRecord]:
+        return [_kernel(r) for r in self._query("SELECT * FROM kernels ORDER BY name")]
+
+    def delete_kernel(self, name: str) -> None:
+        with self._tx() as db:
+            users = [r[0] for r in db.execute("SELECT name FROM images WHERE kernel_name = ?",
+                                              (name,))]
+            if users:
+                raise InvalidState(
+                    f"kernel {name!r} is used by image(s): {', '.join(sorted(users))}",
+                    hint="point them elsewhere with `banger image set-kernel` or delete them")
+            if db.execute("DELETE FROM kernels WHERE name = ?", (name,)).rowcount == 0:
+                raise NotFound(f"no kernel named {name!r}", hint="see `banger kernel list`")
 
     def delete_image(self, name: str) -> None:
         with self._tx() as db:
@@ -257,9 +351,11 @@ class Store:
         new = replace(vm, updated_at=now(), **changes)
         with self._tx() as db:
             cur = db.execute(
-                "UPDATE vms SET state = ?, runtime = ?, vmm = ?, updated_at = ? WHERE id = ?",
-                (new.state.value, json.dumps(new.runtime), new.vmm, new.updated_at.isoformat(),
-                 vm.id),
+                "UPDATE vms SET state = ?, runtime = ?, vmm = ?, workspace = ?, updated_at = ?"
+                " WHERE id = ?",
+                (new.state.value, json.dumps(new.runtime), new.vmm,
+                 json.dumps(new.workspace) if new.workspace is not None else None,
+                 new.updated_at.isoformat(), vm.id),
             )
             if cur.rowcount == 0:
                 raise NotFound(f"VM {vm.name!r} no longer exists")
@@ -281,6 +377,15 @@ def _image(r: sqlite3.Row) -> ImageRecord:
         name=r["name"], source=r["source"], rootfs=r["rootfs"], kernel=r["kernel"],
         initrd=r["initrd"], workseed=r["workseed"], size_bytes=r["size_bytes"],
         recipe_hash=r["recipe_hash"], created_at=datetime.fromisoformat(r["created_at"]),
+        kernel_name=r["kernel_name"],
+    )
+
+
+def _kernel(r: sqlite3.Row) -> KernelRecord:
+    return KernelRecord(
+        name=r["name"], vmlinux=r["vmlinux"], bzimage=r["bzimage"], initrd=r["initrd"],
+        vmms=tuple(json.loads(r["vmms"])), version=r["version"], source=r["source"],
+        size_bytes=r["size_bytes"], created_at=datetime.fromisoformat(r["created_at"]),
     )
 
 
@@ -291,4 +396,5 @@ def _vm(r: sqlite3.Row) -> VMRecord:
         ip=r["ip"], mac=r["mac"], runtime=json.loads(r["runtime"]),
         created_at=datetime.fromisoformat(r["created_at"]),
         updated_at=datetime.fromisoformat(r["updated_at"]),
+        workspace=json.loads(r["workspace"]) if r["workspace"] else None,
     )

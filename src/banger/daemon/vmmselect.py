@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from banger.config import Config
 from banger.daemon.hostinfo import kvm_status, which
 from banger.errors import BadRequest, HostError
@@ -15,11 +17,13 @@ def firecracker_binary(cfg: Config) -> str | None:
     return find_firecracker(cfg)
 
 
-def resolve_vmm(cfg: Config, requested: str) -> str:
-    """``auto`` is Firecracker when its binary exists and KVM runs guests, else QEMU."""
+def resolve_vmm(cfg: Config, requested: str,
+                image_suits: Callable[[str], bool] = lambda vmm: True) -> str:
+    """``auto`` is Firecracker when its binary exists, KVM runs guests and the image
+    has a kernel Firecracker can boot; else QEMU."""
     choice = requested if requested != "auto" else cfg.vmm.value
     if choice == "auto":
-        if firecracker_binary(cfg) and kvm_status().usable:
+        if firecracker_binary(cfg) and kvm_status().usable and image_suits("firecracker"):
             return "firecracker"
         return "qemu"
     if choice not in ("qemu", "firecracker"):

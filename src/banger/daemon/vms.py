@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from banger.api import Model, OpView, SSHInfo, VMSpec, VMState, VMView, WorkspaceView
 from banger.config import parse_size
-from banger.daemon import images
+from banger.daemon import images, kernels
 from banger.daemon.core import new_id
 from banger.daemon.dmsnap import CowHandle, strategy_for
 from banger.daemon.handles import VMHandles
@@ -90,7 +90,7 @@ def resolve(d: Daemon, ref: str) -> VMRecord:
 
 def view(d: Daemon, vm: VMRecord) -> dict[str, Any]:
     h = d.handles.get(vm.id)
-    ws = vm.runtime.get("workspace")
+    ws = vm.workspace
     return VMView(
         id=vm.id, name=vm.name, state=vm.state, spec=vm.spec, vmm=vm.vmm, ip=vm.ip,
         mac=vm.mac, created_at=vm.created_at, updated_at=vm.updated_at,
@@ -98,7 +98,8 @@ def view(d: Daemon, vm: VMRecord) -> dict[str, Any]:
         tap=h.tap if h else None,
         last_error=vm.runtime.get("last_error"),
         stop_reason=vm.runtime.get("stop_reason"),
-        workspace=WorkspaceView.model_validate(ws) if ws else None,
+        workspace=WorkspaceView.model_validate(
+            {k: v for k, v in ws.items() if k in WorkspaceView.model_fields}) if ws else None,
     ).model_dump(mode="json")
 
 
@@ -182,16 +183,24 @@ def begin_create(d: Daemon, params: CreateParams) -> Operation:
     check_name(image, "image")
     if params.name is not None:
         check_name(params.name)
-    if d.db.find_image(image) is None:
+    img = d.db.find_image(image)
+    if img is None:
         images.recipe_or_missing(image)
-    vmm = resolve_vmm(cfg, params.vmm)
+    if params.vmm not in ("auto", "qemu", "firecracker"):
+        raise BadRequest(f"unknown VMM {params.vmm!r}", hint="use auto, qemu or firecracker")
+    vmm = resolve_vmm(cfg, params.vmm, lambda v: kernels.suits(d, img, v))
+    if not kernels.suits(d, img, vmm):
+        if img is not None:
+            kernels.boot_files(d, img, vmm)  # raises the precise refusal
+        raise BadRequest(f"the built-in image {image!r} cannot boot under {vmm}",
+                         hint="build a kernel for it (`banger kernel build`) or use --vmm qemu")
     spec = VMSpec(
         image=image,
         vcpu=params.vcpu if params.vcpu is not None else defaults.vcpu,
         memory_mib=params.memory_mib if params.memory_mib is not None else defaults.memory_mib,
         disk_size=parse_size(params.disk_size or defaults.disk_size),
         work_disk_size=parse_size(params.work_disk_size or defaults.work_disk_size),
-        vmm=params.vmm if params.vmm in ("auto", "qemu", "firecracker") else "auto",
+        vmm=params.vmm,
     )
     if spec.work_disk_size < 64 << 20:
         raise BadRequest("work disk must be at least 64M")
@@ -204,13 +213,16 @@ def begin_create(d: Daemon, params: CreateParams) -> Operation:
         ip = allocate_ip(cfg.bridge_cidr, d.db.used_ips())
         vm = VMRecord(id=new_id(), name=name, image=image, spec=spec, vmm=vmm,
                       state=VMState.CREATING, ip=ip, mac=mac_for_ip(ip))
-        d.db.add_vm(vm)
+        op = Operation(kind="vm.create", target=vm.name, stages=list(CREATE_STAGES))
+        # Registered before the row exists: a delete that sees "creating" can always cancel.
+        d.register_inflight(vm.id, op.cancel)
+        try:
+            d.db.add_vm(vm)
+        except BaseException:
+            d.end_inflight(vm.id, op.cancel)
+            raise
     log.info("vm %s (%s): reserved %s", vm.name, vm.id, vm.ip)
-
-    op = Operation(kind="vm.create", target=vm.name, stages=list(CREATE_STAGES))
     op.enter("reserve")
-    with d._inflight_mu:
-        d._inflight[vm.id] = op.cancel
     d.create_ops.run(op, lambda o: _create(d, o, vm, params.start), name=f"create-{vm.name}")
     return op
 
@@ -354,9 +366,10 @@ def boot(d: Daemon, vm: VMRecord, img: ImageRecord, cancel: CancelToken,
         cow = strategy_for(h.cow, d.runner).activate(h.cow, Path(img.rootfs), vm.id)
         h = h.with_(cow=cow)
         save_handles(d, vm.id, h)
+        boot_files = kernels.boot_files(d, img, vm.vmm)
         plan = LaunchPlan(
             vm_id=vm.id, name=vm.name, vcpu=vm.spec.vcpu, memory_mib=vm.spec.memory_mib,
-            kernel=Path(img.kernel), initrd=Path(img.initrd) if img.initrd else None,
+            kernel=boot_files.kernel, initrd=boot_files.initrd,
             cmdline=kernel_cmdline(d, vm), rootfs=cow.disk, work_disk=str(paths.work_disk),
             tap=h.tap or "", mac=vm.mac, paths=paths,
         )
@@ -373,6 +386,11 @@ def boot(d: Daemon, vm: VMRecord, img: ImageRecord, cancel: CancelToken,
             serial_tail=lambda: tail(paths.serial_log, 2000),
         )
         log.info("vm %s: ssh ready after %.1fs", vm.name, waited)
+        from banger.daemon import workspaces
+
+        for warning in workspaces.sync_files(d, vm):
+            if op is not None:
+                op.report(warning)
         d.checkpoint("start.wait-ssh")
         vm = transition(d, vm.id, VMState.RUNNING, expect={VMState.STARTING},
                         last_error=None, stop_reason=None, booted_at=time.time())
@@ -637,7 +655,7 @@ def ssh_info(d: Daemon, ref: str) -> dict[str, Any]:
     if vm.state != VMState.RUNNING:
         raise NotRunning(f"VM {vm.name!r} is {vm.state.value}, not running",
                          hint=f"start it with `banger vm start {vm.name}`")
-    ws = vm.runtime.get("workspace") or {}
+    ws = vm.workspace or {}
     return SSHInfo(name=vm.name, ip=vm.ip, user=GUEST_USER, key_path=str(d.layout.key_path),
                    known_hosts=str(d.layout.known_hosts),
                    workdir=ws.get("guest_path") if ws.get("prepared") else None,
@@ -648,18 +666,6 @@ def logs(d: Daemon, ref: str, max_bytes: int = 256 * 1024) -> dict[str, Any]:
     vm = resolve(d, ref)
     path = d.layout.vm(vm.id).serial_log
     return {"name": vm.name, "path": str(path), "content": tail(path, max_bytes)}
-
-
-def op_status(d: Daemon, op_id: str, wait_s: float = 0.0, since: str | None = None
-              ) -> dict[str, Any]:
-    """An op's view; with ``wait_s`` it long-polls until the op changes."""
-    from datetime import datetime
-
-    op = d.create_ops.get(op_id)
-    if wait_s > 0:
-        ref = datetime.fromisoformat(since) if since else op.updated_at
-        op.wait_change(ref, min(wait_s, 30.0))
-    return op_view(op)
 
 
 __all__ = ["OpView", "VMView"]

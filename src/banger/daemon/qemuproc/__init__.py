@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import socket
 from pathlib import Path
 from typing import Any
 
 from banger.errors import CommandFailed, VMMError
+from banger.fsutil import tail
 from banger.layout import VMPaths
 from banger.proc import ProcessIdentity, identify
 from banger.runner import Runner
 from banger.vmm import LaunchPlan
+
+log = logging.getLogger("banger.qemu")
 
 LAUNCH_TIMEOUT_S = 30.0  # daemonize returns after device init; seconds even under TCG
 QMP_TIMEOUT_S = 5.0
@@ -115,8 +119,13 @@ class QemuDriver:
         try:
             self.runner.run(argv, desc=f"start QEMU for {plan.name}", timeout=LAUNCH_TIMEOUT_S)
         except CommandFailed as exc:
-            raise VMMError(f"QEMU failed to start {plan.name}: "
-                           f"{exc.details.get('stderr') or exc.message}") from exc
+            # With -D, QEMU reports start-up errors in the log file, not on stderr.
+            log.warning("QEMU for %s failed: %s", plan.name, exc.message)
+            reason = (str(exc.details.get("stderr") or "").strip()
+                      or _last_line(tail(p.vmm_log, 2000))
+                      or f"exit status {exc.details.get('returncode')}")
+            raise VMMError(f"QEMU failed to start {plan.name}: {reason}",
+                           hint=f"QEMU's log: {p.vmm_log}") from exc
         try:
             pid = int(p.pid_file.read_text().strip())
         except (OSError, ValueError) as exc:
@@ -145,6 +154,11 @@ class QemuDriver:
     def cleanup(self, plan_paths: VMPaths) -> None:
         for f in (plan_paths.pid_file, plan_paths.run / "qmp.sock"):
             f.unlink(missing_ok=True)
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
 
 
 def qmp_command(sock_path: Path, command: str, **arguments: Any) -> Any:

@@ -1,0 +1,57 @@
+"""Compares what the store says with what the host has: /proc, ip link, losetup, files."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from tests.e2e.conftest import Host
+
+BUSY = {"creating", "starting", "stopping", "deleting"}
+
+
+def problems(host: Host) -> list[str]:
+    out: list[str] = []
+    vms: list[dict[str, Any]] = host.json("vm", "list")
+    status = host.json("daemon", "status")
+    by_name = {v["name"]: v for v in vms}
+    for vm in vms:
+        if vm["state"] in BUSY:
+            out.append(f"{vm['name']} is still {vm['state']}")
+    running = [v for v in vms if v["state"] == "running"]
+    want_pids = {v["pid"] for v in running}
+    have_pids = set(host.vmm_pids())
+    if have_pids != want_pids:
+        out.append(f"VMM processes {sorted(have_pids)} != running VMs' {sorted(want_pids)}")
+    want_taps = {v["tap"] for v in running} | set(status["tap_pool"])
+    have_taps = set(host.taps())
+    if have_taps != want_taps:
+        out.append(f"taps {sorted(have_taps)} != owned {sorted(want_taps)}")
+    if host.loops():
+        out.append(f"loop devices left: {host.loops()}")
+    ips = [v["ip"] for v in vms]
+    if len(ips) != len(set(ips)):
+        out.append(f"duplicate IP leases: {ips}")
+    ids = {v["id"] for v in vms}
+    vm_dirs = {p.name for p in (host.state / "vms").iterdir()}
+    if vm_dirs != ids:
+        out.append(f"VM dirs {sorted(vm_dirs)} != VMs {sorted(ids)}")
+    run_vms = host.run_dir / "vms"
+    run_dirs = {p.name for p in run_vms.iterdir()} if run_vms.exists() else set()
+    stray = run_dirs - {v["id"] for v in running}
+    if stray:
+        out.append(f"runtime dirs of non-running VMs: {sorted(stray)}")
+    for vm in running:
+        if by_name[vm["name"]]["pid"] is None:
+            out.append(f"{vm['name']} runs without a pid")
+    return out
+
+
+def assert_consistent(host: Host, settle_s: float = 30.0) -> None:
+    """Retry for a bounded time: the TAP pool refills and reconciles finish in the background."""
+    deadline = time.monotonic() + settle_s
+    found = problems(host)
+    while found and time.monotonic() < deadline:
+        time.sleep(1)
+        found = problems(host)
+    assert not found, "store and host disagree:\n  " + "\n  ".join(found)
