@@ -33,7 +33,8 @@ def env(tmp_path: Path) -> Iterator[dict[str, str]]:
     subprocess.run(["rm", "-rf", str(run)], check=False)
 
 
-def banger(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def banger(env: dict[str, str], *args: str, timeout: float = 60
+           ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*BANGER, *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
 
