@@ -124,7 +124,8 @@ class VMState(StrEnum):
 
 
 TRANSITIONS: dict[VMState, frozenset[VMState]] = {
-    VMState.CREATING: frozenset({VMState.STOPPED, VMState.STARTING, VMState.DELETING}),
+    VMState.CREATING: frozenset({VMState.STOPPED, VMState.STARTING, VMState.RUNNING,
+                                 VMState.ERROR, VMState.DELETING}),
     VMState.STOPPED: frozenset({VMState.STARTING, VMState.DELETING}),
     VMState.STARTING: frozenset({VMState.RUNNING, VMState.STOPPING, VMState.STOPPED,
                                  VMState.ERROR, VMState.DELETING}),

@@ -103,7 +103,7 @@ def test_ctrl_c_cancels_a_create_cleanly(host: Host) -> None:
     cli = host.popen("vm", "create", "--name", "interrupted")
     for _ in range(1200):  # wait until the VMM is booting (the slowest, most stateful stage)
         vms = host.json("vm", "list")
-        if vms and vms[0]["state"] == "starting" and host.vmm_pids():
+        if vms and vms[0]["state"] == "creating" and host.vmm_pids():
             break
         time.sleep(0.1)
     else:

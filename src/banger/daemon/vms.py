@@ -239,8 +239,9 @@ def _create(d: Daemon, op: Operation, vm: VMRecord, start: bool) -> dict[str, An
         if not start:
             vm = transition(d, vm.id, VMState.STOPPED, stop_reason="created with --no-start")
             return view(d, vm)
-        vm = transition(d, vm.id, VMState.STARTING)
-        vm = boot(d, vm, img, op.cancel, op)
+        # The VM stays "creating" through its first boot: if bangerd dies now, the
+        # restart removes it instead of keeping a VM nobody finished creating.
+        vm = boot(d, d.db.get_vm(vm.id), img, op.cancel, op)
         return view(d, vm)
     except BaseException as exc:
         log.warning("vm %s: create failed, rolling back: %s", vm.name, exc)
@@ -392,7 +393,7 @@ def boot(d: Daemon, vm: VMRecord, img: ImageRecord, cancel: CancelToken,
             if op is not None:
                 op.report(warning)
         d.checkpoint("start.wait-ssh")
-        vm = transition(d, vm.id, VMState.RUNNING, expect={VMState.STARTING},
+        vm = transition(d, vm.id, VMState.RUNNING, expect={VMState.STARTING, VMState.CREATING},
                         last_error=None, stop_reason=None, booted_at=time.time())
     except BaseException:
         teardown(d, vm.id, h)
