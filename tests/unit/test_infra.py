@@ -281,3 +281,16 @@ def test_operation_cancel_stops_at_next_stage() -> None:
     assert started.wait(5)
     op.cancel.cancel()
     assert op.wait(5) and isinstance(op.error, Cancelled) and op.stage == "cancelled"
+
+
+def test_clone_or_copy_falls_back_across_file_systems(tmp_path: Path) -> None:
+    from banger.daemon.dmsnap import clone_or_copy
+
+    src = Path("/dev/shm") / f"banger-test-{tmp_path.name}"  # tmpfs: never reflinks to /tmp
+    src.write_bytes(b"data" * 1000)
+    try:
+        dst = tmp_path / "dst"
+        assert clone_or_copy(src, dst) == "copy"
+        assert dst.read_bytes() == src.read_bytes()
+    finally:
+        src.unlink()

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from banger.api import ImageView
-from banger.daemon.dmsnap import reflink_supported, sparse_copy
+from banger.daemon.dmsnap import clone_or_copy
 from banger.daemon.imagemgr import (
     BUILTIN_RECIPES,
     Recipe,
@@ -213,11 +213,7 @@ def register(d: Daemon, name: str, rootfs: str, kernel: str | None, initrd: str 
     try:
         staging.mkdir(parents=True)
         target = staging / "rootfs.ext4"
-        if reflink_supported(staging):
-            d.runner.run(["cp", "--reflink=always", str(rootfs_p), str(target)],
-                         desc="reflink the rootfs", timeout=600)
-        else:
-            sparse_copy(rootfs_p, target)
+        clone_or_copy(rootfs_p, target)
         if kernel_p is not None:
             shutil.copy2(kernel_p, staging / "vmlinuz")
         if initrd_p is not None:

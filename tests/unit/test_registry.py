@@ -1,0 +1,116 @@
+"""Kernel registry, image kernels, per-VMM boot files, VMM selection, file sync targets."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from banger.config import parse_config
+from banger.daemon import images, kernels, vms
+from banger.daemon.core import Daemon
+from banger.daemon.vmmselect import resolve_vmm
+from banger.daemon.workspaces import check_sync_target
+from banger.errors import AlreadyExists, BadRequest, InvalidState, NotFound
+
+
+def bzimage(path: Path, version: str = "6.1.99-banger") -> Path:
+    """A minimal, well-formed x86_64 bzImage header (boot protocol 2.15)."""
+    data = bytearray(2048)
+    data[0x1F1] = 1  # one setup sector
+    struct.pack_into("<I", data, 0x1F4, (len(data) - 1024) // 16)  # syssize in paragraphs
+    data[0x1FE:0x200] = b"\x55\xaa"
+    data[0x202:0x206] = b"HdrS"
+    struct.pack_into("<H", data, 0x206, 0x020F)
+    struct.pack_into("<H", data, 0x20E, 0x100)  # version string at 0x100 + 0x200
+    data[0x236] = 1  # XLF_KERNEL_64
+    banner = f"{version} (banger@test) #1 SMP".encode() + b"\0"
+    data[0x300:0x300 + len(banner)] = banner
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_import_list_show_rm(daemon: Daemon, tmp_path: Path) -> None:
+    k = kernels.import_files(daemon, "k1", [str(bzimage(tmp_path / "bz"))], None)
+    assert k["vmms"] == ["qemu"] and k["version"] == "6.1.99-banger"
+    assert Path(k["bzimage"]).read_bytes() == (tmp_path / "bz").read_bytes()
+    assert [x["name"] for x in kernels.list_kernels(daemon)] == ["k1"]
+    assert kernels.show(daemon, "k1")["bzimage"].endswith("/kernels/k1/bzImage")
+    with pytest.raises(AlreadyExists):
+        kernels.import_files(daemon, "k1", [str(tmp_path / "bz")], None)
+    kernels.remove(daemon, "k1")
+    assert not daemon.layout.kernel_dir("k1").exists()
+    with pytest.raises(NotFound):
+        kernels.show(daemon, "k1")
+
+
+def test_import_refuses_non_kernels_and_leaves_nothing(daemon: Daemon, tmp_path: Path) -> None:
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"#!/bin/sh\necho not a kernel\n")
+    with pytest.raises(BadRequest):
+        kernels.import_files(daemon, "bad", [str(junk)], None)
+    with pytest.raises(BadRequest):
+        kernels.import_files(daemon, "Bad_Name", [str(bzimage(tmp_path / "bz"))], None)
+    with pytest.raises(BadRequest):
+        kernels.import_files(daemon, "two", [str(bzimage(tmp_path / "a")),
+                                             str(bzimage(tmp_path / "b"))], None)
+    assert kernels.list_kernels(daemon) == []
+    assert not list(daemon.layout.staging_dir.glob("*"))  # no half-imported kernel left
+
+
+def test_image_kernel_selection_per_vmm(daemon: Daemon, tmp_path: Path) -> None:
+    kernels.import_files(daemon, "qk", [str(bzimage(tmp_path / "bz"))], None)
+    img = daemon.db.get_image("debian-bookworm")
+    # the fake image bundles a file that is no kernel at all: Firecracker refuses it
+    with pytest.raises(BadRequest) as exc:
+        kernels.boot_files(daemon, img, "firecracker")
+    assert "set-kernel" in exc.value.hint
+    assert kernels.boot_files(daemon, img, "qemu").kernel == Path(img.kernel)
+    images.set_kernel(daemon, "debian-bookworm", "qk")
+    img = daemon.db.get_image("debian-bookworm")
+    assert kernels.boot_files(daemon, img, "qemu").kernel.name == "bzImage"
+    with pytest.raises(BadRequest) as exc:
+        kernels.boot_files(daemon, img, "firecracker")
+    assert "no vmlinux" in exc.value.message
+    with pytest.raises(InvalidState):
+        kernels.remove(daemon, "qk")  # still used by the image
+    with pytest.raises(NotFound):
+        images.set_kernel(daemon, "debian-bookworm", "missing")
+    images.set_kernel(daemon, "debian-bookworm", None)
+    kernels.remove(daemon, "qk")
+
+
+def test_vm_boots_the_registry_kernel(daemon: Daemon, tmp_path: Path, world: object) -> None:
+    kernels.import_files(daemon, "qk", [str(bzimage(tmp_path / "bz"))], None)
+    images.set_kernel(daemon, "debian-bookworm", "qk")
+    vms.create_sync(daemon, vms.CreateParams(name="kvm1"))
+    plan = world.vmm.launched[-1]  # type: ignore[attr-defined]
+    assert plan.kernel == daemon.layout.kernel_dir("qk") / "bzImage"
+    with pytest.raises(BadRequest):
+        vms.create_sync(daemon, vms.CreateParams(name="fc1", vmm="firecracker"))
+    assert daemon.db.find_vm("fc1") is None
+
+
+def test_auto_vmm_needs_binary_kvm_and_a_bootable_kernel(tmp_path: Path) -> None:
+    fc = tmp_path / "firecracker"
+    fc.write_text("#!/bin/sh\n")
+    fc.chmod(0o755)
+    cfg = parse_config({"firecracker_bin": str(fc)})
+    assert resolve_vmm(cfg, "qemu") == "qemu"
+    assert resolve_vmm(cfg, "auto", lambda vmm: False) == "qemu"
+    assert resolve_vmm(parse_config({"vmm": "qemu"}), "auto") == "qemu"
+    with pytest.raises(BadRequest):
+        resolve_vmm(cfg, "xen")
+
+
+@pytest.mark.parametrize("guest", ["/root/.config/x", "/root/a/b/c"])
+def test_sync_targets_ok(guest: str) -> None:
+    assert check_sync_target(guest) == guest
+
+
+@pytest.mark.parametrize("guest", ["/etc/passwd", "/root", "/root/../etc/x", "root/x",
+                                   "/root/a/./b", "/root/x\n", "/rootkit/x"])
+def test_sync_targets_refused(guest: str) -> None:
+    with pytest.raises(BadRequest):
+        check_sync_target(guest)
