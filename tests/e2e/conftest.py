@@ -42,7 +42,7 @@ IMAGE = "debian-bookworm"
 DAEMON_START_S = 30
 
 
-def _skip_reason() -> str | None:
+def skip_reason() -> str | None:
     if os.geteuid() != 0:
         return "end-to-end tests need root (network namespaces, TAPs, loop devices)"
     for tool in ("qemu-system-x86_64", "debootstrap", "mkfs.ext4", "ip", "ssh"):
@@ -53,7 +53,7 @@ def _skip_reason() -> str | None:
 
 @pytest.fixture(autouse=True)
 def _e2e_requirements() -> None:
-    reason = _skip_reason()
+    reason = skip_reason()
     if reason:
         pytest.skip(reason)
 
@@ -117,7 +117,7 @@ def build_test_image() -> CachedImage:
 
 @pytest.fixture(scope="session")
 def test_image() -> CachedImage:
-    reason = _skip_reason()
+    reason = skip_reason()
     if reason:
         pytest.skip(reason)
     return build_test_image()

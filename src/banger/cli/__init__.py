@@ -290,6 +290,28 @@ def kernel_import(app: App, paths: tuple[Path, ...], name: str, initrd: Path | N
     app.emit(res, f"imported kernel {name} ({', '.join(res['vmms'])})")
 
 
+@kernel.command("build")
+@click.option("--name", default="banger-6.1", show_default=True, help="Kernel name.")
+@click.option("--base-config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Firecracker's guest kernel config to start from "
+                   "(default: ../shared/specs next to banger, or $BANGER_KERNEL_BASE_CONFIG).")
+@click.option("--source", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Kernel source tarball (default: Debian's linux-source-6.1).")
+@click.option("--jobs", "-j", type=click.IntRange(1, 256), help="make -j (default: CPUs).")
+@json_option
+@pass_app
+def kernel_build(app: App, name: str, base_config: Path | None, source: Path | None,
+                 jobs: int | None) -> None:
+    """Build a guest kernel that boots on both VMMs (vmlinux + bzImage, no modules, no
+    initrd) from Debian's kernel source. Slow: tens of minutes on a small host."""
+    client = app.client()
+    op = client.call("kernel.build.begin", name=name,
+                     base_config=str(base_config.resolve()) if base_config else None,
+                     source=str(source.resolve()) if source else None, jobs=jobs)
+    res = follow(app, client, op, "kernel.build")
+    app.emit(res, f"kernel {res['name']} built ({res.get('version')}; {', '.join(res['vmms'])})")
+
+
 @kernel.command("rm")
 @click.argument("name")
 @json_option

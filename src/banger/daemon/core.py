@@ -140,6 +140,7 @@ class Daemon:
         self.create_ops: Registry[Operation] = Registry()
         self.image_ops: Registry[Operation] = Registry()
         self.workspace_ops: Registry[Operation] = Registry()
+        self.kernel_ops: Registry[Operation] = Registry()
         # Cancel tokens of in-flight boots, so stop/delete can interrupt a slow start.
         # _inflight_mu is a leaf lock guarding only the dict.
         self._inflight_mu = threading.Lock()
@@ -347,7 +348,7 @@ class Daemon:
             "cow_strategy": self.cow.name if self.cow else None,
             "tap_pool": sorted(self.tap_pool.owned()),
             "operations": sum(len(r.active()) for r in (self.create_ops, self.image_ops,
-                                                          self.workspace_ops)),
+                                                          self.workspace_ops, self.kernel_ops)),
         }
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from banger.daemon.opstate import Operation
 from banger.daemon.store import ImageRecord, KernelRecord, now
 from banger.errors import AlreadyExists, BadRequest, HostError
 from banger.fsutil import atomic_write, remove_tree
@@ -170,3 +171,71 @@ def suits(d: Daemon, img: ImageRecord | None, vmm: str) -> bool:
     except (BadRequest, HostError):
         return False
     return True
+
+
+# ------------------------------------------------------------------ building
+
+BUILD_STAGES = ["check", "unpack", "configure", "compile", "collect", "import"]
+
+
+def default_base_config() -> Path:
+    """The Firecracker CI guest config the build starts from.
+
+    ``$BANGER_KERNEL_BASE_CONFIG`` if set, else the shared specs next to a banger
+    checkout (``../shared/specs``). It is read as data and never copied into banger.
+    """
+    from banger.daemon.imagemgr.kernel import base_config_path
+
+    env = os.environ.get("BANGER_KERNEL_BASE_CONFIG")
+    if env:
+        return Path(env)
+    return base_config_path(Path(__file__).resolve().parents[3])
+
+
+def begin_build(d: Daemon, name: str, base_config: str | None, source: str | None,
+                jobs: int | None) -> Operation:
+    """Check the host now (clear errors at once), then build on a worker thread."""
+    from banger.daemon.imagemgr.kernel import DEFAULT_SOURCE_TARBALL, check_build_host
+
+    check_name(name, "kernel")
+    if d.db.find_kernel(name) is not None:
+        raise AlreadyExists(f"kernel {name!r} already exists",
+                            hint=f"remove it first with `banger kernel rm {name}`")
+    base = Path(base_config) if base_config else default_base_config()
+    if not base.is_file():
+        raise BadRequest(f"no base kernel config at {base}",
+                         hint="pass --base-config with Firecracker's guest config "
+                              "(microvm-kernel-ci-x86_64-6.1.config)")
+    src = Path(source) if source else DEFAULT_SOURCE_TARBALL
+    check_build_host(src)
+    op = Operation(kind="kernel.build", target=name, stages=list(BUILD_STAGES))
+    op.enter("check")
+    return d.kernel_ops.run(op, lambda o: _build(d, o, name, base=base, src=src, jobs=jobs),
+                            name=f"kernel-{name}")
+
+
+def _build(d: Daemon, op: Operation, name: str, *, base: Path, src: Path,
+           jobs: int | None) -> dict[str, Any]:
+    from banger.daemon.imagemgr.kernel import build_kernel, cache_key
+
+    cached = d.layout.cache_dir / "kernels" / cache_key(base, src)
+    if not (cached / VMLINUX).is_file() or not (cached / BZIMAGE).is_file():
+        work = d.layout.staging_dir / f"kbuild-{op.id}"
+
+        def progress(stage: str, line: str) -> None:
+            if stage != op.stage:
+                op.enter(stage, line)
+            else:
+                op.report(line)
+
+        built = build_kernel(d.runner, workdir=work, source_tarball=src, base_config=base,
+                             jobs=jobs, on_progress=progress, cancel=op.cancel)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        remove_tree(cached)
+        os.rename(work, cached)
+        log.info("kernel %s built: %s (%s)", name, built.version, cached)
+    else:
+        log.info("kernel %s: reusing the build in %s", name, cached)
+    op.enter("import")
+    return import_files(d, name, [str(cached / VMLINUX), str(cached / BZIMAGE)], None,
+                        source="built")

@@ -70,6 +70,13 @@ class SetKernelParams(Model):
     kernel: str | None = None
 
 
+class KernelBuildParams(Model):
+    name: str = "banger-6.1"
+    base_config: str | None = None
+    source: str | None = None
+    jobs: int | None = Field(default=None, ge=1, le=256)
+
+
 class KernelImportParams(Model):
     name: str
     paths: list[str] = Field(min_length=1, max_length=2)
@@ -126,6 +133,10 @@ def register(d: Daemon) -> None:
         r = parse(SetKernelParams, p)
         return images.set_kernel(d, r.name, r.kernel)
 
+    def kernel_build(p: dict[str, Any]) -> Any:
+        r = parse(KernelBuildParams, p)
+        return vms.op_view(kernels.begin_build(d, r.name, r.base_config, r.source, r.jobs))
+
     def kernel_import(p: dict[str, Any]) -> Any:
         r = parse(KernelImportParams, p)
         return kernels.import_files(d, r.name, r.paths, r.initrd)
@@ -139,7 +150,8 @@ def register(d: Daemon) -> None:
         return {"stopping": True}
 
     def operations() -> Any:
-        ops = [*d.create_ops.all(), *d.image_ops.all(), *d.workspace_ops.all()]
+        ops = [*d.create_ops.all(), *d.image_ops.all(), *d.workspace_ops.all(),
+               *d.kernel_ops.all()]
         return [vms.op_view(o) for o in sorted(ops, key=lambda o: o.started_at)]
 
     d.methods.update({
@@ -172,6 +184,8 @@ def register(d: Daemon) -> None:
         "image.delete": ref(images.delete),
         "image.set_kernel": image_set_kernel,
         "kernel.import": kernel_import,
+        "kernel.build.begin": kernel_build,
+        **op_methods("kernel.build", d.kernel_ops),
         "kernel.list": no(lambda: kernels.list_kernels(d)),
         "kernel.show": ref(kernels.show),
         "kernel.rm": ref(kernels.remove),
