@@ -151,7 +151,7 @@ class Host:
             f'state_dir = "{self.state}"\ncache_dir = "{CACHE}"\n'
             f'runtime_dir = "{self.run_dir}"\nlog_level = "debug"\n'
             f"boot_timeout_s = 240\n{self.extra_config}\n{extra}\n"
-            "[vm_defaults]\nvcpu = 1\nmemory_mib = 512\n")
+            "[vm_defaults]\nvcpu = 2\nmemory_mib = 1024\n")
 
     def netns(self, *argv: str) -> list[str]:
         return ["ip", "netns", "exec", self.ns, *argv]
