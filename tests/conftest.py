@@ -26,6 +26,7 @@ def cfg(tmp_path: Path) -> Config:
         "cache_dir": str(tmp_path / "cache"),
         "runtime_dir": str(tmp_path / "run"),
         "dns_enabled": False,
+        "nat": False,  # unit tests must never touch the host's forwarding or firewall
         "tap_pool_size": 1,
         "log_level": "debug",
         "vm_defaults": {"disk_size": "64M", "work_disk_size": "64M"},

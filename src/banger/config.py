@@ -108,6 +108,7 @@ class Config(_Strict):
     ssh_key_path: Path | None = None
     default_image_name: str = "debian-bookworm"
     debian_mirror: str = "http://deb.debian.org/debian"
+    nat: bool = True
     dns_enabled: bool = True
     dns_port: Annotated[int, Field(ge=1, le=65535)] = 53
     tap_pool_size: Annotated[int, Field(ge=0, le=64)] = 2

@@ -173,3 +173,36 @@ def test_kernel_build_and_boot_a_registry_kernel(host: Host, vmm: str) -> None:
     res = host.cli("vm", "run", "--rm", "--vmm", vmm, "--", "uname", "-r")
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == built["version"]
+
+
+def test_guests_reach_an_upstream_through_nat(host: Host) -> None:
+    """A second namespace plays "the internet": an HTTP server behind a veth uplink."""
+    up = host.ns + "-up"
+    subprocess.run(["ip", "netns", "add", up], check=True)
+    server = None
+    try:
+        subprocess.run(["ip", "link", "add", "bgup0", "netns", host.ns, "type", "veth",
+                        "peer", "name", "bgup1", "netns", up], check=True)
+        host.sh("ip", "addr", "add", "10.77.0.1/24", "dev", "bgup0")
+        host.sh("ip", "link", "set", "bgup0", "up")
+        host.sh("ip", "route", "add", "default", "via", "10.77.0.2")
+        for cmd in (["ip", "addr", "add", "10.77.0.2/24", "dev", "bgup1"],
+                    ["ip", "link", "set", "bgup1", "up"], ["ip", "link", "set", "lo", "up"]):
+            subprocess.run(["ip", "netns", "exec", up, *cmd], check=True)
+        www = host.root / "www"
+        www.mkdir()
+        (www / "marker").write_text("through the uplink\n")
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", up, sys.executable, "-m", "http.server", "8080",
+             "--bind", "10.77.0.2", "--directory", str(www)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out = host.ok("vm", "run", "--rm", "--", "curl", "-sS", "--max-time", "20",
+                      "http://10.77.0.2:8080/marker")
+        assert out == "through the uplink\n"
+    finally:
+        if server is not None:
+            server.terminate()
+            _, log = server.communicate(timeout=30)
+            # the server saw the host's uplink address: the guest's was masqueraded
+            assert "10.77.0.1 - -" in log and "172.29.0." not in log
+        subprocess.run(["ip", "netns", "del", up], check=False)

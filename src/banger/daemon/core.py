@@ -37,7 +37,7 @@ from banger.daemon.dmsnap import CowStrategy, choose_strategy
 from banger.daemon.dns import VMDNS, upstream_from_resolv_conf
 from banger.daemon.guest import Guest, GuestDialer, SSHGuest, wait_for_ssh
 from banger.daemon.handles import HandleCache
-from banger.daemon.network import HostNetwork, NetlinkNetwork, TapPool, gateway
+from banger.daemon.network import HostNetwork, NetlinkNetwork, TapPool, enable_nat, gateway
 from banger.daemon.opstate import Operation, Registry
 from banger.daemon.store import Store
 from banger.errors import BangerError, HostError
@@ -203,6 +203,12 @@ class Daemon:
             if self._net_ready or not self._network_enabled:
                 return
             self.seams.net.ensure_bridge(self.cfg.bridge_name, self.cfg.bridge_cidr)
+            if self.cfg.nat:
+                try:
+                    enable_nat(self.runner, self.cfg.bridge_name, self.cfg.bridge_cidr)
+                except BangerError as exc:
+                    # Guests still boot and reach the host and each other; say why not out.
+                    log.warning("NAT for guests is off: %s (%s)", exc.message, exc.hint)
             self.tap_pool.fill()
             if self.cfg.dns_enabled and self._serving:
                 self._start_dns()

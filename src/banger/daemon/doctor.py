@@ -56,6 +56,7 @@ TOOLS: dict[str, str] = {
     "ip": "iproute2",
     "git": "git",
     "tar": "tar",
+    "nft": "nftables",
 }
 
 

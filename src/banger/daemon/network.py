@@ -12,9 +12,11 @@ import logging
 import secrets
 import threading
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, Protocol
 
 from banger.errors import HostError
+from banger.runner import Runner
 
 log = logging.getLogger("banger.network")
 
@@ -183,3 +185,43 @@ def mac_for_ip(ip: str) -> str:
     """A stable, locally administered unicast MAC derived from the guest IP."""
     b = ipaddress.IPv4Address(ip).packed
     return "06:00:" + ":".join(f"{x:02x}" for x in b)
+
+
+NFT_TABLE = "banger"
+
+
+def nat_ruleset(bridge: str, cidr: str) -> str:
+    """nftables rules giving guests outbound access: masquerade + forwarding for the bridge.
+
+    Loaded in one transaction; creating then deleting the table first makes it
+    idempotent (a re-load replaces the rules instead of duplicating them). Another
+    table's drop policy on the forward hook (e.g. Docker's) still wins: nftables
+    drops a packet any base chain drops.
+    """
+    net = ipaddress.ip_interface(cidr).network
+    return f"""table ip {NFT_TABLE}
+delete table ip {NFT_TABLE}
+table ip {NFT_TABLE} {{
+  chain postrouting {{
+    type nat hook postrouting priority srcnat; policy accept;
+    ip saddr {net} oifname != "{bridge}" masquerade
+  }}
+  chain forward {{
+    type filter hook forward priority filter; policy accept;
+    iifname "{bridge}" accept
+    oifname "{bridge}" ct state established,related accept
+  }}
+}}
+"""
+
+
+def enable_nat(runner: Runner, bridge: str, cidr: str,
+               ip_forward: Path = Path("/proc/sys/net/ipv4/ip_forward")) -> None:
+    """Turn on IPv4 forwarding (this network namespace only) and load :func:`nat_ruleset`."""
+    try:
+        ip_forward.write_text("1\n")
+    except OSError as exc:
+        raise HostError(f"cannot enable IPv4 forwarding: {exc.strerror}",
+                        hint="run bangerd as root, or set nat = false") from exc
+    runner.run(["nft", "-f", "-"], input=nat_ruleset(bridge, cidr).encode(),
+               desc="load banger's NAT rules", timeout=30)
