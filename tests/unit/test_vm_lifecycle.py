@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -161,3 +162,43 @@ def test_list_and_show_views(daemon: Daemon) -> None:
     shown = vms.show(daemon, "v1")
     assert shown["spec"]["vcpu"] == 1 and shown["spec"]["memory_mib"] == 256
     assert shown["spec"]["disk_size"] == 64 << 20
+
+
+def test_create_builds_a_missing_builtin_image_once(daemon: Daemon, world: FakeWorld) -> None:
+    """vm create on a fresh install builds the default image first; parallel creates share
+    that one build (the real build is debootstrap: covered by the e2e image fixture)."""
+    from banger.daemon import images
+    from banger.daemon.opstate import Operation
+    from banger.daemon.store import ImageRecord, now
+
+    daemon.db.delete_image("debian-bookworm")
+    builds: list[str] = []
+    release = threading.Event()
+
+    def fake_build(d: Daemon, recipe: object, op: Operation) -> dict[str, object]:
+        builds.append(op.target)
+        op.enter("debootstrap", "pretending")
+        assert release.wait(10)
+        img_dir = d.layout.image_dir("debian-bookworm")
+        img_dir.mkdir(parents=True, exist_ok=True)
+        rootfs = img_dir / "rootfs.ext4"
+        with rootfs.open("wb") as fh:
+            fh.truncate(32 << 20)
+        (img_dir / "vmlinuz").write_bytes(b"k")
+        d.db.add_image(ImageRecord("debian-bookworm", "built", str(rootfs),
+                                   str(img_dir / "vmlinuz"), None, None, 1, "h", now()))
+        return images.view(d.db.get_image("debian-bookworm"))
+
+    daemon.seams.image_build = fake_build
+    first = vms.begin_create(daemon, vms.CreateParams(name="one"))
+    second = vms.begin_create(daemon, vms.CreateParams(name="two"))
+    for _ in range(200):
+        if "building image debian-bookworm" in first.progress:
+            break
+        time.sleep(0.01)
+    assert "building image debian-bookworm: debootstrap" in first.progress
+    release.set()
+    assert first.wait(10) and second.wait(10)
+    assert first.error is None and second.error is None
+    assert builds == ["debian-bookworm"]  # one build, shared
+    assert {v.name for v in daemon.db.list_vms()} == {"one", "two"}
