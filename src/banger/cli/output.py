@@ -13,6 +13,12 @@ def to_json(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, default=str)
 
 
+def pairs(items: list[tuple[str, str]]) -> str:
+    """``key:   value`` lines with the values aligned."""
+    width = max(len(k) for k, _ in items)
+    return "\n".join(f"{k + ':':<{width + 1}} {v}" for k, v in items)
+
+
 def table(headers: list[str], rows: list[list[str]]) -> str:
     """A left-aligned text table with two-space gutters, no trailing spaces."""
     widths = [len(h) for h in headers]
@@ -48,7 +54,7 @@ def vm_table(vms: list[dict[str, Any]], now: datetime | None = None) -> str:
 
 def vm_detail(vm: dict[str, Any]) -> str:
     spec = vm["spec"]
-    pairs: list[tuple[str, str]] = [
+    items: list[tuple[str, str]] = [
         ("name", vm["name"]),
         ("id", vm["id"]),
         ("state", vm["state"]),
@@ -63,21 +69,20 @@ def vm_detail(vm: dict[str, Any]) -> str:
         ("mac", vm["mac"]),
     ]
     if vm.get("pid"):
-        pairs.append(("pid", str(vm["pid"])))
+        items.append(("pid", str(vm["pid"])))
     if vm.get("tap"):
-        pairs.append(("tap", vm["tap"]))
-    pairs.append(("created", vm["created_at"]))
+        items.append(("tap", vm["tap"]))
+    items.append(("created", vm["created_at"]))
     if vm.get("stop_reason") and vm["state"] != "running":
-        pairs.append(("stop reason", vm["stop_reason"]))
+        items.append(("stop reason", vm["stop_reason"]))
     if vm.get("last_error"):
-        pairs.append(("last error", vm["last_error"]))
+        items.append(("last error", vm["last_error"]))
     ws = vm.get("workspace")
     if ws:
-        pairs.append(("workspace", f"{ws['host_path']} -> {ws['guest_path']}"
+        items.append(("workspace", f"{ws['host_path']} -> {ws['guest_path']}"
                       + ("" if ws.get("prepared") else " (not prepared)")))
-        pairs.append(("base commit", ws["base_commit"]))
-    width = max(len(k) for k, _ in pairs)
-    return "\n".join(f"{k + ':':<{width + 1}} {v}" for k, v in pairs)
+        items.append(("base commit", ws["base_commit"]))
+    return pairs(items)
 
 
 def image_table(images: list[dict[str, Any]], now: datetime | None = None) -> str:
@@ -92,15 +97,14 @@ def image_table(images: list[dict[str, Any]], now: datetime | None = None) -> st
 
 
 def image_detail(img: dict[str, Any]) -> str:
-    pairs = [
+    items = [
         ("name", img["name"]), ("source", img["source"]), ("rootfs", img["rootfs"]),
         ("kernel", img.get("kernel_name") or img["kernel"] or "-"),
         ("initrd", img.get("initrd") or "-"),
         ("size", f"{img['size_bytes'] / (1 << 30):.2f}G"), ("created", img["created_at"]),
         ("recipe", img.get("recipe_hash") or "-"),
     ]
-    width = max(len(k) for k, _ in pairs)
-    return "\n".join(f"{k + ':':<{width + 1}} {v}" for k, v in pairs)
+    return pairs(items)
 
 
 def kernel_table(kernels: list[dict[str, Any]], now: datetime | None = None) -> str:
@@ -116,14 +120,13 @@ def kernel_table(kernels: list[dict[str, Any]], now: datetime | None = None) -> 
 
 
 def kernel_detail(k: dict[str, Any]) -> str:
-    pairs = [
+    items = [
         ("name", k["name"]), ("vmms", ", ".join(k["vmms"])), ("version", k.get("version") or "-"),
         ("vmlinux", k.get("vmlinux") or "-"), ("bzImage", k.get("bzimage") or "-"),
         ("initrd", k.get("initrd") or "-"), ("source", k["source"]),
         ("size", f"{k['size_bytes'] / (1 << 20):.1f}M"), ("created", k["created_at"]),
     ]
-    width = max(len(key) for key, _ in pairs)
-    return "\n".join(f"{key + ':':<{width + 1}} {v}" for key, v in pairs)
+    return pairs(items)
 
 
 def doctor_table(checks: list[dict[str, str]]) -> str:
@@ -136,13 +139,12 @@ def doctor_table(checks: list[dict[str, str]]) -> str:
 
 
 def daemon_status(st: dict[str, Any]) -> str:
-    pairs = [
+    items = [
         ("status", "running"), ("pid", str(st["pid"])), ("version", st["version"]),
         ("socket", st["socket"]), ("log", st["log"]), ("state dir", st["state_dir"]),
         ("uptime", f"{st['uptime_s']:.0f}s"), ("vms", f"{st['vms']} ({st['vms_running']} running)"),
     ]
-    width = max(len(k) for k, _ in pairs)
-    return "\n".join(f"{k + ':':<{width + 1}} {v}" for k, v in pairs)
+    return pairs(items)
 
 
 def op_line(op: dict[str, Any]) -> str:

@@ -102,7 +102,22 @@ def dm_snapshot_supported() -> bool:
     return "device-mapper" in targets
 
 
-class ReflinkCow:
+class _FileCow:
+    """A VM disk that is a plain file: nothing to attach, nothing to detach."""
+
+    name = "file"
+
+    def activate(self, handle: CowHandle, origin: Path, vm_id: str) -> CowHandle:
+        return handle
+
+    def deactivate(self, handle: CowHandle) -> CowHandle:
+        return handle
+
+    def remove(self, handle: CowHandle) -> None:
+        Path(handle.path).unlink(missing_ok=True)
+
+
+class ReflinkCow(_FileCow):
     name = "reflink"
 
     def create(self, origin: Path, target: Path) -> CowHandle:
@@ -116,17 +131,8 @@ class ReflinkCow:
                             hint="the state_dir filesystem must support reflinks") from exc
         return CowHandle(self.name, str(target))
 
-    def activate(self, handle: CowHandle, origin: Path, vm_id: str) -> CowHandle:
-        return handle
 
-    def deactivate(self, handle: CowHandle) -> CowHandle:
-        return handle
-
-    def remove(self, handle: CowHandle) -> None:
-        Path(handle.path).unlink(missing_ok=True)
-
-
-class CopyCow:
+class CopyCow(_FileCow):
     name = "copy"
 
     def create(self, origin: Path, target: Path) -> CowHandle:
@@ -138,15 +144,6 @@ class CopyCow:
             hint = "free some disk space" if exc.errno == errno.ENOSPC else ""
             raise HostError(f"copy of {origin} failed: {exc.strerror}", hint=hint) from exc
         return CowHandle(self.name, str(target))
-
-    def activate(self, handle: CowHandle, origin: Path, vm_id: str) -> CowHandle:
-        return handle
-
-    def deactivate(self, handle: CowHandle) -> CowHandle:
-        return handle
-
-    def remove(self, handle: CowHandle) -> None:
-        Path(handle.path).unlink(missing_ok=True)
 
 
 def clone_or_copy(src: Path, dst: Path) -> str:
