@@ -310,3 +310,41 @@ def test_nat_ruleset_and_enable(tmp_path: Path) -> None:
     assert runner.ran("nft", "-f", "-")
     with pytest.raises(HostError):
         enable_nat(runner, "br-x", "10.7.0.1/24", ip_forward=tmp_path / "no" / "such")
+
+
+class _RefusingGuest:
+    """A guest whose sshd answers TCP but refuses the login with ``stderr``."""
+
+    def __init__(self, stderr: str) -> None:
+        import socket
+
+        self.stderr = stderr
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.ip = "127.0.0.1"
+        self.calls = 0
+
+    def run(self, script: str, **kw: object) -> object:
+        from banger.errors import GuestError
+
+        self.calls += 1
+        raise GuestError("ssh failed", stderr=self.stderr)
+
+
+def test_wait_for_ssh_stops_at_a_changed_host_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    from banger.daemon import guest as guest_mod
+    from banger.errors import GuestError
+
+    g = _RefusingGuest("@@@ WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED! @@@")
+    monkeypatch.setattr(guest_mod, "SSH_PORT", g.listener.getsockname()[1])
+    with pytest.raises(GuestError) as exc:
+        guest_mod.wait_for_ssh(g, budget_s=30, alive=lambda: True)  # type: ignore[arg-type]
+    assert "host key" in exc.value.message and g.calls == 1  # no retrying into a timeout
+    other = _RefusingGuest("Permission denied (publickey).")
+    monkeypatch.setattr(guest_mod, "SSH_PORT", other.listener.getsockname()[1])
+    with pytest.raises(GuestError) as exc:
+        guest_mod.wait_for_ssh(other, budget_s=0.5, alive=lambda: True)  # type: ignore[arg-type]
+    assert "Permission denied" in exc.value.message  # the timeout names the last ssh error
+    g.listener.close()
+    other.listener.close()

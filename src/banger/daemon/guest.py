@@ -10,7 +10,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -20,6 +20,8 @@ from banger.runner import CancelToken, Result, Runner
 from banger.sshopts import ssh_argv
 
 SSH_PORT = 22
+# What OpenSSH prints when a known host presents a different key.
+HOST_KEY_CHANGED = ("REMOTE HOST IDENTIFICATION HAS CHANGED", "Host key verification failed")
 
 
 class Guest(Protocol):
@@ -64,9 +66,9 @@ class GuestDialer(Protocol):
     def __call__(self, ip: str) -> Guest: ...
 
 
-def tcp_open(ip: str, port: int = SSH_PORT, timeout: float = 1.0) -> bool:
+def tcp_open(ip: str, port: int | None = None, timeout: float = 1.0) -> bool:
     try:
-        with socket.create_connection((ip, port), timeout=timeout):
+        with socket.create_connection((ip, port or SSH_PORT), timeout=timeout):
             return True
     except OSError:
         return False
@@ -90,6 +92,7 @@ def wait_for_ssh(
     """
     start = time.monotonic()
     deadline = start + budget_s
+    last_error = ""
     while True:
         if cancel is not None:
             cancel.check()
@@ -100,11 +103,20 @@ def wait_for_ssh(
             try:
                 guest.run("true", timeout=15, desc="ssh readiness probe")
                 return time.monotonic() - start
-            except GuestError:
-                pass
+            except GuestError as exc:
+                last_error = str(exc.details.get("stderr") or exc.message).strip()
+                if any(m in last_error for m in HOST_KEY_CHANGED):
+                    # Retrying cannot help, and accepting the new key silently would
+                    # defeat trust-on-first-use: stop and say so.
+                    raise GuestError(
+                        f"the SSH host key of {guest.ip} changed since banger first saw it",
+                        hint="if the VM's root disk was replaced, forget the old key with "
+                             f"`ssh-keygen -R {guest.ip} -f <state_dir>/ssh/known_hosts`",
+                    ) from exc
         now = time.monotonic()
         if now >= deadline:
-            raise GuestError(f"the guest did not answer SSH within {budget_s:g}s",
+            detail = f" (last ssh error: {last_error.splitlines()[-1]})" if last_error else ""
+            raise GuestError(f"the guest did not answer SSH within {budget_s:g}s{detail}",
                              hint=_serial_hint(serial_tail()))
         if on_wait is not None:
             on_wait(now - start)
@@ -116,14 +128,3 @@ def _serial_hint(tail: str) -> str:
     if not lines:
         return "see `banger vm logs NAME` for the serial console"
     return "last serial console lines:\n  " + "\n  ".join(lines)
-
-
-def quote(s: str) -> str:
-    import shlex
-
-    return shlex.quote(s)
-
-
-def script(argv: Sequence[str]) -> str:
-    """A shell line that runs ``argv`` exactly (each word quoted)."""
-    return " ".join(quote(a) for a in argv)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from banger.errors import BadRequest, NotFound
 
-RECIPE_VERSION = 3  # bump when the build procedure changes in a way the recipe text does not show
+RECIPE_VERSION = 4  # bump when the build procedure changes in a way the recipe text does not show
 
 ROOT_LABEL = "banger-root"
 WORK_LABEL = "banger-work"
@@ -73,8 +73,13 @@ if ! mountpoint -q /root; then
 fi
 chmod 700 /root
 # One ed25519 host key per VM, made on its first boot (RSA keygen takes ~10 s under TCG).
-[ -s /etc/ssh/ssh_host_ed25519_key ] || \
+# Synced at once: a VM killed seconds later must not come back with a different key,
+# which banger's known_hosts would (rightly) refuse.
+if [ ! -s /etc/ssh/ssh_host_ed25519_key ]; then
+  rm -f /etc/ssh/ssh_host_ed25519_key /etc/ssh/ssh_host_ed25519_key.pub
   ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key
+  sync
+fi
 exit 0
 """
 
