@@ -310,7 +310,8 @@ def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan,
         setup = scripts.Setup(head_symbolic=history.head_symbolic,
                               head_commit=history.head_commit, parent=parent,
                               user_name=rinfo.identity.name, user_email=rinfo.identity.email,
-                              object_format=rinfo.object_format)
+                              object_format=rinfo.object_format,
+                              seed_snapshot_index=not _has_attributes(sub_plan))
         repos.append((prefix, rinfo, sub_plan, history, setup))
     metadata = [m for prefix, rinfo, sub_plan, history, _ in repos
                 for m in _metadata(runner, prefix, rinfo, sub_plan, history=history, mode=mode)]
@@ -320,16 +321,19 @@ def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan,
     names = scripts.Names(target, secrets.token_hex(4))
     counter = _Counter(progress)
     cancel.check()
+    clock = _StepClock()
     try:
         _checked("prepare the workspace directory",
                  guest.run(scripts.preflight(names, info.object_format), timeout=120,
                            check=False, desc="workspace preflight"))
+        clock.lap("preflight")
         with GuestSink(guest, scripts.extract(names), step=f"copy files into {target}",
                        cancel=cancel, stall_timeout=stall_timeout,
                        on_bytes=counter.add_bytes) as sink:
             send_tree(sink, info.host_path, plan.all_entries(), metadata, cancel=cancel,
                       on_file=counter.add_file)
             sink.finish(step_timeout)
+        clock.lap("files")
         prepared_commit = ""
         # Submodules first (deepest first): a parent's snapshot records their HEADs.
         for prefix, rinfo, _, history, setup in sorted(repos, key=lambda r: -r[0].count("/")):
@@ -338,21 +342,29 @@ def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan,
                 with GuestSink(guest, scripts.index_pack(names, prefix, rinfo.object_format),
                                step=f"copy git history{where}", cancel=cancel,
                                stall_timeout=stall_timeout, on_bytes=counter.add_bytes) as sink:
+                    # No new delta search and light compression: the pack crosses a
+                    # local link, and every byte saved costs far more CPU on both ends
+                    # (the guest's side of it may be emulated) than it saves in transfer.
                     argv = runner.wrap(["git", "-C", rinfo.host_path, *GIT_CONFIG,
-                                        "pack-objects", "--revs", "--stdout", "-q",
-                                        "--delta-base-offset"])
+                                        "-c", "pack.compression=1", "pack-objects",
+                                        "--revs", "--stdout", "-q", "--delta-base-offset",
+                                        "--window=0"])
                     send_pack(sink, argv, history.revs, env=GIT_ENV, timeout=step_timeout,
                               cancel=cancel)
                     sink.finish(step_timeout)
+                clock.lap(f"history{where}")
             counter.report()
             res = run_script(guest, scripts.setup(names, setup, prefix),
                              step=f"set up the git repository{where}", timeout=step_timeout,
                              cancel=cancel)
             prepared_commit = res.out.split()[-1]
+            clock.lap(f"setup{where}")
         cancel.check()
         _checked("move the workspace into place",
                  guest.run(scripts.swap(names), timeout=120, check=False,
                            desc="workspace swap"))
+        clock.lap("swap")
+        log.info("workspace %s: %s", target, clock.summary())
     except BaseException:
         _cleanup(guest, names)
         raise
@@ -363,6 +375,28 @@ def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan,
                     head_commit=head_commit, branch=branch or info.branch,
                     prepared_commit=prepared_commit, mode=mode, files=counter.files,
                     bytes=counter.bytes, tool_log=tool_log)
+
+
+def _has_attributes(plan: CopyPlan) -> bool:
+    """Whether any .gitattributes could make index blobs differ from the files' bytes."""
+    return any(e.path == ".gitattributes" or e.path.endswith("/.gitattributes")
+               for e in plan.entries)
+
+
+class _StepClock:
+    """Seconds spent per prepare step, for the log (where does a slow prepare go?)."""
+
+    def __init__(self) -> None:
+        self._last = time.monotonic()
+        self._laps: list[tuple[str, float]] = []
+
+    def lap(self, step: str) -> None:
+        now = time.monotonic()
+        self._laps.append((step, now - self._last))
+        self._last = now
+
+    def summary(self) -> str:
+        return ", ".join(f"{step} {secs:.1f}s" for step, secs in self._laps)
 
 
 def _cleanup(guest: GuestChannel, names: scripts.Names) -> None:
