@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -206,3 +207,38 @@ def test_guests_reach_an_upstream_through_nat(host: Host) -> None:
             # the server saw the host's uplink address: the guest's was masqueraded
             assert "10.77.0.1 - -" in log and "172.29.0." not in log
         subprocess.run(["ip", "netns", "del", up], check=False)
+
+
+def test_interactive_run_on_a_terminal(host: Host) -> None:
+    """`vm run` with no command on a TTY: live stage display, then an interactive shell."""
+    import pty
+    import select
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(host.netns(str(Path(sys.executable).parent / "banger"), "vm",
+                                       "run", "--rm", "--name", "tty"),
+                            env=host.env, stdin=follower, stdout=follower, stderr=follower,
+                            start_new_session=True)
+    os.close(follower)
+    seen = b""
+    sent = False
+    deadline = time.monotonic() + 600
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            ready, _, _ = select.select([leader], [], [], 1.0)
+            if ready:
+                try:
+                    seen += os.read(leader, 65536)
+                except OSError:
+                    break
+            if not sent and b"root@tty" in seen:  # the guest's shell prompt
+                os.write(leader, b"echo hi-$(hostname)\nexit 5\n")
+                sent = True
+        proc.wait(timeout=120)
+    finally:
+        os.close(leader)
+    text = seen.decode(errors="replace")
+    assert "✓" in text and "wait-ssh" in text  # the live stage display ran on the TTY
+    assert "hi-tty" in text
+    assert proc.returncode == 5
+    assert host.json("vm", "list") == []
