@@ -89,6 +89,11 @@ def request_id_of(frame: bytes) -> int | str | None:
 
 
 def error_response(req_id: int | str | None, err: BangerError, numeric: int) -> dict[str, Any]:
+    """A JSON-RPC error object for ``err``.
+
+    ``numeric`` is the JSON-RPC error number (e.g. ``INVALID_PARAMS``); banger's own
+    stable code, hint and details travel in ``data`` (:meth:`BangerError.to_data`).
+    """
     return {
         "jsonrpc": "2.0",
         "id": req_id,
@@ -97,6 +102,7 @@ def error_response(req_id: int | str | None, err: BangerError, numeric: int) -> 
 
 
 def result_response(req_id: int | str, result: Any) -> dict[str, Any]:
+    """A JSON-RPC success object carrying ``result``."""
     return {"jsonrpc": "2.0", "id": req_id, "result": result}
 
 
@@ -120,6 +126,7 @@ class VMState(StrEnum):
         return self in (VMState.CREATING, VMState.STARTING, VMState.STOPPING, VMState.DELETING)
 
     def can_become(self, other: VMState) -> bool:
+        """True when ``TRANSITIONS`` allows moving from this state to ``other``."""
         return other in TRANSITIONS[self]
 
 

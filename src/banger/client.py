@@ -31,6 +31,16 @@ class Client:
         self.socket_path = socket_path
 
     def call(self, method: str, timeout: float | None = None, **params: Any) -> Any:
+        """Send one JSON-RPC request on a fresh connection and return its result.
+
+        None-valued params are left out. ``timeout`` bounds the wait for the answer
+        (None: wait forever); connecting has its own short timeout.
+
+        Raises:
+            DaemonUnavailable: the socket is missing, refused, not permitted or timed out,
+                or the daemon closed the connection without answering.
+            BangerError: the daemon's error, rebuilt as its most specific class.
+        """
         req = {"jsonrpc": "2.0", "id": next(_ids), "method": method,
                "params": {k: v for k, v in params.items() if v is not None},
                "protocol": api.PROTOCOL_VERSION}
@@ -66,6 +76,7 @@ class Client:
         return resp.get("result")
 
     def alive(self) -> bool:
+        """True when bangerd answers ``daemon.ping`` within 5 s."""
         try:
             self.call("daemon.ping", timeout=5)
         except BangerError:

@@ -37,34 +37,42 @@ class VMPaths:
 
     @property
     def vm_id(self) -> str:
+        """The VM's id: the name of its runtime directory (not a file)."""
         return self.run.name
 
     @property
     def rootfs(self) -> Path:
+        """``rootfs.ext4``: the VM's copy-on-write root disk, made by ``vms.make_disks``."""
         return self.state / "rootfs.ext4"
 
     @property
     def work_disk(self) -> Path:
+        """``work.ext4``: the VM's second (work) disk, built by ``vms.make_work_disk``."""
         return self.state / "work.ext4"
 
     @property
     def serial_log(self) -> Path:
+        """``serial.log``: guest console output, written by QEMU or the Firecracker spawner."""
         return self.state / "serial.log"
 
     @property
     def vmm_log(self) -> Path:
+        """``vmm.log``: QEMU's ``-D`` log or Firecracker's logger; named in launch errors."""
         return self.state / "vmm.log"
 
     @property
     def handles(self) -> Path:
+        """``handles.json``: the VM's process/TAP/COW handles, kept by ``HandleCache``."""
         return self.state / "handles.json"
 
     @property
     def pid_file(self) -> Path:
+        """``vmm.pid``: the VMM's pid, written by QEMU (``-pidfile``) or the FC driver."""
         return self.run / "vmm.pid"
 
     @property
     def qmp_socket(self) -> Path:
+        """``qmp.sock``: QEMU's QMP socket; the QEMU driver sends powerdown/quit on it."""
         return check_socket_path(self.run / "qmp.sock")
 
     @property
@@ -74,10 +82,12 @@ class VMPaths:
 
     @property
     def vsock_socket(self) -> Path:
+        """``vsock.sock``: the host end of Firecracker's vsock device (FC driver)."""
         return check_socket_path(self.run / "vsock.sock")
 
     @property
     def metrics(self) -> Path:
+        """``fc.metrics``: where Firecracker writes metrics lines (FC driver only)."""
         return self.run / "fc.metrics"
 
 
@@ -92,38 +102,47 @@ class Layout:
 
     @classmethod
     def from_config(cls, cfg: Config) -> Layout:
+        """The layout for ``cfg``'s state, cache and runtime dirs and SSH key path."""
         return cls(cfg.state_dir, cfg.cache_dir, cfg.runtime_dir, cfg.key_path)
 
     @property
     def db(self) -> Path:
+        """``banger.db``: the daemon's SQLite store, opened by ``Store`` at start-up."""
         return self.state_dir / "banger.db"
 
     @property
     def daemon_log(self) -> Path:
+        """``bangerd.log``: the daemon's log; ``banger`` points users at it on errors."""
         return self.state_dir / "bangerd.log"
 
     @property
     def socket(self) -> Path:
+        """``bangerd.sock``: the RPC socket bangerd serves and ``client.Client`` dials."""
         return check_socket_path(self.runtime_dir / "bangerd.sock")
 
     @property
     def pid_file(self) -> Path:
+        """``bangerd.pid``: the running daemon's pid, written by bangerd at start-up."""
         return self.runtime_dir / "bangerd.pid"
 
     @property
     def images_dir(self) -> Path:
+        """``images/``: one directory per published image (see :meth:`image_dir`)."""
         return self.state_dir / "images"
 
     @property
     def kernels_dir(self) -> Path:
+        """``kernels/``: one directory per imported kernel (see :meth:`kernel_dir`)."""
         return self.state_dir / "kernels"
 
     @property
     def vms_dir(self) -> Path:
+        """``vms/``: the per-VM state directories; reconcile sweeps it for orphans."""
         return self.state_dir / "vms"
 
     @property
     def vms_run_dir(self) -> Path:
+        """``vms/`` in the runtime dir: the per-VM socket and pid-file directories."""
         return self.runtime_dir / "vms"
 
     @property
@@ -133,14 +152,17 @@ class Layout:
 
     @property
     def ssh_dir(self) -> Path:
+        """``ssh/``: banger's SSH client files (``known_hosts``, ``config``)."""
         return self.state_dir / "ssh"
 
     @property
     def public_key(self) -> Path:
+        """The install's SSH public key (``<key_path>.pub``), put in each work disk."""
         return self.key_path.with_name(self.key_path.name + ".pub")
 
     @property
     def known_hosts(self) -> Path:
+        """``ssh/known_hosts``: guest host keys for the daemon's ssh, ``vm ssh`` and ssh config."""
         return self.ssh_dir / "known_hosts"
 
     @property
@@ -150,13 +172,24 @@ class Layout:
 
     @property
     def debootstrap_cache(self) -> Path:
+        """``debootstrap/`` in the cache dir: debootstrap's package cache for builds."""
         return self.cache_dir / "debootstrap"
 
     def vm(self, vm_id: str) -> VMPaths:
+        """The state and runtime paths of VM ``vm_id``."""
         return VMPaths(self.vms_dir / vm_id, self.vms_run_dir / vm_id)
 
     def image_dir(self, name: str) -> Path:
+        """Image ``name``'s directory, filled by ``images.publish``.
+
+        Holds ``rootfs.ext4`` and, when the image has them, ``vmlinuz``, ``initrd.img``
+        and ``workseed/``.
+        """
         return self.images_dir / name
 
     def kernel_dir(self, name: str) -> Path:
+        """Kernel ``name``'s directory, filled by ``kernels.import_files``.
+
+        Holds ``vmlinux`` and/or ``bzImage``, any ``initrd.img``, and ``manifest.json``.
+        """
         return self.kernels_dir / name

@@ -28,10 +28,12 @@ class ProcessIdentity:
     marker: str
 
     def to_json(self) -> dict[str, Any]:
+        """The identity as a JSON object (stored in ``handles.json``)."""
         return {"pid": self.pid, "start_time": self.start_time, "marker": self.marker}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ProcessIdentity:
+        """Rebuild an identity from :meth:`to_json` output."""
         return cls(int(data["pid"]), int(data["start_time"]), str(data["marker"]))
 
 
@@ -54,6 +56,7 @@ def start_time(pid: int, proc: Path = PROC) -> int | None:
 
 
 def cmdline(pid: int, proc: Path = PROC) -> list[str]:
+    """The argv of ``pid`` from ``/proc``; empty when it is gone or unreadable."""
     try:
         raw = (proc / str(pid) / "cmdline").read_bytes()
     except (FileNotFoundError, ProcessLookupError, PermissionError):

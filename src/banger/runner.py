@@ -52,10 +52,12 @@ class Result:
 
     @property
     def out(self) -> str:
+        """stdout as text, undecodable bytes replaced."""
         return self.stdout.decode(errors="replace")
 
     @property
     def err(self) -> str:
+        """stderr as text, undecodable bytes replaced (empty for streamed runs)."""
         return self.stderr.decode(errors="replace")
 
 
@@ -67,11 +69,13 @@ class CancelToken:
     reason: str = "cancelled"
 
     def cancel(self, reason: str = "cancelled") -> None:
+        """Request cancellation; ``reason`` becomes the :class:`Cancelled` message."""
         self.reason = reason
         self._event.set()
 
     @property
     def cancelled(self) -> bool:
+        """True once :meth:`cancel` was called."""
         return self._event.is_set()
 
     def check(self) -> None:
@@ -102,7 +106,15 @@ class Runner(Protocol):
         check: bool = True,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
-    ) -> Result: ...
+    ) -> Result:
+        """Run ``argv`` to completion with captured output.
+
+        Raises:
+            CommandFailed: non-zero exit while ``check`` is true.
+            CommandTimeout: ``timeout`` seconds passed.
+            HostError: the program could not be started.
+        """
+        ...
 
     def stream(
         self,
@@ -113,7 +125,9 @@ class Runner(Protocol):
         timeout: float = 3600.0,
         env: Mapping[str, str] | None = None,
         cancel: CancelToken | None = None,
-    ) -> Result: ...
+    ) -> Result:
+        """Run ``argv``, passing each output line to ``on_line`` as it arrives."""
+        ...
 
 
 def _failure(desc: str, argv: Sequence[str], rc: int, stderr: bytes) -> CommandFailed:
@@ -135,6 +149,7 @@ class SubprocessRunner:
     """The real runner."""
 
     def wrap(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` unchanged, as strings: the real runner adds no wrapper."""
         return [str(a) for a in argv]
 
     def run(
@@ -148,6 +163,15 @@ class SubprocessRunner:
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
     ) -> Result:
+        """Run ``argv`` with captured output and ``env`` added to the daemon's own.
+
+        stdin is ``/dev/null`` unless ``input`` is given.
+
+        Raises:
+            CommandFailed: non-zero exit while ``check`` is true (stderr tail attached).
+            CommandTimeout: ``timeout`` seconds passed; the child is killed.
+            HostError: the program could not be started (e.g. not installed).
+        """
         args = [str(a) for a in argv]
         log.debug("run: %s (%s)", shell_line(argv), desc)
         full_env = {**os.environ, **env} if env is not None else None
@@ -260,6 +284,7 @@ class OwnerRunner:
         self.home = home
 
     def wrap(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` prefixed with ``setpriv`` and the owner's HOME, unless the owner is root."""
         args = self.inner.wrap(argv)
         if self.uid == 0:
             return args
@@ -277,6 +302,7 @@ class OwnerRunner:
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
     ) -> Result:
+        """Run ``argv`` through the inner runner as the repository's owner."""
         return self.inner.run(self.wrap(argv), desc=desc, timeout=timeout, input=input,
                               check=check, env=env, cwd=cwd)
 
@@ -290,5 +316,6 @@ class OwnerRunner:
         env: Mapping[str, str] | None = None,
         cancel: CancelToken | None = None,
     ) -> Result:
+        """Stream ``argv`` through the inner runner as the repository's owner."""
         return self.inner.stream(self.wrap(argv), desc=desc, on_line=on_line,
                                  timeout=timeout, env=env, cancel=cancel)

@@ -39,6 +39,7 @@ class LaunchPlan:
 
     @property
     def marker(self) -> str:
+        """The ``banger-<vm id>`` string the VMM's command line must carry."""
         return vm_marker(self.vm_id)
 
 

@@ -39,6 +39,11 @@ class App:
 
     @property
     def cfg(self) -> Config:
+        """The loaded config, read on first use (not at start-up).
+
+        An explicit ``--config`` is exported as ``BANGER_CONFIG`` so a bangerd the
+        CLI starts reads the same file.
+        """
         if self._cfg is None:
             if self.config_file is not None:
                 os.environ["BANGER_CONFIG"] = str(self.config_file)
@@ -46,9 +51,11 @@ class App:
         return self._cfg
 
     def client(self, autostart: bool = True) -> Client:
+        """A client for bangerd; with ``autostart`` it starts the daemon when none answers."""
         return connect(self.cfg, autostart=autostart)
 
     def emit(self, obj: Any, human: str) -> None:
+        """Print ``obj`` as JSON under ``--json``, else the ``human`` text."""
         click.echo(output.to_json(obj) if self.json else human)
 
 
@@ -56,6 +63,7 @@ pass_app = click.make_pass_decorator(App)
 
 
 def json_option(f: Any) -> Any:
+    """Add a ``--json`` flag to command ``f`` that switches :class:`App` to JSON output."""
     def set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
         if value:
             ctx.find_object(App).json = True  # type: ignore[union-attr]
@@ -331,6 +339,10 @@ def vm() -> None:
 
 
 def create_options(f: Any) -> Any:
+    """Add the VM creation flags (name, image, sizes, VMM) to command ``f``.
+
+    Shared by ``vm create`` and ``vm run``; see :func:`_create_params`.
+    """
     opts = [
         click.option("--name", callback=_name_arg, help="VM name (a DNS label; generated if "
                                                         "omitted)."),

@@ -28,6 +28,7 @@ def run(config_file: Path | None, log_stderr: bool) -> None:
 
 
 def main() -> None:
+    """The ``bangerd`` entry point: click errors keep click's exit status, banger errors exit 1."""
     try:
         run.main(standalone_mode=False)
     except click.ClickException as exc:

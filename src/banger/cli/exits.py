@@ -17,10 +17,12 @@ BANGER_ERROR = 125
 
 
 def code_for(err: BangerError) -> int:
+    """The exit status for ``err``: always ``BANGER_ERROR`` (125) for now."""
     return BANGER_ERROR
 
 
 def print_error(err: BangerError, as_json: bool) -> None:
+    """Print ``err`` as ``error:``/``hint:`` lines on stderr, or as JSON on stdout."""
     if as_json:
         print(json.dumps({"error": {"code": err.code, "message": err.message,
                                     "hint": err.hint}}, indent=2))

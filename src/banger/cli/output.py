@@ -10,6 +10,7 @@ from banger.config import format_size
 
 
 def to_json(obj: Any) -> str:
+    """``obj`` as indented JSON with sorted keys; non-JSON values (dates) via ``str``."""
     return json.dumps(obj, indent=2, sort_keys=True, default=str)
 
 
@@ -42,6 +43,7 @@ def age(ts: str, now: datetime | None = None) -> str:
 
 
 def vm_table(vms: list[dict[str, Any]], now: datetime | None = None) -> str:
+    """The ``vm list`` table: one row per VM, or a hint when there are none."""
     if not vms:
         return "no VMs (create one with `banger vm run`)"
     rows = [
@@ -53,6 +55,7 @@ def vm_table(vms: list[dict[str, Any]], now: datetime | None = None) -> str:
 
 
 def vm_detail(vm: dict[str, Any]) -> str:
+    """``vm show`` output: aligned ``key: value`` lines, optional ones only when set."""
     spec = vm["spec"]
     items: list[tuple[str, str]] = [
         ("name", vm["name"]),
@@ -86,6 +89,7 @@ def vm_detail(vm: dict[str, Any]) -> str:
 
 
 def image_table(images: list[dict[str, Any]], now: datetime | None = None) -> str:
+    """The ``image list`` table: one row per image, or a hint when there are none."""
     if not images:
         return "no images (build the default with `banger image build`)"
     rows = [
@@ -97,6 +101,7 @@ def image_table(images: list[dict[str, Any]], now: datetime | None = None) -> st
 
 
 def image_detail(img: dict[str, Any]) -> str:
+    """``image show`` output as aligned ``key: value`` lines."""
     items = [
         ("name", img["name"]), ("source", img["source"]), ("rootfs", img["rootfs"]),
         ("kernel", img.get("kernel_name") or img["kernel"] or "-"),
@@ -108,6 +113,7 @@ def image_detail(img: dict[str, Any]) -> str:
 
 
 def kernel_table(kernels: list[dict[str, Any]], now: datetime | None = None) -> str:
+    """The ``kernel list`` table: one row per kernel, or a hint when there are none."""
     if not kernels:
         return "no kernels (import one with `banger kernel import`, or `banger kernel build`)"
     rows = [
@@ -120,6 +126,7 @@ def kernel_table(kernels: list[dict[str, Any]], now: datetime | None = None) -> 
 
 
 def kernel_detail(k: dict[str, Any]) -> str:
+    """``kernel show`` output as aligned ``key: value`` lines."""
     items = [
         ("name", k["name"]), ("vmms", ", ".join(k["vmms"])), ("version", k.get("version") or "-"),
         ("vmlinux", k.get("vmlinux") or "-"), ("bzImage", k.get("bzimage") or "-"),
@@ -130,6 +137,10 @@ def kernel_detail(k: dict[str, Any]) -> str:
 
 
 def doctor_table(checks: list[dict[str, str]]) -> str:
+    """``banger doctor`` output: one ``[STATUS] name: detail`` line per check.
+
+    A hint line follows each check that is not OK.
+    """
     lines = []
     for c in checks:
         lines.append(f"[{c['status']:<4}] {c['name']}: {c['detail']}")
@@ -139,6 +150,7 @@ def doctor_table(checks: list[dict[str, str]]) -> str:
 
 
 def daemon_status(st: dict[str, Any]) -> str:
+    """``daemon status`` output for a running daemon (the ``daemon.ping`` result)."""
     items = [
         ("status", "running"), ("pid", str(st["pid"])), ("version", st["version"]),
         ("socket", st["socket"]), ("log", st["log"]), ("state dir", st["state_dir"]),
@@ -148,6 +160,7 @@ def daemon_status(st: dict[str, Any]) -> str:
 
 
 def op_line(op: dict[str, Any]) -> str:
+    """One line for an operation: ``[i/n] stage progress`` (no position if off-plan)."""
     stages: list[str] = op["stages"]
     stage = op["stage"]
     pos = f"[{stages.index(stage) + 1}/{len(stages)}] " if stage in stages else ""

@@ -37,6 +37,12 @@ class Progress:
             self._status.stop()
 
     def update(self, op: dict[str, Any]) -> None:
+        """Show the state of ``op`` (an op view from the daemon).
+
+        On a TTY the spinner line is replaced and each finished stage gets a tick;
+        otherwise a line is printed per new stage, and within a stage at most every
+        ``PLAIN_PROGRESS_EVERY_S`` seconds.
+        """
         if not self.enabled:
             return
         line = op_line(op)
@@ -54,6 +60,7 @@ class Progress:
             self._last_plain = now
 
     def note(self, text: str) -> None:
+        """Print ``text`` on stderr above the spinner (or plainly), unless disabled."""
         if self._status is not None:
             self.console.print(text)
         elif self.enabled:

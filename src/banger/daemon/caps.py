@@ -22,9 +22,17 @@ log = logging.getLogger("banger.caps")
 class VMCap(Protocol):
     name: str
 
-    def started(self, vm: VMRecord) -> None: ...
-    def stopped(self, vm: VMRecord) -> None: ...
-    def deleted(self, vm: VMRecord) -> None: ...
+    def started(self, vm: VMRecord) -> None:
+        """The VM is running (also called on re-adoption after a daemon restart)."""
+        ...
+
+    def stopped(self, vm: VMRecord) -> None:
+        """The VM stopped."""
+        ...
+
+    def deleted(self, vm: VMRecord) -> None:
+        """The VM was removed for good."""
+        ...
 
 
 class DNSCap:
@@ -36,10 +44,12 @@ class DNSCap:
         self.d = d
 
     def started(self, vm: VMRecord) -> None:
+        """Make ``<name>.vm`` resolve to the VM's IP (when the DNS server runs)."""
         if self.d.vm_dns is not None:
             self.d.vm_dns.register(vm.name, vm.ip)
 
     def stopped(self, vm: VMRecord) -> None:
+        """Stop resolving ``<name>.vm``; also used on delete."""
         if self.d.vm_dns is not None:
             self.d.vm_dns.unregister(vm.name)
 
@@ -61,6 +71,7 @@ class SSHConfigCap:
 
 
 def write_ssh_config(d: Daemon) -> None:
+    """Rewrite ``ssh/config`` with a ``Host <name>.vm`` block for every VM in the store."""
     lay = d.layout
     lines = [
         "# Written by banger; do not edit. Add to ~/.ssh/config:",
@@ -82,6 +93,7 @@ def write_ssh_config(d: Daemon) -> None:
 
 
 def default_caps(d: Daemon) -> list[VMCap]:
+    """The capabilities every daemon runs: DNS names and the SSH config file."""
     return [DNSCap(d), SSHConfigCap(d)]
 
 
@@ -94,12 +106,15 @@ def _each(d: Daemon, event: str, vm: VMRecord) -> None:
 
 
 def started(d: Daemon, vm: VMRecord) -> None:
+    """Tell every capability that ``vm`` runs; hook failures are only logged."""
     _each(d, "started", vm)
 
 
 def stopped(d: Daemon, vm: VMRecord) -> None:
+    """Tell every capability that ``vm`` stopped; hook failures are only logged."""
     _each(d, "stopped", vm)
 
 
 def deleted(d: Daemon, vm: VMRecord) -> None:
+    """Tell every capability that ``vm`` is gone; hook failures are only logged."""
     _each(d, "deleted", vm)

@@ -87,6 +87,7 @@ class LockSet:
         self._locks: dict[str, threading.Lock] = {}
 
     def get(self, key: str) -> threading.Lock:
+        """The lock for ``key``, created on first use."""
         with self._mu:
             lock = self._locks.get(key)
             if lock is None:
@@ -95,10 +96,12 @@ class LockSet:
 
     @contextmanager
     def held(self, key: str) -> Iterator[None]:
+        """Hold the lock for ``key`` for the duration of the ``with`` block."""
         with self.get(key):
             yield
 
     def forget(self, key: str) -> None:
+        """Drop ``key``'s lock (on VM removal) so the set does not grow forever."""
         with self._mu:
             self._locks.pop(key, None)
 
@@ -236,6 +239,10 @@ class Daemon:
         self._stop.set()
 
     def close(self) -> None:
+        """Stop serving and release DNS, the TAP pool and the store; VMs keep running.
+
+        The pid file is removed only if it still names this process.
+        """
         self._stop.set()
         if self._server is not None:
             self._server.close()
@@ -276,6 +283,7 @@ class Daemon:
 
     @property
     def db(self) -> Store:
+        """The open store; asserts that :meth:`open` was called."""
         assert self.store is not None, "Daemon.open() was not called"
         return self.store
 
@@ -294,25 +302,30 @@ class Daemon:
             return drv
 
     def dial(self, ip: str) -> Guest:
+        """A :class:`Guest` for ``ip``: the test seam's, else SSH with banger's key."""
         if self.seams.dial is not None:
             return self.seams.dial(ip)
         return SSHGuest(self.runner, self.layout.key_path, self.layout.known_hosts, ip)
 
     def begin_inflight(self, vm_id: str) -> CancelToken:
+        """Register and return a new cancel token for a boot of ``vm_id``."""
         token = CancelToken()
         self.register_inflight(vm_id, token)
         return token
 
     def register_inflight(self, vm_id: str, token: CancelToken) -> None:
+        """Record ``token`` so stop/delete can cancel ``vm_id``'s boot."""
         with self._inflight_mu:
             self._inflight[vm_id] = token
 
     def end_inflight(self, vm_id: str, token: CancelToken) -> None:
+        """Forget ``vm_id``'s token, unless another boot has replaced it since."""
         with self._inflight_mu:
             if self._inflight.get(vm_id) is token:
                 del self._inflight[vm_id]
 
     def cancel_inflight(self, vm_id: str, reason: str) -> bool:
+        """Cancel ``vm_id``'s in-flight boot with ``reason``; False if none runs."""
         with self._inflight_mu:
             token = self._inflight.get(vm_id)
         if token is None:
@@ -321,6 +334,7 @@ class Daemon:
         return True
 
     def wait_inflight_gone(self, vm_id: str, timeout: float) -> bool:
+        """Poll until ``vm_id``'s boot has unwound or ``timeout`` passes; True if gone."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._inflight_mu:
@@ -344,6 +358,7 @@ class Daemon:
                 time.sleep(3600)
 
     def status(self) -> dict[str, Any]:
+        """Daemon facts for ``daemon.ping``: pid, version, paths, uptime, VM and op counts."""
         vms = self.db.list_vms()
         return {
             "pid": os.getpid(), "version": __version__, "protocol": PROTOCOL_VERSION,
@@ -364,6 +379,7 @@ def new_id() -> str:
 
 
 def error_of(exc: BaseException) -> BangerError:
+    """``exc`` as a :class:`BangerError`, wrapping any other exception in ``HostError``."""
     if isinstance(exc, BangerError):
         return exc
     return HostError(str(exc))

@@ -43,18 +43,27 @@ class VMResolver(BaseResolver):  # type: ignore[misc]
         self._records: dict[str, str] = {}
 
     def set(self, name: str, ip: str) -> None:
+        """Answer ``<name>.vm`` with ``ip`` (names are case-insensitive)."""
         with self._mu:
             self._records[name.lower()] = ip
 
     def remove(self, name: str) -> None:
+        """Stop answering for ``name``; unknown names are ignored."""
         with self._mu:
             self._records.pop(name.lower(), None)
 
     def lookup(self, name: str) -> str | None:
+        """The address recorded for ``name``, or None."""
         with self._mu:
             return self._records.get(name.lower())
 
     def resolve(self, request: Any, handler: Any) -> Any:
+        """dnslib's hook: answer ``<name>.vm`` locally, forward anything else.
+
+        Unknown ``.vm`` names get NXDOMAIN and non-A queries for known ones an empty
+        NOERROR. Other names go to the upstream resolver (SERVFAIL when it fails), or
+        are REFUSED when there is none.
+        """
         reply = request.reply()
         qname = str(request.q.qname).rstrip(".").lower()
         labels = qname.split(".")
@@ -93,18 +102,22 @@ class VMDNS:
         self._servers: list[DNSServer] = []
 
     def listen(self, address: str, port: int) -> None:
+        """Start a UDP server thread on ``address``:``port`` sharing the record table."""
         server = DNSServer(self.resolver, address=address, port=port, logger=_QuietLogger())
         server.start_thread()
         self._servers.append(server)
         log.info("dns: serving .%s on %s:%d", ZONE, address, port)
 
     def register(self, name: str, ip: str) -> None:
+        """Make ``<name>.vm`` resolve to ``ip`` on every listening server."""
         self.resolver.set(name, ip)
 
     def unregister(self, name: str) -> None:
+        """Make ``<name>.vm`` answer NXDOMAIN again."""
         self.resolver.remove(name)
 
     def close(self) -> None:
+        """Stop every server thread and close its socket."""
         for server in self._servers:
             server.stop()
             server.server.server_close()

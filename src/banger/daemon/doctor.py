@@ -40,6 +40,7 @@ class Check:
     hint: str = ""
 
     def to_json(self) -> dict[str, str]:
+        """The check as a dict of strings; ``banger doctor`` prints these (table or ``--json``)."""
         return {"name": self.name, "status": self.status.value, "detail": self.detail,
                 "hint": self.hint}
 

@@ -28,9 +28,17 @@ class Guest(Protocol):
     ip: str
 
     def run(self, script: str, *, timeout: float = 60.0, input: bytes | None = None,
-            check: bool = True, desc: str = "guest command") -> Result: ...
+            check: bool = True, desc: str = "guest command") -> Result:
+        """Run the shell string ``script`` in the guest and wait for it.
 
-    def popen(self, script: str, **kwargs: object) -> subprocess.Popen[bytes]: ...
+        Raises:
+            GuestError: it failed (non-zero exit only with ``check``), or ``timeout`` passed.
+        """
+        ...
+
+    def popen(self, script: str, **kwargs: object) -> subprocess.Popen[bytes]:
+        """Start ``script`` in the guest without waiting; the caller owns the process."""
+        ...
 
 
 @dataclass
@@ -44,11 +52,17 @@ class SSHGuest:
     ssh_bin: str = "ssh"
 
     def argv(self, script: str) -> list[str]:
+        """The ssh command line that runs ``script`` in the guest as one ``sh -c`` argument."""
         # The remote side always gets one argument run by sh -c, so quoting is ours.
         return [*ssh_argv(self.ssh_bin, self.key_path, self.known_hosts, self.ip), script]
 
     def run(self, script: str, *, timeout: float = 60.0, input: bytes | None = None,
             check: bool = True, desc: str = "guest command") -> Result:
+        """Run ``script`` in the guest over one ssh process and wait for it.
+
+        Raises:
+            GuestError: ssh or the script failed (with ``check``), or ``timeout`` passed.
+        """
         try:
             return self.runner.run(self.argv(script), desc=f"{desc} on {self.ip}",
                                    timeout=timeout, input=input, check=check)
@@ -63,10 +77,13 @@ class SSHGuest:
 
 
 class GuestDialer(Protocol):
-    def __call__(self, ip: str) -> Guest: ...
+    def __call__(self, ip: str) -> Guest:
+        """A :class:`Guest` for the VM at ``ip``."""
+        ...
 
 
 def tcp_open(ip: str, port: int | None = None, timeout: float = 1.0) -> bool:
+    """True when a TCP connect to ``ip`` (port 22 by default) succeeds within ``timeout``."""
     try:
         with socket.create_connection((ip, port or SSH_PORT), timeout=timeout):
             return True

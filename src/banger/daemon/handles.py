@@ -32,6 +32,7 @@ class VMHandles:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
+        """The handles as the JSON object stored in ``handles.json``."""
         return {
             "vmm": self.vmm,
             "process": self.process.to_json() if self.process else None,
@@ -42,6 +43,7 @@ class VMHandles:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> VMHandles:
+        """Rebuild handles from :meth:`to_json` output (``handles.json``)."""
         return cls(
             vmm=str(data["vmm"]),
             process=ProcessIdentity.from_json(data["process"]) if data.get("process") else None,
@@ -57,6 +59,7 @@ class VMHandles:
                 "process": self.process.to_json() if self.process else None}
 
     def with_(self, **changes: Any) -> VMHandles:
+        """A copy with ``changes`` applied (the dataclass is frozen)."""
         return replace(self, **changes)
 
 
@@ -70,16 +73,19 @@ class HandleCache:
         self._cache: dict[str, VMHandles] = {}
 
     def get(self, vm_id: str) -> VMHandles | None:
+        """The cached handles of ``vm_id``; None when not cached (no file read)."""
         with self._mu:
             return self._cache.get(vm_id)
 
     def put(self, vm_id: str, handles: VMHandles) -> None:
+        """Write ``handles.json`` crash-safely, then cache ``handles`` for ``vm_id``."""
         path = self.layout.vm(vm_id).handles
         atomic_write(path, json.dumps(handles.to_json(), indent=1).encode())
         with self._mu:
             self._cache[vm_id] = handles
 
     def drop(self, vm_id: str) -> None:
+        """Delete ``vm_id``'s ``handles.json`` and forget its cached entry."""
         self.layout.vm(vm_id).handles.unlink(missing_ok=True)
         with self._mu:
             self._cache.pop(vm_id, None)
@@ -100,5 +106,6 @@ class HandleCache:
         return handles
 
     def all(self) -> dict[str, VMHandles]:
+        """A snapshot copy of every cached entry, keyed by VM id."""
         with self._mu:
             return dict(self._cache)

@@ -47,6 +47,7 @@ EXT4_MAGIC = b"\x53\xef"
 
 
 def view(img: ImageRecord) -> dict[str, Any]:
+    """``img`` as the JSON-ready :class:`ImageView` the RPC returns."""
     return ImageView(
         name=img.name, source=img.source, rootfs=img.rootfs, kernel=img.kernel,
         initrd=img.initrd, size_bytes=img.size_bytes, created_at=img.created_at,
@@ -89,6 +90,20 @@ def ensure_image(d: Daemon, name: str, op: Operation) -> ImageRecord:
 
 
 def begin_build(d: Daemon, name: str, *, join_existing: bool = False) -> Operation:
+    """Start building the built-in image ``name`` in the background.
+
+    Args:
+        join_existing: return a build of ``name`` already in progress instead of
+            refusing (used when a VM create needs the image).
+
+    Returns:
+        The build operation (stages: ``BUILD_STAGES``).
+
+    Raises:
+        BadRequest: ``name`` is not a valid image name.
+        NotFound: there is no built-in recipe called ``name``.
+        AlreadyExists: the image exists, or is being built and ``join_existing`` is false.
+    """
     check_name(name, "image")
     recipe = recipe_for(name)
     with d.image_ops_mu:
@@ -252,6 +267,11 @@ def extract_workseed(d: Daemon, rootfs: Path, dest: Path) -> None:
 
 
 def inject_guest_agent(d: Daemon, rootfs: Path, staging: Path) -> None:
+    """Write banger's guest agent into the ext4 image ``rootfs`` with debugfs.
+
+    No mount needed; only directories the image lacks are created (probed with
+    ``debugfs stat`` first). Scratch files go in ``staging`` and are removed after.
+    """
     files = guest_agent_files()
     missing = set()
     for directory in injected_dirs(files):
@@ -269,6 +289,7 @@ def inject_guest_agent(d: Daemon, rootfs: Path, staging: Path) -> None:
 
 
 def delete(d: Daemon, name: str) -> dict[str, Any]:
+    """Unregister image ``name`` and remove its directory (refused while a VM uses it)."""
     with d.image_ops_mu:
         d.db.delete_image(name)
         remove_tree(d.layout.image_dir(name))
@@ -276,8 +297,10 @@ def delete(d: Daemon, name: str) -> dict[str, Any]:
 
 
 def list_images(d: Daemon) -> list[dict[str, Any]]:
+    """Every registered image as an :class:`ImageView` dict, sorted by name."""
     return [view(i) for i in d.db.list_images()]
 
 
 def show(d: Daemon, name: str) -> dict[str, Any]:
+    """Image ``name`` as an :class:`ImageView` dict; NotFound when it is not registered."""
     return view(d.db.get_image(name))

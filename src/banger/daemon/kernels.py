@@ -40,6 +40,7 @@ class BootFiles:
 
 
 def view(k: KernelRecord) -> dict[str, Any]:
+    """``k`` as the JSON-ready dict the kernel RPCs return (``created_at`` in ISO 8601)."""
     return {"name": k.name, "vmlinux": k.vmlinux, "bzimage": k.bzimage, "initrd": k.initrd,
             "vmms": list(k.vmms), "version": k.version, "source": k.source,
             "size_bytes": k.size_bytes, "created_at": k.created_at.isoformat()}
@@ -113,6 +114,7 @@ def import_files(d: Daemon, name: str, paths: list[str], initrd: str | None,
 
 
 def remove(d: Daemon, name: str) -> dict[str, Any]:
+    """Unregister kernel ``name`` and remove its directory (refused while an image uses it)."""
     with d.image_ops_mu:
         d.db.delete_kernel(name)
         remove_tree(d.layout.kernel_dir(name))
@@ -120,10 +122,12 @@ def remove(d: Daemon, name: str) -> dict[str, Any]:
 
 
 def list_kernels(d: Daemon) -> list[dict[str, Any]]:
+    """Every registered kernel as a :func:`view` dict, sorted by name."""
     return [view(k) for k in d.db.list_kernels()]
 
 
 def show(d: Daemon, name: str) -> dict[str, Any]:
+    """Kernel ``name`` as a :func:`view` dict; NotFound when it is not registered."""
     return view(d.db.get_kernel(name))
 
 

@@ -24,15 +24,27 @@ TAP_PREFIX = "bgt"  # every TAP banger creates starts with this; sweeps rely on 
 
 
 def tap_name() -> str:
+    """A fresh random TAP name, ``bgt`` + 8 hex digits."""
     # IFNAMSIZ is 16 with the NUL; "bgt" + 8 hex = 11 leaves room and avoids collisions.
     return TAP_PREFIX + secrets.token_hex(4)
 
 
 class HostNetwork(Protocol):
-    def ensure_bridge(self, name: str, cidr: str) -> None: ...
-    def create_tap(self, name: str, bridge: str) -> None: ...
-    def delete_link(self, name: str) -> None: ...
-    def links(self) -> list[str]: ...
+    def ensure_bridge(self, name: str, cidr: str) -> None:
+        """Create bridge ``name`` if missing, give it ``cidr``'s address, bring it up."""
+        ...
+
+    def create_tap(self, name: str, bridge: str) -> None:
+        """Create TAP ``name``, enslave it to ``bridge`` and bring it up."""
+        ...
+
+    def delete_link(self, name: str) -> None:
+        """Delete link ``name``; a missing link is not an error."""
+        ...
+
+    def links(self) -> list[str]:
+        """The names of every network link on the host."""
+        ...
 
 
 class NetlinkNetwork:
@@ -44,6 +56,11 @@ class NetlinkNetwork:
         return IPRoute()
 
     def ensure_bridge(self, name: str, cidr: str) -> None:
+        """Create bridge ``name`` if missing, add ``cidr``'s address if absent, set it up.
+
+        Raises:
+            HostError: any netlink failure (usually missing CAP_NET_ADMIN).
+        """
         iface = ipaddress.ip_interface(cidr)
         try:
             with self._ipr() as ipr:
@@ -63,6 +80,12 @@ class NetlinkNetwork:
                             hint="banger needs root (CAP_NET_ADMIN); see `banger doctor`") from exc
 
     def create_tap(self, name: str, bridge: str) -> None:
+        """Create TAP ``name`` enslaved to ``bridge`` and up.
+
+        Raises:
+            HostError: the bridge is missing, or netlink failed (the half-made TAP
+                is deleted first).
+        """
         try:
             with self._ipr() as ipr:
                 bidx = ipr.link_lookup(ifname=bridge)
@@ -79,6 +102,11 @@ class NetlinkNetwork:
                             hint="check /dev/net/tun with `banger doctor`") from exc
 
     def delete_link(self, name: str) -> None:
+        """Delete link ``name`` if it exists.
+
+        Raises:
+            HostError: netlink refused the deletion.
+        """
         try:
             with self._ipr() as ipr:
                 found = ipr.link_lookup(ifname=name)
@@ -88,6 +116,7 @@ class NetlinkNetwork:
             raise HostError(f"cannot delete link {name}: {exc}") from exc
 
     def links(self) -> list[str]:
+        """The names of every network link on the host."""
         with self._ipr() as ipr:
             return [str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()]
 
@@ -122,6 +151,7 @@ class TapPool:
         self.net.delete_link(name)
 
     def owned(self) -> set[str]:
+        """The warm TAPs still in the pool (a sweep must not delete them)."""
         with self._mu:
             return set(self._ready)
 
@@ -161,10 +191,12 @@ class TapPool:
 
 
 def gateway(cidr: str) -> str:
+    """The bridge's own address in ``cidr`` (the guests' gateway and DNS server)."""
     return str(ipaddress.ip_interface(cidr).ip)
 
 
 def prefixlen(cidr: str) -> int:
+    """The network prefix length of ``cidr`` (24 for ``172.29.0.1/24``)."""
     return ipaddress.ip_interface(cidr).network.prefixlen
 
 

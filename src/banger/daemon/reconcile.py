@@ -51,6 +51,11 @@ def ensure_ssh_key(d: Daemon) -> None:
 
 
 def reconcile(d: Daemon) -> None:
+    """Bring the host back in line with the store at daemon start-up.
+
+    Ensures the SSH key, removes staging debris, reconciles each VM (a failure is
+    logged, not raised), sweeps unowned host resources and rewrites the SSH config.
+    """
     ensure_ssh_key(d)
     remove_tree(d.layout.staging_dir)  # half-built images from a previous life
     for vm in d.db.list_vms():
@@ -77,6 +82,13 @@ def _live_handles(d: Daemon, vm: VMRecord) -> tuple[VMHandles, bool]:
 
 
 def reconcile_vm(d: Daemon, vm: VMRecord) -> None:
+    """Make ``vm``'s row and its host resources agree after a daemon restart.
+
+    A live VMM of a RUNNING, STARTING or ERROR VM is re-adopted (an interrupted boot
+    finishes in the background); VMs caught mid-create or mid-delete are destroyed.
+    Otherwise any VMM is killed, leftovers are torn down and the VM is marked
+    stopped, or ERROR when teardown reports problems.
+    """
     h, alive = _live_handles(d, vm)
     state = vm.state
     if state in (VMState.CREATING, VMState.DELETING):

@@ -25,6 +25,11 @@ M = TypeVar("M", bound=Model)
 
 
 def parse(model: type[M], params: dict[str, Any]) -> M:
+    """Validate ``params`` against ``model``.
+
+    Raises:
+        BadRequest: the first validation error, naming the field (``invalid params: ...``).
+    """
     try:
         return model.model_validate(params)
     except ValidationError as exc:

@@ -62,6 +62,10 @@ class RPCServer:
         self.allowed_uids = {0, os.getuid()}
 
     def serve_until(self, stop: threading.Event) -> None:
+        """Accept connections until ``stop`` is set, one thread each.
+
+        Beyond ``MAX_CONNECTIONS`` concurrent clients a new connection is closed at once.
+        """
         while not stop.is_set():
             try:
                 conn, _ = self.sock.accept()
@@ -79,6 +83,7 @@ class RPCServer:
                              name="rpc-conn").start()
 
     def close(self) -> None:
+        """Close the listening socket and remove its path (errors ignored)."""
         with contextlib.suppress(OSError):
             self.sock.close()
         with contextlib.suppress(OSError):

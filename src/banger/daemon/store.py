@@ -85,6 +85,7 @@ MIGRATIONS: list[tuple[int, str, str]] = [
 
 
 def now() -> datetime:
+    """The current time, timezone-aware UTC (every stored timestamp uses it)."""
     return datetime.now(UTC)
 
 
@@ -155,6 +156,7 @@ class Store:
         self.migrate()
 
     def close(self) -> None:
+        """Close the SQLite connection; the store is unusable afterwards."""
         with self._mu:
             self._db.close()
 
@@ -195,6 +197,7 @@ class Store:
         return applied
 
     def schema_version(self) -> int:
+        """The newest applied migration version (0 on an empty database)."""
         with self._mu:
             row = self._db.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
         return int(row[0] or 0)
@@ -218,6 +221,11 @@ class Store:
     # ------------------------------------------------------------ images
 
     def add_image(self, img: ImageRecord) -> None:
+        """Insert ``img``.
+
+        Raises:
+            AlreadyExists: an image with that name is already registered.
+        """
         try:
             with self._tx() as db:
                 db.execute(
@@ -235,19 +243,34 @@ class Store:
             ) from exc
 
     def get_image(self, name: str) -> ImageRecord:
+        """The image called ``name``.
+
+        Raises:
+            NotFound: there is none.
+        """
         rows = self._query("SELECT * FROM images WHERE name = ?", (name,))
         if not rows:
             raise NotFound(f"no image named {name!r}", hint="see `banger image list`")
         return _image(rows[0])
 
     def find_image(self, name: str) -> ImageRecord | None:
+        """The image called ``name``, or None."""
         rows = self._query("SELECT * FROM images WHERE name = ?", (name,))
         return _image(rows[0]) if rows else None
 
     def list_images(self) -> list[ImageRecord]:
+        """Every registered image, sorted by name."""
         return [_image(r) for r in self._query("SELECT * FROM images ORDER BY name")]
 
     def set_image_kernel(self, name: str, kernel_name: str | None) -> ImageRecord:
+        """Point image ``name`` at registry kernel ``kernel_name`` (None: its own).
+
+        Returns:
+            The updated image.
+
+        Raises:
+            NotFound: the image or the kernel does not exist.
+        """
         with self._tx() as db:
             if kernel_name is not None and not db.execute(
                     "SELECT 1 FROM kernels WHERE name = ?", (kernel_name,)).fetchone():
@@ -261,6 +284,11 @@ class Store:
     # ------------------------------------------------------------ kernels
 
     def add_kernel(self, k: KernelRecord) -> None:
+        """Insert ``k``.
+
+        Raises:
+            AlreadyExists: a kernel with that name is already registered.
+        """
         try:
             with self._tx() as db:
                 db.execute(
@@ -273,19 +301,32 @@ class Store:
                                 hint=f"remove it first with `banger kernel rm {k.name}`") from exc
 
     def find_kernel(self, name: str) -> KernelRecord | None:
+        """The kernel called ``name``, or None."""
         rows = self._query("SELECT * FROM kernels WHERE name = ?", (name,))
         return _kernel(rows[0]) if rows else None
 
     def get_kernel(self, name: str) -> KernelRecord:
+        """The kernel called ``name``.
+
+        Raises:
+            NotFound: there is none.
+        """
         k = self.find_kernel(name)
         if k is None:
             raise NotFound(f"no kernel named {name!r}", hint="see `banger kernel list`")
         return k
 
     def list_kernels(self) -> list[KernelRecord]:
+        """Every registered kernel, sorted by name."""
         return [_kernel(r) for r in self._query("SELECT * FROM kernels ORDER BY name")]
 
     def delete_kernel(self, name: str) -> None:
+        """Delete the kernel row ``name`` (its files are the caller's job).
+
+        Raises:
+            InvalidState: an image still uses the kernel.
+            NotFound: there is no such kernel.
+        """
         with self._tx() as db:
             users = [r[0] for r in db.execute("SELECT name FROM images WHERE kernel_name = ?",
                                               (name,))]
@@ -297,6 +338,12 @@ class Store:
                 raise NotFound(f"no kernel named {name!r}", hint="see `banger kernel list`")
 
     def delete_image(self, name: str) -> None:
+        """Delete the image row ``name`` (its files are the caller's job).
+
+        Raises:
+            InvalidState: a VM still uses the image.
+            NotFound: there is no such image.
+        """
         with self._tx() as db:
             users = [r[0] for r in db.execute("SELECT name FROM vms WHERE image = ?", (name,))]
             if users:
@@ -310,6 +357,11 @@ class Store:
     # ------------------------------------------------------------ vms
 
     def add_vm(self, vm: VMRecord) -> None:
+        """Insert ``vm`` (its workspace column starts empty).
+
+        Raises:
+            AlreadyExists: the name, IP or MAC is taken (reported as a name clash).
+        """
         try:
             with self._tx() as db:
                 db.execute(
@@ -326,6 +378,11 @@ class Store:
             ) from exc
 
     def get_vm(self, vm_id: str) -> VMRecord:
+        """The VM with id ``vm_id``.
+
+        Raises:
+            NotFound: there is none.
+        """
         rows = self._query("SELECT * FROM vms WHERE id = ?", (vm_id,))
         if not rows:
             raise NotFound(f"no VM with id {vm_id!r}", hint="see `banger vm list`")
@@ -338,12 +395,15 @@ class Store:
         return _vm(rows[0]) if rows else None
 
     def list_vms(self) -> list[VMRecord]:
+        """Every VM, oldest first (ties by name)."""
         return [_vm(r) for r in self._query("SELECT * FROM vms ORDER BY created_at, name")]
 
     def used_ips(self) -> set[str]:
+        """Guest IPs held by existing VMs, for address allocation."""
         return {r[0] for r in self._query("SELECT ip FROM vms")}
 
     def used_names(self) -> set[str]:
+        """Names of existing VMs, for generating a free name."""
         return {r[0] for r in self._query("SELECT name FROM vms")}
 
     def update_vm(self, vm: VMRecord, **changes: Any) -> VMRecord:
@@ -362,6 +422,7 @@ class Store:
         return new
 
     def delete_vm(self, vm_id: str) -> None:
+        """Delete the VM row ``vm_id``; a missing row is not an error."""
         with self._tx() as db:
             db.execute("DELETE FROM vms WHERE id = ?", (vm_id,))
 

@@ -12,6 +12,7 @@ from banger.vmm import VMMDriver
 
 
 def firecracker_binary(cfg: Config) -> str | None:
+    """The Firecracker binary the config names or PATH has, or None (lazy import)."""
     from banger.daemon.fcproc import find_firecracker
 
     return find_firecracker(cfg)
@@ -32,6 +33,11 @@ def resolve_vmm(cfg: Config, requested: str,
 
 
 def resolve_accel(cfg: Config) -> str:
+    """The QEMU accelerator to use: ``kvm`` or ``tcg`` (``auto``: KVM when usable).
+
+    Raises:
+        HostError: ``qemu_accel = kvm`` but ``/dev/kvm`` cannot run guests.
+    """
     if cfg.qemu_accel.value == "auto":
         return "kvm" if kvm_status().usable else "tcg"
     if cfg.qemu_accel.value == "kvm" and not kvm_status().usable:
@@ -41,6 +47,12 @@ def resolve_accel(cfg: Config) -> str:
 
 
 def make_driver(cfg: Config, runner: Runner, name: str) -> VMMDriver:
+    """Build the VMM driver called ``name`` (``qemu`` or ``firecracker``).
+
+    Raises:
+        HostError: the VMM's binary is missing or unusable.
+        BadRequest: unknown VMM name, or a jailer set-up that cannot work.
+    """
     if name == "qemu":
         from banger.daemon.qemuproc import QemuDriver
 

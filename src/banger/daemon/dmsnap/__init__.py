@@ -42,11 +42,13 @@ class CowHandle:
     dm_name: str | None = None
 
     def to_json(self) -> dict[str, Any]:
+        """The handle as a JSON object (``handles.json`` and the VM's runtime record)."""
         return {"strategy": self.strategy, "path": self.path, "device": self.device,
                 "loops": list(self.loops), "dm_name": self.dm_name}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> CowHandle:
+        """Rebuild a handle from :meth:`to_json` output."""
         return cls(strategy=str(data["strategy"]), path=str(data["path"]),
                    device=data.get("device"), loops=list(data.get("loops") or []),
                    dm_name=data.get("dm_name"))
@@ -121,6 +123,11 @@ class ReflinkCow(_FileCow):
     name = "reflink"
 
     def create(self, origin: Path, target: Path) -> CowHandle:
+        """``FICLONE`` ``origin`` to ``target``: instant, blocks shared until written.
+
+        Raises:
+            HostError: the file system cannot reflink (the partial target is removed).
+        """
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             with origin.open("rb") as src, target.open("wb") as dst:
@@ -136,6 +143,11 @@ class CopyCow(_FileCow):
     name = "copy"
 
     def create(self, origin: Path, target: Path) -> CowHandle:
+        """Sparse-copy ``origin`` to ``target`` (data extents only).
+
+        Raises:
+            HostError: the copy failed, e.g. out of space (the partial target is removed).
+        """
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             sparse_copy(origin, target)
@@ -204,6 +216,7 @@ class DmSnapshotCow:
         self.runner = runner
 
     def create(self, origin: Path, target: Path) -> CowHandle:
+        """Make an empty sparse exception store at ``target``, the size of ``origin``."""
         # The exception store only needs to hold changed chunks; a sparse file the
         # size of the origin can never overflow (persistent snapshots invalidate on overflow).
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -212,6 +225,14 @@ class DmSnapshotCow:
         return CowHandle(self.name, str(target))
 
     def activate(self, handle: CowHandle, origin: Path, vm_id: str) -> CowHandle:
+        """Attach origin and store to loop devices and create the snapshot target.
+
+        A handle whose device already exists is returned unchanged; anything left of
+        an earlier activation is torn down first. On failure the loops made are detached.
+
+        Returns:
+            The handle with ``device`` (``/dev/mapper/banger-<vm id>``), loops and dm name.
+        """
         if handle.device and Path(handle.device).exists():
             return handle
         handle = self.deactivate(handle)
@@ -234,6 +255,11 @@ class DmSnapshotCow:
                          loops=loops, dm_name=dm_name)
 
     def deactivate(self, handle: CowHandle) -> CowHandle:
+        """Remove the dm target and detach the loops; returns the bare handle.
+
+        Raises:
+            CommandFailed: ``dmsetup remove`` failed for a reason other than a missing device.
+        """
         if handle.dm_name:
             res = self.runner.run(["dmsetup", "remove", "--retry", handle.dm_name],
                                   desc=f"remove dm snapshot {handle.dm_name}", timeout=30,
@@ -245,6 +271,7 @@ class DmSnapshotCow:
         return CowHandle(self.name, handle.path)
 
     def remove(self, handle: CowHandle) -> None:
+        """Delete the exception store file (after :meth:`deactivate`)."""
         Path(handle.path).unlink(missing_ok=True)
 
     def _losetup(self, path: Path, *, read_only: bool) -> str:

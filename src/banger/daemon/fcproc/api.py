@@ -150,6 +150,12 @@ class UnixSocketTransport(httpx.BaseTransport):
         self._inner = httpx.HTTPTransport(uds=str(socket_path))
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
+        """Connect once to the socket ourselves, then send ``request`` through httpx.
+
+        Raises:
+            httpx.ConnectTimeout: the connect did not finish within the connect timeout.
+            httpx.ConnectError: the socket is missing or refuses connections.
+        """
         timeout = request.extensions.get("timeout", {}).get("connect", CONNECT_TIMEOUT_S)
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -162,6 +168,7 @@ class UnixSocketTransport(httpx.BaseTransport):
         return self._inner.handle_request(request)
 
     def close(self) -> None:
+        """Close the wrapped httpx transport and its pooled connections."""
         self._inner.close()
 
 

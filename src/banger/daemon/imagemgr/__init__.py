@@ -157,9 +157,11 @@ class Recipe:
     ))
 
     def all_packages(self) -> list[str]:
+        """The packages debootstrap installs: the recipe's list plus the kernel package."""
         return [*self.packages, self.kernel_package]
 
     def files(self) -> list[GuestFile]:
+        """Every file written into the built root: banger's agent files, then the recipe's."""
         return [*guest_agent_files(), *self.extra_files]
 
     def digest(self) -> str:
@@ -173,6 +175,13 @@ class Recipe:
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
     def debootstrap_argv(self, target: Path, mirror: str, cache_dir: Path) -> list[str]:
+        """The debootstrap command that builds the base root into ``target``.
+
+        Args:
+            target: the empty root directory to fill.
+            mirror: the Debian mirror URL (``debian_mirror`` in the config).
+            cache_dir: debootstrap's package cache, kept between builds.
+        """
         return [
             "debootstrap", f"--variant={self.variant}",
             f"--include={','.join(self.all_packages())}",
@@ -185,6 +194,11 @@ BUILTIN_RECIPES = {r.name: r for r in (Recipe(),)}
 
 
 def recipe_for(name: str) -> Recipe:
+    """The built-in recipe called ``name``.
+
+    Raises:
+        NotFound: there is no such built-in recipe (the hint lists them).
+    """
     try:
         return BUILTIN_RECIPES[name]
     except KeyError:

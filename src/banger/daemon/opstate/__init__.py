@@ -59,12 +59,17 @@ class Operation:
             self._changed.notify_all()
 
     def report(self, progress: str) -> None:
+        """Replace the progress text within the current stage and wake pollers."""
         with self._changed:
             self.progress = progress
             self.updated_at = _now()
             self._changed.notify_all()
 
     def finish(self, result: Any = None, error: BangerError | None = None) -> None:
+        """Mark the op done with ``result`` or ``error`` and wake every waiter.
+
+        The final stage is ``done``, ``failed``, or ``cancelled`` for a :class:`Cancelled` error.
+        """
         with self._changed:
             self.result = result
             self.error = error
@@ -87,6 +92,7 @@ class Operation:
             self._changed.wait_for(lambda: self.updated_at > since or self.done, timeout)
 
     def view(self) -> dict[str, Any]:
+        """The op as a plain dict for ``vms.op_view`` (error flattened to message + data)."""
         err = None
         if self.error is not None:
             err = {"message": self.error.message, **self.error.to_data()}
@@ -110,12 +116,18 @@ class Registry(Generic[T]):
         self._ops: dict[str, T] = {}
 
     def add(self, op: T) -> T:
+        """Register ``op`` (dropping long-finished ops first) and return it."""
         with self._mu:
             self._gc()
             self._ops[op.id] = op
         return op
 
     def get(self, op_id: str) -> T:
+        """The op with id ``op_id``.
+
+        Raises:
+            NotFound: unknown id, or finished more than ``KEEP_FINISHED_S`` ago.
+        """
         with self._mu:
             op = self._ops.get(op_id)
         if op is None:
@@ -123,11 +135,13 @@ class Registry(Generic[T]):
         return op
 
     def all(self) -> list[T]:
+        """Every op still kept, oldest first; finished ones expire after ``KEEP_FINISHED_S``."""
         with self._mu:
             self._gc()
             return sorted(self._ops.values(), key=lambda o: o.started_at)
 
     def active(self) -> list[T]:
+        """The ops that have not finished yet."""
         return [op for op in self.all() if not op.done]
 
     def run(self, op: T, work: Callable[[T], Any], *, name: str) -> T:

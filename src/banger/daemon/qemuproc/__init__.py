@@ -110,6 +110,12 @@ class QemuDriver:
         self.accel = accel
 
     def launch(self, plan: LaunchPlan) -> ProcessIdentity:
+        """Start QEMU daemonized for ``plan`` and identify it from its pid file.
+
+        Raises:
+            VMMError: QEMU failed to start (reason from stderr or its ``-D`` log), left
+                no pid file, or exited right after starting.
+        """
         p = plan.paths
         p.run.mkdir(parents=True, exist_ok=True)
         p.state.mkdir(parents=True, exist_ok=True)
@@ -137,6 +143,7 @@ class QemuDriver:
         return ident
 
     def request_shutdown(self, plan_paths: VMPaths, ident: ProcessIdentity) -> bool:
+        """Send ``system_powerdown`` (ACPI) over QMP; False if QMP did not answer."""
         try:
             qmp_command(plan_paths.qmp_socket, "system_powerdown")
         except VMMError:
@@ -152,6 +159,7 @@ class QemuDriver:
         return True
 
     def cleanup(self, plan_paths: VMPaths) -> None:
+        """Remove the pid file and QMP socket after QEMU is gone."""
         for f in (plan_paths.pid_file, plan_paths.run / "qmp.sock"):
             f.unlink(missing_ok=True)
 

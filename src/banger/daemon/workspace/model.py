@@ -43,9 +43,17 @@ class GuestChannel(Protocol):
     ip: str
 
     def run(self, script: str, *, timeout: float = 60.0, input: bytes | None = None,
-            check: bool = True, desc: str = "guest command") -> Result: ...
+            check: bool = True, desc: str = "guest command") -> Result:
+        """Run the shell string ``script`` in the guest and wait for it.
 
-    def popen(self, script: str, **kwargs: Any) -> subprocess.Popen[bytes]: ...
+        Raises:
+            GuestError: it failed (non-zero exit only with ``check``), or ``timeout`` passed.
+        """
+        ...
+
+    def popen(self, script: str, **kwargs: Any) -> subprocess.Popen[bytes]:
+        """Start ``script`` in the guest without waiting; the caller owns the process."""
+        ...
 
 
 class WorkspaceMode(StrEnum):
@@ -213,6 +221,10 @@ class SubmodulePlan:
     plan: CopyPlan
 
     def walk(self, prefix: str) -> Iterator[tuple[str, RepoInfo | None, CopyPlan]]:
+        """(path prefix, info, plan) for this submodule, then its own submodules.
+
+        ``prefix`` is the parent repository's prefix; the yielded prefix ends in ``/``.
+        """
         here = f"{prefix}{self.path}/"
         yield here, self.info, self.plan
         for sub in self.plan.submodules:

@@ -52,21 +52,26 @@ class Names:
 
     @property
     def parent(self) -> str:
+        """The guest directory that holds the workspace (``P``)."""
         return posixpath.dirname(self.target)
 
     @property
     def name(self) -> str:
+        """The workspace's directory name (``N``)."""
         return posixpath.basename(self.target)
 
     @property
     def staging(self) -> str:
+        """``P/.N.banger-partial-<token>``: where this prepare fills the new tree."""
         return posixpath.join(self.parent, f".{self.name}.banger-partial-{self.token}")
 
     @property
     def old(self) -> str:
+        """``P/.N.banger-old-<token>``: the previous workspace during the swap."""
         return posixpath.join(self.parent, f".{self.name}.banger-old-{self.token}")
 
     def vars(self) -> str:
+        """Shell assignments of ``T``, ``P``, ``N``, ``S`` and ``O`` that start each script."""
         return (f"T={quote(self.target)} P={quote(self.parent)} N={quote(self.name)} "
                 f"S={quote(self.staging)} O={quote(self.old)}")
 
