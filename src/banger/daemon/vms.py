@@ -89,6 +89,7 @@ def resolve(d: Daemon, ref: str) -> VMRecord:
 
 
 def view(d: Daemon, vm: VMRecord) -> dict[str, Any]:
+    """A VM as the CLI shows it (``VMView``): the row plus live pid/TAP from the handle cache."""
     h = d.handles.get(vm.id)
     ws = vm.workspace
     return VMView(
@@ -116,6 +117,7 @@ def transition(d: Daemon, vm_id: str, to: VMState, *, expect: set[VMState] | Non
 
 
 def update_runtime(d: Daemon, vm_id: str, **runtime: Any) -> VMRecord:
+    """Merge ``runtime`` keys into the VM row under its lock (None deletes a key)."""
     with d.vm_locks.held(vm_id):
         vm = d.db.get_vm(vm_id)
         return d.db.update_vm(vm, runtime=_merge(vm.runtime, runtime))
@@ -271,6 +273,7 @@ def make_disks(d: Daemon, vm: VMRecord, img: ImageRecord, cancel: CancelToken) -
 
 
 def grow_ext4(d: Daemon, image: Path, size: int) -> None:
+    """Grow an unmounted ext4 image file to ``size`` bytes (refuses to shrink it)."""
     current = image.stat().st_size
     if size < current:
         raise BadRequest(
@@ -310,6 +313,7 @@ def make_work_disk(d: Daemon, vm: VMRecord, img: ImageRecord, target: Path) -> N
 
 
 def create_sync(d: Daemon, params: CreateParams) -> dict[str, Any]:
+    """``vm.create``: begin a create and wait for it; returns the VM view or raises its error."""
     op = begin_create(d, params)
     op.wait()
     if op.error is not None:
@@ -319,6 +323,7 @@ def create_sync(d: Daemon, params: CreateParams) -> dict[str, Any]:
 
 
 def op_view(op: Operation) -> dict[str, Any]:
+    """An operation as JSON for the CLI (``OpView``)."""
     return OpView.model_validate(op.view()).model_dump(mode="json")
 
 
@@ -326,6 +331,8 @@ def op_view(op: Operation) -> dict[str, Any]:
 
 
 def kernel_cmdline(d: Daemon, vm: VMRecord) -> str:
+    """The guest kernel command line: console, root disk, and the ``banger.*`` network args
+    that ``banger-init`` reads in the guest (plus Firecracker's reboot/i8042 args)."""
     gw = gateway(d.cfg.bridge_cidr)
     args = [
         "console=ttyS0", "root=/dev/vda", "rw", "loglevel=4", "panic=1",
@@ -405,6 +412,7 @@ def boot(d: Daemon, vm: VMRecord, img: ImageRecord, cancel: CancelToken,
 
 
 def start(d: Daemon, ref: str) -> dict[str, Any]:
+    """``vm start``: boot a stopped (or failed) VM; on failure it is stopped with the reason."""
     vm = resolve(d, ref)
     img = d.db.get_image(vm.image)
     vm = transition(d, vm.id, VMState.STARTING, expect={VMState.STOPPED, VMState.ERROR})
@@ -448,6 +456,8 @@ def _cancel_boot(d: Daemon, vm: VMRecord, reason: str) -> VMRecord | None:
 
 
 def stop(d: Daemon, ref: str, reason: str = "stopped by `banger vm stop`") -> dict[str, Any]:
+    """``vm stop``: cancel a boot in progress, or power the guest off cleanly (bounded),
+    then release its TAP, disk mapping and runtime files."""
     vm = resolve(d, ref)
     fresh = _cancel_boot(d, vm, "stopped by the user")
     if fresh is None:
@@ -559,6 +569,7 @@ def teardown(d: Daemon, vm_id: str, h: VMHandles | None) -> list[str]:
 
 
 def kill(d: Daemon, ref: str, sig_name: str = "KILL") -> dict[str, Any]:
+    """``vm kill``: send a signal to the VMM; a terminating one also tears the VM down."""
     sig = _signal(sig_name)
     vm = resolve(d, ref)
     vm = _cancel_boot(d, vm, f"killed with SIG{sig.name.removeprefix('SIG')}") or vm
@@ -594,6 +605,7 @@ def _signal(name: str) -> signal_mod.Signals:
 
 
 def restart(d: Daemon, ref: str) -> dict[str, Any]:
+    """``vm restart``: stop if running (or failed), then start."""
     vm = resolve(d, ref)
     if vm.state in (VMState.RUNNING, VMState.ERROR):
         stop(d, vm.id, reason="restarting")
@@ -604,6 +616,7 @@ def restart(d: Daemon, ref: str) -> dict[str, Any]:
 
 
 def delete(d: Daemon, ref: str) -> dict[str, Any]:
+    """``vm delete``: cancel a boot or create in progress, then :func:`destroy` the VM."""
     vm = resolve(d, ref)
     fresh = _cancel_boot(d, vm, "deleted by the user")
     if fresh is None:  # the cancelled create rolled itself back
@@ -644,14 +657,17 @@ def destroy(d: Daemon, vm_id: str, reason: str) -> None:
 
 
 def list_vms(d: Daemon) -> list[dict[str, Any]]:
+    """``vm list``: every VM's view, oldest first."""
     return [view(d, vm) for vm in d.db.list_vms()]
 
 
 def show(d: Daemon, ref: str) -> dict[str, Any]:
+    """``vm show``: one VM's view, by name or id."""
     return view(d, resolve(d, ref))
 
 
 def ssh_info(d: Daemon, ref: str) -> dict[str, Any]:
+    """What the CLI needs to run the system ssh into a running VM (and its workspace dir)."""
     vm = resolve(d, ref)
     if vm.state != VMState.RUNNING:
         raise NotRunning(f"VM {vm.name!r} is {vm.state.value}, not running",
@@ -664,9 +680,8 @@ def ssh_info(d: Daemon, ref: str) -> dict[str, Any]:
 
 
 def logs(d: Daemon, ref: str, max_bytes: int = 256 * 1024) -> dict[str, Any]:
+    """The serial log's path and its last ``max_bytes`` (``vm logs -f`` follows the path)."""
     vm = resolve(d, ref)
     path = d.layout.vm(vm.id).serial_log
     return {"name": vm.name, "path": str(path), "content": tail(path, max_bytes)}
 
-
-__all__ = ["OpView", "VMView"]
