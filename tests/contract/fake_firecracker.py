@@ -259,6 +259,9 @@ def _allowed(st: os.stat_result, uid: int, gid: int, *, write: bool) -> bool:
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
+    # Firecracker's API listener is a Rust std UnixListener: backlog 128.
+    # socketserver's default of 5 fills up on a loaded CI host.
+    request_queue_size = 128
     vm: FakeVM
 
 
@@ -272,16 +275,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         status, answer = self.server.vm.handle(self.command, self.path, raw,
                                                self.headers.get("Content-Type"))
         data = json.dumps(answer).encode() if answer is not None else b""
-        self.send_response(status)
-        if status != 204:
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-        self.wfile.flush()
-        if self.server.vm.exit_reason is not None:
-            # The guest "rebooted": Firecracker exits, as with reboot=k.
-            threading.Thread(target=self.server.shutdown, daemon=True).start()
+        try:
+            self.send_response(status)
+            if status != 204:
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if data:  # a 204's client may already have hung up: even b"" would EPIPE
+                self.wfile.write(data)
+            self.wfile.flush()
+        finally:
+            if self.server.vm.exit_reason is not None:
+                # The guest "rebooted": Firecracker exits, as with reboot=k,
+                # whether or not the client stayed to read the answer.
+                threading.Thread(target=self.server.shutdown, daemon=True).start()
 
     def do_GET(self) -> None:
         self._serve()

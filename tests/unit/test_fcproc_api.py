@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import socket
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -168,6 +170,49 @@ def test_silent_vmm_times_out_within_the_budget(sock_dir: Path) -> None:
         with FirecrackerAPI(path, timeout=0.3) as api, pytest.raises(VMMError) as exc:
             api.send_ctrl_alt_del()
     assert exc.value.message == f"Firecracker API PUT /actions timed out after 0.3s on {path}"
+
+
+def test_a_full_listen_backlog_is_waited_out_not_an_error(sock_dir: Path) -> None:
+    """A Unix connect() with a timeout fails with EAGAIN while the backlog is full."""
+    path = sock_dir / "fc.sock"
+    fillers: list[socket.socket] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as srv:
+        srv.bind(str(path))
+        srv.listen(0)
+        while True:  # fill the backlog until the kernel refuses with EAGAIN
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.setblocking(False)
+            try:
+                c.connect(str(path))
+            except BlockingIOError:
+                c.close()
+                break
+            fillers.append(c)
+        assert fillers
+
+        def serve() -> None:
+            time.sleep(0.3)
+            srv.listen(8)  # room again, as a VMM that caught up would have
+            for _ in fillers:
+                srv.accept()[0].close()
+            while True:  # the pre-flight probe, then the real request
+                conn, _ = srv.accept()
+                with conn:
+                    data = conn.recv(65536)
+                    if data:
+                        conn.sendall(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+                        return
+
+        srv.settimeout(10)  # a failing client must not leave this thread blocked forever
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        try:
+            with FirecrackerAPI(path, timeout=5) as api:
+                api.send_ctrl_alt_del()
+        finally:
+            server.join(timeout=5)
+            for c in fillers:
+                c.close()
 
 
 @pytest.mark.parametrize(("state", "target", "ok"), [

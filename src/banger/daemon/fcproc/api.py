@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -39,6 +40,8 @@ SNAPSHOT_TIMEOUT_S = 300.0
 
 # Connections to the socket are local; anything this long is a hung VMM.
 CONNECT_TIMEOUT_S = 2.0
+# Pause between connect() attempts while the API socket's backlog is full.
+BACKLOG_RETRY_S = 0.01
 
 # Longest fault_message kept in an error message (Firecracker's are one line).
 FAULT_MAX = 500
@@ -143,6 +146,11 @@ class UnixSocketTransport(httpx.BaseTransport):
     each request first connects once itself and closes that socket whatever
     happens; a refused or missing socket then fails here, cleanly, as the
     same ``httpx.ConnectError`` httpx would raise.
+
+    A Unix ``connect()`` with a timeout does not wait for room in a full
+    listen backlog, it fails at once with EAGAIN. The pre-flight waits that
+    out, as a blocking connect would. Firecracker's API backlog is 128 and
+    banger is its only client, so once the pre-flight got in, so does httpx.
     """
 
     def __init__(self, socket_path: Path) -> None:
@@ -157,14 +165,21 @@ class UnixSocketTransport(httpx.BaseTransport):
             httpx.ConnectError: the socket is missing or refuses connections.
         """
         timeout = request.extensions.get("timeout", {}).get("connect", CONNECT_TIMEOUT_S)
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.settimeout(timeout)
-                sock.connect(str(self.socket_path))
-        except TimeoutError as exc:
-            raise httpx.ConnectTimeout(str(exc), request=request) from exc
-        except OSError as exc:
-            raise httpx.ConnectError(f"{exc.strerror or exc}", request=request) from exc
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                    sock.settimeout(max(deadline - time.monotonic(), 0.01))
+                    sock.connect(str(self.socket_path))
+                break
+            except BlockingIOError as exc:  # full backlog: wait, as a blocking connect would
+                if time.monotonic() >= deadline:
+                    raise httpx.ConnectTimeout("listen backlog full", request=request) from exc
+                time.sleep(BACKLOG_RETRY_S)
+            except TimeoutError as exc:
+                raise httpx.ConnectTimeout(str(exc), request=request) from exc
+            except OSError as exc:
+                raise httpx.ConnectError(f"{exc.strerror or exc}", request=request) from exc
         return self._inner.handle_request(request)
 
     def close(self) -> None:
