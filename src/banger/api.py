@@ -137,10 +137,10 @@ TRANSITIONS: dict[VMState, frozenset[VMState]] = {
     VMState.STARTING: frozenset({VMState.RUNNING, VMState.STOPPING, VMState.STOPPED,
                                  VMState.ERROR, VMState.DELETING}),
     VMState.RUNNING: frozenset({VMState.STOPPING, VMState.STOPPED, VMState.DELETING}),
-    VMState.STOPPING: frozenset({VMState.STOPPED, VMState.ERROR, VMState.DELETING}),
+    VMState.STOPPING: frozenset({VMState.STOPPED, VMState.ERROR}),
     VMState.ERROR: frozenset({VMState.STARTING, VMState.STOPPING, VMState.STOPPED,
                               VMState.DELETING}),
-    VMState.DELETING: frozenset({VMState.DELETING}),
+    VMState.DELETING: frozenset({VMState.ERROR}),  # only when removal itself failed
 }
 
 

@@ -25,6 +25,8 @@ translated at the boundary that raised them, with ``raise ... from exc``.
 
 from __future__ import annotations
 
+import errno
+import sqlite3
 from typing import Any, ClassVar
 
 
@@ -141,3 +143,22 @@ def from_code(code: str, message: str, hint: str = "", **details: Any) -> Banger
         # Keep unknown codes from newer daemons instead of flattening them.
         err.code = code  # type: ignore[misc]
     return err
+
+
+def from_foreign(exc: BaseException, doing: str) -> BangerError:
+    """The banger error for a foreign exception that escaped to a boundary (an RPC
+    handler, an operation thread): OS and SQLite failures are host problems with a
+    hint; anything else is a bug."""
+    if isinstance(exc, BangerError):
+        return exc
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        hint = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some disk space",
+                errno.EACCES: "bangerd runs as root; check the path's permissions",
+                errno.EPERM: "bangerd runs as root; check the path's permissions"}.get(
+                    exc.errno or 0, "run `banger doctor` to check the host")
+        return HostError(f"{doing} failed: {exc.strerror or exc}{where}", hint=hint)
+    if isinstance(exc, sqlite3.Error):
+        return HostError(f"{doing} failed: the store reported: {exc}",
+                         hint="check free space and permissions of state_dir")
+    return InternalError(f"{doing} failed unexpectedly: {exc}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -41,6 +42,29 @@ def remove_tree(path: Path) -> None:
         path.unlink(missing_ok=True)
     elif path.exists():
         shutil.rmtree(path)
+
+
+TRASH_PREFIX = ".trash-"
+
+
+def move_aside(path: Path) -> Path | None:
+    """Rename ``path`` to a hidden sibling (same file system: instant) and return it.
+
+    Lets a caller take a directory out of a registry under a lock and do the slow
+    recursive delete after releasing it. None when ``path`` does not exist.
+    """
+    if not path.exists() and not path.is_symlink():
+        return None
+    trash = path.with_name(f"{TRASH_PREFIX}{path.name}-{secrets.token_hex(4)}")
+    os.rename(path, trash)
+    return trash
+
+
+def remove_trash(directory: Path) -> None:
+    """Finish deletes a crash interrupted (hidden ``.trash-*`` entries in ``directory``)."""
+    if directory.is_dir():
+        for entry in directory.glob(f"{TRASH_PREFIX}*"):
+            remove_tree(entry)
 
 
 def tail(path: Path, max_bytes: int = 4096) -> str:

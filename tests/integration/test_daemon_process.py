@@ -162,3 +162,16 @@ def test_doctor_runs_without_daemon(env: dict[str, str]) -> None:
     if kvm_pvm_only:
         assert "PVM" in checks["kvm"]["detail"] and checks["kvm"]["status"] == "WARN"
     assert banger(env, "daemon", "status").returncode == 3  # doctor did not start it
+
+
+def test_a_second_daemon_refuses_before_touching_anything(env: dict[str, str]) -> None:
+    banger(env, "vm", "list")
+    st = json.loads(banger(env, "daemon", "status", "--json").stdout)
+    second = subprocess.run([sys.executable, "-m", "banger.cli.bangerd", "--log-stderr"],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert second.returncode == 1
+    assert f"another bangerd (pid {st['pid']}) is already using" in second.stderr
+    # the first one still serves and still owns its pid file
+    after = json.loads(banger(env, "daemon", "status", "--json").stdout)
+    assert after["pid"] == st["pid"]
+    assert Path(st["socket"]).parent.joinpath("bangerd.pid").read_text().strip() == str(st["pid"])

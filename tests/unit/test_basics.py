@@ -142,4 +142,17 @@ def test_state_transitions() -> None:
     assert st.STOPPED.can_become(st.STARTING)
     assert not st.STOPPED.can_become(st.RUNNING)
     assert not st.DELETING.can_become(st.RUNNING)
-    assert all(s.can_become(st.DELETING) for s in st)
+    # delete claims a settled (or booting) VM; never one already stopping or deleting
+    assert {s for s in st if s.can_become(st.DELETING)} == {
+        st.CREATING, st.STOPPED, st.STARTING, st.RUNNING, st.ERROR}
+    assert not st.DELETING.can_become(st.DELETING)
+
+
+def test_create_params_are_bounded_at_the_rpc_boundary() -> None:
+    from banger.daemon import vms
+    from banger.daemon.rpc import parse
+
+    for bad in ({"vcpu": 0}, {"memory_mib": 64}, {"vcpu": "many"}, {"nope": 1}):
+        with pytest.raises(BadRequest):
+            parse(vms.CreateParams, bad)
+    assert parse(vms.CreateParams, {"vcpu": 2}).vcpu == 2

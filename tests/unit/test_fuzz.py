@@ -108,3 +108,36 @@ def test_safe_join_never_leaves_root(parts: list[str]) -> None:
 def test_parse_size_only_raises_banger_errors(text: str) -> None:
     with contextlib.suppress(BangerError):
         assert parse_size(text) > 0
+
+
+def test_foreign_errors_become_host_errors_with_hints() -> None:
+    import errno
+    import sqlite3
+
+    from banger.errors import HostError, InternalError, from_foreign
+
+    full = from_foreign(OSError(errno.ENOSPC, "No space left on device", "/var/lib/x"), "vm.create")
+    assert isinstance(full, HostError) and "free some disk space" in full.hint
+    assert "/var/lib/x" in full.message
+    db = from_foreign(sqlite3.OperationalError("database or disk is full"), "vm.list")
+    assert isinstance(db, HostError) and "state_dir" in db.hint
+    assert isinstance(from_foreign(KeyError("x"), "vm.show"), InternalError)
+
+
+def test_oversized_reply_becomes_an_error_reply() -> None:
+    from banger.daemon.server import _encode_reply
+
+    raw = _encode_reply({"jsonrpc": "2.0", "id": 3, "result": "x" * (api.MAX_FRAME + 1)})
+    reply = json.loads(raw)
+    assert reply["id"] == 3 and "too large" in reply["error"]["message"]
+    assert len(raw) < api.MAX_FRAME
+
+
+def test_handler_oserror_is_a_host_error() -> None:
+    def disk_full(params: dict[str, Any]) -> Any:
+        raise OSError(28, "No space left on device")
+
+    raw = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "x", "params": {},
+                      "protocol": api.PROTOCOL_VERSION}).encode()
+    resp = server_with({"x": disk_full}).handle_frame(raw)
+    assert resp["error"]["data"]["code"] == "host_error"

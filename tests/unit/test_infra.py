@@ -194,8 +194,12 @@ def test_dmsnap_commands_and_rollback(tmp_path: Path) -> None:
     dm = DmSnapshotCow(runner)
     h = dm.create(origin, tmp_path / "cow")
     assert Path(h.path).stat().st_size == 1 << 20
-    active = dm.activate(h, origin, "abc")
+    recorded: list[CowHandle] = []
+    active = dm.activate(h, origin, "abc", recorded.append)
     assert active.device == "/dev/mapper/banger-abc"
+    # each kernel object is recorded before the next is made (crash-safe teardown)
+    assert [r.loops for r in recorded] == [["/dev/loop7"], ["/dev/loop7", "/dev/loop8"]]
+    assert recorded[-1].dm_name == "banger-abc"
     assert active.loops == ["/dev/loop7", "/dev/loop8"]
     create = runner.ran("dmsetup", "create")[0]
     assert create[-1] == "0 2048 snapshot /dev/loop7 /dev/loop8 P 8"

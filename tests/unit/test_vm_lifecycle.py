@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -202,3 +203,76 @@ def test_create_builds_a_missing_builtin_image_once(daemon: Daemon, world: FakeW
     assert first.error is None and second.error is None
     assert builds == ["debian-bookworm"]  # one build, shared
     assert {v.name for v in daemon.db.list_vms()} == {"one", "two"}
+
+
+@pytest.mark.parametrize("layout", ["key-link", "dir-link", "key-dir"])
+def test_work_seed_symlinks_are_never_written_through(tmp_path: Path, layout: str) -> None:
+    """An image's /root/.ssh may point anywhere on the host; banger (root) must not follow."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    victim_dir = tmp_path / "victim-dir"
+    victim_dir.mkdir()
+    seed = tmp_path / "seed"
+    (seed / ".ssh").mkdir(parents=True)
+    if layout == "key-link":
+        (seed / ".ssh" / "authorized_keys").symlink_to(victim)
+    elif layout == "dir-link":
+        (seed / ".ssh").rmdir()
+        (seed / ".ssh").symlink_to(victim_dir)
+    else:
+        (seed / ".ssh" / "authorized_keys").mkdir()
+    vms.write_authorized_key(seed, "ssh-ed25519 AAAA banger")
+    keys = seed / ".ssh" / "authorized_keys"
+    assert not keys.is_symlink() and not (seed / ".ssh").is_symlink()
+    assert keys.read_text() == "ssh-ed25519 AAAA banger\n"
+    assert keys.stat().st_mode & 0o777 == 0o600
+    assert victim.read_text() == "precious\n"
+    assert list(victim_dir.iterdir()) == []
+
+
+def test_concurrent_deletes_remove_once_without_errors(daemon: Daemon) -> None:
+    create(daemon, name="twice")
+    results: list[object] = []
+
+    def go() -> None:
+        try:
+            results.append(vms.delete(daemon, "twice"))
+        except Exception as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=go) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    ok = [r for r in results if isinstance(r, dict)]
+    others = [r for r in results if not isinstance(r, dict)]
+    assert ok and all(isinstance(r, NotFound | InvalidState) for r in others), others
+    assert daemon.db.find_vm("twice") is None
+
+
+def test_delete_waits_for_a_stop_in_progress(daemon: Daemon) -> None:
+    create(daemon, name="busy")
+    rec = daemon.db.find_vm("busy")
+    assert rec is not None
+    vms.transition(daemon, rec.id, VMState.STOPPING)  # as the exit watcher would
+    done: list[object] = []
+    t = threading.Thread(target=lambda: done.append(vms.delete(daemon, "busy")))
+    t.start()
+    time.sleep(0.3)
+    assert not done and daemon.db.find_vm("busy") is not None  # waiting, not racing
+    h = daemon.handles.get(rec.id)
+    vms._finish_stop(daemon, rec, "watcher", vms.teardown(daemon, rec.id, h))
+    t.join(10)
+    assert done and daemon.db.find_vm("busy") is None
+
+
+def test_kill_claims_the_vm_before_signalling(daemon: Daemon) -> None:
+    create(daemon, name="k2")
+    rec = daemon.db.find_vm("k2")
+    assert rec is not None
+    vms.transition(daemon, rec.id, VMState.STOPPING)  # a stop is under way
+    res = vms.kill(daemon, "k2", "KILL")  # only signals; the stop owns the teardown
+    assert res["state"] == "stopping"
+    with pytest.raises(InvalidState):
+        vms.transition(daemon, rec.id, VMState.STOPPING)  # no second claimant

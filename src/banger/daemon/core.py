@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import fcntl
 import logging
 import os
 import secrets
@@ -100,10 +101,6 @@ class LockSet:
         with self.get(key):
             yield
 
-    def forget(self, key: str) -> None:
-        """Drop ``key``'s lock (on VM removal) so the set does not grow forever."""
-        with self._mu:
-            self._locks.pop(key, None)
 
 
 @dataclass
@@ -162,6 +159,7 @@ class Daemon:
         self._network_enabled = True
         self._serving = False
         self._server: Any = None
+        self._instance_lock: int | None = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self.methods: dict[str, Callable[[dict[str, Any]], Any]] = {}
@@ -181,6 +179,9 @@ class Daemon:
             directory.mkdir(parents=True, exist_ok=True)
         os.chmod(lay.runtime_dir, 0o700)
         os.chmod(lay.state_dir, 0o700)
+        # Before anything touches the store or the host: a second daemon on the same
+        # state would reconcile and sweep away the first one's VMs in flight.
+        d._instance_lock = single_instance(lay.state_dir / "bangerd.lock")
         setup_logging(None if log_to_stderr else lay.daemon_log, cfg.log_level)
         log.info("bangerd %s starting (pid %d, state %s)", __version__, os.getpid(),
                  lay.state_dir)
@@ -255,6 +256,9 @@ class Daemon:
             if self.layout.pid_file.read_text().strip() == str(os.getpid()):
                 self.layout.pid_file.unlink()
         log.info("bangerd stopped")
+        if self._instance_lock is not None:
+            os.close(self._instance_lock)  # releases the flock
+            self._instance_lock = None
 
     def _write_pid(self) -> None:
         atomic_write(self.layout.pid_file, f"{os.getpid()}\n".encode(), 0o644)
@@ -371,6 +375,25 @@ class Daemon:
             "operations": sum(len(r.active()) for r in (self.create_ops, self.image_ops,
                                                           self.workspace_ops, self.kernel_ops)),
         }
+
+
+def single_instance(lock_path: Path) -> int:
+    """Hold an exclusive ``flock`` on ``lock_path`` for the process's life; returns its fd.
+
+    Raises:
+        HostError: another bangerd holds it (its pid is in the file).
+    """
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise HostError(f"another bangerd (pid {holder}) is already using {lock_path.parent}",
+                        hint="`banger daemon status` shows it; stop it first") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def new_id() -> str:

@@ -1,7 +1,8 @@
 """The ``.vm`` DNS server: ``<name>.vm`` answers with the VM's guest address.
 
-Listens on UDP at the bridge gateway (guests use it as their resolver) and
-on loopback for the host. Names outside ``.vm`` are forwarded to the host's
+Listens on UDP at the bridge gateway (guests use it as their resolver; the host
+reaches VMs by name through the ssh config include instead). Names outside ``.vm``
+are forwarded to the host's
 upstream resolver when one is configured, else refused. Packets are parsed
 and built with dnslib; the record table has its own leaf lock.
 """

@@ -33,7 +33,7 @@ from banger.daemon.imagemgr import (
 from banger.daemon.opstate import Operation
 from banger.daemon.store import ImageRecord, now
 from banger.errors import AlreadyExists, BadRequest, NotFound
-from banger.fsutil import remove_tree
+from banger.fsutil import move_aside, remove_tree
 from banger.names import check_name
 
 if TYPE_CHECKING:
@@ -177,7 +177,7 @@ def publish(d: Daemon, name: str, staging: Path, *, source: str, recipe_hash: st
     with d.image_ops_mu:
         if d.db.find_image(name) is not None:
             raise AlreadyExists(f"image {name!r} already exists")
-        remove_tree(final)  # debris of an earlier crashed publish, never a registered image
+        debris = move_aside(final)  # left by a crashed publish; never a registered image
         os.rename(staging, final)
         workseed = final / "workseed"
         img = ImageRecord(
@@ -193,6 +193,8 @@ def publish(d: Daemon, name: str, staging: Path, *, source: str, recipe_hash: st
         except BaseException:
             remove_tree(final)
             raise
+    if debris is not None:
+        remove_tree(debris)
     log.info("image %s published (%s)", name, source)
     return view(img)
 
@@ -292,7 +294,9 @@ def delete(d: Daemon, name: str) -> dict[str, Any]:
     """Unregister image ``name`` and remove its directory (refused while a VM uses it)."""
     with d.image_ops_mu:
         d.db.delete_image(name)
-        remove_tree(d.layout.image_dir(name))
+        trash = move_aside(d.layout.image_dir(name))
+    if trash is not None:
+        remove_tree(trash)  # gigabytes: never under the lock
     return {"deleted": name}
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from banger.daemon.opstate import Operation
 from banger.daemon.store import ImageRecord, KernelRecord, now
 from banger.errors import AlreadyExists, BadRequest, HostError
-from banger.fsutil import atomic_write, remove_tree
+from banger.fsutil import atomic_write, move_aside, remove_tree
 from banger.names import check_name
 
 if TYPE_CHECKING:
@@ -99,7 +99,12 @@ def import_files(d: Daemon, name: str, paths: list[str], initrd: str | None,
             size_bytes=sum(f.stat().st_size for f in staging.iterdir() if f.is_file()),
             created_at=now())
         with d.image_ops_mu:
-            remove_tree(final)
+            # Checked again under the lock: a concurrent import of the same name may
+            # have registered meanwhile, and its files must not be touched.
+            if d.db.find_kernel(name) is not None:
+                raise AlreadyExists(f"kernel {name!r} already exists",
+                                    hint=f"remove it first with `banger kernel rm {name}`")
+            debris = move_aside(final)  # left by a crashed import, never a registered one
             os.rename(staging, final)
             try:
                 d.db.add_kernel(record)
@@ -109,6 +114,8 @@ def import_files(d: Daemon, name: str, paths: list[str], initrd: str | None,
     except BaseException:
         remove_tree(staging)
         raise
+    if debris is not None:
+        remove_tree(debris)
     log.info("kernel %s imported (%s)", name, ", ".join(record.vmms))
     return view(record)
 
@@ -117,7 +124,9 @@ def remove(d: Daemon, name: str) -> dict[str, Any]:
     """Unregister kernel ``name`` and remove its directory (refused while an image uses it)."""
     with d.image_ops_mu:
         d.db.delete_kernel(name)
-        remove_tree(d.layout.kernel_dir(name))
+        trash = move_aside(d.layout.kernel_dir(name))
+    if trash is not None:
+        remove_tree(trash)
     return {"deleted": name}
 
 
@@ -213,7 +222,12 @@ def begin_build(d: Daemon, name: str, base_config: str | None, source: str | Non
     src = Path(source) if source else DEFAULT_SOURCE_TARBALL
     check_build_host(src)
     op = Operation(kind="kernel.build", target=name, stages=list(BUILD_STAGES))
-    op.enter("check")
+    with d.image_ops_mu:
+        if any(o.target == name for o in d.kernel_ops.active()):
+            raise AlreadyExists(f"kernel {name!r} is already being built",
+                                hint="wait for it, or pick another --name")
+        op.enter("check")
+        d.kernel_ops.add(op)
     return d.kernel_ops.run(op, lambda o: _build(d, o, name, base=base, src=src, jobs=jobs),
                             name=f"kernel-{name}")
 
@@ -235,8 +249,16 @@ def _build(d: Daemon, op: Operation, name: str, *, base: Path, src: Path,
         built = build_kernel(d.runner, workdir=work, source_tarball=src, base_config=base,
                              jobs=jobs, on_progress=progress, cancel=op.cancel)
         cached.parent.mkdir(parents=True, exist_ok=True)
-        remove_tree(cached)
-        os.rename(work, cached)
+        with d.image_ops_mu:
+            # Another build of the same inputs may have finished first: keep its files
+            # (an import may be reading them) and drop ours.
+            if (cached / VMLINUX).is_file() and (cached / BZIMAGE).is_file():
+                leftover = move_aside(work)
+            else:
+                leftover = move_aside(cached)
+                os.rename(work, cached)
+        if leftover is not None:
+            remove_tree(leftover)
         log.info("kernel %s built: %s (%s)", name, built.version, cached)
     else:
         log.info("kernel %s: reusing the build in %s", name, cached)

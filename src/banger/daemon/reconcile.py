@@ -15,8 +15,9 @@ import json
 import logging
 import re
 import threading
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from banger.api import VMState
 from banger.daemon import caps, vms
@@ -25,7 +26,7 @@ from banger.daemon.handles import VMHandles
 from banger.daemon.network import TAP_PREFIX
 from banger.daemon.store import VMRecord
 from banger.errors import BangerError, HostError, InvalidState
-from banger.fsutil import remove_tree
+from banger.fsutil import remove_trash, remove_tree
 from banger.proc import find_by_marker, identify, matches
 from banger.vmm import vm_marker
 
@@ -58,6 +59,8 @@ def reconcile(d: Daemon) -> None:
     """
     ensure_ssh_key(d)
     remove_tree(d.layout.staging_dir)  # half-built images from a previous life
+    for registry in (d.layout.images_dir, d.layout.kernels_dir):
+        remove_trash(registry)  # deletes a crash interrupted after the rename
     for vm in d.db.list_vms():
         try:
             reconcile_vm(d, vm)
@@ -101,7 +104,7 @@ def reconcile_vm(d: Daemon, vm: VMRecord) -> None:
             _finish_start(d, vm, h)
         else:
             if state == VMState.ERROR:
-                vm = d.db.update_vm(vm, state=VMState.RUNNING)
+                vm = _force_state(d, vm.id, VMState.RUNNING)
             log.info("vm %s: re-adopted running VMM pid %d", vm.name,
                      h.process.pid if h.process else -1)
             caps.started(d, vm)
@@ -116,12 +119,19 @@ def reconcile_vm(d: Daemon, vm: VMRecord) -> None:
             VMState.STOPPED: "stopped",
         }.get(state, "the VMM was gone when bangerd restarted")
         if problems:
-            d.db.update_vm(vm, state=VMState.ERROR,
-                           runtime={**vm.runtime, "last_error": "; ".join(problems)})
+            _force_state(d, vm.id, VMState.ERROR, last_error="; ".join(problems))
         elif state != VMState.STOPPED:
-            d.db.update_vm(vm, state=VMState.STOPPED,
-                           runtime={**vm.runtime, "stop_reason": reason})
+            _force_state(d, vm.id, VMState.STOPPED, stop_reason=reason, booted_at=None)
             log.warning("vm %s: marked stopped (%s)", vm.name, reason)
+
+
+def _force_state(d: Daemon, vm_id: str, state: VMState, **runtime: Any) -> VMRecord:
+    """Set what reconcile found to be true, on the row as it is now (re-read under the
+    VM's lock: teardown just rewrote its runtime record), bypassing the transition
+    table, which describes operations, not discoveries."""
+    with d.vm_locks.held(vm_id):
+        vm = d.db.get_vm(vm_id)
+        return d.db.update_vm(vm, state=state, runtime=vms.merge_runtime(vm.runtime, runtime))
 
 
 def _finish_start(d: Daemon, vm: VMRecord, h: VMHandles) -> None:
@@ -129,18 +139,23 @@ def _finish_start(d: Daemon, vm: VMRecord, h: VMHandles) -> None:
     token = d.begin_inflight(vm.id)
 
     def body() -> None:
+        from banger.daemon import workspaces
+
         try:
             assert h.process is not None
             ident = h.process
             d.seams.wait_for_ssh(d.dial(vm.ip), budget_s=d.cfg.boot_timeout_s,
                                  alive=lambda: matches(ident), cancel=token)
-            fresh = vms.transition(d, vm.id, VMState.RUNNING, expect={VMState.STARTING})
+            workspaces.sync_files(d, vm)
+            fresh = vms.transition(d, vm.id, VMState.RUNNING, expect={VMState.STARTING},
+                                   last_error=None, stop_reason=None, booted_at=time.time())
             caps.started(d, fresh)
             log.info("vm %s: boot finished after daemon restart", vm.name)
-        except BangerError as exc:
-            log.warning("vm %s: boot after restart failed: %s", vm.name, exc)
+        except Exception as exc:  # anything: the VM must not stay "starting" forever
+            err = exc if isinstance(exc, BangerError) else HostError(str(exc))
+            log.warning("vm %s: boot after restart failed: %s", vm.name, err)
             vms.teardown(d, vm.id, h)
-            vms._settle_failed_start(d, vm.id, exc)
+            vms._settle_failed_start(d, vm.id, err)
         finally:
             d.end_inflight(vm.id, token)
 

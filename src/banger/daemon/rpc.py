@@ -8,7 +8,7 @@ daemon's whole control surface.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import Field, ValidationError
@@ -50,7 +50,7 @@ class Ref(Model):
 class OpRef(Model):
     id: str = Field(min_length=1, max_length=64)
     wait_s: float = Field(default=0.0, ge=0, le=30)
-    since: str | None = None
+    since: datetime | None = None
 
 
 class KillParams(Model):
@@ -111,7 +111,9 @@ def register(d: Daemon) -> None:
             r = parse(OpRef, p)
             op = registry.get(r.id)
             if r.wait_s:
-                since = datetime.fromisoformat(r.since) if r.since else op.updated_at
+                since = r.since or op.updated_at
+                if since.tzinfo is None:  # a client's naive timestamp is UTC, like ours
+                    since = since.replace(tzinfo=UTC)
                 op.wait_change(since, r.wait_s)
             return vms.op_view(op)
 

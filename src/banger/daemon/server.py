@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 from banger import api
 from banger.daemon.core import current_op
-from banger.errors import BadRequest, BadVersion, BangerError, HostError, InternalError
+from banger.errors import (
+    BadRequest,
+    BadVersion,
+    BangerError,
+    HostError,
+    InternalError,
+    from_foreign,
+)
 
 if TYPE_CHECKING:
     from banger.daemon.core import Daemon
@@ -108,7 +115,7 @@ class RPCServer:
                     return  # cannot find the next frame boundary safely
                 if not frame.strip():
                     continue
-                conn.sendall(api.encode(self.handle_frame(frame)))
+                conn.sendall(_encode_reply(self.handle_frame(frame)))
         except (TimeoutError, ConnectionError, BrokenPipeError):
             pass
         except OSError as exc:
@@ -143,11 +150,25 @@ class RPCServer:
             log.info("%s failed: [%s] %s", req.method, exc.code, exc.message)
             return api.error_response(req.id, exc, api.SERVER_ERROR)
         except Exception as exc:
-            log.exception("%s crashed", req.method)
-            err = InternalError(f"{req.method} failed unexpectedly: {exc}")
+            err = from_foreign(exc, req.method)
+            if isinstance(err, InternalError):
+                log.exception("%s crashed", req.method)
+            else:
+                log.warning("%s failed: %s", req.method, err.message, exc_info=True)
             return api.error_response(req.id, err, api.SERVER_ERROR)
         finally:
             current_op.reset(token)
+
+
+def _encode_reply(resp: dict[str, Any]) -> bytes:
+    """Encode a reply; one too large for a frame becomes an error reply instead."""
+    try:
+        return api.encode(resp)
+    except BangerError as exc:
+        log.warning("reply not sent: %s", exc.message)
+        err = BadRequest(f"the reply is too large to send: {exc.message}",
+                         hint="ask for less (e.g. a shorter log tail)")
+        return api.encode(api.error_response(resp.get("id"), err, api.SERVER_ERROR))
 
 
 def _alive(path: Path) -> bool:

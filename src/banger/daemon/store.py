@@ -208,11 +208,13 @@ class Store:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            else:
                 self._db.execute("COMMIT")
+            except BaseException:
+                # Also after a failed COMMIT (disk full, I/O error): SQLite leaves the
+                # transaction open then, and the next BEGIN would fail.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         with self._mu:
@@ -410,16 +412,30 @@ class Store:
         """Persist ``changes`` (state, runtime, ...) and return the updated record."""
         new = replace(vm, updated_at=now(), **changes)
         with self._tx() as db:
+            # The workspace column is deliberately not written here: it has its own
+            # writer (set_workspace), so a lifecycle update holding an older copy of the
+            # row can never undo a workspace change made meanwhile.
             cur = db.execute(
-                "UPDATE vms SET state = ?, runtime = ?, vmm = ?, workspace = ?, updated_at = ?"
-                " WHERE id = ?",
-                (new.state.value, json.dumps(new.runtime), new.vmm,
-                 json.dumps(new.workspace) if new.workspace is not None else None,
-                 new.updated_at.isoformat(), vm.id),
+                "UPDATE vms SET state = ?, runtime = ?, vmm = ?, updated_at = ? WHERE id = ?",
+                (new.state.value, json.dumps(new.runtime), new.vmm, new.updated_at.isoformat(),
+                 vm.id),
             )
             if cur.rowcount == 0:
                 raise NotFound(f"VM {vm.name!r} no longer exists")
         return new
+
+    def set_workspace(self, vm_id: str, workspace: dict[str, Any] | None) -> None:
+        """Replace a VM's workspace record (JSON) and nothing else.
+
+        Raises:
+            NotFound: the VM no longer exists.
+        """
+        with self._tx() as db:
+            cur = db.execute("UPDATE vms SET workspace = ?, updated_at = ? WHERE id = ?",
+                             (json.dumps(workspace) if workspace is not None else None,
+                              now().isoformat(), vm_id))
+            if cur.rowcount == 0:
+                raise NotFound(f"VM {vm_id!r} no longer exists")
 
     def delete_vm(self, vm_id: str) -> None:
         """Delete the VM row ``vm_id``; a missing row is not an error."""

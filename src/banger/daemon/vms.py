@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import signal as signal_mod
 import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from pydantic import Field
 
 from banger.api import Model, OpView, SSHInfo, VMSpec, VMState, VMView, WorkspaceView
 from banger.config import parse_size
@@ -67,8 +70,8 @@ CREATE_STAGES = ["reserve", "image", "disk", "network", "boot", "wait-ssh"]
 class CreateParams(Model):
     name: str | None = None
     image: str | None = None
-    vcpu: int | None = None
-    memory_mib: int | None = None
+    vcpu: int | None = Field(default=None, ge=1, le=64)
+    memory_mib: int | None = Field(default=None, ge=128, le=262144)
     disk_size: str | int | None = None
     work_disk_size: str | int | None = None
     vmm: str = "auto"
@@ -111,19 +114,22 @@ def transition(d: Daemon, vm_id: str, to: VMState, *, expect: set[VMState] | Non
         vm = d.db.get_vm(vm_id)
         if expect is not None and vm.state not in expect:
             raise _wrong_state(vm, to)
-        if vm.state != to and not vm.state.can_become(to):
+        # No implicit "already there": moving into a busy state is how an operation
+        # claims the VM, and two claimants must not both succeed.
+        if not vm.state.can_become(to):
             raise _wrong_state(vm, to)
-        return d.db.update_vm(vm, state=to, runtime=_merge(vm.runtime, runtime))
+        return d.db.update_vm(vm, state=to, runtime=merge_runtime(vm.runtime, runtime))
 
 
 def update_runtime(d: Daemon, vm_id: str, **runtime: Any) -> VMRecord:
     """Merge ``runtime`` keys into the VM row under its lock (None deletes a key)."""
     with d.vm_locks.held(vm_id):
         vm = d.db.get_vm(vm_id)
-        return d.db.update_vm(vm, runtime=_merge(vm.runtime, runtime))
+        return d.db.update_vm(vm, runtime=merge_runtime(vm.runtime, runtime))
 
 
-def _merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+def merge_runtime(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``old`` with ``new``'s keys set (a None value deletes the key)."""
     out = dict(old)
     for k, v in new.items():
         if v is None:
@@ -247,7 +253,13 @@ def _create(d: Daemon, op: Operation, vm: VMRecord, start: bool) -> dict[str, An
         return view(d, vm)
     except BaseException as exc:
         log.warning("vm %s: create failed, rolling back: %s", vm.name, exc)
-        destroy(d, vm.id, reason=f"create failed: {exc}")
+        try:
+            destroy(d, vm.id, reason=f"create failed: {exc}")
+        except Exception as cleanup:
+            # Report why the create failed, not why the clean-up did (that is logged,
+            # and the VM is left in "error" for `vm delete` to retry).
+            log.error("vm %s: rollback incomplete: %s", vm.name, cleanup)
+            exc.add_note(f"rollback incomplete: {cleanup}")
         if isinstance(exc, Cancelled):
             raise Cancelled(f"creation of {vm.name!r} was cancelled; nothing was kept") from exc
         raise
@@ -300,16 +312,36 @@ def make_work_disk(d: Daemon, vm: VMRecord, img: ImageRecord, target: Path) -> N
         else:
             seed.mkdir()
         seed.chmod(0o700)
-        ssh = seed / ".ssh"
-        ssh.mkdir(mode=0o700, exist_ok=True)
-        keys = ssh / "authorized_keys"
-        keys.write_text(pubkey if pubkey.endswith("\n") else pubkey + "\n")
-        keys.chmod(0o600)
+        write_authorized_key(seed, pubkey)
         d.runner.run(
             ["mkfs.ext4", "-q", "-F", "-L", WORK_LABEL, "-E", "root_owner=0:0",
              "-d", str(seed), str(target), f"{vm.spec.work_disk_size // 1024}k"],
             desc="make the work disk", timeout=300,
         )
+
+
+def write_authorized_key(seed: Path, pubkey: str) -> None:
+    """Put ``pubkey`` at ``seed/.ssh/authorized_keys`` without following any symlink.
+
+    The seed comes from an image, which is untrusted: its ``.ssh`` or
+    ``authorized_keys`` may be a symlink (normal inside a guest, and aimed at
+    ``/etc/shadow`` by a hostile one). Anything in the way is replaced, never
+    written through, since bangerd is root on the host.
+    """
+    ssh = seed / ".ssh"
+    if ssh.is_symlink() or (ssh.exists() and not ssh.is_dir()):
+        ssh.unlink()
+    ssh.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(ssh, 0o700, follow_symlinks=False)
+    keys = ssh / "authorized_keys"
+    if keys.is_symlink() or keys.exists():
+        if keys.is_dir() and not keys.is_symlink():
+            shutil.rmtree(keys)
+        else:
+            keys.unlink()
+    fd = os.open(keys, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(pubkey if pubkey.endswith("\n") else pubkey + "\n")
 
 
 def create_sync(d: Daemon, params: CreateParams) -> dict[str, Any]:
@@ -371,7 +403,12 @@ def boot(d: Daemon, vm: VMRecord, img: ImageRecord, cancel: CancelToken,
         d.checkpoint("start.network")
         stage("boot")
         assert h.cow is not None
-        cow = strategy_for(h.cow, d.runner).activate(h.cow, Path(img.rootfs), vm.id)
+        pending = h
+
+        def record(partial: CowHandle) -> None:
+            save_handles(d, vm.id, pending.with_(cow=partial))
+
+        cow = strategy_for(h.cow, d.runner).activate(h.cow, Path(img.rootfs), vm.id, record)
         h = h.with_(cow=cow)
         save_handles(d, vm.id, h)
         boot_files = kernels.boot_files(d, img, vm.vmm)
@@ -402,8 +439,12 @@ def boot(d: Daemon, vm: VMRecord, img: ImageRecord, cancel: CancelToken,
         d.checkpoint("start.wait-ssh")
         vm = transition(d, vm.id, VMState.RUNNING, expect={VMState.STARTING, VMState.CREATING},
                         last_error=None, stop_reason=None, booted_at=time.time())
-    except BaseException:
-        teardown(d, vm.id, h)
+    except BaseException as exc:
+        try:
+            teardown(d, vm.id, h)
+        except Exception as cleanup:  # keep the boot's own error, which says what went wrong
+            log.error("vm %s: teardown after a failed boot: %s", vm.name, cleanup)
+            exc.add_note(f"teardown incomplete: {cleanup}")
         raise
     from banger.daemon import caps
 
@@ -415,8 +456,23 @@ def start(d: Daemon, ref: str) -> dict[str, Any]:
     """``vm start``: boot a stopped (or failed) VM; on failure it is stopped with the reason."""
     vm = resolve(d, ref)
     img = d.db.get_image(vm.image)
-    vm = transition(d, vm.id, VMState.STARTING, expect={VMState.STOPPED, VMState.ERROR})
-    token = d.begin_inflight(vm.id)
+    if vm.state == VMState.ERROR:
+        # A failed stop or start may have left a VMM, TAP or disk mapping behind: clear
+        # it first, and never boot a second VMM on the same disks.
+        problems = teardown(d, vm.id, handles_of(d, vm))
+        if problems:
+            raise InvalidState(f"VM {vm.name!r} still holds resources: " + "; ".join(problems),
+                               hint="`banger vm delete` removes it")
+    token = CancelToken()
+    with d.vm_locks.held(vm.id):
+        # The cancel token is registered under the same lock that marks the VM
+        # "starting": a stop or delete that sees "starting" can always cancel it.
+        current = d.db.get_vm(vm.id)
+        if current.state not in (VMState.STOPPED, VMState.ERROR) \
+                or not current.state.can_become(VMState.STARTING):
+            raise _wrong_state(current, VMState.STARTING)
+        vm = d.db.update_vm(current, state=VMState.STARTING)
+        d.register_inflight(vm.id, token)
     try:
         vm = boot(d, vm, img, token)
     except BaseException as exc:
@@ -435,7 +491,7 @@ def _settle_failed_start(d: Daemon, vm_id: str, err: BangerError) -> None:
             vm = d.db.get_vm(vm_id)
             if vm.state == VMState.STARTING:
                 d.db.update_vm(vm, state=VMState.STOPPED,
-                               runtime=_merge(vm.runtime, {"last_error": err.message,
+                               runtime=merge_runtime(vm.runtime, {"last_error": err.message,
                                                            "stop_reason": "start failed"}))
     except NotFound:
         pass
@@ -579,11 +635,16 @@ def kill(d: Daemon, ref: str, sig_name: str = "KILL") -> dict[str, Any]:
     if h.process is None or not matches(h.process):
         raise NotRunning(f"VM {vm.name!r} has no live VMM process",
                          hint="`banger vm stop` cleans up what is left")
-    send_signal(h.process, sig)
-    if sig not in (signal_mod.SIGKILL, signal_mod.SIGTERM, signal_mod.SIGINT,
-                   signal_mod.SIGQUIT):
+    terminating = sig in (signal_mod.SIGKILL, signal_mod.SIGTERM, signal_mod.SIGINT,
+                          signal_mod.SIGQUIT)
+    if not terminating or vm.state == VMState.STOPPING:
+        # Only the signal: a non-terminating one leaves the VM running, and a VM
+        # already stopping is torn down by the operation that is stopping it.
+        send_signal(h.process, sig)
         return view(d, vm)
-    vm = transition(d, vm.id, VMState.STOPPING)
+    # Claim the VM before the signal, so the exit watcher cannot tear it down as well.
+    vm = transition(d, vm.id, VMState.STOPPING, expect={VMState.RUNNING, VMState.ERROR})
+    send_signal(h.process, sig)
     wait_gone(h.process, SIGKILL_S)
     problems = teardown(d, vm.id, h)
     vm = _finish_stop(d, vm, f"killed with {sig.name}", problems)
@@ -618,13 +679,33 @@ def restart(d: Daemon, ref: str) -> dict[str, Any]:
 def delete(d: Daemon, ref: str) -> dict[str, Any]:
     """``vm delete``: cancel a boot or create in progress, then :func:`destroy` the VM."""
     vm = resolve(d, ref)
+    gone = {"deleted": vm.name, "id": vm.id}
     fresh = _cancel_boot(d, vm, "deleted by the user")
     if fresh is None:  # the cancelled create rolled itself back
-        return {"deleted": vm.name, "id": vm.id}
-    vm = transition(d, fresh.id, VMState.DELETING)
+        return gone
+    fresh = _wait_settled(d, fresh)  # a stop (or the exit watcher) finishes first
+    if fresh is None:  # another delete removed it meanwhile
+        return gone
+    vm = transition(d, fresh.id, VMState.DELETING,
+                    expect={VMState.STOPPED, VMState.RUNNING, VMState.ERROR})
     d.checkpoint("delete.marked")
     destroy(d, vm.id, reason="deleted by the user")
-    return {"deleted": vm.name, "id": vm.id}
+    return gone
+
+
+def _wait_settled(d: Daemon, vm: VMRecord) -> VMRecord | None:
+    """Wait (bounded) while another operation has ``vm`` stopping or deleting."""
+    deadline = time.monotonic() + GUEST_POWEROFF_S + ACPI_POWEROFF_S + SIGKILL_S + 30
+    while vm.state in (VMState.STOPPING, VMState.DELETING):
+        if time.monotonic() > deadline:
+            raise InvalidState(f"VM {vm.name!r} is still {vm.state.value}",
+                               hint="retry in a moment")
+        time.sleep(0.1)
+        fresh = d.db.find_vm(vm.id)
+        if fresh is None:
+            return None
+        vm = fresh
+    return vm
 
 
 def destroy(d: Daemon, vm_id: str, reason: str) -> None:
@@ -648,8 +729,9 @@ def destroy(d: Daemon, vm_id: str, reason: str) -> None:
     forget_host(d.layout.known_hosts, vm.ip)
     caps.deleted(d, vm)
     d.db.delete_vm(vm_id)
-    d.vm_locks.forget(vm_id)
-    d.workspace_locks.forget(vm_id)
+    # vm_locks/workspace_locks entries are kept: a thread may still hold the old lock
+    # object, and a fresh one made by forget() + get() would let two holders in. Ids are
+    # never reused, so the cost is one small Lock per VM ever created.
     log.info("vm %s (%s): removed (%s)", vm.name, vm.id, reason)
 
 
@@ -679,8 +761,12 @@ def ssh_info(d: Daemon, ref: str) -> dict[str, Any]:
                    ).model_dump(mode="json")
 
 
-def logs(d: Daemon, ref: str, max_bytes: int = 256 * 1024) -> dict[str, Any]:
-    """The serial log's path and its last ``max_bytes`` (``vm logs -f`` follows the path)."""
+def logs(d: Daemon, ref: str, max_bytes: int = 128 * 1024) -> dict[str, Any]:
+    """The serial log's path and its last ``max_bytes`` (``vm logs -f`` follows the path).
+
+    128 KiB: JSON escaping can grow console bytes (escape codes) up to six-fold, and the
+    reply must fit in one 1 MiB frame.
+    """
     vm = resolve(d, ref)
     path = d.layout.vm(vm.id).serial_log
     return {"name": vm.name, "path": str(path), "content": tail(path, max_bytes)}

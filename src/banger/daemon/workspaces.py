@@ -18,6 +18,7 @@ import os
 import posixpath
 import pwd
 import secrets
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -82,17 +83,21 @@ def _running(d: Daemon, ref: str) -> VMRecord:
 
 
 def _set_workspace(d: Daemon, vm_id: str, ws: dict[str, Any] | None) -> None:
-    with d.vm_locks.held(vm_id):
-        vm = d.db.get_vm(vm_id)
-        d.db.update_vm(vm, workspace=ws)
+    """Record the workspace column alone (no vm_locks: it is never held together with
+    workspace_locks, and lifecycle updates never write this column)."""
+    d.db.set_workspace(vm_id, ws)
 
 
-def _acquire(d: Daemon, vm_id: str, op: Operation | None) -> None:
-    """Take ``workspace_locks[id]``, waiting behind another prepare/export (cancellable)."""
+def _acquire(d: Daemon, vm_id: str, op: Operation | None) -> threading.Lock:
+    """Take ``workspace_locks[id]``, waiting behind another prepare/export (cancellable).
+
+    Returns the lock taken, which the caller must release (not a fresh ``get``).
+    """
     lock = d.workspace_locks.get(vm_id)
     while not lock.acquire(timeout=LOCK_POLL_S):
         if op is not None:
             op.cancel.check()
+    return lock
 
 
 def begin_prepare(d: Daemon, p: PrepareParams) -> Operation:
@@ -122,7 +127,7 @@ def _prepare(d: Daemon, op: Operation, *, vm: VMRecord, runner: Runner,
              info: workspace.RepoInfo, plan: workspace.CopyPlan, guest_path: str,
              p: PrepareParams) -> dict[str, Any]:
     op.enter("wait")
-    _acquire(d, vm.id, op)
+    lock = _acquire(d, vm.id, op)
     try:
         op.enter("copy")
         record: dict[str, Any] = {
@@ -156,7 +161,7 @@ def _prepare(d: Daemon, op: Operation, *, vm: VMRecord, runner: Runner,
                  guest_path, prep.files, prep.bytes)
         return {"vm": vm.name, **{k: v for k, v in record.items() if k != "info"}}
     finally:
-        d.workspace_locks.get(vm.id).release()
+        lock.release()
 
 
 def export(d: Daemon, p: ExportParams) -> dict[str, Any]:
@@ -166,11 +171,11 @@ def export(d: Daemon, p: ExportParams) -> dict[str, Any]:
     if not ws or not ws.get("prepared"):
         raise InvalidState(f"VM {vm.name!r} has no prepared workspace",
                            hint=f"prepare one with `banger vm workspace prepare {vm.name} PATH`")
-    _acquire(d, vm.id, None)
+    lock = _acquire(d, vm.id, None)
     try:
         out = workspace.export(d.dial(vm.ip), ws["guest_path"], base_commit=p.base_commit)
     finally:
-        d.workspace_locks.get(vm.id).release()
+        lock.release()
     exports = d.layout.runtime_dir / "exports"
     exports.mkdir(mode=0o700, exist_ok=True)
     path = exports / f"{vm.name}-{secrets.token_hex(4)}.patch"

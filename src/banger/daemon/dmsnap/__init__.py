@@ -18,6 +18,7 @@ import errno
 import fcntl
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -59,6 +60,10 @@ class CowHandle:
         return self.device or self.path
 
 
+Record = Callable[["CowHandle"], None]
+"""Persists a partially activated handle (the daemon writes it to handles.json)."""
+
+
 class CowStrategy(Protocol):
     name: str
 
@@ -66,8 +71,13 @@ class CowStrategy(Protocol):
         """Make the VM's private view of ``origin`` at ``target`` (not yet attached)."""
         ...
 
-    def activate(self, handle: CowHandle, origin: Path, vm_id: str) -> CowHandle:
-        """Make the disk openable by the VMM (loop/dm set-up); idempotent."""
+    def activate(self, handle: CowHandle, origin: Path, vm_id: str,
+                 record: Record | None = None) -> CowHandle:
+        """Make the disk openable by the VMM (loop/dm set-up); idempotent.
+
+        ``record`` is called with the handle as each kernel object is made, before the
+        next, so a crash mid-way leaves a handle naming everything to tear down.
+        """
         ...
 
     def deactivate(self, handle: CowHandle) -> CowHandle:
@@ -109,7 +119,8 @@ class _FileCow:
 
     name = "file"
 
-    def activate(self, handle: CowHandle, origin: Path, vm_id: str) -> CowHandle:
+    def activate(self, handle: CowHandle, origin: Path, vm_id: str,
+                 record: Record | None = None) -> CowHandle:
         return handle
 
     def deactivate(self, handle: CowHandle) -> CowHandle:
@@ -224,7 +235,8 @@ class DmSnapshotCow:
             fh.truncate(origin.stat().st_size)
         return CowHandle(self.name, str(target))
 
-    def activate(self, handle: CowHandle, origin: Path, vm_id: str) -> CowHandle:
+    def activate(self, handle: CowHandle, origin: Path, vm_id: str,
+                 record: Record | None = None) -> CowHandle:
         """Attach origin and store to loop devices and create the snapshot target.
 
         A handle whose device already exists is returned unchanged; anything left of
@@ -237,13 +249,17 @@ class DmSnapshotCow:
             return handle
         handle = self.deactivate(handle)
         loops: list[str] = []
+        note = record or (lambda h: None)
         try:
             base = self._losetup(origin, read_only=True)
             loops.append(base)
+            note(CowHandle(self.name, handle.path, loops=list(loops)))
             cow = self._losetup(Path(handle.path), read_only=False)
             loops.append(cow)
             sectors = origin.stat().st_size // SECTOR
             dm_name = DM_PREFIX + vm_id
+            # Named before it exists: removing a dm target that is not there is harmless.
+            note(CowHandle(self.name, handle.path, loops=list(loops), dm_name=dm_name))
             table = f"0 {sectors} snapshot {base} {cow} P {DM_CHUNK_SECTORS}"
             self.runner.run(["dmsetup", "create", dm_name, "--table", table],
                             desc=f"create dm snapshot {dm_name}", timeout=30)

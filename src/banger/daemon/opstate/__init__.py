@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
-from banger.errors import BangerError, Cancelled, InternalError, NotFound
+from banger.errors import BangerError, Cancelled, InternalError, NotFound, from_foreign
 from banger.runner import CancelToken
 
 log = logging.getLogger("banger.opstate")
@@ -154,8 +154,10 @@ class Registry(Generic[T]):
             except BangerError as exc:
                 op.finish(error=exc)
             except Exception as exc:
-                log.exception("operation %s crashed", op.id)
-                op.finish(error=InternalError(f"{op.kind} failed unexpectedly: {exc}"))
+                err = from_foreign(exc, op.kind)
+                if isinstance(err, InternalError):
+                    log.exception("operation %s crashed", op.id)
+                op.finish(error=err)
             else:
                 op.finish(result=result)
 
