@@ -25,6 +25,7 @@ from banger.daemon import workspace as ws
 from banger.daemon.workspace import importer
 from banger.errors import BadRequest, Cancelled, GuestError, NotFound
 from banger.runner import CancelToken, Result, SubprocessRunner
+from tests.gitenv import isolate_git
 
 RUNNER = SubprocessRunner()
 IGNORED = ("build/", ".log", ".tmp")  # what the test repositories ignore (see make_repo)
@@ -89,13 +90,7 @@ def git(cwd: Path | str, *args: str, input: bytes | None = None) -> bytes:
 @pytest.fixture(autouse=True)
 def clean_git_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Host git sees no user or system config, and no GIT_* from the test runner."""
-    for key in list(os.environ):
-        if key.startswith("GIT_"):
-            monkeypatch.delenv(key)
-    cfg = tmp_path / "host-gitconfig"
-    cfg.write_text("[init]\n\tdefaultBranch = main\n")
-    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(cfg))
-    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    isolate_git(tmp_path / "host-gitconfig", monkeypatch)
 
 
 @pytest.fixture

@@ -19,24 +19,14 @@ from banger.daemon.workspace import (
 from banger.daemon.workspace.hosttree import HostTree, read_owned
 from banger.errors import BadRequest, HostError
 from banger.runner import SubprocessRunner
+from tests.gitenv import git, isolate_git
 
 RUNNER = SubprocessRunner()
 
 
-def git(cwd: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
-                          text=True).stdout
-
-
 @pytest.fixture(autouse=True)
 def clean_git_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in list(os.environ):
-        if key.startswith("GIT_"):
-            monkeypatch.delenv(key)
-    cfg = tmp_path / "gitconfig"
-    cfg.write_text("[init]\n\tdefaultBranch = main\n")
-    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(cfg))
-    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    isolate_git(tmp_path / "gitconfig", monkeypatch)
 
 
 def new_repo(path: Path, *, identity: bool = True) -> Path:

@@ -24,6 +24,7 @@ from banger.daemon.workspace.repo import GIT_ENV
 from banger.daemon.workspace.transfer import GuestSink, run_script, send_pack, send_tree
 from banger.errors import BadRequest, Cancelled, GuestError, HostError
 from banger.runner import CancelToken, Result, SubprocessRunner
+from tests.gitenv import git, isolate_git
 
 RUNNER = SubprocessRunner()
 
@@ -44,20 +45,9 @@ class ShGuest:
 GUEST = ShGuest()
 
 
-def git(cwd: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
-                          text=True).stdout
-
-
 @pytest.fixture(autouse=True)
 def clean_git_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in list(os.environ):
-        if key.startswith("GIT_"):
-            monkeypatch.delenv(key)
-    cfg = tmp_path / "gitconfig"
-    cfg.write_text("[init]\n\tdefaultBranch = main\n[user]\n\tname = t\n\temail = t@t\n")
-    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(cfg))
-    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    isolate_git(tmp_path / "gitconfig", monkeypatch, identity=True)
 
 
 # --------------------------------------------------------------------------- GuestSink
