@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from banger.config import parse_config
-from banger.daemon import images, kernels, vms
+from banger.daemon import images, kernels, reconcile, vms
 from banger.daemon.core import Daemon
 from banger.daemon.vmmselect import resolve_vmm
 from banger.daemon.workspaces import check_sync_target
@@ -114,3 +114,44 @@ def test_sync_targets_ok(guest: str) -> None:
 def test_sync_targets_refused(guest: str) -> None:
     with pytest.raises(BadRequest):
         check_sync_target(guest)
+
+
+def test_remove_renames_under_the_lock_and_deletes_after(daemon: Daemon, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    kernels.import_files(daemon, "k1", [str(bzimage(tmp_path / "bz"))], None)
+    seen: list[tuple[str, bool]] = []
+    real = kernels.remove_tree
+
+    def spy(path: Path) -> None:
+        seen.append((path.name, daemon.image_ops_mu.locked()))
+        real(path)
+
+    monkeypatch.setattr(kernels, "remove_tree", spy)
+    kernels.remove(daemon, "k1")
+    assert len(seen) == 1
+    name, locked = seen[0]
+    assert name.startswith(".trash-k1-") and not locked  # the slow delete runs unlocked
+    assert list(daemon.layout.kernels_dir.iterdir()) == []
+
+
+def test_import_over_debris_of_a_crashed_import(daemon: Daemon, tmp_path: Path) -> None:
+    debris = daemon.layout.kernel_dir("k1")
+    debris.mkdir(parents=True)
+    (debris / "bzImage").write_bytes(b"half written")
+    k = kernels.import_files(daemon, "k1", [str(bzimage(tmp_path / "bz"))], None)
+    assert Path(k["bzimage"]).read_bytes() == (tmp_path / "bz").read_bytes()
+    assert [p.name for p in daemon.layout.kernels_dir.iterdir()] == ["k1"]
+
+
+def test_start_up_finishes_deletes_a_crash_interrupted(daemon: Daemon, tmp_path: Path) -> None:
+    kernels.import_files(daemon, "k1", [str(bzimage(tmp_path / "bz"))], None)
+    for registry in (daemon.layout.kernels_dir, daemon.layout.images_dir):
+        trash = registry / ".trash-gone-0123abcd"
+        (trash / "sub").mkdir(parents=True)
+        (trash / "sub" / "rootfs.ext4").write_bytes(b"x" * 4096)
+    reconcile.reconcile(daemon)
+    for registry in (daemon.layout.kernels_dir, daemon.layout.images_dir):
+        assert not any(p.name.startswith(".trash-") for p in registry.iterdir())
+    assert kernels.show(daemon, "k1")["bzimage"]  # registered entries are untouched
+    assert Path(kernels.show(daemon, "k1")["bzimage"]).is_file()
+    assert images.list_images(daemon)  # and so is the test image
