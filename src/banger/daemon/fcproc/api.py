@@ -230,8 +230,7 @@ class FirecrackerAPI:
         self._client = httpx.Client(
             transport=transport or UnixSocketTransport(socket_path),
             # The host part is ignored by Firecracker; httpx needs one.
-            base_url="http://localhost",
-            timeout=httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT_S)),
+            base_url="http://localhost",  # timeouts: per request, see request()
         )
 
     def close(self) -> None:

@@ -76,14 +76,6 @@ CTRL_ALT_DEL_GRACE_S = 20.0
 # takes a moment for a large VM.
 KILL_WAIT_S = 5.0
 
-# Between execve() dropping the old program and the kernel filling in the new
-# one's argument area, /proc/<pid>/cmdline reads empty, so an identity check
-# fails for a live process. The jailer execs Firecracker at a moment we do not
-# see; a failed check is believed only if it persists this long (the window
-# itself is microseconds).
-EXEC_SETTLE_S = 0.2
-EXEC_SETTLE_POLL_S = 0.01
-
 # Pressing the power button is one small request; a VMM that does not answer it
 # within 10 s is wedged and gets killed. (3 s proved too tight on a loaded 2-core
 # host: the request timed out and a healthy VMM was SIGKILLed instead of shut down.)
@@ -193,7 +185,7 @@ def wait_for_api(api: FirecrackerAPI, ident: ProcessIdentity, budget_s: float,
     deadline = time.monotonic() + budget_s
     last: VMMError | None = None
     while True:
-        if not still_running(ident):
+        if not matches(ident):  # an exec (jailer -> Firecracker) still matches
             raise VMMError(
                 f"Firecracker (pid {ident.pid}) exited before answering on {api.socket_path}"
                 + _serial_tail(serial_log))
@@ -205,31 +197,6 @@ def wait_for_api(api: FirecrackerAPI, ident: ProcessIdentity, budget_s: float,
             raise VMMError(f"Firecracker (pid {ident.pid}) did not answer on {api.socket_path} "
                            f"within {budget_s:g}s: {last}")
         time.sleep(API_POLL_S)
-
-
-def still_running(ident: ProcessIdentity, settle_s: float = EXEC_SETTLE_S) -> bool:
-    """:func:`banger.proc.matches`, but a mismatch must last ``settle_s`` to count.
-
-    Used while the process may still exec (jailer -> Firecracker); see
-    ``EXEC_SETTLE_S``.
-    """
-    deadline = time.monotonic() + settle_s
-    while not matches(ident):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(EXEC_SETTLE_POLL_S)
-    return True
-
-
-def identify_settled(pid: int, marker: str,
-                     settle_s: float = EXEC_SETTLE_S) -> ProcessIdentity | None:
-    """:func:`banger.proc.identify`, retried for ``settle_s`` across an exec window."""
-    deadline = time.monotonic() + settle_s
-    while (ident := identify(pid, marker)) is None:
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(EXEC_SETTLE_POLL_S)
-    return ident
 
 
 def _serial_tail(serial_log: Path | None) -> str:
@@ -245,6 +212,22 @@ def kill(ident: ProcessIdentity, wait_s: float = KILL_WAIT_S) -> bool:
     """
     send_signal(ident, signal.SIGKILL)
     return wait_gone(ident, wait_s)
+
+
+def press_ctrl_alt_del(api_socket: Path, ident: ProcessIdentity) -> bool:
+    """Press Ctrl-Alt-Del through the API; True if Firecracker accepted it.
+
+    Nothing is sent when ``ident`` no longer names the running VMM.
+    """
+    if not matches(ident):
+        return False
+    try:
+        with FirecrackerAPI(api_socket, timeout=SHUTDOWN_REQUEST_TIMEOUT_S) as api:
+            api.send_ctrl_alt_del()
+    except VMMError as exc:
+        log.info("Ctrl-Alt-Del to pid %d failed: %s", ident.pid, exc)
+        return False
+    return True
 
 
 def stop_gracefully(api_socket: Path, ident: ProcessIdentity, *,
@@ -263,12 +246,7 @@ def stop_gracefully(api_socket: Path, ident: ProcessIdentity, *,
     """
     if not matches(ident):
         return True
-    try:
-        with FirecrackerAPI(api_socket, timeout=SHUTDOWN_REQUEST_TIMEOUT_S) as api:
-            api.send_ctrl_alt_del()
-    except VMMError as exc:
-        log.info("Ctrl-Alt-Del to pid %d failed (%s); killing it", ident.pid, exc)
-    else:
+    if press_ctrl_alt_del(api_socket, ident):
         if wait_gone(ident, grace_s):
             return True
         log.warning("Firecracker pid %d still runs %gs after Ctrl-Alt-Del; killing it",
@@ -369,19 +347,13 @@ class FirecrackerDriver:
         return self._run(plan, "start", boot)
 
     def request_shutdown(self, plan_paths: VMPaths, ident: ProcessIdentity) -> bool:
-        """Press Ctrl-Alt-Del through the API; True if Firecracker accepted it.
-
-        Nothing is sent when ``ident`` no longer names the running VMM.
-        """
-        if not matches(ident):
-            return False
+        """Press Ctrl-Alt-Del (see :func:`press_ctrl_alt_del`)."""
         try:
-            with FirecrackerAPI(plan_paths.api_socket, timeout=SHUTDOWN_REQUEST_TIMEOUT_S) as api:
-                api.send_ctrl_alt_del()
-        except (VMMError, BadRequest) as exc:
+            api_socket = plan_paths.api_socket
+        except BadRequest as exc:  # a path over the socket limit: nothing to press
             log.info("Ctrl-Alt-Del to pid %d failed: %s", ident.pid, exc)
             return False
-        return True
+        return press_ctrl_alt_del(api_socket, ident)
 
     def cleanup(self, plan_paths: VMPaths) -> None:
         """Remove sockets, symlinks, metrics, the pid file and the jail.
@@ -589,7 +561,7 @@ class FirecrackerDriver:
             raise VMMError(f"the Firecracker launcher printed {res.out.strip()[:80]!r} "
                            "instead of a pid") from exc
         atomic_write(p.pid_file, f"{pid}\n".encode(), mode=0o644)
-        ident = identify_settled(pid, plan.marker)
+        ident = identify(pid, plan.marker)
         if ident is None:
             raise VMMError(f"Firecracker (pid {pid}) exited right after starting"
                            + _serial_tail(p.serial_log))
@@ -608,9 +580,8 @@ class FirecrackerDriver:
         """Where this VM's jail would be, if jails are possible here at all."""
         if self.chroot_base is None:
             return None
-        # VMPaths.run is <runtime_dir>/vms/<vm id> (banger.layout.Layout.vm).
         try:
-            return JailLayout.for_vm(self.chroot_base, self.binary, vm_marker(p.run.name))
+            return JailLayout.for_vm(self.chroot_base, self.binary, vm_marker(p.vm_id))
         except BadRequest:
             return None
 

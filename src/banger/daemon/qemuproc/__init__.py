@@ -121,7 +121,8 @@ class QemuDriver:
         p.state.mkdir(parents=True, exist_ok=True)
         p.pid_file.unlink(missing_ok=True)
         p.serial_log.write_bytes(b"")
-        argv = build_argv(self.qemu_bin, plan, self.accel, host_tsc_khz())
+        tsc_khz = host_tsc_khz() if self.accel == "tcg" else None  # only TCG uses it
+        argv = build_argv(self.qemu_bin, plan, self.accel, tsc_khz)
         try:
             self.runner.run(argv, desc=f"start QEMU for {plan.name}", timeout=LAUNCH_TIMEOUT_S)
         except CommandFailed as exc:
