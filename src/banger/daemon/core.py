@@ -141,6 +141,8 @@ class Daemon:
         self.image_ops: Registry[Operation] = Registry()
         self.workspace_ops: Registry[Operation] = Registry()
         self.kernel_ops: Registry[Operation] = Registry()
+        self.op_registries = (self.create_ops, self.image_ops, self.workspace_ops,
+                              self.kernel_ops)
         # Cancel tokens of in-flight boots, so stop/delete can interrupt a slow start.
         # _inflight_mu is a leaf lock guarding only the dict.
         self._inflight_mu = threading.Lock()
@@ -372,8 +374,7 @@ class Daemon:
             "vms": len(vms), "vms_running": sum(1 for v in vms if v.state.value == "running"),
             "cow_strategy": self.cow.name if self.cow else None,
             "tap_pool": sorted(self.tap_pool.owned()),
-            "operations": sum(len(r.active()) for r in (self.create_ops, self.image_ops,
-                                                          self.workspace_ops, self.kernel_ops)),
+            "operations": sum(len(r.active()) for r in self.op_registries),
         }
 
 

@@ -15,12 +15,12 @@ import json
 import logging
 import re
 import threading
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from banger.api import VMState
 from banger.daemon import caps, vms
+from banger.daemon.core import error_of
 from banger.daemon.dmsnap import DM_PREFIX, dm_snapshot_supported
 from banger.daemon.handles import VMHandles
 from banger.daemon.network import TAP_PREFIX
@@ -147,12 +147,11 @@ def _finish_start(d: Daemon, vm: VMRecord, h: VMHandles) -> None:
             d.seams.wait_for_ssh(d.dial(vm.ip), budget_s=d.cfg.boot_timeout_s,
                                  alive=lambda: matches(ident), cancel=token)
             workspaces.sync_files(d, vm)
-            fresh = vms.transition(d, vm.id, VMState.RUNNING, expect={VMState.STARTING},
-                                   last_error=None, stop_reason=None, booted_at=time.time())
+            fresh = vms.mark_running(d, vm.id, expect={VMState.STARTING})
             caps.started(d, fresh)
             log.info("vm %s: boot finished after daemon restart", vm.name)
         except Exception as exc:  # anything: the VM must not stay "starting" forever
-            err = exc if isinstance(exc, BangerError) else HostError(str(exc))
+            err = error_of(exc)
             log.warning("vm %s: boot after restart failed: %s", vm.name, err)
             vms.teardown(d, vm.id, h)
             vms._settle_failed_start(d, vm.id, err)

@@ -157,8 +157,7 @@ def register(d: Daemon) -> None:
         return {"stopping": True}
 
     def operations() -> Any:
-        ops = [*d.create_ops.all(), *d.image_ops.all(), *d.workspace_ops.all(),
-               *d.kernel_ops.all()]
+        ops = [o for r in d.op_registries for o in r.all()]
         return [vms.op_view(o) for o in sorted(ops, key=lambda o: o.started_at)]
 
     d.methods.update({

@@ -25,7 +25,7 @@ from pydantic import Field
 from banger.api import Model, OpView, SSHInfo, VMSpec, VMState, VMView, WorkspaceView
 from banger.config import parse_size
 from banger.daemon import images, kernels
-from banger.daemon.core import new_id
+from banger.daemon.core import error_of, new_id
 from banger.daemon.dmsnap import CowHandle, strategy_for
 from banger.daemon.handles import VMHandles
 from banger.daemon.imagemgr import WORK_LABEL
@@ -194,12 +194,10 @@ def begin_create(d: Daemon, params: CreateParams) -> Operation:
     img = d.db.find_image(image)
     if img is None:
         images.recipe_or_missing(image)
-    if params.vmm not in ("auto", "qemu", "firecracker"):
-        raise BadRequest(f"unknown VMM {params.vmm!r}", hint="use auto, qemu or firecracker")
     vmm = resolve_vmm(cfg, params.vmm, lambda v: kernels.suits(d, img, v))
-    if not kernels.suits(d, img, vmm):
-        if img is not None:
-            kernels.boot_files(d, img, vmm)  # raises the precise refusal
+    if img is not None:
+        kernels.boot_files(d, img, vmm)  # raises the precise refusal
+    elif not kernels.suits(d, img, vmm):
         raise BadRequest(f"the built-in image {image!r} cannot boot under {vmm}",
                          hint="build a kernel for it (`banger kernel build`) or use --vmm qemu")
     spec = VMSpec(
@@ -437,8 +435,7 @@ def boot(d: Daemon, vm: VMRecord, img: ImageRecord, cancel: CancelToken,
             if op is not None:
                 op.report(warning)
         d.checkpoint("start.wait-ssh")
-        vm = transition(d, vm.id, VMState.RUNNING, expect={VMState.STARTING, VMState.CREATING},
-                        last_error=None, stop_reason=None, booted_at=time.time())
+        vm = mark_running(d, vm.id, expect={VMState.STARTING, VMState.CREATING})
     except BaseException as exc:
         try:
             teardown(d, vm.id, h)
@@ -450,6 +447,12 @@ def boot(d: Daemon, vm: VMRecord, img: ImageRecord, cancel: CancelToken,
 
     caps.started(d, vm)
     return vm
+
+
+def mark_running(d: Daemon, vm_id: str, expect: set[VMState]) -> VMRecord:
+    """The end of every successful boot: running, with no stale error or stop reason."""
+    return transition(d, vm_id, VMState.RUNNING, expect=expect,
+                      last_error=None, stop_reason=None, booted_at=time.time())
 
 
 def start(d: Daemon, ref: str) -> dict[str, Any]:
@@ -476,7 +479,7 @@ def start(d: Daemon, ref: str) -> dict[str, Any]:
     try:
         vm = boot(d, vm, img, token)
     except BaseException as exc:
-        err = exc if isinstance(exc, BangerError) else HostError(str(exc))
+        err = error_of(exc)
         _settle_failed_start(d, vm.id, err)
         raise err from None
     finally:
