@@ -137,10 +137,11 @@ def _prepare(d: Daemon, op: Operation, *, vm: VMRecord, runner: Runner,
         }
         _set_workspace(d, vm.id, record)
         started = time.monotonic()
+        total_files, total_mb = plan.files, plan.bytes / 1e6  # walking the plan is not free
 
         def progress(sent: int, files: int) -> None:
             rate = sent / max(time.monotonic() - started, 1e-3) / 1e6
-            op.report(f"{files}/{plan.files} files, {sent / 1e6:.1f}/{plan.bytes / 1e6:.1f} MB"
+            op.report(f"{files}/{total_files} files, {sent / 1e6:.1f}/{total_mb:.1f} MB"
                       f" ({rate:.1f} MB/s)")
 
         try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from banger.daemon.session import format_step_error, step_error
+from banger.daemon.session import check_step, format_step_error
 from banger.errors import BadRequest, GuestError, NotFound
 from banger.runner import CancelToken
 
@@ -77,8 +77,7 @@ def export(guest: GuestChannel, guest_path: str, *, base_commit: str | None = No
     if res.returncode == scripts.EXIT_BAD_BASE:
         raise BadRequest(format_step_error(step, res),
                          hint="the base commit must exist in the guest repository")
-    if res.returncode != 0:
-        raise step_error(step, res)
+    check_step(step, res)
     sections = parse_sections(res.stdout, step)
     if not sections:
         raise GuestError(f"{step}: the guest printed nothing")

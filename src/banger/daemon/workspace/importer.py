@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from banger.daemon.session import format_step_error, step_error
+from banger.daemon.session import check_step, format_step_error
 from banger.errors import BadRequest, BangerError
 from banger.runner import CancelToken, Result, Runner
 
@@ -206,9 +206,7 @@ def _checked(step: str, result: Result) -> Result:
     if result.returncode == scripts.EXIT_REFUSED:
         raise BadRequest(format_step_error(step, result),
                          hint="choose another --guest-path, or remove that path in the guest")
-    if result.returncode != 0:
-        raise step_error(step, result)
-    return result
+    return check_step(step, result)
 
 
 class _Counter:
@@ -245,8 +243,7 @@ class _Counter:
 
 
 def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan, *,
-            guest_path: str | None = None, mode: WorkspaceMode | str | None = None,
-            branch: str | None = None, from_ref: str | None = None,
+            guest_path: str | None = None, branch: str | None = None, from_ref: str | None = None,
             progress: Progress | None = None, cancel: CancelToken | None = None,
             depth: int = DEFAULT_DEPTH, home: str = GUEST_HOME,
             step_timeout: float = 1800.0, stall_timeout: float = 120.0) -> Prepared:
@@ -260,7 +257,6 @@ def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan,
         guest_path: workspace directory; default ``<home>/<repo dir name>``. Must be a
             normalised path below ``home``; an existing directory there must be an
             earlier banger workspace (or empty) and is replaced.
-        mode: ``shallow`` (default: ``info.mode``) or ``full_copy``.
         branch: create this new branch in the guest and check it out (files and index
             stay as copied; HEAD moves, like ``git checkout -b`` / ``git reset --soft``).
         from_ref: the branch's start (a host revision); default HEAD. Needs ``branch``.
@@ -280,10 +276,7 @@ def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan,
         GuestError: a guest step failed; the target is untouched.
         HostError: host git failed.
     """
-    mode = info.mode if mode is None else WorkspaceMode.parse(mode)
-    if mode is WorkspaceMode.SHALLOW and info.submodules:
-        raise BadRequest("a shallow workspace cannot carry submodules",
-                         hint="use --mode full_copy")
+    mode = info.mode  # inspect_repo already refused submodules in shallow mode
     if plan.root != info.host_path:
         raise BadRequest("the copy plan belongs to another repository")
     if depth < 1:

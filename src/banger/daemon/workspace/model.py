@@ -204,12 +204,14 @@ class CopyPlan:
     @property
     def files(self) -> int:
         """Files and symlinks to copy (submodules included)."""
-        return sum(1 for e in self.all_entries() if e.kind is not EntryKind.GITLINK)
+        return sum(1 for _, _, plan in self.walk() for e in plan.entries
+                   if e.kind is not EntryKind.GITLINK)
 
     @property
     def bytes(self) -> int:
         """Total size of the files to copy (submodules included)."""
-        return sum(e.size for e in self.all_entries() if e.kind is EntryKind.FILE)
+        return sum(e.size for _, _, plan in self.walk() for e in plan.entries
+                   if e.kind is EntryKind.FILE)
 
 
 @dataclass(frozen=True)
