@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from pathlib import Path
 
@@ -155,3 +156,31 @@ def test_start_up_finishes_deletes_a_crash_interrupted(daemon: Daemon, tmp_path:
     assert kernels.show(daemon, "k1")["bzimage"]  # registered entries are untouched
     assert Path(kernels.show(daemon, "k1")["bzimage"]).is_file()
     assert images.list_images(daemon)  # and so is the test image
+
+
+def test_an_image_never_references_a_kernel_that_is_gone(daemon: Daemon, tmp_path: Path) -> None:
+    # `image register --kernel-name` checks early, copies for minutes, then inserts:
+    # a `kernel rm` in between must make the insert fail, not leave a dangling name.
+    base = daemon.db.get_image("debian-bookworm")
+    orphan = dataclasses.replace(base, name="orphan", kernel="", kernel_name="removed")
+    with pytest.raises(NotFound, match="no kernel named 'removed'"):
+        daemon.db.add_image(orphan)
+    assert daemon.db.find_image("orphan") is None
+
+
+def test_set_kernel_back_needs_a_kernel_of_its_own(daemon: Daemon, tmp_path: Path) -> None:
+    kernels.import_files(daemon, "qk", [str(bzimage(tmp_path / "bz"))], None)
+    base = daemon.db.get_image("debian-bookworm")
+    daemon.db.add_image(dataclasses.replace(base, name="kernelless", kernel="",
+                                            kernel_name="qk"))
+    with pytest.raises(BadRequest, match="no kernel of its own"):
+        images.set_kernel(daemon, "kernelless", None)
+    assert daemon.db.get_image("kernelless").kernel_name == "qk"
+
+
+def test_register_refuses_an_empty_kernel_path(daemon: Daemon, tmp_path: Path) -> None:
+    rootfs = tmp_path / "root.ext4"
+    rootfs.write_bytes(b"\0" * 4096)
+    with pytest.raises(BadRequest, match="needs a kernel"):
+        images.register(daemon, "nokernel", str(rootfs), "", None)
+    assert daemon.db.find_image("nokernel") is None

@@ -208,7 +208,7 @@ def register(d: Daemon, name: str, rootfs: str, kernel: str | None, initrd: str 
     """
     check_name(name, "image")
     rootfs_p = _existing_file(rootfs, "--rootfs")
-    if kernel is None and kernel_name is None:
+    if not kernel and not kernel_name:
         raise BadRequest("an image needs a kernel", hint="pass --kernel FILE or --kernel-name K")
     kernel_p = _existing_file(kernel, "--kernel") if kernel else None
     initrd_p = _existing_file(initrd, "--initrd") if initrd else None

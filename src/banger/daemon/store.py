@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from banger.api import VMSpec, VMState
-from banger.errors import AlreadyExists, HostError, InvalidState, NotFound
+from banger.errors import AlreadyExists, BadRequest, HostError, InvalidState, NotFound
 
 BUSY_TIMEOUT_MS = 5000  # another process (a CLI debugging session) may briefly hold the db
 
@@ -227,9 +227,12 @@ class Store:
 
         Raises:
             AlreadyExists: an image with that name is already registered.
+            NotFound: its ``kernel_name`` is not a registered kernel.
         """
         try:
             with self._tx() as db:
+                if img.kernel_name is not None:
+                    _require_kernel(db, img.kernel_name)  # a `kernel rm` may have won the race
                 db.execute(
                     "INSERT INTO images (name, source, rootfs, kernel, initrd, workseed,"
                     " size_bytes, recipe_hash, created_at, kernel_name)"
@@ -272,12 +275,16 @@ class Store:
 
         Raises:
             NotFound: the image or the kernel does not exist.
+            BadRequest: ``kernel_name`` is None and the image bundles no kernel.
         """
         with self._tx() as db:
-            if kernel_name is not None and not db.execute(
-                    "SELECT 1 FROM kernels WHERE name = ?", (kernel_name,)).fetchone():
-                raise NotFound(f"no kernel named {kernel_name!r}",
-                               hint="see `banger kernel list`")
+            if kernel_name is not None:
+                _require_kernel(db, kernel_name)
+            else:
+                row = db.execute("SELECT kernel FROM images WHERE name = ?", (name,)).fetchone()
+                if row is not None and not row[0]:
+                    raise BadRequest(f"image {name!r} has no kernel of its own to go back to",
+                                     hint="name a registry kernel (see `banger kernel list`)")
             if db.execute("UPDATE images SET kernel_name = ? WHERE name = ?",
                           (kernel_name, name)).rowcount == 0:
                 raise NotFound(f"no image named {name!r}", hint="see `banger image list`")
@@ -475,3 +482,9 @@ def _vm(r: sqlite3.Row) -> VMRecord:
         updated_at=datetime.fromisoformat(r["updated_at"]),
         workspace=json.loads(r["workspace"]) if r["workspace"] else None,
     )
+
+
+def _require_kernel(db: sqlite3.Connection, name: str) -> None:
+    """Inside a transaction: refuse a reference to a kernel that is not registered."""
+    if not db.execute("SELECT 1 FROM kernels WHERE name = ?", (name,)).fetchone():
+        raise NotFound(f"no kernel named {name!r}", hint="see `banger kernel list`")
