@@ -175,6 +175,11 @@ class Layout:
         """``debootstrap/`` in the cache dir: debootstrap's package cache for builds."""
         return self.cache_dir / "debootstrap"
 
+    @property
+    def kernel_build_cache(self) -> Path:
+        """``kernels/`` in the cache dir: finished kernel builds, one dir per input hash."""
+        return self.cache_dir / "kernels"
+
     def vm(self, vm_id: str) -> VMPaths:
         """The state and runtime paths of VM ``vm_id``."""
         return VMPaths(self.vms_dir / vm_id, self.vms_run_dir / vm_id)

@@ -146,12 +146,14 @@ def test_import_over_debris_of_a_crashed_import(daemon: Daemon, tmp_path: Path) 
 
 def test_start_up_finishes_deletes_a_crash_interrupted(daemon: Daemon, tmp_path: Path) -> None:
     kernels.import_files(daemon, "k1", [str(bzimage(tmp_path / "bz"))], None)
-    for registry in (daemon.layout.kernels_dir, daemon.layout.images_dir):
+    registries = (daemon.layout.kernels_dir, daemon.layout.images_dir,
+                  daemon.layout.kernel_build_cache)  # a build replacing a stale cache entry
+    for registry in registries:
         trash = registry / ".trash-gone-0123abcd"
         (trash / "sub").mkdir(parents=True)
         (trash / "sub" / "rootfs.ext4").write_bytes(b"x" * 4096)
     reconcile.reconcile(daemon)
-    for registry in (daemon.layout.kernels_dir, daemon.layout.images_dir):
+    for registry in registries:
         assert not any(p.name.startswith(".trash-") for p in registry.iterdir())
     assert kernels.show(daemon, "k1")["bzimage"]  # registered entries are untouched
     assert Path(kernels.show(daemon, "k1")["bzimage"]).is_file()

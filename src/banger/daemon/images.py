@@ -162,28 +162,30 @@ def build(d: Daemon, recipe: Recipe, op: Operation) -> dict[str, Any]:
         )
         remove_tree(root)
         op.enter("publish")
-        return publish(d, recipe.name, staging, source="built", recipe_hash=recipe.digest(),
-                       has_initrd=initrd is not None)
+        return publish(d, recipe.name, staging, source="built", recipe_hash=recipe.digest())
     except BaseException:
         remove_tree(staging)
         raise
 
 
 def publish(d: Daemon, name: str, staging: Path, *, source: str, recipe_hash: str | None,
-            has_initrd: bool, has_kernel: bool = True,
             kernel_name: str | None = None) -> dict[str, Any]:
-    """Move a finished staging dir into the registry and record it (under image_ops_mu)."""
+    """Move a finished staging dir into the registry and record it (under image_ops_mu).
+
+    The record names what the dir holds: ``rootfs.ext4``, and ``vmlinuz``,
+    ``initrd.img`` and ``workseed/`` where present.
+    """
     final = d.layout.image_dir(name)
     with d.image_ops_mu:
         if d.db.find_image(name) is not None:
             raise AlreadyExists(f"image {name!r} already exists")
         debris = move_aside(final)  # left by a crashed publish; never a registered image
         os.rename(staging, final)
-        workseed = final / "workseed"
+        kernel, initrd, workseed = final / "vmlinuz", final / "initrd.img", final / "workseed"
         img = ImageRecord(
             name=name, source=source, rootfs=str(final / "rootfs.ext4"),
-            kernel=str(final / "vmlinuz") if has_kernel else "",
-            initrd=str(final / "initrd.img") if has_initrd else None,
+            kernel=str(kernel) if kernel.is_file() else "",
+            initrd=str(initrd) if initrd.is_file() else None,
             workseed=str(workseed) if workseed.is_dir() else None,
             size_bytes=sum(f.stat().st_size for f in final.iterdir() if f.is_file()),
             recipe_hash=recipe_hash, created_at=now(), kernel_name=kernel_name,
@@ -238,7 +240,6 @@ def register(d: Daemon, name: str, rootfs: str, kernel: str | None, initrd: str 
         extract_workseed(d, target, staging / "workseed")
         inject_guest_agent(d, target, staging)
         return publish(d, name, staging, source="registered", recipe_hash=None,
-                       has_initrd=initrd_p is not None, has_kernel=kernel_p is not None,
                        kernel_name=kernel_name)
     except BaseException:
         remove_tree(staging)

@@ -232,12 +232,17 @@ def begin_build(d: Daemon, name: str, base_config: str | None, source: str | Non
                             name=f"kernel-{name}")
 
 
+def _complete_build(directory: Path) -> bool:
+    """Whether a kernel build directory holds both boot files."""
+    return (directory / VMLINUX).is_file() and (directory / BZIMAGE).is_file()
+
+
 def _build(d: Daemon, op: Operation, name: str, *, base: Path, src: Path,
            jobs: int | None) -> dict[str, Any]:
     from banger.daemon.imagemgr.kernel import build_kernel, cache_key
 
-    cached = d.layout.cache_dir / "kernels" / cache_key(base, src)
-    if not (cached / VMLINUX).is_file() or not (cached / BZIMAGE).is_file():
+    cached = d.layout.kernel_build_cache / cache_key(base, src)
+    if not _complete_build(cached):
         work = d.layout.staging_dir / f"kbuild-{op.id}"
 
         def progress(stage: str, line: str) -> None:
@@ -252,8 +257,8 @@ def _build(d: Daemon, op: Operation, name: str, *, base: Path, src: Path,
         with d.image_ops_mu:
             # Another build of the same inputs may have finished first: keep its files
             # (an import may be reading them) and drop ours.
-            if (cached / VMLINUX).is_file() and (cached / BZIMAGE).is_file():
-                leftover = move_aside(work)
+            if _complete_build(cached):
+                leftover: Path | None = work  # ours alone: no need to move it first
             else:
                 leftover = move_aside(cached)
                 os.rename(work, cached)

@@ -173,11 +173,10 @@ def clone_or_copy(src: Path, dst: Path) -> str:
     """Reflink ``src`` to ``dst`` when both sit on one reflink-capable file system, else a
     sparse copy. Returns which happened ("reflink" or "copy")."""
     try:
-        with src.open("rb") as fin, dst.open("wb") as fout:
-            fcntl.ioctl(fout.fileno(), FICLONE, fin.fileno())
+        ReflinkCow().create(src, dst)
         return "reflink"
-    except OSError:
-        dst.unlink(missing_ok=True)  # EXDEV, EOPNOTSUPP, EINVAL: fall back to copying
+    except HostError:  # EXDEV, EOPNOTSUPP, EINVAL (partial dst removed): copy instead
+        pass
     sparse_copy(src, dst)
     return "copy"
 
