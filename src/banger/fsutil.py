@@ -37,11 +37,11 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
 
 
 def remove_tree(path: Path) -> None:
-    """Remove a file or directory tree if it exists (no symlink following)."""
-    if path.is_symlink() or path.is_file():
-        path.unlink(missing_ok=True)
-    elif path.exists():
+    """Remove a file, symlink, other node or directory tree if it exists (no symlink following)."""
+    if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 TRASH_PREFIX = ".trash-"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from banger.errors import (
     InvalidState,
     NotFound,
 )
+from banger.fsutil import remove_tree
 from banger.proc import ProcessIdentity, identify, matches, send_signal, wait_gone
 from banger.runner import CancelToken, Hidden, SubprocessRunner
 from tests.fakes import FakeNet, FakeRunner, ok
@@ -352,3 +354,20 @@ def test_wait_for_ssh_stops_at_a_changed_host_key(monkeypatch: pytest.MonkeyPatc
     assert "Permission denied" in exc.value.message  # the timeout names the last ssh error
     g.listener.close()
     other.listener.close()
+
+
+def test_remove_tree_removes_any_node_and_never_follows_links(tmp_path: Path) -> None:
+    kept = tmp_path / "kept"
+    (kept / "sub").mkdir(parents=True)
+    (kept / "sub" / "f").write_text("x")
+    tree = tmp_path / "tree"
+    (tree / "d").mkdir(parents=True)
+    (tree / "link-out").symlink_to(kept)  # inside the tree: removed as a link only
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    link = tmp_path / "link"
+    link.symlink_to(kept)
+    for path in (tree, fifo, link, tmp_path / "missing"):
+        remove_tree(path)
+        assert not path.exists() and not path.is_symlink()
+    assert (kept / "sub" / "f").read_text() == "x"

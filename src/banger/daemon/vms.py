@@ -332,11 +332,7 @@ def write_authorized_key(seed: Path, pubkey: str) -> None:
     ssh.mkdir(mode=0o700, exist_ok=True)
     os.chmod(ssh, 0o700, follow_symlinks=False)
     keys = ssh / "authorized_keys"
-    if keys.is_symlink() or keys.exists():
-        if keys.is_dir() and not keys.is_symlink():
-            shutil.rmtree(keys)
-        else:
-            keys.unlink()
+    remove_tree(keys)
     fd = os.open(keys, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(pubkey if pubkey.endswith("\n") else pubkey + "\n")
