@@ -9,6 +9,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from banger.errors import BadRequest
+
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Write ``data`` to ``path`` so a crash leaves either the old or the new file.
@@ -34,6 +36,20 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def existing_file(path: str, what: str) -> Path:
+    """``path`` (from a request) as a Path, refused unless absolute and a regular file.
+
+    Raises:
+        BadRequest: relative, missing, or not a regular file; ``what`` names it.
+    """
+    p = Path(path)
+    if not p.is_absolute():
+        raise BadRequest(f"{what} {path!r} must be an absolute path")
+    if not p.is_file():
+        raise BadRequest(f"{what} {path} does not exist or is not a regular file")
+    return p
 
 
 def remove_tree(path: Path) -> None:

@@ -315,7 +315,7 @@ def firecracker_kernel() -> Path | None:
 
 def firecracker_skip_reason() -> str | None:
     from banger.config import parse_config
-    from banger.daemon.doctor import firecracker_blockers
+    from banger.daemon.vmmselect import firecracker_blockers
 
     blockers = firecracker_blockers(parse_config({}))
     if blockers:

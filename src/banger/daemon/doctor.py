@@ -18,7 +18,12 @@ from pathlib import Path
 from banger.config import Config
 from banger.daemon.dmsnap import dm_snapshot_supported, reflink_supported
 from banger.daemon.hostinfo import kvm_status, which
-from banger.daemon.vmmselect import firecracker_binary, resolve_accel, resolve_vmm
+from banger.daemon.vmmselect import (
+    firecracker_binary,
+    firecracker_blockers,
+    resolve_accel,
+    resolve_vmm,
+)
 from banger.errors import BangerError
 from banger.runner import Runner, SubprocessRunner
 
@@ -129,18 +134,6 @@ def _kvm() -> Check:
         return Check("kvm", Status.OK, st.reason)
     return Check("kvm", Status.WARN, st.reason + "; guests run under QEMU TCG (slower)",
                  "use a host with hardware virtualisation (kvm_intel/kvm_amd) for speed")
-
-
-def firecracker_blockers(cfg: Config) -> list[str]:
-    """Every reason Firecracker cannot run VMs on this host (empty: it can)."""
-    reasons = []
-    if firecracker_binary(cfg) is None:
-        reasons.append(f"no Firecracker binary ({cfg.firecracker_bin or 'firecracker'} "
-                       "is not on PATH)")
-    kvm = kvm_status()
-    if not kvm.usable:
-        reasons.append(kvm.reason)
-    return reasons
 
 
 def _selected(cfg: Config) -> Check:

@@ -33,7 +33,7 @@ from banger.daemon.imagemgr import (
 from banger.daemon.opstate import Operation
 from banger.daemon.store import ImageRecord, now
 from banger.errors import AlreadyExists, BadRequest, NotFound
-from banger.fsutil import move_aside, remove_tree
+from banger.fsutil import existing_file, move_aside, remove_tree
 from banger.names import check_name
 
 if TYPE_CHECKING:
@@ -209,11 +209,11 @@ def register(d: Daemon, name: str, rootfs: str, kernel: str | None, initrd: str 
     kernel named by ``kernel_name``; at least one is required.
     """
     check_name(name, "image")
-    rootfs_p = _existing_file(rootfs, "--rootfs")
+    rootfs_p = existing_file(rootfs, "--rootfs")
     if not kernel and not kernel_name:
         raise BadRequest("an image needs a kernel", hint="pass --kernel FILE or --kernel-name K")
-    kernel_p = _existing_file(kernel, "--kernel") if kernel else None
-    initrd_p = _existing_file(initrd, "--initrd") if initrd else None
+    kernel_p = existing_file(kernel, "--kernel") if kernel else None
+    initrd_p = existing_file(initrd, "--initrd") if initrd else None
     with rootfs_p.open("rb") as fh:
         fh.seek(EXT4_MAGIC_OFFSET)
         if fh.read(2) != EXT4_MAGIC:
@@ -244,15 +244,6 @@ def register(d: Daemon, name: str, rootfs: str, kernel: str | None, initrd: str 
     except BaseException:
         remove_tree(staging)
         raise
-
-
-def _existing_file(path: str, flag: str) -> Path:
-    p = Path(path)
-    if not p.is_absolute():
-        raise BadRequest(f"{flag} {path!r} must be an absolute path")
-    if not p.is_file():
-        raise BadRequest(f"{flag} {path} does not exist or is not a regular file")
-    return p
 
 
 def extract_workseed(d: Daemon, rootfs: Path, dest: Path) -> None:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from banger.daemon.opstate import Operation
 from banger.daemon.store import ImageRecord, KernelRecord, now
 from banger.errors import AlreadyExists, BadRequest, HostError
-from banger.fsutil import atomic_write, move_aside, remove_tree
+from banger.fsutil import atomic_write, existing_file, move_aside, remove_tree
 from banger.names import check_name
 
 if TYPE_CHECKING:
@@ -56,17 +56,13 @@ def import_files(d: Daemon, name: str, paths: list[str], initrd: str | None,
 
     found: dict[str, tuple[Path, Any]] = {}
     for raw in paths:
-        p = Path(raw)
-        if not p.is_absolute() or not p.is_file():
-            raise BadRequest(f"{raw} is not an existing file (absolute path)")
+        p = existing_file(raw, "kernel file")
         info = inspect_kernel_file(p)
         if info.kind in found:
             raise BadRequest(f"two {info.kind} files given ({found[info.kind][0]} and {p})",
                              hint="give at most one vmlinux and one bzImage")
         found[info.kind] = (p, info)
-    initrd_p = Path(initrd) if initrd else None
-    if initrd_p is not None and not initrd_p.is_file():
-        raise BadRequest(f"--initrd {initrd} is not an existing file")
+    initrd_p = existing_file(initrd, "--initrd") if initrd else None
     if d.db.find_kernel(name) is not None:
         raise AlreadyExists(f"kernel {name!r} already exists",
                             hint=f"remove it first with `banger kernel rm {name}`")

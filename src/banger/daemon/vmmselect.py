@@ -18,13 +18,25 @@ def firecracker_binary(cfg: Config) -> str | None:
     return find_firecracker(cfg)
 
 
+def firecracker_blockers(cfg: Config) -> list[str]:
+    """Every reason Firecracker cannot run VMs on this host (empty: it can)."""
+    reasons = []
+    if firecracker_binary(cfg) is None:
+        reasons.append(f"no Firecracker binary ({cfg.firecracker_bin or 'firecracker'} "
+                       "is not on PATH)")
+    kvm = kvm_status()
+    if not kvm.usable:
+        reasons.append(kvm.reason)
+    return reasons
+
+
 def resolve_vmm(cfg: Config, requested: str,
                 image_suits: Callable[[str], bool] = lambda vmm: True) -> str:
     """``auto`` is Firecracker when its binary exists, KVM runs guests and the image
     has a kernel Firecracker can boot; else QEMU."""
     choice = requested if requested != "auto" else cfg.vmm.value
     if choice == "auto":
-        if firecracker_binary(cfg) and kvm_status().usable and image_suits("firecracker"):
+        if not firecracker_blockers(cfg) and image_suits("firecracker"):
             return "firecracker"
         return "qemu"
     if choice not in ("qemu", "firecracker"):
