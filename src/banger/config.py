@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import posixpath
 import re
 import tomllib
 from enum import StrEnum
@@ -82,12 +83,43 @@ class VMDefaults(_Strict):
         return v
 
 
+def check_sync_target(guest: str) -> str:
+    """A ``[[file_sync]]`` guest path: absolute, normalised, strictly under /root."""
+    norm = posixpath.normpath(guest)
+    if not guest.startswith("/") or norm != guest.rstrip("/") or not norm.startswith("/root/"):
+        raise BadRequest(f"file_sync guest path {guest!r} must be a normalised path under /root")
+    if any(ord(c) < 32 for c in norm):
+        raise BadRequest(f"file_sync guest path {guest!r} has control characters")
+    return norm
+
+
 class FileSync(_Strict):
     """A host file copied into the guest's /root at VM start (used by workspaces)."""
 
     host: str
     guest: str
     mode: str = "0600"
+
+    @field_validator("guest")
+    @classmethod
+    def _guest(cls, v: str) -> str:
+        try:
+            check_sync_target(v)
+        except BadRequest as exc:
+            raise ValueError(exc.message) from None
+        return v
+
+    @field_validator("mode")
+    @classmethod
+    def _mode(cls, v: str) -> str:
+        try:
+            bits = int(v, 8)
+        except ValueError:
+            raise ValueError(f"file_sync mode {v!r} is not an octal number such as 0600") \
+                from None
+        if not 0 <= bits <= 0o7777:
+            raise ValueError(f"file_sync mode {v!r} is outside 0000-7777")
+        return v
 
 
 class Config(_Strict):

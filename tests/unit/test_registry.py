@@ -117,6 +117,21 @@ def test_sync_targets_refused(guest: str) -> None:
         check_sync_target(guest)
 
 
+@pytest.mark.parametrize(("entry", "error"), [
+    ({"guest": "/etc/cron.d/x"}, "must be a normalised path under /root"),
+    ({"mode": "rw-------"}, "is not an octal number"),
+    ({"mode": "17777"}, "is outside 0000-7777"),
+])
+def test_bad_file_sync_entries_are_refused_when_the_config_loads(entry: dict[str, str],
+                                                                 error: str) -> None:
+    """Not at VM start, after the guest booted (a bad mode was a bare ValueError there)."""
+    good = {"host": "/etc/hostname", "guest": "/root/.config/x", "mode": "0644"}
+    assert parse_config({"file_sync": [good]}).file_sync[0].mode == "0644"
+    with pytest.raises(BadRequest, match=error) as exc:
+        parse_config({"file_sync": [{**good, **entry}]})
+    assert exc.value.message.startswith("config: file_sync.0.")
+
+
 def test_remove_renames_under_the_lock_and_deletes_after(daemon: Daemon, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     kernels.import_files(daemon, "k1", [str(bzimage(tmp_path / "bz"))], None)

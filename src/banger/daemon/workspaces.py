@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 
 from banger.api import Model, VMState
+from banger.config import check_sync_target
 from banger.daemon import vms, workspace
 from banger.daemon.opstate import Operation
 from banger.daemon.session import quote
@@ -207,16 +208,6 @@ def status(d: Daemon, ref: str) -> dict[str, Any]:
 # ------------------------------------------------------------------ file sync
 
 
-def check_sync_target(guest: str) -> str:
-    """A ``[[file_sync]]`` guest path: absolute, normalised, strictly under /root."""
-    norm = posixpath.normpath(guest)
-    if not guest.startswith("/") or norm != guest.rstrip("/") or not norm.startswith("/root/"):
-        raise BadRequest(f"file_sync guest path {guest!r} must be a normalised path under /root")
-    if any(ord(c) < 32 for c in norm):
-        raise BadRequest(f"file_sync guest path {guest!r} has control characters")
-    return norm
-
-
 def sync_files(d: Daemon, vm: VMRecord) -> list[str]:
     """Copy ``[[file_sync]]`` host files into the guest; returns warnings (missing files)."""
     warnings: list[str] = []
@@ -225,7 +216,7 @@ def sync_files(d: Daemon, vm: VMRecord) -> list[str]:
     guest = d.dial(vm.ip)
     for entry in d.cfg.file_sync:
         target = check_sync_target(entry.guest)
-        mode = int(entry.mode, 8) & 0o7777
+        mode = int(entry.mode, 8)  # both checked when the config was loaded
         src = Path(entry.host).expanduser()
         try:
             if src.is_symlink() and not src.resolve().is_file():
