@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from banger import api
-from banger.config import Config, config_path
+from banger.config import Config
 from banger.errors import BangerError, DaemonUnavailable, from_code
 from banger.fsutil import tail
 from banger.layout import Layout
@@ -101,8 +101,9 @@ def start_daemon(cfg: Config) -> int:
         raise DaemonUnavailable("bangerd is not running and only root can start it",
                                 hint="run banger with sudo")
     layout.state_dir.mkdir(parents=True, exist_ok=True)
+    # The daemon finds the same file the CLI did: an explicit --config was exported as
+    # BANGER_CONFIG (banger.cli.app.App.cfg), and otherwise both use the default path.
     env = dict(os.environ)
-    env.setdefault("BANGER_CONFIG", str(config_path()))
     boot_log = layout.state_dir / "bangerd.stderr"
     with open(os.devnull, "rb") as devnull, boot_log.open("ab") as err:
         proc = subprocess.Popen(

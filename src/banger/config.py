@@ -1,8 +1,8 @@
 """banger's configuration: ``config.toml``, every key optional.
 
-Found at ``$BANGER_CONFIG``, else ``~/.config/banger/config.toml``. A missing
-file means all defaults. Unknown keys are refused so a typo is not silently
-ignored.
+Found at ``--config``, else ``$BANGER_CONFIG``, else ``~/.config/banger/config.toml``.
+Only that default file may be missing (all defaults then); an explicit path must
+exist. Unknown keys are refused so a typo is not silently ignored.
 """
 
 from __future__ import annotations
@@ -189,22 +189,41 @@ class Config(_Strict):
 
 
 def config_path(env: dict[str, str] | None = None) -> Path:
-    """Where the config file is looked for."""
+    """Where the config file is looked for: ``$BANGER_CONFIG``, else the default path."""
     env = dict(os.environ) if env is None else env
     if env.get("BANGER_CONFIG"):
         return Path(env["BANGER_CONFIG"])
+    return default_config_path(env)
+
+
+def default_config_path(env: dict[str, str] | None = None) -> Path:
+    """``~/.config/banger/config.toml``: the one config path that may be absent."""
+    env = dict(os.environ) if env is None else env
     return Path(env.get("HOME", "/root")) / ".config" / "banger" / "config.toml"
 
 
 def load_config(path: Path | None = None) -> Config:
-    """Load and validate the config; a missing file gives the defaults."""
+    """Load and validate the config.
+
+    ``path`` None looks in :func:`config_path`. Only the default path may be
+    missing (all defaults then); a path named explicitly (``--config``,
+    ``$BANGER_CONFIG``) must exist, so a typo never silently starts a daemon
+    on other state.
+
+    Raises:
+        BadRequest: the file is missing (explicit path), unreadable or invalid.
+    """
     path = path or config_path()
     data: dict[str, Any] = {}
     try:
         with path.open("rb") as fh:
             data = tomllib.load(fh)
-    except FileNotFoundError:
-        pass
+    except FileNotFoundError as exc:
+        if path != default_config_path():
+            raise BadRequest(
+                f"config file {path} does not exist",
+                hint="create it, or drop --config / BANGER_CONFIG to use "
+                     f"{default_config_path()} (optional) and the defaults") from exc
     except tomllib.TOMLDecodeError as exc:
         raise BadRequest(f"{path}: {exc}", hint="fix the TOML syntax") from exc
     except OSError as exc:

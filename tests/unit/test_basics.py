@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,8 +53,10 @@ def test_format_size_roundtrip() -> None:
         assert format_size(parse_size(text)) == text
 
 
-def test_config_defaults_and_overrides(tmp_path: Path) -> None:
-    assert load_config(tmp_path / "missing.toml").bridge_name == "br-banger"
+def test_config_defaults_and_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))  # the default path: absent here, so defaults
+    monkeypatch.delenv("BANGER_CONFIG", raising=False)
+    assert load_config().bridge_name == "br-banger"
     f = tmp_path / "c.toml"
     f.write_text('vmm = "qemu"\nbridge_cidr = "10.9.0.1/24"\n[vm_defaults]\nvcpu = 4\n')
     cfg = load_config(f)
@@ -156,3 +161,33 @@ def test_create_params_are_bounded_at_the_rpc_boundary() -> None:
         with pytest.raises(BadRequest):
             parse(vms.CreateParams, bad)
     assert parse(vms.CreateParams, {"vcpu": 2}).vcpu == 2
+
+
+def test_an_explicit_config_path_that_does_not_exist_is_an_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("BANGER_CONFIG", raising=False)
+    with pytest.raises(BadRequest, match="does not exist") as exc:
+        load_config(tmp_path / "typo.toml")
+    assert "BANGER_CONFIG" in exc.value.hint
+    monkeypatch.setenv("BANGER_CONFIG", str(tmp_path / "typo.toml"))
+    with pytest.raises(BadRequest, match="does not exist"):
+        load_config()
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_cli_refuses_a_missing_explicit_config(tmp_path: Path, how: str) -> None:
+    missing = tmp_path / "nope.toml"
+    env = {**os.environ, "HOME": str(tmp_path)}
+    env.pop("BANGER_CONFIG", None)
+    args = [sys.executable, "-m", "banger", "vm", "list"]
+    if how == "flag":
+        args[3:3] = ["--config", str(missing)]
+    else:
+        env["BANGER_CONFIG"] = str(missing)
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert proc.returncode == 125, proc.stderr
+    assert f"error: config file {missing} does not exist" in proc.stderr
+    assert "hint:" in proc.stderr
+    assert not (tmp_path / "state").exists()

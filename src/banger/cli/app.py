@@ -1,0 +1,116 @@
+"""What every command shares: the :class:`App` context, ``--json``, following an
+operation's progress, and running the system ``ssh`` into a VM."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+from banger.cli import output
+from banger.client import Client, connect
+from banger.config import Config, config_path, load_config
+from banger.errors import BadName, from_code
+from banger.names import check_name
+from banger.sshopts import ssh_argv
+
+
+@dataclass
+class App:
+    config_file: Path | None
+    debug: bool
+    json: bool = False
+    _cfg: Config | None = field(default=None, repr=False)
+
+    @property
+    def cfg(self) -> Config:
+        """The loaded config, read on first use (not at start-up).
+
+        An explicit ``--config`` is exported as ``BANGER_CONFIG`` so a bangerd the
+        CLI starts reads the same file.
+        """
+        if self._cfg is None:
+            if self.config_file is not None:
+                os.environ["BANGER_CONFIG"] = str(self.config_file)
+            self._cfg = load_config(self.config_file or config_path())
+        return self._cfg
+
+    def client(self, autostart: bool = True) -> Client:
+        """A client for bangerd; with ``autostart`` it starts the daemon when none answers."""
+        return connect(self.cfg, autostart=autostart)
+
+    def emit(self, obj: Any, human: str) -> None:
+        """Print ``obj`` as JSON under ``--json``, else the ``human`` text."""
+        click.echo(output.to_json(obj) if self.json else human)
+
+
+pass_app = click.make_pass_decorator(App)
+
+
+def json_option(f: Any) -> Any:
+    """Add a ``--json`` flag to command ``f`` that switches :class:`App` to JSON output."""
+    def set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+        if value:
+            ctx.find_object(App).json = True  # type: ignore[union-attr]
+        return value
+
+    return click.option("--json", "as_json", is_flag=True, expose_value=False,
+                        callback=set_json, help="Machine-readable JSON output.")(f)
+
+
+def name_arg(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """Click callback: check an optional VM name is a DNS label (usage error if not)."""
+    if value is not None:
+        try:
+            check_name(value)
+        except BadName as exc:
+            raise click.BadParameter(f"{exc.message} ({exc.hint})") from None
+    return value
+
+
+def run_ssh(info: dict[str, Any], command: list[str], *, interactive: bool) -> int:
+    """Run the system ssh into a VM; returns its exit status (the remote command's)."""
+    tty = sys.stdin.isatty() and sys.stdout.isatty()
+    argv = ssh_argv("ssh", Path(info["key_path"]), Path(info["known_hosts"]), info["ip"],
+                    tty=tty and (interactive or bool(command)), batch=False)
+    remote = " ".join(shlex.quote(c) for c in command)
+    if info.get("workdir"):
+        cd = f"cd {shlex.quote(info['workdir'])}"
+        remote = f"{cd} && exec {remote}" if remote else f"{cd} && exec \"$SHELL\" -l"
+    if remote:
+        argv.append(remote)
+    try:
+        return subprocess.call(argv)
+    except KeyboardInterrupt:
+        return 130
+
+
+def follow(app: App, client: Client, op: dict[str, Any], kind: str) -> Any:
+    """Show an operation's stages until it ends; Ctrl-C cancels it cleanly."""
+    from banger.cli.progress import Progress
+
+    cancelled = False
+    with Progress(enabled=not app.json) as progress:
+        while True:
+            progress.update(op)
+            if op["done"]:
+                break
+            try:
+                op = client.call(f"{kind}.status", id=op["id"], wait_s=1.0,
+                                 since=op["updated_at"])
+            except KeyboardInterrupt:
+                if cancelled:
+                    raise
+                cancelled = True
+                progress.note("cancelling (Ctrl-C again to stop waiting)...")
+                op = client.call(f"{kind}.cancel", id=op["id"])
+    if op.get("error"):
+        err = op["error"]
+        raise from_code(err["code"], err["message"], err.get("hint", ""))
+    return op["result"]

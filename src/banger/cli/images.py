@@ -1,0 +1,168 @@
+"""``banger image ...`` and ``banger kernel ...``: the image and kernel registries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from banger.cli import output
+from banger.cli.app import App, follow, json_option, pass_app
+
+
+@click.group()
+def image() -> None:
+    """Manage images (root file system + kernel)."""
+
+
+@image.command("build")
+@click.argument("name", required=False)
+@json_option
+@pass_app
+def image_build(app: App, name: str | None) -> None:
+    """Build a built-in image (default: debian-bookworm) with debootstrap."""
+    client = app.client()
+    op = client.call("image.build.begin", name=name)
+    result = follow(app, client, op, "image.build")
+    app.emit(result, f"image {result['name']} built ({result['size_bytes'] >> 20} MiB)")
+
+
+@image.command("list")
+@json_option
+@pass_app
+def image_list(app: App) -> None:
+    """List images."""
+    imgs = app.client().call("image.list")
+    app.emit(imgs, output.image_table(imgs))
+
+
+@image.command("show")
+@click.argument("name")
+@json_option
+@pass_app
+def image_show(app: App, name: str) -> None:
+    """Show one image."""
+    img = app.client().call("image.show", name=name)
+    app.emit(img, output.image_detail(img))
+
+
+@image.command("delete")
+@click.argument("name")
+@json_option
+@pass_app
+def image_delete(app: App, name: str) -> None:
+    """Delete an image no VM uses."""
+    res = app.client().call("image.delete", name=name)
+    app.emit(res, f"deleted image {name}")
+
+
+@image.command("register")
+@click.option("--name", required=True, help="Image name (a DNS label).")
+@click.option("--rootfs", required=True, type=click.Path(exists=True, dir_okay=False,
+                                                         path_type=Path),
+              help="ext4 root file system image.")
+@click.option("--kernel", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Kernel to bundle (bzImage for QEMU, vmlinux for Firecracker).")
+@click.option("--initrd", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Initial ramdisk, if the kernel needs one.")
+@click.option("--kernel-name", help="Boot this registry kernel (see `banger kernel`) instead.")
+@json_option
+@pass_app
+def image_register(app: App, name: str, rootfs: Path, kernel: Path | None,
+                   initrd: Path | None, kernel_name: str | None) -> None:
+    """Register your own root file system and kernel as an image (files are copied).
+
+    banger adds its small guest agent (network, host name, SSH host key, work disk)
+    to the copy with debugfs; the original file is not changed.
+    """
+    res = app.client().call(
+        "image.register", name=name, rootfs=str(rootfs.resolve()),
+        kernel=str(kernel.resolve()) if kernel else None,
+        initrd=str(initrd.resolve()) if initrd else None, kernel_name=kernel_name, timeout=None)
+    app.emit(res, f"registered image {name}")
+
+
+@image.command("set-kernel")
+@click.argument("name")
+@click.argument("kernel", required=False)
+@json_option
+@pass_app
+def image_set_kernel(app: App, name: str, kernel: str | None) -> None:
+    """Make image NAME boot registry KERNEL (omit KERNEL: its bundled kernel again)."""
+    res = app.client().call("image.set_kernel", name=name, kernel=kernel)
+    app.emit(res, f"image {name} boots {kernel or 'its bundled kernel'}")
+
+
+# ---------------------------------------------------------------------------- kernels
+
+
+@click.group()
+def kernel() -> None:
+    """Manage guest kernels (vmlinux for Firecracker, bzImage for QEMU)."""
+
+
+@kernel.command("list")
+@json_option
+@pass_app
+def kernel_list(app: App) -> None:
+    """List kernels."""
+    ks = app.client().call("kernel.list")
+    app.emit(ks, output.kernel_table(ks))
+
+
+@kernel.command("show")
+@click.argument("name")
+@json_option
+@pass_app
+def kernel_show(app: App, name: str) -> None:
+    """Show one kernel."""
+    k = app.client().call("kernel.show", name=name)
+    app.emit(k, output.kernel_detail(k))
+
+
+@kernel.command("import")
+@click.argument("paths", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--name", required=True, help="Kernel name (a DNS label).")
+@click.option("--initrd", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Initial ramdisk to boot with it.")
+@json_option
+@pass_app
+def kernel_import(app: App, paths: tuple[Path, ...], name: str, initrd: Path | None) -> None:
+    """Import a vmlinux and/or a bzImage (validated: ELF x86-64, or a bzImage header)."""
+    res = app.client().call("kernel.import", name=name,
+                            paths=[str(p.resolve()) for p in paths],
+                            initrd=str(initrd.resolve()) if initrd else None, timeout=None)
+    app.emit(res, f"imported kernel {name} ({', '.join(res['vmms'])})")
+
+
+@kernel.command("build")
+@click.option("--name", default="banger-6.1", show_default=True, help="Kernel name.")
+@click.option("--base-config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Firecracker's guest kernel config to start from "
+                   "(default: ../shared/specs next to banger, or $BANGER_KERNEL_BASE_CONFIG).")
+@click.option("--source", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Kernel source tarball (default: Debian's linux-source-6.1).")
+@click.option("--jobs", "-j", type=click.IntRange(1, 256), help="make -j (default: CPUs).")
+@json_option
+@pass_app
+def kernel_build(app: App, name: str, base_config: Path | None, source: Path | None,
+                 jobs: int | None) -> None:
+    """Build a guest kernel that boots on both VMMs (vmlinux + bzImage, no modules, no
+    initrd) from Debian's kernel source. Slow: tens of minutes on a small host."""
+    client = app.client()
+    op = client.call("kernel.build.begin", name=name,
+                     base_config=str(base_config.resolve()) if base_config else None,
+                     source=str(source.resolve()) if source else None, jobs=jobs)
+    res = follow(app, client, op, "kernel.build")
+    app.emit(res, f"kernel {res['name']} built ({res.get('version')}; {', '.join(res['vmms'])})")
+
+
+@kernel.command("rm")
+@click.argument("name")
+@json_option
+@pass_app
+def kernel_rm(app: App, name: str) -> None:
+    """Remove a kernel no image uses."""
+    res = app.client().call("kernel.rm", name=name)
+    app.emit(res, f"removed kernel {name}")

@@ -1,0 +1,84 @@
+"""``banger vm workspace ...``: a git repository in, the guest's edits out as a patch."""
+
+from __future__ import annotations
+
+import base64
+import sys
+from pathlib import Path
+
+import click
+
+from banger.cli import output
+from banger.cli.app import App, follow, json_option, pass_app
+
+
+@click.group("workspace")
+def vm_workspace() -> None:
+    """Copy a git repository into a VM and get its edits back as a patch."""
+
+
+@vm_workspace.command("prepare")
+@click.argument("name")
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--guest-path", help="Where in the guest (default /root/<repo dir name>).")
+@click.option("--branch", help="Check out a new branch B in the guest.")
+@click.option("--from", "from_ref", help="Start --branch from REF (default HEAD).")
+@click.option("--mode", type=click.Choice(["shallow", "full_copy"]), default="shallow",
+              show_default=True, help="shallow: a few commits of history; full_copy: all "
+                                      "history, branches, tags and submodules.")
+@json_option
+@pass_app
+def workspace_prepare(app: App, name: str, path: Path, guest_path: str | None,
+                      branch: str | None, from_ref: str | None, mode: str) -> None:
+    """Copy the git work tree at PATH into VM NAME (tracked and untracked, not ignored).
+
+    In the guest, HEAD is the host's HEAD commit and `git status` shows the
+    host's uncommitted changes. Ctrl-C cancels without leaving a
+    half-copied directory behind.
+    """
+    client = app.client()
+    op = client.call("vm.workspace.prepare.begin", name=name, path=str(path.resolve()),
+                     guest_path=guest_path, branch=branch, from_ref=from_ref, mode=mode)
+    res = follow(app, client, op, "vm.workspace.prepare")
+    app.emit(res, f"{res['host_path']} -> {res['vm']}:{res['guest_path']} "
+                  f"({res['files']} files, {res['bytes'] / 1e6:.1f} MB)")
+
+
+@vm_workspace.command("export")
+@click.argument("name")
+@click.option("-o", "--output", "out_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the patch here instead of stdout.")
+@click.option("--base-commit", help="Diff against this commit instead of the prepared tree "
+                                    "(includes the copied-in uncommitted changes).")
+@json_option
+@pass_app
+def workspace_export(app: App, name: str, out_file: Path | None,
+                     base_commit: str | None) -> None:
+    """Print the VM's changes since prepare as a binary-safe git patch.
+
+    Apply it on the host with `git apply` (e.g. `banger vm workspace export
+    web | git apply`). The changed files are listed on stderr. With --json the
+    patch is in the JSON (base64) unless -o is given.
+    """
+    res = app.client().call("vm.workspace.export", name=name, base_commit=base_commit)
+    patch_path = Path(res.pop("patch_path"))
+    try:
+        data = patch_path.read_bytes()
+    finally:
+        patch_path.unlink(missing_ok=True)
+    if out_file is not None:
+        out_file.write_bytes(data)
+    if app.json:
+        if out_file is None:
+            res["patch_base64"] = base64.b64encode(data).decode()
+        else:
+            res["patch_file"] = str(out_file)
+        click.echo(output.to_json(res))
+        return
+    if out_file is None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    for change in res["changes"]:
+        old = f"{change['old_path']} -> " if change.get("old_path") else ""
+        click.echo(f"{change['status']}\t{old}{change['path']}", err=True)
+    click.echo(f"{len(res['changes'])} changed file(s)", err=True)
