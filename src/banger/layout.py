@@ -42,7 +42,7 @@ class VMPaths:
 
     @property
     def rootfs(self) -> Path:
-        """``rootfs.ext4``: the VM's copy-on-write root disk, made by ``vms.make_disks``."""
+        """``rootfs.ext4``: the VM's copy-on-write root disk, made by ``vmcreate.make_disks``."""
         return self.state / "rootfs.ext4"
 
     @property

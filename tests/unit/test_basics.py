@@ -154,13 +154,13 @@ def test_state_transitions() -> None:
 
 
 def test_create_params_are_bounded_at_the_rpc_boundary() -> None:
-    from banger.daemon import vms
+    from banger.daemon import vmcreate
     from banger.daemon.rpc import parse
 
     for bad in ({"vcpu": 0}, {"memory_mib": 64}, {"vcpu": "many"}, {"nope": 1}):
         with pytest.raises(BadRequest):
-            parse(vms.CreateParams, bad)
-    assert parse(vms.CreateParams, {"vcpu": 2}).vcpu == 2
+            parse(vmcreate.CreateParams, bad)
+    assert parse(vmcreate.CreateParams, {"vcpu": 2}).vcpu == 2
 
 
 def test_an_explicit_config_path_that_does_not_exist_is_an_error(

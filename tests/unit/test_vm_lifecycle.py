@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from banger.api import VMState
-from banger.daemon import vms
+from banger.daemon import vmcreate, vmdelete, vmpower, vms
 from banger.daemon.core import Daemon
 from banger.errors import AlreadyExists, BadName, InvalidState, NotFound, NotRunning, VMMError
 from banger.proc import matches
@@ -19,7 +19,7 @@ from tests.conftest import FakeWorld
 
 
 def create(d: Daemon, **kw: object) -> dict[str, object]:
-    return vms.create_sync(d, vms.CreateParams(**kw))  # type: ignore[arg-type]
+    return vmcreate.create_sync(d, vmcreate.CreateParams(**kw))  # type: ignore[arg-type]
 
 
 def test_create_boots_and_records_handles(daemon: Daemon, world: FakeWorld) -> None:
@@ -82,20 +82,20 @@ def test_no_start_then_start_stop_delete(daemon: Daemon, world: FakeWorld) -> No
     vm = create(daemon, name="cold", start=False)
     assert vm["state"] == "stopped"
     assert world.vmm.launched == []
-    started = vms.start(daemon, "cold")
+    started = vmpower.start(daemon, "cold")
     assert started["state"] == "running" and started["pid"]
     pid = started["pid"]
     with pytest.raises(InvalidState):
-        vms.start(daemon, "cold")
-    stopped = vms.stop(daemon, "cold")
+        vmpower.start(daemon, "cold")
+    stopped = vmpower.stop(daemon, "cold")
     assert stopped["state"] == "stopped"
     assert stopped["stop_reason"].startswith("stopped by")
     assert not os.path.exists(f"/proc/{pid}") or _zombie_or_gone(pid)
     with pytest.raises(NotRunning):
-        vms.stop(daemon, "cold")
+        vmpower.stop(daemon, "cold")
     # guest was asked to sync + power off over SSH first
     assert any("poweroff" in s for g in world.guests.values() for s in g.scripts)
-    vms.delete(daemon, "cold")
+    vmdelete.delete(daemon, "cold")
     assert daemon.db.find_vm("cold") is None
     with pytest.raises(NotFound):
         vms.show(daemon, "cold")
@@ -115,7 +115,7 @@ def test_delete_running_vm_releases_tap_process_and_ip(daemon: Daemon, world: Fa
     assert rec is not None
     h = daemon.handles.get(rec.id)
     assert h is not None and h.process is not None
-    vms.delete(daemon, "gone")
+    vmdelete.delete(daemon, "gone")
     assert not matches(h.process)
     assert h.tap not in world.net.taps()
     assert not daemon.layout.vm(rec.id).state.exists()
@@ -125,7 +125,7 @@ def test_delete_running_vm_releases_tap_process_and_ip(daemon: Daemon, world: Fa
 
 def test_kill_marks_stopped_with_signal(daemon: Daemon) -> None:
     create(daemon, name="k")
-    res = vms.kill(daemon, "k", "TERM")
+    res = vmpower.kill(daemon, "k", "TERM")
     assert res["state"] == "stopped"
     assert "SIGTERM" in res["stop_reason"]
 
@@ -151,7 +151,7 @@ def test_vmm_exit_is_noticed(daemon: Daemon) -> None:
 
 def test_restart_gets_a_new_process(daemon: Daemon) -> None:
     first = create(daemon, name="r")
-    second = vms.restart(daemon, "r")
+    second = vmpower.restart(daemon, "r")
     assert second["state"] == "running"
     assert second["pid"] != first["pid"]
 
@@ -191,8 +191,8 @@ def test_create_builds_a_missing_builtin_image_once(daemon: Daemon, world: FakeW
         return images.view(d.db.get_image("debian-bookworm"))
 
     daemon.seams.image_build = fake_build
-    first = vms.begin_create(daemon, vms.CreateParams(name="one"))
-    second = vms.begin_create(daemon, vms.CreateParams(name="two"))
+    first = vmcreate.begin_create(daemon, vmcreate.CreateParams(name="one"))
+    second = vmcreate.begin_create(daemon, vmcreate.CreateParams(name="two"))
     for _ in range(200):
         if "building image debian-bookworm" in first.progress:
             break
@@ -221,7 +221,7 @@ def test_work_seed_symlinks_are_never_written_through(tmp_path: Path, layout: st
         (seed / ".ssh").symlink_to(victim_dir)
     else:
         (seed / ".ssh" / "authorized_keys").mkdir()
-    vms.write_authorized_key(seed, "ssh-ed25519 AAAA banger")
+    vmcreate.write_authorized_key(seed, "ssh-ed25519 AAAA banger")
     keys = seed / ".ssh" / "authorized_keys"
     assert not keys.is_symlink() and not (seed / ".ssh").is_symlink()
     assert keys.read_text() == "ssh-ed25519 AAAA banger\n"
@@ -236,7 +236,7 @@ def test_concurrent_deletes_remove_once_without_errors(daemon: Daemon) -> None:
 
     def go() -> None:
         try:
-            results.append(vms.delete(daemon, "twice"))
+            results.append(vmdelete.delete(daemon, "twice"))
         except Exception as exc:
             results.append(exc)
 
@@ -257,12 +257,12 @@ def test_delete_waits_for_a_stop_in_progress(daemon: Daemon) -> None:
     assert rec is not None
     vms.transition(daemon, rec.id, VMState.STOPPING)  # as the exit watcher would
     done: list[object] = []
-    t = threading.Thread(target=lambda: done.append(vms.delete(daemon, "busy")))
+    t = threading.Thread(target=lambda: done.append(vmdelete.delete(daemon, "busy")))
     t.start()
     time.sleep(0.3)
     assert not done and daemon.db.find_vm("busy") is not None  # waiting, not racing
     h = daemon.handles.get(rec.id)
-    vms._finish_stop(daemon, rec, "watcher", vms.teardown(daemon, rec.id, h))
+    vmpower.finish_stop(daemon, rec, "watcher", vmpower.teardown(daemon, rec.id, h))
     t.join(10)
     assert done and daemon.db.find_vm("busy") is None
 
@@ -272,7 +272,7 @@ def test_kill_claims_the_vm_before_signalling(daemon: Daemon) -> None:
     rec = daemon.db.find_vm("k2")
     assert rec is not None
     vms.transition(daemon, rec.id, VMState.STOPPING)  # a stop is under way
-    res = vms.kill(daemon, "k2", "KILL")  # only signals; the stop owns the teardown
+    res = vmpower.kill(daemon, "k2", "KILL")  # only signals; the stop owns the teardown
     assert res["state"] == "stopping"
     with pytest.raises(InvalidState):
         vms.transition(daemon, rec.id, VMState.STOPPING)  # no second claimant

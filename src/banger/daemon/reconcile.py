@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from banger.api import VMState
-from banger.daemon import caps, vms
+from banger.daemon import caps, vmdelete, vmpower, vms
 from banger.daemon.core import error_of
 from banger.daemon.dmsnap import DM_PREFIX, dm_snapshot_supported
 from banger.daemon.handles import VMHandles
@@ -96,7 +96,7 @@ def reconcile_vm(d: Daemon, vm: VMRecord) -> None:
     state = vm.state
     if state in (VMState.CREATING, VMState.DELETING):
         log.warning("vm %s was %s when bangerd stopped: removing it", vm.name, state.value)
-        vms.destroy(d, vm.id, reason=f"{state.value} interrupted by a daemon restart")
+        vmdelete.destroy(d, vm.id, reason=f"{state.value} interrupted by a daemon restart")
         return
     if alive and state in (VMState.RUNNING, VMState.STARTING, VMState.ERROR):
         vms.save_handles(d, vm.id, h)
@@ -110,10 +110,10 @@ def reconcile_vm(d: Daemon, vm: VMRecord) -> None:
             caps.started(d, vm)
         return
     if state == VMState.STOPPING or (alive and state == VMState.STOPPED):
-        vms.kill_vmm(h.process)
+        vmpower.kill_vmm(h.process)
     if state != VMState.STOPPED or alive or d.layout.vm(vm.id).handles.exists() \
             or vm.runtime.get("teardown"):
-        problems = vms.teardown(d, vm.id, h)
+        problems = vmpower.teardown(d, vm.id, h)
         reason = {
             VMState.STOPPING: "stop finished after a daemon restart",
             VMState.STOPPED: "stopped",
@@ -147,14 +147,14 @@ def _finish_start(d: Daemon, vm: VMRecord, h: VMHandles) -> None:
             d.seams.wait_for_ssh(d.dial(vm.ip), budget_s=d.cfg.boot_timeout_s,
                                  alive=lambda: matches(ident), cancel=token)
             workspaces.sync_files(d, vm)
-            fresh = vms.mark_running(d, vm.id, expect={VMState.STARTING})
+            fresh = vmpower.mark_running(d, vm.id, expect={VMState.STARTING})
             caps.started(d, fresh)
             log.info("vm %s: boot finished after daemon restart", vm.name)
         except Exception as exc:  # anything: the VM must not stay "starting" forever
             err = error_of(exc)
             log.warning("vm %s: boot after restart failed: %s", vm.name, err)
-            vms.teardown(d, vm.id, h)
-            vms._settle_failed_start(d, vm.id, err)
+            vmpower.teardown(d, vm.id, h)
+            vmpower.settle_failed_start(d, vm.id, err)
         finally:
             d.end_inflight(vm.id, token)
 
@@ -189,7 +189,7 @@ def sweep(d: Daemon) -> dict[str, list[str]]:
         if not ids or ids[0] in known or not _ours(d, argv):
             continue
         ident = identify(pid, vm_marker(ids[0]))
-        if ident is not None and vms.kill_vmm(ident):
+        if ident is not None and vmpower.kill_vmm(ident):
             removed["processes"].append(str(pid))
 
     try:
@@ -273,9 +273,9 @@ def reap_exited(d: Daemon) -> None:
             stopping = vms.transition(d, vm.id, VMState.STOPPING, expect={VMState.RUNNING})
         except (InvalidState, BangerError):
             continue  # someone else is already handling it
-        problems = vms.teardown(d, vm.id, h)
+        problems = vmpower.teardown(d, vm.id, h)
         try:
-            vms._finish_stop(d, stopping, "the guest powered off or its VMM exited", problems)
+            vmpower.finish_stop(d, stopping, "the guest powered off or its VMM exited", problems)
         except BangerError as exc:
             log.warning("vm %s: %s", vm.name, exc)
         log.info("vm %s: VMM exited on its own; marked stopped", vm.name)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pydantic import Field, ValidationError
 
 from banger.api import Model
-from banger.daemon import images, kernels, vms, workspaces
+from banger.daemon import images, kernels, vmcreate, vmdelete, vmpower, vms, workspaces
 from banger.daemon.opstate import Operation, Registry
 from banger.errors import BadRequest
 
@@ -101,7 +101,7 @@ def register(d: Daemon) -> None:
         return lambda p: fn(d, parse(Ref, p).name)
 
     def create_begin(p: dict[str, Any]) -> Any:
-        return vms.op_view(vms.begin_create(d, parse(vms.CreateParams, p)))
+        return vms.op_view(vmcreate.begin_create(d, parse(vmcreate.CreateParams, p)))
 
     def op_methods(prefix: str, registry: Registry[Operation]
                    ) -> dict[str, Callable[[dict[str, Any]], Any]]:
@@ -150,7 +150,7 @@ def register(d: Daemon) -> None:
 
     def kill(p: dict[str, Any]) -> Any:
         r = parse(KillParams, p)
-        return vms.kill(d, r.name, r.signal)
+        return vmpower.kill(d, r.name, r.signal)
 
     def stop() -> Any:
         d.shutdown()
@@ -165,14 +165,14 @@ def register(d: Daemon) -> None:
         "daemon.status": no(d.status),
         "daemon.stop": no(stop),
         "daemon.operations.list": no(operations),
-        "vm.create": lambda p: vms.create_sync(d, parse(vms.CreateParams, p)),
+        "vm.create": lambda p: vmcreate.create_sync(d, parse(vmcreate.CreateParams, p)),
         "vm.create.begin": create_begin,
         **op_methods("vm.create", d.create_ops),
-        "vm.start": ref(vms.start),
-        "vm.stop": ref(vms.stop),
-        "vm.restart": ref(vms.restart),
+        "vm.start": ref(vmpower.start),
+        "vm.stop": ref(vmpower.stop),
+        "vm.restart": ref(vmpower.restart),
         "vm.kill": kill,
-        "vm.delete": ref(vms.delete),
+        "vm.delete": ref(vmdelete.delete),
         "vm.list": no(lambda: vms.list_vms(d)),
         "vm.show": ref(vms.show),
         "vm.logs": ref(vms.logs),

@@ -1,0 +1,222 @@
+"""``vm create``: reserve a name and address, make the disks, first boot.
+
+A create is an operation (``vm.create.begin`` + status polls): the reservation
+is synchronous, the rest runs on a worker thread, and any failure rolls the VM
+back completely (:func:`banger.daemon.vmdelete.destroy`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field
+
+from banger.api import Model, VMSpec, VMState
+from banger.config import parse_size
+from banger.daemon import images, kernels
+from banger.daemon.core import new_id
+from banger.daemon.imagemgr import WORK_LABEL
+from banger.daemon.network import allocate_ip, mac_for_ip
+from banger.daemon.opstate import Operation
+from banger.daemon.store import ImageRecord, VMRecord
+from banger.daemon.vmdelete import destroy
+from banger.daemon.vmmselect import resolve_vmm
+from banger.daemon.vmpower import boot
+from banger.daemon.vms import transition, update_runtime, view
+from banger.errors import AlreadyExists, BadRequest, Cancelled
+from banger.fsutil import remove_tree
+from banger.names import check_name, generate_name
+from banger.runner import CancelToken
+
+if TYPE_CHECKING:
+    from banger.daemon.core import Daemon
+
+log = logging.getLogger("banger.vms")
+
+CREATE_STAGES = ["reserve", "image", "disk", "network", "boot", "wait-ssh"]
+
+
+class CreateParams(Model):
+    name: str | None = None
+    image: str | None = None
+    vcpu: int | None = Field(default=None, ge=1, le=64)
+    memory_mib: int | None = Field(default=None, ge=128, le=262144)
+    disk_size: str | int | None = None
+    work_disk_size: str | int | None = None
+    vmm: str = "auto"
+    start: bool = True
+
+
+def begin_create(d: Daemon, params: CreateParams) -> Operation:
+    """Validate and reserve synchronously, then finish the create on a worker thread.
+
+    Name and IP are reserved under ``create_vm_mu`` (inserting the VM row in state
+    ``creating``), so a duplicate name fails here, before any slow work, and two
+    concurrent creates never get the same address.
+    """
+    cfg = d.cfg
+    defaults = cfg.vm_defaults
+    image = params.image or cfg.default_image_name
+    check_name(image, "image")
+    if params.name is not None:
+        check_name(params.name)
+    img = d.db.find_image(image)
+    if img is None:
+        images.recipe_or_missing(image)
+    vmm = resolve_vmm(cfg, params.vmm, lambda v: kernels.suits(d, img, v))
+    if img is not None:
+        kernels.boot_files(d, img, vmm)  # raises the precise refusal
+    elif not kernels.suits(d, img, vmm):
+        raise BadRequest(f"the built-in image {image!r} cannot boot under {vmm}",
+                         hint="build a kernel for it (`banger kernel build`) or use --vmm qemu")
+    spec = VMSpec(
+        image=image,
+        vcpu=params.vcpu if params.vcpu is not None else defaults.vcpu,
+        memory_mib=params.memory_mib if params.memory_mib is not None else defaults.memory_mib,
+        disk_size=parse_size(params.disk_size or defaults.disk_size),
+        work_disk_size=parse_size(params.work_disk_size or defaults.work_disk_size),
+        vmm=params.vmm,
+    )
+    if spec.work_disk_size < 64 << 20:
+        raise BadRequest("work disk must be at least 64M")
+
+    with d.create_vm_mu:
+        name = params.name or generate_name(d.db.used_names())
+        if d.db.find_vm(name) is not None:
+            raise AlreadyExists(f"a VM named {name!r} already exists",
+                                hint="pick another --name, or delete it with `banger vm delete`")
+        ip = allocate_ip(cfg.bridge_cidr, d.db.used_ips())
+        vm = VMRecord(id=new_id(), name=name, image=image, spec=spec, vmm=vmm,
+                      state=VMState.CREATING, ip=ip, mac=mac_for_ip(ip))
+        op = Operation(kind="vm.create", target=vm.name, stages=list(CREATE_STAGES))
+        # Registered before the row exists: a delete that sees "creating" can always cancel.
+        d.register_inflight(vm.id, op.cancel)
+        try:
+            d.db.add_vm(vm)
+        except BaseException:
+            d.end_inflight(vm.id, op.cancel)
+            raise
+    log.info("vm %s (%s): reserved %s", vm.name, vm.id, vm.ip)
+    op.enter("reserve")
+    d.create_ops.run(op, lambda o: _create(d, o, vm, params.start), name=f"create-{vm.name}")
+    return op
+
+
+def _create(d: Daemon, op: Operation, vm: VMRecord, start: bool) -> dict[str, Any]:
+    try:
+        d.checkpoint("create.reserve")
+        op.enter("image")
+        img = images.ensure_image(d, vm.image, op)
+        d.checkpoint("create.image")
+        op.enter("disk")
+        make_disks(d, vm, img, op.cancel)
+        d.checkpoint("create.disk")
+        if not start:
+            vm = transition(d, vm.id, VMState.STOPPED, stop_reason="created with --no-start")
+            return view(d, vm)
+        # The VM stays "creating" through its first boot: if bangerd dies now, the
+        # restart removes it instead of keeping a VM nobody finished creating.
+        vm = boot(d, d.db.get_vm(vm.id), img, op.cancel, op)
+        return view(d, vm)
+    except BaseException as exc:
+        log.warning("vm %s: create failed, rolling back: %s", vm.name, exc)
+        try:
+            destroy(d, vm.id, reason=f"create failed: {exc}")
+        except Exception as cleanup:
+            # Report why the create failed, not why the clean-up did (that is logged,
+            # and the VM is left in "error" for `vm delete` to retry).
+            log.error("vm %s: rollback incomplete: %s", vm.name, cleanup)
+            exc.add_note(f"rollback incomplete: {cleanup}")
+        if isinstance(exc, Cancelled):
+            raise Cancelled(f"creation of {vm.name!r} was cancelled; nothing was kept") from exc
+        raise
+    finally:
+        d.end_inflight(vm.id, op.cancel)
+
+
+def make_disks(d: Daemon, vm: VMRecord, img: ImageRecord, cancel: CancelToken) -> None:
+    """The VM's copy-on-write root disk (grown to ``disk_size``) and its work disk."""
+    assert d.cow is not None
+    paths = d.layout.vm(vm.id)
+    paths.state.mkdir(parents=True, exist_ok=True)
+    paths.state.chmod(0o700)
+    # Record the intent first so a crash mid-copy still knows what to remove.
+    update_runtime(d, vm.id, cow={"strategy": d.cow.name, "path": str(paths.rootfs)})
+    cow = d.cow.create(Path(img.rootfs), paths.rootfs)
+    update_runtime(d, vm.id, cow=cow.to_json())
+    cancel.check()
+    if cow.strategy != "dmsnap":
+        grow_ext4(d, paths.rootfs, vm.spec.disk_size)
+    cancel.check()
+    make_work_disk(d, vm, img, paths.work_disk)
+
+
+def grow_ext4(d: Daemon, image: Path, size: int) -> None:
+    """Grow an unmounted ext4 image file to ``size`` bytes (refuses to shrink it)."""
+    current = image.stat().st_size
+    if size < current:
+        raise BadRequest(
+            f"disk size {size >> 20}M is smaller than the image ({current >> 20}M)",
+            hint=f"use --disk-size {(current + (1 << 30) - 1) >> 30}G or more",
+        )
+    if size == current:
+        return
+    with image.open("r+b") as fh:
+        fh.truncate(size)
+    # e2fsck -p (preen) is required by resize2fs after the image's last write; ~1 s.
+    d.runner.run(["e2fsck", "-p", "-f", str(image)], desc="check the root disk", timeout=300,
+                 check=False)
+    d.runner.run(["resize2fs", str(image)], desc="grow the root disk", timeout=300)
+
+
+def make_work_disk(d: Daemon, vm: VMRecord, img: ImageRecord, target: Path) -> None:
+    """ext4 from the image's work-seed plus the install's authorized_key."""
+    pubkey = d.layout.public_key.read_text()
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".seed-") as tmp:
+        seed = Path(tmp) / "root"
+        if img.workseed and Path(img.workseed).is_dir():
+            shutil.copytree(img.workseed, seed, symlinks=True)
+        else:
+            seed.mkdir()
+        seed.chmod(0o700)
+        write_authorized_key(seed, pubkey)
+        d.runner.run(
+            ["mkfs.ext4", "-q", "-F", "-L", WORK_LABEL, "-E", "root_owner=0:0",
+             "-d", str(seed), str(target), f"{vm.spec.work_disk_size // 1024}k"],
+            desc="make the work disk", timeout=300,
+        )
+
+
+def write_authorized_key(seed: Path, pubkey: str) -> None:
+    """Put ``pubkey`` at ``seed/.ssh/authorized_keys`` without following any symlink.
+
+    The seed comes from an image, which is untrusted: its ``.ssh`` or
+    ``authorized_keys`` may be a symlink (normal inside a guest, and aimed at
+    ``/etc/shadow`` by a hostile one). Anything in the way is replaced, never
+    written through, since bangerd is root on the host.
+    """
+    ssh = seed / ".ssh"
+    if ssh.is_symlink() or (ssh.exists() and not ssh.is_dir()):
+        ssh.unlink()
+    ssh.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(ssh, 0o700, follow_symlinks=False)
+    keys = ssh / "authorized_keys"
+    remove_tree(keys)
+    fd = os.open(keys, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(pubkey if pubkey.endswith("\n") else pubkey + "\n")
+
+
+def create_sync(d: Daemon, params: CreateParams) -> dict[str, Any]:
+    """``vm.create``: begin a create and wait for it; returns the VM view or raises its error."""
+    op = begin_create(d, params)
+    op.wait()
+    if op.error is not None:
+        raise op.error
+    result: dict[str, Any] = op.result
+    return result

@@ -1,0 +1,376 @@
+"""Powering VMs on and off: boot, ``vm start``/``stop``/``restart``/``kill``, teardown.
+
+:func:`boot` takes a VM its caller has claimed (``starting``, or ``creating`` for a
+first boot) to ``running``; :func:`teardown` releases what a running VM holds, in
+order, each step independent of the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal as signal_mod
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from banger.api import VMState
+from banger.daemon import caps, kernels, workspaces
+from banger.daemon.core import error_of
+from banger.daemon.dmsnap import CowHandle, strategy_for
+from banger.daemon.handles import VMHandles
+from banger.daemon.network import gateway, prefixlen
+from banger.daemon.opstate import Operation
+from banger.daemon.store import ImageRecord, VMRecord
+from banger.daemon.vms import (
+    handles_of,
+    merge_runtime,
+    resolve,
+    save_handles,
+    transition,
+    update_runtime,
+    view,
+    wrong_state,
+)
+from banger.errors import (
+    BadRequest,
+    BangerError,
+    GuestError,
+    HostError,
+    InvalidState,
+    NotFound,
+    NotRunning,
+)
+from banger.fsutil import remove_tree, tail
+from banger.proc import ProcessIdentity, find_by_marker, identify, matches, send_signal, wait_gone
+from banger.runner import CancelToken
+from banger.vmm import LaunchPlan, vm_marker
+
+if TYPE_CHECKING:
+    from banger.daemon.core import Daemon
+
+log = logging.getLogger("banger.vms")
+
+# Budgets for stopping a guest. Under TCG a systemd shutdown takes 3-8 s; 30 s
+# covers a slow guest without making `vm stop` on a wedged one feel hung.
+GUEST_POWEROFF_S = 30.0
+ACPI_POWEROFF_S = 5.0
+SIGTERM_S = 5.0
+SIGKILL_S = 10.0
+CANCEL_BOOT_S = 60.0  # how long stop/delete wait for a cancelled boot to unwind
+
+
+# ------------------------------------------------------------------ boot
+
+
+def kernel_cmdline(d: Daemon, vm: VMRecord) -> str:
+    """The guest kernel command line: console, root disk, and the ``banger.*`` network args
+    that ``banger-init`` reads in the guest (plus Firecracker's reboot/i8042 args)."""
+    gw = gateway(d.cfg.bridge_cidr)
+    args = [
+        "console=ttyS0", "root=/dev/vda", "rw", "loglevel=4", "panic=1",
+        f"banger.ip={vm.ip}/{prefixlen(d.cfg.bridge_cidr)}", f"banger.gw={gw}",
+        f"banger.hostname={vm.name}",
+    ]
+    if d.cfg.dns_enabled:
+        args.append(f"banger.dns={gw}")
+    if vm.vmm == "firecracker":
+        args += ["reboot=k", "pci=off", "i8042.noaux", "i8042.nomux", "i8042.dumbkbd"]
+    return " ".join(args)
+
+
+def boot(d: Daemon, vm: VMRecord, img: ImageRecord, cancel: CancelToken,
+         op: Operation | None = None) -> VMRecord:
+    """Network, VMM launch and SSH wait for a VM in state ``starting``.
+
+    On failure everything started here is torn down before the error propagates.
+    """
+    def stage(name: str, progress: str = "") -> None:
+        cancel.check()
+        if op is not None:
+            op.enter(name, progress)
+
+    drv = d.driver(vm.vmm)
+    paths = d.layout.vm(vm.id)
+    cow_json = vm.runtime.get("cow")
+    if not cow_json:
+        raise HostError(f"VM {vm.name!r} has no root disk record", hint="delete and recreate it")
+    h = VMHandles(vmm=drv.name, cow=CowHandle.from_json(cow_json))
+    try:
+        stage("network")
+        d.ensure_network()
+        h = h.with_(tap=d.tap_pool.acquire())
+        save_handles(d, vm.id, h)
+        d.checkpoint("start.network")
+        stage("boot")
+        assert h.cow is not None
+        pending = h
+
+        def record(partial: CowHandle) -> None:
+            save_handles(d, vm.id, pending.with_(cow=partial))
+
+        cow = strategy_for(h.cow, d.runner).activate(h.cow, Path(img.rootfs), vm.id, record)
+        h = h.with_(cow=cow)
+        save_handles(d, vm.id, h)
+        boot_files = kernels.boot_files(d, img, vm.vmm)
+        plan = LaunchPlan(
+            vm_id=vm.id, name=vm.name, vcpu=vm.spec.vcpu, memory_mib=vm.spec.memory_mib,
+            kernel=boot_files.kernel, initrd=boot_files.initrd,
+            cmdline=kernel_cmdline(d, vm), rootfs=cow.disk, work_disk=str(paths.work_disk),
+            tap=h.tap or "", mac=vm.mac, paths=paths,
+        )
+        ident = drv.launch(plan)
+        h = h.with_(process=ident)
+        save_handles(d, vm.id, h)
+        log.info("vm %s: %s running as pid %d", vm.name, drv.name, ident.pid)
+        d.checkpoint("start.boot")
+        stage("wait-ssh")
+        guest = d.dial(vm.ip)
+        waited = d.seams.wait_for_ssh(
+            guest, budget_s=d.cfg.boot_timeout_s, alive=lambda: matches(ident), cancel=cancel,
+            on_wait=(lambda s: op.report(f"{s:.0f}s")) if op is not None else None,
+            serial_tail=lambda: tail(paths.serial_log, 2000),
+        )
+        log.info("vm %s: ssh ready after %.1fs", vm.name, waited)
+        for warning in workspaces.sync_files(d, vm):
+            if op is not None:
+                op.report(warning)
+        d.checkpoint("start.wait-ssh")
+        vm = mark_running(d, vm.id, expect={VMState.STARTING, VMState.CREATING})
+    except BaseException as exc:
+        try:
+            teardown(d, vm.id, h)
+        except Exception as cleanup:  # keep the boot's own error, which says what went wrong
+            log.error("vm %s: teardown after a failed boot: %s", vm.name, cleanup)
+            exc.add_note(f"teardown incomplete: {cleanup}")
+        raise
+    caps.started(d, vm)
+    return vm
+
+
+def mark_running(d: Daemon, vm_id: str, expect: set[VMState]) -> VMRecord:
+    """The end of every successful boot: running, with no stale error or stop reason."""
+    return transition(d, vm_id, VMState.RUNNING, expect=expect,
+                      last_error=None, stop_reason=None, booted_at=time.time())
+
+
+def start(d: Daemon, ref: str) -> dict[str, Any]:
+    """``vm start``: boot a stopped (or failed) VM; on failure it is stopped with the reason."""
+    vm = resolve(d, ref)
+    img = d.db.get_image(vm.image)
+    if vm.state == VMState.ERROR:
+        # A failed stop or start may have left a VMM, TAP or disk mapping behind: clear
+        # it first, and never boot a second VMM on the same disks.
+        problems = teardown(d, vm.id, handles_of(d, vm))
+        if problems:
+            raise InvalidState(f"VM {vm.name!r} still holds resources: " + "; ".join(problems),
+                               hint="`banger vm delete` removes it")
+    token = CancelToken()
+    with d.vm_locks.held(vm.id):
+        # The cancel token is registered under the same lock that marks the VM
+        # "starting": a stop or delete that sees "starting" can always cancel it.
+        current = d.db.get_vm(vm.id)
+        if current.state not in (VMState.STOPPED, VMState.ERROR) \
+                or not current.state.can_become(VMState.STARTING):
+            raise wrong_state(current, VMState.STARTING)
+        vm = d.db.update_vm(current, state=VMState.STARTING)
+        d.register_inflight(vm.id, token)
+    try:
+        vm = boot(d, vm, img, token)
+    except BaseException as exc:
+        err = error_of(exc)
+        settle_failed_start(d, vm.id, err)
+        raise err from None
+    finally:
+        d.end_inflight(vm.id, token)
+    return view(d, vm)
+
+
+def settle_failed_start(d: Daemon, vm_id: str, err: BangerError) -> None:
+    """After a failed start, the VM is stopped and says why (unless it was deleted)."""
+    try:
+        with d.vm_locks.held(vm_id):
+            vm = d.db.get_vm(vm_id)
+            if vm.state == VMState.STARTING:
+                d.db.update_vm(vm, state=VMState.STOPPED,
+                               runtime=merge_runtime(vm.runtime, {"last_error": err.message,
+                                                           "stop_reason": "start failed"}))
+    except NotFound:
+        pass
+
+
+# ------------------------------------------------------------------ stop / kill / restart
+
+
+def cancel_boot(d: Daemon, vm: VMRecord, reason: str) -> VMRecord | None:
+    """If ``vm`` is mid-boot, cancel it and wait for it to unwind; returns the fresh row."""
+    if vm.state not in (VMState.STARTING, VMState.CREATING):
+        return vm
+    d.cancel_inflight(vm.id, reason)
+    if not d.wait_inflight_gone(vm.id, CANCEL_BOOT_S):
+        raise InvalidState(f"VM {vm.name!r} is still {vm.state.value} after being cancelled",
+                           hint="retry in a moment")
+    return d.db.find_vm(vm.id)
+
+
+def stop(d: Daemon, ref: str, reason: str = "stopped by `banger vm stop`") -> dict[str, Any]:
+    """``vm stop``: cancel a boot in progress, or power the guest off cleanly (bounded),
+    then release its TAP, disk mapping and runtime files."""
+    vm = resolve(d, ref)
+    fresh = cancel_boot(d, vm, "stopped by the user")
+    if fresh is None:
+        raise NotFound(f"VM {vm.name!r} was deleted while starting")
+    vm = fresh
+    if vm.state == VMState.STOPPED:
+        if vm.runtime.get("stop_reason") == "start failed":
+            return view(d, vm)
+        raise NotRunning(f"VM {vm.name!r} is not running")
+    vm = transition(d, vm.id, VMState.STOPPING, expect={VMState.RUNNING, VMState.ERROR})
+    d.checkpoint("stop.marked")
+    h = handles_of(d, vm)
+    graceful_poweroff(d, vm, h)
+    d.checkpoint("stop.poweroff")
+    problems = teardown(d, vm.id, h)
+    vm = finish_stop(d, vm, reason, problems)
+    return view(d, vm)
+
+
+def finish_stop(d: Daemon, vm: VMRecord, reason: str, problems: list[str]) -> VMRecord:
+    """Record a stop's outcome: stopped with ``reason``, or error if teardown had ``problems``."""
+    if problems:
+        vm = transition(d, vm.id, VMState.ERROR, last_error="; ".join(problems))
+        raise HostError(f"VM {vm.name!r} stopped, but cleanup was incomplete: "
+                        + "; ".join(problems), hint="`banger vm stop` again retries the cleanup")
+    vm = transition(d, vm.id, VMState.STOPPED, stop_reason=reason, booted_at=None)
+    caps.stopped(d, vm)
+    return vm
+
+
+def graceful_poweroff(d: Daemon, vm: VMRecord, h: VMHandles) -> None:
+    """sync + poweroff over SSH, then the VMM's power button, each with a bounded wait."""
+    ident = h.process
+    if ident is None or not matches(ident):
+        return
+    try:
+        # The connection drops as the guest goes down: ssh then exits 255, which is fine.
+        d.dial(vm.ip).run("sync; (systemctl poweroff || poweroff) >/dev/null 2>&1 &",
+                          timeout=15, check=False, desc="guest poweroff")
+    except GuestError as exc:
+        log.info("vm %s: poweroff over ssh failed: %s", vm.name, exc)
+    if wait_gone(ident, GUEST_POWEROFF_S):
+        return
+    log.warning("vm %s: guest did not power off within %gs; pressing the power button",
+                vm.name, GUEST_POWEROFF_S)
+    try:
+        drv = d.driver(h.vmm)
+        if drv.request_shutdown(d.layout.vm(vm.id), ident) and wait_gone(ident, ACPI_POWEROFF_S):
+            return
+    except BangerError as exc:
+        log.info("vm %s: VMM shutdown request failed: %s", vm.name, exc)
+
+
+def kill_vmm(ident: ProcessIdentity | None, sig: int = signal_mod.SIGKILL) -> bool:
+    """Signal and reap the VMM; escalates to SIGKILL. True when it is gone."""
+    if ident is None or not matches(ident):
+        return True
+    if sig != signal_mod.SIGKILL:
+        send_signal(ident, sig)
+        if wait_gone(ident, SIGTERM_S):
+            return True
+    send_signal(ident, signal_mod.SIGKILL)
+    return wait_gone(ident, SIGKILL_S)
+
+
+def teardown(d: Daemon, vm_id: str, h: VMHandles | None) -> list[str]:
+    """Release everything a running VM holds, in order, each step independent.
+
+    Order: VMM process, then its runtime files, then the TAP, then the COW
+    device mapping, then the handles file. A failing step is recorded and the
+    next still runs, so one stuck resource does not leak the others.
+    """
+    problems: list[str] = []
+    paths = d.layout.vm(vm_id)
+    marker = vm_marker(vm_id)
+    idents: list[ProcessIdentity] = []
+    if h is not None and h.process is not None:
+        idents.append(h.process)
+    # A VMM launched just before a crash may not be in the handles yet: find it by marker.
+    for pid in find_by_marker(marker):
+        ident = identify(pid, marker)
+        if ident is not None and ident not in idents:
+            idents.append(ident)
+    for ident in idents:
+        if not kill_vmm(ident, signal_mod.SIGTERM):
+            problems.append(f"VMM pid {ident.pid} would not exit")
+    if h is not None:
+        try:
+            d.driver(h.vmm).cleanup(paths)
+        except BangerError as exc:
+            log.info("vmm cleanup: %s", exc)
+        if h.tap:
+            try:
+                d.tap_pool.release(h.tap)
+            except BangerError as exc:
+                problems.append(f"tap {h.tap}: {exc.message}")
+        if h.cow is not None:
+            try:
+                strategy_for(h.cow, d.runner).deactivate(h.cow)
+            except BangerError as exc:
+                problems.append(f"root disk: {exc.message}")
+    remove_tree(paths.run)
+    if not problems:
+        d.handles.drop(vm_id)
+        with contextlib.suppress(NotFound):
+            update_runtime(d, vm_id, teardown=None)
+    return problems
+
+
+def kill(d: Daemon, ref: str, sig_name: str = "KILL") -> dict[str, Any]:
+    """``vm kill``: send a signal to the VMM; a terminating one also tears the VM down."""
+    sig = _signal(sig_name)
+    vm = resolve(d, ref)
+    vm = cancel_boot(d, vm, f"killed with SIG{sig.name.removeprefix('SIG')}") or vm
+    if vm.state not in (VMState.RUNNING, VMState.ERROR, VMState.STOPPING):
+        raise NotRunning(f"VM {vm.name!r} is not running")
+    h = handles_of(d, vm)
+    if h.process is None or not matches(h.process):
+        raise NotRunning(f"VM {vm.name!r} has no live VMM process",
+                         hint="`banger vm stop` cleans up what is left")
+    terminating = sig in (signal_mod.SIGKILL, signal_mod.SIGTERM, signal_mod.SIGINT,
+                          signal_mod.SIGQUIT)
+    if not terminating or vm.state == VMState.STOPPING:
+        # Only the signal: a non-terminating one leaves the VM running, and a VM
+        # already stopping is torn down by the operation that is stopping it.
+        send_signal(h.process, sig)
+        return view(d, vm)
+    # Claim the VM before the signal, so the exit watcher cannot tear it down as well.
+    vm = transition(d, vm.id, VMState.STOPPING, expect={VMState.RUNNING, VMState.ERROR})
+    send_signal(h.process, sig)
+    wait_gone(h.process, SIGKILL_S)
+    problems = teardown(d, vm.id, h)
+    vm = finish_stop(d, vm, f"killed with {sig.name}", problems)
+    return view(d, vm)
+
+
+def _signal(name: str) -> signal_mod.Signals:
+    key = name.upper()
+    if key.isdigit():
+        try:
+            return signal_mod.Signals(int(key))
+        except ValueError:
+            pass
+    else:
+        key = key if key.startswith("SIG") else "SIG" + key
+        if key in signal_mod.Signals.__members__:
+            return signal_mod.Signals[key]
+    raise BadRequest(f"unknown signal {name!r}", hint="e.g. KILL, TERM, INT, HUP or a number")
+
+
+def restart(d: Daemon, ref: str) -> dict[str, Any]:
+    """``vm restart``: stop if running (or failed), then start."""
+    vm = resolve(d, ref)
+    if vm.state in (VMState.RUNNING, VMState.ERROR):
+        stop(d, vm.id, reason="restarting")
+    return start(d, vm.id)
+
+
