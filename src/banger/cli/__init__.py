@@ -50,7 +50,7 @@ def doctor(app: App) -> int:
 
     checks = [c.to_json() for c in run_doctor(app.cfg)]
     app.emit(checks, output.doctor_table(checks))
-    return 1 if any(c["status"] == "FAIL" for c in checks) else 0
+    return exits.DOCTOR_FAIL if any(c["status"] == "FAIL" for c in checks) else 0
 
 
 cli.add_command(daemon_cmds.daemon)
@@ -71,15 +71,19 @@ def main(argv: list[str] | None = None) -> None:
         rv = cli.main(args=argv, prog_name="banger", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
-        sys.exit(130)
+        sys.exit(exits.INTERRUPTED)
     except KeyboardInterrupt:
-        sys.exit(130)
+        sys.exit(exits.INTERRUPTED)
+    except click.UsageError as exc:
+        path = exc.ctx.command_path if exc.ctx is not None else "banger"
+        exits.print_usage_error(exc.format_message(), path, json_mode)
+        sys.exit(exits.USAGE)
     except click.ClickException as exc:
-        exc.show()
+        exits.print_error(BangerError(exc.format_message()), json_mode)
         sys.exit(exc.exit_code)
     except Cancelled as exc:
         exits.print_error(exc, json_mode)
-        sys.exit(130)
+        sys.exit(exits.INTERRUPTED)
     except BangerError as exc:
         exits.print_error(exc, json_mode)
         sys.exit(exits.code_for(exc))

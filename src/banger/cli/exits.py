@@ -1,9 +1,20 @@
 """The one place banger errors become exit codes and printed lines.
 
-``vm run`` and ``vm exec`` return the guest command's own status, so banger's
+``vm run``, ``vm exec`` and ``vm ssh`` return the guest command's own status
+(128+N when a signal N killed it, as a shell reports), so banger's own
 failures use a code commands rarely use themselves: 125, as ``docker run``
-does. Usage errors exit 2 (click's convention); Ctrl-C exits 130. The stable
-error code (``not_found``, ``bad_name``, ...) is printed with ``--json``.
+does. The codes banger itself uses (the README's table lists the same):
+
+====  ==========================================================
+0     success
+1     ``banger doctor``: at least one check FAILed
+2     usage error (bad flag, argument or combination)
+3     ``banger daemon status``: bangerd is not running
+125   banger failed (the ``error:``/``hint:`` lines say why)
+130   interrupted (Ctrl-C)
+====  ==========================================================
+
+The stable error code (``not_found``, ``bad_name``, ...) is printed with ``--json``.
 """
 
 from __future__ import annotations
@@ -13,7 +24,11 @@ import sys
 
 from banger.errors import BangerError
 
+DOCTOR_FAIL = 1
+USAGE = 2
+DAEMON_NOT_RUNNING = 3
 BANGER_ERROR = 125
+INTERRUPTED = 130
 
 
 def code_for(err: BangerError) -> int:
@@ -30,3 +45,14 @@ def print_error(err: BangerError, as_json: bool) -> None:
     print(f"error: {err.message}", file=sys.stderr)
     if err.hint:
         print(f"hint: {err.hint}", file=sys.stderr)
+
+
+def print_usage_error(message: str, command_path: str, as_json: bool) -> None:
+    """A usage error in banger's own ``error:``/``hint:`` form (code ``usage``)."""
+    hint = f"`{command_path} --help` shows the usage"
+    if as_json:
+        print(json.dumps({"error": {"code": "usage", "message": message, "hint": hint}},
+                         indent=2))
+        return
+    print(f"error: {message}", file=sys.stderr)
+    print(f"hint: {hint}", file=sys.stderr)

@@ -17,6 +17,8 @@ import click
 
 from banger.cli import exits, output
 from banger.cli.app import App, follow, json_option, name_arg, pass_app, run_ssh
+from banger.cli.workspace import fetch_patch
+from banger.client import Client
 from banger.errors import BangerError
 
 
@@ -91,10 +93,16 @@ def vm_show(app: App, name: str) -> None:
 @vm.command("logs")
 @click.argument("name")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new output.")
+@json_option
 @pass_app
 def vm_logs(app: App, name: str, follow: bool) -> None:
-    """Print a VM's serial console log."""
+    """Print a VM's serial console log (the last 128 KiB; --json: path and content)."""
+    if follow and app.json:
+        raise click.UsageError("--follow and --json cannot be combined")
     res = app.client().call("vm.logs", name=name)
+    if app.json:
+        click.echo(output.to_json(res))
+        return
     sys.stdout.write(res["content"])
     sys.stdout.flush()
     if follow:
@@ -121,66 +129,153 @@ def _follow_file(path: Path) -> None:
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @pass_app
 def vm_ssh(app: App, name: str, command: tuple[str, ...]) -> int:
-    """Open a shell in a running VM, or run COMMAND there (after --)."""
+    """Open a shell in a running VM, or run COMMAND there (after --), like OpenSSH.
+
+    \b
+    banger vm ssh web                      interactive login shell
+    banger vm ssh web -- 'cd /tmp; ls *'   the words are joined with spaces and
+                                           run by the guest's shell, as `ssh` does
+
+    Use `banger vm exec` to pass argv unchanged (no shell). The exit status is
+    the command's; a command killed by signal N gives 128+N.
+    """
     info = app.client().call("vm.ssh_info", name=name)
-    return run_ssh(info, list(command), interactive=not command)
+    return run_ssh(info, list(command), interactive=not command, shell_string=True)
 
 
 @vm.command("exec", context_settings={"ignore_unknown_options": True})
 @click.argument("name")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.option("--auto-prepare", is_flag=True,
-              help="Re-sync the workspace first if the host HEAD or work tree changed.")
+              help="Re-sync the workspace first if the host HEAD or work tree changed "
+                   "(guest edits are saved and re-applied; see `vm workspace prepare`).")
+@click.option("--discard-guest-changes", is_flag=True,
+              help="With --auto-prepare: do not re-apply the guest's edits (they are still "
+                   "saved as a patch under the VM's directory).")
 @pass_app
-def vm_exec(app: App, name: str, command: tuple[str, ...], auto_prepare: bool) -> int:
-    """Run COMMAND in a running VM; its exit status becomes banger's.
+def vm_exec(app: App, name: str, command: tuple[str, ...], auto_prepare: bool,
+            discard_guest_changes: bool) -> int:
+    """Run COMMAND in a running VM with argv semantics; its exit status becomes banger's.
 
-    It runs in the VM's last prepared workspace, if it has one.
+    \b
+    banger vm exec web -- ls -l 'a file'   each word arrives as one argument
+                                           (no shell: use `vm ssh` for 'a; b')
+
+    It runs in the VM's last prepared workspace, if it has one. A command killed by
+    signal N gives 128+N.
     """
+    if discard_guest_changes and not auto_prepare:
+        raise click.UsageError("--discard-guest-changes only applies with --auto-prepare")
     client = app.client()
     if auto_prepare:
         st = client.call("vm.workspace.status", name=name)
         if st["needs_resync"]:
             op = client.call("vm.workspace.prepare.begin", name=name, path=st["host_path"],
-                             guest_path=st["guest_path"], mode=st.get("mode") or "shallow")
+                             guest_path=st["guest_path"], mode=st.get("mode") or "shallow",
+                             discard_guest_changes=discard_guest_changes or None)
             follow(app, client, op, "vm.workspace.prepare")
     info = client.call("vm.ssh_info", name=name)
     return run_ssh(info, list(command), interactive=False)
 
 
-@vm.command("run", context_settings={"ignore_unknown_options": True})
+class _RunCommand(click.Command):
+    """``vm run``'s command: remembers which words came after ``--``.
+
+    Only a word before ``--`` can name the repository; everything after it is the
+    guest command, whatever it looks like.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """Record the words after ``--`` in ``ctx.meta``, then parse as usual."""
+        ctx.meta["after_dashdash"] = args[args.index("--") + 1:] if "--" in args else None
+        return super().parse_args(ctx, args)
+
+
+def _looks_like_path(word: str) -> bool:
+    return word.startswith((".", "/", "~")) or "/" in word
+
+
+def split_run_args(words: list[str], after_dashdash: list[str] | None
+                   ) -> tuple[Path | None, list[str]]:
+    """``vm run``'s positional words as (repository, guest command).
+
+    Raises:
+        click.UsageError: a repository word that is not an existing directory (a
+            typo must not boot a VM and run the typo as a command), or more than
+            one word before ``--``.
+    """
+    if after_dashdash is not None:
+        before = words[:len(words) - len(after_dashdash)]
+        if len(before) > 1:
+            raise click.UsageError(
+                f"only the repository goes before --, got {' '.join(before)!r}")
+        repo = _repo_dir(before[0], hint_dashdash=False) if before else None
+        return repo, list(after_dashdash)
+    if words and (_looks_like_path(words[0]) or Path(words[0]).is_dir()):
+        path = Path(words[0]).expanduser()
+        if path.is_dir():
+            return _repo_dir(words[0], hint_dashdash=False), words[1:]
+        if not path.exists():
+            return _repo_dir(words[0], hint_dashdash=True), words[1:]
+    return None, words
+
+
+def _repo_dir(word: str, *, hint_dashdash: bool) -> Path:
+    path = Path(word).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    what = "does not exist" if not path.exists() else "is not a directory"
+    msg = f"repository {word!r} {what}"
+    if hint_dashdash:
+        msg += f"; to run a guest program by that path, put it after --: " \
+               f"banger vm run -- {word}"
+    raise click.UsageError(msg)
+
+
+@vm.command("run", cls=_RunCommand, context_settings={"ignore_unknown_options": True})
 @create_options
 @click.option("--rm", "remove", is_flag=True, help="Delete the VM when the command ends.")
 @click.option("-d", "--detach", is_flag=True, help="Boot and return; print the VM name.")
 @click.option("--workspace-mode", type=click.Choice(["shallow", "full_copy"]),
               default="shallow", show_default=True,
               help="History copied with a repository (full_copy: everything, submodules).")
+@click.option("--export", "export_to", metavar="FILE",
+              help="Write the guest's edits to the repository as a patch to FILE ('-': "
+                   "stdout) when the command ends, before --rm deletes the VM.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @json_option
 @pass_app
 def vm_run(app: App, /, remove: bool, detach: bool, workspace_mode: str,
-           command: tuple[str, ...], **kw: Any) -> int:
+           export_to: str | None, command: tuple[str, ...], **kw: Any) -> int:
     """Create and boot a VM, then run COMMAND in it (after --) or open a shell.
 
     \b
-    banger vm run -- make test          in a fresh VM
-    banger vm run ./repo -- make test   copy ./repo in first, run inside it
-    banger vm run ./repo                a shell in the copied repository
+    banger vm run -- make test                 in a fresh VM
+    banger vm run ./repo -- make test          copy ./repo in first, run inside it
+    banger vm run ./repo                       a shell in the copied repository
+    banger vm run --rm --export e.patch ./repo -- make fmt
+                                               keep the guest's edits, drop the VM
 
-    When the first argument is an existing directory it is the repository to
-    copy in (a git work tree; see `banger vm workspace prepare`). The command's
-    exit status becomes banger's own. With --rm the VM is deleted afterwards,
-    whatever happened; `banger vm workspace export` gets the edits out first.
+    A word before -- that looks like a path (., /, ~ or a /) must be an existing
+    directory: the repository to copy in (a git work tree; see `banger vm
+    workspace prepare`). The command runs with argv semantics, like `vm exec`;
+    its exit status becomes banger's own (killed by signal N: 128+N). With --rm
+    the VM is deleted afterwards, whatever happened; when the guest changed the
+    repository and --export was not given, a line on stderr says so.
     """
     if detach and remove:
         raise click.UsageError("--rm and --detach cannot be combined")
-    args = list(command)
-    repo: Path | None = None
-    if args and Path(args[0]).is_dir():
-        repo = Path(args.pop(0)).resolve()
+    repo, args = split_run_args(list(command), click.get_current_context().meta.get(
+        "after_dashdash"))
+    if export_to is not None and repo is None:
+        raise click.UsageError("--export needs a repository to copy in (vm run ./repo ...)")
+    if export_to is not None and detach:
+        raise click.UsageError("--export and --detach cannot be combined; use "
+                               "`banger vm workspace export` later")
     client = app.client()
     op = client.call("vm.create.begin", **_create_params(kw, True))
     name = op["target"]
+    keep = not remove  # set when deleting would lose edits banger could not save
     try:
         res = follow(app, client, op, "vm.create")
         if repo is not None:
@@ -191,11 +286,60 @@ def vm_run(app: App, /, remove: bool, detach: bool, workspace_mode: str,
             app.emit(res, res["name"])
             return 0
         info = client.call("vm.ssh_info", name=name)
-        return run_ssh(info, args, interactive=not args)
+        status = run_ssh(info, args, interactive=not args)
+        if repo is not None and (export_to is not None or remove):
+            keep = not _save_edits(app, client, name, export_to, remove)
+        return status
+    except BangerError as exc:
+        if not remove:
+            exc.hint = _kept_hint(client, name, exc.hint)
+        raise
     finally:
-        if remove:
+        if not keep:
             try:
                 client.call("vm.delete", name=name)
             except BangerError as exc:
                 if exc.code != "not_found":
                     exits.print_error(exc, app.json)
+
+
+def _save_edits(app: App, client: Client, name: str, export_to: str | None,
+                removing: bool) -> bool:
+    """Write the guest's patch to ``export_to``, or say on stderr that edits go unexported.
+
+    Returns False when the edits could not be read and the VM must be kept.
+    """
+    try:
+        res, data = fetch_patch(client, name)
+    except BangerError as exc:
+        exc.hint = f"the VM {name} was kept so its edits are not lost; " \
+                   f"`banger vm workspace export {name}` retries"
+        exits.print_error(exc, app.json)
+        return False
+    changed = len(res["changes"])
+    if export_to == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    elif export_to is not None:
+        try:
+            Path(export_to).write_bytes(data)
+        except OSError as exc:
+            click.echo(f"error: cannot write the patch to {export_to}: {exc.strerror}", err=True)
+            click.echo(f"hint: the VM {name} was kept; `banger vm workspace export {name} "
+                       f"-o FILE` retries", err=True)
+            return False
+        click.echo(f"banger: {changed} changed file(s) exported to {export_to}", err=True)
+    elif removing and changed:
+        click.echo(f"banger: {changed} file(s) changed in the guest were not exported "
+                   f"(use --export FILE to keep them)", err=True)
+    return True
+
+
+def _kept_hint(client: Client, name: str, hint: str) -> str:
+    """``hint`` plus how to remove VM ``name``, when the failure left it behind."""
+    try:
+        client.call("vm.show", name=name)
+    except BangerError:
+        return hint
+    extra = f"the VM {name} was kept: `banger vm delete {name}` removes it"
+    return f"{hint}; {extra}" if hint else extra

@@ -5,11 +5,13 @@ from __future__ import annotations
 import base64
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from banger.cli import output
 from banger.cli.app import App, follow, json_option, pass_app
+from banger.client import Client
 
 
 @click.group("workspace")
@@ -60,12 +62,7 @@ def workspace_export(app: App, name: str, out_file: Path | None,
     web | git apply`). The changed files are listed on stderr. With --json the
     patch is in the JSON (base64) unless -o is given.
     """
-    res = app.client().call("vm.workspace.export", name=name, base_commit=base_commit)
-    patch_path = Path(res.pop("patch_path"))
-    try:
-        data = patch_path.read_bytes()
-    finally:
-        patch_path.unlink(missing_ok=True)
+    res, data = fetch_patch(app.client(), name, base_commit)
     if out_file is not None:
         out_file.write_bytes(data)
     if app.json:
@@ -82,3 +79,18 @@ def workspace_export(app: App, name: str, out_file: Path | None,
         old = f"{change['old_path']} -> " if change.get("old_path") else ""
         click.echo(f"{change['status']}\t{old}{change['path']}", err=True)
     click.echo(f"{len(res['changes'])} changed file(s)", err=True)
+
+
+def fetch_patch(client: Client, name: str, base_commit: str | None = None
+                ) -> tuple[dict[str, Any], bytes]:
+    """The VM's workspace export: the RPC's result (changed files) and the patch bytes.
+
+    The daemon writes the patch to a file only root can read; it is read and removed here.
+    """
+    res: dict[str, Any] = client.call("vm.workspace.export", name=name, base_commit=base_commit)
+    patch_path = Path(res.pop("patch_path"))
+    try:
+        data = patch_path.read_bytes()
+    finally:
+        patch_path.unlink(missing_ok=True)
+    return res, data

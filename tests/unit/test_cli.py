@@ -1,0 +1,106 @@
+"""The CLI without a daemon: usage errors, `vm run`'s argument split, the remote command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+
+from banger.cli.app import remote_command
+from banger.cli.vm import split_run_args
+
+
+def banger(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The real CLI with a config whose state dir shows whether anything was created."""
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'state_dir = "{tmp_path / "state"}"\nruntime_dir = "{tmp_path / "run"}"\n')
+    env = {**os.environ, "BANGER_CONFIG": str(cfg), "HOME": str(tmp_path)}
+    return subprocess.run([sys.executable, "-m", "banger", *args], env=env, text=True,
+                          capture_output=True, timeout=60, check=False)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["vm", "lisst"], "No such command 'lisst'"),
+    (["vm", "run", "--rm", "-d"], "--rm and --detach cannot be combined"),
+    (["vm", "run", "./typo", "--", "true"], "repository './typo' does not exist"),
+    (["vm", "run", "./typo"], "put it after --: banger vm run -- ./typo"),
+    (["vm", "run", "~/no/such/dir", "--", "true"], "does not exist"),
+    (["vm", "run", "a", "b", "--", "true"], "only the repository goes before --"),
+    (["vm", "run", "--export", "x.patch", "--", "true"], "--export needs a repository"),
+    (["vm", "exec", "--discard-guest-changes", "web", "--", "true"], "--auto-prepare"),
+])
+def test_usage_errors_are_banger_lines_and_create_nothing(tmp_path: Path, args: list[str],
+                                                          message: str) -> None:
+    res = banger(tmp_path, *args)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.splitlines()
+    assert lines[0].startswith("error: ") and message in lines[0], res.stderr
+    assert lines[1].startswith("hint: ") and "--help" in lines[1]
+    assert "Usage:" not in res.stderr and "Error:" not in res.stderr
+    assert not (tmp_path / "state").exists()  # no daemon, no VM: refused before anything
+
+
+def test_usage_error_as_json(tmp_path: Path) -> None:
+    res = banger(tmp_path, "vm", "run", "--json", "./typo")
+    assert res.returncode == 2
+    assert '"code": "usage"' in res.stdout
+    res = banger(tmp_path, "vm", "logs", "-f", "--json", "web")
+    assert res.returncode == 2
+    assert "cannot be combined" in res.stdout
+
+
+def test_a_file_first_word_is_the_guest_command(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    script = tmp_path / "script.sh"
+    script.write_text("true\n")
+    assert split_run_args([str(repo), "make"], None) == (repo, ["make"])
+    assert split_run_args([str(repo), "make"], ["make"]) == (repo, ["make"])
+    assert split_run_args(["make", "test"], None) == (None, ["make", "test"])
+    assert split_run_args(["./typo"], ["./typo"]) == (None, ["./typo"])  # after --: a command
+    assert split_run_args([str(script), "x"], None) == (None, [str(script), "x"])
+    assert split_run_args([], None) == (None, [])
+    with pytest.raises(click.UsageError, match="is not a directory"):
+        split_run_args([str(script), "true"], ["true"])
+
+
+def run_remote(remote: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """What the guest's sshd does with the remote command: ``$SHELL -c``."""
+    return subprocess.run(["bash", "-c", remote], cwd=cwd, capture_output=True, text=True,
+                          timeout=30, check=False)
+
+
+def test_exec_keeps_argv_and_ssh_is_a_shell_string(tmp_path: Path) -> None:
+    exec_cmd = remote_command(["printf", "%s|", "a; b", "$HOME", "it's"], workdir=None,
+                              shell_string=False)
+    assert run_remote(exec_cmd, tmp_path).stdout == "a; b|$HOME|it's|"
+    ssh_cmd = remote_command(["echo one;", "echo", "two"], workdir=None, shell_string=True)
+    assert run_remote(ssh_cmd, tmp_path).stdout == "one\ntwo\n"
+
+
+def test_workdir_is_entered_first(tmp_path: Path) -> None:
+    (tmp_path / "odd dir").mkdir()
+    for shell_string in (False, True):
+        cmd = remote_command(["pwd"], workdir=str(tmp_path / "odd dir"),
+                             shell_string=shell_string)
+        assert run_remote(cmd, tmp_path).stdout.strip() == str(tmp_path / "odd dir")
+    assert remote_command([], workdir=None, shell_string=True) == ""
+    assert "exec \"$SHELL\" -l" in remote_command([], workdir="/w", shell_string=False)
+
+
+@pytest.mark.parametrize("shell_string", [False, True])
+def test_a_command_killed_by_a_signal_gives_128_plus_n(tmp_path: Path,
+                                                       shell_string: bool) -> None:
+    # A lone command: without care, bash execs it and the shell itself dies by the
+    # signal (ssh then reports 255).
+    cmd = remote_command(["sh", "-c", "kill -TERM $$"], workdir=None,
+                         shell_string=False) if not shell_string else \
+        remote_command(["sh -c 'kill -KILL $$'"], workdir=None, shell_string=True)
+    res = run_remote(cmd, tmp_path)
+    assert res.returncode == (128 + 15 if not shell_string else 128 + 9)
+    plain = remote_command(["sh", "-c", "exit 7"], workdir=str(tmp_path), shell_string=False)
+    assert run_remote(plain, tmp_path).returncode == 7
