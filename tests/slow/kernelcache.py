@@ -4,6 +4,12 @@ The build takes the better part of an hour on a 2-core host, so the slow tests (
 anyone who wants the kernel) reuse ``$BANGER_KERNEL_CACHE/<cache_key>/`` (default
 /var/cache/banger-kernel): ``vmlinux``, ``bzImage``, ``config``, ``build.log`` and
 ``build-time.txt``. Run ``python -m tests.slow.kernelcache`` to build it by hand.
+
+The base config here is Firecracker's CI guest config from the shared specs beside the
+checkout (``../shared/specs``), read as reference data: the kernel these tests boot is
+the one Firecracker itself tests with, plus banger's fragment. That is a test choice;
+``banger kernel build`` itself starts from the source's own defconfig and never reads
+``../shared``. Tests that need this file skip, naming its path, when it is absent.
 """
 
 from __future__ import annotations
@@ -17,7 +23,6 @@ from pathlib import Path
 from banger.daemon.imagemgr.kernel import (
     DEFAULT_SOURCE_TARBALL,
     BuiltKernel,
-    base_config_path,
     build_kernel,
     cache_key,
     inspect_kernel_file,
@@ -26,7 +31,7 @@ from banger.runner import SubprocessRunner
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("BANGER_KERNEL_CACHE", "/var/cache/banger-kernel"))
-BASE_CONFIG = base_config_path(REPO)
+BASE_CONFIG = REPO.parent / "shared" / "specs" / "firecracker-guest-kernel-x86_64-6.1.config"
 SOURCE = DEFAULT_SOURCE_TARBALL
 
 

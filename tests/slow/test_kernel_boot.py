@@ -54,13 +54,17 @@ def _requirements() -> str | None:
         return reason
     if shutil.which("ssh-keygen") is None:
         return "needs ssh-keygen"
+    # First: the cache key hashes this file, so nothing below can run without it.
+    if not kernelcache.BASE_CONFIG.is_file():
+        return (f"no Firecracker CI kernel config at {kernelcache.BASE_CONFIG} "
+                "(the shared specs beside the checkout are absent)")
+    if not kernelcache.SOURCE.is_file():
+        return f"no kernel source at {kernelcache.SOURCE} (apt-get install linux-source-6.1)"
     try:
         check_build_host(kernelcache.SOURCE)
     except HostError as exc:
         if kernelcache.cached() is None:  # a cached build needs no tools
             return f"cannot build banger's kernel: {exc.message} ({exc.hint})"
-    if not kernelcache.BASE_CONFIG.is_file():
-        return f"no base kernel config at {kernelcache.BASE_CONFIG}"
     return None
 
 

@@ -138,9 +138,12 @@ def kernel_import(app: App, paths: tuple[Path, ...], name: str, initrd: Path | N
 
 @kernel.command("build")
 @click.option("--name", default="banger-6.1", show_default=True, help="Kernel name.")
-@click.option("--base-config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Firecracker's guest kernel config to start from "
-                   "(default: ../shared/specs next to banger, or $BANGER_KERNEL_BASE_CONFIG).")
+# Not exists=True: a missing file, from the flag or the variable alike, gets the
+# daemon's error and hint (naming both) instead of click's; nothing falls back.
+@click.option("--base-config", type=click.Path(dir_okay=False, path_type=Path),
+              envvar="BANGER_KERNEL_BASE_CONFIG", show_envvar=True,
+              help="Kernel .config to start from instead of the source's own "
+                   "x86_64_defconfig (banger's fragment goes on top either way).")
 @click.option("--source", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Kernel source tarball (default: Debian's linux-source-6.1).")
 @click.option("--jobs", "-j", type=click.IntRange(1, 256), help="make -j (default: CPUs).")
@@ -149,7 +152,8 @@ def kernel_import(app: App, paths: tuple[Path, ...], name: str, initrd: Path | N
 def kernel_build(app: App, name: str, base_config: Path | None, source: Path | None,
                  jobs: int | None) -> None:
     """Build a guest kernel that boots on both VMMs (vmlinux + bzImage, no modules, no
-    initrd) from Debian's kernel source. Slow: tens of minutes on a small host."""
+    initrd) from Debian's kernel source: its x86_64_defconfig (or --base-config) plus
+    banger's fragment. Slow: tens of minutes on a small host."""
     client = app.client()
     op = client.call("kernel.build.begin", name=name,
                      base_config=str(base_config.resolve()) if base_config else None,

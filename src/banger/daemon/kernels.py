@@ -187,18 +187,23 @@ def suits(d: Daemon, img: ImageRecord | None, vmm: str) -> bool:
 BUILD_STAGES = ["check", "unpack", "configure", "compile", "collect", "import"]
 
 
-def default_base_config() -> Path:
-    """The Firecracker CI guest config the build starts from.
+def given_base_config(path: str | None) -> Path | None:
+    """The base config a build request names, checked now; None: the source's defconfig.
 
-    ``$BANGER_KERNEL_BASE_CONFIG`` if set, else the shared specs next to a banger
-    checkout (``../shared/specs``). It is read as data and never copied into banger.
+    Raises:
+        BadRequest: the path is not an existing regular file. Never a fallback to the
+            defconfig: a config the user named that is not there is a mistake to report.
     """
-    from banger.daemon.imagemgr.kernel import base_config_path
-
-    env = os.environ.get("BANGER_KERNEL_BASE_CONFIG")
-    if env:
-        return Path(env)
-    return base_config_path(Path(__file__).resolve().parents[3])
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise BadRequest(
+            f"no base kernel config at {p}",
+            hint="pass --base-config (or $BANGER_KERNEL_BASE_CONFIG) an existing kernel "
+                 ".config, or neither to start from the kernel source's own "
+                 "x86_64_defconfig")
+    return p
 
 
 def begin_build(d: Daemon, name: str, base_config: str | None, source: str | None,
@@ -210,11 +215,7 @@ def begin_build(d: Daemon, name: str, base_config: str | None, source: str | Non
     if d.db.find_kernel(name) is not None:
         raise AlreadyExists(f"kernel {name!r} already exists",
                             hint=f"remove it first with `banger kernel rm {name}`")
-    base = Path(base_config) if base_config else default_base_config()
-    if not base.is_file():
-        raise BadRequest(f"no base kernel config at {base}",
-                         hint="pass --base-config with Firecracker's guest config "
-                              "(microvm-kernel-ci-x86_64-6.1.config)")
+    base = given_base_config(base_config)
     src = Path(source) if source else DEFAULT_SOURCE_TARBALL
     check_build_host(src)
     op = Operation(kind="kernel.build", target=name, stages=list(BUILD_STAGES))
@@ -233,7 +234,7 @@ def _complete_build(directory: Path) -> bool:
     return (directory / VMLINUX).is_file() and (directory / BZIMAGE).is_file()
 
 
-def _build(d: Daemon, op: Operation, name: str, *, base: Path, src: Path,
+def _build(d: Daemon, op: Operation, name: str, *, base: Path | None, src: Path,
            jobs: int | None) -> dict[str, Any]:
     from banger.daemon.imagemgr.kernel import build_kernel, cache_key
 

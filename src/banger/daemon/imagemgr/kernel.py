@@ -8,11 +8,23 @@ Two jobs live here, both pure helpers that the daemon's kernel registry drives:
   the file size, and anything that is not an x86_64 kernel is a
   :class:`~banger.errors.BadRequest`.
 * :func:`build_kernel` builds a kernel from Debian's ``linux-source-6.1``
-  tarball: the base config (Firecracker's CI guest config, read as data) with
+  tarball: the base config (by default the source tree's own
+  ``make x86_64_defconfig``; any kernel config the caller names instead) with
   banger's own fragment (``kernel-fragment.config`` beside this module) merged
-  on top by ``make olddefconfig``. Every fragment option is checked in the
-  result, then ``vmlinux`` and ``bzImage`` are built. Everything is built in:
-  the kernel needs neither modules nor an initrd (``root=/dev/vda``).
+  on top by ``make olddefconfig`` (:func:`configure_tree`). Every fragment
+  option is checked in the result, then ``vmlinux`` and ``bzImage`` are built.
+  Everything is built in: the kernel needs neither modules nor an initrd
+  (``root=/dev/vda``).
+
+Why the tree's defconfig and not Debian's config (``/boot/config-*``): with
+modules off every ``=m`` becomes built in, and Debian's config has thousands
+of them (hours of compiling, a kernel of hundreds of MB); it also follows the
+host's running kernel, not the source being built. The defconfig comes from
+the very tree being built, so it always matches its version, needs no file
+from outside banger and the source package, and makes the build reproducible
+from its inputs (the cache key is source + fragment). What a generic PC
+config adds that a microVM has no use for (GPU, sound, radio) the fragment
+turns off.
 
 What the built kernel needs from QEMU: ``-M microvm,pit=on,pic=on,rtc=on``
 (ACPI left on, its default: the DSDT describes the virtio-mmio devices), or
@@ -48,9 +60,9 @@ KERNEL_RECIPE_VERSION = 1  # bump when the build procedure changes in a way the 
 FRAGMENT_PATH = Path(__file__).with_name("kernel-fragment.config")
 SOURCE_PACKAGE = "linux-source-6.1"
 DEFAULT_SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
-# The base config's name in the shared specs (``../shared/specs`` beside a checkout):
-# data the build reads, never a copy banger keeps.
-BASE_CONFIG_NAME = "firecracker-guest-kernel-x86_64-6.1.config"
+# The make target that writes the source tree's own base config when the caller
+# names none (see the module docstring for why this one).
+DEFCONFIG_TARGET = "x86_64_defconfig"
 
 # --- inspection -------------------------------------------------------------------------
 
@@ -390,7 +402,8 @@ def verify_config(fragment_text: str, config_text: str) -> None:
             "the kernel config lost options banger's fragment asks for: "
             + "; ".join(str(m) for m in bad),
             hint="the base config or kernel source does not support them; use "
-                 f"{SOURCE_PACKAGE} and {BASE_CONFIG_NAME}, or fix the fragment",
+                 f"{SOURCE_PACKAGE} with its own {DEFCONFIG_TARGET} (no --base-config), "
+                 "or fix the fragment",
             options=[m.symbol for m in bad])
 
 
@@ -454,15 +467,19 @@ def check_build_host(source_tarball: Path = DEFAULT_SOURCE_TARBALL, *,
                         hint=hint, missing=missing)
 
 
-def cache_key(base_config: Path, source_tarball: Path,
+def cache_key(base_config: Path | None, source_tarball: Path,
               fragment: Path = FRAGMENT_PATH) -> str:
     """A hash naming one build: recipe version, base config, fragment and source bytes.
 
     Callers keep built kernels under a directory of this name and reuse them when
     the key matches. The compiler version is deliberately not part of it.
+    ``base_config`` None stands for the source's own :data:`DEFCONFIG_TARGET`,
+    which the source bytes already determine.
     """
     h = hashlib.sha256(f"banger-kernel-{KERNEL_RECIPE_VERSION}\n".encode())
-    for p in (base_config, fragment, source_tarball):
+    if base_config is None:
+        h.update(f"make {DEFCONFIG_TARGET}\n".encode())
+    for p in (*([base_config] if base_config is not None else []), fragment, source_tarball):
         h.update(f"{p.name}\n".encode())
         try:
             with p.open("rb") as fh:
@@ -511,15 +528,15 @@ class BuiltKernel:
     log: Path
 
 
-def build_kernel(runner: Runner, *, workdir: Path, source_tarball: Path, base_config: Path,
-                 jobs: int | None = None, on_progress: Progress | None = None,
-                 cancel: CancelToken | None = None,
+def build_kernel(runner: Runner, *, workdir: Path, source_tarball: Path,
+                 base_config: Path | None = None, jobs: int | None = None,
+                 on_progress: Progress | None = None, cancel: CancelToken | None = None,
                  fragment: Path = FRAGMENT_PATH) -> BuiltKernel:
     """Build banger's guest kernel (``vmlinux`` and ``bzImage``).
 
-    Unpacks the source into ``workdir/src``, writes ``base_config`` with the
-    fragment appended as ``.config``, runs ``make olddefconfig``, checks that every
-    fragment option survived, builds, and leaves ``vmlinux``, ``bzImage``,
+    Unpacks the source into ``workdir/src``, configures it (:func:`configure_tree`:
+    base config plus fragment, ``make olddefconfig``, every fragment option
+    checked), builds, and leaves ``vmlinux``, ``bzImage``,
     ``config`` and ``build.log`` in ``workdir`` (the source tree is removed). On
     any failure, cancellation included, ``workdir`` is removed entirely.
 
@@ -527,7 +544,8 @@ def build_kernel(runner: Runner, *, workdir: Path, source_tarball: Path, base_co
         runner: The subprocess chokepoint.
         workdir: A directory that does not exist yet or is empty.
         source_tarball: A kernel source tarball (``linux-source-6.1.tar.xz``).
-        base_config: The config to start from (read as data, never modified).
+        base_config: The config to start from (read as data, never modified);
+            None: the source tree's own ``make x86_64_defconfig``.
         jobs: ``make -j`` value; defaults to the CPU count.
         on_progress: Called with (stage, line) at each stage and each Kbuild step
             (``"412 steps: CC kernel/fork.o"``); during ``make`` it runs on the
@@ -548,7 +566,7 @@ def build_kernel(runner: Runner, *, workdir: Path, source_tarball: Path, base_co
     check_build_host(source_tarball)
     if workdir.exists() and any(workdir.iterdir()):
         raise BadRequest(f"kernel build directory {workdir} is not empty")
-    base_text = _read_config(base_config)
+    base_text = _read_config(base_config) if base_config is not None else None
     fragment_text = fragment.read_text()
     workdir.mkdir(parents=True, exist_ok=True)
     try:
@@ -608,7 +626,7 @@ class _Log:
             self._fh.close()
 
 
-def _build(runner: Runner, *, workdir: Path, tarball: Path, base_text: str,
+def _build(runner: Runner, *, workdir: Path, tarball: Path, base_text: str | None,
            fragment_text: str, jobs: int, on_progress: Progress,
            cancel: CancelToken) -> BuiltKernel:
     log = _Log(workdir / "build.log", on_progress)
@@ -623,17 +641,14 @@ def _build(runner: Runner, *, workdir: Path, tarball: Path, base_text: str,
         src = _source_root(src_parent)
 
         cancel.check()
-        log.enter("configure", "merging banger's fragment into the base config")
-        (src / ".config").write_text(merge_fragment(base_text, fragment_text))
-        make = ["make", "-C", str(src)]
-        runner.stream([*make, "olddefconfig"], desc="make olddefconfig", on_line=log.write,
-                      timeout=CONFIGURE_TIMEOUT_S, env=_MAKE_ENV, cancel=cancel)
-        final_config = (src / ".config").read_text()
-        verify_config(fragment_text, final_config)
+        base = "the given base config" if base_text is not None else DEFCONFIG_TARGET
+        log.enter("configure", f"merging banger's fragment into {base}")
+        configure_tree(runner, src, base_text=base_text, fragment_text=fragment_text,
+                       on_line=log.write, cancel=cancel)
 
         cancel.check()
         log.enter("compile", f"make -j{jobs} vmlinux bzImage")
-        runner.stream([*make, f"-j{jobs}", "vmlinux", "bzImage"],
+        runner.stream(["make", "-C", str(src), f"-j{jobs}", "vmlinux", "bzImage"],
                       desc="build the kernel", on_line=log.make_line,
                       timeout=COMPILE_TIMEOUT_S, env=_MAKE_ENV, cancel=cancel)
 
@@ -656,6 +671,50 @@ def _build(runner: Runner, *, workdir: Path, tarball: Path, base_text: str,
         log.close()
     shutil.rmtree(src_parent)
     return out
+
+
+def _no_line(line: str) -> None:
+    pass
+
+
+def configure_tree(runner: Runner, src: Path, *, base_text: str | None, fragment_text: str,
+                   on_line: Callable[[str], None] = _no_line,
+                   cancel: CancelToken | None = None) -> str:
+    """Write ``src/.config``: a base config with banger's fragment, resolved by Kconfig.
+
+    The base is ``base_text`` or, when None, what the tree's own
+    ``make x86_64_defconfig`` writes. The fragment is appended to it (a later line
+    wins, see :func:`merge_fragment`), ``make olddefconfig`` resolves every
+    dependency, and the result must still hold every fragment option.
+
+    Args:
+        runner: The subprocess chokepoint.
+        src: A kernel source tree (its top-level ``Makefile`` and Kconfig files).
+        base_text: The base config's text; None for the tree's defconfig.
+        fragment_text: banger's fragment (:func:`load_fragment`).
+        on_line: Receives every line ``make`` prints.
+        cancel: Cancels a running ``make``.
+
+    Returns:
+        The final ``.config`` text (also left in ``src/.config``).
+
+    Raises:
+        BadRequest: the defconfig is not a kernel config, or the final config lost
+            fragment options (:func:`verify_config`).
+        HostError: a ``make`` failed or timed out.
+    """
+    make = ["make", "-C", str(src)]
+    if base_text is None:
+        runner.stream([*make, DEFCONFIG_TARGET], desc=f"make {DEFCONFIG_TARGET}",
+                      on_line=on_line, timeout=CONFIGURE_TIMEOUT_S, env=_MAKE_ENV,
+                      cancel=cancel)
+        base_text = _read_config(src / ".config")
+    (src / ".config").write_text(merge_fragment(base_text, fragment_text))
+    runner.stream([*make, "olddefconfig"], desc="make olddefconfig", on_line=on_line,
+                  timeout=CONFIGURE_TIMEOUT_S, env=_MAKE_ENV, cancel=cancel)
+    final = (src / ".config").read_text()
+    verify_config(fragment_text, final)
+    return final
 
 
 # LOCALVERSION set (even empty) stops setlocalversion from appending "+" when the tree
@@ -689,11 +748,3 @@ def _release(src: Path) -> str:
         raise HostError(f"the kernel build reports a strange release {release!r}")
     return release
 
-
-def base_config_path(repo: Path) -> Path:
-    """Where the Firecracker base config sits relative to a banger checkout.
-
-    The file belongs to the shared specs (``../shared/specs``), not to banger: the
-    build reads it, nothing copies it.
-    """
-    return repo.parent / "shared" / "specs" / BASE_CONFIG_NAME
