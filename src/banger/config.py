@@ -147,6 +147,8 @@ class Config(_Strict):
     boot_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 180.0
     vm_defaults: VMDefaults = VMDefaults()
     file_sync: list[FileSync] = []
+    # Bound on a workspace export's guest output, held in the daemon's memory.
+    workspace_export_max_mib: Annotated[int, Field(ge=1, le=16384)] = 256
 
     @field_validator("log_level")
     @classmethod

@@ -51,6 +51,12 @@ class VMPaths:
         return self.state / "work.ext4"
 
     @property
+    def workspace_backups(self) -> Path:
+        """``workspace-backups/``: guest changes saved before a re-prepare replaced them
+        (``<UTC time>.patch``), written by ``workspaces``."""
+        return self.state / "workspace-backups"
+
+    @property
     def serial_log(self) -> Path:
         """``serial.log``: guest console output, written by QEMU or the Firecracker spawner."""
         return self.state / "serial.log"

@@ -436,6 +436,60 @@ def test_reprepare_replaces_the_old_workspace(prepared: tuple[Path, ws.Prepared]
     assert leftovers(home) == []
 
 
+def test_reprepare_reapplies_guest_changes_on_the_new_copy(
+        prepared: tuple[Path, ws.Prepared], guest: LocalGuest, home: Path) -> None:
+    repo, prep = prepared
+    gp = Path(prep.guest_path)
+    (gp / "src" / "lib.py").write_text("def f():\n    return 'guest'\n")
+    (gp / "guest-new.txt").write_text("made in the guest\n")
+    (gp / "data.bin").write_bytes(b"\xffguest binary\x00")
+    saved = ws.export(guest, prep.guest_path, home=str(home))
+    (repo / "host-new.txt").write_text("made on the host\n")
+    (repo / "history.txt").write_text("host edit\n")
+    prep2 = do_prepare(repo, guest, guest_changes=saved.patch)
+    assert prep2.reapplied == "applied"
+    assert (gp / "host-new.txt").read_text() == "made on the host\n"
+    assert (gp / "history.txt").read_text() == "host edit\n"
+    assert (gp / "guest-new.txt").read_text() == "made in the guest\n"
+    assert (gp / "src" / "lib.py").read_text() == "def f():\n    return 'guest'\n"
+    assert (gp / "data.bin").read_bytes() == b"\xffguest binary\x00"
+    # the re-applied edits are the guest's own changes against the new snapshot
+    again = ws.export(guest, prep.guest_path, home=str(home))
+    assert sorted(c.path for c in again.changes) == ["data.bin", "guest-new.txt",
+                                                     "src/lib.py"]
+    assert leftovers(home) == []
+
+
+def test_reprepare_with_guest_changes_already_on_the_host(
+        prepared: tuple[Path, ws.Prepared], guest: LocalGuest, home: Path) -> None:
+    """The usual loop: export, apply on the host, prepare again."""
+    repo, prep = prepared
+    gp = Path(prep.guest_path)
+    (gp / "src" / "lib.py").write_text("def f():\n    return 'guest'\n")
+    saved = ws.export(guest, prep.guest_path, home=str(home))
+    apply(saved.patch, repo)
+    prep2 = do_prepare(repo, guest, guest_changes=saved.patch)
+    assert prep2.reapplied == "present"
+    assert ws.export(guest, prep.guest_path, home=str(home)).changes == ()
+
+
+def test_reprepare_refuses_conflicting_guest_changes_before_replacing(
+        prepared: tuple[Path, ws.Prepared], guest: LocalGuest, home: Path) -> None:
+    repo, prep = prepared
+    gp = Path(prep.guest_path)
+    (gp / "history.txt").write_text("guest edit\n")
+    saved = ws.export(guest, prep.guest_path, home=str(home))
+    (repo / "history.txt").write_text("conflicting host edit\n")
+    (repo / "host-new.txt").write_text("made on the host\n")
+    with pytest.raises(ws.WorkspaceConflict, match=r"history\.txt"):
+        do_prepare(repo, guest, guest_changes=saved.patch)
+    # the old workspace, guest edit included, is exactly as it was
+    assert (gp / "history.txt").read_text() == "guest edit\n"
+    assert not (gp / "host-new.txt").exists()
+    assert git(gp, "rev-parse", ws.PREPARED_REF).decode().strip() == prep.prepared_commit
+    assert leftovers(home) == []
+
+
 def test_cancel_mid_copy_leaves_nothing_that_looks_complete(
         tmp_path: Path, guest: LocalGuest, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     repo = make_repo(tmp_path / "host")

@@ -303,12 +303,13 @@ def test_parse_name_status() -> None:
 
 
 def test_parse_sections() -> None:
-    out = (b"abc 8 5 0\n" b"M\0x.txt\0" b"PATCH"
-           b"def 6 3 4\n" b"lib/" b"A\0y.c\0" b"P2\n")
-    assert parse_sections(out, "s") == [("abc", "", b"M\0x.txt\0", b"PATCH"),
-                                        ("def", "lib/", b"A\0y.c\0", b"P2\n")]
+    abc, def_ = "abc".ljust(40, "0"), "def".ljust(64, "0")  # sha1 and sha256 ids
+    out = (f"{abc} 8 5 0\n".encode() + b"M\0x.txt\0" b"PATCH"
+           + f"{def_} 6 3 4\n".encode() + b"lib/" b"A\0y.c\0" b"P2\n")
+    assert parse_sections(out, "s") == [(abc, "", b"M\0x.txt\0", b"PATCH"),
+                                        (def_, "lib/", b"A\0y.c\0", b"P2\n")]
     with pytest.raises(GuestError, match="cut short"):
-        parse_sections(b"abc 70 5 0\nM\0", "s")
+        parse_sections(f"{abc} 70 5 0\nM\0".encode(), "s")
     with pytest.raises(GuestError, match="unexpected output"):
         parse_sections(b"garbage\n", "s")
 

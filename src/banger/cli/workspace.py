@@ -28,22 +28,50 @@ def vm_workspace() -> None:
 @click.option("--mode", type=click.Choice(["shallow", "full_copy"]), default="shallow",
               show_default=True, help="shallow: a few commits of history; full_copy: all "
                                       "history, branches, tags and submodules.")
+@click.option("--discard-guest-changes", is_flag=True,
+              help="Replace a workspace whose guest changes do not apply to the new copy "
+                   "(they are still saved first; see `banger vm show`).")
 @json_option
 @pass_app
 def workspace_prepare(app: App, name: str, path: Path, guest_path: str | None,
-                      branch: str | None, from_ref: str | None, mode: str) -> None:
+                      branch: str | None, from_ref: str | None, mode: str,
+                      discard_guest_changes: bool) -> None:
     """Copy the git work tree at PATH into VM NAME (tracked and untracked, not ignored).
 
     In the guest, HEAD is the host's HEAD commit and `git status` shows the
     host's uncommitted changes. Ctrl-C cancels without leaving a
     half-copied directory behind.
+
+    Preparing again replaces the workspace. What the guest changed in it is
+    first saved as a patch in the VM's workspace-backups directory (listed by
+    `banger vm show`), then re-applied on top of the new copy. When it does not
+    apply, nothing is replaced; --discard-guest-changes replaces it anyway.
     """
     client = app.client()
     op = client.call("vm.workspace.prepare.begin", name=name, path=str(path.resolve()),
-                     guest_path=guest_path, branch=branch, from_ref=from_ref, mode=mode)
+                     guest_path=guest_path, branch=branch, from_ref=from_ref, mode=mode,
+                     discard_guest_changes=discard_guest_changes)
     res = follow(app, client, op, "vm.workspace.prepare")
-    app.emit(res, f"{res['host_path']} -> {res['vm']}:{res['guest_path']} "
-                  f"({res['files']} files, {res['bytes'] / 1e6:.1f} MB)")
+    app.emit(res, prepared_text(res))
+
+
+def prepared_text(res: dict[str, Any]) -> str:
+    """The human summary of a finished prepare: what was copied, and what became of
+    the guest's changes to the workspace it replaced."""
+    text = (f"{res['host_path']} -> {res['vm']}:{res['guest_path']} "
+            f"({res['files']} files, {res['bytes'] / 1e6:.1f} MB)")
+    changes = res.get("guest_changes")
+    if changes:
+        n, backup = changes["files"], changes["backup"]
+        text += {
+            "reapplied": f"\nre-applied the guest's changes to {n} file(s) on top "
+                         f"(saved in {backup})",
+            "already_present": f"\nthe guest's changes to {n} file(s) are already in the "
+                               f"host tree (saved in {backup})",
+            "discarded": f"\ndiscarded the guest's changes to {n} file(s) "
+                         f"(saved in {backup})",
+        }.get(changes["outcome"], f"\nthe guest's changes are saved in {backup}")
+    return text
 
 
 @vm_workspace.command("export")

@@ -13,25 +13,35 @@ daemon's rules around it:
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import posixpath
 import pwd
 import secrets
+import stat
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
 from banger.api import Model, VMState
-from banger.config import check_sync_target
+from banger.config import check_sync_target, config_path
 from banger.daemon import vms, workspace
 from banger.daemon.opstate import Operation
 from banger.daemon.session import quote
 from banger.daemon.store import VMRecord, now
-from banger.errors import BadRequest, BangerError, InvalidState, NotFound, NotRunning
+from banger.errors import (
+    BadRequest,
+    BangerError,
+    GuestError,
+    InvalidState,
+    NotFound,
+    NotRunning,
+)
 from banger.fsutil import atomic_write
 from banger.runner import OwnerRunner, Runner
 
@@ -40,7 +50,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("banger.workspaces")
 
-PREPARE_STAGES = ["inspect", "wait", "copy", "record"]
+PREPARE_STAGES = ["inspect", "wait", "save", "copy", "record"]
 LOCK_POLL_S = 0.2  # how often a queued prepare/export checks for cancellation
 
 
@@ -51,6 +61,7 @@ class PrepareParams(Model):
     branch: str | None = None
     from_ref: str | None = None
     mode: str = "shallow"
+    discard_guest_changes: bool = False
 
 
 class ExportParams(Model):
@@ -58,7 +69,7 @@ class ExportParams(Model):
     base_commit: str | None = None
 
 
-def owner_runner(d: Daemon, path: Path) -> Runner:
+def owner_runner(d: Daemon, path: Path) -> OwnerRunner:
     """A runner that runs host git as the owner of ``path`` (root stays root)."""
     try:
         st = path.stat()
@@ -124,12 +135,71 @@ def begin_prepare(d: Daemon, p: PrepareParams) -> Operation:
     return d.workspace_ops.run(op, work, name=f"prepare-{vm.name}")
 
 
+def _export_max_bytes(d: Daemon) -> int:
+    return d.cfg.workspace_export_max_mib << 20
+
+
+def _save_guest_changes(d: Daemon, op: Operation, vm: VMRecord, guest_path: str,
+                        discard: bool) -> tuple[workspace.Exported, Path] | None:
+    """Save what the guest changed in the workspace about to be replaced.
+
+    The same comparison as ``vm workspace export``. Returns the changes and the
+    backup file, or None when there is no workspace at ``guest_path`` or it has
+    no changes. The backup is written before anything is replaced, also when the
+    changes are to be discarded.
+
+    Raises:
+        GuestError: the changes could not be read (unless ``discard``: then the
+            failure is logged and reported in the result, and the copy goes on).
+    """
+    try:
+        out = workspace.export(d.dial(vm.ip), guest_path, cancel=op.cancel,
+                               max_bytes=_export_max_bytes(d))
+    except NotFound:
+        return None  # nothing at guest_path that prepare would replace with edits in it
+    except (BadRequest, GuestError) as exc:
+        if not discard:
+            raise GuestError(
+                f"cannot save the guest's changes in {vm.name}:{guest_path} before "
+                f"replacing it: {exc.message}",
+                hint="export them yourself if you can (`banger vm workspace export`), or "
+                     "re-run with --discard-guest-changes to replace the workspace anyway"
+            ) from exc
+        log.warning("vm %s: guest changes in %s not saved (discarding as asked): %s",
+                    vm.name, guest_path, exc.message)
+        op.report(f"could not save the guest's changes: {exc.message}")
+        return None
+    if not out.patch:
+        return None
+    backups = d.layout.vm(vm.id).workspace_backups
+    backups.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Microseconds: names sort in time order, and two prepares never share one.
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    path = backups / f"{stamp}.patch"
+    atomic_write(path, out.patch, 0o600)
+    log.info("vm %s: guest changes to %d file(s) in %s saved to %s", vm.name,
+             len(out.changes), guest_path, path)
+    return out, path
+
+
+def list_backups(d: Daemon, vm_id: str) -> list[str]:
+    """The VM's saved guest changes (``workspace-backups/*.patch``), oldest first."""
+    backups = d.layout.vm(vm_id).workspace_backups
+    return sorted(str(p) for p in backups.glob("*.patch")) if backups.is_dir() else []
+
+
 def _prepare(d: Daemon, op: Operation, *, vm: VMRecord, runner: Runner,
              info: workspace.RepoInfo, plan: workspace.CopyPlan, guest_path: str,
              p: PrepareParams) -> dict[str, Any]:
     op.enter("wait")
     lock = _acquire(d, vm.id, op)
     try:
+        # Guest edits are never lost: whatever the guest changed in the workspace
+        # being replaced is saved first, then re-applied on the new copy (or the
+        # prepare is refused before anything is replaced).
+        op.enter("save")
+        previous = d.db.get_vm(vm.id).workspace
+        saved = _save_guest_changes(d, op, vm, guest_path, p.discard_guest_changes)
         op.enter("copy")
         record: dict[str, Any] = {
             "host_path": info.host_path, "guest_path": guest_path,
@@ -145,10 +215,25 @@ def _prepare(d: Daemon, op: Operation, *, vm: VMRecord, runner: Runner,
             op.report(f"{files}/{total_files} files, {sent / 1e6:.1f}/{total_mb:.1f} MB"
                       f" ({rate:.1f} MB/s)")
 
+        reapply = saved[0].patch if saved and not p.discard_guest_changes else b""
         try:
             prep = workspace.prepare(
                 d.dial(vm.ip), runner, info, plan, guest_path=guest_path, branch=p.branch,
-                from_ref=p.from_ref, progress=progress, cancel=op.cancel)
+                from_ref=p.from_ref, progress=progress, cancel=op.cancel,
+                guest_changes=reapply)
+        except workspace.WorkspaceConflict as exc:
+            assert saved is not None
+            # The old workspace is still there, as it was: so is its record.
+            _set_workspace(d, vm.id, previous)
+            raise workspace.WorkspaceConflict(
+                f"the guest's changes to {len(saved[0].changes)} file(s) in "
+                f"{vm.name}:{guest_path} do not apply to the new copy of {info.host_path}; "
+                f"the workspace was left as it was, and the changes are saved in "
+                f"{saved[1]}\n{exc.message}",
+                hint=f"merge them on the host (e.g. `git apply --3way {saved[1]}`), or "
+                     "replace the workspace anyway with --discard-guest-changes "
+                     "(the saved patch stays)",
+                backup=str(saved[1])) from exc
         except BangerError as exc:
             _set_workspace(d, vm.id, {**record, "error": exc.message})
             raise
@@ -161,7 +246,15 @@ def _prepare(d: Daemon, op: Operation, *, vm: VMRecord, runner: Runner,
         _set_workspace(d, vm.id, record)
         log.info("vm %s: workspace %s -> %s (%d files, %d bytes)", vm.name, info.host_path,
                  guest_path, prep.files, prep.bytes)
-        return {"vm": vm.name, **{k: v for k, v in record.items() if k != "info"}}
+        guest_changes = None
+        if saved is not None:
+            guest_changes = {
+                "files": len(saved[0].changes), "backup": str(saved[1]),
+                "outcome": "discarded" if p.discard_guest_changes
+                else "reapplied" if prep.reapplied == "applied" else "already_present",
+            }
+        return {"vm": vm.name, "guest_changes": guest_changes,
+                **{k: v for k, v in record.items() if k != "info"}}
     finally:
         lock.release()
 
@@ -175,7 +268,8 @@ def export(d: Daemon, p: ExportParams) -> dict[str, Any]:
                            hint=f"prepare one with `banger vm workspace prepare {vm.name} PATH`")
     lock = _acquire(d, vm.id, None)
     try:
-        out = workspace.export(d.dial(vm.ip), ws["guest_path"], base_commit=p.base_commit)
+        out = workspace.export(d.dial(vm.ip), ws["guest_path"], base_commit=p.base_commit,
+                               max_bytes=_export_max_bytes(d))
     finally:
         lock.release()
     exports = d.layout.runtime_dir / "exports"
@@ -208,25 +302,120 @@ def status(d: Daemon, ref: str) -> dict[str, Any]:
 # ------------------------------------------------------------------ file sync
 
 
+SYNC_MAX_BYTES = 16 << 20  # a [[file_sync]] file is a credential or a dotfile, not a data set
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: opening a FIFO planted at the path must not hang VM start.
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class SyncSkipped(Exception):
+    """A ``[[file_sync]]`` entry that is not copied; the message is the warning."""
+
+
+def _sync_path(host: str, home: str) -> str:
+    """``host`` as an absolute path; ``~/`` is the config owner's home, not root's."""
+    if host == "~" or host.startswith("~/"):
+        host = home.rstrip("/") + host[1:]
+    if not host.startswith("/"):
+        raise SyncSkipped(f"file_sync: {host} is not an absolute path (or ~/...); skipped")
+    return host
+
+
+def _check_no_symlinks(host: str, path: str) -> None:
+    """Walk ``path`` from ``/`` with ``O_NOFOLLOW`` on every component (bangerd is root:
+    a symlink anywhere must not redirect it) and check it names a regular file."""
+    parts = [c for c in path.split("/") if c]
+    if not parts:
+        raise SyncSkipped(f"file_sync: {host} is not a regular file; skipped")
+    fd = os.open("/", _DIR_FLAGS)
+    try:
+        for i, comp in enumerate(parts):
+            try:
+                nxt = os.open(comp, _FILE_FLAGS if i == len(parts) - 1 else _DIR_FLAGS,
+                              dir_fd=fd)
+            except OSError as exc:
+                try:
+                    st = os.stat(comp, dir_fd=fd, follow_symlinks=False)
+                except OSError:
+                    st = None
+                if st is not None and stat.S_ISLNK(st.st_mode):
+                    raise SyncSkipped(f"file_sync: {host} is or passes through a symlink "
+                                      "(not followed); skipped") from exc
+                if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                    raise SyncSkipped(f"file_sync: {host} does not exist on the host; "
+                                      "skipped") from exc
+                raise SyncSkipped(f"file_sync: cannot read {host}: {exc.strerror}; "
+                                  "skipped") from exc
+            os.close(fd)
+            fd = nxt
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise SyncSkipped(f"file_sync: {host} is not a regular file; skipped")
+    if st.st_size > SYNC_MAX_BYTES:
+        raise SyncSkipped(f"file_sync: {host} is larger than {SYNC_MAX_BYTES >> 20} MiB; "
+                          "skipped")
+
+
+def read_sync_source(host: str, owner: OwnerRunner) -> bytes:
+    """The contents of a ``[[file_sync]]`` host file, read as the config file's owner.
+
+    bangerd is root, and the config (with the paths it names) belongs to a user:
+    reading as root would let that user copy any file of the host into a VM. So
+    the file is read by ``cat`` running as the owner; and no symlink is followed
+    (every component is checked with ``O_NOFOLLOW`` first). A symlink swapped in
+    between the two could only lead to a file the owner can read anyway.
+
+    Raises:
+        SyncSkipped: missing, a symlink, not a regular file, too large, or not
+            readable by the owner; the message is the warning to log.
+    """
+    path = _sync_path(host, owner.home)
+    _check_no_symlinks(host, path)
+    res = owner.run(["cat", "--", path], desc=f"read file_sync source {path}", check=False,
+                    timeout=30)
+    if res.returncode != 0:
+        who = _user_name(owner.uid)
+        raise SyncSkipped(f"file_sync: {who} (owner of the config) cannot read {host}: "
+                          f"{res.err.strip()[-200:]}; skipped")
+    if len(res.stdout) > SYNC_MAX_BYTES:
+        raise SyncSkipped(f"file_sync: {host} is larger than {SYNC_MAX_BYTES >> 20} MiB; "
+                          "skipped")
+    return res.stdout
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
 def sync_files(d: Daemon, vm: VMRecord) -> list[str]:
-    """Copy ``[[file_sync]]`` host files into the guest; returns warnings (missing files)."""
+    """Copy ``[[file_sync]]`` host files into the guest; returns warnings (files skipped).
+
+    Files are read as the owner of the config file (:func:`read_sync_source`).
+    """
     warnings: list[str] = []
     if not d.cfg.file_sync:
+        return warnings
+    cfg_file = config_path()
+    try:
+        owner = owner_runner(d, cfg_file)
+    except BadRequest:
+        warnings.append(f"file_sync: cannot tell who owns the config file {cfg_file}; "
+                        "no file copied")
+        log.warning("vm %s: %s", vm.name, warnings[0])
         return warnings
     guest = d.dial(vm.ip)
     for entry in d.cfg.file_sync:
         target = check_sync_target(entry.guest)
         mode = int(entry.mode, 8)  # both checked when the config was loaded
-        src = Path(entry.host).expanduser()
         try:
-            if src.is_symlink() and not src.resolve().is_file():
-                raise FileNotFoundError(entry.host)
-            data = src.read_bytes()
-        except (FileNotFoundError, IsADirectoryError):
-            warnings.append(f"file_sync: {entry.host} does not exist on the host; skipped")
-            continue
-        except OSError as exc:
-            warnings.append(f"file_sync: cannot read {entry.host}: {exc.strerror}; skipped")
+            data = read_sync_source(entry.host, owner)
+        except SyncSkipped as exc:
+            warnings.append(str(exc))
             continue
         tmp = f"{target}.banger-{secrets.token_hex(3)}"
         script = (f"umask 077 && mkdir -p {quote(posixpath.dirname(target))} && "

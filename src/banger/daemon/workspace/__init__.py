@@ -58,6 +58,7 @@ from .model import (
     Prepared,
     Progress,
     RepoInfo,
+    WorkspaceConflict,
     WorkspaceMode,
 )
 from .paths import check_guest_path, default_guest_path
@@ -78,6 +79,7 @@ __all__ = [
     "Prepared",
     "Progress",
     "RepoInfo",
+    "WorkspaceConflict",
     "WorkspaceMode",
     "build_plan",
     "check_guest_path",

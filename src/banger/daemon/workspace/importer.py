@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from banger.daemon.session import check_step, format_step_error
-from banger.errors import BadRequest, BangerError
+from banger.errors import BadRequest, BangerError, GuestError
 from banger.runner import CancelToken, Result, Runner
 
 from . import scripts
@@ -44,6 +44,7 @@ from .model import (
     Prepared,
     Progress,
     RepoInfo,
+    WorkspaceConflict,
     WorkspaceMode,
 )
 from .paths import check_guest_path, default_guest_path
@@ -246,7 +247,8 @@ def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan,
             guest_path: str | None = None, branch: str | None = None, from_ref: str | None = None,
             progress: Progress | None = None, cancel: CancelToken | None = None,
             depth: int = DEFAULT_DEPTH, home: str = GUEST_HOME,
-            step_timeout: float = 1800.0, stall_timeout: float = 120.0) -> Prepared:
+            step_timeout: float = 1800.0, stall_timeout: float = 120.0,
+            guest_changes: bytes = b"") -> Prepared:
     """Copy the host work tree and its git state into a guest workspace.
 
     Args:
@@ -266,6 +268,8 @@ def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan,
         home: the guest's home directory (``/root``); tests point it elsewhere.
         step_timeout: bound on each guest step once its input is sent.
         stall_timeout: bound on one blocked write into the guest.
+        guest_changes: a patch (an :func:`export` of the workspace being replaced)
+            to apply on top of the new copy before it replaces the old one.
 
     Returns:
         The workspace's description.
@@ -275,6 +279,8 @@ def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan,
         Cancelled: ``cancel`` fired before the swap; the target is untouched.
         GuestError: a guest step failed; the target is untouched.
         HostError: host git failed.
+        WorkspaceConflict: ``guest_changes`` do not apply to the new copy; the
+            target is untouched.
     """
     mode = info.mode  # inspect_repo already refused submodules in shallow mode
     if plan.root != info.host_path:
@@ -352,6 +358,11 @@ def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan,
                              cancel=cancel)
             prepared_commit = res.out.split()[-1]
             clock.lap(f"setup{where}")
+        reapplied = None
+        if guest_changes:
+            reapplied = _reapply(guest, names, guest_changes, target, cancel=cancel,
+                                 timeout=step_timeout)
+            clock.lap("reapply")
         cancel.check()
         _checked("move the workspace into place",
                  guest.run(scripts.swap(names), timeout=120, check=False,
@@ -367,7 +378,23 @@ def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan,
     return Prepared(guest_path=target, host_path=info.host_path, base_commit=info.head,
                     head_commit=head_commit, branch=branch or info.branch,
                     prepared_commit=prepared_commit, mode=mode, files=counter.files,
-                    bytes=counter.bytes, tool_log=tool_log)
+                    bytes=counter.bytes, tool_log=tool_log, reapplied=reapplied)
+
+
+def _reapply(guest: GuestChannel, names: scripts.Names, patch: bytes, target: str, *,
+             cancel: CancelToken, timeout: float) -> str:
+    """Apply ``patch`` to the staging tree; ``applied`` or ``present`` (see
+    :func:`scripts.reapply`)."""
+    step = f"re-apply the guest's changes to the new copy of {target}"
+    res = run_script(guest, scripts.reapply(names), step=step, input=patch, timeout=timeout,
+                     cancel=cancel, check=False)
+    if res.returncode == scripts.EXIT_CONFLICT:
+        raise WorkspaceConflict(format_step_error(step, res))
+    check_step(step, res)
+    outcome = res.out.strip()
+    if outcome not in ("applied", "present"):
+        raise GuestError(f"{step}: unexpected answer from the guest: {outcome[:200]!r}")
+    return outcome
 
 
 def _has_attributes(plan: CopyPlan) -> bool:

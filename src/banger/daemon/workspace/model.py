@@ -8,8 +8,18 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
-from banger.errors import BadRequest
+from banger.errors import BadRequest, BangerError
 from banger.runner import Result
+
+
+class WorkspaceConflict(BangerError):
+    """The guest's changes to a workspace do not apply to the new copy of the host tree.
+
+    Raised before the workspace is replaced: the old one is still in place.
+    """
+
+    code = "workspace_conflict"
+
 
 GUEST_HOME = "/root"
 """Where workspaces live in the guest (we are root there)."""
@@ -250,6 +260,9 @@ class Prepared:
         files: work-tree entries copied.
         bytes: payload bytes sent (files, then git objects).
         tool_log: guest path of the background ``mise install`` log, if one was started.
+        reapplied: what became of ``guest_changes`` given to :func:`prepare`:
+            ``"applied"`` on top of the new copy, ``"present"`` (the new copy already
+            had them), or None when there were none.
     """
 
     guest_path: str
@@ -262,6 +275,7 @@ class Prepared:
     files: int
     bytes: int
     tool_log: str | None = None
+    reapplied: str | None = None
 
 
 @dataclass(frozen=True)

@@ -101,11 +101,30 @@ def preflight(names: Names, object_format: str) -> str:
         '  [ -e "$o" ] || continue',
         '  if [ ! -e "$T" ] && [ ! -L "$T" ]; then mv -T -- "$o" "$T"; else rm -rf -- "$o"; fi',
         'done',
+        *_kill_stale_writers(),
         'rm -rf -- "$P/.$N.banger-partial-"*',
         _check_target(),
         'mkdir -- "$S"',
         f'git init -q {fmt}"$S"',
     )
+
+
+def _kill_stale_writers() -> list[str]:
+    """Kill guest processes still working in a stale staging directory.
+
+    A prepare whose daemon was killed (``kill -9``) leaves its guest step running:
+    the ssh session outlives its client. Such a step (``git add`` hashing files,
+    ``index-pack``, ``tar``) writes through absolute paths, and git recreates
+    missing parent directories, so it would bring the staging directory back
+    right after this prepare removed it. Every step ``cd``s into its staging
+    directory first, so the working directory finds them all.
+    """
+    return [
+        "for p in /proc/[0-9]*; do",
+        '  c=$(readlink "$p/cwd" 2>/dev/null) || continue',
+        '  case $c in "$P/.$N.banger-partial-"*) kill -9 "${p#/proc/}" 2>/dev/null || true;; esac',
+        "done",
+    ]
 
 
 def _check_target() -> str:
@@ -208,6 +227,35 @@ def setup(names: Names, s: Setup, subdir: str = "") -> str:
         'printf "%s\\n" "$commit"',
     ]
     return script(*lines)
+
+
+EXIT_CONFLICT = 5  # reapply: the guest's changes do not apply to the new copy
+
+
+def reapply(names: Names) -> str:
+    """Apply the patch on stdin (a previous workspace's export) to the staging tree.
+
+    Runs after setup, so the prepared snapshot is the new copy and the re-applied
+    changes show up as the guest's own edits in the next export. The private git
+    directory applies it, with content conversion off, as export produced it.
+    Prints ``applied``, or ``present`` when the new copy already holds the changes
+    (the patch applies in reverse: the host took them, e.g. from an export);
+    exits ``EXIT_CONFLICT`` with git's complaint when neither is true, leaving the
+    staging tree unchanged.
+    """
+    return script(
+        *_PRELUDE, names.vars(),
+        'cd -- "$S"',
+        'patch="$S/.git/banger-reapply.patch"',
+        'cat > "$patch"',
+        _snapshot_fn(f"$PWD/{STATE_DIR}/index"),
+        "ap() { snap apply --whitespace=nowarn \"$@\" \"$patch\"; }",
+        "if ap --check 2>\"$patch.err\"; then ap; r=applied",
+        "elif ap --check -R 2>/dev/null; then r=present",
+        f'else cat -- "$patch.err" >&2; rm -f -- "$patch" "$patch.err"; exit {EXIT_CONFLICT}; fi',
+        'rm -f -- "$patch" "$patch.err"',
+        'printf "%s\\n" "$r"',
+    )
 
 
 def swap(names: Names) -> str:

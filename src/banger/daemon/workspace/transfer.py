@@ -43,12 +43,24 @@ OUTPUT_LIMIT = 1 << 20  # bytes of a process's stdout/stderr kept in memory
 POLL_S = 0.05
 
 
-class _Drain:
-    """Reads a pipe to EOF in a thread, keeping the last ``limit`` bytes."""
+class OutputTooLarge(GuestError):
+    """A guest step printed more than the caller's ``stdout_cap`` (it was killed)."""
 
-    def __init__(self, stream: IO[bytes] | None, limit: int | None = OUTPUT_LIMIT) -> None:
+
+class _Drain:
+    """Reads a pipe to EOF in a thread, keeping the last ``limit`` bytes.
+
+    With ``cap``, keeps everything instead but stops at ``cap`` bytes: ``over_cap``
+    is set and ``on_cap`` called (it kills the writer, which would otherwise block).
+    """
+
+    def __init__(self, stream: IO[bytes] | None, limit: int | None = OUTPUT_LIMIT, *,
+                 cap: int | None = None, on_cap: Callable[[], None] | None = None) -> None:
         self.data = bytearray()
-        self._limit = limit
+        self._limit = None if cap is not None else limit
+        self._cap = cap
+        self._on_cap = on_cap
+        self.over_cap = False
         self._thread: threading.Thread | None = None
         if stream is not None:
             self._thread = threading.Thread(target=self._run, args=(stream,), daemon=True)
@@ -57,6 +69,11 @@ class _Drain:
     def _run(self, stream: IO[bytes]) -> None:
         with contextlib.suppress(OSError, ValueError):
             while chunk := stream.read(65536):
+                if self._cap is not None and len(self.data) + len(chunk) > self._cap:
+                    self.over_cap = True
+                    if self._on_cap is not None:
+                        self._on_cap()
+                    return
                 self.data += chunk
                 if self._limit is not None and len(self.data) > self._limit:
                     del self.data[: len(self.data) - self._limit]
@@ -97,12 +114,16 @@ class GuestSink:
         stall_timeout: the longest one write may block (the guest not reading).
         on_bytes: called with the size of each chunk written.
         stdout_limit: bytes of stdout kept (the last ones); None keeps it all.
+        stdout_cap: keep all of stdout but at most this many bytes: a script that
+            prints more is killed and :class:`OutputTooLarge` raised (overrides
+            ``stdout_limit``).
     """
 
     def __init__(self, guest: GuestChannel, script: str, *, step: str,
                  cancel: CancelToken | None = None, stall_timeout: float = 120.0,
                  on_bytes: Callable[[int], None] | None = None,
-                 stdout_limit: int | None = OUTPUT_LIMIT) -> None:
+                 stdout_limit: int | None = OUTPUT_LIMIT,
+                 stdout_cap: int | None = None) -> None:
         self.step = step
         self._cancel = cancel
         self._stall = stall_timeout
@@ -112,14 +133,20 @@ class GuestSink:
         self._deadline: float | None = None
         self._done = threading.Event()
         self._also_kill: list[subprocess.Popen[bytes]] = []
+        self._stdout_cap = stdout_cap
         self.sent = 0
         self.proc = guest.popen(script, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, start_new_session=True)
-        self._out = _Drain(self.proc.stdout, stdout_limit)
+        self._out = _Drain(self.proc.stdout, stdout_limit, cap=stdout_cap,
+                           on_cap=self._over_cap)
         self._err = _Drain(self.proc.stderr)
         self._watchdog = threading.Thread(target=self._watch, daemon=True,
                                           name=f"watchdog: {step}")
         self._watchdog.start()
+
+    def _over_cap(self) -> None:
+        self._killed = f"it printed more than {self._stdout_cap} bytes"
+        self.kill()
 
     def also_kill(self, proc: subprocess.Popen[bytes]) -> None:
         """Kill ``proc`` too when this sink is cancelled or stalls (a host producer)."""
@@ -146,6 +173,8 @@ class GuestSink:
             _kill_group(proc)
 
     def _interrupted(self) -> BangerError:
+        if self._out.over_cap:
+            return OutputTooLarge(f"guest step {self.step!r} failed: {self._killed}")
         if self._killed == "cancelled" or (self._cancel is not None and self._cancel.cancelled):
             reason = self._cancel.reason if self._cancel is not None else "cancelled"
             return Cancelled(f"{self.step}: {reason}")
@@ -227,11 +256,16 @@ class GuestSink:
 
 def run_script(guest: GuestChannel, script: str, *, step: str, input: bytes = b"",
                timeout: float, cancel: CancelToken | None = None, check: bool = True,
-               stdout_limit: int | None = OUTPUT_LIMIT) -> Result:
-    """Run a (possibly long) guest script that cancellation can interrupt."""
+               stdout_limit: int | None = OUTPUT_LIMIT,
+               stdout_cap: int | None = None) -> Result:
+    """Run a (possibly long) guest script that cancellation can interrupt.
+
+    ``stdout_limit`` and ``stdout_cap`` are as for :class:`GuestSink`.
+    """
     if cancel is not None:
         cancel.check()
-    with GuestSink(guest, script, step=step, cancel=cancel, stdout_limit=stdout_limit) as sink:
+    with GuestSink(guest, script, step=step, cancel=cancel, stdout_limit=stdout_limit,
+                   stdout_cap=stdout_cap) as sink:
         if input:
             sink.write(input)
         return sink.finish(timeout, check=check)
