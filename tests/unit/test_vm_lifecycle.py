@@ -7,15 +7,19 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from banger.api import VMState
 from banger.daemon import vmcreate, vmdelete, vmpower, vms
 from banger.daemon.core import Daemon
+from banger.daemon.store import VMRecord
 from banger.errors import AlreadyExists, BadName, InvalidState, NotFound, NotRunning, VMMError
-from banger.proc import matches
+from banger.proc import find_by_marker, matches
+from banger.vmm import vm_marker
 from tests.conftest import FakeWorld
+from tests.fakes import instant_ssh
 
 
 def create(d: Daemon, **kw: object) -> dict[str, object]:
@@ -276,3 +280,123 @@ def test_kill_claims_the_vm_before_signalling(daemon: Daemon) -> None:
     assert res["state"] == "stopping"
     with pytest.raises(InvalidState):
         vms.transition(daemon, rec.id, VMState.STOPPING)  # no second claimant
+
+
+def _failed_with_leftovers(d: Daemon, name: str) -> VMRecord:
+    """A running VM moved to ``error`` as a stop whose cleanup failed leaves it: its VMM,
+    TAP and disk are still there for the next start to clear."""
+    create(d, name=name)
+    rec = d.db.find_vm(name)
+    assert rec is not None
+    return d.db.update_vm(rec, state=VMState.ERROR,
+                          runtime=vms.merge_runtime(rec.runtime, {"last_error": "tap: busy"}))
+
+
+def test_concurrent_starts_of_a_failed_vm_leave_one_intact_running_vm(
+        daemon: Daemon, world: FakeWorld, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both starts see the VM failed; the one that loses the claim must not tear down
+    the VMM the winner just booted, and the winner clears the old leftovers."""
+    rec = _failed_with_leftovers(daemon, "flaky")
+    old = daemon.handles.get(rec.id)
+    assert old is not None and old.process is not None
+    in_ssh, release = threading.Event(), threading.Event()
+
+    def gated_ssh(guest: object, **kw: Any) -> float:
+        in_ssh.set()  # the first start has claimed the VM and launched its fresh VMM
+        assert release.wait(10)
+        return instant_ssh(guest, **kw)
+
+    get_image = daemon.db.get_image
+
+    def gated_get_image(name: str) -> object:
+        # The second start has looked the VM up (still "error") and goes on only
+        # once the first one has booted: the interleaving that lost the fresh VMM.
+        if threading.current_thread().name == "second":
+            assert in_ssh.wait(10)
+        return get_image(name)
+
+    daemon.seams.wait_for_ssh = gated_ssh
+    monkeypatch.setattr(daemon.db, "get_image", gated_get_image)
+    results: dict[str, object] = {}
+
+    def go() -> None:
+        try:
+            results[threading.current_thread().name] = vmpower.start(daemon, "flaky")
+        except Exception as exc:
+            results[threading.current_thread().name] = exc
+
+    threads = [threading.Thread(target=go, name=n) for n in ("second", "first")]
+    for t in threads:
+        t.start()
+    threads[0].join(10)  # the second start ends while the first waits for SSH
+    release.set()
+    threads[1].join(10)
+    assert isinstance(results["second"], InvalidState), results
+    assert isinstance(results["first"], dict) and results["first"]["state"] == "running"
+    assert daemon.db.get_vm(rec.id).state == VMState.RUNNING
+    h = daemon.handles.get(rec.id)
+    assert h is not None and h.process is not None and matches(h.process)
+    assert h.process != old.process and not matches(old.process)  # leftovers were cleared
+    assert h.tap in world.net.taps()
+    assert daemon.db.get_vm(rec.id).runtime["teardown"]["tap"] == h.tap
+
+
+def test_exit_watcher_leaves_a_vm_restarted_under_it_alone(
+        daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watcher saw the old VMM dead; a stop and start in between must not make it
+    tear down the fresh one."""
+    from banger.daemon import reconcile
+
+    create(daemon, name="w")
+    rec = daemon.db.find_vm("w")
+    assert rec is not None
+    old = daemon.handles.get(rec.id)
+    assert old is not None and old.process is not None
+    real_matches = reconcile.matches
+    restarted: list[bool] = []
+
+    def matches_then_restart(ident: object) -> bool:
+        alive = real_matches(ident)  # type: ignore[arg-type]
+        if ident == old.process and not restarted:
+            restarted.append(True)
+            vmpower.stop(daemon, "w")  # the old VMM is gone ...
+            vmpower.start(daemon, "w")  # ... and a new one runs, before the watcher claims
+            return False
+        return alive
+
+    monkeypatch.setattr(reconcile, "matches", matches_then_restart)
+    reconcile.reap_exited(daemon)
+    assert restarted
+    after = daemon.db.get_vm(rec.id)
+    assert after.state == VMState.RUNNING
+    h = daemon.handles.get(rec.id)
+    assert h is not None and h.process is not None and h.process != old.process
+    assert real_matches(h.process)
+
+
+def test_kill_tears_down_the_vmm_it_claimed_not_an_older_one(
+        daemon: Daemon, world: FakeWorld, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop and start between kill's first look and its claim: the fresh VMM's TAP
+    must be released, not the old (gone) one's."""
+    create(daemon, name="k3")
+    rec = daemon.db.find_vm("k3")
+    assert rec is not None
+    old = daemon.handles.get(rec.id)
+    assert old is not None and old.process is not None
+    real_matches = vmpower.matches
+    restarted: list[bool] = []
+
+    def matches_after_restart(ident: object) -> bool:
+        if ident == old.process and not restarted:
+            restarted.append(True)
+            vmpower.stop(daemon, "k3")
+            vmpower.start(daemon, "k3")
+            return True  # kill looked while the old VMM still ran
+        return real_matches(ident)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(vmpower, "matches", matches_after_restart)
+    res = vmpower.kill(daemon, "k3", "KILL")
+    assert restarted and res["state"] == "stopped"
+    leaked = set(world.net.taps()) - daemon.tap_pool.owned()
+    assert leaked == set(), leaked
+    assert not find_by_marker(vm_marker(rec.id))  # the fresh VMM is gone too

@@ -25,7 +25,7 @@ from banger.daemon.dmsnap import DM_PREFIX, dm_snapshot_supported
 from banger.daemon.handles import VMHandles
 from banger.daemon.network import TAP_PREFIX
 from banger.daemon.store import VMRecord
-from banger.errors import BangerError, HostError, InvalidState
+from banger.errors import BangerError, HostError
 from banger.fsutil import remove_trash, remove_tree
 from banger.proc import find_by_marker, identify, matches
 from banger.vmm import vm_marker
@@ -269,10 +269,16 @@ def reap_exited(d: Daemon) -> None:
         h = d.handles.get(vm.id)
         if h is None or h.process is None or matches(h.process):
             continue
-        try:
-            stopping = vms.transition(d, vm.id, VMState.STOPPING, expect={VMState.RUNNING})
-        except (InvalidState, BangerError):
-            continue  # someone else is already handling it
+        with d.vm_locks.held(vm.id):
+            # Checked again under the lock that claims the VM: a stop and start since
+            # the first look gave it a fresh VMM, which must not be torn down. Under
+            # the lock, "running" means the cached handles are this boot's.
+            current = d.db.find_vm(vm.id)
+            h = d.handles.get(vm.id)
+            if current is None or current.state != VMState.RUNNING or h is None \
+                    or h.process is None or matches(h.process):
+                continue  # someone else is handling it, or it runs again
+            stopping = d.db.update_vm(current, state=VMState.STOPPING)
         problems = vmpower.teardown(d, vm.id, h)
         try:
             vmpower.finish_stop(d, stopping, "the guest powered off or its VMM exited", problems)

@@ -158,32 +158,65 @@ def start(d: Daemon, ref: str) -> dict[str, Any]:
     """``vm start``: boot a stopped (or failed) VM; on failure it is stopped with the reason."""
     vm = resolve(d, ref)
     img = d.db.get_image(vm.image)
-    if vm.state == VMState.ERROR:
-        # A failed stop or start may have left a VMM, TAP or disk mapping behind: clear
-        # it first, and never boot a second VMM on the same disks.
-        problems = teardown(d, vm.id, handles_of(d, vm))
-        if problems:
-            raise InvalidState(f"VM {vm.name!r} still holds resources: " + "; ".join(problems),
-                               hint="`banger vm delete` removes it")
     token = CancelToken()
-    with d.vm_locks.held(vm.id):
-        # The cancel token is registered under the same lock that marks the VM
-        # "starting": a stop or delete that sees "starting" can always cancel it.
-        current = d.db.get_vm(vm.id)
+    vm, leftovers = claim_start(d, vm.id, token)
+    return view(d, run_start(d, vm, img, token, leftovers=leftovers))
+
+
+def claim_start(d: Daemon, vm_id: str, token: CancelToken) -> tuple[VMRecord, bool]:
+    """Move a stopped or failed VM to ``starting``; True with it when it was ``error``.
+
+    The claim comes before anything else a start does: two starts of one VM both
+    see ``stopped`` or ``error``, and only the one that claims it may touch what it
+    holds (a second start's cleanup would tear down the first one's fresh VMM).
+    The cancel token is registered under the same lock: a stop or delete that sees
+    ``starting`` can always cancel the start.
+    """
+    with d.vm_locks.held(vm_id):
+        current = d.db.get_vm(vm_id)
         if current.state not in (VMState.STOPPED, VMState.ERROR) \
                 or not current.state.can_become(VMState.STARTING):
             raise wrong_state(current, VMState.STARTING)
         vm = d.db.update_vm(current, state=VMState.STARTING)
         d.register_inflight(vm.id, token)
+    return vm, current.state == VMState.ERROR
+
+
+def run_start(d: Daemon, vm: VMRecord, img: ImageRecord, token: CancelToken, *,
+              leftovers: bool, op: Operation | None = None) -> VMRecord:
+    """Boot a VM claimed by :func:`claim_start`, first clearing what a failed VM left.
+
+    On failure the VM is stopped with the reason, or back in ``error`` when its
+    leftovers could not be cleared; the token is unregistered either way.
+    """
+    cleared = not leftovers
     try:
-        vm = boot(d, vm, img, token)
+        if leftovers:
+            if op is not None:
+                op.enter("cleanup")
+            # A failed stop or start may have left a VMM, TAP or disk mapping behind:
+            # clear it first, and never boot a second VMM on the same disks.
+            problems = teardown(d, vm.id, handles_of(d, vm))
+            if problems:
+                raise InvalidState(f"VM {vm.name!r} still holds resources: "
+                                   + "; ".join(problems), hint="`banger vm delete` removes it")
+            cleared = True
+        return boot(d, vm, img, token, op)
     except BaseException as exc:
         err = error_of(exc)
-        settle_failed_start(d, vm.id, err)
+        if cleared:
+            settle_failed_start(d, vm.id, err)
+        else:
+            _back_to_error(d, vm.id, err)
         raise err from None
     finally:
         d.end_inflight(vm.id, token)
-    return view(d, vm)
+
+
+def _back_to_error(d: Daemon, vm_id: str, err: BangerError) -> None:
+    """A start that could not clear a failed VM's leftovers leaves it failed, not stopped."""
+    with contextlib.suppress(NotFound, InvalidState):
+        transition(d, vm_id, VMState.ERROR, expect={VMState.STARTING}, last_error=err.message)
 
 
 def settle_failed_start(d: Daemon, vm_id: str, err: BangerError) -> None:
@@ -345,8 +378,12 @@ def kill(d: Daemon, ref: str, sig_name: str = "KILL") -> dict[str, Any]:
         return view(d, vm)
     # Claim the VM before the signal, so the exit watcher cannot tear it down as well.
     vm = transition(d, vm.id, VMState.STOPPING, expect={VMState.RUNNING, VMState.ERROR})
-    send_signal(h.process, sig)
-    wait_gone(h.process, SIGKILL_S)
+    # Read the handles again now that the VM is ours: a stop and start since the
+    # first read gave it a new VMM and TAP, and the old TAP may be another VM's now.
+    h = handles_of(d, vm)
+    if h.process is not None:
+        send_signal(h.process, sig)  # False (nothing sent) when it exited meanwhile
+        wait_gone(h.process, SIGKILL_S)
     problems = teardown(d, vm.id, h)
     vm = finish_stop(d, vm, f"killed with {sig.name}", problems)
     return view(d, vm)
