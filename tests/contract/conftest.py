@@ -1,7 +1,10 @@
 """Contract-test fixtures: the Firecracker API spec, fake binaries, launch plans.
 
 Every test here needs ``../shared/specs/firecracker-api.yaml`` (beside the
-repository) and skips, saying so, when that checkout is absent.
+repository). When it is absent every test in this directory is skipped with a reason
+naming that path, whether or not it asks for the spec (see
+:func:`pytest_collection_modifyitems`), and a module that reads the spec at import
+is skipped whole (:func:`tests.contract.fcspec.spec_path_or_skip`).
 """
 
 from __future__ import annotations
@@ -22,15 +25,26 @@ import pytest
 from banger.layout import Layout
 from banger.proc import find_by_marker, identify, send_signal, wait_gone
 from banger.vmm import LaunchPlan, vm_marker
-from tests.contract.fcspec import REPO, SPEC_PATH, FirecrackerSpec
+from tests.contract.fcspec import REPO, FirecrackerSpec, missing_spec_reason, spec_path_or_skip
+
+HERE = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip every contract test, naming the spec's path, when the spec is absent."""
+    reason = missing_spec_reason()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=reason)
+    for item in items:
+        # This hook sees the whole session's items: touch only the ones in this directory.
+        if item.path.is_relative_to(HERE):
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
 def spec_path() -> Path:
-    if not SPEC_PATH.is_file():
-        pytest.skip(f"Firecracker API spec not found at {SPEC_PATH} "
-                    "(the shared/ checkout beside the repository is absent)")
-    return SPEC_PATH
+    return spec_path_or_skip()
 
 
 @pytest.fixture(scope="session")
