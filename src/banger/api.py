@@ -8,13 +8,16 @@ the :data:`PROTOCOL_VERSION` it speaks; the daemon refuses other versions with
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from banger.config import Config
 from banger.errors import BadRequest, BadVersion, BangerError
 
 PROTOCOL_VERSION = 1
@@ -54,18 +57,57 @@ def encode(obj: dict[str, Any]) -> bytes:
     return data
 
 
-def decode_request(frame: bytes) -> Request:
-    """Parse one frame into a :class:`Request` or raise the error to send back."""
+def _parse(frame: bytes) -> Any:
+    """``frame`` as a JSON value, or :class:`BadRequest` naming why it is not one.
+
+    Every way decoding can refuse input becomes a ``BadRequest``: invalid UTF-8,
+    malformed JSON text, nesting deeper than the interpreter's
+    recursion limit (``RecursionError``), and an integer of more than
+    ``sys.get_int_max_str_digits()`` digits (a plain ``ValueError`` since Python
+    3.11). A string holding a lone UTF-16 surrogate (``"\\ud800"``, valid JSON but no
+    Unicode text) is refused too, so no handler ever sees one.
+    """
     try:
-        obj = json.loads(frame)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        obj = json.loads(frame.decode("utf-8"))  # strict: never json's UTF-16/32 guessing
+    except RecursionError as exc:
+        raise BadRequest("malformed JSON: nested too deeply",
+                         hint="send one JSON-RPC object per line") from exc
+    except json.JSONDecodeError as exc:
         raise BadRequest(f"malformed JSON: {exc}",
                          hint="send one JSON-RPC object per line") from exc
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"malformed JSON: not UTF-8 text ({exc.reason} at byte {exc.start})",
+                         hint="send one JSON-RPC object per line, UTF-8 encoded") from exc
+    except ValueError as exc:
+        # json raises a bare ValueError only for an integer longer than the int-string
+        # conversion limit (4300 digits by default).
+        raise BadRequest(f"malformed JSON: a number has more than "
+                         f"{sys.get_int_max_str_digits()} digits",
+                         hint="send one JSON-RPC object per line") from exc
+    try:
+        json.dumps(obj, ensure_ascii=False).encode()
+    except UnicodeEncodeError as exc:
+        raise BadRequest("malformed JSON: a string holds a lone UTF-16 surrogate",
+                         hint="strings must be valid Unicode text") from exc
+    except (ValueError, RecursionError) as exc:  # cannot happen for what loads accepted
+        raise BadRequest(f"malformed JSON: {exc}"[:200]) from exc
+    return obj
+
+
+def decode_request(frame: bytes) -> Request:
+    """Parse one frame into a :class:`Request` or raise the error to send back.
+
+    Raises:
+        BadRequest: the frame is not JSON (its message starts ``malformed JSON``) or not
+            a valid request.
+        BadVersion: the request names another protocol version.
+    """
+    obj = _parse(frame)
     if not isinstance(obj, dict):
         raise BadRequest("request must be a JSON object")
     if "protocol" in obj and obj["protocol"] != PROTOCOL_VERSION:
         raise BadVersion(
-            f"protocol version {obj['protocol']!r} is not supported; "
+            f"protocol version {_short(obj['protocol'])} is not supported; "
             f"this daemon speaks {PROTOCOL_VERSION}"
         )
     try:
@@ -76,16 +118,53 @@ def decode_request(frame: bytes) -> Request:
         raise BadRequest(f"invalid request: {where}: {first['msg']}") from exc
 
 
+def _short(value: Any, limit: int = 40) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a client's value quoted in a message."""
+    scalar = isinstance(value, int | float | str | bool | None)
+    text = repr(value) if scalar else type(value).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def request_id_of(frame: bytes) -> int | str | None:
     """Best-effort id from a frame that failed validation, to echo in the error."""
     try:
-        obj = json.loads(frame)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        obj = _parse(frame)
+    except BadRequest:
         return None
-    if isinstance(obj, dict) and isinstance(obj.get("id"), int | str):
+    if isinstance(obj, dict) and isinstance(obj.get("id"), int | str) \
+            and not isinstance(obj.get("id"), bool):
         rid: int | str = obj["id"]
         return rid
     return None
+
+
+def config_values(cfg: Config) -> dict[str, Any]:
+    """The effective values of ``cfg`` (defaults filled in), JSON-ready and flat.
+
+    A table's keys are flattened to ``table.key`` (``vm_defaults.vcpu``) so a change
+    can be named precisely; a list (``file_sync``) is one value.
+    """
+    flat: dict[str, Any] = {}
+    for key, value in cfg.model_dump(mode="json").items():
+        if isinstance(value, dict):
+            for sub, inner in value.items():
+                flat[f"{key}.{sub}"] = inner
+        else:
+            flat[key] = value
+    return flat
+
+
+def config_hash(values: dict[str, Any]) -> str:
+    """A short digest of :func:`config_values` output: equal exactly when the values are."""
+    canonical = json.dumps(values, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def changed_keys(mine: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
+    """The keys whose values differ between two :func:`config_values` results, sorted."""
+    missing = object()
+    return sorted(k for k in mine.keys() | theirs.keys()
+                  if mine.get(k, missing) != theirs.get(k, missing))
 
 
 def error_response(req_id: int | str | None, err: BangerError, numeric: int) -> dict[str, Any]:

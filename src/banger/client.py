@@ -17,8 +17,10 @@ from banger.config import Config
 from banger.errors import BangerError, DaemonUnavailable, from_code
 from banger.fsutil import tail
 from banger.layout import Layout
+from banger.proc import identify, wait_gone
 
 DAEMON_START_S = 30.0  # opening the store, the bridge and reconciling VMs; usually < 1 s
+DAEMON_STOP_S = 30.0  # finishing requests and undoing the host network; usually < 1 s
 CONNECT_TIMEOUT_S = 5.0
 
 _ids = itertools.count(1)
@@ -29,6 +31,8 @@ class Client:
 
     def __init__(self, socket_path: Path) -> None:
         self.socket_path = socket_path
+        # The daemon's status from the last successful ping (``alive``), or None.
+        self.daemon_status: dict[str, Any] | None = None
 
     def call(self, method: str, timeout: float | None = None, **params: Any) -> Any:
         """Send one JSON-RPC request on a fresh connection and return its result.
@@ -67,7 +71,13 @@ class Client:
         if not line:
             raise DaemonUnavailable(f"bangerd closed the connection during {method}",
                                     hint="see the daemon log (`banger daemon status`)")
-        resp = json.loads(line)
+        try:
+            resp = json.loads(line)
+            if not isinstance(resp, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, RecursionError) as exc:
+            raise DaemonUnavailable(f"bangerd sent a malformed reply to {method}: {exc}"[:300],
+                                    hint="see the daemon log (`banger daemon status`)") from exc
         if "error" in resp:
             err = resp["error"]
             data = err.get("data") or {}
@@ -75,12 +85,23 @@ class Client:
                             data.get("hint", ""), **(data.get("details") or {}))
         return resp.get("result")
 
+    def config_drift(self, cfg: Config) -> str | None:
+        """The warning for a daemon running with other config values than ``cfg``.
+
+        Compares against :attr:`daemon_status` (the last ping); None when they agree,
+        or when there is nothing to compare (no ping yet, or a daemon too old to
+        report its config).
+        """
+        return None if self.daemon_status is None else config_drift(cfg, self.daemon_status)
+
     def alive(self) -> bool:
-        """True when bangerd answers ``daemon.ping`` within 5 s."""
+        """True when bangerd answers ``daemon.ping`` within 5 s (its status is kept in
+        :attr:`daemon_status`)."""
         try:
-            self.call("daemon.ping", timeout=5)
+            status = self.call("daemon.ping", timeout=5)
         except BangerError:
             return False
+        self.daemon_status = status if isinstance(status, dict) else None
         return True
 
 
@@ -92,6 +113,49 @@ def connect(cfg: Config, *, autostart: bool = True) -> Client:
         return client
     start_daemon(cfg)
     return client
+
+
+def config_drift(cfg: Config, status: dict[str, Any]) -> str | None:
+    """A warning when the daemon runs with other config values than ``cfg``, else None.
+
+    ``status`` is the daemon's ``daemon.status``; a daemon too old to report its
+    config gives None (nothing to compare).
+    """
+    theirs = status.get("config")
+    if not isinstance(theirs, dict) or not isinstance(theirs.get("values"), dict):
+        return None
+    mine = api.config_values(cfg)
+    if theirs.get("hash") == api.config_hash(mine):
+        return None
+    keys = api.changed_keys(mine, theirs["values"]) or ["(unknown keys)"]
+    return (f"bangerd runs with the config it started with ({theirs.get('path') or 'defaults'}); "
+            f"this command's config differs in: {', '.join(keys)}. "
+            "`banger daemon restart` applies it (running VMs keep running)")
+
+
+def stop_daemon(client: Client) -> dict[str, Any] | None:
+    """Ask bangerd to stop and wait (bounded) until its process is gone.
+
+    Returns:
+        Its status just before the stop (``idle`` says whether it undid the host network
+        changes), or None when it was not running.
+
+    Raises:
+        DaemonUnavailable: it was still running :data:`DAEMON_STOP_S` seconds later.
+    """
+    try:
+        status: dict[str, Any] = client.call("daemon.status")
+        client.call("daemon.stop")
+    except DaemonUnavailable:
+        return None
+    ident = identify(int(status["pid"]), "bangerd")
+    # It finishes the requests in flight, closes DNS and the TAP pool and, with no VM
+    # left, removes the bridge and NAT rules: each step is a bounded netlink or nft call.
+    if ident is not None and not wait_gone(ident, DAEMON_STOP_S):
+        raise DaemonUnavailable(f"bangerd (pid {ident.pid}) is still running "
+                                f"{DAEMON_STOP_S:g}s after it was asked to stop",
+                                hint=f"see {status.get('log', 'the daemon log')}")
+    return status
 
 
 def start_daemon(cfg: Config) -> int:

@@ -20,13 +20,14 @@ translated at the boundary that raised them, with ``raise ... from exc``.
     +-- GuestError              guest_error      SSH or a guest command failed
     +-- Cancelled               cancelled        the user cancelled an operation
     +-- DaemonUnavailable       daemon_unavailable  the CLI cannot reach bangerd
-    +-- InternalError           internal         a bug; the daemon log has details
+    +-- InternalError           internal         a bug; its message names the daemon log
 """
 
 from __future__ import annotations
 
 import errno
 import sqlite3
+import subprocess
 from typing import Any, ClassVar
 
 
@@ -120,7 +121,7 @@ class DaemonUnavailable(BangerError):
 
 class InternalError(BangerError):
     code = "internal"
-    default_hint = "this is a bug in banger; the daemon log has the traceback"
+    default_hint = "this is a bug in banger: please report it with that traceback"
 
 
 _BY_CODE: dict[str, type[BangerError]] = {}
@@ -145,10 +146,16 @@ def from_code(code: str, message: str, hint: str = "", **details: Any) -> Banger
     return err
 
 
-def from_foreign(exc: BaseException, doing: str) -> BangerError:
+def from_foreign(exc: BaseException, doing: str, log: str | None = None) -> BangerError:
     """The banger error for a foreign exception that escaped to a boundary (an RPC
-    handler, an operation thread): OS and SQLite failures are host problems with a
-    hint; anything else is a bug."""
+    handler, an operation thread, a background boot).
+
+    Real host failures become :class:`HostError` with a hint: ``OSError``,
+    ``sqlite3.Error`` and subprocess failures (``CalledProcessError``,
+    ``TimeoutExpired``) that no one translated. Anything else is a bug in banger: an
+    :class:`InternalError` whose message names ``log``, where the caller writes the
+    traceback (``None``: "the daemon log").
+    """
     if isinstance(exc, BangerError):
         return exc
     if isinstance(exc, OSError):
@@ -161,4 +168,24 @@ def from_foreign(exc: BaseException, doing: str) -> BangerError:
     if isinstance(exc, sqlite3.Error):
         return HostError(f"{doing} failed: the store reported: {exc}",
                          hint="check free space and permissions of state_dir")
-    return InternalError(f"{doing} failed unexpectedly: {exc}")
+    if isinstance(exc, subprocess.TimeoutExpired):
+        return CommandTimeout(f"{doing} failed: {_argv0(exc.cmd)} timed out after "
+                              f"{exc.timeout:g}s")
+    if isinstance(exc, subprocess.CalledProcessError):
+        return CommandFailed(f"{doing} failed: {_argv0(exc.cmd)} exited with status "
+                             f"{exc.returncode}")
+    what = f"{type(exc).__name__}: {exc}"
+    if len(what) > MAX_BUG_TEXT:
+        what = what[: MAX_BUG_TEXT - 3] + "..."
+    return InternalError(f"{doing} failed unexpectedly ({what}); the traceback is in "
+                         f"{log or 'the daemon log'}")
+
+
+MAX_BUG_TEXT = 300  # characters of a bug's own message quoted in an InternalError
+
+
+def _argv0(cmd: Any) -> str:
+    """The program name of a subprocess command (a list or a string)."""
+    if isinstance(cmd, list | tuple) and cmd:
+        return str(cmd[0])
+    return str(cmd).split(" ", 1)[0]

@@ -7,6 +7,7 @@ they are built.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,19 @@ from banger.errors import BadRequest
 
 # sizeof(sockaddr_un.sun_path) is 108 on Linux (sys/un.h), including the NUL.
 UNIX_PATH_MAX = 108
+# Hex digits of the install tag: 16.7 million tags make two state dirs on one host
+# sharing one unlikely, and "bgt" + 6 + 6 random digits fits a 15-character TAP name.
+INSTALL_TAG_HEX = 6
+
+
+def install_tag(state_dir: Path) -> str:
+    """The tag naming one install (one state dir) in host-wide names: TAPs and dm targets.
+
+    The first :data:`INSTALL_TAG_HEX` hex digits of the SHA-256 of the state dir's
+    resolved path, so two spellings of one directory give one tag.
+    """
+    digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()
+    return digest[:INSTALL_TAG_HEX]
 
 
 def check_socket_path(path: Path) -> Path:
@@ -120,6 +134,16 @@ class Layout:
     def daemon_log(self) -> Path:
         """``bangerd.log``: the daemon's log; ``banger`` points users at it on errors."""
         return self.state_dir / "bangerd.log"
+
+    @property
+    def install_tag(self) -> str:
+        """This install's tag (:func:`install_tag` of ``state_dir``)."""
+        return install_tag(self.state_dir)
+
+    @property
+    def host_network_state(self) -> Path:
+        """``host-network.json``: what banger changed on the host network (``HostChanges``)."""
+        return self.state_dir / "host-network.json"
 
     @property
     def socket(self) -> Path:

@@ -175,3 +175,56 @@ def test_a_second_daemon_refuses_before_touching_anything(env: dict[str, str]) -
     after = json.loads(banger(env, "daemon", "status", "--json").stdout)
     assert after["pid"] == st["pid"]
     assert Path(st["socket"]).parent.joinpath("bangerd.pid").read_text().strip() == str(st["pid"])
+
+
+def test_hostile_frames_are_answered_and_the_connection_lives_on(env: dict[str, str]) -> None:
+    """Every decode failure is an error reply on the same connection, which then still
+    serves requests (a ValueError from a 4,301-digit integer used to kill its thread)."""
+    banger(env, "vm", "list")
+    path = sock_path(env)
+    hostile = [
+        b'{"jsonrpc":"2.0","id":' + b"9" * 4301 + b',"method":"vm.list","protocol":1}',
+        b'{"jsonrpc":"2.0","id":1,"method":"vm.show","params":{"name":-' + b"1" * 50_000
+        + b'},"protocol":1}',
+        b"[" * 200_000,  # nesting past the recursion limit
+        b'{"jsonrpc":"2.0","id":1,"method":"vm.\xff\xfe","protocol":1}',  # invalid UTF-8
+        b'{"jsonrpc":"2.0","id":1,"method":"vm.show","params":{"name":"\\ud800"},'
+        b'"protocol":1}',  # a lone surrogate
+    ]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(30)
+        s.connect(path)
+        reader = s.makefile("rb")
+        for frame in hostile:
+            s.sendall(frame + b"\n")
+            line = reader.readline()
+            assert line, f"connection closed after {frame[:60]!r}"
+            reply = json.loads(line)
+            assert reply["error"]["data"]["code"] == "bad_request", reply
+            assert reply["error"]["code"] == api.PARSE_ERROR
+        s.sendall(req("daemon.ping"))
+        assert json.loads(reader.readline())["result"]["pong"] is True
+
+
+def test_config_drift_warning_and_restart(env: dict[str, str]) -> None:
+    """A running daemon keeps its config; the CLI says which keys differ, once, and
+    `daemon restart` applies them."""
+    assert banger(env, "vm", "list").returncode == 0
+    before = json.loads(banger(env, "daemon", "status", "--json").stdout)
+    assert before["config"]["path"] == env["BANGER_CONFIG"]
+    assert before["config"]["values"]["tap_pool_size"] == 2
+    cfg = Path(env["BANGER_CONFIG"])
+    cfg.write_text(cfg.read_text() + "tap_pool_size = 3\n[vm_defaults]\nvcpu = 3\n")
+    listed = banger(env, "vm", "list")
+    assert listed.returncode == 0
+    warnings = [ln for ln in listed.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1, listed.stderr
+    assert "tap_pool_size, vm_defaults.vcpu" in warnings[0]
+    assert "banger daemon restart" in warnings[0]
+    restarted = banger(env, "daemon", "restart")
+    assert restarted.returncode == 0, restarted.stderr
+    after = json.loads(banger(env, "daemon", "status", "--json").stdout)
+    assert after["pid"] != before["pid"] and not Path(f"/proc/{before['pid']}").exists()
+    assert after["config"]["values"]["tap_pool_size"] == 3
+    again = banger(env, "vm", "list")
+    assert again.returncode == 0 and "warning" not in again.stderr

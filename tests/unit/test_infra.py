@@ -193,15 +193,15 @@ def test_dmsnap_commands_and_rollback(tmp_path: Path) -> None:
     origin = tmp_path / "origin"
     with origin.open("wb") as fh:
         fh.truncate(1 << 20)
-    dm = DmSnapshotCow(runner)
+    dm = DmSnapshotCow(runner, "banger-0a1b2c-")
     h = dm.create(origin, tmp_path / "cow")
     assert Path(h.path).stat().st_size == 1 << 20
     recorded: list[CowHandle] = []
     active = dm.activate(h, origin, "abc", recorded.append)
-    assert active.device == "/dev/mapper/banger-abc"
+    assert active.device == "/dev/mapper/banger-0a1b2c-abc"
     # each kernel object is recorded before the next is made (crash-safe teardown)
     assert [r.loops for r in recorded] == [["/dev/loop7"], ["/dev/loop7", "/dev/loop8"]]
-    assert recorded[-1].dm_name == "banger-abc"
+    assert recorded[-1].dm_name == "banger-0a1b2c-abc"
     assert active.loops == ["/dev/loop7", "/dev/loop8"]
     create = runner.ran("dmsetup", "create")[0]
     assert create[-1] == "0 2048 snapshot /dev/loop7 /dev/loop8 P 8"
@@ -216,7 +216,7 @@ def test_dmsnap_commands_and_rollback(tmp_path: Path) -> None:
     failing.on(["losetup", "--find"], lambda argv: ok(next(loops2))(argv))
     failing.on(["dmsetup", "create"], ok(rc=1, err="no snapshot target"))
     with pytest.raises(CommandFailed):
-        DmSnapshotCow(failing).activate(h, origin, "abc")
+        DmSnapshotCow(failing, "banger-0a1b2c-").activate(h, origin, "abc")
     # both loop devices were detached again
     assert sorted(c[-1] for c in failing.ran("losetup", "--detach")) == ["/dev/loop1", "/dev/loop2"]
 
@@ -236,10 +236,10 @@ def test_allocate_ip_skips_gateway_and_used() -> None:
 def test_tap_pool_warm_and_refill() -> None:
     net = FakeNet()
     net.ensure_bridge("br0", "10.0.0.1/24")
-    pool = TapPool(net, "br0", 2)
+    pool = TapPool(net, "br0", 2, "bgt0a1b2c")
     pool.fill()
     warm = pool.owned()
-    assert len(warm) == 2
+    assert len(warm) == 2 and all(t.startswith("bgt0a1b2c") for t in warm)
     tap = pool.acquire()
     assert tap in warm
     for _ in range(100):
@@ -303,7 +303,7 @@ def test_clone_or_copy_falls_back_across_file_systems(tmp_path: Path) -> None:
 
 
 def test_nat_ruleset_and_enable(tmp_path: Path) -> None:
-    from banger.daemon.network import enable_nat, nat_ruleset
+    from banger.daemon.network import HostChanges, enable_nat, nat_ruleset
 
     rules = nat_ruleset("br-x", "10.7.0.1/24")
     assert "ip saddr 10.7.0.0/24 oifname != \"br-x\" masquerade" in rules
@@ -311,11 +311,12 @@ def test_nat_ruleset_and_enable(tmp_path: Path) -> None:
     runner = FakeRunner()
     fwd = tmp_path / "ip_forward"
     fwd.write_text("0\n")
-    enable_nat(runner, "br-x", "10.7.0.1/24", ip_forward=fwd)
+    changes = HostChanges(tmp_path / "host-network.json")
+    enable_nat(runner, "br-x", "10.7.0.1/24", changes, ip_forward=fwd)
     assert fwd.read_text() == "1\n"
     assert runner.ran("nft", "-f", "-")
     with pytest.raises(HostError):
-        enable_nat(runner, "br-x", "10.7.0.1/24", ip_forward=tmp_path / "no" / "such")
+        enable_nat(runner, "br-x", "10.7.0.1/24", changes, ip_forward=tmp_path / "no" / "such")
 
 
 class _RefusingGuest:

@@ -42,8 +42,16 @@ class App:
         return self._cfg
 
     def client(self, autostart: bool = True) -> Client:
-        """A client for bangerd; with ``autostart`` it starts the daemon when none answers."""
-        return connect(self.cfg, autostart=autostart)
+        """A client for bangerd; with ``autostart`` it starts the daemon when none answers.
+
+        A running daemon keeps the config it started with: when its values differ from
+        this command's config, one warning on stderr names the changed keys.
+        """
+        client = connect(self.cfg, autostart=autostart)
+        drift = client.config_drift(self.cfg)  # from the ping connect made; no extra call
+        if drift:
+            click.echo(f"warning: {drift}", err=True)
+        return client
 
     def emit(self, obj: Any, human: str) -> None:
         """Print ``obj`` as JSON under ``--json``, else the ``human`` text."""

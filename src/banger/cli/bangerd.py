@@ -19,8 +19,9 @@ def run(config_file: Path | None, log_stderr: bool) -> None:
     """Serve banger's JSON-RPC API on a Unix socket (root only)."""
     from banger.daemon import Daemon
 
-    cfg = load_config(config_file or config_path())
-    d = Daemon.open(cfg, log_to_stderr=log_stderr)
+    path = config_file or config_path()
+    cfg = load_config(path)
+    d = Daemon.open(cfg, log_to_stderr=log_stderr, config_file=path)
     try:
         d.serve()
     finally:

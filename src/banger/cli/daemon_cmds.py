@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
+from typing import Any
 
 import click
 
 from banger.cli import output
 from banger.cli.app import App, json_option, pass_app
-from banger.client import start_daemon
+from banger.client import start_daemon, stop_daemon
 from banger.errors import DaemonUnavailable
 from banger.layout import Layout
 
@@ -51,15 +50,38 @@ def daemon_start(app: App) -> None:
 @daemon.command("stop")
 @pass_app
 def daemon_stop(app: App) -> None:
-    """Stop bangerd. Running VMs keep running and are re-adopted on its next start."""
-    client = app.client(autostart=False)
-    try:
-        st = client.call("daemon.status")
-        client.call("daemon.stop")
-    except DaemonUnavailable:
+    """Stop bangerd. Running VMs keep running and are re-adopted on its next start.
+
+    With no VM running (every VM stopped, none being created, started or copied to),
+    the daemon also puts the host network back as it found it: the bridge and the
+    nftables table `banger` it made and the TAP pool are removed and
+    net.ipv4.ip_forward gets its earlier value again.
+    """
+    status = stop_daemon(app.client(autostart=False))
+    if status is None:
         click.echo("bangerd is not running")
-        return
-    deadline = time.monotonic() + 15  # it finishes the request in flight, then exits
-    while time.monotonic() < deadline and Path(f"/proc/{st['pid']}").exists():
-        time.sleep(0.05)
-    click.echo("bangerd stopped")
+    else:
+        click.echo(_stopped_line(status))
+
+
+@daemon.command("restart")
+@pass_app
+def daemon_restart(app: App) -> None:
+    """Stop bangerd and start it again, so that it reads the config file anew.
+
+    Running VMs keep running and are re-adopted by the new daemon.
+    """
+    status = stop_daemon(app.client(autostart=False))
+    if status is not None:
+        click.echo(_stopped_line(status))
+    pid = start_daemon(app.cfg)
+    click.echo(f"bangerd started (pid {pid})")
+
+
+def _stopped_line(status: dict[str, Any]) -> str:
+    """What ``daemon stop`` did, from the daemon's status just before it stopped."""
+    if status.get("idle", True):
+        return "bangerd stopped"
+    running = status.get("vms_running", 0)
+    return (f"bangerd stopped; {running} running VM(s) keep running with the bridge and NAT "
+            "(re-adopted at the next start)")

@@ -31,17 +31,33 @@ from pathlib import Path
 from typing import Any
 
 from banger import __version__
-from banger.api import PROTOCOL_VERSION
+from banger.api import PROTOCOL_VERSION, VMState, config_hash, config_values
 from banger.config import Config
 from banger.daemon import caps as caps_mod
-from banger.daemon.dmsnap import CowStrategy, choose_strategy
+from banger.daemon.dmsnap import (
+    CowHandle,
+    CowStrategy,
+    choose_strategy,
+    dm_prefix_for,
+    strategy_for,
+)
 from banger.daemon.dns import VMDNS, upstream_from_resolv_conf
 from banger.daemon.guest import Guest, GuestDialer, SSHGuest, wait_for_ssh
 from banger.daemon.handles import HandleCache
-from banger.daemon.network import HostNetwork, NetlinkNetwork, TapPool, enable_nat, gateway
+from banger.daemon.network import (
+    HostChanges,
+    HostNetwork,
+    NetlinkNetwork,
+    TapPool,
+    enable_nat,
+    ensure_bridge,
+    gateway,
+    restore_host,
+    tap_prefix_for,
+)
 from banger.daemon.opstate import Operation, Registry
 from banger.daemon.store import Store
-from banger.errors import BangerError, HostError
+from banger.errors import BangerError, HostError, InternalError, from_foreign
 from banger.fsutil import atomic_write
 from banger.layout import Layout
 from banger.runner import CancelToken, Runner, SubprocessRunner
@@ -121,8 +137,13 @@ class Daemon:
     """bangerd. Public surface: :meth:`open`, :meth:`serve`, :meth:`close`."""
 
     def __init__(self, cfg: Config, seams: Seams | None = None, *,
-                 log_to_stderr: bool = False) -> None:
+                 log_to_stderr: bool = False, config_file: Path | None = None) -> None:
         self.cfg = cfg
+        # The config is read once: a changed file takes effect at `banger daemon restart`.
+        # daemon.status reports these so a CLI with other values can say so.
+        self.config_file = config_file
+        self.config_values = config_values(cfg)
+        self.config_hash = config_hash(self.config_values)
         self.layout = Layout.from_config(cfg)
         self.seams = seams or Seams()
         self.runner = self.seams.runner
@@ -137,10 +158,10 @@ class Daemon:
         self.create_vm_mu = threading.Lock()
         # image_ops_mu: serialises image registry mutations (build publish, register, delete).
         self.image_ops_mu = threading.Lock()
-        self.create_ops: Registry[Operation] = Registry()
-        self.image_ops: Registry[Operation] = Registry()
-        self.workspace_ops: Registry[Operation] = Registry()
-        self.kernel_ops: Registry[Operation] = Registry()
+        self.create_ops: Registry[Operation] = Registry(self.log_location)
+        self.image_ops: Registry[Operation] = Registry(self.log_location)
+        self.workspace_ops: Registry[Operation] = Registry(self.log_location)
+        self.kernel_ops: Registry[Operation] = Registry(self.log_location)
         self.op_registries = (self.create_ops, self.image_ops, self.workspace_ops,
                               self.kernel_ops)
         # Cancel tokens of in-flight boots, so stop/delete can interrupt a slow start.
@@ -150,7 +171,11 @@ class Daemon:
 
         self.store: Store | None = None
         self.handles = HandleCache(self.layout)
-        self.tap_pool = TapPool(self.seams.net, cfg.bridge_name, cfg.tap_pool_size)
+        # Host-wide names (TAPs, dm targets) carry this install's tag, so sweeps of two
+        # installs on one host never touch each other's.
+        self.tap_pool = TapPool(self.seams.net, cfg.bridge_name, cfg.tap_pool_size,
+                                tap_prefix_for(self.layout.install_tag))
+        self.dm_prefix = dm_prefix_for(self.layout.install_tag)
         self.vm_dns: VMDNS | None = None
         self.vm_caps: list[caps_mod.VMCap] = []
         self.cow: CowStrategy | None = self.seams.cow
@@ -170,11 +195,14 @@ class Daemon:
 
     @classmethod
     def open(cls, cfg: Config, seams: Seams | None = None, *, log_to_stderr: bool = False,
-             network: bool = True) -> Daemon:
-        """Create directories, open the store, set up the bridge, reconcile VMs."""
+             network: bool = True, config_file: Path | None = None) -> Daemon:
+        """Create directories, open the store, set up the bridge, reconcile VMs.
+
+        ``config_file`` is where ``cfg`` came from (reported by ``daemon.status``).
+        """
         from banger.daemon import reconcile, rpc
 
-        d = cls(cfg, seams, log_to_stderr=log_to_stderr)
+        d = cls(cfg, seams, log_to_stderr=log_to_stderr, config_file=config_file)
         lay = d.layout
         for directory in (lay.state_dir, lay.vms_dir, lay.images_dir, lay.kernels_dir,
                           lay.ssh_dir, lay.runtime_dir, lay.vms_run_dir, lay.cache_dir):
@@ -189,7 +217,7 @@ class Daemon:
                  lay.state_dir)
         d.store = Store(lay.db)
         if d.cow is None:
-            d.cow = choose_strategy(cfg.cow_strategy, lay.vms_dir, d.runner)
+            d.cow = choose_strategy(cfg.cow_strategy, lay.vms_dir, d.runner, d.dm_prefix)
         log.info("cow strategy: %s", d.cow.name)
         d._network_enabled = network
         d.vm_caps = caps_mod.default_caps(d)
@@ -203,15 +231,19 @@ class Daemon:
         """Bridge, TAP pool and DNS, made on first need (idempotent).
 
         Lazy so that a daemon that only builds images never touches host networking.
-        ``_net_mu`` is a leaf lock; the netlink calls under it take milliseconds.
+        ``_net_mu`` is a leaf lock; the netlink calls under it take milliseconds. What is
+        changed on the host is recorded first (``HostChanges``) so that a stop with no VM
+        left can undo it (:meth:`close`).
         """
         with self._net_mu:
             if self._net_ready or not self._network_enabled:
                 return
-            self.seams.net.ensure_bridge(self.cfg.bridge_name, self.cfg.bridge_cidr)
+            changes = HostChanges.load(self.layout.host_network_state)
+            ensure_bridge(self.seams.net, self.cfg.bridge_name, self.cfg.bridge_cidr, changes)
             if self.cfg.nat:
                 try:
-                    enable_nat(self.runner, self.cfg.bridge_name, self.cfg.bridge_cidr)
+                    enable_nat(self.runner, self.cfg.bridge_name, self.cfg.bridge_cidr,
+                               changes)
                 except BangerError as exc:
                     # Guests still boot and reach the host and each other; say why not out.
                     log.warning("NAT for guests is off: %s (%s)", exc.message, exc.hint)
@@ -244,7 +276,10 @@ class Daemon:
     def close(self) -> None:
         """Stop serving and release DNS, the TAP pool and the store; VMs keep running.
 
-        The pid file is removed only if it still names this process.
+        When no VM is left running (:meth:`host_idle`), the host network is also put
+        back as banger found it (:meth:`_restore_host_network`); otherwise the bridge
+        and NAT stay for the running VMs. The pid file is removed only if it still
+        names this process.
         """
         self._stop.set()
         if self._server is not None:
@@ -253,6 +288,7 @@ class Daemon:
             self.vm_dns.close()
         self.tap_pool.drain()
         if self.store is not None:
+            self._restore_host_network()
             self.store.close()
         with contextlib.suppress(OSError):
             if self.layout.pid_file.read_text().strip() == str(os.getpid()):
@@ -261,6 +297,49 @@ class Daemon:
         if self._instance_lock is not None:
             os.close(self._instance_lock)  # releases the flock
             self._instance_lock = None
+
+    def host_idle(self) -> bool:
+        """True when no VM needs the host network: every VM in the store is stopped and
+        no boot, create or workspace copy is in flight.
+
+        A VM in ``error`` counts as not idle: it may still hold a VMM and a TAP.
+        """
+        with self._inflight_mu:
+            if self._inflight:
+                return False
+        if self.create_ops.active() or self.workspace_ops.active():
+            return False
+        return all(vm.state == VMState.STOPPED for vm in self.db.list_vms())
+
+    def _restore_host_network(self) -> None:
+        """At shutdown with no VM left: remove the bridge and the nftables table banger
+        made and restore ``ip_forward`` (what ``HostChanges`` recorded, also by earlier
+        daemons). Problems are logged; what was not undone stays recorded for next time.
+        """
+        with self._net_mu:
+            if not self._network_enabled:
+                return
+            try:
+                if not self.host_idle():
+                    log.info("VMs are still running: keeping the bridge and NAT for them")
+                    return
+                # Under _net_mu and with networking disabled: a request still being
+                # served cannot set the network up again behind this teardown.
+                self._network_enabled = False
+                self._net_ready = False
+                changes = HostChanges.load(self.layout.host_network_state)
+                if changes.empty:
+                    return
+                problems = restore_host(self.seams.net, self.runner, changes)
+            except BangerError as exc:
+                log.warning("host network not restored: %s (%s)", exc.message, exc.hint)
+                return
+        if problems:
+            log.warning("host network partly restored; still recorded in %s: %s",
+                        self.layout.host_network_state, "; ".join(problems))
+        else:
+            log.info("no VM is running: removed the bridge and NAT rules banger made and "
+                     "restored ip_forward")
 
     def _write_pid(self) -> None:
         atomic_write(self.layout.pid_file, f"{os.getpid()}\n".encode(), 0o644)
@@ -306,6 +385,29 @@ class Daemon:
                     drv = vmmselect.make_driver(self.cfg, self.runner, name)
                 self._drivers[name] = drv
             return drv
+
+    def cow_for(self, handle: CowHandle) -> CowStrategy:
+        """The strategy that made ``handle`` (it may differ from today's ``cow_strategy``)."""
+        return strategy_for(handle, self.runner, self.dm_prefix)
+
+    @property
+    def log_location(self) -> str:
+        """Where this daemon's log goes, as an error message names it."""
+        return "bangerd's standard error" if self.log_to_stderr else str(self.layout.daemon_log)
+
+    def error_of(self, exc: BaseException, doing: str) -> BangerError:
+        """``exc`` as the error to report for ``doing`` (e.g. ``vm.start``).
+
+        banger's own errors pass unchanged; host failures (``OSError``, SQLite,
+        subprocess) become ``HostError`` with a hint; anything else is a bug, logged here
+        with its traceback and reported as ``InternalError`` naming the log.
+        """
+        err = from_foreign(exc, doing, self.log_location)
+        if isinstance(err, InternalError):
+            log.error("%s: bug: %s", doing, err.message, exc_info=exc)
+        elif err is not exc:
+            log.warning("%s failed: %s", doing, err.message, exc_info=exc)
+        return err
 
     def dial(self, ip: str) -> Guest:
         """A :class:`Guest` for ``ip``: the test seam's, else SSH with banger's key."""
@@ -375,6 +477,10 @@ class Daemon:
             "cow_strategy": self.cow.name if self.cow else None,
             "tap_pool": sorted(self.tap_pool.owned()),
             "operations": sum(len(r.active()) for r in self.op_registries),
+            # What `daemon stop` would do now: True undoes the host network changes.
+            "idle": self.host_idle(),
+            "config": {"path": str(self.config_file) if self.config_file else None,
+                       "hash": self.config_hash, "values": self.config_values},
         }
 
 
@@ -398,12 +504,6 @@ def single_instance(lock_path: Path) -> int:
 
 
 def new_id() -> str:
-    """A VM id: 12 hex characters, short enough for socket paths and TAP names."""
+    """A VM id: 12 hex characters, short enough for socket paths and dm target names."""
     return secrets.token_hex(6)
 
-
-def error_of(exc: BaseException) -> BangerError:
-    """``exc`` as a :class:`BangerError`, wrapping any other exception in ``HostError``."""
-    if isinstance(exc, BangerError):
-        return exc
-    return HostError(str(exc))

@@ -1,32 +1,57 @@
-"""Host networking: the bridge, per-VM TAPs (with a small warm pool), guest IPs.
+"""Host networking: the bridge, per-VM TAPs (with a small warm pool), guest IPs, NAT.
 
 Every VM gets a TAP enslaved to ``bridge_name`` and a static address from
 ``bridge_cidr``; the bridge holds the gateway address. Netlink work goes
 through :class:`HostNetwork` (pyroute2 for real, a dict for unit tests).
+TAP names carry the install's tag (:func:`tap_prefix_for`). What banger changes
+on the host (bridge, nftables table, ``ip_forward``) is recorded in a
+:class:`HostChanges` file first and undone by :func:`restore_host`.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import secrets
 import threading
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from banger.errors import HostError
+from banger.fsutil import atomic_write
 from banger.runner import Runner
 
 log = logging.getLogger("banger.network")
 
-TAP_PREFIX = "bgt"  # every TAP banger creates starts with this; sweeps rely on it
+TAP_PREFIX = "bgt"  # every TAP banger creates starts with this, then the install tag
+IFNAMSIZ = 16  # linux/if.h, including the NUL: a link name has at most 15 characters
+TAP_RANDOM_HEX = 6  # random hex digits after the install's prefix
 
 
-def tap_name() -> str:
-    """A fresh random TAP name, ``bgt`` + 8 hex digits."""
-    # IFNAMSIZ is 16 with the NUL; "bgt" + 8 hex = 11 leaves room and avoids collisions.
-    return TAP_PREFIX + secrets.token_hex(4)
+def tap_prefix_for(install_tag: str) -> str:
+    """The prefix of every TAP one install creates: ``bgt`` + its install tag.
+
+    Sweeps delete only links with their own install's prefix, so two installs (two
+    state dirs) on one host never delete each other's TAPs.
+    """
+    prefix = TAP_PREFIX + install_tag
+    if len(prefix) + TAP_RANDOM_HEX > IFNAMSIZ - 1:
+        raise ValueError(f"install tag {install_tag!r} leaves no room in a TAP name")
+    return prefix
+
+
+def tap_name(prefix: str) -> str:
+    """A fresh TAP name: ``prefix`` (see :func:`tap_prefix_for`) + 6 random hex digits.
+
+    ``bgt`` + a 6-digit tag + 6 digits is 15 characters, IFNAMSIZ's limit. TAPs are
+    pooled before a VM claims one, so the name cannot carry the 12-digit VM id; 6
+    random digits make a clash within one install (at most a few hundred TAPs, one
+    per guest address) unlikely, and a clash is refused by ``create_tap``, not merged.
+    """
+    return prefix + secrets.token_hex(TAP_RANDOM_HEX // 2)
 
 
 class HostNetwork(Protocol):
@@ -91,6 +116,10 @@ class NetlinkNetwork:
                 bidx = ipr.link_lookup(ifname=bridge)
                 if not bidx:
                     raise HostError(f"bridge {bridge} is missing")
+                if ipr.link_lookup(ifname=name):
+                    # Someone else's link (or a VM's TAP): never adopt it, and never
+                    # delete it in the clean-up below.
+                    raise HostError(f"cannot create tap {name}: a link of that name exists")
                 ipr.link("add", ifname=name, kind="tuntap", mode="tap")
                 tidx = ipr.link_lookup(ifname=name)[0]
                 ipr.link("set", index=tidx, master=bidx[0], state="up")
@@ -127,10 +156,11 @@ class TapPool:
     ``_mu`` guards ``_ready`` only (a leaf lock); netlink calls happen outside it.
     """
 
-    def __init__(self, net: HostNetwork, bridge: str, size: int) -> None:
+    def __init__(self, net: HostNetwork, bridge: str, size: int, prefix: str) -> None:
         self.net = net
         self.bridge = bridge
         self.size = size
+        self.prefix = prefix  # tap_prefix_for(install tag): names this install's TAPs
         self._mu = threading.Lock()
         self._ready: list[str] = []
         self._filling = False
@@ -142,7 +172,7 @@ class TapPool:
         if name is not None:
             threading.Thread(target=self.fill, name="tap-pool-fill", daemon=True).start()
             return name
-        name = tap_name()
+        name = tap_name(self.prefix)
         self.net.create_tap(name, self.bridge)
         return name
 
@@ -166,7 +196,7 @@ class TapPool:
                 with self._mu:
                     if len(self._ready) >= self.size:
                         return
-                name = tap_name()
+                name = tap_name(self.prefix)
                 try:
                     self.net.create_tap(name, self.bridge)
                 except HostError as exc:
@@ -247,13 +277,142 @@ table ip {NFT_TABLE} {{
 """
 
 
-def enable_nat(runner: Runner, bridge: str, cidr: str,
-               ip_forward: Path = Path("/proc/sys/net/ipv4/ip_forward")) -> None:
-    """Turn on IPv4 forwarding (this network namespace only) and load :func:`nat_ruleset`."""
+IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")  # per network namespace
+
+
+@dataclass
+class HostChanges:
+    """What banger changed in its network namespace, so it can be undone later.
+
+    Kept in ``<state_dir>/host-network.json`` and saved (temp + fsync + rename)
+    *before* each change, so a daemon killed at any instant leaves a record of at
+    least everything it did. Facts are only added until :func:`restore_host` undoes
+    them: the ``ip_forward`` recorded is the value banger first saw, across any
+    number of daemon restarts.
+    """
+
+    path: Path
+    ip_forward_before: str | None = None  # "0"/"1", only when banger changed it
+    bridge: str | None = None  # only when banger created the bridge
+    nft_table: bool = False  # banger loaded its nftables table
+
+    @classmethod
+    def load(cls, path: Path) -> HostChanges:
+        """The record at ``path`` (empty when there is none).
+
+        Raises:
+            HostError: the file is unreadable or not a record banger wrote.
+        """
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return cls(path)
+        except OSError as exc:
+            raise HostError(f"cannot read {path}: {exc.strerror}") from exc
+        try:
+            data = json.loads(raw)
+            before = data.get("ip_forward_before")
+            bridge = data.get("bridge")
+            nft = data.get("nft_table", False)
+            if before not in (None, "0", "1") or not isinstance(bridge, str | None) \
+                    or not isinstance(nft, bool):
+                raise ValueError("unexpected values")
+        except (ValueError, AttributeError) as exc:
+            raise HostError(
+                f"{path} is not a record banger wrote: {exc}",
+                hint="check the bridge, the nftables table `banger` and "
+                     "net.ipv4.ip_forward by hand, then delete the file") from exc
+        return cls(path, before, bridge, nft)
+
+    @property
+    def empty(self) -> bool:
+        """Nothing is left to undo."""
+        return self.ip_forward_before is None and self.bridge is None and not self.nft_table
+
+    def save(self) -> None:
+        """Write the record (crash-safe); an empty record removes the file."""
+        if self.empty:
+            self.path.unlink(missing_ok=True)
+            return
+        data = {"ip_forward_before": self.ip_forward_before, "bridge": self.bridge,
+                "nft_table": self.nft_table}
+        atomic_write(self.path, json.dumps(data, indent=1).encode() + b"\n", 0o600)
+
+
+def ensure_bridge(net: HostNetwork, name: str, cidr: str, changes: HostChanges) -> None:
+    """Create (or reuse) the bridge, recording first when banger is the one creating it.
+
+    A bridge that existed before banger is left in place by :func:`restore_host`.
+    """
+    if changes.bridge != name and name not in net.links():
+        changes.bridge = name
+        changes.save()
+    net.ensure_bridge(name, cidr)
+
+
+def enable_nat(runner: Runner, bridge: str, cidr: str, changes: HostChanges,
+               ip_forward: Path = IP_FORWARD) -> None:
+    """Turn on IPv4 forwarding (this network namespace only) and load :func:`nat_ruleset`.
+
+    ``changes`` records the forwarding value banger found (when it changes it) and the
+    table, before either is changed.
+
+    Raises:
+        HostError: forwarding cannot be read or set.
+        CommandFailed: nft refused the rules.
+    """
     try:
-        ip_forward.write_text("1\n")
+        before = ip_forward.read_text().strip()
     except OSError as exc:
-        raise HostError(f"cannot enable IPv4 forwarding: {exc.strerror}",
+        raise HostError(f"cannot read IPv4 forwarding ({ip_forward}): {exc.strerror}",
                         hint="run bangerd as root, or set nat = false") from exc
+    if before != "1" and changes.ip_forward_before is None:
+        changes.ip_forward_before = before
+    changes.nft_table = True
+    changes.save()
+    if before != "1":
+        try:
+            ip_forward.write_text("1\n")
+        except OSError as exc:
+            raise HostError(f"cannot enable IPv4 forwarding: {exc.strerror}",
+                            hint="run bangerd as root, or set nat = false") from exc
     runner.run(["nft", "-f", "-"], input=nat_ruleset(bridge, cidr).encode(),
                desc="load banger's NAT rules", timeout=30)
+
+
+def restore_host(net: HostNetwork, runner: Runner, changes: HostChanges,
+                 ip_forward: Path = IP_FORWARD) -> list[str]:
+    """Undo what ``changes`` records: the nftables table, the bridge, ``ip_forward``.
+
+    Each step runs even when an earlier one failed; what could not be undone stays in
+    the record for the next daemon stop to retry. The caller has already released
+    every TAP on the bridge (the pool is drained; no VM holds one).
+
+    Returns:
+        One line per step that failed (empty: the host is as banger found it).
+    """
+    problems: list[str] = []
+    if changes.nft_table:
+        try:
+            res = runner.run(["nft", "delete", "table", "ip", NFT_TABLE],
+                             desc="delete banger's NAT rules", timeout=30, check=False)
+            if res.returncode == 0 or "No such file" in res.err:
+                changes.nft_table = False
+            else:
+                problems.append(f"nft delete table ip {NFT_TABLE}: {res.err.strip()}")
+        except HostError as exc:
+            problems.append(exc.message)
+    if changes.bridge is not None:
+        try:
+            net.delete_link(changes.bridge)
+            changes.bridge = None
+        except HostError as exc:
+            problems.append(exc.message)
+    if changes.ip_forward_before is not None:
+        try:
+            ip_forward.write_text(changes.ip_forward_before + "\n")
+            changes.ip_forward_before = None
+        except OSError as exc:
+            problems.append(f"cannot restore {ip_forward}: {exc.strerror}")
+    changes.save()
+    return problems

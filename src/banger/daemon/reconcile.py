@@ -20,10 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from banger.api import VMState
 from banger.daemon import caps, vmdelete, vmpower, vms
-from banger.daemon.core import error_of
-from banger.daemon.dmsnap import DM_PREFIX, dm_snapshot_supported
+from banger.daemon.dmsnap import dm_snapshot_supported
 from banger.daemon.handles import VMHandles
-from banger.daemon.network import TAP_PREFIX
 from banger.daemon.store import VMRecord
 from banger.errors import BangerError, HostError
 from banger.fsutil import remove_trash, remove_tree
@@ -151,7 +149,7 @@ def _finish_start(d: Daemon, vm: VMRecord, h: VMHandles) -> None:
             caps.started(d, fresh)
             log.info("vm %s: boot finished after daemon restart", vm.name)
         except Exception as exc:  # anything: the VM must not stay "starting" forever
-            err = error_of(exc)
+            err = d.error_of(exc, f"finishing the boot of {vm.name}")
             log.warning("vm %s: boot after restart failed: %s", vm.name, err)
             vmpower.teardown(d, vm.id, h)
             vmpower.settle_failed_start(d, vm.id, err)
@@ -171,7 +169,13 @@ def _ours(d: Daemon, argv: list[str]) -> bool:
 
 
 def sweep(d: Daemon) -> dict[str, list[str]]:
-    """Remove banger-looking host resources that no VM owns; returns what was removed."""
+    """Remove this install's host resources that no VM owns; returns what was removed.
+
+    Only resources named or placed by this install are candidates: TAPs with its TAP
+    prefix, dm targets with its dm prefix (both carry the install tag, see
+    ``banger.layout.install_tag``), loop devices and VMM processes over its
+    directories. Another install's (another state dir's) are never touched.
+    """
     removed: dict[str, list[str]] = {"processes": [], "taps": [], "loops": [], "dm": [],
                                      "files": []}
     known = {vm.id for vm in d.db.list_vms()}
@@ -198,7 +202,7 @@ def sweep(d: Daemon) -> dict[str, list[str]]:
         log.warning("sweep: cannot list links: %s", exc)
         links = []
     for link in links:
-        if link.startswith(TAP_PREFIX) and link not in owned_taps:
+        if link.startswith(d.tap_pool.prefix) and link not in owned_taps:
             try:
                 d.seams.net.delete_link(link)
                 removed["taps"].append(link)
@@ -254,7 +258,7 @@ def _sweep_dm(d: Daemon, known: set[str]) -> list[str]:
     gone = []
     for line in res.out.splitlines():
         name = line.split()[0] if line.split() else ""
-        if name.startswith(DM_PREFIX) and name[len(DM_PREFIX):] not in known:
+        if name.startswith(d.dm_prefix) and name[len(d.dm_prefix):] not in known:
             d.runner.run(["dmsetup", "remove", "--retry", name], desc=f"remove {name}",
                          timeout=30, check=False)
             gone.append(name)

@@ -21,14 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from banger import api
 from banger.daemon.core import current_op
-from banger.errors import (
-    BadRequest,
-    BadVersion,
-    BangerError,
-    HostError,
-    InternalError,
-    from_foreign,
-)
+from banger.errors import BadRequest, BadVersion, BangerError, HostError, InternalError
 
 if TYPE_CHECKING:
     from banger.daemon.core import Daemon
@@ -115,7 +108,7 @@ class RPCServer:
                     return  # cannot find the next frame boundary safely
                 if not frame.strip():
                     continue
-                conn.sendall(_encode_reply(self.handle_frame(frame)))
+                conn.sendall(_encode_reply(self._answer(frame), self.d.log_location))
         except (TimeoutError, ConnectionError, BrokenPipeError):
             pass
         except OSError as exc:
@@ -124,6 +117,16 @@ class RPCServer:
             with contextlib.suppress(OSError):
                 conn.close()
             self._slots.release()
+
+    def _answer(self, frame: bytes) -> dict[str, Any]:
+        """:meth:`handle_frame`, with a last guard so that a bug in it costs one error
+        reply, never the connection (a thread that dies drops the client's later
+        requests without a word)."""
+        try:
+            return self.handle_frame(frame)
+        except Exception as exc:
+            err = self.d.error_of(exc, "reading a request")
+            return api.error_response(None, err, api.SERVER_ERROR)
 
     def handle_frame(self, frame: bytes) -> dict[str, Any]:
         """Decode, dispatch and encode one request; never raises."""
@@ -150,25 +153,33 @@ class RPCServer:
             log.info("%s failed: [%s] %s", req.method, exc.code, exc.message)
             return api.error_response(req.id, exc, api.SERVER_ERROR)
         except Exception as exc:
-            err = from_foreign(exc, req.method)
-            if isinstance(err, InternalError):
-                log.exception("%s crashed", req.method)
-            else:
-                log.warning("%s failed: %s", req.method, err.message, exc_info=True)
-            return api.error_response(req.id, err, api.SERVER_ERROR)
+            # A host failure nobody translated, or a bug (logged with its traceback,
+            # reported as `internal` naming the log): never a host error with a doctor hint.
+            return api.error_response(req.id, self.d.error_of(exc, req.method),
+                                      api.SERVER_ERROR)
         finally:
             current_op.reset(token)
 
 
-def _encode_reply(resp: dict[str, Any]) -> bytes:
-    """Encode a reply; one too large for a frame becomes an error reply instead."""
+def _encode_reply(resp: dict[str, Any], log_location: str) -> bytes:
+    """Encode a reply; one that cannot be sent becomes an error reply instead.
+
+    Too large for a frame is the caller's to fix (ask for less); a value JSON cannot
+    encode (nesting past the recursion limit, an integer past the int-string limit)
+    is a bug in the handler that produced it.
+    """
+    err: BangerError
     try:
         return api.encode(resp)
     except BangerError as exc:
         log.warning("reply not sent: %s", exc.message)
         err = BadRequest(f"the reply is too large to send: {exc.message}",
                          hint="ask for less (e.g. a shorter log tail)")
-        return api.encode(api.error_response(resp.get("id"), err, api.SERVER_ERROR))
+    except (ValueError, TypeError, RecursionError) as exc:
+        log.error("reply not encodable", exc_info=exc)
+        err = InternalError(f"the reply could not be encoded ({type(exc).__name__}); the "
+                            f"traceback is in {log_location}")
+    return api.encode(api.error_response(resp.get("id"), err, api.SERVER_ERROR))
 
 
 def _alive(path: Path) -> bool:

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 
 from banger.api import VMState
 from banger.daemon import caps
-from banger.daemon.dmsnap import strategy_for
 from banger.daemon.store import VMRecord
 from banger.daemon.vmpower import (
     ACPI_POWEROFF_S,
@@ -73,7 +72,7 @@ def destroy(d: Daemon, vm_id: str, reason: str) -> None:
         raise HostError(f"could not remove VM {vm.name!r}: " + "; ".join(problems),
                         hint="`banger vm delete` again retries")
     if h.cow is not None:
-        strategy_for(h.cow, d.runner).remove(h.cow)
+        d.cow_for(h.cow).remove(h.cow)
     paths = d.layout.vm(vm_id)
     remove_tree(paths.state)
     remove_tree(paths.run)

@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from banger.api import VMState
 from banger.daemon import caps, kernels, workspaces
-from banger.daemon.core import error_of
-from banger.daemon.dmsnap import CowHandle, strategy_for
+from banger.daemon.dmsnap import CowHandle
 from banger.daemon.handles import VMHandles
 from banger.daemon.network import gateway, prefixlen
 from banger.daemon.opstate import Operation
@@ -109,7 +108,7 @@ def boot(d: Daemon, vm: VMRecord, img: ImageRecord, cancel: CancelToken,
         def record(partial: CowHandle) -> None:
             save_handles(d, vm.id, pending.with_(cow=partial))
 
-        cow = strategy_for(h.cow, d.runner).activate(h.cow, Path(img.rootfs), vm.id, record)
+        cow = d.cow_for(h.cow).activate(h.cow, Path(img.rootfs), vm.id, record)
         h = h.with_(cow=cow)
         save_handles(d, vm.id, h)
         boot_files = kernels.boot_files(d, img, vm.vmm)
@@ -203,7 +202,7 @@ def run_start(d: Daemon, vm: VMRecord, img: ImageRecord, token: CancelToken, *,
             cleared = True
         return boot(d, vm, img, token, op)
     except BaseException as exc:
-        err = error_of(exc)
+        err = d.error_of(exc, "vm.start")
         if cleared:
             settle_failed_start(d, vm.id, err)
         else:
@@ -347,7 +346,7 @@ def teardown(d: Daemon, vm_id: str, h: VMHandles | None) -> list[str]:
                 problems.append(f"tap {h.tap}: {exc.message}")
         if h.cow is not None:
             try:
-                strategy_for(h.cow, d.runner).deactivate(h.cow)
+                d.cow_for(h.cow).deactivate(h.cow)
             except BangerError as exc:
                 problems.append(f"root disk: {exc.message}")
     remove_tree(paths.run)

@@ -29,7 +29,17 @@ from banger.runner import Runner
 FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h
 SECTOR = 512
 DM_CHUNK_SECTORS = 8  # 4 KiB exception chunks: the page size, the usual choice
-DM_PREFIX = "banger-"
+DM_PREFIX = "banger-"  # every dm target banger creates starts with this, then the install tag
+
+
+def dm_prefix_for(install_tag: str) -> str:
+    """The prefix of one install's dm targets: ``banger-<install tag>-`` (a VM id follows).
+
+    Sweeps remove only targets with their own install's prefix, so two installs (two
+    state dirs) on one host never remove each other's snapshots. dm names may have
+    127 characters (DM_NAME_LEN in linux/dm-ioctl.h); this one has 26.
+    """
+    return f"{DM_PREFIX}{install_tag}-"
 
 
 @dataclass
@@ -222,8 +232,9 @@ class DmSnapshotCow:
 
     name = "dmsnap"
 
-    def __init__(self, runner: Runner) -> None:
+    def __init__(self, runner: Runner, dm_prefix: str) -> None:
         self.runner = runner
+        self.dm_prefix = dm_prefix  # dm_prefix_for(install tag): names this install's targets
 
     def create(self, origin: Path, target: Path) -> CowHandle:
         """Make an empty sparse exception store at ``target``, the size of ``origin``."""
@@ -242,7 +253,8 @@ class DmSnapshotCow:
         an earlier activation is torn down first. On failure the loops made are detached.
 
         Returns:
-            The handle with ``device`` (``/dev/mapper/banger-<vm id>``), loops and dm name.
+            The handle with ``device`` (``/dev/mapper/<dm_prefix><vm id>``), loops and dm
+            name.
         """
         if handle.device and Path(handle.device).exists():
             return handle
@@ -256,7 +268,7 @@ class DmSnapshotCow:
             cow = self._losetup(Path(handle.path), read_only=False)
             loops.append(cow)
             sectors = origin.stat().st_size // SECTOR
-            dm_name = DM_PREFIX + vm_id
+            dm_name = self.dm_prefix + vm_id
             # Named before it exists: removing a dm target that is not there is harmless.
             note(CowHandle(self.name, handle.path, loops=list(loops), dm_name=dm_name))
             table = f"0 {sectors} snapshot {base} {cow} P {DM_CHUNK_SECTORS}"
@@ -303,22 +315,27 @@ class DmSnapshotCow:
                             check=False)
 
 
-def choose_strategy(requested: str, state_dir: Path, runner: Runner) -> CowStrategy:
-    """``auto`` picks reflink when ``state_dir`` supports it, else a sparse copy."""
+def choose_strategy(requested: str, state_dir: Path, runner: Runner,
+                    dm_prefix: str) -> CowStrategy:
+    """``auto`` picks reflink when ``state_dir`` supports it, else a sparse copy.
+
+    ``dm_prefix`` (see :func:`dm_prefix_for`) names the dm targets of ``dmsnap``.
+    """
     if requested == "dmsnap":
         if not dm_snapshot_supported():
             raise HostError("cow_strategy = dmsnap but this kernel has no device-mapper",
                             hint="use cow_strategy = auto")
-        return DmSnapshotCow(runner)
+        return DmSnapshotCow(runner, dm_prefix)
     if requested == "reflink" or (requested == "auto" and reflink_supported(state_dir)):
         return ReflinkCow()
     return CopyCow()
 
 
-def strategy_for(handle: CowHandle, runner: Runner) -> CowStrategy:
-    """The strategy that made ``handle`` (for teardown after a restart)."""
+def strategy_for(handle: CowHandle, runner: Runner, dm_prefix: str) -> CowStrategy:
+    """The strategy that made ``handle`` (for teardown after a restart, or a re-activation
+    whose dm target is named with ``dm_prefix``)."""
     if handle.strategy == "dmsnap":
-        return DmSnapshotCow(runner)
+        return DmSnapshotCow(runner, dm_prefix)
     if handle.strategy == "reflink":
         return ReflinkCow()
     return CopyCow()

@@ -110,7 +110,9 @@ T = TypeVar("T", bound=Operation)
 class Registry(Generic[T]):
     """Thread-safe registry of operations of one family."""
 
-    def __init__(self) -> None:
+    def __init__(self, log_location: str | None = None) -> None:
+        # Where a crashed operation's traceback is logged, named in its InternalError.
+        self.log_location = log_location
         # Guards _ops only; never held while an operation runs (leaf lock).
         self._mu = threading.Lock()
         self._ops: dict[str, T] = {}
@@ -154,7 +156,7 @@ class Registry(Generic[T]):
             except BangerError as exc:
                 op.finish(error=exc)
             except Exception as exc:
-                err = from_foreign(exc, op.kind)
+                err = from_foreign(exc, op.kind, self.log_location)
                 if isinstance(err, InternalError):
                     log.exception("operation %s crashed", op.id)
                 op.finish(error=err)

@@ -1,0 +1,309 @@
+"""The daemon and the host it shares: per-install names, undoing host network changes,
+bugs reported as bugs, and the config a running daemon keeps."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from banger import api
+from banger.client import Client, config_drift
+from banger.config import Config, parse_config
+from banger.daemon import reconcile, vmcreate, vmpower
+from banger.daemon.core import Daemon, Seams
+from banger.daemon.dmsnap import CopyCow, DmSnapshotCow, dm_prefix_for
+from banger.daemon.network import (
+    IFNAMSIZ,
+    HostChanges,
+    enable_nat,
+    ensure_bridge,
+    restore_host,
+    tap_name,
+    tap_prefix_for,
+)
+from banger.errors import HostError, InternalError
+from banger.layout import Layout, install_tag
+from tests.conftest import FakeWorld, add_fake_image
+from tests.fakes import FakeNet, FakeRunner, instant_ssh, ok
+
+# ----------------------------------------------------------------- naming
+
+
+def test_install_tag_is_short_stable_and_per_state_dir(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert re.fullmatch(r"[0-9a-f]{6}", install_tag(a))
+    assert install_tag(a) == install_tag(a)
+    assert install_tag(a) != install_tag(b)
+    # two spellings of one directory are one install
+    a.mkdir()
+    (tmp_path / "link").symlink_to(a)
+    assert install_tag(tmp_path / "link") == install_tag(a)
+    assert install_tag(tmp_path / "x" / ".." / "a") == install_tag(a)
+
+
+def test_tap_names_fit_ifnamsiz_and_carry_the_install_prefix(tmp_path: Path) -> None:
+    prefix = tap_prefix_for(install_tag(tmp_path))
+    assert prefix.startswith("bgt") and len(prefix) == 9
+    names = {tap_name(prefix) for _ in range(200)}
+    assert len(names) == 200
+    for name in names:
+        assert len(name) <= IFNAMSIZ - 1 and name.startswith(prefix)
+        assert re.fullmatch(r"bgt[0-9a-f]{12}", name)
+    with pytest.raises(ValueError):
+        tap_prefix_for("0123456789")  # would leave no room for the random part
+
+
+def test_dm_targets_carry_the_install_tag(tmp_path: Path) -> None:
+    runner = FakeRunner()
+    runner.on(["losetup", "--find"], ok("/dev/loop3\n"))
+    origin = tmp_path / "origin"
+    origin.write_bytes(b"\0" * 4096)
+    prefix = dm_prefix_for(install_tag(tmp_path))
+    assert prefix == f"banger-{install_tag(tmp_path)}-"
+    dm = DmSnapshotCow(runner, prefix)
+    active = dm.activate(dm.create(origin, tmp_path / "cow"), origin, "0123456789ab")
+    assert active.dm_name == prefix + "0123456789ab"
+    assert active.device == f"/dev/mapper/{prefix}0123456789ab"
+
+
+@pytest.fixture(autouse=True)
+def _reap_fake_vmms(world: FakeWorld) -> Iterator[None]:
+    yield
+    world.vmm.reap_all()
+
+
+def _config(root: Path, **extra: Any) -> Config:
+    return parse_config({
+        "state_dir": str(root / "state"), "cache_dir": str(root / "cache"),
+        "runtime_dir": str(root / "run"), "dns_enabled": False, "nat": False,
+        "tap_pool_size": 2, "log_level": "debug",
+        "vm_defaults": {"disk_size": "64M", "work_disk_size": "64M"}, **extra,
+    })
+
+
+def _open(root: Path, world: FakeWorld, config_file: Path | None = None,
+          **extra: Any) -> Daemon:
+    cfg = _config(root, **extra)
+    cfg.key_path.parent.mkdir(parents=True, exist_ok=True)
+    cfg.key_path.write_text("PRIVATE")
+    cfg.key_path.with_name(cfg.key_path.name + ".pub").write_text("ssh-ed25519 AAAA test\n")
+    seams = Seams(runner=world.runner, net=world.net, vmm_factory=lambda name: world.vmm,
+                  cow=CopyCow(), dial=world.dial, wait_for_ssh=instant_ssh)
+    d = Daemon.open(cfg, seams, log_to_stderr=True, config_file=config_file)
+    add_fake_image(d)
+    return d
+
+
+@pytest.fixture
+def two_installs(tmp_path: Path, world: FakeWorld) -> Iterator[tuple[Daemon, Path]]:
+    """Install A running with a VM and a warm TAP pool; B's root, not opened yet."""
+    a = _open(tmp_path / "a", world)
+    vmcreate.create_sync(a, vmcreate.CreateParams(name="web"))
+    yield a, tmp_path / "b"
+    a.close()
+
+
+def test_a_second_installs_sweep_leaves_the_first_ones_taps_and_dm_targets(
+        two_installs: tuple[Daemon, Path], world: FakeWorld,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b_root = two_installs
+    taps_a = set(world.net.taps())
+    vm = a.db.find_vm("web")
+    assert vm is not None and vm.runtime["teardown"]["tap"] in taps_a
+    assert len(taps_a) == 3  # the VM's and two warm ones
+    b_layout = Layout.from_config(_config(b_root))
+    b_tap_prefix = tap_prefix_for(b_layout.install_tag)
+    b_dm_prefix = dm_prefix_for(b_layout.install_tag)
+    # Leftovers of B itself from an earlier life: B's sweep must remove exactly these.
+    world.net.create_tap(b_tap_prefix + "dead00", "br-banger")
+    dm_a = a.dm_prefix + vm.id
+    dm_b_orphan = b_dm_prefix + "0123456789ab"
+    world.runner.on(["dmsetup", "ls"], ok(f"{dm_a}\t(253:0)\n{dm_b_orphan}\t(253:1)\n"))
+    monkeypatch.setattr(reconcile, "dm_snapshot_supported", lambda: True)
+
+    b = _open(b_root, world)  # B's start-up runs its sweep
+    try:
+        removed = reconcile.sweep(b)  # and once more, explicitly, to see what it takes
+        assert taps_a <= set(world.net.taps()), "B deleted A's TAPs"
+        assert b_tap_prefix + "dead00" not in world.net.taps()
+        assert dm_a not in removed["dm"]
+        removed_dm = [c[-1] for c in world.runner.ran("dmsetup", "remove")]
+        assert dm_a not in removed_dm and dm_b_orphan in removed_dm
+        # A's VM is untouched and still has its TAP
+        assert a.db.get_vm(vm.id).state.value == "running"
+    finally:
+        b.close()
+    # B's shutdown (no VMs of its own) must not take the shared bridge A's VM uses either
+    assert "br-banger" in world.net.bridges and taps_a <= set(world.net.taps())
+
+
+# ----------------------------------------------------------------- host changes
+
+
+def test_enable_nat_records_before_changing_and_restore_undoes(tmp_path: Path) -> None:
+    runner, net = FakeRunner(), FakeNet()
+    fwd = tmp_path / "ip_forward"
+    fwd.write_text("0\n")
+    state = tmp_path / "host-network.json"
+    changes = HostChanges.load(state)
+    assert changes.empty
+    ensure_bridge(net, "br-x", "10.7.0.1/24", changes)
+    enable_nat(runner, "br-x", "10.7.0.1/24", changes, ip_forward=fwd)
+    assert fwd.read_text() == "1\n"
+    assert json.loads(state.read_text()) == {"ip_forward_before": "0", "bridge": "br-x",
+                                             "nft_table": True}
+    # A second daemon (a restart) sees forwarding on but keeps the value banger found.
+    again = HostChanges.load(state)
+    ensure_bridge(net, "br-x", "10.7.0.1/24", again)
+    enable_nat(runner, "br-x", "10.7.0.1/24", again, ip_forward=fwd)
+    assert again.ip_forward_before == "0" and again.bridge == "br-x"
+
+    assert restore_host(net, runner, HostChanges.load(state), ip_forward=fwd) == []
+    assert fwd.read_text() == "0\n"
+    assert "br-x" not in net.links()
+    assert runner.ran("nft", "delete", "table", "ip", "banger")
+    assert not state.exists()
+
+
+def test_restore_leaves_what_banger_found(tmp_path: Path) -> None:
+    runner, net = FakeRunner(), FakeNet()
+    net.ensure_bridge("br-mine", "10.8.0.1/24")  # the user's own bridge
+    fwd = tmp_path / "ip_forward"
+    fwd.write_text("1\n")  # forwarding was already on
+    state = tmp_path / "host-network.json"
+    changes = HostChanges.load(state)
+    ensure_bridge(net, "br-mine", "10.8.0.1/24", changes)
+    enable_nat(runner, "br-mine", "10.8.0.1/24", changes, ip_forward=fwd)
+    assert changes.bridge is None and changes.ip_forward_before is None
+    fwd.write_text("1\n")
+    assert restore_host(net, runner, HostChanges.load(state), ip_forward=fwd) == []
+    assert "br-mine" in net.links() and fwd.read_text() == "1\n"
+    assert not state.exists()
+
+
+def test_a_failed_restore_step_stays_recorded(tmp_path: Path) -> None:
+    runner, net = FakeRunner(), FakeNet()
+    runner.on(["nft", "delete"], ok(rc=1, err="Error: Operation not permitted"))
+    fwd = tmp_path / "ip_forward"
+    fwd.write_text("0\n")
+    state = tmp_path / "host-network.json"
+    changes = HostChanges.load(state)
+    ensure_bridge(net, "br-x", "10.7.0.1/24", changes)
+    enable_nat(runner, "br-x", "10.7.0.1/24", changes, ip_forward=fwd)
+    problems = restore_host(net, runner, HostChanges.load(state), ip_forward=fwd)
+    assert len(problems) == 1 and "not permitted" in problems[0]
+    # the other steps still ran; only the table is left for the next stop to retry
+    assert fwd.read_text() == "0\n" and "br-x" not in net.links()
+    assert json.loads(state.read_text())["nft_table"] is True
+    state.write_text("{not json")
+    with pytest.raises(HostError, match="not a record banger wrote"):
+        HostChanges.load(state)
+
+
+def test_stop_with_no_vm_left_removes_bridge_and_taps(tmp_path: Path, world: FakeWorld) -> None:
+    d = _open(tmp_path, world)
+    vmcreate.create_sync(d, vmcreate.CreateParams(name="gone"))
+    assert "br-banger" in world.net.links() and world.net.taps()
+    from banger.daemon import vmdelete
+
+    vmdelete.delete(d, "gone")
+    vmcreate.create_sync(d, vmcreate.CreateParams(name="kept", start=False))  # stopped VMs
+    assert d.status()["idle"] is True
+    d.close()
+    assert world.net.links() == []
+    assert not d.layout.host_network_state.exists()
+
+
+def test_stop_with_a_running_vm_keeps_the_network(tmp_path: Path, world: FakeWorld) -> None:
+    d = _open(tmp_path, world)
+    vmcreate.create_sync(d, vmcreate.CreateParams(name="up"))
+    vm = d.db.find_vm("up")
+    assert vm is not None and d.status()["idle"] is False
+    d.close()
+    assert "br-banger" in world.net.links()
+    assert vm.runtime["teardown"]["tap"] in world.net.taps()
+    assert d.layout.host_network_state.exists()  # undone by a later stop
+
+
+# ----------------------------------------------------------------- bugs vs host failures
+
+
+def test_a_bug_in_vm_start_is_internal_and_names_the_log(
+        tmp_path: Path, world: FakeWorld, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = _open(tmp_path, world)
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    keep = Keep()
+    logging.getLogger("banger").addHandler(keep)
+    try:
+        vmcreate.create_sync(d, vmcreate.CreateParams(name="s", start=False))
+
+        def buggy(plan: Any) -> Any:
+            raise KeyError("a bug")
+
+        monkeypatch.setattr(world.vmm, "launch", buggy)
+        with pytest.raises(InternalError) as exc:
+            vmpower.start(d, "s")
+        assert "KeyError" in exc.value.message
+        assert d.log_location in exc.value.message and "doctor" not in exc.value.hint
+        assert any(r.exc_info and isinstance(r.exc_info[1], KeyError) for r in seen)
+        # a real host failure is still a host error with the doctor hint
+        err = d.error_of(OSError(5, "Input/output error"), "vm.start")
+        assert isinstance(err, HostError) and "doctor" in err.hint
+    finally:
+        logging.getLogger("banger").removeHandler(keep)
+        d.close()
+
+
+def test_an_unopened_daemon_names_its_log_file(tmp_path: Path) -> None:
+    d = Daemon(_config(tmp_path))
+    err = d.error_of(AttributeError("no such thing"), "vm.show")
+    assert isinstance(err, InternalError)
+    assert str(tmp_path / "state" / "bangerd.log") in err.message
+
+
+# ----------------------------------------------------------------- config drift
+
+
+def test_config_values_hash_and_changed_keys(tmp_path: Path) -> None:
+    base = _config(tmp_path)
+    values = api.config_values(base)
+    assert values["bridge_name"] == "br-banger" and values["vm_defaults.vcpu"] == 2
+    assert values["state_dir"] == str(tmp_path / "state")
+    same = api.config_values(_config(tmp_path))
+    assert api.config_hash(values) == api.config_hash(same)
+    # the values survive the trip over RPC unchanged
+    assert api.config_hash(json.loads(json.dumps(values))) == api.config_hash(values)
+    other = api.config_values(_config(tmp_path, bridge_cidr="10.9.0.1/24",
+                                      vm_defaults={"vcpu": 4, "disk_size": "64M",
+                                                   "work_disk_size": "64M"}))
+    assert api.config_hash(other) != api.config_hash(values)
+    assert api.changed_keys(values, other) == ["bridge_cidr", "vm_defaults.vcpu"]
+    assert api.changed_keys(values, {**values, "new_key": 1}) == ["new_key"]
+
+
+def test_config_drift_warning_names_keys_and_restart(tmp_path: Path, world: FakeWorld) -> None:
+    d = _open(tmp_path, world, config_file=tmp_path / "config.toml")
+    try:
+        status = json.loads(json.dumps(d.status()))  # as the CLI receives it
+    finally:
+        d.close()
+    assert status["config"]["path"] == str(tmp_path / "config.toml")
+    assert config_drift(_config(tmp_path), status) is None
+    warning = config_drift(_config(tmp_path, tap_pool_size=5, log_level="info"), status)
+    assert warning is not None
+    assert "log_level, tap_pool_size" in warning and "`banger daemon restart`" in warning
+    assert str(tmp_path / "config.toml") in warning
+    assert config_drift(_config(tmp_path), {"pid": 1}) is None  # an older daemon
+    client = Client(tmp_path / "nowhere.sock")
+    assert client.config_drift(_config(tmp_path)) is None  # no ping yet: nothing to compare
