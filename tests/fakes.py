@@ -16,6 +16,7 @@ from banger.layout import VMPaths
 from banger.proc import ProcessIdentity, identify
 from banger.runner import CancelToken, Result, shell_line
 from banger.vmm import LaunchPlan
+from tests.childsignals import with_default_signals
 
 
 @dataclass
@@ -117,9 +118,10 @@ class FakeVMM:
         if self.fail:
             raise VMMError(f"QEMU failed to start {plan.name}: injected failure")
         plan.paths.run.mkdir(parents=True, exist_ok=True)
+        # `vm kill` sends it TERM, INT or QUIT: none may arrive ignored.
         proc = subprocess.Popen(
-            [sys.executable, "-c", "import time; time.sleep(100000)", plan.marker,
-             str(plan.paths.state)],
+            with_default_signals([sys.executable, "-c", "import time; time.sleep(100000)",
+                                  plan.marker, str(plan.paths.state)]),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,
         )

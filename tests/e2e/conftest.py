@@ -33,6 +33,7 @@ from typing import Any
 import pytest
 
 from banger.daemon.imagemgr import Recipe
+from tests.childsignals import with_default_signals
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
@@ -162,8 +163,10 @@ class Host:
         if pause_at:
             env = {**env, "BANGER_TEST_PAUSE_AT": pause_at}
         with self.log_file.open("ab") as out:
+            # kill_daemon may send any signal: the daemon must not inherit it ignored.
             self.daemon = subprocess.Popen(
-                self.netns(str(BIN / "bangerd")), env=env, stdin=subprocess.DEVNULL,
+                self.netns(*with_default_signals([str(BIN / "bangerd")])), env=env,
+                stdin=subprocess.DEVNULL,
                 stdout=out, stderr=out, start_new_session=True)
         deadline = time.monotonic() + DAEMON_START_S
         while time.monotonic() < deadline:
@@ -175,8 +178,10 @@ class Host:
         pytest.fail("bangerd did not start")
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
-        """A CLI command running in the background."""
-        return subprocess.Popen(self.netns(str(BIN / "banger"), *args), env=self.env,
+        """A CLI command running in the background, with default SIGINT/SIGTERM handling
+        (tests signal it; see :mod:`tests.childsignals`)."""
+        return subprocess.Popen(self.netns(*with_default_signals([str(BIN / "banger"), *args])),
+                                env=self.env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def wait_paused(self, stage: str, timeout: float = 300) -> None:

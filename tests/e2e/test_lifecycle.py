@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.childsignals import with_default_signals
 from tests.e2e.conftest import CACHE, Host
 
 pytestmark = pytest.mark.e2e
@@ -195,9 +196,11 @@ def test_guests_reach_an_upstream_through_nat(host: Host) -> None:
         www = host.root / "www"
         www.mkdir()
         (www / "marker").write_text("through the uplink\n")
+        # terminate() below must end it even when the suite's shell ignores SIGTERM.
         server = subprocess.Popen(
-            ["ip", "netns", "exec", up, sys.executable, "-m", "http.server", "8080",
-             "--bind", "10.77.0.2", "--directory", str(www)],
+            ["ip", "netns", "exec", up, *with_default_signals([
+                sys.executable, "-m", "http.server", "8080", "--bind", "10.77.0.2",
+                "--directory", str(www)])],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         out = host.ok("vm", "run", "--rm", "--", "curl", "-sS", "--max-time", "20",
                       "http://10.77.0.2:8080/marker")

@@ -31,6 +31,7 @@ from banger.errors import (
 from banger.fsutil import remove_tree
 from banger.proc import ProcessIdentity, identify, matches, send_signal, wait_gone
 from banger.runner import CancelToken, Hidden, SubprocessRunner
+from tests.childsignals import with_default_signals
 from tests.fakes import FakeNet, FakeRunner, ok
 
 # ----------------------------------------------------------------- store
@@ -141,7 +142,9 @@ def test_runner_stream_lines_and_cancel() -> None:
 
 @pytest.fixture
 def sleeper() -> Iterator[subprocess.Popen[bytes]]:
-    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "banger-test"])
+    # Signalled with SIGTERM below: it must not inherit SIGTERM ignored.
+    p = subprocess.Popen(with_default_signals(
+        [sys.executable, "-c", "import time; time.sleep(60)", "banger-test"]))
     time.sleep(0.1)
     yield p
     p.kill()
