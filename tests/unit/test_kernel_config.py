@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from banger.daemon import Daemon, kernels
 from banger.daemon.imagemgr import kernel as k
 from banger.daemon.kernels import given_base_config
 from banger.errors import BadRequest
@@ -149,6 +150,14 @@ def test_a_named_base_config_must_exist(tmp_path: Path) -> None:
     cfg = tmp_path / "mine.config"
     cfg.write_text("CONFIG_A=y\n")
     assert given_base_config(str(cfg)) == cfg
+
+
+def test_a_build_naming_a_missing_base_config_is_refused_before_it_starts(
+        daemon: Daemon, tmp_path: Path) -> None:
+    missing = tmp_path / "firecracker.config"
+    with pytest.raises(BadRequest, match=re.escape(f"no base kernel config at {missing}")):
+        kernels.begin_build(daemon, "k61", str(missing), None, None)
+    assert daemon.kernel_ops.all() == []  # nothing started, nothing fell back
 
 
 # --- nothing under src/ reads ../shared ---------------------------------------------------
