@@ -192,6 +192,74 @@ def test_exec_auto_prepare_resyncs_changed_host_tree(host: Host, running_vm: str
     assert fresh == "edited on the host\n"
 
 
+def test_reprepare_keeps_guest_edits(host: Host, running_vm: str, home: Path) -> None:
+    """Guest edits survive a re-prepare: re-applied when they apply, else refused with the
+    workspace untouched; saved every time, and discarded only when asked."""
+    repo = make_repo(home)
+    host.ok("vm", "workspace", "prepare", running_vm, str(repo))
+
+    def guest(script: str) -> str:
+        return host.ok("vm", "exec", running_vm, "--", "sh", "-c", script)
+
+    def backups() -> list[str]:
+        listed: list[str] = host.json("vm", "show", running_vm)["workspace_backups"]
+        return listed
+
+    # 1. The host changed another file: the guest's edits are re-applied on the new copy.
+    guest("echo 'guest line' >> README; echo 'made in the guest' > guest-new.txt")
+    (repo / "src/main.py").write_bytes(b"print('host edit')\n")
+    res = host.json("vm", "workspace", "prepare", running_vm, str(repo))
+    assert res["guest_changes"]["outcome"] == "reapplied"
+    assert res["guest_changes"]["files"] == 2
+    assert guest("cat README guest-new.txt src/main.py") == (
+        "hello, staged\nguest line\nmade in the guest\nprint('host edit')\n")
+    [first] = backups()
+    assert first == res["guest_changes"]["backup"]
+    saved = Path(first).read_bytes()
+    assert b"guest-new.txt" in saved and b"+guest line" in saved
+
+    # 2. A conflicting edit: refused before anything is replaced, the patch saved.
+    guest("echo 'guest version' > src/util.py")
+    (repo / "src/util.py").write_bytes(b"def f():\n    return 'host version'\n")
+    refused = host.cli("vm", "workspace", "prepare", running_vm, str(repo))
+    assert refused.returncode == 125, refused.stderr
+    assert "--discard-guest-changes" in refused.stderr
+    first_again, second = backups()
+    assert first_again == first and second in refused.stderr
+    assert b"+guest version" in Path(second).read_bytes()
+    assert guest("cat src/util.py guest-new.txt") == "guest version\nmade in the guest\n"
+    assert host.json("vm", "show", running_vm)["workspace"]["prepared"] is True
+    exported = host.cli("vm", "workspace", "export", running_vm)  # still exportable
+    assert exported.returncode == 0 and "src/util.py" in exported.stderr
+
+    # 3. Discarding on request: still saved first, then replaced by the host's tree.
+    res = host.json("vm", "workspace", "prepare", running_vm, str(repo),
+                    "--discard-guest-changes")
+    assert res["guest_changes"]["outcome"] == "discarded"
+    assert len(backups()) == 3
+    assert guest("cat src/util.py; test -e guest-new.txt || echo gone") == (
+        "def f():\n    return 'host version'\ngone\n")
+    human = host.ok("vm", "show", running_vm)
+    assert f"workspace backup: {backups()[-1]}" in human
+
+
+def test_prepare_removes_what_a_crashed_prepare_left(host: Host, running_vm: str,
+                                                     home: Path) -> None:
+    """A daemon killed mid-prepare leaves a staging directory, and its guest step still
+    running in it (an ssh session outlives its client): git, writing objects, would
+    recreate the directory right after the next prepare removed it."""
+    repo = make_repo(home)
+    stale = "/root/.proj.banger-partial-0badf00d"
+    host.ok("vm", "exec", running_vm, "--", "sh", "-c",
+            f"mkdir -p {stale}/.git/objects && cd {stale} && "
+            f"setsid sh -c 'while :; do mkdir -p {stale}/.git/objects/ab; sleep 0.2; done' "
+            "</dev/null >/dev/null 2>&1 &")
+    host.ok("vm", "workspace", "prepare", running_vm, str(repo))
+    listing = host.ok("vm", "exec", running_vm, "--", "sh", "-c", "sleep 2; ls -a /root")
+    assert [n for n in listing.split() if "banger-" in n] == []
+    assert "proj" in listing.split()
+
+
 def test_refusals(host: Host, running_vm: str, tmp_path: Path) -> None:
     plain = tmp_path / "plain"
     plain.mkdir()

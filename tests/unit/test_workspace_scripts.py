@@ -49,3 +49,4 @@ def test_preflight_leaves_other_processes_alone(tmp_path: Path) -> None:
     finally:
         bystander.kill()
         bystander.wait()
+

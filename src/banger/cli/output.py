@@ -85,6 +85,8 @@ def vm_detail(vm: dict[str, Any]) -> str:
         items.append(("workspace", f"{ws['host_path']} -> {ws['guest_path']}"
                       + ("" if ws.get("prepared") else " (not prepared)")))
         items.append(("base commit", ws["base_commit"]))
+    # Guest changes saved by re-prepares, newest last (`vm workspace prepare`).
+    items += [("workspace backup", path) for path in vm.get("workspace_backups") or []]
     return pairs(items)
 
 

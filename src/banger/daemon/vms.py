@@ -129,6 +129,14 @@ def handles_of(d: Daemon, vm: VMRecord) -> VMHandles:
 
 
 
+def wait_op(op: Operation) -> Any:
+    """Wait for ``op`` to end (the synchronous RPC methods); its result, or raise its error."""
+    op.wait()
+    if op.error is not None:
+        raise op.error
+    return op.result
+
+
 def op_view(op: Operation) -> dict[str, Any]:
     """An operation as JSON for the CLI (``OpView``)."""
     return OpView.model_validate(op.view()).model_dump(mode="json")
@@ -143,8 +151,12 @@ def list_vms(d: Daemon) -> list[dict[str, Any]]:
 
 
 def show(d: Daemon, ref: str) -> dict[str, Any]:
-    """``vm show``: one VM's view, by name or id."""
-    return view(d, resolve(d, ref))
+    """``vm show``: one VM's view, by name or id, and the guest changes a workspace
+    re-prepare saved (``workspace_backups``, oldest first: the names sort by time)."""
+    vm = resolve(d, ref)
+    saved = d.layout.vm(vm.id).workspace_backups
+    backups = sorted(str(p) for p in saved.glob("*.patch")) if saved.is_dir() else []
+    return {**view(d, vm), "workspace_backups": backups}
 
 
 def ssh_info(d: Daemon, ref: str) -> dict[str, Any]:

@@ -182,12 +182,6 @@ def _save_guest_changes(d: Daemon, op: Operation, vm: VMRecord, guest_path: str,
     return out, path
 
 
-def list_backups(d: Daemon, vm_id: str) -> list[str]:
-    """The VM's saved guest changes (``workspace-backups/*.patch``), oldest first."""
-    backups = d.layout.vm(vm_id).workspace_backups
-    return sorted(str(p) for p in backups.glob("*.patch")) if backups.is_dir() else []
-
-
 def _prepare(d: Daemon, op: Operation, *, vm: VMRecord, runner: Runner,
              info: workspace.RepoInfo, plan: workspace.CopyPlan, guest_path: str,
              p: PrepareParams) -> dict[str, Any]:
