@@ -17,7 +17,7 @@ import click
 
 from banger.cli import exits, output
 from banger.cli.app import App, follow, json_option, name_arg, pass_app, run_ssh
-from banger.cli.workspace import fetch_patch
+from banger.cli.workspace import fetch_patch, prepared_text
 from banger.client import Client
 from banger.errors import BangerError
 
@@ -173,7 +173,8 @@ def vm_exec(app: App, name: str, command: tuple[str, ...], auto_prepare: bool,
             op = client.call("vm.workspace.prepare.begin", name=name, path=st["host_path"],
                              guest_path=st["guest_path"], mode=st.get("mode") or "shallow",
                              discard_guest_changes=discard_guest_changes or None)
-            follow(app, client, op, "vm.workspace.prepare")
+            prepared = follow(app, client, op, "vm.workspace.prepare")
+            click.echo(prepared_text(prepared), err=True)  # stdout is the command's
     info = client.call("vm.ssh_info", name=name)
     return run_ssh(info, list(command), interactive=False)
 
