@@ -214,9 +214,13 @@ def test_stop_with_no_vm_left_removes_bridge_and_taps(tmp_path: Path, world: Fak
 
     vmdelete.delete(d, "gone")
     vmcreate.create_sync(d, vmcreate.CreateParams(name="kept", start=False))  # stopped VMs
+    world.net.create_tap(d.tap_pool.prefix + "1eaced", "br-banger")  # a release that failed
+    other = tap_prefix_for("0f0f0f") + "abcdef"  # another install's, on a bridge of its own
+    world.net.ensure_bridge("br-other", "10.9.0.1/24")
+    world.net.create_tap(other, "br-other")
     assert d.status()["idle"] is True
     d.close()
-    assert world.net.links() == []
+    assert sorted(world.net.links()) == sorted(["br-other", other])
     assert not d.layout.host_network_state.exists()
 
 

@@ -327,10 +327,10 @@ class Daemon:
                 # served cannot set the network up again behind this teardown.
                 self._network_enabled = False
                 self._net_ready = False
+                problems = self._delete_own_taps()
                 changes = HostChanges.load(self.layout.host_network_state)
-                if changes.empty:
-                    return
-                problems = restore_host(self.seams.net, self.runner, changes)
+                if not changes.empty:
+                    problems += restore_host(self.seams.net, self.runner, changes)
             except BangerError as exc:
                 log.warning("host network not restored: %s (%s)", exc.message, exc.hint)
                 return
@@ -338,8 +338,24 @@ class Daemon:
             log.warning("host network partly restored; still recorded in %s: %s",
                         self.layout.host_network_state, "; ".join(problems))
         else:
-            log.info("no VM is running: removed the bridge and NAT rules banger made and "
-                     "restored ip_forward")
+            log.info("no VM is running: removed this install's TAPs and the bridge and NAT "
+                     "rules banger made, and restored ip_forward")
+
+    def _delete_own_taps(self) -> list[str]:
+        """Delete every TAP with this install's prefix (no VM holds one when idle): the
+        drained pool's, and any a failed release left. Returns the failures."""
+        try:
+            links = self.seams.net.links()
+        except Exception as exc:  # pyroute2 raises its own errors; say, and go on
+            return [f"cannot list links: {exc}"]
+        problems = []
+        for link in links:
+            if link.startswith(self.tap_pool.prefix):
+                try:
+                    self.seams.net.delete_link(link)
+                except HostError as exc:
+                    problems.append(exc.message)
+        return problems
 
     def _write_pid(self) -> None:
         atomic_write(self.layout.pid_file, f"{os.getpid()}\n".encode(), 0o644)
