@@ -33,12 +33,21 @@ def test_work_disk_survives_stop_start_and_delete_leaves_nothing(host: Host,
     vm_id, tap, pid = shown["id"], shown["tap"], shown["pid"]
     assert tap in host.taps() and pid in host.vmm_pids()
 
-    host.ok("vm", "stop", running_vm)
+    stop = host.cli("vm", "stop", running_vm)
+    assert stop.returncode == 0, stop.stderr
+    assert stop.stdout == f"stopped {running_vm}\n"
+    # Without a TTY the stages print as plain lines on stderr. Only the stages that
+    # last long enough for a status poll to see them are asserted (a fast one may be
+    # passed between two polls).
+    assert "[2/3] wait-poweroff" in stop.stderr, stop.stderr
     stopped = host.json("vm", "show", running_vm)
     assert stopped["state"] == "stopped" and stopped["pid"] is None
     assert pid not in host.vmm_pids() and tap not in host.taps()
 
-    host.ok("vm", "start", running_vm)
+    start = host.cli("vm", "start", running_vm)
+    assert start.returncode == 0, start.stderr
+    assert start.stdout == f"started {running_vm}\n"
+    assert "[3/3] wait-ssh" in start.stderr, start.stderr
     assert host.ok("vm", "exec", running_vm, "--", "cat", "/root/keep") == "kept\n"
     # the guest's /root is the work disk, and authorized_keys lives there
     mounts = host.ok("vm", "exec", running_vm, "--", "findmnt", "-n", "-o", "SOURCE", "/root")
@@ -125,7 +134,9 @@ def test_kill_and_restart(host: Host, running_vm: str) -> None:
     assert pid not in host.vmm_pids()
     host.ok("vm", "start", running_vm)
     first = host.json("vm", "show", running_vm)["pid"]
-    host.ok("vm", "restart", running_vm)
+    restarted = host.cli("vm", "restart", running_vm)
+    assert restarted.returncode == 0, restarted.stderr
+    assert "[2/6] wait-poweroff" in restarted.stderr and "[6/6] wait-ssh" in restarted.stderr
     second = host.json("vm", "show", running_vm)
     assert second["state"] == "running" and second["pid"] != first
     assert host.ok("vm", "exec", running_vm, "--", "true") == ""

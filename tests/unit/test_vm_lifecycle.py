@@ -14,6 +14,7 @@ import pytest
 from banger.api import VMState
 from banger.daemon import vmcreate, vmdelete, vmpower, vms
 from banger.daemon.core import Daemon
+from banger.daemon.opstate import Operation
 from banger.daemon.store import VMRecord
 from banger.errors import AlreadyExists, BadName, InvalidState, NotFound, NotRunning, VMMError
 from banger.proc import find_by_marker, matches
@@ -173,7 +174,6 @@ def test_create_builds_a_missing_builtin_image_once(daemon: Daemon, world: FakeW
     """vm create on a fresh install builds the default image first; parallel creates share
     that one build (the real build is debootstrap: covered by the e2e image fixture)."""
     from banger.daemon import images
-    from banger.daemon.opstate import Operation
     from banger.daemon.store import ImageRecord, now
 
     daemon.db.delete_image("debian-bookworm")
@@ -400,3 +400,125 @@ def test_kill_tears_down_the_vmm_it_claimed_not_an_older_one(
     leaked = set(world.net.taps()) - daemon.tap_pool.owned()
     assert leaked == set(), leaked
     assert not find_by_marker(vm_marker(rec.id))  # the fresh VMM is gone too
+
+
+@pytest.fixture
+def stages(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
+    """Every stage each kind of operation enters, in order."""
+    seen: dict[str, list[str]] = {}
+    enter = Operation.enter
+
+    def spy(op: Operation, stage: str, progress: str = "") -> None:
+        seen.setdefault(op.kind, []).append(stage)
+        enter(op, stage, progress)
+
+    monkeypatch.setattr(Operation, "enter", spy)
+    return seen
+
+
+def _finished(op: Operation) -> dict[str, Any]:
+    assert op.wait(30) and op.error is None, op.error
+    assert op.stage == "done"
+    result: dict[str, Any] = op.result
+    return result
+
+
+def test_start_stop_restart_are_operations_with_named_stages(
+        daemon: Daemon, stages: dict[str, list[str]]) -> None:
+    create(daemon, name="s", start=False)
+    op = vmpower.begin_start(daemon, "s")
+    assert op.stages == ["network", "boot", "wait-ssh"]  # the boot stages create shows
+    assert _finished(op)["state"] == "running"
+    assert stages["vm.start"] == ["network", "boot", "wait-ssh"]
+
+    op = vmpower.begin_stop(daemon, "s")
+    assert op.stages == ["poweroff", "wait-poweroff", "teardown"]
+    assert _finished(op)["state"] == "stopped"
+    assert stages["vm.stop"] == ["poweroff", "wait-poweroff", "teardown"]
+
+    first = _finished(vmpower.begin_start(daemon, "s"))
+    op = vmpower.begin_restart(daemon, "s")
+    assert op.stages == ["poweroff", "wait-poweroff", "teardown", "network", "boot", "wait-ssh"]
+    again = _finished(op)
+    assert again["state"] == "running" and again["pid"] != first["pid"]
+    assert stages["vm.restart"] == op.stages
+    assert {o.kind for o in daemon.power_ops.all()} == {"vm.start", "vm.stop", "vm.restart"}
+
+
+def test_a_failed_vm_start_shows_its_cleanup_stage(daemon: Daemon,
+                                                   stages: dict[str, list[str]]) -> None:
+    _failed_with_leftovers(daemon, "f")
+    op = vmpower.begin_start(daemon, "f")
+    assert op.stages == ["cleanup", "network", "boot", "wait-ssh"]
+    assert _finished(op)["state"] == "running"
+    assert stages["vm.start"] == op.stages
+
+
+def test_lifecycle_refusals_come_before_any_operation(daemon: Daemon) -> None:
+    create(daemon, name="r1")
+    with pytest.raises(InvalidState, match="already running"):
+        vmpower.begin_start(daemon, "r1")
+    vmpower.stop(daemon, "r1")
+    with pytest.raises(NotRunning):
+        vmpower.begin_stop(daemon, "r1")
+    with pytest.raises(NotFound):
+        vmpower.begin_restart(daemon, "ghost")
+    assert [o.kind for o in daemon.power_ops.all()] == ["vm.stop"]  # the refused made none
+
+
+def test_lifecycle_ops_over_rpc_and_a_stop_is_not_cancelled(daemon: Daemon) -> None:
+    """``vm.<verb>.begin`` + ``.status`` long-poll + ``.cancel``, as the CLI drives them;
+    the synchronous methods still answer."""
+    create(daemon, name="rp")
+    call = daemon.methods
+    op = call["vm.stop.begin"]({"name": "rp"})
+    assert op["kind"] == "vm.stop" and op["stages"] == vmpower.STOP_STAGES
+    call["vm.stop.cancel"]({"id": op["id"]})  # refused: the stop goes on
+    while not op["done"]:
+        op = call["vm.stop.status"]({"id": op["id"], "wait_s": 5, "since": op["updated_at"]})
+    assert op["error"] is None and op["result"]["state"] == "stopped"
+    assert call["vm.start"]({"name": "rp"})["state"] == "running"
+    assert call["vm.restart"]({"name": "rp"})["state"] == "running"
+    assert call["vm.stop"]({"name": "rp"})["state"] == "stopped"
+
+
+def test_cancelling_a_start_leaves_the_vm_stopped(daemon: Daemon) -> None:
+    create(daemon, name="c", start=False)
+    in_ssh = threading.Event()
+
+    def slow_ssh(guest: object, **kw: Any) -> float:
+        in_ssh.set()
+        token = kw["cancel"]
+        while not token.cancelled:
+            time.sleep(0.01)
+        token.check()
+        return 0.0
+
+    daemon.seams.wait_for_ssh = slow_ssh
+    op = daemon.methods["vm.start.begin"]({"name": "c"})
+    assert in_ssh.wait(10)
+    daemon.methods["vm.start.cancel"]({"id": op["id"]})
+    done = daemon.power_ops.get(op["id"])
+    assert done.wait(10) and done.stage == "cancelled"
+    vm = daemon.db.find_vm("c")
+    assert vm is not None and vm.state == VMState.STOPPED
+    assert vm.runtime["stop_reason"] == "start failed"
+    assert daemon.handles.get(vm.id) is None
+
+
+def test_a_restart_never_cancels_another_calls_boot(daemon: Daemon) -> None:
+    create(daemon, name="b", start=False)
+    in_ssh, release = threading.Event(), threading.Event()
+
+    def gated_ssh(guest: object, **kw: Any) -> float:
+        in_ssh.set()
+        assert release.wait(10)
+        return instant_ssh(guest, **kw)
+
+    daemon.seams.wait_for_ssh = gated_ssh
+    starting = vmpower.begin_start(daemon, "b")
+    assert in_ssh.wait(10)
+    with pytest.raises(InvalidState, match="starting"):
+        vmpower.begin_restart(daemon, "b")
+    release.set()
+    assert _finished(starting)["state"] == "running"

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import click
 
 from banger.cli import exits, output
-from banger.cli.app import App, json_option, pass_app
-from banger.errors import BangerError
+from banger.cli.app import App, follow, json_option, pass_app
+from banger.client import Client
+from banger.errors import BangerError, Cancelled
 
 
-def _simple(method: str, verb: str) -> Any:
+def _each(verb: str, act: Callable[[App, Client, str], Any]) -> Any:
+    """A command acting on each named VM in turn: ``act`` per name, then one line per VM
+    (or one JSON value, a list for several names). With several names a failure is
+    reported and the next VM still gets its turn; the exit status says one failed."""
     @click.argument("names", nargs=-1, required=True)
     @json_option
     @pass_app
@@ -21,7 +26,9 @@ def _simple(method: str, verb: str) -> Any:
         failed = 0
         for name in names:
             try:
-                res = client.call(method, name=name)
+                res = act(app, client, name)
+            except Cancelled:
+                raise  # Ctrl-C cancels the whole command, not one VM of it
             except BangerError as exc:
                 if len(names) == 1:
                     raise
@@ -38,11 +45,29 @@ def _simple(method: str, verb: str) -> Any:
     return command
 
 
-start = click.command("start", help="Boot stopped VMs.")(_simple("vm.start", "started"))
+def _simple(method: str, verb: str) -> Any:
+    """One RPC call per VM, no progress (fast verbs)."""
+    return _each(verb, lambda _app, client, name: client.call(method, name=name))
+
+
+def _followed(kind: str, verb: str) -> Any:
+    """An operation per VM whose stages show on stderr as it runs (like ``vm create``)."""
+    def act(app: App, client: Client, name: str) -> Any:
+        return follow(app, client, client.call(f"{kind}.begin", name=name), kind)
+
+    return _each(verb, act)
+
+
+start = click.command(
+    "start", help="Boot stopped VMs, one after the other, showing each boot's stages.")(
+    _followed("vm.start", "started"))
 stop = click.command(
-    "stop", help="Stop VMs: sync, clean poweroff over SSH, kill after a bounded wait.")(
-    _simple("vm.stop", "stopped"))
-restart = click.command("restart", help="Stop then start VMs.")(_simple("vm.restart", "restarted"))
+    "stop", help="Stop VMs: sync, clean poweroff over SSH, kill after a bounded wait "
+                 "(stages shown; once under way a stop is not cancelled).")(
+    _followed("vm.stop", "stopped"))
+restart = click.command(
+    "restart", help="Stop then start VMs, showing the stages of both.")(
+    _followed("vm.restart", "restarted"))
 delete = click.command(
     "delete", help="Delete VMs: stop them and remove disks, TAP, IP and files.")(
     _simple("vm.delete", "deleted"))

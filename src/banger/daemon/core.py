@@ -162,8 +162,9 @@ class Daemon:
         self.image_ops: Registry[Operation] = Registry(self.log_location)
         self.workspace_ops: Registry[Operation] = Registry(self.log_location)
         self.kernel_ops: Registry[Operation] = Registry(self.log_location)
+        self.power_ops: Registry[Operation] = Registry(self.log_location)  # start/stop/restart
         self.op_registries = (self.create_ops, self.image_ops, self.workspace_ops,
-                              self.kernel_ops)
+                              self.kernel_ops, self.power_ops)
         # Cancel tokens of in-flight boots, so stop/delete can interrupt a slow start.
         # _inflight_mu is a leaf lock guarding only the dict.
         self._inflight_mu = threading.Lock()

@@ -119,7 +119,7 @@ def register(d: Daemon) -> None:
 
         def cancel(p: dict[str, Any]) -> Any:
             op = registry.get(parse(OpRef, p).id)
-            op.cancel.cancel("cancelled by the user")
+            op.request_cancel("cancelled by the user")
             return vms.op_view(op)
 
         return {f"{prefix}.status": status, f"{prefix}.cancel": cancel}
@@ -169,8 +169,14 @@ def register(d: Daemon) -> None:
         "vm.create.begin": create_begin,
         **op_methods("vm.create", d.create_ops),
         "vm.start": ref(vmpower.start),
+        "vm.start.begin": ref(lambda d, name: vms.op_view(vmpower.begin_start(d, name))),
+        **op_methods("vm.start", d.power_ops),
         "vm.stop": ref(vmpower.stop),
+        "vm.stop.begin": ref(lambda d, name: vms.op_view(vmpower.begin_stop(d, name))),
+        **op_methods("vm.stop", d.power_ops),
         "vm.restart": ref(vmpower.restart),
+        "vm.restart.begin": ref(lambda d, name: vms.op_view(vmpower.begin_restart(d, name))),
+        **op_methods("vm.restart", d.power_ops),
         "vm.kill": kill,
         "vm.delete": ref(vmdelete.delete),
         "vm.list": no(lambda: vms.list_vms(d)),

@@ -27,7 +27,7 @@ from banger.daemon.store import ImageRecord, VMRecord
 from banger.daemon.vmdelete import destroy
 from banger.daemon.vmmselect import resolve_vmm
 from banger.daemon.vmpower import boot
-from banger.daemon.vms import transition, update_runtime, view
+from banger.daemon.vms import transition, update_runtime, view, wait_op
 from banger.errors import AlreadyExists, BadRequest, Cancelled
 from banger.fsutil import remove_tree
 from banger.names import check_name, generate_name
@@ -214,9 +214,5 @@ def write_authorized_key(seed: Path, pubkey: str) -> None:
 
 def create_sync(d: Daemon, params: CreateParams) -> dict[str, Any]:
     """``vm.create``: begin a create and wait for it; returns the VM view or raises its error."""
-    op = begin_create(d, params)
-    op.wait()
-    if op.error is not None:
-        raise op.error
-    result: dict[str, Any] = op.result
+    result: dict[str, Any] = wait_op(begin_create(d, params))
     return result

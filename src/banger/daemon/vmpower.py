@@ -11,6 +11,7 @@ import contextlib
 import logging
 import signal as signal_mod
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,7 @@ from banger.daemon.vms import (
     transition,
     update_runtime,
     view,
+    wait_op,
     wrong_state,
 )
 from banger.errors import (
@@ -57,6 +59,13 @@ ACPI_POWEROFF_S = 5.0
 SIGTERM_S = 5.0
 SIGKILL_S = 10.0
 CANCEL_BOOT_S = 60.0  # how long stop/delete wait for a cancelled boot to unwind
+
+# The stages `vm start`, `vm stop` and `vm restart` show (a start's are the boot
+# stages `vm create` shows). A start of a failed VM first clears what it left.
+START_STAGES = ["network", "boot", "wait-ssh"]
+CLEANUP_STAGE = "cleanup"
+STOP_STAGES = ["poweroff", "wait-poweroff", "teardown"]
+STOP_REASON = "stopped by `banger vm stop`"
 
 
 # ------------------------------------------------------------------ boot
@@ -153,27 +162,49 @@ def mark_running(d: Daemon, vm_id: str, expect: set[VMState]) -> VMRecord:
                       last_error=None, stop_reason=None, booted_at=time.time())
 
 
-def start(d: Daemon, ref: str) -> dict[str, Any]:
-    """``vm start``: boot a stopped (or failed) VM; on failure it is stopped with the reason."""
+def begin_start(d: Daemon, ref: str) -> Operation:
+    """``vm.start.begin``: claim the VM now (a refusal is immediate), boot it on a worker.
+
+    The op's result is the VM's view; on failure the VM is stopped with the reason.
+    """
     vm = resolve(d, ref)
     img = d.db.get_image(vm.image)
-    token = CancelToken()
-    vm, leftovers = claim_start(d, vm.id, token)
-    return view(d, run_start(d, vm, img, token, leftovers=leftovers))
+    op = Operation(kind="vm.start", target=vm.name, stages=list(START_STAGES))
+    vm, leftovers = claim_start(d, vm.id, op.cancel)
+    if leftovers:
+        op.stages.insert(0, CLEANUP_STAGE)
+    return _run(d, op, lambda o: view(d, run_start(d, vm, img, o.cancel,
+                                                   leftovers=leftovers, op=o)))
 
 
-def claim_start(d: Daemon, vm_id: str, token: CancelToken) -> tuple[VMRecord, bool]:
+def start(d: Daemon, ref: str) -> dict[str, Any]:
+    """``vm.start``: :func:`begin_start` and wait for it; the VM's view or the error."""
+    result: dict[str, Any] = wait_op(begin_start(d, ref))
+    return result
+
+
+def _run(d: Daemon, op: Operation, work: Callable[[Operation], Any]) -> Operation:
+    return d.power_ops.run(op, work, name=f"{op.kind}-{op.target}")
+
+
+def claim_start(d: Daemon, vm_id: str, token: CancelToken, *,
+                restarting: bool = False) -> tuple[VMRecord, bool]:
     """Move a stopped or failed VM to ``starting``; True with it when it was ``error``.
 
     The claim comes before anything else a start does: two starts of one VM both
     see ``stopped`` or ``error``, and only the one that claims it may touch what it
     holds (a second start's cleanup would tear down the first one's fresh VMM).
     The cancel token is registered under the same lock: a stop or delete that sees
-    ``starting`` can always cancel the start.
+    ``starting`` can always cancel the start. With ``restarting`` the VM is one
+    whose teardown the caller just finished (``stopping``): it is recorded stopped
+    and claimed in one hold of the lock, so no other call takes it in between.
     """
     with d.vm_locks.held(vm_id):
         current = d.db.get_vm(vm_id)
-        if current.state not in (VMState.STOPPED, VMState.ERROR) \
+        if restarting and current.state == VMState.STOPPING:
+            current = d.db.update_vm(current, state=VMState.STOPPED, runtime=merge_runtime(
+                current.runtime, {"stop_reason": "restarting", "booted_at": None}))
+        elif restarting or current.state not in (VMState.STOPPED, VMState.ERROR) \
                 or not current.state.can_become(VMState.STARTING):
             raise wrong_state(current, VMState.STARTING)
         vm = d.db.update_vm(current, state=VMState.STARTING)
@@ -245,26 +276,65 @@ def cancel_boot(d: Daemon, vm: VMRecord, reason: str) -> VMRecord | None:
     return d.db.find_vm(vm.id)
 
 
-def stop(d: Daemon, ref: str, reason: str = "stopped by `banger vm stop`") -> dict[str, Any]:
-    """``vm stop``: cancel a boot in progress, or power the guest off cleanly (bounded),
-    then release its TAP, disk mapping and runtime files."""
+def begin_stop(d: Daemon, ref: str, reason: str = STOP_REASON) -> Operation:
+    """``vm.stop.begin``: cancel a boot in progress, or power the guest off cleanly
+    (bounded), then release its TAP, disk mapping and runtime files, on a worker.
+
+    A running or failed VM is claimed now (a refusal is immediate); one mid-boot is
+    claimed by the worker once its cancelled boot has unwound. Once claimed, a stop
+    is not cancellable: half a teardown helps nobody.
+    """
     vm = resolve(d, ref)
+    op = Operation(kind="vm.stop", target=vm.name, stages=list(STOP_STAGES), cancellable=False)
+    if vm.state in (VMState.STARTING, VMState.CREATING):
+        return _run(d, op, lambda o: _stop_a_boot(d, o, vm, reason))
+    claimed = claim_stop(d, vm)
+    if claimed is None:
+        d.power_ops.add(op).finish(result=view(d, vm))
+        return op
+    return _run(d, op, lambda o: view(d, _stop_claimed(d, claimed, reason, o)))
+
+
+def stop(d: Daemon, ref: str, reason: str = STOP_REASON) -> dict[str, Any]:
+    """``vm.stop``: :func:`begin_stop` and wait for it; the VM's view or the error."""
+    result: dict[str, Any] = wait_op(begin_stop(d, ref, reason))
+    return result
+
+
+def claim_stop(d: Daemon, vm: VMRecord) -> VMRecord | None:
+    """Move a running or failed VM to ``stopping``; None when its start failed (then it
+    is already stopped, and stopping it again is not an error)."""
+    if vm.state == VMState.STOPPED:
+        if vm.runtime.get("stop_reason") == "start failed":
+            return None
+        raise NotRunning(f"VM {vm.name!r} is not running")
+    return transition(d, vm.id, VMState.STOPPING, expect={VMState.RUNNING, VMState.ERROR})
+
+
+def _stop_a_boot(d: Daemon, op: Operation, vm: VMRecord, reason: str) -> dict[str, Any]:
+    op.enter("cancel-boot")
     fresh = cancel_boot(d, vm, "stopped by the user")
     if fresh is None:
         raise NotFound(f"VM {vm.name!r} was deleted while starting")
-    vm = fresh
-    if vm.state == VMState.STOPPED:
-        if vm.runtime.get("stop_reason") == "start failed":
-            return view(d, vm)
-        raise NotRunning(f"VM {vm.name!r} is not running")
-    vm = transition(d, vm.id, VMState.STOPPING, expect={VMState.RUNNING, VMState.ERROR})
+    claimed = claim_stop(d, fresh)
+    if claimed is None:
+        return view(d, fresh)
+    return view(d, _stop_claimed(d, claimed, reason, op))
+
+
+def _stop_claimed(d: Daemon, vm: VMRecord, reason: str, op: Operation | None) -> VMRecord:
+    return finish_stop(d, vm, reason, _power_off(d, vm, op))
+
+
+def _power_off(d: Daemon, vm: VMRecord, op: Operation | None) -> list[str]:
+    """Poweroff and teardown of a VM this call has claimed (``stopping``); the problems."""
     d.checkpoint("stop.marked")
     h = handles_of(d, vm)
-    graceful_poweroff(d, vm, h)
+    graceful_poweroff(d, vm, h, op)
     d.checkpoint("stop.poweroff")
-    problems = teardown(d, vm.id, h)
-    vm = finish_stop(d, vm, reason, problems)
-    return view(d, vm)
+    if op is not None:
+        op.enter("teardown")
+    return teardown(d, vm.id, h)
 
 
 def finish_stop(d: Daemon, vm: VMRecord, reason: str, problems: list[str]) -> VMRecord:
@@ -278,27 +348,46 @@ def finish_stop(d: Daemon, vm: VMRecord, reason: str, problems: list[str]) -> VM
     return vm
 
 
-def graceful_poweroff(d: Daemon, vm: VMRecord, h: VMHandles) -> None:
+def graceful_poweroff(d: Daemon, vm: VMRecord, h: VMHandles, op: Operation | None = None
+                      ) -> None:
     """sync + poweroff over SSH, then the VMM's power button, each with a bounded wait."""
     ident = h.process
     if ident is None or not matches(ident):
         return
+    if op is not None:
+        op.enter("poweroff")
     try:
         # The connection drops as the guest goes down: ssh then exits 255, which is fine.
         d.dial(vm.ip).run("sync; (systemctl poweroff || poweroff) >/dev/null 2>&1 &",
                           timeout=15, check=False, desc="guest poweroff")
     except GuestError as exc:
         log.info("vm %s: poweroff over ssh failed: %s", vm.name, exc)
-    if wait_gone(ident, GUEST_POWEROFF_S):
+    if op is not None:
+        op.enter("wait-poweroff")
+    if _wait_gone_reporting(ident, GUEST_POWEROFF_S, op):
         return
     log.warning("vm %s: guest did not power off within %gs; pressing the power button",
                 vm.name, GUEST_POWEROFF_S)
+    if op is not None:
+        op.report(f"no poweroff after {GUEST_POWEROFF_S:.0f}s; pressing the power button")
     try:
         drv = d.driver(h.vmm)
         if drv.request_shutdown(d.layout.vm(vm.id), ident) and wait_gone(ident, ACPI_POWEROFF_S):
             return
     except BangerError as exc:
         log.info("vm %s: VMM shutdown request failed: %s", vm.name, exc)
+
+
+def _wait_gone_reporting(ident: ProcessIdentity, budget_s: float, op: Operation | None) -> bool:
+    """:func:`wait_gone` within ``budget_s``, reporting the seconds waited about once a second."""
+    started = time.monotonic()
+    deadline = started + budget_s
+    while (left := deadline - time.monotonic()) > 0:
+        if wait_gone(ident, min(1.0, left)):
+            return True
+        if op is not None:
+            op.report(f"{time.monotonic() - started:.0f}s")
+    return wait_gone(ident, 0)
 
 
 def kill_vmm(ident: ProcessIdentity | None, sig: int = signal_mod.SIGKILL) -> bool:
@@ -402,11 +491,40 @@ def _signal(name: str) -> signal_mod.Signals:
     raise BadRequest(f"unknown signal {name!r}", hint="e.g. KILL, TERM, INT, HUP or a number")
 
 
-def restart(d: Daemon, ref: str) -> dict[str, Any]:
-    """``vm restart``: stop if running (or failed), then start."""
-    vm = resolve(d, ref)
-    if vm.state in (VMState.RUNNING, VMState.ERROR):
-        stop(d, vm.id, reason="restarting")
-    return start(d, vm.id)
+def begin_restart(d: Daemon, ref: str) -> Operation:
+    """``vm.restart.begin``: stop a running (or failed) VM and start it again, on a worker.
 
+    The VM is claimed now (a busy VM is refused at once, and a restart never cancels
+    another call's boot) and stays claimed from the stop to the start. The stop half
+    cannot be cancelled; a cancel during the start half leaves the VM stopped.
+    """
+    vm = resolve(d, ref)
+    img = d.db.get_image(vm.image)
+    op = Operation(kind="vm.restart", target=vm.name, stages=list(START_STAGES))
+    if vm.state not in (VMState.RUNNING, VMState.ERROR):
+        started, leftovers = claim_start(d, vm.id, op.cancel)  # nothing to stop: a start
+        if leftovers:
+            op.stages.insert(0, CLEANUP_STAGE)
+        return _run(d, op, lambda o: view(d, run_start(d, started, img, o.cancel,
+                                                       leftovers=leftovers, op=o)))
+    claimed = transition(d, vm.id, VMState.STOPPING, expect={VMState.RUNNING, VMState.ERROR})
+    op.stages = STOP_STAGES + START_STAGES
+    op.cancellable = False
+    return _run(d, op, lambda o: _restart(d, o, claimed, img))
+
+
+def _restart(d: Daemon, op: Operation, vm: VMRecord, img: ImageRecord) -> dict[str, Any]:
+    problems = _power_off(d, vm, op)
+    if problems:
+        finish_stop(d, vm, "restarting", problems)  # raises: the VM is left in error
+    started, _ = claim_start(d, vm.id, op.cancel, restarting=True)
+    caps.stopped(d, started)
+    op.cancellable = True
+    return view(d, run_start(d, started, img, op.cancel, leftovers=False, op=op))
+
+
+def restart(d: Daemon, ref: str) -> dict[str, Any]:
+    """``vm.restart``: :func:`begin_restart` and wait for it; the VM's view or the error."""
+    result: dict[str, Any] = wait_op(begin_restart(d, ref))
+    return result
 

@@ -44,6 +44,9 @@ class Operation:
     error: BangerError | None = None
     result: Any = None
     cancel: CancelToken = field(default_factory=CancelToken)
+    # False while the op does something that must run to its end once begun (a VM's
+    # poweroff and teardown): a cancel request is then refused, not half-honoured.
+    cancellable: bool = True
     started_at: datetime = field(default_factory=_now)
     updated_at: datetime = field(default_factory=_now)
     finished_mono: float | None = None
@@ -64,6 +67,18 @@ class Operation:
             self.progress = progress
             self.updated_at = _now()
             self._changed.notify_all()
+
+    def request_cancel(self, reason: str) -> bool:
+        """Cancel the op if it is :attr:`cancellable` now; True when it was.
+
+        A refusal is reported in the op's progress so a client that asked sees why
+        the op goes on.
+        """
+        if not self.cancellable:
+            self.report(f"cannot be cancelled during {self.stage}; it goes on")
+            return False
+        self.cancel.cancel(reason)
+        return True
 
     def finish(self, result: Any = None, error: BangerError | None = None) -> None:
         """Mark the op done with ``result`` or ``error`` and wake every waiter.
