@@ -22,7 +22,11 @@ def daemon() -> None:
 @json_option
 @pass_app
 def daemon_status(app: App) -> int:
-    """Show pid, socket, log path and version of the running daemon."""
+    """Show pid, socket, log path, version and config of the running daemon.
+
+    `--json` includes the config file's path and the effective values the daemon
+    started with (it keeps them until `banger daemon restart`).
+    """
     client = app.client(autostart=False)
     try:
         st = client.call("daemon.status")
@@ -50,7 +54,7 @@ def daemon_start(app: App) -> None:
 @daemon.command("stop")
 @pass_app
 def daemon_stop(app: App) -> None:
-    """Stop bangerd. Running VMs keep running and are re-adopted on its next start.
+    """Stop bangerd; running VMs keep running and are re-adopted at its next start.
 
     With no VM running (every VM stopped, none being created, started or copied to),
     the daemon also puts the host network back as it found it: the bridge and the
