@@ -104,3 +104,12 @@ def test_a_command_killed_by_a_signal_gives_128_plus_n(tmp_path: Path,
     assert res.returncode == (128 + 15 if not shell_string else 128 + 9)
     plain = remote_command(["sh", "-c", "exit 7"], workdir=str(tmp_path), shell_string=False)
     assert run_remote(plain, tmp_path).returncode == 7
+
+
+def test_daemon_status_names_the_config_it_runs_with() -> None:
+    from banger.cli.output import daemon_status
+
+    st = {"pid": 1, "version": "0", "socket": "/s", "log": "/l", "state_dir": "/d",
+          "uptime_s": 3.0, "vms": 0, "vms_running": 0,
+          "config": {"path": "/etc/banger.toml", "hash": "ab" * 32, "values": {}}}
+    assert "config:    /etc/banger.toml (hash abababababab)" in daemon_status(st)

@@ -158,6 +158,9 @@ def daemon_status(st: dict[str, Any]) -> str:
         ("socket", st["socket"]), ("log", st["log"]), ("state dir", st["state_dir"]),
         ("uptime", f"{st['uptime_s']:.0f}s"), ("vms", f"{st['vms']} ({st['vms_running']} running)"),
     ]
+    config = st.get("config")
+    if config:
+        items.append(("config", f"{config['path'] or '(none: defaults)'} (hash {config['hash'][:12]})"))
     return pairs(items)
 
 
