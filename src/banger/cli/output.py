@@ -160,7 +160,8 @@ def daemon_status(st: dict[str, Any]) -> str:
     ]
     config = st.get("config")
     if config:
-        items.append(("config", f"{config['path'] or '(none: defaults)'} (hash {config['hash'][:12]})"))
+        path = config["path"] or "(none: defaults)"
+        items.append(("config", f"{path} (hash {config['hash'][:12]})"))
     return pairs(items)
 
 
