@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from banger.config import Config, parse_config
-from banger.daemon import Daemon, Seams
+from banger.daemon import Bangerd, Daemon, Seams
 from banger.daemon.dmsnap import CopyCow
 from tests.fakes import FakeGuest, FakeNet, FakeRunner, FakeVMM, instant_ssh
 
@@ -75,7 +75,7 @@ def daemon(cfg: Config, world: FakeWorld) -> Iterator[Daemon]:
     key.parent.mkdir(parents=True, exist_ok=True)
     key.write_text("PRIVATE")
     key.with_name(key.name + ".pub").write_text("ssh-ed25519 AAAA test\n")
-    d = Daemon.open(cfg, world.seams(), log_to_stderr=True)
+    d = Bangerd.open(cfg, world.seams(), log_to_stderr=True)
     add_fake_image(d)
     yield d
     world.vmm.reap_all()

@@ -27,6 +27,7 @@ from banger.daemon.network import (
     tap_name,
     tap_prefix_for,
 )
+from banger.daemon.service import Bangerd
 from banger.errors import HostError, InternalError
 from banger.layout import Layout, install_tag
 from tests.conftest import FakeWorld, add_fake_image
@@ -95,7 +96,7 @@ def _open(root: Path, world: FakeWorld, config_file: Path | None = None,
     cfg.key_path.with_name(cfg.key_path.name + ".pub").write_text("ssh-ed25519 AAAA test\n")
     seams = Seams(runner=world.runner, net=world.net, vmm_factory=lambda name: world.vmm,
                   cow=CopyCow(), dial=world.dial, wait_for_ssh=instant_ssh)
-    d = Daemon.open(cfg, seams, log_to_stderr=True, config_file=config_file)
+    d = Bangerd.open(cfg, seams, log_to_stderr=True, config_file=config_file)
     add_fake_image(d)
     return d
 

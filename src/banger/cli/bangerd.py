@@ -17,11 +17,11 @@ from banger.errors import BangerError
 @click.option("--log-stderr", is_flag=True, help="Log to stderr instead of the log file.")
 def run(config_file: Path | None, log_stderr: bool) -> None:
     """Serve banger's JSON-RPC API on a Unix socket (root only)."""
-    from banger.daemon import Daemon
+    from banger.daemon import Bangerd
 
     path = config_file or config_path()
     cfg = load_config(path)
-    d = Daemon.open(cfg, log_to_stderr=log_stderr, config_file=path)
+    d = Bangerd.open(cfg, log_to_stderr=log_stderr, config_file=path)
     try:
         d.serve()
     finally:

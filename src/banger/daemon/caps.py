@@ -8,31 +8,12 @@ lifecycle operation that triggered it.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Protocol
 
+from banger.daemon.core import Daemon, VMCap
 from banger.daemon.store import VMRecord
 from banger.fsutil import atomic_write
 
-if TYPE_CHECKING:
-    from banger.daemon.core import Daemon
-
 log = logging.getLogger("banger.caps")
-
-
-class VMCap(Protocol):
-    name: str
-
-    def started(self, vm: VMRecord) -> None:
-        """The VM is running (also called on re-adoption after a daemon restart)."""
-        ...
-
-    def stopped(self, vm: VMRecord) -> None:
-        """The VM stopped."""
-        ...
-
-    def deleted(self, vm: VMRecord) -> None:
-        """The VM was removed for good."""
-        ...
 
 
 class DNSCap:

@@ -1,9 +1,9 @@
-"""``Daemon``: the composition root of bangerd.
+"""``Daemon``: the state of bangerd, handed to every daemon module as ``d``.
 
 It owns the infrastructure handles (config, layout, store, runner, logger,
-pid file), the locks, the subsystem registries and the injectable seams, and
-wires the RPC dispatch table. The work itself lives in ``vms``, ``images``,
-``reconcile`` and the leaf subpackages.
+pid file), the locks, the subsystem registries and the injectable seams. The
+work lives in ``vms``, ``vmcreate``, ``vmpower``, ``images``, ``reconcile`` and the
+leaf subpackages; :mod:`banger.daemon.service` opens, serves and closes it.
 
 Lock order (see ARCHITECTURE.md in this directory): ::
 
@@ -15,29 +15,25 @@ lock is held across guest I/O or a VMM boot.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
-import fcntl
 import logging
 import os
 import secrets
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from banger import __version__
 from banger.api import PROTOCOL_VERSION, VMState, config_hash, config_values
 from banger.config import Config
-from banger.daemon import caps as caps_mod
+from banger.daemon import vmmselect
 from banger.daemon.dmsnap import (
     CowHandle,
     CowStrategy,
-    choose_strategy,
     dm_prefix_for,
     strategy_for,
 )
@@ -52,13 +48,11 @@ from banger.daemon.network import (
     enable_nat,
     ensure_bridge,
     gateway,
-    restore_host,
     tap_prefix_for,
 )
 from banger.daemon.opstate import Operation, Registry
-from banger.daemon.store import Store
-from banger.errors import BangerError, HostError, InternalError, from_foreign
-from banger.fsutil import atomic_write
+from banger.daemon.store import Store, VMRecord
+from banger.errors import BangerError, InternalError, from_foreign
 from banger.layout import Layout
 from banger.runner import CancelToken, Runner, SubprocessRunner
 from banger.vmm import VMMDriver
@@ -133,8 +127,30 @@ class Seams:
     image_build: Callable[..., Any] | None = None
 
 
+class VMCap(Protocol):
+    """An optional per-VM feature that follows the lifecycle (implementations: ``caps``)."""
+
+    name: str
+
+    def started(self, vm: VMRecord) -> None:
+        """The VM is running (also called on re-adoption after a daemon restart)."""
+        ...
+
+    def stopped(self, vm: VMRecord) -> None:
+        """The VM stopped."""
+        ...
+
+    def deleted(self, vm: VMRecord) -> None:
+        """The VM was removed for good."""
+        ...
+
+
 class Daemon:
-    """bangerd. Public surface: :meth:`open`, :meth:`serve`, :meth:`close`."""
+    """bangerd's state: what every daemon module is handed as ``d``.
+
+    Opening, serving and closing (which need reconcile, the RPC table and the
+    socket server, all of which use this class) are :class:`banger.daemon.service.Bangerd`'s.
+    """
 
     def __init__(self, cfg: Config, seams: Seams | None = None, *,
                  log_to_stderr: bool = False, config_file: Path | None = None) -> None:
@@ -178,7 +194,7 @@ class Daemon:
                                 tap_prefix_for(self.layout.install_tag))
         self.dm_prefix = dm_prefix_for(self.layout.install_tag)
         self.vm_dns: VMDNS | None = None
-        self.vm_caps: list[caps_mod.VMCap] = []
+        self.vm_caps: list[VMCap] = []
         self.cow: CowStrategy | None = self.seams.cow
         self._drivers: dict[str, VMMDriver] = {}
         self._drivers_mu = threading.Lock()
@@ -193,40 +209,6 @@ class Daemon:
         self.methods: dict[str, Callable[[dict[str, Any]], Any]] = {}
 
     # ----------------------------------------------------------------- lifecycle
-
-    @classmethod
-    def open(cls, cfg: Config, seams: Seams | None = None, *, log_to_stderr: bool = False,
-             network: bool = True, config_file: Path | None = None) -> Daemon:
-        """Create directories, open the store, set up the bridge, reconcile VMs.
-
-        ``config_file`` is where ``cfg`` came from (reported by ``daemon.status``).
-        """
-        from banger.daemon import reconcile, rpc
-
-        d = cls(cfg, seams, log_to_stderr=log_to_stderr, config_file=config_file)
-        lay = d.layout
-        for directory in (lay.state_dir, lay.vms_dir, lay.images_dir, lay.kernels_dir,
-                          lay.ssh_dir, lay.runtime_dir, lay.vms_run_dir, lay.cache_dir):
-            directory.mkdir(parents=True, exist_ok=True)
-        os.chmod(lay.runtime_dir, 0o700)
-        os.chmod(lay.state_dir, 0o700)
-        # Before anything touches the store or the host: a second daemon on the same
-        # state would reconcile and sweep away the first one's VMs in flight.
-        d._instance_lock = single_instance(lay.state_dir / "bangerd.lock")
-        setup_logging(None if log_to_stderr else lay.daemon_log, cfg.log_level)
-        log.info("bangerd %s starting (pid %d, state %s)", __version__, os.getpid(),
-                 lay.state_dir)
-        d.store = Store(lay.db)
-        if d.cow is None:
-            d.cow = choose_strategy(cfg.cow_strategy, lay.vms_dir, d.runner, d.dm_prefix)
-        log.info("cow strategy: %s", d.cow.name)
-        d._network_enabled = network
-        d.vm_caps = caps_mod.default_caps(d)
-        if d.db.list_vms():
-            d.ensure_network()
-        reconcile.reconcile(d)
-        rpc.register(d)
-        return d
 
     def ensure_network(self) -> None:
         """Bridge, TAP pool and DNS, made on first need (idempotent).
@@ -253,51 +235,9 @@ class Daemon:
                 self._start_dns()
             self._net_ready = True
 
-    def serve(self) -> None:
-        """Serve RPC on the Unix socket until :meth:`shutdown` or a signal."""
-        from banger.daemon.server import RPCServer
-
-        self._write_pid()
-        with self._net_mu:
-            self._serving = True
-            if self._net_ready and self.cfg.dns_enabled:
-                self._start_dns()
-        self._server = RPCServer(self, self.layout.socket)
-        self._watcher = threading.Thread(target=self._watch, name="vm-watcher", daemon=True)
-        self._watcher.start()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.shutdown())
-        log.info("serving on %s", self.layout.socket)
-        self._server.serve_until(self._stop)
-
     def shutdown(self) -> None:
         """Stop serving; running VMs keep running (they are re-adopted on the next start)."""
         self._stop.set()
-
-    def close(self) -> None:
-        """Stop serving and release DNS, the TAP pool and the store; VMs keep running.
-
-        When no VM is left running (:meth:`host_idle`), the host network is also put
-        back as banger found it (:meth:`_restore_host_network`); otherwise the bridge
-        and NAT stay for the running VMs. The pid file is removed only if it still
-        names this process.
-        """
-        self._stop.set()
-        if self._server is not None:
-            self._server.close()
-        if self.vm_dns is not None:
-            self.vm_dns.close()
-        self.tap_pool.drain()
-        if self.store is not None:
-            self._restore_host_network()
-            self.store.close()
-        with contextlib.suppress(OSError):
-            if self.layout.pid_file.read_text().strip() == str(os.getpid()):
-                self.layout.pid_file.unlink()
-        log.info("bangerd stopped")
-        if self._instance_lock is not None:
-            os.close(self._instance_lock)  # releases the flock
-            self._instance_lock = None
 
     def host_idle(self) -> bool:
         """True when no VM needs the host network: every VM in the store is stopped and
@@ -312,55 +252,6 @@ class Daemon:
             return False
         return all(vm.state == VMState.STOPPED for vm in self.db.list_vms())
 
-    def _restore_host_network(self) -> None:
-        """At shutdown with no VM left: remove the bridge and the nftables table banger
-        made and restore ``ip_forward`` (what ``HostChanges`` recorded, also by earlier
-        daemons). Problems are logged; what was not undone stays recorded for next time.
-        """
-        with self._net_mu:
-            if not self._network_enabled:
-                return
-            try:
-                if not self.host_idle():
-                    log.info("VMs are still running: keeping the bridge and NAT for them")
-                    return
-                # Under _net_mu and with networking disabled: a request still being
-                # served cannot set the network up again behind this teardown.
-                self._network_enabled = False
-                self._net_ready = False
-                problems = self._delete_own_taps()
-                changes = HostChanges.load(self.layout.host_network_state)
-                if not changes.empty:
-                    problems += restore_host(self.seams.net, self.runner, changes)
-            except BangerError as exc:
-                log.warning("host network not restored: %s (%s)", exc.message, exc.hint)
-                return
-        if problems:
-            log.warning("host network partly restored; still recorded in %s: %s",
-                        self.layout.host_network_state, "; ".join(problems))
-        else:
-            log.info("no VM is running: removed this install's TAPs and the bridge and NAT "
-                     "rules banger made, and restored ip_forward")
-
-    def _delete_own_taps(self) -> list[str]:
-        """Delete every TAP with this install's prefix (no VM holds one when idle): the
-        drained pool's, and any a failed release left. Returns the failures."""
-        try:
-            links = self.seams.net.links()
-        except Exception as exc:  # pyroute2 raises its own errors; say, and go on
-            return [f"cannot list links: {exc}"]
-        problems = []
-        for link in links:
-            if link.startswith(self.tap_pool.prefix):
-                try:
-                    self.seams.net.delete_link(link)
-                except HostError as exc:
-                    problems.append(exc.message)
-        return problems
-
-    def _write_pid(self) -> None:
-        atomic_write(self.layout.pid_file, f"{os.getpid()}\n".encode(), 0o644)
-
     def _start_dns(self) -> None:
         self.vm_dns = VMDNS(upstream_from_resolv_conf())
         try:
@@ -370,16 +261,6 @@ class Daemon:
         for vm in self.db.list_vms():
             if vm.state.value == "running":
                 self.vm_dns.register(vm.name, vm.ip)
-
-    def _watch(self) -> None:
-        """Notice VMs whose guest powered off or whose VMM died, every 2 s."""
-        from banger.daemon import reconcile
-
-        while not self._stop.wait(2.0):
-            try:
-                reconcile.reap_exited(self)
-            except Exception:
-                log.exception("vm watcher failed")
 
     # ----------------------------------------------------------------- helpers
 
@@ -397,8 +278,6 @@ class Daemon:
                 if self.seams.vmm_factory is not None:
                     drv = self.seams.vmm_factory(name)
                 else:
-                    from banger.daemon import vmmselect
-
                     drv = vmmselect.make_driver(self.cfg, self.runner, name)
                 self._drivers[name] = drv
             return drv
@@ -499,25 +378,6 @@ class Daemon:
             "config": {"path": str(self.config_file) if self.config_file else None,
                        "hash": self.config_hash, "values": self.config_values},
         }
-
-
-def single_instance(lock_path: Path) -> int:
-    """Hold an exclusive ``flock`` on ``lock_path`` for the process's life; returns its fd.
-
-    Raises:
-        HostError: another bangerd holds it (its pid is in the file).
-    """
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise HostError(f"another bangerd (pid {holder}) is already using {lock_path.parent}",
-                        hint="`banger daemon status` shows it; stop it first") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
 
 
 def new_id() -> str:

@@ -30,6 +30,7 @@ from banger.daemon.imagemgr import (
     rootfs_size,
     tree_size,
 )
+from banger.daemon.imagemgr.kernel import inspect_kernel_file
 from banger.daemon.opstate import Operation
 from banger.daemon.store import ImageRecord, now
 from banger.errors import AlreadyExists, BadRequest, NotFound
@@ -220,8 +221,6 @@ def register(d: Daemon, name: str, rootfs: str, kernel: str | None, initrd: str 
             raise BadRequest(f"{rootfs_p} is not an ext4 file system image",
                              hint="make one with `mkfs.ext4 -d DIR IMAGE SIZE`")
     if kernel_p is not None:
-        from banger.daemon.imagemgr.kernel import inspect_kernel_file
-
         inspect_kernel_file(kernel_p)  # a clear refusal for anything that is not a kernel
     if kernel_name is not None:
         d.db.get_kernel(kernel_name)

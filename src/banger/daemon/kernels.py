@@ -17,6 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from banger.daemon.imagemgr.kernel import (
+    DEFAULT_SOURCE_TARBALL,
+    build_kernel,
+    cache_key,
+    check_build_host,
+    inspect_kernel_file,
+)
 from banger.daemon.opstate import Operation
 from banger.daemon.store import ImageRecord, KernelRecord, now
 from banger.errors import AlreadyExists, BadRequest, HostError
@@ -52,8 +59,6 @@ def import_files(d: Daemon, name: str, paths: list[str], initrd: str | None,
     check_name(name, "kernel")
     if not paths:
         raise BadRequest("give at least one kernel file (a vmlinux and/or a bzImage)")
-    from banger.daemon.imagemgr.kernel import inspect_kernel_file
-
     found: dict[str, tuple[Path, Any]] = {}
     for raw in paths:
         p = existing_file(raw, "kernel file")
@@ -162,8 +167,6 @@ def boot_files(d: Daemon, img: ImageRecord, vmm: str) -> BootFiles:
 
 
 def _own_vmms(img: ImageRecord) -> tuple[str, ...]:
-    from banger.daemon.imagemgr.kernel import inspect_kernel_file
-
     try:
         vmms: tuple[str, ...] = tuple(inspect_kernel_file(Path(img.kernel)).vmms)
     except (BadRequest, OSError):
@@ -209,8 +212,6 @@ def given_base_config(path: str | None) -> Path | None:
 def begin_build(d: Daemon, name: str, base_config: str | None, source: str | None,
                 jobs: int | None) -> Operation:
     """Check the host now (clear errors at once), then build on a worker thread."""
-    from banger.daemon.imagemgr.kernel import DEFAULT_SOURCE_TARBALL, check_build_host
-
     check_name(name, "kernel")
     if d.db.find_kernel(name) is not None:
         raise AlreadyExists(f"kernel {name!r} already exists",
@@ -236,8 +237,6 @@ def _complete_build(directory: Path) -> bool:
 
 def _build(d: Daemon, op: Operation, name: str, *, base: Path | None, src: Path,
            jobs: int | None) -> dict[str, Any]:
-    from banger.daemon.imagemgr.kernel import build_kernel, cache_key
-
     cached = d.layout.kernel_build_cache / cache_key(base, src)
     if not _complete_build(cached):
         work = d.layout.staging_dir / f"kbuild-{op.id}"

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from banger.api import VMState
-from banger.daemon import caps, vmdelete, vmpower, vms
+from banger.daemon import caps, vmdelete, vmpower, vms, workspaces
 from banger.daemon.dmsnap import dm_snapshot_supported
 from banger.daemon.handles import VMHandles
 from banger.daemon.store import VMRecord
@@ -137,8 +137,6 @@ def _finish_start(d: Daemon, vm: VMRecord, h: VMHandles) -> None:
     token = d.begin_inflight(vm.id)
 
     def body() -> None:
-        from banger.daemon import workspaces
-
         try:
             assert h.process is not None
             ident = h.process
