@@ -232,6 +232,11 @@ class VMSpec(Model):
     disk_size: int = Field(gt=0)
     work_disk_size: int = Field(gt=0)
     vmm: Literal["auto", "qemu", "firecracker"] = "auto"
+    # The guest network (banger.daemon.firewall): out to the world through NAT, and
+    # with it the private and special ranges too. Rows from before these existed
+    # read as False: closed.
+    nat: bool = False
+    allow_private: bool = False
 
 
 class WorkspaceView(Model):

@@ -140,7 +140,8 @@ class Config(_Strict):
     ssh_key_path: Path | None = None
     default_image_name: str = "debian-bookworm"
     debian_mirror: str = "http://deb.debian.org/debian"
-    nat: bool = True
+    nat: bool = False  # a new VM's default for --nat/--no-nat
+    vm_to_vm: bool = False  # guests may reach each other on the bridge
     dns_enabled: bool = True
     dns_port: Annotated[int, Field(ge=1, le=65535)] = 53
     tap_pool_size: Annotated[int, Field(ge=0, le=64)] = 2

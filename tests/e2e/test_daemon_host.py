@@ -21,14 +21,15 @@ def has_bridge(host: Host) -> bool:
 
 
 def has_nft_table(host: Host) -> bool:
-    return "table ip banger" in host.sh("nft", "list", "tables").stdout
+    tables = host.sh("nft", "list", "tables").stdout
+    return "table inet banger_" in tables and "table bridge banger_" in tables
 
 
 def test_daemon_stop_with_no_vm_left_restores_the_host_network(host: Host) -> None:
     # What banger finds in this namespace: no bridge, no table, forwarding off.
     host.sh("sh", "-c", "echo 0 > /proc/sys/net/ipv4/ip_forward")
     assert not has_bridge(host) and not has_nft_table(host) and host.taps() == []
-    out = host.json("vm", "create", "--name", "box")
+    out = host.json("vm", "create", "--name", "box", "--nat")  # NAT turns forwarding on
     assert out["state"] == "running"
     assert has_bridge(host) and has_nft_table(host) and ip_forward(host) == "1"
     assert out["tap"] in host.taps()

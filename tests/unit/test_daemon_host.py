@@ -18,10 +18,10 @@ from banger.config import Config, parse_config
 from banger.daemon import reconcile, vmcreate, vmpower
 from banger.daemon.core import Daemon, Seams
 from banger.daemon.dmsnap import CopyCow, DmSnapshotCow, dm_prefix_for
+from banger.daemon.firewall import FirewallSettings, GuestFirewall, GuestRule
 from banger.daemon.network import (
     IFNAMSIZ,
     HostChanges,
-    enable_nat,
     ensure_bridge,
     restore_host,
     tap_name,
@@ -147,7 +147,16 @@ def test_a_second_installs_sweep_leaves_the_first_ones_taps_and_dm_targets(
 # ----------------------------------------------------------------- host changes
 
 
-def test_enable_nat_records_before_changing_and_restore_undoes(tmp_path: Path) -> None:
+def _firewall(runner: FakeRunner, state: Path, fwd: Path) -> GuestFirewall:
+    settings = FirewallSettings(table="banger_t1", bridge="br-x", cidr="10.7.0.1/24",
+                                tap_prefix="bgtt1")
+    return GuestFirewall(runner, settings, state, ip_forward=fwd)
+
+
+NAT_GUEST = GuestRule(tap="bgtt1aaaaaa", ip="10.7.0.2", mac="06:00:0a:07:00:02", nat=True)
+
+
+def test_firewall_records_before_changing_and_restore_undoes(tmp_path: Path) -> None:
     runner, net = FakeRunner(), FakeNet()
     fwd = tmp_path / "ip_forward"
     fwd.write_text("0\n")
@@ -155,21 +164,70 @@ def test_enable_nat_records_before_changing_and_restore_undoes(tmp_path: Path) -
     changes = HostChanges.load(state)
     assert changes.empty
     ensure_bridge(net, "br-x", "10.7.0.1/24", changes)
-    enable_nat(runner, "br-x", "10.7.0.1/24", changes, ip_forward=fwd)
+    fw = _firewall(runner, state, fwd)
+    fw.load()
+    # Forwarding waits for the first guest with NAT; one without leaves it alone.
+    fw.admit(GuestRule(tap="bgtt1bbbbbb", ip="10.7.0.3", mac="06:00:0a:07:00:03"))
+    assert fwd.read_text() == "0\n"
+    fw.admit(NAT_GUEST)
     assert fwd.read_text() == "1\n"
     assert json.loads(state.read_text()) == {"ip_forward_before": "0", "bridge": "br-x",
-                                             "nft_table": True}
+                                             "nft_table": "banger_t1"}
     # A second daemon (a restart) sees forwarding on but keeps the value banger found.
     again = HostChanges.load(state)
     ensure_bridge(net, "br-x", "10.7.0.1/24", again)
-    enable_nat(runner, "br-x", "10.7.0.1/24", again, ip_forward=fwd)
+    fw2 = _firewall(runner, state, fwd)
+    fw2.load()
+    fw2.admit(NAT_GUEST)
+    again = HostChanges.load(state)
     assert again.ip_forward_before == "0" and again.bridge == "br-x"
 
-    assert restore_host(net, runner, HostChanges.load(state), ip_forward=fwd) == []
+    script = network_script(runner, lambda: restore_host(
+        net, runner, HostChanges.load(state), ip_forward=fwd) == [] or pytest.fail("problems"))
+    assert "delete table inet banger_t1" in script and "delete table bridge banger_t1" in script
     assert fwd.read_text() == "0\n"
     assert "br-x" not in net.links()
-    assert runner.ran("nft", "delete", "table", "ip", "banger")
     assert not state.exists()
+
+
+def test_restore_deletes_both_tables_and_a_legacy_record_still_works(tmp_path: Path) -> None:
+    runner, net = FakeRunner(), FakeNet()
+    state = tmp_path / "host-network.json"
+    # What banger wrote before per-install tables: one `ip banger` table, as a bool.
+    state.write_text(json.dumps({"ip_forward_before": None, "bridge": None,
+                                 "nft_table": True}))
+    assert HostChanges.load(state).nft_table == "banger"
+    assert network_script(runner, lambda: restore_host(
+        net, runner, HostChanges.load(state))) == "table ip banger\ndelete table ip banger\n"
+    assert not state.exists()
+    # A daemon of this version that finds the legacy record replaces the old table.
+    state.write_text(json.dumps({"ip_forward_before": None, "bridge": None,
+                                 "nft_table": True}))
+    script = network_script(runner, _firewall(runner, state, tmp_path / "fwd").load)
+    assert script.startswith("table ip banger\ndelete table ip banger\n")
+    assert HostChanges.load(state).nft_table == "banger_t1"
+    assert network_script(runner, lambda: restore_host(
+        net, runner, HostChanges.load(state))) == (
+        "table bridge banger_t1\ndelete table bridge banger_t1\n"
+        "table inet banger_t1\ndelete table inet banger_t1\n")
+
+
+def network_script(runner: FakeRunner, act: Any) -> str:
+    """What ``act`` fed to ``nft -f -`` (the FakeRunner keeps argv only)."""
+    fed: list[bytes] = []
+    real = runner.run
+
+    def spy(argv: Any, **kw: Any) -> Any:
+        if list(argv)[:1] == ["nft"]:
+            fed.append(kw.get("input") or b"")
+        return real(argv, **kw)
+
+    runner.run = spy  # type: ignore[method-assign]
+    try:
+        act()
+    finally:
+        runner.run = real  # type: ignore[method-assign]
+    return b"".join(fed).decode()
 
 
 def test_restore_leaves_what_banger_found(tmp_path: Path) -> None:
@@ -180,9 +238,11 @@ def test_restore_leaves_what_banger_found(tmp_path: Path) -> None:
     state = tmp_path / "host-network.json"
     changes = HostChanges.load(state)
     ensure_bridge(net, "br-mine", "10.8.0.1/24", changes)
-    enable_nat(runner, "br-mine", "10.8.0.1/24", changes, ip_forward=fwd)
+    fw = _firewall(runner, state, fwd)
+    fw.load()
+    fw.admit(NAT_GUEST)
+    changes = HostChanges.load(state)
     assert changes.bridge is None and changes.ip_forward_before is None
-    fwd.write_text("1\n")
     assert restore_host(net, runner, HostChanges.load(state), ip_forward=fwd) == []
     assert "br-mine" in net.links() and fwd.read_text() == "1\n"
     assert not state.exists()
@@ -190,18 +250,20 @@ def test_restore_leaves_what_banger_found(tmp_path: Path) -> None:
 
 def test_a_failed_restore_step_stays_recorded(tmp_path: Path) -> None:
     runner, net = FakeRunner(), FakeNet()
-    runner.on(["nft", "delete"], ok(rc=1, err="Error: Operation not permitted"))
     fwd = tmp_path / "ip_forward"
     fwd.write_text("0\n")
     state = tmp_path / "host-network.json"
     changes = HostChanges.load(state)
     ensure_bridge(net, "br-x", "10.7.0.1/24", changes)
-    enable_nat(runner, "br-x", "10.7.0.1/24", changes, ip_forward=fwd)
+    fw = _firewall(runner, state, fwd)
+    fw.load()
+    fw.admit(NAT_GUEST)
+    runner.on(["nft"], ok(rc=1, err="Error: Operation not permitted"))
     problems = restore_host(net, runner, HostChanges.load(state), ip_forward=fwd)
     assert len(problems) == 1 and "not permitted" in problems[0]
-    # the other steps still ran; only the table is left for the next stop to retry
+    # the other steps still ran; only the tables are left for the next stop to retry
     assert fwd.read_text() == "0\n" and "br-x" not in net.links()
-    assert json.loads(state.read_text())["nft_table"] is True
+    assert json.loads(state.read_text())["nft_table"] == "banger_t1"
     state.write_text("{not json")
     with pytest.raises(HostError, match="not a record banger wrote"):
         HostChanges.load(state)

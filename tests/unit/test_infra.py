@@ -305,23 +305,6 @@ def test_clone_or_copy_falls_back_across_file_systems(tmp_path: Path) -> None:
         src.unlink()
 
 
-def test_nat_ruleset_and_enable(tmp_path: Path) -> None:
-    from banger.daemon.network import HostChanges, enable_nat, nat_ruleset
-
-    rules = nat_ruleset("br-x", "10.7.0.1/24")
-    assert "ip saddr 10.7.0.0/24 oifname != \"br-x\" masquerade" in rules
-    assert rules.index("delete table ip banger") < rules.index("chain postrouting")
-    runner = FakeRunner()
-    fwd = tmp_path / "ip_forward"
-    fwd.write_text("0\n")
-    changes = HostChanges(tmp_path / "host-network.json")
-    enable_nat(runner, "br-x", "10.7.0.1/24", changes, ip_forward=fwd)
-    assert fwd.read_text() == "1\n"
-    assert runner.ran("nft", "-f", "-")
-    with pytest.raises(HostError):
-        enable_nat(runner, "br-x", "10.7.0.1/24", changes, ip_forward=tmp_path / "no" / "such")
-
-
 class _RefusingGuest:
     """A guest whose sshd answers TCP but refuses the login with ``stderr``."""
 

@@ -54,6 +54,15 @@ def vm_table(vms: list[dict[str, Any]], now: datetime | None = None) -> str:
     return table(["NAME", "STATE", "IP", "IMAGE", "VMM", "CPU/MEM", "AGE"], rows)
 
 
+def network_policy(spec: dict[str, Any]) -> str:
+    """What a guest may reach (``vm show``), from its spec's ``nat`` and ``allow_private``."""
+    if not spec.get("nat"):
+        return "banger DNS only (no NAT)"
+    if spec.get("allow_private"):
+        return "NAT: the outside world, private ranges included"
+    return "NAT: the outside world except private ranges"
+
+
 def vm_detail(vm: dict[str, Any]) -> str:
     """``vm show`` output: aligned ``key: value`` lines, optional ones only when set."""
     spec = vm["spec"]
@@ -70,6 +79,7 @@ def vm_detail(vm: dict[str, Any]) -> str:
         ("ip", vm["ip"]),
         ("dns", f"{vm['name']}.vm"),
         ("mac", vm["mac"]),
+        ("network", network_policy(spec)),
     ]
     if vm.get("pid"):
         items.append(("pid", str(vm["pid"])))

@@ -28,7 +28,7 @@ def vm() -> None:
 
 
 def create_options(f: Any) -> Any:
-    """Add the VM creation flags (name, image, sizes, VMM) to command ``f``.
+    """Add the VM creation flags (name, image, sizes, VMM, network) to command ``f``.
 
     Shared by ``vm create`` and ``vm run``; see :func:`_create_params`.
     """
@@ -43,6 +43,14 @@ def create_options(f: Any) -> Any:
         click.option("--work-disk-size", help="Work disk (/root) size, e.g. 4G."),
         click.option("--vmm", type=click.Choice(["auto", "qemu", "firecracker"]),
                      default="auto", show_default=True, help="VMM for this VM."),
+        click.option("--nat/--no-nat", default=None,
+                     help="Let the guest reach the outside world through NAT (default: "
+                          "config nat, false unless set). Without it the guest reaches "
+                          "only banger's DNS server."),
+        click.option("--allow-private", is_flag=True,
+                     help="With --nat, also reach private and special ranges (10/8, "
+                          "172.16/12, 192.168/16, 100.64/10, 169.254/16, 127/8): the "
+                          "host's LAN and cloud metadata services."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -52,7 +60,8 @@ def create_options(f: Any) -> Any:
 def _create_params(kw: dict[str, Any], start: bool) -> dict[str, Any]:
     return {"name": kw["name"], "image": kw["image"], "vcpu": kw["vcpu"],
             "memory_mib": kw["memory"], "disk_size": kw["disk_size"],
-            "work_disk_size": kw["work_disk_size"], "vmm": kw["vmm"], "start": start}
+            "work_disk_size": kw["work_disk_size"], "vmm": kw["vmm"], "start": start,
+            "nat": kw["nat"], "allow_private": kw["allow_private"]}
 
 
 @vm.command("create")

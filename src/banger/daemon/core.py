@@ -38,6 +38,7 @@ from banger.daemon.dmsnap import (
     strategy_for,
 )
 from banger.daemon.dns import VMDNS, upstream_from_resolv_conf
+from banger.daemon.firewall import FirewallSettings, GuestFirewall, table_name
 from banger.daemon.guest import Guest, GuestDialer, SSHGuest, wait_for_ssh
 from banger.daemon.handles import HandleCache
 from banger.daemon.network import (
@@ -45,7 +46,6 @@ from banger.daemon.network import (
     HostNetwork,
     NetlinkNetwork,
     TapPool,
-    enable_nat,
     ensure_bridge,
     gateway,
     tap_prefix_for,
@@ -193,6 +193,12 @@ class Daemon:
         self.tap_pool = TapPool(self.seams.net, cfg.bridge_name, cfg.tap_pool_size,
                                 tap_prefix_for(self.layout.install_tag))
         self.dm_prefix = dm_prefix_for(self.layout.install_tag)
+        # The guests' nftables policy (loaded with the bridge; a VM is admitted before
+        # its VMM runs and forgotten when its TAP goes).
+        self.firewall = GuestFirewall(self.runner, FirewallSettings(
+            table=table_name(self.layout.install_tag), bridge=cfg.bridge_name,
+            cidr=cfg.bridge_cidr, tap_prefix=self.tap_pool.prefix, dns_port=cfg.dns_port,
+            vm_to_vm=cfg.vm_to_vm), self.layout.host_network_state)
         self.vm_dns: VMDNS | None = None
         self.vm_caps: list[VMCap] = []
         self.cow: CowStrategy | None = self.seams.cow
@@ -223,13 +229,9 @@ class Daemon:
                 return
             changes = HostChanges.load(self.layout.host_network_state)
             ensure_bridge(self.seams.net, self.cfg.bridge_name, self.cfg.bridge_cidr, changes)
-            if self.cfg.nat:
-                try:
-                    enable_nat(self.runner, self.cfg.bridge_name, self.cfg.bridge_cidr,
-                               changes)
-                except BangerError as exc:
-                    # Guests still boot and reach the host and each other; say why not out.
-                    log.warning("NAT for guests is off: %s (%s)", exc.message, exc.hint)
+            # Before any TAP exists: no guest ever runs outside the policy, and a host
+            # where it cannot be loaded runs no guest at all (the error says why).
+            self.firewall.load()
             self.tap_pool.fill()
             if self.cfg.dns_enabled and self._serving:
                 self._start_dns()

@@ -1,11 +1,12 @@
-"""Host networking: the bridge, per-VM TAPs (with a small warm pool), guest IPs, NAT.
+"""Host networking: the bridge, per-VM TAPs (with a small warm pool), guest IPs.
 
 Every VM gets a TAP enslaved to ``bridge_name`` and a static address from
 ``bridge_cidr``; the bridge holds the gateway address. Netlink work goes
 through :class:`HostNetwork` (pyroute2 for real, a dict for unit tests).
 TAP names carry the install's tag (:func:`tap_prefix_for`). What banger changes
-on the host (bridge, nftables table, ``ip_forward``) is recorded in a
-:class:`HostChanges` file first and undone by :func:`restore_host`.
+on the host (bridge, nftables tables, ``ip_forward``) is recorded in a
+:class:`HostChanges` file first and undone by :func:`restore_host`. The guests'
+nftables policy itself is :mod:`banger.daemon.firewall`'s.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import re
 import secrets
 import threading
 from collections.abc import Iterable
@@ -29,6 +31,7 @@ log = logging.getLogger("banger.network")
 TAP_PREFIX = "bgt"  # every TAP banger creates starts with this, then the install tag
 IFNAMSIZ = 16  # linux/if.h, including the NUL: a link name has at most 15 characters
 TAP_RANDOM_HEX = 6  # random hex digits after the install's prefix
+NFT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")  # a table name banger may record
 
 
 def tap_prefix_for(install_tag: str) -> str:
@@ -249,32 +252,7 @@ def mac_for_ip(ip: str) -> str:
     return "06:00:" + ":".join(f"{x:02x}" for x in b)
 
 
-NFT_TABLE = "banger"
-
-
-def nat_ruleset(bridge: str, cidr: str) -> str:
-    """nftables rules giving guests outbound access: masquerade + forwarding for the bridge.
-
-    Loaded in one transaction; creating then deleting the table first makes it
-    idempotent (a re-load replaces the rules instead of duplicating them). Another
-    table's drop policy on the forward hook (e.g. Docker's) still wins: nftables
-    drops a packet any base chain drops.
-    """
-    net = ipaddress.ip_interface(cidr).network
-    return f"""table ip {NFT_TABLE}
-delete table ip {NFT_TABLE}
-table ip {NFT_TABLE} {{
-  chain postrouting {{
-    type nat hook postrouting priority srcnat; policy accept;
-    ip saddr {net} oifname != "{bridge}" masquerade
-  }}
-  chain forward {{
-    type filter hook forward priority filter; policy accept;
-    iifname "{bridge}" accept
-    oifname "{bridge}" ct state established,related accept
-  }}
-}}
-"""
+LEGACY_NFT_TABLE = "banger"  # the one `ip` table banger loaded before per-install tables
 
 
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")  # per network namespace
@@ -294,7 +272,9 @@ class HostChanges:
     path: Path
     ip_forward_before: str | None = None  # "0"/"1", only when banger changed it
     bridge: str | None = None  # only when banger created the bridge
-    nft_table: bool = False  # banger loaded its nftables table
+    # The name of the nftables tables banger loaded (``inet`` and ``bridge``), or
+    # LEGACY_NFT_TABLE for the single ``ip`` table of earlier versions.
+    nft_table: str | None = None
 
     @classmethod
     def load(cls, path: Path) -> HostChanges:
@@ -313,21 +293,25 @@ class HostChanges:
             data = json.loads(raw)
             before = data.get("ip_forward_before")
             bridge = data.get("bridge")
-            nft = data.get("nft_table", False)
+            nft = data.get("nft_table")
+            # Earlier versions recorded a bool for their one `ip banger` table.
+            if isinstance(nft, bool):
+                nft = LEGACY_NFT_TABLE if nft else None
+            nft_ok = nft is None or (isinstance(nft, str) and NFT_NAME.fullmatch(nft))
             if before not in (None, "0", "1") or not isinstance(bridge, str | None) \
-                    or not isinstance(nft, bool):
+                    or not nft_ok:
                 raise ValueError("unexpected values")
         except (ValueError, AttributeError) as exc:
             raise HostError(
                 f"{path} is not a record banger wrote: {exc}",
-                hint="check the bridge, the nftables table `banger` and "
+                hint="check the bridge, the nftables tables named `banger*` and "
                      "net.ipv4.ip_forward by hand, then delete the file") from exc
         return cls(path, before, bridge, nft)
 
     @property
     def empty(self) -> bool:
         """Nothing is left to undo."""
-        return self.ip_forward_before is None and self.bridge is None and not self.nft_table
+        return self.ip_forward_before is None and self.bridge is None and self.nft_table is None
 
     def save(self) -> None:
         """Write the record (crash-safe); an empty record removes the file."""
@@ -350,34 +334,37 @@ def ensure_bridge(net: HostNetwork, name: str, cidr: str, changes: HostChanges) 
     net.ensure_bridge(name, cidr)
 
 
-def enable_nat(runner: Runner, bridge: str, cidr: str, changes: HostChanges,
-               ip_forward: Path = IP_FORWARD) -> None:
-    """Turn on IPv4 forwarding (this network namespace only) and load :func:`nat_ruleset`.
+def enable_forwarding(changes: HostChanges, ip_forward: Path = IP_FORWARD) -> None:
+    """Turn on IPv4 forwarding (this network namespace only), for guests with NAT.
 
-    ``changes`` records the forwarding value banger found (when it changes it) and the
-    table, before either is changed.
+    ``changes`` records the value banger found, before it is changed, so
+    :func:`restore_host` can put it back.
 
     Raises:
         HostError: forwarding cannot be read or set.
-        CommandFailed: nft refused the rules.
     """
     try:
         before = ip_forward.read_text().strip()
     except OSError as exc:
         raise HostError(f"cannot read IPv4 forwarding ({ip_forward}): {exc.strerror}",
-                        hint="run bangerd as root, or set nat = false") from exc
-    if before != "1" and changes.ip_forward_before is None:
+                        hint="run bangerd as root, or create the VM without --nat") from exc
+    if before == "1":
+        return
+    if changes.ip_forward_before is None:
         changes.ip_forward_before = before
-    changes.nft_table = True
-    changes.save()
-    if before != "1":
-        try:
-            ip_forward.write_text("1\n")
-        except OSError as exc:
-            raise HostError(f"cannot enable IPv4 forwarding: {exc.strerror}",
-                            hint="run bangerd as root, or set nat = false") from exc
-    runner.run(["nft", "-f", "-"], input=nat_ruleset(bridge, cidr).encode(),
-               desc="load banger's NAT rules", timeout=30)
+        changes.save()
+    try:
+        ip_forward.write_text("1\n")
+    except OSError as exc:
+        raise HostError(f"cannot enable IPv4 forwarding: {exc.strerror}",
+                        hint="run bangerd as root, or create the VM without --nat") from exc
+
+
+def nft_delete_tables(name: str) -> str:
+    """The nft transaction deleting the tables ``changes.nft_table`` names (if present)."""
+    families = ["ip"] if name == LEGACY_NFT_TABLE else ["bridge", "inet"]
+    # `table X` + `delete table X`: nft's "delete if it exists", in one transaction.
+    return "".join(f"table {f} {name}\ndelete table {f} {name}\n" for f in families)
 
 
 def restore_host(net: HostNetwork, runner: Runner, changes: HostChanges,
@@ -392,14 +379,15 @@ def restore_host(net: HostNetwork, runner: Runner, changes: HostChanges,
         One line per step that failed (empty: the host is as banger found it).
     """
     problems: list[str] = []
-    if changes.nft_table:
+    if changes.nft_table is not None:
         try:
-            res = runner.run(["nft", "delete", "table", "ip", NFT_TABLE],
-                             desc="delete banger's NAT rules", timeout=30, check=False)
-            if res.returncode == 0 or "No such file" in res.err:
-                changes.nft_table = False
+            script = nft_delete_tables(changes.nft_table)
+            res = runner.run(["nft", "-f", "-"], input=script.encode(),
+                             desc="delete banger's nftables tables", timeout=30, check=False)
+            if res.returncode == 0:
+                changes.nft_table = None
             else:
-                problems.append(f"nft delete table ip {NFT_TABLE}: {res.err.strip()}")
+                problems.append(f"nft delete table {changes.nft_table}: {res.err.strip()}")
         except HostError as exc:
             problems.append(exc.message)
     if changes.bridge is not None:

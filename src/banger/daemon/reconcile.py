@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from banger.api import VMState
 from banger.daemon import caps, vmdelete, vmpower, vms, workspaces
 from banger.daemon.dmsnap import dm_snapshot_supported
+from banger.daemon.firewall import guest_rule
 from banger.daemon.handles import VMHandles
 from banger.daemon.store import VMRecord
 from banger.errors import BangerError, HostError
@@ -98,6 +99,9 @@ def reconcile_vm(d: Daemon, vm: VMRecord) -> None:
         return
     if alive and state in (VMState.RUNNING, VMState.STARTING, VMState.ERROR):
         vms.save_handles(d, vm.id, h)
+        if h.tap:
+            # The daemon's start reloaded the rules with no guest in them.
+            d.firewall.admit(guest_rule(vm, h.tap))
         if state == VMState.STARTING:
             _finish_start(d, vm, h)
         else:

@@ -50,6 +50,8 @@ class CreateParams(Model):
     work_disk_size: str | int | None = None
     vmm: str = "auto"
     start: bool = True
+    nat: bool | None = None  # None: config `nat`
+    allow_private: bool = False
 
 
 def begin_create(d: Daemon, params: CreateParams) -> Operation:
@@ -81,7 +83,12 @@ def begin_create(d: Daemon, params: CreateParams) -> Operation:
         disk_size=parse_size(params.disk_size or defaults.disk_size),
         work_disk_size=parse_size(params.work_disk_size or defaults.work_disk_size),
         vmm=params.vmm,
+        nat=cfg.nat if params.nat is None else params.nat,
+        allow_private=params.allow_private,
     )
+    if spec.allow_private and not spec.nat:
+        raise BadRequest("--allow-private opens ranges reached through NAT; this VM has none",
+                         hint="add --nat (or set nat = true in the config)")
     if spec.work_disk_size < 64 << 20:
         raise BadRequest("work disk must be at least 64M")
 

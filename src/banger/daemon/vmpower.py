@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from banger.api import VMState
 from banger.daemon import caps, kernels, workspaces
 from banger.daemon.dmsnap import CowHandle
+from banger.daemon.firewall import guest_rule
 from banger.daemon.handles import VMHandles
 from banger.daemon.network import gateway, prefixlen
 from banger.daemon.opstate import Operation
@@ -107,8 +108,11 @@ def boot(d: Daemon, vm: VMRecord, img: ImageRecord, cancel: CancelToken,
     try:
         stage("network")
         d.ensure_network()
-        h = h.with_(tap=d.tap_pool.acquire())
+        tap = d.tap_pool.acquire()
+        h = h.with_(tap=tap)
         save_handles(d, vm.id, h)
+        # Before the VMM runs: until admitted, every frame from the TAP is dropped.
+        d.firewall.admit(guest_rule(vm, tap))
         d.checkpoint("start.network")
         stage("boot")
         assert h.cow is not None
@@ -429,6 +433,10 @@ def teardown(d: Daemon, vm_id: str, h: VMHandles | None) -> list[str]:
         except BangerError as exc:
             log.info("vmm cleanup: %s", exc)
         if h.tap:
+            try:
+                d.firewall.forget(h.tap)
+            except BangerError as exc:
+                problems.append(f"firewall {h.tap}: {exc.message}")
             try:
                 d.tap_pool.release(h.tap)
             except BangerError as exc:
