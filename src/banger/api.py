@@ -269,6 +269,9 @@ class VMView(Model):
     last_error: str | None = None
     stop_reason: str | None = None
     workspace: WorkspaceView | None = None
+    # How the running VMM is confined (qemuproc.QemuDriver.confinement): user, seccomp,
+    # cgroup path and limits; None when stopped or for an unconfined VMM.
+    confinement: dict[str, Any] | None = None
 
 
 class ImageView(Model):

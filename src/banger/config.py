@@ -150,6 +150,8 @@ class Config(_Strict):
     file_sync: list[FileSync] = []
     # Bound on a workspace export's guest output, held in the daemon's memory.
     workspace_export_max_mib: Annotated[int, Field(ge=1, le=16384)] = 256
+    # The unprivileged system user QEMU runs as (created by bangerd if missing).
+    vmm_user: str = "banger-vmm"
 
     @field_validator("log_level")
     @classmethod
@@ -174,6 +176,15 @@ class Config(_Strict):
             raise ValueError("must be an IPv4 gateway address with a prefix of /29 or wider")
         if iface.ip in (iface.network.network_address, iface.network.broadcast_address):
             raise ValueError("the address part is the gateway; it must be a host address")
+        return v
+
+    @field_validator("vmm_user")
+    @classmethod
+    def _vmm_user(cls, v: str) -> str:
+        # useradd's default NAME_REGEX (useradd(8)), and never root.
+        if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", v) or v == "root":
+            raise ValueError("must be a system user name (lower case, at most 32 "
+                             "characters) other than root")
         return v
 
     @field_validator("default_image_name")

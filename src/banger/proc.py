@@ -137,3 +137,16 @@ def find_by_marker(prefix: str, proc: Path = PROC) -> dict[int, list[str]]:
             if fields and fields[0] not in ("Z", "X"):
                 found[int(entry.name)] = argv
     return found
+
+
+def open_files(pid: int, proc: Path = PROC) -> list[str]:
+    """Where ``pid``'s open descriptors point (``/proc/<pid>/fd`` links); empty when gone."""
+    try:
+        entries = list((proc / str(pid) / "fd").iterdir())
+    except (FileNotFoundError, ProcessLookupError, PermissionError, NotADirectoryError):
+        return []
+    out = []
+    for entry in entries:
+        with contextlib.suppress(OSError):
+            out.append(os.readlink(entry))
+    return out

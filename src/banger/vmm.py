@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from banger.layout import VMPaths
 from banger.proc import ProcessIdentity
@@ -58,4 +58,17 @@ class VMMDriver(Protocol):
 
     def cleanup(self, plan_paths: VMPaths) -> None:
         """Remove the VMM's runtime files (sockets, pid file) after the process is gone."""
+        ...
+
+
+@runtime_checkable
+class ConfinedVMM(Protocol):
+    """A driver that confines its VMM (user, seccomp, cgroup): ``qemuproc.QemuDriver``."""
+
+    def confinement(self, vm_id: str) -> dict[str, Any]:
+        """How the VM's VMM is confined (``vm show``)."""
+        ...
+
+    def readopt(self, vm_id: str, pid: int) -> dict[str, Any]:
+        """After a daemon restart: put a live VMM back in its cgroup; its confinement."""
         ...

@@ -33,6 +33,7 @@ from typing import Any
 import pytest
 
 from banger.daemon.imagemgr import Recipe
+from banger.proc import open_files
 from tests.childsignals import with_default_signals
 
 REPO = Path(__file__).resolve().parents[2]
@@ -164,8 +165,11 @@ class Host:
             env = {**env, "BANGER_TEST_PAUSE_AT": pause_at}
         with self.log_file.open("ab") as out:
             # kill_daemon may send any signal: the daemon must not inherit it ignored.
+            # nsenter, not `ip netns exec`: that also remounts /sys for the namespace,
+            # which hides the host's cgroup mounts the daemon puts each VM's VMM in.
             self.daemon = subprocess.Popen(
-                self.netns(*with_default_signals([str(BIN / "bangerd")])), env=env,
+                ["nsenter", f"--net=/run/netns/{self.ns}", "--",
+                 *with_default_signals([str(BIN / "bangerd")])], env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=out, stderr=out, start_new_session=True)
         deadline = time.monotonic() + DAEMON_START_S
@@ -248,7 +252,8 @@ class Host:
         return [n for n in names if n.startswith("bgt")]
 
     def vmm_pids(self) -> list[int]:
-        """QEMU processes of this host (their command lines name our state dir)."""
+        """QEMU processes of this host (their command lines or, for a confined QEMU that
+        gets its files as descriptors, their open files name our state dir)."""
         pids = []
         for p in Path("/proc").iterdir():
             if p.name.isdigit():
@@ -256,7 +261,10 @@ class Host:
                     cmd = (p / "cmdline").read_bytes()
                 except OSError:
                     continue
-                if b"qemu-system" in cmd and str(self.state).encode() in cmd:
+                if b"qemu-system" in cmd and (
+                        str(self.state).encode() in cmd
+                        or any(f.startswith(str(self.state) + "/")
+                               for f in open_files(int(p.name)))):
                     pids.append(int(p.name))
         return pids
 

@@ -130,13 +130,15 @@ def test_qemu_argv(tmp_path: Path) -> None:
     argv = build_argv("qemu-system-x86_64", plan(tmp_path), "tcg", 2596128)
     joined = " ".join(argv)
     assert argv[argv.index("-M") + 1] == "microvm,pit=on,pic=on,rtc=on"
-    assert argv[argv.index("-accel") + 1] == "tcg" and argv[argv.index("-cpu") + 1] == "max"
+    assert argv[argv.index("-accel") + 1].startswith("tcg,")
+    assert argv[argv.index("-cpu") + 1] == "max"
     assert "banger-0123456789ab" in argv[argv.index("-name") + 1]
-    assert "-daemonize" in argv and "-nographic" not in argv
-    assert "ifname=bgt00000001" in joined and "mac=06:00:ac:1d:00:02" in joined
+    assert "-nographic" not in argv
+    assert "fd={fd:tap}" in joined and "mac=06:00:ac:1d:00:02" in joined
     # root disk first: the guest's fstab relies on it being vda
-    assert joined.index("file=/s/rootfs.ext4") < joined.index("file=/s/work.ext4")
-    assert f"file:{tmp_path}/s/serial.log" in joined
+    assert joined.index("file=/proc/self/fd/{fd:rootfs}") < \
+        joined.index("file=/proc/self/fd/{fd:work}")
+    assert "file:/proc/self/fd/{fd:serial}" in joined
     assert "-initrd" in argv
     # TCG guests get the host TSC rate (PIT calibration under TCG stalls boots)
     assert argv[argv.index("-append") + 1].endswith(" tsc_early_khz=2596128")

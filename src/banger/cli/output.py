@@ -63,6 +63,25 @@ def network_policy(spec: dict[str, Any]) -> str:
     return "NAT: the outside world except private ranges"
 
 
+def confinement_lines(conf: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """``vm show`` lines for a confined VMM: its user, seccomp, cgroup and limits."""
+    if not conf:
+        return []
+    items = [("vmm user", f"{conf['user']} (uid {conf['uid']})"),
+             ("seccomp", f"-sandbox {conf['seccomp']}")]
+    cg = conf.get("cgroup") or {}
+    if cg:
+        items.append(("cgroup", f"{cg['path']} ({cg['version']})"))
+        lim = cg.get("limits")
+        if lim:
+            mem = lim["memory_bytes"]
+            pids = lim["pids_max"]
+            items.append(("limits", f"memory {format_size(mem) if mem > 0 else 'max'}, "
+                                    f"pids {pids if pids > 0 else 'max'}, "
+                                    f"cpu weight {lim['cpu_weight']}"))
+    return items
+
+
 def vm_detail(vm: dict[str, Any]) -> str:
     """``vm show`` output: aligned ``key: value`` lines, optional ones only when set."""
     spec = vm["spec"]
@@ -85,6 +104,7 @@ def vm_detail(vm: dict[str, Any]) -> str:
         items.append(("pid", str(vm["pid"])))
     if vm.get("tap"):
         items.append(("tap", vm["tap"]))
+    items += confinement_lines(vm.get("confinement"))
     items.append(("created", vm["created_at"]))
     if vm.get("stop_reason") and vm["state"] != "running":
         items.append(("stop reason", vm["stop_reason"]))

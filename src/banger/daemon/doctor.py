@@ -16,8 +16,10 @@ from enum import StrEnum
 from pathlib import Path
 
 from banger.config import Config
+from banger.daemon.cgroups import detect as detect_cgroups
 from banger.daemon.dmsnap import dm_snapshot_supported, reflink_supported
 from banger.daemon.hostinfo import kvm_status, which
+from banger.daemon.qemuproc.confine import SANDBOX, lookup_user
 from banger.daemon.vmmselect import (
     firecracker_binary,
     firecracker_blockers,
@@ -75,6 +77,7 @@ def doctor(cfg: Config, runner: Runner | None = None) -> list[Check]:
         lambda: _jailer(cfg),
         _kvm,
         lambda: _selected(cfg),
+        lambda: _confinement(cfg),
         _tun,
         lambda: _netns(runner),
         _dm,
@@ -150,6 +153,37 @@ def _selected(cfg: Config) -> Check:
         return Check("vmm selection", Status.OK, detail)
     except BangerError as exc:
         return Check("vmm selection", Status.FAIL, exc.message, exc.hint)
+
+
+def _confinement(cfg: Config, status: Path = Path("/proc/self/status")) -> list[Check]:
+    """How QEMU VMMs are confined here: the VMM user, seccomp, the cgroup hierarchy."""
+    user = lookup_user(cfg.vmm_user)
+    if user is None:
+        who = Check("vmm user", Status.WARN, f"{cfg.vmm_user} does not exist yet",
+                    "bangerd creates it at the first QEMU VM (or run scripts/install-deps)")
+    elif user.uid == 0:
+        who = Check("vmm user", Status.FAIL, f"{cfg.vmm_user} is root: QEMU would be unconfined",
+                    "set vmm_user to an unprivileged account")
+    else:
+        who = Check("vmm user", Status.OK,
+                    f"QEMU runs as {user.name} (uid {user.uid}), no capabilities")
+    try:
+        has_seccomp = any(line.startswith("Seccomp:") for line in status.read_text().splitlines())
+    except OSError:
+        has_seccomp = False
+    seccomp = (Check("seccomp", Status.OK, f"QEMU runs with -sandbox {SANDBOX}") if has_seccomp
+               else Check("seccomp", Status.FAIL, "this kernel has no seccomp (CONFIG_SECCOMP)",
+                          "QEMU's -sandbox needs a kernel with seccomp filters"))
+    try:
+        host = detect_cgroups()
+    except BangerError as exc:
+        cgroup = Check("cgroups", Status.FAIL, exc.message, exc.hint)
+    else:
+        where = ", ".join(sorted({str(p) for p in host.roots.values()}))
+        cgroup = Check("cgroups", Status.OK,
+                       f"cgroup {host.version.value} at {where}: a cgroup per VM "
+                       "(memory, pids, cpu weight)")
+    return [who, seccomp, cgroup]
 
 
 def _tun() -> Check:

@@ -26,7 +26,7 @@ from banger.daemon.handles import VMHandles
 from banger.daemon.store import VMRecord
 from banger.errors import BangerError, HostError
 from banger.fsutil import remove_trash, remove_tree
-from banger.proc import find_by_marker, identify, matches
+from banger.proc import find_by_marker, identify, matches, open_files
 from banger.vmm import vm_marker
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ def _live_handles(d: Daemon, vm: VMRecord) -> tuple[VMHandles, bool]:
         return h, True
     marker = vm_marker(vm.id)
     for pid, argv in find_by_marker(marker).items():
-        if _ours(d, argv):
+        if _ours(d, argv, pid):
             ident = identify(pid, marker)
             if ident is not None:
                 return h.with_(process=ident), True
@@ -99,6 +99,7 @@ def reconcile_vm(d: Daemon, vm: VMRecord) -> None:
         return
     if alive and state in (VMState.RUNNING, VMState.STARTING, VMState.ERROR):
         vms.save_handles(d, vm.id, h)
+        vmpower.readopt_confinement(d, vm, h)
         if h.tap:
             # The daemon's start reloaded the rules with no guest in them.
             d.firewall.admit(guest_rule(vm, h.tap))
@@ -161,13 +162,18 @@ def _finish_start(d: Daemon, vm: VMRecord, h: VMHandles) -> None:
     threading.Thread(target=body, name=f"readopt-{vm.name}", daemon=True).start()
 
 
-def _ours(d: Daemon, argv: list[str]) -> bool:
-    """A VMM process belongs to this daemon when its command line uses our directories.
+def _ours(d: Daemon, argv: list[str], pid: int) -> bool:
+    """A VMM process belongs to this daemon when its command line or its open files
+    use our directories.
 
     Several daemons (test runs, other state dirs) may share a host; never touch theirs.
+    A confined QEMU names no path (it gets its disks and sockets as descriptors), so
+    its open descriptors are checked too.
     """
     roots = (str(d.layout.vms_dir) + "/", str(d.layout.vms_run_dir) + "/")
-    return any(root in arg for arg in argv for root in roots)
+    if any(root in arg for arg in argv for root in roots):
+        return True
+    return any(target.startswith(roots) for target in open_files(pid))
 
 
 def sweep(d: Daemon) -> dict[str, list[str]]:
@@ -192,7 +198,7 @@ def sweep(d: Daemon) -> dict[str, list[str]]:
 
     for pid, argv in find_by_marker("banger-").items():
         ids = [m.group(1) for a in argv if (m := _MARKER.match(a))]
-        if not ids or ids[0] in known or not _ours(d, argv):
+        if not ids or ids[0] in known or not _ours(d, argv, pid):
             continue
         ident = identify(pid, vm_marker(ids[0]))
         if ident is not None and vmpower.kill_vmm(ident):

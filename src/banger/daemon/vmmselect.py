@@ -72,7 +72,7 @@ def make_driver(cfg: Config, runner: Runner, name: str) -> VMMDriver:
         if qemu is None:
             raise HostError(f"QEMU ({cfg.qemu_bin}) is not installed",
                             hint="apt-get install qemu-system-x86")
-        return QemuDriver(runner, qemu, resolve_accel(cfg))
+        return QemuDriver.from_config(cfg, runner, qemu, resolve_accel(cfg))
     if name == "firecracker":
         from banger.daemon.fcproc import FirecrackerDriver
 

@@ -46,7 +46,7 @@ from banger.errors import (
 from banger.fsutil import remove_tree, tail
 from banger.proc import ProcessIdentity, find_by_marker, identify, matches, send_signal, wait_gone
 from banger.runner import CancelToken
-from banger.vmm import LaunchPlan, vm_marker
+from banger.vmm import ConfinedVMM, LaunchPlan, vm_marker
 
 if TYPE_CHECKING:
     from banger.daemon.core import Daemon
@@ -134,6 +134,8 @@ def boot(d: Daemon, vm: VMRecord, img: ImageRecord, cancel: CancelToken,
         ident = drv.launch(plan)
         h = h.with_(process=ident)
         save_handles(d, vm.id, h)
+        if isinstance(drv, ConfinedVMM):
+            update_runtime(d, vm.id, confinement=drv.confinement(vm.id))
         log.info("vm %s: %s running as pid %d", vm.name, drv.name, ident.pid)
         d.checkpoint("start.boot")
         stage("wait-ssh")
@@ -450,8 +452,21 @@ def teardown(d: Daemon, vm_id: str, h: VMHandles | None) -> list[str]:
     if not problems:
         d.handles.drop(vm_id)
         with contextlib.suppress(NotFound):
-            update_runtime(d, vm_id, teardown=None)
+            update_runtime(d, vm_id, teardown=None, confinement=None)
     return problems
+
+
+def readopt_confinement(d: Daemon, vm: VMRecord, h: VMHandles) -> None:
+    """A VMM re-adopted after a daemon restart: back in its cgroup, its confinement recorded."""
+    if h.process is None:
+        return
+    drv = d.driver(h.vmm)
+    if isinstance(drv, ConfinedVMM):
+        try:
+            update_runtime(d, vm.id, confinement=drv.readopt(vm.id, h.process.pid))
+        except BangerError as exc:  # the VM keeps running; `vm show` says it is unconfined
+            log.error("vm %s: cannot re-adopt its cgroup: %s", vm.name, exc.message)
+            update_runtime(d, vm.id, confinement=None)
 
 
 def kill(d: Daemon, ref: str, sig_name: str = "KILL") -> dict[str, Any]:

@@ -54,6 +54,7 @@ def view(d: Daemon, vm: VMRecord) -> dict[str, Any]:
         tap=h.tap if h else None,
         last_error=vm.runtime.get("last_error"),
         stop_reason=vm.runtime.get("stop_reason"),
+        confinement=vm.runtime.get("confinement"),
         workspace=WorkspaceView.model_validate(
             {k: v for k, v in ws.items() if k in WorkspaceView.model_fields}) if ws else None,
     ).model_dump(mode="json")

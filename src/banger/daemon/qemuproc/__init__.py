@@ -3,9 +3,11 @@
 QEMU is banger's second VMM: it runs where Firecracker or a usable KVM is
 missing (TCG), and it is how our own test machines boot real guests.
 Devices are virtio-mmio (block, net), the serial console goes to a file and
-control goes through QMP on a Unix socket. QEMU daemonizes itself, so errors
-in device set-up (a busy tap, a missing file) come back synchronously from
-the launching process and the VMM outlives a daemon restart.
+control goes through QMP on a Unix socket. QEMU runs confined (``confine``):
+as the VMM user, under seccomp, in the VM's cgroup, with its files handed over
+as descriptors; ``_spawn.py`` starts it detached, so the VMM outlives a daemon
+restart, and the launch waits for QMP to answer, so errors in device set-up
+(a busy tap, an unreadable file) come back from :meth:`QemuDriver.launch`.
 """
 
 from __future__ import annotations
@@ -13,20 +15,37 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import socket
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
-from banger.errors import CommandFailed, VMMError
-from banger.fsutil import tail
-from banger.layout import VMPaths
-from banger.proc import ProcessIdentity, identify
+from banger.config import Config
+from banger.daemon.cgroups import CgroupHost, VMCgroup, detect, vm_group
+from banger.daemon.qemuproc.confine import (
+    SANDBOX,
+    TCG_TB_SIZE_MIB,
+    VMMUser,
+    check_readable_by,
+    ensure_user,
+    kvm_groups,
+    limits_for,
+    privilege_drop,
+)
+from banger.errors import CommandFailed, HostError, VMMError
+from banger.fsutil import atomic_write, tail
+from banger.layout import VMPaths, install_tag
+from banger.proc import ProcessIdentity, cmdline, identify, matches
 from banger.runner import Runner
 from banger.vmm import LaunchPlan
 
 log = logging.getLogger("banger.qemu")
 
-LAUNCH_TIMEOUT_S = 30.0  # daemonize returns after device init; seconds even under TCG
+LAUNCH_TIMEOUT_S = 30.0  # QMP answers after device init: seconds even under TCG
+CGROUP_RMDIR_S = 2.0
+SPAWN_TIMEOUT_S = 30.0  # the launcher opens files, forks and execs: well under a second
 QMP_TIMEOUT_S = 5.0
 
 
@@ -65,83 +84,202 @@ def tcg_kernel_args(tsc_khz: int | None) -> list[str]:
 
 def build_argv(qemu_bin: str, plan: LaunchPlan, accel: str,
                tsc_khz: int | None = None) -> list[str]:
-    """The full QEMU command line for ``plan``."""
-    p = plan.paths
+    """The QEMU command line for ``plan``.
+
+    Every file, the TAP and the QMP socket are ``{fd:NAME}`` placeholders the
+    launcher (``_spawn.py``) replaces with descriptors it opened as root (see
+    :func:`launch_spec`): QEMU, running as the VMM user, opens nothing under
+    banger's directories by path.
+    """
     cmdline = plan.cmdline
     if accel == "tcg":
         cmdline = " ".join([cmdline, *tcg_kernel_args(tsc_khz)])
+        accel_arg = f"tcg,tb-size={TCG_TB_SIZE_MIB}"  # bounded: the cgroup counts it
+    else:
+        accel_arg = accel
+    machine = machine_args(accel)
+    machine[machine.index("-accel") + 1] = accel_arg
     argv = [
         qemu_bin,
         # -name carries the marker that /proc identity checks and sweeps look for.
         "-name", f"{plan.marker},debug-threads=off",
-        *machine_args(accel),
+        *machine,
         "-m", str(plan.memory_mib),
         "-smp", str(plan.vcpu),
         "-nodefaults", "-no-user-config", "-display", "none",
-        "-kernel", str(plan.kernel),
+        "-sandbox", SANDBOX,
+        "-kernel", _fd("kernel"),
     ]
     if plan.initrd is not None:
-        argv += ["-initrd", str(plan.initrd)]
+        argv += ["-initrd", _fd("initrd")]
     argv += [
         "-append", cmdline,
-        "-drive", f"id=root,file={plan.rootfs},format=raw,if=none,cache=unsafe,discard=unmap",
+        "-drive", f"id=root,file={_fd('rootfs')},format=raw,if=none,cache=unsafe,discard=unmap",
         "-device", "virtio-blk-device,drive=root",
-        "-drive", f"id=work,file={plan.work_disk},format=raw,if=none,cache=writeback,discard=unmap",
+        "-drive", f"id=work,file={_fd('work')},format=raw,if=none,cache=writeback,discard=unmap",
         "-device", "virtio-blk-device,drive=work",
-        "-netdev", f"tap,id=net0,ifname={plan.tap},script=no,downscript=no",
+        "-netdev", "tap,id=net0,fd={fd:tap}",
         "-device", f"virtio-net-device,netdev=net0,mac={plan.mac}",
-        "-serial", f"file:{p.serial_log}",
-        "-qmp", f"unix:{p.qmp_socket},server=on,wait=off",
-        "-D", str(p.vmm_log),
-        "-pidfile", str(p.pid_file),
-        "-daemonize",
+        "-serial", f"file:{_fd('serial')}",
+        "-chardev", "socket,id=qmp,fd={fd:qmp},server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
     ]
     return argv
 
 
+def _fd(name: str) -> str:
+    """A file QEMU re-opens through the descriptor the launcher holds for it."""
+    return "/proc/self/fd/{fd:" + name + "}"
+
+
+def launch_spec(plan: LaunchPlan, command: list[str], cgroup: VMCgroup | None) -> dict[str, Any]:
+    """What ``_spawn.py`` opens, joins and runs for ``plan`` (see its docstring)."""
+    p = plan.paths
+    files: dict[str, list[str]] = {"kernel": [str(plan.kernel), "r"],
+                                   "rootfs": [plan.rootfs, "rw"],
+                                   "work": [plan.work_disk, "rw"],
+                                   "serial": [str(p.serial_log), "rw"]}
+    if plan.initrd is not None:
+        files["initrd"] = [str(plan.initrd), "r"]
+    return {
+        "command": command,
+        "files": files,
+        "tap": plan.tap,
+        "listen": {"qmp": str(p.qmp_socket)},
+        "stderr": str(p.vmm_log),
+        "cgroup_procs": [str(f) for f in cgroup.procs_files] if cgroup is not None else [],
+    }
+
+
 class QemuDriver:
-    """The QEMU VMM driver."""
+    """The QEMU VMM driver: QEMU confined (user, seccomp, cgroup) and detached."""
 
     name = "qemu"
 
-    def __init__(self, runner: Runner, qemu_bin: str, accel: str) -> None:
+    def __init__(self, runner: Runner, qemu_bin: str, accel: str, *, user: VMMUser,
+                 cgroups: CgroupHost, install_tag: str) -> None:
         self.runner = runner
         self.qemu_bin = qemu_bin
         self.accel = accel
+        self.user = user
+        self.cgroups = cgroups
+        self.install_tag = install_tag
 
-    def launch(self, plan: LaunchPlan) -> ProcessIdentity:
-        """Start QEMU daemonized for ``plan`` and identify it from its pid file.
+    @classmethod
+    def from_config(cls, cfg: Config, runner: Runner, qemu_bin: str, accel: str
+                    ) -> QemuDriver:
+        """The driver for ``cfg``: creates the VMM user if missing, finds the cgroup hierarchy.
 
         Raises:
-            VMMError: QEMU failed to start (reason from stderr or its ``-D`` log), left
-                no pid file, or exited right after starting.
+            HostError: the user cannot be created, or no cgroup hierarchy has the
+                controllers banger needs.
+        """
+        return cls(runner, qemu_bin, accel, user=ensure_user(runner, cfg.vmm_user),
+                   cgroups=detect(), install_tag=install_tag(cfg.state_dir))
+
+    def cgroup(self, vm_id: str) -> VMCgroup:
+        """VM ``vm_id``'s cgroup (it may not exist)."""
+        return self.cgroups.group(vm_group(self.install_tag, vm_id))
+
+    def command(self, plan: LaunchPlan, tsc_khz: int | None) -> list[str]:
+        """``setpriv`` (the VMM user, no capabilities) followed by QEMU's command line."""
+        return [*privilege_drop(self.user, kvm_groups(self.accel)),
+                *build_argv(self.qemu_bin, plan, self.accel, tsc_khz)]
+
+    def prepare(self, plan: LaunchPlan) -> None:
+        """Fresh logs, and the files QEMU re-opens made the VMM user's.
+
+        The disks and the serial log must be writable by the VMM user (QEMU
+        re-opens them through /proc/self/fd, which checks the file's own
+        permissions); they stay in root's 0700 directories, so nobody else
+        reaches them by path. The boot files must be readable by it.
         """
         p = plan.paths
         p.run.mkdir(parents=True, exist_ok=True)
         p.state.mkdir(parents=True, exist_ok=True)
+        os.chmod(p.run, 0o700)
         p.pid_file.unlink(missing_ok=True)
+        p.vmm_log.write_bytes(b"")
         p.serial_log.write_bytes(b"")
-        tsc_khz = host_tsc_khz() if self.accel == "tcg" else None  # only TCG uses it
-        argv = build_argv(self.qemu_bin, plan, self.accel, tsc_khz)
+        for disk in (p.serial_log, Path(plan.rootfs), Path(plan.work_disk)):
+            os.chown(disk, self.user.uid, self.user.gid)
+            os.chmod(disk, 0o600)
+        check_readable_by(plan.kernel, self.user, "kernel")
+        if plan.initrd is not None:
+            check_readable_by(plan.initrd, self.user, "initrd")
+
+    def launch(self, plan: LaunchPlan) -> ProcessIdentity:
+        """Start QEMU confined for ``plan`` and wait until its QMP monitor answers
+        (:func:`wait_qmp_ready`: devices are set up, the guest runs).
+
+        The VM's cgroup is created with its limits first; the launcher joins it
+        and forks QEMU inside it (see ``_spawn.py``).
+
+        Raises:
+            VMMError: QEMU failed to start (reason from its log), or exited or
+                did not answer QMP within :data:`LAUNCH_TIMEOUT_S`.
+            HostError: the files, the cgroup or the VMM user could not be set up.
+        """
+        p = plan.paths
         try:
-            self.runner.run(argv, desc=f"start QEMU for {plan.name}", timeout=LAUNCH_TIMEOUT_S)
+            self.prepare(plan)
+        except OSError as exc:
+            raise HostError(f"cannot prepare {plan.name}'s files for QEMU: {exc.strerror} "
+                            f"({exc.filename})") from exc
+        group = self.cgroup(plan.vm_id)
+        group.create(limits_for(plan.memory_mib, plan.vcpu))
+        tsc_khz = host_tsc_khz() if self.accel == "tcg" else None  # only TCG uses it
+        spec = launch_spec(plan, self.command(plan, tsc_khz), group)
+        helper = Path(__file__).with_name("_spawn.py")
+        try:
+            res = self.runner.run([sys.executable, "-I", str(helper)],
+                                  desc=f"start QEMU for {plan.name}", timeout=SPAWN_TIMEOUT_S,
+                                  input=json.dumps(spec).encode())
         except CommandFailed as exc:
-            # With -D, QEMU reports start-up errors in the log file, not on stderr.
             log.warning("QEMU for %s failed: %s", plan.name, exc.message)
             reason = (str(exc.details.get("stderr") or "").strip()
-                      or _last_line(tail(p.vmm_log, 2000))
                       or f"exit status {exc.details.get('returncode')}")
             raise VMMError(f"QEMU failed to start {plan.name}: {reason}",
                            hint=f"QEMU's log: {p.vmm_log}") from exc
         try:
-            pid = int(p.pid_file.read_text().strip())
-        except (OSError, ValueError) as exc:
-            raise VMMError(f"QEMU started but left no pid file at {p.pid_file}") from exc
+            pid = int(res.out.strip())
+        except ValueError as exc:
+            raise VMMError(f"the QEMU launcher printed {res.out.strip()[:80]!r}, not a pid") \
+                from exc
         ident = identify(pid, plan.marker)
-        if ident is None:
-            raise VMMError(f"QEMU for {plan.name} exited right after starting",
-                           hint=f"see {p.vmm_log} and {p.serial_log}")
+        if ident is None or not wait_qmp_ready(p.qmp_socket, LAUNCH_TIMEOUT_S):
+            # QEMU's stderr is vmm.log: a start-up error is its last line. A QEMU still
+            # alive without answering is torn down by the caller (boot), like any failure.
+            reason = _last_line(tail(p.vmm_log, 2000)) or (
+                f"no answer on QMP within {LAUNCH_TIMEOUT_S:.0f}s"
+                if ident is not None and matches(ident) else "it exited, saying nothing")
+            raise VMMError(f"QEMU failed to start {plan.name}: {reason}",
+                           hint=f"QEMU's log: {p.vmm_log}")
+        atomic_write(p.pid_file, f"{pid}\n".encode())
         return ident
+
+    def confinement(self, vm_id: str) -> dict[str, Any]:
+        """How VM ``vm_id``'s VMM is confined, for ``vm show``: user, seccomp, cgroup."""
+        return {"user": self.user.name, "uid": self.user.uid, "seccomp": SANDBOX,
+                "cgroup": self.cgroup(vm_id).to_json()}
+
+    def readopt(self, vm_id: str, pid: int) -> dict[str, Any]:
+        """A live VMM found after a daemon restart: make sure it is in its cgroup.
+
+        A VMM started before banger confined VMs (or whose cgroup was removed by
+        hand) gets its cgroup made and is moved in. Returns :meth:`confinement`.
+
+        Raises:
+            HostError: the cgroup could not be made or the process moved into it.
+        """
+        group = self.cgroup(vm_id)
+        if not group.holds(pid):
+            if not group.exists():
+                memory, vcpu = _vm_size(pid)
+                group.create(limits_for(memory, vcpu))
+            group.adopt(pid)
+            log.info("vm %s: moved VMM pid %d into cgroup %s", vm_id, pid, group.describe())
+        return self.confinement(vm_id)
 
     def request_shutdown(self, plan_paths: VMPaths, ident: ProcessIdentity) -> bool:
         """Send ``system_powerdown`` (ACPI) over QMP; False if QMP did not answer."""
@@ -160,9 +298,59 @@ class QemuDriver:
         return True
 
     def cleanup(self, plan_paths: VMPaths) -> None:
-        """Remove the pid file and QMP socket after QEMU is gone."""
+        """Remove the pid file, the QMP socket and the VM's cgroup after QEMU is gone.
+
+        Raises:
+            HostError: the cgroup still holds a process.
+        """
         for f in (plan_paths.pid_file, plan_paths.run / "qmp.sock"):
             f.unlink(missing_ok=True)
+        group = self.cgroup(plan_paths.vm_id)
+        # The kernel takes an exiting task out of its cgroup a moment after /proc
+        # shows it gone: retry for CGROUP_RMDIR_S before reporting it busy.
+        deadline = time.monotonic() + CGROUP_RMDIR_S
+        while True:
+            try:
+                group.remove()
+                return
+            except HostError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
+
+
+def _vm_size(pid: int) -> tuple[int, int]:
+    """Guest memory (MiB) and vCPUs from a running QEMU's ``-m`` and ``-smp``."""
+    argv = cmdline(pid)
+    try:
+        return int(argv[argv.index("-m") + 1]), int(argv[argv.index("-smp") + 1])
+    except (ValueError, IndexError):
+        raise HostError(f"cannot read -m/-smp from QEMU pid {pid}'s command line") from None
+
+
+def wait_qmp_ready(sock_path: Path, budget_s: float) -> bool:
+    """True once QEMU answers ``query-status`` on QMP; False if QEMU went away first.
+
+    The launcher made the socket listen before QEMU ran, so the connect succeeds at
+    once. QEMU 7.2 may greet before it has set up guest memory and devices, but it
+    dispatches commands only from its main loop, which runs once they are set up:
+    an answer means start-up is over. If QEMU dies first, the last descriptor of the
+    socket closes and the read sees EOF or a reset. ``budget_s`` bounds a QEMU that
+    neither answers nor dies.
+    """
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(budget_s)
+            sock.connect(str(sock_path))
+            reader = sock.makefile("rb")
+            _qmp_read(reader)  # greeting
+            _qmp_send(sock, {"execute": "qmp_capabilities"})
+            _qmp_expect_return(reader)
+            _qmp_send(sock, {"execute": "query-status"})
+            _qmp_expect_return(reader)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _last_line(text: str) -> str:

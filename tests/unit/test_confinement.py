@@ -1,0 +1,391 @@
+"""The confined VMM: cgroups (v1 and v2, on fake trees), QEMU's confined command
+line and launch spec, the launcher script, the VMM user, doctor and ``vm show``."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from banger.cli import output
+from banger.config import Config, parse_config
+from banger.daemon import reconcile, vmcreate, vmpower
+from banger.daemon.cgroups import CgroupHost, CgroupVersion, Limits, detect, vm_group
+from banger.daemon.core import Daemon
+from banger.daemon.qemuproc import QemuDriver, build_argv, confine, launch_spec
+from banger.daemon.qemuproc.confine import (
+    SANDBOX,
+    VMM_MEMORY_ALLOWANCE_MIB,
+    VMMUser,
+    ensure_user,
+    limits_for,
+    privilege_drop,
+)
+from banger.daemon.vms import view
+from banger.errors import BadRequest, HostError
+from banger.layout import VMPaths
+from banger.runner import Result
+from banger.vmm import ConfinedVMM, LaunchPlan
+from tests.conftest import FakeWorld
+from tests.fakes import FakeRunner, FakeVMM
+
+doctor = importlib.import_module("banger.daemon.doctor")  # the package re-exports a function
+GOLDEN = Path(__file__).parent.parent / "golden"
+USER = VMMUser("banger-vmm", 990, 985)
+SPAWN = Path(__file__).parents[2] / "src/banger/daemon/qemuproc/_spawn.py"
+
+
+def plan(tmp_path: Path, initrd: bool = True) -> LaunchPlan:
+    return LaunchPlan(
+        vm_id="0123456789ab", name="web", vcpu=2, memory_mib=512,
+        kernel=Path("/img/vmlinuz"), initrd=Path("/img/initrd.img") if initrd else None,
+        cmdline="console=ttyS0", rootfs="/s/rootfs.ext4", work_disk="/s/work.ext4",
+        tap="bgt00000001", mac="06:00:ac:1d:00:02",
+        paths=VMPaths(tmp_path / "s", tmp_path / "r"),
+    )
+
+
+# ------------------------------------------------------------------ cgroups
+
+
+def v2_tree(tmp_path: Path, controllers: str = "cpuset cpu io memory hugetlb pids") -> Path:
+    root = tmp_path / "unified"
+    root.mkdir()
+    (root / "cgroup.controllers").write_text(controllers + "\n")
+    (root / "cgroup.subtree_control").write_text("cpu\n")
+    return root
+
+
+def mounts(tmp_path: Path, lines: list[str]) -> Path:
+    f = tmp_path / "mounts"
+    f.write_text("".join(line + "\n" for line in lines))
+    return f
+
+
+def v1_mounts(tmp_path: Path) -> list[str]:
+    out = []
+    for c in ("memory", "pids", "cpu,cpuacct"):
+        d = tmp_path / c.replace(",", "_")
+        d.mkdir()
+        out.append(f"cgroup {d} cgroup rw,relatime,{c} 0 0")
+    return out
+
+
+def test_detect_prefers_v2_with_the_controllers(tmp_path: Path) -> None:
+    root = v2_tree(tmp_path)
+    host = detect(mounts(tmp_path, [*v1_mounts(tmp_path), f"cgroup2 {root} cgroup2 rw 0 0"]))
+    assert host.version == CgroupVersion.V2 and set(host.roots.values()) == {root}
+
+
+def test_detect_uses_v1_beside_an_empty_unified_mount(tmp_path: Path) -> None:
+    # This host's shape: v1 controllers, and a cgroup2 "unified" mount with none.
+    root = v2_tree(tmp_path, controllers="")
+    host = detect(mounts(tmp_path, [f"cgroup2 {root} cgroup2 rw 0 0", *v1_mounts(tmp_path)]))
+    assert host.version == CgroupVersion.V1
+    assert host.roots["cpu"] == tmp_path / "cpu_cpuacct"
+    assert host.roots["memory"] == tmp_path / "memory"
+
+
+def test_detect_refuses_a_host_without_the_controllers(tmp_path: Path) -> None:
+    root = v2_tree(tmp_path, controllers="cpu io")
+    with pytest.raises(HostError) as info:
+        detect(mounts(tmp_path, [f"cgroup2 {root} cgroup2 rw 0 0",
+                                 f"cgroup {tmp_path} cgroup rw,memory 0 0"]))
+    assert "pids, cpu" in info.value.message and "controllers: cpu io" in info.value.message
+    assert info.value.hint
+
+
+LIMITS = Limits(memory_bytes=1536 << 20, pids_max=256, cpu_weight=200)
+
+
+def test_v2_cgroup_create_limits_adopt_remove(tmp_path: Path) -> None:
+    root = v2_tree(tmp_path)
+    host = CgroupHost(CgroupVersion.V2, {c: root for c in ("memory", "pids", "cpu")})
+    group = host.group(vm_group("abc123", "0123456789ab"))
+    group.create(LIMITS)
+    d = root / "banger-abc123/0123456789ab"
+    assert (d / "memory.max").read_text() == str(1536 << 20)
+    assert (d / "pids.max").read_text() == "256"
+    assert (d / "cpu.weight").read_text() == "200"
+    # controllers handed down from the root and from banger's parent
+    assert (root / "cgroup.subtree_control").read_text() == "+memory +pids"
+    assert (root / "banger-abc123/cgroup.subtree_control").read_text() == "+memory +pids +cpu"
+    assert group.limits() == LIMITS and group.describe() == str(d)
+    assert group.procs_files == [d / "cgroup.procs"]
+    assert not group.holds(4242)
+    group.adopt(4242)
+    assert group.holds(4242)
+    assert group.to_json() == {"version": "v2", "path": str(d), "limits": LIMITS.to_json()}
+    # kernfs removes a cgroup's own files with it; a fake tree needs them gone first
+    for f in [*d.iterdir(), d.parent / "cgroup.subtree_control"]:
+        f.unlink()
+    group.remove()
+    assert not d.exists() and not d.parent.exists()  # the last VM takes the parent along
+    group.remove()  # idempotent
+
+
+def test_v1_cgroup_one_dir_per_controller(tmp_path: Path) -> None:
+    roots = {c: tmp_path / c for c in ("memory", "pids", "cpu")}
+    for r in roots.values():
+        r.mkdir()
+    host = CgroupHost(CgroupVersion.V1, roots)
+    group = host.group("banger-abc123/0123456789ab")
+    group.create(LIMITS)
+    rel = Path("banger-abc123/0123456789ab")
+    assert (roots["memory"] / rel / "memory.limit_in_bytes").read_text() == str(1536 << 20)
+    assert (roots["pids"] / rel / "pids.max").read_text() == "256"
+    assert (roots["cpu"] / rel / "cpu.shares").read_text() == "2048"  # weight 200 in v1 units
+    assert group.limits() == LIMITS
+    assert group.describe() == "memory,pids,cpu:/banger-abc123/0123456789ab"
+    assert len(group.procs_files) == 3
+    group.adopt(77)
+    assert group.holds(77)
+    (roots["memory"] / rel / "pids.max").write_text("max")  # unreadable values: no limits
+
+
+def test_cgroup_remove_reports_a_busy_cgroup(tmp_path: Path) -> None:
+    root = v2_tree(tmp_path)
+    group = CgroupHost(CgroupVersion.V2, {c: root for c in ("memory", "pids", "cpu")}).group(
+        "banger-x/vm")
+    group.create(LIMITS)
+    with pytest.raises(HostError, match="cannot remove cgroup"):
+        group.remove()  # a fake tree's files stand in for a live process: not empty
+
+
+def test_limits_for_adds_the_vmm_allowance() -> None:
+    lim = limits_for(1024, 2)
+    assert lim.memory_bytes == (1024 + VMM_MEMORY_ALLOWANCE_MIB) << 20
+    assert lim.cpu_weight == 200 and lim.pids_max > 64
+    assert limits_for(1024, 200).cpu_weight == 10000  # cgroup v2's maximum
+
+
+# ------------------------------------------------------------------ QEMU command line
+
+
+def test_argv_is_sandboxed_and_names_no_path(tmp_path: Path) -> None:
+    argv = build_argv("qemu-system-x86_64", plan(tmp_path), "tcg", 2596128)
+    assert argv[argv.index("-sandbox") + 1] == SANDBOX
+    assert SANDBOX == "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+    # QEMU cannot -daemonize or -runas under that filter: the launcher does both
+    assert "-daemonize" not in argv and "-runas" not in argv and "-pidfile" not in argv
+    assert argv[argv.index("-accel") + 1] == "tcg,tb-size=256"
+    assert argv[argv.index("-kernel") + 1] == "/proc/self/fd/{fd:kernel}"
+    assert argv[argv.index("-initrd") + 1] == "/proc/self/fd/{fd:initrd}"
+    joined = " ".join(argv)
+    assert "tap,id=net0,fd={fd:tap}" in joined
+    assert "socket,id=qmp,fd={fd:qmp},server=on,wait=off" in joined
+    # nothing under banger's state or runtime dirs is opened by QEMU by path
+    assert str(tmp_path) not in joined and "/s/" not in joined and "/img/" not in joined
+
+
+def test_command_drops_to_the_vmm_user_without_capabilities(tmp_path: Path) -> None:
+    drv = QemuDriver(FakeRunner(), "qemu-system-x86_64", "tcg", user=USER,
+                     cgroups=CgroupHost(CgroupVersion.V2, {}), install_tag="abc123")
+    cmd = drv.command(plan(tmp_path), None)
+    assert cmd[:cmd.index("--") + 1] == [
+        "setpriv", "--reuid=990", "--regid=985", "--clear-groups", "--inh-caps=-all",
+        "--bounding-set=-all", "--no-new-privs", "--"]
+    assert cmd[cmd.index("--") + 1] == "qemu-system-x86_64"
+    assert privilege_drop(USER, [108])[3] == "--groups=108"  # /dev/kvm's group under KVM
+    assert isinstance(drv, ConfinedVMM)
+
+
+def test_launch_spec_hands_over_files_tap_socket_and_cgroup(tmp_path: Path) -> None:
+    root = v2_tree(tmp_path)
+    group = CgroupHost(CgroupVersion.V2, {c: root for c in ("memory", "pids", "cpu")}).group(
+        "banger-abc123/0123456789ab")
+    p = plan(tmp_path)
+    spec = launch_spec(p, ["qemu"], group)
+    assert spec["files"] == {
+        "kernel": ["/img/vmlinuz", "r"], "initrd": ["/img/initrd.img", "r"],
+        "rootfs": ["/s/rootfs.ext4", "rw"], "work": ["/s/work.ext4", "rw"],
+        "serial": [str(p.paths.serial_log), "rw"]}
+    assert spec["tap"] == "bgt00000001"
+    assert spec["listen"] == {"qmp": str(p.paths.qmp_socket)}
+    assert spec["stderr"] == str(p.paths.vmm_log)
+    assert spec["cgroup_procs"] == [str(root / "banger-abc123/0123456789ab/cgroup.procs")]
+
+
+def test_launcher_joins_the_cgroup_then_execs_with_descriptors(tmp_path: Path) -> None:
+    """The real ``_spawn.py``: a shell stands in for QEMU (no TAP: that needs a bridge)."""
+    secret = tmp_path / "private"
+    secret.mkdir(mode=0o700)
+    disk = secret / "disk"
+    disk.write_text("disk contents\n")
+    procs = tmp_path / "cgroup.procs"
+    procs.write_text("")
+    out = tmp_path / "out"
+    spec = {
+        "command": ["/bin/sh", "-c",
+                    f"cat /proc/self/fd/{{fd:disk}} > {out}; echo err >&2; "
+                    f"test -S /proc/self/fd/{{fd:mon}} && echo sock >> {out}"],
+        "files": {"disk": [str(disk), "rw"]},
+        "listen": {"mon": str(tmp_path / "mon.sock")},
+        "stderr": str(tmp_path / "log"),
+        "cgroup_procs": [str(procs)],
+    }
+    res = subprocess.run([sys.executable, "-I", str(SPAWN)], input=json.dumps(spec).encode(),
+                         capture_output=True, check=True, timeout=30)
+    pid = int(res.stdout)
+    assert pid > 0
+    launcher_pid = int(procs.read_text())  # the launcher wrote itself in before forking
+    assert launcher_pid != pid
+    for _ in range(200):  # bounded: 10 s for a shell to run two commands
+        if out.exists() and "sock" in out.read_text():
+            break
+        time.sleep(0.05)
+    assert out.read_text() == "disk contents\nsock\n"
+    assert (tmp_path / "log").read_text() == "err\n"
+    assert (tmp_path / "mon.sock").stat().st_mode & 0o777 == 0o600
+
+
+def test_launcher_reports_a_file_it_cannot_open(tmp_path: Path) -> None:
+    spec = {"command": ["/bin/true"], "files": {"k": [str(tmp_path / "missing"), "r"]},
+            "stderr": str(tmp_path / "log")}
+    res = subprocess.run([sys.executable, "-I", str(SPAWN)], input=json.dumps(spec).encode(),
+                         capture_output=True, timeout=30)
+    assert res.returncode == 1
+    assert b"cannot set up QEMU" in res.stderr and b"missing" in res.stderr
+
+
+# ------------------------------------------------------------------ the VMM user, config
+
+
+def test_ensure_user_creates_a_missing_system_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[str] = []
+    monkeypatch.setattr(confine, "lookup_user",
+                        lambda name: USER if made else None)
+    runner = FakeRunner()
+
+    def useradd(argv: list[str]) -> Result:
+        made.append(argv[-1])
+        return Result(argv, 0, b"", b"")
+
+    runner.on(["useradd"], useradd)
+    assert ensure_user(runner, "banger-vmm") == USER
+    assert runner.ran("useradd") == [["useradd", "--system", "--no-create-home", "--home-dir",
+                                      "/nonexistent", "--shell", "/usr/sbin/nologin",
+                                      "--user-group", "banger-vmm"]]
+    assert ensure_user(runner, "banger-vmm") == USER and len(runner.ran("useradd")) == 1
+
+
+def test_ensure_user_refuses_root() -> None:
+    with pytest.raises(BadRequest) as info:
+        ensure_user(FakeRunner(), "root")
+    assert info.value.hint
+
+
+def test_config_vmm_user() -> None:
+    assert Config().vmm_user == "banger-vmm"
+    assert parse_config({"vmm_user": "qemu-vms"}).vmm_user == "qemu-vms"
+    for bad in ("root", "Bad User", "x" * 40, "../x"):
+        with pytest.raises(BadRequest, match="vmm_user"):
+            parse_config({"vmm_user": bad})
+
+
+# ------------------------------------------------------------------ doctor, vm show
+
+
+def test_doctor_reports_the_confinement(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    status = tmp_path / "status"
+    status.write_text("Name:\tx\nSeccomp:\t0\n")
+    monkeypatch.setattr(doctor, "lookup_user", lambda name: USER)
+    root = v2_tree(tmp_path)
+    monkeypatch.setattr(doctor, "detect_cgroups", lambda: CgroupHost(
+        CgroupVersion.V2, {c: root for c in ("memory", "pids", "cpu")}))
+    user, seccomp, cgroup = doctor._confinement(Config(), status)
+    assert user.status == doctor.Status.OK and "banger-vmm (uid 990)" in user.detail
+    assert seccomp.status == doctor.Status.OK and SANDBOX in seccomp.detail
+    assert cgroup.status == doctor.Status.OK and "cgroup v2" in cgroup.detail
+    monkeypatch.setattr(doctor, "lookup_user", lambda name: None)
+    status.write_text("Name:\tx\n")
+    user, seccomp, _ = doctor._confinement(Config(), status)
+    assert user.status == doctor.Status.WARN and seccomp.status == doctor.Status.FAIL
+
+
+CONFINED_VM = {
+    "id": "0123456789ab", "name": "web", "state": "running", "vmm": "qemu", "ip": "172.29.0.2",
+    "mac": "06:00:ac:1d:00:02", "created_at": "2026-11-23T11:45:00+00:00",
+    "updated_at": "2026-11-23T11:46:00+00:00", "pid": 4242, "tap": "bgt00000001",
+    "last_error": None, "stop_reason": None, "workspace": None,
+    "spec": {"image": "debian-bookworm", "vcpu": 2, "memory_mib": 1024, "disk_size": 4 << 30,
+             "work_disk_size": 2 << 30, "vmm": "auto"},
+    "confinement": {"user": "banger-vmm", "uid": 990, "seccomp": SANDBOX, "cgroup": {
+        "version": "v1", "path": "memory,pids,cpu:/banger-abc123/0123456789ab",
+        "limits": {"memory_bytes": 1536 << 20, "pids_max": 256, "cpu_weight": 200}}},
+}
+
+
+def test_vm_show_lists_the_confinement() -> None:
+    lines = output.confinement_lines(CONFINED_VM["confinement"])  # type: ignore[arg-type]
+    text = output.pairs(lines) + "\n"
+    golden = GOLDEN / "vm_confinement.txt"
+    if os.environ.get("BANGER_UPDATE_GOLDEN") == "1":
+        golden.write_text(text)
+    assert text == golden.read_text()
+    assert output.confinement_lines(None) == []
+
+
+# ------------------------------------------------------------------ the daemon records it
+
+
+class ConfinedFake(FakeVMM):
+    """The fake VMM, plus the confinement hooks the QEMU driver has."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.readopted: list[tuple[str, int]] = []
+
+    def confinement(self, vm_id: str) -> dict[str, Any]:
+        return {"user": "banger-vmm", "uid": 990, "seccomp": SANDBOX,
+                "cgroup": {"version": "v2", "path": f"/cg/{vm_id}", "limits": None}}
+
+    def readopt(self, vm_id: str, pid: int) -> dict[str, Any]:
+        self.readopted.append((vm_id, pid))
+        return self.confinement(vm_id)
+
+
+def test_vm_show_carries_the_confinement_until_the_vm_stops(
+        daemon: Daemon, world: FakeWorld) -> None:
+    world.vmm = ConfinedFake()
+    vmcreate.create_sync(daemon, vmcreate.CreateParams(name="c"))
+    vm = daemon.db.get_vm(daemon.db.find_vm("c").id)  # type: ignore[union-attr]
+    shown = view(daemon, vm)
+    assert shown["confinement"]["cgroup"]["path"] == f"/cg/{vm.id}"
+    # a restarted daemon re-adopts the live VMM, and its cgroup with it
+    reconcile.reconcile_vm(daemon, vm)
+    assert world.vmm.readopted == [(vm.id, shown["pid"])]
+    vmpower.stop(daemon, "c")
+    assert view(daemon, daemon.db.get_vm(vm.id))["confinement"] is None
+
+
+def test_readopt_recreates_the_cgroup_and_moves_the_vmm_in(tmp_path: Path) -> None:
+    """A live VMM outside its cgroup (removed, or from before confinement) is put back,
+    with limits from its own -m and -smp."""
+    root = v2_tree(tmp_path)
+    host = CgroupHost(CgroupVersion.V2, {c: root for c in ("memory", "pids", "cpu")})
+    drv = QemuDriver(FakeRunner(), "qemu", "tcg", user=USER, cgroups=host,
+                     install_tag="abc123")
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                             "-m", "768", "-smp", "3"])
+    try:
+        # Popen returns from inside the child's execve; its argv shows a moment later.
+        for _ in range(200):  # bounded: 10 s
+            if b"-smp" in Path(f"/proc/{proc.pid}/cmdline").read_bytes():
+                break
+            time.sleep(0.05)
+        conf = drv.readopt("0123456789ab", proc.pid)
+        group = drv.cgroup("0123456789ab")
+        assert group.holds(proc.pid) and group.limits() == limits_for(768, 3)
+        assert conf["cgroup"]["limits"] == limits_for(768, 3).to_json()
+        assert conf["user"] == "banger-vmm"
+    finally:
+        proc.kill()
+        proc.wait()
