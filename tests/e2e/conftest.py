@@ -156,7 +156,10 @@ class Host:
             "[vm_defaults]\nvcpu = 2\nmemory_mib = 1024\n")
 
     def netns(self, *argv: str) -> list[str]:
-        return ["ip", "netns", "exec", self.ns, *argv]
+        """``argv`` in the test's network namespace, and only there: nsenter, not `ip netns
+        exec`, which also remounts /sys and so hides the host's cgroup mounts from a daemon
+        the CLI starts (`daemon restart`, autostart)."""
+        return ["nsenter", f"--net=/run/netns/{self.ns}", "--", *argv]
 
     def start_daemon(self, pause_at: str | None = None) -> None:
         """Start bangerd in the namespace; ``pause_at`` arms the fault-injection hook."""
