@@ -206,6 +206,16 @@ def test_hostile_frames_are_answered_and_the_connection_lives_on(env: dict[str, 
         assert json.loads(reader.readline())["result"]["pong"] is True
 
 
+def _running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (the old daemon was the child of a CLI
+    that exited; where PID 1 reaps slowly its entry lingers in /proc as a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def test_config_drift_warning_and_restart(env: dict[str, str]) -> None:
     """A running daemon keeps its config; the CLI says which keys differ, once, and
     `daemon restart` applies them."""
@@ -224,7 +234,7 @@ def test_config_drift_warning_and_restart(env: dict[str, str]) -> None:
     restarted = banger(env, "daemon", "restart")
     assert restarted.returncode == 0, restarted.stderr
     after = json.loads(banger(env, "daemon", "status", "--json").stdout)
-    assert after["pid"] != before["pid"] and not Path(f"/proc/{before['pid']}").exists()
+    assert after["pid"] != before["pid"] and not _running(before["pid"])
     assert after["config"]["values"]["tap_pool_size"] == 3
     again = banger(env, "vm", "list")
     assert again.returncode == 0 and "warning" not in again.stderr
