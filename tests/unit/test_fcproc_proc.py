@@ -7,7 +7,6 @@ signalled, that launches detach, and that failed launches leave nothing.
 
 from __future__ import annotations
 
-import os
 import secrets
 import shutil
 import socket
@@ -21,14 +20,11 @@ from pathlib import Path
 import pytest
 
 from banger.daemon.fcproc import FirecrackerDriver, kill, stop_gracefully
-from banger.daemon.fcproc.driver import SPAWN_TIMEOUT_S
-from banger.errors import BadRequest, CommandFailed, VMMError
+from banger.errors import BadRequest, VMMError
 from banger.layout import Layout
 from banger.proc import ProcessIdentity, find_by_marker, identify, matches
 from banger.runner import SubprocessRunner
 from banger.vmm import LaunchPlan, vm_marker
-
-SPAWN = Path(sys.modules[FirecrackerDriver.__module__].__file__ or "").with_name("_spawn.py")
 
 
 @pytest.fixture
@@ -128,48 +124,6 @@ def test_unresponsive_vmm_is_killed_after_the_request_fails(
     while not dead(proc.pid):
         assert time.monotonic() < deadline
         time.sleep(0.01)
-
-
-# ------------------------------------------------------------------ detaching
-
-
-def test_spawn_helper_detaches(short_root: Path) -> None:
-    marker = vm_marker(secrets.token_hex(6))
-    out = short_root / "serial.log"
-    res = SubprocessRunner().run(
-        [sys.executable, "-I", str(SPAWN), "--output", str(out), "--",
-         sys.executable, "-c", "import sys, time; print('console', flush=True); "
-         "print('oops', file=sys.stderr, flush=True); time.sleep(60)", marker],
-        desc="spawn", timeout=SPAWN_TIMEOUT_S)
-    pid = int(res.out)
-    ident = identify(pid, marker)
-    assert ident is not None
-    try:
-        status = dict(line.split(":\t", 1) for line in
-                      Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
-        assert int(status["PPid"]) != os.getpid()  # re-parented: we never reap it
-        assert os.getsid(pid) != os.getsid(0)       # its own session...
-        assert os.getsid(pid) != pid                # ...but not its leader (no tty regained)
-        assert os.readlink(f"/proc/{pid}/fd/0") == "/dev/null"
-        assert os.readlink(f"/proc/{pid}/fd/1") == str(out)
-        assert os.readlink(f"/proc/{pid}/fd/2") == str(out)
-        assert os.readlink(f"/proc/{pid}/cwd") == "/"
-        deadline = time.monotonic() + 5
-        while "oops" not in out.read_text():
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        assert out.read_text().splitlines() == ["console", "oops"]
-    finally:
-        assert kill(ident)
-
-
-def test_spawn_helper_reports_exec_failure(short_root: Path) -> None:
-    with pytest.raises(CommandFailed) as exc:
-        SubprocessRunner().run(
-            [sys.executable, "-I", str(SPAWN), "--output", str(short_root / "o"), "--",
-             str(short_root / "no-such-binary")], desc="spawn", timeout=SPAWN_TIMEOUT_S)
-    assert exc.value.details["returncode"] == 127
-    assert "no-such-binary: No such file or directory" in exc.value.details["stderr"]
 
 
 # ------------------------------------------------------------------ failed launches

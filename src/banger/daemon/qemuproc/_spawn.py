@@ -22,10 +22,11 @@ The spec (built by ``QemuDriver``) names:
 - ``command``: the argv (``setpriv ... -- qemu ...``) where ``{fd:NAME}`` is
   replaced by the descriptor number of ``NAME``.
 
-Like ``fcproc/_spawn.py``: fork, ``setsid()``, fork again, exec in the
-grandchild, so QEMU is re-parented to init and outlives bangerd. QEMU cannot
-``-daemonize`` itself under ``-sandbox spawn=deny``. Prints ``<pid>`` and exits
-0 once the command is exec'd; exits 1 with the reason on stderr otherwise.
+Then, like ``fcproc/_spawn.py``, it detaches QEMU with :func:`banger.detach.run`
+(fork, ``setsid()``, fork again, exec in the grandchild), so QEMU is re-parented
+to init and outlives bangerd. QEMU cannot ``-daemonize`` itself under ``-sandbox
+spawn=deny``. Prints ``<pid>`` and exits 0 once the command is exec'd; prints the
+reason on stderr and exits 127 if exec fails, 1 if the set-up fails.
 """
 
 from __future__ import annotations
@@ -34,13 +35,13 @@ import fcntl
 import json
 import os
 import re
-import signal
 import socket
 import struct
 import sys
 from typing import Any
 
-EXEC_FAILED = 127
+from banger.detach import run
+
 # linux/if_tun.h
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
@@ -80,20 +81,6 @@ def _open_all(spec: dict[str, Any]) -> dict[str, int]:
     return fds
 
 
-def _exec(command: list[str], out_fd: int, null_fd: int, report_fd: int) -> None:
-    try:
-        os.dup2(null_fd, 0)
-        os.dup2(out_fd, 1)
-        os.dup2(out_fd, 2)
-        os.chdir("/")
-        for sig in (signal.SIGPIPE, signal.SIGXFSZ):
-            signal.signal(sig, signal.SIG_DFL)
-        os.execvp(command[0], command)  # noqa: S606 (an argv list; there is no shell)
-    except OSError as exc:
-        os.write(report_fd, f"error {command[0]}: {exc.strerror}\n".encode())
-    os._exit(EXEC_FAILED)
-
-
 def main() -> int:
     """Read the spec on stdin, set up, detach QEMU; print its pid. Returns the exit status."""
     spec = json.load(sys.stdin)
@@ -104,7 +91,6 @@ def main() -> int:
         fds = _open_all(spec)
         out_fd = os.open(spec["stderr"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
                          0o600)
-        null_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename else ""
         sys.stderr.write(f"cannot set up QEMU: {exc.strerror or exc}{where}\n")
@@ -116,41 +102,7 @@ def main() -> int:
     except KeyError as exc:
         sys.stderr.write(f"the command names an unknown descriptor {exc}\n")
         return 1
-    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-    child = os.fork()
-    if child == 0:
-        status = 1
-        try:
-            os.close(read_fd)
-            os.setsid()
-            grandchild = os.fork()
-            if grandchild == 0:
-                _exec(command, out_fd, null_fd, write_fd)
-            os.write(write_fd, f"pid {grandchild}\n".encode())
-            status = 0
-        finally:
-            os._exit(status)
-    os.close(write_fd)
-    chunks = []
-    while chunk := os.read(read_fd, 4096):
-        chunks.append(chunk)
-    os.waitpid(child, 0)
-    pid = None
-    errors = []
-    for line in b"".join(chunks).decode(errors="replace").splitlines():
-        kind, _, rest = line.partition(" ")
-        if kind == "pid":
-            pid = int(rest)
-        elif kind == "error":
-            errors.append(rest)
-    if errors:
-        sys.stderr.write("cannot execute " + "; ".join(errors) + "\n")
-        return EXEC_FAILED
-    if pid is None:
-        sys.stderr.write("the detaching child exited without starting QEMU\n")
-        return 1
-    sys.stdout.write(f"{pid}\n")
-    return 0
+    return run(command, out_fd)
 
 
 if __name__ == "__main__":
