@@ -31,6 +31,7 @@ from banger import __version__
 from banger.api import PROTOCOL_VERSION, VMState, config_hash, config_values
 from banger.config import Config
 from banger.daemon import vmmselect
+from banger.daemon.cgroups import CgroupHost, detect
 from banger.daemon.dmsnap import (
     CowHandle,
     CowStrategy,
@@ -123,6 +124,8 @@ class Seams:
     cow: CowStrategy | None = None
     dial: GuestDialer | None = None
     wait_for_ssh: Callable[..., float] = wait_for_ssh
+    # The host's cgroup hierarchy, where the start-up sweep looks for leaked VM cgroups.
+    cgroups: Callable[[], CgroupHost] = detect
     # Builds an image by name into a staging dir; replaced in unit tests.
     image_build: Callable[..., Any] | None = None
 

@@ -5,8 +5,8 @@ every VM is checked against the host: a VMM that is still the same process
 (``/proc`` pid + start time + command line marker) is re-adopted, anything
 else is torn down and the VM marked stopped with the reason. Half-created or
 half-deleted VMs are removed. Then host resources that look like banger's but
-belong to no VM (TAPs, loop devices, dm targets, VMM processes, runtime files)
-are swept. Restarting bangerd never stops a running VM.
+belong to no VM (TAPs, loop devices, dm targets, VMM processes, runtime files,
+empty cgroups) are swept. Restarting bangerd never stops a running VM.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("banger.reconcile")
 
 _MARKER = re.compile(r"^banger-([0-9a-f]{12})(,|$)")
+# A VM's cgroup under the install's: named after its id or its marker (banger-<id>).
+_CGROUP_NAME = re.compile(r"^(?:banger-)?([0-9a-f]{12})$")
 
 
 def ensure_ssh_key(d: Daemon) -> None:
@@ -180,12 +182,13 @@ def sweep(d: Daemon) -> dict[str, list[str]]:
     """Remove this install's host resources that no VM owns; returns what was removed.
 
     Only resources named or placed by this install are candidates: TAPs with its TAP
-    prefix, dm targets with its dm prefix (both carry the install tag, see
-    ``banger.layout.install_tag``), loop devices and VMM processes over its
-    directories. Another install's (another state dir's) are never touched.
+    prefix, dm targets with its dm prefix, cgroups under its ``banger-<tag>`` cgroup
+    (all three carry the install tag, see ``banger.layout.install_tag``), loop devices
+    and VMM processes over its directories. Another install's (another state dir's)
+    are never touched.
     """
     removed: dict[str, list[str]] = {"processes": [], "taps": [], "loops": [], "dm": [],
-                                     "files": []}
+                                     "cgroups": [], "files": []}
     known = {vm.id for vm in d.db.list_vms()}
     owned_taps: set[str] = set(d.tap_pool.owned())
     for vm_id, h in d.handles.all().items():
@@ -220,6 +223,9 @@ def sweep(d: Daemon) -> dict[str, list[str]]:
     removed["loops"] = _sweep_loops(d, known)
     if dm_snapshot_supported():
         removed["dm"] = _sweep_dm(d, known)
+    # After the VMM processes: a leaked VMM killed above has left its cgroup (or is
+    # leaving it; a cgroup still busy is left for the next sweep).
+    removed["cgroups"] = _sweep_cgroups(d, known)
 
     for parent in (d.layout.vms_run_dir, d.layout.vms_dir):
         if parent.is_dir():
@@ -270,6 +276,37 @@ def _sweep_dm(d: Daemon, known: set[str]) -> list[str]:
             d.runner.run(["dmsetup", "remove", "--retry", name], desc=f"remove {name}",
                          timeout=30, check=False)
             gone.append(name)
+    return gone
+
+
+def _sweep_cgroups(d: Daemon, known: set[str]) -> list[str]:
+    """Remove this install's VM cgroups that no VM owns, when empty; returns their paths.
+
+    A cgroup that still holds processes is left and logged: nothing is killed here
+    (a VMM of this install was killed above; anything else in it is not ours to kill).
+    """
+    try:
+        host = d.seams.cgroups()
+        groups = host.install_groups(d.layout.install_tag)
+    except HostError as exc:  # no usable hierarchy: no VM of ours can have a cgroup
+        log.debug("sweep: no cgroups: %s", exc.message)
+        return []
+    gone = []
+    for name, group in groups.items():
+        m = _CGROUP_NAME.match(name)
+        if m is None or m.group(1) in known:
+            continue  # not a VM's cgroup, or a VM's that still exists
+        try:
+            members = group.members()
+            if members:
+                log.warning("sweep: cgroup %s belongs to no VM but holds pids %s: left in "
+                            "place", group.describe(), " ".join(map(str, members)))
+                continue
+            group.remove()
+        except HostError as exc:
+            log.warning("sweep: %s", exc.message)
+            continue
+        gone.append(group.describe())
     return gone
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -65,10 +66,36 @@ class CgroupHost:
         """The cgroup ``rel`` (``banger-<tag>/<vm id>``) on this host."""
         return VMCgroup(self, rel)
 
+    def install_groups(self, install_tag: str) -> dict[str, VMCgroup]:
+        """The cgroups that exist under install ``install_tag``'s, by name.
+
+        A name counts when its directory exists under any controller's root (a
+        v1 cgroup may be half made or half removed).
+
+        Raises:
+            HostError: the install's directory exists but cannot be listed.
+        """
+        parent = install_group(install_tag)
+        names: set[str] = set()
+        for root in dict.fromkeys(self.roots.values()):  # v2: one root for all
+            try:
+                with os.scandir(root / parent) as entries:
+                    names.update(e.name for e in entries if e.is_dir(follow_symlinks=False))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as exc:
+                raise HostError(f"cannot list {root / parent}: {exc.strerror}") from exc
+        return {name: self.group(f"{parent}/{name}") for name in sorted(names)}
+
+
+def install_group(install_tag: str) -> str:
+    """This install's cgroup, ``banger-<install tag>``: the parent of all its VMs' cgroups."""
+    return f"banger-{install_tag}"
+
 
 def vm_group(install_tag: str, vm_id: str) -> str:
     """The cgroup name of one VM, relative to the hierarchy's root."""
-    return f"banger-{install_tag}/{vm_id}"
+    return f"{install_group(install_tag)}/{vm_id}"
 
 
 def _unescape(field: str) -> str:
@@ -201,6 +228,22 @@ class VMCgroup:
             return all(str(pid) in f.read_text().split() for f in self.procs_files)
         except OSError:
             return False
+
+    def members(self) -> list[int]:
+        """The processes in any of this cgroup's directories (none when it is gone).
+
+        Raises:
+            HostError: a ``cgroup.procs`` file exists but cannot be read.
+        """
+        pids: set[int] = set()
+        for f in self.procs_files:
+            try:
+                pids.update(int(p) for p in f.read_text().split())
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError) as exc:
+                raise HostError(f"cannot read {f}: {exc}") from exc
+        return sorted(pids)
 
     def adopt(self, pid: int) -> None:
         """Move ``pid`` into this cgroup (re-adoption of a VMM started without one).
