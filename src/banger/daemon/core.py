@@ -206,7 +206,10 @@ class Daemon:
         self.vm_caps: list[VMCap] = []
         self.cow: CowStrategy | None = self.seams.cow
         self._drivers: dict[str, VMMDriver] = {}
+        # _drivers_mu: a leaf lock guarding only _drivers; _driver_builds[name] serialises
+        # building one driver (I/O), never held with another lock (see driver()).
         self._drivers_mu = threading.Lock()
+        self._driver_builds = LockSet("driver")
         self._net_mu = threading.Lock()
         self._net_ready = False
         self._network_enabled = True
@@ -276,15 +279,29 @@ class Daemon:
         return self.store
 
     def driver(self, name: str) -> VMMDriver:
-        """The VMM driver called ``name``, built once."""
+        """The VMM driver called ``name``, built once.
+
+        Building one does I/O (the QEMU driver may run ``useradd`` for the VMM user,
+        and reads the cgroup mounts), so it happens outside ``_drivers_mu``, the leaf
+        lock that guards only the dict: a slow build never holds up a caller of a
+        driver already built. ``_driver_builds[name]`` makes two callers that both
+        find ``name`` missing build it once (two concurrent ``useradd`` of one user
+        would fail the second); it is taken with no other lock held.
+        """
         with self._drivers_mu:
             drv = self._drivers.get(name)
+        if drv is not None:
+            return drv
+        with self._driver_builds.held(name):
+            with self._drivers_mu:  # built by the caller we waited for?
+                drv = self._drivers.get(name)
             if drv is None:
                 if self.seams.vmm_factory is not None:
                     drv = self.seams.vmm_factory(name)
                 else:
                     drv = vmmselect.make_driver(self.cfg, self.runner, name)
-                self._drivers[name] = drv
+                with self._drivers_mu:
+                    self._drivers[name] = drv
             return drv
 
     def cow_for(self, handle: CowHandle) -> CowStrategy:
