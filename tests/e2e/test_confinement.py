@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from banger.daemon.cgroups import VMCgroup, detect, vm_group
-from banger.daemon.qemuproc.confine import limits_for, lookup_user
+from banger.daemon.cgroups import VMCgroup, detect, limits_for, vm_group
 from banger.layout import install_tag
+from banger.vmmuser import lookup_user
 from tests.e2e.conftest import Host
 
 pytestmark = pytest.mark.e2e

@@ -14,25 +14,29 @@ from typing import Any
 
 import pytest
 
+from banger import vmmuser
 from banger.cli import output
 from banger.config import Config, parse_config
 from banger.daemon import reconcile, vmcreate, vmpower
-from banger.daemon.cgroups import CgroupHost, CgroupVersion, Limits, detect, vm_group
-from banger.daemon.core import Daemon
-from banger.daemon.qemuproc import QemuDriver, build_argv, confine, launch_spec
-from banger.daemon.qemuproc.confine import (
-    SANDBOX,
+from banger.daemon.cgroups import (
     VMM_MEMORY_ALLOWANCE_MIB,
-    VMMUser,
-    ensure_user,
+    CgroupHost,
+    CgroupVersion,
+    Limits,
+    detect,
+    limit_files,
     limits_for,
-    privilege_drop,
+    vm_group,
 )
+from banger.daemon.core import Daemon
+from banger.daemon.qemuproc import QemuDriver, build_argv, launch_spec
+from banger.daemon.qemuproc.confine import SANDBOX, privilege_drop
 from banger.daemon.vms import view
 from banger.errors import BadRequest, HostError
 from banger.layout import VMPaths
 from banger.runner import Result
 from banger.vmm import ConfinedVMM, LaunchPlan
+from banger.vmmuser import VMMUser, check_unprivileged, ensure_user
 from tests.conftest import FakeWorld
 from tests.fakes import FakeRunner, FakeVMM
 
@@ -162,8 +166,17 @@ def test_cgroup_remove_reports_a_busy_cgroup(tmp_path: Path) -> None:
 def test_limits_for_adds_the_vmm_allowance() -> None:
     lim = limits_for(1024, 2)
     assert lim.memory_bytes == (1024 + VMM_MEMORY_ALLOWANCE_MIB) << 20
-    assert lim.cpu_weight == 200 and lim.pids_max > 64
+    assert lim == Limits(memory_bytes=1536 << 20, pids_max=256, cpu_weight=200)
     assert limits_for(1024, 200).cpu_weight == 10000  # cgroup v2's maximum
+
+
+def test_limit_files_name_each_limit_for_its_version() -> None:
+    """One computation for both drivers: QEMU's cgroup writes these, the jailer gets them."""
+    lim = limits_for(256, 3)
+    assert limit_files(CgroupVersion.V2, lim) == {
+        "memory.max": str(768 << 20), "pids.max": "256", "cpu.weight": "300"}
+    assert limit_files(CgroupVersion.V1, lim) == {
+        "memory.limit_in_bytes": str(768 << 20), "pids.max": "256", "cpu.shares": "3072"}
 
 
 # ------------------------------------------------------------------ QEMU command line
@@ -260,7 +273,7 @@ def test_launcher_reports_a_file_it_cannot_open(tmp_path: Path) -> None:
 
 def test_ensure_user_creates_a_missing_system_user(monkeypatch: pytest.MonkeyPatch) -> None:
     made: list[str] = []
-    monkeypatch.setattr(confine, "lookup_user",
+    monkeypatch.setattr(vmmuser, "lookup_user",
                         lambda name: USER if made else None)
     runner = FakeRunner()
 
@@ -280,6 +293,14 @@ def test_ensure_user_refuses_root() -> None:
     with pytest.raises(BadRequest) as info:
         ensure_user(FakeRunner(), "root")
     assert info.value.hint
+
+
+@pytest.mark.parametrize(("uid", "gid"), [(0, 0), (0, 985), (990, 0)])
+def test_an_account_with_uid_or_gid_0_is_refused(uid: int, gid: int) -> None:
+    with pytest.raises(BadRequest, match=rf"is root \(uid {uid}, gid {gid}\)") as info:
+        check_unprivileged(VMMUser("toor", uid, gid))
+    assert "unprivileged" in info.value.hint
+    assert check_unprivileged(USER) is USER
 
 
 def test_config_vmm_user() -> None:

@@ -19,7 +19,7 @@ from banger.config import Config
 from banger.daemon.cgroups import detect as detect_cgroups
 from banger.daemon.dmsnap import dm_snapshot_supported, reflink_supported
 from banger.daemon.hostinfo import kvm_status, which
-from banger.daemon.qemuproc.confine import SANDBOX, lookup_user
+from banger.daemon.qemuproc.confine import SANDBOX
 from banger.daemon.vmmselect import (
     firecracker_binary,
     firecracker_blockers,
@@ -28,6 +28,7 @@ from banger.daemon.vmmselect import (
 )
 from banger.errors import BangerError
 from banger.runner import Runner, SubprocessRunner
+from banger.vmmuser import lookup_user
 
 FREE_WARN = 10 << 30  # an image plus a few VMs
 FREE_FAIL = 2 << 30  # not even one image build fits

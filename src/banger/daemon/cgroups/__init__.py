@@ -11,8 +11,11 @@ Directories sit at the hierarchy's root, not under bangerd's own cgroup: under
 v2 a cgroup that holds processes (a service's) cannot hand controllers to
 children, and a VM must outlive ``bangerd.service`` being stopped.
 
-The VMM joins its cgroup before it starts: the launcher writes its own pid to
-``cgroup.procs`` and then forks QEMU, so every thread QEMU ever has is inside.
+The VMM joins its cgroup before it starts: QEMU's launcher writes its own pid
+to ``cgroup.procs`` and then forks QEMU; Firecracker's jailer makes the cgroup
+from ``--cgroup``/``--parent-cgroup`` (:func:`limit_files`, :func:`install_group`)
+and joins it before it execs Firecracker. Either way every thread the VMM ever
+has is inside. Both drivers get the same limits (:func:`limits_for`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import time
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -34,6 +38,21 @@ CONTROLLERS = ("memory", "pids", "cpu")
 CPU_WEIGHT_DEFAULT = 100
 CPU_WEIGHT_MAX = 10000
 V1_SHARES_PER_WEIGHT = 1024 / CPU_WEIGHT_DEFAULT
+
+# Memory a VMM itself needs beyond the guest's RAM: QEMU's device model, block and
+# network buffers, the guest's firmware and kernel images, and under TCG the
+# translated-code cache (bounded by qemuproc.confine.TCG_TB_SIZE_MIB); Firecracker
+# needs far less, and gets the same bound. A VMM that grows past guest RAM + this
+# allowance is killed by the kernel's OOM killer inside its own cgroup, not the host's.
+VMM_MEMORY_ALLOWANCE_MIB = 512
+# Tasks in a VM's cgroup: QEMU's block I/O thread pool is at most 64 workers
+# (util/thread-pool.c), plus one thread per vCPU and a few helpers (RCU, main loop,
+# monitor); Firecracker has one thread per vCPU plus its VMM and API threads. QEMU's
+# seccomp filter already stops it forking; this bounds a runaway either way.
+VMM_PIDS_MAX = 256
+# The kernel takes an exiting task out of its cgroup a moment after /proc shows it
+# gone: removing a VM's cgroup right after its VMM died is retried for this long.
+RELEASE_WAIT_S = 2.0
 
 
 class CgroupVersion(StrEnum):
@@ -53,6 +72,32 @@ class Limits:
         """The limits as a JSON object (``vm show``)."""
         return {"memory_bytes": self.memory_bytes, "pids_max": self.pids_max,
                 "cpu_weight": self.cpu_weight}
+
+
+def limits_for(memory_mib: int, vcpu: int) -> Limits:
+    """A VM's cgroup limits, for either VMM: guest memory + the VMM allowance, tasks,
+    and a CPU weight proportional to its vCPUs (the default weight per vCPU)."""
+    return Limits(
+        memory_bytes=(memory_mib + VMM_MEMORY_ALLOWANCE_MIB) << 20,
+        pids_max=VMM_PIDS_MAX,
+        cpu_weight=min(CPU_WEIGHT_DEFAULT * vcpu, CPU_WEIGHT_MAX),
+    )
+
+
+def limit_files(version: CgroupVersion, limits: Limits) -> dict[str, str]:
+    """The control files that hold ``limits`` and their values, named as the kernel does.
+
+    Every name is ``<controller>.<property>``, the form the jailer's ``--cgroup``
+    takes too. v2: ``memory.max``, ``pids.max``, ``cpu.weight``; v1:
+    ``memory.limit_in_bytes``, ``pids.max``, ``cpu.shares`` (1024 per 100 of weight).
+    """
+    if version == CgroupVersion.V2:
+        return {"memory.max": str(limits.memory_bytes),
+                "pids.max": str(limits.pids_max),
+                "cpu.weight": str(limits.cpu_weight)}
+    return {"memory.limit_in_bytes": str(limits.memory_bytes),
+            "pids.max": str(limits.pids_max),
+            "cpu.shares": str(round(limits.cpu_weight * V1_SHARES_PER_WEIGHT))}
 
 
 @dataclass(frozen=True)
@@ -93,9 +138,13 @@ def install_group(install_tag: str) -> str:
     return f"banger-{install_tag}"
 
 
-def vm_group(install_tag: str, vm_id: str) -> str:
-    """The cgroup name of one VM, relative to the hierarchy's root."""
-    return f"{install_group(install_tag)}/{vm_id}"
+def vm_group(install_tag: str, name: str) -> str:
+    """The cgroup of one VM, relative to the hierarchy's root: ``banger-<tag>/<name>``.
+
+    ``name`` is the VM id for QEMU; the jailer names a Firecracker VM's cgroup
+    after its ``--id``, the VM marker (``banger-<vm id>``).
+    """
+    return f"{install_group(install_tag)}/{name}"
 
 
 def _unescape(field: str) -> str:
@@ -189,16 +238,11 @@ class VMCgroup:
                 for d in (root, parent):
                     _enable_controllers(d)
                 (root / self.rel).mkdir(exist_ok=True)
-                _write(self._file("memory", "memory.max"), str(limits.memory_bytes))
-                _write(self._file("pids", "pids.max"), str(limits.pids_max))
-                _write(self._file("cpu", "cpu.weight"), str(limits.cpu_weight))
             else:
                 for d in self.dirs:
                     d.mkdir(parents=True, exist_ok=True)
-                _write(self._file("memory", "memory.limit_in_bytes"), str(limits.memory_bytes))
-                _write(self._file("pids", "pids.max"), str(limits.pids_max))
-                _write(self._file("cpu", "cpu.shares"),
-                       str(round(limits.cpu_weight * V1_SHARES_PER_WEIGHT)))
+            for name, value in limit_files(self.host.version, limits).items():
+                _write(self._file(name.split(".", 1)[0], name), value)
         except OSError as exc:
             raise HostError(f"cannot set up cgroup {self.describe()}: "
                             f"{exc.strerror or exc} ({exc.filename})") from exc
@@ -257,12 +301,27 @@ class VMCgroup:
             except OSError as exc:
                 raise HostError(f"cannot move pid {pid} into {f}: {exc.strerror}") from exc
 
-    def remove(self) -> None:
+    def remove(self, wait_s: float = 0.0) -> None:
         """Remove the cgroup's directories (absent ones are fine).
+
+        Args:
+            wait_s: How long to retry while a directory is still busy (a VMM that
+                just exited; see :data:`RELEASE_WAIT_S`).
 
         Raises:
             HostError: a directory still holds processes (EBUSY) or cannot be removed.
         """
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                self._remove_once()
+                return
+            except HostError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
+
+    def _remove_once(self) -> None:
         problems = []
         for d in self.dirs:
             try:

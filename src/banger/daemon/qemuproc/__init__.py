@@ -18,20 +18,23 @@ import logging
 import os
 import socket
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from banger.config import Config
-from banger.daemon.cgroups import CgroupHost, VMCgroup, detect, vm_group
+from banger.daemon.cgroups import (
+    RELEASE_WAIT_S,
+    CgroupHost,
+    VMCgroup,
+    detect,
+    limits_for,
+    vm_group,
+)
 from banger.daemon.qemuproc.confine import (
     SANDBOX,
     TCG_TB_SIZE_MIB,
-    VMMUser,
     check_readable_by,
-    ensure_user,
     kvm_groups,
-    limits_for,
     privilege_drop,
 )
 from banger.errors import CommandFailed, HostError, VMMError
@@ -40,11 +43,11 @@ from banger.layout import VMPaths, install_tag
 from banger.proc import ProcessIdentity, cmdline, identify, matches
 from banger.runner import Runner
 from banger.vmm import LaunchPlan
+from banger.vmmuser import VMMUser, ensure_user
 
 log = logging.getLogger("banger.qemu")
 
 LAUNCH_TIMEOUT_S = 30.0  # QMP answers after device init: seconds even under TCG
-CGROUP_RMDIR_S = 2.0
 SPAWN_TIMEOUT_S = 30.0  # the launcher opens files, forks and execs: well under a second
 QMP_TIMEOUT_S = 5.0
 
@@ -305,18 +308,7 @@ class QemuDriver:
         """
         for f in (plan_paths.pid_file, plan_paths.run / "qmp.sock"):
             f.unlink(missing_ok=True)
-        group = self.cgroup(plan_paths.vm_id)
-        # The kernel takes an exiting task out of its cgroup a moment after /proc
-        # shows it gone: retry for CGROUP_RMDIR_S before reporting it busy.
-        deadline = time.monotonic() + CGROUP_RMDIR_S
-        while True:
-            try:
-                group.remove()
-                return
-            except HostError:
-                if time.monotonic() >= deadline:
-                    raise
-                time.sleep(0.05)
+        self.cgroup(plan_paths.vm_id).remove(wait_s=RELEASE_WAIT_S)
 
 
 def _vm_size(pid: int) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""How a QEMU process is confined: its user, its seccomp filter, its cgroup limits.
+"""How a QEMU process is confined: its user, its seccomp filter, its boot files.
 
 QEMU runs the guest's whole device model; a guest that escapes into it gets
 whatever the QEMU process has. So QEMU runs as a dedicated unprivileged system
@@ -6,19 +6,18 @@ user (config ``vmm_user``) with no capabilities and no supplementary groups
 (beyond ``/dev/kvm``'s group when it uses KVM), under QEMU's own seccomp filter,
 inside a cgroup of its own. It never opens anything under banger's state or
 runtime directories by path: the launcher (root) opens the disks, logs, TAP and
-QMP socket and hands them over as file descriptors.
+QMP socket and hands them over as file descriptors. The account
+(:mod:`banger.vmmuser`) and the cgroup limits (:func:`banger.daemon.cgroups.limits_for`)
+are shared with the jailed Firecracker.
 """
 
 from __future__ import annotations
 
 import os
-import pwd
-from dataclasses import dataclass
 from pathlib import Path
 
-from banger.daemon.cgroups import CPU_WEIGHT_DEFAULT, CPU_WEIGHT_MAX, Limits
-from banger.errors import BadRequest, HostError
-from banger.runner import Runner
+from banger.errors import HostError
+from banger.vmmuser import VMMUser
 
 # QEMU's seccomp filter (qemu-options.hx, -sandbox): deny obsolete syscalls,
 # set*uid/setsid and friends, fork/exec, and scheduler/affinity changes. With
@@ -26,66 +25,9 @@ from banger.runner import Runner
 # so the launcher starts it detached and already as the VMM user.
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
-# Memory QEMU itself needs beyond the guest's RAM: the device model, block and
-# network buffers, the guest's firmware and kernel images, and under TCG the
-# translated-code cache, which TCG_TB_SIZE_MIB bounds (QEMU's default reserves
-# up to 1 GiB for it). A VMM that grows past guest RAM + this allowance is
-# killed by the kernel's OOM killer inside its own cgroup, not the host's.
-VMM_MEMORY_ALLOWANCE_MIB = 512
+# TCG's translated-code cache; QEMU's default reserves up to 1 GiB for it. Bounded
+# so that it fits in the VM's cgroup allowance (cgroups.VMM_MEMORY_ALLOWANCE_MIB).
 TCG_TB_SIZE_MIB = 256
-# Tasks in a VM's cgroup: QEMU's block I/O thread pool is at most 64 workers
-# (util/thread-pool.c), plus one thread per vCPU and a few helpers (RCU, main
-# loop, monitor). spawn=deny already stops it forking; this bounds a runaway.
-VMM_PIDS_MAX = 256
-
-
-@dataclass(frozen=True)
-class VMMUser:
-    """The unprivileged account VMM processes run as."""
-
-    name: str
-    uid: int
-    gid: int
-
-
-def limits_for(memory_mib: int, vcpu: int) -> Limits:
-    """A VM's cgroup limits: guest memory + the VMM allowance, tasks, and a CPU
-    weight proportional to its vCPUs (the default weight per vCPU)."""
-    return Limits(
-        memory_bytes=(memory_mib + VMM_MEMORY_ALLOWANCE_MIB) << 20,
-        pids_max=VMM_PIDS_MAX,
-        cpu_weight=min(CPU_WEIGHT_DEFAULT * vcpu, CPU_WEIGHT_MAX),
-    )
-
-
-def lookup_user(name: str) -> VMMUser | None:
-    """The account ``name``, or None when it does not exist."""
-    try:
-        pw = pwd.getpwnam(name)
-    except KeyError:
-        return None
-    return VMMUser(name, pw.pw_uid, pw.pw_gid)
-
-
-def ensure_user(runner: Runner, name: str) -> VMMUser:
-    """The VMM account, created as a system user without a home or a login shell if missing.
-
-    Raises:
-        BadRequest: ``name`` is root's account (uid 0): that confines nothing.
-        HostError: useradd failed.
-    """
-    user = lookup_user(name)
-    if user is None:
-        runner.run(["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
-                    "--shell", "/usr/sbin/nologin", "--user-group", name],
-                   desc=f"create the VMM user {name}", timeout=30)
-        user = lookup_user(name)
-        if user is None:
-            raise HostError(f"useradd created no user {name!r}")
-    if user.uid == 0 or user.gid == 0:
-        raise BadRequest(f"vmm_user {name!r} is root (uid {user.uid}, gid {user.gid})",
-                         hint="set vmm_user to an unprivileged account, e.g. banger-vmm")
-    return user
 
 
 def privilege_drop(user: VMMUser, groups: list[int]) -> list[str]:
