@@ -89,8 +89,13 @@ class FakeInstall:
 
 def write_fakes(directory: Path, spec_path: Path, *,
                 fail_on: tuple[str, str, str] | None = None,
-                crash: str | None = None) -> FakeInstall:
-    """Executables named ``firecracker`` and ``jailer`` backed by fake_firecracker."""
+                crash: str | None = None,
+                cgroup_roots: dict[str, str] | None = None) -> FakeInstall:
+    """Executables named ``firecracker`` and ``jailer`` backed by fake_firecracker.
+
+    ``cgroup_roots`` (controller -> directory) is the fake cgroup hierarchy the
+    jailer makes the VM's cgroup directories in; without it, it makes none.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     journal_dir = directory / "journal"
     journal_dir.mkdir(exist_ok=True)
@@ -105,7 +110,8 @@ def write_fakes(directory: Path, spec_path: Path, *,
     jailer = directory / "jailer"
     jailer.write_text(prologue + (
         "from tests.contract.fake_firecracker import jailer_main\n"
-        f"sys.exit(jailer_main(sys.argv[1:], journal_dir={str(journal_dir)!r}))\n"))
+        f"sys.exit(jailer_main(sys.argv[1:], journal_dir={str(journal_dir)!r}, "
+        f"cgroup_roots={cgroup_roots!r}))\n"))
     for exe in (fc, jailer):
         exe.chmod(0o755)
     return FakeInstall(fc, jailer, journal_dir)

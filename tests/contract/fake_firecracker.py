@@ -17,12 +17,17 @@ boot, to the logger file, and to the metrics file on FlushMetrics, creates
 the vsock socket, and exits after SendCtrlAltDel like a guest booted with
 ``reboot=k``. Each request goes to a JSON-lines journal the test reads.
 
-The fake jailer validates its arguments like the real one, builds the
-``<base>/<exec>/<id>/root`` directory, and execs the fake Firecracker with
-``--id=<id>`` and the arguments after ``--``. It cannot pivot_root into the
-jail without a Python inside it, so it tells the fake Firecracker where the
-jail is (``FAKE_FC_CHROOT``) and the fake resolves every path it is given
-inside that directory, as a jailed process would.
+The fake jailer validates its arguments like the real one (including
+``--cgroup-version``, each ``--cgroup <controller>.<file>=<value>`` and
+``--parent-cgroup``) plus banger's own rules (never uid or gid 0, never
+``--daemonize``), builds the ``<base>/<exec>/<id>/root`` directory, and execs
+the fake Firecracker with ``--id=<id>`` and the arguments after ``--``. It
+cannot pivot_root into the jail without a Python inside it, so it tells the
+fake Firecracker where the jail is (``FAKE_FC_CHROOT``) and the fake resolves
+every path it is given inside that directory, as a jailed process would. It
+never touches the host's cgroups: given a fake hierarchy (controller -> root
+directory) it makes ``<root>/<parent cgroup>/<id>`` there for each controller a
+``--cgroup`` names, as the real jailer does, and journals the values.
 """
 
 from __future__ import annotations
@@ -309,6 +314,33 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+def _options(argv: list[str], name: str) -> list[str]:
+    """Every value of a repeatable option (``--cgroup a=1 --cgroup b=2``)."""
+    return [argv[i + 1] for i, arg in enumerate(argv) if arg == name and i + 1 < len(argv)]
+
+
+# The jailer's --cgroup file names are <controller>.<property>, exactly one dot
+# (its cgroup.rs, get_controller_from_filename); these are the controllers banger uses.
+_CGROUP_FILE = re.compile(r"(memory|pids|cpu)\.[a-z_]+")
+_CGROUP_FILES = {"1": {"memory.limit_in_bytes", "pids.max", "cpu.shares"},
+                 "2": {"memory.max", "pids.max", "cpu.weight"}}
+
+
+def _cgroup_problems(version: str, parent: str, values: list[str]) -> list[str]:
+    problems = []
+    if version not in _CGROUP_FILES:
+        problems.append(f"invalid --cgroup-version {version!r}")
+    if not parent or parent.startswith("/") or ".." in Path(parent).parts:
+        problems.append(f"invalid --parent-cgroup {parent!r}")
+    for value in values:
+        name, eq, setting = value.partition("=")
+        if not eq or not setting or not _CGROUP_FILE.fullmatch(name):
+            problems.append(f"invalid --cgroup {value!r}")
+        elif name not in _CGROUP_FILES.get(version, set()):
+            problems.append(f"--cgroup {name} is not a cgroup v{version} file")
+    return problems
+
+
 def _option(argv: list[str], name: str, default: str | None = None) -> str | None:
     for i, arg in enumerate(argv):
         if arg == name and i + 1 < len(argv):
@@ -354,15 +386,21 @@ def firecracker_main(argv: list[str], *, spec: str, journal_dir: str,
     return 0
 
 
-def jailer_main(argv: list[str], *, journal_dir: str) -> int:
-    """The fake ``jailer`` binary."""
+def jailer_main(argv: list[str], *, journal_dir: str,
+                cgroup_roots: dict[str, str] | None = None) -> int:
+    """The fake ``jailer`` binary (``cgroup_roots``: the fake hierarchy, controller -> dir)."""
     sep = argv.index("--") if "--" in argv else len(argv)
     own, extra = argv[:sep], argv[sep + 1:]
     jail_id = _option(own, "--id")
     exec_file = _option(own, "--exec-file")
     uid, gid = _option(own, "--uid"), _option(own, "--gid")
     base = Path(_option(own, "--chroot-base-dir", "/srv/jailer") or "/srv/jailer")
-    problems = []
+    version = _option(own, "--cgroup-version", "1") or "1"
+    cgroups = _options(own, "--cgroup")
+    parent = _option(own, "--parent-cgroup", Path(exec_file or "").name) or ""
+    problems = _cgroup_problems(version, parent, cgroups)
+    if "0" in (uid, gid):
+        problems.append(f"banger must not run Firecracker as uid/gid {uid}/{gid}")
     if not jail_id or len(jail_id) > 64 or not re.fullmatch(r"[A-Za-z0-9-]+", jail_id):
         problems.append(f"invalid --id {jail_id!r}")
     if not exec_file or not os.path.isabs(exec_file) or "firecracker" not in Path(exec_file).name:
@@ -378,6 +416,12 @@ def jailer_main(argv: list[str], *, journal_dir: str) -> int:
         print("jailer: " + "; ".join(problems), file=sys.stderr, flush=True)
         return 1
     assert jail_id and exec_file and uid and gid
+    for value in cgroups:  # <hierarchy>/<parent>/<id>, one per controller named
+        name, _, setting = value.partition("=")
+        if cgroup_roots is not None:
+            group = Path(cgroup_roots[name.split(".")[0]]) / parent / jail_id
+            group.mkdir(parents=True, exist_ok=True)
+            journal.write(event="cgroup", dir=str(group), file=name, value=setting)
     exec_name = Path(exec_file).name
     root = base / exec_name / jail_id / "root"
     root.mkdir(parents=True, exist_ok=True)

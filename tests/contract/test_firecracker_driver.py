@@ -7,28 +7,38 @@ journal holds exactly the expected requests and not one validation error.
 
 from __future__ import annotations
 
+import json
 import os
+import stat
 from pathlib import Path
 
 import pytest
 
 from banger.config import parse_config
+from banger.daemon.cgroups import CONTROLLERS, CgroupHost, CgroupVersion
 from banger.daemon.fcproc import (
     FirecrackerAPI,
     FirecrackerDriver,
     InstanceState,
-    JailerSettings,
     SnapshotFiles,
     kill,
 )
 from banger.daemon.fcproc.jail import JailLayout
 from banger.errors import BadRequest, InvalidState, VMMError
-from banger.layout import VMPaths
+from banger.layout import VMPaths, install_tag
 from banger.proc import find_by_marker, matches, wait_gone
 from banger.runner import SubprocessRunner
 from banger.vmm import LaunchPlan
+from banger.vmmuser import VMMUser, lookup_user
+from tests.contract import fake_firecracker
 from tests.contract.conftest import FakeInstall, VMs, write_fakes
 from tests.contract.fcspec import FirecrackerSpec
+
+# The jailer runs as root; so does the fake, which chowns the jail to the VMM user.
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the jailer needs root (chown)")
+# The VMM user of the jailed tests: an existing unprivileged account, so that the
+# driver finds it and creates nothing on the host.
+JAIL_USER = "nobody"
 
 BOOT_CALLS = [
     ("PUT", "/logger"),
@@ -52,6 +62,40 @@ def driver_for(fakes: FakeInstall, vms: VMs) -> FirecrackerDriver:
         "jailer_chroot_base": str(vms.layout.state_dir / "jail"),
     })
     return FirecrackerDriver.from_config(cfg, SubprocessRunner())
+
+
+def fake_cgroups(root: Path, version: CgroupVersion) -> CgroupHost:
+    """A cgroup hierarchy of plain directories: v2 one root, v1 one per controller."""
+    roots = {c: root / ("unified" if version == CgroupVersion.V2 else c) for c in CONTROLLERS}
+    for d in roots.values():
+        d.mkdir(parents=True, exist_ok=True)
+    return CgroupHost(version, roots)
+
+
+def jail_user() -> VMMUser:
+    user = lookup_user(JAIL_USER)
+    if user is None or 0 in (user.uid, user.gid):
+        pytest.skip(f"needs an unprivileged {JAIL_USER!r} account")
+    return user
+
+
+def jailed_driver(tmp_path: Path, spec_path: Path, vms: VMs, base: Path,
+                  version: CgroupVersion = CgroupVersion.V2
+                  ) -> tuple[FakeInstall, FirecrackerDriver, CgroupHost]:
+    """The real driver built from the config (jailer on, vmm_user nobody) over fakes."""
+    host = fake_cgroups(tmp_path / "cgroup", version)
+    fakes = write_fakes(tmp_path / "bin", spec_path,
+                        cgroup_roots={c: str(d) for c, d in host.roots.items()})
+    cfg = parse_config({
+        "state_dir": str(vms.layout.state_dir),
+        "runtime_dir": str(vms.layout.runtime_dir),
+        "firecracker_bin": str(fakes.firecracker),
+        "jailer_enabled": True,
+        "jailer_bin": str(fakes.jailer),
+        "jailer_chroot_base": str(base),
+        "vmm_user": JAIL_USER,
+    })
+    return fakes, FirecrackerDriver.from_config(cfg, SubprocessRunner(), cgroups=host), host
 
 
 def proc_field(pid: int, name: str) -> str:
@@ -193,12 +237,107 @@ def test_pause_snapshot_load_resume(fakes: FakeInstall, vms: VMs) -> None:
     assert second_sent[("PATCH", "/vm")] == {"state": "Resumed"}
 
 
-def test_jailed_lifecycle(fakes: FakeInstall, vms: VMs) -> None:
+@needs_root
+@pytest.mark.parametrize("version", [CgroupVersion.V1, CgroupVersion.V2])
+def test_jailed_launch_argv_cgroup_and_files(tmp_path: Path, spec_path: Path, vms: VMs,
+                                             version: CgroupVersion) -> None:
+    """The jailer's exact command line (the VMM user, the cgroup version, limits and
+    parent), the cgroup it makes and the driver removes, and what the chroot holds."""
+    user = jail_user()
+    base = tmp_path / "jails"
+    fakes, drv, host = jailed_driver(tmp_path, spec_path, vms, base, version)
+    assert drv.jailer is not None and drv.jailer.user == user
+    plan = vms.plan(vcpu=2)  # 256 MiB of guest memory
+    p = plan.paths
+    tag = install_tag(vms.layout.state_dir)
+    layout = JailLayout.for_vm(base, str(fakes.firecracker), plan.marker)
+
+    ident = drv.launch(plan)
+    journal = fakes.journal(plan.marker)
+    jailer = journal.events("jailer")[0]
+    assert jailer["problems"] == []
+    limits = {  # guest 256 MiB + 512 MiB for the VMM; 256 tasks; weight 100 per vCPU
+        CgroupVersion.V2: ["memory.max=805306368", "pids.max=256", "cpu.weight=200"],
+        CgroupVersion.V1: ["memory.limit_in_bytes=805306368", "pids.max=256",
+                           "cpu.shares=2048"],
+    }[version]
+    assert jailer["argv"] == [
+        "--id", plan.marker, "--exec-file", str(fakes.firecracker),
+        "--uid", str(user.uid), "--gid", str(user.gid), "--chroot-base-dir", str(base),
+        "--cgroup-version", version.value[1:], "--parent-cgroup", f"banger-{tag}",
+        *(arg for value in limits for arg in ("--cgroup", value)),
+        "--", "--api-sock", "/fc.sock",
+    ]
+    assert "0" not in (jailer["argv"][5], jailer["argv"][7])
+    # The VM's cgroup: <hierarchy>/banger-<install tag>/<jail id>, beside QEMU VMs' cgroups.
+    group = drv.jailer.cgroup(plan.marker)
+    assert group.rel == f"banger-{tag}/{plan.marker}"
+    made = journal.events("cgroup")
+    assert [f"{e['file']}={e['value']}" for e in made] == limits
+    assert {e["dir"] for e in made} == {str(d) for d in group.dirs}
+    assert len(group.dirs) == (1 if version == CgroupVersion.V2 else 3)
+    assert group.exists()
+
+    # What the chroot holds: the binary the jailer copied, the VM's files and the
+    # sockets and metrics Firecracker makes; nothing else from state_dir.
+    assert sorted(os.listdir(layout.root)) == sorted([
+        "firecracker", "vmlinux", "initrd", "rootfs", "work", "vmm.log", "fc.metrics",
+        "fc.sock", "vsock.sock"])
+    assert (layout.root.stat().st_uid, layout.root.stat().st_gid) == (user.uid, user.gid)
+    state_files = {}
+    for d, _, files in os.walk(vms.layout.state_dir):
+        for name in files:
+            st = os.lstat(os.path.join(d, name))
+            state_files[(st.st_dev, st.st_ino)] = Path(d) / name
+    linked = {}
+    for name in os.listdir(layout.root):
+        st = os.lstat(layout.root / name)
+        if (st.st_dev, st.st_ino) in state_files:
+            linked[name] = state_files[(st.st_dev, st.st_ino)]
+    assert linked == {"vmlinux": plan.kernel, "initrd": plan.initrd,
+                      "rootfs": Path(plan.rootfs), "work": Path(plan.work_disk),
+                      "vmm.log": p.vmm_log}
+    # What Firecracker writes is the VMM user's alone; the boot files stay root's.
+    for name in ("rootfs", "work", "vmm.log", "fc.metrics"):
+        st = os.stat(layout.root / name)
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (user.uid, user.gid,
+                                                                    0o600), name
+    for name in ("vmlinux", "initrd"):
+        assert os.stat(layout.root / name).st_uid == 0, name
+    assert p.serial_log.stat().st_uid == 0  # the console log is never handed over
+
+    assert drv.stop(p, ident, grace_s=10)
+    drv.cleanup(p)
+    assert not layout.jail_dir.exists()
+    assert not group.exists()
+    assert not any((root / f"banger-{tag}").exists() for root in host.roots.values())
+    assert journal.errors() == []
+
+
+def test_the_fake_jailer_refuses_what_banger_must_never_pass(tmp_path: Path) -> None:
+    """The harness can fail: root ids and malformed cgroup options are journalled."""
+    argv = ["--id", "banger-x", "--exec-file", "/usr/bin/firecracker", "--uid", "0",
+            "--gid", "0", "--cgroup-version", "2", "--parent-cgroup", "../up",
+            "--cgroup", "memory.limit_in_bytes=1", "--cgroup", "cpu.weight",
+            "--", "--api-sock", "/fc.sock"]
+    assert fake_firecracker.jailer_main(argv, journal_dir=str(tmp_path)) == 1
+    entries = [json.loads(line)
+               for line in (tmp_path / "banger-x.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in entries] == ["jailer"]  # refused: nothing exec'd
+    assert sorted(entries[0]["problems"]) == sorted([
+        "invalid --parent-cgroup '../up'",
+        "--cgroup memory.limit_in_bytes is not a cgroup v2 file",
+        "invalid --cgroup 'cpu.weight'",
+        "banger must not run Firecracker as uid/gid 0/0"])
+
+
+@needs_root
+def test_jailed_lifecycle(tmp_path: Path, spec_path: Path, vms: VMs) -> None:
     """Through the (fake) jailer: files in the chroot, in-jail paths, short socket links."""
     # Deep enough that the in-jail API socket's host path cannot be connect()ed directly.
     base = vms.layout.state_dir / ("deep-" * 12) / "jail"
-    settings = JailerSettings(str(fakes.jailer), base, uid=65534, gid=65534)
-    drv = FirecrackerDriver(SubprocessRunner(), str(fakes.firecracker), jailer=settings)
+    user = jail_user()
+    fakes, drv, _ = jailed_driver(tmp_path, spec_path, vms, base)
     plan = vms.plan()
     p = plan.paths
     layout = JailLayout.for_vm(base, str(fakes.firecracker), plan.marker)
@@ -218,7 +357,7 @@ def test_jailed_lifecycle(fakes: FakeInstall, vms: VMs) -> None:
                              ("vmm.log", p.vmm_log)):
         st = os.stat(layout.root / inside)
         assert st.st_ino == os.stat(original).st_ino
-        assert (st.st_uid, st.st_gid) == (65534, 65534)
+        assert (st.st_uid, st.st_gid) == (user.uid, user.gid)
     assert "logger ready" in p.vmm_log.read_text()
     drv.flush_metrics(p)
     assert p.metrics.is_symlink() and "utc_timestamp_ms" in p.metrics.read_text()

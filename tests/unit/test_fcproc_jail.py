@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from banger.daemon.cgroups import CgroupHost, CgroupVersion, Limits, limits_for
 from banger.daemon.fcproc import JailerSettings, JailLayout, direct_view, jailed_view
 from banger.daemon.fcproc.jail import (
     Exposure,
@@ -32,8 +33,18 @@ from banger.daemon.fcproc.jail import (
 from banger.errors import BadRequest, HostError
 from banger.layout import Layout, VMPaths
 from banger.vmm import LaunchPlan
+from banger.vmmuser import VMMUser
 
 NOBODY = 65534
+VMM = VMMUser("banger-vmm", 990, 985)
+V1 = CgroupHost(CgroupVersion.V1, {c: Path("/sys/fs/cgroup") / c for c in ("memory", "pids",
+                                                                             "cpu")})
+V2 = CgroupHost(CgroupVersion.V2, {c: Path("/sys/fs/cgroup") for c in ("memory", "pids", "cpu")})
+
+
+def settings(user: VMMUser = VMM, cgroups: CgroupHost = V2,
+             base: Path = Path("/srv/jailer")) -> JailerSettings:
+    return JailerSettings("/usr/bin/jailer", base, user, cgroups, "banger-abc123")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mknod, chown)")
 
 
@@ -80,13 +91,48 @@ def test_exec_file_is_checked() -> None:
     assert "symlink" in exc.value.hint
 
 
-def test_argv() -> None:
-    settings = JailerSettings("/usr/bin/jailer", Path("/srv/jailer"), 123, 100)
-    assert jailer_argv(settings, "/usr/bin/firecracker", "banger-0a1b") == [
+LIMITS = Limits(memory_bytes=768 << 20, pids_max=256, cpu_weight=200)
+
+
+def test_argv_cgroup_v2() -> None:
+    assert jailer_argv(settings(), "/usr/bin/firecracker", "banger-0a1b", LIMITS) == [
         "/usr/bin/jailer", "--id", "banger-0a1b", "--exec-file", "/usr/bin/firecracker",
-        "--uid", "123", "--gid", "100", "--chroot-base-dir", "/srv/jailer",
+        "--uid", "990", "--gid", "985", "--chroot-base-dir", "/srv/jailer",
+        "--cgroup-version", "2", "--parent-cgroup", "banger-abc123",
+        "--cgroup", "memory.max=805306368", "--cgroup", "pids.max=256",
+        "--cgroup", "cpu.weight=200",
         "--", "--api-sock", "/fc.sock",
     ]
+
+
+def test_argv_cgroup_v1() -> None:
+    argv = jailer_argv(settings(cgroups=V1), "/usr/bin/firecracker", "banger-0a1b",
+                       limits_for(512, 1))
+    own = argv[:argv.index("--")]
+    assert own[own.index("--cgroup-version") + 1] == "1"
+    assert own[own.index("--parent-cgroup") + 1] == "banger-abc123"
+    assert [own[i + 1] for i, a in enumerate(own) if a == "--cgroup"] == [
+        f"memory.limit_in_bytes={(512 + 512) << 20}", "pids.max=256", "cpu.shares=1024"]
+    assert argv[argv.index("--") + 1:] == ["--api-sock", "/fc.sock"]
+
+
+def test_settings_refuse_root_and_name_the_vm_cgroup() -> None:
+    for uid, gid in ((0, 0), (0, 985), (990, 0)):
+        with pytest.raises(BadRequest, match="is root") as exc:
+            settings(user=VMMUser("toor", uid, gid))
+        assert "unprivileged" in exc.value.hint
+    s = settings(cgroups=V1)
+    assert (s.uid, s.gid) == (990, 985)
+    group = s.cgroup("banger-0a1b")
+    assert group.rel == "banger-abc123/banger-0a1b"  # <parent>/<id>, as the jailer makes it
+    assert group.dirs == [Path("/sys/fs/cgroup") / c / "banger-abc123/banger-0a1b"
+                          for c in ("memory", "pids", "cpu")]
+    for bad in ("", "/abs", "../up", "a/../../b"):
+        with pytest.raises(ValueError, match="relative path"):
+            JailerSettings("/usr/bin/jailer", Path("/j"), VMM, V2, bad)
+
+
+def test_unjailed_argv() -> None:
     assert firecracker_argv("/usr/bin/firecracker", "/run/banger/vms/x/fc.sock",
                             "banger-x") == [
         "/usr/bin/firecracker", "--api-sock", "/run/banger/vms/x/fc.sock", "--id", "banger-x"]
@@ -161,10 +207,12 @@ def jail_root(tmp_path: Path) -> Path:
 def test_writable_file_is_hard_linked_and_chowned(tmp_path: Path, jail_root: Path) -> None:
     disk = tmp_path / "work.ext4"
     disk.write_bytes(b"disk")
+    disk.chmod(0o644)
     target = expose(Exposure(disk, "/work", writable=True), jail_root, NOBODY, NOBODY)
     assert target == jail_root / "work"
     assert target.stat().st_ino == disk.stat().st_ino  # writes reach the original
     assert (disk.stat().st_uid, disk.stat().st_gid) == (NOBODY, NOBODY)
+    assert stat.S_IMODE(disk.stat().st_mode) == 0o600  # the VMM user's alone
 
 
 @needs_root
@@ -248,12 +296,12 @@ def test_prepare_and_remove_jail(tmp_path: Path) -> None:
     kernel = tmp_path / "vmlinux"
     kernel.write_bytes(b"k")
     kernel.chmod(0o644)
-    settings = JailerSettings("/usr/bin/jailer", tmp_path / "jails", NOBODY, NOBODY)
-    jail = JailLayout.for_vm(settings.chroot_base, "/usr/bin/firecracker", "banger-0a1b2c3d4e5f")
+    nobody = settings(user=VMMUser("nobody", NOBODY, NOBODY), base=tmp_path / "jails")
+    jail = JailLayout.for_vm(nobody.chroot_base, "/usr/bin/firecracker", "banger-0a1b2c3d4e5f")
     (jail.root / "stale").mkdir(parents=True)  # left by a crashed run
 
     items = plan_exposures(kernel, None, str(paths.rootfs), str(paths.work_disk), paths.vmm_log)
-    prepare_jail(jail, settings, paths, items)
+    prepare_jail(jail, nobody, paths, items)
     assert sorted(os.listdir(jail.root)) == ["fc.metrics", "rootfs", "vmlinux", "vmm.log",
                                              "work"]
     assert jail.host_path("/fc.metrics").stat().st_uid == NOBODY

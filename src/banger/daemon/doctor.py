@@ -124,11 +124,12 @@ def _jailer(cfg: Config) -> Check:
 
     if firecracker_binary(cfg) is None:
         return Check("jailer", Status.OK, "not needed: Firecracker is not installed")
-    jailed, detail = jailer_status(cfg)
-    if jailed:
-        return Check("jailer", Status.OK, detail)
-    failing = cfg.jailer_enabled is True
-    return Check("jailer", Status.FAIL if failing else Status.WARN, detail,
+    st = jailer_status(cfg)
+    if st.jailed:
+        return Check("jailer", Status.OK, st.detail)
+    if st.blocks_vms:
+        return Check("jailer", Status.FAIL, st.detail, st.hint)
+    return Check("jailer", Status.WARN, st.detail,
                  "install Firecracker's jailer next to it (jailer_bin) to run VMs chrooted")
 
 
@@ -161,9 +162,11 @@ def _confinement(cfg: Config, status: Path = Path("/proc/self/status")) -> list[
     user = lookup_user(cfg.vmm_user)
     if user is None:
         who = Check("vmm user", Status.WARN, f"{cfg.vmm_user} does not exist yet",
-                    "bangerd creates it at the first QEMU VM (or run scripts/install-deps)")
-    elif user.uid == 0:
-        who = Check("vmm user", Status.FAIL, f"{cfg.vmm_user} is root: QEMU would be unconfined",
+                    "bangerd creates it at the first QEMU or jailed Firecracker VM "
+                    "(or run scripts/install-deps)")
+    elif user.uid == 0 or user.gid == 0:
+        who = Check("vmm user", Status.FAIL,
+                    f"{cfg.vmm_user} is root ({user.uid}:{user.gid}): VMMs would be unconfined",
                     "set vmm_user to an unprivileged account")
     else:
         who = Check("vmm user", Status.OK,

@@ -3,13 +3,15 @@
 - :mod:`.api` — :class:`FirecrackerAPI`, the REST client on the API socket.
 - :mod:`.driver` — :class:`FirecrackerDriver` (the ``VMMDriver``), launch,
   graceful stop, snapshots.
-- :mod:`.jail` — the jailer's chroot layout and command line (pure), and
-  building/removing a jail.
+- :mod:`.jail` — the jailer's chroot layout and command line (pure: the VMM
+  user's uid/gid, the cgroup version, limits and parent), and building/removing
+  a jail.
 - :mod:`.host` — finding the binaries, version check, jailer status for doctor.
 - ``_spawn.py`` — a script that starts a command detached (double fork).
 
-A leaf subpackage: it imports banger's top-level modules, never other
-``banger.daemon`` modules.
+A leaf subpackage: it imports banger's top-level modules and, of the other
+``banger.daemon`` modules, only the ``cgroups`` leaf (the limits and naming it
+shares with the QEMU driver).
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ from .driver import (
 )
 from .host import (
     MIN_VERSION,
+    JailerStatus,
     check_version,
     find_binary,
     find_firecracker,
     find_jailer,
-    jail_owner,
+    jailer_binary,
     jailer_settings,
     jailer_status,
 )
@@ -53,6 +56,7 @@ __all__ = [
     "InstanceState",
     "JailLayout",
     "JailerSettings",
+    "JailerStatus",
     "SnapshotFiles",
     "SnapshotType",
     "VMMView",
@@ -62,9 +66,9 @@ __all__ = [
     "find_binary",
     "find_firecracker",
     "find_jailer",
-    "jail_owner",
     "jailed_view",
     "jailer_argv",
+    "jailer_binary",
     "jailer_settings",
     "jailer_status",
     "kill",

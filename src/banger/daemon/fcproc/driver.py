@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from banger.config import Config
+from banger.daemon.cgroups import RELEASE_WAIT_S, CgroupHost, limits_for
 from banger.errors import BadRequest, CommandFailed, HostError, InvalidState, VMMError
 from banger.fsutil import atomic_write, tail
 from banger.layout import VMPaths
@@ -299,14 +300,24 @@ class FirecrackerDriver:
         self.api_wait_s = api_wait_s
 
     @classmethod
-    def from_config(cls, cfg: Config, runner: Runner) -> FirecrackerDriver:
+    def from_config(cls, cfg: Config, runner: Runner, *,
+                    cgroups: CgroupHost | None = None) -> FirecrackerDriver:
         """Build the driver from the config, checking the binaries exist.
 
+        Jailed, Firecracker runs as the VMM user (created if missing) in a
+        cgroup of its own (see :func:`~.host.jailer_settings`).
+
+        Args:
+            cfg: The configuration.
+            runner: The subprocess chokepoint.
+            cgroups: The cgroup hierarchy (default: this host's).
+
         Raises:
-            HostError: Firecracker is missing or too old, or the jailer is
-                required (``jailer_enabled = true``) but cannot run.
+            HostError: Firecracker is missing or too old; the jailer is
+                required (``jailer_enabled = true``) but cannot run; the VMM
+                user cannot be created; no cgroup hierarchy has the controllers.
             BadRequest: The jailer is on and cannot exec this binary (its
-                name lacks ``firecracker``).
+                name lacks ``firecracker``), or the VMM user is root.
         """
         binary = find_firecracker(cfg)
         if binary is None:
@@ -319,7 +330,7 @@ class FirecrackerDriver:
         if not ok:
             raise HostError(f"unsupported Firecracker: {detail}",
                             hint="install a newer Firecracker release, or set vmm = qemu")
-        return cls(runner, binary, jailer=jailer_settings(cfg),
+        return cls(runner, binary, jailer=jailer_settings(cfg, runner, cgroups=cgroups),
                    chroot_base=cfg.jailer_chroot_base)
 
     # ------------------------------------------------------------ VMMDriver
@@ -356,19 +367,23 @@ class FirecrackerDriver:
         return press_ctrl_alt_del(api_socket, ident)
 
     def cleanup(self, plan_paths: VMPaths) -> None:
-        """Remove sockets, symlinks, metrics, the pid file and the jail.
+        """Remove sockets, symlinks, metrics, the pid file, the jail and its cgroup.
 
         Call once the process is gone. Idempotent; the serial and VMM logs
-        in the state directory are kept.
+        in the state directory are kept. The jailer leaves the cgroup it made
+        behind (docs/jailer.md: cleanup is up to its caller), so it goes here.
 
         Raises:
-            HostError: The jail directory could not be removed.
+            HostError: The jail directory could not be removed, or the cgroup
+                still holds a process.
         """
         for path in _runtime_files(plan_paths):
             path.unlink(missing_ok=True)
         layout = self._layout_for(plan_paths)
         if layout is not None:
             remove_jail(layout)
+        if self.jailer is not None:
+            self.jailer.cgroup(vm_marker(plan_paths.vm_id)).remove(wait_s=RELEASE_WAIT_S)
 
     # ------------------------------------------------------------ beyond the protocol
 
@@ -499,7 +514,7 @@ class FirecrackerDriver:
                 info = wait_for_api(api, ident, self.api_wait_s, p.serial_log)
                 setup(api, view, info)
             log.info("vm %s: Firecracker pid %d (%s)", plan.name, ident.pid,
-                     "jailed" if self.jailer else "unjailed")
+                     f"jailed as {self.jailer.user.describe()}" if self.jailer else "unjailed")
             return ident
         except VMMError as exc:
             self._abort(p, ident)
@@ -541,7 +556,8 @@ class FirecrackerDriver:
                                p.vmm_log) + extra
         prepare_jail(layout, self.jailer, p, items)
         # jailer_argv passes --api-sock JAIL_API_SOCKET, which the jailed view names.
-        return jailed_view(plan), jailer_argv(self.jailer, self.binary, plan.marker)
+        return jailed_view(plan), jailer_argv(self.jailer, self.binary, plan.marker,
+                                              limits_for(plan.memory_mib, plan.vcpu))
 
     def _spawn(self, argv: list[str], plan: LaunchPlan) -> ProcessIdentity:
         """Start ``argv`` detached (see ``_spawn.py``); write the pid file; identify it."""

@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from banger.config import Config
-from banger.errors import HostError
+from banger.daemon.cgroups import MOUNTS, CgroupHost, detect, install_group
+from banger.errors import BangerError, HostError
+from banger.layout import install_tag
 from banger.runner import Runner
+from banger.vmmuser import check_unprivileged, ensure_user, lookup_user
 
 from .jail import JailerSettings
 
@@ -53,26 +57,12 @@ def check_version(runner: Runner, binary: str) -> tuple[bool, str]:
     return ok, f"{binary}: v{'.'.join(map(str, version))} (minimum {want})"
 
 
-def jail_owner(cfg: Config) -> tuple[int, int]:
-    """The uid:gid a jailed Firecracker drops to: the owner of ``state_dir``.
-
-    The VM's disks and logs live there and the jail chowns the ones
-    Firecracker writes to this owner, so they stay with the installation's
-    owner. Before the state directory exists, the daemon's own ids.
-    """
-    try:
-        st = os.stat(cfg.state_dir)
-    except OSError:
-        return os.geteuid(), os.getegid()
-    return st.st_uid, st.st_gid
-
-
 def _jailer_label(cfg: Config) -> str:
     return cfg.jailer_bin or "jailer"
 
 
-def jailer_settings(cfg: Config, euid: int | None = None) -> JailerSettings | None:
-    """How to jail Firecracker, or None to run it unjailed.
+def jailer_binary(cfg: Config, euid: int | None = None) -> str | None:
+    """The jailer to run Firecracker under, or None to run it unjailed.
 
     ``jailer_enabled`` None ("auto") jails when the jailer binary is found and
     banger runs as root (the jailer needs root to chroot, mknod and change
@@ -100,32 +90,92 @@ def jailer_settings(cfg: Config, euid: int | None = None) -> JailerSettings | No
     if euid != 0:
         raise HostError("jailer_enabled = true but bangerd is not running as root",
                         hint="the jailer needs root; run bangerd as root or disable the jailer")
-    uid, gid = jail_owner(cfg)
-    return JailerSettings(binary, cfg.jailer_chroot_base, uid, gid)
+    return binary
 
 
-def jailer_status(cfg: Config, euid: int | None = None) -> tuple[bool, str]:
-    """For ``banger doctor``: (Firecracker VMs will run jailed, one-line explanation).
+def jailer_settings(cfg: Config, runner: Runner, euid: int | None = None, *,
+                    cgroups: CgroupHost | None = None) -> JailerSettings | None:
+    """How to jail Firecracker, or None to run it unjailed (see :func:`jailer_binary`).
 
-    False is not necessarily an error: it may be ``jailer_enabled = false``
-    or auto mode without a jailer. The text says which, and says so plainly
-    when ``jailer_enabled = true`` cannot be honoured (VM starts will fail).
+    A jailed Firecracker drops to the VMM user (config ``vmm_user``, the
+    account QEMU runs as), created like QEMU's driver creates it when missing;
+    it runs in a cgroup under this install's ``banger-<install tag>``.
+
+    Args:
+        cfg: The configuration.
+        runner: Runs ``useradd`` when the VMM user does not exist yet.
+        euid: The effective uid to judge by (default: this process's).
+        cgroups: The cgroup hierarchy (default: this host's, :func:`~banger.daemon.cgroups.detect`).
+
+    Raises:
+        HostError: ``jailer_enabled = true`` but the jailer cannot run; the VMM
+            user cannot be created; no cgroup hierarchy has memory, pids and cpu.
+        BadRequest: The VMM user is uid 0 or gid 0.
+    """
+    binary = jailer_binary(cfg, euid)
+    if binary is None:
+        return None
+    user = ensure_user(runner, cfg.vmm_user)
+    return JailerSettings(binary, cfg.jailer_chroot_base, user,
+                          cgroups if cgroups is not None else detect(),
+                          install_group(install_tag(cfg.state_dir)))
+
+
+@dataclass(frozen=True)
+class JailerStatus:
+    """What ``banger doctor`` says about the jailer.
+
+    Attributes:
+        jailed: Firecracker VMs will run jailed.
+        detail: One line: the jailer, the user and ids, the cgroup version; or
+            why Firecracker runs unjailed, or why its VMs will not start.
+        blocks_vms: Firecracker VMs will not start (``jailer_enabled = true``
+            that cannot be honoured, a VMM user that is root, no usable cgroup
+            hierarchy): never an unjailed or unconfined fallback.
+        hint: How to fix a blocking problem.
+    """
+
+    jailed: bool
+    detail: str
+    blocks_vms: bool = False
+    hint: str = ""
+
+
+def jailer_status(cfg: Config, euid: int | None = None, *,
+                  mounts: Path = MOUNTS) -> JailerStatus:
+    """For ``banger doctor``: will Firecracker VMs run jailed, as whom, in which cgroups.
+
+    Reads the host only: a VMM user that does not exist yet is reported as
+    one bangerd will create.
 
     Args:
         cfg: The configuration.
         euid: The effective uid to judge by (default: this process's).
+        mounts: The mount table to find the cgroup hierarchy in.
     """
     label = _jailer_label(cfg)
     if cfg.jailer_enabled is False:
-        return False, "jailer disabled (jailer_enabled = false): Firecracker runs unjailed"
+        return JailerStatus(False, "jailer disabled (jailer_enabled = false): "
+                                   "Firecracker runs unjailed")
     try:
-        settings = jailer_settings(cfg, euid)
-    except HostError as exc:
-        return False, f"{exc.message}: Firecracker VMs will not start"
-    if settings is None:
-        found = find_jailer(cfg)
-        if found is None:
-            return False, f"jailer ({label}) not found: Firecracker runs unjailed"
-        return False, f"jailer {found} found, but not running as root: Firecracker runs unjailed"
-    return True, (f"jailer {settings.binary}: Firecracker runs jailed under "
-                  f"{settings.chroot_base} as {settings.uid}:{settings.gid}")
+        binary = jailer_binary(cfg, euid)
+        if binary is None:
+            found = find_jailer(cfg)
+            if found is None:
+                return JailerStatus(False, f"jailer ({label}) not found: Firecracker runs unjailed")
+            return JailerStatus(False, f"jailer {found} found, but not running as root: "
+                                       "Firecracker runs unjailed")
+        user = lookup_user(cfg.vmm_user)
+        if user is None:
+            who = f"{cfg.vmm_user} (not created yet: bangerd creates it at the first VM)"
+        else:
+            who = check_unprivileged(user).describe()
+        host = detect(mounts)
+    except BangerError as exc:
+        return JailerStatus(False, f"{exc.message}: Firecracker VMs will not start",
+                            blocks_vms=True, hint=exc.hint)
+    parent = install_group(install_tag(cfg.state_dir))
+    return JailerStatus(True, f"jailer {binary}: Firecracker runs jailed under "
+                              f"{cfg.jailer_chroot_base} as {who}, in a cgroup "
+                              f"{host.version.value} under {parent} (memory, pids and cpu "
+                              "limits)")

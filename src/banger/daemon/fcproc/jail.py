@@ -4,7 +4,11 @@ The jailer (a separate binary shipped with Firecracker) creates
 ``<chroot_base>/<exec_file_name>/<id>/root``, copies the Firecracker binary
 into it, ``pivot_root``s there in a new mount namespace, creates
 ``/dev/kvm`` and ``/dev/net/tun``, drops to ``uid:gid`` and execs Firecracker
-with ``--id=<id>`` plus whatever follows ``--`` on its command line. Inside
+with ``--id=<id>`` plus whatever follows ``--`` on its command line. Before
+that it makes the VM's cgroup, ``<hierarchy>/<parent cgroup>/<id>``, writes each
+``--cgroup file=value`` into it and joins it. banger passes the VMM user
+(config ``vmm_user``, never root) as ``uid:gid`` and the same cgroup limits a
+QEMU VM gets, under this install's ``banger-<install tag>`` cgroup. Inside
 the jail Firecracker sees only that directory, so everything it opens must be
 put there first: banger hard-links the kernel, initrd, disks and log into the
 root (a block device gets a fresh device node instead), and reaches the API
@@ -28,8 +32,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from banger.daemon.cgroups import (
+    CgroupHost,
+    CgroupVersion,
+    Limits,
+    VMCgroup,
+    limit_files,
+)
 from banger.errors import BadRequest, HostError
 from banger.layout import VMPaths
+from banger.vmmuser import VMMUser, check_unprivileged
 
 log = logging.getLogger("banger.fcproc")
 
@@ -52,15 +64,55 @@ JAIL_METRICS = "/fc.metrics"
 JAIL_SNAPSHOT_STATE = "/snapshot.state"
 JAIL_SNAPSHOT_MEM = "/snapshot.mem"
 
+# The jailer's --cgroup-version takes "1" or "2" (docs/jailer.md, "Jailer Usage").
+JAILER_CGROUP_VERSION = {CgroupVersion.V1: "1", CgroupVersion.V2: "2"}
+
 
 @dataclass(frozen=True)
 class JailerSettings:
-    """How to run Firecracker under the jailer (from the config and the host)."""
+    """How to run Firecracker under the jailer (from the config and the host).
+
+    Attributes:
+        binary: The jailer executable.
+        chroot_base: ``--chroot-base-dir``.
+        user: The account Firecracker drops to (``--uid``/``--gid``): the VMM
+            user, never uid 0 or gid 0 (refused when the settings are made).
+        cgroups: The host's cgroup hierarchy: ``--cgroup-version`` and the
+            limit files' names.
+        parent_cgroup: ``--parent-cgroup``, this install's cgroup
+            (:func:`banger.daemon.cgroups.install_group`), relative to the
+            hierarchy's root.
+
+    Raises:
+        BadRequest: ``user`` is uid 0 or gid 0.
+    """
 
     binary: str
     chroot_base: Path
-    uid: int
-    gid: int
+    user: VMMUser
+    cgroups: CgroupHost
+    parent_cgroup: str
+
+    def __post_init__(self) -> None:
+        check_unprivileged(self.user)
+        parts = Path(self.parent_cgroup).parts
+        if not parts or Path(self.parent_cgroup).is_absolute() or ".." in parts:
+            raise ValueError(f"--parent-cgroup must be a relative path, "
+                             f"not {self.parent_cgroup!r}")
+
+    @property
+    def uid(self) -> int:
+        """``--uid``: the VMM user's."""
+        return self.user.uid
+
+    @property
+    def gid(self) -> int:
+        """``--gid``: the VMM user's primary group."""
+        return self.user.gid
+
+    def cgroup(self, jail_id: str) -> VMCgroup:
+        """The cgroup the jailer makes for ``jail_id``: ``<parent_cgroup>/<jail_id>``."""
+        return self.cgroups.group(f"{self.parent_cgroup}/{jail_id}")
 
 
 @dataclass(frozen=True)
@@ -152,8 +204,9 @@ def firecracker_argv(binary: str, api_socket: str, vm_id_marker: str) -> list[st
     return [binary, "--api-sock", api_socket, "--id", vm_id_marker]
 
 
-def jailer_argv(settings: JailerSettings, firecracker_bin: str, jail_id: str) -> list[str]:
-    """The jailer command line that runs Firecracker in ``jail_id``'s chroot.
+def jailer_argv(settings: JailerSettings, firecracker_bin: str, jail_id: str,
+                limits: Limits) -> list[str]:
+    """The jailer command line that runs Firecracker in ``jail_id``'s chroot and cgroup.
 
     No ``--daemonize`` (it would point the serial console at /dev/null; banger
     detaches the process itself) and no ``--new-pid-ns`` (the jailer's pid
@@ -161,21 +214,32 @@ def jailer_argv(settings: JailerSettings, firecracker_bin: str, jail_id: str) ->
     jailer adds ``--id=<id>`` to Firecracker's arguments, so the VM marker is
     on the final command line too.
 
+    The jailer makes ``<parent_cgroup>/<jail_id>`` in the hierarchy of each
+    controller a ``--cgroup`` names (one ``cgroup2`` mount under v2), writes
+    each value there and joins it before it execs Firecracker
+    (docs/jailer.md, "Jailer Operation"). Every limit of ``limits`` is one
+    ``--cgroup <file>=<value>``, named for the host's cgroup version.
+
     Args:
-        settings: Jailer binary, chroot base and the uid/gid to drop to.
+        settings: Jailer binary, chroot base, the VMM user, the cgroup
+            hierarchy and this install's parent cgroup.
         firecracker_bin: Absolute path of the Firecracker binary to exec.
         jail_id: The jail (and Firecracker instance) id.
+        limits: The VM's cgroup limits (:func:`banger.daemon.cgroups.limits_for`).
     """
-    return [
+    argv = [
         settings.binary,
         "--id", jail_id,
         "--exec-file", firecracker_bin,
         "--uid", str(settings.uid),
         "--gid", str(settings.gid),
         "--chroot-base-dir", str(settings.chroot_base),
-        "--",
-        "--api-sock", JAIL_API_SOCKET,
+        "--cgroup-version", JAILER_CGROUP_VERSION[settings.cgroups.version],
+        "--parent-cgroup", settings.parent_cgroup,
     ]
+    for name, value in limit_files(settings.cgroups.version, limits).items():
+        argv += ["--cgroup", f"{name}={value}"]
+    return [*argv, "--", "--api-sock", JAIL_API_SOCKET]
 
 
 def readable_by(st: os.stat_result, uid: int, gid: int) -> bool:
@@ -237,10 +301,12 @@ def expose(item: Exposure, root: Path, uid: int, gid: int) -> Path:
     """Put ``item.source`` inside the jail root, usable by ``uid:gid``.
 
     A block device (a device-mapper COW snapshot) gets a new device node with
-    the same major:minor. A regular file is hard-linked, so writes land in the
-    original; the link is ``chown``ed when Firecracker must write it, which
-    changes the original's owner too (same inode). A read-only file that
-    ``uid:gid`` cannot read, or one on another filesystem, is copied instead.
+    the same major:minor, ``uid:gid``'s and mode 0600. A regular file is
+    hard-linked, so writes land in the original; when Firecracker must write
+    it the link is made ``uid:gid``'s with mode 0600, which changes the
+    original too (same inode), as the QEMU driver does with a VM's disks. A
+    read-only file that ``uid:gid`` cannot read, or one on another filesystem,
+    is copied instead (the copy is ``uid:gid``'s).
 
     Returns:
         The host path of the new entry.
@@ -282,6 +348,7 @@ def expose(item: Exposure, root: Path, uid: int, gid: int) -> Path:
             return target
         if item.writable:
             os.chown(target, uid, gid)
+            os.chmod(target, 0o600)
     except OSError as exc:
         raise HostError(f"cannot put {item.source} in the jail at {target}: {exc.strerror}",
                         hint="the jailer needs root (CAP_MKNOD, CAP_CHOWN)") from exc
@@ -312,6 +379,7 @@ def prepare_jail(layout: JailLayout, settings: JailerSettings, paths: VMPaths,
     metrics.write_bytes(b"")
     try:
         os.chown(metrics, settings.uid, settings.gid)
+        os.chmod(metrics, 0o600)
     except OSError as exc:
         raise HostError(f"cannot chown {metrics}: {exc.strerror}") from exc
     for link, target in socket_links(layout, paths).items():
