@@ -224,7 +224,8 @@ TRANSITIONS: dict[VMState, frozenset[VMState]] = {
 
 
 class VMSpec(Model):
-    """What the user asked for. Never changed by the daemon after create."""
+    """What the user asked for. Only the user changes it after create (the egress
+    fields, with ``vm set-egress``)."""
 
     image: str
     vcpu: int = Field(ge=1, le=64)
@@ -237,6 +238,8 @@ class VMSpec(Model):
     # read as False: closed.
     nat: bool = False
     allow_private: bool = False
+    # Egress allowlist (banger.egress): normalised entries; empty for none.
+    allow_out: list[str] = Field(default_factory=list, max_length=64)
 
 
 class WorkspaceView(Model):

@@ -146,6 +146,9 @@ class Config(_Strict):
     vm_to_vm: bool = False  # guests may reach each other on the bridge
     dns_enabled: bool = True
     dns_port: Annotated[int, Field(ge=1, le=65535)] = 53
+    # Where names outside .vm are forwarded: "" for the host's first non-loopback
+    # nameserver (/etc/resolv.conf), "none" for nowhere, or "IP" / "IP:PORT".
+    dns_upstream: str = ""
     tap_pool_size: Annotated[int, Field(ge=0, le=64)] = 2
     boot_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 180.0
     vm_defaults: VMDefaults = VMDefaults()
@@ -179,6 +182,28 @@ class Config(_Strict):
         if iface.ip in (iface.network.network_address, iface.network.broadcast_address):
             raise ValueError("the address part is the gateway; it must be a host address")
         return v
+
+    @field_validator("dns_upstream")
+    @classmethod
+    def _dns_upstream(cls, v: str) -> str:
+        if v in ("", "none"):
+            return v
+        host, _, port = v.rpartition(":") if v.count(":") == 1 else (v, "", "")
+        try:
+            ipaddress.IPv4Address(host)
+            if port and not 1 <= int(port) <= 65535:
+                raise ValueError
+        except ValueError:
+            raise ValueError('must be "", "none", an IPv4 address or IPv4:PORT') from None
+        return v
+
+    @property
+    def dns_upstream_address(self) -> tuple[str, int] | None:
+        """``dns_upstream`` as (address, port); None for "" and "none"."""
+        if self.dns_upstream in ("", "none"):
+            return None
+        host, _, port = self.dns_upstream.partition(":")
+        return host, int(port or 53)
 
     @field_validator("jailer_netns")
     @classmethod

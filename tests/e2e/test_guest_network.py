@@ -22,7 +22,7 @@ import pytest
 from tests.childsignals import with_default_signals
 from tests.e2e.conftest import Host
 
-HOST_UP, OUTSIDE = "198.18.0.1", "198.18.0.2"
+HOST_UP, OUTSIDE, OTHER = "198.18.0.1", "198.18.0.2", "198.18.0.3"
 PRIVATE = "10.99.0.2"  # on the outside's loopback, reached through the veth
 GATEWAY = "172.29.0.1"
 PORT = 8080  # the outside's listener
@@ -120,6 +120,44 @@ print(json.dumps(out))
 """
 
 
+# The outside's DNS server (banger's upstream, config dns_upstream): ok.test is OUTSIDE,
+# other.test is OTHER; UDP and TCP.
+UPSTREAM = """
+import sys, time
+from dnslib import QTYPE, RCODE, RR, A
+from dnslib.server import BaseResolver, DNSLogger, DNSServer
+ZONE = {"ok.test": sys.argv[2], "other.test": sys.argv[3]}
+class Zone(BaseResolver):
+    def resolve(self, request, handler):
+        reply = request.reply()
+        ip = ZONE.get(str(request.q.qname).rstrip(".").lower())
+        if ip is None:
+            reply.header.rcode = RCODE.NXDOMAIN
+        elif request.q.qtype == QTYPE.A:
+            reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A(ip), ttl=300))
+        return reply
+quiet = DNSLogger(log="-request,-reply,-truncated,-data", prefix=False)
+for tcp in (False, True):
+    DNSServer(Zone(), address=sys.argv[1], port=53, tcp=tcp, logger=quiet).start_thread()
+print("listening", flush=True)
+while True:
+    time.sleep(60)
+"""
+
+# Run in a guest: one DNS query over TCP to the gateway; prints the A records.
+DNS_TCP = r"""
+import socket, struct, sys
+name, gw = sys.argv[1], sys.argv[2]
+labels = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
+q = struct.pack("!HHHHHH", 7, 0x0100, 1, 0, 0, 0) + labels + struct.pack("!HH", 1, 1)
+with socket.create_connection((gw, 53), 5) as s:
+    s.sendall(struct.pack("!H", len(q)) + q)
+    n = struct.unpack("!H", s.recv(2, socket.MSG_WAITALL))[0]
+    data = s.recv(n, socket.MSG_WAITALL)
+print(".".join(str(b) for b in data[-4:]) if struct.unpack("!H", data[6:8])[0] else "none")
+"""
+
+
 def _listen(ns: str, port: int, label: str) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         ["ip", "netns", "exec", ns, *with_default_signals([
@@ -142,12 +180,19 @@ def outside(host: Host) -> Iterator[str]:
         host.sh("ip", "link", "set", "bgnet0", "up")
         host.sh("ip", "route", "add", "default", "via", OUTSIDE)
         for cmd in (["ip", "addr", "add", f"{OUTSIDE}/24", "dev", "bgnet1"],
+                    ["ip", "addr", "add", f"{OTHER}/24", "dev", "bgnet1"],
                     ["ip", "link", "set", "bgnet1", "up"], ["ip", "link", "set", "lo", "up"],
                     ["ip", "addr", "add", f"{PRIVATE}/32", "dev", "lo"],
                     ["ip", "route", "add", "172.29.0.0/24", "via", HOST_UP]):
             subprocess.run(["ip", "netns", "exec", up, *cmd], check=True)
         servers.append(_listen(up, PORT, "outside"))
         servers.append(_listen(host.ns, HOST_PORT, "host"))
+        dns = subprocess.Popen(
+            ["ip", "netns", "exec", up, *with_default_signals([
+                sys.executable, "-c", UPSTREAM, OUTSIDE, OUTSIDE, OTHER])],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        servers.append(dns)
+        assert dns.stdout is not None and dns.stdout.readline().strip() == "listening"
         yield up
     finally:
         for proc in servers:
@@ -195,9 +240,13 @@ def test_a_guest_reaches_only_dns_and_with_nat_the_outside(host: Host, outside: 
                                "raw_spoofed_mac": False, "spoofed_ip": False,
                                "after": True}
 
-    # vm_to_vm = true, applied by a daemon restart; the running VMs are admitted again
-    # with the egress their specs give them.
-    host.write_config("vm_to_vm = true")
+    # DNS over TCP answers too
+    assert host.ok("vm", "exec", "b", "--", "python3", "-c", DNS_TCP, "c.vm",
+                   GATEWAY).strip() == c["ip"]
+
+    # vm_to_vm = true and the outside's resolver as banger's upstream, applied by a daemon
+    # restart; the running VMs are admitted again with the egress their specs give them.
+    host.write_config(f'vm_to_vm = true\ndns_upstream = "{OUTSIDE}"')
     res = host.cli("daemon", "restart")
     assert res.returncode == 0, res.stdout + res.stderr
     assert host.daemon is not None
@@ -208,6 +257,27 @@ def test_a_guest_reaches_only_dns_and_with_nat_the_outside(host: Host, outside: 
     assert connect(host, "a", OUTSIDE, PORT) == f"outside saw {HOST_UP}"
     assert connect(host, "b", OUTSIDE, PORT) is None
     assert connect(host, "a", GATEWAY, HOST_PORT) is None
+
+    # names outside .vm: forwarded for a NAT guest, refused to a closed one (no tunnel
+    # through the host's resolver)
+    assert host.ok("vm", "exec", "c", "--", "getent", "hosts", "ok.test").split()[0] == OUTSIDE
+    assert host.cli("vm", "exec", "b", "--", "getent", "hosts", "ok.test").returncode != 0
+
+    # --allow-out on the running VM a: before, it reaches both outside addresses; after,
+    # only ok.test's, and only once banger's resolver has given it that address
+    assert connect(host, "a", OTHER, PORT) == f"outside saw {HOST_UP}"
+    out = host.ok("vm", "set-egress", "a", "--allow-out", "ok.test")
+    assert "NAT: only ok.test" in out and "(now)" in out
+    assert re.search(r"\nnetwork: +NAT: only ok.test\n", host.ok("vm", "show", "a"))
+    assert connect(host, "a", OUTSIDE, PORT) is None  # not asked for yet
+    assert host.ok("vm", "exec", "a", "--", "getent", "hosts", "ok.test").split()[0] == OUTSIDE
+    assert connect(host, "a", OUTSIDE, PORT) == f"outside saw {HOST_UP}"
+    assert connect(host, "a", OTHER, PORT) is None
+    assert host.cli("vm", "exec", "a", "--", "getent", "hosts", "other.test").returncode != 0
+    assert connect(host, "a", OTHER, PORT) is None
+    # and off again
+    host.ok("vm", "set-egress", "a", "--no-allow-out")
+    assert connect(host, "a", OTHER, PORT) == f"outside saw {HOST_UP}"
 
 
 def _wait_running(host: Host, vm: str) -> bool:

@@ -165,7 +165,6 @@ def test_firewall_records_before_changing_and_restore_undoes(tmp_path: Path) -> 
     assert changes.empty
     ensure_bridge(net, "br-x", "10.7.0.1/24", changes)
     fw = _firewall(runner, state, fwd)
-    fw.load()
     # Forwarding waits for the first guest with NAT; one without leaves it alone.
     fw.admit(GuestRule(tap="bgtt1bbbbbb", ip="10.7.0.3", mac="06:00:0a:07:00:03"))
     assert fwd.read_text() == "0\n"
@@ -177,8 +176,7 @@ def test_firewall_records_before_changing_and_restore_undoes(tmp_path: Path) -> 
     again = HostChanges.load(state)
     ensure_bridge(net, "br-x", "10.7.0.1/24", again)
     fw2 = _firewall(runner, state, fwd)
-    fw2.load()
-    fw2.admit(NAT_GUEST)
+    fw2.admit(NAT_GUEST)  # loads the tables afresh
     again = HostChanges.load(state)
     assert again.ip_forward_before == "0" and again.bridge == "br-x"
 
@@ -203,7 +201,9 @@ def test_restore_deletes_both_tables_and_a_legacy_record_still_works(tmp_path: P
     # A daemon of this version that finds the legacy record replaces the old table.
     state.write_text(json.dumps({"ip_forward_before": None, "bridge": None,
                                  "nft_table": True}))
-    script = network_script(runner, _firewall(runner, state, tmp_path / "fwd").load)
+    fw = _firewall(runner, state, tmp_path / "fwd")
+    script = network_script(runner, lambda: fw.admit(
+        GuestRule(tap="bgtt1bbbbbb", ip="10.7.0.3", mac="06:00:0a:07:00:03")))
     assert script.startswith("table ip banger\ndelete table ip banger\n")
     assert HostChanges.load(state).nft_table == "banger_t1"
     assert network_script(runner, lambda: restore_host(
@@ -239,7 +239,6 @@ def test_restore_leaves_what_banger_found(tmp_path: Path) -> None:
     changes = HostChanges.load(state)
     ensure_bridge(net, "br-mine", "10.8.0.1/24", changes)
     fw = _firewall(runner, state, fwd)
-    fw.load()
     fw.admit(NAT_GUEST)
     changes = HostChanges.load(state)
     assert changes.bridge is None and changes.ip_forward_before is None
@@ -256,7 +255,6 @@ def test_a_failed_restore_step_stays_recorded(tmp_path: Path) -> None:
     changes = HostChanges.load(state)
     ensure_bridge(net, "br-x", "10.7.0.1/24", changes)
     fw = _firewall(runner, state, fwd)
-    fw.load()
     fw.admit(NAT_GUEST)
     runner.on(["nft"], ok(rc=1, err="Error: Operation not permitted"))
     problems = restore_host(net, runner, HostChanges.load(state), ip_forward=fwd)

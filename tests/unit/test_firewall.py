@@ -12,11 +12,14 @@ from typing import Any
 
 import pytest
 
+from banger import egress
 from banger.cli.output import network_policy, vm_detail
-from banger.daemon import vmcreate, vmpower
+from banger.daemon import vmcreate, vmegress, vmpower
 from banger.daemon.core import Daemon
 from banger.daemon.firewall import (
     CLOSED_V4,
+    PIN_MIN_S,
+    PINS_PER_ANSWER,
     FirewallSettings,
     GuestFirewall,
     GuestRule,
@@ -83,14 +86,21 @@ def test_admit_resets_egress_and_adds_only_what_the_spec_allows() -> None:
     plain = admit_script(SETTINGS, GUEST)
     assert 'add element bridge banger_t1 guests { "bgtt1aaaaaa" . 06:00:0a:07:00:02 . 10.7.0.2 }' \
         in plain
-    # a stale NAT element for this address is removed, none is added back
-    assert plain.strip().endswith("delete element inet banger_t1 private_guests { 10.7.0.2 }")
+    # stale egress elements for this address are removed, none is added back
+    assert plain.strip().endswith("delete element inet banger_t1 allowlisted { 10.7.0.2 }")
+    assert "add element inet banger_t1 nat_guests { 10.7.0.2 }\ndelete" in plain
     assert admit_script(SETTINGS, NAT_GUEST).strip().endswith(
         "add element inet banger_t1 nat_guests { 10.7.0.3 }")
     assert admit_script(SETTINGS, OPEN_GUEST).strip().endswith(
         "add element inet banger_t1 private_guests { 10.7.0.4 }")
     gone = forget_script(SETTINGS, NAT_GUEST)
-    assert gone.count("delete element") == 4 and gone.count("add element") == 4
+    assert gone.count("delete element") == 5 and gone.count("add element") == 5
+    allowed = admit_script(SETTINGS, GuestRule(
+        tap="bgtt1cccccc", ip="10.7.0.4", mac="06:00:0a:07:00:04", nat=True,
+        allowlist=egress.parse(["198.51.100.0/24", "203.0.113.9", "ok.test"])))
+    assert allowed.strip().endswith("add element inet banger_t1 allow_net "
+                                    "{ 10.7.0.4 . 198.51.100.0/24, 10.7.0.4 . 203.0.113.9/32 }")
+    assert "add element inet banger_t1 allowlisted { 10.7.0.4 }" in allowed
 
 
 @pytest.mark.parametrize("bad", [
@@ -160,32 +170,112 @@ def test_nft_accepts_the_ruleset_and_admit_forget_are_idempotent(
     fwd.write_text("0\n")
     fw = GuestFirewall(netns, SETTINGS, tmp_path / "host-network.json",  # type: ignore[arg-type]
                        ip_forward=fwd)
-    for _ in range(2):  # a daemon restart loads over its own tables
-        fw.load()
+    assert netns.nft("list", "tables").strip() == ""  # nothing until the first guest
     for _ in range(2):
         fw.admit(NAT_GUEST)
         fw.admit(GUEST)
+    assert netns.nft("list", "tables").split() == ["table", "bridge", "banger_t1",
+                                                   "table", "inet", "banger_t1"]
     guests = netns.nft("list", "set", "bridge", "banger_t1", "guests")
     assert '"bgtt1aaaaaa" . 06:00:0a:07:00:02 . 10.7.0.2' in guests
     assert '"bgtt1bbbbbb" . 06:00:0a:07:00:03 . 10.7.0.3' in guests
     nat = netns.nft("list", "set", "inet", "banger_t1", "nat_guests")
     assert "10.7.0.3" in nat and "10.7.0.2" not in nat
+    assert fwd.read_text() == "1\n"
     # The same address admitted again without NAT (a new VM on a freed IP) loses it.
     fw.admit(GuestRule(tap="bgtt1dddddd", ip="10.7.0.3", mac="06:00:0a:07:00:03"))
     assert "10.7.0.3" not in netns.nft("list", "set", "inet", "banger_t1", "nat_guests")
+    assert "bgtt1bbbbbb" not in netns.nft("list", "set", "bridge", "banger_t1", "guests")
     fw.forget("bgtt1aaaaaa")
     fw.forget("bgtt1aaaaaa")  # not admitted any more: nothing to do
     assert "bgtt1aaaaaa" not in netns.nft("list", "set", "bridge", "banger_t1", "guests")
-    assert set(fw.admitted()) == {"bgtt1bbbbbb", "bgtt1dddddd"}
+    assert set(fw.admitted()) == {"bgtt1dddddd"}
     # forget's own transaction is idempotent too (a retried teardown)
     netns.run(["nft", "-f", "-"], input=forget_script(SETTINGS, GUEST).encode(), desc="again")
-    # restore_host's deletion removes both tables and nothing else
+    # the last guest takes the tables with it, and the record says none is left
+    fw.forget("bgtt1dddddd")
+    assert netns.nft("list", "tables").strip() == ""
     from banger.daemon.network import HostChanges, restore_host
     from tests.fakes import FakeNet
 
+    changes = HostChanges.load(tmp_path / "host-network.json")
+    assert changes.nft_table is None
+    fw.admit(GUEST)  # loaded again with the next guest
     assert restore_host(FakeNet(), netns,  # type: ignore[arg-type]
                         HostChanges.load(tmp_path / "host-network.json"), ip_forward=fwd) == []
     assert netns.nft("list", "tables").strip() == ""
+    assert fwd.read_text() == "0\n"
+
+
+ALLOWED = GuestRule(tap="bgtt1eeeeee", ip="10.7.0.6", mac="06:00:0a:07:00:06", nat=True,
+                    allowlist=egress.parse(["198.51.100.0/24", "ok.test"]))
+
+
+def test_allowlists_and_pins_in_real_nft(netns: NamespaceRunner, tmp_path: Path) -> None:
+    fwd = tmp_path / "ip_forward"
+    fwd.write_text("0\n")
+    now = [1000.0]
+    fw = GuestFirewall(netns, SETTINGS, tmp_path / "host-network.json",  # type: ignore[arg-type]
+                       ip_forward=fwd, clock=lambda: now[0])
+    fw.admit(ALLOWED)
+    fw.admit(NAT_GUEST)
+    assert "10.7.0.6" in netns.nft("list", "set", "inet", "banger_t1", "allowlisted")
+    assert "10.7.0.6 . 198.51.100.0/24" in netns.nft("list", "set", "inet", "banger_t1",
+                                                     "allow_net")
+    # an answer for the allowlisted guest: public addresses pinned with their TTL
+    # (at least PIN_MIN_S), private ones not (no allow_private)
+    assert fw.pin("10.7.0.6", [("198.18.0.2", 3600), ("198.18.0.3", 1),
+                               ("169.254.169.254", 60), ("10.1.2.3", 60)]) == \
+        ["198.18.0.2", "198.18.0.3"]
+    pins = netns.nft("list", "set", "inet", "banger_t1", "allow_dns")
+    assert "10.7.0.6 . 198.18.0.2 timeout 1h" in pins
+    assert f"10.7.0.6 . 198.18.0.3 timeout {PIN_MIN_S}s" in pins
+    assert "169.254" not in pins and "10.1.2.3" not in pins
+    # pinned again: the new timeout counts
+    fw.pin("10.7.0.6", [("198.18.0.2", 120)])
+    assert "10.7.0.6 . 198.18.0.2 timeout 2m" in netns.nft("list", "set", "inet", "banger_t1",
+                                                           "allow_dns")
+    # a guest without an allowlist, or an unknown address, pins nothing
+    assert fw.pin("10.7.0.3", [("198.18.0.2", 60)]) == []
+    assert fw.pin("10.7.0.99", [("198.18.0.2", 60)]) == []
+    # a bounded number per answer
+    many = [(f"198.18.1.{i}", 60) for i in range(1, 100)]
+    assert len(fw.pin("10.7.0.6", many)) == PINS_PER_ANSWER
+    # set-egress: the same TAP re-admitted with another allowlist loses the old one's
+    # networks and pins
+    fw.admit(GuestRule(tap=ALLOWED.tap, ip=ALLOWED.ip, mac=ALLOWED.mac, nat=True,
+                       allowlist=egress.parse(["203.0.113.0/24"])))
+    assert "198.51.100" not in netns.nft("list", "set", "inet", "banger_t1", "allow_net")
+    assert "10.7.0.6" not in netns.nft("list", "set", "inet", "banger_t1", "allow_dns")
+    fw.forget(ALLOWED.tap)
+    for name in ("allowlisted", "allow_net", "allow_dns"):
+        assert "10.7.0.6" not in netns.nft("list", "set", "inet", "banger_t1", name)
+
+
+def test_dns_policy_follows_the_guests_spec(tmp_path: Path) -> None:
+    fw = GuestFirewall(ok_runner(), SETTINGS, tmp_path / "hn.json",  # type: ignore[arg-type]
+                       ip_forward=tmp_path / "fwd")
+    (tmp_path / "fwd").write_text("0\n")
+    for g in (GUEST, NAT_GUEST, ALLOWED):
+        fw.admit(g)
+    closed = fw.dns_policy(GUEST.ip)
+    assert closed is not None and not closed.forward
+    everything = fw.dns_policy(NAT_GUEST.ip)
+    assert everything is not None and everything.forward and everything.allows is None
+    listed = fw.dns_policy(ALLOWED.ip)
+    assert listed is not None and listed.allows is not None
+    assert listed.allows("ok.test") and not listed.allows("other.test")
+    unknown = fw.dns_policy("10.7.0.77")  # a guest address with no VM: .vm only
+    assert unknown is not None and not unknown.forward
+    assert fw.dns_policy("10.7.0.1") is None  # the host itself (the gateway)
+    assert fw.dns_policy("127.0.0.1") is None
+
+
+def ok_runner() -> Any:
+    class Runner:
+        def run(self, argv: Sequence[str], **kw: Any) -> Result:
+            return Result(list(argv), 0, b"", b"")
+    return Runner()
 
 
 # ----------------------------------------------------------------- the daemon
@@ -234,7 +324,9 @@ def test_a_vm_is_admitted_before_its_vmm_and_forgotten_with_its_tap(
     assert daemon.firewall.ip_forward.read_text() == "1\n"
     vmpower.stop(daemon, "alpha")
     assert daemon.firewall.admitted() == {}
-    assert f"delete element bridge {daemon.firewall.settings.table} guests" in feeds.scripts[-1]
+    # its elements go, then (the last guest) the tables
+    assert f"delete element bridge {daemon.firewall.settings.table} guests" in feeds.scripts[-2]
+    assert f"delete table inet {daemon.firewall.settings.table}" in feeds.scripts[-1]
 
 
 def test_nat_defaults_to_the_config_and_allow_private_needs_it(
@@ -264,3 +356,57 @@ def test_network_policy_line() -> None:
     assert network_policy({"nat": False}) == "banger DNS only (no NAT)"
     assert network_policy({"nat": True, "allow_private": False}) == \
         "NAT: the outside world except private ranges"
+
+
+def test_allow_out_implies_nat_and_is_refused_with_no_nat(daemon: Daemon, feeds: Feeds) -> None:
+    vm = vmcreate.create_sync(daemon, vmcreate.CreateParams(
+        name="listed", allow_out=["OK.test", "198.51.100.7"]))
+    assert vm["spec"]["nat"] is True
+    assert vm["spec"]["allow_out"] == ["ok.test", "198.51.100.7/32"]
+    assert "NAT: only ok.test, 198.51.100.7/32" in vm_detail(vm)
+    rule = daemon.firewall.admitted()[vm["tap"]]
+    assert rule.allowlist.domains == ("ok.test",)
+    with pytest.raises(BadRequest, match="--no-nat"):
+        vmcreate.create_sync(daemon, vmcreate.CreateParams(name="odd", nat=False,
+                                                           allow_out=["ok.test"]))
+    with pytest.raises(BadRequest, match="not an address"):
+        vmcreate.create_sync(daemon, vmcreate.CreateParams(name="odd", allow_out=["nope"]))
+    assert daemon.db.find_vm("odd") is None
+
+
+def test_set_egress_changes_a_running_vms_rules_at_once(daemon: Daemon, feeds: Feeds) -> None:
+    vm = vmcreate.create_sync(daemon, vmcreate.CreateParams(name="busy"))
+    tap = vm["tap"]
+    res = vmegress.set_egress(daemon, vmegress.EgressParams(name="busy",
+                                                            allow_out=["ok.test"]))
+    assert res == {"name": "busy", "applied": True, "nat": True, "allow_private": False,
+                   "allow_out": ["ok.test"]}
+    assert daemon.firewall.admitted()[tap].allowlist.domains == ("ok.test",)
+    assert f"allowlisted {{ {vm['ip']} }}" in feeds.scripts[-1]
+    # options not given keep their value; clearing the allowlist keeps NAT
+    res = vmegress.set_egress(daemon, vmegress.EgressParams(name="busy", allow_out=[]))
+    assert res["nat"] is True and res["allow_out"] == []
+    assert not daemon.firewall.admitted()[tap].allowlist
+    res = vmegress.set_egress(daemon, vmegress.EgressParams(name="busy", nat=False))
+    assert res["nat"] is False and not daemon.firewall.admitted()[tap].nat
+    rec = daemon.db.find_vm("busy")
+    assert rec is not None and not rec.spec.nat
+    # a stopped VM: the store only, applied at the next start
+    vmpower.stop(daemon, "busy")
+    res = vmegress.set_egress(daemon, vmegress.EgressParams(name="busy", nat=True,
+                                                            allow_private=True))
+    assert res["applied"] is False and daemon.firewall.admitted() == {}
+    vmpower.start(daemon, "busy")
+    rule = next(iter(daemon.firewall.admitted().values()))
+    assert rule.nat and rule.allow_private
+
+
+def test_set_egress_keeps_the_old_policy_when_nft_refuses(
+        daemon: Daemon, world: FakeWorld, feeds: Feeds) -> None:
+    vmcreate.create_sync(daemon, vmcreate.CreateParams(name="kept", nat=True))
+    world.runner.on(["nft"], ok(rc=1, err="Error: Could not process rule"))
+    with pytest.raises(CommandFailed):
+        vmegress.set_egress(daemon, vmegress.EgressParams(name="kept", allow_out=["ok.test"]))
+    rec = daemon.db.find_vm("kept")
+    assert rec is not None and rec.spec.allow_out == [] and rec.spec.nat
+    assert not next(iter(daemon.firewall.admitted().values())).allowlist

@@ -55,9 +55,13 @@ def vm_table(vms: list[dict[str, Any]], now: datetime | None = None) -> str:
 
 
 def network_policy(spec: dict[str, Any]) -> str:
-    """What a guest may reach (``vm show``), from its spec's ``nat`` and ``allow_private``."""
+    """What a guest may reach (``vm show``), from its spec's egress fields."""
     if not spec.get("nat"):
         return "banger DNS only (no NAT)"
+    allow_out = spec.get("allow_out") or []
+    if allow_out:
+        private = ", private answers too" if spec.get("allow_private") else ""
+        return f"NAT: only {', '.join(allow_out)}{private}"
     if spec.get("allow_private"):
         return "NAT: the outside world, private ranges included"
     return "NAT: the outside world except private ranges"

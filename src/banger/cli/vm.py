@@ -21,6 +21,12 @@ from banger.cli.workspace import fetch_patch, prepared_text
 from banger.client import Client
 from banger.errors import BangerError
 
+ALLOW_OUT_HELP = (
+    "Repeatable. The guest reaches only these: IPv4 addresses or networks, domains "
+    "(example.com) or every name below one (*.example.com); everything else is denied. "
+    "Domains resolve through banger's DNS server, which opens the addresses it answers "
+    "for their TTL. Implies --nat; private addresses in answers need --allow-private.")
+
 
 @click.group()
 def vm() -> None:
@@ -51,6 +57,8 @@ def create_options(f: Any) -> Any:
                      help="With --nat, also reach private and special ranges (10/8, "
                           "172.16/12, 192.168/16, 100.64/10, 169.254/16, 127/8): the "
                           "host's LAN and cloud metadata services."),
+        click.option("--allow-out", "allow_out", multiple=True, metavar="CIDR|DOMAIN",
+                     help=ALLOW_OUT_HELP),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -61,7 +69,8 @@ def _create_params(kw: dict[str, Any], start: bool) -> dict[str, Any]:
     return {"name": kw["name"], "image": kw["image"], "vcpu": kw["vcpu"],
             "memory_mib": kw["memory"], "disk_size": kw["disk_size"],
             "work_disk_size": kw["work_disk_size"], "vmm": kw["vmm"], "start": start,
-            "nat": kw["nat"], "allow_private": kw["allow_private"]}
+            "nat": kw["nat"], "allow_private": kw["allow_private"],
+            "allow_out": list(kw["allow_out"])}
 
 
 @vm.command("create")
@@ -97,6 +106,32 @@ def vm_show(app: App, name: str) -> None:
     """Show one VM: spec, state, address, process."""
     res = app.client().call("vm.show", name=name)
     app.emit(res, output.vm_detail(res))
+
+
+@vm.command("set-egress")
+@click.argument("name")
+@click.option("--nat/--no-nat", default=None, help="Turn NAT on or off (default: unchanged).")
+@click.option("--allow-private/--no-allow-private", default=None,
+              help="Open or close the private and special ranges (default: unchanged).")
+@click.option("--allow-out", "allow_out", multiple=True, metavar="CIDR|DOMAIN",
+              help="Replace the allowlist with these entries (repeatable; see vm create).")
+@click.option("--no-allow-out", is_flag=True, help="Remove the allowlist.")
+@json_option
+@pass_app
+def vm_set_egress(app: App, name: str, nat: bool | None, allow_private: bool | None,
+                  allow_out: tuple[str, ...], no_allow_out: bool) -> None:
+    """Change what a VM's guest may reach; a running VM's rules change at once.
+
+    Connections already open stay open. Options not given keep their value.
+    """
+    if allow_out and no_allow_out:
+        raise click.UsageError("--allow-out and --no-allow-out contradict each other")
+    params: dict[str, Any] = {"name": name, "nat": nat, "allow_private": allow_private}
+    if allow_out or no_allow_out:
+        params["allow_out"] = list(allow_out)
+    res = app.client().call("vm.set_egress", **params)
+    when = "now" if res["applied"] else "from its next start"
+    app.emit(res, f"{name}: {output.network_policy(res)} ({when})")
 
 
 @vm.command("logs")

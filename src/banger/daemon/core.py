@@ -196,8 +196,8 @@ class Daemon:
         self.tap_pool = TapPool(self.seams.net, cfg.bridge_name, cfg.tap_pool_size,
                                 tap_prefix_for(self.layout.install_tag))
         self.dm_prefix = dm_prefix_for(self.layout.install_tag)
-        # The guests' nftables policy (loaded with the bridge; a VM is admitted before
-        # its VMM runs and forgotten when its TAP goes).
+        # The guests' nftables policy (loaded with the first VM, which is admitted
+        # before its VMM runs; deleted when the last VM's TAP goes).
         self.firewall = GuestFirewall(self.runner, FirewallSettings(
             table=table_name(self.layout.install_tag), bridge=cfg.bridge_name,
             cidr=cfg.bridge_cidr, tap_prefix=self.tap_pool.prefix, dns_port=cfg.dns_port,
@@ -235,9 +235,8 @@ class Daemon:
                 return
             changes = HostChanges.load(self.layout.host_network_state)
             ensure_bridge(self.seams.net, self.cfg.bridge_name, self.cfg.bridge_cidr, changes)
-            # Before any TAP exists: no guest ever runs outside the policy, and a host
-            # where it cannot be loaded runs no guest at all (the error says why).
-            self.firewall.load()
+            # The guest policy is loaded with the first admitted VM, before its VMM
+            # runs (GuestFirewall.admit): a pool TAP carries no frame until then.
             self.tap_pool.fill()
             if self.cfg.dns_enabled and self._serving:
                 self._start_dns()
@@ -261,7 +260,9 @@ class Daemon:
         return all(vm.state == VMState.STOPPED for vm in self.db.list_vms())
 
     def _start_dns(self) -> None:
-        self.vm_dns = VMDNS(upstream_from_resolv_conf())
+        upstream = (upstream_from_resolv_conf() if self.cfg.dns_upstream == ""
+                    else self.cfg.dns_upstream_address)
+        self.vm_dns = VMDNS(upstream, policy=self.firewall)
         try:
             self.vm_dns.listen(gateway(self.cfg.bridge_cidr), self.cfg.dns_port)
         except OSError as exc:

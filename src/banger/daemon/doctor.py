@@ -18,7 +18,9 @@ from pathlib import Path
 from banger.config import Config
 from banger.daemon.cgroups import detect as detect_cgroups
 from banger.daemon.dmsnap import dm_snapshot_supported, reflink_supported
+from banger.daemon.firewall import FirewallSettings, ruleset, table_name
 from banger.daemon.hostinfo import kvm_status, which
+from banger.daemon.network import tap_prefix_for
 from banger.daemon.qemuproc.confine import SANDBOX
 from banger.daemon.vmmselect import (
     firecracker_binary,
@@ -27,6 +29,7 @@ from banger.daemon.vmmselect import (
     resolve_vmm,
 )
 from banger.errors import BangerError
+from banger.layout import install_tag
 from banger.runner import Runner, SubprocessRunner
 from banger.vmmuser import lookup_user
 
@@ -81,6 +84,7 @@ def doctor(cfg: Config, runner: Runner | None = None) -> list[Check]:
         lambda: _confinement(cfg),
         _tun,
         lambda: _netns(runner),
+        lambda: _nftables(cfg, runner),
         _dm,
         lambda: _reflink(cfg),
         _tools,
@@ -218,6 +222,36 @@ def _netns(runner: Runner) -> Check:
         return Check("network", Status.FAIL, f"cannot create a bridge: {exc.message}",
                      "check CAP_NET_ADMIN and the bridge module")
     return Check("network", Status.OK, "can create network namespaces and bridges")
+
+
+def _nftables(cfg: Config, runner: Runner) -> Check:
+    """Load the real guest policy into a scratch namespace: nft, the bridge family,
+    concatenated interval sets and timeouts all have to work for a guest to run."""
+    if os.geteuid() != 0 or which("nft") is None:
+        return Check("nftables", Status.FAIL, "nft is missing or bangerd is not root",
+                     "install nftables (apt-get install nftables); run banger as root")
+    tag = install_tag(cfg.state_dir)
+    settings = FirewallSettings(table=table_name(tag), bridge=cfg.bridge_name,
+                                cidr=cfg.bridge_cidr, tap_prefix=tap_prefix_for(tag),
+                                dns_port=cfg.dns_port, vm_to_vm=cfg.vm_to_vm)
+    ns = f"banger-doctor-{secrets.token_hex(3)}"
+    try:
+        runner.run(["ip", "netns", "add", ns], desc="create a scratch netns", timeout=10)
+        try:
+            runner.run(["ip", "netns", "exec", ns, "nft", "-f", "-"],
+                       input=ruleset(settings).encode(), desc="load the guest policy",
+                       timeout=30)
+        finally:
+            runner.run(["ip", "netns", "del", ns], desc="delete the scratch netns", timeout=10,
+                       check=False)
+    except BangerError as exc:
+        return Check("nftables", Status.FAIL, f"the guest policy does not load: {exc.message}",
+                     "banger needs nftables with the bridge family, concatenated interval "
+                     "sets and set timeouts (Linux 5.6 or later)")
+    return Check("nftables", Status.OK,
+                 f"guest policy loads (tables bridge/inet {settings.table}, vm_to_vm "
+                 f"{'on' if cfg.vm_to_vm else 'off'}, NAT by default "
+                 f"{'on' if cfg.nat else 'off'}, DNS on udp+tcp {cfg.dns_port})")
 
 
 def _dm() -> Check:

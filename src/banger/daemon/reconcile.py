@@ -67,6 +67,8 @@ def reconcile(d: Daemon) -> None:
             reconcile_vm(d, vm)
         except Exception:
             log.exception("reconcile of %s failed", vm.name)
+    # Tables a dead daemon left while no VM runs now: no guest needs them.
+    d.firewall.unload_if_idle()
     sweep(d)
     caps.write_ssh_config(d)
 

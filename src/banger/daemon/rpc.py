@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pydantic import Field, ValidationError
 
 from banger.api import Model
-from banger.daemon import images, kernels, vmcreate, vmdelete, vmpower, vms, workspaces
+from banger.daemon import images, kernels, vmcreate, vmdelete, vmegress, vmpower, vms, workspaces
 from banger.daemon.opstate import Operation, Registry
 from banger.errors import BadRequest
 
@@ -178,6 +178,7 @@ def register(d: Daemon) -> None:
         "vm.restart.begin": ref(lambda d, name: vms.op_view(vmpower.begin_restart(d, name))),
         **op_methods("vm.restart", d.power_ops),
         "vm.kill": kill,
+        "vm.set_egress": lambda p: vmegress.set_egress(d, parse(vmegress.EgressParams, p)),
         "vm.delete": ref(vmdelete.delete),
         "vm.list": no(lambda: vms.list_vms(d)),
         "vm.show": ref(vms.show),

@@ -431,6 +431,16 @@ class Store:
                 raise NotFound(f"VM {vm.name!r} no longer exists")
         return new
 
+    def set_vm_spec(self, vm: VMRecord, spec: VMSpec) -> VMRecord:
+        """Persist a user's change to ``vm``'s spec (``vm set-egress``)."""
+        new = replace(vm, spec=spec, updated_at=now())
+        with self._tx() as db:
+            cur = db.execute("UPDATE vms SET spec = ?, updated_at = ? WHERE id = ?",
+                             (spec.model_dump_json(), new.updated_at.isoformat(), vm.id))
+            if cur.rowcount == 0:
+                raise NotFound(f"VM {vm.name!r} no longer exists")
+        return new
+
     def set_workspace(self, vm_id: str, workspace: dict[str, Any] | None) -> None:
         """Replace a VM's workspace record (JSON) and nothing else.
 

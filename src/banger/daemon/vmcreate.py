@@ -18,7 +18,7 @@ from pydantic import Field
 
 from banger.api import Model, VMSpec, VMState
 from banger.config import parse_size
-from banger.daemon import images, kernels
+from banger.daemon import images, kernels, vmegress
 from banger.daemon.core import new_id
 from banger.daemon.imagemgr import WORK_LABEL
 from banger.daemon.network import allocate_ip, mac_for_ip
@@ -52,6 +52,7 @@ class CreateParams(Model):
     start: bool = True
     nat: bool | None = None  # None: config `nat`
     allow_private: bool = False
+    allow_out: list[str] = Field(default_factory=list)
 
 
 def begin_create(d: Daemon, params: CreateParams) -> Operation:
@@ -76,6 +77,8 @@ def begin_create(d: Daemon, params: CreateParams) -> Operation:
     elif not kernels.suits(d, img, vmm):
         raise BadRequest(f"the built-in image {image!r} cannot boot under {vmm}",
                          hint="build a kernel for it (`banger kernel build`) or use --vmm qemu")
+    nat, allow_private, allow_out = vmegress.resolve(
+        params.nat, params.allow_private, params.allow_out, cfg.nat)
     spec = VMSpec(
         image=image,
         vcpu=params.vcpu if params.vcpu is not None else defaults.vcpu,
@@ -83,12 +86,10 @@ def begin_create(d: Daemon, params: CreateParams) -> Operation:
         disk_size=parse_size(params.disk_size or defaults.disk_size),
         work_disk_size=parse_size(params.work_disk_size or defaults.work_disk_size),
         vmm=params.vmm,
-        nat=cfg.nat if params.nat is None else params.nat,
-        allow_private=params.allow_private,
+        nat=nat,
+        allow_private=allow_private,
+        allow_out=allow_out,
     )
-    if spec.allow_private and not spec.nat:
-        raise BadRequest("--allow-private opens ranges reached through NAT; this VM has none",
-                         hint="add --nat (or set nat = true in the config)")
     if spec.work_disk_size < 64 << 20:
         raise BadRequest("work disk must be at least 64M")
 
