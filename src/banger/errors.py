@@ -18,6 +18,7 @@ translated at the boundary that raised them, with ``raise ... from exc``.
     |   +-- CommandTimeout      timeout          a subprocess or wait ran out
     +-- VMMError                vmm_failed       the VMM did not start or died
     +-- GuestError              guest_error      SSH or a guest command failed
+    +-- RegistryError           registry_error   an image registry failed, refused or lied
     +-- Cancelled               cancelled        the user cancelled an operation
     +-- DaemonUnavailable       daemon_unavailable  the CLI cannot reach bangerd
     +-- InternalError           internal         a bug; its message names the daemon log
@@ -108,6 +109,16 @@ class VMMError(BangerError):
 
 class GuestError(BangerError):
     code = "guest_error"
+
+
+class RegistryError(BangerError):
+    """An OCI registry (or its token server or blob storage) could not be reached,
+    refused the request, or sent something banger will not use: content that does
+    not match its digest, more bytes than declared, an oversized or malformed
+    manifest."""
+
+    code = "registry_error"
+    default_hint = "check the image reference, the registry's address and credentials"
 
 
 class Cancelled(BangerError):
