@@ -181,10 +181,8 @@ def reg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
                     "size": len(r.images[a].manifest),
                     "platform": {"os": "linux", "architecture": a}}
                    for a in ("arm64", "amd64")]
-        entries.append({"mediaType": OCI_MANIFEST, "digest": sha(b"attestation"),
-                        "size": 11, "platform": {"os": "unknown", "architecture": "unknown"}})
         r.index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
-                              "manifests": entries[:2]}).encode()
+                              "manifests": entries}).encode()
         put = httpx.put(f"http://{r.host}/v2/team/multi/manifests/1", content=r.index,
                         headers={"Content-Type": OCI_INDEX}, timeout=10)
         assert put.status_code == 201, put.text
@@ -620,6 +618,23 @@ def test_parse_manifest_rules() -> None:
     for media_type, body, why in cases:
         with pytest.raises(RegistryError, match=why):
             parse_manifest(REF, media_type, body)
+
+
+def test_pick_platform() -> None:
+    def entry(os_: str, arch: str, media_type: str = OCI_MANIFEST) -> dict[str, Any]:
+        return {"mediaType": media_type, "digest": sha(f"{os_}/{arch}".encode()), "size": 1,
+                "platform": {"os": os_, "architecture": arch}}
+
+    index = json.dumps({"manifests": [
+        entry("unknown", "unknown"), entry("linux", "amd64", OCI_INDEX),
+        entry("linux", "arm64"), entry("linux", "amd64"), entry("linux", "amd64")]}).encode()
+    got = registry.pick_platform(REF, registry.parse_index(index), registry.LINUX_AMD64)
+    assert got.digest == sha(b"linux/amd64") and got.media_type == OCI_MANIFEST
+    with pytest.raises(NotFound) as exc:
+        registry.pick_platform(REF, registry.parse_index(index), Platform("linux", "s390x"))
+    assert "(it has: linux/amd64, linux/arm64)" in str(exc.value)  # no unknown/unknown
+    with pytest.raises(RegistryError, match="no 'manifests' list"):
+        registry.parse_index(b"{}")
 
 
 def test_parse_config_rules() -> None:
