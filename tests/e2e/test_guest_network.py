@@ -42,11 +42,12 @@ while True:
     c.close()
 """
 
-# Run in a guest: a TCP connect with a bounded wait; prints the greeting, or exits 1.
+# Run in a guest: a TCP connect with a bounded wait (2 s: a dropped SYN is what a closed
+# path looks like; an open one answers in milliseconds); prints the greeting, or exits 1.
 CONNECT = """
 import socket, sys
 try:
-    with socket.create_connection((sys.argv[1], int(sys.argv[2])), 4) as s:
+    with socket.create_connection((sys.argv[1], int(sys.argv[2])), 2) as s:
         print(s.recv(200).decode().strip())
 except OSError as exc:
     print(f"failed: {exc}")
