@@ -319,6 +319,10 @@ def destroy_host(host: Host) -> None:
         subprocess.run(["losetup", "--detach", loop], check=False)
     subprocess.run(["ip", "netns", "del", host.ns], check=False)
     shutil.rmtree(host.run_dir, ignore_errors=True)
+    # The state dir holds a copy of the test image (~500 MB) and the VMs' disks; pytest
+    # keeps the last three runs' temp dirs, so a suite would leave ~60 GB behind. A failed
+    # test's logs were copied to test-artifacts/ before this runs.
+    shutil.rmtree(host.state, ignore_errors=True)
 
 
 def firecracker_kernel() -> Path | None:
