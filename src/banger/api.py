@@ -287,6 +287,7 @@ class ImageView(Model):
     size_bytes: int
     created_at: datetime
     recipe_hash: str | None = None
+    origin: str | None = None  # a pulled image's REFERENCE@MANIFEST-DIGEST
 
 
 class OpView(Model):

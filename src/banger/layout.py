@@ -210,6 +210,11 @@ class Layout:
         """``kernels/`` in the cache dir: finished kernel builds, one dir per input hash."""
         return self.cache_dir / "kernels"
 
+    @property
+    def oci_blobs(self) -> Path:
+        """``oci/blobs/`` in the cache dir: registry blobs by digest, shared by pulls."""
+        return self.cache_dir / "oci" / "blobs"
+
     def vm(self, vm_id: str) -> VMPaths:
         """The state and runtime paths of VM ``vm_id``."""
         return VMPaths(self.vms_dir / vm_id, self.vms_run_dir / vm_id)

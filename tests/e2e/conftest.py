@@ -135,6 +135,7 @@ class Host:
     config: Path
     daemon: subprocess.Popen[bytes] | None = None
     extra_config: str = ""
+    cache_dir: Path = CACHE
     log_file: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -150,7 +151,7 @@ class Host:
 
     def write_config(self, extra: str = "") -> None:
         self.config.write_text(
-            f'state_dir = "{self.state}"\ncache_dir = "{CACHE}"\n'
+            f'state_dir = "{self.state}"\ncache_dir = "{self.cache_dir}"\n'
             f'runtime_dir = "{self.run_dir}"\nlog_level = "debug"\n'
             f"boot_timeout_s = 240\n{self.extra_config}\n{extra}\n"
             "[vm_defaults]\nvcpu = 2\nmemory_mib = 1024\n")
@@ -296,13 +297,14 @@ class Host:
         return dest
 
 
-def make_host(tmp_path: Path, extra_config: str = "") -> Host:
+def make_host(tmp_path: Path, extra_config: str = "", cache_dir: Path = CACHE) -> Host:
     tag = secrets.token_hex(3)
     ns = f"banger-e2e-{tag}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
     subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
     host = Host(ns=ns, root=tmp_path, run_dir=Path(f"/run/banger-e2e-{tag}"),
-                config=tmp_path / "config.toml", extra_config=extra_config)
+                config=tmp_path / "config.toml", extra_config=extra_config,
+                cache_dir=cache_dir)
     host.write_config()
     return host
 
@@ -358,7 +360,14 @@ def vmm(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def host(request: pytest.FixtureRequest, tmp_path: Path, test_image: CachedImage, vmm: str
          ) -> Iterator[Host]:
-    h = make_host(tmp_path, extra_config=f'vmm = "{vmm}"')
+    yield from open_host(request, tmp_path, test_image, vmm)
+
+
+def open_host(request: pytest.FixtureRequest, tmp_path: Path, test_image: CachedImage,
+              vmm: str, cache_dir: Path = CACHE) -> Iterator[Host]:
+    """The ``host`` fixture's body: a started daemon with the test image registered (and
+    for Firecracker, a kernel it boots); logs kept when the test failed."""
+    h = make_host(tmp_path, extra_config=f'vmm = "{vmm}"', cache_dir=cache_dir)
     h.start_daemon()
     h.register_image(test_image)
     if vmm == "firecracker":

@@ -8,6 +8,7 @@ import click
 
 from banger.cli import output
 from banger.cli.app import App, follow, json_option, pass_app
+from banger.config import parse_size
 
 
 @click.group()
@@ -25,6 +26,54 @@ def image_build(app: App, name: str | None) -> None:
     op = client.call("image.build.begin", name=name)
     result = follow(app, client, op, "image.build")
     app.emit(result, f"image {result['name']} built ({result['size_bytes'] >> 20} MiB)")
+
+
+@image.command("pull")
+@click.argument("reference")
+@click.option("--name", help="Image name (a DNS label; default: from the reference, "
+                             "e.g. 127.0.0.1:5000/team/dev:1.2 -> dev-1-2).")
+@click.option("--size", help="Root file system size, e.g. 4G; also caps the unpacked "
+                             "image (default: fitted to it, at most 16G unpacked).")
+@click.option("--kernel", "kernel_name",
+              help="Boot this registry kernel (see `banger kernel list`; default: the "
+                   "default image's kernel).")
+@click.option("--insecure", is_flag=True,
+              help="Allow plain HTTP to a registry that is not on loopback.")
+@json_option
+@pass_app
+def image_pull(app: App, reference: str, name: str | None, size: str | None,
+               kernel_name: str | None, insecure: bool) -> None:
+    """Pull an OCI image from a registry and make it a bootable image.
+
+    REFERENCE is [HOST[:PORT]/]REPO[:TAG][@sha256:DIGEST] (Docker Hub when no host is
+    given). Layers are verified against their digests and cached under the cache dir
+    (shared by pulls; see `banger image cache prune`). The image must have systemd
+    as init and OpenSSH's sshd; banger adds its guest agent and the kernel's modules.
+    """
+    client = app.client()
+    op = client.call("image.pull.begin", reference=reference, name=name,
+                     size_bytes=parse_size(size) if size else None, kernel=kernel_name,
+                     insecure=insecure)
+    result = follow(app, client, op, "image.pull")
+    app.emit(result, f"image {result['name']} pulled ({result['size_bytes'] >> 20} MiB) "
+                     f"from {result.get('origin')}")
+
+
+@image.group("cache")
+def image_cache() -> None:
+    """The cache of downloaded registry blobs."""
+
+
+@image_cache.command("prune")
+@click.option("--dry-run", is_flag=True, help="Only say what would be removed.")
+@json_option
+@pass_app
+def image_cache_prune(app: App, dry_run: bool) -> None:
+    """Remove cached blobs that no image was pulled from."""
+    res = app.client().call("image.cache.prune", dry_run=dry_run)
+    verb = "would free" if dry_run else "freed"
+    app.emit(res, f"{len(res['removed'])} blob(s), {verb} {res['freed_bytes'] >> 20} MiB "
+                  f"({res['kept']} kept for images)")
 
 
 @image.command("list")

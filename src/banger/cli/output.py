@@ -145,6 +145,8 @@ def image_detail(img: dict[str, Any]) -> str:
         ("size", f"{img['size_bytes'] / (1 << 30):.2f}G"), ("created", img["created_at"]),
         ("recipe", img.get("recipe_hash") or "-"),
     ]
+    if img.get("origin"):
+        items.append(("origin", img["origin"]))
     return pairs(items)
 
 

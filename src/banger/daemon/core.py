@@ -51,6 +51,7 @@ from banger.daemon.network import (
     gateway,
     tap_prefix_for,
 )
+from banger.daemon.oci.blobs import BlobCache
 from banger.daemon.opstate import Operation, Registry
 from banger.daemon.store import Store, VMRecord
 from banger.errors import BangerError, InternalError, from_foreign
@@ -190,6 +191,8 @@ class Daemon:
         self._inflight: dict[str, CancelToken] = {}
 
         self.store: Store | None = None
+        # Registry blobs by digest, shared by every image pull (oci.blobs).
+        self.blobs = BlobCache(self.layout.oci_blobs)
         self.handles = HandleCache(self.layout)
         # Host-wide names (TAPs, dm targets) carry this install's tag, so sweeps of two
         # installs on one host never touch each other's.

@@ -52,7 +52,7 @@ def view(img: ImageRecord) -> dict[str, Any]:
     return ImageView(
         name=img.name, source=img.source, rootfs=img.rootfs, kernel=img.kernel,
         initrd=img.initrd, size_bytes=img.size_bytes, created_at=img.created_at,
-        recipe_hash=img.recipe_hash, kernel_name=img.kernel_name,
+        recipe_hash=img.recipe_hash, kernel_name=img.kernel_name, origin=img.origin,
     ).model_dump(mode="json")
 
 
@@ -170,7 +170,8 @@ def build(d: Daemon, recipe: Recipe, op: Operation) -> dict[str, Any]:
 
 
 def publish(d: Daemon, name: str, staging: Path, *, source: str, recipe_hash: str | None,
-            kernel_name: str | None = None) -> dict[str, Any]:
+            kernel_name: str | None = None, origin: str | None = None,
+            blobs: tuple[str, ...] = ()) -> dict[str, Any]:
     """Move a finished staging dir into the registry and record it (under image_ops_mu).
 
     The record names what the dir holds: ``rootfs.ext4``, and ``vmlinuz``,
@@ -190,6 +191,7 @@ def publish(d: Daemon, name: str, staging: Path, *, source: str, recipe_hash: st
             workseed=str(workseed) if workseed.is_dir() else None,
             size_bytes=sum(f.stat().st_size for f in final.iterdir() if f.is_file()),
             recipe_hash=recipe_hash, created_at=now(), kernel_name=kernel_name,
+            origin=origin, blobs=blobs,
         )
         try:
             d.db.add_image(img)

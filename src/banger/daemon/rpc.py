@@ -14,7 +14,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pydantic import Field, ValidationError
 
 from banger.api import Model
-from banger.daemon import images, kernels, vmcreate, vmdelete, vmegress, vmpower, vms, workspaces
+from banger.daemon import (
+    imagepull,
+    images,
+    kernels,
+    vmcreate,
+    vmdelete,
+    vmegress,
+    vmpower,
+    vms,
+    workspaces,
+)
 from banger.daemon.opstate import Operation, Registry
 from banger.errors import BadRequest
 
@@ -60,6 +70,18 @@ class KillParams(Model):
 
 class ImageBuildParams(Model):
     name: str | None = None
+
+
+class PullParams(Model):
+    reference: str = Field(min_length=1, max_length=1024)
+    name: str | None = None
+    size_bytes: int | None = None
+    kernel: str | None = None
+    insecure: bool = False
+
+
+class PruneParams(Model):
+    dry_run: bool = False
 
 
 class RegisterParams(Model):
@@ -128,6 +150,12 @@ def register(d: Daemon) -> None:
         name = parse(ImageBuildParams, p).name or d.cfg.default_image_name
         return vms.op_view(images.begin_build(d, name))
 
+    def image_pull_begin(p: dict[str, Any]) -> Any:
+        r = parse(PullParams, p)
+        req = imagepull.check_request(d, r.reference, name=r.name, size_bytes=r.size_bytes,
+                                      kernel_name=r.kernel, insecure=r.insecure)
+        return vms.op_view(imagepull.begin_pull(d, req))
+
     def prepare_begin(p: dict[str, Any]) -> Any:
         return vms.op_view(workspaces.begin_prepare(d, parse(workspaces.PrepareParams, p)))
 
@@ -186,6 +214,10 @@ def register(d: Daemon) -> None:
         "vm.ssh_info": ref(vms.ssh_info),
         "image.build.begin": image_build_begin,
         **op_methods("image.build", d.image_ops),
+        "image.pull.begin": image_pull_begin,
+        **op_methods("image.pull", d.image_ops),
+        "image.cache.prune": lambda p: imagepull.prune_cache(
+            d, dry_run=parse(PruneParams, p).dry_run),
         "vm.workspace.prepare.begin": prepare_begin,
         **op_methods("vm.workspace.prepare", d.workspace_ops),
         "vm.workspace.export": lambda p: workspaces.export(

@@ -81,6 +81,14 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         ALTER TABLE images ADD COLUMN kernel_name TEXT;
         """,
     ),
+    (
+        4,
+        "pulled images",
+        """
+        ALTER TABLE images ADD COLUMN origin TEXT;
+        ALTER TABLE images ADD COLUMN blobs TEXT NOT NULL DEFAULT '[]';
+        """,
+    ),
 ]
 
 
@@ -102,6 +110,10 @@ class ImageRecord:
     created_at: datetime
     # A kernel from the kernel registry that overrides the image's own kernel/initrd.
     kernel_name: str | None = None
+    # Where a pulled image came from: "REFERENCE@MANIFEST-DIGEST".
+    origin: str | None = None
+    # The cached OCI blobs it was made from (`image cache prune` keeps them).
+    blobs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -235,11 +247,11 @@ class Store:
                     _require_kernel(db, img.kernel_name)  # a `kernel rm` may have won the race
                 db.execute(
                     "INSERT INTO images (name, source, rootfs, kernel, initrd, workseed,"
-                    " size_bytes, recipe_hash, created_at, kernel_name)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " size_bytes, recipe_hash, created_at, kernel_name, origin, blobs)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (img.name, img.source, img.rootfs, img.kernel, img.initrd, img.workseed,
                      img.size_bytes, img.recipe_hash, img.created_at.isoformat(),
-                     img.kernel_name),
+                     img.kernel_name, img.origin, json.dumps(list(img.blobs))),
                 )
         except sqlite3.IntegrityError as exc:
             raise AlreadyExists(
@@ -471,7 +483,7 @@ def _image(r: sqlite3.Row) -> ImageRecord:
         name=r["name"], source=r["source"], rootfs=r["rootfs"], kernel=r["kernel"],
         initrd=r["initrd"], workseed=r["workseed"], size_bytes=r["size_bytes"],
         recipe_hash=r["recipe_hash"], created_at=datetime.fromisoformat(r["created_at"]),
-        kernel_name=r["kernel_name"],
+        kernel_name=r["kernel_name"], origin=r["origin"], blobs=tuple(json.loads(r["blobs"])),
     )
 
 

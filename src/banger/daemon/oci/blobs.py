@@ -141,7 +141,7 @@ class BlobCache:
         self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         h = hashlib.sha256()
         done = 0
-        tmp = self._dir / f"{PARTIAL_PREFIX}{final.name}-{secrets.token_hex(6)}"
+        tmp = self._dir / f"{PARTIAL_PREFIX}{final.name}-{os.getpid()}-{secrets.token_hex(6)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -227,7 +227,8 @@ class BlobCache:
         return gone
 
     def sweep_partial(self, older_than_s: float = STALE_PARTIAL_S) -> int:
-        """Remove partial downloads untouched for ``older_than_s``; how many were."""
+        """Remove partial downloads untouched for ``older_than_s``, or whose writer
+        (the pid in the name) is no longer running; how many were removed."""
         removed = 0
         try:
             entries = list(os.scandir(self._dir))
@@ -238,7 +239,8 @@ class BlobCache:
             if not entry.name.startswith(PARTIAL_PREFIX):
                 continue
             with contextlib.suppress(FileNotFoundError):
-                if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                if (not _writer_alive(entry.name)
+                        or entry.stat(follow_symlinks=False).st_mtime < cutoff):
                     os.unlink(entry.path)
                     removed += 1
         return removed
@@ -274,6 +276,24 @@ class _Claim:
 
     lock: threading.Lock = field(default_factory=threading.Lock)
     holders: int = 0
+
+
+def _writer_alive(partial_name: str) -> bool:
+    """Whether the process named in ``.partial-<hex>-<pid>-<random>`` still runs (True
+    when the name holds no pid: only its age can tell then)."""
+    parts = partial_name[len(PARTIAL_PREFIX):].split("-")
+    if len(parts) != 3 or not parts[1].isdigit():
+        return True
+    pid = int(parts[1])
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fsync_dir(path: Path) -> None:
