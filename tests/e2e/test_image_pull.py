@@ -37,7 +37,7 @@ pytestmark = pytest.mark.xdist_group("pull")
 # Left out of the base layer: finalize must put them back for the VM to boot and answer.
 AGENT = ["usr/local/sbin/banger-init", "etc/systemd/system/banger-init.service",
          "etc/systemd/system/multi-user.target.wants/banger-init.service",
-         "etc/ssh/sshd_config.d/banger.conf"]
+         "etc/ssh/sshd_config.d/banger.conf", "etc/systemd/system/ssh.service.d"]
 
 
 @pytest.fixture(scope="session")

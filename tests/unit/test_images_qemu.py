@@ -186,3 +186,55 @@ def test_golden_output(name: str, render: object) -> None:
 
 def test_json_output_is_stable() -> None:
     assert json.loads(output.to_json(VM)) == VM
+
+
+# Debian bookworm's ssh.service, the unit banger's drop-in changes (its shape, for verify).
+DEBIAN_SSH_SERVICE = """[Unit]
+Description=OpenBSD Secure Shell server
+Documentation=man:sshd(8) man:sshd_config(5)
+After=network.target auditd.service
+ConditionPathExists=!/etc/ssh/sshd_not_to_be_run
+
+[Service]
+EnvironmentFile=-/etc/default/ssh
+ExecStartPre=/usr/sbin/sshd -t
+ExecStart=/usr/sbin/sshd -D $SSHD_OPTS
+ExecReload=/usr/sbin/sshd -t
+ExecReload=/bin/kill -HUP $MAINPID
+KillMode=process
+Restart=on-failure
+RestartPreventExitStatus=255
+Type=notify
+RuntimeDirectory=sshd
+RuntimeDirectoryMode=0755
+
+[Install]
+WantedBy=multi-user.target
+Alias=sshd.service
+"""
+
+
+def verify_units(root: Path, *units: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", f"--root={root}",
+         *(str(root / "etc/systemd/system" / u) for u in units)],
+        capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.skipif(not Path("/usr/bin/systemd-analyze").exists(),
+                    reason="needs systemd-analyze (apt-get install systemd)")
+def test_guest_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    install_files(root, guest_agent_files())
+    for exe in ("usr/sbin/sshd", "bin/kill"):
+        (root / exe).parent.mkdir(parents=True, exist_ok=True)
+        (root / exe).write_text("#!/bin/sh\n")
+        (root / exe).chmod(0o755)
+    (root / "etc/systemd/system/ssh.service").write_text(DEBIAN_SSH_SERVICE)
+    res = verify_units(root, "banger-init.service", "ssh.service")
+    assert res.returncode == 0, res.stderr
+    assert "banger" not in res.stderr, res.stderr
+    # verify does read the drop-in: a bad key in it is reported
+    dropin = root / "etc/systemd/system/ssh.service.d/banger.conf"
+    dropin.write_text(dropin.read_text() + "NoSuchKey=1\n")
+    assert "NoSuchKey" in verify_units(root, "ssh.service").stderr
