@@ -82,6 +82,29 @@ def layer_from_tree(root: Path, out: Path, *, exclude: Sequence[str] = ()) -> La
                  hashing.n, ZSTD_LAYER)
 
 
+def cached_tree_layer(rootfs: Path, where: Path, *, exclude: Sequence[str] = ()) -> Layer:
+    """A zstd layer of the ext4 image ``rootfs``'s tree (read-only loop mount), made once
+    and kept in ``where`` (key it by what decides the image's content)."""
+    meta = where / "layer.json"
+    if meta.exists():
+        m = json.loads(meta.read_text())
+        return Layer(Path(m["path"]), m["digest"], m["diff_id"], m["size"], m["media_type"])
+    where.mkdir(parents=True, exist_ok=True)
+    mnt = where / "mnt"
+    mnt.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-o", "ro,loop", str(rootfs), str(mnt)], check=True)
+    try:
+        layer = layer_from_tree(mnt, where / "layer.tar.zst", exclude=exclude)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    tmp = meta.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"path": str(layer.path), "digest": layer.digest,
+                               "diff_id": layer.diff_id, "size": layer.size,
+                               "media_type": layer.media_type}))
+    tmp.rename(meta)
+    return layer
+
+
 Member = tuple[tarfile.TarInfo, bytes | None]
 
 

@@ -25,8 +25,8 @@ from tests.e2e.conftest import CACHE, CachedImage, Host, open_host
 from tests.ocilayout import (
     Layer,
     Registry,
+    cached_tree_layer,
     layer_from_members,
-    layer_from_tree,
     member,
     registry_tools_missing,
     write_layout,
@@ -46,24 +46,8 @@ def base_layer(test_image: CachedImage) -> Layer:
     reason = registry_tools_missing()
     if reason:
         pytest.skip(reason)
-    where = CACHE / "oci-layers" / Recipe().digest()
-    meta = where / "base.json"
-    if meta.exists():
-        m = json.loads(meta.read_text())
-        return Layer(Path(m["path"]), m["digest"], m["diff_id"], m["size"], m["media_type"])
-    where.mkdir(parents=True, exist_ok=True)
-    mnt = where / "mnt"
-    mnt.mkdir(exist_ok=True)
-    subprocess.run(["mount", "-o", "ro,loop", str(test_image.rootfs), str(mnt)], check=True)
-    try:
-        layer = layer_from_tree(mnt, where / "base.tar.zst",
-                                exclude=["usr/lib/modules", "boot", *AGENT])
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
-    meta.write_text(json.dumps({"path": str(layer.path), "digest": layer.digest,
-                                "diff_id": layer.diff_id, "size": layer.size,
-                                "media_type": layer.media_type}))
-    return layer
+    return cached_tree_layer(test_image.rootfs, CACHE / "oci-layers" / Recipe().digest(),
+                             exclude=["usr/lib/modules", "boot", *AGENT])
 
 
 @pytest.fixture

@@ -28,7 +28,9 @@ def test_run_rm_propagates_exit_status_and_cleans_up(host: Host) -> None:
 
 def test_work_disk_survives_stop_start_and_delete_leaves_nothing(host: Host,
                                                                  running_vm: str) -> None:
-    host.ok("vm", "exec", running_vm, "--", "sh", "-c", "echo kept > /root/keep && sync")
+    host.ok("vm", "exec", running_vm, "--", "sh", "-c",
+            "echo kept > /root/keep && echo promoted > /etc/banger-promoted && sync")
+    host_key = host.ok("vm", "exec", running_vm, "--", "cat", "/etc/ssh/ssh_host_ed25519_key.pub")
     shown = host.json("vm", "show", running_vm)
     vm_id, tap, pid = shown["id"], shown["tap"], shown["pid"]
     assert tap in host.taps() and pid in host.vmm_pids()
@@ -43,6 +45,9 @@ def test_work_disk_survives_stop_start_and_delete_leaves_nothing(host: Host,
     stopped = host.json("vm", "show", running_vm)
     assert stopped["state"] == "stopped" and stopped["pid"] is None
     assert pid not in host.vmm_pids() and tap not in host.taps()
+    # A stopped VM can become an image (its root disk and /root, not its identity).
+    promoted = host.json("image", "promote", running_vm, "gold")
+    assert promoted["source"] == "promoted" and promoted["origin"].startswith(f"vm {running_vm}")
 
     start = host.cli("vm", "start", running_vm)
     assert start.returncode == 0, start.stderr
@@ -63,6 +68,14 @@ def test_work_disk_survives_stop_start_and_delete_leaves_nothing(host: Host,
     # the address lease is free again
     again = host.json("vm", "create", "--name", "again", "--no-start")
     assert again["ip"] == shown["ip"]
+
+    # A VM of the promoted image boots with the promoted VM's edits, as itself.
+    host.ok("vm", "create", "--image", "gold", "--name", "heir")
+    seen = host.ok("vm", "exec", "heir", "--", "sh", "-c",
+                   "cat /etc/banger-promoted /root/keep; hostname")
+    assert seen == "promoted\nkept\nheir\n"
+    assert host.ok("vm", "exec", "heir", "--", "cat",
+                   "/etc/ssh/ssh_host_ed25519_key.pub") != host_key
 
 
 def test_two_vms_get_distinct_addresses_and_resolve_but_cannot_reach_each_other(

@@ -59,6 +59,22 @@ def image_pull(app: App, reference: str, name: str | None, size: str | None,
                      f"from {result.get('origin')}")
 
 
+@image.command("promote")
+@click.argument("vm")
+@click.argument("name")
+@json_option
+@pass_app
+def image_promote(app: App, vm: str, name: str) -> None:
+    """Make stopped VM's disks and kernel the new image NAME.
+
+    The root disk is cloned (a reflink where the state dir allows it, else a copy);
+    the work disk's files (/root) become the image's work-seed. The VM's SSH host key
+    and machine-id are left out; the VM itself is not changed.
+    """
+    res = app.client().call("image.promote", vm=vm, name=name, timeout=None)
+    app.emit(res, f"image {name} promoted from VM {vm} ({res['size_bytes'] >> 20} MiB)")
+
+
 @image.group("cache")
 def image_cache() -> None:
     """The cache of downloaded registry blobs."""

@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError
 
 from banger.api import Model
 from banger.daemon import (
+    imagepromote,
     imagepull,
     images,
     kernels,
@@ -78,6 +79,11 @@ class PullParams(Model):
     size_bytes: int | None = None
     kernel: str | None = None
     insecure: bool = False
+
+
+class PromoteParams(Model):
+    vm: str = Field(min_length=1, max_length=256)
+    name: str
 
 
 class PruneParams(Model):
@@ -216,6 +222,8 @@ def register(d: Daemon) -> None:
         **op_methods("image.build", d.image_ops),
         "image.pull.begin": image_pull_begin,
         **op_methods("image.pull", d.image_ops),
+        "image.promote": lambda p: imagepromote.promote(
+            d, (r := parse(PromoteParams, p)).vm, r.name),
         "image.cache.prune": lambda p: imagepull.prune_cache(
             d, dry_run=parse(PruneParams, p).dry_run),
         "vm.workspace.prepare.begin": prepare_begin,

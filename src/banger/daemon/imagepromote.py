@@ -1,0 +1,115 @@
+"""``image promote VM NAME``: a stopped VM's disks and kernel become a new image.
+
+The design's ``PromoteImage``. The VM's root disk is cloned (a reflink where the state
+dir allows, else a sparse copy) and so is its work disk, whose files become the new
+image's work-seed: a VM made from the image starts with the promoted VM's ``/`` and
+``/root``. The VM's own identity is taken out of the copy (its SSH host key and
+machine-id), banger's guest agent is refreshed, and the kernel is the VM's image's
+(its registry kernel, or its files copied). The VM is left as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from banger.api import VMState
+from banger.daemon import images, vms
+from banger.daemon.dmsnap import clone_or_copy
+from banger.errors import AlreadyExists, BadRequest, InvalidState
+from banger.fsutil import remove_tree
+from banger.names import check_name
+
+if TYPE_CHECKING:
+    from banger.daemon.core import Daemon
+
+log = logging.getLogger("banger.imagepromote")
+
+# The VM's identity, removed from the promoted root disk (banger-init makes a new host
+# key at first boot, systemd a new machine-id).
+IDENTITY_FILES = ("/etc/ssh/ssh_host_ed25519_key", "/etc/ssh/ssh_host_ed25519_key.pub",
+                  "/etc/ssh/ssh_host_rsa_key", "/etc/ssh/ssh_host_rsa_key.pub",
+                  "/etc/ssh/ssh_host_ecdsa_key", "/etc/ssh/ssh_host_ecdsa_key.pub")
+
+
+def promote(d: Daemon, vm_ref: str, name: str) -> dict[str, Any]:
+    """Make stopped VM ``vm_ref``'s disks and kernel the new image ``name``.
+
+    ``vm_locks[id]`` is held while the disks are cloned, so the VM cannot start and
+    change them mid-copy (instant with reflinks; a copy of the used blocks otherwise).
+
+    Raises:
+        BadRequest: a bad image name, or the VM's disk is a dm-snapshot (not supported).
+        NotFound: no such VM.
+        InvalidState: the VM is not stopped.
+        AlreadyExists: an image called ``name`` exists.
+    """
+    check_name(name, "image")
+    vm = vms.resolve(d, vm_ref)
+    if d.db.find_image(name) is not None:
+        raise AlreadyExists(f"image {name!r} already exists",
+                            hint=f"delete it first with `banger image delete {name}`, or "
+                                 "promote under another name")
+    staging = d.layout.staging_dir / f"promote-{name}-{secrets.token_hex(4)}"
+    try:
+        staging.mkdir(parents=True, mode=0o700)
+        work = staging / "work.ext4"
+        with d.vm_locks.held(vm.id):
+            vm = vms.resolve(d, vm.id)
+            if vm.state != VMState.STOPPED:
+                raise InvalidState(f"VM {vm.name} is {vm.state.value}; promote needs it stopped",
+                                   hint=f"stop it first: banger vm stop {vm.name}")
+            if (vm.runtime.get("cow") or {}).get("strategy") == "dmsnap":
+                raise BadRequest(
+                    f"VM {vm.name}'s root disk is a dm-snapshot; promoting one is not "
+                    "supported yet",
+                    hint="use cow_strategy = \"reflink\" or \"copy\" for VMs to promote")
+            paths = d.layout.vm(vm.id)
+            how = clone_or_copy(paths.rootfs, staging / "rootfs.ext4")
+            clone_or_copy(paths.work_disk, work)
+        log.info("promote %s: root disk %s", vm.name, how)
+        img = d.db.get_image(vm.image)  # an image a VM uses cannot be deleted
+        if img.kernel_name is None:
+            shutil.copy2(img.kernel, staging / "vmlinuz")
+            if img.initrd:
+                shutil.copy2(img.initrd, staging / "initrd.img")
+        seed_from_work_disk(d, work, staging / "workseed")
+        work.unlink()
+        forget_identity(d, staging / "rootfs.ext4", staging)
+        images.inject_guest_agent(d, staging / "rootfs.ext4", staging)
+        return images.publish(d, name, staging, source="promoted", recipe_hash=None,
+                              kernel_name=img.kernel_name,
+                              origin=f"vm {vm.name} (image {img.name})")
+    except BaseException:
+        remove_tree(staging)
+        raise
+
+
+def seed_from_work_disk(d: Daemon, work: Path, dest: Path) -> None:
+    """The work disk's files (debugfs rdump: no mount; special files are skipped) as
+    a work-seed, without ``lost+found``; authorized_keys is rewritten per VM anyway."""
+    dest.mkdir(mode=0o700)
+    d.runner.run(["debugfs", "-R", f"rdump / {dest}", str(work)],
+                 desc="read the work disk", timeout=600)
+    lost = dest / "lost+found"
+    if lost.is_dir() and not lost.is_symlink():
+        remove_tree(lost)
+
+
+def forget_identity(d: Daemon, rootfs: Path, staging: Path) -> None:
+    """Remove the VM's SSH host keys and empty its machine-id in ext4 ``rootfs``."""
+    empty = staging / "empty"
+    empty.write_bytes(b"")
+    script = staging / "identity.debugfs"
+    lines = [f"rm {f}" for f in IDENTITY_FILES]
+    lines += ["rm /etc/machine-id", f"write {empty} /etc/machine-id",
+              "set_inode_field /etc/machine-id mode 0100444"]
+    script.write_text("\n".join(lines) + "\n")
+    # debugfs reports a missing file and goes on; the image stays consistent.
+    d.runner.run(["debugfs", "-w", "-f", str(script), str(rootfs)],
+                 desc="remove the VM's host key and machine-id", timeout=120)
+    empty.unlink()
+    script.unlink()
