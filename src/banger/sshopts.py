@@ -9,8 +9,14 @@ from banger.fsutil import atomic_write
 GUEST_USER = "root"
 
 
+# Covers the TCP connect and sshd's banner. A TCG guest that has just answered (its sshd
+# starts early in boot) can take more than 5 s to send a banner while the rest of its
+# boot competes for the host's CPUs.
+CONNECT_TIMEOUT_S = 20
+
+
 def ssh_options(key_path: Path, known_hosts: Path, *, batch: bool = True,
-                connect_timeout: int = 5) -> list[str]:
+                connect_timeout: int = CONNECT_TIMEOUT_S) -> list[str]:
     """``-o`` options: banger's key only, banger's known_hosts, trust on first use."""
     opts = [
         "-i", str(key_path),

@@ -135,6 +135,9 @@ Before=shutdown.target
 # No `sshd -t` first: one more sshd start under emulation; a bad config fails the start
 # just the same.
 ExecStartPre=
+# sshd answers while the rest of the boot still runs: serve connections first (sessions
+# move to their own slice once logind is up).
+CPUWeight=1000
 """
 
 UNIT_PATH = "etc/systemd/system/banger-init.service"
