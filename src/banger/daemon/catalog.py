@@ -146,6 +146,9 @@ def resolve(catalog_url: str, text: str, *, kind: str, insecure: bool) -> Source
     if not path.is_absolute():
         raise BadRequest(f"bundle path {text!r} must be absolute",
                          hint="the CLI makes paths absolute; over RPC give an absolute path")
+    if not path.is_file():
+        raise BadRequest(f"bundle {path} does not exist or is not a regular file",
+                         hint="check the path; a catalog name has no '.tar.zst' or '/'")
     return Source(url="", path=path, origin=str(path))
 
 
