@@ -424,3 +424,45 @@ def test_kernel_pull_from_a_catalog(daemon: Daemon, tmp_path: Path,
         finished(bundles.begin_pull(daemon, bad))
     assert daemon.db.find_kernel("junk") is None
     nothing_left(daemon)
+
+
+def test_cancelled_export_and_pull_leave_nothing(daemon: Daemon, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    add_image(daemon, tmp_path)
+    out = tmp_path / "src.tar.zst"
+    export(daemon, "src", tmp_path / "kept.tar.zst")
+    real_add, real_write = bundles._add, bundles._write_member
+
+    def cancel_current() -> None:
+        for op in [*daemon.image_ops.active()]:
+            op.request_cancel("cancelled by the test")
+
+    def add_then_cancel(tar: Any, name: str, *a: Any) -> None:
+        real_add(tar, name, *a)
+        if name == "rootfs.ext4":
+            cancel_current()
+
+    monkeypatch.setattr(bundles, "_add", add_then_cancel)
+    with pytest.raises(BangerError, match="cancelled"):
+        export(daemon, "src", out)
+    assert not out.exists() and sorted(p.name for p in tmp_path.glob("*.tar.zst*")) \
+        == ["kept.tar.zst"] and not list(tmp_path.glob(".src.tar.zst*"))
+    nothing_left(daemon)
+
+    def write_then_cancel(read: Any, dest: Path, **kw: Any) -> str:
+        digest = real_write(read, dest, **kw)
+        cancel_current()
+        return digest
+
+    monkeypatch.setattr(bundles, "_write_member", write_then_cancel)
+    with pytest.raises(BangerError, match="cancelled"):
+        pull(daemon, str(tmp_path / "kept.tar.zst"), name="again")
+    nothing_left(daemon, "again")
+
+
+def test_export_gives_the_file_to_the_caller(daemon: Daemon, tmp_path: Path) -> None:
+    add_image(daemon, tmp_path)
+    out = tmp_path / "mine.tar.zst"
+    finished(bundles.begin_export(daemon, "src", str(out), owner=(4321, 4322)))
+    st = out.stat()
+    assert (st.st_uid, st.st_gid) == (4321, 4322)

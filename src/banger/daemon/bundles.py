@@ -216,8 +216,12 @@ def _write_bundle(tmp: Path, owner: tuple[int, int] | None, manifest: bytes, *,
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o644)
     with os.fdopen(fd, "wb") as raw:
-        if owner is not None:
-            os.fchown(raw.fileno(), *owner)
+        if owner is not None and owner != (os.geteuid(), os.getegid()):
+            try:
+                os.fchown(raw.fileno(), *owner)
+            except PermissionError:
+                log.warning("cannot give %s to uid %d (bangerd is not root); it stays "
+                            "bangerd's", tmp, owner[0])
         sink = _HashingWriter(raw)
         compressor = zstandard.ZstdCompressor(level=3)
         with compressor.stream_writer(cast(IO[bytes], sink), closefd=False) as zw, \
