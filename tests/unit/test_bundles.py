@@ -414,8 +414,13 @@ def test_kernel_pull_from_a_catalog(daemon: Daemon, tmp_path: Path,
     assert Path(k["bzimage"]).read_bytes() == kernel
     assert Path(k["initrd"]).read_bytes() == b"rd"
     nothing_left(daemon)
-    with pytest.raises(AlreadyExists):
-        bundles.begin_pull(daemon, req)
+    with pytest.raises(AlreadyExists):  # the manifest names it: found once it is read
+        finished(bundles.begin_pull(daemon, req))
+    nothing_left(daemon)
+    named = bundles.check_request(daemon, "cat-kernel", kind="kernel", name="cat-kernel",
+                                  size_bytes=None, insecure=False)
+    with pytest.raises(AlreadyExists):  # --name: refused before anything is fetched
+        bundles.begin_pull(daemon, named)
     # a kernel bundle with a junk "kernel" is refused by the registry's own checks
     build_bundle(root / "junk.tar.zst", {"bzImage": b"junk"}, kind="kernel")
     bad = bundles.check_request(daemon, f"{base}/junk.tar.zst", kind="kernel", name="junk",

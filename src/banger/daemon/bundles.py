@@ -105,7 +105,7 @@ class BundleRequest:
 
     source: catalog.Source
     kind: str  # "image" or "kernel"
-    name: str | None  # None: the manifest's (or the catalog entry's) name
+    name: str | None  # --name; None: the manifest's name
     size_bytes: int | None  # the rootfs cap (default ROOTFS_MAX)
 
     @property
@@ -350,8 +350,7 @@ def check_request(d: Daemon, text: str, *, kind: str, name: str | None,
         raise BadRequest(f"--size {size_bytes} bytes is out of range for a bundle",
                          hint="give 64M to 64G, e.g. --size 8G")
     source = catalog.resolve(d.cfg.catalog_url, text, kind=kind, insecure=insecure)
-    return BundleRequest(source=source, kind=kind, name=name or source.name,
-                         size_bytes=size_bytes)
+    return BundleRequest(source=source, kind=kind, name=name, size_bytes=size_bytes)
 
 
 def begin_pull(d: Daemon, req: BundleRequest) -> Operation:
@@ -362,7 +361,7 @@ def begin_pull(d: Daemon, req: BundleRequest) -> Operation:
             another operation is making it.
     """
     registry = d.image_ops if req.kind == "image" else d.kernel_ops
-    target = req.name or req.text
+    target = req.name or req.source.name or req.text
     with d.image_ops_mu:
         if req.name is not None:
             exists = (d.db.find_image(req.name) if req.kind == "image"
