@@ -471,3 +471,31 @@ def test_export_gives_the_file_to_the_caller(daemon: Daemon, tmp_path: Path) -> 
     finished(bundles.begin_export(daemon, "src", str(out), owner=(4321, 4322)))
     st = out.stat()
     assert (st.st_uid, st.st_gid) == (4321, 4322)
+
+
+def test_catalog_documents_are_checked() -> None:
+    good = {"name": "dev", "version": "2", "kind": "image", "url": "dev.tar.zst",
+            "sha256": "ab" * 32, "size": 10}
+    [e] = catalog.parse(json.dumps({"bundles": [good]}).encode(), "https://h/c/index.json")
+    assert e.url == "https://h/c/dev.tar.zst"
+    local = {**good, "url": "file:///etc/shadow"}
+    with pytest.raises(BadRequest, match="http\\(s\\) bundles only"):
+        catalog.parse(json.dumps({"bundles": [local]}).encode(), "http://127.0.0.1/c.json")
+    assert catalog.parse(json.dumps({"bundles": [local]}).encode(),
+                         "file:///srv/c.json")[0].url == "file:///etc/shadow"
+    for bad in ({"name": "Dev"}, {"kind": "vm"}, {"sha256": "xyz"}, {"size": -1},
+                {"size": True}, {"version": ""}):
+        with pytest.raises(BadRequest):
+            catalog.parse(json.dumps({"bundles": [{**good, **bad}]}).encode(), "file:///c")
+    assert catalog.version_key("1.10") > catalog.version_key("1.9")
+    assert catalog.version_key("2") > catalog.version_key("1.99")
+
+
+def test_catalog_table() -> None:
+    from banger.cli.output import catalog_table
+
+    assert catalog_table([], "kernel") == "the catalog lists no kernels"
+    text = catalog_table([{"name": "dev", "version": "2", "size_bytes": 3 << 20,
+                           "url": "https://h/dev.tar.zst"}], "image")
+    assert text.splitlines()[0].split() == ["NAME", "VERSION", "SIZE", "URL"]
+    assert text.splitlines()[1].split() == ["dev", "2", "3.0M", "https://h/dev.tar.zst"]
