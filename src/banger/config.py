@@ -157,6 +157,9 @@ class Config(_Strict):
     workspace_export_max_mib: Annotated[int, Field(ge=1, le=16384)] = 256
     # The unprivileged system user QEMU runs as (created by bangerd if missing).
     vmm_user: str = "banger-vmm"
+    # The bundle catalog `image pull NAME` and `kernel pull NAME` resolve names in
+    # (a file:// or http(s):// URL of a JSON document); "" for none.
+    catalog_url: str = ""
 
     @field_validator("log_level")
     @classmethod
@@ -225,6 +228,13 @@ class Config(_Strict):
         if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", v) or v == "root":
             raise ValueError("must be a system user name (lower case, at most 32 "
                              "characters) other than root")
+        return v
+
+    @field_validator("catalog_url")
+    @classmethod
+    def _catalog_url(cls, v: str) -> str:
+        if v and not re.match(r"(?i)(https?|file)://[^\s]+$", v):
+            raise ValueError('must be "" (no catalog), or a file:// or http(s):// URL')
         return v
 
     @field_validator("default_image_name")

@@ -113,3 +113,53 @@ def test_daemon_status_names_the_config_it_runs_with() -> None:
           "uptime_s": 3.0, "vms": 0, "vms_running": 0,
           "config": {"path": "/etc/banger.toml", "hash": "ab" * 32, "values": {}}}
     assert "config:    /etc/banger.toml (hash abababababab)" in daemon_status(st)
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["image", "pull", "--help"], ["bundle", "catalog", "FILE.tar.zst", "--insecure",
+                                   "image list --available"]),
+    (["image", "export", "--help"], ["-o, --output", "sha256", "image pull FILE.tar.zst"]),
+    (["image", "list", "--help"], ["--available", "catalog_url"]),
+    (["kernel", "pull", "--help"], ["catalog_url", "kernel list", "--available", "--name"]),
+    (["kernel", "list", "--help"], ["--available"]),
+])
+def test_bundle_commands_help(tmp_path: Path, args: list[str], expected: list[str]) -> None:
+    res = banger(tmp_path, *args)
+    assert res.returncode == 0, res.stderr
+    text = " ".join(res.stdout.split())  # click wraps lines
+    for phrase in expected:
+        assert phrase in text, (phrase, res.stdout)
+
+
+def test_export_without_output_is_a_usage_error(tmp_path: Path) -> None:
+    res = banger(tmp_path, "image", "export", "web")
+    assert res.returncode == 2
+    lines = res.stderr.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("error: ") and "--output" in lines[0]
+    assert lines[1].startswith("hint: ") and "image export --help" in lines[1]
+    assert not (tmp_path / "state").exists()
+
+
+def test_a_bad_catalog_url_is_refused_with_a_hint(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(f'state_dir = "{tmp_path / "state"}"\ncatalog_url = "ftp://host/c.json"\n')
+    env = {**os.environ, "BANGER_CONFIG": str(cfg), "HOME": str(tmp_path)}
+    res = subprocess.run([sys.executable, "-m", "banger", "image", "list", "--available"],
+                         env=env, text=True, capture_output=True, timeout=60, check=False)
+    assert res.returncode == 125
+    lines = res.stderr.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("error: ") and "catalog_url" in lines[0]
+    assert lines[1].startswith("hint: ")
+    assert not (tmp_path / "state").exists()
+
+
+def test_a_local_bundle_path_is_made_absolute(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from banger.cli.images import bundle_ref
+
+    monkeypatch.chdir(tmp_path)
+    assert bundle_ref("dev.tar.zst") == str(tmp_path / "dev.tar.zst")
+    assert bundle_ref("./sub/dev") == str(tmp_path / "sub" / "dev")
+    for unchanged in ("dev", "https://h/dev.tar.zst", "127.0.0.1:5000/team/dev:1",
+                      "file:///b/dev.tar.zst"):
+        assert bundle_ref(unchanged) == unchanged

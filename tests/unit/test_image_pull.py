@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from banger.daemon import imagepull, images
+from banger.daemon import bundles, imagepull, images
 from banger.daemon.core import Daemon
 from banger.daemon.oci.blobs import PARTIAL_PREFIX
 from banger.daemon.opstate import Operation
@@ -31,9 +31,12 @@ def request(d: Daemon, ref: str = "127.0.0.1:5000/team/dev:1", **kw: Any
 def test_check_request(daemon: Daemon) -> None:
     req = request(daemon)
     assert req.name == "dev-1" and str(req.ref) == "127.0.0.1:5000/team/dev:1"
-    for bundle in ("https://example.com/x.tar.zst", "./dev.tar.zst", "dev"):
-        with pytest.raises(BadRequest, match="not an OCI image reference"):
-            request(daemon, bundle)
+    # bundles go to banger.daemon.bundles (tests/unit/test_bundles.py)
+    assert isinstance(request(daemon, "https://example.com/x.tar.zst"), bundles.BundleRequest)
+    with pytest.raises(BadRequest, match="absolute"):
+        request(daemon, "./dev.tar.zst")
+    with pytest.raises(NotFound, match="no catalog"):
+        request(daemon, "dev")
     with pytest.raises(BadRequest):
         request(daemon, "127.0.0.1:5000/Team/dev")
     with pytest.raises(BadRequest, match="name"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -31,32 +32,71 @@ def image_build(app: App, name: str | None) -> None:
 @image.command("pull")
 @click.argument("reference")
 @click.option("--name", help="Image name (a DNS label; default: from the reference, "
-                             "e.g. 127.0.0.1:5000/team/dev:1.2 -> dev-1-2).")
+                             "e.g. 127.0.0.1:5000/team/dev:1.2 -> dev-1-2; a bundle's "
+                             "own name).")
 @click.option("--size", help="Root file system size, e.g. 4G; also caps the unpacked "
-                             "image (default: fitted to it, at most 16G unpacked).")
+                             "image (default: fitted to it, at most 16G unpacked; a "
+                             "bundle's rootfs at most 64G).")
 @click.option("--kernel", "kernel_name",
               help="Boot this registry kernel (see `banger kernel list`; default: the "
-                   "default image's kernel).")
+                   "default image's kernel). OCI images only: a bundle brings its own.")
 @click.option("--insecure", is_flag=True,
-              help="Allow plain HTTP to a registry that is not on loopback.")
+              help="Allow plain HTTP to a registry, bundle or catalog that is not on "
+                   "loopback.")
 @json_option
 @pass_app
 def image_pull(app: App, reference: str, name: str | None, size: str | None,
                kernel_name: str | None, insecure: bool) -> None:
-    """Pull an OCI image from a registry and make it a bootable image.
+    """Pull an OCI image from a registry, or an image bundle, and make it a bootable image.
 
-    REFERENCE is [HOST[:PORT]/]REPO[:TAG][@sha256:DIGEST] (Docker Hub when no host is
-    given). Layers are verified against their digests and cached under the cache dir
-    (shared by pulls; see `banger image cache prune`). The image must have systemd
+    REFERENCE is either an OCI image, [HOST[:PORT]/]REPO[:TAG][@sha256:DIGEST] (Docker
+    Hub when no host is given): layers are verified against their digests and cached
+    under the cache dir (see `banger image cache prune`); the image must have systemd
     as init and OpenSSH's sshd; banger adds its guest agent and the kernel's modules.
+
+    Or a bundle made by `banger image export`: a FILE.tar.zst, a file:// or
+    http(s):// URL, or a NAME in the catalog (config catalog_url; see `banger image
+    list --available`). Every file in it is checked against its manifest's sha256
+    (and the bundle against the catalog's); banger adds its guest agent.
     """
     client = app.client()
-    op = client.call("image.pull.begin", reference=reference, name=name,
+    op = client.call("image.pull.begin", reference=bundle_ref(reference), name=name,
                      size_bytes=parse_size(size) if size else None, kernel=kernel_name,
                      insecure=insecure)
     result = follow(app, client, op, "image.pull")
     app.emit(result, f"image {result['name']} pulled ({result['size_bytes'] >> 20} MiB) "
                      f"from {result.get('origin')}")
+
+
+def bundle_ref(reference: str) -> str:
+    """``reference`` with a local bundle path made absolute (the daemon's cwd is not ours)."""
+    if "://" not in reference and (reference.endswith(".tar.zst")
+                                   or reference.startswith(("/", "./", "../", "~"))):
+        return str(Path(reference).expanduser().resolve())
+    return reference
+
+
+@image.command("export")
+@click.argument("name")
+@click.option("-o", "--output", "out_file", required=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="The bundle file to write, e.g. NAME.tar.zst (replaced if it exists).")
+@json_option
+@pass_app
+def image_export(app: App, name: str, out_file: Path) -> None:
+    """Write image NAME as a bundle: a zstd tar of its root file system, work seed and
+    kernel, with a manifest of their sizes and sha256s.
+
+    Pull it elsewhere with `banger image pull FILE.tar.zst` (or a URL, or list it in a
+    catalog with the size and sha256 printed here). The file belongs to you, as if
+    written by this command; a failed or cancelled export leaves none.
+    """
+    client = app.client()
+    op = client.call("image.export.begin", name=name, output=str(out_file.resolve()),
+                     owner_uid=os.geteuid(), owner_gid=os.getegid())
+    res = follow(app, client, op, "image.export")
+    app.emit(res, f"image {name} exported to {res['path']} ({res['size_bytes'] >> 20} MiB, "
+                  f"sha256 {res['sha256']})")
 
 
 @image.command("promote")
@@ -93,10 +133,16 @@ def image_cache_prune(app: App, dry_run: bool) -> None:
 
 
 @image.command("list")
+@click.option("--available", is_flag=True,
+              help="List the catalog's images (config catalog_url) instead.")
 @json_option
 @pass_app
-def image_list(app: App) -> None:
-    """List images."""
+def image_list(app: App, available: bool) -> None:
+    """List images (or, with --available, those `banger image pull NAME` can fetch)."""
+    if available:
+        entries = app.client().call("catalog.list", kind="image")
+        app.emit(entries, output.catalog_table(entries, "image"))
+        return
     imgs = app.client().call("image.list")
     app.emit(imgs, output.image_table(imgs))
 
@@ -167,12 +213,41 @@ def kernel() -> None:
 
 
 @kernel.command("list")
+@click.option("--available", is_flag=True,
+              help="List the catalog's kernels (config catalog_url) instead.")
 @json_option
 @pass_app
-def kernel_list(app: App) -> None:
-    """List kernels."""
+def kernel_list(app: App, available: bool) -> None:
+    """List kernels (or, with --available, those `banger kernel pull NAME` can fetch)."""
+    if available:
+        entries = app.client().call("catalog.list", kind="kernel")
+        app.emit(entries, output.catalog_table(entries, "kernel"))
+        return
     ks = app.client().call("kernel.list")
     app.emit(ks, output.kernel_table(ks))
+
+
+@kernel.command("pull")
+@click.argument("reference")
+@click.option("--name", help="Kernel name (a DNS label; default: the bundle's own name).")
+@click.option("--insecure", is_flag=True,
+              help="Allow plain HTTP to a bundle or catalog that is not on loopback.")
+@json_option
+@pass_app
+def kernel_pull(app: App, reference: str, name: str | None, insecure: bool) -> None:
+    """Pull a kernel bundle into the kernel registry.
+
+    REFERENCE is a NAME in the catalog (config catalog_url; see `banger kernel list
+    --available`), a FILE.tar.zst, or a file:// or http(s):// URL. Its files are
+    checked against the manifest's sha256s (and the bundle against the catalog's),
+    then validated like `banger kernel import`.
+    """
+    client = app.client()
+    op = client.call("kernel.pull.begin", reference=bundle_ref(reference), name=name,
+                     insecure=insecure)
+    res = follow(app, client, op, "kernel.pull")
+    app.emit(res, f"kernel {res['name']} pulled ({res.get('version')}; "
+                  f"{', '.join(res['vmms'])})")
 
 
 @kernel.command("show")

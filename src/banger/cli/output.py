@@ -136,6 +136,15 @@ def image_table(images: list[dict[str, Any]], now: datetime | None = None) -> st
     return table(["NAME", "SOURCE", "SIZE", "INITRD", "AGE"], rows)
 
 
+def catalog_table(entries: list[dict[str, Any]], kind: str) -> str:
+    """The ``image/kernel list --available`` table: the catalog's entries of one kind."""
+    if not entries:
+        return f"the catalog lists no {kind}s"
+    rows = [[e["name"], e["version"], f"{e['size_bytes'] / (1 << 20):.1f}M", e["url"]]
+            for e in entries]
+    return table(["NAME", "VERSION", "SIZE", "URL"], rows)
+
+
 def image_detail(img: dict[str, Any]) -> str:
     """``image show`` output as aligned ``key: value`` lines."""
     items = [

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from banger.daemon import images
+from banger.daemon import bundles, images
 from banger.daemon.imagemgr import ROOT_LABEL, rootfs_size
 from banger.daemon.imagemgr.kernel import inspect_kernel_file
 from banger.daemon.oci import registry, rootfs
@@ -94,20 +94,25 @@ def default_name(ref: Reference) -> str:
 
 
 def check_request(d: Daemon, text: str, *, name: str | None, size_bytes: int | None,
-                  kernel_name: str | None, insecure: bool) -> PullRequest:
+                  kernel_name: str | None, insecure: bool
+                  ) -> PullRequest | bundles.BundleRequest:
     """Validate a pull request before anything is downloaded.
 
+    ``text`` is an OCI reference, or a bundle (a ``.tar.zst`` path, a URL, a catalog
+    name: :func:`oci.reference.is_oci_reference`), checked by :mod:`bundles`.
+
     Raises:
-        BadRequest: not an OCI reference, a bad name or size.
+        BadRequest: a bad reference, name or size; ``--kernel`` with a bundle.
         NotFound: ``kernel_name`` is not a registered kernel, or no kernel was named
-            and the default image (whose kernel is used) does not exist.
+            and the default image (whose kernel is used) does not exist; a catalog
+            name that is not in the catalog.
     """
     if not is_oci_reference(text):
-        raise BadRequest(
-            f"{text!r} is not an OCI image reference; image bundles and the catalog "
-            "are not supported yet",
-            hint="name an image in a registry, e.g. 127.0.0.1:5000/team/dev:1.2 or "
-                 "debian:bookworm")
+        if kernel_name is not None:
+            raise BadRequest("--kernel applies to OCI images; a bundle brings its own kernel",
+                             hint="pull it without --kernel, then `banger image set-kernel`")
+        return bundles.check_request(d, text, kind="image", name=name,
+                                     size_bytes=size_bytes, insecure=insecure)
     ref = parse(text)
     name = check_name(name or default_name(ref), "image")
     if size_bytes is not None and not MIN_SIZE <= size_bytes <= MAX_SIZE:
@@ -125,15 +130,18 @@ def check_request(d: Daemon, text: str, *, name: str | None, size_bytes: int | N
                        insecure=insecure)
 
 
-def begin_pull(d: Daemon, req: PullRequest) -> Operation:
-    """Start pulling ``req`` in the background, or join the same pull already running.
+def begin_pull(d: Daemon, req: PullRequest | bundles.BundleRequest) -> Operation:
+    """Start pulling ``req`` in the background, or join the same pull already running
+    (a bundle pull: :func:`bundles.begin_pull`).
 
     Raises:
         AlreadyExists: the image exists, or another operation is making that name.
     """
+    if isinstance(req, bundles.BundleRequest):
+        return bundles.begin_pull(d, req)
     with d.image_ops_mu:
         for existing in d.image_ops.active():
-            if existing.target != req.name:
+            if existing.target != req.name or existing.kind == "image.export":
                 continue
             if isinstance(existing, PullOperation) and existing.reference == str(req.ref):
                 return existing

@@ -109,7 +109,7 @@ def begin_build(d: Daemon, name: str, *, join_existing: bool = False) -> Operati
     recipe = recipe_for(name)
     with d.image_ops_mu:
         for existing in d.image_ops.active():
-            if existing.target == name:
+            if existing.target == name and existing.kind != "image.export":
                 if join_existing:
                     return existing
                 raise AlreadyExists(f"image {name!r} is already being built",

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import Field, ValidationError
 
 from banger.api import Model
 from banger.daemon import (
+    bundles,
+    catalog,
     imagepromote,
     imagepull,
     images,
@@ -74,10 +76,28 @@ class ImageBuildParams(Model):
 
 
 class PullParams(Model):
-    reference: str = Field(min_length=1, max_length=1024)
+    reference: str = Field(min_length=1, max_length=4096)
     name: str | None = None
     size_bytes: int | None = None
     kernel: str | None = None
+    insecure: bool = False
+
+
+class ExportParams(Model):
+    name: str = Field(min_length=1, max_length=256)
+    output: str = Field(min_length=1, max_length=4096)
+    owner_uid: int | None = Field(default=None, ge=0, le=2**32 - 2)
+    owner_gid: int | None = Field(default=None, ge=0, le=2**32 - 2)
+
+
+class KernelPullParams(Model):
+    reference: str = Field(min_length=1, max_length=4096)
+    name: str | None = None
+    insecure: bool = False
+
+
+class CatalogParams(Model):
+    kind: Literal["image", "kernel"] = "image"
     insecure: bool = False
 
 
@@ -162,6 +182,22 @@ def register(d: Daemon) -> None:
                                       kernel_name=r.kernel, insecure=r.insecure)
         return vms.op_view(imagepull.begin_pull(d, req))
 
+    def image_export_begin(p: dict[str, Any]) -> Any:
+        r = parse(ExportParams, p)
+        owner = (r.owner_uid, r.owner_gid) if r.owner_uid is not None \
+            and r.owner_gid is not None else None
+        return vms.op_view(bundles.begin_export(d, r.name, r.output, owner))
+
+    def kernel_pull_begin(p: dict[str, Any]) -> Any:
+        r = parse(KernelPullParams, p)
+        req = bundles.check_request(d, r.reference, kind="kernel", name=r.name,
+                                    size_bytes=None, insecure=r.insecure)
+        return vms.op_view(bundles.begin_pull(d, req))
+
+    def catalog_list(p: dict[str, Any]) -> Any:
+        r = parse(CatalogParams, p)
+        return catalog.available(d.cfg.catalog_url, kind=r.kind, insecure=r.insecure)
+
     def prepare_begin(p: dict[str, Any]) -> Any:
         return vms.op_view(workspaces.begin_prepare(d, parse(workspaces.PrepareParams, p)))
 
@@ -222,6 +258,9 @@ def register(d: Daemon) -> None:
         **op_methods("image.build", d.image_ops),
         "image.pull.begin": image_pull_begin,
         **op_methods("image.pull", d.image_ops),
+        "image.export.begin": image_export_begin,
+        **op_methods("image.export", d.image_ops),
+        "catalog.list": catalog_list,
         "image.promote": lambda p: imagepromote.promote(
             d, (r := parse(PromoteParams, p)).vm, r.name),
         "image.cache.prune": lambda p: imagepull.prune_cache(
@@ -239,6 +278,8 @@ def register(d: Daemon) -> None:
         "kernel.import": kernel_import,
         "kernel.build.begin": kernel_build,
         **op_methods("kernel.build", d.kernel_ops),
+        "kernel.pull.begin": kernel_pull_begin,
+        **op_methods("kernel.pull", d.kernel_ops),
         "kernel.list": no(lambda: kernels.list_kernels(d)),
         "kernel.show": ref(kernels.show),
         "kernel.rm": ref(kernels.remove),

@@ -73,7 +73,7 @@ import os
 import re
 import stat
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol, TypeVar
@@ -198,6 +198,58 @@ def make_ext4(runner: Runner, staging: Path, image: Path, size_bytes: int, *,
         argv += ["-N", str(inodes)]
     argv += ["-d", str(staging), str(image), f"{size_bytes // 1024}k"]
     runner.run(argv, desc="make the image root file system", timeout=timeout)
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """One entry of a tar stream read by :func:`tar_members`."""
+
+    name: str  # as stored: not normalised, not checked
+    kind: str  # "file", "hardlink", "symlink", "chardev", "blockdev", "dir" or "fifo"
+    size: int  # data bytes (0 for all but regular files)
+    read: Callable[[], bytes]  # the next chunk of its data, b"" at its end
+
+
+_KIND_NAMES = {b"0": "file", b"1": "hardlink", b"2": "symlink", b"3": "chardev",
+               b"4": "blockdev", b"5": "dir", b"6": "fifo"}
+
+
+def tar_members(src: BinaryIO, *, max_bytes: int, what: str = "the archive"
+                ) -> Iterator[TarMember]:
+    """The entries of an untrusted, uncompressed tar stream, read with the same linear,
+    bounded reader :func:`flatten` uses (never :mod:`tarfile`: see the module doc).
+
+    Only reads: the caller decides what each entry may be. A member's data must be
+    read (or dropped) before the next member is asked for.
+
+    Raises:
+        BadRequest: a malformed stream, an unsupported entry type, or more than
+            ``max_bytes`` read in all (headers and padding included).
+    """
+    reader = _TarReader(src, _Budget(max_bytes))
+
+    def refusal(exc: Exception) -> BadRequest:
+        limit = f" ({_size(max_bytes)})" if isinstance(exc, _TooBig) else ""
+        return BadRequest(f"{what}: {exc}{limit}",
+                          hint="the file is malformed or hostile; banger will not unpack it")
+
+    def reading(chunk: Callable[[], bytes]) -> Callable[[], bytes]:
+        def read() -> bytes:
+            try:
+                return _guard(chunk)
+            except (_Refused, _TooBig) as exc:
+                raise refusal(exc) from None
+        return read
+
+    while True:
+        try:
+            entry = _guard(reader.next)
+        except (_Refused, _TooBig) as exc:
+            raise refusal(exc) from None
+        if entry is None:
+            return
+        yield TarMember(name=entry.name, kind=_KIND_NAMES[entry.type], size=entry.size,
+                        read=reading(reader.data(entry)))
 
 
 # --- errors inside one layer; flatten() adds the layer and entry ------------------
