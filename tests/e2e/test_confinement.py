@@ -13,7 +13,7 @@ import pytest
 from banger.daemon.cgroups import VMCgroup, detect, limits_for, vm_group
 from banger.layout import install_tag
 from banger.vmmuser import lookup_user
-from tests.e2e.conftest import Host
+from tests.e2e.conftest import MEMORY_MIB, VCPU, Host
 
 pytestmark = pytest.mark.e2e
 
@@ -52,11 +52,11 @@ def assert_confined(host: Host, vm: dict[str, Any]) -> None:
         assert int(st[caps], 16) == 0, (caps, st[caps])
     group = cgroup_of(host, vm)
     assert group.holds(pid)
-    assert group.limits() == limits_for(1024, 2)  # the host's vm_defaults
+    assert group.limits() == limits_for(MEMORY_MIB, VCPU)  # the host's vm_defaults
     conf = vm["confinement"]
     assert conf["user"] == "banger-vmm" and str(conf["uid"]) == uids[0]
     assert conf["cgroup"]["path"] == group.describe()
-    assert conf["cgroup"]["limits"] == limits_for(1024, 2).to_json()
+    assert conf["cgroup"]["limits"] == limits_for(MEMORY_MIB, VCPU).to_json()
 
 
 def test_vmm_is_confined_and_its_cgroup_goes_with_the_vm(host: Host, running_vm: str) -> None:
