@@ -46,7 +46,7 @@ import zstandard
 from banger.daemon import catalog, images, kernels
 from banger.daemon.imagemgr.kernel import inspect_kernel_file
 from banger.daemon.oci.flatten import LayerSource, flatten, tar_members
-from banger.daemon.opstate import Operation
+from banger.daemon.opstate import ByteReport, Operation
 from banger.daemon.store import ImageRecord
 from banger.errors import AlreadyExists, BadRequest
 from banger.fsutil import remove_tree
@@ -76,7 +76,6 @@ PULL_STAGES = ["download", "unpack", "check", "publish"]
 _SPARSE_BLOCK = 64 << 10  # all-zero blocks of this size are skipped (a hole)
 _ZERO = bytes(_SPARSE_BLOCK)
 _CHUNK = 1 << 20
-_REPORT_EVERY_S = 0.25
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -153,7 +152,7 @@ def export(d: Daemon, img: ImageRecord, out: Path, owner: tuple[int, int] | None
         files, kernel = _image_files(d, img, staging)
         op.enter("hash")
         total = sum(p.stat().st_size for p in files.values())
-        report = _Report(op, total)
+        report = ByteReport(op, total)
         members: dict[str, Member] = {}
         done = 0
         for member, path in files.items():
@@ -207,7 +206,7 @@ def _image_files(d: Daemon, img: ImageRecord, staging: Path
 
 def _write_bundle(tmp: Path, owner: tuple[int, int] | None, manifest: bytes, *,
                   files: dict[str, Path], members: dict[str, Member], op: Operation,
-                  report: _Report) -> tuple[int, str]:
+                  report: ByteReport) -> tuple[int, str]:
     """Write the bundle to the new file ``tmp``; returns its size and sha256.
 
     The members are hashed again as they are written: a file that changed since the
@@ -305,31 +304,12 @@ class _HashingReader(io.RawIOBase):
         return self._hash.hexdigest()
 
 
-class _Report:
-    """Progress of one stage: ``X of Y MiB``, at most every 0.25 s."""
-
-    def __init__(self, op: Operation, total: int | None) -> None:
-        self.op, self.total, self._last = op, total, 0.0
-
-    def __call__(self, done: int, what: str) -> None:
-        now = time.monotonic()
-        if now - self._last < _REPORT_EVERY_S and done != self.total:
-            return
-        self._last = now
-        of = f" of {_mib(self.total)}" if self.total else ""
-        self.op.report(f"{what}: {_mib(done)}{of} MiB")
-
-
 def _hash_file(path: Path, cancel: CancelToken, progress: Any) -> Member:
     with path.open("rb") as fh:
         reader = _HashingReader(fh, cancel, progress)
         while reader.read(_CHUNK):
             pass
     return Member(size=reader.size, sha256=reader.hexdigest())
-
-
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.1f}"
 
 
 # ---------------------------------------------------------------------------- pull
@@ -462,7 +442,7 @@ def _fetch(req: BundleRequest, staging: Path, op: Operation) -> tuple[Path, str 
     src = req.source
     op.enter("download", src.origin)
     if src.path is None:
-        report = _Report(op, src.size)
+        report = ByteReport(op, src.size)
         dest = staging / "bundle.tar.zst"
         got = catalog.download(src, dest, progress=lambda n, _t: report(n, "downloading"),
                                cancel=op.cancel)
@@ -500,7 +480,7 @@ def unpack(bundle: Path, *, kind: str, caps: dict[str, int], place: Callable[[st
     """
     with bundle.open("rb") as raw:
         total = os.fstat(raw.fileno()).st_size
-        report = _Report(op, total)
+        report = ByteReport(op, total)
         if raw.read(4) != b"\x28\xb5\x2f\xfd":
             raise BadRequest(f"{bundle} is not a zstd-compressed bundle",
                              hint="a bundle is made by `banger image export`")

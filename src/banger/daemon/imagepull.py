@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import re
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from banger.daemon.imagemgr.kernel import inspect_kernel_file
 from banger.daemon.oci import registry, rootfs
 from banger.daemon.oci.flatten import LayerSource, flatten, make_ext4
 from banger.daemon.oci.reference import Reference, is_oci_reference, parse
-from banger.daemon.opstate import Operation
+from banger.daemon.opstate import ByteReport, Operation, mib
 from banger.errors import AlreadyExists, BadRequest, InvalidState, NotFound
 from banger.fsutil import remove_tree
 from banger.names import MAX_LABEL, check_name
@@ -49,7 +48,6 @@ PULL_STAGES = ["download", "flatten", "finalize", "rootfs", "publish"]
 DEFAULT_MAX_BYTES = 16 << 30
 MIN_SIZE = 64 << 20
 MAX_SIZE = 1 << 40
-_REPORT_EVERY_S = 0.25
 
 
 @dataclass
@@ -178,8 +176,8 @@ def pull(d: Daemon, req: PullRequest, op: Operation) -> dict[str, Any]:
 
         def flatten_progress(index: int, done: int) -> None:
             before = sum(sizes[:index])
-            op.report(f"layer {index + 1}/{len(sizes)}: {_mib(before + done)} of "
-                      f"{_mib(total)} MiB")
+            op.report(f"layer {index + 1}/{len(sizes)}: {mib(before + done)} of "
+                      f"{mib(total)} MiB")
 
         stats = flatten(layers, tree, max_bytes=req.size_bytes or DEFAULT_MAX_BYTES,
                         progress=flatten_progress, cancel=op.cancel)
@@ -276,30 +274,23 @@ def _dump_modules(d: Daemon, image: Path, version: str, dest: Path) -> Path | No
 
 
 def _download_reporter(op: Operation, checkpoint: Callable[[str], None]) -> registry.Progress:
-    """A download progress callback that reports at most every 0.25 s per op.
+    """A download progress callback (throttled by :class:`opstate.ByteReport`).
 
     ``checkpoint("pull-mid-blob")`` (the fault tests' hook) runs once, inside the
     first blob seen half-downloaded.
     """
-    state = {"last": 0.0}
+    report = ByteReport(op)
     seen: dict[str, int] = {}
+    mid: list[str] = []
 
-    def report(digest: str, done: int, total: int) -> None:
+    def progress(digest: str, done: int, total: int) -> None:
         seen.setdefault(digest, len(seen) + 1)
-        if 0 < done < total and not state.get("mid"):
-            state["mid"] = 1.0
+        if 0 < done < total and not mid:
+            mid.append(digest)
             checkpoint("pull-mid-blob")
-        now = time.monotonic()
-        if done < total and now - state["last"] < _REPORT_EVERY_S:
-            return
-        state["last"] = now
-        op.report(f"blob {seen[digest]} {digest[7:19]}: {_mib(done)} of {_mib(total)} MiB")
+        report(done, f"blob {seen[digest]} {digest[7:19]}", total)
 
-    return report
-
-
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.1f}"
+    return progress
 
 
 # ------------------------------------------------------------------------ cache

@@ -119,6 +119,32 @@ class Operation:
         }
 
 
+REPORT_EVERY_S = 0.25  # byte progress (downloads, copies) is reported at most this often
+
+
+def mib(n: int) -> str:
+    """``n`` bytes in MiB, one decimal (progress lines)."""
+    return f"{n / (1 << 20):.1f}"
+
+
+class ByteReport:
+    """``what: X of Y MiB`` progress of ``op``, at most every :data:`REPORT_EVERY_S`
+    (the last report, ``done == total``, always goes out)."""
+
+    def __init__(self, op: Operation, total: int | None = None) -> None:
+        self.op, self.total, self._last = op, total, 0.0
+
+    def __call__(self, done: int, what: str, total: int | None = None) -> None:
+        """Report ``done`` bytes of ``total`` (default: the one given at creation)."""
+        total = self.total if total is None else total
+        now = time.monotonic()
+        if now - self._last < REPORT_EVERY_S and done != total:
+            return
+        self._last = now
+        of = f" of {mib(total)}" if total else ""
+        self.op.report(f"{what}: {mib(done)}{of} MiB")
+
+
 T = TypeVar("T", bound=Operation)
 
 
