@@ -172,6 +172,9 @@ class FakeGuest:
     def popen(self, script: str, **kwargs: Any) -> subprocess.Popen[bytes]:
         raise NotImplementedError
 
+    def argv(self, script: str, *, forwards: Sequence[str] = ()) -> list[str]:
+        return ["fake-ssh", *(f"-R{f}" for f in forwards), self.ip, script]
+
 
 def instant_ssh(guest: Any, **kwargs: Any) -> float:
     """wait_for_ssh seam: the guest is ready at once (if its VMM is alive)."""

@@ -82,27 +82,52 @@ def layer_from_tree(root: Path, out: Path, *, exclude: Sequence[str] = ()) -> La
                  hashing.n, ZSTD_LAYER)
 
 
-def cached_tree_layer(rootfs: Path, where: Path, *, exclude: Sequence[str] = ()) -> Layer:
-    """A zstd layer of the ext4 image ``rootfs``'s tree (read-only loop mount), made once
-    and kept in ``where`` (key it by what decides the image's content)."""
+def _cached_layer(where: Path, make: Callable[[Path], Layer]) -> Layer:
+    """The layer ``make(where)`` built, made once and described in ``where/layer.json``."""
     meta = where / "layer.json"
     if meta.exists():
         m = json.loads(meta.read_text())
         return Layer(Path(m["path"]), m["digest"], m["diff_id"], m["size"], m["media_type"])
     where.mkdir(parents=True, exist_ok=True)
-    mnt = where / "mnt"
-    mnt.mkdir(exist_ok=True)
-    subprocess.run(["mount", "-o", "ro,loop", str(rootfs), str(mnt)], check=True)
-    try:
-        layer = layer_from_tree(mnt, where / "layer.tar.zst", exclude=exclude)
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
+    layer = make(where)
     tmp = meta.with_suffix(".tmp")
     tmp.write_text(json.dumps({"path": str(layer.path), "digest": layer.digest,
                                "diff_id": layer.diff_id, "size": layer.size,
                                "media_type": layer.media_type}))
     tmp.rename(meta)
     return layer
+
+
+def cached_tree_layer(rootfs: Path, where: Path, *, exclude: Sequence[str] = ()) -> Layer:
+    """A zstd layer of the ext4 image ``rootfs``'s tree (read-only loop mount), made once
+    and kept in ``where`` (key it by what decides the image's content)."""
+    def make(where: Path) -> Layer:
+        mnt = where / "mnt"
+        mnt.mkdir(exist_ok=True)
+        subprocess.run(["mount", "-o", "ro,loop", str(rootfs), str(mnt)], check=True)
+        try:
+            return layer_from_tree(mnt, where / "layer.tar.zst", exclude=exclude)
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
+
+    return _cached_layer(where, make)
+
+
+def cached_debootstrap_layer(where: Path, *, suite: str, mirror: str) -> Layer:
+    """A minbase Debian (``debootstrap --variant=minbase``: apt and dpkg, no init, no
+    sshd, no iproute2, like the registry's ``debian`` images) as one layer, made once."""
+    def make(where: Path) -> Layer:
+        tree = where / "tree"
+        shutil.rmtree(tree, ignore_errors=True)
+        subprocess.run(["debootstrap", "--variant=minbase", suite, str(tree), mirror],
+                       check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        try:
+            return layer_from_tree(tree, where / "layer.tar.zst",
+                                   exclude=["var/cache/apt/archives/*.deb", "dev/*"])
+        finally:
+            shutil.rmtree(tree, ignore_errors=True)
+
+    return _cached_layer(where, make)
 
 
 Member = tuple[tarfile.TarInfo, bytes | None]

@@ -240,6 +240,9 @@ class VMSpec(Model):
     allow_private: bool = False
     # Egress allowlist (banger.egress): normalised entries; empty for none.
     allow_out: list[str] = Field(default_factory=list, max_length=64)
+    # Raw disks attached after the work disk. Set only inside the daemon (image
+    # finalize's helper VM, banger.daemon.imagefinalize), never by a request.
+    extra_disks: list[str] = Field(default_factory=list, max_length=2)
 
 
 class WorkspaceView(Model):

@@ -142,6 +142,8 @@ class Config(_Strict):
     ssh_key_path: Path | None = None
     default_image_name: str = "debian-bookworm"
     debian_mirror: str = "http://deb.debian.org/debian"
+    # Where a pulled Ubuntu image's apt gets what finalize installs (imagefinalize).
+    ubuntu_mirror: str = "http://archive.ubuntu.com/ubuntu"
     nat: bool = False  # a new VM's default for --nat/--no-nat
     vm_to_vm: bool = False  # guests may reach each other on the bridge
     dns_enabled: bool = True

@@ -251,8 +251,12 @@ class SubprocessRunner:
         return Result(redact(argv), proc.returncode, output, b"")
 
 
+# A longer "line" is handed on in pieces: the output may come from a hostile guest.
+MAX_LINE = 64 << 10
+
+
 def _pump(stream: IO[bytes], lines: list[str], on_line: Callable[[str], None]) -> None:
-    for raw in stream:
+    for raw in iter(lambda: stream.readline(MAX_LINE), b""):
         line = raw.decode(errors="replace").rstrip("\n")
         lines.append(line)
         del lines[:-200]  # keep a tail for the error message, not the whole log

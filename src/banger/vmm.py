@@ -36,6 +36,8 @@ class LaunchPlan:
     mac: str
     paths: VMPaths
     extra: dict[str, str] = field(default_factory=dict)
+    # Disks after the work disk (``/dev/vdc`` on): only image finalize's helper VM has any.
+    extra_disks: tuple[str, ...] = ()
 
     @property
     def marker(self) -> str:

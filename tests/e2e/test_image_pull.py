@@ -20,11 +20,14 @@ from pathlib import Path
 
 import pytest
 
+from banger.config import Config
 from banger.daemon.imagemgr import Recipe
 from tests.e2e.conftest import CACHE, CachedImage, Host, open_host
+from tests.mirrorrelay import MirrorProxy, Relay
 from tests.ocilayout import (
     Layer,
     Registry,
+    cached_debootstrap_layer,
     cached_tree_layer,
     layer_from_members,
     member,
@@ -209,3 +212,81 @@ def test_refusals_and_a_killed_pull(pull_host: Host, registry: Registry, base_la
     assert "big" not in {i["name"] for i in host.json("image", "list")}
     done = host.json("image", "pull", ref, "--name", "big")
     assert done["name"] == "big" and (host.state / "images" / "big" / "rootfs.ext4").exists()
+
+
+# ------------------------------------------------------------------ finalize with apt
+
+MINBASE_SUITE = "bookworm"
+RELAY_PORT = 8642
+
+
+@pytest.fixture(scope="session")
+def minbase_layer() -> Layer:
+    """A minbase Debian (apt, no init, no sshd, no iproute2) as one layer, made once."""
+    reason = registry_tools_missing()
+    if reason:
+        pytest.skip(reason)
+    mirror = Config().debian_mirror
+    return cached_debootstrap_layer(CACHE / "oci-layers" / f"minbase-{MINBASE_SUITE}-v1",
+                                    suite=MINBASE_SUITE, mirror=mirror)
+
+
+@pytest.mark.xdist_group("pull-apt")
+def test_pull_installs_what_a_debian_image_lacks(
+        request: pytest.FixtureRequest, tmp_path: Path, test_image: CachedImage, vmm: str,
+        minbase_layer: Layer) -> None:
+    """A Debian image without systemd, sshd or ip gets them from its own apt, run in a
+    helper VM that reaches the mirror only through banger's SSH forward (the test relays
+    the real mirror into its namespace on loopback); the result boots."""
+    upstream = Config().debian_mirror
+    proxy = MirrorProxy(upstream, tmp_path / "mirror.sock")
+    proxy.start()
+    gen = open_host(request, tmp_path, test_image, vmm, cache_dir=tmp_path / "cache")
+    host = next(gen)
+    relay = Relay(RELAY_PORT, tmp_path / "mirror.sock", lambda argv: host.netns(*argv))
+    reg = Registry(tmp_path / "registry", wrap=lambda argv: host.netns(*argv))
+    try:
+        relay.start()
+        reg.start()
+        host.stop_daemon()
+        host.write_config(f'debian_mirror = "http://127.0.0.1:{RELAY_PORT}/debian"')
+        host.start_daemon()
+        write_layout(tmp_path / "layout", [minbase_layer], "1")
+        ref = reg.push(tmp_path / "layout", "1", "library/debian")
+
+        img = json.loads(host.ok("image", "pull", ref, "--name", "mini", "--json",
+                                 timeout=1800))
+        assert img["name"] == "mini" and img["source"] == "pulled"
+        assert any("/pool/main/o/openssh/" in r for r in proxy.requests)
+        assert proxy.refused == []
+        vms = host.json("vm", "list")
+        assert [v["name"] for v in vms] == []  # the helper VM is gone
+        assert staging_debris(host) == []
+
+        host.ok("vm", "create", "--image", "mini", "--name", "mini", timeout=900)
+        # minbase has no python3: a shell script, one fact per line.
+        script = "; ".join([
+            *(f"dpkg-query -W -f='${{Package}} ${{Status}}\\n' {p}"
+              for p in ("openssh-server", "systemd-sysv", "iproute2")),
+            "readlink -f /sbin/init",
+            "cat /etc/apt/sources.list",
+            "test -e /usr/sbin/policy-rc.d && echo policy-rc.d left",
+            "test -e /tmp/banger-apt && echo scratch left",
+            "echo relay lists: $(ls /var/lib/apt/lists | grep -c 127.0.0.1)",
+            "hostname",
+        ])
+        out = host.ok("vm", "exec", "mini", "--", "sh", "-c", script).splitlines()
+        assert out[:3] == [f"{p} install ok installed"
+                           for p in ("openssh-server", "systemd-sysv", "iproute2")]
+        assert out[3].endswith("/systemd")
+        # The image's own sources list is as debootstrap wrote it, not the relay's.
+        assert out[4] == f"deb {upstream} {MINBASE_SUITE} main"
+        assert not any(line.endswith(" left") for line in out)
+        assert "relay lists: 0" in out  # apt's lists went to a scratch directory
+        assert out[-1] == "mini"
+    finally:
+        reg.stop()
+        relay.stop()
+        proxy.stop()
+        with contextlib.suppress(StopIteration):
+            next(gen)

@@ -3,6 +3,7 @@ line and launch spec, the launcher script, the VMM user, doctor and ``vm show``.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -196,6 +197,17 @@ def test_argv_is_sandboxed_and_names_no_path(tmp_path: Path) -> None:
     assert "socket,id=qmp,fd={fd:qmp},server=on,wait=off" in joined
     # nothing under banger's state or runtime dirs is opened by QEMU by path
     assert str(tmp_path) not in joined and "/s/" not in joined and "/img/" not in joined
+
+
+def test_extra_disks_follow_the_work_disk_by_descriptor(tmp_path: Path) -> None:
+    """Image finalize's helper VM: its third disk is ``/dev/vdc``, opened by descriptor."""
+    p = dataclasses.replace(plan(tmp_path), extra_disks=("/s/pulled.ext4",))
+    argv = build_argv("qemu-system-x86_64", p, "tcg", 2596128)
+    drives = [argv[i + 1] for i, a in enumerate(argv) if a == "-drive"]
+    assert [d.split(",")[0] for d in drives] == ["id=root", "id=work", "id=extra0"]
+    assert "file=/proc/self/fd/{fd:extra0}" in drives[2]
+    assert launch_spec(p, ["qemu"], None)["files"]["extra0"] == ["/s/pulled.ext4", "rw"]
+    assert "/s/pulled" not in " ".join(argv)
 
 
 def test_command_drops_to_the_vmm_user_without_capabilities(tmp_path: Path) -> None:

@@ -11,11 +11,13 @@ import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from banger.daemon.cgroups import CgroupHost, CgroupVersion, Limits, limits_for
 from banger.daemon.fcproc import JailerSettings, JailLayout, direct_view, jailed_view
+from banger.daemon.fcproc.driver import configure
 from banger.daemon.fcproc.jail import (
     Exposure,
     check_exec_file,
@@ -48,11 +50,13 @@ def settings(user: VMMUser = VMM, cgroups: CgroupHost = V2,
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mknod, chown)")
 
 
-def make_plan(paths: VMPaths, *, initrd: Path | None = Path("/img/initrd")) -> LaunchPlan:
+def make_plan(paths: VMPaths, *, initrd: Path | None = Path("/img/initrd"),
+              kernel: Path = Path("/img/vmlinux"), rootfs: str = "/dev/mapper/banger-0a1b",
+              extra_disks: tuple[str, ...] = ()) -> LaunchPlan:
     return LaunchPlan(vm_id="0a1b2c3d4e5f", name="box", vcpu=2, memory_mib=512,
-                      kernel=Path("/img/vmlinux"), initrd=initrd, cmdline="console=ttyS0",
-                      rootfs="/dev/mapper/banger-0a1b", work_disk=str(paths.work_disk),
-                      tap="tap-1", mac="06:00:00:00:00:01", paths=paths)
+                      kernel=kernel, initrd=initrd, cmdline="console=ttyS0",
+                      rootfs=rootfs, work_disk=str(paths.work_disk),
+                      tap="tap-1", mac="06:00:00:00:00:01", paths=paths, extra_disks=extra_disks)
 
 
 # ------------------------------------------------------------------ pure
@@ -158,10 +162,15 @@ def test_views(tmp_path: Path) -> None:
 
 
 def test_exposures_mark_what_firecracker_writes(tmp_path: Path) -> None:
-    items = plan_exposures(Path("/k"), None, "/r", "/w", tmp_path / "log")
+    paths = VMPaths(tmp_path / "s", tmp_path / "r")
+    items = plan_exposures(make_plan(paths, initrd=None, kernel=Path("/k"), rootfs="/r",
+                                     extra_disks=("/x",)))
     assert [(str(i.source), i.jailed, i.writable) for i in items] == [
-        ("/k", "/vmlinux", False), ("/r", "/rootfs", True), ("/w", "/work", True),
-        (str(tmp_path / "log"), "/vmm.log", True)]
+        ("/k", "/vmlinux", False), ("/r", "/rootfs", True),
+        (str(paths.work_disk), "/work", True), (str(paths.vmm_log), "/vmm.log", True),
+        ("/x", "/extra0", True)]
+    assert jailed_view(make_plan(paths, extra_disks=("/x", "/y"))).extra_disks == (
+        "/extra0", "/extra1")
 
 
 def test_socket_links_are_short_and_point_into_the_jail(tmp_path: Path) -> None:
@@ -300,7 +309,8 @@ def test_prepare_and_remove_jail(tmp_path: Path) -> None:
     jail = JailLayout.for_vm(nobody.chroot_base, "/usr/bin/firecracker", "banger-0a1b2c3d4e5f")
     (jail.root / "stale").mkdir(parents=True)  # left by a crashed run
 
-    items = plan_exposures(kernel, None, str(paths.rootfs), str(paths.work_disk), paths.vmm_log)
+    items = plan_exposures(make_plan(paths, initrd=None, kernel=kernel,
+                                     rootfs=str(paths.rootfs)))
     prepare_jail(jail, nobody, paths, items)
     assert sorted(os.listdir(jail.root)) == ["fc.metrics", "rootfs", "vmlinux", "vmm.log",
                                              "work"]
@@ -364,3 +374,22 @@ def test_symlink_reaches_a_socket_whose_own_path_is_too_long(tmp_path: Path,
         finally:
             link.unlink()
             link.parent.rmdir()
+
+
+def test_configure_adds_extra_disks_after_the_work_disk(tmp_path: Path) -> None:
+    calls: list[tuple[str, str]] = []
+
+    class Recorder:
+        def put_drive(self, drive_id: str, path: str, **_: object) -> None:
+            calls.append((drive_id, path))
+
+        def __getattr__(self, name: str) -> Any:
+            return lambda *a, **k: None
+
+    paths = VMPaths(tmp_path / "s", tmp_path / "r")
+    plan = make_plan(paths, extra_disks=("/x",))
+    configure(Recorder(), plan, jailed_view(plan))  # type: ignore[arg-type]
+    assert calls == [("rootfs", "/rootfs"), ("work", "/work"), ("extra0", "/extra0")]
+    calls.clear()
+    configure(Recorder(), plan, direct_view(plan))  # type: ignore[arg-type]
+    assert calls[2] == ("extra0", "/x")

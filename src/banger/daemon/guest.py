@@ -10,7 +10,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -40,6 +40,12 @@ class Guest(Protocol):
         """Start ``script`` in the guest without waiting; the caller owns the process."""
         ...
 
+    def argv(self, script: str, *, forwards: Sequence[str] = ()) -> list[str]:
+        """The host command line that runs ``script`` in the guest, with each of
+        ``forwards`` (``[bind:]port:host:hostport``) opened as an ``ssh -R`` remote
+        forward: a guest port that reaches that address from the host."""
+        ...
+
 
 @dataclass
 class SSHGuest:
@@ -51,10 +57,18 @@ class SSHGuest:
     ip: str
     ssh_bin: str = "ssh"
 
-    def argv(self, script: str) -> list[str]:
+    def argv(self, script: str, *, forwards: Sequence[str] = ()) -> list[str]:
         """The ssh command line that runs ``script`` in the guest as one ``sh -c`` argument."""
         # The remote side always gets one argument run by sh -c, so quoting is ours.
-        return [*ssh_argv(self.ssh_bin, self.key_path, self.known_hosts, self.ip), script]
+        base = ssh_argv(self.ssh_bin, self.key_path, self.known_hosts, self.ip)
+        if forwards:
+            # A forward that cannot be opened fails the command instead of leaving the
+            # script without the address it was promised.
+            extra = ["-o", "ExitOnForwardFailure=yes"]
+            for spec in forwards:
+                extra += ["-R", spec]
+            base = [base[0], *extra, *base[1:]]
+        return [*base, script]
 
     def run(self, script: str, *, timeout: float = 60.0, input: bytes | None = None,
             check: bool = True, desc: str = "guest command") -> Result:

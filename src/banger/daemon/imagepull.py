@@ -8,17 +8,19 @@ two pulls of one reference download each blob once, and a pull of the same
 reference under the same name joins the one in flight.
 
 Finalize makes the flattened tree bootable by banger without running anything from
-it: the tree must already hold systemd as ``/sbin/init``, sshd and the few tools
+it on the host. It checks for systemd as ``/sbin/init``, sshd and the few tools
 ``banger-init`` uses (:func:`rootfs.inspect`); banger adds its guest agent (the same
 files ``image register`` adds), clears host keys and machine-id, and copies in the
 booting kernel's modules (an OCI image has no kernel: the default image's is used
-unless a registry kernel is named). An image that lacks those pieces is refused with
-the list of what is missing.
+unless a registry kernel is named). A Debian or Ubuntu image that lacks those pieces
+gets them from its own apt, run in a helper VM (:mod:`imagefinalize`, stage ``apt``);
+any other image that lacks them is refused with the list of what is missing.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from banger.daemon import bundles, images
+from banger.daemon import bundles, imagefinalize, images
 from banger.daemon.imagemgr import ROOT_LABEL, rootfs_size
 from banger.daemon.imagemgr.kernel import inspect_kernel_file
 from banger.daemon.oci import registry, rootfs
@@ -42,7 +44,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("banger.imagepull")
 
-PULL_STAGES = ["download", "flatten", "finalize", "rootfs", "publish"]
+# "apt" is entered only when finalize has packages to install (imagefinalize).
+PULL_STAGES = ["download", "flatten", "finalize", "rootfs", "apt", "publish"]
 # The flattened tree's cap when no --size is given: stops a decompression bomb long
 # before it fills the disk, and holds any development image we know of.
 DEFAULT_MAX_BYTES = 16 << 30
@@ -182,16 +185,23 @@ def pull(d: Daemon, req: PullRequest, op: Operation) -> dict[str, Any]:
         stats = flatten(layers, tree, max_bytes=req.size_bytes or DEFAULT_MAX_BYTES,
                         progress=flatten_progress, cancel=op.cancel)
         op.enter("finalize", "checking init and sshd")
-        boot, added = finalize(d, req, tree, staging, op)
+        boot, added, apt = finalize(d, req, tree, staging, op)
         op.enter("rootfs", "mkfs.ext4")
         image = staging / "rootfs.ext4"
-        # An upper bound of the tree's size: its data, a block per entry, what finalize added.
+        # An upper bound of the tree's size: its data, a block per entry, what finalize
+        # added, and room for the packages apt will install.
+        if apt is not None:
+            added += imagefinalize.APT_HEADROOM
         size = req.size_bytes or rootfs_size(stats.data_bytes + stats.entries * 4096 + added)
         size -= size % 4096
         inodes = stats.entries + 20_000
         make_ext4(d.runner, tree, image, size, label=ROOT_LABEL,
                   inodes=inodes if inodes * 16384 > size else None)
         remove_tree(tree)
+        if apt is not None:
+            op.enter("apt", f"installing {' '.join(apt.packages)}")
+            imagefinalize.install(d, image, apt, op)
+            os.chown(image, 0, 0)  # the helper's VMM user owned it while attached
         op.report("adding banger's guest agent")
         images.extract_workseed(d, image, staging / "workseed")
         images.inject_guest_agent(d, image, staging)
@@ -206,25 +216,36 @@ def pull(d: Daemon, req: PullRequest, op: Operation) -> dict[str, Any]:
 
 
 def finalize(d: Daemon, req: PullRequest, tree: Path, staging: Path,
-             op: Operation) -> tuple[BootKernel, int]:
+             op: Operation) -> tuple[BootKernel, int, imagefinalize.AptJob | None]:
     """Check the tree can boot under banger and prepare it (the design's
     ``finalizePulledRootfs``); copies the boot kernel into ``staging``.
 
     Returns:
-        The boot kernel, and the bytes added to the tree (its modules).
+        The boot kernel, the bytes added to the tree (its modules), and the apt
+        install still to run on the finished disk (None when nothing is missing).
 
     Raises:
-        BadRequest: the tree lacks systemd, sshd or a tool banger-init needs.
+        BadRequest: the tree lacks systemd, sshd or a tool banger-init needs, and
+            has no apt that could install them.
     """
     info = rootfs.inspect(tree)
     missing = info.missing()
+    apt = None
     if missing:
-        hint = ("build an image FROM it that installs them: "
-                f"apt-get install {' '.join(rootfs.APT_PACKAGES)}" if info.debian_like
-                else "banger boots images with systemd as init and OpenSSH's sshd; "
-                     "build one FROM this image that adds them")
-        raise BadRequest(f"{req.ref} cannot boot as a banger VM: it has no "
-                         f"{', '.join(missing)}", hint=hint)
+        apt = imagefinalize.plan(d.cfg, info, rootfs.has_apt(tree), str(req.ref))
+        if apt is None:
+            hint = ("build an image FROM it that installs them: "
+                    f"apt-get install {' '.join(rootfs.APT_PACKAGES)}" if info.debian_like
+                    else "banger boots images with systemd as init and OpenSSH's sshd; "
+                         "build one FROM this image that adds them")
+            raise BadRequest(f"{req.ref} cannot boot as a banger VM: it has no "
+                             f"{', '.join(missing)}", hint=hint)
+        if d.db.find_image(d.cfg.default_image_name) is None:
+            raise NotFound(f"{req.ref} lacks {', '.join(missing)}; its apt runs in a helper "
+                           f"VM of the default image, and there is no image "
+                           f"{d.cfg.default_image_name!r}",
+                           hint="build it with `banger image build`")
+        op.report(f"no {', '.join(missing)}: the image's apt will install them")
     boot = boot_kernel(d, req.kernel_name)
     if boot.vmlinuz is not None:
         shutil.copy2(boot.vmlinuz, staging / "vmlinuz")
@@ -240,7 +261,7 @@ def finalize(d: Daemon, req: PullRequest, tree: Path, staging: Path,
     rootfs.prepare(tree, modules=modules)
     if modules is not None:
         remove_tree(modules.parent)
-    return boot, added
+    return boot, added, apt
 
 
 def boot_kernel(d: Daemon, kernel_name: str | None) -> BootKernel:

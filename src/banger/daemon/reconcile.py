@@ -65,6 +65,9 @@ def reconcile(d: Daemon) -> None:
         remove_trash(registry)  # deletes a crash interrupted after the rename
     for vm in d.db.list_vms():
         try:
+            if vm.spec.extra_disks:  # an image finalize helper: its pull died with the daemon
+                vmdelete.destroy(d, vm.id, reason="image finalize helper of a previous daemon")
+                continue
             reconcile_vm(d, vm)
         except Exception:
             log.exception("reconcile of %s failed", vm.name)

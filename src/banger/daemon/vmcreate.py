@@ -55,8 +55,12 @@ class CreateParams(Model):
     allow_out: list[str] = Field(default_factory=list)
 
 
-def begin_create(d: Daemon, params: CreateParams) -> Operation:
+def begin_create(d: Daemon, params: CreateParams, *, extra_disks: tuple[str, ...] = ()
+                 ) -> Operation:
     """Validate and reserve synchronously, then finish the create on a worker thread.
+
+    ``extra_disks`` (never from a request: image finalize's helper VM) are raw disks
+    attached after the work disk.
 
     Name and IP are reserved under ``create_vm_mu`` (inserting the VM row in state
     ``creating``), so a duplicate name fails here, before any slow work, and two
@@ -89,6 +93,7 @@ def begin_create(d: Daemon, params: CreateParams) -> Operation:
         nat=nat,
         allow_private=allow_private,
         allow_out=allow_out,
+        extra_disks=list(extra_disks),
     )
     if spec.work_disk_size < 64 << 20:
         raise BadRequest("work disk must be at least 64M")

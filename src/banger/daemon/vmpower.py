@@ -129,7 +129,7 @@ def boot(d: Daemon, vm: VMRecord, img: ImageRecord, cancel: CancelToken,
             vm_id=vm.id, name=vm.name, vcpu=vm.spec.vcpu, memory_mib=vm.spec.memory_mib,
             kernel=boot_files.kernel, initrd=boot_files.initrd,
             cmdline=kernel_cmdline(d, vm), rootfs=cow.disk, work_disk=str(paths.work_disk),
-            tap=h.tap or "", mac=vm.mac, paths=paths,
+            tap=h.tap or "", mac=vm.mac, paths=paths, extra_disks=tuple(vm.spec.extra_disks),
         )
         ident = drv.launch(plan)
         h = h.with_(process=ident)

@@ -47,6 +47,7 @@ from .jail import (
     JailLayout,
     check_exec_file,
     firecracker_argv,
+    jail_extra_disk,
     jailer_argv,
     move_out,
     plan_exposures,
@@ -112,6 +113,7 @@ class VMMView:
     log: str
     metrics: str
     vsock: str
+    extra_disks: tuple[str, ...] = ()
 
 
 def direct_view(plan: LaunchPlan) -> VMMView:
@@ -127,6 +129,7 @@ def direct_view(plan: LaunchPlan) -> VMMView:
         log=str(p.vmm_log),
         metrics=str(p.metrics),
         vsock=str(p.vsock_socket),
+        extra_disks=plan.extra_disks,
     )
 
 
@@ -142,6 +145,7 @@ def jailed_view(plan: LaunchPlan) -> VMMView:
         log=JAIL_LOG,
         metrics=JAIL_METRICS,
         vsock=JAIL_VSOCK,
+        extra_disks=tuple(jail_extra_disk(i) for i, _ in enumerate(plan.extra_disks)),
     )
 
 
@@ -170,6 +174,8 @@ def configure(api: FirecrackerAPI, plan: LaunchPlan, view: VMMView) -> None:
     # Root: no flushes to the host (a COW scratch disk); work: guest fsyncs are honoured.
     api.put_drive(ROOT_DRIVE, view.rootfs, is_root_device=True, cache_type="Unsafe")
     api.put_drive(WORK_DRIVE, view.work_disk, is_root_device=False, cache_type="Writeback")
+    for i, disk in enumerate(view.extra_disks):
+        api.put_drive(f"extra{i}", disk, is_root_device=False, cache_type="Writeback")
     api.put_network_interface(IFACE, plan.tap, plan.mac)
     api.put_vsock(GUEST_CID, view.vsock)
 
@@ -552,8 +558,7 @@ class FirecrackerDriver:
             view = direct_view(plan)
             return view, firecracker_argv(self.binary, view.api_socket, plan.marker)
         layout = JailLayout.for_vm(self.jailer.chroot_base, self.binary, plan.marker)
-        items = plan_exposures(plan.kernel, plan.initrd, plan.rootfs, plan.work_disk,
-                               p.vmm_log) + extra
+        items = plan_exposures(plan) + extra
         prepare_jail(layout, self.jailer, p, items)
         # jailer_argv passes --api-sock JAIL_API_SOCKET, which the jailed view names.
         return jailed_view(plan), jailer_argv(self.jailer, self.binary, plan.marker,

@@ -41,6 +41,7 @@ from banger.daemon.cgroups import (
 )
 from banger.errors import BadRequest, HostError
 from banger.layout import VMPaths
+from banger.vmm import LaunchPlan
 from banger.vmmuser import VMMUser, check_unprivileged
 
 log = logging.getLogger("banger.fcproc")
@@ -265,17 +266,23 @@ class Exposure:
     writable: bool
 
 
-def plan_exposures(kernel: Path, initrd: Path | None, rootfs: str, work_disk: str,
-                   vmm_log: Path) -> list[Exposure]:
-    """What a booting VM's jail must contain, and whether Firecracker writes to it."""
-    items = [Exposure(kernel, JAIL_KERNEL, writable=False)]
-    if initrd is not None:
-        items.append(Exposure(initrd, JAIL_INITRD, writable=False))
+def jail_extra_disk(index: int) -> str:
+    """Where extra disk ``index`` (after the work disk) sits in the jail."""
+    return f"/extra{index}"
+
+
+def plan_exposures(plan: LaunchPlan) -> list[Exposure]:
+    """What ``plan``'s jail must contain, and whether Firecracker writes to it."""
+    items = [Exposure(plan.kernel, JAIL_KERNEL, writable=False)]
+    if plan.initrd is not None:
+        items.append(Exposure(plan.initrd, JAIL_INITRD, writable=False))
     items += [
-        Exposure(Path(rootfs), JAIL_ROOTFS, writable=True),
-        Exposure(Path(work_disk), JAIL_WORK_DISK, writable=True),
-        Exposure(vmm_log, JAIL_LOG, writable=True),
+        Exposure(Path(plan.rootfs), JAIL_ROOTFS, writable=True),
+        Exposure(Path(plan.work_disk), JAIL_WORK_DISK, writable=True),
+        Exposure(plan.paths.vmm_log, JAIL_LOG, writable=True),
     ]
+    items += [Exposure(Path(disk), jail_extra_disk(i), writable=True)
+              for i, disk in enumerate(plan.extra_disks)]
     return items
 
 

@@ -130,6 +130,11 @@ class RootInfo:
         return out
 
 
+def has_apt(root: Path) -> bool:
+    """Whether the tree has an executable ``apt-get`` (finalize can install with it)."""
+    return _first_executable(root, ("usr/bin/apt-get", "bin/apt-get")) is not None
+
+
 def inspect(root: Path) -> RootInfo:
     """Read what :class:`RootInfo` reports from the tree ``root`` (nothing is changed)."""
     release = _os_release(root)

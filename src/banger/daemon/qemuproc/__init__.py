@@ -121,6 +121,13 @@ def build_argv(qemu_bin: str, plan: LaunchPlan, accel: str,
         "-device", "virtio-blk-device,drive=root",
         "-drive", f"id=work,file={_fd('work')},format=raw,if=none,cache=writeback,discard=unmap",
         "-device", "virtio-blk-device,drive=work",
+    ]
+    for i, _ in enumerate(plan.extra_disks):
+        argv += [
+            "-drive", f"id=extra{i},file={_fd(f'extra{i}')},format=raw,if=none,cache=writeback",
+            "-device", f"virtio-blk-device,drive=extra{i}",
+        ]
+    argv += [
         "-netdev", "tap,id=net0,fd={fd:tap}",
         "-device", f"virtio-net-device,netdev=net0,mac={plan.mac}",
         "-serial", f"file:{_fd('serial')}",
@@ -144,6 +151,8 @@ def launch_spec(plan: LaunchPlan, command: list[str], cgroup: VMCgroup | None) -
                                    "serial": [str(p.serial_log), "rw"]}
     if plan.initrd is not None:
         files["initrd"] = [str(plan.initrd), "r"]
+    for i, disk in enumerate(plan.extra_disks):
+        files[f"extra{i}"] = [disk, "rw"]
     return {
         "command": command,
         "files": files,
@@ -204,7 +213,8 @@ class QemuDriver:
         p.pid_file.unlink(missing_ok=True)
         p.vmm_log.write_bytes(b"")
         p.serial_log.write_bytes(b"")
-        for disk in (p.serial_log, Path(plan.rootfs), Path(plan.work_disk)):
+        disks = [Path(plan.rootfs), Path(plan.work_disk), *map(Path, plan.extra_disks)]
+        for disk in (p.serial_log, *disks):
             os.chown(disk, self.user.uid, self.user.gid)
             os.chmod(disk, 0o600)
         check_readable_by(plan.kernel, self.user, "kernel")

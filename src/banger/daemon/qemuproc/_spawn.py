@@ -47,7 +47,7 @@ TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
-_PLACEHOLDER = re.compile(r"\{fd:([a-z_]+)\}")
+_PLACEHOLDER = re.compile(r"\{fd:([a-z_][a-z0-9_]*)\}")
 
 
 def _open_tap(name: str) -> int:
