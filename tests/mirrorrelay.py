@@ -130,6 +130,8 @@ class Relay:
         if self.proc is not None:
             self.proc.kill()
             self.proc.wait()
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
 
 
 def _pipe(src: socket.socket, dst: socket.socket) -> None:

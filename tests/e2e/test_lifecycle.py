@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from banger.daemon.dmsnap import dm_snapshot_supported
 from tests.childsignals import with_default_signals
 from tests.e2e.conftest import CACHE, Host
 
@@ -274,3 +275,19 @@ def test_interactive_run_on_a_terminal(host: Host) -> None:
     assert "hi-tty" in text
     assert proc.returncode == 5
     assert host.json("vm", "list") == []
+
+
+@pytest.mark.skipif(not dm_snapshot_supported(),
+                    reason="this kernel has no device-mapper snapshot target (dm-snapshot)")
+def test_promote_reads_a_dm_snapshot_disk(host: Host) -> None:
+    """``cow_strategy = dmsnap``: the promoted image is the snapshot's merged view."""
+    host.stop_daemon()
+    host.write_config('cow_strategy = "dmsnap"')
+    host.start_daemon()
+    host.ok("vm", "create", "--name", "snap")
+    host.ok("vm", "exec", "snap", "--", "sh", "-c", "echo merged > /etc/banger-snap && sync")
+    host.ok("vm", "stop", "snap")
+    host.json("image", "promote", "snap", "snapgold")
+    assert host.loops() == []  # the snapshot was taken down after the read
+    host.ok("vm", "create", "--image", "snapgold", "--name", "snapheir")
+    assert host.ok("vm", "exec", "snapheir", "--", "cat", "/etc/banger-snap") == "merged\n"

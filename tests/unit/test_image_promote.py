@@ -12,8 +12,9 @@ import pytest
 
 from banger.daemon import images, vmcreate, vmpower, vms
 from banger.daemon.core import Daemon
+from banger.daemon.dmsnap import CowHandle
 from banger.daemon.imagepromote import promote
-from banger.errors import AlreadyExists, BadRequest, InvalidState, NotFound
+from banger.errors import AlreadyExists, BadRequest, HostError, InvalidState, NotFound
 
 
 def test_promote_a_stopped_vm(daemon: Daemon) -> None:
@@ -42,7 +43,50 @@ def test_promote_a_stopped_vm(daemon: Daemon) -> None:
         promote(daemon, "src", "Bad_Name")
     with pytest.raises(NotFound):
         promote(daemon, "nope", "other")
-    vms.update_runtime(daemon, vm.id, cow={"strategy": "dmsnap", "path": "x"})
-    with pytest.raises(BadRequest, match="dm-snapshot"):
-        promote(daemon, "src", "other")
     assert images.show(daemon, "gold")["name"] == "gold"
+
+
+def test_promote_reads_a_dm_snapshot_through_the_snapshot(
+        daemon: Daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dmsnap disk is activated, read as one device (zeros left as holes) and taken
+    down again; the real dm path runs in tests/e2e/test_lifecycle.py where the host has
+    device-mapper."""
+    vmcreate.create_sync(daemon, vmcreate.CreateParams(name="snap"))
+    vmpower.stop(daemon, "snap")
+    vm = vms.resolve(daemon, "snap")
+    device = tmp_path / "dm-device"  # what the merged snapshot reads as
+    with device.open("wb") as fh:
+        fh.write(b"MERGED")
+        fh.seek(8 << 20)
+        fh.write(b"TAIL")
+    calls: list[str] = []
+
+    class Snap:
+        name = "dmsnap"
+
+        def activate(self, handle: CowHandle, origin: Path, vm_id: str,
+                     record: object = None) -> CowHandle:
+            calls.append(f"activate {origin.name} {vm_id}")
+            return CowHandle("dmsnap", handle.path, device=str(device), dm_name="dm-x")
+
+        def deactivate(self, handle: CowHandle) -> CowHandle:
+            calls.append(f"deactivate {handle.dm_name}")
+            return CowHandle("dmsnap", handle.path)
+
+    monkeypatch.setattr(daemon, "cow_for", lambda handle: Snap())
+    vms.update_runtime(daemon, vm.id, cow={"strategy": "dmsnap", "path": "x"})
+    daemon.layout.vm(vm.id).work_disk.write_bytes(b"work disk")
+    img = promote(daemon, "snap", "from-snap")
+    assert calls == [f"activate rootfs.ext4 {vm.id}", "deactivate dm-x"]
+    rootfs = Path(img["rootfs"])
+    data = rootfs.read_bytes()
+    assert data[:6] == b"MERGED" and data[8 << 20:] == b"TAIL"
+    assert rootfs.stat().st_blocks * 512 < 4 << 20  # the zeros between stayed a hole
+
+    # A failed read still takes the snapshot down.
+    device.unlink()
+    calls.clear()
+    with pytest.raises(HostError, match="dm-snapshot disk"):
+        promote(daemon, "snap", "again")
+    assert calls[-1] == "deactivate dm-x"
+    assert not list(daemon.layout.staging_dir.iterdir())

@@ -1,7 +1,8 @@
 """``image promote VM NAME``: a stopped VM's disks and kernel become a new image.
 
 The design's ``PromoteImage``. The VM's root disk is cloned (a reflink where the state
-dir allows, else a sparse copy) and so is its work disk, whose files become the new
+dir allows, else a sparse copy; a dm-snapshot disk is read through its snapshot, origin
+and exceptions merged, into a sparse file) and so is its work disk, whose files become the new
 image's work-seed: a VM made from the image starts with the promoted VM's ``/`` and
 ``/root``. The VM's own identity is taken out of the copy (its SSH host key and
 machine-id), banger's guest agent is refreshed, and the kernel is the VM's image's
@@ -18,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 from banger.api import VMState
 from banger.daemon import images, vms
-from banger.daemon.dmsnap import clone_or_copy
-from banger.errors import AlreadyExists, BadRequest, InvalidState
+from banger.daemon.dmsnap import CowHandle, clone_or_copy, copy_device
+from banger.daemon.store import VMRecord
+from banger.errors import AlreadyExists, HostError, InvalidState
 from banger.fsutil import remove_tree
 from banger.names import check_name
 
@@ -42,7 +44,7 @@ def promote(d: Daemon, vm_ref: str, name: str) -> dict[str, Any]:
     change them mid-copy (instant with reflinks; a copy of the used blocks otherwise).
 
     Raises:
-        BadRequest: a bad image name, or the VM's disk is a dm-snapshot (not supported).
+        BadRequest: a bad image name.
         NotFound: no such VM.
         InvalidState: the VM is not stopped.
         AlreadyExists: an image called ``name`` exists.
@@ -62,13 +64,12 @@ def promote(d: Daemon, vm_ref: str, name: str) -> dict[str, Any]:
             if vm.state != VMState.STOPPED:
                 raise InvalidState(f"VM {vm.name} is {vm.state.value}; promote needs it stopped",
                                    hint=f"stop it first: banger vm stop {vm.name}")
-            if (vm.runtime.get("cow") or {}).get("strategy") == "dmsnap":
-                raise BadRequest(
-                    f"VM {vm.name}'s root disk is a dm-snapshot; promoting one is not "
-                    "supported yet",
-                    hint="use cow_strategy = \"reflink\" or \"copy\" for VMs to promote")
             paths = d.layout.vm(vm.id)
-            how = clone_or_copy(paths.rootfs, staging / "rootfs.ext4")
+            cow = vm.runtime.get("cow")
+            if cow and cow.get("strategy") == "dmsnap":
+                how = read_snapshot(d, vm, CowHandle.from_json(cow), staging / "rootfs.ext4")
+            else:
+                how = clone_or_copy(paths.rootfs, staging / "rootfs.ext4")
             clone_or_copy(paths.work_disk, work)
         log.info("promote %s: root disk %s", vm.name, how)
         img = d.db.get_image(vm.image)  # an image a VM uses cannot be deleted
@@ -86,6 +87,22 @@ def promote(d: Daemon, vm_ref: str, name: str) -> dict[str, Any]:
     except BaseException:
         remove_tree(staging)
         raise
+
+
+def read_snapshot(d: Daemon, vm: VMRecord, cow: CowHandle, dest: Path) -> str:
+    """Stopped VM ``vm``'s dm-snapshot root disk (its image's rootfs plus the exception
+    store) as the plain file ``dest``: the snapshot is set up as for a boot, read, and
+    taken down again (the caller holds ``vm_locks[vm.id]``, so no start races it)."""
+    strategy = d.cow_for(cow)
+    active = strategy.activate(cow, Path(d.db.get_image(vm.image).rootfs), vm.id)
+    try:
+        copy_device(Path(active.disk), dest)
+    except OSError as exc:
+        raise HostError(f"cannot read VM {vm.name}'s dm-snapshot disk {active.disk}: "
+                        f"{exc.strerror or exc}") from exc
+    finally:
+        strategy.deactivate(active)
+    return "read through the dm-snapshot"
 
 
 def seed_from_work_disk(d: Daemon, work: Path, dest: Path) -> None:

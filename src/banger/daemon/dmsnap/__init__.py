@@ -210,6 +210,24 @@ def sparse_copy(src: Path, dst: Path) -> None:
         os.fsync(fout.fileno())
 
 
+def copy_device(src: Path, dst: Path, chunk: int = 1 << 20) -> None:
+    """Copy block device (or file) ``src`` to a new sparse file ``dst``: chunks of zeros
+    become holes (a device has no SEEK_DATA to say where its data is)."""
+    zeros = bytes(chunk)
+    with src.open("rb", buffering=0) as fin, dst.open("wb") as fout:
+        size = os.lseek(fin.fileno(), 0, os.SEEK_END)
+        offset = 0
+        while offset < size:
+            buf = os.pread(fin.fileno(), min(chunk, size - offset), offset)
+            if not buf:
+                raise OSError(errno.EIO, f"{src} ended at {offset} of {size} bytes")
+            if buf != zeros[:len(buf)]:
+                os.pwrite(fout.fileno(), buf, offset)
+            offset += len(buf)
+        fout.truncate(size)
+        os.fsync(fout.fileno())
+
+
 def _copy_range(fin: int, fout: int, offset: int, length: int) -> None:
     """Copy ``length`` bytes at ``offset``: in the kernel when it can, else through memory
     (copy_file_range refuses some cross-file-system pairs with EXDEV)."""
