@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from banger.errors import BadRequest, HostError
 from banger.runner import Runner
 
+# Kernels and initrds in the registries: the VMM user must read them; they hold no secrets.
+BOOT_FILE_MODE = 0o644
+
 
 @dataclass(frozen=True)
 class VMMUser:

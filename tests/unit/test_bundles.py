@@ -155,6 +155,8 @@ def test_export_then_pull_back_three_ways(daemon: Daemon, world: FakeWorld, tmp_
     assert Path(img["rootfs"]).read_bytes() == original
     assert Path(img["rootfs"]).stat().st_blocks * 512 < len(original) // 2  # written sparse
     assert inspect_kernel_file(Path(img["kernel"])).kind == "bzimage"
+    # The unprivileged VMM user reads the boot files (the bundle's members came out 0600).
+    assert {oct(Path(img[f]).stat().st_mode & 0o777) for f in ("kernel", "initrd")} == {"0o644"}
     seed = daemon.layout.image_dir("src") / "workseed"
     assert (seed / ".config" / "x").read_text() == "seeded\n"
     assert daemon.db.get_image("src").workseed == str(seed)
@@ -169,6 +171,15 @@ def test_export_then_pull_back_three_ways(daemon: Daemon, world: FakeWorld, tmp_
     assert img["name"] == "copy" and Path(img["rootfs"]).read_bytes() == original
     assert img["origin"].startswith(out.as_uri())
     images.delete(daemon, "copy")
+    # Without --name the image is called what the catalog calls it, and a name taken
+    # is refused before anything is fetched.
+    write_catalog(out.parent / "catalog.json", [entry("golden", out)])
+    assert pull(daemon, "golden")["name"] == "golden"
+    with pytest.raises(AlreadyExists) as exists:
+        imagepull.begin_pull(daemon, imagepull.check_request(
+            daemon, "golden", name=None, size_bytes=None, kernel_name=None, insecure=False))
+    assert "banger image delete golden" in (exists.value.hint or "")
+    images.delete(daemon, "golden")
 
     # 3. an HTTP catalog on loopback
     root, base = http_dir
@@ -412,6 +423,7 @@ def test_kernel_pull_from_a_catalog(daemon: Daemon, tmp_path: Path,
     k = finished(bundles.begin_pull(daemon, req))
     assert k["name"] == "cat-kernel" and k["version"] == "6.1.42-cat"
     assert Path(k["bzimage"]).read_bytes() == kernel
+    assert Path(k["bzimage"]).stat().st_mode & 0o777 == 0o644  # the VMM user reads it
     assert Path(k["initrd"]).read_bytes() == b"rd"
     nothing_left(daemon)
     with pytest.raises(AlreadyExists):  # the manifest names it: found once it is read

@@ -343,12 +343,15 @@ def begin_pull(d: Daemon, req: BundleRequest) -> Operation:
     registry = d.image_ops if req.kind == "image" else d.kernel_ops
     target = req.name or req.source.name or req.text
     with d.image_ops_mu:
-        if req.name is not None:
-            exists = (d.db.find_image(req.name) if req.kind == "image"
-                      else d.db.find_kernel(req.name))
+        named = req.name or req.source.name  # known before the download: checked now
+        if named is not None:
+            exists = (d.db.find_image(named) if req.kind == "image"
+                      else d.db.find_kernel(named))
             if exists is not None:
-                raise AlreadyExists(f"{req.kind} {req.name!r} already exists",
-                                    hint="delete it first, or pull under another --name")
+                raise AlreadyExists(f"{req.kind} {named!r} already exists",
+                                    hint=f"delete it first (`banger {req.kind} "
+                                         f"{'delete' if req.kind == 'image' else 'rm'} "
+                                         f"{named}`), or pull under another --name")
         for existing in registry.active():
             if existing.target == target and existing.kind != "image.export":
                 raise AlreadyExists(f"{req.kind} {target!r} is already being made by "
@@ -380,7 +383,8 @@ def pull_image(d: Daemon, req: BundleRequest, op: Operation) -> dict[str, Any]:
 
         manifest, sha = unpack(bundle, kind="image", caps=caps, place=place,
                                expect_sha=sha, op=op)
-        name = check_name(req.name or manifest.name, "image")
+        # --name, else the catalog name it was pulled by, else the name it was exported as.
+        name = check_name(req.name or req.source.name or manifest.name, "image")
         op.enter("check")
         _check_ext4(image_dir / ROOTFS)
         kernel_name: str | None = None
@@ -422,7 +426,7 @@ def pull_kernel(d: Daemon, req: BundleRequest, op: Operation) -> dict[str, Any]:
         files.mkdir(mode=0o700)
         manifest, _ = unpack(bundle, kind="kernel", caps={}, place=lambda m: files / m,
                              expect_sha=sha, op=op)
-        name = check_name(req.name or manifest.name, "kernel")
+        name = check_name(req.name or req.source.name or manifest.name, "kernel")
         op.enter("check")
         paths = [str(files / m) for m in (VMLINUX, BZIMAGE) if m in manifest.members]
         initrd = str(files / INITRD) if INITRD in manifest.members else None

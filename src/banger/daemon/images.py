@@ -36,6 +36,7 @@ from banger.daemon.store import ImageRecord, now
 from banger.errors import AlreadyExists, BadRequest, NotFound
 from banger.fsutil import existing_file, move_aside, remove_tree
 from banger.names import check_name
+from banger.vmmuser import BOOT_FILE_MODE
 
 if TYPE_CHECKING:
     from banger.daemon.core import Daemon
@@ -180,7 +181,12 @@ def publish(d: Daemon, name: str, staging: Path, *, source: str, recipe_hash: st
     final = d.layout.image_dir(name)
     with d.image_ops_mu:
         if d.db.find_image(name) is not None:
-            raise AlreadyExists(f"image {name!r} already exists")
+            raise AlreadyExists(f"image {name!r} already exists",
+                                hint=f"delete it first (`banger image delete {name}`), "
+                                     "or make it under another name")
+        for boot_file in (staging / "vmlinuz", staging / "initrd.img"):
+            if boot_file.is_file():  # the unprivileged VMM user reads them
+                os.chmod(boot_file, BOOT_FILE_MODE)
         debris = move_aside(final)  # left by a crashed publish; never a registered image
         os.rename(staging, final)
         kernel, initrd, workseed = final / "vmlinuz", final / "initrd.img", final / "workseed"

@@ -29,6 +29,7 @@ from banger.daemon.store import ImageRecord, KernelRecord, now
 from banger.errors import AlreadyExists, BadRequest, HostError
 from banger.fsutil import atomic_write, existing_file, move_aside, remove_tree
 from banger.names import check_name
+from banger.vmmuser import BOOT_FILE_MODE
 
 if TYPE_CHECKING:
     from banger.daemon.core import Daemon
@@ -81,12 +82,14 @@ def import_files(d: Daemon, name: str, paths: list[str], initrd: str | None,
         for kind, (p, info) in found.items():
             fname = VMLINUX if kind == "vmlinux" else BZIMAGE
             shutil.copy2(p, staging / fname)
+            os.chmod(staging / fname, BOOT_FILE_MODE)
             files[kind] = str(final / fname)
             vmms.update(info.vmms)
             if info.version:
                 versions.append(info.version)
         if initrd_p is not None:
             shutil.copy2(initrd_p, staging / INITRD)
+            os.chmod(staging / INITRD, BOOT_FILE_MODE)
             files["initrd"] = str(final / INITRD)
         version = versions[0] if versions else None
         manifest = {"name": name, "vmms": sorted(vmms), "version": version,
