@@ -451,6 +451,25 @@ def test_compression_is_read_from_the_bytes(w: World) -> None:
     refused(w, LayerSource(xz), match="xz and bzip2")
 
 
+def test_signed_header_checksum(w: World) -> None:
+    """Old tars summed the header as signed bytes; a name with bytes >= 128 then gets a
+    different checksum, still accepted (and a wrong one still refused)."""
+    raw = bytearray(tar_bytes([f("caf\xe9", b"x")], fmt=tarfile.USTAR_FORMAT))
+    header = raw[:148] + b" " * 8 + raw[156:512]
+    signed = sum(b - 256 if b >= 128 else b for b in header)
+    assert signed != sum(header)
+    raw[148:156] = b"%06o\0 " % signed
+    path = w.tmp / "signed.tar"
+    path.write_bytes(bytes(raw))
+    w.flatten(LayerSource(path))
+    assert w.tree() == {"caf\xe9"}
+    raw[148:156] = b"%06o\0 " % (signed + 1)
+    path.write_bytes(bytes(raw))
+    w.fresh()
+    with pytest.raises(BadRequest, match="checksum mismatch"):
+        w.flatten(LayerSource(path))
+
+
 def test_corrupt_streams(w: World) -> None:
     good = tar_bytes([f("a", b"abc" * 1000)])
     for name, raw in [
