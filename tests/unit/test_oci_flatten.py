@@ -602,6 +602,20 @@ def test_make_ext4_carries_the_tree(w: World) -> None:
     assert "Inode count:              64" in debugfs(image, "stats")
 
 
+def test_make_ext4_overwrites_with_a_zeroed_journal(w: World) -> None:
+    """The journal is not written (lazy_journal_init), yet reads as zeros: over an old
+    file full of junk too, which mke2fs discards first. e2fsck finds it clean."""
+    w.flatten(w.layer([f("etc/hostname", b"dev")]))
+    image = w.priv / "rootfs.ext4"
+    image.write_bytes(b"\xa5" * (16 * MiB))
+    make_ext4(SubprocessRunner(), w.staging, image, 16 * MiB, label="banger-oci")
+    assert "has_journal" in debugfs(image, "stats")
+    journal = subprocess.run(["debugfs", "-R", "cat <8>", str(image)], capture_output=True,
+                             check=True).stdout
+    assert len(journal) >= MiB and journal[1024:].count(0) == len(journal) - 1024
+    subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, check=True)
+
+
 def test_make_ext4_checks_its_arguments(w: World) -> None:
     with pytest.raises(ValueError, match="multiple of 4096"):
         make_ext4(SubprocessRunner(), w.staging, w.priv / "i", 1000, label="x")
