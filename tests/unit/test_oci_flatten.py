@@ -474,6 +474,7 @@ def test_corrupt_streams(w: World) -> None:
     good = tar_bytes([f("a", b"abc" * 1000)])
     for name, raw in [
         ("trunc.gz", gzip.compress(good)[:-20]),
+        ("deflate.gz", gzip.compress(good)[:10] + b"\xff" * 64),
         ("trunc.tar", good[:700]),
         ("badsum.tar", good[:148] + b"0000000\0" + good[156:]),
         ("garbage.zst", b"\x28\xb5\x2f\xfd" + b"\x55" * 64),

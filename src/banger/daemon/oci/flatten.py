@@ -2,9 +2,10 @@
 
 Every layer is untrusted: it comes from a registry and bangerd is root on the host.
 :func:`flatten` streams each layer (plain, gzip or zstd tar, told apart by its magic
-bytes; a media type, when given, must name a tar layer) and creates every entry
-itself, relative to descriptors of directories it opened with ``O_NOFOLLOW``: no path
-is ever resolved through a symlink, and nothing is written outside ``staging``.
+bytes; gzip is inflated by ISA-L (``isal``); a media type, when given, must name a tar
+layer) and creates every entry itself, relative to descriptors of directories it
+opened with ``O_NOFOLLOW``: no path is ever resolved through a symlink, and nothing
+is written outside ``staging``.
 :func:`make_ext4` then runs ``mkfs.ext4 -d`` on the tree (no loop mount).
 
 The tar reader is banger's own (ustar, GNU long names, pax), linear in its input:
@@ -68,18 +69,17 @@ from __future__ import annotations
 import base64
 import binascii
 import errno
-import gzip
 import os
 import re
 import stat
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol, TypeVar
+from typing import BinaryIO, Protocol, TypeVar, cast
 from urllib.parse import unquote
 
 import zstandard
+from isal import igzip, isal_zlib
 
 from banger.errors import BadRequest, HostError
 from banger.runner import CancelToken, Runner
@@ -291,7 +291,8 @@ def _decompressor(raw: BinaryIO) -> _Readable:
     magic = raw.read(6)
     raw.seek(0)
     if magic[:2] == b"\x1f\x8b":
-        return gzip.GzipFile(fileobj=raw, mode="rb")
+        # ISA-L inflates gzip about twice as fast as zlib (gzip.GzipFile), same format.
+        return igzip.IGzipFile(fileobj=raw, mode="rb")  # type: ignore[no-untyped-call]
     if magic[:4] == b"\x28\xb5\x2f\xfd":
         return zstandard.ZstdDecompressor().stream_reader(
             raw, read_across_frames=True, closefd=False)
@@ -933,13 +934,15 @@ class _Extractor:
 
 
 _T = TypeVar("_T")
+# isal's stubs declare its error an instance (``error: Exception``); it is a class.
+_ISAL_ERROR = cast("type[Exception]", isal_zlib.error)
 
 
 def _guard(read: Callable[[], _T]) -> _T:
     """Run a read of the layer, turning decompression errors into refusals."""
     try:
         return read()
-    except (EOFError, zlib.error, zstandard.ZstdError, gzip.BadGzipFile) as exc:
+    except (EOFError, _ISAL_ERROR, zstandard.ZstdError, igzip.BadGzipFile) as exc:
         raise _Refused(f"corrupt compressed stream: {exc}") from None
 
 
