@@ -451,10 +451,30 @@ def test_compression_is_read_from_the_bytes(w: World) -> None:
     refused(w, LayerSource(xz), match="xz and bzip2")
 
 
+def test_signed_header_checksum(w: World) -> None:
+    """Old tars summed the header as signed bytes; a name with bytes >= 128 then gets a
+    different checksum, still accepted (and a wrong one still refused)."""
+    raw = bytearray(tar_bytes([f("caf\xe9", b"x")], fmt=tarfile.USTAR_FORMAT))
+    header = raw[:148] + b" " * 8 + raw[156:512]
+    signed = sum(b - 256 if b >= 128 else b for b in header)
+    assert signed != sum(header)
+    raw[148:156] = b"%06o\0 " % signed
+    path = w.tmp / "signed.tar"
+    path.write_bytes(bytes(raw))
+    w.flatten(LayerSource(path))
+    assert w.tree() == {"caf\xe9"}
+    raw[148:156] = b"%06o\0 " % (signed + 1)
+    path.write_bytes(bytes(raw))
+    w.fresh()
+    with pytest.raises(BadRequest, match="checksum mismatch"):
+        w.flatten(LayerSource(path))
+
+
 def test_corrupt_streams(w: World) -> None:
     good = tar_bytes([f("a", b"abc" * 1000)])
     for name, raw in [
         ("trunc.gz", gzip.compress(good)[:-20]),
+        ("deflate.gz", gzip.compress(good)[:10] + b"\xff" * 64),
         ("trunc.tar", good[:700]),
         ("badsum.tar", good[:148] + b"0000000\0" + good[156:]),
         ("garbage.zst", b"\x28\xb5\x2f\xfd" + b"\x55" * 64),
@@ -581,6 +601,20 @@ def test_make_ext4_carries_the_tree(w: World) -> None:
     assert debugfs(image, "cat /home/u/f") == "data"
     assert "Filesystem volume name:   banger-oci" in debugfs(image, "stats")
     assert "Inode count:              64" in debugfs(image, "stats")
+
+
+def test_make_ext4_overwrites_with_a_zeroed_journal(w: World) -> None:
+    """The journal is not written (lazy_journal_init), yet reads as zeros: over an old
+    file full of junk too, which mke2fs discards first. e2fsck finds it clean."""
+    w.flatten(w.layer([f("etc/hostname", b"dev")]))
+    image = w.priv / "rootfs.ext4"
+    image.write_bytes(b"\xa5" * (16 * MiB))
+    make_ext4(SubprocessRunner(), w.staging, image, 16 * MiB, label="banger-oci")
+    assert "has_journal" in debugfs(image, "stats")
+    journal = subprocess.run(["debugfs", "-R", "cat <8>", str(image)], capture_output=True,
+                             check=True).stdout
+    assert len(journal) >= MiB and journal[1024:].count(0) == len(journal) - 1024
+    subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, check=True)
 
 
 def test_make_ext4_checks_its_arguments(w: World) -> None:

@@ -2,9 +2,10 @@
 
 Every layer is untrusted: it comes from a registry and bangerd is root on the host.
 :func:`flatten` streams each layer (plain, gzip or zstd tar, told apart by its magic
-bytes; a media type, when given, must name a tar layer) and creates every entry
-itself, relative to descriptors of directories it opened with ``O_NOFOLLOW``: no path
-is ever resolved through a symlink, and nothing is written outside ``staging``.
+bytes; gzip is inflated by ISA-L (``isal``); a media type, when given, must name a tar
+layer) and creates every entry itself, relative to descriptors of directories it
+opened with ``O_NOFOLLOW``: no path is ever resolved through a symlink, and nothing
+is written outside ``staging``.
 :func:`make_ext4` then runs ``mkfs.ext4 -d`` on the tree (no loop mount).
 
 The tar reader is banger's own (ustar, GNU long names, pax), linear in its input:
@@ -68,18 +69,17 @@ from __future__ import annotations
 import base64
 import binascii
 import errno
-import gzip
 import os
 import re
 import stat
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol, TypeVar
+from typing import BinaryIO, Protocol, TypeVar, cast
 from urllib.parse import unquote
 
 import zstandard
+from isal import igzip, isal_zlib
 
 from banger.errors import BadRequest, HostError
 from banger.runner import CancelToken, Runner
@@ -180,7 +180,8 @@ def make_ext4(runner: Runner, staging: Path, image: Path, size_bytes: int, *,
     nodes and fifos below the root; the root directory gets the staging root's owner
     (``-E root_owner``) but mke2fs's own mode (0755) and time. ``inodes`` (``-N``)
     overrides mke2fs's bytes-per-inode ratio: pass at least
-    :attr:`FlattenStats.entries` when the image has many small files.
+    :attr:`FlattenStats.entries` when the image has many small files. The ext4 has a
+    journal, left unwritten (it reads as zeros: mke2fs discards the file first).
 
     Raises:
         CommandFailed: mkfs.ext4 failed (too small, too few inodes: its stderr says).
@@ -193,7 +194,10 @@ def make_ext4(runner: Runner, staging: Path, image: Path, size_bytes: int, *,
     if not re.fullmatch(r"[\x21-\x7e]{1,16}", label):
         raise ValueError(f"ext4 label {label!r} is not 1-16 printable ASCII characters")
     root = os.stat(staging, follow_symlinks=False)
-    argv = ["mkfs.ext4", "-q", "-F", "-L", label, "-E", f"root_owner={root.st_uid}:{root.st_gid}"]
+    # lazy_journal_init: mke2fs first discards the file (punches it to zeros: it then
+    # skips the inode tables' wipe too), so writing zeros over the journal is wasted.
+    argv = ["mkfs.ext4", "-q", "-F", "-L", label,
+            "-E", f"root_owner={root.st_uid}:{root.st_gid},lazy_journal_init=1"]
     if inodes is not None:
         argv += ["-N", str(inodes)]
     argv += ["-d", str(staging), str(image), f"{size_bytes // 1024}k"]
@@ -287,7 +291,8 @@ def _decompressor(raw: BinaryIO) -> _Readable:
     magic = raw.read(6)
     raw.seek(0)
     if magic[:2] == b"\x1f\x8b":
-        return gzip.GzipFile(fileobj=raw, mode="rb")
+        # ISA-L inflates gzip about twice as fast as zlib (gzip.GzipFile), same format.
+        return igzip.IGzipFile(fileobj=raw, mode="rb")  # type: ignore[no-untyped-call]
     if magic[:4] == b"\x28\xb5\x2f\xfd":
         return zstandard.ZstdDecompressor().stream_reader(
             raw, read_across_frames=True, closefd=False)
@@ -343,8 +348,10 @@ def _check_sum(block: bytes) -> None:
     stored = _number(block[148:156], "checksum")
     body = block[:148] + b" " * 8 + block[156:]
     unsigned = sum(body)
+    if stored == unsigned:
+        return  # nearly every header: skip the per-byte count of the signed sum
     signed = unsigned - 256 * sum(1 for b in body if b >= 128)
-    if stored not in (unsigned, signed):
+    if stored != signed:
         raise _Refused("corrupt tar header: checksum mismatch")
 
 
@@ -927,13 +934,15 @@ class _Extractor:
 
 
 _T = TypeVar("_T")
+# isal's stubs declare its error an instance (``error: Exception``); it is a class.
+_ISAL_ERROR = cast("type[Exception]", isal_zlib.error)
 
 
 def _guard(read: Callable[[], _T]) -> _T:
     """Run a read of the layer, turning decompression errors into refusals."""
     try:
         return read()
-    except (EOFError, zlib.error, zstandard.ZstdError, gzip.BadGzipFile) as exc:
+    except (EOFError, _ISAL_ERROR, zstandard.ZstdError, igzip.BadGzipFile) as exc:
         raise _Refused(f"corrupt compressed stream: {exc}") from None
 
 
