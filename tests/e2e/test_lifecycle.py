@@ -132,7 +132,7 @@ def test_vmm_that_fails_to_start_leaves_nothing(host: Host) -> None:
     assert not list((host.state / "vms").iterdir())
 
 
-def test_wrong_state_and_unknown_vm_errors(host: Host, running_vm: str) -> None:
+def test_state_errors_logs_list_and_ports(host: Host, running_vm: str) -> None:
     again = host.cli("vm", "start", running_vm)
     assert again.returncode == 125 and "already running" in again.stderr
     missing = host.cli("vm", "stop", "ghost")
@@ -141,6 +141,32 @@ def test_wrong_state_and_unknown_vm_errors(host: Host, running_vm: str) -> None:
     assert "Linux version" in logs or "systemd" in logs
     listed = host.ok("vm", "list")
     assert running_vm in listed and "running" in listed
+
+    # vm ports: two guest HTTP servers, one on every address, one on loopback only.
+    host.ok("vm", "exec", running_vm, "--", "sh", "-c",
+            "for a in 0.0.0.0:8080 127.0.0.1:8081; do "
+            "nohup python3 -m http.server ${a#*:} --bind ${a%:*} "
+            "</dev/null >/dev/null 2>&1 & done")
+    for _ in range(60):
+        answer = host.json("vm", "ports")  # no VM named: every running VM
+        found = {(x["proto"], x["port"]): x for x in answer[0]["listeners"]}
+        if ("tcp", 8080) in found and ("tcp", 8081) in found:
+            break
+        time.sleep(0.5)
+    assert [a["name"] for a in answer] == [running_vm] and answer[0]["error"] is None
+    assert found[("tcp", 8080)]["process"] == "python3"
+    assert found[("tcp", 8080)]["endpoint"] == f"{running_vm}.vm:8080"
+    assert found[("tcp", 8081)]["endpoint"] is None
+    assert found[("tcp", 22)]["process"] == "sshd"
+    served = host.sh("curl", "-sf", "-o", "/dev/null", "-w", "%{http_code}",
+                     f"http://{answer[0]['ip']}:8080/")
+    assert served.stdout == "200"
+    table = host.ok("vm", "ports", running_vm)
+    assert f"{running_vm}.vm:8080" in table and "(guest loopback only)" in table
+    host.ok("vm", "create", "--name", "cold", "--no-start")
+    cold = host.cli("vm", "ports", running_vm, "cold")
+    assert cold.returncode != 0 and "not running" in cold.stderr
+    assert "banger vm start cold" in cold.stderr
 
 
 def test_kill_and_restart(host: Host, running_vm: str) -> None:

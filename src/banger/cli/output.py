@@ -54,6 +54,19 @@ def vm_table(vms: list[dict[str, Any]], now: datetime | None = None) -> str:
     return table(["NAME", "STATE", "IP", "IMAGE", "VMM", "CPU/MEM", "AGE"], rows)
 
 
+def ports_table(answers: list[dict[str, Any]]) -> str:
+    """The ``vm ports`` table: one row per listening socket, a line per VM that failed."""
+    if not answers:
+        return "no running VMs"
+    rows = [[a["name"], x["proto"], x["address"], str(x["port"]), x["process"] or "-",
+             x["endpoint"] or "(guest loopback only)"]
+            for a in answers for x in a["listeners"]]
+    lines = [table(["VM", "PROTO", "ADDRESS", "PORT", "PROCESS", "ENDPOINT"], rows)] if rows \
+        else ["nothing listening"]
+    lines += [f"{a['name']}: {a['error']}" for a in answers if a["error"]]
+    return "\n".join(lines)
+
+
 def network_policy(spec: dict[str, Any]) -> str:
     """What a guest may reach (``vm show``), from its spec's egress fields."""
     if not spec.get("nat"):

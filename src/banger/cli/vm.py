@@ -108,6 +108,21 @@ def vm_show(app: App, name: str) -> None:
     app.emit(res, output.vm_detail(res))
 
 
+@vm.command("ports")
+@click.argument("names", nargs=-1, metavar="[VM]...")
+@json_option
+@pass_app
+def vm_ports(app: App, names: tuple[str, ...]) -> None:
+    """List what running VMs listen on (TCP and UDP, from `ss` in the guest).
+
+    With no VM named, every running VM is asked. ENDPOINT is where the host reaches
+    the socket (NAME.vm:PORT through banger's DNS); a socket bound to the guest's
+    loopback only has none.
+    """
+    res = app.client().call("vm.ports", names=list(names))
+    app.emit(res, output.ports_table(res))
+
+
 @vm.command("set-egress")
 @click.argument("name")
 @click.option("--nat/--no-nat", default=None, help="Turn NAT on or off (default: unchanged).")

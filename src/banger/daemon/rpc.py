@@ -21,6 +21,7 @@ from banger.daemon import (
     imagepull,
     images,
     kernels,
+    ports,
     vmcreate,
     vmdelete,
     vmegress,
@@ -108,6 +109,10 @@ class PromoteParams(Model):
 
 class PruneParams(Model):
     dry_run: bool = False
+
+
+class PortsParams(Model):
+    names: list[str] = Field(default_factory=list, max_length=256)
 
 
 class RegisterParams(Model):
@@ -254,6 +259,7 @@ def register(d: Daemon) -> None:
         "vm.show": ref(vms.show),
         "vm.logs": ref(vms.logs),
         "vm.ssh_info": ref(vms.ssh_info),
+        "vm.ports": lambda p: ports.ports(d, parse(PortsParams, p).names),
         "image.build.begin": image_build_begin,
         **op_methods("image.build", d.image_ops),
         "image.pull.begin": image_pull_begin,
