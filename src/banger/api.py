@@ -240,6 +240,8 @@ class VMSpec(Model):
     allow_private: bool = False
     # Egress allowlist (banger.egress): normalised entries; empty for none.
     allow_out: list[str] = Field(default_factory=list, max_length=64)
+    # Port forwards opened at every start (`-p`): "HOST_ADDR:HOST_PORT:GUEST_PORT".
+    forwards: list[str] = Field(default_factory=list, max_length=64)
     # Raw disks attached after the work disk. Set only inside the daemon (image
     # finalize's helper VM, banger.daemon.imagefinalize), never by a request.
     extra_disks: list[str] = Field(default_factory=list, max_length=2)
@@ -278,6 +280,8 @@ class VMView(Model):
     # How the running VMM is confined (qemuproc.QemuDriver.confinement): user, seccomp,
     # cgroup path and limits; None when stopped or for an unconfined VMM.
     confinement: dict[str, Any] | None = None
+    # Port forwards open now ("HOST_ADDR:HOST_PORT:GUEST_PORT"; banger.daemon.forwards).
+    forwards: list[str] = Field(default_factory=list)
 
 
 class ImageView(Model):

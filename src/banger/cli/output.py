@@ -67,6 +67,16 @@ def ports_table(answers: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def forwards_table(fwds: list[dict[str, Any]]) -> str:
+    """The ``vm forward list`` table."""
+    if not fwds:
+        return "no forwards (add one with `banger vm forward VM HOST_PORT:GUEST_PORT`)"
+    rows = [[f["name"], f"{f['host_addr']}:{f['host_port']}", f["guest"],
+             "open" if f["open"] else "not open", "-p" if f["from_create"] else "vm forward"]
+            for f in fwds]
+    return table(["VM", "HOST", "GUEST", "STATE", "FROM"], rows)
+
+
 def network_policy(spec: dict[str, Any]) -> str:
     """What a guest may reach (``vm show``), from its spec's egress fields."""
     if not spec.get("nat"):
@@ -122,6 +132,8 @@ def vm_detail(vm: dict[str, Any]) -> str:
     if vm.get("tap"):
         items.append(("tap", vm["tap"]))
     items += confinement_lines(vm.get("confinement"))
+    items += [("forward", f"{f.rsplit(':', 1)[0]} -> guest port {f.rsplit(':', 1)[1]}")
+              for f in vm.get("forwards") or []]
     items.append(("created", vm["created_at"]))
     if vm.get("stop_reason") and vm["state"] != "running":
         items.append(("stop reason", vm["stop_reason"]))

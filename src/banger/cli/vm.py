@@ -59,6 +59,10 @@ def create_options(f: Any) -> Any:
                           "host's LAN and cloud metadata services."),
         click.option("--allow-out", "allow_out", multiple=True, metavar="CIDR|DOMAIN",
                      help=ALLOW_OUT_HELP),
+        click.option("-p", "--publish", "forwards", multiple=True,
+                     metavar="[ADDR:]HOST_PORT:GUEST_PORT",
+                     help="Forward a host port to the guest while the VM runs (127.0.0.1 "
+                          "unless ADDR is given; repeatable). See `vm forward`."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -70,7 +74,7 @@ def _create_params(kw: dict[str, Any], start: bool) -> dict[str, Any]:
             "memory_mib": kw["memory"], "disk_size": kw["disk_size"],
             "work_disk_size": kw["work_disk_size"], "vmm": kw["vmm"], "start": start,
             "nat": kw["nat"], "allow_private": kw["allow_private"],
-            "allow_out": list(kw["allow_out"])}
+            "allow_out": list(kw["allow_out"]), "forwards": list(kw["forwards"])}
 
 
 @vm.command("create")
@@ -121,6 +125,35 @@ def vm_ports(app: App, names: tuple[str, ...]) -> None:
     """
     res = app.client().call("vm.ports", names=list(names))
     app.emit(res, output.ports_table(res))
+
+
+@vm.command("forward")
+@click.argument("args", nargs=-1, required=True,
+                metavar="VM [ADDR:]HOST_PORT:GUEST_PORT | list [VM]")
+@click.option("--rm", "remove", is_flag=True, help="Remove the forward instead.")
+@json_option
+@pass_app
+def vm_forward(app: App, args: tuple[str, ...], remove: bool) -> None:
+    """Forward a host TCP port to a running VM, or `vm forward list [VM]`.
+
+    The daemon listens on ADDR:HOST_PORT (127.0.0.1 unless ADDR is given) and relays each
+    connection to the guest's GUEST_PORT. A forward lasts until the VM stops (its host
+    port is then free again) or `--rm`; one given at creation (`-p`) opens at every start.
+    Forwards are re-opened when the daemon restarts.
+    """
+    if args[0] == "list" and len(args) <= 2 and not remove:
+        res = app.client().call("vm.forward.list", name=args[1] if len(args) == 2 else None)
+        app.emit(res, output.forwards_table(res))
+        return
+    if len(args) != 2:
+        raise click.UsageError("give VM and [ADDR:]HOST_PORT:GUEST_PORT, or list [VM]")
+    name, spec = args
+    if remove:
+        res = app.client().call("vm.forward.remove", name=name, forward=spec)
+        app.emit(res, f"{name}: forward {res['removed']} removed")
+        return
+    res = app.client().call("vm.forward.add", name=name, forward=spec)
+    app.emit(res, f"{res['host_addr']}:{res['host_port']} -> {name}:{res['guest_port']}")
 
 
 @vm.command("set-egress")

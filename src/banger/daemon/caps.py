@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 from banger.daemon.core import Daemon, VMCap
+from banger.daemon.forwards import ForwardCap
 from banger.daemon.store import VMRecord
 from banger.fsutil import atomic_write
 
@@ -74,8 +75,8 @@ def write_ssh_config(d: Daemon) -> None:
 
 
 def default_caps(d: Daemon) -> list[VMCap]:
-    """The capabilities every daemon runs: DNS names and the SSH config file."""
-    return [DNSCap(d), SSHConfigCap(d)]
+    """The capabilities every daemon runs: DNS names, the SSH config file, port forwards."""
+    return [DNSCap(d), SSHConfigCap(d), ForwardCap(d)]
 
 
 def _each(d: Daemon, event: str, vm: VMRecord) -> None:

@@ -40,6 +40,7 @@ from banger.daemon.dmsnap import (
 )
 from banger.daemon.dns import VMDNS, upstream_from_resolv_conf
 from banger.daemon.firewall import FirewallSettings, GuestFirewall, table_name
+from banger.daemon.forwarder import ForwardTable
 from banger.daemon.guest import Guest, GuestDialer, SSHGuest, wait_for_ssh
 from banger.daemon.handles import HandleCache
 from banger.daemon.network import (
@@ -206,6 +207,7 @@ class Daemon:
             cidr=cfg.bridge_cidr, tap_prefix=self.tap_pool.prefix, dns_port=cfg.dns_port,
             vm_to_vm=cfg.vm_to_vm), self.layout.host_network_state)
         self.vm_dns: VMDNS | None = None
+        self.forwards = ForwardTable()  # vm forward: open host listeners by VM
         self.vm_caps: list[VMCap] = []
         self.cow: CowStrategy | None = self.seams.cow
         self._drivers: dict[str, VMMDriver] = {}

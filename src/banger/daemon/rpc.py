@@ -17,6 +17,7 @@ from banger.api import Model
 from banger.daemon import (
     bundles,
     catalog,
+    forwards,
     imagepromote,
     imagepull,
     images,
@@ -113,6 +114,15 @@ class PruneParams(Model):
 
 class PortsParams(Model):
     names: list[str] = Field(default_factory=list, max_length=256)
+
+
+class ForwardParams(Model):
+    name: str = Field(min_length=1, max_length=256)
+    forward: str = Field(min_length=1, max_length=64)
+
+
+class ForwardListParams(Model):
+    name: str | None = None
 
 
 class RegisterParams(Model):
@@ -260,6 +270,12 @@ def register(d: Daemon) -> None:
         "vm.logs": ref(vms.logs),
         "vm.ssh_info": ref(vms.ssh_info),
         "vm.ports": lambda p: ports.ports(d, parse(PortsParams, p).names),
+        "vm.forward.add": lambda p: forwards.add(
+            d, (r := parse(ForwardParams, p)).name, r.forward),
+        "vm.forward.remove": lambda p: forwards.remove(
+            d, (r := parse(ForwardParams, p)).name, r.forward),
+        "vm.forward.list": lambda p: forwards.list_forwards(
+            d, parse(ForwardListParams, p).name),
         "image.build.begin": image_build_begin,
         **op_methods("image.build", d.image_ops),
         "image.pull.begin": image_pull_begin,

@@ -100,6 +100,7 @@ class Bangerd(Daemon):
             self._server.close()
         if self.vm_dns is not None:
             self.vm_dns.close()
+        self.forwards.close_all()  # re-opened when the next daemon re-adopts the VMs
         self.tap_pool.drain()
         if self.store is not None:
             self._restore_host_network()

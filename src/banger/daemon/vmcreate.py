@@ -18,7 +18,7 @@ from pydantic import Field
 
 from banger.api import Model, VMSpec, VMState
 from banger.config import parse_size
-from banger.daemon import images, kernels, vmegress
+from banger.daemon import forwarder, images, kernels, vmegress
 from banger.daemon.core import new_id
 from banger.daemon.imagemgr import WORK_LABEL
 from banger.daemon.network import allocate_ip, mac_for_ip
@@ -53,6 +53,7 @@ class CreateParams(Model):
     nat: bool | None = None  # None: config `nat`
     allow_private: bool = False
     allow_out: list[str] = Field(default_factory=list)
+    forwards: list[str] = Field(default_factory=list, max_length=64)  # -p, forwarder.parse
 
 
 def begin_create(d: Daemon, params: CreateParams, *, extra_disks: tuple[str, ...] = ()
@@ -94,6 +95,7 @@ def begin_create(d: Daemon, params: CreateParams, *, extra_disks: tuple[str, ...
         allow_private=allow_private,
         allow_out=allow_out,
         extra_disks=list(extra_disks),
+        forwards=sorted({str(forwarder.parse(f)) for f in params.forwards}),
     )
     if spec.work_disk_size < 64 << 20:
         raise BadRequest("work disk must be at least 64M")

@@ -55,6 +55,7 @@ def view(d: Daemon, vm: VMRecord) -> dict[str, Any]:
         last_error=vm.runtime.get("last_error"),
         stop_reason=vm.runtime.get("stop_reason"),
         confinement=vm.runtime.get("confinement"),
+        forwards=[str(s) for s in d.forwards.opened(vm.id)],
         workspace=WorkspaceView.model_validate(
             {k: v for k, v in ws.items() if k in WorkspaceView.model_fields}) if ws else None,
     ).model_dump(mode="json")
