@@ -6,16 +6,20 @@ tests/e2e/test_forwards.py.
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 
-from banger.daemon import forwards, vmcreate, vmpower, vms
+from banger.daemon import forwards, reconcile, vmcreate, vmpower, vms
 from banger.daemon.core import Daemon
 from banger.daemon.forwarder import Forward, ForwardSpec, ForwardTable, check, parse
 from banger.errors import AlreadyExists, BadRequest, NotFound, NotRunning
+from banger.proc import matches
 
 
 def free_port() -> int:
@@ -127,3 +131,25 @@ def test_forward_rules(daemon: Daemon) -> None:
     assert [s.host_port for s in daemon.forwards.opened(vm.id)] == [created]  # -p only
     with pytest.raises(BadRequest):
         vmcreate.create_sync(daemon, vmcreate.CreateParams(name="bad", forwards=["99999:1"]))
+
+
+def test_a_vm_found_dead_at_start_up_loses_its_run_time_forwards(daemon: Daemon) -> None:
+    """The VMM died while no daemon ran: reconcile marks the VM stopped, and the forwards
+    added while it ran end with it, as at a stop (its -p ones stay in the spec)."""
+    created = free_port()
+    vmcreate.create_sync(daemon, vmcreate.CreateParams(name="gone",
+                                                       forwards=[f"{created}:80"]))
+    forwards.add(daemon, "gone", f"{free_port()}:8080")
+    vm = vms.resolve(daemon, "gone")
+    h = daemon.handles.get(vm.id)
+    assert h is not None and h.process is not None and vm.runtime["forwards"]
+    daemon.forwards.close_all()  # the daemon went away
+    os.kill(h.process.pid, signal.SIGKILL)
+    for _ in range(100):
+        if not matches(h.process):
+            break
+        time.sleep(0.02)
+    reconcile.reconcile_vm(daemon, vm)
+    after = vms.resolve(daemon, "gone")
+    assert after.state.value == "stopped" and "forwards" not in after.runtime
+    assert [f["host_port"] for f in forwards.list_forwards(daemon, "gone")] == [created]

@@ -132,7 +132,9 @@ def reconcile_vm(d: Daemon, vm: VMRecord) -> None:
         if problems:
             _force_state(d, vm.id, VMState.ERROR, last_error="; ".join(problems))
         elif state != VMState.STOPPED:
-            _force_state(d, vm.id, VMState.STOPPED, stop_reason=reason, booted_at=None)
+            # Forwards added while it ran end with it, as at a stop (forwards.ForwardCap).
+            _force_state(d, vm.id, VMState.STOPPED, stop_reason=reason, booted_at=None,
+                         forwards=None)
             log.warning("vm %s: marked stopped (%s)", vm.name, reason)
 
 
