@@ -345,13 +345,8 @@ def begin_pull(d: Daemon, req: BundleRequest) -> Operation:
     with d.image_ops_mu:
         named = req.name or req.source.name  # known before the download: checked now
         if named is not None:
-            exists = (d.db.find_image(named) if req.kind == "image"
-                      else d.db.find_kernel(named))
-            if exists is not None:
-                raise AlreadyExists(f"{req.kind} {named!r} already exists",
-                                    hint=f"delete it first (`banger {req.kind} "
-                                         f"{'delete' if req.kind == 'image' else 'rm'} "
-                                         f"{named}`), or pull under another --name")
+            refuse = images.refuse_taken if req.kind == "image" else kernels.refuse_taken
+            refuse(d, named, "pull under another --name")
         for existing in registry.active():
             if existing.target == target and existing.kind != "image.export":
                 raise AlreadyExists(f"{req.kind} {target!r} is already being made by "

@@ -21,7 +21,7 @@ from banger.api import VMState
 from banger.daemon import images, vms
 from banger.daemon.dmsnap import CowHandle, clone_or_copy, copy_device
 from banger.daemon.store import VMRecord
-from banger.errors import AlreadyExists, HostError, InvalidState
+from banger.errors import HostError, InvalidState
 from banger.fsutil import remove_tree
 from banger.names import check_name
 
@@ -51,10 +51,7 @@ def promote(d: Daemon, vm_ref: str, name: str) -> dict[str, Any]:
     """
     check_name(name, "image")
     vm = vms.resolve(d, vm_ref)
-    if d.db.find_image(name) is not None:
-        raise AlreadyExists(f"image {name!r} already exists",
-                            hint=f"delete it first with `banger image delete {name}`, or "
-                                 "promote under another name")
+    images.refuse_taken(d, name, "promote under another name")
     staging = d.layout.staging_dir / f"promote-{name}-{secrets.token_hex(4)}"
     try:
         staging.mkdir(parents=True, mode=0o700)

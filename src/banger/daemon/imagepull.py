@@ -149,10 +149,7 @@ def begin_pull(d: Daemon, req: PullRequest | bundles.BundleRequest) -> Operation
             raise AlreadyExists(f"image {req.name!r} is already being made by another "
                                 f"{existing.kind}",
                                 hint="wait for it, or pull under another --name")
-        if d.db.find_image(req.name) is not None:
-            raise AlreadyExists(f"image {req.name!r} already exists",
-                                hint=f"delete it first with `banger image delete {req.name}`, "
-                                     "or pull under another --name")
+        images.refuse_taken(d, req.name, "pull under another --name")
         op = PullOperation(kind="image.pull", target=req.name, stages=list(PULL_STAGES),
                            reference=str(req.ref))
         return d.image_ops.run(op, lambda o: pull(d, req, o), name=f"pull-{req.name}")

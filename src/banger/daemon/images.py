@@ -115,9 +115,7 @@ def begin_build(d: Daemon, name: str, *, join_existing: bool = False) -> Operati
                     return existing
                 raise AlreadyExists(f"image {name!r} is already being built",
                                     hint=f"follow it with `banger image build {name}` later")
-        if d.db.find_image(name) is not None:
-            raise AlreadyExists(f"image {name!r} already exists",
-                                hint=f"delete it first with `banger image delete {name}`")
+        refuse_taken(d, name)
         op = Operation(kind="image.build", target=name, stages=list(BUILD_STAGES))
         builder = d.seams.image_build or build
         return d.image_ops.run(op, lambda o: builder(d, recipe, o), name=f"build-{name}")
@@ -170,6 +168,19 @@ def build(d: Daemon, recipe: Recipe, op: Operation) -> dict[str, Any]:
         raise
 
 
+def refuse_taken(d: Daemon, name: str, instead: str = "") -> None:
+    """Refuse a new image ``name`` when one is registered; the hint says to delete it,
+    or ``instead`` (e.g. "pull under another --name").
+
+    Raises:
+        AlreadyExists: image ``name`` exists.
+    """
+    if d.db.find_image(name) is not None:
+        raise AlreadyExists(f"image {name!r} already exists",
+                            hint=f"delete it first with `banger image delete {name}`"
+                                 + (f", or {instead}" if instead else ""))
+
+
 def publish(d: Daemon, name: str, staging: Path, *, source: str, recipe_hash: str | None,
             kernel_name: str | None = None, origin: str | None = None,
             blobs: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -180,10 +191,7 @@ def publish(d: Daemon, name: str, staging: Path, *, source: str, recipe_hash: st
     """
     final = d.layout.image_dir(name)
     with d.image_ops_mu:
-        if d.db.find_image(name) is not None:
-            raise AlreadyExists(f"image {name!r} already exists",
-                                hint=f"delete it first (`banger image delete {name}`), "
-                                     "or make it under another name")
+        refuse_taken(d, name, "make it under another name")
         for boot_file in (staging / "vmlinuz", staging / "initrd.img"):
             if boot_file.is_file():  # the unprivileged VMM user reads them
                 os.chmod(boot_file, BOOT_FILE_MODE)
@@ -232,9 +240,7 @@ def register(d: Daemon, name: str, rootfs: str, kernel: str | None, initrd: str 
         inspect_kernel_file(kernel_p)  # a clear refusal for anything that is not a kernel
     if kernel_name is not None:
         d.db.get_kernel(kernel_name)
-    if d.db.find_image(name) is not None:
-        raise AlreadyExists(f"image {name!r} already exists",
-                            hint=f"delete it first with `banger image delete {name}`")
+    refuse_taken(d, name)
     staging = d.layout.staging_dir / f"register-{name}-{secrets.token_hex(4)}"
     try:
         staging.mkdir(parents=True)

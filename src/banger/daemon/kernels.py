@@ -54,6 +54,19 @@ def view(k: KernelRecord) -> dict[str, Any]:
             "size_bytes": k.size_bytes, "created_at": k.created_at.isoformat()}
 
 
+def refuse_taken(d: Daemon, name: str, instead: str = "") -> None:
+    """Refuse a new kernel ``name`` when one is registered; the hint says to remove it,
+    or ``instead``.
+
+    Raises:
+        AlreadyExists: kernel ``name`` exists.
+    """
+    if d.db.find_kernel(name) is not None:
+        raise AlreadyExists(f"kernel {name!r} already exists",
+                            hint=f"remove it first with `banger kernel rm {name}`"
+                                 + (f", or {instead}" if instead else ""))
+
+
 def import_files(d: Daemon, name: str, paths: list[str], initrd: str | None,
                  source: str = "imported") -> dict[str, Any]:
     """Validate kernel files, copy them into the registry and record the kernel."""
@@ -69,9 +82,7 @@ def import_files(d: Daemon, name: str, paths: list[str], initrd: str | None,
                              hint="give at most one vmlinux and one bzImage")
         found[info.kind] = (p, info)
     initrd_p = existing_file(initrd, "--initrd") if initrd else None
-    if d.db.find_kernel(name) is not None:
-        raise AlreadyExists(f"kernel {name!r} already exists",
-                            hint=f"remove it first with `banger kernel rm {name}`")
+    refuse_taken(d, name)
     staging = d.layout.staging_dir / f"kernel-{name}-{secrets.token_hex(4)}"
     final = d.layout.kernel_dir(name)
     try:
@@ -105,9 +116,7 @@ def import_files(d: Daemon, name: str, paths: list[str], initrd: str | None,
         with d.image_ops_mu:
             # Checked again under the lock: a concurrent import of the same name may
             # have registered meanwhile, and its files must not be touched.
-            if d.db.find_kernel(name) is not None:
-                raise AlreadyExists(f"kernel {name!r} already exists",
-                                    hint=f"remove it first with `banger kernel rm {name}`")
+            refuse_taken(d, name)
             debris = move_aside(final)  # left by a crashed import, never a registered one
             os.rename(staging, final)
             try:
@@ -216,9 +225,7 @@ def begin_build(d: Daemon, name: str, base_config: str | None, source: str | Non
                 jobs: int | None) -> Operation:
     """Check the host now (clear errors at once), then build on a worker thread."""
     check_name(name, "kernel")
-    if d.db.find_kernel(name) is not None:
-        raise AlreadyExists(f"kernel {name!r} already exists",
-                            hint=f"remove it first with `banger kernel rm {name}`")
+    refuse_taken(d, name)
     base = given_base_config(base_config)
     src = Path(source) if source else DEFAULT_SOURCE_TARBALL
     check_build_host(src)
