@@ -1,4 +1,4 @@
-"""Small filesystem helpers: crash-safe writes and tree removal."""
+"""Small filesystem helpers: crash-safe writes, sparse writes and tree removal."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import secrets
 import shutil
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 from banger.errors import BadRequest
 
@@ -36,6 +37,23 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+SPARSE_BLOCK = 64 << 10  # all-zero blocks of this size become holes
+_ZERO = bytes(SPARSE_BLOCK)
+
+
+def write_sparse(out: BinaryIO, data: bytes | memoryview) -> None:
+    """Write ``data`` at ``out``'s position, seeking over all-zero :data:`SPARSE_BLOCK`
+    blocks so they stay holes. The caller truncates ``out`` to its full size at the end
+    (a file that ends in a hole is otherwise short)."""
+    view = memoryview(data)
+    for start in range(0, len(view), SPARSE_BLOCK):
+        block = view[start:start + SPARSE_BLOCK]
+        if block == _ZERO[:len(block)]:
+            out.seek(len(block), os.SEEK_CUR)
+        else:
+            out.write(block)
 
 
 def existing_file(path: str, what: str) -> Path:

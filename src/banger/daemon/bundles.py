@@ -49,7 +49,7 @@ from banger.daemon.oci.flatten import LayerSource, flatten, tar_members
 from banger.daemon.opstate import ByteReport, Operation
 from banger.daemon.store import ImageRecord
 from banger.errors import AlreadyExists, BadRequest
-from banger.fsutil import remove_tree
+from banger.fsutil import remove_tree, write_sparse
 from banger.names import check_name
 from banger.runner import CancelToken
 
@@ -73,8 +73,6 @@ IMAGE_MEMBERS = frozenset({ROOTFS, WORKSEED, VMLINUZ, INITRD, VMLINUX, BZIMAGE})
 KERNEL_MEMBERS = frozenset({VMLINUX, BZIMAGE, INITRD})
 EXPORT_STAGES = ["collect", "hash", "write"]
 PULL_STAGES = ["download", "unpack", "check", "publish"]
-_SPARSE_BLOCK = 64 << 10  # all-zero blocks of this size are skipped (a hole)
-_ZERO = bytes(_SPARSE_BLOCK)
 _CHUNK = 1 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -633,16 +631,10 @@ def _write_member(read: Any, dest: Path, *, sparse: bool, cancel: CancelToken) -
             cancel.check()
             digest.update(chunk)
             size += len(chunk)
-            if not sparse:
+            if sparse:
+                write_sparse(out, chunk)
+            else:
                 out.write(chunk)
-                continue
-            view = memoryview(chunk)
-            for start in range(0, len(view), _SPARSE_BLOCK):
-                block = view[start:start + _SPARSE_BLOCK]
-                if block == _ZERO[:len(block)]:
-                    out.seek(len(block), os.SEEK_CUR)
-                else:
-                    out.write(block)
         out.truncate(size)
     return digest.hexdigest()
 

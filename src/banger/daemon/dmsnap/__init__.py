@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from banger.errors import CommandFailed, HostError
+from banger.fsutil import write_sparse
 from banger.runner import Runner
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h
@@ -211,9 +212,9 @@ def sparse_copy(src: Path, dst: Path) -> None:
 
 
 def copy_device(src: Path, dst: Path, chunk: int = 1 << 20) -> None:
-    """Copy block device (or file) ``src`` to a new sparse file ``dst``: chunks of zeros
-    become holes (a device has no SEEK_DATA to say where its data is)."""
-    zeros = bytes(chunk)
+    """Copy block device (or file) ``src`` to a new sparse file ``dst``: blocks of zeros
+    become holes (:func:`fsutil.write_sparse`; a device has no SEEK_DATA to say where
+    its data is)."""
     with src.open("rb", buffering=0) as fin, dst.open("wb") as fout:
         size = os.lseek(fin.fileno(), 0, os.SEEK_END)
         offset = 0
@@ -221,8 +222,7 @@ def copy_device(src: Path, dst: Path, chunk: int = 1 << 20) -> None:
             buf = os.pread(fin.fileno(), min(chunk, size - offset), offset)
             if not buf:
                 raise OSError(errno.EIO, f"{src} ended at {offset} of {size} bytes")
-            if buf != zeros[:len(buf)]:
-                os.pwrite(fout.fileno(), buf, offset)
+            write_sparse(fout, buf)
             offset += len(buf)
         fout.truncate(size)
         os.fsync(fout.fileno())
