@@ -88,7 +88,7 @@ def remove(d: Daemon, ref: str, text: str) -> dict[str, Any]:
     vm = resolve(d, ref)
     with d.vm_locks.held(vm.id):
         row = d.db.get_vm(vm.id)
-        runtime = [f for f in row.runtime.get("forwards") or []]
+        runtime = list(row.runtime.get("forwards") or [])
         kept = [f for f in runtime if ForwardSpec.from_json(f) != spec]
         if len(kept) != len(runtime):
             d.db.update_vm(row, runtime=merge_runtime(row.runtime, {"forwards": kept}))

@@ -37,6 +37,7 @@ from banger.daemon.vmcreate import CreateParams, begin_create
 from banger.daemon.vmdelete import destroy
 from banger.daemon.vms import wait_op
 from banger.errors import BadRequest, BangerError, CommandFailed, GuestError
+from banger.names import is_dns_label
 
 if TYPE_CHECKING:
     from banger.config import Config
@@ -50,8 +51,6 @@ HELPER_MEMORY_MIB = 1024
 APT_HEADROOM = 1 << 30
 APT_TIMEOUT_S = 1800.0
 _CODENAME = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-                       r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 # Where the disk is mounted in the helper, and the chroot-side scratch names.
 TARGET = "/run/banger-finalize"
 SCRATCH = "/tmp/banger-apt"
@@ -106,7 +105,8 @@ def mirror_for(url: str, setting: str) -> Mirror:
     try:
         addr = ipaddress.ip_address(host)
     except ValueError:
-        if not _HOSTNAME.match(host):
+        # urlsplit lower-cases the host name: each label must be a DNS label.
+        if len(host) > 253 or not all(is_dns_label(label) for label in host.split(".")):
             raise BadRequest(f"{setting} host {host!r} is not a host name", hint=hint) from None
         return Mirror(url=url, host=host, port=port, by_name=True)
     if addr.version != 4:
