@@ -29,9 +29,10 @@ def test_ssh_is_a_shell_string_exec_is_argv_and_signals_give_128_plus_n(
     assert host.cli("vm", "exec", running_vm, "--", "sh", "-c", "exit 42").returncode == 42
 
     logs = host.json("vm", "logs", running_vm)
-    # The console shows the boot (sshd may answer before the login prompt is printed).
+    # The console shows the boot. Not one unit's status line: under a slow boot systemd's
+    # status output can interleave with the kernel's, and sshd may answer before getty.
     assert Path(logs["path"]).name == "serial.log"
-    assert "ssh.service" in logs["content"]
+    assert "Debian GNU/Linux" in logs["content"]  # systemd's "Welcome to ..." line
 
 
 def test_run_rm_exports_the_guest_edits_or_says_they_were_not(host: Host, home: Path,  # noqa: F811

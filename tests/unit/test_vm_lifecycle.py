@@ -522,3 +522,21 @@ def test_a_restart_never_cancels_another_calls_boot(daemon: Daemon) -> None:
         vmpower.begin_restart(daemon, "b")
     release.set()
     assert _finished(starting)["state"] == "running"
+
+
+def test_a_cancel_racing_the_reservation_leaves_no_creating_row(
+        daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A delete cancels a create the instant its row exists, before the worker runs:
+    the create still rolls back, rather than leaving a ``creating`` row and a token
+    nobody ends (the delete would then wait for it in vain)."""
+    real_add = daemon.db.add_vm
+
+    def add_then_cancel(vm: VMRecord) -> None:
+        real_add(vm)
+        assert daemon.cancel_inflight(vm.id, "deleted by the user")  # what delete does
+
+    monkeypatch.setattr(daemon.db, "add_vm", add_then_cancel)
+    op = vmcreate.begin_create(daemon, vmcreate.CreateParams(name="racy", start=False))
+    assert op.wait(30) and op.stage == "cancelled", op.view()
+    assert daemon.db.find_vm("racy") is None
+    assert daemon.host_idle()  # no token left behind

@@ -109,6 +109,7 @@ def begin_create(d: Daemon, params: CreateParams, *, extra_disks: tuple[str, ...
         vm = VMRecord(id=new_id(), name=name, image=image, spec=spec, vmm=vmm,
                       state=VMState.CREATING, ip=ip, mac=mac_for_ip(ip))
         op = Operation(kind="vm.create", target=vm.name, stages=list(CREATE_STAGES))
+        op.enter("reserve")  # before the token is known: this cannot raise Cancelled
         # Registered before the row exists: a delete that sees "creating" can always cancel.
         d.register_inflight(vm.id, op.cancel)
         try:
@@ -117,7 +118,8 @@ def begin_create(d: Daemon, params: CreateParams, *, extra_disks: tuple[str, ...
             d.end_inflight(vm.id, op.cancel)
             raise
     log.info("vm %s (%s): reserved %s", vm.name, vm.id, vm.ip)
-    op.enter("reserve")
+    # From here on only the worker may end the create: a cancel arriving now is seen by
+    # its first stage, which rolls the row back and ends the token.
     d.create_ops.run(op, lambda o: _create(d, o, vm, params.start), name=f"create-{vm.name}")
     return op
 
