@@ -89,6 +89,12 @@ class NotRunning(InvalidState):
     default_hint = "start it with `banger vm start NAME`"
 
 
+class Busy(InvalidState):
+    """Someone else holds what was asked for (a session's write side)."""
+
+    code = "busy"
+
+
 class HostError(BangerError):
     code = "host_error"
     default_hint = "run `banger doctor` to check the host"

@@ -191,11 +191,11 @@ class Host:
             time.sleep(0.1)
         pytest.fail("bangerd did not start")
 
-    def popen(self, *args: str) -> subprocess.Popen[str]:
+    def popen(self, *args: str, stdin: int | None = None) -> subprocess.Popen[str]:
         """A CLI command running in the background, with default SIGINT/SIGTERM handling
         (tests signal it; see :mod:`tests.childsignals`)."""
         return subprocess.Popen(self.netns(*with_default_signals([str(BIN / "banger"), *args])),
-                                env=self.env,
+                                env=self.env, stdin=stdin,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def wait_paused(self, stage: str, timeout: float = 300) -> None:

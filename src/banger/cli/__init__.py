@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from banger import __version__
-from banger.cli import daemon_cmds, exits, images, lifecycle, output, vm, workspace
+from banger.cli import daemon_cmds, exits, images, lifecycle, output, session, vm, workspace
 from banger.cli.app import App, json_option, pass_app
 from banger.errors import BangerError, Cancelled
 
@@ -61,6 +61,7 @@ for _cmd in (lifecycle.start, lifecycle.stop, lifecycle.restart, lifecycle.delet
              lifecycle.vm_kill):
     vm.vm.add_command(_cmd)
 vm.vm.add_command(workspace.vm_workspace)
+vm.vm.add_command(session.session)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -242,3 +242,54 @@ def op_line(op: dict[str, Any]) -> str:
     pos = f"[{stages.index(stage) + 1}/{len(stages)}] " if stage in stages else ""
     progress = f" {op['progress']}" if op.get("progress") else ""
     return f"{pos}{stage}{progress}"
+
+
+def session_status(s: dict[str, Any]) -> str:
+    """A session's state in a few words: ``running``, ``exited 0``, ``killed (signal 15)``."""
+    if s["state"] != "ended":
+        return str(s["state"])
+    if s.get("signal") is not None:
+        return f"killed (signal {s['signal']})"
+    if s.get("exit_code") is not None:
+        return f"exited {s['exit_code']}"
+    return "ended"
+
+
+def _command(argv: list[str], limit: int = 40) -> str:
+    text = " ".join(argv)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def sessions_table(sessions: list[dict[str, Any]], now: datetime | None = None) -> str:
+    """The ``vm session list`` table."""
+    if not sessions:
+        return "no sessions (start one with `banger vm session start VM -- CMD`)"
+    rows = [[s["ref"], session_status(s), "tty" if s["tty"] else "-",
+             age(str(s["started_at"]), now), _command(s["argv"])
+             + (" (stale)" if s.get("stale") else "")]
+            for s in sessions]
+    return table(["SESSION", "STATE", "TTY", "AGE", "COMMAND"], rows)
+
+
+def session_detail(s: dict[str, Any]) -> str:
+    """``vm session show``: one session, field by field."""
+    items = [
+        ("session", s["ref"]),
+        ("state", session_status(s)),
+        ("command", " ".join(s["argv"])),
+        ("cwd", s["cwd"]),
+        ("tty", "yes" if s["tty"] else "no"),
+        ("pid", str(s["pid"]) if s.get("pid") else "-"),
+        ("started", str(s["started_at"])),
+    ]
+    if s.get("env_keys"):
+        items.append(("env", ", ".join(s["env_keys"])))
+    if s["state"] == "ended":
+        items += [("ended", str(s.get("ended_at") or "-")),
+                  ("reason", s.get("end_reason") or "-")]
+    if "stdout_bytes" in s:
+        items.append(("output", f"{s['stdout_bytes']} B stdout, {s['stderr_bytes']} B stderr"))
+    att = s.get("attached") or {}
+    items.append(("attached", f"{att.get('readers', 0)} reader(s)"
+                              + (", 1 writer" if att.get("writer") else "")))
+    return pairs(items)

@@ -11,6 +11,7 @@ import logging
 
 from banger.daemon.core import Daemon, VMCap
 from banger.daemon.forwards import ForwardCap
+from banger.daemon.sessions import SessionCap
 from banger.daemon.store import VMRecord
 from banger.fsutil import atomic_write
 
@@ -75,8 +76,9 @@ def write_ssh_config(d: Daemon) -> None:
 
 
 def default_caps(d: Daemon) -> list[VMCap]:
-    """The capabilities every daemon runs: DNS names, the SSH config file, port forwards."""
-    return [DNSCap(d), SSHConfigCap(d), ForwardCap(d)]
+    """The capabilities every daemon runs: DNS names, the SSH config file, port forwards,
+    guest sessions."""
+    return [DNSCap(d), SSHConfigCap(d), ForwardCap(d), SessionCap(d)]
 
 
 def _each(d: Daemon, event: str, vm: VMRecord) -> None:

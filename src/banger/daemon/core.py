@@ -54,6 +54,7 @@ from banger.daemon.network import (
 )
 from banger.daemon.oci.blobs import BlobCache
 from banger.daemon.opstate import Operation, Registry
+from banger.daemon.sessionctl import SessionRegistry
 from banger.daemon.store import Store, VMRecord
 from banger.errors import BangerError, InternalError, from_foreign
 from banger.layout import Layout
@@ -130,6 +131,9 @@ class Seams:
     cgroups: Callable[[], CgroupHost] = detect
     # Builds an image by name into a staging dir; replaced in unit tests.
     image_build: Callable[..., Any] | None = None
+    # Waits until a guest says a session's command runs: (guest, name, timeout) ->
+    # GuestSession; None: sessions.wait_ready, which polls the guest.
+    wait_session_ready: Callable[..., Any] | None = None
 
 
 class VMCap(Protocol):
@@ -208,6 +212,7 @@ class Daemon:
             vm_to_vm=cfg.vm_to_vm), self.layout.host_network_state)
         self.vm_dns: VMDNS | None = None
         self.forwards = ForwardTable()  # vm forward: open host listeners by VM
+        self.sessions = SessionRegistry()  # vm session attach: readers and the writer
         self.vm_caps: list[VMCap] = []
         self.cow: CowStrategy | None = self.seams.cow
         self._drivers: dict[str, VMMDriver] = {}

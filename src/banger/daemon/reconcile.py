@@ -133,9 +133,10 @@ def reconcile_vm(d: Daemon, vm: VMRecord) -> None:
             _force_state(d, vm.id, VMState.ERROR, last_error="; ".join(problems))
         elif state != VMState.STOPPED:
             # Forwards added while it ran end with it, as at a stop (forwards.ForwardCap).
-            _force_state(d, vm.id, VMState.STOPPED, stop_reason=reason, booted_at=None,
-                         forwards=None)
+            stopped = _force_state(d, vm.id, VMState.STOPPED, stop_reason=reason,
+                                   booted_at=None, forwards=None)
             log.warning("vm %s: marked stopped (%s)", vm.name, reason)
+            caps.stopped(d, stopped)  # e.g. its sessions ended with it
 
 
 def _force_state(d: Daemon, vm_id: str, state: VMState, **runtime: Any) -> VMRecord:

@@ -23,6 +23,7 @@ from banger.daemon import (
     images,
     kernels,
     ports,
+    sessionrpc,
     vmcreate,
     vmdelete,
     vmegress,
@@ -276,6 +277,7 @@ def register(d: Daemon) -> None:
             d, (r := parse(ForwardParams, p)).name, r.forward),
         "vm.forward.list": lambda p: forwards.list_forwards(
             d, parse(ForwardListParams, p).name),
+        **sessionrpc.methods(d, parse),
         "image.build.begin": image_build_begin,
         **op_methods("image.build", d.image_ops),
         "image.pull.begin": image_pull_begin,

@@ -101,6 +101,7 @@ class Bangerd(Daemon):
         if self.vm_dns is not None:
             self.vm_dns.close()
         self.forwards.close_all()  # re-opened when the next daemon re-adopts the VMs
+        self.sessions.close()  # attachments end; the sessions run on in their guests
         self.tap_pool.drain()
         if self.store is not None:
             self._restore_host_network()

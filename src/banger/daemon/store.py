@@ -89,6 +89,27 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         ALTER TABLE images ADD COLUMN blobs TEXT NOT NULL DEFAULT '[]';
         """,
     ),
+    (
+        5,
+        "guest sessions",
+        """
+        CREATE TABLE sessions (
+            vm_id       TEXT NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+            name        TEXT NOT NULL,
+            argv        TEXT NOT NULL,
+            cwd         TEXT NOT NULL,
+            env_keys    TEXT NOT NULL DEFAULT '[]',
+            tty         INTEGER NOT NULL,
+            state       TEXT NOT NULL,
+            pid         INTEGER,
+            exit_code   INTEGER,
+            end_reason  TEXT,
+            started_at  TEXT NOT NULL,
+            ended_at    TEXT,
+            PRIMARY KEY (vm_id, name)
+        );
+        """,
+    ),
 ]
 
 
@@ -144,6 +165,25 @@ class VMRecord:
     updated_at: datetime = field(default_factory=now)
     # The last workspace prepared into the VM (host path, guest path, base commit, ...).
     workspace: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """A guest session as the daemon last saw it (the guest's own files are the truth
+    while its VM runs; this row is what is known once it stops)."""
+
+    vm_id: str
+    name: str
+    argv: tuple[str, ...]
+    cwd: str
+    tty: bool
+    state: str  # "starting", "running" or "ended"
+    started_at: datetime = field(default_factory=now)
+    env_keys: tuple[str, ...] = ()  # the values are never stored
+    pid: int | None = None
+    exit_code: int | None = None
+    end_reason: str | None = None
+    ended_at: datetime | None = None
 
 
 class Store:
@@ -472,6 +512,71 @@ class Store:
             db.execute("DELETE FROM vms WHERE id = ?", (vm_id,))
 
 
+    # ------------------------------------------------------------ sessions
+
+    def add_session(self, rec: SessionRecord) -> None:
+        """Insert ``rec``.
+
+        Raises:
+            AlreadyExists: the VM already has a session of that name.
+            NotFound: the VM is gone.
+        """
+        try:
+            with self._tx() as db:
+                db.execute(
+                    "INSERT INTO sessions (vm_id, name, argv, cwd, env_keys, tty, state, pid,"
+                    " exit_code, end_reason, started_at, ended_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (rec.vm_id, rec.name, json.dumps(list(rec.argv)), rec.cwd,
+                     json.dumps(list(rec.env_keys)), int(rec.tty), rec.state, rec.pid,
+                     rec.exit_code, rec.end_reason, rec.started_at.isoformat(),
+                     rec.ended_at.isoformat() if rec.ended_at else None),
+                )
+        except sqlite3.IntegrityError as exc:
+            if "FOREIGN KEY" in str(exc):
+                raise NotFound("the VM no longer exists") from exc
+            raise AlreadyExists(
+                f"a session named {rec.name!r} already exists",
+                hint="pick another --name, or remove the ended one with "
+                     "`banger vm session rm VM/NAME`") from exc
+
+    def find_session(self, vm_id: str, name: str) -> SessionRecord | None:
+        """VM ``vm_id``'s session ``name``, or None."""
+        rows = self._query("SELECT * FROM sessions WHERE vm_id = ? AND name = ?", (vm_id, name))
+        return _session(rows[0]) if rows else None
+
+    def list_sessions(self, vm_id: str | None = None) -> list[SessionRecord]:
+        """Sessions of one VM (or all), oldest first."""
+        if vm_id is None:
+            rows = self._query("SELECT * FROM sessions ORDER BY started_at, name")
+        else:
+            rows = self._query("SELECT * FROM sessions WHERE vm_id = ? ORDER BY started_at,"
+                               " name", (vm_id,))
+        return [_session(r) for r in rows]
+
+    def update_session(self, rec: SessionRecord, **changes: Any) -> SessionRecord:
+        """Persist ``changes`` to the session's state fields; returns the new record.
+
+        Raises:
+            NotFound: the session (or its VM) was removed meanwhile.
+        """
+        new = replace(rec, **changes)
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE sessions SET state = ?, pid = ?, exit_code = ?, end_reason = ?,"
+                " started_at = ?, ended_at = ? WHERE vm_id = ? AND name = ?",
+                (new.state, new.pid, new.exit_code, new.end_reason, new.started_at.isoformat(),
+                 new.ended_at.isoformat() if new.ended_at else None, rec.vm_id, rec.name))
+            if cur.rowcount == 0:
+                raise NotFound(f"session {rec.name!r} no longer exists")
+        return new
+
+    def delete_session(self, vm_id: str, name: str) -> None:
+        """Delete a session row; a missing one is not an error."""
+        with self._tx() as db:
+            db.execute("DELETE FROM sessions WHERE vm_id = ? AND name = ?", (vm_id, name))
+
+
 def _statements(sql: str) -> Iterator[str]:
     for stmt in sql.split(";"):
         if stmt.strip():
@@ -510,3 +615,13 @@ def _require_kernel(db: sqlite3.Connection, name: str) -> None:
     """Inside a transaction: refuse a reference to a kernel that is not registered."""
     if not db.execute("SELECT 1 FROM kernels WHERE name = ?", (name,)).fetchone():
         raise NotFound(f"no kernel named {name!r}", hint="see `banger kernel list`")
+
+
+def _session(r: sqlite3.Row) -> SessionRecord:
+    return SessionRecord(
+        vm_id=r["vm_id"], name=r["name"], argv=tuple(json.loads(r["argv"])), cwd=r["cwd"],
+        tty=bool(r["tty"]), state=r["state"], started_at=datetime.fromisoformat(r["started_at"]),
+        env_keys=tuple(json.loads(r["env_keys"])), pid=r["pid"], exit_code=r["exit_code"],
+        end_reason=r["end_reason"],
+        ended_at=datetime.fromisoformat(r["ended_at"]) if r["ended_at"] else None,
+    )
