@@ -15,9 +15,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 
-from banger.daemon import sessions, vmcreate, vmdelete, vmpower
+from banger.cli.attach import KeyFilter
+from banger.cli.session import split_ref
+from banger.daemon import sessionctl, sessions, vmcreate, vmdelete, vmpower
 from banger.daemon.core import Daemon
 from banger.daemon.session import scripts
 from banger.daemon.session.status import parse_logs, parse_status
@@ -179,7 +182,6 @@ def test_an_abandoned_writer_lease_lapses(daemon: Daemon, box: str,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     start(daemon, "cat", name="abandoned")
     sessions.attach(daemon, "box", "abandoned", write=True)
-    from banger.daemon import sessionctl
     monkeypatch.setattr(sessionctl, "LEASE_S", -1.0)  # every lease has run out
     w = sessions.attach(daemon, "box", "abandoned", write=True)
     assert w["writer"] and LEASE_S > 0
@@ -281,3 +283,22 @@ def test_a_logs_reply_must_match_its_header() -> None:
                 b"nohead", b"3 2\nabcde", b"3 2 2\nabcde"):
         with pytest.raises(GuestError):
             parse_logs(bad, cap=10)
+
+
+# ------------------------------------------------------------------ the CLI side
+
+
+def test_ctrl_p_ctrl_q_detaches_and_a_lone_ctrl_p_is_passed_on() -> None:
+    keys = KeyFilter()
+    assert keys.feed(b"ls\r") == (b"ls\r", False)
+    assert keys.feed(b"a\x10") == (b"a", False)  # held: it may start the sequence
+    assert keys.feed(b"x") == (b"\x10x", False)  # it did not
+    assert keys.feed(b"\x10\x10") == (b"\x10", False)
+    assert keys.feed(b"\x11rest") == (b"", True)
+
+
+def test_session_refs_are_vm_slash_name() -> None:
+    assert split_ref("web/server") == ("web", "server")
+    for bad in ("web", "web/", "/server", "a/b/c"):
+        with pytest.raises(click.UsageError, match="VM/NAME"):
+            split_ref(bad)
