@@ -302,3 +302,13 @@ def test_session_refs_are_vm_slash_name() -> None:
     for bad in ("web", "web/", "/server", "a/b/c"):
         with pytest.raises(click.UsageError, match="VM/NAME"):
             split_ref(bad)
+
+
+def test_a_lease_does_not_lapse_during_a_slow_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    ctl = sessionctl.Controller("vm", "s")
+    w = ctl.attach(writer=True)
+    with ctl.held(w.id):
+        monkeypatch.setattr(sessionctl, "LEASE_S", -1.0)  # every idle lease has run out
+        with pytest.raises(Busy):  # but this one is in a call: still the writer
+            ctl.attach(writer=True)
+    assert ctl.attach(writer=True).writer  # after the call it lapses

@@ -25,7 +25,7 @@ from banger.errors import BangerError
 
 DETACH = (0x10, 0x11)  # Ctrl-P, Ctrl-Q
 POLL_S = 5.0  # long-poll wait per logs call (well inside the attachment's lease)
-CALL_TIMEOUT_S = 90.0
+CALL_TIMEOUT_S = 300.0  # a logs call: the daemon's own guest step is bounded at 90 s + wait
 
 
 def write_out(reply: dict[str, Any]) -> bool:

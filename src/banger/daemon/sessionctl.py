@@ -4,7 +4,8 @@
 someone attached to, made on first use and dropped with its VM (stop or delete) or
 with the session (``session rm``). A controller tracks its attachments: any number of
 readers and at most one writer. An attachment is a lease: it ends when the client
-detaches or after :data:`LEASE_S` without a call from it (a client that died).
+detaches or after :data:`LEASE_S` without a call from it (a client that died); a call
+in progress (a long-polled read, however slow the guest) holds it.
 
 Locks: the registry's ``_mu`` and each controller's ``_attach_mu`` (readers) and
 ``_write_mu`` (the writer) are leaves; they guard these fields only and are never
@@ -21,14 +22,16 @@ import secrets
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from banger.errors import Busy, NotFound
 
 log = logging.getLogger("banger.sessions")
 
-LEASE_S = 30.0  # an attachment not heard from for this long is gone (the CLI polls every 5 s)
+# An attachment not heard from for this long is gone (the CLI calls every 5 s or so, but a
+# loaded TCG guest can take a minute to answer one ssh).
+LEASE_S = 120.0
 QUEUE_CHUNKS = 256  # pending writes per writer before `write` refuses (the guest stalls)
 MAX_WRITE = 64 << 10  # bytes per write call
 
@@ -95,6 +98,7 @@ class Attachment:
     name: str
     writer: bool
     last_seen: float
+    calls: int = 0  # calls in progress on its behalf (it does not expire during one)
 
 
 class Controller:
@@ -168,6 +172,24 @@ class Controller:
             self._readers.pop(att_id, None)
         raise NotFound("this attachment has ended", hint="attach again")
 
+    @contextlib.contextmanager
+    def held(self, att_id: str) -> Iterator[Attachment]:
+        """Attachment ``att_id``, kept alive for the ``with`` block (a read in progress).
+
+        Raises:
+            NotFound: no such attachment.
+        """
+        att = self.touch(att_id)
+        mu = self._write_mu if att.writer else self._attach_mu  # the one guarding att
+        with mu:
+            att.calls += 1
+        try:
+            yield att
+        finally:
+            with mu:
+                att.calls -= 1
+                att.last_seen = time.monotonic()
+
     def stream_for(self, att_id: str) -> Writer:
         """The guest stream of writer ``att_id``.
 
@@ -214,7 +236,7 @@ class Controller:
 
 
 def _expired(att: Attachment) -> bool:
-    return time.monotonic() - att.last_seen > LEASE_S
+    return att.calls == 0 and time.monotonic() - att.last_seen > LEASE_S
 
 
 class SessionRegistry:

@@ -386,8 +386,13 @@ def logs(d: Daemon, vm_ref: str, name: str, *, cursor: str = "0:0", wait_s: floa
     Raises:
         NotRunning: the VM is not running (the logs are on its work disk).
     """
-    if attachment is not None:
-        d.sessions.by_attachment(attachment).touch(attachment)
+    if attachment is None:
+        return _logs(d, vm_ref, name, cursor, wait_s)
+    with d.sessions.by_attachment(attachment).held(attachment):
+        return _logs(d, vm_ref, name, cursor, wait_s)
+
+
+def _logs(d: Daemon, vm_ref: str, name: str, cursor: str, wait_s: float) -> dict[str, Any]:
     out_off, err_off = parse_cursor(cursor)
     vm = resolve(d, vm_ref)
     rec = _session(d, vm, name)
