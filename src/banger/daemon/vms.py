@@ -171,6 +171,7 @@ def ssh_info(d: Daemon, ref: str) -> dict[str, Any]:
     return SSHInfo(name=vm.name, ip=vm.ip, user=GUEST_USER, key_path=str(d.layout.key_path),
                    known_hosts=str(d.layout.known_hosts),
                    workdir=ws.get("guest_path") if ws.get("prepared") else None,
+                   control_path=str(control) if (control := d.ssh_control(vm.id)) else None,
                    ).model_dump(mode="json")
 
 
