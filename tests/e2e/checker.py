@@ -52,19 +52,16 @@ def problems(host: Host) -> list[str]:
 
 
 def ssh_master_vms(host: Host) -> list[str]:
-    """The VM ids of this host's live OpenSSH masters: a master names itself
-    ``ssh: <runtime_dir>/vms/<id>/ssh/<boot> [mux]``."""
+    """The VM ids of this host's live OpenSSH masters (``ssh: <runtime_dir>/vms/<id>/ssh/<boot>
+    [mux]``)."""
     prefix = f"ssh: {host.run_dir}/vms/"
     ids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
+    for pid in host.ssh_master_pids():
         try:
-            title = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            title = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")[0]
         except OSError:
             continue
-        if title.startswith(prefix) and title.rstrip().endswith("[mux]"):
-            ids.append(title.removeprefix(prefix).split("/")[0])
+        ids.append(title.decode(errors="replace").removeprefix(prefix).split("/")[0])
     return ids
 
 
