@@ -323,3 +323,7 @@ class SSHInfo(Model):
     # The socket of the OpenSSH master this boot's commands share (bangerd's, in a 0700
     # directory it owns); the CLI uses it only when it runs as that directory's owner.
     control_path: str | None = None
+    # Who answered: the CLI's fast path (banger.cli.quick) trusts this reply only from a
+    # daemon of its own version that read a config file with the same bytes as it did.
+    daemon_version: str | None = None
+    config_sha256: str | None = None

@@ -216,11 +216,10 @@ def test_private_control_path_wants_a_0700_directory_of_this_user(tmp_path: Path
 
 
 class FakeBangerd:
-    """A Unix socket answering ``daemon.ping`` and ``vm.ssh_info`` as bangerd does."""
+    """A Unix socket answering ``vm.ssh_info`` as bangerd does."""
 
     def __init__(self, path: Path, config_sha256: str, info: dict[str, Any]) -> None:
-        self.sha = config_sha256
-        self.info = info
+        self.info = {**info, "daemon_version": __version__, "config_sha256": config_sha256}
         self.methods: list[str] = []
         self.sock = socket.socket(socket.AF_UNIX)
         self.sock.bind(str(path))
@@ -237,19 +236,13 @@ class FakeBangerd:
                 req = json.loads(conn.makefile("rb").readline())
                 assert req["protocol"] == PROTOCOL_VERSION
                 self.methods.append(req["method"])
-                if req["method"] == "daemon.ping":
-                    result: Any = {"pong": True, "version": __version__,
-                                   "protocol": PROTOCOL_VERSION,
-                                   "config": {"sha256": self.sha}}
-                    conn.sendall(json.dumps({"id": req["id"], "result": result}).encode()
-                                 + b"\n")
-                elif self.info:
-                    conn.sendall(json.dumps({"id": req["id"], "result": self.info}).encode()
-                                 + b"\n")
+                if self.info.get("ip"):
+                    reply: dict[str, Any] = {"id": req["id"], "result": self.info}
                 else:
-                    conn.sendall(json.dumps({"id": req["id"], "error": {
+                    reply = {"id": req["id"], "error": {
                         "code": -32000, "message": "VM 'web' is stopped, not running",
-                        "data": {"code": "not_running"}}}).encode() + b"\n")
+                        "data": {"code": "not_running"}}}
+                conn.sendall(json.dumps(reply).encode() + b"\n")
 
 
 @pytest.fixture
@@ -282,7 +275,7 @@ def test_fast_exec_runs_ssh_over_the_shared_master(tmp_path: Path,
     daemon = FakeBangerd(tmp_path / "run" / "bangerd.sock", _digest(fast_env), info)
     status = quick.exec_fast(["vm", "exec", "web", "--", "echo", "a b"], fast_env)
     assert status == 7
-    assert daemon.methods == ["daemon.ping", "vm.ssh_info"]
+    assert daemon.methods == ["vm.ssh_info"]
     argv = (tmp_path / "ssh-argv").read_text().splitlines()
     assert f"ControlPath={ssh_dir / '0123abcd'}" in argv
     assert argv[-1] == "cd /root/repo && echo 'a b'; exit $?"
@@ -303,7 +296,7 @@ def test_fast_exec_leaves_everything_else_to_the_full_cli(tmp_path: Path,
     assert quick.exec_fast(args, fast_env) is None  # no daemon: the full CLI starts it
     other = FakeBangerd(sock, "another config", info)
     assert quick.exec_fast(args, fast_env) is None  # it warns about the config drift
-    assert other.methods == ["daemon.ping"]
+    assert other.methods == ["vm.ssh_info"]
     other.sock.close()
     sock.unlink()
     FakeBangerd(sock, _digest(fast_env), {})  # an error: the full CLI reports it

@@ -3,9 +3,11 @@
 A guest command over the VM's shared ssh master takes tens of milliseconds, while
 importing the whole CLI (click, pydantic, every command module) takes several
 times that. :func:`exec_fast` runs the plain form ``banger vm exec NAME -- CMD...``
-with the standard library and :mod:`banger.sshopts` only: the config file is read
-for ``runtime_dir`` alone, and its digest stands in for validating it (bangerd
-reports the digest of the file it started with). Anything else, and anything that
+with the standard library and :mod:`banger.sshopts` only, and one RPC
+(``vm.ssh_info``): the config file is read for ``runtime_dir`` alone, and its
+digest stands in for validating it (bangerd's reply carries its version and the
+digest of the config file it started with, so a daemon whose config differs gets
+the full CLI's warning). Anything else, and anything that
 does not go as expected (no daemon, another version, another config, any error),
 returns None, and the full CLI does the command from the start and reports errors
 its usual way. Nothing here has side effects before the guest command runs, so
@@ -31,8 +33,8 @@ from banger.sshopts import private_control_path, ssh_argv
 
 # What a VM name is (banger.names.check_name, without importing its error tree).
 _NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
-# Budgets for the two RPCs: bangerd answers both from memory and SQLite, in
-# milliseconds; past this the full CLI takes over with its own handling.
+# Budget for the RPC: bangerd answers it from memory and SQLite, in milliseconds;
+# past this the full CLI takes over with its own handling.
 RPC_TIMEOUT_S = 5.0
 # Config.runtime_dir's default (banger.config).
 DEFAULT_RUNTIME_DIR = "/run/banger"
@@ -101,13 +103,9 @@ def exec_fast(args: list[str], env: dict[str, str] | None = None) -> int | None:
     if found is None:
         return None
     runtime_dir, digest = found
-    sock = os.path.join(runtime_dir, "bangerd.sock")
-    status = _call(sock, "daemon.ping", {})
-    if not isinstance(status, dict) or status.get("version") != __version__ \
-            or (status.get("config") or {}).get("sha256") != digest:
-        return None
-    info = _call(sock, "vm.ssh_info", {"name": name})
-    if not isinstance(info, dict):
+    info = _call(os.path.join(runtime_dir, "bangerd.sock"), "vm.ssh_info", {"name": name})
+    if not isinstance(info, dict) or info.get("daemon_version") != __version__ \
+            or info.get("config_sha256") != digest:
         return None
     return run_ssh(info, command, interactive=False)
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from banger import __version__
-from banger.api import PROTOCOL_VERSION, VMState, config_hash, config_values
+from banger import PROTOCOL_VERSION, __version__
+from banger.api import VMState, config_hash, config_values
 from banger.config import Config
 from banger.daemon import vmmselect
 from banger.daemon.cgroups import CgroupHost, detect
