@@ -1,3 +1,6 @@
 """banger: one-command development sandboxes on microVMs."""
 
 __version__ = "0.1.0"
+# The JSON-RPC protocol version every request names (banger.api); here so the CLI's
+# fast path (banger.cli.quick) has it without importing pydantic.
+PROTOCOL_VERSION = 1

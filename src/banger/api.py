@@ -17,10 +17,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from banger import PROTOCOL_VERSION
 from banger.config import Config
 from banger.errors import BadRequest, BadVersion, BangerError
 
-PROTOCOL_VERSION = 1
 MAX_FRAME = 1 << 20  # 1 MiB: generous for any request banger sends, small enough to bound memory
 
 # JSON-RPC 2.0 numeric codes (jsonrpc.org/specification section 5.1); banger's
@@ -320,3 +320,10 @@ class SSHInfo(Model):
     key_path: str
     known_hosts: str
     workdir: str | None = None
+    # The socket of the OpenSSH master this boot's commands share (bangerd's, in a 0700
+    # directory it owns); the CLI uses it only when it runs as that directory's owner.
+    control_path: str | None = None
+    # Who answered: the CLI's fast path (banger.cli.quick) trusts this reply only from a
+    # daemon of its own version that read a config file with the same bytes as it did.
+    daemon_version: str | None = None
+    config_sha256: str | None = None

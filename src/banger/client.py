@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from banger import api
+from banger import PROTOCOL_VERSION, api
 from banger.config import Config
 from banger.errors import BangerError, DaemonUnavailable, from_code
 from banger.fsutil import tail
@@ -47,7 +47,7 @@ class Client:
         """
         req = {"jsonrpc": "2.0", "id": next(_ids), "method": method,
                "params": {k: v for k, v in params.items() if v is not None},
-               "protocol": api.PROTOCOL_VERSION}
+               "protocol": PROTOCOL_VERSION}
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 s.settimeout(CONNECT_TIMEOUT_S)

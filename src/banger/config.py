@@ -7,6 +7,7 @@ exist. Unknown keys are refused so a typo is not silently ignored.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import posixpath
@@ -279,22 +280,29 @@ def load_config(path: Path | None = None) -> Config:
     Raises:
         BadRequest: the file is missing (explicit path), unreadable or invalid.
     """
+    return read_config(path)[0]
+
+
+def read_config(path: Path | None = None) -> tuple[Config, str]:
+    """:func:`load_config`, and the SHA-256 of the bytes it parsed (of no bytes when
+    the default file is absent): two configs with one digest have the same values."""
     path = path or config_path()
-    data: dict[str, Any] = {}
+    raw = b""
     try:
-        with path.open("rb") as fh:
-            data = tomllib.load(fh)
+        raw = path.read_bytes()
     except FileNotFoundError as exc:
         if path != default_config_path():
             raise BadRequest(
                 f"config file {path} does not exist",
                 hint="create it, or drop --config / BANGER_CONFIG to use "
                      f"{default_config_path()} (optional) and the defaults") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise BadRequest(f"{path}: {exc}", hint="fix the TOML syntax") from exc
     except OSError as exc:
         raise BadRequest(f"cannot read config {path}: {exc.strerror}") from exc
-    return parse_config(data, source=str(path))
+    try:
+        data = tomllib.loads(raw.decode())
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise BadRequest(f"{path}: {exc}", hint="fix the TOML syntax") from exc
+    return parse_config(data, source=str(path)), hashlib.sha256(raw).hexdigest()
 
 
 def parse_config(data: dict[str, Any], source: str = "config") -> Config:

@@ -19,6 +19,9 @@ UNIX_PATH_MAX = 108
 # Hex digits of the install tag: 16.7 million tags make two state dirs on one host
 # sharing one unlikely, and "bgt" + 6 + 6 random digits fits a 15-character TAP name.
 INSTALL_TAG_HEX = 6
+# OpenSSH binds a master's socket as "<ControlPath>.<16 random characters>" and then
+# renames it into place (mux.c, muxserver_listen), so that name must fit as well.
+SSH_BIND_SUFFIX = 17
 
 
 def install_tag(state_dir: Path) -> str:
@@ -104,6 +107,22 @@ class VMPaths:
     def vsock_socket(self) -> Path:
         """``vsock.sock``: the host end of Firecracker's vsock device (FC driver)."""
         return check_socket_path(self.run / "vsock.sock")
+
+    @property
+    def ssh_dir(self) -> Path:
+        """``ssh/``: the directory (0700) of the VM's shared OpenSSH master sockets, made
+        by ``Daemon.ssh_control`` and removed with the rest of ``run`` at teardown."""
+        return self.run / "ssh"
+
+    def ssh_control(self, boot: str) -> Path | None:
+        """``ssh/<boot>``: the socket of the OpenSSH master this boot's guest commands share
+        (``boot`` changes at every VMM launch: ``guest.boot_key``), or None when it would
+        not fit in ``sun_path`` with the suffix OpenSSH binds it under first. Commands then
+        run without a shared connection, as they would with no master."""
+        path = self.ssh_dir / boot
+        if len(str(path).encode()) + SSH_BIND_SUFFIX >= UNIX_PATH_MAX:
+            return None
+        return path
 
     @property
     def metrics(self) -> Path:

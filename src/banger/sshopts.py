@@ -1,10 +1,16 @@
-"""The OpenSSH options banger uses, shared by the daemon's guest channel and the CLI."""
+"""The OpenSSH options banger uses, shared by the daemon's guest channel and the CLI.
+
+Guest commands share one OpenSSH master connection per VM boot (connection
+multiplexing: ``ControlMaster``/``ControlPath``/``ControlPersist``). The first
+command to a booted VM logs in and leaves a master behind; later ones open a session
+over it, which costs a few milliseconds instead of a key exchange and a login.
+"""
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
-
-from banger.fsutil import atomic_write
 
 GUEST_USER = "root"
 
@@ -13,6 +19,55 @@ GUEST_USER = "root"
 # starts early in boot) can take more than 5 s to send a banner while the rest of its
 # boot competes for the host's CPUs.
 CONNECT_TIMEOUT_S = 20
+
+
+# How long a master with no session left stays up (ssh_config(5) ControlPersist). Long
+# enough that a burst of commands (an edit-run loop, a workspace prepare's steps) pays
+# one login; short enough that an idle VM holds no ssh process for long. The next
+# command after it expired logs in again and starts a new master.
+CONTROL_PERSIST_S = 90
+
+
+def mux_options(control_path: Path | None) -> list[str]:
+    """``-o`` options that share the master at ``control_path``, starting it if none runs.
+
+    ``ControlMaster=auto``: use a live master, else become one; a socket whose master
+    died is unlinked and replaced, and one that cannot be used at all (bound by
+    another client a moment earlier) falls back to a connection of this command's
+    own. ``None`` turns sharing off.
+    """
+    if control_path is None:
+        return ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
+    return [
+        "-o", "ControlMaster=auto",
+        # ssh expands %-tokens in ControlPath: a literal % must be doubled.
+        "-o", "ControlPath=" + str(control_path).replace("%", "%%"),
+        "-o", f"ControlPersist={CONTROL_PERSIST_S}",
+    ]
+
+
+def private_control_path(path: str | Path | None) -> tuple[Path | None, str]:
+    """``path`` if this process may share the master there, else None and why not.
+
+    A master runs commands as whoever reaches its socket, so only a directory owned by
+    this process's effective user and closed to everyone else (mode 0700, not a
+    symlink) will do: a CLI run as another user than bangerd's never uses (or makes)
+    bangerd's master, and runs its command over a connection of its own instead.
+    """
+    if path is None:
+        return None, "the VM has no shared connection"
+    control = Path(path)
+    try:
+        st = os.lstat(control.parent)
+    except OSError as exc:
+        return None, f"{control.parent} cannot be read: {exc.strerror}"
+    if not stat.S_ISDIR(st.st_mode):
+        return None, f"{control.parent} is not a directory"
+    if st.st_uid != os.geteuid():
+        return None, f"{control.parent} belongs to uid {st.st_uid}, not to this user"
+    if st.st_mode & 0o077:
+        return None, f"{control.parent} is open to other users (mode {st.st_mode & 0o777:o})"
+    return control, ""
 
 
 def ssh_options(key_path: Path, known_hosts: Path, *, batch: bool = True,
@@ -38,9 +93,12 @@ def ssh_options(key_path: Path, known_hosts: Path, *, batch: bool = True,
 
 
 def ssh_argv(ssh_bin: str, key_path: Path, known_hosts: Path, ip: str, *,
-             tty: bool = False, batch: bool = True) -> list[str]:
-    """``ssh [opts] root@ip`` without the remote command."""
-    argv = [ssh_bin, *ssh_options(key_path, known_hosts, batch=batch)]
+             tty: bool = False, batch: bool = True,
+             control_path: Path | None = None) -> list[str]:
+    """``ssh [opts] root@ip`` without the remote command, over the master at
+    ``control_path`` when one is given (see :func:`mux_options`)."""
+    argv = [ssh_bin, *ssh_options(key_path, known_hosts, batch=batch),
+            *mux_options(control_path)]
     argv.append("-tt" if tty else "-T")
     argv.append(f"{GUEST_USER}@{ip}")
     return argv
@@ -48,6 +106,10 @@ def ssh_argv(ssh_bin: str, key_path: Path, known_hosts: Path, ip: str, *,
 
 def forget_host(known_hosts: Path, host: str) -> None:
     """Drop ``host``'s entries from known_hosts (a deleted VM's address gets reused)."""
+    # Imported here: the CLI's fast path (banger.cli.quick) imports this module and
+    # never needs it.
+    from banger.fsutil import atomic_write
+
     try:
         lines = known_hosts.read_text().splitlines(keepends=True)
     except FileNotFoundError:
@@ -55,3 +117,10 @@ def forget_host(known_hosts: Path, host: str) -> None:
     kept = [ln for ln in lines if host not in ln.split(" ", 1)[0].split(",")]
     if kept != lines:
         atomic_write(known_hosts, "".join(kept).encode(), 0o600)
+
+
+def end_master_argv(ssh_bin: str, control_path: Path) -> list[str]:
+    """``ssh -O exit``: ask the master at ``control_path`` to close its connection and exit
+    (it removes its socket); fails harmlessly when no master listens there."""
+    return [ssh_bin, "-F", "/dev/null", "-o", "ControlPath=" + str(control_path).replace("%", "%%"),
+            "-O", "exit", "banger-guest"]

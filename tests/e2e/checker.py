@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from tests.e2e.conftest import Host
@@ -41,10 +42,27 @@ def problems(host: Host) -> list[str]:
     stray = run_dirs - {v["id"] for v in running}
     if stray:
         out.append(f"runtime dirs of non-running VMs: {sorted(stray)}")
+    leaked = {vm_id for vm_id in ssh_master_vms(host) if vm_id not in {v["id"] for v in running}}
+    if leaked:
+        out.append(f"ssh masters of non-running VMs: {sorted(leaked)}")
     for vm in running:
         if by_name[vm["name"]]["pid"] is None:
             out.append(f"{vm['name']} runs without a pid")
     return out
+
+
+def ssh_master_vms(host: Host) -> list[str]:
+    """The VM ids of this host's live OpenSSH masters (``ssh: <runtime_dir>/vms/<id>/ssh/<boot>
+    [mux]``)."""
+    prefix = f"ssh: {host.run_dir}/vms/"
+    ids = []
+    for pid in host.ssh_master_pids():
+        try:
+            title = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")[0]
+        except OSError:
+            continue
+        ids.append(title.decode(errors="replace").removeprefix(prefix).split("/")[0])
+    return ids
 
 
 def assert_consistent(host: Host, settle_s: float = 30.0) -> None:

@@ -284,6 +284,21 @@ class Host:
         devs = json.loads(out).get("loopdevices", []) if out.strip() else []
         return [d["name"] for d in devs if str(self.state) in str(d.get("back-file") or "")]
 
+    def ssh_master_pids(self) -> list[int]:
+        """This host's OpenSSH masters: each names itself ``ssh: <ControlPath> [mux]``, and
+        bangerd's live under ``<runtime_dir>/vms/``."""
+        prefix = f"ssh: {self.run_dir}/vms/".encode()
+        pids = []
+        for p in Path("/proc").iterdir():
+            if p.name.isdigit():
+                try:
+                    title = (p / "cmdline").read_bytes().split(b"\0")[0]
+                except OSError:
+                    continue
+                if title.startswith(prefix) and title.rstrip().endswith(b"[mux]"):
+                    pids.append(int(p.name))
+        return pids
+
     def register_image(self, image: CachedImage, name: str = IMAGE) -> None:
         self.ok("image", "register", "--name", name, "--rootfs", str(image.rootfs),
                 "--kernel", str(image.kernel), "--initrd", str(image.initrd))
@@ -320,7 +335,7 @@ def destroy_host(host: Host) -> None:
         for vm in json.loads(host.cli("vm", "list", "--json").stdout or "[]"):
             host.cli("vm", "delete", vm["name"], timeout=120)
         host.stop_daemon()
-    for pid in host.vmm_pids():
+    for pid in host.vmm_pids() + host.ssh_master_pids():
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, 9)
     for loop in host.loops():

@@ -13,6 +13,7 @@ import pytest
 
 from banger.daemon.dmsnap import dm_snapshot_supported
 from tests.childsignals import with_default_signals
+from tests.e2e.checker import ssh_master_vms
 from tests.e2e.conftest import CACHE, Host
 
 pytestmark = pytest.mark.e2e
@@ -170,18 +171,30 @@ def test_state_errors_logs_list_and_ports(host: Host, running_vm: str) -> None:
 
 
 def test_kill_and_restart(host: Host, running_vm: str) -> None:
-    pid = host.json("vm", "show", running_vm)["pid"]
+    shown = host.json("vm", "show", running_vm)
+    pid, vm_id = shown["pid"], shown["id"]
+    # Guest commands share one ssh master per boot, which ends with the VM.
+    assert host.ok("vm", "exec", running_vm, "--", "true") == ""
+    assert ssh_master_vms(host) == [vm_id]
     killed = host.json("vm", "kill", running_vm)
     assert killed["state"] == "stopped" and "SIGKILL" in killed["stop_reason"]
     assert pid not in host.vmm_pids()
+    assert ssh_master_vms(host) == []
     host.ok("vm", "start", running_vm)
     first = host.json("vm", "show", running_vm)["pid"]
+    first_sockets = sorted(p.name for p in (host.run_dir / "vms" / vm_id / "ssh").iterdir())
     restarted = host.cli("vm", "restart", running_vm)
     assert restarted.returncode == 0, restarted.stderr
     assert "[2/6] wait-poweroff" in restarted.stderr and "[6/6] wait-ssh" in restarted.stderr
     second = host.json("vm", "show", running_vm)
     assert second["state"] == "running" and second["pid"] != first
     assert host.ok("vm", "exec", running_vm, "--", "true") == ""
+    # The new boot has a master of its own, under another name.
+    sockets = sorted(p.name for p in (host.run_dir / "vms" / vm_id / "ssh").iterdir())
+    assert len(sockets) == 1 and sockets != first_sockets
+    assert ssh_master_vms(host) == [vm_id]
+    host.ok("vm", "stop", running_vm)
+    assert ssh_master_vms(host) == []
 
 
 def test_guest_poweroff_is_noticed(host: Host, running_vm: str) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 import pytest
 
-from banger.cli.app import remote_command
+from banger.cli.quick import remote_command
 from banger.cli.vm import split_run_args
 
 

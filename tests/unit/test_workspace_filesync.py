@@ -112,8 +112,9 @@ def test_sync_files_copies_only_what_the_config_owner_may_read(
         {"host": str(base / "link"), "guest": "/root/link"},
     ]})
     guest = Recorder()
-    d = SimpleNamespace(cfg=cfg, runner=SubprocessRunner(), dial=lambda ip: guest)
-    warnings = sync_files(cast(Any, d), cast(Any, SimpleNamespace(name="vm", ip=guest.ip)))
+    d = SimpleNamespace(cfg=cfg, runner=SubprocessRunner(), dial=lambda vm_id, ip: guest)
+    vm = SimpleNamespace(id="0123456789ab", name="vm", ip=guest.ip)
+    warnings = sync_files(cast(Any, d), cast(Any, vm))
     assert guest.inputs == [b"user token\n"]
     assert len(warnings) == 2
     assert "cannot read" in warnings[0] and str(secret) in warnings[0]

@@ -1,12 +1,9 @@
-"""What every command shares: the :class:`App` context, ``--json``, following an
-operation's progress, and running the system ``ssh`` into a VM."""
+"""What every command shares: the :class:`App` context, ``--json`` and following an
+operation's progress. Running the system ``ssh`` into a VM is :mod:`banger.cli.quick`'s."""
 
 from __future__ import annotations
 
 import os
-import shlex
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +15,6 @@ from banger.client import Client, connect
 from banger.config import Config, config_path, load_config
 from banger.errors import BadName, from_code
 from banger.names import check_name
-from banger.sshopts import ssh_argv
 
 
 @dataclass
@@ -80,48 +76,6 @@ def name_arg(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
         except BadName as exc:
             raise click.BadParameter(f"{exc.message} ({exc.hint})") from None
     return value
-
-
-def remote_command(command: list[str], *, workdir: str | None, shell_string: bool) -> str:
-    """The command line the guest's login shell runs for ``vm exec``/``vm ssh``.
-
-    ``shell_string`` (``vm ssh``) joins the words with spaces and lets the guest's
-    shell interpret them, exactly as OpenSSH does (``'a; b'`` runs two commands);
-    otherwise (``vm exec``) every word is quoted, so argv arrives unchanged.
-
-    The command never replaces the shell (no ``exec``): the shell outlives it and
-    reports a death by signal N as status 128+N, like any shell. With no command
-    the result starts an interactive login shell (empty when there is no workdir
-    either: ssh's own default).
-    """
-    if shell_string:
-        body = f"eval {shlex.quote(' '.join(command))}" if command else ""
-    else:
-        body = " ".join(shlex.quote(c) for c in command)
-    cd = f"cd {shlex.quote(workdir)} && " if workdir else ""
-    if not body:
-        return f'{cd}exec "$SHELL" -l' if workdir else ""
-    # "; exit $?" keeps the shell from exec'ing the last command (bash does for a
-    # lone one), so a signal death still comes back as an exit status.
-    return f"{cd}{body}; exit $?"
-
-
-def run_ssh(info: dict[str, Any], command: list[str], *, interactive: bool,
-            shell_string: bool = False) -> int:
-    """Run the system ssh into a VM; returns its exit status (the remote command's).
-
-    A guest command killed by signal N gives 128+N (see :func:`remote_command`).
-    """
-    tty = sys.stdin.isatty() and sys.stdout.isatty()
-    argv = ssh_argv("ssh", Path(info["key_path"]), Path(info["known_hosts"]), info["ip"],
-                    tty=tty and (interactive or bool(command)), batch=False)
-    remote = remote_command(command, workdir=info.get("workdir"), shell_string=shell_string)
-    if remote:
-        argv.append(remote)
-    try:
-        return subprocess.call(argv)
-    except KeyboardInterrupt:
-        return 130
 
 
 def follow(app: App, client: Client, op: dict[str, Any], kind: str) -> Any:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from banger.config import config_path, load_config
+from banger.config import config_path, read_config
 from banger.errors import BangerError
 
 
@@ -20,8 +20,8 @@ def run(config_file: Path | None, log_stderr: bool) -> None:
     from banger.daemon import Bangerd
 
     path = config_file or config_path()
-    cfg = load_config(path)
-    d = Bangerd.open(cfg, log_to_stderr=log_stderr, config_file=path)
+    cfg, digest = read_config(path)
+    d = Bangerd.open(cfg, log_to_stderr=log_stderr, config_file=path, config_sha256=digest)
     try:
         d.serve()
     finally:

@@ -16,7 +16,8 @@ from typing import Any
 import click
 
 from banger.cli import exits, output
-from banger.cli.app import App, follow, json_option, name_arg, pass_app, run_ssh
+from banger.cli.app import App, follow, json_option, name_arg, pass_app
+from banger.cli.quick import run_ssh
 from banger.cli.workspace import fetch_patch, prepared_text
 from banger.client import Client
 from banger.errors import BangerError
@@ -232,7 +233,8 @@ def vm_ssh(app: App, name: str, command: tuple[str, ...]) -> int:
     the command's; a command killed by signal N gives 128+N.
     """
     info = app.client().call("vm.ssh_info", name=name)
-    return run_ssh(info, list(command), interactive=not command, shell_string=True)
+    return run_ssh(info, list(command), interactive=not command, shell_string=True,
+                   debug=app.debug)
 
 
 @vm.command("exec", context_settings={"ignore_unknown_options": True})
@@ -268,7 +270,7 @@ def vm_exec(app: App, name: str, command: tuple[str, ...], auto_prepare: bool,
             prepared = follow(app, client, op, "vm.workspace.prepare")
             click.echo(prepared_text(prepared), err=True)  # stdout is the command's
     info = client.call("vm.ssh_info", name=name)
-    return run_ssh(info, list(command), interactive=False)
+    return run_ssh(info, list(command), interactive=False, debug=app.debug)
 
 
 class _RunCommand(click.Command):
@@ -379,7 +381,7 @@ def vm_run(app: App, /, remove: bool, detach: bool, workspace_mode: str,
             app.emit(res, res["name"])
             return 0
         info = client.call("vm.ssh_info", name=name)
-        status = run_ssh(info, args, interactive=not args)
+        status = run_ssh(info, args, interactive=not args, debug=app.debug)
         if repo is not None and (export_to is not None or remove):
             keep = not _save_edits(app, client, name, export_to, remove)
         return status

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from banger import __version__
-from banger.api import PROTOCOL_VERSION, VMState, config_hash, config_values
+from banger import PROTOCOL_VERSION, __version__
+from banger.api import VMState, config_hash, config_values
 from banger.config import Config
 from banger.daemon import vmmselect
 from banger.daemon.cgroups import CgroupHost, detect
@@ -41,7 +41,7 @@ from banger.daemon.dmsnap import (
 from banger.daemon.dns import VMDNS, upstream_from_resolv_conf
 from banger.daemon.firewall import FirewallSettings, GuestFirewall, table_name
 from banger.daemon.forwarder import ForwardTable
-from banger.daemon.guest import Guest, GuestDialer, SSHGuest, wait_for_ssh
+from banger.daemon.guest import Guest, GuestDialer, SSHGuest, boot_key, wait_for_ssh
 from banger.daemon.handles import HandleCache
 from banger.daemon.network import (
     HostChanges,
@@ -162,11 +162,15 @@ class Daemon:
     """
 
     def __init__(self, cfg: Config, seams: Seams | None = None, *,
-                 log_to_stderr: bool = False, config_file: Path | None = None) -> None:
+                 log_to_stderr: bool = False, config_file: Path | None = None,
+                 config_sha256: str | None = None) -> None:
         self.cfg = cfg
         # The config is read once: a changed file takes effect at `banger daemon restart`.
         # daemon.status reports these so a CLI with other values can say so.
         self.config_file = config_file
+        # The digest of the file's bytes: the CLI's fast path (banger.cli.quick) compares
+        # it with its own instead of validating the whole config.
+        self.config_sha256 = config_sha256
         self.config_values = config_values(cfg)
         self.config_hash = config_hash(self.config_values)
         self.layout = Layout.from_config(cfg)
@@ -338,11 +342,34 @@ class Daemon:
             log.warning("%s failed: %s", doing, err.message, exc_info=exc)
         return err
 
-    def dial(self, ip: str) -> Guest:
-        """A :class:`Guest` for ``ip``: the test seam's, else SSH with banger's key."""
+    def dial(self, vm_id: str, ip: str) -> Guest:
+        """A :class:`Guest` for VM ``vm_id`` at ``ip``: the test seam's, else SSH with
+        banger's key over the master of the VM's current boot (:meth:`ssh_control`)."""
         if self.seams.dial is not None:
             return self.seams.dial(ip)
-        return SSHGuest(self.runner, self.layout.key_path, self.layout.known_hosts, ip)
+        return SSHGuest(self.runner, self.layout.key_path, self.layout.known_hosts, ip,
+                        control_path=self.ssh_control(vm_id))
+
+    def ssh_control(self, vm_id: str) -> Path | None:
+        """Where the shared OpenSSH master of ``vm_id``'s current boot listens (it need not
+        run yet: the next guest command starts it); None when no VMM runs, or the path
+        would be too long for a socket.
+
+        The directory (``VMPaths.ssh_dir``, 0700) is made here, never its parents: a VM
+        torn down meanwhile has no runtime directory, and gets none back.
+        """
+        h = self.handles.get(vm_id)
+        if h is None or h.process is None:
+            return None
+        paths = self.layout.vm(vm_id)
+        control = paths.ssh_control(boot_key(h.process))
+        if control is None:
+            return None
+        try:
+            paths.ssh_dir.mkdir(mode=0o700, exist_ok=True)
+        except FileNotFoundError:
+            return None
+        return control
 
     def begin_inflight(self, vm_id: str) -> CancelToken:
         """Register and return a new cancel token for a boot of ``vm_id``."""
@@ -409,7 +436,8 @@ class Daemon:
             # What `daemon stop` would do now: True undoes the host network changes.
             "idle": self.host_idle(),
             "config": {"path": str(self.config_file) if self.config_file else None,
-                       "hash": self.config_hash, "values": self.config_values},
+                       "hash": self.config_hash, "values": self.config_values,
+                       "sha256": self.config_sha256},
         }
 
 

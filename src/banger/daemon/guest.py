@@ -3,10 +3,18 @@
 :class:`GuestDialer` is the seam: the real one runs the system ``ssh``; unit
 tests substitute a fake that records scripts. :func:`wait_for_ssh` is the
 bounded boot wait shared by create and start.
+
+Commands to one boot of a VM share one OpenSSH master connection (see
+:mod:`banger.sshopts`): its socket is ``VMPaths.ssh_control(boot_key(vmm))``, so a
+restarted VM never reaches the previous boot's master, and :func:`end_masters`
+ends it when the VM is torn down.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import signal
 import socket
 import subprocess
 import time
@@ -15,13 +23,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from banger.errors import CommandFailed, CommandTimeout, GuestError, VMMError
+from banger.errors import BangerError, CommandFailed, CommandTimeout, GuestError, VMMError
+from banger.proc import ProcessIdentity, find_by_marker, identify, send_signal, wait_gone
 from banger.runner import CancelToken, Result, Runner
-from banger.sshopts import ssh_argv
+from banger.sshopts import end_master_argv, ssh_argv
+
+log = logging.getLogger("banger.guest")
 
 SSH_PORT = 22
 # What OpenSSH prints when a known host presents a different key.
 HOST_KEY_CHANGED = ("REMOTE HOST IDENTIFICATION HAS CHANGED", "Host key verification failed")
+# Hex digits of a boot key: unique among one VM's boots (its directory holds only the
+# current one's socket), and short for the 108-byte socket path limit.
+BOOT_KEY_HEX = 8
+# Budgets for ending a master at teardown: `ssh -O exit` answers at once from a live
+# master; SIGTERM then SIGKILL for one that does not.
+END_MASTER_S = 5.0
+MASTER_TERM_S = 2.0
 
 
 class Guest(Protocol):
@@ -47,20 +65,38 @@ class Guest(Protocol):
         ...
 
 
+def boot_key(vmm: ProcessIdentity) -> str:
+    """A name for one boot of a VM: its VMM process's pid and start time, hashed.
+
+    Every launch gives a new one, so a master of an earlier boot (whose connection
+    may be half dead) is never reached by a later boot's commands.
+    """
+    digest = hashlib.sha256(f"{vmm.pid}:{vmm.start_time}".encode()).hexdigest()
+    return digest[:BOOT_KEY_HEX]
+
+
 @dataclass
 class SSHGuest:
-    """A guest reached with the system ssh; every call is one ssh process."""
+    """A guest reached with the system ssh; every call is one ssh process, a session over
+    the boot's shared master when ``control_path`` is set (the first call starts it)."""
 
     runner: Runner
     key_path: Path
     known_hosts: Path
     ip: str
     ssh_bin: str = "ssh"
+    control_path: Path | None = None
 
     def argv(self, script: str, *, forwards: Sequence[str] = ()) -> list[str]:
-        """The ssh command line that runs ``script`` in the guest as one ``sh -c`` argument."""
+        """The ssh command line that runs ``script`` in the guest as one ``sh -c`` argument.
+
+        With ``forwards`` the command gets a connection of its own: a forward asked of a
+        master outlives the session that asked for it (until ``ssh -O cancel`` or the
+        master's exit), and ``ExitOnForwardFailure`` must fail this command only.
+        """
         # The remote side always gets one argument run by sh -c, so quoting is ours.
-        base = ssh_argv(self.ssh_bin, self.key_path, self.known_hosts, self.ip)
+        base = ssh_argv(self.ssh_bin, self.key_path, self.known_hosts, self.ip,
+                        control_path=None if forwards else self.control_path)
         if forwards:
             # A forward that cannot be opened fails the command instead of leaving the
             # script without the address it was promised.
@@ -88,6 +124,54 @@ class SSHGuest:
     def popen(self, script: str, **kwargs: object) -> subprocess.Popen[bytes]:
         """Start ssh without waiting (streaming copies); the caller owns the process."""
         return subprocess.Popen(self.argv(script), **kwargs)  # type: ignore[call-overload,no-any-return]
+
+
+def find_masters(under: Path) -> list[tuple[ProcessIdentity, Path]]:
+    """The live OpenSSH masters whose socket is (or was) below ``under``, with its path.
+
+    A master names itself ``ssh: <ControlPath> [mux]`` (OpenSSH's setproctitle in
+    ``control_persist_detach``); its clients carry ``ControlPath=<path>`` instead, so
+    they are never taken for one.
+    """
+    marker = f"ssh: {under}/"
+    found = []
+    for pid, argv in find_by_marker(marker).items():
+        title = argv[0].rstrip() if argv else ""
+        if title.startswith(marker) and title.endswith(" [mux]"):
+            ident = identify(pid, marker)
+            if ident is not None:
+                found.append((ident, Path(title.removeprefix("ssh: ").removesuffix(" [mux]"))))
+    return found
+
+
+def stop_master(ident: ProcessIdentity) -> bool:
+    """SIGTERM a master, SIGKILL it after :data:`MASTER_TERM_S`; True when it is gone."""
+    if not send_signal(ident, signal.SIGTERM) or wait_gone(ident, MASTER_TERM_S):
+        return True
+    send_signal(ident, signal.SIGKILL)
+    return wait_gone(ident, MASTER_TERM_S)
+
+
+def end_masters(runner: Runner, ssh_dir: Path, ssh_bin: str = "ssh") -> list[str]:
+    """End every OpenSSH master of one VM (sockets in ``ssh_dir``); the problems left.
+
+    Each socket's master is asked to exit (``ssh -O exit``, which closes its connection
+    and removes the socket), then any master still running there, even one whose
+    socket is gone, gets SIGTERM and, after :data:`MASTER_TERM_S`, SIGKILL. The
+    directory itself is left to the caller.
+    """
+    try:
+        sockets = sorted(p for p in ssh_dir.iterdir() if p.is_socket())
+    except FileNotFoundError:
+        sockets = []
+    for path in sockets:
+        try:
+            runner.run(end_master_argv(ssh_bin, path), desc="end the VM's ssh master",
+                       timeout=END_MASTER_S, check=False)
+        except BangerError as exc:  # the signals below still end it
+            log.info("ssh -O exit %s: %s", path, exc.message)
+    return [f"ssh master pid {ident.pid} would not exit"
+            for ident, _ in find_masters(ssh_dir) if not stop_master(ident)]
 
 
 class GuestDialer(Protocol):

@@ -223,7 +223,7 @@ def install(d: Daemon, disk: Path, job: AptJob, op: Operation) -> None:
             if op.cancel.cancelled:
                 create.request_cancel(op.cancel.reason)
         vm = wait_op(create)
-        guest = d.dial(vm["ip"])
+        guest = d.dial(vm["id"], vm["ip"])
         argv = guest.argv(guest_script(job), forwards=[job.mirror.forward])
         try:
             d.runner.stream(argv, desc=f"install {' '.join(job.packages)} with the image's apt",

@@ -124,7 +124,7 @@ def ports(d: Daemon, refs: list[str]) -> list[dict[str, Any]]:
 def _one(d: Daemon, vm: VMRecord) -> dict[str, Any]:
     out: dict[str, Any] = {"name": vm.name, "ip": vm.ip, "listeners": [], "error": None}
     try:
-        res = run_script(d.dial(vm.ip), SCRIPT, step=f"list {vm.name}'s listening sockets",
+        res = run_script(d.dial(vm.id, vm.ip), SCRIPT, step=f"list {vm.name}'s listening sockets",
                          timeout=TIMEOUT_S, stdout_cap=MAX_OUTPUT)
     except OutputTooLarge:
         out["error"] = f"the guest printed more than {MAX_OUTPUT >> 10} KiB"

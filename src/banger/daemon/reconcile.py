@@ -22,6 +22,7 @@ from banger.api import VMState
 from banger.daemon import caps, vmdelete, vmpower, vms, workspaces
 from banger.daemon.dmsnap import dm_snapshot_supported
 from banger.daemon.firewall import guest_rule
+from banger.daemon.guest import find_masters, stop_master
 from banger.daemon.handles import VMHandles
 from banger.daemon.store import VMRecord
 from banger.errors import BangerError, HostError
@@ -156,7 +157,7 @@ def _finish_start(d: Daemon, vm: VMRecord, h: VMHandles) -> None:
         try:
             assert h.process is not None
             ident = h.process
-            d.seams.wait_for_ssh(d.dial(vm.ip), budget_s=d.cfg.boot_timeout_s,
+            d.seams.wait_for_ssh(d.dial(vm.id, vm.ip), budget_s=d.cfg.boot_timeout_s,
                                  alive=lambda: matches(ident), cancel=token)
             workspaces.sync_files(d, vm)
             fresh = vmpower.mark_running(d, vm.id, expect={VMState.STARTING})
@@ -228,6 +229,12 @@ def sweep(d: Daemon) -> dict[str, list[str]]:
                 removed["taps"].append(link)
             except HostError as exc:
                 log.warning("sweep: %s", exc)
+
+    # ssh masters of VMs this install no longer has (a teardown ends a VM's own).
+    for ident, control in find_masters(d.layout.vms_run_dir):
+        vm_id = control.relative_to(d.layout.vms_run_dir).parts[0]
+        if vm_id not in known and stop_master(ident):
+            removed["processes"].append(str(ident.pid))
 
     removed["loops"] = _sweep_loops(d, known)
     if dm_snapshot_supported():

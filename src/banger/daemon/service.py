@@ -38,12 +38,15 @@ class Bangerd(Daemon):
 
     @classmethod
     def open(cls, cfg: Config, seams: Seams | None = None, *, log_to_stderr: bool = False,
-             network: bool = True, config_file: Path | None = None) -> Bangerd:
+             network: bool = True, config_file: Path | None = None,
+             config_sha256: str | None = None) -> Bangerd:
         """Create directories, open the store, set up the bridge, reconcile VMs.
 
-        ``config_file`` is where ``cfg`` came from (reported by ``daemon.status``).
+        ``config_file`` is where ``cfg`` came from and ``config_sha256`` the digest of its
+        bytes (both reported by ``daemon.status``).
         """
-        d = cls(cfg, seams, log_to_stderr=log_to_stderr, config_file=config_file)
+        d = cls(cfg, seams, log_to_stderr=log_to_stderr, config_file=config_file,
+                config_sha256=config_sha256)
         lay = d.layout
         for directory in (lay.state_dir, lay.vms_dir, lay.images_dir, lay.kernels_dir,
                           lay.ssh_dir, lay.runtime_dir, lay.vms_run_dir, lay.cache_dir):

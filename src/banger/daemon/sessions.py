@@ -153,7 +153,7 @@ def view(d: Daemon, vm: VMRecord, rec: SessionRecord,
 def read_status(d: Daemon, vm: VMRecord, names: tuple[str, ...] = ()) -> dict[str, GuestSession]:
     """What ``vm``'s guest says about its sessions (all, or ``names``)."""
     try:
-        res = run_script(d.dial(vm.ip), scripts.status(names), step="read session status",
+        res = run_script(d.dial(vm.id, vm.ip), scripts.status(names), step="read session status",
                          timeout=GUEST_TIMEOUT_S, stdout_cap=STATUS_CAP, check=False)
     except OutputTooLarge as exc:
         raise GuestError(f"VM {vm.name!r} printed more than {STATUS_CAP >> 10} KiB of "
@@ -276,7 +276,7 @@ def start(d: Daemon, req: StartRequest) -> dict[str, Any]:
                         state=STARTING, env_keys=tuple(sorted(env)))
     d.db.add_session(rec)  # the name is ours from here: a second start gets AlreadyExists
     d.sessions.bump(vm.id)
-    guest = d.dial(vm.ip)
+    guest = d.dial(vm.id, vm.ip)
     try:
         _launch(guest, vm, rec, env, req)
         gs = (d.seams.wait_session_ready or wait_ready)(guest, name, READY_S)
@@ -400,7 +400,7 @@ def _logs(d: Daemon, vm_ref: str, name: str, cursor: str, wait_s: float) -> dict
         raise NotRunning(f"VM {vm.name!r} is {vm.state.value}; a session's logs are read "
                          "from its guest", hint=f"start it: `banger vm start {vm.name}`")
     try:
-        res = run_script(d.dial(vm.ip), scripts.logs(name, out_off, err_off, cap=LOG_CHUNK,
+        res = run_script(d.dial(vm.id, vm.ip), scripts.logs(name, out_off, err_off, cap=LOG_CHUNK,
                                                      wait_s=wait_s),
                          step=f"read session {name}'s logs", timeout=GUEST_TIMEOUT_S + wait_s,
                          stdout_cap=2 * LOG_CHUNK + 64, check=False)
@@ -467,7 +467,7 @@ def send(d: Daemon, vm_ref: str, name: str, text: str, newline: bool = True) -> 
     if ctl is not None and ctl.counts()[1]:
         raise Busy(f"a client is attached to session {name!r} for writing",
                    hint="type into that attach, or detach it first (Ctrl-P Ctrl-Q)")
-    res = run_script(d.dial(vm.ip), scripts.send(name), step=f"send to session {name}",
+    res = run_script(d.dial(vm.id, vm.ip), scripts.send(name), step=f"send to session {name}",
                      input=data, timeout=GUEST_TIMEOUT_S, check=False)
     if res.returncode == 3:
         raise InvalidState(f"session {name!r} has ended")
@@ -498,8 +498,8 @@ def kill(d: Daemon, vm_ref: str, name: str, sig: str = "KILL") -> dict[str, Any]
 def _signal(d: Daemon, vm_ref: str, name: str, sig: str,
             then_kill_after_s: float | None = None) -> dict[str, Any]:
     vm, _rec, _gs = _live(d, vm_ref, name)
-    res = run_script(d.dial(vm.ip), scripts.signal(name, sig, then_kill_after_s=then_kill_after_s),
-                     step=f"signal session {name}",
+    script = scripts.signal(name, sig, then_kill_after_s=then_kill_after_s)
+    res = run_script(d.dial(vm.id, vm.ip), script, step=f"signal session {name}",
                      timeout=GUEST_TIMEOUT_S + (then_kill_after_s or 0), check=False)
     if res.returncode not in (0, 3):
         raise GuestError(f"could not signal session {name!r} (exit {res.returncode})",
@@ -522,7 +522,7 @@ def remove(d: Daemon, vm_ref: str, name: str) -> dict[str, Any]:
         raise InvalidState(f"session {name!r} is {rec.state}",
                            hint=f"stop it first: `banger vm session stop {vm.name}/{name}`")
     if vm.state == VMState.RUNNING:
-        res = run_script(d.dial(vm.ip), scripts.remove(name), step=f"remove session {name}",
+        res = run_script(d.dial(vm.id, vm.ip), scripts.remove(name), step=f"remove session {name}",
                          timeout=GUEST_TIMEOUT_S, check=False)
         if res.returncode != 0:
             raise GuestError(f"could not remove session {name!r}'s files (exit "
@@ -552,7 +552,7 @@ def attach(d: Daemon, vm_ref: str, name: str, write: bool) -> dict[str, Any]:
     att = ctl.attach(writer=write)
     d.sessions.remember(att)
     if write:
-        guest = d.dial(vm.ip)
+        guest = d.dial(vm.id, vm.ip)
         proc = guest.popen(scripts.writer(name), stdin=subprocess.PIPE,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            start_new_session=True)
@@ -580,7 +580,7 @@ def resize(d: Daemon, attachment: str, rows: int, cols: int) -> dict[str, Any]:
     ctl = d.sessions.by_attachment(attachment)
     ctl.stream_for(attachment)  # only the writer steers the terminal
     vm = resolve(d, ctl.vm_id)
-    res = run_script(d.dial(vm.ip), scripts.resize(ctl.name, rows, cols),
+    res = run_script(d.dial(vm.id, vm.ip), scripts.resize(ctl.name, rows, cols),
                      step=f"resize session {ctl.name}", timeout=GUEST_TIMEOUT_S, check=False)
     return {"resized": res.returncode == 0}
 

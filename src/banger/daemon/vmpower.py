@@ -19,6 +19,7 @@ from banger.api import VMState
 from banger.daemon import caps, kernels, workspaces
 from banger.daemon.dmsnap import CowHandle
 from banger.daemon.firewall import guest_rule
+from banger.daemon.guest import end_masters
 from banger.daemon.handles import VMHandles
 from banger.daemon.network import gateway, prefixlen
 from banger.daemon.opstate import Operation
@@ -139,7 +140,7 @@ def boot(d: Daemon, vm: VMRecord, img: ImageRecord, cancel: CancelToken,
         log.info("vm %s: %s running as pid %d", vm.name, drv.name, ident.pid)
         d.checkpoint("start.boot")
         stage("wait-ssh")
-        guest = d.dial(vm.ip)
+        guest = d.dial(vm.id, vm.ip)
         waited = d.seams.wait_for_ssh(
             guest, budget_s=d.cfg.boot_timeout_s, alive=lambda: matches(ident), cancel=cancel,
             on_wait=(lambda s: op.report(f"{s:.0f}s")) if op is not None else None,
@@ -364,7 +365,7 @@ def graceful_poweroff(d: Daemon, vm: VMRecord, h: VMHandles, op: Operation | Non
         op.enter("poweroff")
     try:
         # The connection drops as the guest goes down: ssh then exits 255, which is fine.
-        d.dial(vm.ip).run("sync; (systemctl poweroff || poweroff) >/dev/null 2>&1 &",
+        d.dial(vm.id, vm.ip).run("sync; (systemctl poweroff || poweroff) >/dev/null 2>&1 &",
                           timeout=15, check=False, desc="guest poweroff")
     except GuestError as exc:
         log.info("vm %s: poweroff over ssh failed: %s", vm.name, exc)
@@ -411,12 +412,15 @@ def kill_vmm(ident: ProcessIdentity | None, sig: int = signal_mod.SIGKILL) -> bo
 def teardown(d: Daemon, vm_id: str, h: VMHandles | None) -> list[str]:
     """Release everything a running VM holds, in order, each step independent.
 
-    Order: VMM process, then its runtime files, then the TAP, then the COW
-    device mapping, then the handles file. A failing step is recorded and the
-    next still runs, so one stuck resource does not leak the others.
+    Order: the shared ssh master (the guest sessions), the VMM process, then its
+    runtime files, then the TAP, then the COW device mapping, then the handles
+    file. A failing step is recorded and the next still runs, so one stuck resource
+    does not leak the others.
     """
-    problems: list[str] = []
     paths = d.layout.vm(vm_id)
+    # First, while the guest may still answer: the master closes its connection
+    # cleanly, and no ssh process outlives the VM.
+    problems = end_masters(d.runner, paths.ssh_dir)
     marker = vm_marker(vm_id)
     idents: list[ProcessIdentity] = []
     if h is not None and h.process is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from banger import __version__
 from banger.api import OpView, SSHInfo, VMState, VMView, WorkspaceView
 from banger.daemon.dmsnap import CowHandle
 from banger.daemon.handles import VMHandles
@@ -171,6 +172,8 @@ def ssh_info(d: Daemon, ref: str) -> dict[str, Any]:
     return SSHInfo(name=vm.name, ip=vm.ip, user=GUEST_USER, key_path=str(d.layout.key_path),
                    known_hosts=str(d.layout.known_hosts),
                    workdir=ws.get("guest_path") if ws.get("prepared") else None,
+                   control_path=str(control) if (control := d.ssh_control(vm.id)) else None,
+                   daemon_version=__version__, config_sha256=d.config_sha256,
                    ).model_dump(mode="json")
 
 

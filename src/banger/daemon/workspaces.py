@@ -153,7 +153,7 @@ def _save_guest_changes(d: Daemon, op: Operation, vm: VMRecord, guest_path: str,
             failure is logged and reported in the result, and the copy goes on).
     """
     try:
-        out = workspace.export(d.dial(vm.ip), guest_path, cancel=op.cancel,
+        out = workspace.export(d.dial(vm.id, vm.ip), guest_path, cancel=op.cancel,
                                max_bytes=_export_max_bytes(d))
     except NotFound:
         return None  # nothing at guest_path that prepare would replace with edits in it
@@ -212,7 +212,7 @@ def _prepare(d: Daemon, op: Operation, *, vm: VMRecord, runner: Runner,
         reapply = saved[0].patch if saved and not p.discard_guest_changes else b""
         try:
             prep = workspace.prepare(
-                d.dial(vm.ip), runner, info, plan, guest_path=guest_path, branch=p.branch,
+                d.dial(vm.id, vm.ip), runner, info, plan, guest_path=guest_path, branch=p.branch,
                 from_ref=p.from_ref, progress=progress, cancel=op.cancel,
                 guest_changes=reapply)
         except workspace.WorkspaceConflict as exc:
@@ -262,7 +262,7 @@ def export(d: Daemon, p: ExportParams) -> dict[str, Any]:
                            hint=f"prepare one with `banger vm workspace prepare {vm.name} PATH`")
     lock = _acquire(d, vm.id, None)
     try:
-        out = workspace.export(d.dial(vm.ip), ws["guest_path"], base_commit=p.base_commit,
+        out = workspace.export(d.dial(vm.id, vm.ip), ws["guest_path"], base_commit=p.base_commit,
                                max_bytes=_export_max_bytes(d))
     finally:
         lock.release()
@@ -402,7 +402,7 @@ def sync_files(d: Daemon, vm: VMRecord) -> list[str]:
                         "no file copied")
         log.warning("vm %s: %s", vm.name, warnings[0])
         return warnings
-    guest = d.dial(vm.ip)
+    guest = d.dial(vm.id, vm.ip)
     for entry in d.cfg.file_sync:
         target = check_sync_target(entry.guest)
         mode = int(entry.mode, 8)  # both checked when the config was loaded

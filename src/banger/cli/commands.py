@@ -1,0 +1,97 @@
+"""``banger``'s commands (click). Each command parses flags and makes one RPC call.
+
+Errors from anywhere are printed once, as ``error: ...`` plus a ``hint:``
+line, in :func:`main`, which is also the one place that turns them into exit
+codes (see :mod:`banger.cli.exits`). The commands live in one module per group:
+:mod:`~banger.cli.vm`, :mod:`~banger.cli.lifecycle`, :mod:`~banger.cli.workspace`,
+:mod:`~banger.cli.images` and :mod:`~banger.cli.daemon_cmds`.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from banger import __version__
+from banger.cli import daemon_cmds, exits, images, lifecycle, output, session, vm, workspace
+from banger.cli.app import App, json_option, pass_app
+from banger.errors import BangerError, Cancelled
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_file", type=click.Path(path_type=Path),
+              help="Config file (default: $BANGER_CONFIG or ~/.config/banger/config.toml).")
+@click.option("--debug", is_flag=True, help="Show tracebacks for unexpected errors.")
+@click.version_option(__version__, prog_name="banger")
+@click.pass_context
+def cli(ctx: click.Context, config_file: Path | None, debug: bool) -> None:
+    """One-command development sandboxes on microVMs.
+
+    \b
+    banger vm run -- uname -a          boot a VM, run a command, keep the VM
+    banger vm run --rm -- make test    ... and delete the VM afterwards
+    banger vm ssh NAME                 a shell in a running VM
+    banger doctor                      check this host
+    """
+    ctx.obj = App(config_file, debug)
+
+
+
+
+@cli.command()
+@json_option
+@pass_app
+def doctor(app: App) -> int:
+    """Check this host for what banger needs (no daemon required)."""
+    from banger.daemon import doctor as run_doctor
+
+    checks = [c.to_json() for c in run_doctor(app.cfg)]
+    app.emit(checks, output.doctor_table(checks))
+    return exits.DOCTOR_FAIL if any(c["status"] == "FAIL" for c in checks) else 0
+
+
+cli.add_command(daemon_cmds.daemon)
+cli.add_command(images.image)
+cli.add_command(images.kernel)
+cli.add_command(vm.vm)
+for _cmd in (lifecycle.start, lifecycle.stop, lifecycle.restart, lifecycle.delete, lifecycle.rm,
+             lifecycle.vm_kill):
+    vm.vm.add_command(_cmd)
+vm.vm.add_command(workspace.vm_workspace)
+vm.vm.add_command(session.session)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``banger`` console script."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    json_mode = "--json" in (argv if argv is not None else sys.argv[1:])
+    try:
+        rv = cli.main(args=argv, prog_name="banger", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(exits.INTERRUPTED)
+    except KeyboardInterrupt:
+        sys.exit(exits.INTERRUPTED)
+    except click.UsageError as exc:
+        path = exc.ctx.command_path if exc.ctx is not None else "banger"
+        exits.print_usage_error(exc.format_message(), path, json_mode)
+        sys.exit(exits.USAGE)
+    except click.ClickException as exc:
+        exits.print_error(BangerError(exc.format_message()), json_mode)
+        sys.exit(exc.exit_code)
+    except Cancelled as exc:
+        exits.print_error(exc, json_mode)
+        sys.exit(exits.INTERRUPTED)
+    except BangerError as exc:
+        exits.print_error(exc, json_mode)
+        sys.exit(exits.code_for(exc))
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: internal error: {exc}", err=True)
+        click.echo("hint: this is a bug in banger; rerun with --debug for a traceback", err=True)
+        sys.exit(exits.BANGER_ERROR)
+    sys.exit(rv if isinstance(rv, int) else 0)

@@ -1,0 +1,152 @@
+"""Running the system ``ssh`` into a VM, and the fast path of ``banger vm exec``.
+
+A guest command over the VM's shared ssh master takes tens of milliseconds, while
+importing the whole CLI (click, pydantic, every command module) takes several
+times that. :func:`exec_fast` runs the plain form ``banger vm exec NAME -- CMD...``
+with the standard library and :mod:`banger.sshopts` only, and one RPC
+(``vm.ssh_info``): the config file is read for ``runtime_dir`` alone, and its
+digest stands in for validating it (bangerd's reply carries its version and the
+digest of the config file it started with, so a daemon whose config differs gets
+the full CLI's warning). Anything else, and anything that
+does not go as expected (no daemon, another version, another config, any error),
+returns None, and the full CLI does the command from the start and reports errors
+its usual way. Nothing here has side effects before the guest command runs, so
+starting over is always safe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from banger import PROTOCOL_VERSION, __version__
+from banger.sshopts import private_control_path, ssh_argv
+
+# What a VM name is (banger.names.check_name, without importing its error tree).
+_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+# Budget for the RPC: bangerd answers it from memory and SQLite, in milliseconds;
+# past this the full CLI takes over with its own handling.
+RPC_TIMEOUT_S = 5.0
+# Config.runtime_dir's default (banger.config).
+DEFAULT_RUNTIME_DIR = "/run/banger"
+
+
+def remote_command(command: list[str], *, workdir: str | None, shell_string: bool) -> str:
+    """The command line the guest's login shell runs for ``vm exec``/``vm ssh``.
+
+    ``shell_string`` (``vm ssh``) joins the words with spaces and lets the guest's
+    shell interpret them, exactly as OpenSSH does (``'a; b'`` runs two commands);
+    otherwise (``vm exec``) every word is quoted, so argv arrives unchanged.
+
+    The command never replaces the shell (no ``exec``): the shell outlives it and
+    reports a death by signal N as status 128+N, like any shell. With no command
+    the result starts an interactive login shell (empty when there is no workdir
+    either: ssh's own default).
+    """
+    if shell_string:
+        body = f"eval {shlex.quote(' '.join(command))}" if command else ""
+    else:
+        body = " ".join(shlex.quote(c) for c in command)
+    cd = f"cd {shlex.quote(workdir)} && " if workdir else ""
+    if not body:
+        return f'{cd}exec "$SHELL" -l' if workdir else ""
+    # "; exit $?" keeps the shell from exec'ing the last command (bash does for a
+    # lone one), so a signal death still comes back as an exit status.
+    return f"{cd}{body}; exit $?"
+
+
+def run_ssh(info: dict[str, Any], command: list[str], *, interactive: bool,
+            shell_string: bool = False, debug: bool = False) -> int:
+    """Run the system ssh into a VM; returns its exit status (the remote command's).
+
+    The command is a session over the VM's shared ssh master (bangerd's, started by
+    the first command of the boot) when this process runs as the user who owns it
+    (:func:`banger.sshopts.private_control_path`); otherwise it gets a connection of
+    its own, and ``debug`` prints why.
+    A guest command killed by signal N gives 128+N (see :func:`remote_command`).
+    """
+    tty = sys.stdin.isatty() and sys.stdout.isatty()
+    control, why = private_control_path(info.get("control_path"))
+    if control is None and debug:
+        print(f"debug: not sharing the VM's ssh connection: {why}", file=sys.stderr)
+    argv = ssh_argv("ssh", Path(info["key_path"]), Path(info["known_hosts"]), info["ip"],
+                    tty=tty and (interactive or bool(command)), batch=False,
+                    control_path=control)
+    remote = remote_command(command, workdir=info.get("workdir"), shell_string=shell_string)
+    if remote:
+        argv.append(remote)
+    try:
+        return subprocess.call(argv)
+    except KeyboardInterrupt:
+        return 130
+
+
+def exec_fast(args: list[str], env: dict[str, str] | None = None) -> int | None:
+    """``banger vm exec NAME -- CMD...`` (``args`` after the program name): the command's
+    exit status, or None when the full CLI must handle ``args``."""
+    if len(args) < 5 or args[:2] != ["vm", "exec"] or args[3] != "--":
+        return None
+    name, command = args[2], args[4:]
+    if _NAME.fullmatch(name) is None:
+        return None
+    env = dict(os.environ) if env is None else env
+    found = _config(env)
+    if found is None:
+        return None
+    runtime_dir, digest = found
+    info = _call(os.path.join(runtime_dir, "bangerd.sock"), "vm.ssh_info", {"name": name})
+    if not isinstance(info, dict) or info.get("daemon_version") != __version__ \
+            or info.get("config_sha256") != digest:
+        return None
+    return run_ssh(info, command, interactive=False)
+
+
+def _config(env: dict[str, str]) -> tuple[str, str] | None:
+    """``runtime_dir`` and the digest of the config file's bytes, as
+    :func:`banger.config.read_config` makes it; None for anything unusual."""
+    explicit = env.get("BANGER_CONFIG")
+    path = explicit or os.path.join(env.get("HOME", "/root"), ".config", "banger",
+                                    "config.toml")
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except FileNotFoundError:
+        if explicit:
+            return None
+        raw = b""
+    except OSError:
+        return None
+    try:
+        runtime_dir = tomllib.loads(raw.decode()).get("runtime_dir", DEFAULT_RUNTIME_DIR)
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    if not isinstance(runtime_dir, str):
+        return None
+    return runtime_dir, hashlib.sha256(raw).hexdigest()
+
+
+def _call(sock: str, method: str, params: dict[str, Any]) -> Any:
+    """One JSON-RPC call (the framing of ``banger.client.Client.call``); None on any error."""
+    req = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params,
+           "protocol": PROTOCOL_VERSION}
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(RPC_TIMEOUT_S)
+            s.connect(sock)
+            s.sendall(json.dumps(req, separators=(",", ":")).encode() + b"\n")
+            line = s.makefile("rb").readline(1 << 24)
+        resp = json.loads(line)
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(resp, dict) or "error" in resp:
+        return None
+    return resp.get("result")
