@@ -5,14 +5,21 @@ its VM."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import pty
 import re
+import select
 import signal
+import struct
 import subprocess
+import termios
 import time
 from typing import Any
 
-from tests.e2e.conftest import Host
+from tests.childsignals import with_default_signals
+from tests.e2e.conftest import BIN, Host
 
 # A line a second; whatever arrives on stdin is echoed back.
 TICKER = ('i=0; while :; do i=$((i+1)); echo "line $i"; '
@@ -34,6 +41,47 @@ def wait_for(host: Host, ref: str, text: str, timeout: float = 120) -> str:
 def show(host: Host, ref: str) -> dict[str, Any]:
     res: dict[str, Any] = host.json("vm", "session", "show", ref)
     return res
+
+
+def attach_on_a_terminal(host: Host, ref: str, *, rows: int, cols: int, keys: list[bytes],
+                         until: list[bytes]) -> tuple[bytes, int]:
+    """Run `session attach` on a pseudo-terminal of ``rows`` x ``cols``: type each of
+    ``keys`` once the previous ``until`` showed up, then Ctrl-P Ctrl-Q."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+    proc = subprocess.Popen(
+        host.netns(*with_default_signals([str(BIN / "banger"), "vm", "session", "attach",
+                                           ref])),
+        env=host.env, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
+    seen = b""
+
+    def read_until(want: bytes) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + 180
+        while want not in seen:
+            assert time.monotonic() < deadline, seen[-2000:]
+            ready, _, _ = select.select([master], [], [], 1)
+            if ready:
+                try:
+                    seen += os.read(master, 4096)
+                except OSError:  # the client closed the terminal
+                    return
+
+    try:
+        read_until(b"attached to")
+        time.sleep(2)  # the first poll and the resize are on their way
+        for key, want in zip(keys, until, strict=True):
+            os.write(master, key)
+            read_until(want)
+        os.write(master, b"\x10\x11")
+        code = proc.wait(120)
+        read_until(b"[detached from")
+        return seen, code
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
 
 
 def lines_once_in_order(out: str) -> None:
@@ -119,6 +167,16 @@ def test_a_session_outlives_the_daemon_takes_input_and_goes_with_its_vm(
     assert "/dev/pts/" in term
     killed = host.json("vm", "session", "kill", f"{vm}/term", "--signal", "KILL")
     assert killed["state"] == "ended" and killed["signal"] == 9
+
+    # Attach from a terminal: keys go through raw, the window size follows ours, and
+    # Ctrl-P Ctrl-Q detaches while the session runs on.
+    host.ok("vm", "session", "start", vm, "--tty", "--name", "shell", "--", "sh")
+    out, code = attach_on_a_terminal(host, f"{vm}/shell", rows=50, cols=132,
+                                     keys=[b"stty size\r", b"echo $((6*7))\r"],
+                                     until=[b"50 132", b"42"])
+    assert code == 0 and b"[detached from" in out, out
+    assert show(host, f"{vm}/shell")["state"] == "running"
+    host.ok("vm", "session", "stop", f"{vm}/shell")
 
     # rm forgets an ended session; a deleted VM takes the rest along.
     host.ok("vm", "session", "rm", f"{vm}/term")
