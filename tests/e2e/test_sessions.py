@@ -180,7 +180,7 @@ def test_a_session_outlives_the_daemon_takes_input_and_goes_with_its_vm(
 
     # rm forgets an ended session; a deleted VM takes the rest along.
     host.ok("vm", "session", "rm", f"{vm}/term")
-    assert [s["name"] for s in host.json("vm", "session", "list", vm)] == ["ticker"]
+    assert [s["name"] for s in host.json("vm", "session", "list", vm)] == ["ticker", "shell"]
     host.ok("vm", "delete", vm)
     assert host.json("vm", "session", "list") == []
 
