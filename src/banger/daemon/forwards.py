@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from banger.api import VMState
 from banger.daemon.forwarder import ForwardSpec, parse
 from banger.daemon.store import VMRecord
-from banger.daemon.vms import merge_runtime, resolve
+from banger.daemon.vms import merge_runtime, resolve, resolve_running
 from banger.errors import BadRequest, BangerError, NotFound, NotRunning
 
 if TYPE_CHECKING:
@@ -39,11 +39,7 @@ def wanted(vm: VMRecord) -> list[ForwardSpec]:
 
 
 def _running(d: Daemon, ref: str) -> VMRecord:
-    vm = resolve(d, ref)
-    if vm.state != VMState.RUNNING:
-        raise NotRunning(f"VM {vm.name!r} is {vm.state.value}; forwards reach running VMs",
-                         hint=f"start it first: `banger vm start {vm.name}`")
-    return vm
+    return resolve_running(d, ref, "forwards reach running VMs")
 
 
 def add(d: Daemon, ref: str, text: str) -> dict[str, Any]:

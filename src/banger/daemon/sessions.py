@@ -32,7 +32,7 @@ from banger.daemon.session import quote, scripts
 from banger.daemon.session.status import GuestSession, parse_logs, parse_status
 from banger.daemon.sessionctl import MAX_WRITE, Writer
 from banger.daemon.store import SessionRecord, VMRecord, now
-from banger.daemon.vms import resolve
+from banger.daemon.vms import resolve, resolve_running
 from banger.daemon.workspace.transfer import OutputTooLarge, run_script
 from banger.errors import (
     AlreadyExists,
@@ -220,11 +220,7 @@ def _changes(rec: SessionRecord, gs: GuestSession | None, *, adopting: bool
 
 
 def _running_vm(d: Daemon, ref: str) -> VMRecord:
-    vm = resolve(d, ref)
-    if vm.state != VMState.RUNNING:
-        raise NotRunning(f"VM {vm.name!r} is {vm.state.value}; sessions run in running VMs",
-                         hint=f"start it first: `banger vm start {vm.name}`")
-    return vm
+    return resolve_running(d, ref, "sessions run in running VMs")
 
 
 def _session(d: Daemon, vm: VMRecord, name: str) -> SessionRecord:

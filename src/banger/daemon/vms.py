@@ -44,6 +44,16 @@ def resolve(d: Daemon, ref: str) -> VMRecord:
     return vm
 
 
+def resolve_running(d: Daemon, ref: str, needs: str) -> VMRecord:
+    """:func:`resolve`, refusing a VM that is not running (``needs``: why it must run,
+    e.g. ``"forwards reach running VMs"``)."""
+    vm = resolve(d, ref)
+    if vm.state != VMState.RUNNING:
+        raise NotRunning(f"VM {vm.name!r} is {vm.state.value}; {needs}",
+                         hint=f"start it first: `banger vm start {vm.name}`")
+    return vm
+
+
 def view(d: Daemon, vm: VMRecord) -> dict[str, Any]:
     """A VM as the CLI shows it (``VMView``): the row plus live pid/TAP from the handle cache."""
     h = d.handles.get(vm.id)
