@@ -115,7 +115,7 @@ class Controller:
         self._writer: Attachment | None = None
         self._write_stream: Writer | None = None
 
-    def attach(self, *, writer: bool, who: str = "another client") -> Attachment:
+    def attach(self, *, writer: bool) -> Attachment:
         """A new attachment; a writer only if none holds the write side now.
 
         Raises:

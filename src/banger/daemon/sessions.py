@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from banger.api import VMState
 from banger.daemon.guest import Guest
-from banger.daemon.session import quote, scripts
+from banger.daemon.session import quote, scripts, step_error
 from banger.daemon.session.status import GuestSession, parse_logs, parse_status
 from banger.daemon.sessionctl import MAX_WRITE, Writer
 from banger.daemon.store import SessionRecord, VMRecord, now
@@ -159,8 +159,7 @@ def read_status(d: Daemon, vm: VMRecord, names: tuple[str, ...] = ()) -> dict[st
         raise GuestError(f"VM {vm.name!r} printed more than {STATUS_CAP >> 10} KiB of "
                          "session status") from exc
     if res.returncode != 0:
-        raise GuestError(f"cannot read the sessions of VM {vm.name!r} (exit "
-                         f"{res.returncode})", hint=res.err.strip()[-500:] or None)
+        raise step_error(f"read the sessions of VM {vm.name}", res)
     return parse_status(res.stdout.decode(errors="replace"))
 
 
@@ -172,13 +171,15 @@ def refresh(d: Daemon, vm: VMRecord, names: tuple[str, ...] = (), *, adopting: b
     ``adopting`` (a daemon re-adopting the VM, or the VM just started): rows left
     ``starting`` by a start that never finished are settled too.
     """
+    def rows() -> list[SessionRecord]:
+        return [r for r in d.db.list_sessions(vm.id) if not names or r.name in names]
+
     gen = d.sessions.generation(vm.id)
     guest = read_status(d, vm, names)
-    rows = [r for r in d.db.list_sessions(vm.id) if not names or r.name in names]
     if d.sessions.generation(vm.id) != gen:
         # A start or removal landed while we read: the read may predate it.
-        return rows, guest
-    for rec in rows:
+        return rows(), guest
+    for rec in rows():
         changes = _changes(rec, guest.get(rec.name), adopting=adopting)
         if changes:
             with contextlib.suppress(NotFound):  # removed meanwhile
@@ -186,7 +187,7 @@ def refresh(d: Daemon, vm: VMRecord, names: tuple[str, ...] = (), *, adopting: b
             if changes.get("state") == ENDED:
                 log.info("session %s/%s ended: %s", vm.name, rec.name,
                          changes.get("end_reason"))
-    return [r for r in d.db.list_sessions(vm.id) if not names or r.name in names], guest
+    return rows(), guest
 
 
 def _changes(rec: SessionRecord, gs: GuestSession | None, *, adopting: bool
@@ -307,8 +308,7 @@ def _launch(guest: Guest, vm: VMRecord, rec: SessionRecord, env: dict[str, str],
     if res.returncode in refusals:
         raise refusals[res.returncode]
     if res.returncode != 0:
-        raise GuestError(f"could not start session {rec.name!r} (exit {res.returncode})",
-                         hint=res.err.strip()[-500:] or None)
+        raise step_error(f"start session {rec.name}", res)
 
 
 def wait_ready(guest: Guest, name: str, timeout: float) -> GuestSession:
@@ -406,8 +406,7 @@ def _logs(d: Daemon, vm_ref: str, name: str, cursor: str, wait_s: float) -> dict
         raise NotFound(f"session {name!r} has no files in VM {vm.name!r}",
                        hint="they were removed in the guest")
     if res.returncode != 0:
-        raise GuestError(f"cannot read session {name!r}'s logs (exit {res.returncode})",
-                         hint=res.err.strip()[-500:] or None)
+        raise step_error(f"read session {name}'s logs", res)
     out, err, exited = parse_logs(res.stdout, LOG_CHUNK)
     if exited and rec.state != ENDED:
         refresh(d, vm, (name,))  # record how it ended
@@ -468,8 +467,7 @@ def send(d: Daemon, vm_ref: str, name: str, text: str, newline: bool = True) -> 
     if res.returncode == 3:
         raise InvalidState(f"session {name!r} has ended")
     if res.returncode != 0:
-        raise GuestError(f"could not write to session {name!r} (exit {res.returncode})",
-                         hint=res.err.strip()[-500:] or None)
+        raise step_error(f"send to session {name}", res)
     return {"vm": vm.name, "name": name, "sent": len(data)}
 
 
@@ -498,8 +496,7 @@ def _signal(d: Daemon, vm_ref: str, name: str, sig: str,
     res = run_script(d.dial(vm.id, vm.ip), script, step=f"signal session {name}",
                      timeout=GUEST_TIMEOUT_S + (then_kill_after_s or 0), check=False)
     if res.returncode not in (0, 3):
-        raise GuestError(f"could not signal session {name!r} (exit {res.returncode})",
-                         hint=res.err.strip()[-500:] or None)
+        raise step_error(f"signal session {name}", res)
     return show(d, vm.name, name)
 
 
@@ -521,8 +518,7 @@ def remove(d: Daemon, vm_ref: str, name: str) -> dict[str, Any]:
         res = run_script(d.dial(vm.id, vm.ip), scripts.remove(name), step=f"remove session {name}",
                          timeout=GUEST_TIMEOUT_S, check=False)
         if res.returncode != 0:
-            raise GuestError(f"could not remove session {name!r}'s files (exit "
-                             f"{res.returncode})", hint=res.err.strip()[-500:] or None)
+            raise step_error(f"remove session {name}'s files", res)
     # On a stopped VM the files stay on its work disk; a new session of this name
     # replaces them.
     d.db.delete_session(vm.id, name)
