@@ -113,6 +113,9 @@ class FakeVMM:
         self.launched: list[LaunchPlan] = []
         self.shutdown_requests: list[str] = []
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.calls: list[tuple[str, str]] = []  # (pause|resume|save|restore, vm id)
+        self.fail_pause = False
+        self.fail_save = False
 
     def launch(self, plan: LaunchPlan) -> ProcessIdentity:
         if self.fail:
@@ -127,6 +130,9 @@ class FakeVMM:
         )
         self.launched.append(plan)
         self.procs.append(proc)
+        if plan.restore is not None:
+            assert (plan.restore / "memory").is_file(), "restored from an incomplete save"
+            self.calls.append(("restore", plan.vm_id))
         for _ in range(200):
             ident = identify(proc.pid, plan.marker)
             if ident is not None:
@@ -137,6 +143,30 @@ class FakeVMM:
     def request_shutdown(self, plan_paths: VMPaths, ident: ProcessIdentity) -> bool:
         self.shutdown_requests.append(str(plan_paths.state))
         return False
+
+    def pause(self, plan_paths: VMPaths) -> None:
+        if self.fail_pause:
+            raise VMMError("injected pause failure")
+        self.calls.append(("pause", plan_paths.vm_id))
+
+    def resume(self, plan_paths: VMPaths) -> None:
+        # Running a guest while its saved state survives would let that state be
+        # restored over disks that moved on (banger.daemon.savedstate).
+        self.calls.append(("resume-over-saved-state" if plan_paths.saved_state.exists()
+                           else "resume", plan_paths.vm_id))
+
+    def save(self, plan_paths: VMPaths, into: Path,
+             progress: Callable[[int], None] | None = None) -> int:
+        """Writes a stand-in for the guest's memory (``fail_save``: half of it, then fails)."""
+        data = f"memory of {plan_paths.vm_id}\n".encode() * 100
+        if self.fail_save:
+            (into / "memory").write_bytes(data[: len(data) // 2])
+            raise VMMError("saving the guest failed: injected")
+        (into / "memory").write_bytes(data)
+        if progress is not None:
+            progress(len(data))
+        self.calls.append(("save", plan_paths.vm_id))
+        return len(data)
 
     def cleanup(self, plan_paths: VMPaths) -> None:
         return None

@@ -198,11 +198,18 @@ class VMState(StrEnum):
     STOPPING = "stopping"
     DELETING = "deleting"
     ERROR = "error"
+    # The VMM runs with the guest's vCPUs stopped (`vm pause`); memory stays in place.
+    PAUSED = "paused"
+    # The guest's memory and device state are being written to disk (`vm suspend`) ...
+    SUSPENDING = "suspending"
+    # ... and were: no VMM runs, and `vm start` resumes the guest where it was.
+    SUSPENDED = "suspended"
 
     @property
     def busy(self) -> bool:
         """A transition is under way; other lifecycle operations must wait."""
-        return self in (VMState.CREATING, VMState.STARTING, VMState.STOPPING, VMState.DELETING)
+        return self in (VMState.CREATING, VMState.STARTING, VMState.STOPPING, VMState.DELETING,
+                        VMState.SUSPENDING)
 
     def can_become(self, other: VMState) -> bool:
         """True when ``TRANSITIONS`` allows moving from this state to ``other``."""
@@ -213,13 +220,21 @@ TRANSITIONS: dict[VMState, frozenset[VMState]] = {
     VMState.CREATING: frozenset({VMState.STOPPED, VMState.STARTING, VMState.RUNNING,
                                  VMState.ERROR, VMState.DELETING}),
     VMState.STOPPED: frozenset({VMState.STARTING, VMState.DELETING}),
+    # A failed resume of a suspended VM leaves it suspended: its saved state is kept.
     VMState.STARTING: frozenset({VMState.RUNNING, VMState.STOPPING, VMState.STOPPED,
-                                 VMState.ERROR, VMState.DELETING}),
-    VMState.RUNNING: frozenset({VMState.STOPPING, VMState.STOPPED, VMState.DELETING}),
+                                 VMState.ERROR, VMState.DELETING, VMState.SUSPENDED}),
+    VMState.RUNNING: frozenset({VMState.STOPPING, VMState.STOPPED, VMState.DELETING,
+                                VMState.PAUSED, VMState.SUSPENDING}),
     VMState.STOPPING: frozenset({VMState.STOPPED, VMState.ERROR}),
     VMState.ERROR: frozenset({VMState.STARTING, VMState.STOPPING, VMState.STOPPED,
                               VMState.DELETING}),
     VMState.DELETING: frozenset({VMState.ERROR}),  # only when removal itself failed
+    VMState.PAUSED: frozenset({VMState.RUNNING, VMState.STOPPING, VMState.DELETING,
+                               VMState.SUSPENDING}),
+    # A suspend that fails leaves the guest as it was (running or paused), or failed.
+    VMState.SUSPENDING: frozenset({VMState.SUSPENDED, VMState.RUNNING, VMState.PAUSED,
+                                   VMState.ERROR}),
+    VMState.SUSPENDED: frozenset({VMState.STARTING, VMState.DELETING}),
 }
 
 
@@ -260,6 +275,14 @@ class WorkspaceView(Model):
     error: str | None = None
 
 
+class SavedStateView(Model):
+    """A suspended guest's saved memory and device state."""
+
+    bytes: int
+    saved_at: datetime
+    vmm: str
+
+
 class VMView(Model):
     """A VM as the CLI sees it: spec, then what is true now."""
 
@@ -282,6 +305,8 @@ class VMView(Model):
     confinement: dict[str, Any] | None = None
     # Port forwards open now ("HOST_ADDR:HOST_PORT:GUEST_PORT"; banger.daemon.forwards).
     forwards: list[str] = Field(default_factory=list)
+    # A suspended VM's saved state (banger.daemon.savedstate): bytes on disk and when.
+    suspended: SavedStateView | None = None
 
 
 class ImageView(Model):

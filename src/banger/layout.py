@@ -74,6 +74,18 @@ class VMPaths:
         return self.state / "workspace-backups"
 
     @property
+    def saved_state(self) -> Path:
+        """``saved/``: a suspended guest's memory and device state (``vm suspend``), made by
+        the VMM driver's ``save`` in ``saved.partial/`` and renamed here once complete
+        (``banger.daemon.savedstate``)."""
+        return self.state / "saved"
+
+    @property
+    def saved_partial(self) -> Path:
+        """``saved.partial/``: a ``saved/`` being written; never restored from."""
+        return self.state / "saved.partial"
+
+    @property
     def serial_log(self) -> Path:
         """``serial.log``: guest console output, written by QEMU or the Firecracker spawner."""
         return self.state / "serial.log"

@@ -8,6 +8,7 @@ restart is handled exactly like one launched by this daemon.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -38,6 +39,9 @@ class LaunchPlan:
     extra: dict[str, str] = field(default_factory=dict)
     # Disks after the work disk (``/dev/vdc`` on): only image finalize's helper VM has any.
     extra_disks: tuple[str, ...] = ()
+    # A saved-state directory (``VMMDriver.save``): the VMM loads the guest from it instead
+    # of booting the kernel, and leaves its vCPUs stopped until ``resume``.
+    restore: Path | None = None
 
     @property
     def marker(self) -> str:
@@ -60,6 +64,21 @@ class VMMDriver(Protocol):
 
     def cleanup(self, plan_paths: VMPaths) -> None:
         """Remove the VMM's runtime files (sockets, pid file) after the process is gone."""
+        ...
+
+    def pause(self, plan_paths: VMPaths) -> None:
+        """Stop the guest's vCPUs; memory and devices stay. Pausing a paused guest is fine."""
+        ...
+
+    def resume(self, plan_paths: VMPaths) -> None:
+        """Run the guest's vCPUs again. Resuming a running guest is fine."""
+        ...
+
+    def save(self, plan_paths: VMPaths, into: Path,
+             progress: Callable[[int], None] | None = None) -> int:
+        """Write a paused guest's memory and device state into the empty directory ``into``
+        (a later :class:`LaunchPlan` ``restore``); the VMM stays, paused. Returns the bytes
+        written; ``progress`` hears the bytes written so far."""
         ...
 
 

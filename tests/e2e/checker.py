@@ -8,7 +8,8 @@ from typing import Any
 
 from tests.e2e.conftest import Host
 
-BUSY = {"creating", "starting", "stopping", "deleting"}
+BUSY = {"creating", "starting", "stopping", "deleting", "suspending"}
+LIVE = {"running", "paused"}  # states with a VMM holding the guest
 
 
 def problems(host: Host) -> list[str]:
@@ -19,7 +20,7 @@ def problems(host: Host) -> list[str]:
     for vm in vms:
         if vm["state"] in BUSY:
             out.append(f"{vm['name']} is still {vm['state']}")
-    running = [v for v in vms if v["state"] == "running"]
+    running = [v for v in vms if v["state"] in LIVE]
     want_pids = {v["pid"] for v in running}
     have_pids = set(host.vmm_pids())
     if have_pids != want_pids:
@@ -48,6 +49,13 @@ def problems(host: Host) -> list[str]:
     for vm in running:
         if by_name[vm["name"]]["pid"] is None:
             out.append(f"{vm['name']} runs without a pid")
+    for vm in vms:
+        vm_dir = host.state / "vms" / vm["id"]
+        if (vm_dir / "saved.partial").exists():
+            out.append(f"{vm['name']} has a half-written saved state")
+        if (vm["state"] == "suspended") != (vm_dir / "saved").is_dir():
+            out.append(f"{vm['name']} is {vm['state']} with"
+                       f"{'' if (vm_dir / 'saved').is_dir() else 'out'} a saved state")
     return out
 
 

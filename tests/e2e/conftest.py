@@ -213,7 +213,7 @@ class Host:
         while True:
             vms: list[dict[str, Any]] = self.json("vm", "list")
             busy = [v for v in vms if v["state"] in ("creating", "starting", "stopping",
-                                                      "deleting")]
+                                                      "deleting", "suspending")]
             if not busy:
                 return vms
             if time.monotonic() > deadline:

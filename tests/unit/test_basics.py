@@ -149,7 +149,10 @@ def test_state_transitions() -> None:
     assert not st.DELETING.can_become(st.RUNNING)
     # delete claims a settled (or booting) VM; never one already stopping or deleting
     assert {s for s in st if s.can_become(st.DELETING)} == {
-        st.CREATING, st.STOPPED, st.STARTING, st.RUNNING, st.ERROR}
+        st.CREATING, st.STOPPED, st.STARTING, st.RUNNING, st.ERROR, st.PAUSED, st.SUSPENDED}
+    # a suspended guest is resumed by a start; a stop would discard its processes
+    assert st.SUSPENDED.can_become(st.STARTING) and not st.SUSPENDED.can_become(st.STOPPING)
+    assert st.SUSPENDING.busy and not st.PAUSED.busy
     assert not st.DELETING.can_become(st.DELETING)
 
 

@@ -422,3 +422,17 @@ def test_readopt_recreates_the_cgroup_and_moves_the_vmm_in(tmp_path: Path) -> No
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_restore_loads_the_saved_guest_by_descriptor_and_keeps_it_paused(
+        tmp_path: Path) -> None:
+    saved = tmp_path / "s" / "saved"
+    p = dataclasses.replace(plan(tmp_path), restore=saved)
+    argv = build_argv("qemu-system-x86_64", p, "tcg", 2596128)
+    assert argv[argv.index("-incoming") + 1] == "fd:{fd:restore}"
+    assert "-S" in argv  # the vCPUs run only once the saved state is deleted
+    assert launch_spec(p, ["qemu"], None)["files"]["restore"] == [
+        str(saved / "qemu.migration"), "r"]
+    assert str(saved) not in " ".join(argv)
+    plain = build_argv("qemu-system-x86_64", plan(tmp_path), "tcg", 2596128)
+    assert "-incoming" not in plain and "-S" not in plain

@@ -58,7 +58,7 @@ cli.add_command(images.image)
 cli.add_command(images.kernel)
 cli.add_command(vm.vm)
 for _cmd in (lifecycle.start, lifecycle.stop, lifecycle.restart, lifecycle.delete, lifecycle.rm,
-             lifecycle.vm_kill):
+             lifecycle.vm_kill, lifecycle.pause, lifecycle.resume, lifecycle.suspend):
     vm.vm.add_command(_cmd)
 vm.vm.add_command(workspace.vm_workspace)
 vm.vm.add_command(session.session)

@@ -1,4 +1,5 @@
-"""``banger vm start|stop|restart|delete|kill``: a VM's lifecycle verbs."""
+"""``banger vm start|stop|restart|delete|kill|pause|resume|suspend``: a VM's lifecycle
+verbs."""
 
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ def _followed(kind: str, verb: str) -> Any:
 
 
 start = click.command(
-    "start", help="Boot stopped VMs, one after the other, showing each boot's stages.")(
+    "start", help="Boot stopped VMs (resume suspended ones where they were), one after the "
+                  "other, showing each boot's stages.")(
     _followed("vm.start", "started"))
 stop = click.command(
     "stop", help="Stop VMs: sync, clean poweroff over SSH, kill after a bounded wait "
@@ -72,6 +74,18 @@ delete = click.command(
     "delete", help="Delete VMs: stop them and remove disks, TAP, IP and files.")(
     _simple("vm.delete", "deleted"))
 rm = click.command("rm", help="Alias of delete.", hidden=True)(_simple("vm.delete", "deleted"))
+pause = click.command(
+    "pause", help="Stop running VMs' vCPUs where they are (memory stays in RAM); "
+                  "`vm resume` runs them again.")(
+    _simple("vm.pause", "paused"))
+resume = click.command(
+    "resume", help="Run paused VMs' vCPUs again (a suspended VM resumes with `vm start`).")(
+    _simple("vm.resume", "resumed"))
+suspend = click.command(
+    "suspend", help="Save running or paused VMs' memory and device state to disk and end "
+                    "their VMMs, freeing their memory; `vm start` resumes each where it "
+                    "was, processes and all.")(
+    _followed("vm.suspend", "suspended"))
 
 
 @click.command("kill")

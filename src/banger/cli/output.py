@@ -135,6 +135,10 @@ def vm_detail(vm: dict[str, Any]) -> str:
     items += [("forward", f"{f.rsplit(':', 1)[0]} -> guest port {f.rsplit(':', 1)[1]}")
               for f in vm.get("forwards") or []]
     items.append(("created", vm["created_at"]))
+    saved = vm.get("suspended")
+    if saved:
+        items.append(("saved state", f"{format_size(saved['bytes'])} at {saved['saved_at']} "
+                      f"({saved['vmm']}; `vm start` resumes it)"))
     if vm.get("stop_reason") and vm["state"] != "running":
         items.append(("stop reason", vm["stop_reason"]))
     if vm.get("last_error"):

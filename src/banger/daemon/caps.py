@@ -1,8 +1,8 @@
 """VM capability hooks: optional per-VM features that follow the lifecycle.
 
-Each capability hears ``started`` (also on re-adoption after a daemon restart),
-``stopped`` and ``deleted``. A failing hook is logged and never fails the
-lifecycle operation that triggered it.
+Each capability hears ``started`` (also on re-adoption after a daemon restart and
+after a suspended VM's restore), ``stopped``, ``suspended`` and ``deleted``. A
+failing hook is logged and never fails the lifecycle operation that triggered it.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class DNSCap:
         if self.d.vm_dns is not None:
             self.d.vm_dns.unregister(vm.name)
 
-    deleted = stopped
+    deleted = suspended = stopped
 
 
 class SSHConfigCap:
@@ -51,6 +51,9 @@ class SSHConfigCap:
         write_ssh_config(self.d)
 
     started = stopped = deleted = _rewrite
+
+    def suspended(self, vm: VMRecord) -> None:
+        """The VM keeps its name and address: nothing to rewrite."""
 
 
 def write_ssh_config(d: Daemon) -> None:
@@ -97,6 +100,11 @@ def started(d: Daemon, vm: VMRecord) -> None:
 def stopped(d: Daemon, vm: VMRecord) -> None:
     """Tell every capability that ``vm`` stopped; hook failures are only logged."""
     _each(d, "stopped", vm)
+
+
+def suspended(d: Daemon, vm: VMRecord) -> None:
+    """Tell every capability that ``vm`` is being saved; hook failures are only logged."""
+    _each(d, "suspended", vm)
 
 
 def deleted(d: Daemon, vm: VMRecord) -> None:

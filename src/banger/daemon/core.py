@@ -153,6 +153,12 @@ class VMCap(Protocol):
         """The VM was removed for good."""
         ...
 
+    def suspended(self, vm: VMRecord) -> None:
+        """The VM is about to be saved to disk (``vm suspend``): what the guest runs
+        carries on after the restore, what the host holds for it pauses; ``started``
+        follows the restore."""
+        ...
+
 
 class Daemon:
     """bangerd's state: what every daemon module is handed as ``d``.

@@ -140,3 +140,7 @@ class ForwardCap:
     def deleted(self, vm: VMRecord) -> None:
         """Close them (the row is gone with the VM)."""
         self.d.forwards.close_vm(vm.id)
+
+    def suspended(self, vm: VMRecord) -> None:
+        """Close them, remembering them all: the restored guest gets them back."""
+        self.d.forwards.close_vm(vm.id)

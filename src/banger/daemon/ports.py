@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from banger.api import VMState
-from banger.daemon.vms import resolve
+from banger.daemon.vms import not_running, resolve
 from banger.daemon.workspace.transfer import OutputTooLarge, run_script
-from banger.errors import BangerError, NotRunning
+from banger.errors import BangerError
 
 if TYPE_CHECKING:
     from banger.daemon.core import Daemon
@@ -109,8 +109,7 @@ def ports(d: Daemon, refs: list[str]) -> list[dict[str, Any]]:
         for ref in dict.fromkeys(refs):
             vm = resolve(d, ref)
             if vm.state != VMState.RUNNING:
-                raise NotRunning(f"VM {vm.name!r} is {vm.state.value}, not running",
-                                 hint=f"start it with `banger vm start {vm.name}`")
+                raise not_running(vm, "ports are read from running guests")
             targets.append(vm)
     else:
         targets = [vm for vm in d.db.list_vms() if vm.state == VMState.RUNNING]

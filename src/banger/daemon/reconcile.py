@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from banger.api import VMState
-from banger.daemon import caps, vmdelete, vmpower, vms, workspaces
+from banger.daemon import caps, savedstate, vmdelete, vmpower, vms, workspaces
 from banger.daemon.dmsnap import dm_snapshot_supported
 from banger.daemon.firewall import guest_rule
 from banger.daemon.guest import find_masters, stop_master
@@ -106,7 +106,16 @@ def reconcile_vm(d: Daemon, vm: VMRecord) -> None:
         log.warning("vm %s was %s when bangerd stopped: removing it", vm.name, state.value)
         vmdelete.destroy(d, vm.id, reason=f"{state.value} interrupted by a daemon restart")
         return
-    if alive and state in (VMState.RUNNING, VMState.STARTING, VMState.ERROR):
+    paths = d.layout.vm(vm.id)
+    savedstate.discard_partial(paths)  # a save that did not finish is never used
+    if state == VMState.SUSPENDING and alive and savedstate.complete(paths) is None:
+        state = _unsuspend(d, vm, h)
+        vm = d.db.get_vm(vm.id)
+    if state in (VMState.SUSPENDING, VMState.SUSPENDED) or (
+            state == VMState.STARTING and savedstate.complete(paths) is not None):
+        _settle_saved(d, vm, h, alive)
+        return
+    if alive and state in (VMState.RUNNING, VMState.STARTING, VMState.ERROR, VMState.PAUSED):
         vms.save_handles(d, vm.id, h)
         vmpower.readopt_confinement(d, vm, h)
         if h.tap:
@@ -140,6 +149,52 @@ def reconcile_vm(d: Daemon, vm: VMRecord) -> None:
             caps.stopped(d, stopped)  # e.g. its sessions ended with it
 
 
+def _unsuspend(d: Daemon, vm: VMRecord, h: VMHandles) -> VMState:
+    """A suspend cut short before its saved state was complete, its VMM alive: the
+    guest goes on as it was (running, or paused). The state it is back in."""
+    was = VMState(vm.runtime.get("suspend_from", VMState.RUNNING.value))
+    if was == VMState.RUNNING:
+        try:
+            d.driver(h.vmm).resume(d.layout.vm(vm.id))
+        except BangerError as exc:
+            log.error("vm %s: not resumed after an interrupted suspend: %s", vm.name,
+                      exc.message)
+    _force_state(d, vm.id, was, suspend_from=None,
+                 last_error="suspend interrupted by a daemon restart")
+    log.warning("vm %s: suspend interrupted by the restart; %s again", vm.name, was.value)
+    return was
+
+
+def _settle_saved(d: Daemon, vm: VMRecord, h: VMHandles, alive: bool) -> None:
+    """A VM suspended, being suspended with its state saved, or being restored from a
+    saved state not yet loaded: whatever VMM it has goes, and it is suspended if its
+    saved state is complete, else stopped (its memory is lost, its disks stay)."""
+    if alive:
+        vmpower.kill_vmm(h.process)
+    paths = d.layout.vm(vm.id)
+    problems = []
+    if alive or paths.handles.exists() or vm.runtime.get("teardown"):
+        problems = vmpower.teardown(d, vm.id, h)
+    if problems:
+        _force_state(d, vm.id, VMState.ERROR, last_error="; ".join(problems))
+        return
+    saved = savedstate.complete(paths)
+    if saved is not None:
+        if vm.state != VMState.SUSPENDED:
+            record = vm.runtime.get("suspended") or savedstate.record(
+                savedstate.size(saved), vm.vmm)
+            _force_state(d, vm.id, VMState.SUSPENDED, suspended=record, suspend_from=None)
+            log.warning("vm %s: suspended (its saved state is complete)", vm.name)
+        return
+    reason = ("suspend interrupted by a daemon restart" if vm.state == VMState.SUSPENDING
+              else "its saved state is missing")
+    stopped = _force_state(d, vm.id, VMState.STOPPED, stop_reason=reason, booted_at=None,
+                           suspended=None, suspend_from=None, forwards=None,
+                           last_error=f"{reason}: the guest's memory was lost, its disks kept")
+    log.warning("vm %s: marked stopped (%s)", vm.name, reason)
+    caps.stopped(d, stopped)
+
+
 def _force_state(d: Daemon, vm_id: str, state: VMState, **runtime: Any) -> VMRecord:
     """Set what reconcile found to be true, on the row as it is now (re-read under the
     VM's lock: teardown just rewrote its runtime record), bypassing the transition
@@ -157,8 +212,15 @@ def _finish_start(d: Daemon, vm: VMRecord, h: VMHandles) -> None:
         try:
             assert h.process is not None
             ident = h.process
-            d.seams.wait_for_ssh(d.dial(vm.id, vm.ip), budget_s=d.cfg.boot_timeout_s,
+            restored = bool(vm.runtime.get("suspended"))
+            if restored:
+                # Its saved state was loaded and deleted: the guest may still be paused.
+                d.driver(h.vmm).resume(d.layout.vm(vm.id))
+            guest = d.dial(vm.id, vm.ip)
+            d.seams.wait_for_ssh(guest, budget_s=d.cfg.boot_timeout_s,
                                  alive=lambda: matches(ident), cancel=token)
+            if restored:
+                savedstate.set_clock(guest, vm.name)
             workspaces.sync_files(d, vm)
             fresh = vmpower.mark_running(d, vm.id, expect={VMState.STARTING})
             caps.started(d, fresh)
@@ -327,9 +389,9 @@ def _sweep_cgroups(d: Daemon, known: set[str]) -> list[str]:
 
 
 def reap_exited(d: Daemon) -> None:
-    """Mark running VMs whose VMM exited (guest poweroff, crash) as stopped."""
+    """Mark running or paused VMs whose VMM exited (guest poweroff, crash) as stopped."""
     for vm in d.db.list_vms():
-        if vm.state != VMState.RUNNING:
+        if vm.state not in vmpower.LIVE:
             continue
         h = d.handles.get(vm.id)
         if h is None or h.process is None or matches(h.process):
@@ -340,7 +402,7 @@ def reap_exited(d: Daemon) -> None:
             # the lock, "running" means the cached handles are this boot's.
             current = d.db.find_vm(vm.id)
             h = d.handles.get(vm.id)
-            if current is None or current.state != VMState.RUNNING or h is None \
+            if current is None or current.state not in vmpower.LIVE or h is None \
                     or h.process is None or matches(h.process):
                 continue  # someone else is handling it, or it runs again
             stopping = d.db.update_vm(current, state=VMState.STOPPING)

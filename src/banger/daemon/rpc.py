@@ -29,6 +29,7 @@ from banger.daemon import (
     vmegress,
     vmpower,
     vms,
+    vmsuspend,
     workspaces,
 )
 from banger.daemon.opstate import Operation, Registry
@@ -264,6 +265,11 @@ def register(d: Daemon) -> None:
         "vm.restart.begin": ref(lambda d, name: vms.op_view(vmpower.begin_restart(d, name))),
         **op_methods("vm.restart", d.power_ops),
         "vm.kill": kill,
+        "vm.pause": ref(vmsuspend.pause),
+        "vm.resume": ref(vmsuspend.resume),
+        "vm.suspend": ref(vmsuspend.suspend),
+        "vm.suspend.begin": ref(lambda d, name: vms.op_view(vmsuspend.begin_suspend(d, name))),
+        **op_methods("vm.suspend", d.power_ops),
         "vm.set_egress": lambda p: vmegress.set_egress(d, parse(vmegress.EgressParams, p)),
         "vm.delete": ref(vmdelete.delete),
         "vm.list": no(lambda: vms.list_vms(d)),

@@ -32,7 +32,7 @@ from banger.daemon.session import quote, scripts, step_error
 from banger.daemon.session.status import GuestSession, parse_logs, parse_status
 from banger.daemon.sessionctl import MAX_WRITE, Writer
 from banger.daemon.store import SessionRecord, VMRecord, now
-from banger.daemon.vms import resolve, resolve_running
+from banger.daemon.vms import not_running, resolve, resolve_running
 from banger.daemon.workspace.transfer import OutputTooLarge, run_script
 from banger.errors import (
     AlreadyExists,
@@ -42,7 +42,6 @@ from banger.errors import (
     GuestError,
     InvalidState,
     NotFound,
-    NotRunning,
 )
 from banger.names import check_name, is_dns_label
 
@@ -393,8 +392,7 @@ def _logs(d: Daemon, vm_ref: str, name: str, cursor: str, wait_s: float) -> dict
     vm = resolve(d, vm_ref)
     rec = _session(d, vm, name)
     if vm.state != VMState.RUNNING:
-        raise NotRunning(f"VM {vm.name!r} is {vm.state.value}; a session's logs are read "
-                         "from its guest", hint=f"start it: `banger vm start {vm.name}`")
+        raise not_running(vm, "a session's logs are read from its guest")
     try:
         res = run_script(d.dial(vm.id, vm.ip), scripts.logs(name, out_off, err_off, cap=LOG_CHUNK,
                                                      wait_s=wait_s),
@@ -602,8 +600,9 @@ class SessionCap:
 
     def started(self, vm: VMRecord) -> None:
         """Re-read the guest's sessions in the background (it may take an ssh round trip;
-        a start or a daemon's start-up does not wait for it)."""
-        if not self.d.db.list_sessions(vm.id):
+        a start or a daemon's start-up does not wait for it). A paused guest would not
+        answer: its sessions are re-read when it runs again (``vm resume``)."""
+        if vm.state == VMState.PAUSED or not self.d.db.list_sessions(vm.id):
             return
 
         def body() -> None:
@@ -626,5 +625,9 @@ class SessionCap:
 
     def deleted(self, vm: VMRecord) -> None:
         """Its rows went with it (the foreign key); its controllers go now."""
+        self.d.sessions.drop(lambda v, _n: v == vm.id)
+
+    def suspended(self, vm: VMRecord) -> None:
+        """Its sessions run on in the saved guest; their attachments end now."""
         self.d.sessions.drop(lambda v, _n: v == vm.id)
 

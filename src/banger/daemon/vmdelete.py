@@ -39,7 +39,8 @@ def delete(d: Daemon, ref: str) -> dict[str, Any]:
     if fresh is None:  # another delete removed it meanwhile
         return gone
     vm = transition(d, fresh.id, VMState.DELETING,
-                    expect={VMState.STOPPED, VMState.RUNNING, VMState.ERROR})
+                    expect={VMState.STOPPED, VMState.RUNNING, VMState.ERROR, VMState.PAUSED,
+                            VMState.SUSPENDED})
     d.checkpoint("delete.marked")
     destroy(d, vm.id, reason="deleted by the user")
     return gone

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from banger.api import VMState
-from banger.daemon import caps, kernels, workspaces
+from banger.daemon import caps, kernels, savedstate, workspaces
 from banger.daemon.dmsnap import CowHandle
 from banger.daemon.firewall import guest_rule
 from banger.daemon.guest import end_masters
@@ -65,9 +65,12 @@ CANCEL_BOOT_S = 60.0  # how long stop/delete wait for a cancelled boot to unwind
 # The stages `vm start`, `vm stop` and `vm restart` show (a start's are the boot
 # stages `vm create` shows). A start of a failed VM first clears what it left.
 START_STAGES = ["network", "boot", "wait-ssh"]
+RESTORE_STAGES = ["network", "restore", "wait-ssh"]  # a suspended VM's start
 CLEANUP_STAGE = "cleanup"
 STOP_STAGES = ["poweroff", "wait-poweroff", "teardown"]
 STOP_REASON = "stopped by `banger vm stop`"
+# States in which a VM has a live VMM holding a guest: stop, kill and restart take them.
+LIVE = frozenset({VMState.RUNNING, VMState.PAUSED})
 
 
 # ------------------------------------------------------------------ boot
@@ -93,7 +96,11 @@ def boot(d: Daemon, vm: VMRecord, img: ImageRecord, cancel: CancelToken,
          op: Operation | None = None) -> VMRecord:
     """Network, VMM launch and SSH wait for a VM in state ``starting``.
 
-    On failure everything started here is torn down before the error propagates.
+    A suspended VM's VMM loads its saved state instead of booting the kernel; the
+    saved state is deleted before its vCPUs run (:func:`savedstate.consume`), and its
+    clock is set before the VM is called running. On failure everything started
+    here is torn down before the error propagates (a saved state not yet loaded
+    stays, for another try).
     """
     def stage(name: str, progress: str = "") -> None:
         cancel.check()
@@ -115,7 +122,8 @@ def boot(d: Daemon, vm: VMRecord, img: ImageRecord, cancel: CancelToken,
         # Before the VMM runs: until admitted, every frame from the TAP is dropped.
         d.firewall.admit(guest_rule(vm, tap))
         d.checkpoint("start.network")
-        stage("boot")
+        restore = savedstate.complete(paths)
+        stage("boot" if restore is None else "restore")
         assert h.cow is not None
         pending = h
 
@@ -131,10 +139,14 @@ def boot(d: Daemon, vm: VMRecord, img: ImageRecord, cancel: CancelToken,
             kernel=boot_files.kernel, initrd=boot_files.initrd,
             cmdline=kernel_cmdline(d, vm), rootfs=cow.disk, work_disk=str(paths.work_disk),
             tap=h.tap or "", mac=vm.mac, paths=paths, extra_disks=tuple(vm.spec.extra_disks),
+            restore=restore,
         )
         ident = drv.launch(plan)
         h = h.with_(process=ident)
         save_handles(d, vm.id, h)
+        if restore is not None:
+            d.checkpoint("start.restored")
+            savedstate.consume(drv, paths)
         if isinstance(drv, ConfinedVMM):
             update_runtime(d, vm.id, confinement=drv.confinement(vm.id))
         log.info("vm %s: %s running as pid %d", vm.name, drv.name, ident.pid)
@@ -147,6 +159,10 @@ def boot(d: Daemon, vm: VMRecord, img: ImageRecord, cancel: CancelToken,
             serial_tail=lambda: tail(paths.serial_log, 2000),
         )
         log.info("vm %s: ssh ready after %.1fs", vm.name, waited)
+        if restore is not None:
+            warning = savedstate.set_clock(guest, vm.name)
+            if warning is not None and op is not None:
+                op.report(warning)
         for warning in workspaces.sync_files(d, vm):
             if op is not None:
                 op.report(warning)
@@ -164,9 +180,12 @@ def boot(d: Daemon, vm: VMRecord, img: ImageRecord, cancel: CancelToken,
 
 
 def mark_running(d: Daemon, vm_id: str, expect: set[VMState]) -> VMRecord:
-    """The end of every successful boot: running, with no stale error or stop reason."""
-    return transition(d, vm_id, VMState.RUNNING, expect=expect,
-                      last_error=None, stop_reason=None, booted_at=time.time())
+    """The end of every successful boot: running, with no stale error, stop reason or
+    saved-state record. A restored guest keeps the time it first booted."""
+    vm = d.db.get_vm(vm_id)
+    booted = vm.runtime.get("booted_at") if vm.runtime.get("suspended") else None
+    return transition(d, vm_id, VMState.RUNNING, expect=expect, last_error=None,
+                      stop_reason=None, suspended=None, booted_at=booted or time.time())
 
 
 def begin_start(d: Daemon, ref: str) -> Operation:
@@ -178,6 +197,8 @@ def begin_start(d: Daemon, ref: str) -> Operation:
     img = d.db.get_image(vm.image)
     op = Operation(kind="vm.start", target=vm.name, stages=list(START_STAGES))
     vm, leftovers = claim_start(d, vm.id, op.cancel)
+    if savedstate.complete(d.layout.vm(vm.id)) is not None:
+        op.stages = list(RESTORE_STAGES)
     if leftovers:
         op.stages.insert(0, CLEANUP_STAGE)
     return _run(d, op, lambda o: view(d, run_start(d, vm, img, o.cancel,
@@ -196,7 +217,8 @@ def _run(d: Daemon, op: Operation, work: Callable[[Operation], Any]) -> Operatio
 
 def claim_start(d: Daemon, vm_id: str, token: CancelToken, *,
                 restarting: bool = False) -> tuple[VMRecord, bool]:
-    """Move a stopped or failed VM to ``starting``; True with it when it was ``error``.
+    """Move a stopped, suspended or failed VM to ``starting``; True with it when it was
+    ``error``.
 
     The claim comes before anything else a start does: two starts of one VM both
     see ``stopped`` or ``error``, and only the one that claims it may touch what it
@@ -211,7 +233,8 @@ def claim_start(d: Daemon, vm_id: str, token: CancelToken, *,
         if restarting and current.state == VMState.STOPPING:
             current = d.db.update_vm(current, state=VMState.STOPPED, runtime=merge_runtime(
                 current.runtime, {"stop_reason": "restarting", "booted_at": None}))
-        elif restarting or current.state not in (VMState.STOPPED, VMState.ERROR) \
+        elif restarting or current.state not in (VMState.STOPPED, VMState.ERROR,
+                                                 VMState.SUSPENDED) \
                 or not current.state.can_become(VMState.STARTING):
             raise wrong_state(current, VMState.STARTING)
         vm = d.db.update_vm(current, state=VMState.STARTING)
@@ -257,14 +280,19 @@ def _back_to_error(d: Daemon, vm_id: str, err: BangerError) -> None:
 
 
 def settle_failed_start(d: Daemon, vm_id: str, err: BangerError) -> None:
-    """After a failed start, the VM is stopped and says why (unless it was deleted)."""
+    """After a failed start, the VM is stopped and says why (unless it was deleted), or
+    suspended still when its saved state was not used."""
+    suspended = savedstate.complete(d.layout.vm(vm_id)) is not None
     try:
         with d.vm_locks.held(vm_id):
             vm = d.db.get_vm(vm_id)
             if vm.state == VMState.STARTING:
-                d.db.update_vm(vm, state=VMState.STOPPED,
-                               runtime=merge_runtime(vm.runtime, {"last_error": err.message,
-                                                           "stop_reason": "start failed"}))
+                d.db.update_vm(
+                    vm, state=VMState.SUSPENDED if suspended else VMState.STOPPED,
+                    runtime=merge_runtime(vm.runtime, {
+                        "last_error": err.message,
+                        "stop_reason": None if suspended else "start failed",
+                        **({} if suspended else {"suspended": None})}))
     except NotFound:
         pass
 
@@ -309,13 +337,25 @@ def stop(d: Daemon, ref: str, reason: str = STOP_REASON) -> dict[str, Any]:
 
 
 def claim_stop(d: Daemon, vm: VMRecord) -> VMRecord | None:
-    """Move a running or failed VM to ``stopping``; None when its start failed (then it
-    is already stopped, and stopping it again is not an error)."""
+    """Move a running, paused or failed VM to ``stopping``; None when its start failed
+    (then it is already stopped, and stopping it again is not an error). A paused VM
+    is marked so, for :func:`_power_off` to run it again first."""
     if vm.state == VMState.STOPPED:
         if vm.runtime.get("stop_reason") == "start failed":
             return None
         raise NotRunning(f"VM {vm.name!r} is not running")
-    return transition(d, vm.id, VMState.STOPPING, expect={VMState.RUNNING, VMState.ERROR})
+    if vm.state == VMState.SUSPENDED:
+        raise _suspended(vm, "stop")
+    return transition(d, vm.id, VMState.STOPPING, expect=LIVE | {VMState.ERROR},
+                      paused=vm.state == VMState.PAUSED or None)
+
+
+def _suspended(vm: VMRecord, verb: str) -> InvalidState:
+    """The refusal to stop or restart a suspended VM: that would throw its saved
+    processes away."""
+    return InvalidState(
+        f"VM {vm.name!r} is suspended to disk; {verb} would discard its saved processes",
+        hint=f"`banger vm start {vm.name}` resumes it first; `banger vm delete` discards it")
 
 
 def _stop_a_boot(d: Daemon, op: Operation, vm: VMRecord, reason: str) -> dict[str, Any]:
@@ -337,6 +377,13 @@ def _power_off(d: Daemon, vm: VMRecord, op: Operation | None) -> list[str]:
     """Poweroff and teardown of a VM this call has claimed (``stopping``); the problems."""
     d.checkpoint("stop.marked")
     h = handles_of(d, vm)
+    if vm.runtime.get("paused"):
+        # A paused guest cannot sync or power off: run it again for that.
+        try:
+            d.driver(h.vmm).resume(d.layout.vm(vm.id))
+        except BangerError as exc:
+            log.warning("vm %s: not resumed for its poweroff: %s", vm.name, exc.message)
+        update_runtime(d, vm.id, paused=None)
     graceful_poweroff(d, vm, h, op)
     d.checkpoint("stop.poweroff")
     if op is not None:
@@ -478,7 +525,7 @@ def kill(d: Daemon, ref: str, sig_name: str = "KILL") -> dict[str, Any]:
     sig = _signal(sig_name)
     vm = resolve(d, ref)
     vm = cancel_boot(d, vm, f"killed with SIG{sig.name.removeprefix('SIG')}") or vm
-    if vm.state not in (VMState.RUNNING, VMState.ERROR, VMState.STOPPING):
+    if vm.state not in LIVE | {VMState.ERROR, VMState.STOPPING}:
         raise NotRunning(f"VM {vm.name!r} is not running")
     h = handles_of(d, vm)
     if h.process is None or not matches(h.process):
@@ -492,7 +539,7 @@ def kill(d: Daemon, ref: str, sig_name: str = "KILL") -> dict[str, Any]:
         send_signal(h.process, sig)
         return view(d, vm)
     # Claim the VM before the signal, so the exit watcher cannot tear it down as well.
-    vm = transition(d, vm.id, VMState.STOPPING, expect={VMState.RUNNING, VMState.ERROR})
+    vm = transition(d, vm.id, VMState.STOPPING, expect=LIVE | {VMState.ERROR})
     # Read the handles again now that the VM is ours: a stop and start since the
     # first read gave it a new VMM and TAP, and the old TAP may be another VM's now.
     h = handles_of(d, vm)
@@ -528,13 +575,16 @@ def begin_restart(d: Daemon, ref: str) -> Operation:
     vm = resolve(d, ref)
     img = d.db.get_image(vm.image)
     op = Operation(kind="vm.restart", target=vm.name, stages=list(START_STAGES))
-    if vm.state not in (VMState.RUNNING, VMState.ERROR):
+    if vm.state == VMState.SUSPENDED:
+        raise _suspended(vm, "a restart")
+    if vm.state not in LIVE | {VMState.ERROR}:
         started, leftovers = claim_start(d, vm.id, op.cancel)  # nothing to stop: a start
         if leftovers:
             op.stages.insert(0, CLEANUP_STAGE)
         return _run(d, op, lambda o: view(d, run_start(d, started, img, o.cancel,
                                                        leftovers=leftovers, op=o)))
-    claimed = transition(d, vm.id, VMState.STOPPING, expect={VMState.RUNNING, VMState.ERROR})
+    claimed = claim_stop(d, vm)
+    assert claimed is not None  # only a stopped VM's claim is None
     op.stages = STOP_STAGES + START_STAGES
     op.cancellable = False
     return _run(d, op, lambda o: _restart(d, o, claimed, img))

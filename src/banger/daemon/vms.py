@@ -12,10 +12,11 @@ boot first.
 from __future__ import annotations
 
 import logging
+from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Any
 
 from banger import __version__
-from banger.api import OpView, SSHInfo, VMState, VMView, WorkspaceView
+from banger.api import OpView, SavedStateView, SSHInfo, VMState, VMView, WorkspaceView
 from banger.daemon.dmsnap import CowHandle
 from banger.daemon.handles import VMHandles
 from banger.daemon.opstate import Operation
@@ -49,9 +50,16 @@ def resolve_running(d: Daemon, ref: str, needs: str) -> VMRecord:
     e.g. ``"forwards reach running VMs"``)."""
     vm = resolve(d, ref)
     if vm.state != VMState.RUNNING:
-        raise NotRunning(f"VM {vm.name!r} is {vm.state.value}; {needs}",
-                         hint=f"start it first: `banger vm start {vm.name}`")
+        raise not_running(vm, needs)
     return vm
+
+
+def not_running(vm: VMRecord, needs: str) -> NotRunning:
+    """The refusal for a VM that must run and does not, with the hint that gets it
+    running from where it is (``needs`` says why it must run)."""
+    verb = {VMState.PAUSED: "resume", VMState.SUSPENDED: "start"}.get(vm.state, "start")
+    return NotRunning(f"VM {vm.name!r} is {vm.state.value}; {needs}",
+                      hint=f"{verb} it first: `banger vm {verb} {vm.name}`")
 
 
 def view(d: Daemon, vm: VMRecord) -> dict[str, Any]:
@@ -67,12 +75,15 @@ def view(d: Daemon, vm: VMRecord) -> dict[str, Any]:
         stop_reason=vm.runtime.get("stop_reason"),
         confinement=vm.runtime.get("confinement"),
         forwards=[str(s) for s in d.forwards.opened(vm.id)],
+        suspended=SavedStateView.model_validate(saved) if (
+            saved := vm.runtime.get("suspended")) and vm.state == VMState.SUSPENDED else None,
         workspace=WorkspaceView.model_validate(
             {k: v for k, v in ws.items() if k in WorkspaceView.model_fields}) if ws else None,
     ).model_dump(mode="json")
 
 
-def transition(d: Daemon, vm_id: str, to: VMState, *, expect: set[VMState] | None = None,
+def transition(d: Daemon, vm_id: str, to: VMState, *,
+               expect: AbstractSet[VMState] | None = None,
                **runtime: Any) -> VMRecord:
     """Move a VM to state ``to`` under its lock; ``runtime`` keys are merged (None deletes)."""
     with d.vm_locks.held(vm_id):
@@ -107,7 +118,8 @@ def merge_runtime(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
 def wrong_state(vm: VMRecord, to: VMState) -> InvalidState:
     """The refusal for moving ``vm`` to ``to`` from its current state, worded for the user."""
     verbs = {VMState.STARTING: "start", VMState.STOPPING: "stop", VMState.DELETING: "delete",
-             VMState.RUNNING: "run", VMState.STOPPED: "stop"}
+             VMState.RUNNING: "run", VMState.STOPPED: "stop", VMState.PAUSED: "pause",
+             VMState.SUSPENDING: "suspend"}
     verb = verbs.get(to, to.value)
     if vm.state.busy:
         return InvalidState(f"VM {vm.name!r} is {vm.state.value}; cannot {verb} it now",
@@ -174,10 +186,7 @@ def show(d: Daemon, ref: str) -> dict[str, Any]:
 
 def ssh_info(d: Daemon, ref: str) -> dict[str, Any]:
     """What the CLI needs to run the system ssh into a running VM (and its workspace dir)."""
-    vm = resolve(d, ref)
-    if vm.state != VMState.RUNNING:
-        raise NotRunning(f"VM {vm.name!r} is {vm.state.value}, not running",
-                         hint=f"start it with `banger vm start {vm.name}`")
+    vm = resolve_running(d, ref, "ssh reaches running VMs")
     ws = vm.workspace or {}
     return SSHInfo(name=vm.name, ip=vm.ip, user=GUEST_USER, key_path=str(d.layout.key_path),
                    known_hosts=str(d.layout.known_hosts),

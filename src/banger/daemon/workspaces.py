@@ -40,7 +40,6 @@ from banger.errors import (
     GuestError,
     InvalidState,
     NotFound,
-    NotRunning,
 )
 from banger.fsutil import atomic_write
 from banger.runner import OwnerRunner, Runner
@@ -89,8 +88,7 @@ def _running(d: Daemon, ref: str) -> VMRecord:
     with d.vm_locks.held(vm.id):
         vm = d.db.get_vm(vm.id)
         if vm.state != VMState.RUNNING:
-            raise NotRunning(f"VM {vm.name!r} is {vm.state.value}, not running",
-                             hint=f"start it with `banger vm start {vm.name}`")
+            raise vms.not_running(vm, "workspaces live in running VMs")
     return vm
 
 

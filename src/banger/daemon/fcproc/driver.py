@@ -269,6 +269,11 @@ class SnapshotFiles:
     memory: Path
 
 
+def saved_files(into: Path) -> SnapshotFiles:
+    """Where :meth:`FirecrackerDriver.save` puts a snapshot in a saved-state directory."""
+    return SnapshotFiles(state=into / "firecracker.state", memory=into / "firecracker.memory")
+
+
 class FirecrackerDriver:
     """The Firecracker VMM driver (implements :class:`banger.vmm.VMMDriver`)."""
 
@@ -342,10 +347,11 @@ class FirecrackerDriver:
     # ------------------------------------------------------------ VMMDriver
 
     def launch(self, plan: LaunchPlan) -> ProcessIdentity:
-        """Start Firecracker for ``plan`` and boot the guest.
+        """Start Firecracker for ``plan`` and boot the guest, or load it paused from
+        ``plan.restore`` (a :meth:`save`).
 
-        Returns once InstanceStart was accepted (the guest is booting, not
-        booted).
+        Returns once InstanceStart (or the snapshot load) was accepted (the guest is
+        booting, not booted).
 
         Raises:
             BadRequest: The plan asks for something Firecracker cannot do, or
@@ -355,6 +361,8 @@ class FirecrackerDriver:
                 message names the request and Firecracker's fault_message.
         """
         check_machine(plan)
+        if plan.restore is not None:
+            return self.restore(plan, saved_files(plan.restore), resume=False)
 
         def boot(api: FirecrackerAPI, view: VMMView, info: InstanceInfo) -> None:
             info.state.check_can_become(InstanceState.RUNNING, "boot")
@@ -412,26 +420,51 @@ class FirecrackerDriver:
             api.flush_metrics()
 
     def pause(self, plan_paths: VMPaths) -> None:
-        """Stop the guest's vCPUs (memory and devices stay).
+        """Stop the guest's vCPUs (memory and devices stay); a paused guest stays so.
 
         Raises:
-            InvalidState: The VM is not running.
+            InvalidState: The VM was never started.
             VMMError: Firecracker refused.
         """
         with FirecrackerAPI(plan_paths.api_socket) as api:
-            api.instance_info().state.check_can_become(InstanceState.PAUSED, "pause")
+            state = api.instance_info().state
+            if state is InstanceState.PAUSED:
+                return
+            state.check_can_become(InstanceState.PAUSED, "pause")
             api.pause()
 
     def resume(self, plan_paths: VMPaths) -> None:
-        """Run a paused guest's vCPUs again.
+        """Run a paused guest's vCPUs again; a running guest stays so.
 
         Raises:
-            InvalidState: The VM is not paused.
+            InvalidState: The VM was never started.
             VMMError: Firecracker refused.
         """
         with FirecrackerAPI(plan_paths.api_socket) as api:
-            api.instance_info().state.check_can_become(InstanceState.RUNNING, "resume")
+            state = api.instance_info().state
+            if state is InstanceState.RUNNING:
+                return
+            state.check_can_become(InstanceState.RUNNING, "resume")
             api.resume()
+
+    def save(self, plan_paths: VMPaths, into: Path,
+             progress: Callable[[int], None] | None = None) -> int:
+        """Pause the guest and write a full snapshot into ``into`` (:func:`saved_files`);
+        the bytes written. Firecracker writes it in one request: ``progress`` hears
+        only the total.
+
+        Raises:
+            InvalidState: The VM was never started.
+            VMMError: Firecracker refused.
+            HostError: A jailed snapshot could not be moved out of the jail.
+        """
+        self.pause(plan_paths)
+        files = saved_files(into)
+        self.snapshot(plan_paths, files)
+        total = files.state.stat().st_size + files.memory.stat().st_size
+        if progress is not None:
+            progress(total)
+        return total
 
     def snapshot(self, plan_paths: VMPaths, files: SnapshotFiles, *,
                  snapshot_type: SnapshotType = SnapshotType.FULL) -> None:

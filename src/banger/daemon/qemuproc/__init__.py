@@ -12,12 +12,12 @@ restart, and the launch waits for QMP to answer, so errors in device set-up
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import socket
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from banger.daemon.qemuproc.confine import (
     kvm_groups,
     privilege_drop,
 )
+from banger.daemon.qemuproc.qmp import QMPSession, qmp_command, wait_qmp_ready, wait_status
 from banger.errors import CommandFailed, HostError, VMMError
 from banger.fsutil import atomic_write, tail
 from banger.layout import VMPaths, install_tag
@@ -47,9 +48,16 @@ from banger.vmmuser import VMMUser, ensure_user
 
 log = logging.getLogger("banger.qemu")
 
+# A saved guest (QemuDriver.save) is QEMU's migration stream in this file of the
+# saved-state directory, read back through the launcher descriptor RESTORE_FD.
+MIGRATION_FILE = "qemu.migration"
+RESTORE_FD = "restore"
+SAVE_FD = "banger-save"  # the name the descriptor for `migrate` gets on the monitor
+SAVE_BANDWIDTH = 16 << 30  # bytes/s: QEMU's default (32 MiB/s) is for live migration
+SAVE_TIMEOUT_S = 600.0
+RESTORE_TIMEOUT_S = 300.0  # reading the stream back; seconds for a GiB of memory
 LAUNCH_TIMEOUT_S = 30.0  # QMP answers after device init: seconds even under TCG
 SPAWN_TIMEOUT_S = 30.0  # the launcher opens files, forks and execs: well under a second
-QMP_TIMEOUT_S = 5.0
 
 
 def machine_args(accel: str) -> list[str]:
@@ -134,6 +142,10 @@ def build_argv(qemu_bin: str, plan: LaunchPlan, accel: str,
         "-chardev", "socket,id=qmp,fd={fd:qmp},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
     ]
+    if plan.restore is not None:
+        # Load the saved guest instead of booting the kernel (the -kernel above only
+        # sizes the machine like the one that was saved), and keep its vCPUs stopped.
+        argv += ["-incoming", "fd:{fd:" + RESTORE_FD + "}", "-S"]
     return argv
 
 
@@ -151,6 +163,8 @@ def launch_spec(plan: LaunchPlan, command: list[str], cgroup: VMCgroup | None) -
                                    "serial": [str(p.serial_log), "rw"]}
     if plan.initrd is not None:
         files["initrd"] = [str(plan.initrd), "r"]
+    if plan.restore is not None:
+        files[RESTORE_FD] = [str(plan.restore / MIGRATION_FILE), "r"]
     for i, disk in enumerate(plan.extra_disks):
         files[f"extra{i}"] = [disk, "rw"]
     return {
@@ -269,7 +283,26 @@ class QemuDriver:
             raise VMMError(f"QEMU failed to start {plan.name}: {reason}",
                            hint=f"QEMU's log: {p.vmm_log}")
         atomic_write(p.pid_file, f"{pid}\n".encode())
+        if plan.restore is not None:
+            self._wait_restored(plan)
         return ident
+
+    def _wait_restored(self, plan: LaunchPlan) -> None:
+        """Wait for an ``-incoming`` QEMU to have read the saved guest (it then stays
+        paused, ``-S``).
+
+        Raises:
+            VMMError: the stream did not load (QEMU exits saying why in its log), or not
+                within :data:`RESTORE_TIMEOUT_S`.
+        """
+        try:
+            with QMPSession(plan.paths.qmp_socket, timeout_s=RESTORE_TIMEOUT_S) as qmp:
+                wait_status(qmp, lambda st: st != "inmigrate", RESTORE_TIMEOUT_S,
+                            "loading the saved guest")
+        except VMMError as exc:
+            reason = _last_line(tail(plan.paths.vmm_log, 2000)) or exc.message
+            raise VMMError(f"QEMU could not restore {plan.name}: {reason}",
+                           hint=f"QEMU's log: {plan.paths.vmm_log}") from exc
 
     def confinement(self, vm_id: str) -> dict[str, Any]:
         """How VM ``vm_id``'s VMM is confined, for ``vm show``: user, seccomp, cgroup."""
@@ -302,6 +335,53 @@ class QemuDriver:
             return False
         return True
 
+    def pause(self, plan_paths: VMPaths) -> None:
+        """QMP ``stop``: the vCPUs stop where they are.
+
+        Raises:
+            VMMError: QMP failed.
+        """
+        qmp_command(plan_paths.qmp_socket, "stop")
+
+    def resume(self, plan_paths: VMPaths) -> None:
+        """QMP ``cont``: the vCPUs run again.
+
+        Raises:
+            VMMError: QMP failed.
+        """
+        qmp_command(plan_paths.qmp_socket, "cont")
+
+    def save(self, plan_paths: VMPaths, into: Path,
+             progress: Callable[[int], None] | None = None) -> int:
+        """Migrate the stopped guest into ``into/qemu.migration``; the bytes written.
+
+        The file is opened here, as root, and handed to QEMU over QMP (``getfd``): QEMU,
+        confined, opens nothing by path and may not spawn a helper. The guest is
+        stopped first (a no-op when it already is); QEMU is left in ``postmigrate``,
+        paused, for the caller to quit or resume.
+
+        Raises:
+            VMMError: QMP failed or the migration did, or took over
+                :data:`SAVE_TIMEOUT_S`.
+            HostError: the file could not be made.
+        """
+        dest = into / MIGRATION_FILE
+        try:
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise HostError(f"cannot create {dest}: {exc.strerror}") from exc
+        try:
+            with QMPSession(plan_paths.qmp_socket) as qmp:
+                qmp.execute("stop")
+                qmp.execute("migrate-set-parameters", {"max-bandwidth": SAVE_BANDWIDTH})
+                qmp.execute("getfd", {"fdname": SAVE_FD}, fds=(fd,))
+                qmp.execute("migrate", {"uri": f"fd:{SAVE_FD}"})
+                _wait_migrated(qmp, progress)
+            os.fsync(fd)
+            return os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+
     def quit(self, plan_paths: VMPaths) -> bool:
         """Ask QEMU to exit at once (like pulling the plug, but through QMP)."""
         try:
@@ -330,81 +410,30 @@ def _vm_size(pid: int) -> tuple[int, int]:
         raise HostError(f"cannot read -m/-smp from QEMU pid {pid}'s command line") from None
 
 
-def wait_qmp_ready(sock_path: Path, budget_s: float) -> bool:
-    """True once QEMU answers ``query-status`` on QMP; False if QEMU went away first.
+def _wait_migrated(qmp: QMPSession, progress: Callable[[int], None] | None) -> None:
+    """Poll ``query-migrate`` until it completed; ``progress`` hears the bytes so far.
 
-    The launcher made the socket listen before QEMU ran, so the connect succeeds at
-    once. QEMU 7.2 may greet before it has set up guest memory and devices, but it
-    dispatches commands only from its main loop, which runs once they are set up:
-    an answer means start-up is over. If QEMU dies first, the last descriptor of the
-    socket closes and the read sees EOF or a reset. ``budget_s`` bounds a QEMU that
-    neither answers nor dies.
+    Raises:
+        VMMError: the migration failed or was cancelled, or took over
+            :data:`SAVE_TIMEOUT_S`.
     """
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(budget_s)
-            sock.connect(str(sock_path))
-            reader = sock.makefile("rb")
-            _qmp_read(reader)  # greeting
-            _qmp_send(sock, {"execute": "qmp_capabilities"})
-            _qmp_expect_return(reader)
-            _qmp_send(sock, {"execute": "query-status"})
-            _qmp_expect_return(reader)
-    except (OSError, ValueError):
-        return False
-    return True
+    deadline = time.monotonic() + SAVE_TIMEOUT_S
+    while True:
+        info = qmp.execute("query-migrate")
+        info = info if isinstance(info, dict) else {}
+        status = str(info.get("status", ""))
+        ram = info.get("ram") if isinstance(info.get("ram"), dict) else {}
+        done = ram.get("transferred") if isinstance(ram, dict) else None
+        if progress is not None and isinstance(done, int):
+            progress(done)
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled") or time.monotonic() > deadline:
+            why = str(info.get("error-desc") or status or "no status")[:200]
+            raise VMMError(f"saving the guest failed: {why}")
+        time.sleep(0.1)
 
 
 def _last_line(text: str) -> str:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return lines[-1] if lines else ""
-
-
-def qmp_command(sock_path: Path, command: str, **arguments: Any) -> Any:
-    """Run one QMP command: connect, negotiate capabilities, execute, return ``return``."""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(QMP_TIMEOUT_S)
-            sock.connect(str(sock_path))
-            reader = sock.makefile("rb")
-            _qmp_read(reader)  # greeting
-            _qmp_send(sock, {"execute": "qmp_capabilities"})
-            _qmp_expect_return(reader)
-            msg: dict[str, Any] = {"execute": command}
-            if arguments:
-                msg["arguments"] = arguments
-            _qmp_send(sock, msg)
-            return _qmp_expect_return(reader)
-    except (OSError, ValueError) as exc:
-        raise VMMError(f"QMP {command} on {sock_path} failed: {exc}") from exc
-
-
-def _qmp_send(sock: socket.socket, msg: dict[str, Any]) -> None:
-    sock.sendall(json.dumps(msg).encode() + b"\n")
-
-
-def _qmp_read(reader: Any) -> dict[str, Any]:
-    line = reader.readline()
-    if not line:
-        raise ValueError("QMP connection closed")
-    obj: dict[str, Any] = json.loads(line)
-    return obj
-
-
-def _qmp_expect_return(reader: Any) -> Any:
-    while True:
-        msg = _qmp_read(reader)
-        if "return" in msg:
-            return msg["return"]
-        if "error" in msg:
-            raise ValueError(msg["error"].get("desc", "QMP error"))
-        # anything else is an asynchronous event; keep reading
-
-
-def qmp_status(sock_path: Path) -> str | None:
-    """The VM run state (``running``, ``paused``, ...) or None when QMP does not answer."""
-    with contextlib.suppress(VMMError):
-        ret = qmp_command(sock_path, "query-status")
-        if isinstance(ret, dict):
-            return str(ret.get("status"))
-    return None
