@@ -25,6 +25,7 @@ from banger.daemon.core import Daemon
 from banger.daemon.session import scripts
 from banger.daemon.session.status import parse_logs, parse_status
 from banger.daemon.sessionctl import LEASE_S
+from banger.daemon.store import SessionRecord
 from banger.errors import (
     AlreadyExists,
     BadRequest,
@@ -312,3 +313,43 @@ def test_a_lease_does_not_lapse_during_a_slow_call(monkeypatch: pytest.MonkeyPat
         with pytest.raises(Busy):  # but this one is in a call: still the writer
             ctl.attach(writer=True)
     assert ctl.attach(writer=True).writer  # after the call it lapses
+
+
+def test_a_command_gone_before_its_exit_is_recorded_is_not_lost(tmp_path: Path) -> None:
+    """Between the command's death and the supervisor writing its exit status, a status
+    read must not call the session lost: it runs until the exit is recorded."""
+    root = tmp_path / "sessions"
+    d = root / "race"
+    d.mkdir(parents=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    supervisor = subprocess.Popen(["sleep", "30"])
+    try:
+        (d / "pid").write_text(f"{dead.pid}\n")
+        (d / "super").write_text(f"{supervisor.pid}\n")
+        (d / "boot_id").write_text(Path("/proc/sys/kernel/random/boot_id").read_text())
+        script = scripts.STATUS.replace("{root}", str(root)).replace("{names}", "race")
+
+        def read() -> Any:
+            out = subprocess.run(["sh", "-c", script], capture_output=True, check=True).stdout
+            return parse_status(out.decode())["race"]
+
+        gs = read()
+        assert gs.alive and gs.exit_code is None
+        assert sessions._changes(_row("race", sessions.RUNNING, dead.pid), gs, adopting=False) == {}
+        supervisor.kill()
+        supervisor.wait()
+        gone = read()
+        assert not gone.alive  # supervisor and command both gone, no exit: lost
+        assert sessions._changes(_row("race", sessions.RUNNING, dead.pid), gone,
+                                 adopting=False)["end_reason"] == sessions.LOST
+        (d / "exit").write_text("0\n")
+        assert read().exit_code == 0
+    finally:
+        supervisor.kill()
+        supervisor.wait()
+
+
+def _row(name: str, state: str, pid: int) -> SessionRecord:
+    return SessionRecord(vm_id="0123456789ab", name=name, argv=("true",), cwd="/root",
+                         tty=False, state=state, pid=pid)

@@ -45,6 +45,7 @@ def session_dir(name: str) -> str:
 # Run by `setsid sh -c SUPERVISOR sh DIR TTY`: $1 the session dir, $2 "1" for a tty.
 SUPERVISOR = r"""
 d=$1
+echo $$ > "$d/super"
 exec 3<>"$d/stdin"
 cat /proc/sys/kernel/random/boot_id > "$d/boot_id" 2>/dev/null || :
 date +%s > "$d/started"
@@ -124,9 +125,13 @@ for n in {names}; do
     [ -d "$n" ] || continue
     pid=$(head -c 12 "$n/pid" 2>/dev/null || :)
     boot=$(head -c 64 "$n/boot_id" 2>/dev/null || :)
+    sup=$(head -c 12 "$n/super" 2>/dev/null || :)
     rc=$(head -c 6 "$n/exit" 2>/dev/null || :)
     alive=0
-    if [ -z "$rc" ] && [ -n "$pid" ] && [ "$boot" = "$cur" ] && kill -0 "$pid" 2>/dev/null
+    # Running until the supervisor has recorded the exit: the command may be gone an
+    # instant before its status is written.
+    if [ -z "$rc" ] && [ -n "$pid" ] && [ "$boot" = "$cur" ] \
+        && { kill -0 "$pid" || { [ -n "$sup" ] && kill -0 "$sup"; }; } 2>/dev/null
     then alive=1; fi
     same=0; [ "$boot" = "$cur" ] && same=1
     printf '%s pid=%s alive=%s exit=%s same_boot=%s started=%s ended=%s out=%s err=%s\n' \

@@ -28,7 +28,7 @@ class GuestSession:
 
     name: str
     pid: int | None
-    alive: bool  # the command runs now, in this boot
+    alive: bool  # it runs in this boot: the command, or its supervisor not done recording
     exit_code: int | None  # recorded by the supervisor (shell style: 128+N for signal N)
     same_boot: bool  # it was started in the guest's current boot
     started: datetime | None
