@@ -21,6 +21,7 @@ from banger.daemon import (
     savedstate,
     vmcreate,
     vmdelete,
+    vmegress,
     vmpower,
     vms,
     vmsuspend,
@@ -298,3 +299,15 @@ def test_a_suspended_vm_without_its_saved_state_is_stopped(daemon: Daemon) -> No
     row = vms.resolve(daemon, "s")
     assert row.state == VMState.STOPPED and "missing" in row.runtime["stop_reason"]
     assert vmpower.start(daemon, "s")["state"] == "running"
+
+
+def test_set_egress_applies_to_a_paused_vm_at_once_and_a_suspended_one_at_start(
+        daemon: Daemon) -> None:
+    make(daemon)
+    vmsuspend.pause(daemon, "s")
+    res = vmegress.set_egress(daemon, vmegress.EgressParams(name="s", nat=True))
+    assert res["applied"] is True and res["nat"] is True
+    vmsuspend.suspend(daemon, "s")
+    res = vmegress.set_egress(daemon, vmegress.EgressParams(name="s", nat=False))
+    assert res["applied"] is False
+    assert vms.resolve(daemon, "s").spec.nat is False

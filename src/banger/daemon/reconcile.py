@@ -391,7 +391,7 @@ def _sweep_cgroups(d: Daemon, known: set[str]) -> list[str]:
 def reap_exited(d: Daemon) -> None:
     """Mark running or paused VMs whose VMM exited (guest poweroff, crash) as stopped."""
     for vm in d.db.list_vms():
-        if vm.state not in vmpower.LIVE:
+        if vm.state not in vms.LIVE:
             continue
         h = d.handles.get(vm.id)
         if h is None or h.process is None or matches(h.process):
@@ -402,7 +402,7 @@ def reap_exited(d: Daemon) -> None:
             # the lock, "running" means the cached handles are this boot's.
             current = d.db.find_vm(vm.id)
             h = d.handles.get(vm.id)
-            if current is None or current.state not in vmpower.LIVE or h is None \
+            if current is None or current.state not in vms.LIVE or h is None \
                     or h.process is None or matches(h.process):
                 continue  # someone else is handling it, or it runs again
             stopping = d.db.update_vm(current, state=VMState.STOPPING)

@@ -77,7 +77,7 @@ def set_egress(d: Daemon, params: EgressParams) -> dict[str, Any]:
     vm = vms.resolve(d, params.name)
     with d.vm_locks.held(vm.id):
         vm = d.db.get_vm(vm.id)
-        if vm.state not in (VMState.RUNNING, VMState.STOPPED):
+        if vm.state not in vms.LIVE | {VMState.STOPPED, VMState.SUSPENDED}:
             raise InvalidState(f"VM {vm.name!r} is {vm.state.value}",
                                hint="wait for it to finish, then run set-egress again")
         old = vm.spec
@@ -89,7 +89,7 @@ def set_egress(d: Daemon, params: EgressParams) -> dict[str, Any]:
         nat, allow_private, allow_out = resolve(nat, allow_private, allow_out, old.nat)
         spec = old.model_copy(update={"nat": nat, "allow_private": allow_private,
                                       "allow_out": allow_out})
-        tap = vms.handles_of(d, vm).tap if vm.state == VMState.RUNNING else None
+        tap = vms.handles_of(d, vm).tap if vm.state in vms.LIVE else None
         updated = d.db.set_vm_spec(vm, spec)
         if tap is not None:
             try:

@@ -25,6 +25,7 @@ from banger.daemon.network import gateway, prefixlen
 from banger.daemon.opstate import Operation
 from banger.daemon.store import ImageRecord, VMRecord
 from banger.daemon.vms import (
+    LIVE,
     handles_of,
     merge_runtime,
     resolve,
@@ -69,8 +70,6 @@ RESTORE_STAGES = ["network", "restore", "wait-ssh"]  # a suspended VM's start
 CLEANUP_STAGE = "cleanup"
 STOP_STAGES = ["poweroff", "wait-poweroff", "teardown"]
 STOP_REASON = "stopped by `banger vm stop`"
-# States in which a VM has a live VMM holding a guest: stop, kill and restart take them.
-LIVE = frozenset({VMState.RUNNING, VMState.PAUSED})
 
 
 # ------------------------------------------------------------------ boot

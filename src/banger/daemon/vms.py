@@ -29,6 +29,10 @@ from banger.sshopts import GUEST_USER
 if TYPE_CHECKING:
     from banger.daemon.core import Daemon
 
+# States in which a VM has a live VMM holding its guest (running or paused): stop, kill,
+# restart and set-egress take them.
+LIVE = frozenset({VMState.RUNNING, VMState.PAUSED})
+
 log = logging.getLogger("banger.vms")
 
 
