@@ -311,3 +311,12 @@ def test_set_egress_applies_to_a_paused_vm_at_once_and_a_suspended_one_at_start(
     res = vmegress.set_egress(daemon, vmegress.EgressParams(name="s", nat=False))
     assert res["applied"] is False
     assert vms.resolve(daemon, "s").spec.nat is False
+
+
+def test_a_paused_vm_keeps_the_host_network_and_a_suspended_one_does_not(
+        daemon: Daemon) -> None:
+    make(daemon)
+    vmsuspend.pause(daemon, "s")
+    assert not daemon.host_idle()
+    vmsuspend.suspend(daemon, "s")
+    assert daemon.host_idle()

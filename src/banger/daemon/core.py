@@ -267,17 +267,19 @@ class Daemon:
         self._stop.set()
 
     def host_idle(self) -> bool:
-        """True when no VM needs the host network: every VM in the store is stopped and
-        no boot, create or workspace copy is in flight.
+        """True when no VM needs the host network: every VM in the store is stopped (or
+        suspended) and no boot, create or workspace copy is in flight.
 
-        A VM in ``error`` counts as not idle: it may still hold a VMM and a TAP.
+        A VM in ``error`` counts as not idle: it may still hold a VMM and a TAP; a
+        suspended one holds neither.
         """
         with self._inflight_mu:
             if self._inflight:
                 return False
         if self.create_ops.active() or self.workspace_ops.active():
             return False
-        return all(vm.state == VMState.STOPPED for vm in self.db.list_vms())
+        return all(vm.state in (VMState.STOPPED, VMState.SUSPENDED)
+                   for vm in self.db.list_vms())
 
     def _start_dns(self) -> None:
         upstream = (upstream_from_resolv_conf() if self.cfg.dns_upstream == ""
@@ -288,7 +290,7 @@ class Daemon:
         except OSError as exc:
             log.warning("dns: cannot listen on the bridge: %s", exc)
         for vm in self.db.list_vms():
-            if vm.state.value == "running":
+            if vm.state in (VMState.RUNNING, VMState.PAUSED):
                 self.vm_dns.register(vm.name, vm.ip)
 
     # ----------------------------------------------------------------- helpers
