@@ -68,18 +68,6 @@ def test_sshd_waits_only_for_banger_init() -> None:
     assert after == ["After=banger-init.service"]
 
 
-def test_udev_coldplug_and_journal_flush_come_after_sshd() -> None:
-    r = Recipe()
-    assert set(r.after_ssh_units) >= {"systemd-udevd.service", "systemd-udev-trigger.service",
-                                      "systemd-journal-flush.service",
-                                      "systemd-tmpfiles-setup.service"}
-    assert not set(r.after_ssh_units) & {"systemd-journald.service", "banger-init.service"}
-    dropins = {f.path: f.content for f in r.files()}
-    for unit in r.after_ssh_units:
-        content = dropins[f"etc/systemd/system/{unit}.d/banger-after-ssh.conf"]
-        assert "After=ssh.service" in content.splitlines()
-
-
 def test_initramfs_holds_only_the_virtio_drivers() -> None:
     files = {f.path: f.content for f in Recipe().preseed_files}
     conf = files["etc/initramfs-tools/conf.d/banger.conf"].splitlines()
@@ -94,7 +82,6 @@ def test_digest_follows_the_boot_trimming() -> None:
     r = Recipe()
     assert Recipe(masked_units=r.masked_units[1:]).digest() != r.digest()
     assert Recipe(masked_generators=r.masked_generators[1:]).digest() != r.digest()
-    assert Recipe(after_ssh_units=r.after_ssh_units[1:]).digest() != r.digest()
     assert Recipe(preseed_files=r.preseed_files[1:]).digest() != r.digest()
 
 
@@ -105,8 +92,6 @@ def test_install_links_masked_units_and_generators(tmp_path: Path) -> None:
         assert (tmp_path / "etc/systemd/system" / unit).readlink() == Path("/dev/null")
     for gen in r.masked_generators:
         assert (tmp_path / "etc/systemd/system-generators" / gen).readlink() == Path("/dev/null")
-    assert (tmp_path / "etc/systemd/system/systemd-udev-trigger.service.d"
-            / "banger-after-ssh.conf").is_file()
 
 
 def test_banger_init_runs_few_programs() -> None:

@@ -135,8 +135,9 @@ FSTAB = """# Written by banger. The root disk is always the first virtio disk; b
 """
 
 # systemd's tmpfiles make /run/nologin at boot and systemd-user-sessions removes it once
-# basic.target is reached; sshd now answers long before that, and pam_nologin would print
-# "System is booting up" into the first commands' stderr. Only root logs in (by key).
+# basic.target is reached; sshd answers before that (it waits only for banger-init), and
+# pam_nologin would print "System is booting up" into the first commands' stderr. Only
+# root logs in (by key).
 NO_NOLOGIN = """# Written by banger: no /run/nologin while the boot finishes (sshd answers first).
 """
 
@@ -152,15 +153,6 @@ INITRAMFS_MODULES = """# Written by banger: the drivers for the root disk and th
 virtio_mmio
 virtio_blk
 virtio_net
-"""
-
-# Ordered after sshd: udev's coldplug (and the module loads it sets off: kvm, crypto
-# helpers, ...), the journal's first flush to disk and the rest of sysinit.target's set-up
-# cost seconds of a TCG guest's CPU and nothing sshd or banger-init needs. They still all
-# run, right after sshd is up.
-AFTER_SSH_DROPIN = """# Written by banger: after sshd, not competing with banger-init and sshd.
-[Unit]
-After=ssh.service
 """
 
 # sshd answers as soon as banger-init has set up the network, the work disk (its
@@ -248,13 +240,6 @@ class Recipe:
         "systemd-sysv-generator", "systemd-rc-local-generator", "systemd-run-generator",
         "systemd-debug-generator",
     )
-    after_ssh_units: tuple[str, ...] = (
-        "systemd-udevd.service", "systemd-udev-trigger.service",
-        "systemd-journal-flush.service", "systemd-tmpfiles-setup-dev.service",
-        "systemd-tmpfiles-setup.service", "kmod-static-nodes.service",
-        "systemd-modules-load.service", "systemd-sysctl.service",
-        "systemd-remount-fs.service",
-    )
     # Written into the empty target before debootstrap: the kernel package builds the
     # initramfs while debootstrap installs it.
     preseed_files: tuple[GuestFile, ...] = field(default_factory=lambda: (
@@ -274,10 +259,8 @@ class Recipe:
 
     def files(self) -> list[GuestFile]:
         """Every file written into the built root after debootstrap: banger's agent files,
-        the recipe's own, and the drop-ins that order :attr:`after_ssh_units` after sshd."""
-        dropins = [GuestFile(f"etc/systemd/system/{unit}.d/banger-after-ssh.conf",
-                             AFTER_SSH_DROPIN) for unit in self.after_ssh_units]
-        return [*guest_agent_files(), *self.extra_files, *dropins]
+        then the recipe's own."""
+        return [*guest_agent_files(), *self.extra_files]
 
     def masked(self) -> list[str]:
         """Every path under ``etc/systemd`` the build links to ``/dev/null``: the masked
