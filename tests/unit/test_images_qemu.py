@@ -47,7 +47,7 @@ def test_install_and_finalize_tree(tmp_path: Path) -> None:
     (root / "root").mkdir()
     (root / "root/.bashrc").write_text("# rc")
     (root / "etc/machine-id").write_text("abc\n")
-    install_files(root, Recipe().files(), ("e2scrub_reap.service",))
+    install_files(root, Recipe().files(), Recipe().masked())
     finalize_tree(root, tmp_path / "seed")
     init = root / "usr/local/sbin/banger-init"
     assert init.read_text() == GUEST_INIT and init.stat().st_mode & 0o777 == 0o755

@@ -29,6 +29,7 @@ from banger.daemon.imagemgr import (
     recipe_for,
     rootfs_size,
     tree_size,
+    write_files,
 )
 from banger.daemon.imagemgr.kernel import inspect_kernel_file
 from banger.daemon.opstate import Operation
@@ -132,6 +133,7 @@ def build(d: Daemon, recipe: Recipe, op: Operation) -> dict[str, Any]:
     try:
         staging.mkdir(parents=True)
         op.enter("debootstrap", "starting")
+        write_files(root, recipe.preseed_files)
         d.layout.debootstrap_cache.mkdir(parents=True, exist_ok=True)
         counter = {"n": 0}
 
@@ -146,7 +148,7 @@ def build(d: Daemon, recipe: Recipe, op: Operation) -> dict[str, Any]:
             cancel=op.cancel,
         )
         op.enter("configure")
-        install_files(root, recipe.files(), recipe.masked_units)
+        install_files(root, recipe.files(), recipe.masked())
         finalize_tree(root, staging / "workseed")
         op.enter("kernel")
         kernel, initrd = find_boot_files(root)

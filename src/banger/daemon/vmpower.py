@@ -74,13 +74,19 @@ STOP_REASON = "stopped by `banger vm stop`"
 
 # ------------------------------------------------------------------ boot
 
+# The kernel arguments every VM gets, whichever VMM boots it. The root is ext4 in every
+# image (built, registered, pulled), so neither the kernel nor an initramfs probes for its
+# type; both VMMs give a guest one serial port, so the kernel sets up one, not four.
+BOOT_ARGS = ("console=ttyS0", "root=/dev/vda", "rw", "loglevel=4", "panic=1",
+             "rootfstype=ext4", "8250.nr_uarts=1")
+
 
 def kernel_cmdline(d: Daemon, vm: VMRecord) -> str:
     """The guest kernel command line: console, root disk, and the ``banger.*`` network args
     that ``banger-init`` reads in the guest (plus Firecracker's reboot/i8042 args)."""
     gw = gateway(d.cfg.bridge_cidr)
     args = [
-        "console=ttyS0", "root=/dev/vda", "rw", "loglevel=4", "panic=1",
+        *BOOT_ARGS,
         f"banger.ip={vm.ip}/{prefixlen(d.cfg.bridge_cidr)}", f"banger.gw={gw}",
         f"banger.hostname={vm.name}",
     ]

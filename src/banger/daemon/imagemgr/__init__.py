@@ -19,16 +19,19 @@ from pathlib import Path
 
 from banger.errors import BadRequest, NotFound
 
-RECIPE_VERSION = 4  # bump when the build procedure changes in a way the recipe text does not show
+RECIPE_VERSION = 5  # bump when the build procedure changes in a way the recipe text does not show
 
 ROOT_LABEL = "banger-root"
 WORK_LABEL = "banger-work"
 
 GUEST_INIT = r"""#!/bin/sh
 # banger-init: per-boot guest set-up from banger.* kernel arguments (written by banger).
+# sshd waits for this script, and under emulation every program it runs costs a tenth of a
+# second or more: it uses shell built-ins wherever one does the job.
 set -u
 ip=""; gw=""; dns=""; host=""
-for arg in $(cat /proc/cmdline); do
+read -r cmdline < /proc/cmdline
+for arg in $cmdline; do
   case "$arg" in
     banger.ip=*) ip=${arg#banger.ip=} ;;
     banger.gw=*) gw=${arg#banger.gw=} ;;
@@ -37,11 +40,10 @@ for arg in $(cat /proc/cmdline); do
   esac
 done
 if [ -n "$host" ]; then
-  hostname "$host"
+  echo "$host" > /proc/sys/kernel/hostname
   echo "$host" > /etc/hostname
   grep -q "[[:space:]]$host\$" /etc/hosts || printf '127.0.1.1\t%s\n' "$host" >> /etc/hosts
 fi
-ip link set lo up
 # This runs before udev's coldplug (sshd waits for it, so it goes first): load the NIC's
 # driver here rather than wait for udev to, then wait for the NIC, at most 10 s.
 first_nic() {
@@ -57,19 +59,31 @@ while [ -z "$dev" ] && [ "$i" -lt 100 ]; do
   sleep 0.1; i=$((i + 1))
   dev=$(first_nic)
 done
-if [ -n "$dev" ] && [ -n "$ip" ]; then
-  ip addr flush dev "$dev"
-  ip addr add "$ip" dev "$dev"
-  ip link set "$dev" up
-  if [ -n "$gw" ]; then ip route replace default via "$gw"; fi
+# One `ip` for the whole network set-up; one per command where `ip` has no -batch (BusyBox).
+net_cmds() {
+  echo "link set lo up"
+  if [ -n "$dev" ] && [ -n "$ip" ]; then
+    echo "addr flush dev $dev"
+    echo "addr add $ip dev $dev"
+    echo "link set $dev up"
+    if [ -n "$gw" ]; then echo "route replace default via $gw"; fi
+  fi
+}
+if ! net_cmds | ip -force -batch - 2>/dev/null; then
+  net_cmds | while read -r c; do ip $c; done
 fi
 if [ -n "$dns" ]; then
   rm -f /etc/resolv.conf
   printf 'nameserver %s\nsearch vm\n' "$dns" > /etc/resolv.conf
 fi
 # The work disk (label banger-work) is the guest's /root and holds authorized_keys, so it
-# must be mounted before sshd starts. Wait for its device at most 10 s (100 x 0.1 s).
-if ! mountpoint -q /root; then
+# must be mounted before sshd starts. Its device is there at once on every VMM banger
+# drives; when it is not, wait for it at most 10 s (100 x 0.1 s).
+mounted=no
+while read -r _ mnt _; do
+  if [ "$mnt" = /root ]; then mounted=yes; fi
+done < /proc/mounts
+if [ "$mounted" = no ] && ! mount -o noatime LABEL=banger-work /root 2>/dev/null; then
   i=0
   while [ "$i" -lt 100 ] && ! blkid -L banger-work >/dev/null 2>&1; do
     sleep 0.1; i=$((i + 1))
@@ -118,6 +132,27 @@ UseDNS no
 FSTAB = """# Written by banger. The root disk is always the first virtio disk; banger-init
 # mounts the work disk on /root.
 /dev/vda / ext4 defaults,noatime,errors=remount-ro 0 1
+"""
+
+# systemd's tmpfiles make /run/nologin at boot and systemd-user-sessions removes it once
+# basic.target is reached; sshd answers before that (it waits only for banger-init), and
+# pam_nologin would print "System is booting up" into the first commands' stderr. Only
+# root logs in (by key).
+NO_NOLOGIN = """# Written by banger: no /run/nologin while the boot finishes (sshd answers first).
+"""
+
+# The initramfs (QEMU boots Debian's kernel, whose virtio drivers are modules) holds only
+# what mounting the root takes: the virtio-mmio bus, disk and NIC drivers (so banger-init
+# finds the NIC at once), zstd-compressed. MODULES=most packs ~15 MB the kernel unpacks
+# and udev probes at every boot. Written before debootstrap, which makes the initramfs.
+INITRAMFS_CONF = """# Written by banger: a small initramfs for a virtio-mmio VM.
+MODULES=list
+COMPRESS=zstd
+"""
+INITRAMFS_MODULES = """# Written by banger: the drivers for the root disk and the NIC.
+virtio_mmio
+virtio_blk
+virtio_net
 """
 
 # sshd answers as soon as banger-init has set up the network, the work disk (its
@@ -172,23 +207,50 @@ class Recipe:
     packages: tuple[str, ...] = (
         "systemd", "systemd-sysv", "udev", "dbus", "openssh-server", "git",
         "ca-certificates", "iproute2", "procps", "less", "curl", "make", "python3",
-        "xz-utils", "initramfs-tools",
+        "xz-utils", "initramfs-tools", "zstd",
     )
     # Units that cost boot time in a throwaway VM and do nothing useful there. The
     # modprobe@ ones preload modules a VM has no hardware for (drm, efi_pstore) or that
-    # load on first use of their device node anyway (loop, fuse, dm_mod); hugetlbfs and
-    # the debug/tracing mounts serve no dev sandbox by default (mount them by hand).
+    # load on first use of their device node anyway (loop, fuse, dm_mod); hugetlbfs,
+    # configfs, binfmt_misc and the debug/tracing mounts serve no dev sandbox by default
+    # (mount them by hand). A VM has no virtual terminal for getty@tty1 (the serial getty
+    # stays), no clock to sync that the host does not keep, no trim or scrub worth doing
+    # on a copy-on-write disk; every user and group is made when the image is built (apt
+    # makes a package's own), and a random seed copied into every clone seeds nothing.
     # Each costs a second or more of a TCG guest's CPU while sshd is starting.
     masked_units: tuple[str, ...] = (
-        "e2scrub_reap.service", "apt-daily.timer", "apt-daily-upgrade.timer",
+        "e2scrub_reap.service", "e2scrub_all.timer", "fstrim.timer", "apt-daily.timer",
+        "apt-daily-upgrade.timer", "dpkg-db-backup.timer", "man-db.timer",
         "systemd-timesyncd.service", "modprobe@drm.service", "modprobe@efi_pstore.service",
         "modprobe@loop.service", "modprobe@fuse.service", "modprobe@dm_mod.service",
+        "modprobe@configfs.service", "sys-kernel-config.mount",
         "dev-hugepages.mount", "sys-kernel-debug.mount", "sys-kernel-tracing.mount",
+        "systemd-binfmt.service", "proc-sys-fs-binfmt_misc.automount",
+        "proc-sys-fs-binfmt_misc.mount", "getty@tty1.service", "systemd-sysusers.service",
+        "systemd-random-seed.service",
     )
+    # Generators systemd runs before it starts any unit, each one more program start under
+    # emulation: none has anything to find in this image (no encrypted, verity, integrity
+    # or GPT-discovered volumes, no hibernation, no SysV-only scripts, no rc.local, no
+    # system update, and banger writes the kernel command line). fstab and getty stay.
+    masked_generators: tuple[str, ...] = (
+        "systemd-cryptsetup-generator", "systemd-integritysetup-generator",
+        "systemd-veritysetup-generator", "systemd-gpt-auto-generator",
+        "systemd-hibernate-resume-generator", "systemd-system-update-generator",
+        "systemd-sysv-generator", "systemd-rc-local-generator", "systemd-run-generator",
+        "systemd-debug-generator",
+    )
+    # Written into the empty target before debootstrap: the kernel package builds the
+    # initramfs while debootstrap installs it.
+    preseed_files: tuple[GuestFile, ...] = field(default_factory=lambda: (
+        GuestFile("etc/initramfs-tools/conf.d/banger.conf", INITRAMFS_CONF),
+        GuestFile("usr/share/initramfs-tools/modules.d/banger", INITRAMFS_MODULES),
+    ))
     extra_files: tuple[GuestFile, ...] = field(default_factory=lambda: (
         GuestFile("etc/fstab", FSTAB),
         GuestFile("etc/hostname", "banger\n"),
         GuestFile("etc/hosts", "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n"),
+        GuestFile("etc/tmpfiles.d/systemd-nologin.conf", NO_NOLOGIN),
     ))
 
     def all_packages(self) -> list[str]:
@@ -196,16 +258,24 @@ class Recipe:
         return [*self.packages, self.kernel_package]
 
     def files(self) -> list[GuestFile]:
-        """Every file written into the built root: banger's agent files, then the recipe's."""
+        """Every file written into the built root after debootstrap: banger's agent files,
+        then the recipe's own."""
         return [*guest_agent_files(), *self.extra_files]
+
+    def masked(self) -> list[str]:
+        """Every path under ``etc/systemd`` the build links to ``/dev/null``: the masked
+        units and generators."""
+        return [*(f"etc/systemd/system/{unit}" for unit in self.masked_units),
+                *(f"etc/systemd/system-generators/{gen}" for gen in self.masked_generators)]
 
     def digest(self) -> str:
         """A hash of everything that decides the image's content (not the mirror)."""
         doc = {
             "version": RECIPE_VERSION, "name": self.name, "suite": self.suite,
             "variant": self.variant, "packages": self.all_packages(),
-            "masked": list(self.masked_units),
+            "masked": self.masked(),
             "files": [[f.path, f.content, f.mode] for f in self.files()],
+            "preseed": [[f.path, f.content, f.mode] for f in self.preseed_files],
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -244,8 +314,8 @@ def recipe_for(name: str) -> Recipe:
         ) from None
 
 
-def install_files(root: Path, files: list[GuestFile], masked: tuple[str, ...] = ()) -> None:
-    """Write guest files into an unpacked root tree and enable/mask units by symlink."""
+def write_files(root: Path, files: list[GuestFile] | tuple[GuestFile, ...]) -> None:
+    """Write guest files into a root tree (made as needed), replacing symlinks in the way."""
     for f in files:
         dest = safe_join(root, f.path)
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -253,12 +323,26 @@ def install_files(root: Path, files: list[GuestFile], masked: tuple[str, ...] = 
             dest.unlink()
         dest.write_text(f.content)
         dest.chmod(f.mode)
+
+
+def install_files(root: Path, files: list[GuestFile], masked: list[str] | tuple[str, ...] = ()
+                  ) -> None:
+    """Write guest files into an unpacked root tree, enable banger-init and mask units.
+
+    Args:
+        root: the unpacked root tree.
+        files: the files to write.
+        masked: paths relative to ``root`` (``etc/systemd/system/UNIT``, or a generator
+            under ``etc/systemd/system-generators``) to link to ``/dev/null``.
+    """
+    write_files(root, files)
     wants = safe_join(root, UNIT_WANTS)
     wants.parent.mkdir(parents=True, exist_ok=True)
     wants.unlink(missing_ok=True)
     wants.symlink_to("/" + UNIT_PATH)
-    for unit in masked:
-        link = safe_join(root, f"etc/systemd/system/{unit}")
+    for rel in masked:
+        link = safe_join(root, rel)
+        link.parent.mkdir(parents=True, exist_ok=True)
         link.unlink(missing_ok=True)
         link.symlink_to("/dev/null")
 

@@ -1,0 +1,119 @@
+"""What the built-in image starts at boot: pinned, so a slow unit is not added back unnoticed.
+
+Boot to SSH under TCG is mostly the guest's userspace (issue 12). These tests pin the
+recipe's boot trimming; none measures time.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from banger.daemon.imagemgr import (
+    GUEST_INIT,
+    GUEST_INIT_UNIT,
+    SSH_DROPIN,
+    Recipe,
+    guest_agent_files,
+    install_files,
+)
+from banger.daemon.vmpower import BOOT_ARGS
+
+# Units that cost a TCG guest seconds of CPU while sshd starts and that a sandbox does not
+# use. Unmasking one is a decision: take it out of this list with the reason.
+MUST_BE_MASKED = {
+    "apt-daily.timer", "apt-daily-upgrade.timer", "man-db.timer", "e2scrub_all.timer",
+    "e2scrub_reap.service", "fstrim.timer", "dpkg-db-backup.timer",
+    "systemd-timesyncd.service", "getty@tty1.service",
+    "systemd-binfmt.service", "proc-sys-fs-binfmt_misc.automount",
+    "modprobe@configfs.service", "sys-kernel-config.mount",
+    "systemd-sysusers.service", "systemd-random-seed.service",
+}
+MUST_BE_MASKED_GENERATORS = {
+    "systemd-gpt-auto-generator", "systemd-sysv-generator", "systemd-cryptsetup-generator",
+    "systemd-hibernate-resume-generator",
+}
+# What banger and a user's Debian box need: never masked.
+MUST_RUN = {
+    "ssh.service", "banger-init.service", "systemd-journald.service",
+    "systemd-udevd.service", "systemd-udev-trigger.service", "systemd-logind.service",
+    "dbus.service", "serial-getty@ttyS0.service",
+}
+# Targets and units whose only purpose is to wait: nothing banger writes may pull them in.
+WAITS = ("network-online.target", "systemd-networkd-wait-online", "time-sync.target",
+         "systemd-time-wait-sync", "systemd-udev-settle")
+
+
+def test_slow_units_and_generators_stay_masked() -> None:
+    r = Recipe()
+    assert set(r.masked_units) >= MUST_BE_MASKED
+    assert set(r.masked_generators) >= MUST_BE_MASKED_GENERATORS
+    assert not set(r.masked_units) & MUST_RUN
+    assert not {"systemd-fstab-generator", "systemd-getty-generator"} & set(r.masked_generators)
+
+
+def test_nothing_banger_writes_waits_for_the_network_time_or_udev() -> None:
+    r = Recipe()
+    for f in [*r.files(), *r.preseed_files]:
+        for wait in WAITS:
+            assert wait not in f.content, f"{f.path} mentions {wait}"
+    assert not any(re.search(r"wait-online|chrony|ntp", p) for p in r.packages)
+
+
+def test_sshd_waits_only_for_banger_init() -> None:
+    assert "DefaultDependencies=no" in GUEST_INIT_UNIT
+    assert "Before=network.target ssh.service" in GUEST_INIT_UNIT
+    assert "DefaultDependencies=no" in SSH_DROPIN
+    after = [ln for ln in SSH_DROPIN.splitlines() if ln.startswith("After=")]
+    assert after == ["After=banger-init.service"]
+
+
+def test_initramfs_holds_only_the_virtio_drivers() -> None:
+    files = {f.path: f.content for f in Recipe().preseed_files}
+    conf = files["etc/initramfs-tools/conf.d/banger.conf"].splitlines()
+    assert "MODULES=list" in conf and "COMPRESS=zstd" in conf
+    assert "zstd" in Recipe().packages  # else mkinitramfs falls back to gzip
+    modules = [m for m in files["usr/share/initramfs-tools/modules.d/banger"].splitlines()
+               if m and not m.startswith("#")]
+    assert modules == ["virtio_mmio", "virtio_blk", "virtio_net"]
+
+
+def test_digest_follows_the_boot_trimming() -> None:
+    r = Recipe()
+    assert Recipe(masked_units=r.masked_units[1:]).digest() != r.digest()
+    assert Recipe(masked_generators=r.masked_generators[1:]).digest() != r.digest()
+    assert Recipe(preseed_files=r.preseed_files[1:]).digest() != r.digest()
+
+
+def test_install_links_masked_units_and_generators(tmp_path: Path) -> None:
+    r = Recipe()
+    install_files(tmp_path, r.files(), r.masked())
+    for unit in r.masked_units:
+        assert (tmp_path / "etc/systemd/system" / unit).readlink() == Path("/dev/null")
+    for gen in r.masked_generators:
+        assert (tmp_path / "etc/systemd/system-generators" / gen).readlink() == Path("/dev/null")
+
+
+def test_banger_init_runs_few_programs() -> None:
+    """banger-init is on sshd's path: host name and command line come from built-ins, and
+    the network is set up by one `ip`."""
+    code = [ln.strip() for ln in GUEST_INIT.splitlines() if not ln.strip().startswith("#")]
+    assert "read -r cmdline < /proc/cmdline" in code
+    assert not any(ln.startswith("hostname ") for ln in code)
+    assert sum("| ip -force -batch -" in ln for ln in code) == 1
+    assert GUEST_INIT in {f.content for f in guest_agent_files()}
+
+
+def test_boot_args_are_safe_for_both_vmms() -> None:
+    """The command line every VM gets: nothing QEMU- or Firecracker-only, ext4 root."""
+    assert BOOT_ARGS[:5] == ("console=ttyS0", "root=/dev/vda", "rw", "loglevel=4", "panic=1")
+    assert "rootfstype=ext4" in BOOT_ARGS  # every image's root is ext4 (build, register, pull)
+    assert not any(a.startswith(("pci=", "reboot=", "i8042.", "acpi=")) for a in BOOT_ARGS)
+
+
+def test_no_nologin_while_the_boot_finishes() -> None:
+    """sshd answers before systemd-user-sessions runs: /run/nologin must not be made, or
+    pam_nologin writes "System is booting up" into the first commands' stderr."""
+    files = {f.path: f.content for f in Recipe().files()}
+    conf = files["etc/tmpfiles.d/systemd-nologin.conf"]
+    assert all(ln.startswith("#") for ln in conf.splitlines())
