@@ -265,16 +265,23 @@ def _digest(env: dict[str, str]) -> str:
     return hashlib.sha256(Path(env["BANGER_CONFIG"]).read_bytes()).hexdigest()
 
 
-def test_fast_exec_runs_ssh_over_the_shared_master(tmp_path: Path,
-                                                   fast_env: dict[str, str]) -> None:
+def test_fast_exec_runs_ssh_over_the_shared_master(tmp_path: Path, fast_env: dict[str, str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     ssh_dir = tmp_path / "run" / "vms" / "0123456789ab" / "ssh"
     ssh_dir.mkdir(parents=True, mode=0o700)
     info = {"name": "web", "ip": "10.0.0.2", "user": "root", "key_path": "/k",
             "known_hosts": "/kh", "workdir": "/root/repo",
             "control_path": str(ssh_dir / "0123abcd")}
     daemon = FakeBangerd(tmp_path / "run" / "bangerd.sock", _digest(fast_env), info)
-    status = quick.exec_fast(["vm", "exec", "web", "--", "echo", "a b"], fast_env)
-    assert status == 7
+
+    def execvp(file: str, argv: list[str]) -> None:
+        """What exec does, without replacing the test process: run it, exit with it."""
+        raise SystemExit(subprocess.call(argv))
+
+    monkeypatch.setattr(quick.os, "execvp", execvp)
+    with pytest.raises(SystemExit) as exited:
+        quick.exec_fast(["vm", "exec", "web", "--", "echo", "a b"], fast_env)
+    assert exited.value.code == 7
     assert daemon.methods == ["vm.ssh_info"]
     argv = (tmp_path / "ssh-argv").read_text().splitlines()
     assert f"ControlPath={ssh_dir / '0123abcd'}" in argv

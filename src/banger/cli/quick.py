@@ -64,9 +64,9 @@ def remote_command(command: list[str], *, workdir: str | None, shell_string: boo
     return f"{cd}{body}; exit $?"
 
 
-def run_ssh(info: dict[str, Any], command: list[str], *, interactive: bool,
-            shell_string: bool = False, debug: bool = False) -> int:
-    """Run the system ssh into a VM; returns its exit status (the remote command's).
+def ssh_command(info: dict[str, Any], command: list[str], *, interactive: bool,
+                shell_string: bool = False, debug: bool = False) -> list[str]:
+    """The system ssh's argv into a VM (``info``: ``vm.ssh_info``), running ``command``.
 
     The command is a session over the VM's shared ssh master (bangerd's, started by
     the first command of the boot) when this process runs as the user who owns it
@@ -84,6 +84,14 @@ def run_ssh(info: dict[str, Any], command: list[str], *, interactive: bool,
     remote = remote_command(command, workdir=info.get("workdir"), shell_string=shell_string)
     if remote:
         argv.append(remote)
+    return argv
+
+
+def run_ssh(info: dict[str, Any], command: list[str], *, interactive: bool,
+            shell_string: bool = False, debug: bool = False) -> int:
+    """Run :func:`ssh_command`; returns its exit status (the remote command's)."""
+    argv = ssh_command(info, command, interactive=interactive, shell_string=shell_string,
+                       debug=debug)
     try:
         return subprocess.call(argv)
     except KeyboardInterrupt:
@@ -91,8 +99,9 @@ def run_ssh(info: dict[str, Any], command: list[str], *, interactive: bool,
 
 
 def exec_fast(args: list[str], env: dict[str, str] | None = None) -> int | None:
-    """``banger vm exec NAME -- CMD...`` (``args`` after the program name): the command's
-    exit status, or None when the full CLI must handle ``args``."""
+    """``banger vm exec NAME -- CMD...`` (``args`` after the program name): becomes the
+    ssh running the command (whose exit status is the command's), or returns None when
+    the full CLI must handle ``args``."""
     if len(args) < 5 or args[:2] != ["vm", "exec"] or args[3] != "--":
         return None
     name, command = args[2], args[4:]
@@ -107,7 +116,16 @@ def exec_fast(args: list[str], env: dict[str, str] | None = None) -> int | None:
     if not isinstance(info, dict) or info.get("daemon_version") != __version__ \
             or info.get("config_sha256") != digest:
         return None
-    return run_ssh(info, command, interactive=False)
+    # This process becomes ssh: its exit status is the guest command's, with no
+    # Python left to wait for it and tear down.
+    argv = ssh_command(info, command, interactive=False)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execvp(argv[0], argv)  # noqa: S606 (an argv list; there is no shell)
+    except OSError:
+        return None  # no ssh to run: the full CLI says so its own way
+    raise AssertionError("os.execvp returned")
 
 
 def _config(env: dict[str, str]) -> tuple[str, str] | None:
