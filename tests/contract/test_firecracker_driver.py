@@ -22,6 +22,7 @@ from banger.daemon.fcproc import (
     InstanceState,
     SnapshotFiles,
     kill,
+    saved_files,
 )
 from banger.daemon.fcproc.jail import JailLayout
 from banger.errors import BadRequest, InvalidState, VMMError
@@ -191,14 +192,13 @@ def test_pause_snapshot_load_resume(fakes: FakeInstall, vms: VMs) -> None:
     p = plan.paths
     first = drv.launch(plan)
 
-    with pytest.raises(InvalidState, match=r"cannot resume .* 'Running'") as exc:
-        drv.resume(p)
-    assert exc.value.hint == "the VM is already running"
+    drv.resume(p)  # already running: nothing to do, nothing sent
     with pytest.raises(InvalidState, match=r"cannot snapshot .* 'Running'") as exc:
         drv.snapshot(p, SnapshotFiles(p.state / "x.state", p.state / "x.mem"))
     assert exc.value.hint == "pause it first"
     assert not (p.state / "x.mem").exists()
     drv.pause(p)
+    drv.pause(p)  # already paused: nothing sent
     assert drv.instance_info(p).state is InstanceState.PAUSED
     files = SnapshotFiles(p.state / "snap" / "vm.state", p.state / "snap" / "vm.mem")
     drv.snapshot(p, files)
@@ -223,7 +223,7 @@ def test_pause_snapshot_load_resume(fakes: FakeInstall, vms: VMs) -> None:
     assert journal.calls(second.pid) == [("PUT", "/logger"), ("PUT", "/metrics"),
                                          ("PUT", "/snapshot/load"), ("PATCH", "/vm"),
                                          ("PUT", "/actions")]
-    first_sent = bodies(fakes, plan, first.pid)
+    first_sent = bodies(fakes, plan, first.pid)  # one PATCH /vm: the second pause sent none
     assert first_sent[("PATCH", "/vm")] == {"state": "Paused"}
     assert first_sent[("PUT", "/snapshot/create")] == {
         "snapshot_type": "Full", "snapshot_path": str(files.state),
@@ -235,6 +235,41 @@ def test_pause_snapshot_load_resume(fakes: FakeInstall, vms: VMs) -> None:
         "track_dirty_pages": False, "resume_vm": False,
         "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap-second"}]}
     assert second_sent[("PATCH", "/vm")] == {"state": "Resumed"}
+
+
+def test_save_and_a_restore_plan_are_vm_suspend_and_start(fakes: FakeInstall, vms: VMs
+                                                          ) -> None:
+    """``save`` (``vm suspend``): pause, then a full snapshot into the saved-state
+    directory; a plan with ``restore`` (``vm start`` of a suspended VM) loads it and
+    leaves the guest paused for ``resume``, on whatever TAP the pool gave."""
+    drv = driver_for(fakes, vms)
+    plan = vms.plan(tap="tap-first")
+    p = plan.paths
+    first = drv.launch(plan)
+    into = p.state / "saved.partial"
+    into.mkdir(parents=True)
+    seen: list[int] = []
+    size = drv.save(p, into, seen.append)
+    files = saved_files(into)
+    assert size == files.state.stat().st_size + files.memory.stat().st_size == seen[-1]
+    assert drv.instance_info(p).state is InstanceState.PAUSED
+    assert kill(first)
+    drv.cleanup(p)
+
+    second = drv.launch(LaunchPlan(**{**plan.__dict__, "tap": "tap-second", "restore": into}))
+    assert drv.instance_info(p).state is InstanceState.PAUSED
+    drv.resume(p)
+    assert drv.instance_info(p).state is InstanceState.RUNNING
+    assert drv.stop(p, second, grace_s=10)
+    drv.cleanup(p)
+    journal = fakes.journal(plan.marker)
+    assert journal.errors() == []
+    assert journal.calls(second.pid) == [("PUT", "/logger"), ("PUT", "/metrics"),
+                                         ("PUT", "/snapshot/load"), ("PATCH", "/vm"),
+                                         ("PUT", "/actions")]
+    loaded = bodies(fakes, plan, second.pid)[("PUT", "/snapshot/load")]
+    assert loaded["resume_vm"] is False  # type: ignore[index]
+    assert loaded["snapshot_path"] == str(files.state)  # type: ignore[index]
 
 
 @needs_root

@@ -31,6 +31,7 @@ from .driver import (
     direct_view,
     jailed_view,
     kill,
+    saved_files,
     stop_gracefully,
     wait_for_api,
 )
@@ -72,6 +73,7 @@ __all__ = [
     "jailer_settings",
     "jailer_status",
     "kill",
+    "saved_files",
     "stop_gracefully",
     "wait_for_api",
 ]
