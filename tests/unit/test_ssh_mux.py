@@ -7,11 +7,14 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -265,23 +268,16 @@ def _digest(env: dict[str, str]) -> str:
     return hashlib.sha256(Path(env["BANGER_CONFIG"]).read_bytes()).hexdigest()
 
 
-def test_fast_exec_runs_ssh_over_the_shared_master(tmp_path: Path, fast_env: dict[str, str],
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fast_exec_runs_ssh_over_the_shared_master(tmp_path: Path,
+                                                   fast_env: dict[str, str]) -> None:
     ssh_dir = tmp_path / "run" / "vms" / "0123456789ab" / "ssh"
     ssh_dir.mkdir(parents=True, mode=0o700)
     info = {"name": "web", "ip": "10.0.0.2", "user": "root", "key_path": "/k",
             "known_hosts": "/kh", "workdir": "/root/repo",
             "control_path": str(ssh_dir / "0123abcd")}
     daemon = FakeBangerd(tmp_path / "run" / "bangerd.sock", _digest(fast_env), info)
-
-    def execvp(file: str, argv: list[str]) -> None:
-        """What exec does, without replacing the test process: run it, exit with it."""
-        raise SystemExit(subprocess.call(argv))
-
-    monkeypatch.setattr(quick.os, "execvp", execvp)
-    with pytest.raises(SystemExit) as exited:
-        quick.exec_fast(["vm", "exec", "web", "--", "echo", "a b"], fast_env)
-    assert exited.value.code == 7
+    status = quick.exec_fast(["vm", "exec", "web", "--", "echo", "a b"], fast_env)
+    assert status == 7
     assert daemon.methods == ["vm.ssh_info"]
     argv = (tmp_path / "ssh-argv").read_text().splitlines()
     assert f"ControlPath={ssh_dir / '0123abcd'}" in argv
@@ -310,3 +306,29 @@ def test_fast_exec_leaves_everything_else_to_the_full_cli(tmp_path: Path,
     assert quick.exec_fast(args, fast_env) is None
     assert quick.exec_fast(args, {**fast_env, "BANGER_CONFIG": str(tmp_path / "nope")}) is None
     assert not (tmp_path / "ssh-argv").exists()
+
+
+def test_ssh_exit_statuses_and_ctrl_c(tmp_path: Path) -> None:
+    """run_ssh gives ssh's status, 128+N when ssh dies of signal N, and 130 after Ctrl-C
+    (the SIGINT reaches ssh and banger, one foreground process group)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    # Runs the remote command (ssh's last argument) with the local shell.
+    (bin_dir / "ssh").write_text('#!/bin/sh\nfor last; do :; done\neval "$last"\n')
+    (bin_dir / "ssh").chmod(0o755)
+    info = {"ip": "10.0.0.2", "key_path": "/k", "known_hosts": "/kh"}
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    code = ("import sys; from banger.cli.quick import run_ssh; "
+            f"sys.exit(run_ssh({info!r}, sys.argv[1:], interactive=False))")
+
+    def run(*words: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-c", code, *words], env=env,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+
+    assert run("true").wait(30) == 0
+    assert run("sh", "-c", "exit 3").wait(30) == 3
+    assert run("sh", "-c", "kill -TERM $PPID; sleep 5").wait(30) == 128 + 15  # ssh killed
+    sleeper = run("sleep", "30")
+    time.sleep(1)  # python started and spawned ssh
+    os.killpg(sleeper.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    assert sleeper.wait(30) == 130

@@ -16,13 +16,14 @@ starting over is always safe.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shlex
+import signal
 import socket
-import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -89,19 +90,32 @@ def ssh_command(info: dict[str, Any], command: list[str], *, interactive: bool,
 
 def run_ssh(info: dict[str, Any], command: list[str], *, interactive: bool,
             shell_string: bool = False, debug: bool = False) -> int:
-    """Run :func:`ssh_command`; returns its exit status (the remote command's)."""
+    """Run :func:`ssh_command`; returns its exit status (the remote command's), 130
+    after Ctrl-C.
+
+    Raises:
+        OSError: ssh could not be started.
+    """
     argv = ssh_command(info, command, interactive=interactive, shell_string=shell_string,
                        debug=debug)
+    # Default SIGPIPE and SIGXFSZ, which Python ignores, as subprocess gives a child.
+    pid = os.posix_spawnp(argv[0], argv, os.environ,
+                          setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
     try:
-        return subprocess.call(argv)
+        _pid, status = os.waitpid(pid, 0)
     except KeyboardInterrupt:
+        # ssh, in this foreground process group, had the SIGINT too; make sure it ends.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
         return 130
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code  # killed by signal N: 128+N, as a shell says
 
 
 def exec_fast(args: list[str], env: dict[str, str] | None = None) -> int | None:
-    """``banger vm exec NAME -- CMD...`` (``args`` after the program name): becomes the
-    ssh running the command (whose exit status is the command's), or returns None when
-    the full CLI must handle ``args``."""
+    """``banger vm exec NAME -- CMD...`` (``args`` after the program name): the command's
+    exit status, or None when the full CLI must handle ``args``."""
     if len(args) < 5 or args[:2] != ["vm", "exec"] or args[3] != "--":
         return None
     name, command = args[2], args[4:]
@@ -116,16 +130,10 @@ def exec_fast(args: list[str], env: dict[str, str] | None = None) -> int | None:
     if not isinstance(info, dict) or info.get("daemon_version") != __version__ \
             or info.get("config_sha256") != digest:
         return None
-    # This process becomes ssh: its exit status is the guest command's, with no
-    # Python left to wait for it and tear down.
-    argv = ssh_command(info, command, interactive=False)
-    sys.stdout.flush()
-    sys.stderr.flush()
     try:
-        os.execvp(argv[0], argv)  # noqa: S606 (an argv list; there is no shell)
+        return run_ssh(info, command, interactive=False)
     except OSError:
         return None  # no ssh to run: the full CLI says so its own way
-    raise AssertionError("os.execvp returned")
 
 
 def _config(env: dict[str, str]) -> tuple[str, str] | None:
