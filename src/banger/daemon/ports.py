@@ -109,7 +109,7 @@ def ports(d: Daemon, refs: list[str]) -> list[dict[str, Any]]:
         for ref in dict.fromkeys(refs):
             vm = resolve(d, ref)
             if vm.state != VMState.RUNNING:
-                raise not_running(vm, "ports are read from running guests")
+                raise not_running(vm)
             targets.append(vm)
     else:
         targets = [vm for vm in d.db.list_vms() if vm.state == VMState.RUNNING]

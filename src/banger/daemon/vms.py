@@ -58,11 +58,12 @@ def resolve_running(d: Daemon, ref: str, needs: str) -> VMRecord:
     return vm
 
 
-def not_running(vm: VMRecord, needs: str) -> NotRunning:
+def not_running(vm: VMRecord, needs: str | None = None) -> NotRunning:
     """The refusal for a VM that must run and does not, with the hint that gets it
-    running from where it is (``needs`` says why it must run)."""
+    running from where it is (``needs``, when given, says why it must run)."""
     verb = {VMState.PAUSED: "resume", VMState.SUSPENDED: "start"}.get(vm.state, "start")
-    return NotRunning(f"VM {vm.name!r} is {vm.state.value}; {needs}",
+    why = f"; {needs}" if needs else ", not running"
+    return NotRunning(f"VM {vm.name!r} is {vm.state.value}{why}",
                       hint=f"{verb} it first: `banger vm {verb} {vm.name}`")
 
 
@@ -190,7 +191,9 @@ def show(d: Daemon, ref: str) -> dict[str, Any]:
 
 def ssh_info(d: Daemon, ref: str) -> dict[str, Any]:
     """What the CLI needs to run the system ssh into a running VM (and its workspace dir)."""
-    vm = resolve_running(d, ref, "ssh reaches running VMs")
+    vm = resolve(d, ref)
+    if vm.state != VMState.RUNNING:
+        raise not_running(vm)
     ws = vm.workspace or {}
     return SSHInfo(name=vm.name, ip=vm.ip, user=GUEST_USER, key_path=str(d.layout.key_path),
                    known_hosts=str(d.layout.known_hosts),

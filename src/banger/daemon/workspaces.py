@@ -88,7 +88,7 @@ def _running(d: Daemon, ref: str) -> VMRecord:
     with d.vm_locks.held(vm.id):
         vm = d.db.get_vm(vm.id)
         if vm.state != VMState.RUNNING:
-            raise vms.not_running(vm, "workspaces live in running VMs")
+            raise vms.not_running(vm)
     return vm
 
 
