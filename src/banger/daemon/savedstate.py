@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from banger.daemon.guest import Guest
 from banger.errors import BangerError, HostError
-from banger.fsutil import remove_tree
+from banger.fsutil import fsync_path, remove_tree
 from banger.layout import VMPaths
 
 if TYPE_CHECKING:
@@ -71,21 +71,14 @@ def commit(paths: VMPaths) -> Path:
     """
     try:
         for f in paths.saved_partial.iterdir():
-            _fsync(f)
+            fsync_path(f)
         os.rename(paths.saved_partial, paths.saved_state)
-        _fsync(paths.state)
+        fsync_path(paths.state)
     except OSError as exc:
         raise HostError(f"cannot commit the saved state in {paths.state}: "
                         f"{exc.strerror}") from exc
     return paths.saved_state
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def size(saved: Path) -> int:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from banger.errors import BadRequest, RegistryError
+from banger.fsutil import fsync_path
 from banger.runner import CancelToken
 
 from .reference import check_digest
@@ -177,7 +178,7 @@ class BlobCache:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
             raise
-        _fsync_dir(self._dir)
+        fsync_path(self._dir)
         return final
 
     def digests(self) -> Iterator[tuple[str, int]]:
@@ -295,10 +296,3 @@ def _writer_alive(partial_name: str) -> bool:
         return True
     return True
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
