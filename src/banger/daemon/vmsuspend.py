@@ -15,7 +15,6 @@ worker, like a stop; a suspend that fails leaves the guest as it was.
 from __future__ import annotations
 
 import logging
-import signal
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +24,7 @@ from banger.daemon.guest import end_masters
 from banger.daemon.handles import VMHandles
 from banger.daemon.opstate import Operation
 from banger.daemon.store import VMRecord
-from banger.daemon.vmpower import kill_vmm, teardown
+from banger.daemon.vmpower import teardown
 from banger.daemon.vms import handles_of, resolve, transition, view, wait_op, wrong_state
 from banger.errors import BangerError, HostError, InvalidState, NotRunning
 from banger.proc import matches
@@ -141,8 +140,7 @@ def _suspend(d: Daemon, vm: VMRecord, op: Operation) -> VMRecord:
         raise
     d.checkpoint("suspend.committed")
     op.enter("teardown")
-    problems = [] if kill_vmm(h.process, signal.SIGKILL) else ["the VMM would not exit"]
-    problems += teardown(d, vm.id, h)
+    problems = teardown(d, vm.id, h)  # ends the VMM, which holds a saved guest now
     saved = savedstate.record(size, drv.name)
     if problems:
         transition(d, vm.id, VMState.ERROR, last_error="; ".join(problems), suspended=saved,
