@@ -7,6 +7,7 @@ tests/integration/test_workspace_local.py.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import tarfile
 import threading
@@ -18,10 +19,10 @@ import pytest
 
 from banger.daemon.workspace import EntryKind, PlanEntry, build_plan, inspect_repo
 from banger.daemon.workspace.exporter import parse_name_status, parse_sections
+from banger.daemon.workspace.hostpack import build_pack
 from banger.daemon.workspace.importer import _shallow_set, plan_history
 from banger.daemon.workspace.model import Change, WorkspaceMode
-from banger.daemon.workspace.repo import GIT_ENV
-from banger.daemon.workspace.transfer import GuestSink, run_script, send_pack, send_tree
+from banger.daemon.workspace.transfer import GuestSink, run_script, send_tree
 from banger.errors import BadRequest, Cancelled, GuestError, HostError
 from banger.runner import CancelToken, Result, SubprocessRunner
 from tests.gitenv import git, isolate_git
@@ -195,28 +196,43 @@ def test_send_tree_huge_sparse_file_streams(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- pack
 
 
-def test_send_pack_streams_objects(tmp_path: Path) -> None:
+def test_build_pack_writes_a_pack_and_its_index_that_git_reads_as_is(tmp_path: Path) -> None:
+    """The pack and index built on the host, copied into an empty repository's
+    objects/pack with no index-pack there, give it HEAD's commit and blobs."""
     src = tmp_path / "src"
     src.mkdir()
     git(src, "init", "-q")
     (src / "f").write_text("1\n")
     git(src, "add", "f")
     git(src, "commit", "-q", "-m", "one")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir(mode=0o700)
+    argv = ["git", "-C", str(src), "pack-objects", "--revs", "--stdout", "-q"]
+    built = build_pack(argv, b"HEAD\n", scratch / "0.pack", object_format="sha1", timeout=30)
+    assert built.name.startswith("pack-") and built.idx.exists()
+    assert (built.pack.stat().st_mode & 0o777) == 0o600
     dst = tmp_path / "dst"
     git(tmp_path, "init", "-q", str(dst))
-    argv = ["git", "-C", str(src), "pack-objects", "--revs", "--stdout", "-q"]
-    with GuestSink(GUEST, f"cd '{dst}' && git index-pack --stdin", step="pack") as sink:
-        send_pack(sink, argv, b"HEAD\n", env=GIT_ENV, timeout=30)
-        sink.finish(30)
+    for path in (built.pack, built.idx):
+        shutil.copy(path, dst / ".git" / "objects" / "pack" / f"{built.name}{path.suffix}")
     head = git(src, "rev-parse", "HEAD").strip()
     assert git(dst, "cat-file", "-t", head).strip() == "commit"
+    assert git(dst, "cat-file", "-p", f"{head}:f") == "1\n"
+    git(dst, "fsck", "--no-dangling")
 
 
-def test_send_pack_reports_host_failure(tmp_path: Path) -> None:
+def test_build_pack_reports_host_failure(tmp_path: Path) -> None:
     argv = ["git", "-C", str(tmp_path), "pack-objects", "--revs", "--stdout"]
-    with pytest.raises(HostError, match="packing history failed"), \
-            GuestSink(GUEST, "cat >/dev/null", step="pack") as sink:
-        send_pack(sink, argv, b"HEAD\n", env=GIT_ENV, timeout=30)
+    with pytest.raises(HostError, match="packing history failed"):
+        build_pack(argv, b"HEAD\n", tmp_path / "0.pack", object_format="sha1", timeout=30)
+
+
+def test_build_pack_is_cancellable(tmp_path: Path) -> None:
+    token = CancelToken()
+    token.cancel("stop")
+    with pytest.raises(Cancelled):
+        build_pack(["sleep", "30"], b"", tmp_path / "0.pack", object_format="sha1",
+                   timeout=30, cancel=token)
 
 
 # --------------------------------------------------------------------------- history

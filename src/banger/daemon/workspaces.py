@@ -208,11 +208,12 @@ def _prepare(d: Daemon, op: Operation, *, vm: VMRecord, runner: Runner,
                       f" ({rate:.1f} MB/s)")
 
         reapply = saved[0].patch if saved and not p.discard_guest_changes else b""
+        d.layout.staging_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
             prep = workspace.prepare(
                 d.dial(vm.id, vm.ip), runner, info, plan, guest_path=guest_path, branch=p.branch,
                 from_ref=p.from_ref, progress=progress, cancel=op.cancel,
-                guest_changes=reapply)
+                guest_changes=reapply, scratch_dir=d.layout.staging_dir)
         except workspace.WorkspaceConflict as exc:
             assert saved is not None
             # The old workspace is still there, as it was: so is its record.

@@ -6,16 +6,16 @@ Steps (each a separate guest process; see :mod:`.scripts` for the guest side):
    git repository created in a hidden staging directory;
 2. files: a tar of the copy plan, generated on the fly from the host work tree
    (plus banger's metadata: the index listing, refs, shallow list, excludes);
-3. history: ``git pack-objects --revs --stdout`` on the host piped into
-   ``git index-pack --stdin`` in the guest: the commits to ship (HEAD's last
-   ``depth`` generations, or every branch, tag and remote-tracking ref in
+   and, last in the same tar, each repository's history as a pack and its index,
+   built on the host beforehand (:mod:`.hostpack`): the commits to ship (HEAD's
+   last ``depth`` generations, or every branch, tag and remote-tracking ref in
    ``full_copy`` mode) and every blob the host index names;
-4. setup: refs, HEAD, ``.git/shallow``, the index (``git update-index
+3. setup: refs, HEAD, ``.git/shallow``, the index (``git update-index
    --index-info`` from ``ls-files --stage``, conflict stages included), the git
    identity, and the prepared snapshot commit under ``refs/banger/prepared``;
-5. swap: the staging directory replaces the target.
+4. swap: the staging directory replaces the target.
 
-Until step 5 nothing exists at the target path; any failure or cancellation
+Until step 4 nothing exists at the target path; any failure or cancellation
 removes the staging directory (best effort; the next prepare removes leftovers).
 """
 
@@ -24,6 +24,8 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,7 @@ from banger.errors import BadRequest, BangerError, GuestError
 from banger.runner import CancelToken, Result, Runner
 
 from . import scripts
+from .hostpack import build_pack, pack_argv
 from .hosttree import read_owned
 from .model import (
     DEFAULT_DEPTH,
@@ -48,8 +51,8 @@ from .model import (
     WorkspaceMode,
 )
 from .paths import check_guest_path, default_guest_path
-from .repo import GIT_CONFIG, GIT_ENV, host_git
-from .transfer import GuestSink, run_script, send_pack, send_tree
+from .repo import host_git
+from .transfer import GuestSink, run_script, send_tree
 
 log = logging.getLogger("banger.workspace")
 
@@ -248,7 +251,7 @@ def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan,
             progress: Progress | None = None, cancel: CancelToken | None = None,
             depth: int = DEFAULT_DEPTH, home: str = GUEST_HOME,
             step_timeout: float = 1800.0, stall_timeout: float = 120.0,
-            guest_changes: bytes = b"") -> Prepared:
+            guest_changes: bytes = b"", scratch_dir: Path | None = None) -> Prepared:
     """Copy the host work tree and its git state into a guest workspace.
 
     Args:
@@ -270,6 +273,8 @@ def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan,
         stall_timeout: bound on one blocked write into the guest.
         guest_changes: a patch (an :func:`export` of the workspace being replaced)
             to apply on top of the new copy before it replaces the old one.
+        scratch_dir: where the history's pack is built on the host (default: the
+            system's temporary directory); a directory only root can enter.
 
     Returns:
         The workspace's description.
@@ -295,7 +300,7 @@ def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan,
         _check_branch(runner, info, branch)
     from_commit = _resolve(runner, info, from_ref) if from_ref else None
     head_commit = (from_commit or info.head) if branch else info.head
-    repos = []  # (subdir, info, plan, history, setup): the workspace, then its submodules
+    repos: list[Repo] = []  # the workspace, then its submodules
     for prefix, sub_info, sub_plan in plan.walk():
         rinfo = sub_info or info
         if sub_info is None:
@@ -321,7 +326,10 @@ def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan,
     counter = _Counter(progress)
     cancel.check()
     clock = _StepClock()
+    scratch = Path(tempfile.mkdtemp(prefix="workspace-", dir=scratch_dir))
     try:
+        packs = _build_packs(runner, repos, scratch, cancel=cancel, timeout=step_timeout)
+        clock.lap("pack")
         _checked("prepare the workspace directory",
                  guest.run(scripts.preflight(names, info.object_format), timeout=120,
                            check=False, desc="workspace preflight"))
@@ -329,29 +337,14 @@ def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan,
         with GuestSink(guest, scripts.extract(names), step=f"copy files into {target}",
                        cancel=cancel, stall_timeout=stall_timeout,
                        on_bytes=counter.add_bytes) as sink:
-            send_tree(sink, info.host_path, plan.all_entries(), metadata, cancel=cancel,
-                      on_file=counter.add_file)
+            send_tree(sink, info.host_path, plan.all_entries(), metadata, trailer=packs,
+                      cancel=cancel, on_file=counter.add_file)
             sink.finish(step_timeout)
         clock.lap("files")
         prepared_commit = ""
         # Submodules first (deepest first): a parent's snapshot records their HEADs.
-        for prefix, rinfo, _, history, setup in sorted(repos, key=lambda r: -r[0].count("/")):
+        for prefix, _, _, _, setup in sorted(repos, key=lambda r: -r[0].count("/")):
             where = f" ({prefix.rstrip('/')})" if prefix else ""
-            if history.revs:
-                with GuestSink(guest, scripts.index_pack(names, prefix, rinfo.object_format),
-                               step=f"copy git history{where}", cancel=cancel,
-                               stall_timeout=stall_timeout, on_bytes=counter.add_bytes) as sink:
-                    # No new delta search and light compression: the pack crosses a
-                    # local link, and every byte saved costs far more CPU on both ends
-                    # (the guest's side of it may be emulated) than it saves in transfer.
-                    argv = runner.wrap(["git", "-C", rinfo.host_path, *GIT_CONFIG,
-                                        "-c", "pack.compression=1", "pack-objects",
-                                        "--revs", "--stdout", "-q", "--delta-base-offset",
-                                        "--window=0"])
-                    send_pack(sink, argv, history.revs, env=GIT_ENV, timeout=step_timeout,
-                              cancel=cancel)
-                    sink.finish(step_timeout)
-                clock.lap(f"history{where}")
             counter.report()
             res = run_script(guest, scripts.setup(names, setup, prefix),
                              step=f"set up the git repository{where}", timeout=step_timeout,
@@ -372,6 +365,8 @@ def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan,
     except BaseException:
         _cleanup(guest, names)
         raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     tool_log = None
     if any(e.path in TOOL_FILES and e.kind is not EntryKind.GITLINK for e in plan.entries):
         tool_log = _start_tools(guest, target)
@@ -379,6 +374,26 @@ def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan,
                     head_commit=head_commit, branch=branch or info.branch,
                     prepared_commit=prepared_commit, mode=mode, files=counter.files,
                     bytes=counter.bytes, tool_log=tool_log, reapplied=reapplied)
+
+
+Repo = tuple[str, RepoInfo, CopyPlan, History, scripts.Setup]
+"""(path prefix, info, plan, history, setup) of the workspace or one of its submodules."""
+
+
+def _build_packs(runner: Runner, repos: list[Repo], scratch: Path, *, cancel: CancelToken,
+                 timeout: float) -> list[tuple[str, Path]]:
+    """Each repository's history packed and indexed on the host: (tar name, file)
+    pairs that land in its ``.git/objects/pack``."""
+    files: list[tuple[str, Path]] = []
+    for n, (prefix, rinfo, _, history, _) in enumerate(repos):
+        if not history.revs:
+            continue
+        built = build_pack(pack_argv(runner, rinfo.host_path), history.revs,
+                           scratch / f"{n}.pack", object_format=rinfo.object_format,
+                           timeout=timeout, cancel=cancel)
+        base = f"{prefix}.git/objects/pack/{built.name}"
+        files += [(f"{base}.pack", built.pack), (f"{base}.idx", built.idx)]
+    return files
 
 
 def _reapply(guest: GuestChannel, names: scripts.Names, patch: bytes, target: str, *,

@@ -1,4 +1,4 @@
-"""Streams into the guest: a tar of the work tree, a git pack, a script's stdin.
+"""Streams into the guest: a tar of the work tree (and the history's pack), a script's stdin.
 
 :class:`GuestSink` owns one guest process (``guest.popen``) and feeds its stdin.
 A watchdog thread kills the process group (the ssh client; for a local test
@@ -7,11 +7,9 @@ write has been blocked longer than the stall budget, or when the process runs
 past its deadline after its input ended. A blocked write then fails at once and
 the caller sees :class:`Cancelled` or :class:`GuestError`, never a hang.
 
-Nothing is staged on the host: the tar is generated file by file from the work
-tree (:func:`send_tree`), the pack is piped from ``git pack-objects --stdout``
-(:func:`send_pack`). Both are the only subprocesses of this package that do not
-go through the runner, because the runner has no way to connect two processes'
-pipes; they keep its rules (argv lists, captured stderr in errors, bounded waits).
+The tar is generated file by file from the work tree (:func:`send_tree`); the
+history's pack, built on the host beforehand (:mod:`.hostpack`), rides in the same
+tar as two more files.
 """
 
 from __future__ import annotations
@@ -26,11 +24,12 @@ import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import IO, Any, cast
 
 from banger.daemon.session import step_error
-from banger.errors import BangerError, Cancelled, GuestError, HostError
-from banger.runner import CancelToken, Result, shell_line
+from banger.errors import BangerError, Cancelled, GuestError
+from banger.runner import CancelToken, Result
 
 from .hosttree import HostTree, _changed
 from .model import EntryKind, GuestChannel, PlanEntry
@@ -47,7 +46,7 @@ class OutputTooLarge(GuestError):
     """A guest step printed more than the caller's ``stdout_cap`` (it was killed)."""
 
 
-class _Drain:
+class Drain:
     """Reads a pipe to EOF in a thread, keeping the last ``limit`` bytes.
 
     With ``cap``, keeps everything instead but stops at ``cap`` bytes: ``over_cap``
@@ -79,19 +78,22 @@ class _Drain:
                     del self.data[: len(self.data) - self._limit]
 
     def join(self, timeout: float = 5.0) -> bytes:
+        """Wait (at most ``timeout``) for the end of the stream; what was kept."""
         if self._thread is not None:
             self._thread.join(timeout)
         return bytes(self.data)
 
 
-def _close(*streams: IO[bytes] | None) -> None:
+def close(*streams: IO[bytes] | None) -> None:
+    """Close each stream that is not None, ignoring errors."""
     for stream in streams:
         if stream is not None:
             with contextlib.suppress(OSError):
                 stream.close()
 
 
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL ``proc``'s process group (it was started in a session of its own)."""
     if proc.poll() is not None:
         return
     try:
@@ -137,9 +139,9 @@ class GuestSink:
         self.sent = 0
         self.proc = guest.popen(script, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, start_new_session=True)
-        self._out = _Drain(self.proc.stdout, stdout_limit, cap=stdout_cap,
+        self._out = Drain(self.proc.stdout, stdout_limit, cap=stdout_cap,
                            on_cap=self._over_cap)
-        self._err = _Drain(self.proc.stderr)
+        self._err = Drain(self.proc.stderr)
         self._watchdog = threading.Thread(target=self._watch, daemon=True,
                                           name=f"watchdog: {step}")
         self._watchdog.start()
@@ -170,7 +172,7 @@ class GuestSink:
     def kill(self) -> None:
         """Kill the guest process and any registered host producer."""
         for proc in (self.proc, *self._also_kill):
-            _kill_group(proc)
+            kill_group(proc)
 
     def _interrupted(self) -> BangerError:
         if self._out.over_cap:
@@ -230,7 +232,7 @@ class GuestSink:
         self.proc.wait()
         self._done.set()
         out, err = self._out.join(), self._err.join()
-        _close(self.proc.stdout, self.proc.stderr)
+        close(self.proc.stdout, self.proc.stderr)
         if self._killed is not None:
             raise self._interrupted()
         result = Result([self.step], self.proc.returncode, out, err)
@@ -251,7 +253,7 @@ class GuestSink:
                 self.proc.wait(10)
             self._out.join()
             self._err.join()
-            _close(self.proc.stdin, self.proc.stdout, self.proc.stderr)
+            close(self.proc.stdin, self.proc.stdout, self.proc.stderr)
 
 
 def run_script(guest: GuestChannel, script: str, *, step: str, input: bytes = b"",
@@ -273,11 +275,14 @@ def run_script(guest: GuestChannel, script: str, *, step: str, input: bytes = b"
 
 def send_tree(sink: GuestSink, root: str, entries: Sequence[PlanEntry],
               extra: Iterable[tuple[str, bytes]] = (), *,
+              trailer: Iterable[tuple[str, Path]] = (),
               cancel: CancelToken | None = None,
               on_file: Callable[[], None] | None = None) -> None:
     """Write a tar (PAX) of ``entries`` read from the host tree ``root`` into ``sink``.
 
-    ``extra`` are (name, content) metadata files written first. Files keep their
+    ``extra`` are (name, content) metadata files written first; ``trailer`` are
+    (name, host file) pairs written last: bangerd's own files (the history's pack),
+    read as they are, mode 0444. Files keep their
     content, mtime and executable bit (mode 0755 or 0644, as git records it);
     symlinks keep their target verbatim; gitlinks become empty directories.
     Owners are root.
@@ -310,6 +315,11 @@ def send_tree(sink: GuestSink, root: str, entries: Sequence[PlanEntry],
                 continue  # a submodule's directory: its files are entries of their own
             if on_file is not None:
                 on_file()
+        for name, path in trailer:
+            with open(path, "rb") as fh:
+                info = _info(name, 0o444, time.time())
+                info.size = os.fstat(fh.fileno()).st_size
+                tar.addfile(info, fh)
 
 
 def _info(name: str, mode: int, mtime: float) -> tarfile.TarInfo:
@@ -345,53 +355,3 @@ class _BytesReader:
         chunk = self._data[self._pos:end].tobytes()
         self._pos += len(chunk)
         return chunk
-
-
-def send_pack(sink: GuestSink, argv: Sequence[str], revs: bytes, *, env: dict[str, str],
-              timeout: float, cancel: CancelToken | None = None) -> None:
-    """Pipe ``git pack-objects --stdout`` (``argv``, fed ``revs`` on stdin) into ``sink``.
-
-    Raises:
-        HostError: pack-objects failed or is missing.
-        Cancelled / GuestError: as for :meth:`GuestSink.write`.
-    """
-    try:
-        proc = subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env={**os.environ, **env},
-                                start_new_session=True)
-    except OSError as exc:
-        raise HostError(f"cannot run {argv[0]!r}: {exc.strerror}") from exc
-    sink.also_kill(proc)
-    err = _Drain(proc.stderr)
-    assert proc.stdin is not None and proc.stdout is not None
-
-    def feed() -> None:
-        assert proc.stdin is not None
-        with contextlib.suppress(OSError):
-            proc.stdin.write(revs)
-            proc.stdin.close()
-
-    feeder = threading.Thread(target=feed, daemon=True)
-    feeder.start()
-    try:
-        while chunk := os.read(proc.stdout.fileno(), CHUNK):
-            sink.write(chunk)
-        deadline = time.monotonic() + timeout
-        while proc.poll() is None:
-            if cancel is not None:
-                cancel.check()
-            if time.monotonic() > deadline:
-                raise HostError(f"packing history timed out after {timeout:g}s")
-            time.sleep(POLL_S)
-    finally:
-        _kill_group(proc)
-        proc.wait()
-        feeder.join(5)
-        err.join()
-        _close(proc.stdin, proc.stdout, proc.stderr)
-    if cancel is not None:
-        cancel.check()
-    if proc.returncode != 0:
-        tail = err.join().decode(errors="replace").strip()[-2000:]
-        raise HostError(f"packing history failed (exit {proc.returncode}): "
-                        f"{shell_line(argv)}\n{tail}")
