@@ -343,24 +343,29 @@ def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan,
         clock.lap("files")
         prepared_commit = ""
         # Submodules first (deepest first): a parent's snapshot records their HEADs.
-        for prefix, _, _, _, setup in sorted(repos, key=lambda r: -r[0].count("/")):
+        # The last setup (the workspace's own) also swaps, unless changes are re-applied.
+        ordered = sorted(repos, key=lambda r: -r[0].count("/"))
+        for n, (prefix, _, _, _, setup) in enumerate(ordered):
             where = f" ({prefix.rstrip('/')})" if prefix else ""
+            swap = n == len(ordered) - 1 and not guest_changes
             counter.report()
-            res = run_script(guest, scripts.setup(names, setup, prefix),
-                             step=f"set up the git repository{where}", timeout=step_timeout,
-                             cancel=cancel)
+            step = f"set up the git repository{where}"
+            res = _checked(step, run_script(guest, scripts.setup(names, setup, prefix,
+                                                                 then_swap=swap),
+                                            step=step, timeout=step_timeout, cancel=cancel,
+                                            check=False))
             prepared_commit = res.out.split()[-1]
-            clock.lap(f"setup{where}")
+            clock.lap(f"setup{where}" + (" and swap" if swap else ""))
         reapplied = None
         if guest_changes:
             reapplied = _reapply(guest, names, guest_changes, target, cancel=cancel,
                                  timeout=step_timeout)
             clock.lap("reapply")
-        cancel.check()
-        _checked("move the workspace into place",
-                 guest.run(scripts.swap(names), timeout=120, check=False,
-                           desc="workspace swap"))
-        clock.lap("swap")
+            cancel.check()
+            _checked("move the workspace into place",
+                     guest.run(scripts.swap(names), timeout=120, check=False,
+                               desc="workspace swap"))
+            clock.lap("swap")
         log.info("workspace %s: %s", target, clock.summary())
     except BaseException:
         _cleanup(guest, names)
