@@ -63,12 +63,20 @@ class LocalGuest:
         return subprocess.Popen(["sh", "-c", script], env=self.env, **kwargs)
 
 
+def _replace_extraction(script: str, replacement: str) -> str:
+    """``script`` with its ``exec tar -x ...`` line (the files step's last) replaced:
+    the preflight before it still runs."""
+    head, sep, _ = script.partition("exec tar -x")
+    assert sep, "the files step ends in `exec tar -x`"
+    return head + replacement + "\n"
+
+
 class StuckGuest(LocalGuest):
     """A guest whose file extraction never reads its input (a hung or full guest)."""
 
     def popen(self, script: str, **kwargs: Any) -> subprocess.Popen[bytes]:
         if "tar -x" in script:
-            script = "exec sleep 60"
+            script = _replace_extraction(script, "exec sleep 60")
         return super().popen(script, **kwargs)
 
 
@@ -77,8 +85,9 @@ class FailingGuest(LocalGuest):
 
     def popen(self, script: str, **kwargs: Any) -> subprocess.Popen[bytes]:
         if "tar -x" in script:
-            script = ("head -c 100000 >/dev/null; echo 'tar: write error: No space left on "
-                      "device' >&2; exit 2")
+            script = _replace_extraction(
+                script, "head -c 100000 >/dev/null; echo 'tar: write error: No space left on "
+                        "device' >&2; exit 2")
         return super().popen(script, **kwargs)
 
 

@@ -1,21 +1,23 @@
 """Prepare: copy a host work tree and its git state into a guest workspace.
 
-Steps (each a separate guest process; see :mod:`.scripts` for the guest side):
+Steps (see :mod:`.scripts` for the guest side):
 
-1. preflight: tools present, target acceptable, stale staging removed, an empty
-   git repository created in a hidden staging directory;
-2. files: a tar of the copy plan, generated on the fly from the host work tree
-   (plus banger's metadata: the index listing, refs, shallow list, excludes);
-   and, last in the same tar, each repository's history as a pack and its index,
+1. files: first a preflight (tools present, target acceptable, stale staging
+   removed, an empty git repository created in a hidden staging directory), then,
+   in the same guest script, a tar of the copy plan, generated on the fly from the
+   host work tree (plus banger's metadata: the index listing, refs, shallow list,
+   excludes) and, last in the same tar, each repository's history as a pack and
+   its index,
    built on the host beforehand (:mod:`.hostpack`): the commits to ship (HEAD's
    last ``depth`` generations, or every branch, tag and remote-tracking ref in
    ``full_copy`` mode) and every blob the host index names;
-3. setup: refs, HEAD, ``.git/shallow``, the index (``git update-index
+2. setup: refs, HEAD, ``.git/shallow``, the index (``git update-index
    --index-info`` from ``ls-files --stage``, conflict stages included), the git
    identity, and the prepared snapshot commit under ``refs/banger/prepared``;
-4. swap: the staging directory replaces the target.
+3. swap, in the same script as the workspace's own setup (unless the guest's
+   changes are re-applied in between): the staging directory replaces the target.
 
-Until step 4 nothing exists at the target path; any failure or cancellation
+Until step 3 nothing exists at the target path; any failure or cancellation
 removes the staging directory (best effort; the next prepare removes leftovers).
 """
 
@@ -206,10 +208,12 @@ def _refs_file(refs: tuple[tuple[str, str], ...]) -> bytes:
     return b"".join(f"create {name}\0{oid}\0".encode() for name, oid in refs)
 
 
+REFUSED_HINT = "choose another --guest-path, or remove that path in the guest"
+
+
 def _checked(step: str, result: Result) -> Result:
     if result.returncode == scripts.EXIT_REFUSED:
-        raise BadRequest(format_step_error(step, result),
-                         hint="choose another --guest-path, or remove that path in the guest")
+        raise BadRequest(format_step_error(step, result), hint=REFUSED_HINT)
     return check_step(step, result)
 
 
@@ -330,16 +334,17 @@ def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan,
     try:
         packs = _build_packs(runner, repos, scratch, cancel=cancel, timeout=step_timeout)
         clock.lap("pack")
-        _checked("prepare the workspace directory",
-                 guest.run(scripts.preflight(names, info.object_format), timeout=120,
-                           check=False, desc="workspace preflight"))
-        clock.lap("preflight")
-        with GuestSink(guest, scripts.extract(names), step=f"copy files into {target}",
-                       cancel=cancel, stall_timeout=stall_timeout,
-                       on_bytes=counter.add_bytes) as sink:
-            send_tree(sink, info.host_path, plan.all_entries(), metadata, trailer=packs,
-                      cancel=cancel, on_file=counter.add_file)
-            sink.finish(step_timeout)
+        try:
+            with GuestSink(guest, scripts.extract(names, info.object_format),
+                           step=f"copy files into {target}", cancel=cancel,
+                           stall_timeout=stall_timeout, on_bytes=counter.add_bytes) as sink:
+                send_tree(sink, info.host_path, plan.all_entries(), metadata, trailer=packs,
+                          cancel=cancel, on_file=counter.add_file)
+                sink.finish(step_timeout)
+        except GuestError as exc:
+            if exc.details.get("returncode") == scripts.EXIT_REFUSED:
+                raise BadRequest(exc.message, hint=REFUSED_HINT) from exc
+            raise
         clock.lap("files")
         prepared_commit = ""
         # Submodules first (deepest first): a parent's snapshot records their HEADs.

@@ -87,9 +87,12 @@ def _snapshot_fn(index: str, objects: str = "$PWD/.git/objects", alternates: str
 
 def preflight(names: Names, object_format: str) -> str:
     """Check tools and the target, finish an interrupted swap, create the staging repo."""
+    return script(*_PRELUDE, names.vars(), *_preflight_lines(object_format))
+
+
+def _preflight_lines(object_format: str) -> list[str]:
     fmt = "--object-format=sha256 " if object_format == "sha256" else ""
-    return script(
-        *_PRELUDE, names.vars(),
+    return [
         'command -v git >/dev/null 2>&1 || fail 1 "git is not installed in the guest"',
         'command -v tar >/dev/null 2>&1 || fail 1 "tar is not installed in the guest"',
         'mkdir -p -- "$P"',
@@ -106,7 +109,7 @@ def preflight(names: Names, object_format: str) -> str:
         _check_target(),
         'mkdir -- "$S"',
         f'git init -q {fmt}"$S"',
-    )
+    ]
 
 
 def _kill_stale_writers() -> list[str]:
@@ -141,10 +144,11 @@ def _check_target() -> str:
     )
 
 
-def extract(names: Names) -> str:
-    """Untar stdin into the staging directory."""
+def extract(names: Names, object_format: str) -> str:
+    """:func:`preflight`, then untar stdin into the staging directory (one guest
+    round trip for both; a refusal exits ``EXIT_REFUSED`` before reading stdin)."""
     return script(
-        *_PRELUDE, names.vars(),
+        *_PRELUDE, names.vars(), *_preflight_lines(object_format),
         'cd -- "$S"',
         "exec tar -x -f - --no-same-owner --same-permissions --warning=no-timestamp",
     )
