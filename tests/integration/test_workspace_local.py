@@ -290,30 +290,6 @@ def test_prepare_reproduces_host_state(prepared: tuple[Path, ws.Prepared], home:
     assert leftovers(home) == []
 
 
-def test_prepare_ships_no_blob_twice_and_leaves_a_refreshed_index(
-        prepared: tuple[Path, ws.Prepared]) -> None:
-    """The guest hashes its files once (their blobs in one pack of its own, none loose
-    and none in the host's pack), and the index has their stat data already: the
-    user's first `git status` hashes nothing."""
-    _, prep = prepared
-    gp = Path(prep.guest_path)
-    objects = gp / ".git" / "objects"
-    links = {git(gp, "hash-object", "--stdin", input=os.readlink(p).encode()).decode().strip()
-             for p in gp.rglob("*") if p.is_symlink() and ".git" not in p.parts}
-    # Loose: the snapshot's trees and commit, symlink targets, files of 0 or 1 byte.
-    for loose in objects.glob("??/*"):
-        oid = loose.parent.name + loose.name
-        if git(gp, "cat-file", "-t", oid).strip() == b"blob" and oid not in links:
-            assert int(git(gp, "cat-file", "-s", oid)) <= 1, oid
-    packs = sorted(objects.glob("pack/*.idx"))
-    assert len(packs) == 2  # the host's history, the guest's own files
-    listed = [set(git(gp, "show-index", input=p.read_bytes()).decode().split()[1::3])
-              for p in packs]
-    assert listed[0].isdisjoint(listed[1])
-    clean = git(gp, "ls-files", "--debug", "--", "run.sh").decode()
-    assert "mtime: 0:0" not in clean and "size: 0" not in clean, clean
-
-
 def test_export_round_trip(prepared: tuple[Path, ws.Prepared], guest: LocalGuest,
                            tmp_path: Path) -> None:
     repo, prep = prepared

@@ -37,7 +37,7 @@ from banger.errors import BadRequest, BangerError, GuestError
 from banger.runner import CancelToken, Result, Runner
 
 from . import scripts
-from .hostpack import build_pack
+from .hostpack import build_pack, pack_argv
 from .hosttree import read_owned
 from .model import (
     DEFAULT_DEPTH,
@@ -53,8 +53,8 @@ from .model import (
     WorkspaceMode,
 )
 from .paths import check_guest_path, default_guest_path
-from .repo import IndexEntry, host_git, parse_index
-from .transfer import GuestSink, run_script, send_files, send_tree
+from .repo import host_git
+from .transfer import GuestSink, run_script, send_tree
 
 log = logging.getLogger("banger.workspace")
 
@@ -66,11 +66,7 @@ TOOL_FILES = (".mise.toml", "mise.toml", ".tool-versions")
 class History:
     """The git state to recreate: objects to pack, refs, HEAD, shallow boundary."""
 
-    # What `git rev-list --objects` walks for the pack: every commit to ship with
-    # `no_walk` (shallow mode), else the tips whose whole history ships (full_copy).
-    commits: tuple[str, ...]
-    no_walk: bool
-    index_blobs: tuple[str, ...]  # staged content, which may be in no commit
+    revs: bytes  # stdin for `git pack-objects --revs`; empty when there is nothing to send
     shallow: tuple[str, ...]
     refs: tuple[tuple[str, str], ...]  # (refname, object id)
     head_symbolic: str | None
@@ -105,13 +101,7 @@ def _resolve(runner: Runner, info: RepoInfo, ref: str) -> str:
 
 def _shallow_set(runner: Runner, root: str, tips: list[str], depth: int,
                  host_shallow: tuple[str, ...]) -> tuple[str, ...]:
-    """Commits the guest's ``.git/shallow`` must list for ``depth`` generations of ``tips``."""
-    return _walk(runner, root, tips, depth, host_shallow)[0]
-
-
-def _walk(runner: Runner, root: str, tips: list[str], depth: int,
-          host_shallow: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(shallow boundary, every commit walked) for ``depth`` generations of ``tips``.
+    """Commits the guest's ``.git/shallow`` must list for ``depth`` generations of ``tips``.
 
     Walks one generation per ``git rev-list --no-walk --parents`` call. The last
     generation's commits that have parents become shallow (git's own ``--depth``
@@ -137,7 +127,7 @@ def _walk(runner: Runner, root: str, tips: list[str], depth: int,
         if not level:
             break
     boundary |= seen & set(host_shallow)
-    return tuple(sorted(boundary)), tuple(sorted(seen))
+    return tuple(sorted(boundary))
 
 
 def plan_history(runner: Runner, info: RepoInfo, plan: CopyPlan, *, mode: WorkspaceMode,
@@ -157,11 +147,10 @@ def plan_history(runner: Runner, info: RepoInfo, plan: CopyPlan, *, mode: Worksp
             refs[name] = oid
             tips.append(oid)
         shallow = tuple(sorted(info.host_shallow))
-        commits, no_walk = tuple(dict.fromkeys(tips)), False
+        revs = [*dict.fromkeys(tips)]
     else:
-        shallow, commits = _walk(runner, root, tips, depth, info.host_shallow) if tips \
-            else ((), ())
-        no_walk = True
+        shallow = _shallow_set(runner, root, tips, depth, info.host_shallow) if tips else ()
+        revs = [*(f"--shallow {c}" for c in shallow), *dict.fromkeys(tips)]
     if info.branch and info.head:
         refs[f"refs/heads/{info.branch}"] = info.head
     head_symbolic: str | None = None
@@ -175,7 +164,9 @@ def plan_history(runner: Runner, info: RepoInfo, plan: CopyPlan, *, mode: Worksp
         head_symbolic = f"refs/heads/{info.branch}"
     else:
         head_commit = info.head
-    return History(commits=commits, no_walk=no_walk, index_blobs=plan.index_blobs,
+    revs += plan.index_blobs
+    return History(revs="".join(f"{r}\n" for r in revs).encode() if tips or plan.index_blobs
+                   else b"",
                    shallow=shallow, refs=tuple(refs.items()), head_symbolic=head_symbolic,
                    head_commit=head_commit if head_symbolic is None else None)
 
@@ -204,6 +195,7 @@ def _metadata(runner: Runner, prefix: str, info: RepoInfo, plan: CopyPlan, *,
     """The files the setup step of one repository reads (see ``scripts.IMPORT_DIR``)."""
     base = f"{prefix}{scripts.IMPORT_DIR}"
     return [
+        (f"{base}/index", plan.index),
         (f"{base}/refs", _refs_file(history.refs)),
         (f"{base}/shallow", "".join(f"{c}\n" for c in history.shallow).encode()),
         (f"{base}/exclude", _host_excludes(runner, info)),
@@ -326,7 +318,8 @@ def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan,
         setup = scripts.Setup(head_symbolic=history.head_symbolic,
                               head_commit=history.head_commit, parent=parent,
                               user_name=rinfo.identity.name, user_email=rinfo.identity.email,
-                              object_format=rinfo.object_format)
+                              object_format=rinfo.object_format,
+                              seed_snapshot_index=not _has_attributes(sub_plan))
         repos.append((prefix, rinfo, sub_plan, history, setup))
     metadata = [m for prefix, rinfo, sub_plan, history, _ in repos
                 for m in _metadata(runner, prefix, rinfo, sub_plan, history=history, mode=mode)]
@@ -339,13 +332,14 @@ def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan,
     clock = _StepClock()
     scratch = Path(tempfile.mkdtemp(prefix="workspace-", dir=scratch_dir))
     try:
+        packs = _build_packs(runner, repos, scratch, cancel=cancel, timeout=step_timeout)
+        clock.lap("pack")
         try:
             with GuestSink(guest, scripts.extract(names, info.object_format),
                            step=f"copy files into {target}", cancel=cancel,
                            stall_timeout=stall_timeout, on_bytes=counter.add_bytes) as sink:
-                sent = send_tree(sink, info.host_path, plan.all_entries(), metadata,
-                                 object_format=info.object_format, cancel=cancel,
-                                 on_file=counter.add_file)
+                send_tree(sink, info.host_path, plan.all_entries(), metadata, trailer=packs,
+                          cancel=cancel, on_file=counter.add_file)
                 sink.finish(step_timeout)
         except GuestError as exc:
             if exc.details.get("returncode") == scripts.EXIT_REFUSED:
@@ -356,33 +350,15 @@ def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan,
         # Submodules first (deepest first): a parent's snapshot records their HEADs.
         # The last setup (the workspace's own) also swaps, unless changes are re-applied.
         ordered = sorted(repos, key=lambda r: -r[0].count("/"))
-        for n, (prefix, rinfo, sub_plan, history, setup) in enumerate(ordered):
+        for n, (prefix, _, _, _, setup) in enumerate(ordered):
             where = f" ({prefix.rstrip('/')})" if prefix else ""
             swap = n == len(ordered) - 1 and not guest_changes
-            files = _worktree(sub_plan, sent, prefix)
-            # The guest hashes its files itself: their blobs stay out of the pack (only
-            # when the ids were computed in this repository's object format).
-            have = {oid for _, oid in files.values()} \
-                if rinfo.object_format == info.object_format else set()
-            members: list[tuple[str, bytes | Path]] = [
-                (f"{scripts.IMPORT_DIR}/fixups", _fixups(sub_plan, files, rinfo.object_format))]
-            if history.commits or history.index_blobs:
-                pack = build_pack(runner, rinfo.host_path, scratch / f"{n}.pack",
-                                  commits=history.commits, no_walk=history.no_walk,
-                                  blobs=history.index_blobs, exclude=have,
-                                  object_format=rinfo.object_format, timeout=step_timeout,
-                                  cancel=cancel)
-                if pack is not None:
-                    base = f".git/objects/pack/{pack.name}"
-                    members += [(f"{base}.pack", pack.pack), (f"{base}.idx", pack.idx)]
-            clock.lap(f"pack{where}")
             counter.report()
             step = f"set up the git repository{where}"
-            with GuestSink(guest, scripts.setup(names, setup, prefix, then_swap=swap),
-                           step=step, cancel=cancel, stall_timeout=stall_timeout,
-                           on_bytes=counter.add_bytes) as sink:
-                send_files(sink, members)
-                res = _checked(step, sink.finish(step_timeout, check=False))
+            res = _checked(step, run_script(guest, scripts.setup(names, setup, prefix,
+                                                                 then_swap=swap),
+                                            step=step, timeout=step_timeout, cancel=cancel,
+                                            check=False))
             prepared_commit = res.out.split()[-1]
             clock.lap(f"setup{where}" + (" and swap" if swap else ""))
         reapplied = None
@@ -413,39 +389,21 @@ def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan,
 Repo = tuple[str, RepoInfo, CopyPlan, History, scripts.Setup]
 """(path prefix, info, plan, history, setup) of the workspace or one of its submodules."""
 
-_MODES = {EntryKind.SYMLINK: "120000"}
 
-
-def _worktree(plan: CopyPlan, sent: dict[str, str], prefix: str) -> dict[str, tuple[str, str]]:
-    """One repository's files and symlinks as sent: repository path -> (mode, blob id)."""
-    out = {}
-    for e in plan.entries:
-        if e.kind is EntryKind.GITLINK:
+def _build_packs(runner: Runner, repos: list[Repo], scratch: Path, *, cancel: CancelToken,
+                 timeout: float) -> list[tuple[str, Path]]:
+    """Each repository's history packed and indexed on the host: (tar name, file)
+    pairs that land in its ``.git/objects/pack``."""
+    files: list[tuple[str, Path]] = []
+    for n, (prefix, rinfo, _, history, _) in enumerate(repos):
+        if not history.revs:
             continue
-        mode = _MODES.get(e.kind) or ("100755" if e.executable else "100644")
-        out[e.path] = (mode, sent[prefix + e.path])
-    return out
-
-
-def _fixups(plan: CopyPlan, files: dict[str, tuple[str, str]], object_format: str) -> bytes:
-    """``update-index -z --index-info`` input that turns a copy of the snapshot's index
-    (the files as sent, every one hashed in the guest, stat data included) into the
-    host's index: an entry whose mode and blob match the file sent stays as it is;
-    every other path (changed, staged, conflicted, deleted, untracked, a gitlink) is
-    removed and gets the host's entries, if any."""
-    zero = "0" * (64 if object_format == "sha256" else 40)
-    host: dict[str, list[IndexEntry]] = {}
-    for entry in parse_index(plan.index):
-        host.setdefault(entry.path, []).append(entry)
-    out = []
-    for path in sorted(host.keys() | files.keys()):
-        entries = host.get(path, [])
-        if (len(entries) == 1 and entries[0].stage == 0
-                and (entries[0].mode, entries[0].oid) == files.get(path)):
-            continue
-        out.append(f"0 {zero}\t{path}\0")
-        out += [f"{e.mode} {e.oid} {e.stage}\t{path}\0" for e in entries]
-    return "".join(out).encode()
+        built = build_pack(pack_argv(runner, rinfo.host_path), history.revs,
+                           scratch / f"{n}.pack", object_format=rinfo.object_format,
+                           timeout=timeout, cancel=cancel)
+        base = f"{prefix}.git/objects/pack/{built.name}"
+        files += [(f"{base}.pack", built.pack), (f"{base}.idx", built.idx)]
+    return files
 
 
 def _reapply(guest: GuestChannel, names: scripts.Names, patch: bytes, target: str, *,
@@ -462,6 +420,12 @@ def _reapply(guest: GuestChannel, names: scripts.Names, patch: bytes, target: st
     if outcome not in ("applied", "present"):
         raise GuestError(f"{step}: unexpected answer from the guest: {outcome[:200]!r}")
     return outcome
+
+
+def _has_attributes(plan: CopyPlan) -> bool:
+    """Whether any .gitattributes could make index blobs differ from the files' bytes."""
+    return any(e.path == ".gitattributes" or e.path.endswith("/.gitattributes")
+               for e in plan.entries)
 
 
 class _StepClock:

@@ -171,6 +171,11 @@ class Setup:
     user_name: str | None
     user_email: str | None
     object_format: str
+    # Start the snapshot's index from the refreshed repository index, so `add -A`
+    # re-hashes only what differs from it instead of every file (each hash pass over
+    # the tree is the slowest part of a prepare under TCG). Only sound when no
+    # .gitattributes can make the index's blobs differ from the files' raw bytes.
+    seed_snapshot_index: bool = False
 
 
 def setup(names: Names, s: Setup, subdir: str = "", *, then_swap: bool = False) -> str:
@@ -182,9 +187,7 @@ def setup(names: Names, s: Setup, subdir: str = "", *, then_swap: bool = False) 
     :func:`swap` (one guest round trip less, when nothing runs in between).
     """
     lines: list[str] = [*_PRELUDE, names.vars(), *_enter(subdir, s.object_format),
-                        f"imp={IMPORT_DIR}",
-                        # stdin: the history's pack and index, and $imp/fixups
-                        "tar -x -f - --no-same-owner --warning=no-timestamp"]
+                        f"imp={IMPORT_DIR}"]
     if s.user_name is not None:
         lines.append(f"git config user.name {quote(s.user_name)}")
     if s.user_email is not None:
@@ -204,6 +207,10 @@ def setup(names: Names, s: Setup, subdir: str = "", *, then_swap: bool = False) 
         config += "[extensions]\\n\\tobjectformat = sha256\\n"
     parent = f"-p {quote(s.parent)} " if s.parent else ""
     lines += [
+        'git update-index -z --index-info < "$imp/index"',
+        # Fill in stat data now so the user's first `git status` is quick; a file
+        # that differs from the index makes --refresh exit non-zero, which is fine.
+        "git update-index -q --refresh >/dev/null 2>&1 || true",
         f"st={STATE_DIR}",
         'mkdir -p -- "$st/refs" "$st/objects" "$st/info"',
         "printf 'ref: refs/heads/banger\\n' > \"$st/HEAD\"",
@@ -211,18 +218,8 @@ def setup(names: Names, s: Setup, subdir: str = "", *, then_swap: bool = False) 
         f"printf '%s' {quote(SNAPSHOT_ATTRIBUTES)} > \"$st/info/attributes\"",
         'ln -s ../../info/exclude "$st/info/exclude"',
         _snapshot_fn('$PWD/$st/index'),
-        # Every file hashed once, into the snapshot's index; the blobs go into one
-        # uncompressed pack (bulk check-in: every file counts as big), not into one
-        # loose object per file. The host's pack has all the other objects.
-        "snap -c core.bigFileThreshold=1 -c core.compression=0 -c pack.compression=0 add -A",
-        # The repository's index: the snapshot's (stat data included, so the user's
-        # first `git status` hashes nothing), with the host's entries put back for
-        # every path whose staged state is not the file as sent.
-        'cp -p -- "$st/index" .git/index',
-        'git update-index -z --index-info < "$imp/fixups"',
-        # Stat data for the entries just replaced; a file that differs from the
-        # index makes --refresh exit non-zero, which is fine.
-        "git update-index -q --refresh >/dev/null 2>&1 || true",
+        *(['cp -p .git/index "$st/index"'] if s.seed_snapshot_index else []),
+        "snap add -A",
         'tree=$(snap write-tree)',
         "commit=$(GIT_AUTHOR_NAME=banger GIT_AUTHOR_EMAIL=banger@localhost "
         "GIT_COMMITTER_NAME=banger GIT_COMMITTER_EMAIL=banger@localhost "

@@ -15,7 +15,6 @@ tar as two more files.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import signal
@@ -275,14 +274,15 @@ def run_script(guest: GuestChannel, script: str, *, step: str, input: bytes = b"
 
 
 def send_tree(sink: GuestSink, root: str, entries: Sequence[PlanEntry],
-              extra: Iterable[tuple[str, bytes]] = (), *, object_format: str = "sha1",
+              extra: Iterable[tuple[str, bytes]] = (), *,
+              trailer: Iterable[tuple[str, Path]] = (),
               cancel: CancelToken | None = None,
-              on_file: Callable[[], None] | None = None) -> dict[str, str]:
+              on_file: Callable[[], None] | None = None) -> None:
     """Write a tar (PAX) of ``entries`` read from the host tree ``root`` into ``sink``.
 
-    Returns the git blob id (``object_format``) of each file and symlink sent, by
-    path: computed from the very bytes that went out, so it names what the guest
-    has. ``extra`` are (name, content) metadata files written first. Files keep their
+    ``extra`` are (name, content) metadata files written first; ``trailer`` are
+    (name, host file) pairs written last: bangerd's own files (the history's pack),
+    read as they are, mode 0444. Files keep their
     content, mtime and executable bit (mode 0755 or 0644, as git records it);
     symlinks keep their target verbatim; gitlinks become empty directories.
     Owners are root.
@@ -291,7 +291,6 @@ def send_tree(sink: GuestSink, root: str, entries: Sequence[PlanEntry],
         BadRequest: a file vanished, changed type, or changed size or mtime while
             it was being read.
     """
-    sent: dict[str, str] = {}
     with HostTree(root) as tree, tarfile.open(
             fileobj=cast(Any, sink), mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8",
             bufsize=TAR_BUFFER) as tar:
@@ -303,14 +302,12 @@ def send_tree(sink: GuestSink, root: str, entries: Sequence[PlanEntry],
             if cancel is not None:
                 cancel.check()
             if entry.kind is EntryKind.FILE:
-                sent[entry.path] = _add_file(tar, tree, entry.path, object_format)
+                _add_file(tar, tree, entry.path)
             elif entry.kind is EntryKind.SYMLINK:
                 info = _info(entry.path, 0o777, 0)
                 info.type = tarfile.SYMTYPE
                 info.linkname = tree.readlink(entry.path)
                 tar.addfile(info)
-                target = info.linkname.encode()
-                sent[entry.path] = _blob_hash(object_format, len(target), target).hexdigest()
             else:
                 info = _info(entry.path, 0o755, 0)
                 info.type = tarfile.DIRTYPE
@@ -318,44 +315,11 @@ def send_tree(sink: GuestSink, root: str, entries: Sequence[PlanEntry],
                 continue  # a submodule's directory: its files are entries of their own
             if on_file is not None:
                 on_file()
-    return sent
-
-
-def send_files(sink: GuestSink, members: Iterable[tuple[str, bytes | Path]]) -> None:
-    """Write a tar of (name, content) pairs into ``sink``: in-memory bytes, or a file
-    of bangerd's own (read as it is), each mode 0444."""
-    with tarfile.open(fileobj=cast(Any, sink), mode="w|", format=tarfile.PAX_FORMAT,
-                      encoding="utf-8", bufsize=TAR_BUFFER) as tar:
-        for name, content in members:
-            info = _info(name, 0o444, time.time())
-            if isinstance(content, bytes):
-                info.size = len(content)
-                tar.addfile(info, _BytesReader(content))
-                continue
-            with open(content, "rb") as fh:
+        for name, path in trailer:
+            with open(path, "rb") as fh:
+                info = _info(name, 0o444, time.time())
                 info.size = os.fstat(fh.fileno()).st_size
                 tar.addfile(info, fh)
-
-
-def _blob_hash(object_format: str, size: int, data: bytes = b"") -> Any:
-    """A git blob id in the making: the hash over ``blob <size>`` NUL (and ``data``)."""
-    # git's object names, not a security boundary: sha1 is what sha1 repositories use
-    h = hashlib.sha256() if object_format == "sha256" else hashlib.sha1(usedforsecurity=False)
-    h.update(b"blob %d\0" % size + data)
-    return h
-
-
-class _HashingReader:
-    """A file that feeds what is read from it into a hash."""
-
-    def __init__(self, fh: IO[bytes], h: Any) -> None:
-        self._fh = fh
-        self._hash = h
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._fh.read(size)
-        self._hash.update(data)
-        return data
 
 
 def _info(name: str, mode: int, mtime: float) -> tarfile.TarInfo:
@@ -367,21 +331,18 @@ def _info(name: str, mode: int, mtime: float) -> tarfile.TarInfo:
     return info
 
 
-def _add_file(tar: tarfile.TarFile, tree: HostTree, path: str, object_format: str) -> str:
-    """Add one work-tree file; its blob id, hashed from the bytes sent."""
+def _add_file(tar: tarfile.TarFile, tree: HostTree, path: str) -> None:
     fd, st = tree.open_file(path)
-    h = _blob_hash(object_format, st.st_size)
     with os.fdopen(fd, "rb") as fh:
         info = _info(path, 0o755 if st.st_mode & stat.S_IXUSR else 0o644, st.st_mtime)
         info.size = st.st_size
         try:
-            tar.addfile(info, _HashingReader(fh, h))
+            tar.addfile(info, fh)
         except OSError as exc:  # tarfile: "unexpected end of data" (the file shrank)
             raise _changed(path) from exc
         after = os.fstat(fh.fileno())
     if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
         raise _changed(path)
-    return str(h.hexdigest())
 
 
 class _BytesReader:
