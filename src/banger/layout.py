@@ -208,7 +208,8 @@ class Layout:
 
     @property
     def staging_dir(self) -> Path:
-        """Half-built images and kernels; anything here at start-up is debris."""
+        """Half-built images and kernels, workspace history packs being sent; anything
+        here at start-up is debris."""
         return self.state_dir / "staging"
 
     @property

@@ -60,7 +60,7 @@ def reconcile(d: Daemon) -> None:
     logged, not raised), sweeps unowned host resources and rewrites the SSH config.
     """
     ensure_ssh_key(d)
-    remove_tree(d.layout.staging_dir)  # half-built images from a previous life
+    remove_tree(d.layout.staging_dir)  # half-built images, workspace packs: a previous life
     d.blobs.sweep_partial()  # downloads a dead daemon left half-done
     for registry in (d.layout.images_dir, d.layout.kernels_dir, d.layout.kernel_build_cache):
         remove_trash(registry)  # deletes a crash interrupted after the rename
