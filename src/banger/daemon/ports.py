@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from banger.api import VMState
-from banger.daemon.vms import not_running, resolve
+from banger.daemon.vms import resolve_running
 from banger.daemon.workspace.transfer import OutputTooLarge, run_script
 from banger.errors import BangerError
 
@@ -107,10 +107,7 @@ def ports(d: Daemon, refs: list[str]) -> list[dict[str, Any]]:
     if refs:
         targets = []
         for ref in dict.fromkeys(refs):
-            vm = resolve(d, ref)
-            if vm.state != VMState.RUNNING:
-                raise not_running(vm)
-            targets.append(vm)
+            targets.append(resolve_running(d, ref))
     else:
         targets = [vm for vm in d.db.list_vms() if vm.state == VMState.RUNNING]
     if not targets:

@@ -49,9 +49,9 @@ def resolve(d: Daemon, ref: str) -> VMRecord:
     return vm
 
 
-def resolve_running(d: Daemon, ref: str, needs: str) -> VMRecord:
-    """:func:`resolve`, refusing a VM that is not running (``needs``: why it must run,
-    e.g. ``"forwards reach running VMs"``)."""
+def resolve_running(d: Daemon, ref: str, needs: str | None = None) -> VMRecord:
+    """:func:`resolve`, refusing a VM that is not running (``needs``, when given: why
+    it must run, e.g. ``"forwards reach running VMs"``; see :func:`not_running`)."""
     vm = resolve(d, ref)
     if vm.state != VMState.RUNNING:
         raise not_running(vm, needs)
@@ -191,9 +191,7 @@ def show(d: Daemon, ref: str) -> dict[str, Any]:
 
 def ssh_info(d: Daemon, ref: str) -> dict[str, Any]:
     """What the CLI needs to run the system ssh into a running VM (and its workspace dir)."""
-    vm = resolve(d, ref)
-    if vm.state != VMState.RUNNING:
-        raise not_running(vm)
+    vm = resolve_running(d, ref)
     ws = vm.workspace or {}
     return SSHInfo(name=vm.name, ip=vm.ip, user=GUEST_USER, key_path=str(d.layout.key_path),
                    known_hosts=str(d.layout.known_hosts),
