@@ -328,7 +328,11 @@ def test_ssh_exit_statuses_and_ctrl_c(tmp_path: Path) -> None:
     assert run("true").wait(30) == 0
     assert run("sh", "-c", "exit 3").wait(30) == 3
     assert run("sh", "-c", "kill -TERM $PPID; sleep 5").wait(30) == 128 + 15  # ssh killed
-    sleeper = run("sleep", "30")
-    time.sleep(1)  # python started and spawned ssh
+    started = tmp_path / "started"
+    sleeper = run("sh", "-c", f"touch {started}; sleep 30")
+    deadline = time.monotonic() + 30
+    while not started.exists():  # python started and spawned ssh (a sleep raced a loaded host)
+        assert time.monotonic() < deadline and sleeper.poll() is None
+        time.sleep(0.05)
     os.killpg(sleeper.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
     assert sleeper.wait(30) == 130
