@@ -123,33 +123,39 @@ def test_a_session_outlives_the_daemon_takes_input_and_goes_with_its_vm(
     wait_for(host, ref, "got via send")
     readers = [host.popen("vm", "session", "attach", "--read-only", ref) for _ in range(2)]
     writer = host.popen("vm", "session", "attach", ref, stdin=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while not show(host, ref)["attached"]["writer"]:
-        assert time.monotonic() < deadline and writer.poll() is None, writer.communicate()
-        time.sleep(0.5)
-    second = host.cli("vm", "session", "attach", ref, input="")
-    assert second.returncode == 125 and "already has a writer" in second.stderr
-    assert "--read-only" in second.stderr
-    busy = host.cli("vm", "session", "send", ref, "not now")
-    assert busy.returncode == 125 and "for writing" in busy.stderr
-    assert writer.stdin is not None
-    writer.stdin.write("from the writer\n")
-    writer.stdin.flush()
-    wait_for(host, ref, "got from the writer")
-    writer.send_signal(signal.SIGINT)  # Ctrl-C detaches a client without a terminal
-    _out, err = writer.communicate(timeout=60)
-    assert "[detached from" in err, err
-    host.ok("vm", "session", "send", ref, "after detach")  # the write side is free again
-    wait_for(host, ref, "got after detach")
+    try:
+        deadline = time.monotonic() + 60
+        while not show(host, ref)["attached"]["writer"]:
+            assert time.monotonic() < deadline and writer.poll() is None, writer.communicate()
+            time.sleep(0.5)
+        second = host.cli("vm", "session", "attach", ref, input="")
+        assert second.returncode == 125 and "already has a writer" in second.stderr
+        assert "--read-only" in second.stderr
+        busy = host.cli("vm", "session", "send", ref, "not now")
+        assert busy.returncode == 125 and "for writing" in busy.stderr
+        assert writer.stdin is not None
+        writer.stdin.write("from the writer\n")
+        writer.stdin.flush()
+        wait_for(host, ref, "got from the writer")
+        writer.send_signal(signal.SIGINT)  # Ctrl-C detaches a client without a terminal
+        _out, err = writer.communicate(timeout=60)
+        assert "[detached from" in err, err
+        host.ok("vm", "session", "send", ref, "after detach")  # the write side is free again
+        wait_for(host, ref, "got after detach")
 
-    # stop: SIGTERM to the session's processes; the readers see it end.
-    stopped = host.json("vm", "session", "stop", ref, "--timeout", "10")
-    assert (stopped["state"], stopped["signal"], stopped["exit_code"]) == ("ended", 15, 143)
-    for reader in readers:
-        out, err = reader.communicate(timeout=120)
-        assert reader.returncode == 143, err
-        assert "got from the writer" in out and "got after detach" in out
-        assert "ended: killed by signal 15" in err
+        # stop: SIGTERM to the session's processes; the readers see it end.
+        stopped = host.json("vm", "session", "stop", ref, "--timeout", "10")
+        assert (stopped["state"], stopped["signal"], stopped["exit_code"]) == ("ended", 15, 143)
+        for reader in readers:
+            out, err = reader.communicate(timeout=120)
+            assert reader.returncode == 143, err
+            assert "got from the writer" in out and "got after detach" in out
+            assert "ended: killed by signal 15" in err
+    finally:  # a failure above must not leave CLI processes and their pipes behind
+        for proc in (*readers, writer):
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
     out = logs(host, ref)
     lines_once_in_order(out)
     for text in ("got via send", "got from the writer", "got after detach"):
