@@ -17,7 +17,7 @@ from banger.daemon.imagemgr import (
     guest_agent_files,
     install_files,
 )
-from banger.daemon.vmpower import BOOT_ARGS
+from banger.daemon.vmboot import BOOT_ARGS
 
 # Units that cost a TCG guest seconds of CPU while sshd starts and that a sandbox does not
 # use. Unmasking one is a decision: take it out of this list with the reason.

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from banger.api import VMState
-from banger.daemon import vmcreate, vmdelete, vmpower, vms
+from banger.daemon import vmcreate, vmdelete, vmpower, vms, vmteardown
 from banger.daemon.core import Daemon
 from banger.daemon.opstate import Operation
 from banger.daemon.store import VMRecord
@@ -266,7 +266,7 @@ def test_delete_waits_for_a_stop_in_progress(daemon: Daemon) -> None:
     time.sleep(0.3)
     assert not done and daemon.db.find_vm("busy") is not None  # waiting, not racing
     h = daemon.handles.get(rec.id)
-    vmpower.finish_stop(daemon, rec, "watcher", vmpower.teardown(daemon, rec.id, h))
+    vmpower.finish_stop(daemon, rec, "watcher", vmteardown.teardown(daemon, rec.id, h))
     t.join(10)
     assert done and daemon.db.find_vm("busy") is None
 

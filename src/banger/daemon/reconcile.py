@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from banger.api import VMState
-from banger.daemon import caps, savedstate, vmdelete, vmpower, vms, workspaces
+from banger.daemon import caps, savedstate, vmboot, vmdelete, vmpower, vms, vmteardown, workspaces
 from banger.daemon.dmsnap import dm_snapshot_supported
 from banger.daemon.firewall import guest_rule
 from banger.daemon.guest import find_masters, stop_master
@@ -117,7 +117,7 @@ def reconcile_vm(d: Daemon, vm: VMRecord) -> None:
         return
     if alive and state in (VMState.RUNNING, VMState.STARTING, VMState.ERROR, VMState.PAUSED):
         vms.save_handles(d, vm.id, h)
-        vmpower.readopt_confinement(d, vm, h)
+        vmteardown.readopt_confinement(d, vm, h)
         if h.tap:
             # The daemon's start reloaded the rules with no guest in them.
             d.firewall.admit(guest_rule(vm, h.tap))
@@ -131,10 +131,10 @@ def reconcile_vm(d: Daemon, vm: VMRecord) -> None:
             caps.started(d, vm)
         return
     if state == VMState.STOPPING or (alive and state == VMState.STOPPED):
-        vmpower.kill_vmm(h.process)
+        vmteardown.kill_vmm(h.process)
     if state != VMState.STOPPED or alive or d.layout.vm(vm.id).handles.exists() \
             or vm.runtime.get("teardown"):
-        problems = vmpower.teardown(d, vm.id, h)
+        problems = vmteardown.teardown(d, vm.id, h)
         reason = {
             VMState.STOPPING: "stop finished after a daemon restart",
             VMState.STOPPED: "stopped",
@@ -170,11 +170,11 @@ def _settle_saved(d: Daemon, vm: VMRecord, h: VMHandles, alive: bool) -> None:
     saved state not yet loaded: whatever VMM it has goes, and it is suspended if its
     saved state is complete, else stopped (its memory is lost, its disks stay)."""
     if alive:
-        vmpower.kill_vmm(h.process)
+        vmteardown.kill_vmm(h.process)
     paths = d.layout.vm(vm.id)
     problems = []
     if alive or paths.handles.exists() or vm.runtime.get("teardown"):
-        problems = vmpower.teardown(d, vm.id, h)
+        problems = vmteardown.teardown(d, vm.id, h)
     if problems:
         _force_state(d, vm.id, VMState.ERROR, last_error="; ".join(problems))
         return
@@ -222,13 +222,13 @@ def _finish_start(d: Daemon, vm: VMRecord, h: VMHandles) -> None:
             if restored:
                 savedstate.set_clock(guest, vm.name)
             workspaces.sync_files(d, vm)
-            fresh = vmpower.mark_running(d, vm.id, expect={VMState.STARTING})
+            fresh = vmboot.mark_running(d, vm.id, expect={VMState.STARTING})
             caps.started(d, fresh)
             log.info("vm %s: boot finished after daemon restart", vm.name)
         except Exception as exc:  # anything: the VM must not stay "starting" forever
             err = d.error_of(exc, f"finishing the boot of {vm.name}")
             log.warning("vm %s: boot after restart failed: %s", vm.name, err)
-            vmpower.teardown(d, vm.id, h)
+            vmteardown.teardown(d, vm.id, h)
             vmpower.settle_failed_start(d, vm.id, err)
         finally:
             d.end_inflight(vm.id, token)
@@ -276,7 +276,7 @@ def sweep(d: Daemon) -> dict[str, list[str]]:
         if not ids or ids[0] in known or not _ours(d, argv, pid):
             continue
         ident = identify(pid, vm_marker(ids[0]))
-        if ident is not None and vmpower.kill_vmm(ident):
+        if ident is not None and vmteardown.kill_vmm(ident):
             removed["processes"].append(str(pid))
 
     try:
@@ -406,7 +406,7 @@ def reap_exited(d: Daemon) -> None:
                     or h.process is None or matches(h.process):
                 continue  # someone else is handling it, or it runs again
             stopping = d.db.update_vm(current, state=VMState.STOPPING)
-        problems = vmpower.teardown(d, vm.id, h)
+        problems = vmteardown.teardown(d, vm.id, h)
         try:
             vmpower.finish_stop(d, stopping, "the guest powered off or its VMM exited", problems)
         except BangerError as exc:

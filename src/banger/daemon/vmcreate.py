@@ -24,9 +24,9 @@ from banger.daemon.imagemgr import WORK_LABEL
 from banger.daemon.network import allocate_ip, mac_for_ip
 from banger.daemon.opstate import Operation
 from banger.daemon.store import ImageRecord, VMRecord
+from banger.daemon.vmboot import boot
 from banger.daemon.vmdelete import destroy
 from banger.daemon.vmmselect import resolve_vmm
-from banger.daemon.vmpower import boot
 from banger.daemon.vms import transition, update_runtime, view, wait_op
 from banger.errors import AlreadyExists, BadRequest, Cancelled
 from banger.fsutil import remove_tree

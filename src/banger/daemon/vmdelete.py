@@ -10,14 +10,9 @@ from typing import TYPE_CHECKING, Any
 from banger.api import VMState
 from banger.daemon import caps
 from banger.daemon.store import VMRecord
-from banger.daemon.vmpower import (
-    ACPI_POWEROFF_S,
-    GUEST_POWEROFF_S,
-    SIGKILL_S,
-    cancel_boot,
-    teardown,
-)
+from banger.daemon.vmpower import ACPI_POWEROFF_S, GUEST_POWEROFF_S, cancel_boot
 from banger.daemon.vms import handles_of, resolve, transition
+from banger.daemon.vmteardown import SIGKILL_S, teardown
 from banger.errors import HostError, InvalidState
 from banger.fsutil import remove_tree
 from banger.sshopts import forget_host

@@ -1,8 +1,7 @@
-"""Powering VMs on and off: boot, ``vm start``/``stop``/``restart``/``kill``, teardown.
+"""Powering VMs on and off: ``vm start``/``stop``/``restart``/``kill``.
 
-:func:`boot` takes a VM its caller has claimed (``starting``, or ``creating`` for a
-first boot) to ``running``; :func:`teardown` releases what a running VM holds, in
-order, each step independent of the others.
+Each claims the VM (a refusal is immediate) and does the slow part on a worker; the
+boot itself is :mod:`vmboot`, the release of what a VM holds :mod:`vmteardown`.
 """
 
 from __future__ import annotations
@@ -12,30 +11,26 @@ import logging
 import signal as signal_mod
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from banger.api import VMState
-from banger.daemon import caps, kernels, savedstate, workspaces
-from banger.daemon.dmsnap import CowHandle
-from banger.daemon.firewall import guest_rule
-from banger.daemon.guest import end_masters
+from banger.daemon import caps, savedstate
 from banger.daemon.handles import VMHandles
-from banger.daemon.network import gateway, prefixlen
 from banger.daemon.opstate import Operation
 from banger.daemon.store import ImageRecord, VMRecord
+from banger.daemon.vmboot import boot
 from banger.daemon.vms import (
     LIVE,
     handles_of,
     merge_runtime,
     resolve,
-    save_handles,
     transition,
     update_runtime,
     view,
     wait_op,
     wrong_state,
 )
+from banger.daemon.vmteardown import SIGKILL_S, teardown
 from banger.errors import (
     BadRequest,
     BangerError,
@@ -45,10 +40,8 @@ from banger.errors import (
     NotFound,
     NotRunning,
 )
-from banger.fsutil import remove_tree, tail
-from banger.proc import ProcessIdentity, find_by_marker, identify, matches, send_signal, wait_gone
+from banger.proc import ProcessIdentity, matches, send_signal, wait_gone
 from banger.runner import CancelToken
-from banger.vmm import ConfinedVMM, LaunchPlan, vm_marker
 
 if TYPE_CHECKING:
     from banger.daemon.core import Daemon
@@ -59,8 +52,6 @@ log = logging.getLogger("banger.vms")
 # covers a slow guest without making `vm stop` on a wedged one feel hung.
 GUEST_POWEROFF_S = 30.0
 ACPI_POWEROFF_S = 5.0
-SIGTERM_S = 5.0
-SIGKILL_S = 10.0
 CANCEL_BOOT_S = 60.0  # how long stop/delete wait for a cancelled boot to unwind
 
 # The stages `vm start`, `vm stop` and `vm restart` show (a start's are the boot
@@ -70,127 +61,6 @@ RESTORE_STAGES = ["network", "restore", "wait-ssh"]  # a suspended VM's start
 CLEANUP_STAGE = "cleanup"
 STOP_STAGES = ["poweroff", "wait-poweroff", "teardown"]
 STOP_REASON = "stopped by `banger vm stop`"
-
-
-# ------------------------------------------------------------------ boot
-
-# The kernel arguments every VM gets, whichever VMM boots it. The root is ext4 in every
-# image (built, registered, pulled), so neither the kernel nor an initramfs probes for its
-# type; both VMMs give a guest one serial port, so the kernel sets up one, not four.
-BOOT_ARGS = ("console=ttyS0", "root=/dev/vda", "rw", "loglevel=4", "panic=1",
-             "rootfstype=ext4", "8250.nr_uarts=1")
-
-
-def kernel_cmdline(d: Daemon, vm: VMRecord) -> str:
-    """The guest kernel command line: console, root disk, and the ``banger.*`` network args
-    that ``banger-init`` reads in the guest (plus Firecracker's reboot/i8042 args)."""
-    gw = gateway(d.cfg.bridge_cidr)
-    args = [
-        *BOOT_ARGS,
-        f"banger.ip={vm.ip}/{prefixlen(d.cfg.bridge_cidr)}", f"banger.gw={gw}",
-        f"banger.hostname={vm.name}",
-    ]
-    if d.cfg.dns_enabled:
-        args.append(f"banger.dns={gw}")
-    if vm.vmm == "firecracker":
-        args += ["reboot=k", "pci=off", "i8042.noaux", "i8042.nomux", "i8042.dumbkbd"]
-    return " ".join(args)
-
-
-def boot(d: Daemon, vm: VMRecord, img: ImageRecord, cancel: CancelToken,
-         op: Operation | None = None) -> VMRecord:
-    """Network, VMM launch and SSH wait for a VM in state ``starting``.
-
-    A suspended VM's VMM loads its saved state instead of booting the kernel; the
-    saved state is deleted before its vCPUs run (:func:`savedstate.consume`), and its
-    clock is set before the VM is called running. On failure everything started
-    here is torn down before the error propagates (a saved state not yet loaded
-    stays, for another try).
-    """
-    def stage(name: str, progress: str = "") -> None:
-        cancel.check()
-        if op is not None:
-            op.enter(name, progress)
-
-    drv = d.driver(vm.vmm)
-    paths = d.layout.vm(vm.id)
-    cow_json = vm.runtime.get("cow")
-    if not cow_json:
-        raise HostError(f"VM {vm.name!r} has no root disk record", hint="delete and recreate it")
-    h = VMHandles(vmm=drv.name, cow=CowHandle.from_json(cow_json))
-    try:
-        stage("network")
-        d.ensure_network()
-        tap = d.tap_pool.acquire()
-        h = h.with_(tap=tap)
-        save_handles(d, vm.id, h)
-        # Before the VMM runs: until admitted, every frame from the TAP is dropped.
-        d.firewall.admit(guest_rule(vm, tap))
-        d.checkpoint("start.network")
-        restore = savedstate.complete(paths)
-        stage("boot" if restore is None else "restore")
-        assert h.cow is not None
-        pending = h
-
-        def record(partial: CowHandle) -> None:
-            save_handles(d, vm.id, pending.with_(cow=partial))
-
-        cow = d.cow_for(h.cow).activate(h.cow, Path(img.rootfs), vm.id, record)
-        h = h.with_(cow=cow)
-        save_handles(d, vm.id, h)
-        boot_files = kernels.boot_files(d, img, vm.vmm)
-        plan = LaunchPlan(
-            vm_id=vm.id, name=vm.name, vcpu=vm.spec.vcpu, memory_mib=vm.spec.memory_mib,
-            kernel=boot_files.kernel, initrd=boot_files.initrd,
-            cmdline=kernel_cmdline(d, vm), rootfs=cow.disk, work_disk=str(paths.work_disk),
-            tap=h.tap or "", mac=vm.mac, paths=paths, extra_disks=tuple(vm.spec.extra_disks),
-            restore=restore,
-        )
-        ident = drv.launch(plan)
-        h = h.with_(process=ident)
-        save_handles(d, vm.id, h)
-        if restore is not None:
-            d.checkpoint("start.restored")
-            savedstate.consume(drv, paths)
-        if isinstance(drv, ConfinedVMM):
-            update_runtime(d, vm.id, confinement=drv.confinement(vm.id))
-        log.info("vm %s: %s running as pid %d", vm.name, drv.name, ident.pid)
-        d.checkpoint("start.boot")
-        stage("wait-ssh")
-        guest = d.dial(vm.id, vm.ip)
-        waited = d.seams.wait_for_ssh(
-            guest, budget_s=d.cfg.boot_timeout_s, alive=lambda: matches(ident), cancel=cancel,
-            on_wait=(lambda s: op.report(f"{s:.0f}s")) if op is not None else None,
-            serial_tail=lambda: tail(paths.serial_log, 2000),
-        )
-        log.info("vm %s: ssh ready after %.1fs", vm.name, waited)
-        if restore is not None:
-            warning = savedstate.set_clock(guest, vm.name)
-            if warning is not None and op is not None:
-                op.report(warning)
-        for warning in workspaces.sync_files(d, vm):
-            if op is not None:
-                op.report(warning)
-        d.checkpoint("start.wait-ssh")
-        vm = mark_running(d, vm.id, expect={VMState.STARTING, VMState.CREATING})
-    except BaseException as exc:
-        try:
-            teardown(d, vm.id, h)
-        except Exception as cleanup:  # keep the boot's own error, which says what went wrong
-            log.error("vm %s: teardown after a failed boot: %s", vm.name, cleanup)
-            exc.add_note(f"teardown incomplete: {cleanup}")
-        raise
-    caps.started(d, vm)
-    return vm
-
-
-def mark_running(d: Daemon, vm_id: str, expect: set[VMState]) -> VMRecord:
-    """The end of every successful boot: running, with no stale error, stop reason or
-    saved-state record. A restored guest keeps the time it first booted."""
-    vm = d.db.get_vm(vm_id)
-    booted = vm.runtime.get("booted_at") if vm.runtime.get("suspended") else None
-    return transition(d, vm_id, VMState.RUNNING, expect=expect, last_error=None,
-                      stop_reason=None, suspended=None, booted_at=booted or time.time())
 
 
 def begin_start(d: Daemon, ref: str) -> Operation:
@@ -447,82 +317,6 @@ def _wait_gone_reporting(ident: ProcessIdentity, budget_s: float, op: Operation 
         if op is not None:
             op.report(f"{time.monotonic() - started:.0f}s")
     return wait_gone(ident, 0)
-
-
-def kill_vmm(ident: ProcessIdentity | None, sig: int = signal_mod.SIGKILL) -> bool:
-    """Signal and reap the VMM; escalates to SIGKILL. True when it is gone."""
-    if ident is None or not matches(ident):
-        return True
-    if sig != signal_mod.SIGKILL:
-        send_signal(ident, sig)
-        if wait_gone(ident, SIGTERM_S):
-            return True
-    send_signal(ident, signal_mod.SIGKILL)
-    return wait_gone(ident, SIGKILL_S)
-
-
-def teardown(d: Daemon, vm_id: str, h: VMHandles | None) -> list[str]:
-    """Release everything a running VM holds, in order, each step independent.
-
-    Order: the shared ssh master (the guest sessions), the VMM process, then its
-    runtime files, then the TAP, then the COW device mapping, then the handles
-    file. A failing step is recorded and the next still runs, so one stuck resource
-    does not leak the others.
-    """
-    paths = d.layout.vm(vm_id)
-    # First, while the guest may still answer: the master closes its connection
-    # cleanly, and no ssh process outlives the VM.
-    problems = end_masters(d.runner, paths.ssh_dir)
-    marker = vm_marker(vm_id)
-    idents: list[ProcessIdentity] = []
-    if h is not None and h.process is not None:
-        idents.append(h.process)
-    # A VMM launched just before a crash may not be in the handles yet: find it by marker.
-    for pid in find_by_marker(marker):
-        ident = identify(pid, marker)
-        if ident is not None and ident not in idents:
-            idents.append(ident)
-    for ident in idents:
-        if not kill_vmm(ident, signal_mod.SIGTERM):
-            problems.append(f"VMM pid {ident.pid} would not exit")
-    if h is not None:
-        try:
-            d.driver(h.vmm).cleanup(paths)
-        except BangerError as exc:
-            log.info("vmm cleanup: %s", exc)
-        if h.tap:
-            try:
-                d.firewall.forget(h.tap)
-            except BangerError as exc:
-                problems.append(f"firewall {h.tap}: {exc.message}")
-            try:
-                d.tap_pool.release(h.tap)
-            except BangerError as exc:
-                problems.append(f"tap {h.tap}: {exc.message}")
-        if h.cow is not None:
-            try:
-                d.cow_for(h.cow).deactivate(h.cow)
-            except BangerError as exc:
-                problems.append(f"root disk: {exc.message}")
-    remove_tree(paths.run)
-    if not problems:
-        d.handles.drop(vm_id)
-        with contextlib.suppress(NotFound):
-            update_runtime(d, vm_id, teardown=None, confinement=None)
-    return problems
-
-
-def readopt_confinement(d: Daemon, vm: VMRecord, h: VMHandles) -> None:
-    """A VMM re-adopted after a daemon restart: back in its cgroup, its confinement recorded."""
-    if h.process is None:
-        return
-    drv = d.driver(h.vmm)
-    if isinstance(drv, ConfinedVMM):
-        try:
-            update_runtime(d, vm.id, confinement=drv.readopt(vm.id, h.process.pid))
-        except BangerError as exc:  # the VM keeps running; `vm show` says it is unconfined
-            log.error("vm %s: cannot re-adopt its cgroup: %s", vm.name, exc.message)
-            update_runtime(d, vm.id, confinement=None)
 
 
 def kill(d: Daemon, ref: str, sig_name: str = "KILL") -> dict[str, Any]:

@@ -4,7 +4,7 @@ Pause stops the guest's vCPUs in the running VMM (memory stays, in RAM); resume 
 them again. Suspend writes the guest's memory and device state to disk
 (:mod:`savedstate`) and ends the VMM, releasing its memory, TAP and disk mapping
 like a stop; ``vm start`` then restores the guest where it was, its processes and
-all (``vmpower.boot``).
+all (``vmboot.boot``).
 
 Pause and resume hold the VM's lock across one QMP/API request to the local VMM
 (bounded by the driver's timeout), so that two of them cannot interleave their
@@ -24,8 +24,8 @@ from banger.daemon.guest import end_masters
 from banger.daemon.handles import VMHandles
 from banger.daemon.opstate import Operation
 from banger.daemon.store import VMRecord
-from banger.daemon.vmpower import teardown
 from banger.daemon.vms import handles_of, resolve, transition, view, wait_op, wrong_state
+from banger.daemon.vmteardown import teardown
 from banger.errors import BangerError, HostError, InvalidState, NotRunning
 from banger.proc import matches
 
