@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, settings
 from banger.config import Config, parse_config
 from banger.daemon import Bangerd, Daemon, Seams
 from banger.daemon.dmsnap import CopyCow
-from tests.fakes import FakeGuest, FakeNet, FakeRunner, FakeVMM, instant_ssh
+from tests.fakes import FakeGuest, FakeNet, FakeRunner, FakeVMM, instant_ssh, real
 
 # The suite shares two cores with booting VMs: no wall-clock deadlines in property tests.
 settings.register_profile("banger", deadline=None,
@@ -36,6 +36,7 @@ def cfg(tmp_path: Path) -> Config:
 class FakeWorld:
     def __init__(self) -> None:
         self.runner = FakeRunner()
+        self.runner.on(("ssh-keygen",), real)  # clones' host keys: real, and fast
         self.net = FakeNet()
         self.vmm = FakeVMM()
         self.guests: dict[str, FakeGuest] = {}

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from banger.errors import CommandFailed, HostError, VMMError
+from banger.errors import CommandFailed, GuestError, HostError, VMMError
 from banger.layout import VMPaths
 from banger.proc import ProcessIdentity, identify
 from banger.runner import CancelToken, Result, shell_line
@@ -61,6 +61,12 @@ class FakeRunner:
 
     def ran(self, *prefix: str) -> list[list[str]]:
         return [c for c in self.calls if tuple(c[: len(prefix)]) == prefix]
+
+
+def real(argv: list[str]) -> Result:
+    """A FakeRunner handler that runs the command for real (a tool the host has)."""
+    proc = subprocess.run(argv, capture_output=True, timeout=60, check=False)
+    return Result(argv, proc.returncode, proc.stdout, proc.stderr)
 
 
 def ok(out: str = "", rc: int = 0, err: str = "") -> Callable[[list[str]], Result]:
@@ -116,6 +122,9 @@ class FakeVMM:
         self.calls: list[tuple[str, str]] = []  # (pause|resume|save|restore, vm id)
         self.fail_pause = False
         self.fail_save = False
+        self.fail_reidentify = False
+        self.vmm_version = "fake VMM 1.0"
+        self.identities: dict[str, bytes] = {}
 
     def launch(self, plan: LaunchPlan) -> ProcessIdentity:
         if self.fail:
@@ -168,6 +177,16 @@ class FakeVMM:
         self.calls.append(("save", plan_paths.vm_id))
         return len(data)
 
+    def version(self) -> str:
+        return self.vmm_version
+
+    def reidentify(self, plan_paths: VMPaths, message: bytes) -> None:
+        """Records the identity a clone was handed (``identities``, by VM id)."""
+        if self.fail_reidentify:
+            raise VMMError("injected identity channel failure")
+        self.identities[plan_paths.vm_id] = message
+        self.calls.append(("reidentify", plan_paths.vm_id))
+
     def cleanup(self, plan_paths: VMPaths) -> None:
         return None
 
@@ -191,10 +210,15 @@ class FakeGuest:
     ip: str
     scripts: list[str] = field(default_factory=list)
     on_poweroff: Callable[[str], None] | None = None
+    failing: set[str] = field(default_factory=set)  # scripts holding one of these exit 1
 
     def run(self, script: str, *, timeout: float = 60.0, input: bytes | None = None,
             check: bool = True, desc: str = "guest command") -> Result:
         self.scripts.append(script)
+        if any(f in script for f in self.failing):
+            if check:
+                raise GuestError(f"{desc} failed (exit 1)")
+            return Result(["ssh", script], 1, b"", b"")
         if "poweroff" in script and self.on_poweroff is not None:
             self.on_poweroff(self.ip)
         return Result(["ssh", script], 0, b"", b"")

@@ -204,12 +204,15 @@ class VMState(StrEnum):
     SUSPENDING = "suspending"
     # ... and were: no VMM runs, and `vm start` resumes the guest where it was.
     SUSPENDED = "suspended"
+    # The guest is stopped while its memory, devices and disks are copied to a snapshot
+    # (`vm snapshot`); it then runs (or stays paused) as before.
+    SNAPSHOTTING = "snapshotting"
 
     @property
     def busy(self) -> bool:
         """A transition is under way; other lifecycle operations must wait."""
         return self in (VMState.CREATING, VMState.STARTING, VMState.STOPPING, VMState.DELETING,
-                        VMState.SUSPENDING)
+                        VMState.SUSPENDING, VMState.SNAPSHOTTING)
 
     def can_become(self, other: VMState) -> bool:
         """True when ``TRANSITIONS`` allows moving from this state to ``other``."""
@@ -224,17 +227,19 @@ TRANSITIONS: dict[VMState, frozenset[VMState]] = {
     VMState.STARTING: frozenset({VMState.RUNNING, VMState.STOPPING, VMState.STOPPED,
                                  VMState.ERROR, VMState.DELETING, VMState.SUSPENDED}),
     VMState.RUNNING: frozenset({VMState.STOPPING, VMState.STOPPED, VMState.DELETING,
-                                VMState.PAUSED, VMState.SUSPENDING}),
+                                VMState.PAUSED, VMState.SUSPENDING, VMState.SNAPSHOTTING}),
     VMState.STOPPING: frozenset({VMState.STOPPED, VMState.ERROR}),
     VMState.ERROR: frozenset({VMState.STARTING, VMState.STOPPING, VMState.STOPPED,
                               VMState.DELETING}),
     VMState.DELETING: frozenset({VMState.ERROR}),  # only when removal itself failed
     VMState.PAUSED: frozenset({VMState.RUNNING, VMState.STOPPING, VMState.DELETING,
-                               VMState.SUSPENDING}),
+                               VMState.SUSPENDING, VMState.SNAPSHOTTING}),
     # A suspend that fails leaves the guest as it was (running or paused), or failed.
     VMState.SUSPENDING: frozenset({VMState.SUSPENDED, VMState.RUNNING, VMState.PAUSED,
                                    VMState.ERROR}),
     VMState.SUSPENDED: frozenset({VMState.STARTING, VMState.DELETING}),
+    # A snapshot leaves the guest as it was (running or paused), or failed.
+    VMState.SNAPSHOTTING: frozenset({VMState.RUNNING, VMState.PAUSED, VMState.ERROR}),
 }
 
 
@@ -307,6 +312,24 @@ class VMView(Model):
     forwards: list[str] = Field(default_factory=list)
     # A suspended VM's saved state (banger.daemon.savedstate): bytes on disk and when.
     suspended: SavedStateView | None = None
+    # The snapshot a clone was restored from (`vm create --from-snapshot`).
+    from_snapshot: str | None = None
+
+
+class SnapshotView(Model):
+    """A snapshot (``vm snapshot``): what ``vm create --from-snapshot`` clones."""
+
+    id: str
+    name: str
+    image: str
+    source_vm: str
+    vmm: str
+    vcpu: int
+    memory_mib: int
+    disk_size: int
+    work_disk_size: int
+    size_bytes: int
+    created_at: datetime
 
 
 class ImageView(Model):

@@ -141,6 +141,45 @@ class VMPaths:
         """``fc.metrics``: where Firecracker writes metrics lines (FC driver only)."""
         return self.run / "fc.metrics"
 
+    @property
+    def ident_fifo(self) -> Path:
+        """``ident.fifo``: the host end of the guest's identity channel (QEMU driver): what
+        is written here reaches ``banger-ident`` in the guest (``banger.daemon.identity``)."""
+        return self.run / "ident.fifo"
+
+
+@dataclass(frozen=True)
+class SnapshotPaths:
+    """Files of one snapshot (``banger.daemon.snapshots``): a guest's memory and device
+    state and its disks at one instant, with the boot files it ran."""
+
+    dir: Path
+
+    @property
+    def partial(self) -> Path:
+        """``<id>.partial/``: a snapshot being written; never restored from."""
+        return self.dir.with_name(self.dir.name + ".partial")
+
+    @property
+    def rootfs(self) -> Path:
+        """``rootfs.ext4``: the root disk at the instant of the snapshot."""
+        return self.dir / "rootfs.ext4"
+
+    @property
+    def work_disk(self) -> Path:
+        """``work.ext4``: the work disk at the instant of the snapshot."""
+        return self.dir / "work.ext4"
+
+    @property
+    def kernel(self) -> Path:
+        """``kernel``: the kernel the guest runs (a restore needs the same)."""
+        return self.dir / "kernel"
+
+    @property
+    def initrd(self) -> Path:
+        """``initrd.img``: its initrd, when it had one."""
+        return self.dir / "initrd.img"
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -246,6 +285,15 @@ class Layout:
     def oci_blobs(self) -> Path:
         """``oci/blobs/`` in the cache dir: registry blobs by digest, shared by pulls."""
         return self.cache_dir / "oci" / "blobs"
+
+    @property
+    def snapshots_dir(self) -> Path:
+        """``snapshots/``: one directory per snapshot (:meth:`snapshot`)."""
+        return self.state_dir / "snapshots"
+
+    def snapshot(self, snap_id: str) -> SnapshotPaths:
+        """The files of snapshot ``snap_id``."""
+        return SnapshotPaths(self.snapshots_dir / snap_id)
 
     def vm(self, vm_id: str) -> VMPaths:
         """The state and runtime paths of VM ``vm_id``."""

@@ -42,6 +42,10 @@ class LaunchPlan:
     # A saved-state directory (``VMMDriver.save``): the VMM loads the guest from it instead
     # of booting the kernel, and leaves its vCPUs stopped until ``resume``.
     restore: Path | None = None
+    # The host-to-guest identity channel (``banger.daemon.identity``): a device a restored
+    # clone learns its new identity through. A guest saved without it is restored without
+    # it (the device set must match the saved one).
+    ident_channel: bool = True
 
     @property
     def marker(self) -> str:
@@ -79,6 +83,23 @@ class VMMDriver(Protocol):
         """Write a paused guest's memory and device state into the empty directory ``into``
         (a later :class:`LaunchPlan` ``restore``); the VMM stays, paused. Returns the bytes
         written; ``progress`` hears the bytes written so far."""
+        ...
+
+    def version(self) -> str:
+        """The VMM's version line: a saved guest restores only into the VMM that saved it.
+
+        Raises:
+            HostError: the VMM would not say.
+        """
+        ...
+
+    def reidentify(self, plan_paths: VMPaths, message: bytes) -> None:
+        """Hand ``message`` (``identity.encode``) to the guest's identity channel, where
+        ``banger-ident`` applies it once the vCPUs run.
+
+        Raises:
+            VMMError: this VMM has no identity channel, or the guest's is not there.
+        """
         ...
 
 

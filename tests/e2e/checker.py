@@ -8,7 +8,7 @@ from typing import Any
 
 from tests.e2e.conftest import Host
 
-BUSY = {"creating", "starting", "stopping", "deleting", "suspending"}
+BUSY = {"creating", "starting", "stopping", "deleting", "suspending", "snapshotting"}
 LIVE = {"running", "paused"}  # states with a VMM holding the guest
 
 
@@ -49,6 +49,11 @@ def problems(host: Host) -> list[str]:
     for vm in running:
         if by_name[vm["name"]]["pid"] is None:
             out.append(f"{vm['name']} runs without a pid")
+    snaps = host.state / "snapshots"
+    snap_dirs = {p.name for p in snaps.iterdir()} if snaps.exists() else set()
+    snap_ids = {s["id"] for s in host.json("snapshot", "list")}
+    if snap_dirs != snap_ids:
+        out.append(f"snapshot dirs {sorted(snap_dirs)} != snapshots {sorted(snap_ids)}")
     for vm in vms:
         vm_dir = host.state / "vms" / vm["id"]
         if (vm_dir / "saved.partial").exists():

@@ -231,7 +231,8 @@ def test_launch_spec_hands_over_files_tap_socket_and_cgroup(tmp_path: Path) -> N
     assert spec["files"] == {
         "kernel": ["/img/vmlinuz", "r"], "initrd": ["/img/initrd.img", "r"],
         "rootfs": ["/s/rootfs.ext4", "rw"], "work": ["/s/work.ext4", "rw"],
-        "serial": [str(p.paths.serial_log), "rw"]}
+        "serial": [str(p.paths.serial_log), "rw"],
+        "ident": [str(p.paths.ident_fifo), "rw"]}  # the identity channel's FIFO
     assert spec["tap"] == "bgt00000001"
     assert spec["listen"] == {"qmp": str(p.paths.qmp_socket)}
     assert spec["stderr"] == str(p.paths.vmm_log)

@@ -75,7 +75,7 @@ def test_initramfs_holds_only_the_virtio_drivers() -> None:
     assert "zstd" in Recipe().packages  # else mkinitramfs falls back to gzip
     modules = [m for m in files["usr/share/initramfs-tools/modules.d/banger"].splitlines()
                if m and not m.startswith("#")]
-    assert modules == ["virtio_mmio", "virtio_blk", "virtio_net"]
+    assert modules == ["virtio_mmio", "virtio_blk", "virtio_net", "virtio_console"]
 
 
 def test_digest_follows_the_boot_trimming() -> None:

@@ -4,7 +4,7 @@ Errors from anywhere are printed once, as ``error: ...`` plus a ``hint:``
 line, in :func:`main`, which is also the one place that turns them into exit
 codes (see :mod:`banger.cli.exits`). The commands live in one module per group:
 :mod:`~banger.cli.vm`, :mod:`~banger.cli.lifecycle`, :mod:`~banger.cli.workspace`,
-:mod:`~banger.cli.images` and :mod:`~banger.cli.daemon_cmds`.
+:mod:`~banger.cli.images`, :mod:`~banger.cli.snapshot` and :mod:`~banger.cli.daemon_cmds`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,17 @@ from pathlib import Path
 import click
 
 from banger import __version__
-from banger.cli import daemon_cmds, exits, images, lifecycle, output, session, vm, workspace
+from banger.cli import (
+    daemon_cmds,
+    exits,
+    images,
+    lifecycle,
+    output,
+    session,
+    snapshot,
+    vm,
+    workspace,
+)
 from banger.cli.app import App, json_option, pass_app
 from banger.errors import BangerError, Cancelled
 
@@ -57,11 +67,13 @@ cli.add_command(daemon_cmds.daemon)
 cli.add_command(images.image)
 cli.add_command(images.kernel)
 cli.add_command(vm.vm)
+cli.add_command(snapshot.snapshot)
 for _cmd in (lifecycle.start, lifecycle.stop, lifecycle.restart, lifecycle.delete, lifecycle.rm,
              lifecycle.vm_kill, lifecycle.pause, lifecycle.resume, lifecycle.suspend):
     vm.vm.add_command(_cmd)
 vm.vm.add_command(workspace.vm_workspace)
 vm.vm.add_command(session.session)
+vm.vm.add_command(snapshot.vm_snapshot)
 
 
 def main(argv: list[str] | None = None) -> None:

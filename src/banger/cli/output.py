@@ -165,6 +165,16 @@ def image_table(images: list[dict[str, Any]], now: datetime | None = None) -> st
     return table(["NAME", "SOURCE", "SIZE", "INITRD", "AGE"], rows)
 
 
+def snapshot_table(snaps: list[dict[str, Any]], now: datetime | None = None) -> str:
+    """The ``snapshot list`` table: one row per snapshot, or a hint when there are none."""
+    if not snaps:
+        return "no snapshots (take one with `banger vm snapshot VM NAME`)"
+    rows = [[s["name"], s["source_vm"], s["image"], s["vmm"],
+             f"{s['vcpu']}/{s['memory_mib']}M", f"{s['size_bytes'] / (1 << 20):.0f}M",
+             age(s["created_at"], now)] for s in snaps]
+    return table(["NAME", "FROM VM", "IMAGE", "VMM", "CPU/MEM", "ON DISK", "AGE"], rows)
+
+
 def catalog_table(entries: list[dict[str, Any]], kind: str) -> str:
     """The ``image/kernel list --available`` table: the catalog's entries of one kind."""
     if not entries:

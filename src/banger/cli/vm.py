@@ -60,6 +60,10 @@ def create_options(f: Any) -> Any:
                           "host's LAN and cloud metadata services."),
         click.option("--allow-out", "allow_out", multiple=True, metavar="CIDR|DOMAIN",
                      help=ALLOW_OUT_HELP),
+        click.option("--from-snapshot", "from_snapshot", metavar="SNAPSHOT",
+                     help="Restore a clone of a snapshot (`banger vm snapshot`) instead of "
+                          "booting: its image, VMM and size, with its own address, name, "
+                          "host key and machine-id."),
         click.option("-p", "--publish", "forwards", multiple=True,
                      metavar="[ADDR:]HOST_PORT:GUEST_PORT",
                      help="Forward a host port to the guest while the VM runs (127.0.0.1 "
@@ -75,7 +79,8 @@ def _create_params(kw: dict[str, Any], start: bool) -> dict[str, Any]:
             "memory_mib": kw["memory"], "disk_size": kw["disk_size"],
             "work_disk_size": kw["work_disk_size"], "vmm": kw["vmm"], "start": start,
             "nat": kw["nat"], "allow_private": kw["allow_private"],
-            "allow_out": list(kw["allow_out"]), "forwards": list(kw["forwards"])}
+            "allow_out": list(kw["allow_out"]), "forwards": list(kw["forwards"]),
+            "from_snapshot": kw["from_snapshot"]}
 
 
 @vm.command("create")

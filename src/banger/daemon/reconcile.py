@@ -19,7 +19,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from banger.api import VMState
-from banger.daemon import caps, savedstate, vmboot, vmdelete, vmpower, vms, vmteardown, workspaces
+from banger.daemon import (
+    caps,
+    savedstate,
+    snapshots,
+    vmboot,
+    vmdelete,
+    vmpower,
+    vms,
+    vmteardown,
+    workspaces,
+)
 from banger.daemon.dmsnap import dm_snapshot_supported
 from banger.daemon.firewall import guest_rule
 from banger.daemon.guest import find_masters, stop_master
@@ -62,6 +72,7 @@ def reconcile(d: Daemon) -> None:
     ensure_ssh_key(d)
     remove_tree(d.layout.staging_dir)  # half-built images, workspace packs: a previous life
     d.blobs.sweep_partial()  # downloads a dead daemon left half-done
+    snapshots.sweep(d)  # snapshots a dead daemon was taking: never cloned from
     for registry in (d.layout.images_dir, d.layout.kernels_dir, d.layout.kernel_build_cache):
         remove_trash(registry)  # deletes a crash interrupted after the rename
     for vm in d.db.list_vms():
@@ -109,7 +120,10 @@ def reconcile_vm(d: Daemon, vm: VMRecord) -> None:
     paths = d.layout.vm(vm.id)
     savedstate.discard_partial(paths)  # a save that did not finish is never used
     if state == VMState.SUSPENDING and alive and savedstate.complete(paths) is None:
-        state = _unsuspend(d, vm, h)
+        state = _back_from(d, vm, h, "suspend")
+        vm = d.db.get_vm(vm.id)
+    elif state == VMState.SNAPSHOTTING and alive:
+        state = _back_from(d, vm, h, "snapshot")
         vm = d.db.get_vm(vm.id)
     if state in (VMState.SUSPENDING, VMState.SUSPENDED) or (
             state == VMState.STARTING and savedstate.complete(paths) is not None):
@@ -149,19 +163,20 @@ def reconcile_vm(d: Daemon, vm: VMRecord) -> None:
             caps.stopped(d, stopped)  # e.g. its sessions ended with it
 
 
-def _unsuspend(d: Daemon, vm: VMRecord, h: VMHandles) -> VMState:
-    """A suspend cut short before its saved state was complete, its VMM alive: the
-    guest goes on as it was (running, or paused). The state it is back in."""
-    was = VMState(vm.runtime.get("suspend_from", VMState.RUNNING.value))
+def _back_from(d: Daemon, vm: VMRecord, h: VMHandles, what: str) -> VMState:
+    """A suspend cut short before its saved state was complete, or a snapshot cut short
+    (``what``), its VMM alive: the guest goes on as it was (running, or paused). The
+    state it is back in. (The snapshot's partial files went in :func:`snapshots.sweep`.)"""
+    was = VMState(vm.runtime.get(f"{what}_from", VMState.RUNNING.value))
     if was == VMState.RUNNING:
         try:
             d.driver(h.vmm).resume(d.layout.vm(vm.id))
         except BangerError as exc:
-            log.error("vm %s: not resumed after an interrupted suspend: %s", vm.name,
+            log.error("vm %s: not resumed after an interrupted %s: %s", vm.name, what,
                       exc.message)
-    _force_state(d, vm.id, was, suspend_from=None,
-                 last_error="suspend interrupted by a daemon restart")
-    log.warning("vm %s: suspend interrupted by the restart; %s again", vm.name, was.value)
+    _force_state(d, vm.id, was, **{f"{what}_from": None},
+                 last_error=f"{what} interrupted by a daemon restart")
+    log.warning("vm %s: %s interrupted by the restart; %s again", vm.name, what, was.value)
     return was
 
 
@@ -182,7 +197,8 @@ def _settle_saved(d: Daemon, vm: VMRecord, h: VMHandles, alive: bool) -> None:
     if saved is not None:
         if vm.state != VMState.SUSPENDED:
             record = vm.runtime.get("suspended") or savedstate.record(
-                savedstate.size(saved), vm.vmm)
+                savedstate.size(saved), vm.vmm,
+                ident_channel=bool(vm.runtime.get("ident_channel")))
             _force_state(d, vm.id, VMState.SUSPENDED, suspended=record, suspend_from=None)
             log.warning("vm %s: suspended (its saved state is complete)", vm.name)
         return

@@ -24,6 +24,7 @@ from banger.daemon import (
     kernels,
     ports,
     sessionrpc,
+    snapshots,
     vmcreate,
     vmdelete,
     vmegress,
@@ -106,6 +107,11 @@ class CatalogParams(Model):
 
 
 class PromoteParams(Model):
+    vm: str = Field(min_length=1, max_length=256)
+    name: str
+
+
+class SnapshotParams(Model):
     vm: str = Field(min_length=1, max_length=256)
     name: str
 
@@ -270,6 +276,12 @@ def register(d: Daemon) -> None:
         "vm.suspend": ref(vmsuspend.suspend),
         "vm.suspend.begin": ref(lambda d, name: vms.op_view(vmsuspend.begin_suspend(d, name))),
         **op_methods("vm.suspend", d.power_ops),
+        "vm.snapshot": lambda p: snapshots.take(d, (r := parse(SnapshotParams, p)).vm, r.name),
+        "vm.snapshot.begin": lambda p: vms.op_view(snapshots.begin_snapshot(
+            d, (r := parse(SnapshotParams, p)).vm, r.name)),
+        **op_methods("vm.snapshot", d.power_ops),
+        "snapshot.list": no(lambda: snapshots.list_snapshots(d)),
+        "snapshot.rm": ref(snapshots.remove),
         "vm.set_egress": lambda p: vmegress.set_egress(d, parse(vmegress.EgressParams, p)),
         "vm.delete": ref(vmdelete.delete),
         "vm.list": no(lambda: vms.list_vms(d)),

@@ -86,9 +86,19 @@ def size(saved: Path) -> int:
     return sum(f.stat().st_size for f in saved.iterdir() if f.is_file())
 
 
-def record(size: int, vmm: str) -> dict[str, Any]:
-    """The ``runtime.suspended`` record of a state just saved (``api.SavedStateView``)."""
-    return {"bytes": size, "saved_at": time.time(), "vmm": vmm}
+def record(size: int, vmm: str, *, ident_channel: bool) -> dict[str, Any]:
+    """The ``runtime.suspended`` record of a state just saved (``api.SavedStateView``).
+
+    ``ident_channel``: the saved guest's VMM had the identity channel; its restore must
+    have it too (and one saved by an older banger, without it, must not).
+    """
+    return {"bytes": size, "saved_at": time.time(), "vmm": vmm, "ident": ident_channel}
+
+
+def had_ident_channel(vm_runtime: dict[str, Any]) -> bool:
+    """Whether a suspended VM's saved guest has the identity channel."""
+    saved = vm_runtime.get("suspended")
+    return bool(saved.get("ident")) if isinstance(saved, dict) else False
 
 
 def consume(drv: VMMDriver, paths: VMPaths) -> None:

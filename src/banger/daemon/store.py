@@ -1,4 +1,4 @@
-"""The SQLite store: images and VMs.
+"""The SQLite store: images, kernels, VMs, sessions and snapshots.
 
 Versioned migrations recorded in ``schema_migrations``, each applied in its own
 transaction; WAL journal and a busy timeout. A VM row keeps the spec (what was
@@ -110,6 +110,23 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        6,
+        "snapshots",
+        """
+        CREATE TABLE snapshots (
+            id          TEXT PRIMARY KEY,
+            name        TEXT NOT NULL UNIQUE,
+            image       TEXT NOT NULL,
+            source_vm   TEXT NOT NULL,
+            vmm         TEXT NOT NULL,
+            spec        TEXT NOT NULL,
+            vmm_version TEXT NOT NULL,
+            size_bytes  INTEGER NOT NULL,
+            created_at  TEXT NOT NULL
+        );
+        """,
+    ),
 ]
 
 
@@ -184,6 +201,22 @@ class SessionRecord:
     exit_code: int | None = None
     end_reason: str | None = None
     ended_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class SnapshotRecord:
+    """A running guest's memory, device state and disks at one instant
+    (``banger.daemon.snapshots``); its files are ``Layout.snapshot(id)``."""
+
+    id: str
+    name: str
+    image: str  # the source VM's image: its clones are VMs of that image
+    source_vm: str  # the source VM's name when the snapshot was taken
+    vmm: str
+    spec: VMSpec  # the source's: a clone has its size (the saved machine's)
+    vmm_version: str  # a restore needs the VMM that saved it
+    size_bytes: int
+    created_at: datetime = field(default_factory=now)
 
 
 class Store:
@@ -412,6 +445,13 @@ class Store:
                     f"image {name!r} is used by VM(s): {', '.join(sorted(users))}",
                     hint="delete those VMs first",
                 )
+            snaps = [r[0] for r in db.execute("SELECT name FROM snapshots WHERE image = ?",
+                                              (name,))]
+            if snaps:
+                raise InvalidState(
+                    f"image {name!r} is used by snapshot(s): {', '.join(sorted(snaps))}",
+                    hint="remove them first with `banger snapshot rm`",
+                )
             if db.execute("DELETE FROM images WHERE name = ?", (name,)).rowcount == 0:
                 raise NotFound(f"no image named {name!r}", hint="see `banger image list`")
 
@@ -577,6 +617,54 @@ class Store:
             db.execute("DELETE FROM sessions WHERE vm_id = ? AND name = ?", (vm_id, name))
 
 
+    # ------------------------------------------------------------ snapshots
+
+    def add_snapshot(self, snap: SnapshotRecord) -> None:
+        """Insert ``snap``.
+
+        Raises:
+            AlreadyExists: a snapshot of that name exists.
+        """
+        try:
+            with self._tx() as db:
+                db.execute(
+                    "INSERT INTO snapshots (id, name, image, source_vm, vmm, spec, vmm_version,"
+                    " size_bytes, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (snap.id, snap.name, snap.image, snap.source_vm, snap.vmm,
+                     snap.spec.model_dump_json(), snap.vmm_version, snap.size_bytes,
+                     snap.created_at.isoformat()))
+        except sqlite3.IntegrityError as exc:
+            raise AlreadyExists(f"a snapshot named {snap.name!r} already exists",
+                                hint="pick another name, or remove it with "
+                                     f"`banger snapshot rm {snap.name}`") from exc
+
+    def find_snapshot(self, ref: str) -> SnapshotRecord | None:
+        """The snapshot named (or with id) ``ref``, or None."""
+        rows = self._query("SELECT * FROM snapshots WHERE name = ? OR id = ?", (ref, ref))
+        return _snapshot(rows[0]) if rows else None
+
+    def get_snapshot(self, ref: str) -> SnapshotRecord:
+        """The snapshot named (or with id) ``ref``.
+
+        Raises:
+            NotFound: there is none.
+        """
+        snap = self.find_snapshot(ref)
+        if snap is None:
+            raise NotFound(f"no snapshot named {ref!r}", hint="see `banger snapshot list`")
+        return snap
+
+    def list_snapshots(self) -> list[SnapshotRecord]:
+        """Every snapshot, oldest first."""
+        return [_snapshot(r) for r in self._query(
+            "SELECT * FROM snapshots ORDER BY created_at, name")]
+
+    def delete_snapshot(self, snap_id: str) -> None:
+        """Delete the snapshot row ``snap_id``; a missing row is not an error."""
+        with self._tx() as db:
+            db.execute("DELETE FROM snapshots WHERE id = ?", (snap_id,))
+
+
 def _statements(sql: str) -> Iterator[str]:
     for stmt in sql.split(";"):
         if stmt.strip():
@@ -615,6 +703,13 @@ def _require_kernel(db: sqlite3.Connection, name: str) -> None:
     """Inside a transaction: refuse a reference to a kernel that is not registered."""
     if not db.execute("SELECT 1 FROM kernels WHERE name = ?", (name,)).fetchone():
         raise NotFound(f"no kernel named {name!r}", hint="see `banger kernel list`")
+
+
+def _snapshot(r: sqlite3.Row) -> SnapshotRecord:
+    return SnapshotRecord(
+        id=r["id"], name=r["name"], image=r["image"], source_vm=r["source_vm"], vmm=r["vmm"],
+        spec=VMSpec.model_validate_json(r["spec"]), vmm_version=r["vmm_version"],
+        size_bytes=r["size_bytes"], created_at=datetime.fromisoformat(r["created_at"]))
 
 
 def _session(r: sqlite3.Row) -> SessionRecord:

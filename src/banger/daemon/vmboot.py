@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from banger.api import VMState
-from banger.daemon import caps, kernels, savedstate, workspaces
+from banger.daemon import caps, identity, kernels, savedstate, workspaces
 from banger.daemon.dmsnap import CowHandle
 from banger.daemon.firewall import guest_rule
 from banger.daemon.handles import VMHandles
 from banger.daemon.network import gateway, prefixlen
 from banger.daemon.opstate import Operation
-from banger.daemon.store import ImageRecord, VMRecord
+from banger.daemon.store import ImageRecord, SnapshotRecord, VMRecord
 from banger.daemon.vms import save_handles, transition, update_runtime
 from banger.daemon.vmteardown import teardown
 from banger.errors import HostError
@@ -59,14 +59,16 @@ def kernel_cmdline(d: Daemon, vm: VMRecord) -> str:
 
 
 def boot(d: Daemon, vm: VMRecord, img: ImageRecord, cancel: CancelToken,
-         op: Operation | None = None) -> VMRecord:
-    """Network, VMM launch and SSH wait for a VM in state ``starting``.
+         op: Operation | None = None, *, fork: SnapshotRecord | None = None) -> VMRecord:
+    """Network, VMM launch and SSH wait for a VM in state ``starting`` (or ``creating``).
 
     A suspended VM's VMM loads its saved state instead of booting the kernel; the
     saved state is deleted before its vCPUs run (:func:`savedstate.consume`), and its
-    clock is set before the VM is called running. On failure everything started
-    here is torn down before the error propagates (a saved state not yet loaded
-    stays, for another try).
+    clock is set before the VM is called running. A clone (``fork``: its disks are
+    already the snapshot's copies) loads the snapshot's saved state the same way and
+    is handed its own identity (:mod:`identity`) before its vCPUs run; its host key is
+    trusted before it answers. On failure everything started here is torn down before
+    the error propagates (a saved state not yet loaded stays, for another try).
     """
     def stage(name: str, progress: str = "") -> None:
         cancel.check()
@@ -89,7 +91,8 @@ def boot(d: Daemon, vm: VMRecord, img: ImageRecord, cancel: CancelToken,
         d.firewall.admit(guest_rule(vm, tap))
         d.checkpoint("start.network")
         restore = savedstate.complete(paths)
-        stage("boot" if restore is None else "restore")
+        snap = d.layout.snapshot(fork.id) if fork is not None else None
+        stage("boot" if restore is None and snap is None else "restore")
         assert h.cow is not None
         pending = h
 
@@ -99,22 +102,33 @@ def boot(d: Daemon, vm: VMRecord, img: ImageRecord, cancel: CancelToken,
         cow = d.cow_for(h.cow).activate(h.cow, Path(img.rootfs), vm.id, record)
         h = h.with_(cow=cow)
         save_handles(d, vm.id, h)
-        boot_files = kernels.boot_files(d, img, vm.vmm)
+        if snap is not None:
+            boot_files = kernels.BootFiles(
+                snap.kernel, snap.initrd if snap.initrd.exists() else None)
+        else:
+            boot_files = kernels.boot_files(d, img, vm.vmm)
         plan = LaunchPlan(
             vm_id=vm.id, name=vm.name, vcpu=vm.spec.vcpu, memory_mib=vm.spec.memory_mib,
             kernel=boot_files.kernel, initrd=boot_files.initrd,
             cmdline=kernel_cmdline(d, vm), rootfs=cow.disk, work_disk=str(paths.work_disk),
             tap=h.tap or "", mac=vm.mac, paths=paths, extra_disks=tuple(vm.spec.extra_disks),
-            restore=restore,
+            restore=restore or (snap.dir if snap is not None else None),
+            ident_channel=restore is None or savedstate.had_ident_channel(vm.runtime),
         )
+        own = _clone_identity(d, vm) if snap is not None else None
         ident = drv.launch(plan)
         h = h.with_(process=ident)
         save_handles(d, vm.id, h)
-        if restore is not None:
+        if own is not None:
+            d.checkpoint("create.restored")
+            drv.reidentify(paths, identity.encode(own))
+            drv.resume(paths)
+        elif restore is not None:
             d.checkpoint("start.restored")
             savedstate.consume(drv, paths)
-        if isinstance(drv, ConfinedVMM):
-            update_runtime(d, vm.id, confinement=drv.confinement(vm.id))
+        update_runtime(d, vm.id, ident_channel=plan.ident_channel or None,
+                       confinement=drv.confinement(vm.id)
+                       if isinstance(drv, ConfinedVMM) else None)
         log.info("vm %s: %s running as pid %d", vm.name, drv.name, ident.pid)
         d.checkpoint("start.boot")
         stage("wait-ssh")
@@ -143,6 +157,15 @@ def boot(d: Daemon, vm: VMRecord, img: ImageRecord, cancel: CancelToken,
         raise
     caps.started(d, vm)
     return vm
+
+
+def _clone_identity(d: Daemon, vm: VMRecord) -> identity.Identity:
+    """A clone's own identity, its host key already trusted at its address."""
+    own = identity.fresh(
+        d.runner, d.layout.staging_dir, ip_cidr=f"{vm.ip}/{prefixlen(d.cfg.bridge_cidr)}",
+        gateway=gateway(d.cfg.bridge_cidr), mac=vm.mac, hostname=vm.name)
+    identity.trust_host_key(d.layout.known_hosts, vm.ip, own.host_key_pub)
+    return own
 
 
 def mark_running(d: Daemon, vm_id: str, expect: set[VMState]) -> VMRecord:

@@ -3,6 +3,10 @@
 A create is an operation (``vm.create.begin`` + status polls): the reservation
 is synchronous, the rest runs on a worker thread, and any failure rolls the VM
 back completely (:func:`banger.daemon.vmdelete.destroy`).
+
+With ``from_snapshot`` the VM is a clone: its disks are copies of the snapshot's, its
+size is the snapshot's, and its first "boot" restores the snapshot's guest and gives
+it its own identity (``vmboot.boot``).
 """
 
 from __future__ import annotations
@@ -18,17 +22,18 @@ from pydantic import Field
 
 from banger.api import Model, VMSpec, VMState
 from banger.config import parse_size
-from banger.daemon import forwarder, images, kernels, vmegress
+from banger.daemon import forwarder, images, kernels, snapshots, vmegress
 from banger.daemon.core import new_id
+from banger.daemon.dmsnap import clone_or_copy
 from banger.daemon.imagemgr import WORK_LABEL
 from banger.daemon.network import allocate_ip, mac_for_ip
 from banger.daemon.opstate import Operation
-from banger.daemon.store import ImageRecord, VMRecord
+from banger.daemon.store import ImageRecord, SnapshotRecord, VMRecord
 from banger.daemon.vmboot import boot
 from banger.daemon.vmdelete import destroy
 from banger.daemon.vmmselect import resolve_vmm
 from banger.daemon.vms import transition, update_runtime, view, wait_op
-from banger.errors import AlreadyExists, BadRequest, Cancelled
+from banger.errors import AlreadyExists, BadRequest, Cancelled, HostError
 from banger.fsutil import remove_tree
 from banger.names import check_name, generate_name
 from banger.runner import CancelToken
@@ -39,6 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("banger.vms")
 
 CREATE_STAGES = ["reserve", "image", "disk", "network", "boot", "wait-ssh"]
+CLONE_STAGES = ["reserve", "disk", "network", "restore", "wait-ssh"]
 
 
 class CreateParams(Model):
@@ -54,6 +60,7 @@ class CreateParams(Model):
     allow_private: bool = False
     allow_out: list[str] = Field(default_factory=list)
     forwards: list[str] = Field(default_factory=list, max_length=64)  # -p, forwarder.parse
+    from_snapshot: str | None = None  # a clone of this snapshot (`vm snapshot`)
 
 
 def begin_create(d: Daemon, params: CreateParams, *, extra_disks: tuple[str, ...] = ()
@@ -68,37 +75,21 @@ def begin_create(d: Daemon, params: CreateParams, *, extra_disks: tuple[str, ...
     concurrent creates never get the same address.
     """
     cfg = d.cfg
-    defaults = cfg.vm_defaults
-    image = params.image or cfg.default_image_name
-    check_name(image, "image")
     if params.name is not None:
         check_name(params.name)
-    img = d.db.find_image(image)
-    if img is None:
-        images.recipe_or_missing(image)
-    vmm = resolve_vmm(cfg, params.vmm, lambda v: kernels.suits(d, img, v))
-    if img is not None:
-        kernels.boot_files(d, img, vmm)  # raises the precise refusal
-    elif not kernels.suits(d, img, vmm):
-        raise BadRequest(f"the built-in image {image!r} cannot boot under {vmm}",
-                         hint="build a kernel for it (`banger kernel build`) or use --vmm qemu")
     nat, allow_private, allow_out = vmegress.resolve(
         params.nat, params.allow_private, params.allow_out, cfg.nat)
-    spec = VMSpec(
-        image=image,
-        vcpu=params.vcpu if params.vcpu is not None else defaults.vcpu,
-        memory_mib=params.memory_mib if params.memory_mib is not None else defaults.memory_mib,
-        disk_size=parse_size(params.disk_size or defaults.disk_size),
-        work_disk_size=parse_size(params.work_disk_size or defaults.work_disk_size),
-        vmm=params.vmm,
-        nat=nat,
-        allow_private=allow_private,
-        allow_out=allow_out,
-        extra_disks=list(extra_disks),
-        forwards=sorted({str(forwarder.parse(f)) for f in params.forwards}),
-    )
-    if spec.work_disk_size < 64 << 20:
-        raise BadRequest("work disk must be at least 64M")
+    # The VM's own network settings, a clone's as any VM's.
+    network: dict[str, Any] = {
+        "nat": nat, "allow_private": allow_private, "allow_out": allow_out,
+        "forwards": sorted({str(forwarder.parse(f)) for f in params.forwards})}
+    snap = None
+    if params.from_snapshot is not None:
+        snap = _clone_source(d, params)
+        vmm = snap.vmm
+        spec = snap.spec.model_copy(update={**network, "extra_disks": []})
+    else:
+        vmm, spec = _plan_boot(d, params, network, extra_disks)
 
     with d.create_vm_mu:
         name = params.name or generate_name(d.db.used_names())
@@ -106,9 +97,11 @@ def begin_create(d: Daemon, params: CreateParams, *, extra_disks: tuple[str, ...
             raise AlreadyExists(f"a VM named {name!r} already exists",
                                 hint="pick another --name, or delete it with `banger vm delete`")
         ip = allocate_ip(cfg.bridge_cidr, d.db.used_ips())
-        vm = VMRecord(id=new_id(), name=name, image=image, spec=spec, vmm=vmm,
-                      state=VMState.CREATING, ip=ip, mac=mac_for_ip(ip))
-        op = Operation(kind="vm.create", target=vm.name, stages=list(CREATE_STAGES))
+        vm = VMRecord(id=new_id(), name=name, image=spec.image, spec=spec, vmm=vmm,
+                      state=VMState.CREATING, ip=ip, mac=mac_for_ip(ip),
+                      runtime={"from_snapshot": snap.name} if snap is not None else {})
+        op = Operation(kind="vm.create", target=vm.name,
+                       stages=list(CREATE_STAGES if snap is None else CLONE_STAGES))
         op.enter("reserve")  # before the token is known: this cannot raise Cancelled
         # Registered before the row exists: a delete that sees "creating" can always cancel.
         d.register_inflight(vm.id, op.cancel)
@@ -120,25 +113,98 @@ def begin_create(d: Daemon, params: CreateParams, *, extra_disks: tuple[str, ...
     log.info("vm %s (%s): reserved %s", vm.name, vm.id, vm.ip)
     # From here on only the worker may end the create: a cancel arriving now is seen by
     # its first stage, which rolls the row back and ends the token.
-    d.create_ops.run(op, lambda o: _create(d, o, vm, params.start), name=f"create-{vm.name}")
+    d.create_ops.run(op, lambda o: _create(d, o, vm, params.start, snap),
+                     name=f"create-{vm.name}")
     return op
 
 
-def _create(d: Daemon, op: Operation, vm: VMRecord, start: bool) -> dict[str, Any]:
+def _plan_boot(d: Daemon, params: CreateParams, network: dict[str, Any],
+               extra_disks: tuple[str, ...]) -> tuple[str, VMSpec]:
+    """The VMM and spec of a VM that boots its image (not a clone).
+
+    Raises:
+        BadRequest / NotFound: the image, its kernel under the VMM, or a size is wrong.
+    """
+    cfg = d.cfg
+    defaults = cfg.vm_defaults
+    image = params.image or cfg.default_image_name
+    check_name(image, "image")
+    img = d.db.find_image(image)
+    if img is None:
+        images.recipe_or_missing(image)
+    vmm = resolve_vmm(cfg, params.vmm, lambda v: kernels.suits(d, img, v))
+    if img is not None:
+        kernels.boot_files(d, img, vmm)  # raises the precise refusal
+    elif not kernels.suits(d, img, vmm):
+        raise BadRequest(f"the built-in image {image!r} cannot boot under {vmm}",
+                         hint="build a kernel for it (`banger kernel build`) or use --vmm qemu")
+    spec = VMSpec(
+        image=image,
+        vcpu=params.vcpu if params.vcpu is not None else defaults.vcpu,
+        memory_mib=params.memory_mib if params.memory_mib is not None else defaults.memory_mib,
+        disk_size=parse_size(params.disk_size or defaults.disk_size),
+        work_disk_size=parse_size(params.work_disk_size or defaults.work_disk_size),
+        vmm=params.vmm,
+        extra_disks=list(extra_disks),
+        **network,
+    )
+    if spec.work_disk_size < 64 << 20:
+        raise BadRequest("work disk must be at least 64M")
+    return vmm, spec
+
+
+def _clone_source(d: Daemon, params: CreateParams) -> SnapshotRecord:
+    """The snapshot a clone restores, with every flag that contradicts it refused: a
+    clone is the saved machine, with its image, VMM and size.
+
+    Raises:
+        NotFound: no such snapshot. InvalidState: this host's VMM cannot restore it.
+        BadRequest: a flag asks for another image, VMM or size, or the root disks
+            are device-mapper snapshots (cow_strategy dmsnap), which a clone cannot use.
+    """
+    check_name(params.from_snapshot or "", "snapshot")
+    snap = snapshots.for_clone(d, params.from_snapshot or "")
+    s = snap.spec
+    asked = {"--image": (params.image, snap.image), "--vmm": (
+        None if params.vmm == "auto" else params.vmm, snap.vmm),
+        "--vcpu": (params.vcpu, s.vcpu), "--memory": (params.memory_mib, s.memory_mib),
+        "--disk-size": (parse_size(params.disk_size) if params.disk_size else None,
+                        s.disk_size),
+        "--work-disk-size": (parse_size(params.work_disk_size)
+                             if params.work_disk_size else None, s.work_disk_size)}
+    for flag, (want, have) in asked.items():
+        if want is not None and want != have:
+            raise BadRequest(f"{flag} {want} contradicts snapshot {snap.name!r} ({have}): "
+                             "a clone is the machine that was saved",
+                             hint=f"leave {flag} out, or create a VM without --from-snapshot")
+    if d.cow is not None and d.cow.name == "dmsnap":
+        raise BadRequest("clones need reflink or copy root disks; this install uses "
+                         "device-mapper snapshots", hint="set cow_strategy to reflink or copy")
+    d.db.get_image(snap.image)
+    return snap
+
+
+def _create(d: Daemon, op: Operation, vm: VMRecord, start: bool,
+            snap: SnapshotRecord | None) -> dict[str, Any]:
     try:
         d.checkpoint("create.reserve")
-        op.enter("image")
-        img = images.ensure_image(d, vm.image, op)
-        d.checkpoint("create.image")
-        op.enter("disk")
-        make_disks(d, vm, img, op.cancel)
+        if snap is None:
+            op.enter("image")
+            img = images.ensure_image(d, vm.image, op)
+            d.checkpoint("create.image")
+            op.enter("disk")
+            make_disks(d, vm, img, op.cancel)
+        else:
+            img = d.db.get_image(vm.image)
+            op.enter("disk")
+            copy_snapshot_disks(d, vm, snap, op.cancel)
         d.checkpoint("create.disk")
         if not start:
             vm = transition(d, vm.id, VMState.STOPPED, stop_reason="created with --no-start")
             return view(d, vm)
         # The VM stays "creating" through its first boot: if bangerd dies now, the
         # restart removes it instead of keeping a VM nobody finished creating.
-        vm = boot(d, d.db.get_vm(vm.id), img, op.cancel, op)
+        vm = boot(d, d.db.get_vm(vm.id), img, op.cancel, op, fork=snap)
         return view(d, vm)
     except BaseException as exc:
         log.warning("vm %s: create failed, rolling back: %s", vm.name, exc)
@@ -171,6 +237,25 @@ def make_disks(d: Daemon, vm: VMRecord, img: ImageRecord, cancel: CancelToken) -
         grow_ext4(d, paths.rootfs, vm.spec.disk_size)
     cancel.check()
     make_work_disk(d, vm, img, paths.work_disk)
+
+
+def copy_snapshot_disks(d: Daemon, vm: VMRecord, snap: SnapshotRecord,
+                        cancel: CancelToken) -> None:
+    """A clone's root and work disks: copies (reflinks where possible) of the snapshot's."""
+    assert d.cow is not None
+    paths = d.layout.vm(vm.id)
+    files = d.layout.snapshot(snap.id)
+    paths.state.mkdir(parents=True, exist_ok=True)
+    paths.state.chmod(0o700)
+    update_runtime(d, vm.id, cow={"strategy": d.cow.name, "path": str(paths.rootfs)})
+    cow = d.cow.create(files.rootfs, paths.rootfs)
+    update_runtime(d, vm.id, cow=cow.to_json())
+    cancel.check()
+    try:
+        clone_or_copy(files.work_disk, paths.work_disk)
+    except OSError as exc:
+        raise HostError(f"cannot copy snapshot {snap.name!r}'s work disk: {exc.strerror}"
+                        ) from exc
 
 
 def grow_ext4(d: Daemon, image: Path, size: int) -> None:

@@ -80,7 +80,9 @@ def view(d: Daemon, vm: VMRecord) -> dict[str, Any]:
         stop_reason=vm.runtime.get("stop_reason"),
         confinement=vm.runtime.get("confinement"),
         forwards=[str(s) for s in d.forwards.opened(vm.id)],
-        suspended=SavedStateView.model_validate(saved) if (
+        from_snapshot=vm.runtime.get("from_snapshot"),
+        suspended=SavedStateView.model_validate(
+            {k: v for k, v in saved.items() if k in SavedStateView.model_fields}) if (
             saved := vm.runtime.get("suspended")) and vm.state == VMState.SUSPENDED else None,
         workspace=WorkspaceView.model_validate(
             {k: v for k, v in ws.items() if k in WorkspaceView.model_fields}) if ws else None,
@@ -124,7 +126,7 @@ def wrong_state(vm: VMRecord, to: VMState) -> InvalidState:
     """The refusal for moving ``vm`` to ``to`` from its current state, worded for the user."""
     verbs = {VMState.STARTING: "start", VMState.STOPPING: "stop", VMState.DELETING: "delete",
              VMState.RUNNING: "run", VMState.STOPPED: "stop", VMState.PAUSED: "pause",
-             VMState.SUSPENDING: "suspend"}
+             VMState.SUSPENDING: "suspend", VMState.SNAPSHOTTING: "snapshot"}
     verb = verbs.get(to, to.value)
     if vm.state.busy:
         return InvalidState(f"VM {vm.name!r} is {vm.state.value}; cannot {verb} it now",

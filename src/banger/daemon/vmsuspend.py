@@ -141,7 +141,8 @@ def _suspend(d: Daemon, vm: VMRecord, op: Operation) -> VMRecord:
     d.checkpoint("suspend.committed")
     op.enter("teardown")
     problems = teardown(d, vm.id, h)  # ends the VMM, which holds a saved guest now
-    saved = savedstate.record(size, drv.name)
+    saved = savedstate.record(size, drv.name,
+                              ident_channel=bool(vm.runtime.get("ident_channel")))
     if problems:
         transition(d, vm.id, VMState.ERROR, last_error="; ".join(problems), suspended=saved,
                    suspend_from=None)

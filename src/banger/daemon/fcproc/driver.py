@@ -309,6 +309,7 @@ class FirecrackerDriver:
         self.jailer = jailer
         self.chroot_base = chroot_base or (jailer.chroot_base if jailer else None)
         self.api_wait_s = api_wait_s
+        self._version: str | None = None
 
     @classmethod
     def from_config(cls, cfg: Config, runner: Runner, *,
@@ -465,6 +466,33 @@ class FirecrackerDriver:
         if progress is not None:
             progress(total)
         return total
+
+    def version(self) -> str:
+        """``firecracker --version``'s first line, asked once.
+
+        Raises:
+            HostError: the binary would not run.
+        """
+        if self._version is None:
+            try:
+                res = self.runner.run([self.binary, "--version"],
+                                      desc="ask Firecracker its version", timeout=30)
+            except CommandFailed as exc:
+                raise HostError(f"cannot read Firecracker's version: {exc.message}") from exc
+            lines = res.out.strip().splitlines()
+            self._version = lines[0].strip()[:200] if lines else "unknown"
+        return self._version
+
+    def reidentify(self, plan_paths: VMPaths, message: bytes) -> None:
+        """Firecracker has no virtio-serial device for the identity channel; a clone of a
+        Firecracker snapshot would need it over vsock or MMDS, which banger does not have.
+
+        Raises:
+            VMMError: always.
+        """
+        raise VMMError("Firecracker VMs have no identity channel: a restored clone cannot "
+                       "be given its own identity",
+                       hint="snapshots and forks run on the QEMU driver (--vmm qemu)")
 
     def snapshot(self, plan_paths: VMPaths, files: SnapshotFiles, *,
                  snapshot_type: SnapshotType = SnapshotType.FULL) -> None:

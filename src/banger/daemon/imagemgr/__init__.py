@@ -102,6 +102,133 @@ fi
 exit 0
 """
 
+GUEST_IDENT = r"""#!/bin/sh
+# banger-ident: a restored clone's own identity, from the host (written by banger).
+# A snapshot holds this script blocked in its read below. When banger restores a clone of
+# it, it writes the clone's identity into the VMM's identity channel before the clone's
+# vCPUs run: the read returns and the clone becomes itself (clock, RNG, machine-id, host
+# name, SSH host key, then MAC and address) before anything on the network can reach it.
+set -u
+find_port() {
+  for p in /sys/class/virtio-ports/*; do
+    [ -r "$p/name" ] || continue
+    read -r n < "$p/name" || continue
+    if [ "$n" = org.banger.ident ]; then echo "/dev/${p##*/}"; return; fi
+  done
+}
+port=$(find_port)
+if [ -z "$port" ]; then
+  modprobe -q virtio_console 2>/dev/null || true
+  i=0
+  while [ -z "$port" ] && [ "$i" -lt 50 ]; do
+    sleep 0.1; i=$((i + 1)); port=$(find_port)
+  done
+fi
+# No channel (a VMM without one, like Firecracker): nothing will come.
+[ -n "$port" ] || exit 0
+
+first_nic() {
+  for d in /sys/class/net/*; do
+    n=${d##*/}
+    if [ "$n" != lo ]; then echo "$n"; return; fi
+  done
+}
+# The per-connection sshd processes of the machine this one was cloned from: their
+# connections are not this machine's.
+end_old_connections() {
+  [ -r /run/sshd.pid ] || return 0
+  read -r listener < /run/sshd.pid || return 0
+  for st in /proc/[0-9]*/status; do
+    while read -r k v; do
+      if [ "$k" = PPid: ]; then
+        if [ "$v" = "$listener" ]; then p=${st#/proc/}; kill "${p%/status}" 2>/dev/null; fi
+        break
+      fi
+    done < "$st" 2>/dev/null
+  done
+  # sshd re-executes itself on SIGHUP and loads the new host key.
+  kill -HUP "$listener" 2>/dev/null || true
+}
+apply() {
+  if [ -z "$ip" ] || [ -z "$mac" ] || [ -z "$host" ] || [ -z "$key" ]; then
+    echo "banger-ident: incomplete identity, ignored" >&2
+    return
+  fi
+  [ -z "$now" ] || date -u -s "@$now" >/dev/null
+  rng=mixed
+  if [ -n "$seed" ]; then
+    # RNDADDENTROPY then RNDRESEEDCRNG: the clone's random numbers no longer follow from
+    # the snapshot's. Without perl the seed is only mixed in.
+    if command -v perl >/dev/null 2>&1 && perl -e '
+        my $s = pack("H*", $ARGV[0]);
+        open(my $f, ">", "/dev/urandom") or exit 1;
+        ioctl($f, 0x40085203, pack("ii", 8 * length($s), length($s)) . $s) or exit 1;
+        ioctl($f, 0x5207, 0) or exit 1;' "$seed"; then
+      rng=reseeded
+    else
+      printf '%s' "$seed" > /dev/urandom
+    fi
+  fi
+  [ -z "$machine_id" ] || printf '%s\n' "$machine_id" > /etc/machine-id
+  echo "$host" > /proc/sys/kernel/hostname
+  echo "$host" > /etc/hostname
+  sed -i '/^127\.0\.1\.1[[:space:]]/d' /etc/hosts
+  printf '127.0.1.1\t%s\n' "$host" >> /etc/hosts
+  k=/etc/ssh/ssh_host_ed25519_key
+  (umask 077; printf '%s' "$key" | base64 -d > "$k.new") && printf '%s\n' "$pub" > "$k.pub.new" \
+    && mv -f "$k.new" "$k" && mv -f "$k.pub.new" "$k.pub"
+  sync
+  end_old_connections
+  dev=$(first_nic)
+  if [ -n "$dev" ]; then
+    {
+      echo "link set dev $dev address $mac"
+      echo "addr flush dev $dev"
+      echo "addr add $ip dev $dev"
+      echo "link set dev $dev up"
+      if [ -n "$gw" ]; then echo "route replace default via $gw"; fi
+      echo "neigh flush dev $dev"
+    } | ip -force -batch - 2>/dev/null
+  fi
+  echo "gen=$gen rng=$rng" > /run/banger-ident
+}
+echo listening > /run/banger-ident.listening
+while :; do
+  gen=""; ip=""; gw=""; mac=""; host=""; machine_id=""; now=""; seed=""; key=""; pub=""
+  while read -r line; do
+    case "$line" in
+      gen=*) gen=${line#gen=} ;;
+      ip=*) ip=${line#ip=} ;;
+      gw=*) gw=${line#gw=} ;;
+      mac=*) mac=${line#mac=} ;;
+      host=*) host=${line#host=} ;;
+      machine_id=*) machine_id=${line#machine_id=} ;;
+      time=*) now=${line#time=} ;;
+      seed=*) seed=${line#seed=} ;;
+      key=*) key=${line#key=} ;;
+      pub=*) pub=${line#pub=} ;;
+      end) apply ;;
+    esac
+  done < "$port"
+  sleep 1  # the host end went away: wait for it to come back
+done
+"""
+
+GUEST_IDENT_UNIT = """[Unit]
+Description=banger identity channel (a restored clone's own identity)
+DefaultDependencies=no
+After=banger-init.service
+Conflicts=shutdown.target
+Before=shutdown.target
+
+[Service]
+ExecStart=/usr/local/sbin/banger-ident
+Restart=on-failure
+
+[Install]
+WantedBy=multi-user.target
+"""
+
 GUEST_INIT_UNIT = """[Unit]
 Description=banger guest set-up (network, host name, SSH host key)
 # First thing after PID 1 is up: the root is mounted read-write by the kernel (rw on the
@@ -143,16 +270,18 @@ NO_NOLOGIN = """# Written by banger: no /run/nologin while the boot finishes (ss
 
 # The initramfs (QEMU boots Debian's kernel, whose virtio drivers are modules) holds only
 # what mounting the root takes: the virtio-mmio bus, disk and NIC drivers (so banger-init
-# finds the NIC at once), zstd-compressed. MODULES=most packs ~15 MB the kernel unpacks
-# and udev probes at every boot. Written before debootstrap, which makes the initramfs.
+# finds the NIC at once) and virtio_console (banger-ident's port), zstd-compressed.
+# MODULES=most packs ~15 MB the kernel unpacks and udev probes at every boot. Written
+# before debootstrap, which makes the initramfs.
 INITRAMFS_CONF = """# Written by banger: a small initramfs for a virtio-mmio VM.
 MODULES=list
 COMPRESS=zstd
 """
-INITRAMFS_MODULES = """# Written by banger: the drivers for the root disk and the NIC.
+INITRAMFS_MODULES = """# Written by banger: drivers for the root disk, NIC, identity channel.
 virtio_mmio
 virtio_blk
 virtio_net
+virtio_console
 """
 
 # sshd answers as soon as banger-init has set up the network, the work disk (its
@@ -176,7 +305,11 @@ CPUWeight=1000
 """
 
 UNIT_PATH = "etc/systemd/system/banger-init.service"
-UNIT_WANTS = "etc/systemd/system/multi-user.target.wants/banger-init.service"
+IDENT_UNIT_PATH = "etc/systemd/system/banger-ident.service"
+# (link, unit) for each of banger's units: enabled by a link in multi-user.target.wants.
+ENABLED_UNITS = tuple(
+    (f"etc/systemd/system/multi-user.target.wants/{Path(unit).name}", unit)
+    for unit in (UNIT_PATH, IDENT_UNIT_PATH))
 
 
 @dataclass(frozen=True)
@@ -191,6 +324,8 @@ def guest_agent_files() -> list[GuestFile]:
     return [
         GuestFile("usr/local/sbin/banger-init", GUEST_INIT, 0o755),
         GuestFile(UNIT_PATH, GUEST_INIT_UNIT),
+        GuestFile("usr/local/sbin/banger-ident", GUEST_IDENT, 0o755),
+        GuestFile(IDENT_UNIT_PATH, GUEST_IDENT_UNIT),
         GuestFile("etc/ssh/sshd_config.d/banger.conf", SSHD_CONFIG),
         GuestFile("etc/systemd/system/ssh.service.d/banger.conf", SSH_DROPIN),
     ]
@@ -327,7 +462,7 @@ def write_files(root: Path, files: list[GuestFile] | tuple[GuestFile, ...]) -> N
 
 def install_files(root: Path, files: list[GuestFile], masked: list[str] | tuple[str, ...] = ()
                   ) -> None:
-    """Write guest files into an unpacked root tree, enable banger-init and mask units.
+    """Write guest files into an unpacked root tree, enable banger's units and mask units.
 
     Args:
         root: the unpacked root tree.
@@ -336,15 +471,16 @@ def install_files(root: Path, files: list[GuestFile], masked: list[str] | tuple[
             under ``etc/systemd/system-generators``) to link to ``/dev/null``.
     """
     write_files(root, files)
-    wants = safe_join(root, UNIT_WANTS)
-    wants.parent.mkdir(parents=True, exist_ok=True)
-    wants.unlink(missing_ok=True)
-    wants.symlink_to("/" + UNIT_PATH)
+    for wanted_by, unit in ENABLED_UNITS:
+        wants = safe_join(root, wanted_by)
+        wants.parent.mkdir(parents=True, exist_ok=True)
+        wants.unlink(missing_ok=True)
+        wants.symlink_to("/" + unit)
     for rel in masked:
-        link = safe_join(root, rel)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.unlink(missing_ok=True)
-        link.symlink_to("/dev/null")
+        mask = safe_join(root, rel)
+        mask.parent.mkdir(parents=True, exist_ok=True)
+        mask.unlink(missing_ok=True)
+        mask.symlink_to("/dev/null")
 
 
 def finalize_tree(root: Path, workseed: Path) -> None:
@@ -417,7 +553,7 @@ def safe_join(root: Path, rel: str) -> Path:
 def injected_dirs(files: list[GuestFile]) -> list[str]:
     """Every directory :func:`debugfs_script` needs, parents first."""
     dirs: list[str] = []
-    for rel in [*(f.path for f in files), UNIT_WANTS]:
+    for rel in [*(f.path for f in files), *(link for link, _ in ENABLED_UNITS)]:
         for d in _ancestors(str(Path("/" + rel).parent)):
             if d not in dirs:
                 dirs.append(d)
@@ -447,7 +583,8 @@ def debugfs_script(files: list[GuestFile], staging: Path, missing_dirs: set[str]
             f"set_inode_field /{f.path} uid 0",
             f"set_inode_field /{f.path} gid 0",
         ]
-    lines += [f"rm /{UNIT_WANTS}", f"symlink /{UNIT_WANTS} /{UNIT_PATH}"]
+    for link, unit in ENABLED_UNITS:
+        lines += [f"rm /{link}", f"symlink /{link} /{unit}"]
     return "\n".join(lines) + "\n", temps
 
 

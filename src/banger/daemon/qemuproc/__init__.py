@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import sys
 import time
 from collections.abc import Callable
@@ -56,6 +57,11 @@ SAVE_FD = "banger-save"  # the name the descriptor for `migrate` gets on the mon
 SAVE_BANDWIDTH = 16 << 30  # bytes/s: QEMU's default (32 MiB/s) is for live migration
 SAVE_TIMEOUT_S = 600.0
 RESTORE_TIMEOUT_S = 300.0  # reading the stream back; seconds for a GiB of memory
+# The identity channel (LaunchPlan.ident_channel): a virtio-serial port the guest's
+# banger-ident reads. Its QEMU end is a pipe chardev on a FIFO the launcher opens: QEMU
+# reads what the daemon writes there (``reidentify``) and passes it to the guest.
+IDENT_PORT = "org.banger.ident"
+IDENT_FD = "ident"
 LAUNCH_TIMEOUT_S = 30.0  # QMP answers after device init: seconds even under TCG
 SPAWN_TIMEOUT_S = 30.0  # the launcher opens files, forks and execs: well under a second
 
@@ -138,6 +144,7 @@ def build_argv(qemu_bin: str, plan: LaunchPlan, accel: str,
     argv += [
         "-netdev", "tap,id=net0,fd={fd:tap}",
         "-device", f"virtio-net-device,netdev=net0,mac={plan.mac}",
+        *(_ident_args() if plan.ident_channel else []),
         "-serial", f"file:{_fd('serial')}",
         "-chardev", "socket,id=qmp,fd={fd:qmp},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
@@ -147,6 +154,18 @@ def build_argv(qemu_bin: str, plan: LaunchPlan, accel: str,
         # sizes the machine like the one that was saved), and keep its vCPUs stopped.
         argv += ["-incoming", "fd:{fd:" + RESTORE_FD + "}", "-S"]
     return argv
+
+
+def _ident_args() -> list[str]:
+    """The identity channel's devices. A pipe chardev opens ``<path>.in``/``.out``, else
+    ``path`` itself read-write: here the FIFO, through the launcher's descriptor. What
+    a guest writes to its port comes back to it (QEMU reads the same FIFO); nothing on
+    the host reads it."""
+    return [
+        "-device", "virtio-serial-device,max_ports=2",
+        "-chardev", f"pipe,id=ident,path={_fd(IDENT_FD)}",
+        "-device", f"virtserialport,chardev=ident,name={IDENT_PORT}",
+    ]
 
 
 def _fd(name: str) -> str:
@@ -165,6 +184,8 @@ def launch_spec(plan: LaunchPlan, command: list[str], cgroup: VMCgroup | None) -
         files["initrd"] = [str(plan.initrd), "r"]
     if plan.restore is not None:
         files[RESTORE_FD] = [str(plan.restore / MIGRATION_FILE), "r"]
+    if plan.ident_channel:
+        files[IDENT_FD] = [str(p.ident_fifo), "rw"]  # a FIFO: read-write never blocks
     for i, disk in enumerate(plan.extra_disks):
         files[f"extra{i}"] = [disk, "rw"]
     return {
@@ -190,6 +211,7 @@ class QemuDriver:
         self.user = user
         self.cgroups = cgroups
         self.install_tag = install_tag
+        self._version: str | None = None
 
     @classmethod
     def from_config(cls, cfg: Config, runner: Runner, qemu_bin: str, accel: str
@@ -228,7 +250,12 @@ class QemuDriver:
         p.vmm_log.write_bytes(b"")
         p.serial_log.write_bytes(b"")
         disks = [Path(plan.rootfs), Path(plan.work_disk), *map(Path, plan.extra_disks)]
-        for disk in (p.serial_log, *disks):
+        owned = [p.serial_log, *disks]
+        if plan.ident_channel:
+            p.ident_fifo.unlink(missing_ok=True)
+            os.mkfifo(p.ident_fifo, 0o600)
+            owned.append(p.ident_fifo)
+        for disk in owned:
             os.chown(disk, self.user.uid, self.user.gid)
             os.chmod(disk, 0o600)
         check_readable_by(plan.kernel, self.user, "kernel")
@@ -382,6 +409,49 @@ class QemuDriver:
         finally:
             os.close(fd)
 
+    def version(self) -> str:
+        """``qemu --version``'s first line, asked once.
+
+        Raises:
+            HostError: the binary would not run.
+        """
+        if self._version is None:
+            try:
+                res = self.runner.run([self.qemu_bin, "--version"], desc="ask QEMU its version",
+                                      timeout=30)
+            except CommandFailed as exc:
+                raise HostError(f"cannot read QEMU's version: {exc.message}") from exc
+            lines = res.out.strip().splitlines()
+            self._version = lines[0].strip()[:200] if lines else "unknown"
+        return self._version
+
+    def reidentify(self, plan_paths: VMPaths, message: bytes) -> None:
+        """Write ``message`` into the identity channel's FIFO in one write (at most
+        ``PIPE_BUF`` bytes: never interleaved, never partial). QEMU passes it to the
+        guest's port once the guest reads it; a paused guest gets it when it runs.
+
+        Raises:
+            VMMError: the VM has no identity channel (QEMU holds no reader on the FIFO),
+                or the FIFO is full.
+        """
+        if len(message) > select.PIPE_BUF:
+            raise VMMError(f"an identity message of {len(message)} bytes is over "
+                           f"{select.PIPE_BUF}")
+        try:
+            fd = os.open(plan_paths.ident_fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            raise VMMError(f"the guest's identity channel is not there: {exc.strerror}",
+                           hint="a VM started by an older banger has none; "
+                                "stop and start it to get one") from exc
+        try:
+            written = os.write(fd, message)
+        except OSError as exc:
+            raise VMMError(f"cannot write to the identity channel: {exc.strerror}") from exc
+        finally:
+            os.close(fd)
+        if written != len(message):
+            raise VMMError("the identity channel took part of the message")
+
     def quit(self, plan_paths: VMPaths) -> bool:
         """Ask QEMU to exit at once (like pulling the plug, but through QMP)."""
         try:
@@ -396,7 +466,7 @@ class QemuDriver:
         Raises:
             HostError: the cgroup still holds a process.
         """
-        for f in (plan_paths.pid_file, plan_paths.run / "qmp.sock"):
+        for f in (plan_paths.pid_file, plan_paths.run / "qmp.sock", plan_paths.ident_fifo):
             f.unlink(missing_ok=True)
         self.cgroup(plan_paths.vm_id).remove(wait_s=RELEASE_WAIT_S)
 

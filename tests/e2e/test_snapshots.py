@@ -1,0 +1,149 @@
+"""vm snapshot and vm create --from-snapshot on real QEMU guests.
+
+A clone is a restore, not a boot: it carries the source's processes and memory-only
+files. And it is a machine of its own: its address, MAC, host name, machine-id, SSH
+host key and random state differ from the source's and from every other clone's, its
+clock is right, and what it writes stays its own. A daemon killed mid-snapshot or
+mid-restore leaves no half snapshot and no half clone.
+
+Snapshots are QEMU-only (the identity channel is a virtio-serial port): these tests
+run under QEMU whatever VMMs the host has.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.checker import assert_consistent
+from tests.e2e.conftest import CachedImage, Host, open_host
+from tests.e2e.test_faults import crash_at
+from tests.e2e.test_suspend import TICKER, guest
+
+pytestmark = pytest.mark.e2e
+
+IDENTITY = ("hostname; cat /etc/hostname; cat /etc/machine-id; "
+            "cut -d' ' -f2 /etc/ssh/ssh_host_ed25519_key.pub; cat /sys/class/net/eth0/address; "
+            "ip -4 -o addr show dev eth0 | awk '{print $4}'; "
+            "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; "
+            "cat /proc/sys/kernel/random/boot_id; date +%s")
+KEYS = ["hostname", "etc_hostname", "machine_id", "host_key", "mac", "ip", "random",
+        "boot_id", "clock"]
+
+
+@pytest.fixture
+def qhost(request: pytest.FixtureRequest, tmp_path: Path, test_image: CachedImage
+          ) -> Iterator[Host]:
+    yield from open_host(request, tmp_path, test_image, "qemu")
+
+
+def identity_of(host: Host, vm: str) -> dict[str, str]:
+    values = guest(host, vm, IDENTITY).splitlines()
+    assert len(values) == len(KEYS), values
+    return dict(zip(KEYS, values, strict=True))
+
+
+def test_clones_are_restores_and_machines_of_their_own(qhost: Host) -> None:
+    host = qhost
+    host.ok("vm", "create", "--name", "src")
+    pid = guest(host, "src", TICKER)
+    guest(host, "src", "echo only-in-memory > /dev/shm/secret; echo on-work > /root/before; "
+                       "echo on-root > /etc/before; sync")
+    src = identity_of(host, "src")
+
+    snap = host.json("vm", "snapshot", "src", "base")
+    assert snap["name"] == "base" and snap["source_vm"] == "src" and snap["size_bytes"] > 1 << 20
+    assert [s["name"] for s in host.json("snapshot", "list")] == ["base"]
+    assert host.json("vm", "show", "src")["state"] == "running"
+    assert guest(host, "src", f"kill -0 {pid} && echo alive") == "alive"  # runs on
+
+    # a clone is the saved machine: its size and image, nothing else
+    refused = host.cli("vm", "create", "--from-snapshot", "base", "--vcpu", "4")
+    assert refused.returncode != 0 and "contradicts snapshot 'base'" in refused.stderr
+
+    # two clones restored at once
+    procs = [host.popen("vm", "create", "--from-snapshot", "base", "--name", n, "--json")
+             for n in ("c1", "c2")]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err
+    clones = {n: host.json("vm", "show", n) for n in ("c1", "c2")}
+    ids = {n: identity_of(host, n) for n in clones}
+    now = time.time()
+    for name, shown in clones.items():
+        assert shown["state"] == "running" and shown["from_snapshot"] == "base"
+        got = ids[name]
+        # a restore: the source's boot, processes and memory-only files
+        assert got["boot_id"] == src["boot_id"]
+        assert guest(host, name, f"kill -0 {pid} && echo alive") == "alive"
+        assert guest(host, name, "cat /dev/shm/secret /root/before /etc/before").split() == [
+            "only-in-memory", "on-work", "on-root"]
+        # its own identity, applied before anything reached it
+        assert got["hostname"] == got["etc_hostname"] == name
+        assert got["mac"] == shown["mac"] and got["ip"].split("/")[0] == shown["ip"]
+        assert abs(int(got["clock"]) - now) < 120
+        status = guest(host, name, "cat /run/banger-ident")
+        assert status.endswith("rng=reseeded"), status
+        known = (host.state / "ssh" / "known_hosts").read_text().splitlines()
+        assert any(line.startswith(f"{shown['ip']} ") and got["host_key"] in line
+                   for line in known)
+    for key in ("hostname", "machine_id", "host_key", "mac", "ip", "random"):
+        values = {src[key], ids["c1"][key], ids["c2"][key]}
+        assert len(values) == 3, (key, values)
+    # DNS knows each clone by its own name
+    assert guest(host, "c2", "getent hosts c1.vm").split()[0] == clones["c1"]["ip"]
+
+    # what a clone writes is its own
+    guest(host, "c1", "echo c1 > /root/mine; echo c1 > /etc/mine; echo c1 > /dev/shm/mine")
+    for other in ("c2", "src"):
+        assert guest(host, other, "cat /root/mine /etc/mine /dev/shm/mine 2>/dev/null; true"
+                     ) == ""
+
+    # removing the snapshot leaves its clones running; the source is untouched
+    host.ok("snapshot", "rm", "base")
+    assert host.json("snapshot", "list") == []
+    assert guest(host, "c2", "echo ok") == "ok"
+    assert identity_of(host, "src")["machine_id"] == src["machine_id"]
+    assert_consistent(host)
+
+
+def test_a_daemon_killed_mid_snapshot_or_mid_restore_leaves_nothing_half_made(
+        qhost: Host) -> None:
+    host = qhost
+    host.ok("vm", "create", "--name", "src")
+    pid = guest(host, "src", TICKER)
+
+    crash_at(host, "snapshot.saved", "vm", "snapshot", "src", "half")
+    (shown,) = host.wait_settled()
+    assert shown["state"] == "running", shown
+    assert host.json("snapshot", "list") == []
+    snaps = host.state / "snapshots"
+    assert not snaps.exists() or not any(snaps.iterdir())
+    assert guest(host, "src", f"kill -0 {pid} && echo alive") == "alive"
+    assert_consistent(host)
+
+    host.ok("vm", "snapshot", "src", "whole")
+    crash_at(host, "create.restored", "vm", "create", "--from-snapshot", "whole",
+             "--name", "half")
+    settled = host.wait_settled()
+    assert [v["name"] for v in settled] == ["src"]
+    assert [s["name"] for s in host.json("snapshot", "list")] == ["whole"]
+    assert_consistent(host)
+    host.ok("vm", "create", "--from-snapshot", "whole", "--name", "clone")
+    assert guest(host, "clone", "hostname") == "clone"
+    assert_consistent(host)
+
+
+def test_snapshot_cli_refusals(qhost: Host) -> None:
+    host = qhost
+    host.ok("vm", "create", "--name", "off", "--no-start")
+    res = host.cli("vm", "snapshot", "off", "s")
+    assert res.returncode != 0 and "vm start off" in res.stderr
+    res = host.cli("vm", "create", "--from-snapshot", "missing")
+    assert res.returncode != 0 and "no snapshot named 'missing'" in res.stderr
+    res = host.cli("snapshot", "rm", "missing")
+    assert res.returncode != 0 and "snapshot list" in res.stderr
+    assert "no snapshots" in host.ok("snapshot", "list")

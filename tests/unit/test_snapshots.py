@@ -1,0 +1,362 @@
+"""vm snapshot / snapshot list+rm / vm create --from-snapshot through the daemon's real
+code paths, with the fake VMM and guest.
+
+The real thing (QEMU migration to a file, restored clones re-identified through the
+identity channel and reached over SSH) runs in tests/e2e/test_snapshots.py; here: the
+states, the files, what a clone is handed, refusals, failures and daemon restarts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import select
+import threading
+from pathlib import Path
+
+import pytest
+
+from banger.api import VMState
+from banger.daemon import (
+    identity,
+    reconcile,
+    snapshots,
+    vmcreate,
+    vmdelete,
+    vmpower,
+    vms,
+    vmsuspend,
+)
+from banger.daemon.core import Daemon
+from banger.daemon.qemuproc import IDENT_PORT, QemuDriver, build_argv, launch_spec
+from banger.daemon.store import VMRecord
+from banger.errors import (
+    AlreadyExists,
+    BadRequest,
+    InvalidState,
+    NotFound,
+    NotRunning,
+    VMMError,
+)
+from banger.layout import VMPaths
+from banger.vmm import LaunchPlan
+from tests.conftest import FakeWorld
+
+
+def make(d: Daemon, name: str = "src", **kw: object) -> VMRecord:
+    vmcreate.create_sync(d, vmcreate.CreateParams(name=name, **kw))  # type: ignore[arg-type]
+    vm = vms.resolve(d, name)
+    work = d.layout.vm(vm.id).work_disk
+    if not work.exists():  # the fake runner makes no file system
+        work.write_bytes(b"work of " + name.encode())
+    return vm
+
+
+def clone(d: Daemon, name: str, snap: str = "snap", **kw: object) -> VMRecord:
+    return make(d, name, from_snapshot=snap, **kw)
+
+
+def fields(message: bytes) -> dict[str, str]:
+    lines = message.decode().splitlines()
+    assert lines[-1] == "end"
+    return dict(line.split("=", 1) for line in lines[:-1])
+
+
+def test_a_snapshot_copies_the_guest_and_leaves_it_running(daemon: Daemon,
+                                                           world: FakeWorld) -> None:
+    vm = make(daemon)
+    paths = daemon.layout.vm(vm.id)
+    paths.work_disk.write_bytes(b"work at the instant")
+    snap = snapshots.take(daemon, "src", "snap")
+    assert snap["name"] == "snap" and snap["source_vm"] == "src" and snap["vmm"] == "qemu"
+    assert snap["vcpu"] == vm.spec.vcpu and snap["memory_mib"] == vm.spec.memory_mib
+    assert world.vmm.calls == [("pause", vm.id), ("save", vm.id), ("resume", vm.id)]
+    files = daemon.layout.snapshot(snap["id"])
+    assert files.work_disk.read_bytes() == b"work at the instant"
+    assert files.rootfs.read_bytes() == paths.rootfs.read_bytes()
+    assert files.kernel.read_bytes() == b"kernel" and (files.dir / "memory").is_file()
+    assert not files.partial.exists()
+    assert vms.resolve(daemon, "src").state == VMState.RUNNING
+    assert [s["name"] for s in snapshots.list_snapshots(daemon)] == ["snap"]
+    # the guest was asked whether banger-ident waits, before anything was copied
+    assert any(identity.GUEST_LISTENING in s for s in world.dial(vm.ip).scripts)
+    paths.work_disk.write_bytes(b"moved on")  # the snapshot is a copy
+    assert files.work_disk.read_bytes() == b"work at the instant"
+
+
+def test_a_paused_vm_is_snapshotted_and_stays_paused(daemon: Daemon, world: FakeWorld) -> None:
+    vm = make(daemon)
+    vmsuspend.pause(daemon, "src")
+    snapshots.take(daemon, "src", "snap")
+    assert world.vmm.calls == [("pause", vm.id), ("pause", vm.id), ("save", vm.id)]
+    assert vms.resolve(daemon, "src").state == VMState.PAUSED
+
+
+def test_snapshot_refusals_change_nothing(daemon: Daemon, world: FakeWorld) -> None:
+    vm = make(daemon)
+    with pytest.raises(BadRequest):
+        snapshots.take(daemon, "src", "Not_A_Label")
+    snapshots.take(daemon, "src", "snap")
+    with pytest.raises(AlreadyExists):
+        snapshots.take(daemon, "src", "snap")
+    with pytest.raises(NotFound):
+        snapshots.take(daemon, "nope", "other")
+    make(daemon, "off", start=False)
+    with pytest.raises(NotRunning) as stopped:
+        snapshots.take(daemon, "off", "other")
+    assert "vm start off" in stopped.value.hint
+    world.dial(vm.ip).failing.add(identity.GUEST_LISTENING)
+    with pytest.raises(BadRequest) as no_listener:
+        snapshots.take(daemon, "src", "other")
+    assert "banger-ident" in no_listener.value.message
+    assert [s["name"] for s in snapshots.list_snapshots(daemon)] == ["snap"]
+    assert vms.resolve(daemon, "src").state == VMState.RUNNING
+    assert list(daemon.layout.snapshots_dir.iterdir()) == [
+        daemon.layout.snapshot(snapshots.list_snapshots(daemon)[0]["id"]).dir]
+
+
+def test_unclonable_vms_are_refused(daemon: Daemon) -> None:
+    vm = make(daemon)
+    for changed, words in (
+            (dataclasses.replace(vm, vmm="firecracker"), "QEMU"),
+            (dataclasses.replace(vm, runtime={**vm.runtime, "cow": {"strategy": "dmsnap"}}),
+             "device-mapper"),
+            (dataclasses.replace(vm, runtime={k: v for k, v in vm.runtime.items()
+                                              if k != "ident_channel"}), "identity channel")):
+        with pytest.raises(BadRequest) as exc:
+            snapshots.refuse_unclonable(daemon, changed)
+        assert words in exc.value.message
+
+
+def test_a_failed_save_leaves_no_snapshot_and_the_guest_running(daemon: Daemon,
+                                                               world: FakeWorld) -> None:
+    vm = make(daemon)
+    world.vmm.fail_save = True
+    with pytest.raises(VMMError):
+        snapshots.take(daemon, "src", "snap")
+    row = vms.resolve(daemon, "src")
+    assert row.state == VMState.RUNNING and "snapshot failed" in row.runtime["last_error"]
+    assert world.vmm.calls[-1] == ("resume", vm.id)
+    assert snapshots.list_snapshots(daemon) == []
+    assert not daemon.layout.snapshots_dir.exists() or \
+        list(daemon.layout.snapshots_dir.iterdir()) == []
+
+
+def test_a_clone_gets_the_snapshots_disks_and_its_own_identity(daemon: Daemon,
+                                                               world: FakeWorld) -> None:
+    src = make(daemon)
+    daemon.layout.vm(src.id).work_disk.write_bytes(b"source work")
+    snap = snapshots.take(daemon, "src", "snap")
+    a = clone(daemon, "clone-a", nat=True)
+    b = clone(daemon, "clone-b")
+    files = daemon.layout.snapshot(snap["id"])
+    for vm in (a, b):
+        assert vm.state == VMState.RUNNING and vm.image == src.image
+        assert vm.spec.vcpu == src.spec.vcpu and vm.spec.memory_mib == src.spec.memory_mib
+        assert vm.runtime["from_snapshot"] == "snap"
+        assert vms.view(daemon, vm)["from_snapshot"] == "snap"
+        paths = daemon.layout.vm(vm.id)
+        assert paths.work_disk.read_bytes() == b"source work"
+        plan = next(p for p in world.vmm.launched if p.vm_id == vm.id)
+        assert plan.restore == files.dir and plan.kernel == files.kernel
+        assert plan.ident_channel and plan.mac == vm.mac
+    assert a.spec.nat and not b.spec.nat  # a clone's network is its own
+    # the identity was handed over before the vCPUs ran
+    calls = [c for c in world.vmm.calls if c[1] == a.id]
+    assert calls == [("restore", a.id), ("reidentify", a.id), ("resume", a.id)]
+    fa, fb = (fields(world.vmm.identities[v.id]) for v in (a, b))
+    assert fa["ip"].split("/")[0] == a.ip and fa["mac"] == a.mac and fa["host"] == "clone-a"
+    assert fb["ip"].split("/")[0] == b.ip and fb["host"] == "clone-b"
+    for key in ("ip", "mac", "host", "machine_id", "seed", "key", "pub", "gen"):
+        assert fa[key] != fb[key], key
+    known = daemon.layout.known_hosts.read_text().splitlines()
+    assert f"{a.ip} {fa['pub']}" in known and f"{b.ip} {fb['pub']}" in known
+    # a clone writes its own disks
+    daemon.layout.vm(a.id).work_disk.write_bytes(b"a's own")
+    assert daemon.layout.vm(b.id).work_disk.read_bytes() == b"source work"
+    assert files.work_disk.read_bytes() == b"source work"
+
+
+def test_clone_refusals(daemon: Daemon, world: FakeWorld) -> None:
+    make(daemon, vcpu=1)
+    snapshots.take(daemon, "src", "snap")
+    with pytest.raises(BadRequest) as exc:
+        clone(daemon, "c", vcpu=2)
+    assert "--vcpu 2" in exc.value.message and "--vcpu" in exc.value.hint
+    with pytest.raises(BadRequest):
+        clone(daemon, "c", image="other")
+    with pytest.raises(NotFound):
+        clone(daemon, "c", snap="missing")
+    world.vmm.vmm_version = "fake VMM 2.0"
+    with pytest.raises(InvalidState) as old:
+        clone(daemon, "c")
+    assert "fake VMM 1.0" in old.value.message and "snapshot rm snap" in old.value.hint
+    assert vms.list_vms(daemon)[0]["name"] == "src" and len(vms.list_vms(daemon)) == 1
+
+
+def test_a_clone_whose_identity_cannot_be_handed_over_is_rolled_back(
+        daemon: Daemon, world: FakeWorld) -> None:
+    make(daemon)
+    snapshots.take(daemon, "src", "snap")
+    world.vmm.fail_reidentify = True
+    with pytest.raises(VMMError):
+        clone(daemon, "c")
+    assert [v["name"] for v in vms.list_vms(daemon)] == ["src"]
+    world.vmm.fail_reidentify = False
+    assert clone(daemon, "c").state == VMState.RUNNING
+
+
+def test_removing_a_snapshot_keeps_its_clones(daemon: Daemon) -> None:
+    make(daemon)
+    snap = snapshots.take(daemon, "src", "snap")
+    c = clone(daemon, "c")
+    assert snapshots.remove(daemon, "snap")["name"] == "snap"
+    assert not daemon.layout.snapshot(snap["id"]).dir.exists()
+    assert snapshots.list_snapshots(daemon) == []
+    assert vms.resolve(daemon, "c").state == VMState.RUNNING
+    assert vmpower.stop(daemon, "c")["state"] == "stopped"
+    with pytest.raises(NotFound):
+        snapshots.remove(daemon, "snap")
+    del c
+
+
+def test_an_image_with_snapshots_is_not_removed(daemon: Daemon) -> None:
+    make(daemon)
+    snapshots.take(daemon, "src", "snap")
+    vmdelete.delete(daemon, "src")
+    with pytest.raises(InvalidState) as exc:
+        daemon.db.delete_image("debian-bookworm")
+    assert "snap" in exc.value.message
+
+
+def test_a_restart_mid_snapshot_runs_the_guest_on_and_drops_the_partial_copy(
+        daemon: Daemon, world: FakeWorld) -> None:
+    vm = make(daemon)
+    with daemon.vm_locks.held(vm.id):
+        row = daemon.db.get_vm(vm.id)
+        daemon.db.update_vm(row, state=VMState.SNAPSHOTTING,
+                            runtime={**row.runtime, "snapshot_from": "running"})
+    partial = daemon.layout.snapshot("abc").partial
+    partial.mkdir(parents=True)
+    (partial / "memory").write_bytes(b"half")
+    orphan = daemon.layout.snapshot("def").dir  # committed, but no row: never cloned
+    orphan.mkdir()
+    reconcile.reconcile(daemon)
+    row = vms.resolve(daemon, "src")
+    assert row.state == VMState.RUNNING and "interrupted" in row.runtime["last_error"]
+    assert ("resume", vm.id) in world.vmm.calls
+    assert not partial.exists() and not orphan.exists()
+
+
+def test_a_snapshot_row_without_files_is_forgotten_at_start(daemon: Daemon) -> None:
+    make(daemon)
+    snap = snapshots.take(daemon, "src", "snap")
+    files = daemon.layout.snapshot(snap["id"])
+    for f in files.dir.iterdir():
+        f.unlink()
+    files.dir.rmdir()
+    snapshots.sweep(daemon)
+    assert snapshots.list_snapshots(daemon) == []
+
+
+def test_a_suspended_guest_restores_with_the_devices_it_was_saved_with(
+        daemon: Daemon, world: FakeWorld) -> None:
+    vm = make(daemon)
+    vmsuspend.suspend(daemon, "src")
+    assert vms.resolve(daemon, "src").runtime["suspended"]["ident"] is True
+    vmpower.start(daemon, "src")
+    assert world.vmm.launched[-1].ident_channel
+    # a guest saved by a banger without the channel is restored without it
+    vmsuspend.suspend(daemon, "src")
+    with daemon.vm_locks.held(vm.id):
+        row = daemon.db.get_vm(vm.id)
+        saved = {k: v for k, v in row.runtime["suspended"].items() if k != "ident"}
+        daemon.db.update_vm(row, runtime={**row.runtime, "suspended": saved})
+    vmpower.start(daemon, "src")
+    assert not world.vmm.launched[-1].ident_channel
+    assert not vms.resolve(daemon, "src").runtime.get("ident_channel")
+    with pytest.raises(BadRequest):  # and cannot be snapshotted for clones
+        snapshots.take(daemon, "src", "snap")
+
+
+# ------------------------------------------------------------------ the channel itself
+
+
+def ident(**kw: object) -> identity.Identity:
+    base: dict[str, object] = dict(
+        ip_cidr="172.30.0.5/24", gateway="172.30.0.1", mac="52:54:00:00:00:05",
+        hostname="c", machine_id="ab" * 16, host_key="-----BEGIN-----\nxyz\n-----END-----\n",
+        host_key_pub="ssh-ed25519 AAAA", seed=b"\x01" * 32, generation="g1")
+    base.update(kw)
+    return identity.Identity(**base)  # type: ignore[arg-type]
+
+
+def test_the_identity_message_is_one_bounded_piece() -> None:
+    msg = identity.encode(ident(), now=1234.5)
+    got = fields(msg)
+    assert got["time"] == "1234.500" and got["seed"] == "01" * 32 and got["ip"] == "172.30.0.5/24"
+    assert len(msg) <= select.PIPE_BUF
+    with pytest.raises(ValueError):
+        identity.encode(ident(hostname="c\nip=1.2.3.4/8"))
+    with pytest.raises(ValueError):
+        identity.encode(ident(host_key_pub="x" * 5000))
+
+
+def test_a_real_host_key_round_trips(tmp_path: Path) -> None:
+    from banger.runner import SubprocessRunner
+
+    private, public = identity.new_host_key(SubprocessRunner(), tmp_path / "scratch")
+    assert private.startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+    assert public.startswith("ssh-ed25519 ") and len(public.split()) == 2
+    assert list((tmp_path / "scratch").iterdir()) == []  # nothing left behind
+    known = tmp_path / "known_hosts"
+    known.write_text("10.0.0.9 ssh-ed25519 OLD\n10.0.0.8 ssh-ed25519 KEEP\n")
+    identity.trust_host_key(known, "10.0.0.9", public)
+    assert known.read_text().splitlines() == ["10.0.0.8 ssh-ed25519 KEEP", f"10.0.0.9 {public}"]
+
+
+def plan(tmp_path: Path, **kw: object) -> LaunchPlan:
+    paths = VMPaths(tmp_path / "state", tmp_path / "run")
+    base: dict[str, object] = dict(
+        vm_id="v1", name="v", vcpu=1, memory_mib=512, kernel=tmp_path / "k", initrd=None,
+        cmdline="console=ttyS0", rootfs="/r", work_disk="/w", tap="t0",
+        mac="52:54:00:00:00:01", paths=paths)
+    base.update(kw)
+    return LaunchPlan(**base)  # type: ignore[arg-type]
+
+
+def test_qemu_gets_the_identity_channel_unless_the_saved_guest_had_none(tmp_path: Path
+                                                                        ) -> None:
+    p = plan(tmp_path)
+    argv = build_argv("qemu", p, "tcg")
+    assert f"virtserialport,chardev=ident,name={IDENT_PORT}" in argv
+    assert "pipe,id=ident,path=/proc/self/fd/{fd:ident}" in argv
+    assert launch_spec(p, argv, None)["files"]["ident"] == [str(p.paths.ident_fifo), "rw"]
+    old = plan(tmp_path, ident_channel=False, restore=tmp_path / "saved")
+    argv = build_argv("qemu", old, "tcg")
+    assert not any("ident" in a for a in argv)
+    assert "ident" not in launch_spec(old, argv, None)["files"]
+
+
+def test_reidentify_writes_the_fifo_in_one_piece(tmp_path: Path) -> None:
+    paths = VMPaths(tmp_path / "state", tmp_path / "run")
+    paths.run.mkdir(parents=True)
+    drv = QemuDriver.__new__(QemuDriver)
+    with pytest.raises(VMMError):  # no FIFO: a VM started without the channel
+        drv.reidentify(paths, b"x")
+    os.mkfifo(paths.ident_fifo)
+    with pytest.raises(VMMError):  # a FIFO nobody reads: no VMM holds it
+        drv.reidentify(paths, b"x")
+    got: list[bytes] = []
+    reader = os.open(paths.ident_fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        message = identity.encode(ident())
+        drv.reidentify(paths, message)
+        t = threading.Thread(target=lambda: got.append(os.read(reader, 65536)))
+        t.start()
+        t.join(5)
+        assert got == [message]
+        with pytest.raises(VMMError):
+            drv.reidentify(paths, b"x" * (select.PIPE_BUF + 1))
+    finally:
+        os.close(reader)
