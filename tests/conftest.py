@@ -28,6 +28,8 @@ def cfg(tmp_path: Path) -> Config:
         "dns_enabled": False,
         "nat": False,  # unit tests must never touch the host's forwarding or firewall
         "tap_pool_size": 1,
+        # Every VM boots; tests/unit/test_bootsnap.py turns boot snapshots on.
+        "boot_snapshots": False,
         "log_level": "debug",
         "vm_defaults": {"disk_size": "64M", "work_disk_size": "64M"},
     })

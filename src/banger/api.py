@@ -321,6 +321,7 @@ class SnapshotView(Model):
 
     id: str
     name: str
+    kind: Literal["user", "boot"]  # boot: made by banger at an image's first boot (bootsnap)
     image: str
     source_vm: str
     vmm: str

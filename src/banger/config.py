@@ -153,6 +153,9 @@ class Config(_Strict):
     # nameserver (/etc/resolv.conf), "none" for nowhere, or "IP" / "IP:PORT".
     dns_upstream: str = ""
     tap_pool_size: Annotated[int, Field(ge=0, le=64)] = 2
+    # Boot snapshots (banger.daemon.bootsnap): a QEMU VM's first boot of an image and size is
+    # snapshotted, and later creates of that image and size restore a clone of it.
+    boot_snapshots: bool = True
     boot_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 180.0
     vm_defaults: VMDefaults = VMDefaults()
     file_sync: list[FileSync] = []

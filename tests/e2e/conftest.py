@@ -156,10 +156,16 @@ class Host:
         return {**os.environ, "BANGER_CONFIG": str(self.config)}
 
     def write_config(self, extra: str = "") -> None:
+        # Every VM boots unless a test asks for boot snapshots (tests/e2e/test_snapshots.py
+        # tests them): a test of booting, the serial console or a first boot's identity
+        # gets what it tests, and no test pays for a snapshot it does not use.
+        more = f"{self.extra_config}\n{extra}\n"
+        if "boot_snapshots" not in more:
+            more += "boot_snapshots = false\n"
         self.config.write_text(
             f'state_dir = "{self.state}"\ncache_dir = "{self.cache_dir}"\n'
             f'runtime_dir = "{self.run_dir}"\nlog_level = "debug"\n'
-            f"boot_timeout_s = 240\n{self.extra_config}\n{extra}\n"
+            f"boot_timeout_s = 240\n{more}"
             f"[vm_defaults]\nvcpu = {VCPU}\nmemory_mib = {MEMORY_MIB}\n")
 
     def netns(self, *argv: str) -> list[str]:
@@ -385,10 +391,11 @@ def host(request: pytest.FixtureRequest, tmp_path: Path, test_image: CachedImage
 
 
 def open_host(request: pytest.FixtureRequest, tmp_path: Path, test_image: CachedImage,
-              vmm: str, cache_dir: Path = CACHE) -> Iterator[Host]:
+              vmm: str, *, cache_dir: Path = CACHE, extra_config: str = ""
+              ) -> Iterator[Host]:
     """The ``host`` fixture's body: a started daemon with the test image registered (and
     for Firecracker, a kernel it boots); logs kept when the test failed."""
-    h = make_host(tmp_path, extra_config=f'vmm = "{vmm}"', cache_dir=cache_dir)
+    h = make_host(tmp_path, extra_config=f'vmm = "{vmm}"\n{extra_config}', cache_dir=cache_dir)
     h.start_daemon()
     h.register_image(test_image)
     if vmm == "firecracker":

@@ -40,6 +40,13 @@ def qhost(request: pytest.FixtureRequest, tmp_path: Path, test_image: CachedImag
     yield from open_host(request, tmp_path, test_image, "qemu")
 
 
+@pytest.fixture
+def warm_host(request: pytest.FixtureRequest, tmp_path: Path, test_image: CachedImage
+              ) -> Iterator[Host]:
+    yield from open_host(request, tmp_path, test_image, "qemu",
+                         extra_config="boot_snapshots = true")
+
+
 def identity_of(host: Host, vm: str) -> dict[str, str]:
     values = guest(host, vm, IDENTITY).splitlines()
     assert len(values) == len(KEYS), values
@@ -147,3 +154,43 @@ def test_snapshot_cli_refusals(qhost: Host) -> None:
     res = host.cli("snapshot", "rm", "missing")
     assert res.returncode != 0 and "snapshot list" in res.stderr
     assert "no snapshots" in host.ok("snapshot", "list")
+
+
+def test_the_first_boot_is_kept_and_later_vms_are_its_clones(warm_host: Host) -> None:
+    host = warm_host
+    res = host.cli("vm", "create", "--name", "first")
+    assert res.returncode == 0, res.stderr
+    assert "snapshot" in res.stderr and "restore" not in res.stderr, res.stderr
+    (boot,) = host.json("snapshot", "list")
+    assert boot["kind"] == "boot" and boot["source_vm"] == "first"
+    first = identity_of(host, "first")
+
+    res = host.cli("vm", "create", "--name", "second")
+    assert res.returncode == 0, res.stderr
+    assert "restore" in res.stderr and "snapshot" not in res.stderr, res.stderr
+    shown = host.json("vm", "show", "second")
+    assert shown["from_snapshot"] == boot["name"]
+    second = identity_of(host, "second")
+    assert second["boot_id"] == first["boot_id"]  # restored, not booted
+    assert second["hostname"] == "second" and second["ip"].split("/")[0] == shown["ip"]
+    for key in ("machine_id", "host_key", "mac", "ip"):
+        assert second[key] != first[key], key
+
+    # vm run is warm too; --cold boots and keeps nothing
+    assert host.ok("vm", "run", "--rm", "--name", "quick", "--", "hostname").strip() == "quick"
+    cold = host.json("vm", "create", "--name", "cold", "--cold")
+    assert cold["from_snapshot"] is None
+    assert identity_of(host, "cold")["boot_id"] != first["boot_id"]
+    assert len(host.json("snapshot", "list")) == 1
+
+    # another size is another start: its first boot is kept as well
+    host.json("vm", "create", "--name", "big", "--memory", "768")
+    kinds = sorted((s["kind"], s["memory_mib"]) for s in host.json("snapshot", "list"))
+    assert [k for k, _ in kinds] == ["boot", "boot"] and len({m for _, m in kinds}) == 2
+
+    # a removed boot snapshot is made again by the next boot
+    host.ok("snapshot", "rm", boot["name"])
+    res = host.cli("vm", "create", "--name", "again")
+    assert res.returncode == 0 and "snapshot" in res.stderr, res.stderr
+    assert boot["name"] in {s["name"] for s in host.json("snapshot", "list")}
+    assert_consistent(host)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from banger.api import ImageView
+from banger.daemon import bootsnap
 from banger.daemon.dmsnap import clone_or_copy
 from banger.daemon.imagemgr import (
     BUILTIN_RECIPES,
@@ -298,7 +299,10 @@ def inject_guest_agent(d: Daemon, rootfs: Path, staging: Path) -> None:
 
 
 def delete(d: Daemon, name: str) -> dict[str, Any]:
-    """Unregister image ``name`` and remove its directory (refused while a VM uses it)."""
+    """Unregister image ``name`` and remove its directory (refused while a VM or a
+    snapshot taken with `vm snapshot` uses it; its boot snapshots go with it)."""
+    if all(vm.image != name for vm in d.db.list_vms()):  # else the delete is refused
+        bootsnap.forget_image(d, name)
     with d.image_ops_mu:
         d.db.delete_image(name)
         trash = move_aside(d.layout.image_dir(name))

@@ -77,13 +77,8 @@ def begin_snapshot(d: Daemon, ref: str, name: str) -> Operation:
     refuse_unclonable(d, vm)
     op = Operation(kind="vm.snapshot", target=vm.name, stages=list(SNAPSHOT_STAGES),
                    cancellable=False)
-    with d.vm_locks.held(vm.id):
-        current = d.db.get_vm(vm.id)
-        if current.state not in (VMState.RUNNING, VMState.PAUSED):
-            raise _not_running(current)
-        claimed = d.db.update_vm(current, state=VMState.SNAPSHOTTING, runtime={
-            **current.runtime, "snapshot_from": current.state.value})
-    return d.power_ops.run(op, lambda o: snapshot_view(_take(d, claimed, name, o)),
+    claimed = claim(d, vm)
+    return d.power_ops.run(op, lambda o: snapshot_view(take_claimed(d, claimed, name, o)),
                            name=f"vm.snapshot-{vm.name}")
 
 
@@ -122,8 +117,24 @@ def _not_running(vm: VMRecord) -> BangerError:
     return wrong_state(vm, VMState.SNAPSHOTTING)
 
 
-def _take(d: Daemon, vm: VMRecord, name: str, op: Operation) -> SnapshotRecord:
-    """Snapshot a claimed (``snapshotting``) VM; it is back as it was afterwards."""
+def claim(d: Daemon, vm: VMRecord) -> VMRecord:
+    """Move a running or paused VM to ``snapshotting``, remembering which it was.
+
+    Raises:
+        NotRunning / InvalidState: it is neither.
+    """
+    with d.vm_locks.held(vm.id):
+        current = d.db.get_vm(vm.id)
+        if current.state not in (VMState.RUNNING, VMState.PAUSED):
+            raise _not_running(current)
+        return d.db.update_vm(current, state=VMState.SNAPSHOTTING, runtime={
+            **current.runtime, "snapshot_from": current.state.value})
+
+
+def take_claimed(d: Daemon, vm: VMRecord, name: str, op: Operation, *,
+                 boot_key: str | None = None) -> SnapshotRecord:
+    """Snapshot a claimed (``snapshotting``) VM as ``name``; it is back as it was
+    afterwards, whether the snapshot was made or not."""
     paths = d.layout.vm(vm.id)
     drv = d.driver(vm.vmm)
     was = VMState(vm.runtime.get("snapshot_from", VMState.RUNNING.value))
@@ -150,7 +161,7 @@ def _take(d: Daemon, vm: VMRecord, name: str, op: Operation) -> SnapshotRecord:
         _commit(files)
         snap = SnapshotRecord(id=snap_id, name=name, image=vm.image, source_vm=vm.name,
                               vmm=vm.vmm, spec=vm.spec, vmm_version=version,
-                              size_bytes=_allocated(files.dir))
+                              size_bytes=_allocated(files.dir), boot_key=boot_key)
         d.db.add_snapshot(snap)
     except BaseException as exc:
         remove_tree(files.partial)
@@ -239,7 +250,8 @@ def _back_to(d: Daemon, vm: VMRecord, was: VMState, exc: BaseException | None) -
 def snapshot_view(snap: SnapshotRecord) -> dict[str, Any]:
     """A snapshot as the CLI shows it (``SnapshotView``)."""
     return SnapshotView(
-        id=snap.id, name=snap.name, image=snap.image, source_vm=snap.source_vm,
+        id=snap.id, name=snap.name, kind="user" if snap.boot_key is None else "boot",
+        image=snap.image, source_vm=snap.source_vm,
         vmm=snap.vmm, vcpu=snap.spec.vcpu, memory_mib=snap.spec.memory_mib,
         disk_size=snap.spec.disk_size, work_disk_size=snap.spec.work_disk_size,
         size_bytes=snap.size_bytes, created_at=snap.created_at,

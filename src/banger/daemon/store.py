@@ -127,6 +127,13 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        7,
+        "boot snapshots",
+        """
+        ALTER TABLE snapshots ADD COLUMN boot_key TEXT;
+        """,
+    ),
 ]
 
 
@@ -217,6 +224,9 @@ class SnapshotRecord:
     vmm_version: str  # a restore needs the VMM that saved it
     size_bytes: int
     created_at: datetime = field(default_factory=now)
+    # A boot snapshot's key (banger.daemon.bootsnap): what it was booted from; None for a
+    # snapshot taken with `vm snapshot`.
+    boot_key: str | None = None
 
 
 class Store:
@@ -445,13 +455,16 @@ class Store:
                     f"image {name!r} is used by VM(s): {', '.join(sorted(users))}",
                     hint="delete those VMs first",
                 )
-            snaps = [r[0] for r in db.execute("SELECT name FROM snapshots WHERE image = ?",
-                                              (name,))]
+            snaps = [r[0] for r in db.execute(
+                "SELECT name FROM snapshots WHERE image = ? AND boot_key IS NULL", (name,))]
             if snaps:
                 raise InvalidState(
                     f"image {name!r} is used by snapshot(s): {', '.join(sorted(snaps))}",
                     hint="remove them first with `banger snapshot rm`",
                 )
+            # Its boot snapshots go with it (their files: the caller, or the next sweep).
+            db.execute("DELETE FROM snapshots WHERE image = ? AND boot_key IS NOT NULL",
+                       (name,))
             if db.execute("DELETE FROM images WHERE name = ?", (name,)).rowcount == 0:
                 raise NotFound(f"no image named {name!r}", hint="see `banger image list`")
 
@@ -629,10 +642,10 @@ class Store:
             with self._tx() as db:
                 db.execute(
                     "INSERT INTO snapshots (id, name, image, source_vm, vmm, spec, vmm_version,"
-                    " size_bytes, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " size_bytes, created_at, boot_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (snap.id, snap.name, snap.image, snap.source_vm, snap.vmm,
                      snap.spec.model_dump_json(), snap.vmm_version, snap.size_bytes,
-                     snap.created_at.isoformat()))
+                     snap.created_at.isoformat(), snap.boot_key))
         except sqlite3.IntegrityError as exc:
             raise AlreadyExists(f"a snapshot named {snap.name!r} already exists",
                                 hint="pick another name, or remove it with "
@@ -709,7 +722,8 @@ def _snapshot(r: sqlite3.Row) -> SnapshotRecord:
     return SnapshotRecord(
         id=r["id"], name=r["name"], image=r["image"], source_vm=r["source_vm"], vmm=r["vmm"],
         spec=VMSpec.model_validate_json(r["spec"]), vmm_version=r["vmm_version"],
-        size_bytes=r["size_bytes"], created_at=datetime.fromisoformat(r["created_at"]))
+        size_bytes=r["size_bytes"], created_at=datetime.fromisoformat(r["created_at"]),
+        boot_key=r["boot_key"])
 
 
 def _session(r: sqlite3.Row) -> SessionRecord:

@@ -22,7 +22,7 @@ from pydantic import Field
 
 from banger.api import Model, VMSpec, VMState
 from banger.config import parse_size
-from banger.daemon import forwarder, images, kernels, snapshots, vmegress
+from banger.daemon import bootsnap, forwarder, images, kernels, snapshots, vmegress
 from banger.daemon.core import new_id
 from banger.daemon.dmsnap import clone_or_copy
 from banger.daemon.imagemgr import WORK_LABEL
@@ -33,7 +33,7 @@ from banger.daemon.vmboot import boot
 from banger.daemon.vmdelete import destroy
 from banger.daemon.vmmselect import resolve_vmm
 from banger.daemon.vms import transition, update_runtime, view, wait_op
-from banger.errors import AlreadyExists, BadRequest, Cancelled, HostError
+from banger.errors import AlreadyExists, BadRequest, BangerError, Cancelled, HostError
 from banger.fsutil import remove_tree
 from banger.names import check_name, generate_name
 from banger.runner import CancelToken
@@ -61,6 +61,7 @@ class CreateParams(Model):
     allow_out: list[str] = Field(default_factory=list)
     forwards: list[str] = Field(default_factory=list, max_length=64)  # -p, forwarder.parse
     from_snapshot: str | None = None  # a clone of this snapshot (`vm snapshot`)
+    cold: bool = False  # boot, even when a boot snapshot could be restored (bootsnap)
 
 
 def begin_create(d: Daemon, params: CreateParams, *, extra_disks: tuple[str, ...] = ()
@@ -85,11 +86,16 @@ def begin_create(d: Daemon, params: CreateParams, *, extra_disks: tuple[str, ...
         "forwards": sorted({str(forwarder.parse(f)) for f in params.forwards})}
     snap = None
     if params.from_snapshot is not None:
+        if params.cold:
+            raise BadRequest("--cold and --from-snapshot contradict each other",
+                             hint="a clone is restored, never booted")
         snap = _clone_source(d, params)
         vmm = snap.vmm
         spec = snap.spec.model_copy(update={**network, "extra_disks": []})
     else:
         vmm, spec = _plan_boot(d, params, network, extra_disks)
+        if params.start and not params.cold:
+            snap = _boot_snapshot(d, vmm, spec)
 
     with d.create_vm_mu:
         name = params.name or generate_name(d.db.used_names())
@@ -113,9 +119,19 @@ def begin_create(d: Daemon, params: CreateParams, *, extra_disks: tuple[str, ...
     log.info("vm %s (%s): reserved %s", vm.name, vm.id, vm.ip)
     # From here on only the worker may end the create: a cancel arriving now is seen by
     # its first stage, which rolls the row back and ends the token.
-    d.create_ops.run(op, lambda o: _create(d, o, vm, params.start, snap),
+    cold = params.cold or extra_disks != ()
+    d.create_ops.run(op, lambda o: _create(d, o, vm, params.start, snap, cold=cold),
                      name=f"create-{vm.name}")
     return op
+
+
+def _boot_snapshot(d: Daemon, vmm: str, spec: VMSpec) -> SnapshotRecord | None:
+    """The boot snapshot a VM of this image and size can be a clone of, if any."""
+    img = d.db.find_image(spec.image)
+    if img is None:
+        return None
+    boot_key = bootsnap.key(d, img, vmm, spec)
+    return bootsnap.find(d, boot_key) if boot_key is not None else None
 
 
 def _plan_boot(d: Daemon, params: CreateParams, network: dict[str, Any],
@@ -185,7 +201,7 @@ def _clone_source(d: Daemon, params: CreateParams) -> SnapshotRecord:
 
 
 def _create(d: Daemon, op: Operation, vm: VMRecord, start: bool,
-            snap: SnapshotRecord | None) -> dict[str, Any]:
+            snap: SnapshotRecord | None, *, cold: bool) -> dict[str, Any]:
     try:
         d.checkpoint("create.reserve")
         if snap is None:
@@ -205,21 +221,47 @@ def _create(d: Daemon, op: Operation, vm: VMRecord, start: bool,
         # The VM stays "creating" through its first boot: if bangerd dies now, the
         # restart removes it instead of keeping a VM nobody finished creating.
         vm = boot(d, d.db.get_vm(vm.id), img, op.cancel, op, fork=snap)
-        return view(d, vm)
     except BaseException as exc:
-        log.warning("vm %s: create failed, rolling back: %s", vm.name, exc)
-        try:
-            destroy(d, vm.id, reason=f"create failed: {exc}")
-        except Exception as cleanup:
-            # Report why the create failed, not why the clean-up did (that is logged,
-            # and the VM is left in "error" for `vm delete` to retry).
-            log.error("vm %s: rollback incomplete: %s", vm.name, cleanup)
-            exc.add_note(f"rollback incomplete: {cleanup}")
+        _roll_back(d, vm, exc)
         if isinstance(exc, Cancelled):
             raise Cancelled(f"creation of {vm.name!r} was cancelled; nothing was kept") from exc
         raise
     finally:
         d.end_inflight(vm.id, op.cancel)
+    if snap is None and not cold:
+        _keep_boot(d, op, vm, img)
+    return view(d, d.db.get_vm(vm.id))
+
+
+def _keep_boot(d: Daemon, op: Operation, vm: VMRecord, img: ImageRecord) -> None:
+    """After a first boot: keep it as the image's boot snapshot unless one exists."""
+    try:
+        boot_key = bootsnap.key(d, img, vm.vmm, vm.spec)
+    except BangerError as exc:
+        log.warning("vm %s: no boot snapshot: %s", vm.name, exc.message)
+        return
+    if boot_key is None or bootsnap.find(d, boot_key) is not None:
+        return
+    op.cancellable = False  # the VM is made: a cancel now would only lose the snapshot
+    op.stages.append("snapshot")
+    try:
+        op.enter("snapshot")
+    except Cancelled:  # asked for just before the boot ended: keep nothing more
+        return
+    bootsnap.take(d, vm, boot_key, op)
+
+
+def _roll_back(d: Daemon, vm: VMRecord, exc: BaseException) -> None:
+    """Remove what a create that failed (or was cancelled) made; a clean-up failure is
+    noted on ``exc``, which is what the caller reports."""
+    log.warning("vm %s: create failed, rolling back: %s", vm.name, exc)
+    try:
+        destroy(d, vm.id, reason=f"create failed: {exc}")
+    except Exception as cleanup:
+        # Report why the create failed, not why the clean-up did (that is logged,
+        # and the VM is left in "error" for `vm delete` to retry).
+        log.error("vm %s: rollback incomplete: %s", vm.name, cleanup)
+        exc.add_note(f"rollback incomplete: {cleanup}")
 
 
 def make_disks(d: Daemon, vm: VMRecord, img: ImageRecord, cancel: CancelToken) -> None:
