@@ -169,10 +169,11 @@ def snapshot_table(snaps: list[dict[str, Any]], now: datetime | None = None) -> 
     """The ``snapshot list`` table: one row per snapshot, or a hint when there are none."""
     if not snaps:
         return "no snapshots (take one with `banger vm snapshot VM NAME`)"
-    rows = [[s["name"], s["source_vm"], s["image"], s["vmm"],
+    rows = [[s["name"], s["kind"], s["source_vm"], s["image"], s["vmm"],
              f"{s['vcpu']}/{s['memory_mib']}M", f"{s['size_bytes'] / (1 << 20):.0f}M",
              age(s["created_at"], now)] for s in snaps]
-    return table(["NAME", "FROM VM", "IMAGE", "VMM", "CPU/MEM", "ON DISK", "AGE"], rows)
+    return table(["NAME", "KIND", "FROM VM", "IMAGE", "VMM", "CPU/MEM", "ON DISK", "AGE"],
+                 rows)
 
 
 def catalog_table(entries: list[dict[str, Any]], kind: str) -> str:

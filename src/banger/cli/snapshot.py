@@ -41,7 +41,8 @@ def snapshot() -> None:
 @json_option
 @pass_app
 def snapshot_list(app: App) -> None:
-    """List snapshots: name, source VM, image, size of the saved machine, bytes on disk."""
+    """List snapshots: name, kind (user: `vm snapshot`; boot: an image's first boot, kept
+    by banger), source VM, image, size of the saved machine, bytes on disk."""
     snaps = app.client().call("snapshot.list")
     app.emit(snaps, output.snapshot_table(snaps))
 

@@ -64,6 +64,9 @@ def create_options(f: Any) -> Any:
                      help="Restore a clone of a snapshot (`banger vm snapshot`) instead of "
                           "booting: its image, VMM and size, with its own address, name, "
                           "host key and machine-id."),
+        click.option("--cold", is_flag=True,
+                     help="Boot, even where the image's boot snapshot could be restored "
+                          "(config boot_snapshots), and keep no boot snapshot."),
         click.option("-p", "--publish", "forwards", multiple=True,
                      metavar="[ADDR:]HOST_PORT:GUEST_PORT",
                      help="Forward a host port to the guest while the VM runs (127.0.0.1 "
@@ -80,7 +83,7 @@ def _create_params(kw: dict[str, Any], start: bool) -> dict[str, Any]:
             "work_disk_size": kw["work_disk_size"], "vmm": kw["vmm"], "start": start,
             "nat": kw["nat"], "allow_private": kw["allow_private"],
             "allow_out": list(kw["allow_out"]), "forwards": list(kw["forwards"]),
-            "from_snapshot": kw["from_snapshot"]}
+            "from_snapshot": kw["from_snapshot"], "cold": kw["cold"]}
 
 
 @vm.command("create")
