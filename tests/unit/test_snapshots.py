@@ -33,6 +33,7 @@ from banger.daemon.store import VMRecord
 from banger.errors import (
     AlreadyExists,
     BadRequest,
+    GuestError,
     InvalidState,
     NotFound,
     NotRunning,
@@ -57,9 +58,14 @@ def clone(d: Daemon, name: str, snap: str = "snap", **kw: object) -> VMRecord:
 
 
 def fields(message: bytes) -> dict[str, str]:
+    """name -> value; the private key's lines (several ``key=``) joined as the guest does."""
     lines = message.decode().splitlines()
     assert lines[-1] == "end"
-    return dict(line.split("=", 1) for line in lines[:-1])
+    out: dict[str, str] = {}
+    for line in lines[:-1]:
+        name, value = line.split("=", 1)
+        out[name] = out.get(name, "") + value + "\n" if name == "key" else value
+    return out
 
 
 def test_a_snapshot_copies_the_guest_and_leaves_it_running(daemon: Daemon,
@@ -295,6 +301,7 @@ def test_the_identity_message_is_one_bounded_piece() -> None:
     msg = identity.encode(ident(), now=1234.5)
     got = fields(msg)
     assert got["time"] == "1234.500" and got["seed"] == "01" * 32 and got["ip"] == "172.30.0.5/24"
+    assert got["key"] == "-----BEGIN-----\nxyz\n-----END-----\n"  # joined back whole
     assert len(msg) <= select.PIPE_BUF
     with pytest.raises(ValueError):
         identity.encode(ident(hostname="c\nip=1.2.3.4/8"))
@@ -360,3 +367,16 @@ def test_reidentify_writes_the_fifo_in_one_piece(tmp_path: Path) -> None:
             drv.reidentify(paths, b"x" * (select.PIPE_BUF + 1))
     finally:
         os.close(reader)
+
+
+def test_a_clone_that_never_reports_its_identity_applied_is_rolled_back(
+        daemon: Daemon, world: FakeWorld) -> None:
+    src = make(daemon)
+    snapshots.take(daemon, "src", "snap")
+    ip = vms.resolve(daemon, "src").ip
+    for n in range(2, 10):  # whatever address the clone gets, its guest never reports
+        world.dial(ip.rsplit(".", 1)[0] + f".{n}").failing.add(identity.GUEST_STATUS)
+    with pytest.raises(GuestError) as exc:
+        clone(daemon, "c")
+    assert "did not finish taking its identity" in exc.value.message
+    assert [v["name"] for v in vms.list_vms(daemon)] == [src.name]

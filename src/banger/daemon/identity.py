@@ -16,7 +16,6 @@ The channel runs one way, host to guest: nothing the guest says is read back fro
 
 from __future__ import annotations
 
-import base64
 import secrets
 import select
 import tempfile
@@ -24,12 +23,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from banger.errors import HostError
+from banger.daemon.guest import Guest
+from banger.errors import GuestError, HostError
 from banger.fsutil import atomic_write
 from banger.runner import Runner
 from banger.sshopts import forget_host
 
 SEED_BYTES = 32  # 256 bits for the guest's RNG
+APPLIED_TIMEOUT_S = 30.0  # from SSH answering to the guest's clock, RNG and syncs done
 HOST_KEY_TIMEOUT_S = 30.0
 # The guest records what it applied here (``gen=<generation> rng=reseeded|mixed``), and
 # ``banger-ident.listening`` once it waits on its channel.
@@ -90,8 +91,9 @@ def new_host_key(runner: Runner, scratch: Path) -> tuple[str, str]:
 
 
 def encode(ident: Identity, now: float | None = None) -> bytes:
-    """The message ``banger-ident`` reads: ``key=value`` lines ending with ``end``, in
-    one piece no longer than ``PIPE_BUF`` (written at once, never interleaved).
+    """The message ``banger-ident`` reads: ``name=value`` lines ending with ``end`` (the
+    private key as one ``key=`` line per line of it), in one piece no longer than
+    ``PIPE_BUF`` (written at once, never interleaved).
 
     Raises:
         ValueError: a field holds a line break or the message would be too long (a bug:
@@ -107,7 +109,8 @@ def encode(ident: Identity, now: float | None = None) -> bytes:
         ("machine_id", ident.machine_id),
         ("time", f"{when:.3f}"),
         ("seed", ident.seed.hex()),
-        ("key", base64.b64encode(ident.host_key.encode()).decode()),
+        # The private key line by line: the guest joins them with built-ins alone.
+        *(("key", line) for line in ident.host_key.splitlines()),
         ("pub", ident.host_key_pub),
     ]
     for name, value in fields:
@@ -130,3 +133,24 @@ def trust_host_key(known_hosts: Path, ip: str, public: str) -> None:
     if current and not current.endswith("\n"):
         current += "\n"
     atomic_write(known_hosts, f"{current}{ip} {public}\n".encode(), 0o600)
+
+
+def wait_applied(guest: Guest, ident: Identity) -> None:
+    """Wait until the guest says it applied ``ident`` whole (its status file names the
+    generation): SSH answers once its address and host key are in place, and the clock,
+    RNG and syncs finish just after. One guest command, polling inside the guest.
+
+    Raises:
+        GuestError: it did not within :data:`APPLIED_TIMEOUT_S`.
+    """
+    polls = int(APPLIED_TIMEOUT_S * 10)
+    script = (f"i=0; while [ $i -lt {polls} ]; do "
+              f"if read -r s _ < {GUEST_STATUS} 2>/dev/null "
+              f"&& [ \"$s\" = gen={ident.generation} ]; then exit 0; fi; "
+              "sleep 0.1; i=$((i + 1)); done; exit 1")
+    try:
+        guest.run(script, timeout=APPLIED_TIMEOUT_S + 15, desc="wait for the clone's identity")
+    except GuestError as exc:
+        raise GuestError(f"the clone did not finish taking its identity within "
+                         f"{APPLIED_TIMEOUT_S:.0f}s", hint=f"see {GUEST_STATUS} in the guest"
+                         ) from exc

@@ -29,6 +29,7 @@ from banger.api import SnapshotView, VMState
 from banger.daemon import identity, kernels
 from banger.daemon.core import new_id
 from banger.daemon.dmsnap import CowHandle, clone_or_copy
+from banger.daemon.guest import end_masters
 from banger.daemon.opstate import Operation
 from banger.daemon.store import SnapshotRecord, VMRecord
 from banger.daemon.vms import handles_of, resolve, transition, wait_op, wrong_state
@@ -148,6 +149,9 @@ def take_claimed(d: Daemon, vm: VMRecord, name: str, op: Operation, *,
         img = d.db.get_image(vm.image)
         boot = kernels.boot_files(d, img, vm.vmm)
         op.enter("pause")
+        # The snapshot holds no connection of the daemon's: every clone would wake up
+        # with a copy of it, talking to a host that forgot it.
+        end_masters(d.runner, paths.ssh_dir)
         drv.pause(paths)
         op.enter("disks")
         cow = CowHandle.from_json(vm.runtime["cow"])

@@ -139,7 +139,9 @@ def boot(d: Daemon, vm: VMRecord, img: ImageRecord, cancel: CancelToken,
             serial_tail=lambda: tail(paths.serial_log, 2000),
         )
         log.info("vm %s: ssh ready after %.1fs", vm.name, waited)
-        if restore is not None:
+        if own is not None:
+            identity.wait_applied(guest, own)
+        elif restore is not None:
             warning = savedstate.set_clock(guest, vm.name)
             if warning is not None and op is not None:
                 op.report(warning)

@@ -127,70 +127,105 @@ fi
 # No channel (a VMM without one, like Firecracker): nothing will come.
 [ -n "$port" ] || exit 0
 
-first_nic() {
-  for d in /sys/class/net/*; do
-    n=${d##*/}
-    if [ "$n" != lo ]; then echo "$n"; return; fi
-  done
+nl='
+'
+# Every program a just-restored guest starts costs half a second or more under emulation
+# (its code is translated afresh), so the wake-up starts two: perl (the clock and the RNG,
+# before anything else runs) and `ip`; the rest is shell built-ins. What can wait (the
+# connections of the machine this one was cloned from, syncing) comes after the status.
+reseed_and_set_clock() {
+  # clock_settime(CLOCK_REALTIME) (syscall 227 on x86_64), then RNDADDENTROPY and
+  # RNDRESEEDCRNG: from here on the clone's random numbers no longer follow from the
+  # snapshot's (clones of one snapshot would otherwise share them for up to a minute).
+  if command -v perl >/dev/null 2>&1 && perl -e '
+      my ($now, $s) = ($ARGV[0], pack("H*", $ARGV[1]));
+      if ($now ne "") {
+        my $sec = int($now);
+        my $ts = pack("qq", $sec, int(($now - $sec) * 1e9));
+        syscall(227, 0, $ts);
+      }
+      open(my $f, ">", "/dev/urandom") or exit 1;
+      my $info = pack("ii", 8 * length($s), length($s)) . $s;
+      ioctl($f, 0x40085203, $info) or exit 1;
+      ioctl($f, 0x5207, 0) or exit 1;' "$now" "$seed"; then
+    rng=reseeded
+  else
+    # Without perl: the seed is mixed in, not a reseed.
+    [ -z "$now" ] || date -u -s "@$now" >/dev/null
+    printf '%s' "$seed" > /dev/urandom
+    rng=mixed
+  fi
 }
-# The per-connection sshd processes of the machine this one was cloned from: their
-# connections are not this machine's.
 end_old_connections() {
-  [ -r /run/sshd.pid ] || return 0
-  read -r listener < /run/sshd.pid || return 0
+  # The per-connection sshd processes the snapshot held: their connections are not
+  # this machine's.
   for st in /proc/[0-9]*/status; do
-    while read -r k v; do
-      if [ "$k" = PPid: ]; then
-        if [ "$v" = "$listener" ]; then p=${st#/proc/}; kill "${p%/status}" 2>/dev/null; fi
+    while read -r f v; do
+      if [ "$f" = PPid: ]; then
+        if [ "$v" = "$1" ]; then p=${st#/proc/}; kill "${p%/status}" 2>/dev/null; fi
         break
       fi
     done < "$st" 2>/dev/null
   done
-  # sshd re-executes itself on SIGHUP and loads the new host key.
-  kill -HUP "$listener" 2>/dev/null || true
+}
+# Seconds since boot at each step, for the status file: where a clone's wake-up goes.
+mark() {
+  read -r up _ < /proc/uptime
+  steps="$steps $1=$up"
 }
 apply() {
-  if [ -z "$ip" ] || [ -z "$mac" ] || [ -z "$host" ] || [ -z "$key" ]; then
+  if [ -z "$ip" ] || [ -z "$mac" ] || [ -z "$host" ] || [ -z "$key" ] || [ -z "$seed" ]; then
     echo "banger-ident: incomplete identity, ignored" >&2
     return
   fi
-  [ -z "$now" ] || date -u -s "@$now" >/dev/null
-  rng=mixed
-  if [ -n "$seed" ]; then
-    # RNDADDENTROPY then RNDRESEEDCRNG: the clone's random numbers no longer follow from
-    # the snapshot's. Without perl the seed is only mixed in.
-    if command -v perl >/dev/null 2>&1 && perl -e '
-        my $s = pack("H*", $ARGV[0]);
-        open(my $f, ">", "/dev/urandom") or exit 1;
-        ioctl($f, 0x40085203, pack("ii", 8 * length($s), length($s)) . $s) or exit 1;
-        ioctl($f, 0x5207, 0) or exit 1;' "$seed"; then
-      rng=reseeded
-    else
-      printf '%s' "$seed" > /dev/urandom
-    fi
-  fi
+  steps=""
+  mark got
+  reseed_and_set_clock
+  mark rng
+  k=/etc/ssh/ssh_host_ed25519_key
+  umask 077
+  printf '%s' "$key" > "$k"
+  umask 022
+  printf '%s\n' "$pub" > "$k.pub"
   [ -z "$machine_id" ] || printf '%s\n' "$machine_id" > /etc/machine-id
   echo "$host" > /proc/sys/kernel/hostname
   echo "$host" > /etc/hostname
-  sed -i '/^127\.0\.1\.1[[:space:]]/d' /etc/hosts
-  printf '127.0.1.1\t%s\n' "$host" >> /etc/hosts
-  k=/etc/ssh/ssh_host_ed25519_key
-  (umask 077; printf '%s' "$key" | base64 -d > "$k.new") && printf '%s\n' "$pub" > "$k.pub.new" \
-    && mv -f "$k.new" "$k" && mv -f "$k.pub.new" "$k.pub"
-  sync
-  end_old_connections
-  dev=$(first_nic)
-  if [ -n "$dev" ]; then
-    {
-      echo "link set dev $dev address $mac"
-      echo "addr flush dev $dev"
-      echo "addr add $ip dev $dev"
-      echo "link set dev $dev up"
-      if [ -n "$gw" ]; then echo "route replace default via $gw"; fi
-      echo "neigh flush dev $dev"
-    } | ip -force -batch - 2>/dev/null
+  hosts=""
+  while IFS= read -r l; do
+    case "$l" in "127.0.1.1	"*|"127.0.1.1 "*) ;; *) hosts="$hosts$l$nl" ;; esac
+  done < /etc/hosts
+  printf '%s127.0.1.1\t%s\n' "$hosts" "$host" > /etc/hosts
+  # Up to OpenSSH 9.7 every connection's sshd loads the host key itself: the new one is
+  # used at once. From 9.8 (sshd-session) the listener holds it: re-executed on SIGHUP,
+  # it loads the new one (and is deaf for a moment, a cost the older ones do not pay).
+  listener=""
+  [ -r /run/sshd.pid ] && read -r listener < /run/sshd.pid
+  if [ -n "$listener" ] && [ -e /usr/lib/openssh/sshd-session ]; then
+    kill -HUP "$listener" 2>/dev/null
   fi
-  echo "gen=$gen rng=$rng" > /run/banger-ident
+  dev=""
+  for d in /sys/class/net/*; do
+    if [ "${d##*/}" != lo ]; then dev=${d##*/}; break; fi
+  done
+  if [ -n "$dev" ]; then
+    # The MAC changes last, with the new address in place: arp_notify then announces
+    # both (a gratuitous ARP), so the host need not wait to resolve the new address.
+    echo 1 > "/proc/sys/net/ipv4/conf/$dev/arp_notify"
+    route=""
+    [ -z "$gw" ] || route="route replace default via $gw"
+    ip -force -batch - 2>/dev/null <<EOF
+addr flush dev $dev
+neigh flush dev $dev
+addr add $ip dev $dev
+link set dev $dev address $mac
+link set dev $dev up
+$route
+EOF
+  fi
+  mark net
+  echo "gen=$gen rng=$rng$steps" > /run/banger-ident
+  [ -z "$listener" ] || end_old_connections "$listener"
+  sync "$k" "$k.pub" /etc/machine-id /etc/hostname /etc/hosts
 }
 echo listening > /run/banger-ident.listening
 while :; do
@@ -205,7 +240,7 @@ while :; do
       machine_id=*) machine_id=${line#machine_id=} ;;
       time=*) now=${line#time=} ;;
       seed=*) seed=${line#seed=} ;;
-      key=*) key=${line#key=} ;;
+      key=*) key="$key${line#key=}$nl" ;;  # one line of the private key per key= line
       pub=*) pub=${line#pub=} ;;
       end) apply ;;
     esac
