@@ -380,3 +380,12 @@ def test_a_clone_that_never_reports_its_identity_applied_is_rolled_back(
         clone(daemon, "c")
     assert "did not finish taking its identity" in exc.value.message
     assert [v["name"] for v in vms.list_vms(daemon)] == [src.name]
+
+
+def test_firecracker_refuses_to_reidentify(tmp_path: Path) -> None:
+    from banger.daemon.fcproc.driver import FirecrackerDriver
+
+    drv = FirecrackerDriver.__new__(FirecrackerDriver)
+    with pytest.raises(VMMError) as exc:
+        drv.reidentify(VMPaths(tmp_path / "s", tmp_path / "r"), b"gen=1\nend\n")
+    assert "--vmm qemu" in exc.value.hint
