@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from banger.errors import CommandFailed, HostError
 from banger.layout import VMPaths
 from banger.proc import ProcessIdentity
+from banger.runner import Runner
 
 
 def vm_marker(vm_id: str) -> str:
@@ -114,3 +116,18 @@ class ConfinedVMM(Protocol):
     def readopt(self, vm_id: str, pid: int) -> dict[str, Any]:
         """After a daemon restart: put a live VMM back in its cgroup; its confinement."""
         ...
+
+
+def binary_version(runner: Runner, binary: str, name: str) -> str:
+    """The first line of ``binary --version`` (at most 200 characters): what
+    ``VMMDriver.version`` reports.
+
+    Raises:
+        HostError: the binary would not run.
+    """
+    try:
+        res = runner.run([binary, "--version"], desc=f"ask {name} its version", timeout=30)
+    except CommandFailed as exc:
+        raise HostError(f"cannot read {name}'s version: {exc.message}") from exc
+    lines = res.out.strip().splitlines()
+    return lines[0].strip()[:200] if lines else "unknown"

@@ -389,3 +389,18 @@ def test_firecracker_refuses_to_reidentify(tmp_path: Path) -> None:
     with pytest.raises(VMMError) as exc:
         drv.reidentify(VMPaths(tmp_path / "s", tmp_path / "r"), b"gen=1\nend\n")
     assert "--vmm qemu" in exc.value.hint
+
+
+def test_the_vmm_version_is_the_first_line_it_prints() -> None:
+    from banger.errors import HostError
+    from banger.vmm import binary_version
+    from tests.fakes import FakeRunner, ok
+
+    runner = FakeRunner()
+    runner.on(("qemu",), ok("QEMU emulator version 7.2.0 (Debian)\nCopyright (c) ...\n"))
+    assert binary_version(runner, "qemu", "QEMU") == "QEMU emulator version 7.2.0 (Debian)"
+    broken = FakeRunner()
+    broken.on(("qemu",), ok(rc=1, err="exec format error"))
+    with pytest.raises(HostError) as exc:
+        binary_version(broken, "qemu", "QEMU")
+    assert "QEMU's version" in exc.value.message

@@ -27,7 +27,7 @@ from banger.fsutil import atomic_write, tail
 from banger.layout import VMPaths
 from banger.proc import ProcessIdentity, identify, matches, send_signal, wait_gone
 from banger.runner import Runner
-from banger.vmm import LaunchPlan, VMMDriver, vm_marker
+from banger.vmm import LaunchPlan, VMMDriver, binary_version, vm_marker
 
 from .api import FirecrackerAPI, InstanceInfo, InstanceState, SnapshotType
 from .host import check_version, find_firecracker, jailer_settings
@@ -474,13 +474,7 @@ class FirecrackerDriver:
             HostError: the binary would not run.
         """
         if self._version is None:
-            try:
-                res = self.runner.run([self.binary, "--version"],
-                                      desc="ask Firecracker its version", timeout=30)
-            except CommandFailed as exc:
-                raise HostError(f"cannot read Firecracker's version: {exc.message}") from exc
-            lines = res.out.strip().splitlines()
-            self._version = lines[0].strip()[:200] if lines else "unknown"
+            self._version = binary_version(self.runner, self.binary, "Firecracker")
         return self._version
 
     def reidentify(self, plan_paths: VMPaths, message: bytes) -> None:

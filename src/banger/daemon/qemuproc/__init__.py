@@ -44,7 +44,7 @@ from banger.fsutil import atomic_write, tail
 from banger.layout import VMPaths, install_tag
 from banger.proc import ProcessIdentity, cmdline, identify, matches
 from banger.runner import Runner
-from banger.vmm import LaunchPlan
+from banger.vmm import LaunchPlan, binary_version
 from banger.vmmuser import VMMUser, ensure_user
 
 log = logging.getLogger("banger.qemu")
@@ -416,13 +416,7 @@ class QemuDriver:
             HostError: the binary would not run.
         """
         if self._version is None:
-            try:
-                res = self.runner.run([self.qemu_bin, "--version"], desc="ask QEMU its version",
-                                      timeout=30)
-            except CommandFailed as exc:
-                raise HostError(f"cannot read QEMU's version: {exc.message}") from exc
-            lines = res.out.strip().splitlines()
-            self._version = lines[0].strip()[:200] if lines else "unknown"
+            self._version = binary_version(self.runner, self.qemu_bin, "QEMU")
         return self._version
 
     def reidentify(self, plan_paths: VMPaths, message: bytes) -> None:
