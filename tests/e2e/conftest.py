@@ -159,9 +159,10 @@ class Host:
         # Every VM boots unless a test asks for boot snapshots (tests/e2e/test_snapshots.py
         # tests them): a test of booting, the serial console or a first boot's identity
         # gets what it tests, and no test pays for a snapshot it does not use.
+        # (A top-level key: before the extra text, which may open a table of its own.)
         more = f"{self.extra_config}\n{extra}\n"
         if "boot_snapshots" not in more:
-            more += "boot_snapshots = false\n"
+            more = "boot_snapshots = false\n" + more
         self.config.write_text(
             f'state_dir = "{self.state}"\ncache_dir = "{self.cache_dir}"\n'
             f'runtime_dir = "{self.run_dir}"\nlog_level = "debug"\n'
