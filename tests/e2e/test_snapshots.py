@@ -193,4 +193,12 @@ def test_the_first_boot_is_kept_and_later_vms_are_its_clones(warm_host: Host) ->
     res = host.cli("vm", "create", "--name", "again")
     assert res.returncode == 0 and "snapshot" in res.stderr, res.stderr
     assert boot["name"] in {s["name"] for s in host.json("snapshot", "list")}
+
+    # a clone at the address its snapshot's VM had (that VM deleted, its address free
+    # again): it answers there with the snapshot's host key until it has its own
+    first_ip = host.json("vm", "show", "again")["ip"]
+    host.ok("vm", "delete", "again")
+    reuse = host.json("vm", "create", "--name", "reuse")
+    assert reuse["ip"] == first_ip and reuse["from_snapshot"] == boot["name"]
+    assert guest(host, "reuse", "hostname") == "reuse"
     assert_consistent(host)

@@ -404,3 +404,38 @@ def test_the_vmm_version_is_the_first_line_it_prints() -> None:
     with pytest.raises(HostError) as exc:
         binary_version(broken, "qemu", "QEMU")
     assert "QEMU's version" in exc.value.message
+
+
+class KeyFlipGuest:
+    """Answers with the snapshot's host key ``stale`` times, then with the trusted one."""
+
+    ip = "172.30.0.9"
+
+    def __init__(self, stale: int) -> None:
+        self.stale = stale
+        self.calls = 0
+
+    def run(self, script: str, **kw: object) -> object:
+        self.calls += 1
+        if self.calls <= self.stale:
+            raise GuestError("ssh failed", stderr="Host key verification failed.")
+        return None
+
+
+def test_a_clone_is_waited_for_past_the_snapshots_host_key(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clone of a VM that had the clone's address answers there with the snapshot's key
+    until it has its own: ssh refuses that key (before authenticating), and the wait goes
+    on. A VM that is not a clone and shows another key is refused at once."""
+    from banger.daemon import guest as guest_mod
+
+    monkeypatch.setattr(guest_mod, "tcp_open", lambda ip, port=None, timeout=1.0: True)
+    monkeypatch.setattr(guest_mod.time, "sleep", lambda s: None)
+    clone_guest = KeyFlipGuest(stale=3)
+    guest_mod.wait_for_ssh(clone_guest, budget_s=30, alive=lambda: True,  # type: ignore[arg-type]
+                           new_host_key=True)
+    assert clone_guest.calls == 4
+    with pytest.raises(GuestError) as exc:
+        guest_mod.wait_for_ssh(KeyFlipGuest(stale=3), budget_s=30,  # type: ignore[arg-type]
+                               alive=lambda: True)
+    assert "host key" in exc.value.message

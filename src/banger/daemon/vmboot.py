@@ -136,7 +136,7 @@ def boot(d: Daemon, vm: VMRecord, img: ImageRecord, cancel: CancelToken,
         waited = d.seams.wait_for_ssh(
             guest, budget_s=d.cfg.boot_timeout_s, alive=lambda: matches(ident), cancel=cancel,
             on_wait=(lambda s: op.report(f"{s:.0f}s")) if op is not None else None,
-            serial_tail=lambda: tail(paths.serial_log, 2000),
+            serial_tail=lambda: tail(paths.serial_log, 2000), new_host_key=own is not None,
         )
         log.info("vm %s: ssh ready after %.1fs", vm.name, waited)
         if own is not None:
