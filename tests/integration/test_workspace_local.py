@@ -740,6 +740,40 @@ def test_crlf_attributes_round_trip_byte_for_byte(tmp_path: Path, guest: LocalGu
     assert (target / "w.txt").read_bytes() == b"one\r\nTWO\r\nthree\r\n"
 
 
+def test_unchanged_files_come_out_of_the_pack_as_their_exact_bytes(
+        tmp_path: Path, guest: LocalGuest) -> None:
+    """A file whose bytes are its index blob is checked out of the history pack in the
+    guest (it does not ride in the tar too), with conversions off and its stat data in
+    the index; a modified file still travels in the tar, keeping its host mtime."""
+    repo = tmp_path / "conv"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    git(repo, "config", "user.name", "x")
+    git(repo, "config", "user.email", "x@x")
+    (repo / ".gitattributes").write_text("*.txt text eol=crlf\n")
+    (repo / "lf.txt").write_bytes(b"one\ntwo\n")  # checkout would make it CRLF
+    (repo / "big.bin").write_bytes(os.urandom(1 << 20))
+    (repo / "edited").write_text("v1\n")
+    commit_all(repo, "conv")
+    (repo / "edited").write_text("v2\n")
+    old = 1_000_000_000  # 2001: the tar keeps it, a checkout writes the current time
+    for name in ("lf.txt", "big.bin", "edited"):
+        os.utime(repo / name, (old, old))
+    prep = do_prepare(repo, guest)
+    gp = Path(prep.guest_path)
+    assert tree_of(gp) == tree_of(repo)
+    assert (gp / "lf.txt").read_bytes() == b"one\ntwo\n"
+    assert (gp / "edited").stat().st_mtime == old
+    assert (gp / "lf.txt").stat().st_mtime > old and (gp / "big.bin").stat().st_mtime > old
+    assert prep.bytes < 1.5 * (1 << 20)  # big.bin once (in the pack), not twice
+    assert prep.files == 4
+    debug = git(gp, "ls-files", "--debug", "big.bin").decode()
+    assert "mtime: 0:0" not in debug  # stat data recorded: the first status hashes nothing
+    assert git(gp, "status", "--porcelain") == git(repo, "status", "--porcelain")
+    out = ws.export(guest, prep.guest_path, home=str(guest.home))
+    assert out.patch == b""
+
+
 def test_mise_bootstrap_runs_in_background(tmp_path: Path, home: Path) -> None:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

@@ -4,16 +4,18 @@ Steps (see :mod:`.scripts` for the guest side):
 
 1. files: first a preflight (tools present, target acceptable, stale staging
    removed, an empty git repository created in a hidden staging directory), then,
-   in the same guest script, a tar of the copy plan, generated on the fly from the
-   host work tree (plus banger's metadata: the index listing, refs, shallow list,
-   excludes) and, last in the same tar, each repository's history as a pack and
-   its index,
-   built on the host beforehand (:mod:`.hostpack`): the commits to ship (HEAD's
-   last ``depth`` generations, or every branch, tag and remote-tracking ref in
-   ``full_copy`` mode) and every blob the host index names;
+   in the same guest script, one tar stream: banger's metadata (the index listing,
+   refs, shallow list, excludes, the files to check out), the work-tree entries
+   that differ from their index blobs (modified and untracked files, symlinks,
+   conflicted paths; :mod:`.checkout` decides), read from the host tree on the fly,
+   and last each repository's history as a pack and its index, built on the host
+   beforehand (:mod:`.hostpack`): the commits to ship (HEAD's last ``depth``
+   generations, or every branch, tag and remote-tracking ref in ``full_copy``
+   mode) and every blob the host index names. Each byte of a file crosses once;
 2. setup: refs, HEAD, ``.git/shallow``, the index (``git update-index
-   --index-info`` from ``ls-files --stage``, conflict stages included), the git
-   identity, and the prepared snapshot commit under ``refs/banger/prepared``;
+   --index-info`` from ``ls-files --stage``, conflict stages included), the
+   unchanged files written out of the pack (``checkout-index``, conversions off),
+   the git identity, and the prepared snapshot commit under ``refs/banger/prepared``;
 3. swap, in the same script as the workspace's own setup (unless the guest's
    changes are re-applied in between): the staging directory replaces the target.
 
@@ -37,6 +39,7 @@ from banger.errors import BadRequest, BangerError, GuestError
 from banger.runner import CancelToken, Result, Runner
 
 from . import scripts
+from .checkout import checkout_paths, listing
 from .hostpack import build_pack, pack_argv
 from .hosttree import read_owned
 from .model import (
@@ -191,11 +194,13 @@ def _host_excludes(runner: Runner, info: RepoInfo) -> bytes:
 
 
 def _metadata(runner: Runner, prefix: str, info: RepoInfo, plan: CopyPlan, *,
-              history: History, mode: WorkspaceMode) -> list[tuple[str, bytes]]:
+              history: History, mode: WorkspaceMode,
+              checkout: tuple[str, ...]) -> list[tuple[str, bytes]]:
     """The files the setup step of one repository reads (see ``scripts.IMPORT_DIR``)."""
     base = f"{prefix}{scripts.IMPORT_DIR}"
     return [
         (f"{base}/index", plan.index),
+        (f"{base}/checkout", listing(checkout)),
         (f"{base}/refs", _refs_file(history.refs)),
         (f"{base}/shallow", "".join(f"{c}\n" for c in history.shallow).encode()),
         (f"{base}/exclude", _host_excludes(runner, info)),
@@ -318,11 +323,17 @@ def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan,
         setup = scripts.Setup(head_symbolic=history.head_symbolic,
                               head_commit=history.head_commit, parent=parent,
                               user_name=rinfo.identity.name, user_email=rinfo.identity.email,
-                              object_format=rinfo.object_format,
-                              seed_snapshot_index=not _has_attributes(sub_plan))
+                              object_format=rinfo.object_format)
         repos.append((prefix, rinfo, sub_plan, history, setup))
+    cancel.check()
+    # Files whose bytes are their index blob come out of the history pack in the
+    # guest: their bytes cross the link once (in the pack), not twice.
+    from_pack = {prefix: checkout_paths(sub_plan, rinfo.object_format)
+                 for prefix, rinfo, sub_plan, _, _ in repos}
+    skip = {prefix + p for prefix, paths in from_pack.items() for p in paths}
     metadata = [m for prefix, rinfo, sub_plan, history, _ in repos
-                for m in _metadata(runner, prefix, rinfo, sub_plan, history=history, mode=mode)]
+                for m in _metadata(runner, prefix, rinfo, sub_plan, history=history, mode=mode,
+                                   checkout=from_pack[prefix])]
     if plan.submodules:
         listing = "".join(f"{prefix.rstrip('/')}\n" for prefix, *_ in repos[1:])
         metadata.append((f"{scripts.IMPORT_DIR}/submodules", listing.encode()))
@@ -338,8 +349,9 @@ def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan,
             with GuestSink(guest, scripts.extract(names, info.object_format),
                            step=f"copy files into {target}", cancel=cancel,
                            stall_timeout=stall_timeout, on_bytes=counter.add_bytes) as sink:
-                send_tree(sink, info.host_path, plan.all_entries(), metadata, trailer=packs,
-                          cancel=cancel, on_file=counter.add_file)
+                send_tree(sink, info.host_path,
+                          [e for e in plan.all_entries() if e.path not in skip], metadata,
+                          trailer=packs, cancel=cancel, on_file=counter.add_file)
                 sink.finish(step_timeout)
         except GuestError as exc:
             if exc.details.get("returncode") == scripts.EXIT_REFUSED:
@@ -382,7 +394,8 @@ def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan,
         tool_log = _start_tools(guest, target)
     return Prepared(guest_path=target, host_path=info.host_path, base_commit=info.head,
                     head_commit=head_commit, branch=branch or info.branch,
-                    prepared_commit=prepared_commit, mode=mode, files=counter.files,
+                    prepared_commit=prepared_commit, mode=mode,
+                    files=counter.files + len(skip),
                     bytes=counter.bytes, tool_log=tool_log, reapplied=reapplied)
 
 
@@ -420,12 +433,6 @@ def _reapply(guest: GuestChannel, names: scripts.Names, patch: bytes, target: st
     if outcome not in ("applied", "present"):
         raise GuestError(f"{step}: unexpected answer from the guest: {outcome[:200]!r}")
     return outcome
-
-
-def _has_attributes(plan: CopyPlan) -> bool:
-    """Whether any .gitattributes could make index blobs differ from the files' bytes."""
-    return any(e.path == ".gitattributes" or e.path.endswith("/.gitattributes")
-               for e in plan.entries)
 
 
 class _StepClock:

@@ -171,11 +171,6 @@ class Setup:
     user_name: str | None
     user_email: str | None
     object_format: str
-    # Start the snapshot's index from the refreshed repository index, so `add -A`
-    # re-hashes only what differs from it instead of every file (each hash pass over
-    # the tree is the slowest part of a prepare under TCG). Only sound when no
-    # .gitattributes can make the index's blobs differ from the files' raw bytes.
-    seed_snapshot_index: bool = False
 
 
 def setup(names: Names, s: Setup, subdir: str = "", *, then_swap: bool = False) -> str:
@@ -208,17 +203,22 @@ def setup(names: Names, s: Setup, subdir: str = "", *, then_swap: bool = False) 
     parent = f"-p {quote(s.parent)} " if s.parent else ""
     lines += [
         'git update-index -z --index-info < "$imp/index"',
+        *_checkout_lines(),
+        f"st={STATE_DIR}",
+        'mkdir -p -- "$st/refs" "$st/objects" "$st/info"',
+        # The snapshot's index starts as a copy of this one: the only entries with
+        # stat data are the files just checked out, whose bytes are their blobs
+        # exactly, so `add -A` below hashes only the files the tar brought. -p:
+        # git's racy-entry check compares entries with the index file's mtime.
+        'cp -p .git/index "$st/index"',
         # Fill in stat data now so the user's first `git status` is quick; a file
         # that differs from the index makes --refresh exit non-zero, which is fine.
         "git update-index -q --refresh >/dev/null 2>&1 || true",
-        f"st={STATE_DIR}",
-        'mkdir -p -- "$st/refs" "$st/objects" "$st/info"',
         "printf 'ref: refs/heads/banger\\n' > \"$st/HEAD\"",
         f"printf '{config}' > \"$st/config\"",
         f"printf '%s' {quote(SNAPSHOT_ATTRIBUTES)} > \"$st/info/attributes\"",
         'ln -s ../../info/exclude "$st/info/exclude"',
         _snapshot_fn('$PWD/$st/index'),
-        *(['cp -p .git/index "$st/index"'] if s.seed_snapshot_index else []),
         "snap add -A",
         'tree=$(snap write-tree)',
         "commit=$(GIT_AUTHOR_NAME=banger GIT_AUTHOR_EMAIL=banger@localhost "
@@ -233,6 +233,23 @@ def setup(names: Names, s: Setup, subdir: str = "", *, then_swap: bool = False) 
     if then_swap:
         lines += _swap_lines()
     return script(*lines)
+
+
+def _checkout_lines() -> list[str]:
+    """Write the files listed in ``$imp/checkout`` from the object store, as their blobs'
+    bytes exactly (``SNAPSHOT_ATTRIBUTES`` in ``info/attributes``, the highest-priority
+    attributes, switch every conversion off for the duration), recording their stat
+    data in the index (``-u``)."""
+    return [
+        'if [ -s "$imp/checkout" ]; then',
+        "  a=.git/info/attributes",
+        '  if [ -e "$a" ]; then mv -- "$a" "$a.banger"; fi',
+        f"  printf '%s' {quote(SNAPSHOT_ATTRIBUTES)} > \"$a\"",
+        '  git checkout-index -u -f -z --stdin < "$imp/checkout"',
+        '  rm -f -- "$a"',
+        '  if [ -e "$a.banger" ]; then mv -- "$a.banger" "$a"; fi',
+        "fi",
+    ]
 
 
 EXIT_CONFLICT = 5  # reapply: the guest's changes do not apply to the new copy

@@ -7,9 +7,9 @@ write has been blocked longer than the stall budget, or when the process runs
 past its deadline after its input ended. A blocked write then fails at once and
 the caller sees :class:`Cancelled` or :class:`GuestError`, never a hang.
 
-The tar is generated file by file from the work tree (:func:`send_tree`); the
-history's pack, built on the host beforehand (:mod:`.hostpack`), rides in the same
-tar as two more files.
+The tar is generated file by file from the work tree (:func:`send_tree`, given the
+entries the guest cannot check out of the pack); the history's pack, built on the
+host beforehand (:mod:`.hostpack`), rides in the same tar as two more files.
 """
 
 from __future__ import annotations
