@@ -161,6 +161,10 @@ class Config(_Strict):
     file_sync: list[FileSync] = []
     # Bound on a workspace export's guest output, held in the daemon's memory.
     workspace_export_max_mib: Annotated[int, Field(ge=1, le=16384)] = 256
+    # How `vm workspace prepare` sends the files: "auto" over a TCP connection to the
+    # guest when it has perl (a token-checked one-shot listener), else over ssh;
+    # "ssh" always over ssh (a guest whose own firewall blocks inbound connections).
+    workspace_transport: Literal["auto", "ssh"] = "auto"
     # The unprivileged system user QEMU runs as (created by bangerd if missing).
     vmm_user: str = "banger-vmm"
     # The bundle catalog `image pull NAME` and `kernel pull NAME` resolve names in

@@ -8,9 +8,12 @@ only ssh is missing. Host repositories are real git repositories in tmp dirs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import shlex
 import shutil
+import socket
 import stat
 import subprocess
 import threading
@@ -22,7 +25,7 @@ from typing import Any
 import pytest
 
 from banger.daemon import workspace as ws
-from banger.daemon.workspace import importer
+from banger.daemon.workspace import importer, scripts
 from banger.errors import BadRequest, Cancelled, GuestError, NotFound
 from banger.runner import CancelToken, Result, SubprocessRunner
 from tests.gitenv import isolate_git
@@ -64,11 +67,12 @@ class LocalGuest:
 
 
 def _replace_extraction(script: str, replacement: str) -> str:
-    """``script`` with its ``exec tar -x ...`` line (the files step's last) replaced:
-    the preflight before it still runs."""
-    head, sep, _ = script.partition("exec tar -x")
-    assert sep, "the files step ends in `exec tar -x`"
-    return head + replacement + "\n"
+    """``script`` with its tar extraction replaced by ``sh -c replacement``, reading the
+    same input (the ssh channel's stdin or the TCP connection): the preflight before it,
+    and the choice of channel, still run."""
+    tar = " ".join(scripts._TAR_X)
+    assert tar in script, "the files step extracts with tar"
+    return script.replace(tar, f"sh -c {shlex.quote(replacement)}")
 
 
 class StuckGuest(LocalGuest):
@@ -231,6 +235,7 @@ def apply(patch: bytes, where: Path) -> None:
 
 def do_prepare(repo: Path, guest: LocalGuest, **kw: Any) -> ws.Prepared:
     mode = kw.pop("mode", ws.WorkspaceMode.SHALLOW)
+    kw.setdefault("tcp_min_bytes", 0)  # so tests take the TCP path unless they say
     info = ws.inspect_repo(RUNNER, str(repo), mode)
     plan = ws.build_plan(RUNNER, info)
     return ws.prepare(guest, RUNNER, info, plan, home=str(guest.home), **kw)
@@ -533,16 +538,19 @@ def test_cancel_mid_copy_leaves_nothing_that_looks_complete(
     assert leftovers(home) == []
 
 
-def test_cancel_unblocks_a_guest_that_stopped_reading(tmp_path: Path, home: Path) -> None:
+@pytest.mark.parametrize("transport", ["auto", "ssh"])
+def test_cancel_unblocks_a_guest_that_stopped_reading(tmp_path: Path, home: Path,
+                                                      transport: str) -> None:
     repo = make_repo(tmp_path / "host")
-    (repo / "big.bin").write_bytes(os.urandom(4 << 20))  # more than a pipe buffer
+    # more than a pipe buffer and a socket's buffers
+    (repo / "big.bin").write_bytes(os.urandom(16 << 20))
     token = CancelToken()
     start = time.monotonic()
     timer = threading.Timer(1.0, token.cancel, args=("stop",))
     timer.start()
     try:
         with pytest.raises(Cancelled, match="stop"):
-            do_prepare(repo, StuckGuest(home), cancel=token)
+            do_prepare(repo, StuckGuest(home), cancel=token, transport=transport)
     finally:
         timer.cancel()
     assert time.monotonic() - start < 15
@@ -550,25 +558,104 @@ def test_cancel_unblocks_a_guest_that_stopped_reading(tmp_path: Path, home: Path
     assert leftovers(home) == []
 
 
-def test_stalled_guest_times_out(tmp_path: Path, home: Path) -> None:
+@pytest.mark.parametrize("transport", ["auto", "ssh"])
+def test_stalled_guest_times_out(tmp_path: Path, home: Path, transport: str) -> None:
     repo = make_repo(tmp_path / "host")
-    (repo / "big.bin").write_bytes(os.urandom(4 << 20))
+    (repo / "big.bin").write_bytes(os.urandom(16 << 20))
     start = time.monotonic()
     with pytest.raises(GuestError, match="stopped reading"):
-        do_prepare(repo, StuckGuest(home), stall_timeout=1.0)
+        do_prepare(repo, StuckGuest(home), stall_timeout=1.0, transport=transport)
     assert time.monotonic() - start < 15
     assert not (home / "proj").exists()
 
 
-def test_failed_copy_keeps_old_workspace(prepared: tuple[Path, ws.Prepared], home: Path) -> None:
+@pytest.mark.parametrize("transport", ["auto", "ssh"])
+def test_failed_copy_keeps_old_workspace(prepared: tuple[Path, ws.Prepared], home: Path,
+                                         transport: str) -> None:
     repo, prep = prepared
     gp = Path(prep.guest_path)
     (gp / "sentinel").write_text("old\n")
     (repo / "big.bin").write_bytes(os.urandom(1 << 20))
     with pytest.raises(GuestError, match="No space left"):
-        do_prepare(repo, FailingGuest(home))
+        do_prepare(repo, FailingGuest(home), transport=transport)
     assert (gp / "sentinel").read_text() == "old\n"
     assert leftovers(home) == []
+
+
+class NoPerlGuest(LocalGuest):
+    """A guest without perl (a minimal image): its receiver cannot run."""
+
+    def popen(self, script: str, **kwargs: Any) -> subprocess.Popen[bytes]:
+        return super().popen(script.replace("command -v perl", "command -v no-such-perl"),
+                             **kwargs)
+
+
+def test_files_go_over_tcp_where_the_guest_has_perl_else_over_the_channel(
+        tmp_path: Path, home: Path) -> None:
+    repo = make_repo(tmp_path / "host")
+    want = tree_of(repo)
+    tcp = do_prepare(repo, LocalGuest(home), guest_path=str(home / "a"))
+    assert tcp.transport == "tcp"
+    assert tree_of(home / "a") == want
+    stdin = do_prepare(repo, NoPerlGuest(home), guest_path=str(home / "b"))
+    assert stdin.transport == "ssh"
+    assert tree_of(home / "b") == want
+    forced = do_prepare(repo, LocalGuest(home), guest_path=str(home / "c"), transport="ssh")
+    assert forced.transport == "ssh"
+    assert tree_of(home / "c") == want
+    with pytest.raises(BadRequest, match="transport"):
+        do_prepare(repo, LocalGuest(home), guest_path=str(home / "d"), transport="udp")
+    # Below the threshold (the default: a few MB), starting the receiver costs more
+    # than ssh takes for the bytes.
+    small = do_prepare(repo, LocalGuest(home), guest_path=str(home / "e"),
+                       tcp_min_bytes=importer.TCP_MIN_BYTES)
+    assert small.transport == "ssh"
+    assert tree_of(home / "e") == want
+
+
+class ClosedPortGuest(LocalGuest):
+    """A guest that names a port nothing listens on (a firewall inside the guest)."""
+
+    def popen(self, script: str, **kwargs: Any) -> subprocess.Popen[bytes]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]  # free once closed
+        receive = script.index("if command -v perl")
+        script = (script[:receive] + f"echo {scripts.CHANNEL_PORT} {port}; exec sleep 30\n")
+        return super().popen(script, **kwargs)
+
+
+def test_an_unreachable_data_port_is_an_error_with_a_hint(tmp_path: Path, home: Path) -> None:
+    repo = make_repo(tmp_path / "host")
+    with pytest.raises(GuestError, match="cannot connect") as err:
+        do_prepare(repo, ClosedPortGuest(home))
+    assert "workspace_transport" in (err.value.hint or "")
+    assert not (home / "proj").exists()
+
+
+def test_the_receiver_drops_connections_without_the_token(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.Popen(["perl", "-e", scripts.RECEIVER, "s3cret", "sh", "-c",
+                             f"cat > {out}"], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        words = proc.stdout.readline().split()
+        assert words[0] == scripts.CHANNEL_PORT.encode()
+        port = int(words[1])
+        with socket.create_connection(("127.0.0.1", port)) as bad:
+            bad.sendall(b"wrong!data that must not land")
+            bad.shutdown(socket.SHUT_WR)
+            with contextlib.suppress(ConnectionResetError):  # dropped with bytes unread
+                assert bad.recv(10) == b""  # dropped
+        with socket.create_connection(("127.0.0.1", port)) as good:
+            good.sendall(b"s3cret" + b"payload")
+        assert proc.wait(10) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert out.read_bytes() == b"payload"
 
 
 def test_interrupted_swap_is_recovered(prepared: tuple[Path, ws.Prepared], guest: LocalGuest,

@@ -213,7 +213,8 @@ def _prepare(d: Daemon, op: Operation, *, vm: VMRecord, runner: Runner,
             prep = workspace.prepare(
                 d.dial(vm.id, vm.ip), runner, info, plan, guest_path=guest_path, branch=p.branch,
                 from_ref=p.from_ref, progress=progress, cancel=op.cancel,
-                guest_changes=reapply, scratch_dir=d.layout.staging_dir)
+                guest_changes=reapply, scratch_dir=d.layout.staging_dir,
+                transport=d.cfg.workspace_transport)
         except workspace.WorkspaceConflict as exc:
             assert saved is not None
             # The old workspace is still there, as it was: so is its record.
@@ -234,7 +235,7 @@ def _prepare(d: Daemon, op: Operation, *, vm: VMRecord, runner: Runner,
         record.update({
             "base_commit": prep.base_commit, "branch": prep.branch, "prepared": True,
             "prepared_at": now().isoformat(), "files": prep.files,
-            "bytes": prep.bytes, "error": None,
+            "bytes": prep.bytes, "transport": prep.transport, "error": None,
         })
         _set_workspace(d, vm.id, record)
         log.info("vm %s: workspace %s -> %s (%d files, %d bytes)", vm.name, info.host_path,

@@ -61,6 +61,14 @@ from .transfer import GuestSink, run_script, send_tree
 
 log = logging.getLogger("banger.workspace")
 
+TRANSPORTS = ("auto", "ssh")
+"""How the files' tar reaches the guest (see :func:`prepare`)."""
+
+TCP_MIN_BYTES = 8 << 20
+"""Below this much to send, ``auto`` stays on ssh: under TCG, starting the guest's
+receiver (perl and its socket modules) costs about 0.9 s, what ssh's 6-10 MB/s into a
+guest takes for 5-9 MB."""
+
 TOOL_FILES = (".mise.toml", "mise.toml", ".tool-versions")
 """Top-level files that make prepare start ``mise install`` in the guest."""
 
@@ -260,7 +268,8 @@ def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan,
             progress: Progress | None = None, cancel: CancelToken | None = None,
             depth: int = DEFAULT_DEPTH, home: str = GUEST_HOME,
             step_timeout: float = 1800.0, stall_timeout: float = 120.0,
-            guest_changes: bytes = b"", scratch_dir: Path | None = None) -> Prepared:
+            guest_changes: bytes = b"", scratch_dir: Path | None = None,
+            transport: str = "auto", tcp_min_bytes: int = TCP_MIN_BYTES) -> Prepared:
     """Copy the host work tree and its git state into a guest workspace.
 
     Args:
@@ -284,6 +293,11 @@ def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan,
             to apply on top of the new copy before it replaces the old one.
         scratch_dir: where the history's pack is built on the host (default: the
             system's temporary directory); a directory only root can enter.
+        transport: ``auto``: the files' tar goes over a TCP connection to the guest
+            when the work tree holds at least ``tcp_min_bytes`` and the guest has perl
+            (``scripts.RECEIVER``), else over ssh; ``ssh``: always over ssh.
+            ``Prepared.transport`` says which was used.
+        tcp_min_bytes: see ``transport``.
 
     Returns:
         The workspace's description.
@@ -297,6 +311,9 @@ def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan,
             target is untouched.
     """
     mode = info.mode  # inspect_repo already refused submodules in shallow mode
+    if transport not in TRANSPORTS:
+        raise BadRequest(f"unknown workspace transport {transport!r}",
+                         hint=f"use one of: {', '.join(TRANSPORTS)}")
     if plan.root != info.host_path:
         raise BadRequest("the copy plan belongs to another repository")
     if depth < 1:
@@ -331,6 +348,7 @@ def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan,
     from_pack = {prefix: checkout_paths(sub_plan, rinfo.object_format)
                  for prefix, rinfo, sub_plan, _, _ in repos}
     skip = {prefix + p for prefix, paths in from_pack.items() for p in paths}
+    sent = [e for e in plan.all_entries() if e.path not in skip]
     metadata = [m for prefix, rinfo, sub_plan, history, _ in repos
                 for m in _metadata(runner, prefix, rinfo, sub_plan, history=history, mode=mode,
                                    checkout=from_pack[prefix])]
@@ -343,14 +361,19 @@ def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan,
     clock = _StepClock()
     scratch = Path(tempfile.mkdtemp(prefix="workspace-", dir=scratch_dir))
     try:
-        packs = _build_packs(runner, repos, scratch, cancel=cancel, timeout=step_timeout)
+        # The work tree's size decides (its bytes go out, from the tar or the pack).
+        over_tcp = transport == "auto" and plan.bytes >= tcp_min_bytes
+        packs = _build_packs(runner, repos, scratch, cancel=cancel, timeout=step_timeout,
+                             compression=0 if over_tcp else 1)
         clock.lap("pack")
         try:
-            with GuestSink(guest, scripts.extract(names, info.object_format),
+            token = secrets.token_hex(16) if over_tcp else None
+            with GuestSink(guest, scripts.extract(names, info.object_format, token),
                            step=f"copy files into {target}", cancel=cancel,
-                           stall_timeout=stall_timeout, on_bytes=counter.add_bytes) as sink:
-                send_tree(sink, info.host_path,
-                          [e for e in plan.all_entries() if e.path not in skip], metadata,
+                           stall_timeout=stall_timeout, on_bytes=counter.add_bytes,
+                           data_token=token) as sink:
+                channel = sink.channel
+                send_tree(sink, info.host_path, sent, metadata,
                           trailer=packs, cancel=cancel, on_file=counter.add_file)
                 sink.finish(step_timeout)
         except GuestError as exc:
@@ -396,6 +419,7 @@ def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan,
                     head_commit=head_commit, branch=branch or info.branch,
                     prepared_commit=prepared_commit, mode=mode,
                     files=counter.files + len(skip),
+                    transport="tcp" if channel == "tcp" else "ssh",
                     bytes=counter.bytes, tool_log=tool_log, reapplied=reapplied)
 
 
@@ -404,14 +428,14 @@ Repo = tuple[str, RepoInfo, CopyPlan, History, scripts.Setup]
 
 
 def _build_packs(runner: Runner, repos: list[Repo], scratch: Path, *, cancel: CancelToken,
-                 timeout: float) -> list[tuple[str, Path]]:
+                 timeout: float, compression: int) -> list[tuple[str, Path]]:
     """Each repository's history packed and indexed on the host: (tar name, file)
     pairs that land in its ``.git/objects/pack``."""
     files: list[tuple[str, Path]] = []
     for n, (prefix, rinfo, _, history, _) in enumerate(repos):
         if not history.revs:
             continue
-        built = build_pack(pack_argv(runner, rinfo.host_path), history.revs,
+        built = build_pack(pack_argv(runner, rinfo.host_path, compression), history.revs,
                            scratch / f"{n}.pack", object_format=rinfo.object_format,
                            timeout=timeout, cancel=cancel)
         base = f"{prefix}.git/objects/pack/{built.name}"

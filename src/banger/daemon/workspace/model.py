@@ -263,6 +263,8 @@ class Prepared:
         reapplied: what became of ``guest_changes`` given to :func:`prepare`:
             ``"applied"`` on top of the new copy, ``"present"`` (the new copy already
             had them), or None when there were none.
+        transport: how the files reached the guest: ``tcp`` (a connection to the
+            guest) or ``ssh`` (the guest channel's stdin).
     """
 
     guest_path: str
@@ -276,6 +278,7 @@ class Prepared:
     bytes: int
     tool_log: str | None = None
     reapplied: str | None = None
+    transport: str = "ssh"
 
 
 @dataclass(frozen=True)

@@ -144,14 +144,60 @@ def _check_target() -> str:
     )
 
 
-def extract(names: Names, object_format: str) -> str:
-    """:func:`preflight`, then untar stdin into the staging directory (one guest
-    round trip for both; a refusal exits ``EXIT_REFUSED`` before reading stdin)."""
-    return script(
-        *_PRELUDE, names.vars(), *_preflight_lines(object_format),
-        'cd -- "$S"',
-        "exec tar -x -f - --no-same-owner --same-permissions --warning=no-timestamp",
-    )
+CHANNEL_STDIN = "banger-stdin"
+CHANNEL_PORT = "banger-port"
+"""The first line :func:`extract` prints says where it reads the tar: ``banger-stdin``,
+or ``banger-port N`` (a TCP port on the guest's address, see :data:`RECEIVER`)."""
+
+RECEIVER = r"""
+use strict; use IO::Socket::INET; use IO::Select;
+my $token = shift @ARGV;
+my $l = IO::Socket::INET->new(Listen => 4, LocalAddr => "0.0.0.0", LocalPort => 0,
+                              Proto => "tcp") or die "banger: cannot listen: $!\n";
+$| = 1;
+print "banger-port ", $l->sockport, "\n";
+$SIG{ALRM} = sub { die "banger: no data connection came within 60s\n" };
+alarm 60;
+while (1) {
+  my $c = $l->accept or next;
+  my ($got, $sel) = ("", IO::Select->new($c));
+  while (length($got) < length($token) && $sel->can_read(5)) {
+    sysread($c, $got, length($token) - length($got), length($got)) or last;
+  }
+  if ($got eq $token) {
+    alarm 0;
+    close $l;
+    open(STDIN, "<&", $c) or die "banger: $!\n";
+    close $c;
+    exec { $ARGV[0] } @ARGV or die "banger: cannot run $ARGV[0]: $!\n";
+  }
+  close $c;
+}
+"""
+"""Waits for one TCP connection that starts with the token given as its first
+argument, then runs the rest of its arguments with that connection as stdin.
+Connections without the token (another host process) are dropped."""
+
+_TAR_X = ("tar", "-x", "-f", "-", "--no-same-owner", "--same-permissions",
+          "--warning=no-timestamp")
+
+
+def extract(names: Names, object_format: str, token: str | None = None) -> str:
+    """:func:`preflight`, then untar into the staging directory (one guest round trip
+    for both; a refusal exits ``EXIT_REFUSED`` before reading anything).
+
+    With ``token``, and perl in the guest, the tar comes over a TCP connection to the
+    guest (:data:`RECEIVER`): under TCG a guest's sshd takes in 6-10 MB/s where a plain
+    socket takes 90. Otherwise, or without perl, it is read from stdin (the ssh
+    channel). The first line printed says which (:data:`CHANNEL_STDIN`).
+    """
+    tar = " ".join(_TAR_X)
+    lines = [*_PRELUDE, names.vars(), *_preflight_lines(object_format), 'cd -- "$S"']
+    if token is not None:
+        lines.append("if command -v perl >/dev/null 2>&1; then "
+                     f"exec perl -e {quote(RECEIVER)} {quote(token)} {tar}; fi")
+    lines += [f"echo {CHANNEL_STDIN}", f"exec {tar}"]
+    return script(*lines)
 
 
 def _enter(subdir: str, object_format: str) -> list[str]:

@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import signal
+import socket
 import stat
 import subprocess
 import tarfile
@@ -33,6 +35,7 @@ from banger.runner import CancelToken, Result
 
 from .hosttree import HostTree, _changed
 from .model import EntryKind, GuestChannel, PlanEntry
+from .scripts import CHANNEL_PORT, CHANNEL_STDIN
 
 log = logging.getLogger("banger.workspace")
 
@@ -40,6 +43,8 @@ CHUNK = 1 << 20  # bytes per read/write: large enough for throughput, small enou
 TAR_BUFFER = 64 << 10  # tarfile's write size: the unit progress is counted in
 OUTPUT_LIMIT = 1 << 20  # bytes of a process's stdout/stderr kept in memory
 POLL_S = 0.05
+FIRST_LINE_MAX = 64  # `banger-port 65535\n` and then some
+CONNECT_TIMEOUT_S = 10.0  # the guest's listener is up before it names its port
 
 
 class OutputTooLarge(GuestError):
@@ -119,13 +124,16 @@ class GuestSink:
         stdout_cap: keep all of stdout but at most this many bytes: a script that
             prints more is killed and :class:`OutputTooLarge` raised (overrides
             ``stdout_limit``).
+        data_token: the script says on its first line of stdout where it reads its
+            input (``scripts.extract``): stdin, or a TCP port on the guest's address
+            that takes one connection starting with this token. Writes go there.
     """
 
     def __init__(self, guest: GuestChannel, script: str, *, step: str,
                  cancel: CancelToken | None = None, stall_timeout: float = 120.0,
                  on_bytes: Callable[[int], None] | None = None,
                  stdout_limit: int | None = OUTPUT_LIMIT,
-                 stdout_cap: int | None = None) -> None:
+                 stdout_cap: int | None = None, data_token: str | None = None) -> None:
         self.step = step
         self._cancel = cancel
         self._stall = stall_timeout
@@ -137,14 +145,90 @@ class GuestSink:
         self._also_kill: list[subprocess.Popen[bytes]] = []
         self._stdout_cap = stdout_cap
         self.sent = 0
+        self.channel = "stdin"
+        self._sock: socket.socket | None = None
         self.proc = guest.popen(script, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, start_new_session=True)
-        self._out = Drain(self.proc.stdout, stdout_limit, cap=stdout_cap,
-                           on_cap=self._over_cap)
         self._err = Drain(self.proc.stderr)
+        first = b""
+        if data_token is not None:
+            first = self._first_line()
+        self._out = Drain(self.proc.stdout, stdout_limit, cap=stdout_cap,
+                          on_cap=self._over_cap)
         self._watchdog = threading.Thread(target=self._watch, daemon=True,
                                           name=f"watchdog: {step}")
         self._watchdog.start()
+        if data_token is not None:
+            try:
+                self._open_channel(guest.ip, first, data_token)
+            except BaseException:
+                self._reap()
+                raise
+
+    def _first_line(self) -> bytes:
+        """The script's first line of stdout (at most ``FIRST_LINE_MAX`` bytes; empty at
+        EOF), waiting at most the stall budget: the guest says where it reads."""
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        line = b""
+        deadline = time.monotonic() + self._stall
+        while not line.endswith(b"\n") and len(line) < FIRST_LINE_MAX:
+            if self._cancel is not None and self._cancel.cancelled:
+                break
+            if time.monotonic() > deadline:
+                break
+            ready, _, _ = select.select([fd], [], [], POLL_S)
+            if not ready:
+                continue
+            byte = os.read(fd, 1)  # one at a time: the rest of stdout is the Drain's
+            if not byte:
+                break
+            line += byte
+        return line
+
+    def _open_channel(self, ip: str, first: bytes, token: str) -> None:
+        """Follow the script's first line: stay on stdin, or connect to the port it
+        names and send the token."""
+        words = first.decode("ascii", errors="replace").split()
+        if words == [CHANNEL_STDIN]:
+            return
+        if len(words) != 2 or words[0] != CHANNEL_PORT or not words[1].isdigit():
+            if first and self._killed is None:
+                self._killed = f"it did not say where it reads its input ({first!r})"
+                self.kill()
+            raise self._interrupted()  # or, at EOF, the script's own exit and complaint
+        try:
+            sock = socket.create_connection((ip, int(words[1])), timeout=CONNECT_TIMEOUT_S)
+        except OSError as exc:
+            self.kill()
+            raise GuestError(
+                f"guest step {self.step!r} failed: cannot connect to the guest's data port "
+                f"{ip}:{words[1]}: {exc.strerror or exc}",
+                hint="a firewall inside the guest may block inbound connections: allow "
+                     "them from the host, or set workspace_transport = \"ssh\" in the "
+                     "config") from exc
+        sock.settimeout(POLL_S * 4)  # so a blocked send notices the watchdog
+        self._sock = sock
+        self.channel = "tcp"
+        close(self.proc.stdin)
+        self._send(token.encode())
+
+    def _send(self, data: memoryview | bytes) -> None:
+        """Write all of ``data`` to the guest, or raise what stopped it."""
+        if self._sock is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(data)
+            self.proc.stdin.flush()  # so a blocked guest shows as a blocked write here
+            return
+        view = memoryview(data)
+        while view:
+            try:
+                n = self._sock.send(view)
+            except TimeoutError:
+                if self._killed is not None:
+                    raise BrokenPipeError("the guest step was stopped") from None
+                continue
+            view = view[n:]
 
     def _over_cap(self) -> None:
         self._killed = f"it printed more than {self._stdout_cap} bytes"
@@ -198,14 +282,12 @@ class GuestSink:
         blocking past the stall budget or writing into a dead process."""
         if self._cancel is not None:
             self._cancel.check()
-        assert self.proc.stdin is not None
         view = memoryview(data)
         for off in range(0, len(view), CHUNK):
             piece = view[off:off + CHUNK]
             self._writing_since = time.monotonic()
             try:
-                self.proc.stdin.write(piece)
-                self.proc.stdin.flush()  # so a blocked guest shows as a blocked write here
+                self._send(piece)
             except (BrokenPipeError, ValueError, OSError) as exc:
                 raise self._interrupted() from exc
             finally:
@@ -225,11 +307,14 @@ class GuestSink:
             GuestError: the script failed (with ``check``; message from
                 :func:`session.format_step_error`), or ran past ``timeout``.
         """
-        assert self.proc.stdin is not None
         self._deadline = time.monotonic() + timeout
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_WR)  # the guest's tar sees the end
         with contextlib.suppress(BrokenPipeError, OSError):
-            self.proc.stdin.close()
+            close(self.proc.stdin)
         self.proc.wait()
+        self._close_sock()
         self._done.set()
         out, err = self._out.join(), self._err.join()
         close(self.proc.stdout, self.proc.stderr)
@@ -247,7 +332,24 @@ class GuestSink:
                  tb: object) -> None:
         if exc_type is not None or not self._done.is_set():
             # An error, or a caller that never called finish(): never leave it running.
-            self.kill()
+            self._reap()
+        self._close_sock()
+
+    def _reap(self) -> None:
+        """Kill the process, wait for it, and close every pipe and the socket."""
+        self.kill()
+        self._done.set()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+        self._out.join()
+        self._err.join()
+        close(self.proc.stdin, self.proc.stdout, self.proc.stderr)
+        self._close_sock()
+
+    def _close_sock(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.close()
             self._done.set()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(10)
