@@ -60,8 +60,11 @@ def manifest(root: Path) -> dict[str, list[object]]:
     return json.loads(res.stdout)  # type: ignore[no-any-return]
 
 
-def make_repo(base: Path) -> Path:
-    """Tracked, modified, staged, untracked, ignored, executable, symlinked, binary, odd names."""
+def make_repo(base: Path, *, large: bool = False) -> Path:
+    """Tracked, modified, staged, untracked, ignored, executable, symlinked, binary, odd names.
+
+    ``large`` adds a committed 9 MiB file: the tree is then big enough to be sent over
+    the TCP data connection rather than ssh."""
     repo = base / "proj"
     repo.mkdir(parents=True)
     os.chown(base, OWNER, OWNER)
@@ -83,6 +86,8 @@ def make_repo(base: Path) -> Path:
         "to-delete.txt": b"bye\n",
         "to-rename.txt": b"rename me\n",
     }
+    if large:
+        files["data/large.bin"] = os.urandom(9 << 20)
     for rel, data in files.items():
         p = repo / rel
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -115,11 +120,14 @@ def home() -> Iterator[Path]:
 
 def test_prepare_edit_export_apply_roundtrip(host: Host, running_vm: str, tmp_path: Path,
                                              home: Path) -> None:
-    repo = make_repo(home)
+    repo = make_repo(home, large=True)
     base = git(repo, "rev-parse", "HEAD").strip()
     host_status = git(repo, "status", "--porcelain=v1", "-z")
     res = host.json("vm", "workspace", "prepare", running_vm, str(repo))
     assert res["guest_path"] == "/root/proj" and res["base_commit"] == base
+    # over the TCP data connection, and the unchanged large file only once (in the pack)
+    assert res["transport"] == "tcp"
+    assert (9 << 20) < res["bytes"] < (13 << 20)
 
     shown = host.json("vm", "show", running_vm)["workspace"]
     assert shown["prepared"] and shown["host_path"] == str(repo)
@@ -196,7 +204,8 @@ def test_reprepare_keeps_guest_edits(host: Host, running_vm: str, home: Path) ->
     """Guest edits survive a re-prepare: re-applied when they apply, else refused with the
     workspace untouched; saved every time, and discarded only when asked."""
     repo = make_repo(home)
-    host.ok("vm", "workspace", "prepare", running_vm, str(repo))
+    first_copy = host.json("vm", "workspace", "prepare", running_vm, str(repo))
+    assert first_copy["transport"] == "ssh"  # a small tree: not worth the receiver's start
 
     def guest(script: str) -> str:
         return host.ok("vm", "exec", running_vm, "--", "sh", "-c", script)

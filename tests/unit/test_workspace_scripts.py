@@ -6,6 +6,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from banger.daemon.workspace import scripts
 
 
@@ -50,3 +52,24 @@ def test_preflight_leaves_other_processes_alone(tmp_path: Path) -> None:
         bystander.kill()
         bystander.wait()
 
+
+
+@pytest.mark.parametrize("name,email", [
+    ("Ada Host", "ada@example.org"),
+    ('Ada "the" \\Host\\', "a\tb@x"),
+    ("semi; colon # hash", None),
+    (None, "only@mail"),
+    ("new\nline", "b\bs"),
+])
+def test_user_config_reads_back_as_written(tmp_path: Path, name: str | None,
+                                           email: str | None) -> None:
+    cfg = tmp_path / "config"
+    cfg.write_text(scripts.user_config(name, email))
+    for key, want in (("user.name", name), ("user.email", email)):
+        res = subprocess.run(["git", "config", "--file", str(cfg), "--get", key],
+                             capture_output=True, text=True)
+        if want is None:
+            assert res.returncode == 1
+        else:
+            assert res.stdout == want + "\n"
+    assert scripts.user_config(None, None) == ""

@@ -59,7 +59,8 @@ def prepared_text(res: dict[str, Any]) -> str:
     """The human summary of a finished prepare: what was copied, and what became of
     the guest's changes to the workspace it replaced."""
     text = (f"{res['host_path']} -> {res['vm']}:{res['guest_path']} "
-            f"({res['files']} files, {res['bytes'] / 1e6:.1f} MB)")
+            f"({res['files']} files, {res['bytes'] / 1e6:.1f} MB sent over "
+            f"{res.get('transport') or 'ssh'})")
     changes = res.get("guest_changes")
     if changes:
         n, backup = changes["files"], changes["backup"]
