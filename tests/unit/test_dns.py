@@ -4,6 +4,7 @@ upstream resolver (dnslib's server on another loopback port), and hostile input.
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 import threading
@@ -75,8 +76,14 @@ def free_port() -> int:
 def server(upstream: int) -> Iterator[tuple[VMDNS, Policy, int]]:
     policy = Policy()
     srv = VMDNS(("127.0.0.1", upstream), policy=policy)
-    port = free_port()
-    srv.listen("127.0.0.1", port)
+    for attempt in range(5):  # a port free for UDP may be taken for TCP by a parallel test
+        port = free_port()
+        try:
+            srv.listen("127.0.0.1", port)
+            break
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or attempt == 4:
+                raise
     srv.register("web", "172.29.0.5")
     yield srv, policy, port
     srv.close()
