@@ -350,12 +350,6 @@ class GuestSink:
         if self._sock is not None:
             with contextlib.suppress(OSError):
                 self._sock.close()
-            self._done.set()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(10)
-            self._out.join()
-            self._err.join()
-            close(self.proc.stdin, self.proc.stdout, self.proc.stderr)
 
 
 def run_script(guest: GuestChannel, script: str, *, step: str, input: bytes = b"",
