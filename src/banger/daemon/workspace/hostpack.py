@@ -4,9 +4,10 @@
 of bangerd's own (a directory only root can enter, so the owner cannot swap what
 root reads back); ``git index-pack`` then writes the pack's index next to it,
 natively, on the host. Both files travel into the guest as plain files in the
-copy's tar stream, straight into ``.git/objects/pack``: the guest stores them and
-does no inflating or hashing of its own (under TCG, indexing a 400 MB pack in the
-guest took longer than copying the files).
+copy's tar stream, straight into ``.git/objects/pack``: the guest stores them
+without indexing or hashing anything (under TCG, indexing a 400 MB pack in the guest
+took longer than copying the files), and reads blobs out of them only to write the
+work tree's unchanged files (:mod:`.checkout`).
 """
 
 from __future__ import annotations
