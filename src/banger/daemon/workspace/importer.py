@@ -343,10 +343,12 @@ def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan,
                               object_format=rinfo.object_format)
         repos.append((prefix, rinfo, sub_plan, history, setup))
     cancel.check()
+    clock = _StepClock()
     # Files whose bytes are their index blob come out of the history pack in the
     # guest: their bytes cross the link once (in the pack), not twice.
     from_pack = {prefix: checkout_paths(sub_plan, rinfo.object_format)
                  for prefix, rinfo, sub_plan, _, _ in repos}
+    clock.lap("hash")
     skip = {prefix + p for prefix, paths in from_pack.items() for p in paths}
     sent = [e for e in plan.all_entries() if e.path not in skip]
     metadata = [m for prefix, rinfo, sub_plan, history, _ in repos
@@ -358,7 +360,6 @@ def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan,
     names = scripts.Names(target, secrets.token_hex(4))
     counter = _Counter(progress)
     cancel.check()
-    clock = _StepClock()
     scratch = Path(tempfile.mkdtemp(prefix="workspace-", dir=scratch_dir))
     try:
         # The work tree's size decides (its bytes go out, from the tar or the pack).

@@ -76,13 +76,15 @@ class Names:
                 f"S={quote(self.staging)} O={quote(self.old)}")
 
 
-def _snapshot_fn(index: str, objects: str = "$PWD/.git/objects", alternates: str = "") -> str:
-    """``snap``: git on the private git dir, the work tree in $PWD, a chosen index."""
+def _snapshot_fn(index: str, objects: str = "$PWD/.git/objects", alternates: str = "",
+                 name: str = "snap") -> str:
+    """A shell function ``name`` (``snap``): git on the private git dir, the work tree in
+    $PWD, a chosen index."""
     env = (f'GIT_DIR="$PWD/{STATE_DIR}" GIT_WORK_TREE="$PWD" GIT_INDEX_FILE="{index}" '
            f'GIT_OBJECT_DIRECTORY="{objects}"')
     if alternates:
         env += f' GIT_ALTERNATE_OBJECT_DIRECTORIES="{alternates}"'
-    return f'snap() {{ {env} git "$@"; }}'
+    return f'{name}() {{ {env} git "$@"; }}'
 
 
 def preflight(names: Names, object_format: str) -> str:
@@ -287,11 +289,10 @@ def _checkout_lines() -> list[str]:
     that win) switch every content conversion off."""
     return [
         'if [ -s "$imp/checkout" ]; then',
+        "  " + _snapshot_fn("$PWD/.git/index", name="unconverted"),
         # checkout.workers=0: one worker per CPU (git's parallel checkout; a guest
         # writing files under TCG is CPU-bound, and each vCPU is a host thread).
-        '  GIT_DIR="$PWD/$st" GIT_WORK_TREE="$PWD" GIT_INDEX_FILE="$PWD/.git/index" '
-        'GIT_OBJECT_DIRECTORY="$PWD/.git/objects" '
-        'git -c checkout.workers=0 checkout-index -u -f -z --stdin < "$imp/checkout"',
+        '  unconverted -c checkout.workers=0 checkout-index -u -f -z --stdin < "$imp/checkout"',
         "fi",
     ]
 

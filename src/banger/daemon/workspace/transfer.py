@@ -199,8 +199,7 @@ class GuestSink:
             raise self._interrupted()  # or, at EOF, the script's own exit and complaint
         try:
             sock = socket.create_connection((ip, int(words[1])), timeout=CONNECT_TIMEOUT_S)
-        except OSError as exc:
-            self.kill()
+        except OSError as exc:  # the caller reaps the guest step
             raise GuestError(
                 f"guest step {self.step!r} failed: cannot connect to the guest's data port "
                 f"{ip}:{words[1]}: {exc.strerror or exc}",
