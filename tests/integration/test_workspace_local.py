@@ -123,6 +123,15 @@ def commit_all(repo: Path, msg: str) -> None:
     git(repo, "commit", "-q", "-m", msg)
 
 
+def new_repo(repo: Path, *init_args: str) -> Path:
+    """An empty repository at ``repo`` with a committer identity."""
+    repo.mkdir()
+    git(repo, "init", "-q", *init_args)
+    git(repo, "config", "user.name", "x")
+    git(repo, "config", "user.email", "x@x")
+    return repo
+
+
 def make_repo(root: Path) -> Path:
     """A repository with history whose work tree has every kind of change."""
     repo = root / "proj"
@@ -379,11 +388,7 @@ def test_export_with_no_changes_is_empty(prepared: tuple[Path, ws.Prepared],
 def test_export_sees_a_racy_same_size_edit(tmp_path: Path, guest: LocalGuest) -> None:
     """Host write, copy and guest edit within one second, same size, export a second
     later: stat data cannot tell the edit apart, git's racy-entry check must."""
-    repo = tmp_path / "racy"
-    repo.mkdir()
-    git(repo, "init", "-q")
-    git(repo, "config", "user.name", "x")
-    git(repo, "config", "user.email", "x@x")
+    repo = new_repo(tmp_path / "racy")
     (repo / "f").write_text("aaaa\n")
     commit_all(repo, "c")
     time.sleep(1.02 - time.time() % 1)  # start of a second
@@ -789,11 +794,7 @@ def test_linked_worktree(prepared: tuple[Path, ws.Prepared], guest: LocalGuest,
 
 
 def test_sha256_repository(tmp_path: Path, guest: LocalGuest) -> None:
-    repo = tmp_path / "s256"
-    repo.mkdir()
-    git(repo, "init", "-q", "--object-format=sha256")
-    git(repo, "config", "user.name", "x")
-    git(repo, "config", "user.email", "x@x")
+    repo = new_repo(tmp_path / "s256", "--object-format=sha256")
     (repo / "f").write_text("1\n")
     commit_all(repo, "one")
     (repo / "f").write_text("2\n")
@@ -808,11 +809,7 @@ def test_sha256_repository(tmp_path: Path, guest: LocalGuest) -> None:
 
 def test_crlf_attributes_round_trip_byte_for_byte(tmp_path: Path, guest: LocalGuest) -> None:
     """Export hashes raw bytes, so files the host converts (eol=crlf) still apply exactly."""
-    repo = tmp_path / "crlf"
-    repo.mkdir()
-    git(repo, "init", "-q")
-    git(repo, "config", "user.name", "x")
-    git(repo, "config", "user.email", "x@x")
+    repo = new_repo(tmp_path / "crlf")
     (repo / ".gitattributes").write_text("*.txt text eol=crlf\n")
     (repo / "w.txt").write_bytes(b"one\r\ntwo\r\n")
     commit_all(repo, "crlf")
@@ -832,11 +829,7 @@ def test_unchanged_files_come_out_of_the_pack_as_their_exact_bytes(
     """A file whose bytes are its index blob is checked out of the history pack in the
     guest (it does not ride in the tar too), with conversions off and its stat data in
     the index; a modified file still travels in the tar, keeping its host mtime."""
-    repo = tmp_path / "conv"
-    repo.mkdir()
-    git(repo, "init", "-q")
-    git(repo, "config", "user.name", "x")
-    git(repo, "config", "user.email", "x@x")
+    repo = new_repo(tmp_path / "conv")
     (repo / ".gitattributes").write_text("*.txt text eol=crlf\n")
     (repo / "lf.txt").write_bytes(b"one\ntwo\n")  # checkout would make it CRLF
     (repo / "big.bin").write_bytes(os.urandom(1 << 20))
