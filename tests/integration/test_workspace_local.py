@@ -509,6 +509,59 @@ def test_reprepare_refuses_conflicting_guest_changes_before_replacing(
     assert leftovers(home) == []
 
 
+def test_reprepare_saves_the_changes_of_a_workspace_it_finds_first(
+        prepared: tuple[Path, ws.Prepared], guest: LocalGuest, home: Path) -> None:
+    """With ``save_changes``, the copy learns from the guest whether a workspace is in
+    the way: only then are its changes saved (and re-applied); a new target costs the
+    one script the copy needs."""
+    repo, prep = prepared
+    gp = Path(prep.guest_path)
+    (gp / "guest-new.txt").write_text("made in the guest\n")
+    calls: list[bytes] = []
+
+    def save() -> bytes:
+        calls.append(ws.export(guest, prep.guest_path, home=str(home)).patch)
+        return calls[-1]
+
+    (repo / "host-new.txt").write_text("made on the host\n")
+    prep2 = do_prepare(repo, guest, save_changes=save)
+    assert len(calls) == 1 and b"guest-new.txt" in calls[0]
+    assert prep2.reapplied == "applied"
+    assert (gp / "guest-new.txt").read_text() == "made in the guest\n"
+    assert (gp / "host-new.txt").read_text() == "made on the host\n"
+    assert leftovers(home) == []
+
+    guest.scripts.clear()
+    fresh = do_prepare(repo, guest, save_changes=save, guest_path=str(home / "other"))
+    assert len(calls) == 1 and fresh.reapplied is None
+    assert len(guest.scripts) == 1  # preflight, files, set-up and swap in one go
+
+
+def test_clean_tree_takes_head_as_its_snapshot(tmp_path: Path, guest: LocalGuest) -> None:
+    """A clean host tree whose files are their blobs is exactly HEAD's tree: HEAD's commit
+    is the prepared snapshot, and the guest makes none. Anything else gets one."""
+    repo = new_repo(tmp_path / "clean")
+    (repo / "a.txt").write_text("a\n")
+    os.symlink("a.txt", repo / "link")
+    commit_all(repo, "clean")
+    head = git(repo, "rev-parse", "HEAD").decode().strip()
+    prep = do_prepare(repo, guest)
+    gp = Path(prep.guest_path)
+    assert prep.prepared_commit == head
+    assert git(gp, "rev-parse", ws.PREPARED_REF).decode().strip() == head
+    (gp / "a.txt").write_text("edited in the guest\n")
+    out = ws.export(guest, prep.guest_path, home=str(guest.home))
+    assert [c.path for c in out.changes] == ["a.txt"]
+
+    (repo / "untracked.txt").write_text("new\n")
+    dirty = do_prepare(repo, guest, guest_path=str(guest.home / "dirty"))
+    assert dirty.prepared_commit != head
+    gd = Path(dirty.guest_path)
+    assert git(gd, "rev-parse", f"{ws.PREPARED_REF}^").decode().strip() == head
+    assert b"untracked.txt" in git(gd, "ls-tree", "--name-only", ws.PREPARED_REF)
+    assert ws.export(guest, dirty.guest_path, home=str(guest.home)).changes == ()
+
+
 def test_cancel_mid_copy_leaves_nothing_that_looks_complete(
         tmp_path: Path, guest: LocalGuest, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     repo = make_repo(tmp_path / "host")
@@ -816,6 +869,8 @@ def test_crlf_attributes_round_trip_byte_for_byte(tmp_path: Path, guest: LocalGu
     prep = do_prepare(repo, guest)
     gp = Path(prep.guest_path)
     assert git(gp, "status", "--porcelain") == b""
+    # clean, but the CRLF bytes are not the blob's: the snapshot is a commit of its own
+    assert prep.prepared_commit != prep.base_commit
     (gp / "w.txt").write_bytes(b"one\r\nTWO\r\nthree\r\n")
     out = ws.export(guest, prep.guest_path, home=str(guest.home))
     target = clone_at(repo, prep.base_commit or "", tmp_path / "apply")

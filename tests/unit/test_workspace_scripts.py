@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from banger.daemon.workspace import scripts
+from banger.daemon.workspace import gitdir, scripts
 
 
 def run(script: str) -> subprocess.CompletedProcess[bytes]:
@@ -29,7 +29,7 @@ def test_preflight_kills_a_stale_writer_that_would_recreate_its_staging_dir(
         start_new_session=True)
     try:
         names = scripts.Names(str(home / "proj"), "cafe0001")
-        res = run(scripts.preflight(names, "sha1"))
+        res = run(scripts.preflight(names))
         assert res.returncode == 0, res.stderr
         writer.wait(timeout=10)  # it was killed (a leftover writer would run forever)
         time.sleep(0.3)  # several of its loop periods: it would have recreated the dir
@@ -45,7 +45,7 @@ def test_preflight_leaves_other_processes_alone(tmp_path: Path) -> None:
     other.mkdir()
     bystander = subprocess.Popen(["sleep", "60"], cwd=other)
     try:
-        res = run(scripts.preflight(scripts.Names(str(home / "proj"), "cafe0002"), "sha1"))
+        res = run(scripts.preflight(scripts.Names(str(home / "proj"), "cafe0002")))
         assert res.returncode == 0, res.stderr
         assert bystander.poll() is None
     finally:
@@ -64,7 +64,7 @@ def test_preflight_leaves_other_processes_alone(tmp_path: Path) -> None:
 def test_user_config_reads_back_as_written(tmp_path: Path, name: str | None,
                                            email: str | None) -> None:
     cfg = tmp_path / "config"
-    cfg.write_text(scripts.user_config(name, email))
+    cfg.write_text(gitdir.user_config(name, email))
     for key, want in (("user.name", name), ("user.email", email)):
         res = subprocess.run(["git", "config", "--file", str(cfg), "--get", key],
                              capture_output=True, text=True)
@@ -72,4 +72,4 @@ def test_user_config_reads_back_as_written(tmp_path: Path, name: str | None,
             assert res.returncode == 1
         else:
             assert res.stdout == want + "\n"
-    assert scripts.user_config(None, None) == ""
+    assert gitdir.user_config(None, None) == ""

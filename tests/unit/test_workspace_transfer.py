@@ -19,6 +19,7 @@ import pytest
 
 from banger.daemon.workspace import EntryKind, PlanEntry, build_plan, inspect_repo
 from banger.daemon.workspace.exporter import parse_name_status, parse_sections
+from banger.daemon.workspace.gitdir import Kind, Member
 from banger.daemon.workspace.hostpack import build_pack
 from banger.daemon.workspace.importer import _shallow_set, plan_history
 from banger.daemon.workspace.model import Change, WorkspaceMode
@@ -120,7 +121,7 @@ def test_run_script_passes_input() -> None:
 # --------------------------------------------------------------------------- tar
 
 
-def tar_of(root: Path, entries: list[PlanEntry], extra: list[tuple[str, bytes]] | None = None,
+def tar_of(root: Path, entries: list[PlanEntry], extra: list[Member] | None = None,
            ) -> Path:
     out = root.parent / "out.tar"
     with GuestSink(GUEST, f"cat > '{out}'", step="tar") as sink:
@@ -139,12 +140,17 @@ def test_send_tree_writes_what_the_host_has(tmp_path: Path) -> None:
     (root / "sub").mkdir()
     entries = [PlanEntry("abs-link", EntryKind.SYMLINK), PlanEntry("d/f.txt", EntryKind.FILE),
                PlanEntry("sub", EntryKind.GITLINK), PlanEntry("x.sh", EntryKind.FILE)]
-    with tarfile.open(tar_of(root, entries, [(".git/meta", b"m"), (".git/empty", b"")])) as tar:
+    ours = [Member(".git", kind=Kind.DIR), Member(".git/meta", b"m"), Member(".git/empty"),
+            Member(".git/link", b"../x", Kind.SYMLINK)]
+    with tarfile.open(tar_of(root, entries, ours)) as tar:
         members = {m.name: m for m in tar.getmembers()}
         fh = tar.extractfile("d/f.txt")
         assert fh is not None and fh.read() == b"content\0bytes"
-    assert list(members) == [".git/meta", ".git/empty", "abs-link", "d/f.txt", "sub", "x.sh"]
-    assert members[".git/empty"].size == 0
+    assert list(members) == [".git", ".git/meta", ".git/empty", ".git/link", "abs-link",
+                             "d/f.txt", "sub", "x.sh"]
+    assert members[".git"].isdir() and members[".git"].mode == 0o755
+    assert members[".git/meta"].mode == 0o644 and members[".git/empty"].size == 0
+    assert members[".git/link"].issym() and members[".git/link"].linkname == "../x"
     assert members["abs-link"].issym() and members["abs-link"].linkname == "/etc/passwd"
     assert members["d/f.txt"].mode == 0o644 and members["x.sh"].mode == 0o755
     assert members["sub"].isdir()

@@ -186,12 +186,27 @@ def _prepare(d: Daemon, op: Operation, *, vm: VMRecord, runner: Runner,
     op.enter("wait")
     lock = _acquire(d, vm.id, op)
     try:
-        # Guest edits are never lost: whatever the guest changed in the workspace
-        # being replaced is saved first, then re-applied on the new copy (or the
-        # prepare is refused before anything is replaced).
-        op.enter("save")
         previous = d.db.get_vm(vm.id).workspace
-        saved = _save_guest_changes(d, op, vm, guest_path, p.discard_guest_changes)
+        saved: list[tuple[workspace.Exported, Path]] = []
+
+        def save_changes() -> bytes:
+            # Guest edits are never lost: whatever the guest changed in a workspace
+            # at guest_path is saved before it is replaced, then re-applied on the new
+            # copy (or the prepare is refused before anything is replaced). The copy
+            # calls this only when the guest found a workspace there.
+            op.enter("save")
+            try:
+                found = _save_guest_changes(d, op, vm, guest_path, p.discard_guest_changes)
+            except BangerError:
+                # Nothing was replaced: the old workspace and its record stay.
+                _set_workspace(d, vm.id, previous)
+                raise
+            op.enter("copy")
+            if found is None:
+                return b""
+            saved.append(found)
+            return b"" if p.discard_guest_changes else found[0].patch
+
         op.enter("copy")
         record: dict[str, Any] = {
             "host_path": info.host_path, "guest_path": guest_path,
@@ -207,29 +222,29 @@ def _prepare(d: Daemon, op: Operation, *, vm: VMRecord, runner: Runner,
             op.report(f"{files}/{total_files} files, {sent / 1e6:.1f}/{total_mb:.1f} MB"
                       f" ({rate:.1f} MB/s)")
 
-        reapply = saved[0].patch if saved and not p.discard_guest_changes else b""
         d.layout.staging_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
             prep = workspace.prepare(
                 d.dial(vm.id, vm.ip), runner, info, plan, guest_path=guest_path, branch=p.branch,
                 from_ref=p.from_ref, progress=progress, cancel=op.cancel,
-                guest_changes=reapply, scratch_dir=d.layout.staging_dir,
+                save_changes=save_changes, scratch_dir=d.layout.staging_dir,
                 transport=d.cfg.workspace_transport)
         except workspace.WorkspaceConflict as exc:
-            assert saved is not None
+            changes, backup = saved[0]
             # The old workspace is still there, as it was: so is its record.
             _set_workspace(d, vm.id, previous)
             raise workspace.WorkspaceConflict(
-                f"the guest's changes to {len(saved[0].changes)} file(s) in "
+                f"the guest's changes to {len(changes.changes)} file(s) in "
                 f"{vm.name}:{guest_path} do not apply to the new copy of {info.host_path}; "
                 f"the workspace was left as it was, and the changes are saved in "
-                f"{saved[1]}\n{exc.message}",
-                hint=f"merge them on the host (e.g. `git apply --3way {saved[1]}`), or "
+                f"{backup}\n{exc.message}",
+                hint=f"merge them on the host (e.g. `git apply --3way {backup}`), or "
                      "replace the workspace anyway with --discard-guest-changes "
                      "(the saved patch stays)",
-                backup=str(saved[1])) from exc
+                backup=str(backup)) from exc
         except BangerError as exc:
-            _set_workspace(d, vm.id, {**record, "error": exc.message})
+            if op.stage != "save":  # (a failed save put the previous record back)
+                _set_workspace(d, vm.id, {**record, "error": exc.message})
             raise
         op.enter("record")
         record.update({
@@ -241,9 +256,9 @@ def _prepare(d: Daemon, op: Operation, *, vm: VMRecord, runner: Runner,
         log.info("vm %s: workspace %s -> %s (%d files, %d bytes)", vm.name, info.host_path,
                  guest_path, prep.files, prep.bytes)
         guest_changes = None
-        if saved is not None:
+        if saved:
             guest_changes = {
-                "files": len(saved[0].changes), "backup": str(saved[1]),
+                "files": len(saved[0][0].changes), "backup": str(saved[0][1]),
                 "outcome": "discarded" if p.discard_guest_changes
                 else "reapplied" if prep.reapplied == "applied" else "already_present",
             }

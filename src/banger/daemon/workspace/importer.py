@@ -1,44 +1,49 @@
 """Prepare: copy a host work tree and its git state into a guest workspace.
 
-Steps (see :mod:`.scripts` for the guest side):
+One guest script does it all, in one round trip (:func:`.scripts.prepare`):
 
-1. files: first a preflight (tools present, target acceptable, stale staging
-   removed, an empty git repository created in a hidden staging directory), then,
-   in the same guest script, one tar stream: banger's metadata (the index listing,
-   refs, shallow list, excludes, the files to check out), the work-tree entries
-   that differ from their index blobs (modified and untracked files, symlinks,
-   conflicted paths; :mod:`.checkout` decides), read from the host tree on the fly,
-   and last each repository's history as a pack and its index, built on the host
-   beforehand (:mod:`.hostpack`): the commits to ship (HEAD's last ``depth``
-   generations, or every branch, tag and remote-tracking ref in ``full_copy``
-   mode) and every blob the host index names. Each byte of a file crosses once;
-2. setup: refs, HEAD, ``.git/shallow``, the index (``git update-index
-   --index-info`` from ``ls-files --stage``, conflict stages included), the
-   unchanged files written out of the pack (``checkout-index``, conversions off),
-   the git identity, and the prepared snapshot commit under ``refs/banger/prepared``;
-3. swap, in the same script as the workspace's own setup (unless the guest's
-   changes are re-applied in between): the staging directory replaces the target.
+1. preflight: tools present, target acceptable, stale staging removed, a hidden
+   staging directory created. With ``save_changes``, a banger workspace at the
+   target stops the script here, before it reads anything; the guest's changes in
+   it are saved and the script runs again;
+2. files: one tar stream. First each repository's git directory, written on the
+   host (:mod:`.gitdir`: HEAD, config and identity, refs, shallow list, excludes,
+   the index from ``ls-files --stage``, conflict stages included, and the list of
+   files to check out), then the work-tree entries that differ from their index
+   blobs (modified and untracked files, symlinks, conflicted paths; :mod:`.checkout`
+   decides), read from the host tree on the fly, and last each repository's history
+   as a pack and its index, built on the host beforehand (:mod:`.hostpack`): the
+   commits to ship (HEAD's last ``depth`` generations, or every branch, tag and
+   remote-tracking ref in ``full_copy`` mode) and every blob the host index names.
+   Each byte of a file crosses once;
+3. set-up, per repository: the unchanged files written out of the pack
+   (``checkout-index``, conversions off) and the prepared snapshot under
+   ``refs/banger/prepared`` (HEAD's own commit when the tree is exactly HEAD's,
+   else a commit the guest makes); then the guest's saved changes re-applied;
+4. swap: the staging directory replaces the target.
 
-Until step 3 nothing exists at the target path; any failure or cancellation
+Until step 4 nothing exists at the target path; any failure or cancellation
 removes the staging directory (best effort; the next prepare removes leftovers).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from banger.daemon.session import check_step, format_step_error
+from banger.daemon.session import format_step_error
 from banger.errors import BadRequest, BangerError, GuestError
 from banger.runner import CancelToken, Result, Runner
 
-from . import scripts
+from . import gitdir, scripts
 from .checkout import checkout_paths, listing
 from .hostpack import build_pack, pack_argv
 from .hosttree import read_owned
@@ -57,7 +62,7 @@ from .model import (
 )
 from .paths import check_guest_path, default_guest_path
 from .repo import host_git
-from .transfer import GuestSink, run_script, send_tree
+from .transfer import GuestSink, send_tree
 
 log = logging.getLogger("banger.workspace")
 
@@ -201,33 +206,20 @@ def _host_excludes(runner: Runner, info: RepoInfo) -> bytes:
     return b"".join(chunks)
 
 
-def _metadata(runner: Runner, prefix: str, info: RepoInfo, plan: CopyPlan, *,
-              history: History, mode: WorkspaceMode,
-              checkout: tuple[str, ...]) -> list[tuple[str, bytes]]:
-    """The files the setup step of one repository reads (see ``scripts.IMPORT_DIR``)."""
-    base = f"{prefix}{scripts.IMPORT_DIR}"
-    return [
-        (f"{base}/index", plan.index),
-        (f"{base}/checkout", listing(checkout)),
-        (f"{base}/refs", _refs_file(history.refs)),
-        (f"{base}/shallow", "".join(f"{c}\n" for c in history.shallow).encode()),
-        (f"{base}/exclude", _host_excludes(runner, info)),
-        (f"{base}/workspace", f"host_path={info.host_path}\nbase_commit={info.head or ''}\n"
-                              f"mode={mode.value}\n".encode()),
-    ]
-
-
-def _refs_file(refs: tuple[tuple[str, str], ...]) -> bytes:
-    return b"".join(f"create {name}\0{oid}\0".encode() for name, oid in refs)
+def _git_files(runner: Runner, repo: Repo, mode: WorkspaceMode) -> gitdir.RepoFiles:
+    """What the guest's git directory of ``repo`` holds, written here (see :mod:`.gitdir`)."""
+    info, history = repo.info, repo.history
+    return gitdir.RepoFiles(
+        object_format=info.object_format, index=repo.plan.index,
+        head_symbolic=history.head_symbolic, head_commit=history.head_commit,
+        refs=history.refs, shallow=history.shallow, user_name=info.identity.name,
+        user_email=info.identity.email, excludes=_host_excludes(runner, info),
+        marker=(f"host_path={info.host_path}\nbase_commit={info.head or ''}\n"
+                f"mode={mode.value}\n").encode(),
+        checkout=listing(repo.checkout), prepared=None if repo.commit else repo.parent)
 
 
 REFUSED_HINT = "choose another --guest-path, or remove that path in the guest"
-
-
-def _checked(step: str, result: Result) -> Result:
-    if result.returncode == scripts.EXIT_REFUSED:
-        raise BadRequest(format_step_error(step, result), hint=REFUSED_HINT)
-    return check_step(step, result)
 
 
 class _Counter:
@@ -268,7 +260,8 @@ def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan,
             progress: Progress | None = None, cancel: CancelToken | None = None,
             depth: int = DEFAULT_DEPTH, home: str = GUEST_HOME,
             step_timeout: float = 1800.0, stall_timeout: float = 120.0,
-            guest_changes: bytes = b"", scratch_dir: Path | None = None,
+            guest_changes: bytes = b"",
+            save_changes: Callable[[], bytes] | None = None, scratch_dir: Path | None = None,
             transport: str = "auto", tcp_min_bytes: int = TCP_MIN_BYTES) -> Prepared:
     """Copy the host work tree and its git state into a guest workspace.
 
@@ -291,6 +284,12 @@ def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan,
         stall_timeout: bound on one blocked write into the guest.
         guest_changes: a patch (an :func:`export` of the workspace being replaced)
             to apply on top of the new copy before it replaces the old one.
+        save_changes: when given, a banger workspace found at the target is not
+            replaced at once: ``save_changes()`` is called to save the guest's changes
+            in it and returns them as a patch (``b""``: none), which replaces
+            ``guest_changes``; then the copy starts again. The guest says whether
+            there is one in the same round trip that copies, so a new target costs
+            no extra round trip.
         scratch_dir: where the history's pack is built on the host (default: the
             system's temporary directory); a directory only root can enter.
         transport: ``auto``: the files' tar goes over a TCP connection to the guest
@@ -328,37 +327,30 @@ def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan,
     head_commit = (from_commit or info.head) if branch else info.head
     repos: list[Repo] = []  # the workspace, then its submodules
     for prefix, sub_info, sub_plan in plan.walk():
-        rinfo = sub_info or info
         if sub_info is None:
             history = plan_history(runner, info, plan, mode=mode, depth=depth, branch=branch,
                                    from_commit=from_commit)
-            parent = head_commit
+            repos.append(Repo(prefix, info, sub_plan, history, head_commit))
         else:
             history = plan_history(runner, sub_info, sub_plan, mode=WorkspaceMode.FULL_COPY,
                                    depth=depth, branch=None, from_commit=None)
-            parent = sub_info.head
-        setup = scripts.Setup(head_symbolic=history.head_symbolic,
-                              head_commit=history.head_commit, parent=parent,
-                              user_name=rinfo.identity.name, user_email=rinfo.identity.email,
-                              object_format=rinfo.object_format)
-        repos.append((prefix, rinfo, sub_plan, history, setup))
+            repos.append(Repo(prefix, sub_info, sub_plan, history, sub_info.head))
     cancel.check()
     clock = _StepClock()
     # Files whose bytes are their index blob come out of the history pack in the
     # guest: their bytes cross the link once (in the pack), not twice.
-    from_pack = {prefix: checkout_paths(sub_plan, rinfo.object_format)
-                 for prefix, rinfo, sub_plan, _, _ in repos}
+    repos = [r.with_checkout(checkout_paths(r.plan, r.info.object_format)) for r in repos]
     clock.lap("hash")
-    skip = {prefix + p for prefix, paths in from_pack.items() for p in paths}
+    skip = {r.prefix + p for r in repos for p in r.checkout}
     sent = [e for e in plan.all_entries() if e.path not in skip]
-    metadata = [m for prefix, rinfo, sub_plan, history, _ in repos
-                for m in _metadata(runner, prefix, rinfo, sub_plan, history=history, mode=mode,
-                                   checkout=from_pack[prefix])]
-    if plan.submodules:
-        listing = "".join(f"{prefix.rstrip('/')}\n" for prefix, *_ in repos[1:])
-        metadata.append((f"{scripts.IMPORT_DIR}/submodules", listing.encode()))
+    files = [(r.prefix, _git_files(runner, r, mode)) for r in repos]
+    submodules = "".join(f"{r.prefix.rstrip('/')}\n" for r in repos[1:]).encode()
+    # Submodules first (deepest first): a parent's snapshot records their HEADs.
+    setups = [scripts.RepoSetup(r.prefix, checkout=bool(r.checkout), commit=r.commit,
+                                parent=r.parent)
+              for r in sorted(repos, key=lambda r: -r.prefix.count("/"))]
     names = scripts.Names(target, secrets.token_hex(4))
-    counter = _Counter(progress)
+    step = f"prepare {target}"
     cancel.check()
     scratch = Path(tempfile.mkdtemp(prefix="workspace-", dir=scratch_dir))
     try:
@@ -367,52 +359,48 @@ def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan,
         packs = _build_packs(runner, repos, scratch, cancel=cancel, timeout=step_timeout,
                              compression=0 if over_tcp else 1)
         clock.lap("pack")
-        try:
+        replacing = save_changes is None
+        while True:
+            counter = _Counter(progress)
             token = secrets.token_hex(16) if over_tcp else None
-            with GuestSink(guest, scripts.extract(names, info.object_format, token),
-                           step=f"copy files into {target}", cancel=cancel,
-                           stall_timeout=stall_timeout, on_bytes=counter.add_bytes,
-                           data_token=token) as sink:
-                channel = sink.channel
-                send_tree(sink, info.host_path, sent, metadata,
-                          trailer=packs, cancel=cancel, on_file=counter.add_file)
-                sink.finish(step_timeout)
-        except GuestError as exc:
-            if exc.details.get("returncode") == scripts.EXIT_REFUSED:
-                raise BadRequest(exc.message, hint=REFUSED_HINT) from exc
-            raise
-        clock.lap("files")
-        prepared_commit = ""
-        # Submodules first (deepest first): a parent's snapshot records their HEADs.
-        # The last setup (the workspace's own) also swaps, unless changes are re-applied.
-        ordered = sorted(repos, key=lambda r: -r[0].count("/"))
-        for n, (prefix, _, _, _, setup) in enumerate(ordered):
-            where = f" ({prefix.rstrip('/')})" if prefix else ""
-            swap = n == len(ordered) - 1 and not guest_changes
-            counter.report()
-            step = f"set up the git repository{where}"
-            res = _checked(step, run_script(guest, scripts.setup(names, setup, prefix,
-                                                                 then_swap=swap),
-                                            step=step, timeout=step_timeout, cancel=cancel,
-                                            check=False))
-            prepared_commit = res.out.split()[-1]
-            clock.lap(f"setup{where}" + (" and swap" if swap else ""))
-        reapplied = None
-        if guest_changes:
-            reapplied = _reapply(guest, names, guest_changes, target, cancel=cancel,
-                                 timeout=step_timeout)
-            clock.lap("reapply")
-            cancel.check()
-            _checked("move the workspace into place",
-                     guest.run(scripts.swap(names), timeout=120, check=False,
-                               desc="workspace swap"))
-            clock.lap("swap")
+            metadata = [m for prefix, f in files for m in gitdir.members(
+                prefix, f, submodules=submodules if not prefix else b"",
+                reapply=guest_changes if not prefix else b"")]
+            try:
+                with GuestSink(guest, scripts.prepare(names, setups, token=token,
+                                                      replace=replacing,
+                                                      reapply=bool(guest_changes)),
+                               step=step, cancel=cancel, stall_timeout=stall_timeout,
+                               on_bytes=counter.add_bytes, data_token=token) as sink:
+                    send_tree(sink, info.host_path, sent, metadata,
+                              trailer=packs, cancel=cancel, on_file=counter.add_file)
+                    counter.report()
+                    res = sink.finish(step_timeout)
+                    channel = sink.channel
+            except GuestError as exc:
+                code = exc.details.get("returncode")
+                if code == scripts.EXIT_EXISTS and save_changes is not None and not replacing:
+                    # A banger workspace is in the way: save what the guest changed in
+                    # it, then copy again, re-applying those changes on the new copy.
+                    clock.lap("found a workspace")
+                    guest_changes = save_changes()
+                    clock.lap("save")
+                    replacing = True
+                    continue
+                if code == scripts.EXIT_REFUSED:
+                    raise BadRequest(exc.message, hint=REFUSED_HINT) from exc
+                if code == scripts.EXIT_CONFLICT:
+                    raise WorkspaceConflict(exc.message) from exc
+                raise
+            break
+        clock.lap("files, set-up and swap")
         log.info("workspace %s: %s", target, clock.summary())
     except BaseException:
         _cleanup(guest, names)
         raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    prepared_commit, reapplied = _outcome(res, repos[0], step, bool(guest_changes))
     tool_log = None
     if any(e.path in TOOL_FILES and e.kind is not EntryKind.GITLINK for e in plan.entries):
         tool_log = _start_tools(guest, target)
@@ -424,8 +412,31 @@ def prepare(guest: GuestChannel, runner: Runner, info: RepoInfo, plan: CopyPlan,
                     bytes=counter.bytes, tool_log=tool_log, reapplied=reapplied)
 
 
-Repo = tuple[str, RepoInfo, CopyPlan, History, scripts.Setup]
-"""(path prefix, info, plan, history, setup) of the workspace or one of its submodules."""
+@dataclass(frozen=True)
+class Repo:
+    """The workspace's repository or one of its submodules', as prepare copies it."""
+
+    prefix: str  # "" or "sub/path/": where it sits in the workspace
+    info: RepoInfo
+    plan: CopyPlan
+    history: History
+    parent: str | None  # the commit the prepared snapshot descends from
+    checkout: tuple[str, ...] = ()  # files the guest writes out of the pack
+
+    def with_checkout(self, paths: tuple[str, ...]) -> Repo:
+        """This repository, with the files the guest checks out of the pack."""
+        return dataclasses.replace(self, checkout=paths)
+
+    @property
+    def commit(self) -> bool:
+        """Whether the guest must record a snapshot commit: unless the tree as copied is
+        exactly the parent's, which then serves as the snapshot (the host tree is
+        clean, the parent is its HEAD, and every file's bytes are its blob's)."""
+        checked_out = set(self.checkout)
+        return not (self.parent is not None and self.parent == self.info.head
+                    and not self.info.dirty
+                    and all(e.path in checked_out for e in self.plan.entries
+                            if e.kind is EntryKind.FILE))
 
 
 def _build_packs(runner: Runner, repos: list[Repo], scratch: Path, *, cancel: CancelToken,
@@ -433,31 +444,34 @@ def _build_packs(runner: Runner, repos: list[Repo], scratch: Path, *, cancel: Ca
     """Each repository's history packed and indexed on the host: (tar name, file)
     pairs that land in its ``.git/objects/pack``."""
     files: list[tuple[str, Path]] = []
-    for n, (prefix, rinfo, _, history, _) in enumerate(repos):
-        if not history.revs:
+    for n, repo in enumerate(repos):
+        if not repo.history.revs:
             continue
-        built = build_pack(pack_argv(runner, rinfo.host_path, compression), history.revs,
-                           scratch / f"{n}.pack", object_format=rinfo.object_format,
-                           timeout=timeout, cancel=cancel)
-        base = f"{prefix}.git/objects/pack/{built.name}"
+        built = build_pack(pack_argv(runner, repo.info.host_path, compression),
+                           repo.history.revs, scratch / f"{n}.pack",
+                           object_format=repo.info.object_format, timeout=timeout,
+                           cancel=cancel)
+        base = f"{repo.prefix}.git/objects/pack/{built.name}"
         files += [(f"{base}.pack", built.pack), (f"{base}.idx", built.idx)]
     return files
 
 
-def _reapply(guest: GuestChannel, names: scripts.Names, patch: bytes, target: str, *,
-             cancel: CancelToken, timeout: float) -> str:
-    """Apply ``patch`` to the staging tree; ``applied`` or ``present`` (see
-    :func:`scripts.reapply`)."""
-    step = f"re-apply the guest's changes to the new copy of {target}"
-    res = run_script(guest, scripts.reapply(names), step=step, input=patch, timeout=timeout,
-                     cancel=cancel, check=False)
-    if res.returncode == scripts.EXIT_CONFLICT:
-        raise WorkspaceConflict(format_step_error(step, res))
-    check_step(step, res)
-    outcome = res.out.strip()
-    if outcome not in ("applied", "present"):
-        raise GuestError(f"{step}: unexpected answer from the guest: {outcome[:200]!r}")
-    return outcome
+def _outcome(res: Result, top: Repo, step: str, reapplied: bool) -> tuple[str, str | None]:
+    """The prepared snapshot commit and the re-apply outcome, from the script's output."""
+    commit = top.parent or ""
+    outcome = None
+    for line in res.out.splitlines():
+        key, _, value = line.partition(" ")
+        if key == scripts.PREPARED and top.commit:
+            commit = value.strip()
+        elif key == scripts.REAPPLIED:
+            outcome = value.strip()
+    if not commit or not all(c in "0123456789abcdef" for c in commit):
+        raise GuestError(f"{step}: no snapshot commit in the guest's answer: "
+                         f"{res.out[-200:]!r}")
+    if reapplied and outcome not in ("applied", "present"):
+        raise GuestError(f"{step}: unexpected re-apply answer from the guest: {outcome!r}")
+    return commit, outcome
 
 
 class _StepClock:

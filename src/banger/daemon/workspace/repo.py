@@ -224,6 +224,7 @@ def inspect_repo(runner: Runner, path: str, mode: WorkspaceMode | str = Workspac
             "workspace cannot carry",
             hint="use --mode full_copy to copy the repository with its submodules")
     status = host_git(runner, top, "status", "--porcelain", "-z", "--untracked-files=normal",
+                      "--ignore-submodules=none",
                       desc="check for uncommitted changes", timeout=300)
     return RepoInfo(
         host_path=top, mode=mode, head=head, branch=branch, object_format=object_format,

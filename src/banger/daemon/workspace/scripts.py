@@ -1,4 +1,7 @@
-"""The guest side: POSIX sh scripts, one per step, every value quoted.
+"""The guest side: POSIX sh scripts, every value quoted.
+
+A prepare is one script (:func:`prepare`: one guest round trip); export, cleanup
+and starting ``mise install`` are one each.
 
 Layout around a workspace ``T = P/N`` in the guest:
 
@@ -9,7 +12,8 @@ Layout around a workspace ``T = P/N`` in the guest:
 * ``T/.git/banger/``: banger's private state: ``workspace`` (marker: banger may
   replace this directory), a private git directory (``HEAD``, ``config``,
   ``info/attributes``, ``index``) that shares ``T/.git/objects`` and holds the
-  index of the prepared snapshot, and the ``mise install`` log.
+  index of the prepared snapshot, the inputs of the last prepare's set-up
+  (``import/``, emptied once used) and the ``mise install`` log.
 
 The private git directory lets prepare and export hash the work tree without
 touching the user's index or HEAD, and with content conversion switched off
@@ -25,15 +29,13 @@ from dataclasses import dataclass
 
 from banger.daemon.session import quote, script
 
+from .gitdir import IMPORT_DIR
 from .model import MARKER, MISE_LOG, PREPARED_REF, STATE_DIR
-
-IMPORT_DIR = ".git/banger-import"
-"""Metadata prepare ships inside the tar, consumed and removed by the setup step."""
 
 EXIT_REFUSED = 3  # the request cannot be honoured (path taken, not a workspace): BadRequest
 EXIT_BAD_BASE = 4  # export: base commit unknown in the guest
-
-SNAPSHOT_ATTRIBUTES = "* -text -eol -filter -ident -working-tree-encoding\n"
+EXIT_CONFLICT = 5  # prepare: the guest's changes do not apply to the new copy
+EXIT_EXISTS = 6  # prepare without replace: a banger workspace is at the target
 
 _PRELUDE = (
     "unset GIT_DIR GIT_WORK_TREE GIT_INDEX_FILE GIT_OBJECT_DIRECTORY "
@@ -87,17 +89,17 @@ def _snapshot_fn(index: str, objects: str = "$PWD/.git/objects", alternates: str
     return f'{name}() {{ {env} git "$@"; }}'
 
 
-def preflight(names: Names, object_format: str) -> str:
-    """Check tools and the target, finish an interrupted swap, create the staging repo."""
-    return script(*_PRELUDE, names.vars(), *_preflight_lines(object_format))
+def preflight(names: Names, *, replace: bool = True) -> str:
+    """Check tools and the target, finish an interrupted swap, create the staging
+    directory (the start of :func:`prepare`, on its own)."""
+    return script(*_PRELUDE, names.vars(), *_preflight_lines(replace))
 
 
-def _preflight_lines(object_format: str) -> list[str]:
-    fmt = "--object-format=sha256 " if object_format == "sha256" else ""
-    return [
+def _preflight_lines(replace: bool) -> list[str]:
+    lines = [
         'command -v git >/dev/null 2>&1 || fail 1 "git is not installed in the guest"',
         'command -v tar >/dev/null 2>&1 || fail 1 "tar is not installed in the guest"',
-        'mkdir -p -- "$P"',
+        '[ -d "$P" ] || mkdir -p -- "$P"',
         '[ "$(cd -P -- "$P" && pwd)" = "$P" ] || '
         f'fail {EXIT_REFUSED} "$P is or passes through a symlink"',
         # A swap cut short (guest crash between its two renames) left the old
@@ -106,20 +108,22 @@ def _preflight_lines(object_format: str) -> list[str]:
         '  [ -e "$o" ] || continue',
         '  if [ ! -e "$T" ] && [ ! -L "$T" ]; then mv -T -- "$o" "$T"; else rm -rf -- "$o"; fi',
         'done',
-        *_kill_stale_writers(),
-        'rm -rf -- "$P/.$N.banger-partial-"*',
+        *_remove_stale_staging(),
         _check_target(),
-        'mkdir -- "$S"',
-        f'git init -q {fmt}"$S"',
     ]
+    if not replace:
+        # The caller saves the guest's changes in it first, then asks again.
+        lines.append(f'if [ -f "$T/{MARKER}" ]; then exit {EXIT_EXISTS}; fi')
+    return [*lines, 'mkdir -- "$S"']
 
 
-def _kill_stale_writers() -> list[str]:
-    """Kill guest processes still working in a stale staging directory.
+def _remove_stale_staging() -> list[str]:
+    """Remove the staging directories earlier prepares left, and kill guest processes
+    still working in them.
 
     A prepare whose daemon was killed (``kill -9``) leaves its guest step running:
     the ssh session outlives its client. Such a step (``git add`` hashing files,
-    ``index-pack``, ``tar``) writes through absolute paths, and git recreates
+    ``checkout-index``, ``tar``) writes through absolute paths, and git recreates
     missing parent directories, so it would bring the staging directory back
     right after this prepare removed it. Every step ``cd``s into its staging
     directory first, so the working directory finds them all.
@@ -133,6 +137,7 @@ def _kill_stale_writers() -> list[str]:
         '    c=$(readlink "$p/cwd" 2>/dev/null) || continue',
         '    case $c in "$P/.$N.banger-partial-"*) kill -9 "${p#/proc/}" 2>/dev/null || :;; esac',
         "  done",
+        '  rm -rf -- "$P/.$N.banger-partial-"*',
         "fi",
     ]
 
@@ -148,8 +153,13 @@ def _check_target() -> str:
 
 CHANNEL_STDIN = "banger-stdin"
 CHANNEL_PORT = "banger-port"
-"""The first line :func:`extract` prints says where it reads the tar: ``banger-stdin``,
+"""The first line :func:`prepare` prints says where it reads the tar: ``banger-stdin``,
 or ``banger-port N`` (a TCP port on the guest's address, see :data:`RECEIVER`)."""
+
+PREPARED = "banger-prepared"
+REAPPLIED = "banger-reapply"
+"""Later lines: ``banger-prepared <commit>`` (the snapshot commit :func:`prepare` made
+for the workspace) and ``banger-reapply applied|present``."""
 
 RECEIVER = r"""
 use strict; use IO::Socket::INET; use IO::Select;
@@ -171,183 +181,136 @@ while (1) {
     close $l;
     open(STDIN, "<&", $c) or die "banger: $!\n";
     close $c;
-    exec { $ARGV[0] } @ARGV or die "banger: cannot run $ARGV[0]: $!\n";
+    system { $ARGV[0] } @ARGV;
+    exit($? == -1 ? 127 : ($? & 127) ? 128 + ($? & 127) : $? >> 8);
   }
   close $c;
 }
 """
 """Waits for one TCP connection that starts with the token given as its first
-argument, then runs the rest of its arguments with that connection as stdin.
-Connections without the token (another host process) are dropped."""
+argument, then runs the rest of its arguments with that connection as stdin and
+exits with their status. Connections without the token (another host process) are
+dropped."""
 
 _TAR_X = ("tar", "-x", "-f", "-", "--no-same-owner", "--same-permissions",
           "--warning=no-timestamp")
 
 
-def extract(names: Names, object_format: str, token: str | None = None) -> str:
-    """:func:`preflight`, then untar into the staging directory (one guest round trip
-    for both; a refusal exits ``EXIT_REFUSED`` before reading anything).
+@dataclass(frozen=True)
+class RepoSetup:
+    """The set-up of one repository of the workspace, after its files arrived."""
 
-    With ``token``, and perl in the guest, the tar comes over a TCP connection to the
-    guest (:data:`RECEIVER`): under TCG a guest's sshd takes in 6-10 MB/s where a plain
-    socket takes 90. Otherwise, or without perl, it is read from stdin (the ssh
-    channel). The first line printed says which (:data:`CHANNEL_STDIN`).
+    subdir: str  # "" for the workspace, "sub/path/" for a submodule's repository
+    checkout: bool  # write the files listed in IMPORT_DIR/checkout out of the pack
+    commit: bool  # record the snapshot commit (else the host wrote PREPARED_REF already)
+    parent: str | None  # the snapshot commit's parent (HEAD's commit)
+
+
+def prepare(names: Names, repos: list[RepoSetup], *, token: str | None = None,
+            replace: bool = True, reapply: bool = False,
+            parallel_checkout_from: int = 1000) -> str:
+    """The whole guest side of a prepare, in one round trip.
+
+    1. :func:`preflight`; with ``replace`` False a banger workspace at the target
+       exits ``EXIT_EXISTS`` (before reading anything), so the caller can save the
+       guest's changes in it first;
+    2. untar into the staging directory: from a TCP connection when ``token`` is
+       given and the guest has perl (:data:`RECEIVER`; under TCG a guest's sshd takes
+       in 6-10 MB/s where a plain socket takes 90), else from stdin. The first line
+       printed says which (:data:`CHANNEL_STDIN`). The tar holds the git directories
+       too (:mod:`.gitdir`);
+    3. each repository in ``repos`` (submodules first, deepest first: a parent's
+       snapshot records their HEADs): write the unchanged files out of the pack, copy
+       the index into the private git directory and, unless the host already knows it
+       (the tree is exactly HEAD's), record the snapshot commit;
+    4. with ``reapply``, apply ``IMPORT_DIR/reapply.patch`` (see :func:`_reapply_lines`);
+    5. move the staging directory to the target (:func:`_swap_lines`).
+
+    Each program started costs a TCG guest 0.1-0.3 s: everything a shell builtin can
+    do is done by one.
     """
     tar = " ".join(_TAR_X)
-    lines = [*_PRELUDE, names.vars(), *_preflight_lines(object_format), 'cd -- "$S"']
+    lines = [*_PRELUDE, names.vars(), *_preflight_lines(replace), 'cd -- "$S"']
     if token is not None:
         lines.append("if command -v perl >/dev/null 2>&1; then "
-                     f"exec perl -e {quote(RECEIVER)} {quote(token)} {tar}; fi")
-    lines += [f"echo {CHANNEL_STDIN}", f"exec {tar}"]
-    return script(*lines)
+                     f"perl -e {quote(RECEIVER)} {quote(token)} {tar}; else "
+                     f"echo {CHANNEL_STDIN}; {tar}; fi")
+    else:
+        lines += [f"echo {CHANNEL_STDIN}", tar]
+    lines.append("exec </dev/null")  # nothing after the tar reads the input channel
+    for repo in repos:
+        lines += _setup_lines(repo, parallel_checkout_from)
+    if reapply:
+        lines += _reapply_lines()
+    return script(*lines, *_swap_lines())
 
 
-def _enter(subdir: str, object_format: str) -> list[str]:
-    """cd into the staging repository (or a submodule's, ``subdir`` ending in ``/``),
-    creating the submodule's repository on first use."""
-    fmt = " --object-format=sha256" if object_format == "sha256" else ""
-    return [f'cd -- "$S"/{quote(subdir)}', f"[ -f .git/HEAD ] || git init -q{fmt} ."]
+def _setup_lines(repo: RepoSetup, parallel_checkout_from: int) -> list[str]:
+    lines = [f'cd -- "$S"/{quote(repo.subdir)}', f"st={STATE_DIR} imp={IMPORT_DIR}"]
+    if repo.checkout:
+        lines += [
+            _snapshot_fn("$PWD/.git/index", name="unconverted"),
+            # Parallel checkout (one worker per CPU): a guest writing many files under
+            # TCG is CPU-bound, each vCPU a host thread; for a few files the workers'
+            # start costs more than they save.
+            "unconverted -c checkout.workers=0 "
+            f"-c checkout.thresholdForParallelism={parallel_checkout_from} "
+            'checkout-index -u -f -z --stdin < "$imp/checkout"',
+            ': > "$imp/checkout"',
+        ]
+    # The snapshot's index starts as a copy of this one: the only entries with stat
+    # data are the files just checked out, whose bytes are their blobs exactly, so
+    # `add -A` below (and every export) hashes only the files the tar brought. -p:
+    # git's racy-entry check compares entries with the index file's mtime.
+    lines.append('cp -p .git/index "$st/index"')
+    if repo.commit:
+        parent = f"-p {quote(repo.parent)} " if repo.parent else ""
+        lines += [
+            _snapshot_fn('$PWD/$st/index'),
+            "snap add -A",
+            'tree=$(snap write-tree)',
+            "commit=$(GIT_AUTHOR_NAME=banger GIT_AUTHOR_EMAIL=banger@localhost "
+            "GIT_COMMITTER_NAME=banger GIT_COMMITTER_EMAIL=banger@localhost "
+            f'git commit-tree --no-gpg-sign {parent}-m "banger: workspace as prepared" '
+            '"$tree")',
+            # A loose ref is one line of text; .git/refs/banger came in the tar.
+            f"printf '%s\\n' \"$commit\" > .git/{PREPARED_REF}",
+        ]
+        if not repo.subdir:
+            lines.append(f"printf '{PREPARED} %s\\n' \"$commit\"")
+    return lines
 
 
-@dataclass(frozen=True)
-class Setup:
-    """What the setup step writes into the staging repository."""
+def _reapply_lines() -> list[str]:
+    """Apply ``IMPORT_DIR/reapply.patch`` (a previous workspace's export) to the staging
+    tree.
 
-    head_symbolic: str | None  # e.g. refs/heads/main; HEAD becomes a symref to it
-    head_commit: str | None  # HEAD's commit when detached (head_symbolic is None)
-    parent: str | None  # the guest HEAD commit the prepared snapshot commit descends from
-    user_name: str | None
-    user_email: str | None
-    object_format: str
-
-
-def setup(names: Names, s: Setup, subdir: str = "", *, then_swap: bool = False) -> str:
-    """Replay refs, HEAD, shallow list, index and identity; record the prepared snapshot.
-
-    ``subdir`` names a submodule's repository below the staging directory (ending in
-    ``/``); submodules are set up before their parents. Prints the prepared
-    snapshot's commit id. With ``then_swap`` the same script goes on with
-    :func:`swap` (one guest round trip less, when nothing runs in between).
+    Runs after the set-up, so the prepared snapshot is the new copy and the
+    re-applied changes show up as the guest's own edits in the next export. The
+    private git directory applies it, with content conversion off, as export
+    produced it. Prints ``banger-reapply applied``, or ``banger-reapply present``
+    when the new copy already holds the changes (the patch applies in reverse: the
+    host took them, e.g. from an export); exits ``EXIT_CONFLICT`` with git's
+    complaint when neither is true, leaving the staging tree unchanged.
     """
-    # Each program a script starts costs 0.1-0.3 s in a TCG guest: what a shell builtin
-    # can write (config, HEAD) is written with printf, not git.
-    lines: list[str] = [*_PRELUDE, names.vars(), *_enter(subdir, s.object_format),
-                        f"imp={IMPORT_DIR}"]
-    identity = user_config(s.user_name, s.user_email)
-    if identity:
-        lines.append(f"printf '%s' {quote(identity)} >> .git/config")
-    lines += [
-        'cat -- "$imp/exclude" >> .git/info/exclude',
-        'if [ -s "$imp/shallow" ]; then cp -- "$imp/shallow" .git/shallow; fi',
-        'if [ -s "$imp/refs" ]; then git update-ref -z --stdin < "$imp/refs"; fi',
-    ]
-    if s.head_symbolic is not None:
-        lines.append(f"printf 'ref: %s\\n' {quote(s.head_symbolic)} > .git/HEAD")
-    elif s.head_commit is not None:
-        lines.append(f"git update-ref --no-deref HEAD {quote(s.head_commit)}")
-    version = "1" if s.object_format == "sha256" else "0"
-    config = f"[core]\\n\\trepositoryformatversion = {version}\\n\\tbare = false\\n"
-    if s.object_format == "sha256":
-        config += "[extensions]\\n\\tobjectformat = sha256\\n"
-    parent = f"-p {quote(s.parent)} " if s.parent else ""
-    lines += [
-        'git update-index -z --index-info < "$imp/index"',
-        f"st={STATE_DIR}",
-        'mkdir -p -- "$st/refs" "$st/objects" "$st/info"',
-        "printf 'ref: refs/heads/banger\\n' > \"$st/HEAD\"",
-        f"printf '{config}' > \"$st/config\"",
-        f"printf '%s' {quote(SNAPSHOT_ATTRIBUTES)} > \"$st/info/attributes\"",
-        'ln -s ../../info/exclude "$st/info/exclude"',
-        *_checkout_lines(),
-        # The snapshot's index starts as a copy of this one: the only entries with
-        # stat data are the files just checked out, whose bytes are their blobs
-        # exactly, so `add -A` below hashes only the files the tar brought. -p:
-        # git's racy-entry check compares entries with the index file's mtime.
-        # (The checkout's stat data also keeps the user's first `git status` quick.)
-        'cp -p .git/index "$st/index"',
-        _snapshot_fn('$PWD/$st/index'),
-        "snap add -A",
-        'tree=$(snap write-tree)',
-        "commit=$(GIT_AUTHOR_NAME=banger GIT_AUTHOR_EMAIL=banger@localhost "
-        "GIT_COMMITTER_NAME=banger GIT_COMMITTER_EMAIL=banger@localhost "
-        f'git commit-tree --no-gpg-sign {parent}-m "banger: workspace as prepared" "$tree")',
-        f'git update-ref -m "banger prepare" {PREPARED_REF} "$commit"',
-        f'mv -- "$imp/workspace" "{MARKER}"',
-        'if [ -f "$imp/submodules" ]; then mv -- "$imp/submodules" "$st/submodules"; fi',
-        'rm -rf -- "$imp"',
-        'printf "%s\\n" "$commit"',
-    ]
-    if then_swap:
-        lines += _swap_lines()
-    return script(*lines)
-
-
-def _checkout_lines() -> list[str]:
-    """Write the files listed in ``$imp/checkout`` from the object store, as their blobs'
-    bytes exactly, recording their stat data in the index (``-u``). Through the private
-    git directory, whose ``info/attributes`` (``SNAPSHOT_ATTRIBUTES``, the attributes
-    that win) switch every content conversion off."""
     return [
-        'if [ -s "$imp/checkout" ]; then',
-        "  " + _snapshot_fn("$PWD/.git/index", name="unconverted"),
-        # checkout.workers=0: one worker per CPU (git's parallel checkout; a guest
-        # writing files under TCG is CPU-bound, and each vCPU is a host thread).
-        '  unconverted -c checkout.workers=0 checkout-index -u -f -z --stdin < "$imp/checkout"',
-        "fi",
-    ]
-
-
-def user_config(name: str | None, email: str | None) -> str:
-    """A git config ``[user]`` section for ``name`` and ``email`` (either may be None),
-    values quoted as git's config parser reads them back; empty when both are None."""
-    def value(v: str) -> str:
-        escaped = (v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-                   .replace("\t", "\\t").replace("\b", "\\b"))
-        return f'"{escaped}"'
-
-    body = "".join(f"\t{key} = {value(v)}\n" for key, v in (("name", name), ("email", email))
-                   if v is not None)
-    return f"[user]\n{body}" if body else ""
-
-
-EXIT_CONFLICT = 5  # reapply: the guest's changes do not apply to the new copy
-
-
-def reapply(names: Names) -> str:
-    """Apply the patch on stdin (a previous workspace's export) to the staging tree.
-
-    Runs after setup, so the prepared snapshot is the new copy and the re-applied
-    changes show up as the guest's own edits in the next export. The private git
-    directory applies it, with content conversion off, as export produced it.
-    Prints ``applied``, or ``present`` when the new copy already holds the changes
-    (the patch applies in reverse: the host took them, e.g. from an export);
-    exits ``EXIT_CONFLICT`` with git's complaint when neither is true, leaving the
-    staging tree unchanged.
-    """
-    return script(
-        *_PRELUDE, names.vars(),
         'cd -- "$S"',
-        'patch="$S/.git/banger-reapply.patch"',
-        'cat > "$patch"',
+        f'patch="$S/{IMPORT_DIR}/reapply.patch"',
         _snapshot_fn(f"$PWD/{STATE_DIR}/index"),
         "ap() { snap apply --whitespace=nowarn \"$@\" \"$patch\"; }",
-        "if ap --check 2>\"$patch.err\"; then ap; r=applied",
+        'if ap --check 2>"$patch.err"; then ap; r=applied',
         "elif ap --check -R 2>/dev/null; then r=present",
-        f'else cat -- "$patch.err" >&2; rm -f -- "$patch" "$patch.err"; exit {EXIT_CONFLICT}; fi',
-        'rm -f -- "$patch" "$patch.err"',
-        'printf "%s\\n" "$r"',
-    )
+        f'else cat -- "$patch.err" >&2; exit {EXIT_CONFLICT}; fi',
+        ': > "$patch"; : > "$patch.err"',
+        f'printf "{REAPPLIED} %s\\n" "$r"',
+    ]
 
 
-def swap(names: Names) -> str:
+def _swap_lines() -> list[str]:
     """Move the staging directory to the target, replacing an old workspace.
 
     Two renames (``T -> O``, ``S -> T``); if the second fails the first is undone.
     """
-    return script(*_PRELUDE, names.vars(), *_swap_lines())
-
-
-def _swap_lines() -> list[str]:
     return [
         _check_target(),
         'if [ -e "$T" ]; then',

@@ -33,6 +33,7 @@ from banger.daemon.session import step_error
 from banger.errors import BangerError, Cancelled, GuestError
 from banger.runner import CancelToken, Result
 
+from .gitdir import Kind, Member
 from .hosttree import HostTree, _changed
 from .model import EntryKind, GuestChannel, PlanEntry
 from .scripts import CHANNEL_PORT, CHANNEL_STDIN
@@ -369,13 +370,13 @@ def run_script(guest: GuestChannel, script: str, *, step: str, input: bytes = b"
 
 
 def send_tree(sink: GuestSink, root: str, entries: Sequence[PlanEntry],
-              extra: Iterable[tuple[str, bytes]] = (), *,
+              extra: Iterable[Member] = (), *,
               trailer: Iterable[tuple[str, Path]] = (),
               cancel: CancelToken | None = None,
               on_file: Callable[[], None] | None = None) -> None:
     """Write a tar (PAX) of ``entries`` read from the host tree ``root`` into ``sink``.
 
-    ``extra`` are (name, content) metadata files written first; ``trailer`` are
+    ``extra`` are banger's own members (the git directories) written first; ``trailer`` are
     (name, host file) pairs written last: bangerd's own files (the history's pack),
     read as they are, mode 0444. Files keep their
     content, mtime and executable bit (mode 0755 or 0644, as git records it);
@@ -389,10 +390,21 @@ def send_tree(sink: GuestSink, root: str, entries: Sequence[PlanEntry],
     with HostTree(root) as tree, tarfile.open(
             fileobj=cast(Any, sink), mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8",
             bufsize=TAR_BUFFER) as tar:
-        for name, data in extra:
-            info = _info(name, 0o600, time.time())
-            info.size = len(data)
-            tar.addfile(info, _BytesReader(data))
+        now = time.time()
+        for member in extra:
+            if member.kind is Kind.DIR:
+                info = _info(member.name, 0o755, now)
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            elif member.kind is Kind.SYMLINK:
+                info = _info(member.name, 0o777, now)
+                info.type = tarfile.SYMTYPE
+                info.linkname = member.data.decode()
+                tar.addfile(info)
+            else:
+                info = _info(member.name, 0o644, now)
+                info.size = len(member.data)
+                tar.addfile(info, _BytesReader(member.data))
         for entry in entries:
             if cancel is not None:
                 cancel.check()
