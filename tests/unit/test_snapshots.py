@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import select
+import subprocess
 import threading
 from pathlib import Path
 
@@ -378,7 +379,7 @@ def test_a_clone_that_never_reports_its_identity_applied_is_rolled_back(
         world.dial(ip.rsplit(".", 1)[0] + f".{n}").failing.add(identity.GUEST_STATUS)
     with pytest.raises(GuestError) as exc:
         clone(daemon, "c")
-    assert "did not finish taking its identity" in exc.value.message
+    assert "ssh readiness probe" in exc.value.message
     assert [v["name"] for v in vms.list_vms(daemon)] == [src.name]
 
 
@@ -439,3 +440,57 @@ def test_a_clone_is_waited_for_past_the_snapshots_host_key(
         guest_mod.wait_for_ssh(KeyFlipGuest(stale=3), budget_s=30,  # type: ignore[arg-type]
                                alive=lambda: True)
     assert "host key" in exc.value.message
+
+
+def test_a_clone_that_announces_itself_is_probed_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the clone's console says it applied its identity, the wait stops polling its
+    address and goes straight to the ssh probe, which runs the identity check; before
+    that, an address that does not answer keeps it waiting."""
+    from banger.daemon import guest as guest_mod
+
+    own = identity.Identity(ip_cidr="172.30.0.9/24", gateway="172.30.0.1", mac="02:00:00:00:00:09",
+                            hostname="c", machine_id="0" * 32, host_key="k", host_key_pub="p",
+                            seed=b"s", generation="cafe0123")
+    log = tmp_path / "serial.log"
+    log.write_bytes(b"x" * 10000 + b"banger-ident: applied gen=other\n")
+    said = identity.announced(log, own)
+    assert not said()
+    connects: list[str] = []
+    monkeypatch.setattr(guest_mod, "tcp_open",
+                        lambda ip, port=None, timeout=1.0: connects.append(ip) or False)
+
+    class Probed:
+        ip = "172.30.0.9"
+        scripts: list[str] = []
+
+        def run(self, script: str, **kw: object) -> None:
+            self.scripts.append(script)
+
+    def on_wait(waited: float) -> None:
+        if len(connects) == 2:  # the guest speaks up while the host polls
+            with log.open("ab") as fh:
+                fh.write(b"banger-ident: applied gen=cafe0123\r\n")
+
+    g = Probed()
+    guest_mod.wait_for_ssh(g, budget_s=30, alive=lambda: True,  # type: ignore[arg-type]
+                           new_host_key=True, probe=identity.applied_probe(own),
+                           announced=said, on_wait=on_wait)
+    assert said() and len(connects) == 2
+    assert g.scripts == [identity.applied_probe(own)]
+    assert "gen=cafe0123" in g.scripts[0] and identity.GUEST_STATUS in g.scripts[0]
+
+
+def test_the_applied_probe_passes_only_for_its_generation(tmp_path: Path) -> None:
+    own = identity.Identity(ip_cidr="172.30.0.9/24", gateway="g", mac="m", hostname="c",
+                            machine_id="0" * 32, host_key="k", host_key_pub="p", seed=b"s",
+                            generation="cafe0123")
+    status = tmp_path / "status"
+    probe = identity.applied_probe(own).replace(identity.GUEST_STATUS, str(status))
+    for content, ok in ((None, False), ("gen=other rng=reseeded\n", False),
+                        ("gen=cafe0123 rng=reseeded got=1 net=2\n", True)):
+        if content is not None:
+            status.write_text(content)
+        res = subprocess.run(["sh", "-c", probe], capture_output=True, text=True)
+        assert (res.returncode == 0) == ok
+        assert ok or "has not applied its identity" in res.stderr

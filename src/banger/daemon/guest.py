@@ -181,6 +181,7 @@ class GuestDialer(Protocol):
 
 
 PROBE_CONNECT_S = 0.5
+PROBE_PAUSE_S = 0.25  # between probes
 
 
 def tcp_open(ip: str, port: int | None = None, timeout: float = 1.0) -> bool:
@@ -201,8 +202,11 @@ def wait_for_ssh(
     on_wait: Callable[[float], None] | None = None,
     serial_tail: Callable[[], str] = lambda: "",
     new_host_key: bool = False,
+    probe: str = "true",
+    probe_timeout: float = 15.0,
+    announced: Callable[[], bool] | None = None,
 ) -> float:
-    """Wait until ``ssh guest true`` succeeds; returns the seconds waited.
+    """Wait until ``ssh guest <probe>`` succeeds; returns the seconds waited.
 
     ``new_host_key``: the guest is a clone taking its own identity. Until it has, it may
     answer at its address with the snapshot's host key (a clone of a VM that had the same
@@ -212,7 +216,10 @@ def wait_for_ssh(
     The budget is ``boot_timeout_s`` from the config (180 s by default: a stock
     Debian guest under TCG reaches sshd in 10-25 s on a loaded two-core host).
     Each probe is a 0.5 s TCP connect (the guest is on a local bridge: an answer takes
-    milliseconds), then a full ssh login bounded at 15 s.
+    milliseconds), then a full ssh login running ``probe`` bounded at ``probe_timeout``
+    (a clone's probe passes only once its identity is applied whole). ``announced``:
+    whether the guest said it is reachable now (a clone, on its console); once it has,
+    the next probe comes at once and goes straight to ssh.
     Fails fast when the VMM dies or the operation is cancelled.
     """
     start = time.monotonic()
@@ -224,9 +231,10 @@ def wait_for_ssh(
         if not alive():
             raise VMMError("the VMM exited while the guest was booting",
                            hint=_serial_hint(serial_tail()))
-        if tcp_open(guest.ip, timeout=PROBE_CONNECT_S):
+        told = announced is not None and announced()
+        if told or tcp_open(guest.ip, timeout=PROBE_CONNECT_S):
             try:
-                guest.run("true", timeout=15, desc="ssh readiness probe")
+                guest.run(probe, timeout=probe_timeout, desc="ssh readiness probe")
                 return time.monotonic() - start
             except GuestError as exc:
                 last_error = str(exc.details.get("stderr") or exc.message).strip()
@@ -245,7 +253,16 @@ def wait_for_ssh(
                              hint=_serial_hint(serial_tail()))
         if on_wait is not None:
             on_wait(now - start)
-        time.sleep(0.25)
+        _pause(PROBE_PAUSE_S, None if told else announced)
+
+
+def _pause(seconds: float, until: Callable[[], bool] | None) -> None:
+    """Sleep ``seconds``, or less once ``until()`` is true (checked every 50 ms)."""
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        if until is not None and until():
+            return
+        time.sleep(min(left, 0.05))
 
 
 def _serial_hint(tail: str) -> str:

@@ -12,25 +12,28 @@ applies it: clock, RNG reseed, machine-id, host name, host key (sshd reloaded, t
 snapshot's connections ended), then MAC and address. Only then can the host reach it.
 
 The channel runs one way, host to guest: nothing the guest says is read back from it.
+The guest also says on its serial console when it has applied an identity, which the
+daemon reads only to know when to probe SSH (:func:`announced`); the probe itself
+(:func:`applied_probe`) decides that the clone is ready.
 """
 
 from __future__ import annotations
 
+import os
 import secrets
 import select
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from banger.daemon.guest import Guest
-from banger.errors import GuestError, HostError
+from banger.errors import HostError
 from banger.fsutil import atomic_write
 from banger.runner import Runner
 from banger.sshopts import forget_host
 
 SEED_BYTES = 32  # 256 bits for the guest's RNG
-APPLIED_TIMEOUT_S = 30.0  # from SSH answering to the guest's clock, RNG and syncs done
 HOST_KEY_TIMEOUT_S = 30.0
 # The guest records what it applied here (``gen=<generation> rng=reseeded|mixed``), and
 # ``banger-ident.listening`` once it waits on its channel.
@@ -135,22 +138,35 @@ def trust_host_key(known_hosts: Path, ip: str, public: str) -> None:
     atomic_write(known_hosts, f"{current}{ip} {public}\n".encode(), 0o600)
 
 
-def wait_applied(guest: Guest, ident: Identity) -> None:
-    """Wait until the guest says it applied ``ident`` whole (its status file names the
-    generation): SSH answers once its address and host key are in place, and the clock,
-    RNG and syncs finish just after. One guest command, polling inside the guest.
+def applied_probe(ident: Identity) -> str:
+    """The readiness probe of a clone: passes once the guest's status file names
+    ``ident``'s generation (all of it applied: clock, RNG, host key, address), else
+    fails saying so. SSH itself answers once the address and host key are in place,
+    just before the status is written."""
+    return (f'if read -r s _ < {GUEST_STATUS} 2>/dev/null && [ "$s" = gen={ident.generation} ]; '
+            f'then exit 0; fi; echo "banger: the clone has not applied its identity yet '
+            f'(see {GUEST_STATUS})" >&2; exit 1')
 
-    Raises:
-        GuestError: it did not within :data:`APPLIED_TIMEOUT_S`.
+
+ANNOUNCE_TAIL = 4096  # bytes of the serial log searched: the line is among the last ones
+
+
+def announced(serial_log: Path, ident: Identity) -> Callable[[], bool]:
+    """Whether the guest said on its console that it applied ``ident``: a check to call
+    while waiting, reading the serial log's last :data:`ANNOUNCE_TAIL` bytes.
+
+    The guest writes ``banger-ident: applied gen=<generation>`` there right after its
+    status file. Only the wait's timing depends on it: a guest that says so falsely is
+    probed sooner, and the probe (:func:`applied_probe`) decides.
     """
-    polls = int(APPLIED_TIMEOUT_S * 10)
-    script = (f"i=0; while [ $i -lt {polls} ]; do "
-              f"if read -r s _ < {GUEST_STATUS} 2>/dev/null "
-              f"&& [ \"$s\" = gen={ident.generation} ]; then exit 0; fi; "
-              "sleep 0.1; i=$((i + 1)); done; exit 1")
-    try:
-        guest.run(script, timeout=APPLIED_TIMEOUT_S + 15, desc="wait for the clone's identity")
-    except GuestError as exc:
-        raise GuestError(f"the clone did not finish taking its identity within "
-                         f"{APPLIED_TIMEOUT_S:.0f}s", hint=f"see {GUEST_STATUS} in the guest"
-                         ) from exc
+    line = f"banger-ident: applied gen={ident.generation}".encode()
+
+    def check() -> bool:
+        try:
+            with open(serial_log, "rb") as fh:
+                fh.seek(max(0, os.fstat(fh.fileno()).st_size - ANNOUNCE_TAIL))
+                return line in fh.read(ANNOUNCE_TAIL)
+        except OSError:
+            return False
+
+    return check

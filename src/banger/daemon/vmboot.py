@@ -133,15 +133,18 @@ def boot(d: Daemon, vm: VMRecord, img: ImageRecord, cancel: CancelToken,
         d.checkpoint("start.boot")
         stage("wait-ssh")
         guest = d.dial(vm.id, vm.ip)
+        # A clone is ready once its identity is applied whole (the probe checks), and
+        # reachable only from then: it says so on its console, and is probed at once.
+        clone = {} if own is None else {
+            "probe": identity.applied_probe(own),
+            "announced": identity.announced(paths.serial_log, own)}
         waited = d.seams.wait_for_ssh(
             guest, budget_s=d.cfg.boot_timeout_s, alive=lambda: matches(ident), cancel=cancel,
             on_wait=(lambda s: op.report(f"{s:.0f}s")) if op is not None else None,
             serial_tail=lambda: tail(paths.serial_log, 2000), new_host_key=own is not None,
-        )
+            **clone)
         log.info("vm %s: ssh ready after %.1fs", vm.name, waited)
-        if own is not None:
-            identity.wait_applied(guest, own)
-        elif restore is not None:
+        if restore is not None and own is None:
             warning = savedstate.set_clock(guest, vm.name)
             if warning is not None and op is not None:
                 op.report(warning)

@@ -224,6 +224,9 @@ EOF
   fi
   mark net
   echo "gen=$gen rng=$rng$steps" > /run/banger-ident
+  # Said on the serial console too, which the host reads: it probes SSH at once instead
+  # of polling an address that answers only from now on.
+  echo "banger-ident: applied gen=$gen" > /dev/console 2>/dev/null
   [ -z "$listener" ] || end_old_connections "$listener"
   sync "$k" "$k.pub" /etc/machine-id /etc/hostname /etc/hosts
 }
