@@ -39,6 +39,7 @@ HOST_KEY_TIMEOUT_S = 30.0
 # ``banger-ident.listening`` once it waits on its channel.
 GUEST_STATUS = "/run/banger-ident"
 GUEST_LISTENING = "/run/banger-ident.listening"
+GUEST_IDENT_PATH = "/usr/local/sbin/banger-ident"  # where images carry it (imagemgr)
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("banger.snapshots")
 
 SNAPSHOT_STAGES = ["check", "pause", "disks", "save", "resume"]
-LISTENER_CHECK_S = 15.0
+LISTENER_WAIT_S = 20.0  # polls of 0.1 s (each `sleep` costs more under TCG)
+LISTENER_CHECK_S = 60.0  # the whole check, as a guest command
 
 
 # ------------------------------------------------------------------ taking one
@@ -202,9 +203,15 @@ def _check_listener(d: Daemon, vm: VMRecord) -> None:
     Raises:
         BadRequest: it is not (an image made before banger had it, or stopped by hand).
     """
+    # banger-ident starts late in a boot, and says it listens once its helpers are
+    # ready (a boot snapshot follows right after SSH answers): wait for it, bounded,
+    # where it is installed.
+    polls = int(LISTENER_WAIT_S * 10)
+    listening, installed = identity.GUEST_LISTENING, identity.GUEST_IDENT_PATH
+    script = (f"i=0; while [ ! -e {listening} ] && [ -x {installed} ] && [ $i -lt {polls} ]; "
+              f"do sleep 0.1; i=$((i + 1)); done; test -e {listening}")
     try:
-        d.dial(vm.id, vm.ip).run(f"test -e {identity.GUEST_LISTENING}",
-                                 timeout=LISTENER_CHECK_S, desc="check banger-ident")
+        d.dial(vm.id, vm.ip).run(script, timeout=LISTENER_CHECK_S, desc="check banger-ident")
     except GuestError as exc:
         raise BadRequest(f"VM {vm.name!r} has no banger-ident waiting for a new identity, "
                          "so its clones could not be given their own",

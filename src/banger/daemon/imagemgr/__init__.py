@@ -130,24 +130,66 @@ fi
 nl='
 '
 # Every program a just-restored guest starts costs half a second or more under emulation
-# (its code is translated afresh), so the wake-up starts two: perl (the clock and the RNG,
-# before anything else runs) and `ip`; the rest is shell built-ins. What can wait (the
-# connections of the machine this one was cloned from, syncing) comes after the status.
+# (its code is translated afresh), so the two the wake-up needs, perl (the clock and the
+# RNG, before anything else runs) and `ip`, are started here, before any snapshot holds
+# this script: each waits on a FIFO of its own, its start-up already done, and a clone
+# only feeds them. Once used they are gone: a snapshot of a clone starts them on demand.
+# The rest is shell built-ins; what can wait (the connections of the machine this one
+# was cloned from, syncing) comes after the status.
+RESEED='
+  my ($now, $s) = split " ", ($ARGV[0] eq "-" ? "@ARGV[1,2]" : do {
+    open(my $in, "<", $ARGV[0]) or exit 1; scalar <$in> });
+  $s = pack("H*", $s // "");
+  if (defined $now && $now ne "-") {
+    my $sec = int($now);
+    my $ts = pack("qq", $sec, int(($now - $sec) * 1e9));
+    syscall(227, 0, $ts);
+  }
+  open(my $f, ">", "/dev/urandom") or exit 1;
+  my $info = pack("ii", 8 * length($s), length($s)) . $s;
+  ioctl($f, 0x40085203, $info) or exit 1;
+  ioctl($f, 0x5207, 0) or exit 1;'
+RNG_FIFO=/run/banger-ident.rng NET_FIFO=/run/banger-ident.net
+rng_pid="" net_pid=""
+arm() {
+  rm -f "$RNG_FIFO" "$NET_FIFO"
+  mkfifo -m 600 "$RNG_FIFO" "$NET_FIFO" 2>/dev/null || return 0
+  if command -v perl >/dev/null 2>&1; then
+    perl -e "$RESEED" "$RNG_FIFO" & rng_pid=$!
+  fi
+  ip -force -batch "$NET_FIFO" >/dev/null 2>&1 & net_pid=$!
+}
+# Wait (at most about 5 s) until helper $1 blocks opening its FIFO, its start-up done:
+# only then is it worth keeping in a snapshot.
+settled() {
+  i=0
+  while [ -n "$1" ] && [ "$i" -lt 50 ]; do
+    w=""
+    read -r w < "/proc/$1/wchan" 2>/dev/null
+    [ -n "$w" ] || return 0
+    [ "$w" = wait_for_partner ] && return 0
+    sleep 0.1; i=$((i + 1))
+  done
+}
+# Feed a waiting helper ($1: its pid, $2: its FIFO) the text $3 and wait for its status;
+# 127 when there is none (not started, or already used).
+feed() {
+  if [ -z "$1" ] || ! kill -0 "$1" 2>/dev/null; then return 127; fi
+  printf '%s' "$3" > "$2"
+  wait "$1"
+}
 reseed_and_set_clock() {
   # clock_settime(CLOCK_REALTIME) (syscall 227 on x86_64), then RNDADDENTROPY and
   # RNDRESEEDCRNG: from here on the clone's random numbers no longer follow from the
   # snapshot's (clones of one snapshot would otherwise share them for up to a minute).
-  if command -v perl >/dev/null 2>&1 && perl -e '
-      my ($now, $s) = ($ARGV[0], pack("H*", $ARGV[1]));
-      if ($now ne "") {
-        my $sec = int($now);
-        my $ts = pack("qq", $sec, int(($now - $sec) * 1e9));
-        syscall(227, 0, $ts);
-      }
-      open(my $f, ">", "/dev/urandom") or exit 1;
-      my $info = pack("ii", 8 * length($s), length($s)) . $s;
-      ioctl($f, 0x40085203, $info) or exit 1;
-      ioctl($f, 0x5207, 0) or exit 1;' "$now" "$seed"; then
+  feed "$rng_pid" "$RNG_FIFO" "${now:--} $seed$nl"
+  r=$?
+  rng_pid=""
+  if [ "$r" = 127 ] && command -v perl >/dev/null 2>&1; then
+    perl -e "$RESEED" - "${now:--}" "$seed"
+    r=$?
+  fi
+  if [ "$r" = 0 ]; then
     rng=reseeded
   else
     # Without perl: the seed is mixed in, not a reseed.
@@ -156,13 +198,14 @@ reseed_and_set_clock() {
     rng=mixed
   fi
 }
-end_old_connections() {
-  # The per-connection sshd processes the snapshot held: their connections are not
-  # this machine's.
+old_connections() {
+  # The per-connection sshd processes the snapshot held (children of listener $1): their
+  # connections are not this machine's. Listed before the new address is up, so none of
+  # the host's new connections is among them; ended once the status is written.
   for st in /proc/[0-9]*/status; do
     while read -r f v; do
       if [ "$f" = PPid: ]; then
-        if [ "$v" = "$1" ]; then p=${st#/proc/}; kill "${p%/status}" 2>/dev/null; fi
+        if [ "$v" = "$1" ]; then p=${st#/proc/}; echo "${p%/status}"; fi
         break
       fi
     done < "$st" 2>/dev/null
@@ -203,6 +246,8 @@ apply() {
   if [ -n "$listener" ] && [ -e /usr/lib/openssh/sshd-session ]; then
     kill -HUP "$listener" 2>/dev/null
   fi
+  old=""
+  [ -z "$listener" ] || old=$(old_connections "$listener")
   dev=""
   for d in /sys/class/net/*; do
     if [ "${d##*/}" != lo ]; then dev=${d##*/}; break; fi
@@ -213,23 +258,30 @@ apply() {
     echo 1 > "/proc/sys/net/ipv4/conf/$dev/arp_notify"
     route=""
     [ -z "$gw" ] || route="route replace default via $gw"
-    ip -force -batch - 2>/dev/null <<EOF
-addr flush dev $dev
+    cmds="addr flush dev $dev
 neigh flush dev $dev
 addr add $ip dev $dev
 link set dev $dev address $mac
 link set dev $dev up
 $route
-EOF
+"
+    feed "$net_pid" "$NET_FIFO" "$cmds"
+    r=$?
+    net_pid=""
+    if [ "$r" = 127 ]; then printf '%s' "$cmds" | ip -force -batch - 2>/dev/null; fi
   fi
   mark net
   echo "gen=$gen rng=$rng$steps" > /run/banger-ident
+  [ -z "$old" ] || kill $old 2>/dev/null
   # Said on the serial console too, which the host reads: it probes SSH at once instead
   # of polling an address that answers only from now on.
   echo "banger-ident: applied gen=$gen" > /dev/console 2>/dev/null
-  [ -z "$listener" ] || end_old_connections "$listener"
   sync "$k" "$k.pub" /etc/machine-id /etc/hostname /etc/hosts
 }
+arm
+settled "$rng_pid"
+settled "$net_pid"
+# A snapshot is taken only once this is here (the daemon waits for it).
 echo listening > /run/banger-ident.listening
 while :; do
   gen=""; ip=""; gw=""; mac=""; host=""; machine_id=""; now=""; seed=""; key=""; pub=""
