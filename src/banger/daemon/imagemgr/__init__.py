@@ -393,6 +393,31 @@ virtio_blk
 virtio_net
 virtio_console
 """
+# No udev in the initramfs either: its coldplug and settle cost a TCG guest seconds at
+# every boot, and nothing there needs it. The drivers above are loaded by name, devtmpfs
+# gives the root disk its node, and systemd starts udev once the root is mounted. Boot
+# scripts in /etc/initramfs-tools/scripts replace Debian's of the same name; the hook
+# runs after Debian's and takes udev's files back out.
+INITRAMFS_NO_UDEV_TOP = """#!/bin/sh
+# Written by banger: udev does not run in the initramfs (see the banger-no-udev hook).
+case "$1" in prereqs) exit 0 ;; esac
+exit 0
+"""
+INITRAMFS_NO_UDEV_BOTTOM = """#!/bin/sh
+# Written by banger: what Debian's udev script does here besides stopping udev: the
+# devtmpfs the initramfs mounted on /dev becomes the root's /dev.
+case "$1" in prereqs) exit 0 ;; esac
+mount -n -o move /dev "${rootmnt:?}/dev" || mount -n --move /dev "${rootmnt}/dev"
+nuke /dev 2>/dev/null || rm -rf /dev
+ln -s "${rootmnt}/dev" /dev
+"""
+INITRAMFS_NO_UDEV_HOOK = """#!/bin/sh
+# Written by banger: take udev back out of the initramfs (its boot scripts are replaced).
+case "$1" in prereqs) exit 0 ;; esac
+for f in usr/bin/udevadm usr/lib/systemd/systemd-udevd usr/lib/udev etc/udev; do
+  rm -rf "${DESTDIR:?}/$f"
+done
+"""
 
 # sshd answers as soon as banger-init has set up the network, the work disk (its
 # authorized_keys) and the host key, instead of after all of sysinit.target and
@@ -490,6 +515,10 @@ class Recipe:
     preseed_files: tuple[GuestFile, ...] = field(default_factory=lambda: (
         GuestFile("etc/initramfs-tools/conf.d/banger.conf", INITRAMFS_CONF),
         GuestFile("usr/share/initramfs-tools/modules.d/banger", INITRAMFS_MODULES),
+        GuestFile("etc/initramfs-tools/scripts/init-top/udev", INITRAMFS_NO_UDEV_TOP, 0o755),
+        GuestFile("etc/initramfs-tools/scripts/init-bottom/udev", INITRAMFS_NO_UDEV_BOTTOM,
+                  0o755),
+        GuestFile("etc/initramfs-tools/hooks/banger-no-udev", INITRAMFS_NO_UDEV_HOOK, 0o755),
     ))
     extra_files: tuple[GuestFile, ...] = field(default_factory=lambda: (
         GuestFile("etc/fstab", FSTAB),
