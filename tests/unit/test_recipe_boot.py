@@ -7,9 +7,11 @@ recipe's boot trimming; none measures time.
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 from banger.daemon.imagemgr import (
+    GUEST_IDENT,
     GUEST_INIT,
     GUEST_INIT_UNIT,
     SSH_DROPIN,
@@ -117,3 +119,49 @@ def test_no_nologin_while_the_boot_finishes() -> None:
     files = {f.path: f.content for f in Recipe().files()}
     conf = files["etc/tmpfiles.d/systemd-nologin.conf"]
     assert all(ln.startswith("#") for ln in conf.splitlines())
+
+
+def test_the_initramfs_runs_no_udev(tmp_path: Path) -> None:
+    """Debian's udev boot scripts are replaced (the bottom one still hands /dev over to
+    the root), and a hook that runs after Debian's takes udev's files back out."""
+    files = {f.path: f for f in Recipe().preseed_files}
+    top = files["etc/initramfs-tools/scripts/init-top/udev"]
+    bottom = files["etc/initramfs-tools/scripts/init-bottom/udev"]
+    hook = files["etc/initramfs-tools/hooks/banger-no-udev"]
+    for f in (top, bottom, hook):
+        assert f.mode == 0o755
+        assert subprocess.run(["sh", "-n"], input=f.content, text=True).returncode == 0
+        prereqs = subprocess.run(["sh", "-c", f.content, "x", "prereqs"],
+                                 capture_output=True, text=True)
+        assert prereqs.returncode == 0 and prereqs.stdout == ""
+    assert "udevd" not in top.content and "udevadm" not in top.content
+    assert 'mount -n -o move /dev "${rootmnt:?}/dev"' in bottom.content
+    dest = tmp_path / "initramfs"
+    keep = dest / "usr/bin/sh"
+    for p in ("usr/bin/udevadm", "usr/lib/systemd/systemd-udevd", "usr/lib/udev/rules.d/x",
+              "etc/udev/udev.conf", "usr/bin/sh"):
+        (dest / p).parent.mkdir(parents=True, exist_ok=True)
+        (dest / p).write_text("x")
+    subprocess.run(["sh", "-c", hook.content], check=True,
+                   env={"DESTDIR": str(dest), "PATH": "/bin:/usr/bin"})
+    left = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert left == ["usr/bin/sh"] and keep.exists()
+
+
+def test_sshd_logins_run_no_motd() -> None:
+    pam = {f.path: f.content for f in Recipe().files()}["etc/pam.d/sshd"]
+    assert not any("pam_motd" in ln for ln in pam.splitlines() if not ln.startswith("#"))
+    for needed in ("@include common-auth", "@include common-account", "@include common-session",
+                   "pam_loginuid.so", "pam_limits.so", "pam_env.so"):
+        assert needed in pam
+
+
+def test_banger_ident_keeps_its_helpers_ready_before_any_snapshot() -> None:
+    """perl and ip are started (blocked on their FIFOs) before banger-ident says it listens;
+    a clone feeds them, and without them it starts them on demand."""
+    code = GUEST_IDENT
+    assert code.index("\narm\n") < code.index("echo listening > /run/banger-ident.listening")
+    assert 'perl -e "$RESEED" "$RNG_FIFO" &' in code
+    assert 'ip -force -batch "$NET_FIFO"' in code
+    assert 'perl -e "$RESEED" - "${now:--}" "$seed"' in code  # on demand
+    assert subprocess.run(["sh", "-n"], input=code, text=True).returncode == 0

@@ -42,7 +42,11 @@ done
 if [ -n "$host" ]; then
   echo "$host" > /proc/sys/kernel/hostname
   echo "$host" > /etc/hostname
-  grep -q "[[:space:]]$host\$" /etc/hosts || printf '127.0.1.1\t%s\n' "$host" >> /etc/hosts
+  known=no
+  while read -r addr names; do
+    for n in $names; do [ "$n" = "$host" ] && known=yes; done
+  done < /etc/hosts
+  [ "$known" = yes ] || printf '127.0.1.1\t%s\n' "$host" >> /etc/hosts
 fi
 # This runs before udev's coldplug (sshd waits for it, so it goes first): load the NIC's
 # driver here rather than wait for udev to, then wait for the NIC, at most 10 s.
@@ -73,7 +77,8 @@ if ! net_cmds | ip -force -batch - 2>/dev/null; then
   net_cmds | while read -r c; do ip $c; done
 fi
 if [ -n "$dns" ]; then
-  rm -f /etc/resolv.conf
+  # Never written through a symlink (systemd-resolved's stub, say).
+  [ ! -L /etc/resolv.conf ] || rm -f /etc/resolv.conf
   printf 'nameserver %s\nsearch vm\n' "$dns" > /etc/resolv.conf
 fi
 # The work disk (label banger-work) is the guest's /root and holds authorized_keys, so it
