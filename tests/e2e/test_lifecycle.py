@@ -33,6 +33,12 @@ def test_work_disk_survives_stop_start_and_delete_leaves_nothing(host: Host,
     host.ok("vm", "exec", running_vm, "--", "sh", "-c",
             "echo kept > /root/keep && echo promoted > /etc/banger-promoted && sync")
     host_key = host.ok("vm", "exec", running_vm, "--", "cat", "/etc/ssh/ssh_host_ed25519_key.pub")
+    # The host key banger made with the work disk, installed by banger-init; /root private.
+    made_here = host.ok("vm", "exec", running_vm, "--", "sh", "-c",
+                        "cmp /etc/ssh/ssh_host_ed25519_key /root/.ssh/banger_host_ed25519_key"
+                        " && stat -c %a /root")
+    assert made_here == "700\n"
+    assert host_key.split()[1] in (host.state / "ssh" / "known_hosts").read_text()
     shown = host.json("vm", "show", running_vm)
     vm_id, tap, pid = shown["id"], shown["tap"], shown["pid"]
     assert tap in host.taps() and pid in host.vmm_pids()

@@ -165,3 +165,31 @@ def test_banger_ident_keeps_its_helpers_ready_before_any_snapshot() -> None:
     assert 'ip -force -batch "$NET_FIFO"' in code
     assert 'perl -e "$RESEED" - "${now:--}" "$seed"' in code  # on demand
     assert subprocess.run(["sh", "-n"], input=code, text=True).returncode == 0
+
+
+def test_banger_init_installs_the_host_key_banger_made(tmp_path: Path) -> None:
+    """The work disk brings the VM's host key: copied byte for byte with built-ins (no
+    ssh-keygen, no sync); a disk without one gets a key made in the guest; a key already
+    installed stays."""
+    block = GUEST_INIT[GUEST_INIT.index("k=/etc/ssh/"):GUEST_INIT.index("exit 0")]
+    etc, work = tmp_path / "etc", tmp_path / "root" / ".ssh"
+    etc.mkdir()
+    work.mkdir(parents=True)
+    script = (block.replace("/etc/ssh/", f"{etc}/").replace("/root/.ssh/", f"{work}/")
+              .replace('sync "$k"', ': "$k"'))
+    given = work / "banger_host_ed25519_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "", "-f", str(given)],
+                   check=True)
+    subprocess.run(["sh", "-c", script], check=True)
+    installed = etc / "ssh_host_ed25519_key"
+    assert installed.read_bytes() == given.read_bytes()
+    assert installed.stat().st_mode & 0o777 == 0o600
+    assert (etc / "ssh_host_ed25519_key.pub").read_text().split() == \
+        given.with_suffix(".pub").read_text().split()
+    given.write_text("replaced\n")
+    subprocess.run(["sh", "-c", script], check=True)  # already installed: kept
+    assert installed.read_bytes() != given.read_bytes()
+    installed.unlink()
+    given.unlink()
+    subprocess.run(["sh", "-c", script], check=True)  # none given: made here
+    assert installed.read_text().startswith("-----BEGIN OPENSSH PRIVATE KEY-----")

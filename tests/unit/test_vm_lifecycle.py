@@ -225,7 +225,7 @@ def test_work_seed_symlinks_are_never_written_through(tmp_path: Path, layout: st
         (seed / ".ssh").symlink_to(victim_dir)
     else:
         (seed / ".ssh" / "authorized_keys").mkdir()
-    vmcreate.write_authorized_key(seed, "ssh-ed25519 AAAA banger")
+    vmcreate.write_ssh_file(seed, "authorized_keys", "ssh-ed25519 AAAA banger", 0o600)
     keys = seed / ".ssh" / "authorized_keys"
     assert not keys.is_symlink() and not (seed / ".ssh").is_symlink()
     assert keys.read_text() == "ssh-ed25519 AAAA banger\n"

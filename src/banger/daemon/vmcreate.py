@@ -22,7 +22,7 @@ from pydantic import Field
 
 from banger.api import Model, VMSpec, VMState
 from banger.config import parse_size
-from banger.daemon import bootsnap, forwarder, images, kernels, snapshots, vmegress
+from banger.daemon import bootsnap, forwarder, identity, images, kernels, snapshots, vmegress
 from banger.daemon.core import new_id
 from banger.daemon.dmsnap import clone_or_copy
 from banger.daemon.imagemgr import WORK_LABEL
@@ -318,42 +318,54 @@ def grow_ext4(d: Daemon, image: Path, size: int) -> None:
     d.runner.run(["resize2fs", str(image)], desc="grow the root disk", timeout=300)
 
 
+HOST_KEY_FILE = "banger_host_ed25519_key"
+"""In the work disk's ``.ssh``: the VM's SSH host key, made here, which banger-init
+installs on a first boot instead of running ssh-keygen (and syncing) in the guest."""
+
+
 def make_work_disk(d: Daemon, vm: VMRecord, img: ImageRecord, target: Path) -> None:
-    """ext4 from the image's work-seed plus the install's authorized_key."""
+    """ext4 from the image's work-seed plus the install's authorized_key and the VM's SSH
+    host key; its root directory (the guest's ``/root``) is mode 0700."""
     pubkey = d.layout.public_key.read_text()
+    private, public = identity.new_host_key(d.runner, d.layout.staging_dir)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".seed-") as tmp:
         seed = Path(tmp) / "root"
         if img.workseed and Path(img.workseed).is_dir():
             shutil.copytree(img.workseed, seed, symlinks=True)
         else:
             seed.mkdir()
-        seed.chmod(0o700)
-        write_authorized_key(seed, pubkey)
+        write_ssh_file(seed, "authorized_keys", pubkey, 0o600)
+        write_ssh_file(seed, HOST_KEY_FILE, private, 0o600)
+        write_ssh_file(seed, f"{HOST_KEY_FILE}.pub", public, 0o644)
         d.runner.run(
             ["mkfs.ext4", "-q", "-F", "-L", WORK_LABEL, "-E", "root_owner=0:0",
              "-d", str(seed), str(target), f"{vm.spec.work_disk_size // 1024}k"],
             desc="make the work disk", timeout=300,
         )
+    # mkfs -d makes the root directory 0755 whatever the seed's mode: set it here, so the
+    # guest need not start chmod on its way to sshd.
+    d.runner.run(["debugfs", "-w", "-R", "sif <2> mode 040700", str(target)],
+                 desc="make the work disk's root private", timeout=60)
 
 
-def write_authorized_key(seed: Path, pubkey: str) -> None:
-    """Put ``pubkey`` at ``seed/.ssh/authorized_keys`` without following any symlink.
+def write_ssh_file(seed: Path, name: str, text: str, mode: int) -> None:
+    """Put ``text`` at ``seed/.ssh/<name>`` without following any symlink.
 
-    The seed comes from an image, which is untrusted: its ``.ssh`` or
-    ``authorized_keys`` may be a symlink (normal inside a guest, and aimed at
-    ``/etc/shadow`` by a hostile one). Anything in the way is replaced, never
-    written through, since bangerd is root on the host.
+    The seed comes from an image, which is untrusted: its ``.ssh`` or a file in it may
+    be a symlink (normal inside a guest, and aimed at ``/etc/shadow`` by a hostile
+    one). Anything in the way is replaced, never written through, since bangerd is
+    root on the host.
     """
     ssh = seed / ".ssh"
     if ssh.is_symlink() or (ssh.exists() and not ssh.is_dir()):
         ssh.unlink()
     ssh.mkdir(mode=0o700, exist_ok=True)
     os.chmod(ssh, 0o700, follow_symlinks=False)
-    keys = ssh / "authorized_keys"
-    remove_tree(keys)
-    fd = os.open(keys, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    path = ssh / name
+    remove_tree(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     with os.fdopen(fd, "w") as fh:
-        fh.write(pubkey if pubkey.endswith("\n") else pubkey + "\n")
+        fh.write(text if text.endswith("\n") else text + "\n")
 
 
 def create_sync(d: Daemon, params: CreateParams) -> dict[str, Any]:

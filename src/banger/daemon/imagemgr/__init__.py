@@ -95,14 +95,30 @@ if [ "$mounted" = no ] && ! mount -o noatime LABEL=banger-work /root 2>/dev/null
   done
   mount -o noatime LABEL=banger-work /root || echo "banger-init: no work disk" >&2
 fi
-chmod 700 /root
-# One ed25519 host key per VM, made on its first boot (RSA keygen takes ~10 s under TCG).
-# Synced at once: a VM killed seconds later must not come back with a different key,
-# which banger's known_hosts would (rightly) refuse.
-if [ ! -s /etc/ssh/ssh_host_ed25519_key ]; then
-  rm -f /etc/ssh/ssh_host_ed25519_key /etc/ssh/ssh_host_ed25519_key.pub
-  ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key
-  sync /etc/ssh/ssh_host_ed25519_key /etc/ssh/ssh_host_ed25519_key.pub /etc/ssh
+# (banger makes the work disk's root directory, /root, mode 0700 on the host.)
+# One ed25519 host key per VM, installed on its first boot. banger made it on the host
+# with the work disk (/root/.ssh/banger_host_ed25519_key): copied with built-ins, and
+# still there should this copy not reach the disk before a crash. A work disk without one
+# (made by an older banger) gets one made here, synced at once: a VM killed seconds later
+# must not come back with a different key, which banger's known_hosts would (rightly)
+# refuse. (RSA keygen takes ~10 s under TCG.)
+k=/etc/ssh/ssh_host_ed25519_key
+given=/root/.ssh/banger_host_ed25519_key
+if [ ! -s "$k" ]; then
+  rm -f "$k" "$k.pub"
+  if [ -s "$given" ] && [ -s "$given.pub" ]; then
+    key=""
+    while IFS= read -r l; do key="$key$l
+"; done < "$given"
+    umask 077
+    printf '%s' "$key" > "$k"
+    umask 022
+    IFS= read -r pub < "$given.pub"
+    printf '%s\n' "$pub" > "$k.pub"
+  else
+    ssh-keygen -q -t ed25519 -N '' -f "$k"
+    sync "$k" "$k.pub" /etc/ssh
+  fi
 fi
 exit 0
 """
