@@ -29,6 +29,7 @@ removes the staging directory (best effort; the next prepare removes leftovers).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import secrets
@@ -427,11 +428,12 @@ class Repo:
         """This repository, with the files the guest checks out of the pack."""
         return dataclasses.replace(self, checkout=paths)
 
-    @property
+    @functools.cached_property
     def commit(self) -> bool:
         """Whether the guest must record a snapshot commit: unless the tree as copied is
         exactly the parent's, which then serves as the snapshot (the host tree is
-        clean, the parent is its HEAD, and every file's bytes are its blob's)."""
+        clean, the parent is its HEAD, and every file's bytes are its blob's). Computed
+        once: it walks every entry of the plan."""
         checked_out = set(self.checkout)
         return not (self.parent is not None and self.parent == self.info.head
                     and not self.info.dirty
