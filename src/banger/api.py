@@ -207,6 +207,9 @@ class VMState(StrEnum):
     # The guest is stopped while its memory, devices and disks are copied to a snapshot
     # (`vm snapshot`); it then runs (or stays paused) as before.
     SNAPSHOTTING = "snapshotting"
+    # A clone of a boot snapshot, restored with its vCPUs stopped and kept for the next
+    # create of its image and size (``vmpool``). Not a user's VM: no command names it.
+    POOLED = "pooled"
 
     @property
     def busy(self) -> bool:
@@ -221,7 +224,7 @@ class VMState(StrEnum):
 
 TRANSITIONS: dict[VMState, frozenset[VMState]] = {
     VMState.CREATING: frozenset({VMState.STOPPED, VMState.STARTING, VMState.RUNNING,
-                                 VMState.ERROR, VMState.DELETING}),
+                                 VMState.ERROR, VMState.DELETING, VMState.POOLED}),
     VMState.STOPPED: frozenset({VMState.STARTING, VMState.DELETING}),
     # A failed resume of a suspended VM leaves it suspended: its saved state is kept.
     VMState.STARTING: frozenset({VMState.RUNNING, VMState.STOPPING, VMState.STOPPED,
@@ -240,6 +243,8 @@ TRANSITIONS: dict[VMState, frozenset[VMState]] = {
     VMState.SUSPENDED: frozenset({VMState.STARTING, VMState.DELETING}),
     # A snapshot leaves the guest as it was (running or paused), or failed.
     VMState.SNAPSHOTTING: frozenset({VMState.RUNNING, VMState.PAUSED, VMState.ERROR}),
+    # Taken by a create (which renames it), or removed.
+    VMState.POOLED: frozenset({VMState.CREATING, VMState.DELETING}),
 }
 
 
@@ -314,6 +319,7 @@ class VMView(Model):
     suspended: SavedStateView | None = None
     # The snapshot a clone was restored from (`vm create --from-snapshot`).
     from_snapshot: str | None = None
+    from_pool: bool = False  # taken ready-restored from the pool (config pool_size)
 
 
 class SnapshotView(Model):

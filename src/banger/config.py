@@ -156,6 +156,11 @@ class Config(_Strict):
     # Boot snapshots (banger.daemon.bootsnap): a QEMU VM's first boot of an image and size is
     # snapshotted, and later creates of that image and size restore a clone of it.
     boot_snapshots: bool = True
+    # Clones of an image's boot snapshot kept restored and paused, ready for the next
+    # create of that image at the default size (banger.daemon.vmpool): image name -> how
+    # many. Together they hold at most pool_memory_mib of guest memory.
+    pool_size: dict[str, Annotated[int, Field(ge=0, le=32)]] = {}
+    pool_memory_mib: Annotated[int, Field(ge=0, le=1 << 20)] = 4096
     boot_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 180.0
     vm_defaults: VMDefaults = VMDefaults()
     file_sync: list[FileSync] = []
@@ -254,6 +259,16 @@ class Config(_Strict):
             check_name(v, "image")
         except BadRequest as exc:
             raise ValueError(exc.message) from None
+        return v
+
+    @field_validator("pool_size")
+    @classmethod
+    def _pool_images(cls, v: dict[str, int]) -> dict[str, int]:
+        for image in v:
+            try:
+                check_name(image, "image")
+            except BadRequest as exc:
+                raise ValueError(exc.message) from None
         return v
 
     @property

@@ -33,15 +33,21 @@ CIPHERS = "aes128-gcm@openssh.com,chacha20-poly1305@openssh.com,aes256-gcm@opens
 # one login; short enough that an idle VM holds no ssh process for long. The next
 # command after it expired logs in again and starts a new master.
 CONTROL_PERSIST_S = 90
+# A held master (a pool's clone: vmpool) stays until its VM is torn down, and sends no
+# keepalives: its guest sleeps paused for as long as the pool keeps it, and must find
+# the connection there when it wakes. ssh takes the first value of an option it is
+# given, so these go before ssh_options'.
+HELD_MASTER = ["-o", "ServerAliveInterval=0", "-o", "TCPKeepAlive=no"]
 
 
-def mux_options(control_path: Path | None) -> list[str]:
+def mux_options(control_path: Path | None, *, held: bool = False) -> list[str]:
     """``-o`` options that share the master at ``control_path``, starting it if none runs.
 
     ``ControlMaster=auto``: use a live master, else become one; a socket whose master
     died is unlinked and replaced, and one that cannot be used at all (bound by
     another client a moment earlier) falls back to a connection of this command's
-    own. ``None`` turns sharing off.
+    own. ``None`` turns sharing off. ``held``: a master started now never expires
+    (``ControlPersist=yes``; see ``HELD_MASTER``).
     """
     if control_path is None:
         return ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
@@ -49,7 +55,7 @@ def mux_options(control_path: Path | None) -> list[str]:
         "-o", "ControlMaster=auto",
         # ssh expands %-tokens in ControlPath: a literal % must be doubled.
         "-o", "ControlPath=" + str(control_path).replace("%", "%%"),
-        "-o", f"ControlPersist={CONTROL_PERSIST_S}",
+        "-o", f"ControlPersist={'yes' if held else CONTROL_PERSIST_S}",
     ]
 
 
@@ -102,11 +108,14 @@ def ssh_options(key_path: Path, known_hosts: Path, *, batch: bool = True,
 
 def ssh_argv(ssh_bin: str, key_path: Path, known_hosts: Path, ip: str, *,
              tty: bool = False, batch: bool = True,
-             control_path: Path | None = None) -> list[str]:
+             control_path: Path | None = None, held: bool = False) -> list[str]:
     """``ssh [opts] root@ip`` without the remote command, over the master at
-    ``control_path`` when one is given (see :func:`mux_options`)."""
-    argv = [ssh_bin, *ssh_options(key_path, known_hosts, batch=batch),
-            *mux_options(control_path)]
+    ``control_path`` when one is given (see :func:`mux_options`; ``held``: a master
+    this command starts is a held one)."""
+    held = held and control_path is not None
+    argv = [ssh_bin, *(HELD_MASTER if held else []),
+            *ssh_options(key_path, known_hosts, batch=batch),
+            *mux_options(control_path, held=held)]
     argv.append("-tt" if tty else "-T")
     argv.append(f"{GUEST_USER}@{ip}")
     return argv

@@ -20,7 +20,15 @@ def problems(host: Host) -> list[str]:
     for vm in vms:
         if vm["state"] in BUSY:
             out.append(f"{vm['name']} is still {vm['state']}")
-    running = [v for v in vms if v["state"] in LIVE]
+    # The pool's clones (vmpool) hold a VMM, a TAP and a VM directory of their own.
+    pool = status.get("vm_pool", {}).get("members", [])
+    for m in pool:
+        if m["state"] != "pooled":
+            out.append(f"pool clone {m['id']} is still {m['state']}")
+        elif m["pid"] is None or m["tap"] is None:
+            out.append(f"pool clone {m['id']} has no VMM or TAP")
+    running = [v for v in vms if v["state"] in LIVE] + [
+        {**m, "name": m["id"]} for m in pool if m["state"] == "pooled"]
     want_pids = {v["pid"] for v in running}
     have_pids = set(host.vmm_pids())
     if have_pids != want_pids:
@@ -31,10 +39,10 @@ def problems(host: Host) -> list[str]:
         out.append(f"taps {sorted(have_taps)} != owned {sorted(want_taps)}")
     if host.loops():
         out.append(f"loop devices left: {host.loops()}")
-    ips = [v["ip"] for v in vms]
+    ips = [v["ip"] for v in [*vms, *pool]]
     if len(ips) != len(set(ips)):
         out.append(f"duplicate IP leases: {ips}")
-    ids = {v["id"] for v in vms}
+    ids = {v["id"] for v in [*vms, *pool]}
     vm_dirs = {p.name for p in (host.state / "vms").iterdir()}
     if vm_dirs != ids:
         out.append(f"VM dirs {sorted(vm_dirs)} != VMs {sorted(ids)}")
@@ -47,7 +55,7 @@ def problems(host: Host) -> list[str]:
     if leaked:
         out.append(f"ssh masters of non-running VMs: {sorted(leaked)}")
     for vm in running:
-        if by_name[vm["name"]]["pid"] is None:
+        if vm["name"] in by_name and by_name[vm["name"]]["pid"] is None:
             out.append(f"{vm['name']} runs without a pid")
     snaps = host.state / "snapshots"
     snap_dirs = {p.name for p in snaps.iterdir()} if snaps.exists() else set()

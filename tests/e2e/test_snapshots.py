@@ -15,11 +15,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.e2e.checker import assert_consistent
-from tests.e2e.conftest import CachedImage, Host, open_host
+from tests.e2e.conftest import IMAGE, MEMORY_MIB, CachedImage, Host, open_host
 from tests.e2e.test_faults import crash_at
 from tests.e2e.test_suspend import TICKER, guest
 
@@ -201,4 +202,94 @@ def test_the_first_boot_is_kept_and_later_vms_are_its_clones(warm_host: Host) ->
     reuse = host.json("vm", "create", "--name", "reuse")
     assert reuse["ip"] == first_ip and reuse["from_snapshot"] == boot["name"]
     assert guest(host, "reuse", "hostname") == "reuse"
+    assert_consistent(host)
+
+
+# ------------------------------------------------------------------ the pool
+
+
+@pytest.fixture
+def pool_host(request: pytest.FixtureRequest, tmp_path: Path, test_image: CachedImage
+              ) -> Iterator[Host]:
+    # Two wanted, memory for one: the budget holds the pool at one clone.
+    yield from open_host(request, tmp_path, test_image, "qemu", extra_config=(
+        f"boot_snapshots = true\npool_memory_mib = {MEMORY_MIB}\n"
+        f'[pool_size]\n"{IMAGE}" = 2\n'))
+
+
+def pool_of(host: Host) -> dict[str, Any]:
+    status: dict[str, Any] = host.json("daemon", "status")["vm_pool"]
+    return status
+
+
+def wait_pool(host: Host, ready: int, timeout: float = 240) -> dict[str, Any]:
+    """The pool once it holds ``ready`` clones and makes none."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pool = pool_of(host)
+        counts = pool["images"].get(IMAGE, {})
+        if counts.get("ready") == ready and counts.get("filling") == 0:
+            return pool
+        if time.monotonic() > deadline:
+            pytest.fail(f"the pool did not reach {ready} ready clones: {pool}")
+        time.sleep(0.5)
+
+
+def test_the_pool_keeps_clones_ready_and_creates_take_them(pool_host: Host) -> None:
+    host = pool_host
+    # No boot snapshot yet: the pool never boots anything itself.
+    assert pool_of(host)["images"][IMAGE] == {"size": 2, "ready": 0, "filling": 0}
+    host.ok("vm", "create", "--name", "first")
+    first = identity_of(host, "first")
+    (member,) = wait_pool(host, ready=1)["members"]  # the memory budget stops it at one
+    time.sleep(8)  # ... for good; and its guest sleeps, paused, its clock left behind
+    assert pool_of(host)["images"][IMAGE]["ready"] == 1
+    # Not a user's VM: not listed, not named, not in the SSH config.
+    assert [v["name"] for v in host.json("vm", "list")] == ["first"]
+    res = host.cli("vm", "delete", f"_pool-{member['id']}")
+    assert res.returncode != 0 and "no VM named" in res.stderr, res.stderr
+    assert member["ip"] not in (host.state / "ssh" / "config").read_text()
+    assert_consistent(host)
+
+    # A create of that image and size takes it: restored, and a machine of its own.
+    res = host.cli("vm", "create", "--name", "taken", "--nat")
+    assert res.returncode == 0, res.stderr
+    assert "disk" not in res.stderr, res.stderr  # no disk copied: the pool had done it
+    shown = host.json("vm", "show", "taken")
+    assert shown["from_pool"] and shown["id"] == member["id"] and shown["ip"] == member["ip"]
+    assert shown["spec"]["nat"] is True
+    taken = identity_of(host, "taken")
+    assert taken["hostname"] == "taken" and taken["etc_hostname"] == "taken"
+    assert taken["boot_id"] == first["boot_id"]  # restored, not booted
+    assert taken["ip"].split("/")[0] == shown["ip"]
+    assert abs(int(taken["clock"]) - time.time()) < 4  # set when it was taken
+    assert "127.0.1.1\ttaken" in guest(host, "taken", "cat /etc/hosts")
+    for key in ("machine_id", "host_key", "mac", "ip", "random"):
+        assert taken[key] != first[key], key
+    host.ok("vm", "delete", "taken")
+
+    # Refilled behind it; vm run takes the next one.
+    (refill,) = wait_pool(host, ready=1)["members"]
+    assert refill["id"] != member["id"]
+    assert host.ok("vm", "run", "--rm", "--name", "quick", "--", "hostname").strip() == "quick"
+    # Another size is another boot snapshot, with no pool.
+    big = host.json("vm", "create", "--name", "big", "--memory", "768")
+    assert not big["from_pool"] and big["id"] != refill["id"]
+    host.ok("vm", "delete", "big")
+    (ready,) = wait_pool(host, ready=1)["members"]
+    assert_consistent(host)
+
+    # A daemon killed with a pool: the next one removes the dead one's and fills anew.
+    host.kill_daemon()
+    host.start_daemon()
+    (again,) = wait_pool(host, ready=1)["members"]
+    assert again["id"] != ready["id"] and ready["pid"] not in host.vmm_pids()
+    assert_consistent(host)
+    # A stopped daemon keeps no pool; "first" runs on.
+    host.stop_daemon()
+    assert again["pid"] not in host.vmm_pids()
+    assert len(host.vmm_pids()) == 1
+    host.start_daemon()
+    wait_pool(host, ready=1)
+    assert guest(host, "first", "hostname") == "first"
     assert_consistent(host)

@@ -149,7 +149,11 @@ def test_state_transitions() -> None:
     assert not st.DELETING.can_become(st.RUNNING)
     # delete claims a settled (or booting) VM; never one already stopping or deleting
     assert {s for s in st if s.can_become(st.DELETING)} == {
-        st.CREATING, st.STOPPED, st.STARTING, st.RUNNING, st.ERROR, st.PAUSED, st.SUSPENDED}
+        st.CREATING, st.STOPPED, st.STARTING, st.RUNNING, st.ERROR, st.PAUSED, st.SUSPENDED,
+        st.POOLED}
+    # a pool's clone is taken by a create (or removed), and made by one
+    assert {s for s in st if st.POOLED.can_become(s)} == {st.CREATING, st.DELETING}
+    assert {s for s in st if s.can_become(st.POOLED)} == {st.CREATING}
     # a suspended guest is resumed by a start; a stop would discard its processes
     assert st.SUSPENDED.can_become(st.STARTING) and not st.SUSPENDED.can_become(st.STOPPING)
     assert st.SUSPENDING.busy and not st.PAUSED.busy
@@ -194,3 +198,22 @@ def test_cli_refuses_a_missing_explicit_config(tmp_path: Path, how: str) -> None
     assert f"error: config file {missing} does not exist" in proc.stderr
     assert "hint:" in proc.stderr
     assert not (tmp_path / "state").exists()
+
+
+def test_pool_size_names_images() -> None:
+    from banger.config import parse_config
+
+    cfg = parse_config({"pool_size": {"debian-bookworm": 2}, "pool_memory_mib": 2048})
+    assert cfg.pool_size == {"debian-bookworm": 2} and cfg.pool_memory_mib == 2048
+    for bad in ({"Not_A_Label": 1}, {"debian-bookworm": -1}, {"debian-bookworm": 99}):
+        with pytest.raises(BadRequest):
+            parse_config({"pool_size": bad})
+
+
+def test_rename_script_names_only_dns_labels() -> None:
+    from banger.daemon.identity import rename_script
+
+    script = rename_script("web-1", 1700000000.25)
+    assert "h=web-1 " in script and "date -u -s @1700000000.250 " in script
+    with pytest.raises(BadRequest):
+        rename_script("x; reboot", 0.0)

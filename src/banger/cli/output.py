@@ -243,6 +243,9 @@ def daemon_status(st: dict[str, Any]) -> str:
         ("socket", st["socket"]), ("log", st["log"]), ("state dir", st["state_dir"]),
         ("uptime", f"{st['uptime_s']:.0f}s"), ("vms", f"{st['vms']} ({st['vms_running']} running)"),
     ]
+    for image, n in (st.get("vm_pool") or {}).get("images", {}).items():
+        filling = f", {n['filling']} being made" if n["filling"] else ""
+        items.append(("pool", f"{image}: {n['ready']} of {n['size']} ready{filling}"))
     config = st.get("config")
     if config:
         path = config["path"] or "(none: defaults)"

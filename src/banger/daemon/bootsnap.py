@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from banger import __version__
 from banger.api import VMSpec
-from banger.daemon import kernels, snapshots
+from banger.daemon import kernels, snapshots, vmpool
 from banger.daemon.opstate import Operation
 from banger.daemon.store import ImageRecord, SnapshotRecord, VMRecord
 from banger.errors import AlreadyExists, BangerError
@@ -96,6 +96,7 @@ def take(d: Daemon, vm: VMRecord, boot_key: str, op: Operation) -> None:
         log.warning("vm %s: boot not kept as a snapshot: %s", vm.name, exc.message)
         op.report(f"boot not kept for later VMs: {exc.message}")
         return
+    d.pool_wanted.set()  # the pool fills from it
     start = boot_key.split(".", 1)[0]
     for snap in d.db.list_snapshots():
         if snap.image == vm.image and snap.boot_key and not snap.boot_key.startswith(start):
@@ -104,6 +105,7 @@ def take(d: Daemon, vm: VMRecord, boot_key: str, op: Operation) -> None:
 
 def forget(d: Daemon, snap: SnapshotRecord, why: str) -> None:
     """Remove a boot snapshot (a failure is logged: the start-up sweep retries)."""
+    d.pool_wanted.set()  # its clones in the pool go too
     try:
         snapshots.remove(d, snap.id)
         log.info("boot snapshot %s removed: %s", snap.name, why)
@@ -112,7 +114,9 @@ def forget(d: Daemon, snap: SnapshotRecord, why: str) -> None:
 
 
 def forget_image(d: Daemon, image: str) -> None:
-    """Remove every boot snapshot of ``image`` (it is being removed)."""
+    """Remove every boot snapshot of ``image`` and the pool's clones of them (it is
+    being removed)."""
+    vmpool.drain(d, lambda vm: vm.image == image, f"image {image!r} is removed")
     for snap in d.db.list_snapshots():
         if snap.image == image and snap.boot_key:
             forget(d, snap, f"image {image!r} is removed")

@@ -13,6 +13,7 @@ from banger.daemon.core import Daemon, VMCap
 from banger.daemon.forwards import ForwardCap
 from banger.daemon.sessions import SessionCap
 from banger.daemon.store import VMRecord
+from banger.daemon.vms import user_vms
 from banger.fsutil import atomic_write
 
 log = logging.getLogger("banger.caps")
@@ -64,7 +65,7 @@ def write_ssh_config(d: Daemon) -> None:
         f"#   Include {lay.ssh_config}",
         "",
     ]
-    for vm in d.db.list_vms():
+    for vm in user_vms(d):
         lines += [
             f"Host {vm.name}.vm",
             f"  HostName {vm.ip}",

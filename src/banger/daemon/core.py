@@ -238,6 +238,9 @@ class Daemon:
         self._instance_lock: int | None = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        # Set to have the pool filler (vmpoolfill) look again: a member was taken, a
+        # boot snapshot kept or forgotten.
+        self.pool_wanted = threading.Event()
         self.methods: dict[str, Callable[[dict[str, Any]], Any]] = {}
 
     # ----------------------------------------------------------------- lifecycle
@@ -350,13 +353,14 @@ class Daemon:
             log.warning("%s failed: %s", doing, err.message, exc_info=exc)
         return err
 
-    def dial(self, vm_id: str, ip: str) -> Guest:
+    def dial(self, vm_id: str, ip: str, *, held: bool = False) -> Guest:
         """A :class:`Guest` for VM ``vm_id`` at ``ip``: the test seam's, else SSH with
-        banger's key over the master of the VM's current boot (:meth:`ssh_control`)."""
+        banger's key over the master of the VM's current boot (:meth:`ssh_control`;
+        ``held``: one that lasts as long as the boot, see ``sshopts.HELD_MASTER``)."""
         if self.seams.dial is not None:
             return self.seams.dial(ip)
         return SSHGuest(self.runner, self.layout.key_path, self.layout.known_hosts, ip,
-                        control_path=self.ssh_control(vm_id))
+                        control_path=self.ssh_control(vm_id), held=held)
 
     def ssh_control(self, vm_id: str) -> Path | None:
         """Where the shared OpenSSH master of ``vm_id``'s current boot listens (it need not
@@ -437,7 +441,8 @@ class Daemon:
             "socket": str(self.layout.socket), "log": str(self.layout.daemon_log),
             "state_dir": str(self.layout.state_dir),
             "uptime_s": round(time.time() - self.started_at, 1),
-            "vms": len(vms), "vms_running": sum(1 for v in vms if v.state.value == "running"),
+            "vms": sum(1 for v in vms if not v.in_pool),
+            "vms_running": sum(1 for v in vms if v.state.value == "running"),
             "cow_strategy": self.cow.name if self.cow else None,
             "tap_pool": sorted(self.tap_pool.owned()),
             "operations": sum(len(r.active()) for r in self.op_registries),

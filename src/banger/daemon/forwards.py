@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from banger.api import VMState
 from banger.daemon.forwarder import ForwardSpec, parse
 from banger.daemon.store import VMRecord
-from banger.daemon.vms import merge_runtime, resolve, resolve_running
+from banger.daemon.vms import merge_runtime, resolve, resolve_running, user_vms
 from banger.errors import BadRequest, BangerError, NotFound, NotRunning
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ def view(d: Daemon, vm: VMRecord, spec: ForwardSpec) -> dict[str, Any]:
 
 def list_forwards(d: Daemon, ref: str | None) -> list[dict[str, Any]]:
     """``vm forward list [VM]``: every forward of one VM or of all, open or not."""
-    vms = [resolve(d, ref)] if ref else d.db.list_vms()
+    vms = [resolve(d, ref)] if ref else user_vms(d)
     return [view(d, vm, spec) for vm in vms for spec in wanted(vm)]
 
 

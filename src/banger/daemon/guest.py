@@ -86,6 +86,7 @@ class SSHGuest:
     ip: str
     ssh_bin: str = "ssh"
     control_path: Path | None = None
+    held: bool = False  # a master this guest starts never expires (sshopts.HELD_MASTER)
 
     def argv(self, script: str, *, forwards: Sequence[str] = ()) -> list[str]:
         """The ssh command line that runs ``script`` in the guest as one ``sh -c`` argument.
@@ -96,7 +97,8 @@ class SSHGuest:
         """
         # The remote side always gets one argument run by sh -c, so quoting is ours.
         base = ssh_argv(self.ssh_bin, self.key_path, self.known_hosts, self.ip,
-                        control_path=None if forwards else self.control_path)
+                        control_path=None if forwards else self.control_path,
+                        held=self.held)
         if forwards:
             # A forward that cannot be opened fails the command instead of leaving the
             # script without the address it was promised.

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from banger.errors import HostError
 from banger.fsutil import atomic_write
+from banger.names import check_name
 from banger.runner import Runner
 from banger.sshopts import forget_host
 
@@ -171,3 +172,23 @@ def announced(serial_log: Path, ident: Identity) -> Callable[[], bool]:
             return False
 
     return check
+
+
+RENAME_TIMEOUT_S = 30.0
+
+
+def rename_script(hostname: str, now: float) -> str:
+    """What a pool's clone runs when a create takes it (``vmpool``): its clock set to
+    ``now`` (it slept paused since it was made) and its host name made ``hostname``,
+    as ``banger-ident`` names a clone (the kernel's, ``/etc/hostname``, and the
+    ``127.0.1.1`` line of ``/etc/hosts``). Its other identity is its own since then.
+
+    Raises:
+        BadName: ``hostname`` is not a DNS label (a bug: VM names are checked).
+    """
+    check_name(hostname)
+    return (f"date -u -s @{now:.3f} >/dev/null && h={hostname} && "
+            'echo "$h" > /proc/sys/kernel/hostname && echo "$h" > /etc/hostname && '
+            "grep -v '^127\\.0\\.1\\.1[[:space:]]' /etc/hosts > /etc/hosts.banger; "
+            "printf '127.0.1.1\\t%s\\n' \"$h\" >> /etc/hosts.banger && "
+            "mv /etc/hosts.banger /etc/hosts")

@@ -35,6 +35,7 @@ from banger.daemon.imagemgr import (
 from banger.daemon.imagemgr.kernel import inspect_kernel_file
 from banger.daemon.opstate import Operation
 from banger.daemon.store import ImageRecord, now
+from banger.daemon.vms import user_vms
 from banger.errors import AlreadyExists, BadRequest, NotFound
 from banger.fsutil import existing_file, move_aside, remove_tree
 from banger.names import check_name
@@ -301,8 +302,8 @@ def inject_guest_agent(d: Daemon, rootfs: Path, staging: Path) -> None:
 def delete(d: Daemon, name: str) -> dict[str, Any]:
     """Unregister image ``name`` and remove its directory (refused while a VM or a
     snapshot taken with `vm snapshot` uses it; its boot snapshots go with it)."""
-    if all(vm.image != name for vm in d.db.list_vms()):  # else the delete is refused
-        bootsnap.forget_image(d, name)
+    if all(vm.image != name for vm in user_vms(d)):  # else the delete is refused
+        bootsnap.forget_image(d, name)  # and the pool's clones of it
     with d.image_ops_mu:
         d.db.delete_image(name)
         trash = move_aside(d.layout.image_dir(name))

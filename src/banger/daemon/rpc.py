@@ -28,6 +28,7 @@ from banger.daemon import (
     vmcreate,
     vmdelete,
     vmegress,
+    vmpool,
     vmpower,
     vms,
     vmsuspend,
@@ -255,7 +256,7 @@ def register(d: Daemon) -> None:
 
     d.methods.update({
         "daemon.ping": no(lambda: {"pong": True, **d.status()}),
-        "daemon.status": no(d.status),
+        "daemon.status": no(lambda: {**d.status(), "vm_pool": vmpool.status(d)}),
         "daemon.stop": no(stop),
         "daemon.operations.list": no(operations),
         "vm.create": lambda p: vmcreate.create_sync(d, parse(vmcreate.CreateParams, p)),

@@ -26,6 +26,7 @@ from banger.daemon.dmsnap import choose_strategy
 from banger.daemon.network import HostChanges, restore_host
 from banger.daemon.server import RPCServer
 from banger.daemon.store import Store
+from banger.daemon.vmpoolfill import PoolFiller
 from banger.errors import BangerError, HostError
 from banger.fsutil import atomic_write
 
@@ -35,6 +36,8 @@ log = logging.getLogger("banger.daemon")
 class Bangerd(Daemon):
     """bangerd. Public surface: :meth:`open`, :meth:`serve`, :meth:`close`
     (the target shape's ``Daemon.open/serve/close``)."""
+
+    _pool: PoolFiller  # keeps the pool of ready clones full while serving (vmpool)
 
     @classmethod
     def open(cls, cfg: Config, seams: Seams | None = None, *, log_to_stderr: bool = False,
@@ -47,6 +50,7 @@ class Bangerd(Daemon):
         """
         d = cls(cfg, seams, log_to_stderr=log_to_stderr, config_file=config_file,
                 config_sha256=config_sha256)
+        d._pool = PoolFiller(d)
         lay = d.layout
         for directory in (lay.state_dir, lay.vms_dir, lay.images_dir, lay.kernels_dir,
                           lay.ssh_dir, lay.runtime_dir, lay.vms_run_dir, lay.cache_dir):
@@ -83,6 +87,7 @@ class Bangerd(Daemon):
         self._server = RPCServer(self, self.layout.socket)
         self._watcher = threading.Thread(target=self._watch, name="vm-watcher", daemon=True)
         self._watcher.start()
+        self._pool.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.shutdown())
         log.info("serving on %s", self.layout.socket)
@@ -101,6 +106,7 @@ class Bangerd(Daemon):
         self._stop.set()
         if self._server is not None:
             self._server.close()
+        self._pool.stop()  # a stopped daemon keeps no pool
         if self.vm_dns is not None:
             self.vm_dns.close()
         self.forwards.close_all()  # re-opened when the next daemon re-adopts the VMs

@@ -32,7 +32,7 @@ from banger.daemon.session import quote, scripts, step_error
 from banger.daemon.session.status import GuestSession, parse_logs, parse_status
 from banger.daemon.sessionctl import MAX_WRITE, Writer
 from banger.daemon.store import SessionRecord, VMRecord, now
-from banger.daemon.vms import not_running, resolve, resolve_running
+from banger.daemon.vms import not_running, resolve, resolve_running, user_vms
 from banger.daemon.workspace.transfer import OutputTooLarge, run_script
 from banger.errors import (
     AlreadyExists,
@@ -334,7 +334,7 @@ def list_sessions(d: Daemon, vm_ref: str | None) -> list[dict[str, Any]]:
 
     A guest that cannot be read keeps its rows as last known, with ``stale`` set.
     """
-    vms = [resolve(d, vm_ref)] if vm_ref else d.db.list_vms()
+    vms = [resolve(d, vm_ref)] if vm_ref else user_vms(d)
     running = [vm for vm in vms if vm.state == VMState.RUNNING and d.db.list_sessions(vm.id)]
 
     def one(vm: VMRecord) -> tuple[str, dict[str, GuestSession] | None]:

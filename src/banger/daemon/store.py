@@ -190,6 +190,11 @@ class VMRecord:
     # The last workspace prepared into the VM (host path, guest path, base commit, ...).
     workspace: dict[str, Any] | None = None
 
+    @property
+    def in_pool(self) -> bool:
+        """A clone being made for the pool, or kept in it (``vmpool``): no user's VM yet."""
+        return self.runtime.get("pool") is True
+
 
 @dataclass(frozen=True)
 class SessionRecord:
@@ -535,6 +540,31 @@ class Store:
             if cur.rowcount == 0:
                 raise NotFound(f"VM {vm.name!r} no longer exists")
         return new
+
+    def adopt_pooled(self, vm: VMRecord, name: str, spec: VMSpec,
+                     runtime: dict[str, Any]) -> VMRecord | None:
+        """Make pooled ``vm`` a user's VM being created: its name, spec and runtime
+        replaced, its creation time now, in one update that succeeds only while it is
+        still pooled. None when it no longer is (removed or taken meanwhile).
+
+        Raises:
+            AlreadyExists: ``name`` is taken.
+        """
+        new = replace(vm, name=name, spec=spec, runtime=runtime, state=VMState.CREATING,
+                      created_at=now(), updated_at=now())
+        try:
+            with self._tx() as db:
+                cur = db.execute(
+                    "UPDATE vms SET name = ?, spec = ?, runtime = ?, state = ?, created_at = ?,"
+                    " updated_at = ? WHERE id = ? AND state = ?",
+                    (name, spec.model_dump_json(), json.dumps(runtime), new.state.value,
+                     new.created_at.isoformat(), new.updated_at.isoformat(), vm.id,
+                     VMState.POOLED.value))
+        except sqlite3.IntegrityError as exc:
+            raise AlreadyExists(f"a VM named {name!r} already exists",
+                                hint="pick another --name, or delete it with `banger vm delete`"
+                                ) from exc
+        return new if cur.rowcount == 1 else None
 
     def set_vm_spec(self, vm: VMRecord, spec: VMSpec) -> VMRecord:
         """Persist a user's change to ``vm``'s spec (``vm set-egress``)."""

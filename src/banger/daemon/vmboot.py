@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,7 +22,7 @@ from banger.daemon.handles import VMHandles
 from banger.daemon.network import gateway, prefixlen
 from banger.daemon.opstate import Operation
 from banger.daemon.store import ImageRecord, SnapshotRecord, VMRecord
-from banger.daemon.vms import save_handles, transition, update_runtime
+from banger.daemon.vms import handles_of, save_handles, transition, update_runtime
 from banger.daemon.vmteardown import teardown
 from banger.errors import HostError
 from banger.fsutil import tail
@@ -70,105 +71,200 @@ def boot(d: Daemon, vm: VMRecord, img: ImageRecord, cancel: CancelToken,
     trusted before it answers. On failure everything started here is torn down before
     the error propagates (a saved state not yet loaded stays, for another try).
     """
-    def stage(name: str, progress: str = "") -> None:
-        cancel.check()
-        if op is not None:
-            op.enter(name, progress)
-
-    drv = d.driver(vm.vmm)
-    paths = d.layout.vm(vm.id)
-    cow_json = vm.runtime.get("cow")
-    if not cow_json:
-        raise HostError(f"VM {vm.name!r} has no root disk record", hint="delete and recreate it")
-    h = VMHandles(vmm=drv.name, cow=CowHandle.from_json(cow_json))
+    stage = _stages(cancel, op)
+    h = _first_handles(d, vm)
     try:
         stage("network")
-        d.ensure_network()
-        tap = d.tap_pool.acquire()
-        h = h.with_(tap=tap)
-        save_handles(d, vm.id, h)
+        h = _network(d, vm, h)
         # Before the VMM runs: until admitted, every frame from the TAP is dropped.
-        d.firewall.admit(guest_rule(vm, tap))
+        d.firewall.admit(guest_rule(vm, h.tap or ""))
         d.checkpoint("start.network")
-        restore = savedstate.complete(paths)
-        snap = d.layout.snapshot(fork.id) if fork is not None else None
-        stage("boot" if restore is None and snap is None else "restore")
-        assert h.cow is not None
-        pending = h
-
-        def record(partial: CowHandle) -> None:
-            save_handles(d, vm.id, pending.with_(cow=partial))
-
-        cow = d.cow_for(h.cow).activate(h.cow, Path(img.rootfs), vm.id, record)
-        h = h.with_(cow=cow)
-        save_handles(d, vm.id, h)
-        if snap is not None:
-            boot_files = kernels.BootFiles(
-                snap.kernel, snap.initrd if snap.initrd.exists() else None)
-        else:
-            boot_files = kernels.boot_files(d, img, vm.vmm)
-        plan = LaunchPlan(
-            vm_id=vm.id, name=vm.name, vcpu=vm.spec.vcpu, memory_mib=vm.spec.memory_mib,
-            kernel=boot_files.kernel, initrd=boot_files.initrd,
-            cmdline=kernel_cmdline(d, vm), rootfs=cow.disk, work_disk=str(paths.work_disk),
-            tap=h.tap or "", mac=vm.mac, paths=paths, extra_disks=tuple(vm.spec.extra_disks),
-            restore=restore or (snap.dir if snap is not None else None),
-            ident_channel=restore is None or savedstate.had_ident_channel(vm.runtime),
-        )
-        own = _clone_identity(d, vm) if snap is not None else None
-        ident = drv.launch(plan)
-        h = h.with_(process=ident)
-        save_handles(d, vm.id, h)
-        if own is not None:
-            d.checkpoint("create.restored")
-            drv.reidentify(paths, identity.encode(own))
-            drv.resume(paths)
-        elif restore is not None:
-            d.checkpoint("start.restored")
-            savedstate.consume(drv, paths)
-        update_runtime(d, vm.id, ident_channel=plan.ident_channel or None,
-                       confinement=drv.confinement(vm.id)
-                       if isinstance(drv, ConfinedVMM) else None)
-        log.info("vm %s: %s running as pid %d", vm.name, drv.name, ident.pid)
-        d.checkpoint("start.boot")
-        stage("wait-ssh")
-        guest = d.dial(vm.id, vm.ip)
-        # A clone is ready once its identity is applied whole (the probe checks), and
-        # reachable only from then: it says so on its console, and is probed at once.
-        clone = {} if own is None else {
-            "probe": identity.applied_probe(own),
-            "announced": identity.announced(paths.serial_log, own)}
-        waited = d.seams.wait_for_ssh(
-            guest, budget_s=d.cfg.boot_timeout_s, alive=lambda: matches(ident), cancel=cancel,
-            on_wait=(lambda s: op.report(f"{s:.0f}s")) if op is not None else None,
-            serial_tail=lambda: tail(paths.serial_log, 2000), new_host_key=own is not None,
-            **clone)
-        log.info("vm %s: ssh ready after %.1fs", vm.name, waited)
-        if restore is not None and own is None:
-            warning = savedstate.set_clock(guest, vm.name)
-            if warning is not None and op is not None:
-                op.report(warning)
-        for warning in workspaces.sync_files(d, vm):
-            if op is not None:
-                op.report(warning)
-        d.checkpoint("start.wait-ssh")
-        vm = mark_running(d, vm.id, expect={VMState.STARTING, VMState.CREATING})
+        restore = savedstate.complete(d.layout.vm(vm.id))
+        stage("boot" if restore is None and fork is None else "restore")
+        own = _clone_identity(d, vm) if fork is not None else None
+        h = _launch(d, vm, img, h, restore=restore, fork=fork)
+        vm = _wake(d, vm, h, cancel, op, own=own, restored=restore is not None)
     except BaseException as exc:
-        try:
-            teardown(d, vm.id, h)
-        except Exception as cleanup:  # keep the boot's own error, which says what went wrong
-            log.error("vm %s: teardown after a failed boot: %s", vm.name, cleanup)
-            exc.add_note(f"teardown incomplete: {cleanup}")
+        _tear_down_failed(d, vm, h, exc)
         raise
     caps.started(d, vm)
     return vm
 
 
-def _clone_identity(d: Daemon, vm: VMRecord) -> identity.Identity:
-    """A clone's own identity, its host key already trusted at its address."""
+def prepare_pooled(d: Daemon, vm: VMRecord, img: ImageRecord, fork: SnapshotRecord) -> None:
+    """A clone for the pool (``vmpool``), in state ``creating``: restored from ``fork``
+    like any clone, with an identity of its own (host name ``pool-<id>``), admitted to
+    the guest network with none of it open (its spec's), run until SSH answers over a
+    held master connection (``sshopts.HELD_MASTER``), then paused. :func:`wake` finishes
+    it for a create. On failure everything started here is torn down before the error
+    propagates."""
+    h = _first_handles(d, vm)
+    try:
+        h = _network(d, vm, h)
+        d.firewall.admit(guest_rule(vm, h.tap or ""))
+        own = _clone_identity(d, vm, hostname=f"pool-{vm.id}")
+        h = _launch(d, vm, img, h, restore=None, fork=fork)
+        _run_until_ssh(d, vm, h, CancelToken(), None, own=own, restored=False, held=True)
+        d.driver(vm.vmm).pause(d.layout.vm(vm.id))
+    except BaseException as exc:
+        _tear_down_failed(d, vm, h, exc)
+        raise
+
+
+def wake(d: Daemon, vm: VMRecord, cancel: CancelToken, op: Operation | None = None
+         ) -> VMRecord:
+    """A pooled clone taken by a create (``creating``, under its new name and spec):
+    admitted to the guest network with that spec, its vCPUs run, then named, its clock
+    set, in one command over the master it kept; running from then. On failure it is
+    torn down."""
+    stage = _stages(cancel, op)
+    h = handles_of(d, vm)
+    try:
+        stage("network")
+        d.firewall.admit(guest_rule(vm, h.tap or ""))
+        stage("restore")
+        d.driver(vm.vmm).resume(d.layout.vm(vm.id))
+        stage("wait-ssh")
+        d.dial(vm.id, vm.ip).run(identity.rename_script(vm.name, time.time()),
+                                 timeout=identity.RENAME_TIMEOUT_S, desc="name the clone")
+        for warning in workspaces.sync_files(d, vm):
+            if op is not None:
+                op.report(warning)
+        vm = mark_running(d, vm.id, expect={VMState.CREATING})
+    except BaseException as exc:
+        _tear_down_failed(d, vm, h, exc)
+        raise
+    caps.started(d, vm)
+    return vm
+
+
+def _stages(cancel: CancelToken, op: Operation | None) -> Callable[[str], None]:
+    def stage(name: str) -> None:
+        cancel.check()
+        if op is not None:
+            op.enter(name)
+    return stage
+
+
+def _first_handles(d: Daemon, vm: VMRecord) -> VMHandles:
+    cow_json = vm.runtime.get("cow")
+    if not cow_json:
+        raise HostError(f"VM {vm.name!r} has no root disk record", hint="delete and recreate it")
+    return VMHandles(vmm=d.driver(vm.vmm).name, cow=CowHandle.from_json(cow_json))
+
+
+def _network(d: Daemon, vm: VMRecord, h: VMHandles) -> VMHandles:
+    """The bridge (made on first need) and a TAP for the VM, recorded in its handles."""
+    d.ensure_network()
+    h = h.with_(tap=d.tap_pool.acquire())
+    save_handles(d, vm.id, h)
+    return h
+
+
+def _launch(d: Daemon, vm: VMRecord, img: ImageRecord, h: VMHandles, *,
+            restore: Path | None, fork: SnapshotRecord | None) -> VMHandles:
+    """Activate the root disk and start the VMM: a kernel boot, or (``restore``: a
+    suspended VM's saved state; ``fork``: a snapshot's) a guest loaded with its vCPUs
+    stopped. Returns the handles with the VMM's process."""
+    drv = d.driver(vm.vmm)
+    paths = d.layout.vm(vm.id)
+    snap = d.layout.snapshot(fork.id) if fork is not None else None
+    assert h.cow is not None
+    pending = h
+
+    def record(partial: CowHandle) -> None:
+        save_handles(d, vm.id, pending.with_(cow=partial))
+
+    cow = d.cow_for(h.cow).activate(h.cow, Path(img.rootfs), vm.id, record)
+    h = h.with_(cow=cow)
+    save_handles(d, vm.id, h)
+    if snap is not None:
+        boot_files = kernels.BootFiles(snap.kernel, snap.initrd if snap.initrd.exists() else None)
+    else:
+        boot_files = kernels.boot_files(d, img, vm.vmm)
+    plan = LaunchPlan(
+        vm_id=vm.id, name=vm.name, vcpu=vm.spec.vcpu, memory_mib=vm.spec.memory_mib,
+        kernel=boot_files.kernel, initrd=boot_files.initrd,
+        cmdline=kernel_cmdline(d, vm), rootfs=cow.disk, work_disk=str(paths.work_disk),
+        tap=h.tap or "", mac=vm.mac, paths=paths, extra_disks=tuple(vm.spec.extra_disks),
+        restore=restore or (snap.dir if snap is not None else None),
+        ident_channel=restore is None or savedstate.had_ident_channel(vm.runtime),
+    )
+    ident = drv.launch(plan)
+    h = h.with_(process=ident)
+    save_handles(d, vm.id, h)
+    update_runtime(d, vm.id, ident_channel=plan.ident_channel or None,
+                   confinement=drv.confinement(vm.id) if isinstance(drv, ConfinedVMM) else None)
+    log.info("vm %s: %s running as pid %d", vm.name, drv.name, ident.pid)
+    return h
+
+
+def _wake(d: Daemon, vm: VMRecord, h: VMHandles, cancel: CancelToken,
+          op: Operation | None, *, own: identity.Identity | None, restored: bool) -> VMRecord:
+    """Run a launched VM until SSH answers (:func:`_run_until_ssh`), copy the
+    configured files in, and mark it running."""
+    _run_until_ssh(d, vm, h, cancel, op, own=own, restored=restored)
+    for warning in workspaces.sync_files(d, vm):
+        if op is not None:
+            op.report(warning)
+    d.checkpoint("start.wait-ssh")
+    return mark_running(d, vm.id, expect={VMState.STARTING, VMState.CREATING})
+
+
+def _run_until_ssh(d: Daemon, vm: VMRecord, h: VMHandles, cancel: CancelToken,
+                   op: Operation | None, *, own: identity.Identity | None, restored: bool,
+                   held: bool = False) -> None:
+    """Run a launched VM's vCPUs (a clone's after handing it ``own``; a suspended
+    VM's after consuming its saved state) and wait for SSH (over a held master with
+    ``held``); a restored guest's clock is set."""
+    drv = d.driver(vm.vmm)
+    paths = d.layout.vm(vm.id)
+    assert h.process is not None
+    ident = h.process
+    if own is not None:
+        d.checkpoint("create.restored")
+        drv.reidentify(paths, identity.encode(own))
+        drv.resume(paths)
+    elif restored:
+        d.checkpoint("start.restored")
+        savedstate.consume(drv, paths)
+    d.checkpoint("start.boot")
+    _stages(cancel, op)("wait-ssh")
+    guest = d.dial(vm.id, vm.ip, held=held)
+    # A clone is ready once its identity is applied whole (the probe checks), and
+    # reachable only from then: it says so on its console, and is probed at once.
+    clone = {} if own is None else {
+        "probe": identity.applied_probe(own),
+        "announced": identity.announced(paths.serial_log, own)}
+    waited = d.seams.wait_for_ssh(
+        guest, budget_s=d.cfg.boot_timeout_s, alive=lambda: matches(ident), cancel=cancel,
+        on_wait=(lambda s: op.report(f"{s:.0f}s")) if op is not None else None,
+        serial_tail=lambda: tail(paths.serial_log, 2000), new_host_key=own is not None,
+        **clone)
+    log.info("vm %s: ssh ready after %.1fs", vm.name, waited)
+    if restored and own is None:
+        warning = savedstate.set_clock(guest, vm.name)
+        if warning is not None and op is not None:
+            op.report(warning)
+
+
+def _tear_down_failed(d: Daemon, vm: VMRecord, h: VMHandles, exc: BaseException) -> None:
+    """After a failed boot: release what it started, keeping the boot's own error
+    (which says what went wrong) and noting a teardown problem on it."""
+    try:
+        teardown(d, vm.id, h)
+    except Exception as cleanup:
+        log.error("vm %s: teardown after a failed boot: %s", vm.name, cleanup)
+        exc.add_note(f"teardown incomplete: {cleanup}")
+
+
+def _clone_identity(d: Daemon, vm: VMRecord, hostname: str | None = None
+                    ) -> identity.Identity:
+    """A clone's own identity (host name: the VM's name unless given), its host key
+    already trusted at its address."""
     own = identity.fresh(
         d.runner, d.layout.staging_dir, ip_cidr=f"{vm.ip}/{prefixlen(d.cfg.bridge_cidr)}",
-        gateway=gateway(d.cfg.bridge_cidr), mac=vm.mac, hostname=vm.name)
+        gateway=gateway(d.cfg.bridge_cidr), mac=vm.mac, hostname=hostname or vm.name)
     identity.trust_host_key(d.layout.known_hosts, vm.ip, own.host_key_pub)
     return own
 

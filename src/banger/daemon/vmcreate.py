@@ -22,14 +22,23 @@ from pydantic import Field
 
 from banger.api import Model, VMSpec, VMState
 from banger.config import parse_size
-from banger.daemon import bootsnap, forwarder, identity, images, kernels, snapshots, vmegress
+from banger.daemon import (
+    bootsnap,
+    forwarder,
+    identity,
+    images,
+    kernels,
+    snapshots,
+    vmegress,
+    vmpool,
+)
 from banger.daemon.core import new_id
 from banger.daemon.dmsnap import clone_or_copy
 from banger.daemon.imagemgr import WORK_LABEL
 from banger.daemon.network import allocate_ip, mac_for_ip
 from banger.daemon.opstate import Operation
 from banger.daemon.store import ImageRecord, SnapshotRecord, VMRecord
-from banger.daemon.vmboot import boot
+from banger.daemon.vmboot import boot, wake
 from banger.daemon.vmdelete import destroy
 from banger.daemon.vmmselect import resolve_vmm
 from banger.daemon.vms import transition, update_runtime, view, wait_op
@@ -45,6 +54,7 @@ log = logging.getLogger("banger.vms")
 
 CREATE_STAGES = ["reserve", "image", "disk", "network", "boot", "wait-ssh"]
 CLONE_STAGES = ["reserve", "disk", "network", "restore", "wait-ssh"]
+POOL_STAGES = ["reserve", "network", "restore", "wait-ssh"]  # a clone taken from the pool
 
 
 class CreateParams(Model):
@@ -93,7 +103,7 @@ def begin_create(d: Daemon, params: CreateParams, *, extra_disks: tuple[str, ...
         vmm = snap.vmm
         spec = snap.spec.model_copy(update={**network, "extra_disks": []})
     else:
-        vmm, spec = _plan_boot(d, params, network, extra_disks)
+        vmm, spec = plan_boot(d, params, network, extra_disks)
         if params.start and not params.cold:
             snap = _boot_snapshot(d, vmm, spec)
 
@@ -102,26 +112,39 @@ def begin_create(d: Daemon, params: CreateParams, *, extra_disks: tuple[str, ...
         if d.db.find_vm(name) is not None:
             raise AlreadyExists(f"a VM named {name!r} already exists",
                                 hint="pick another --name, or delete it with `banger vm delete`")
-        ip = allocate_ip(cfg.bridge_cidr, d.db.used_ips())
-        vm = VMRecord(id=new_id(), name=name, image=spec.image, spec=spec, vmm=vmm,
-                      state=VMState.CREATING, ip=ip, mac=mac_for_ip(ip),
-                      runtime={"from_snapshot": snap.name} if snap is not None else {})
-        op = Operation(kind="vm.create", target=vm.name,
+        runtime = {"from_snapshot": snap.name} if snap is not None else {}
+        op = Operation(kind="vm.create", target=name,
                        stages=list(CREATE_STAGES if snap is None else CLONE_STAGES))
         op.enter("reserve")  # before the token is known: this cannot raise Cancelled
-        # Registered before the row exists: a delete that sees "creating" can always cancel.
-        d.register_inflight(vm.id, op.cancel)
-        try:
-            d.db.add_vm(vm)
-        except BaseException:
-            d.end_inflight(vm.id, op.cancel)
-            raise
+        # A boot snapshot's clone may be waiting, restored, in the pool (vmpool).
+        vm = (vmpool.take(d, snap, name, spec, {**runtime, "from_pool": True},
+                           cancel=op.cancel)
+              if snap is not None and snap.boot_key is not None and params.from_snapshot is None
+              else None)
+        pooled = vm is not None
+        if vm is None:
+            ip = allocate_ip(cfg.bridge_cidr, d.db.used_ips())
+            vm = VMRecord(id=new_id(), name=name, image=spec.image, spec=spec, vmm=vmm,
+                          state=VMState.CREATING, ip=ip, mac=mac_for_ip(ip), runtime=runtime)
+            # Registered before the row exists: a delete that sees "creating" can
+            # always cancel.
+            d.register_inflight(vm.id, op.cancel)
+            try:
+                d.db.add_vm(vm)
+            except BaseException:
+                d.end_inflight(vm.id, op.cancel)
+                raise
+        else:
+            op.stages[:] = POOL_STAGES
     log.info("vm %s (%s): reserved %s", vm.name, vm.id, vm.ip)
     # From here on only the worker may end the create: a cancel arriving now is seen by
     # its first stage, which rolls the row back and ends the token.
     cold = params.cold or extra_disks != ()
-    d.create_ops.run(op, lambda o: _create(d, o, vm, params.start, snap, cold=cold),
-                     name=f"create-{vm.name}")
+    if pooled:
+        d.create_ops.run(op, lambda o: _create_pooled(d, o, vm), name=f"create-{vm.name}")
+    else:
+        d.create_ops.run(op, lambda o: _create(d, o, vm, params.start, snap, cold=cold),
+                         name=f"create-{vm.name}")
     return op
 
 
@@ -134,9 +157,10 @@ def _boot_snapshot(d: Daemon, vmm: str, spec: VMSpec) -> SnapshotRecord | None:
     return bootsnap.find(d, boot_key) if boot_key is not None else None
 
 
-def _plan_boot(d: Daemon, params: CreateParams, network: dict[str, Any],
-               extra_disks: tuple[str, ...]) -> tuple[str, VMSpec]:
-    """The VMM and spec of a VM that boots its image (not a clone).
+def plan_boot(d: Daemon, params: CreateParams, network: dict[str, Any] | None = None,
+              extra_disks: tuple[str, ...] = ()) -> tuple[str, VMSpec]:
+    """The VMM and spec of a VM that boots its image (not a clone); ``network``: its
+    egress and forwards (none by default).
 
     Raises:
         BadRequest / NotFound: the image, its kernel under the VMM, or a size is wrong.
@@ -162,7 +186,7 @@ def _plan_boot(d: Daemon, params: CreateParams, network: dict[str, Any],
         work_disk_size=parse_size(params.work_disk_size or defaults.work_disk_size),
         vmm=params.vmm,
         extra_disks=list(extra_disks),
-        **network,
+        **(network or {}),
     )
     if spec.work_disk_size < 64 << 20:
         raise BadRequest("work disk must be at least 64M")
@@ -222,7 +246,7 @@ def _create(d: Daemon, op: Operation, vm: VMRecord, start: bool,
         # restart removes it instead of keeping a VM nobody finished creating.
         vm = boot(d, d.db.get_vm(vm.id), img, op.cancel, op, fork=snap)
     except BaseException as exc:
-        _roll_back(d, vm, exc)
+        roll_back(d, vm, exc)
         if isinstance(exc, Cancelled):
             raise Cancelled(f"creation of {vm.name!r} was cancelled; nothing was kept") from exc
         raise
@@ -230,6 +254,22 @@ def _create(d: Daemon, op: Operation, vm: VMRecord, start: bool,
         d.end_inflight(vm.id, op.cancel)
     if snap is None and not cold:
         _keep_boot(d, op, vm, img)
+    return view(d, d.db.get_vm(vm.id))
+
+
+def _create_pooled(d: Daemon, op: Operation, vm: VMRecord) -> dict[str, Any]:
+    """The worker's half of a create that took a clone from the pool: wake it."""
+    try:
+        d.checkpoint("create.reserve")
+        vm = wake(d, vm, op.cancel, op)
+    except BaseException as exc:
+        roll_back(d, vm, exc)
+        if isinstance(exc, Cancelled):
+            raise Cancelled(f"creation of {vm.name!r} was cancelled; nothing was kept") from exc
+        raise
+    finally:
+        d.end_inflight(vm.id, op.cancel)
+        d.pool_wanted.set()  # refill behind it, now that this VM has the CPU it needed
     return view(d, d.db.get_vm(vm.id))
 
 
@@ -251,7 +291,7 @@ def _keep_boot(d: Daemon, op: Operation, vm: VMRecord, img: ImageRecord) -> None
     bootsnap.take(d, vm, boot_key, op)
 
 
-def _roll_back(d: Daemon, vm: VMRecord, exc: BaseException) -> None:
+def roll_back(d: Daemon, vm: VMRecord, exc: BaseException) -> None:
     """Remove what a create that failed (or was cancelled) made; a clean-up failure is
     noted on ``exc``, which is what the caller reports."""
     log.warning("vm %s: create failed, rolling back: %s", vm.name, exc)

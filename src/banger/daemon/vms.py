@@ -44,9 +44,14 @@ def resolve(d: Daemon, ref: str) -> VMRecord:
     if not isinstance(ref, str) or not ref:
         raise BadRequest("a VM name is required")
     vm = d.db.find_vm(ref)
-    if vm is None:
+    if vm is None or vm.in_pool:  # the pool's clones are no user's (vmpool)
         raise NotFound(f"no VM named {ref!r}", hint="see `banger vm list`")
     return vm
+
+
+def user_vms(d: Daemon) -> list[VMRecord]:
+    """Every VM but the pool's clones (``vmpool``), oldest first."""
+    return [vm for vm in d.db.list_vms() if not vm.in_pool]
 
 
 def resolve_running(d: Daemon, ref: str, needs: str | None = None) -> VMRecord:
@@ -81,6 +86,7 @@ def view(d: Daemon, vm: VMRecord) -> dict[str, Any]:
         confinement=vm.runtime.get("confinement"),
         forwards=[str(s) for s in d.forwards.opened(vm.id)],
         from_snapshot=vm.runtime.get("from_snapshot"),
+        from_pool=vm.runtime.get("from_pool") is True,
         suspended=SavedStateView.model_validate(
             {k: v for k, v in saved.items() if k in SavedStateView.model_fields}) if (
             saved := vm.runtime.get("suspended")) and vm.state == VMState.SUSPENDED else None,
@@ -179,7 +185,7 @@ def op_view(op: Operation) -> dict[str, Any]:
 
 def list_vms(d: Daemon) -> list[dict[str, Any]]:
     """``vm list``: every VM's view, oldest first."""
-    return [view(d, vm) for vm in d.db.list_vms()]
+    return [view(d, vm) for vm in user_vms(d)]
 
 
 def show(d: Daemon, ref: str) -> dict[str, Any]:
