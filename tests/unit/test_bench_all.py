@@ -28,7 +28,7 @@ def test_rows_judge_each_goal_from_the_numbers(bench_all: ModuleType) -> None:
     results = {
         "boot_overhead": {"raw_boot_s": 10.0, "vm_run_s": 10.5},
         "suspend_resume": {"cold_s": 20.0, "warm_s": 5.0, "suspend_s": 1.0, "saved_mib": 100},
-        "warm_start": {"cold_s": 20.0, "warm_s": 5.0, "snapshot_s": 2.0},
+        "warm_start": {"cold_s": 20.0, "warm_s": 5.0, "snapshot_s": 2.0, "pooled_s": 1.0},
         "exec_latency": {"raw_ssh_s": 1.0, "raw_ssh_master_s": 0.1, "vm_exec_s": 0.3,
                          "vm_ports_s": 0.5, "daemon_status_s": 0.3},
         "workspace": {"files": 20000, "megabytes": 500.0, "raw_s": 50.0, "prepare_s": 55.0,
@@ -38,6 +38,7 @@ def test_rows_judge_each_goal_from_the_numbers(bench_all: ModuleType) -> None:
     assert rows["cold `vm run --rm -- true`"].met is True  # 1.05x <= 1.10x
     assert rows["warm `vm run --rm -- true` (boot snapshot clone)"].met is False  # 4x, not 5x
     assert rows["`vm start` of a suspended VM + exec"].met is None  # no goal of its own
+    assert rows["pooled `vm run --rm -- true` (a ready clone)"].banger == "1.0 s"
     assert rows["`vm exec VM -- true`"].met is False  # 0.3 s > 0.25 s
     prepare = [r for r in bench_all.rows_of(results) if "prepare" in r.what]
     assert [r.met for r in prepare] == [True, True]  # 0.91x throughput; 1.4 s < 1.5 s

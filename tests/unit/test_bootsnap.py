@@ -51,6 +51,10 @@ def test_the_first_boot_is_kept_and_the_next_vm_is_its_clone(warm: Daemon,
     assert first.stages[-1] == "snapshot"
     (snap,) = boot_snaps(warm)
     assert snap["source_vm"] == "first" and str(snap["name"]).startswith("boot-")
+    # kept once the boot had ended, not as soon as SSH answered
+    first_ip = vms.resolve(warm, "first").ip
+    assert any("systemctl is-system-running --wait" in sc and "udevadm settle" in sc
+               for sc in world.dial(first_ip).scripts)
     assert vms.resolve(warm, "first").state == VMState.RUNNING
     second = make(warm, "second")
     assert second.stages == vmcreate.CLONE_STAGES

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from banger.api import VMSpec, VMState
+from banger.cli.output import daemon_status, vm_detail
 from banger.daemon import caps, images, snapshots, vmcreate, vmdelete, vmpool, vms
 from banger.daemon.core import Daemon
 from banger.daemon.vmpoolfill import PoolFiller
@@ -173,3 +174,14 @@ def test_the_ssh_config_skips_the_pool(pooled: Daemon) -> None:
     caps.write_ssh_config(pooled)
     text = pooled.layout.ssh_config.read_text()
     assert "Host first.vm" in text and vmpool.NAME_PREFIX not in text
+
+
+def test_vm_show_and_daemon_status_say_so(pooled: Daemon) -> None:
+    make(pooled, "first")
+    PoolFiller(pooled).fill()
+    make(pooled, "taken")
+    shown = vm_detail(vms.view(pooled, vms.resolve(pooled, "taken")))
+    assert "(taken ready from the pool)" in shown
+    assert "from the pool" not in vm_detail(vms.view(pooled, vms.resolve(pooled, "first")))
+    status = {**pooled.status(), "vm_pool": vmpool.status(pooled)}
+    assert "pool" in daemon_status(status) and "1 of 2 ready" in daemon_status(status)

@@ -135,6 +135,9 @@ def vm_detail(vm: dict[str, Any]) -> str:
     items += [("forward", f"{f.rsplit(':', 1)[0]} -> guest port {f.rsplit(':', 1)[1]}")
               for f in vm.get("forwards") or []]
     items.append(("created", vm["created_at"]))
+    if vm.get("from_snapshot"):
+        pool = " (taken ready from the pool)" if vm.get("from_pool") else ""
+        items.append(("from snapshot", vm["from_snapshot"] + pool))
     saved = vm.get("suspended")
     if saved:
         items.append(("saved state", f"{format_size(saved['bytes'])} at {saved['saved_at']} "

@@ -6,9 +6,9 @@ the same build of it), same kernel and initrd files, same QEMU, same banger, sam
 memory and disk sizes (:func:`key`). Found, the VM is a clone of it (``vmcreate``,
 ``vmboot``): restored and re-identified instead of booted. Not found, the VM boots, and
 before the create returns (before anything of the user's runs in it) it is snapshotted
-as ``boot-<key>`` (:func:`take`); boot snapshots of the same image made from another start
-(the image rebuilt, another kernel or QEMU: the image half of the key differs) are removed
-then. ``--cold`` boots and takes none.
+as ``boot-<key>`` (:func:`take`), once its boot has ended (:func:`settle`); boot
+snapshots of the same image made from another start (the image rebuilt, another kernel or
+QEMU: the image half of the key differs) are removed then. ``--cold`` boots and takes none.
 
 A boot snapshot is an ordinary snapshot with a ``boot_key`` (``snapshot list`` shows it as
 ``boot``; ``snapshot rm`` removes it, and the next create of that image and size makes a
@@ -85,6 +85,7 @@ def take(d: Daemon, vm: VMRecord, boot_key: str, op: Operation) -> None:
     the image's boot snapshots from another start. Never raises: a VM is created whether
     or not its boot could be kept (the reason goes on ``op``'s progress and the log)."""
     name = name_for(boot_key)
+    settle(d, vm, op)
     inner = Operation(kind="vm.snapshot", target=vm.name,
                       stages=list(snapshots.SNAPSHOT_STAGES), cancellable=False)
     try:
@@ -101,6 +102,27 @@ def take(d: Daemon, vm: VMRecord, boot_key: str, op: Operation) -> None:
     for snap in d.db.list_snapshots():
         if snap.image == vm.image and snap.boot_key and not snap.boot_key.startswith(start):
             forget(d, snap, "its image, kernel or VMM changed")
+
+
+SETTLE_S = 120  # the guest's own bound on the end of its boot
+SETTLE_UDEV_S = 30  # ... and on udev's queue after it
+
+
+def settle(d: Daemon, vm: VMRecord, op: Operation) -> None:
+    """Wait, bounded, for the end of the guest's boot: systemd's start-up jobs done
+    (``systemctl is-system-running --wait``) and udev's queue empty (``udevadm
+    settle``). SSH answers well before that (sshd starts early, issue 12), and a
+    snapshot taken then would make every clone finish the boot while it wakes up.
+    Never raises: a guest that does not settle (or has neither tool) is snapshotted as
+    it is, with the reason logged."""
+    op.report("waiting for the boot to end")
+    script = (f"timeout {SETTLE_S} systemctl is-system-running --wait >/dev/null 2>&1; "
+              f"udevadm settle --timeout={SETTLE_UDEV_S} >/dev/null 2>&1; true")
+    try:
+        d.dial(vm.id, vm.ip).run(script, timeout=SETTLE_S + SETTLE_UDEV_S + 30,
+                                 desc="wait for the end of the boot")
+    except BangerError as exc:
+        log.warning("vm %s: boot kept before it ended: %s", vm.name, exc.message)
 
 
 def forget(d: Daemon, snap: SnapshotRecord, why: str) -> None:

@@ -372,6 +372,32 @@ FSTAB = """# Written by banger. The root disk is always the first virtio disk; b
 /dev/vda / ext4 defaults,noatime,errors=remount-ro 0 1
 """
 
+JOURNALD_CONF = """# Written by banger: a throwaway VM's journal lives in memory (`journalctl -b`
+# works; it goes with the VM's boot), and no boot waits for it to be flushed to disk.
+[Journal]
+Storage=volatile
+"""
+
+# udev's coldplug loads a module for each CPU feature the (emulated) CPU reports: KVM
+# (no guest of a sandbox runs VMs under TCG) and the kernel's own crypto and checksum
+# drivers (for disk or network encryption the VM does not do; ssh uses OpenSSL's). Each
+# modprobe costs a TCG guest most of a second, seconds in all, at the end of every boot.
+# The ACPI power button (button, evdev: how a VM is asked to power off) and ext4's
+# crc32c stay.
+MODPROBE_CONF = """# Written by banger: no autoloading of modules a sandbox VM does not use.
+blacklist kvm
+blacklist kvm_amd
+blacklist kvm_intel
+blacklist irqbypass
+blacklist aesni_intel
+blacklist ghash_clmulni_intel
+blacklist sha1_ssse3
+blacklist sha256_ssse3
+blacklist sha512_ssse3
+blacklist crct10dif_pclmul
+blacklist crc32_pclmul
+"""
+
 # systemd's tmpfiles make /run/nologin at boot and systemd-user-sessions removes it once
 # basic.target is reached; sshd answers before that (it waits only for banger-init), and
 # pam_nologin would print "System is booting up" into the first commands' stderr. Only
@@ -504,11 +530,13 @@ class Recipe:
     # modprobe@ ones preload modules a VM has no hardware for (drm, efi_pstore) or that
     # load on first use of their device node anyway (loop, fuse, dm_mod); hugetlbfs,
     # configfs, binfmt_misc and the debug/tracing mounts serve no dev sandbox by default
-    # (mount them by hand). A VM has no virtual terminal for getty@tty1 (the serial getty
-    # stays), no clock to sync that the host does not keep, no trim or scrub worth doing
-    # on a copy-on-write disk; every user and group is made when the image is built (apt
-    # makes a package's own), and a random seed copied into every clone seeds nothing.
-    # Each costs a second or more of a TCG guest's CPU while sshd is starting.
+    # (mount them by hand). A VM has no virtual terminal for getty@tty1, no clock to sync
+    # that the host does not keep, no trim or scrub worth doing on a copy-on-write disk;
+    # every user and group is made when the image is built (apt makes a package's own),
+    # and a random seed copied into every clone seeds nothing. The journal stays in
+    # memory (JOURNALD_CONF), so there is nothing to flush to disk; nobody reads utmp's
+    # boot and runlevel records in a sandbox. Each costs a second or more of a TCG guest's
+    # CPU while sshd is starting, or while the boot that a boot snapshot waits for ends.
     masked_units: tuple[str, ...] = (
         "e2scrub_reap.service", "e2scrub_all.timer", "fstrim.timer", "apt-daily.timer",
         "apt-daily-upgrade.timer", "dpkg-db-backup.timer", "man-db.timer",
@@ -518,18 +546,21 @@ class Recipe:
         "dev-hugepages.mount", "sys-kernel-debug.mount", "sys-kernel-tracing.mount",
         "systemd-binfmt.service", "proc-sys-fs-binfmt_misc.automount",
         "proc-sys-fs-binfmt_misc.mount", "getty@tty1.service", "systemd-sysusers.service",
-        "systemd-random-seed.service",
+        "systemd-random-seed.service", "systemd-journal-flush.service",
+        "systemd-update-utmp.service", "systemd-update-utmp-runlevel.service",
     )
     # Generators systemd runs before it starts any unit, each one more program start under
     # emulation: none has anything to find in this image (no encrypted, verity, integrity
     # or GPT-discovered volumes, no hibernation, no SysV-only scripts, no rc.local, no
-    # system update, and banger writes the kernel command line). fstab and getty stay.
+    # system update, and banger writes the kernel command line). No getty either: the
+    # serial console is a file the host reads (`vm logs`), where nobody can type a
+    # login. fstab's stays.
     masked_generators: tuple[str, ...] = (
         "systemd-cryptsetup-generator", "systemd-integritysetup-generator",
         "systemd-veritysetup-generator", "systemd-gpt-auto-generator",
         "systemd-hibernate-resume-generator", "systemd-system-update-generator",
         "systemd-sysv-generator", "systemd-rc-local-generator", "systemd-run-generator",
-        "systemd-debug-generator",
+        "systemd-debug-generator", "systemd-getty-generator",
     )
     # Written into the empty target before debootstrap: the kernel package builds the
     # initramfs while debootstrap installs it.
@@ -547,6 +578,8 @@ class Recipe:
         GuestFile("etc/hosts", "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n"),
         GuestFile("etc/tmpfiles.d/systemd-nologin.conf", NO_NOLOGIN),
         GuestFile("etc/pam.d/sshd", PAM_SSHD),
+        GuestFile("etc/systemd/journald.conf.d/banger.conf", JOURNALD_CONF),
+        GuestFile("etc/modprobe.d/banger.conf", MODPROBE_CONF),
     ))
 
     def all_packages(self) -> list[str]:
