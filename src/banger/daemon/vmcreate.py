@@ -15,6 +15,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -226,7 +228,7 @@ def _clone_source(d: Daemon, params: CreateParams) -> SnapshotRecord:
 
 def _create(d: Daemon, op: Operation, vm: VMRecord, start: bool,
             snap: SnapshotRecord | None, *, cold: bool) -> dict[str, Any]:
-    try:
+    with _undone_on_failure(d, op, vm):
         d.checkpoint("create.reserve")
         if snap is None:
             op.enter("image")
@@ -240,28 +242,34 @@ def _create(d: Daemon, op: Operation, vm: VMRecord, start: bool,
             copy_snapshot_disks(d, vm, snap, op.cancel)
         d.checkpoint("create.disk")
         if not start:
-            vm = transition(d, vm.id, VMState.STOPPED, stop_reason="created with --no-start")
-            return view(d, vm)
+            stopped = transition(d, vm.id, VMState.STOPPED,
+                                 stop_reason="created with --no-start")
+            return view(d, stopped)
         # The VM stays "creating" through its first boot: if bangerd dies now, the
         # restart removes it instead of keeping a VM nobody finished creating.
-        vm = boot(d, d.db.get_vm(vm.id), img, op.cancel, op, fork=snap)
-    except BaseException as exc:
-        roll_back(d, vm, exc)
-        if isinstance(exc, Cancelled):
-            raise Cancelled(f"creation of {vm.name!r} was cancelled; nothing was kept") from exc
-        raise
-    finally:
-        d.end_inflight(vm.id, op.cancel)
+        booted = boot(d, d.db.get_vm(vm.id), img, op.cancel, op, fork=snap)
     if snap is None and not cold:
-        _keep_boot(d, op, vm, img)
+        _keep_boot(d, op, booted, img)
     return view(d, d.db.get_vm(vm.id))
 
 
 def _create_pooled(d: Daemon, op: Operation, vm: VMRecord) -> dict[str, Any]:
     """The worker's half of a create that took a clone from the pool: wake it."""
     try:
-        d.checkpoint("create.reserve")
-        vm = wake(d, vm, op.cancel, op)
+        with _undone_on_failure(d, op, vm):
+            d.checkpoint("create.reserve")
+            wake(d, vm, op.cancel, op)
+    finally:
+        d.pool_wanted.set()  # refill behind it, now that this VM has the CPU it needed
+    return view(d, d.db.get_vm(vm.id))
+
+
+@contextmanager
+def _undone_on_failure(d: Daemon, op: Operation, vm: VMRecord) -> Iterator[None]:
+    """A create's worker: ``vm`` rolled back completely when the block fails (a cancel
+    reported as such), and the create's in-flight token ended either way."""
+    try:
+        yield
     except BaseException as exc:
         roll_back(d, vm, exc)
         if isinstance(exc, Cancelled):
@@ -269,8 +277,6 @@ def _create_pooled(d: Daemon, op: Operation, vm: VMRecord) -> dict[str, Any]:
         raise
     finally:
         d.end_inflight(vm.id, op.cancel)
-        d.pool_wanted.set()  # refill behind it, now that this VM has the CPU it needed
-    return view(d, d.db.get_vm(vm.id))
 
 
 def _keep_boot(d: Daemon, op: Operation, vm: VMRecord, img: ImageRecord) -> None:
