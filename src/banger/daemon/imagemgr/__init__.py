@@ -372,12 +372,6 @@ FSTAB = """# Written by banger. The root disk is always the first virtio disk; b
 /dev/vda / ext4 defaults,noatime,errors=remount-ro 0 1
 """
 
-JOURNALD_CONF = """# Written by banger: a throwaway VM's journal lives in memory (`journalctl -b`
-# works; it goes with the VM's boot), and no boot waits for it to be flushed to disk.
-[Journal]
-Storage=volatile
-"""
-
 # udev's coldplug loads a module for each CPU feature the (emulated) CPU reports: KVM
 # (no guest of a sandbox runs VMs under TCG) and the kernel's own crypto and checksum
 # drivers (for disk or network encryption the VM does not do; ssh uses OpenSSL's). Each
@@ -533,9 +527,8 @@ class Recipe:
     # (mount them by hand). A VM has no virtual terminal for getty@tty1, no clock to sync
     # that the host does not keep, no trim or scrub worth doing on a copy-on-write disk;
     # every user and group is made when the image is built (apt makes a package's own),
-    # and a random seed copied into every clone seeds nothing. The journal stays in
-    # memory (JOURNALD_CONF), so there is nothing to flush to disk; nobody reads utmp's
-    # boot and runlevel records in a sandbox. Each costs a second or more of a TCG guest's
+    # and a random seed copied into every clone seeds nothing; nobody reads utmp's boot
+    # and runlevel records in a sandbox. Each costs a second or more of a TCG guest's
     # CPU while sshd is starting, or while the boot that a boot snapshot waits for ends.
     masked_units: tuple[str, ...] = (
         "e2scrub_reap.service", "e2scrub_all.timer", "fstrim.timer", "apt-daily.timer",
@@ -546,8 +539,8 @@ class Recipe:
         "dev-hugepages.mount", "sys-kernel-debug.mount", "sys-kernel-tracing.mount",
         "systemd-binfmt.service", "proc-sys-fs-binfmt_misc.automount",
         "proc-sys-fs-binfmt_misc.mount", "getty@tty1.service", "systemd-sysusers.service",
-        "systemd-random-seed.service", "systemd-journal-flush.service",
-        "systemd-update-utmp.service", "systemd-update-utmp-runlevel.service",
+        "systemd-random-seed.service", "systemd-update-utmp.service",
+        "systemd-update-utmp-runlevel.service",
     )
     # Generators systemd runs before it starts any unit, each one more program start under
     # emulation: none has anything to find in this image (no encrypted, verity, integrity
@@ -578,7 +571,6 @@ class Recipe:
         GuestFile("etc/hosts", "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n"),
         GuestFile("etc/tmpfiles.d/systemd-nologin.conf", NO_NOLOGIN),
         GuestFile("etc/pam.d/sshd", PAM_SSHD),
-        GuestFile("etc/systemd/journald.conf.d/banger.conf", JOURNALD_CONF),
         GuestFile("etc/modprobe.d/banger.conf", MODPROBE_CONF),
     ))
 
