@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import os
 import signal
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -18,6 +21,7 @@ from typing import Any
 import click
 import pytest
 
+from banger.cli import attach as attach_cli
 from banger.cli.attach import KeyFilter
 from banger.cli.session import split_ref
 from banger.daemon import sessionctl, sessions, vmcreate, vmdelete, vmpower
@@ -296,6 +300,33 @@ def test_ctrl_p_ctrl_q_detaches_and_a_lone_ctrl_p_is_passed_on() -> None:
     assert keys.feed(b"x") == (b"\x10x", False)  # it did not
     assert keys.feed(b"\x10\x10") == (b"\x10", False)
     assert keys.feed(b"\x11rest") == (b"", True)
+
+
+class DetachRaceClient:
+    """The daemon side of one attachment: the reader's logs call is on its way when the
+    user detaches, and reaches the daemon only after the attachment was ended."""
+
+    def __init__(self) -> None:
+        self.detached = threading.Event()
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        if method == "vm.session.attach":
+            return {"attachment": "att-1", "next": "0", "tty": False}
+        if method == "vm.session.detach":
+            self.detached.set()
+            return {}
+        assert method == "vm.session.logs" and params["attachment"] == "att-1"
+        assert self.detached.wait(10)
+        raise NotFound("this attachment has ended", hint="attach again")
+
+
+def test_detaching_while_a_read_is_on_its_way_is_a_clean_detach(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    client = DetachRaceClient()
+    monkeypatch.setattr(attach_cli, "_pump_input", lambda *_a, **_k: None)  # Ctrl-P Ctrl-Q
+    monkeypatch.setattr(sys, "stdin", io.StringIO())
+    assert attach_cli.attach(lambda: client, "box", "shell", read_only=False) == 0  # type: ignore[arg-type]
+    assert "[detached from box/shell]" in capsys.readouterr().err
 
 
 def test_session_refs_are_vm_slash_name() -> None:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from banger.client import Client
-from banger.errors import BangerError
+from banger.errors import BangerError, NotFound
 
 DETACH = (0x10, 0x11)  # Ctrl-P, Ctrl-Q
 POLL_S = 5.0  # long-poll wait per logs call (well inside the attachment's lease)
@@ -106,7 +106,9 @@ def attach(connect: Callable[[], Client], vm: str, name: str, *, read_only: bool
             if last is not None:
                 ended.update(last)
         except BangerError as exc:
-            failure.append(exc)
+            # A call already on its way when we detached finds the attachment gone.
+            if not (isinstance(exc, NotFound) and stop.is_set()):
+                failure.append(exc)
         finally:
             stop.set()
 
