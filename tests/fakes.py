@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from banger.errors import CommandFailed, GuestError, HostError, VMMError
+from banger.errors import BadRequest, CommandFailed, GuestError, HostError, VMMError
 from banger.layout import VMPaths
 from banger.proc import ProcessIdentity, identify
 from banger.runner import CancelToken, Result, shell_line
@@ -123,6 +123,7 @@ class FakeVMM:
         self.fail_pause = False
         self.fail_save = False
         self.fail_reidentify = False
+        self.unclonable = False
         self.vmm_version = "fake VMM 1.0"
         self.identities: dict[str, bytes] = {}
 
@@ -179,6 +180,11 @@ class FakeVMM:
 
     def version(self) -> str:
         return self.vmm_version
+
+    def check_clonable(self) -> None:
+        """Refuses like an unjailed Firecracker with ``unclonable``."""
+        if self.unclonable:
+            raise BadRequest("injected: this VMM cannot clone", hint="use another")
 
     def reidentify(self, plan_paths: VMPaths, message: bytes) -> None:
         """Records the identity a clone was handed (``identities``, by VM id)."""

@@ -153,8 +153,8 @@ class Config(_Strict):
     # nameserver (/etc/resolv.conf), "none" for nowhere, or "IP" / "IP:PORT".
     dns_upstream: str = ""
     tap_pool_size: Annotated[int, Field(ge=0, le=64)] = 2
-    # Boot snapshots (banger.daemon.bootsnap): a QEMU VM's first boot of an image and size is
-    # snapshotted, and later creates of that image and size restore a clone of it.
+    # Boot snapshots (banger.daemon.bootsnap): a VM's first boot of an image and size (QEMU,
+    # or a jailed Firecracker) is snapshotted, and later creates restore a clone of it.
     boot_snapshots: bool = True
     # Clones of an image's boot snapshot kept restored and paused, ready for the next
     # create of that image at the default size (banger.daemon.vmpool): image name -> how

@@ -18,6 +18,10 @@ from banger.layout import VMPaths
 from banger.proc import ProcessIdentity
 from banger.runner import Runner
 
+# The identity channel (``banger.daemon.identity``) of a VMM without a virtio-serial port
+# (Firecracker): this guest vsock port, where ``banger-ident`` listens for the host.
+IDENT_VSOCK_PORT = 10500
+
 
 def vm_marker(vm_id: str) -> str:
     """The string every VMM command line for ``vm_id`` contains (identity + sweeps)."""
@@ -97,10 +101,21 @@ class VMMDriver(Protocol):
 
     def reidentify(self, plan_paths: VMPaths, message: bytes) -> None:
         """Hand ``message`` (``identity.encode``) to the guest's identity channel, where
-        ``banger-ident`` applies it once the vCPUs run.
+        ``banger-ident`` applies it once the vCPUs run (QEMU: written into the paused
+        guest's virtio-serial port; Firecracker: delivered over vsock in the background
+        once :meth:`resume` ran them).
 
         Raises:
-            VMMError: this VMM has no identity channel, or the guest's is not there.
+            VMMError: the guest's channel is not there.
+        """
+        ...
+
+    def check_clonable(self) -> None:
+        """Refuse, before any snapshot is taken, if this VMM cannot restore a snapshot
+        as a separate machine (with disks and an identity of its own).
+
+        Raises:
+            BadRequest: it cannot, with a hint.
         """
         ...
 

@@ -17,6 +17,12 @@ boot, to the logger file, and to the metrics file on FlushMetrics, creates
 the vsock socket, and exits after SendCtrlAltDel like a guest booted with
 ``reboot=k``. Each request goes to a JSON-lines journal the test reads.
 
+A snapshot's state file records the drives' and the vsock socket's paths, as the real
+one does: a load reopens those drives (they must exist, as this process sees them)
+and binds that socket again. On the vsock socket the fake plays a guest that listens
+on every port: a host connection's ``CONNECT <port>`` is answered ``OK`` once the vCPUs
+run (never while paused), and what the host then sends is journalled (``vsock``).
+
 The fake jailer validates its arguments like the real one (including
 ``--cgroup-version``, each ``--cgroup <controller>.<file>=<value>`` and
 ``--parent-cgroup``) plus banger's own rules (never uid or gid 0, never
@@ -93,6 +99,8 @@ class FakeVM:
         self.log_path: Path | None = None
         self.metrics_path: Path | None = None
         self.vsock: socket.socket | None = None
+        self.vsock_path: str | None = None
+        self.drives: dict[str, str] = {}
         self.exit_reason: str | None = None
         self.mu = threading.Lock()
 
@@ -179,14 +187,25 @@ class FakeVM:
                 if not target.parent.is_dir():
                     raise Fault(f"{key}: {target.parent} does not exist")
                 target.write_text(f"fake {key} of {self.id}\n")
+            recorded = {"drives": self.drives, "vsock": self.vsock_path}
+            with self.host(body["snapshot_path"], "snapshot_path").open("a") as fh:
+                fh.write(json.dumps(recorded) + "\n")
             return None
         if t == "/snapshot/load":
             if self.state != "Not started" or set(self.configured) - ALLOWED_BEFORE_LOAD:
                 raise Fault("Loading a microVM snapshot not allowed after configuring boot-"
                             "specific resources.")
-            self.existing(body["snapshot_path"], "snapshot_path", write=False)
+            state = self.existing(body["snapshot_path"], "snapshot_path", write=False)
             mem = body.get("mem_file_path") or body["mem_backend"]["backend_path"]
             self.existing(mem, "mem_backend", write=False)
+            lines = state.read_text().splitlines()
+            recorded = json.loads(lines[1]) if len(lines) > 1 else {}
+            for drive_id, path in recorded.get("drives", {}).items():
+                self.existing(path, f"drive {drive_id}", write=True)
+                self.drives[drive_id] = path
+            vsock = (body.get("vsock_override") or {}).get("uds_path") or recorded.get("vsock")
+            if vsock:
+                self._bind_vsock(vsock)
             self.state = "Running" if body.get("resume_vm") else "Paused"
             return None
         raise Fault(f"fake firecracker does not implement {route.method} {t}")
@@ -209,6 +228,7 @@ class FakeVM:
         elif template == "/drives/{drive_id}":
             self.existing(body["path_on_host"], "path_on_host",
                           write=not body.get("is_read_only", False))
+            self.drives[body["drive_id"]] = body["path_on_host"]
             if body["is_root_device"]:
                 if self.root_drive not in (None, body["drive_id"]):
                     raise Fault("A root block device already exists!")
@@ -219,15 +239,56 @@ class FakeVM:
             if "guest_mac" in body and not _MAC.match(body["guest_mac"]):
                 raise Fault(f"Invalid MAC address {body['guest_mac']!r}")
         elif template == "/vsock":
-            target = self.host(body["uds_path"], "uds_path")
-            if target.exists() or target.is_symlink():
-                raise Fault(f"Cannot create backend for vsock device: {body['uds_path']}: "
-                            "Address in use")
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            # Bind relative to the jail root (our cwd), as a chrooted process would.
-            sock.bind(str(target.relative_to(self.root)))
-            sock.listen(1)
-            self.vsock = sock
+            self._bind_vsock(body["uds_path"])
+
+    def _bind_vsock(self, uds_path: str) -> None:
+        target = self.host(uds_path, "uds_path")
+        if target.exists() or target.is_symlink():
+            raise Fault(f"Cannot create backend for vsock device: {uds_path}: "
+                        "Address in use")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Bind relative to the jail root (our cwd), as a chrooted process would.
+        sock.bind(str(target.relative_to(self.root)))
+        sock.listen(8)
+        self.vsock, self.vsock_path = sock, uds_path
+        threading.Thread(target=self._serve_vsock, args=(sock,), daemon=True).start()
+
+    def _serve_vsock(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._vsock_connection, args=(conn,), daemon=True).start()
+
+    def _vsock_connection(self, conn: socket.socket) -> None:
+        """A host-initiated connection: ``CONNECT <port>``, ``OK`` once the guest runs."""
+        with conn:
+            conn.settimeout(60)
+            line = b""
+            while not line.endswith(b"\n") and len(line) < 64:
+                b = conn.recv(1)
+                if not b:
+                    return
+                line += b
+            m = re.fullmatch(rb"CONNECT (\d+)\n", line)
+            if m is None:
+                self.journal.write(event="vsock", error=f"bad request {line!r}")
+                return
+            deadline = time.monotonic() + 30
+            while self.state != "Running":  # a paused guest accepts nothing
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.02)
+            conn.sendall(b"OK 1073741824\n")
+            data = b""
+            while len(data) < 65536:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            self.journal.write(event="vsock", port=int(m.group(1)),
+                               data=data.decode(errors="replace"))
 
     def _action(self, action: str) -> None:
         if action == "InstanceStart":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ from banger.errors import BadRequest, InvalidState, VMMError
 from banger.layout import VMPaths, install_tag
 from banger.proc import find_by_marker, matches, wait_gone
 from banger.runner import SubprocessRunner
-from banger.vmm import LaunchPlan
+from banger.vmm import IDENT_VSOCK_PORT, LaunchPlan
 from banger.vmmuser import VMMUser, lookup_user
 from tests.contract import fake_firecracker
 from tests.contract.conftest import FakeInstall, VMs, write_fakes
@@ -426,6 +427,53 @@ def test_jailed_lifecycle(tmp_path: Path, spec_path: Path, vms: VMs) -> None:
         "mem_file_path": "/snapshot.mem"}
     loaded = bodies(fakes, plan, second.pid)[("PUT", "/snapshot/load")]
     assert loaded["snapshot_path"] == "/snapshot.state"  # type: ignore[index]
+
+
+@needs_root
+def test_a_jailed_snapshot_clones_into_a_vm_of_its_own(tmp_path: Path, spec_path: Path,
+                                                      vms: VMs) -> None:
+    """A clone of a jailed VM's snapshot runs beside its source: the load reopens the
+    recorded in-jail disk and vsock names, which in the clone's jail are its own files;
+    its identity goes over the clone's vsock to ``banger-ident``'s port, taken only once
+    the vCPUs run. Unjailed, the recorded names are the source's files: refused."""
+    with pytest.raises(BadRequest, match="jailed"):
+        driver_for(write_fakes(tmp_path / "plain", spec_path), vms).check_clonable()
+    jail_user()
+    fakes, drv, _ = jailed_driver(tmp_path, spec_path, vms, vms.layout.state_dir / "jail")
+    drv.check_clonable()
+    src = vms.plan(tap="tap-src")
+    first = drv.launch(src)
+    drv.pause(src.paths)
+    files = SnapshotFiles(src.paths.state / "snap" / "vm.state",
+                          src.paths.state / "snap" / "vm.mem")
+    drv.snapshot(src.paths, files)
+    drv.resume(src.paths)
+
+    clone = vms.plan(tap="tap-clone")
+    second = drv.restore(clone, files, resume=False)
+    message = b"gen=42\nip=10.0.0.9/24\nend\n"
+    drv.reidentify(clone.paths, message)
+    time.sleep(0.5)
+    assert fakes.journal(clone.marker).events("vsock") == []  # paused: not taken yet
+    drv.resume(clone.paths)
+    deadline = time.monotonic() + 30
+    while not fakes.journal(clone.marker).events("vsock"):
+        assert time.monotonic() < deadline, "the identity never reached the clone's vsock"
+        time.sleep(0.05)
+    (got,) = fakes.journal(clone.marker).events("vsock")
+    assert (got["port"], got["data"]) == (IDENT_VSOCK_PORT, message.decode())
+    assert fakes.journal(src.marker).events("vsock") == []  # the source heard nothing
+
+    for plan, ident in ((src, first), (clone, second)):
+        assert drv.instance_info(plan.paths).state is InstanceState.RUNNING
+        assert drv.stop(plan.paths, ident, grace_s=10)
+        drv.cleanup(plan.paths)
+    for plan in (src, clone):
+        assert fakes.journal(plan.marker).errors() == []
+    loaded = bodies(fakes, clone, second.pid)[("PUT", "/snapshot/load")]
+    assert loaded["snapshot_path"] == "/snapshot.state"  # type: ignore[index]
+    assert loaded["network_overrides"] == [  # type: ignore[index]
+        {"iface_id": "eth0", "host_dev_name": "tap-clone"}]
 
 
 def test_refused_request_kills_and_cleans_up(tmp_path: Path, spec_path: Path, vms: VMs) -> None:

@@ -122,10 +122,14 @@ def test_snapshot_refusals_change_nothing(daemon: Daemon, world: FakeWorld) -> N
         daemon.layout.snapshot(snapshots.list_snapshots(daemon)[0]["id"]).dir]
 
 
-def test_unclonable_vms_are_refused(daemon: Daemon) -> None:
+def test_unclonable_vms_are_refused(daemon: Daemon, world: FakeWorld) -> None:
     vm = make(daemon)
+    world.vmm.unclonable = True
+    with pytest.raises(BadRequest) as refused:
+        snapshots.refuse_unclonable(daemon, vm)
+    assert "cannot clone" in refused.value.message and refused.value.hint == "use another"
+    world.vmm.unclonable = False
     for changed, words in (
-            (dataclasses.replace(vm, vmm="firecracker"), "QEMU"),
             (dataclasses.replace(vm, runtime={**vm.runtime, "cow": {"strategy": "dmsnap"}}),
              "device-mapper"),
             (dataclasses.replace(vm, runtime={k: v for k, v in vm.runtime.items()
@@ -383,13 +387,17 @@ def test_a_clone_that_never_reports_its_identity_applied_is_rolled_back(
     assert [v["name"] for v in vms.list_vms(daemon)] == [src.name]
 
 
-def test_firecracker_refuses_to_reidentify(tmp_path: Path) -> None:
+def test_firecracker_clones_only_jailed_vms_and_needs_their_vsock(tmp_path: Path) -> None:
     from banger.daemon.fcproc.driver import FirecrackerDriver
 
     drv = FirecrackerDriver.__new__(FirecrackerDriver)
-    with pytest.raises(VMMError) as exc:
+    drv.jailer = None
+    with pytest.raises(BadRequest) as unjailed:
+        drv.check_clonable()
+    assert "jailed" in unjailed.value.message and "--vmm qemu" in unjailed.value.hint
+    with pytest.raises(VMMError) as no_vsock:
         drv.reidentify(VMPaths(tmp_path / "s", tmp_path / "r"), b"gen=1\nend\n")
-    assert "--vmm qemu" in exc.value.hint
+    assert "no vsock socket" in no_vsock.value.message
 
 
 def test_the_vmm_version_is_the_first_line_it_prints() -> None:

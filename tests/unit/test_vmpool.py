@@ -12,7 +12,7 @@ import pytest
 
 from banger.api import VMSpec, VMState
 from banger.cli.output import daemon_status, vm_detail
-from banger.daemon import caps, images, snapshots, vmcreate, vmdelete, vmpool, vms
+from banger.daemon import caps, images, reconcile, snapshots, vmcreate, vmdelete, vmpool, vms
 from banger.daemon.core import Daemon
 from banger.daemon.vmpoolfill import PoolFiller
 from banger.errors import NotFound
@@ -148,6 +148,26 @@ def test_a_failed_clone_leaves_nothing_and_waits_before_trying_again(
     world.vmm.fail = False
     filler.fill()  # within RETRY_S of the failure: left alone
     assert members(pooled) == []
+
+
+def failed_removal(d: Daemon, vm: vms.VMRecord) -> None:
+    """``vm`` as a removal that failed leaves it: in ``error``, still the pool's."""
+    vms.transition(d, vm.id, VMState.DELETING, expect={VMState.POOLED})
+    vms.transition(d, vm.id, VMState.ERROR, expect={VMState.DELETING})
+
+
+def test_a_member_whose_removal_failed_goes_at_the_next_pass_or_start(
+        pooled: Daemon) -> None:
+    make(pooled, "first")
+    filler = PoolFiller(pooled)
+    filler.fill()
+    one, two = members(pooled)
+    failed_removal(pooled, one)
+    filler.fill()  # removed, and the pool made whole again
+    assert one.id not in {m.id for m in members(pooled)} and len(members(pooled)) == 2
+    failed_removal(pooled, two)
+    reconcile.reconcile_vm(pooled, pooled.db.get_vm(two.id))
+    assert pooled.db.find_vm(two.id) is None
 
 
 def test_a_stopping_daemon_removes_its_pool(pooled: Daemon, world: FakeWorld) -> None:

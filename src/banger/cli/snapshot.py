@@ -23,7 +23,7 @@ def vm_snapshot(app: App, vm_name: str, name: str) -> None:
     speed) and then runs on as before. `banger vm create --from-snapshot NAME` and
     `banger vm run --from-snapshot NAME` restore clones of it in a fraction of a boot,
     each with its own address, MAC, host name, machine-id, SSH host key and random
-    state. QEMU VMs only.
+    state. QEMU VMs, and Firecracker VMs run under the jailer.
     """
     client = app.client()
     res = follow(app, client, client.call("vm.snapshot.begin", vm=vm_name, name=name),

@@ -29,7 +29,7 @@ from banger.api import VMSpec
 from banger.daemon import kernels, snapshots, vmpool
 from banger.daemon.opstate import Operation
 from banger.daemon.store import ImageRecord, SnapshotRecord, VMRecord
-from banger.errors import AlreadyExists, BangerError
+from banger.errors import AlreadyExists, BadRequest, BangerError
 
 if TYPE_CHECKING:
     from banger.daemon.core import Daemon
@@ -41,14 +41,18 @@ PREFIX = "boot-"
 
 def key(d: Daemon, img: ImageRecord, vmm: str, spec: VMSpec) -> str | None:
     """``<start>.<size>``: what a boot snapshot for this VM must have been booted from,
-    or None when such a VM gets none (another VMM than QEMU, the option off, disks a
+    or None when such a VM gets none (the option off, a VMM that cannot clone, disks a
     clone cannot use).
 
     Raises:
         BangerError: the image's boot files or the VMM's version cannot be read.
     """
-    if not d.cfg.boot_snapshots or vmm != "qemu" or spec.extra_disks or (
+    if not d.cfg.boot_snapshots or spec.extra_disks or (
             d.cow is not None and d.cow.name == "dmsnap"):
+        return None
+    try:
+        d.driver(vmm).check_clonable()
+    except BadRequest:
         return None
     boot = kernels.boot_files(d, img, vmm)
     start = {

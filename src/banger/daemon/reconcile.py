@@ -108,13 +108,14 @@ def reconcile_vm(d: Daemon, vm: VMRecord) -> None:
 
     A live VMM of a RUNNING, STARTING or ERROR VM is re-adopted (an interrupted boot
     finishes in the background); VMs caught mid-create or mid-delete are destroyed, and
-    so is the pool a dead daemon left (``vmpool``: the new one fills its own).
+    so is the pool a dead daemon left, members in ``error`` included (``vmpool``: the
+    new one fills its own).
     Otherwise any VMM is killed, leftovers are torn down and the VM is marked
     stopped, or ERROR when teardown reports problems.
     """
     h, alive = _live_handles(d, vm)
     state = vm.state
-    if state in (VMState.CREATING, VMState.DELETING, VMState.POOLED):
+    if state in (VMState.CREATING, VMState.DELETING, VMState.POOLED) or vm.in_pool:
         log.warning("vm %s was %s when bangerd stopped: removing it", vm.name, state.value)
         vmdelete.destroy(d, vm.id, reason=f"{state.value} interrupted by a daemon restart")
         return

@@ -94,13 +94,14 @@ def refuse_unclonable(d: Daemon, vm: VMRecord) -> None:
     """Refuse a VM whose snapshot could not be cloned.
 
     Raises:
-        BadRequest: its VMM has no identity channel (Firecracker), its root disk is a
-            device-mapper snapshot, or it was started without the channel.
+        BadRequest: its VMM cannot clone (an unjailed Firecracker), its root disk is a
+            device-mapper snapshot, or it was started without the identity channel.
     """
-    if vm.vmm != "qemu":
-        raise BadRequest(f"VM {vm.name!r} runs under {vm.vmm}: banger clones only QEMU "
-                         "guests, whose identity channel gives each clone its own identity",
-                         hint="create the VM with --vmm qemu to snapshot it")
+    try:
+        d.driver(vm.vmm).check_clonable()
+    except BadRequest as exc:
+        raise BadRequest(f"VM {vm.name!r} cannot be snapshotted: {exc.message}",
+                         hint=exc.hint) from exc
     cow = vm.runtime.get("cow") or {}
     if cow.get("strategy") == "dmsnap":
         raise BadRequest(f"VM {vm.name!r}'s root disk is a device-mapper snapshot, which a "

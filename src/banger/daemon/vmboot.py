@@ -127,10 +127,7 @@ def wake(d: Daemon, vm: VMRecord, cancel: CancelToken, op: Operation | None = No
         stage("wait-ssh")
         d.dial(vm.id, vm.ip).run(identity.rename_script(vm.name, time.time()),
                                  timeout=identity.RENAME_TIMEOUT_S, desc="name the clone")
-        for warning in workspaces.sync_files(d, vm):
-            if op is not None:
-                op.report(warning)
-        vm = mark_running(d, vm.id, expect={VMState.CREATING})
+        vm = _running(d, vm, op, expect={VMState.CREATING})
     except BaseException as exc:
         _tear_down_failed(d, vm, h, exc)
         raise
@@ -204,11 +201,17 @@ def _wake(d: Daemon, vm: VMRecord, h: VMHandles, cancel: CancelToken,
     """Run a launched VM until SSH answers (:func:`_run_until_ssh`), copy the
     configured files in, and mark it running."""
     _run_until_ssh(d, vm, h, cancel, op, own=own, restored=restored)
+    d.checkpoint("start.wait-ssh")
+    return _running(d, vm, op, expect={VMState.STARTING, VMState.CREATING})
+
+
+def _running(d: Daemon, vm: VMRecord, op: Operation | None, *, expect: set[VMState]
+             ) -> VMRecord:
+    """Copy the configured files into a VM that answers SSH and mark it running."""
     for warning in workspaces.sync_files(d, vm):
         if op is not None:
             op.report(warning)
-    d.checkpoint("start.wait-ssh")
-    return mark_running(d, vm.id, expect={VMState.STARTING, VMState.CREATING})
+    return mark_running(d, vm.id, expect=expect)
 
 
 def _run_until_ssh(d: Daemon, vm: VMRecord, h: VMHandles, cancel: CancelToken,

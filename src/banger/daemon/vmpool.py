@@ -57,8 +57,7 @@ def take(d: Daemon, snap: SnapshotRecord, name: str, spec: VMSpec,
     for vm in members(d):
         if vm.state != VMState.POOLED or vm.runtime.get("from_snapshot") != snap.name:
             continue
-        h = handles_of(d, vm)
-        if h.process is None or not matches(h.process):
+        if not vmm_alive(d, vm):
             continue
         d.register_inflight(vm.id, cancel)
         kept = {k: v for k, v in vm.runtime.items() if k != "pool"}
@@ -75,15 +74,22 @@ def take(d: Daemon, snap: SnapshotRecord, name: str, spec: VMSpec,
     return None
 
 
+def vmm_alive(d: Daemon, vm: VMRecord) -> bool:
+    """Whether member ``vm``'s VMM process is still the one it was launched as."""
+    h = handles_of(d, vm)
+    return h.process is not None and matches(h.process)
+
+
 def drain(d: Daemon, which: Callable[[VMRecord], bool], why: str) -> int:
-    """Remove the ready members ``which`` selects; returns how many went. A failure is
-    logged (the member is left in ``error``: the next start removes it)."""
+    """Remove the ready members ``which`` selects, and any a failed removal left in
+    ``error``; returns how many went. A failure is logged (the member is left in
+    ``error``: the next pass, or the next start, tries again)."""
     gone = 0
     for vm in members(d):
-        if vm.state != VMState.POOLED or not which(vm):
+        if vm.state != VMState.ERROR and (vm.state != VMState.POOLED or not which(vm)):
             continue
         try:
-            transition(d, vm.id, VMState.DELETING, expect={VMState.POOLED})
+            transition(d, vm.id, VMState.DELETING, expect={VMState.POOLED, VMState.ERROR})
         except BangerError:
             continue  # taken meanwhile
         try:

@@ -27,7 +27,6 @@ from banger.daemon.network import allocate_ip, mac_for_ip
 from banger.daemon.store import SnapshotRecord, VMRecord
 from banger.daemon.vms import transition
 from banger.errors import BangerError
-from banger.proc import matches
 from banger.runner import CancelToken
 
 if TYPE_CHECKING:
@@ -122,10 +121,7 @@ class PoolFiller:
 def prune(d: Daemon, keep: set[str]) -> None:
     """Remove ready members not cloned from a snapshot in ``keep``, or whose VMM died."""
     def stale(vm: VMRecord) -> bool:
-        if vm.runtime.get("from_snapshot") not in keep:
-            return True
-        h = d.handles.get(vm.id)
-        return h is None or h.process is None or not matches(h.process)
+        return vm.runtime.get("from_snapshot") not in keep or not vmpool.vmm_alive(d, vm)
     vmpool.drain(d, stale, "its boot snapshot changed, or its VMM exited")
 
 

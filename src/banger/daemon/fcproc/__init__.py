@@ -7,6 +7,8 @@
   user's uid/gid, the cgroup version, limits and parent), and building/removing
   a jail.
 - :mod:`.host` — finding the binaries, version check, jailer status for doctor.
+- :mod:`.vsock` — host-initiated connections to a guest's vsock port (a clone's
+  identity).
 - ``_spawn.py`` — a script that starts a command detached (double fork).
 
 A leaf subpackage: it imports banger's top-level modules and, of the other

@@ -27,8 +27,9 @@ from banger.fsutil import atomic_write, tail
 from banger.layout import VMPaths
 from banger.proc import ProcessIdentity, identify, matches, send_signal, wait_gone
 from banger.runner import Runner
-from banger.vmm import LaunchPlan, VMMDriver, binary_version, vm_marker
+from banger.vmm import IDENT_VSOCK_PORT, LaunchPlan, VMMDriver, binary_version, vm_marker
 
+from . import vsock
 from .api import FirecrackerAPI, InstanceInfo, InstanceState, SnapshotType
 from .host import check_version, find_firecracker, jailer_settings
 from .jail import (
@@ -478,15 +479,34 @@ class FirecrackerDriver:
         return self._version
 
     def reidentify(self, plan_paths: VMPaths, message: bytes) -> None:
-        """Firecracker has no virtio-serial device for the identity channel; a clone of a
-        Firecracker snapshot would need it over vsock or MMDS, which banger does not have.
+        """Hand ``message`` to ``banger-ident``, which listens on guest vsock port
+        ``IDENT_VSOCK_PORT``: a host-initiated connection through the VM's vsock socket
+        (:mod:`.vsock`), made in the background since the guest accepts it only once
+        :meth:`resume` ran its vCPUs.
 
         Raises:
-            VMMError: always.
+            VMMError: the VM has no vsock socket.
         """
-        raise VMMError("Firecracker VMs have no identity channel: a restored clone cannot "
-                       "be given its own identity",
-                       hint="snapshots and forks run on the QEMU driver (--vmm qemu)")
+        uds = plan_paths.vsock_socket
+        if not uds.exists():
+            raise VMMError(f"VM {plan_paths.vm_id} has no vsock socket ({uds}): its "
+                           "clone cannot be given its own identity")
+        vsock.hand_over(uds, IDENT_VSOCK_PORT, message, what=f"vm {plan_paths.vm_id} identity")
+
+    def check_clonable(self) -> None:
+        """A Firecracker snapshot restores its disks at the paths it recorded: a jailed
+        VM's are fixed names inside its own jail, an unjailed one's are the snapshotted
+        VM's own files, which a clone must never open.
+
+        Raises:
+            BadRequest: Firecracker runs unjailed.
+        """
+        if self.jailer is None:
+            raise BadRequest("an unjailed Firecracker restores a snapshot onto the "
+                             "snapshotted VM's own disks, so banger clones only jailed "
+                             "Firecracker VMs",
+                             hint="run bangerd as root with the jailer installed "
+                                  "(jailer_enabled), or use --vmm qemu")
 
     def snapshot(self, plan_paths: VMPaths, files: SnapshotFiles, *,
                  snapshot_type: SnapshotType = SnapshotType.FULL) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from banger.errors import BadRequest, NotFound
+from banger.vmm import IDENT_VSOCK_PORT
 
 RECIPE_VERSION = 5  # bump when the build procedure changes in a way the recipe text does not show
 
@@ -129,7 +130,17 @@ GUEST_IDENT = r"""#!/bin/sh
 # it, it writes the clone's identity into the VMM's identity channel before the clone's
 # vCPUs run: the read returns and the clone becomes itself (clock, RNG, machine-id, host
 # name, SSH host key, then MAC and address) before anything on the network can reach it.
+# The channel is a virtio-serial port under QEMU; under Firecracker, which has none, a
+# vsock port the host connects to (through Firecracker's vsock socket).
 set -u
+has_virtio() {  # a virtio device of type $1 (3: console, 19: vsock)
+  for d in /sys/bus/virtio/devices/*; do
+    [ -r "$d/device" ] || continue
+    read -r id < "$d/device" || continue
+    [ "$((id))" = "$1" ] && return 0
+  done
+  return 1
+}
 find_port() {
   for p in /sys/class/virtio-ports/*; do
     [ -r "$p/name" ] || continue
@@ -137,15 +148,52 @@ find_port() {
     if [ "$n" = org.banger.ident ]; then echo "/dev/${p##*/}"; return; fi
   done
 }
-port=$(find_port)
-if [ -z "$port" ]; then
-  modprobe -q virtio_console 2>/dev/null || true
+# The vsock listener: the host's connections (from CID 2 only) each bring one message,
+# copied whole into the FIFO this script reads; it says when it listens by making $3.
+VSOCK_LISTEN='
+  my ($port, $fifo, $ready) = @ARGV;
+  socket(my $s, 40, 1, 0) or die "banger-ident: no vsock: $!\n";
+  bind($s, pack("SSLLx4", 40, 0, $port, 0xFFFFFFFF)) or die "banger-ident: vsock bind: $!\n";
+  listen($s, 4) or die "banger-ident: vsock listen: $!\n";
+  open(my $r, ">", $ready) or die "banger-ident: $ready: $!\n";
+  close($r);
+  open(my $out, ">", $fifo) or die "banger-ident: $fifo: $!\n";
+  while (1) {
+    my $peer = accept(my $c, $s) or do { select(undef, undef, undef, 0.1); next };
+    my (undef, undef, undef, $cid) = unpack("SSLL", $peer);
+    my $msg = "";
+    if ($cid == 2) {
+      while (length($msg) < 8192) {
+        my $n = sysread($c, $msg, 8192 - length($msg), length($msg));
+        last if !$n;
+      }
+    }
+    close($c);
+    syswrite($out, $msg) if length($msg) <= 4096 && $msg =~ /\nend\n\z/;
+  }'
+port="" vsock_pid=""
+if has_virtio 3; then
+  port=$(find_port)
+  if [ -z "$port" ]; then
+    modprobe -q virtio_console 2>/dev/null || true
+    i=0
+    while [ -z "$port" ] && [ "$i" -lt 50 ]; do
+      sleep 0.1; i=$((i + 1)); port=$(find_port)
+    done
+  fi
+elif has_virtio 19; then
+  modprobe -q vmw_vsock_virtio_transport 2>/dev/null || true
+  port=/run/banger-ident.vsock
+  rm -f "$port" "$port.ready"
+  mkfifo -m 600 "$port" || exit 1
+  perl -e "$VSOCK_LISTEN" @VSOCK_PORT@ "$port" "$port.ready" & vsock_pid=$!
   i=0
-  while [ -z "$port" ] && [ "$i" -lt 50 ]; do
-    sleep 0.1; i=$((i + 1)); port=$(find_port)
+  while [ ! -e "$port.ready" ]; do
+    kill -0 "$vsock_pid" 2>/dev/null && [ "$i" -lt 100 ] || exit 1
+    sleep 0.1; i=$((i + 1))
   done
 fi
-# No channel (a VMM without one, like Firecracker): nothing will come.
+# No channel (a VM started without one): nothing will come.
 [ -n "$port" ] || exit 0
 
 nl='
@@ -321,9 +369,11 @@ while :; do
       end) apply ;;
     esac
   done < "$port"
+  # The vsock listener is gone: start again (Restart=on-failure).
+  [ -z "$vsock_pid" ] || exit 1
   sleep 1  # the host end went away: wait for it to come back
 done
-"""
+""".replace("@VSOCK_PORT@", str(IDENT_VSOCK_PORT))
 
 GUEST_IDENT_UNIT = """[Unit]
 Description=banger identity channel (a restored clone's own identity)

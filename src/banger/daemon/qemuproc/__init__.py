@@ -419,6 +419,10 @@ class QemuDriver:
             self._version = binary_version(self.runner, self.qemu_bin, "QEMU")
         return self._version
 
+    def check_clonable(self) -> None:
+        """Every QEMU guest can be cloned: its disks are named on the command line of the
+        QEMU that restores it, and its identity channel is a virtio-serial port."""
+
     def reidentify(self, plan_paths: VMPaths, message: bytes) -> None:
         """Write ``message`` into the identity channel's FIFO in one write (at most
         ``PIPE_BUF`` bytes: never interleaved, never partial). QEMU passes it to the
