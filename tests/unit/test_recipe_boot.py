@@ -6,9 +6,15 @@ recipe's boot trimming; none measures time.
 
 from __future__ import annotations
 
+import os
+import random
 import re
+import socket
 import subprocess
+import time
 from pathlib import Path
+
+import pytest
 
 from banger.daemon.imagemgr import (
     GUEST_IDENT,
@@ -20,6 +26,7 @@ from banger.daemon.imagemgr import (
     install_files,
 )
 from banger.daemon.vmboot import BOOT_ARGS
+from banger.vmm import IDENT_VSOCK_PORT
 
 # Units that cost a TCG guest seconds of CPU while sshd starts and that a sandbox does not
 # use. Unmasking one is a decision: take it out of this list with the reason.
@@ -206,3 +213,36 @@ def test_coldplug_skips_unused_modules() -> None:
     # how a VM is asked to power off (ACPI button, through logind's evdev watch), and
     # ext4's metadata checksums
     assert not {"button", "evdev", "crc32c_intel"} & blacklisted
+
+
+def test_banger_ident_listens_on_vsock_where_there_is_no_virtio_serial(tmp_path: Path) -> None:
+    """Under Firecracker banger-ident's perl listener binds the guest vsock port (a real
+    AF_VSOCK socket: its address packing is checked by the kernel), says so, and waits
+    in accept with the FIFO open. Messages from the host arrive only in a Firecracker
+    guest (the e2e clone test, where Firecracker runs)."""
+    code = re.search(r"VSOCK_LISTEN='(.*?)'\n", GUEST_IDENT, re.S)
+    assert code is not None
+    assert "has_virtio 19" in GUEST_IDENT and f" {IDENT_VSOCK_PORT} " in GUEST_IDENT
+    try:
+        socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM).close()
+    except OSError as exc:
+        pytest.skip(f"this host has no AF_VSOCK sockets: {exc.strerror}")
+    fifo, ready = tmp_path / "ident", tmp_path / "ident.ready"
+    os.mkfifo(fifo)
+    port = str(random.randrange(40000, 60000))
+    listener = subprocess.Popen(["perl", "-e", code.group(1), port, str(fifo), str(ready)])
+    try:
+        deadline = time.monotonic() + 10
+        while not ready.exists():
+            assert listener.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            while Path(f"/proc/{listener.pid}/wchan").read_text() != "vsock_accept":
+                assert listener.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+        finally:
+            os.close(reader)
+    finally:
+        listener.kill()
+        listener.wait()
