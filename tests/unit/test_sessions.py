@@ -329,6 +329,24 @@ def test_detaching_while_a_read_is_on_its_way_is_a_clean_detach(
     assert "[detached from box/shell]" in capsys.readouterr().err
 
 
+def test_a_signal_never_reaches_a_process_that_took_an_ended_sessions_pid(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The session's group is gone and its recorded pid now names another process (not
+    a group leader): stop and kill send nothing to it."""
+    monkeypatch.setattr(scripts, "ROOT", str(tmp_path))
+    (tmp_path / "gone").mkdir()
+    bystander = subprocess.Popen(["sleep", "60"])  # in this test's process group
+    try:
+        (tmp_path / "gone" / "pid").write_text(f"{bystander.pid}\n")
+        for sig in ("TERM", "KILL"):
+            subprocess.run(["sh", "-c", scripts.signal("gone", sig, then_kill_after_s=0.1)],
+                           check=False, timeout=30)
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
 def test_session_refs_are_vm_slash_name() -> None:
     assert split_ref("web/server") == ("web", "server")
     for bad in ("web", "web/", "/server", "a/b/c"):

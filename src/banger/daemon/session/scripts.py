@@ -200,6 +200,10 @@ def writer(name: str) -> str:
 def signal(name: str, sig: str, *, then_kill_after_s: float | None = None) -> str:
     """Send ``sig`` to the session's process group (exit 3: it has already ended).
 
+    Only ever the group: the recorded pid leads it for as long as it lives (it was
+    started by ``setsid``), so a group that is gone means a session that ended, whose
+    pid may already be another process's.
+
     With ``then_kill_after_s``, wait that long for it to end and then send SIGKILL,
     and wait (5 s at most) for the supervisor to record the exit.
     """
@@ -209,7 +213,7 @@ def signal(name: str, sig: str, *, then_kill_after_s: float | None = None) -> st
         '[ ! -e "$d/exit" ] || exit 3',
         'pid=$(head -c 12 "$d/pid" 2>/dev/null || :)',
         'case $pid in ""|*[!0-9]*) exit 3;; esac',
-        f'kill -s {sig} -- "-$pid" 2>/dev/null || kill -s {sig} "$pid" 2>/dev/null || :',
+        f'kill -s {sig} -- "-$pid" 2>/dev/null || :',
     ]
     if then_kill_after_s is not None:
         lines += [
