@@ -238,3 +238,28 @@ def test_guest_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     dropin = root / "etc/systemd/system/ssh.service.d/banger.conf"
     dropin.write_text(dropin.read_text() + "NoSuchKey=1\n")
     assert "NoSuchKey" in verify_units(root, "ssh.service").stderr
+
+
+@pytest.mark.skipif(not Path("/usr/bin/systemd-analyze").exists(),
+                    reason="needs systemd-analyze (apt-get install systemd)")
+def test_the_after_ssh_dropins_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    """Each of the built-in image's after-sshd drop-ins, over a stand-in for the Debian
+    unit it changes (verify reads the drop-in: a bad key in it is reported)."""
+    root = tmp_path / "root"
+    recipe = Recipe()
+    install_files(root, recipe.files())
+    (root / "bin").mkdir(parents=True, exist_ok=True)
+    (root / "bin/true").write_text("#!/bin/sh\n")
+    (root / "bin/true").chmod(0o755)
+    (root / "etc/systemd/system/ssh.service").write_text(
+        "[Service]\nType=oneshot\nExecStart=/bin/true\n")
+    for unit in recipe.after_ssh:
+        (root / "etc/systemd/system" / unit).write_text(
+            "[Unit]\nDefaultDependencies=no\n[Service]\nType=oneshot\nExecStart=/bin/true\n")
+    res = verify_units(root, *recipe.after_ssh)
+    assert res.returncode == 0, res.stderr
+    assert "banger" not in res.stderr, res.stderr
+    unit = recipe.after_ssh[0]
+    dropin = root / f"etc/systemd/system/{unit}.d/banger-after-ssh.conf"
+    dropin.write_text(dropin.read_text() + "NoSuchKey=1\n")
+    assert "NoSuchKey" in verify_units(root, unit).stderr

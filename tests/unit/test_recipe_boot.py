@@ -80,6 +80,25 @@ def test_sshd_waits_only_for_banger_init() -> None:
     assert after == ["After=banger-init.service"]
 
 
+def test_the_early_units_sshd_does_not_need_start_after_it_on_the_cpu_left(
+        tmp_path: Path) -> None:
+    """udev, the journal flush and the rest of sysinit's set-up run once sshd has
+    started, with the least CPU weight there is (they must not slow the first logins);
+    never banger-init, sshd or journald, and nothing on sshd's own path."""
+    r = Recipe()
+    assert {"systemd-udevd.service", "systemd-udev-trigger.service",
+            "systemd-journal-flush.service"} <= set(r.after_ssh)
+    assert not set(r.after_ssh) & {"ssh.service", "banger-init.service",
+                                   "systemd-journald.service"}
+    assert not set(r.after_ssh) & set(r.masked_units)  # deferred, not gone
+    install_files(tmp_path, r.files(), r.masked())
+    for unit in r.after_ssh:
+        dropin = (tmp_path / f"etc/systemd/system/{unit}.d/banger-after-ssh.conf").read_text()
+        lines = dropin.splitlines()
+        assert "After=ssh.service" in lines and "CPUWeight=1" in lines and "Nice=19" in lines
+    assert Recipe(after_ssh=r.after_ssh[1:]).digest() != r.digest()
+
+
 def test_initramfs_holds_only_the_virtio_drivers() -> None:
     files = {f.path: f.content for f in Recipe().preseed_files}
     conf = files["etc/initramfs-tools/conf.d/banger.conf"].splitlines()

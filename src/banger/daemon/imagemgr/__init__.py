@@ -530,6 +530,21 @@ ExecStartPre=
 CPUWeight=1000
 """
 
+# The built-in image's early units that sshd does not need, started once sshd has (see
+# Recipe.after_ssh): ahead of it they take the two vCPUs banger-init and sshd wait for.
+# After it, they must not take them from the first logins either (a readiness probe, the
+# user's first command): they get the least CPU weight there is, so they use only what
+# sshd and its sessions (weight 1000, see SSH_DROPIN) leave.
+AFTER_SSH_DROPIN = """# Written by banger: sshd first; this unit once sshd has started, on
+# what CPU the logins leave.
+[Unit]
+After=ssh.service
+
+[Service]
+CPUWeight=1
+Nice=19
+"""
+
 UNIT_PATH = "etc/systemd/system/banger-init.service"
 IDENT_UNIT_PATH = "etc/systemd/system/banger-ident.service"
 # (link, unit) for each of banger's units: enabled by a link in multi-user.target.wants.
@@ -605,6 +620,18 @@ class Recipe:
         "systemd-sysv-generator", "systemd-rc-local-generator", "systemd-run-generator",
         "systemd-debug-generator", "systemd-getty-generator",
     )
+    # Early units that start beside banger-init and sshd under systemd's defaults, each a
+    # program start (udev's coldplug alone takes seconds of a TCG guest's CPU) that sshd
+    # does not wait for but shares the vCPUs with: ordered after ssh.service, they run
+    # once SSH answers. Nothing sshd or banger-init uses comes from them: the root is
+    # mounted read-write by the kernel, the devices sshd opens are devtmpfs's, the NIC
+    # and work disk are set up by banger-init itself.
+    after_ssh: tuple[str, ...] = (
+        "systemd-udevd.service", "systemd-udev-trigger.service",
+        "systemd-journal-flush.service", "systemd-modules-load.service",
+        "kmod-static-nodes.service", "systemd-tmpfiles-setup-dev.service",
+        "systemd-sysctl.service", "systemd-remount-fs.service",
+    )
     # Written into the empty target before debootstrap: the kernel package builds the
     # initramfs while debootstrap installs it.
     preseed_files: tuple[GuestFile, ...] = field(default_factory=lambda: (
@@ -631,7 +658,9 @@ class Recipe:
     def files(self) -> list[GuestFile]:
         """Every file written into the built root after debootstrap: banger's agent files,
         then the recipe's own."""
-        return [*guest_agent_files(), *self.extra_files]
+        return [*guest_agent_files(), *self.extra_files,
+                *(GuestFile(f"etc/systemd/system/{unit}.d/banger-after-ssh.conf",
+                            AFTER_SSH_DROPIN) for unit in self.after_ssh)]
 
     def masked(self) -> list[str]:
         """Every path under ``etc/systemd`` the build links to ``/dev/null``: the masked
