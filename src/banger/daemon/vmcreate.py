@@ -30,6 +30,7 @@ from banger.daemon import (
     identity,
     images,
     kernels,
+    rootgrow,
     snapshots,
     vmegress,
     vmpool,
@@ -316,13 +317,14 @@ def make_disks(d: Daemon, vm: VMRecord, img: ImageRecord, cancel: CancelToken) -
     paths = d.layout.vm(vm.id)
     paths.state.mkdir(parents=True, exist_ok=True)
     paths.state.chmod(0o700)
+    # A device-mapper snapshot's origin is the image itself, at its own size.
+    source = (Path(img.rootfs) if d.cow.name == "dmsnap"
+              else rootgrow.rootfs_at(d, img, vm.spec.disk_size))
+    cancel.check()
     # Record the intent first so a crash mid-copy still knows what to remove.
     update_runtime(d, vm.id, cow={"strategy": d.cow.name, "path": str(paths.rootfs)})
-    cow = d.cow.create(Path(img.rootfs), paths.rootfs)
+    cow = d.cow.create(source, paths.rootfs)
     update_runtime(d, vm.id, cow=cow.to_json())
-    cancel.check()
-    if cow.strategy != "dmsnap":
-        grow_ext4(d, paths.rootfs, vm.spec.disk_size)
     cancel.check()
     make_work_disk(d, vm, img, paths.work_disk)
 
@@ -344,24 +346,6 @@ def copy_snapshot_disks(d: Daemon, vm: VMRecord, snap: SnapshotRecord,
     except OSError as exc:
         raise HostError(f"cannot copy snapshot {snap.name!r}'s work disk: {exc.strerror}"
                         ) from exc
-
-
-def grow_ext4(d: Daemon, image: Path, size: int) -> None:
-    """Grow an unmounted ext4 image file to ``size`` bytes (refuses to shrink it)."""
-    current = image.stat().st_size
-    if size < current:
-        raise BadRequest(
-            f"disk size {size >> 20}M is smaller than the image ({current >> 20}M)",
-            hint=f"use --disk-size {(current + (1 << 30) - 1) >> 30}G or more",
-        )
-    if size == current:
-        return
-    with image.open("r+b") as fh:
-        fh.truncate(size)
-    # e2fsck -p (preen) is required by resize2fs after the image's last write; ~1 s.
-    d.runner.run(["e2fsck", "-p", "-f", str(image)], desc="check the root disk", timeout=300,
-                 check=False)
-    d.runner.run(["resize2fs", str(image)], desc="grow the root disk", timeout=300)
 
 
 HOST_KEY_FILE = "banger_host_ed25519_key"
