@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Host
+from tests.e2e.conftest import BIN, IMAGE, Host
 from tests.e2e.test_workspace import git, home, make_repo  # noqa: F401 (home: a fixture)
 
 pytestmark = pytest.mark.e2e
@@ -33,6 +33,19 @@ def test_ssh_is_a_shell_string_exec_is_argv_and_signals_give_128_plus_n(
     # status output can interleave with the kernel's, and sshd may answer before getty.
     assert Path(logs["path"]).name == "serial.log"
     assert "Debian GNU/Linux" in logs["content"]  # systemd's "Welcome to ..." line
+
+    # Shell completion (click's protocol, as `banger completion bash` sends it) names the
+    # real daemon's VMs and images.
+    def completed(words: str) -> list[str]:
+        env = {**host.env, "_BANGER_COMPLETE": "bash_complete", "COMP_WORDS": words,
+               "COMP_CWORD": str(len(words.split(" ")) - 1)}
+        res = subprocess.run(host.netns(str(BIN / "banger")), env=env, capture_output=True,
+                             text=True, timeout=60)
+        assert res.returncode == 0 and res.stderr == "", res.stderr
+        return [ln.split(",", 1)[1] for ln in res.stdout.splitlines() if ln]
+
+    assert completed(f"banger vm exec {running_vm[:2]}") == [running_vm]
+    assert completed("banger vm create --image ") == [IMAGE]
 
 
 def test_run_rm_exports_the_guest_edits_or_says_they_were_not(host: Host, home: Path,  # noqa: F811

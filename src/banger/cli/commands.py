@@ -17,6 +17,7 @@ import click
 
 from banger import __version__
 from banger.cli import (
+    complete,
     daemon_cmds,
     exits,
     images,
@@ -61,6 +62,21 @@ def doctor(app: App) -> int:
     checks = [c.to_json() for c in run_doctor(app.cfg)]
     app.emit(checks, output.doctor_table(checks))
     return exits.DOCTOR_FAIL if any(c["status"] == "FAIL" for c in checks) else 0
+
+
+@cli.command()
+@click.argument("shell", type=click.Choice(complete.SHELLS))
+def completion(shell: str) -> None:
+    """Print the completion script for SHELL: commands, options, and the names of VMs,
+    images, kernels, snapshots and sessions from the running daemon (never started by a
+    TAB; with none running, names complete to nothing).
+
+    \b
+    bash:  eval "$(banger completion bash)"     in ~/.bashrc
+    zsh:   eval "$(banger completion zsh)"      in ~/.zshrc
+    fish:  banger completion fish > ~/.config/fish/completions/banger.fish
+    """
+    click.echo(complete.script(cli, shell))
 
 
 cli.add_command(daemon_cmds.daemon)

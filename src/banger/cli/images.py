@@ -9,6 +9,7 @@ import click
 
 from banger.cli import output
 from banger.cli.app import App, follow, json_option, pass_app
+from banger.cli.complete import image_names, kernel_names, vm_names
 from banger.config import parse_size
 
 
@@ -37,7 +38,7 @@ def image_build(app: App, name: str | None) -> None:
 @click.option("--size", help="Root file system size, e.g. 4G; also caps the unpacked "
                              "image (default: fitted to it, at most 16G unpacked; a "
                              "bundle's rootfs at most 64G).")
-@click.option("--kernel", "kernel_name",
+@click.option("--kernel", "kernel_name", shell_complete=kernel_names,
               help="Boot this registry kernel (see `banger kernel list`; default: the "
                    "default image's kernel). OCI images only: a bundle brings its own.")
 @click.option("--insecure", is_flag=True,
@@ -77,7 +78,7 @@ def bundle_ref(reference: str) -> str:
 
 
 @image.command("export")
-@click.argument("name")
+@click.argument("name", shell_complete=image_names)
 @click.option("-o", "--output", "out_file", required=True,
               type=click.Path(dir_okay=False, path_type=Path),
               help="The bundle file to write, e.g. NAME.tar.zst (replaced if it exists).")
@@ -100,7 +101,7 @@ def image_export(app: App, name: str, out_file: Path) -> None:
 
 
 @image.command("promote")
-@click.argument("vm")
+@click.argument("vm", shell_complete=vm_names)
 @click.argument("name")
 @json_option
 @pass_app
@@ -148,7 +149,7 @@ def image_list(app: App, available: bool) -> None:
 
 
 @image.command("show")
-@click.argument("name")
+@click.argument("name", shell_complete=image_names)
 @json_option
 @pass_app
 def image_show(app: App, name: str) -> None:
@@ -158,7 +159,7 @@ def image_show(app: App, name: str) -> None:
 
 
 @image.command("delete")
-@click.argument("name")
+@click.argument("name", shell_complete=image_names)
 @json_option
 @pass_app
 def image_delete(app: App, name: str) -> None:
@@ -194,8 +195,8 @@ def image_register(app: App, name: str, rootfs: Path, kernel: Path | None,
 
 
 @image.command("set-kernel")
-@click.argument("name")
-@click.argument("kernel", required=False)
+@click.argument("name", shell_complete=image_names)
+@click.argument("kernel", required=False, shell_complete=kernel_names)
 @json_option
 @pass_app
 def image_set_kernel(app: App, name: str, kernel: str | None) -> None:
@@ -251,7 +252,7 @@ def kernel_pull(app: App, reference: str, name: str | None, insecure: bool) -> N
 
 
 @kernel.command("show")
-@click.argument("name")
+@click.argument("name", shell_complete=kernel_names)
 @json_option
 @pass_app
 def kernel_show(app: App, name: str) -> None:
@@ -303,7 +304,7 @@ def kernel_build(app: App, name: str, base_config: Path | None, source: Path | N
 
 
 @kernel.command("rm")
-@click.argument("name")
+@click.argument("name", shell_complete=kernel_names)
 @json_option
 @pass_app
 def kernel_rm(app: App, name: str) -> None:

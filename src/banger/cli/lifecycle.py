@@ -10,6 +10,7 @@ import click
 
 from banger.cli import exits, output
 from banger.cli.app import App, follow, json_option, pass_app
+from banger.cli.complete import vm_names
 from banger.client import Client
 from banger.errors import BangerError, Cancelled
 
@@ -18,7 +19,7 @@ def _each(verb: str, act: Callable[[App, Client, str], Any]) -> Any:
     """A command acting on each named VM in turn: ``act`` per name, then one line per VM
     (or one JSON value, a list for several names). With several names a failure is
     reported and the next VM still gets its turn; the exit status says one failed."""
-    @click.argument("names", nargs=-1, required=True)
+    @click.argument("names", nargs=-1, required=True, shell_complete=vm_names)
     @json_option
     @pass_app
     def command(app: App, names: tuple[str, ...]) -> int:
@@ -89,7 +90,7 @@ suspend = click.command(
 
 
 @click.command("kill")
-@click.argument("name")
+@click.argument("name", shell_complete=vm_names)
 @click.option("--signal", "-s", "sig", default="KILL", show_default=True,
               help="Signal for the VMM process (name or number).")
 @json_option

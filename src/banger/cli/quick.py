@@ -122,11 +122,11 @@ def exec_fast(args: list[str], env: dict[str, str] | None = None) -> int | None:
     if _NAME.fullmatch(name) is None:
         return None
     env = dict(os.environ) if env is None else env
-    found = _config(env)
+    found = config_of(env)
     if found is None:
         return None
     runtime_dir, digest = found
-    info = _call(os.path.join(runtime_dir, "bangerd.sock"), "vm.ssh_info", {"name": name})
+    info = call_quietly(daemon_socket(runtime_dir), "vm.ssh_info", {"name": name})
     if not isinstance(info, dict) or info.get("daemon_version") != __version__ \
             or info.get("config_sha256") != digest:
         return None
@@ -136,7 +136,7 @@ def exec_fast(args: list[str], env: dict[str, str] | None = None) -> int | None:
         return None  # no ssh to run: the full CLI says so its own way
 
 
-def _config(env: dict[str, str]) -> tuple[str, str] | None:
+def config_of(env: dict[str, str]) -> tuple[str, str] | None:
     """``runtime_dir`` and the digest of the config file's bytes, as
     :func:`banger.config.read_config` makes it; None for anything unusual."""
     explicit = env.get("BANGER_CONFIG")
@@ -160,7 +160,12 @@ def _config(env: dict[str, str]) -> tuple[str, str] | None:
     return runtime_dir, hashlib.sha256(raw).hexdigest()
 
 
-def _call(sock: str, method: str, params: dict[str, Any]) -> Any:
+def daemon_socket(runtime_dir: str) -> str:
+    """Where bangerd listens under ``runtime_dir`` (``banger.layout``'s name for it)."""
+    return os.path.join(runtime_dir, "bangerd.sock")
+
+
+def call_quietly(sock: str, method: str, params: dict[str, Any]) -> Any:
     """One JSON-RPC call (the framing of ``banger.client.Client.call``); None on any error."""
     req = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params,
            "protocol": PROTOCOL_VERSION}

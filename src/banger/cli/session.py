@@ -16,6 +16,7 @@ import click
 from banger.cli import attach as attach_mod
 from banger.cli import output
 from banger.cli.app import App, json_option, pass_app
+from banger.cli.complete import session_refs, vm_names
 
 REF = "VM/NAME"
 
@@ -40,7 +41,7 @@ def session() -> None:
 
 
 @session.command("start", context_settings={"ignore_unknown_options": True})
-@click.argument("vm")
+@click.argument("vm", shell_complete=vm_names)
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.option("--name", help="Session name (a DNS label; default: from the command).")
 @click.option("--cwd", help="Guest working directory (default: the VM's workspace, else "
@@ -82,7 +83,7 @@ def _started(res: dict[str, Any]) -> str:
 
 
 @session.command("list")
-@click.argument("vm", required=False)
+@click.argument("vm", required=False, shell_complete=vm_names)
 @json_option
 @pass_app
 def list_(app: App, vm: str | None) -> None:
@@ -92,7 +93,7 @@ def list_(app: App, vm: str | None) -> None:
 
 
 @session.command("show")
-@click.argument("ref", metavar=REF)
+@click.argument("ref", metavar=REF, shell_complete=session_refs)
 @json_option
 @pass_app
 def show(app: App, ref: str) -> None:
@@ -103,7 +104,7 @@ def show(app: App, ref: str) -> None:
 
 
 @session.command("logs")
-@click.argument("ref", metavar=REF)
+@click.argument("ref", metavar=REF, shell_complete=session_refs)
 @click.option("-f", "--follow", is_flag=True, help="Keep printing until the session ends.")
 @click.option("--since", default="0:0", show_default=True, metavar="POSITION",
               help="Start after this position (the `next` value of an earlier "
@@ -140,7 +141,7 @@ def logs(app: App, ref: str, follow: bool, since: str) -> None:
 
 
 @session.command("attach")
-@click.argument("ref", metavar=REF)
+@click.argument("ref", metavar=REF, shell_complete=session_refs)
 @click.option("--read-only", is_flag=True, help="Only watch; another client may hold the "
                                                 "input.")
 @pass_app
@@ -158,7 +159,7 @@ def attach(app: App, ref: str, read_only: bool) -> None:
 
 
 @session.command("send")
-@click.argument("ref", metavar=REF)
+@click.argument("ref", metavar=REF, shell_complete=session_refs)
 @click.argument("text")
 @click.option("--no-newline", is_flag=True, help="Do not add a newline.")
 @json_option
@@ -172,7 +173,7 @@ def send(app: App, ref: str, text: str, no_newline: bool) -> None:
 
 
 @session.command("stop")
-@click.argument("ref", metavar=REF)
+@click.argument("ref", metavar=REF, shell_complete=session_refs)
 @click.option("--timeout", "timeout_s", type=click.FloatRange(0, 300), default=10.0,
               show_default=True, help="Seconds between SIGTERM and SIGKILL.")
 @json_option
@@ -186,7 +187,7 @@ def stop(app: App, ref: str, timeout_s: float) -> None:
 
 
 @session.command("kill")
-@click.argument("ref", metavar=REF)
+@click.argument("ref", metavar=REF, shell_complete=session_refs)
 @click.option("-s", "--signal", "sig", default="KILL", show_default=True,
               help="Signal name (TERM, INT, HUP, KILL, ...).")
 @json_option
@@ -199,7 +200,7 @@ def kill(app: App, ref: str, sig: str) -> None:
 
 
 @session.command("rm")
-@click.argument("ref", metavar=REF)
+@click.argument("ref", metavar=REF, shell_complete=session_refs)
 @json_option
 @pass_app
 def rm(app: App, ref: str) -> None:

@@ -9,10 +9,11 @@ import click
 
 from banger.cli import output
 from banger.cli.app import App, follow, json_option, name_arg, pass_app
+from banger.cli.complete import snapshot_names, vm_names
 
 
 @click.command("snapshot")
-@click.argument("vm_name", metavar="VM")
+@click.argument("vm_name", metavar="VM", shell_complete=vm_names)
 @click.argument("name", callback=name_arg)
 @json_option
 @pass_app
@@ -51,7 +52,7 @@ snapshot.add_command(snapshot_list, "ls")
 
 
 @snapshot.command("rm")
-@click.argument("names", nargs=-1, required=True)
+@click.argument("names", nargs=-1, required=True, shell_complete=snapshot_names)
 @json_option
 @pass_app
 def snapshot_rm(app: App, names: tuple[str, ...]) -> None:

@@ -17,6 +17,7 @@ import click
 
 from banger.cli import exits, output
 from banger.cli.app import App, follow, json_option, name_arg, pass_app
+from banger.cli.complete import image_names, snapshot_names, vm_names
 from banger.cli.quick import run_ssh
 from banger.cli.workspace import fetch_patch, prepared_text
 from banger.client import Client
@@ -42,7 +43,8 @@ def create_options(f: Any) -> Any:
     opts = [
         click.option("--name", callback=name_arg, help="VM name (a DNS label; generated if "
                                                         "omitted)."),
-        click.option("--image", help="Image name (default: config default_image_name)."),
+        click.option("--image", shell_complete=image_names,
+                     help="Image name (default: config default_image_name)."),
         click.option("--vcpu", type=click.IntRange(1, 64), help="Virtual CPUs."),
         click.option("--memory", "memory", type=click.IntRange(128, 262144),
                      help="Memory in MiB."),
@@ -61,6 +63,7 @@ def create_options(f: Any) -> Any:
         click.option("--allow-out", "allow_out", multiple=True, metavar="CIDR|DOMAIN",
                      help=ALLOW_OUT_HELP),
         click.option("--from-snapshot", "from_snapshot", metavar="SNAPSHOT",
+                     shell_complete=snapshot_names,
                      help="Restore a clone of a snapshot (`banger vm snapshot`) instead of "
                           "booting: its image, VMM and size, with its own address, name, "
                           "host key and machine-id."),
@@ -112,7 +115,7 @@ vm.add_command(vm_list, "ps")
 
 
 @vm.command("show")
-@click.argument("name")
+@click.argument("name", shell_complete=vm_names)
 @json_option
 @pass_app
 def vm_show(app: App, name: str) -> None:
@@ -122,7 +125,7 @@ def vm_show(app: App, name: str) -> None:
 
 
 @vm.command("ports")
-@click.argument("names", nargs=-1, metavar="[VM]...")
+@click.argument("names", nargs=-1, metavar="[VM]...", shell_complete=vm_names)
 @json_option
 @pass_app
 def vm_ports(app: App, names: tuple[str, ...]) -> None:
@@ -166,7 +169,7 @@ def vm_forward(app: App, args: tuple[str, ...], remove: bool) -> None:
 
 
 @vm.command("set-egress")
-@click.argument("name")
+@click.argument("name", shell_complete=vm_names)
 @click.option("--nat/--no-nat", default=None, help="Turn NAT on or off (default: unchanged).")
 @click.option("--allow-private/--no-allow-private", default=None,
               help="Open or close the private and special ranges (default: unchanged).")
@@ -192,7 +195,7 @@ def vm_set_egress(app: App, name: str, nat: bool | None, allow_private: bool | N
 
 
 @vm.command("logs")
-@click.argument("name")
+@click.argument("name", shell_complete=vm_names)
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new output.")
 @json_option
 @pass_app
@@ -226,7 +229,7 @@ def _follow_file(path: Path) -> None:
 
 
 @vm.command("ssh", context_settings={"ignore_unknown_options": True})
-@click.argument("name")
+@click.argument("name", shell_complete=vm_names)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @pass_app
 def vm_ssh(app: App, name: str, command: tuple[str, ...]) -> int:
@@ -246,7 +249,7 @@ def vm_ssh(app: App, name: str, command: tuple[str, ...]) -> int:
 
 
 @vm.command("exec", context_settings={"ignore_unknown_options": True})
-@click.argument("name")
+@click.argument("name", shell_complete=vm_names)
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.option("--auto-prepare", is_flag=True,
               help="Re-sync the workspace first if the host HEAD or work tree changed "

@@ -11,6 +11,7 @@ import click
 
 from banger.cli import output
 from banger.cli.app import App, follow, json_option, pass_app
+from banger.cli.complete import vm_names
 from banger.client import Client
 
 
@@ -20,7 +21,7 @@ def vm_workspace() -> None:
 
 
 @vm_workspace.command("prepare")
-@click.argument("name")
+@click.argument("name", shell_complete=vm_names)
 @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--guest-path", help="Where in the guest (default /root/<repo dir name>).")
 @click.option("--branch", help="Check out a new branch B in the guest.")
@@ -76,7 +77,7 @@ def prepared_text(res: dict[str, Any]) -> str:
 
 
 @vm_workspace.command("export")
-@click.argument("name")
+@click.argument("name", shell_complete=vm_names)
 @click.option("-o", "--output", "out_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the patch here instead of stdout.")
 @click.option("--base-commit", help="Diff against this commit instead of the prepared tree "

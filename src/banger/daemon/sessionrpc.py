@@ -40,6 +40,7 @@ class SessionRef(Model):
 
 class ListParams(Model):
     vm: str | None = None
+    fresh: bool = True  # False: the rows as last known, no guest read (completion)
 
 
 class LogsParams(Model):
@@ -106,7 +107,7 @@ def methods(d: Daemon, parse: Parse) -> dict[str, Callable[[dict[str, Any]], Any
 
     return {
         "vm.session.start": start,
-        "vm.session.list": lambda p: sessions.list_sessions(d, parse(ListParams, p).vm),
+        "vm.session.list": lambda p: _list(d, parse(ListParams, p)),
         "vm.session.show": lambda p: sessions.show(d, (r := parse(SessionRef, p)).vm, r.name),
         "vm.session.logs": logs,
         "vm.session.send": lambda p: sessions.send(
@@ -125,3 +126,7 @@ def methods(d: Daemon, parse: Parse) -> dict[str, Callable[[dict[str, Any]], Any
         "vm.session.detach": lambda p: sessions.detach(
             d, parse(AttachmentRef, p).attachment),
     }
+
+
+def _list(d: Daemon, p: ListParams) -> list[dict[str, Any]]:
+    return sessions.list_sessions(d, p.vm, fresh=p.fresh)

@@ -329,13 +329,16 @@ def wait_ready(guest: Guest, name: str, timeout: float) -> GuestSession:
         time.sleep(0.1)
 
 
-def list_sessions(d: Daemon, vm_ref: str | None) -> list[dict[str, Any]]:
-    """``session list [VM]``: sessions of one VM or all, running VMs' read fresh.
+def list_sessions(d: Daemon, vm_ref: str | None, *, fresh: bool = True
+                  ) -> list[dict[str, Any]]:
+    """``session list [VM]``: sessions of one VM or all, running VMs' read fresh (with
+    ``fresh`` off, none: the rows as last known, for shell completion).
 
     A guest that cannot be read keeps its rows as last known, with ``stale`` set.
     """
     vms = [resolve(d, vm_ref)] if vm_ref else user_vms(d)
-    running = [vm for vm in vms if vm.state == VMState.RUNNING and d.db.list_sessions(vm.id)]
+    running = [vm for vm in vms if fresh and vm.state == VMState.RUNNING
+               and d.db.list_sessions(vm.id)]
 
     def one(vm: VMRecord) -> tuple[str, dict[str, GuestSession] | None]:
         try:
@@ -344,17 +347,17 @@ def list_sessions(d: Daemon, vm_ref: str | None) -> list[dict[str, Any]]:
             log.warning("sessions of %s: %s", vm.name, exc.message)
             return vm.id, None
 
-    fresh: dict[str, dict[str, GuestSession] | None] = {}
+    read: dict[str, dict[str, GuestSession] | None] = {}
     if running:
         with ThreadPoolExecutor(max_workers=min(8, len(running)),
                                 thread_name_prefix="sessions") as pool:
-            fresh = dict(pool.map(one, running))
+            read = dict(pool.map(one, running))
     out = []
     for vm in vms:
-        guest = fresh.get(vm.id)
+        guest = read.get(vm.id)
         for rec in d.db.list_sessions(vm.id):
             item = view(d, vm, rec, guest.get(rec.name) if guest else None)
-            item["stale"] = vm.id in fresh and guest is None
+            item["stale"] = not fresh or (vm.id in read and guest is None)
             out.append(item)
     return out
 
