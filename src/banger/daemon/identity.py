@@ -19,7 +19,7 @@ daemon reads only to know when to probe SSH (:func:`announced`); the probe itsel
 
 from __future__ import annotations
 
-import os
+import re
 import secrets
 import select
 import tempfile
@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from banger.daemon.console import ConsoleWatch
 from banger.errors import HostError
 from banger.fsutil import atomic_write
 from banger.names import check_name
@@ -150,28 +151,16 @@ def applied_probe(ident: Identity) -> str:
             f'(see {GUEST_STATUS})" >&2; exit 1')
 
 
-ANNOUNCE_TAIL = 4096  # bytes of the serial log searched: the line is among the last ones
-
-
 def announced(serial_log: Path, ident: Identity) -> Callable[[], bool]:
     """Whether the guest said on its console that it applied ``ident``: a check to call
-    while waiting, reading the serial log's last :data:`ANNOUNCE_TAIL` bytes.
+    while waiting (a :class:`~banger.daemon.console.ConsoleWatch`).
 
     The guest writes ``banger-ident: applied gen=<generation>`` there right after its
     status file. Only the wait's timing depends on it: a guest that says so falsely is
     probed sooner, and the probe (:func:`applied_probe`) decides.
     """
     line = f"banger-ident: applied gen={ident.generation}".encode()
-
-    def check() -> bool:
-        try:
-            with open(serial_log, "rb") as fh:
-                fh.seek(max(0, os.fstat(fh.fileno()).st_size - ANNOUNCE_TAIL))
-                return line in fh.read(ANNOUNCE_TAIL)
-        except OSError:
-            return False
-
-    return check
+    return ConsoleWatch(serial_log, re.compile(re.escape(line)))
 
 
 RENAME_TIMEOUT_S = 30.0

@@ -12,10 +12,11 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from banger.api import VMState
 from banger.daemon import caps, identity, kernels, savedstate, workspaces
+from banger.daemon.console import SSH_STARTED, ConsoleWatch
 from banger.daemon.dmsnap import CowHandle
 from banger.daemon.firewall import guest_rule
 from banger.daemon.handles import VMHandles
@@ -235,10 +236,14 @@ def _run_until_ssh(d: Daemon, vm: VMRecord, h: VMHandles, cancel: CancelToken,
     _stages(cancel, op)("wait-ssh")
     guest = d.dial(vm.id, vm.ip, held=held)
     # A clone is ready once its identity is applied whole (the probe checks), and
-    # reachable only from then: it says so on its console, and is probed at once.
-    clone = {} if own is None else {
-        "probe": identity.applied_probe(own),
-        "announced": identity.announced(paths.serial_log, own)}
+    # reachable only from then: it says so on its console, and is probed at once. A
+    # booting guest is probed at once when systemd says on its console that sshd started.
+    clone: dict[str, Any] = {"announced": ConsoleWatch(paths.serial_log, SSH_STARTED)}
+    if own is not None:
+        clone = {"probe": identity.applied_probe(own),
+                 "announced": identity.announced(paths.serial_log, own)}
+    elif restored:
+        clone = {}  # sshd runs already: nothing is said
     waited = d.seams.wait_for_ssh(
         guest, budget_s=d.cfg.boot_timeout_s, alive=lambda: matches(ident), cancel=cancel,
         on_wait=(lambda s: op.report(f"{s:.0f}s")) if op is not None else None,
