@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import socket
 import subprocess
 import sys
 import threading
@@ -11,7 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from banger.errors import BadRequest, CommandFailed, GuestError, HostError, VMMError
+from banger import PROTOCOL_VERSION
+from banger.errors import (
+    BadRequest,
+    BangerError,
+    CommandFailed,
+    GuestError,
+    HostError,
+    VMMError,
+)
 from banger.layout import VMPaths
 from banger.proc import ProcessIdentity, identify
 from banger.runner import CancelToken, Result, shell_line
@@ -244,3 +254,37 @@ def instant_ssh(guest: Any, **kwargs: Any) -> float:
         raise VMMError("the VMM exited while the guest was booting")
     guest.run(kwargs.get("probe", "true"), desc="ssh readiness probe")
     return 0.0
+
+
+class RPCSocket:
+    """A Unix socket that answers one JSON-RPC request per connection as bangerd frames
+    them: ``answer(method, params)`` gives the reply's ``result``, or raises
+    :class:`BangerError` for an ``error`` reply. ``asked``: (method, params), in order."""
+
+    def __init__(self, path: Path,
+                 answer: Callable[[str, dict[str, Any]], Any]) -> None:
+        self.answer = answer
+        self.asked: list[tuple[str, dict[str, Any]]] = []
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.bind(str(path))
+        self.sock.listen()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                req = json.loads(conn.makefile("rb").readline())
+                assert req["protocol"] == PROTOCOL_VERSION
+                self.asked.append((req["method"], req["params"]))
+                try:
+                    reply: dict[str, Any] = {"id": req["id"],
+                                             "result": self.answer(req["method"], req["params"])}
+                except BangerError as exc:
+                    reply = {"id": req["id"], "error": {
+                        "code": -32000, "message": exc.message, "data": {"code": exc.code}}}
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+

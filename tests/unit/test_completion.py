@@ -5,9 +5,6 @@ completes a real daemon's VM names (tests/e2e/test_cli_behaviour.py)."""
 
 from __future__ import annotations
 
-import json
-import socket
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +12,7 @@ from typing import Any
 import pytest
 
 from banger.cli.commands import main
+from tests.fakes import RPCSocket
 
 LISTS: dict[str, list[dict[str, Any]]] = {
     "vm.list": [{"name": "web"}, {"name": "worker"}, {"name": "db"}],
@@ -23,29 +21,6 @@ LISTS: dict[str, list[dict[str, Any]]] = {
     "snapshot.list": [{"name": "base", "kind": "user"}, {"name": "boot-1a2b", "kind": "boot"}],
     "vm.session.list": [{"ref": "web/server"}, {"ref": "web/tests"}, {"ref": "db/psql"}],
 }
-
-
-class ListingDaemon:
-    """Answers each list method; records what it was asked."""
-
-    def __init__(self, path: Path) -> None:
-        self.asked: list[tuple[str, dict[str, Any]]] = []
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.bind(str(path))
-        self.sock.listen()
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                req = json.loads(conn.makefile("rb").readline())
-                self.asked.append((req["method"], req["params"]))
-                conn.sendall(json.dumps({"id": req["id"],
-                                         "result": LISTS[req["method"]]}).encode() + b"\n")
 
 
 @pytest.fixture
@@ -74,7 +49,7 @@ def complete(words: str, capsys: pytest.CaptureFixture[str],
 
 def test_names_come_from_the_running_daemon(env: Path, capsys: pytest.CaptureFixture[str],
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    daemon = ListingDaemon(env / "bangerd.sock")
+    daemon = RPCSocket(env / "bangerd.sock", lambda method, _params: LISTS[method])
     assert complete("banger vm show w", capsys, monkeypatch) == ["web", "worker"]
     assert complete("banger vm stop ", capsys, monkeypatch) == ["web", "worker", "db"]
     assert complete("banger vm create --image d", capsys, monkeypatch) == [

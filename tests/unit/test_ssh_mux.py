@@ -4,7 +4,6 @@ and the CLI's fast path for ``vm exec``."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import signal
@@ -21,17 +20,18 @@ from typing import Any
 
 import pytest
 
-from banger import PROTOCOL_VERSION, __version__
+from banger import __version__
 from banger.cli import quick
 from banger.config import Config, parse_config
 from banger.daemon import reconcile, vmcreate, vmpower
 from banger.daemon.core import Daemon
 from banger.daemon.guest import SSHGuest, boot_key, find_masters
+from banger.errors import NotRunning
 from banger.layout import UNIX_PATH_MAX, VMPaths
 from banger.proc import ProcessIdentity
 from banger.sshopts import CONTROL_PERSIST_S, private_control_path, ssh_argv
 from tests.conftest import FakeWorld
-from tests.fakes import FakeRunner
+from tests.fakes import FakeRunner, RPCSocket
 
 
 def _opts(argv: list[str]) -> dict[str, str]:
@@ -218,34 +218,22 @@ def test_private_control_path_wants_a_0700_directory_of_this_user(tmp_path: Path
 # ---------------------------------------------------------------- the CLI's fast path
 
 
-class FakeBangerd:
-    """A Unix socket answering ``vm.ssh_info`` as bangerd does."""
+class FakeBangerd(RPCSocket):
+    """Answers ``vm.ssh_info`` as bangerd does (``info`` without an address: the VM is
+    stopped, an error)."""
 
     def __init__(self, path: Path, config_sha256: str, info: dict[str, Any]) -> None:
         self.info = {**info, "daemon_version": __version__, "config_sha256": config_sha256}
-        self.methods: list[str] = []
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.bind(str(path))
-        self.sock.listen()
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__(path, self._ssh_info)
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                req = json.loads(conn.makefile("rb").readline())
-                assert req["protocol"] == PROTOCOL_VERSION
-                self.methods.append(req["method"])
-                if self.info.get("ip"):
-                    reply: dict[str, Any] = {"id": req["id"], "result": self.info}
-                else:
-                    reply = {"id": req["id"], "error": {
-                        "code": -32000, "message": "VM 'web' is stopped, not running",
-                        "data": {"code": "not_running"}}}
-                conn.sendall(json.dumps(reply).encode() + b"\n")
+    def _ssh_info(self, _method: str, _params: dict[str, Any]) -> dict[str, Any]:
+        if not self.info.get("ip"):
+            raise NotRunning("VM 'web' is stopped, not running")
+        return self.info
+
+    @property
+    def methods(self) -> list[str]:
+        return [method for method, _ in self.asked]
 
 
 @pytest.fixture
