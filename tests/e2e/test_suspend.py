@@ -31,7 +31,14 @@ def start_ticker(host: Host, vm: str) -> str:
 
 
 def ticks(host: Host, vm: str) -> int:
-    return int(guest(host, vm, "cat /dev/shm/tick"))
+    """The ticker's count. Its shell truncates the file before it writes the next one, so
+    a read between the two finds it empty: read again."""
+    for _ in range(20):
+        out = guest(host, vm, "cat /dev/shm/tick")
+        if out:
+            return int(out)
+        time.sleep(0.1)
+    raise AssertionError("the ticker's file stays empty")
 
 
 def assert_same_guest_runs_on(host: Host, vm: str, pid: str, boot_id: str) -> None:
