@@ -238,17 +238,19 @@ def _run_until_ssh(d: Daemon, vm: VMRecord, h: VMHandles, cancel: CancelToken,
     # A clone is ready once its identity is applied whole (the probe checks), and
     # reachable only from then: it says so on its console, and is probed at once. A
     # booting guest is probed at once when systemd says on its console that sshd started.
-    clone: dict[str, Any] = {"announced": ConsoleWatch(paths.serial_log, SSH_STARTED)}
+    ready: dict[str, Any]
     if own is not None:
-        clone = {"probe": identity.applied_probe(own),
+        ready = {"probe": identity.applied_probe(own),
                  "announced": identity.announced(paths.serial_log, own)}
     elif restored:
-        clone = {}  # sshd runs already: nothing is said
+        ready = {}  # sshd runs already: nothing is said
+    else:
+        ready = {"announced": ConsoleWatch(paths.serial_log, SSH_STARTED)}
     waited = d.seams.wait_for_ssh(
         guest, budget_s=d.cfg.boot_timeout_s, alive=lambda: matches(ident), cancel=cancel,
         on_wait=(lambda s: op.report(f"{s:.0f}s")) if op is not None else None,
         serial_tail=lambda: tail(paths.serial_log, 2000), new_host_key=own is not None,
-        **clone)
+        **ready)
     log.info("vm %s: ssh ready after %.1fs", vm.name, waited)
     if restored and own is None:
         warning = savedstate.set_clock(guest, vm.name)

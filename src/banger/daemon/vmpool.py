@@ -86,7 +86,8 @@ def drain(d: Daemon, which: Callable[[VMRecord], bool], why: str) -> int:
     ``error``: the next pass, or the next start, tries again)."""
     gone = 0
     for vm in members(d):
-        if vm.state != VMState.ERROR and (vm.state != VMState.POOLED or not which(vm)):
+        left_by_a_failure = vm.state == VMState.ERROR
+        if not (left_by_a_failure or (vm.state == VMState.POOLED and which(vm))):
             continue
         try:
             transition(d, vm.id, VMState.DELETING, expect={VMState.POOLED, VMState.ERROR})
