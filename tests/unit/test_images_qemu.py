@@ -16,7 +16,7 @@ from banger.daemon.imagemgr import (
     Recipe,
     debugfs_script,
     finalize_tree,
-    find_boot_files,
+    find_kernel,
     guest_agent_files,
     injected_dirs,
     install_files,
@@ -66,14 +66,14 @@ def test_safe_join_refuses_escapes(tmp_path: Path) -> None:
             safe_join(tmp_path, bad)
 
 
-def test_boot_files_pick_newest(tmp_path: Path) -> None:
+def test_the_newest_kernel_is_picked(tmp_path: Path) -> None:
     boot = tmp_path / "boot"
     boot.mkdir()
     for v in ("6.1.0-9-cloud-amd64", "6.1.0-10-cloud-amd64"):
         (boot / f"vmlinuz-{v}").write_text(v)
-    (boot / "initrd.img-6.1.0-10-cloud-amd64").write_text("i")
-    k, i = find_boot_files(tmp_path)
-    assert k.name == "vmlinuz-6.1.0-10-cloud-amd64" and i is not None
+    kernel, version = find_kernel(tmp_path)
+    assert kernel.name == "vmlinuz-6.1.0-10-cloud-amd64"
+    assert version == "6.1.0-10-cloud-amd64"
 
 
 def test_rootfs_size_has_headroom() -> None:

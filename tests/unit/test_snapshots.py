@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import select
+import socket
 import subprocess
 import threading
 from pathlib import Path
@@ -438,7 +439,8 @@ def test_a_clone_is_waited_for_past_the_snapshots_host_key(
     on. A VM that is not a clone and shows another key is refused at once."""
     from banger.daemon import guest as guest_mod
 
-    monkeypatch.setattr(guest_mod, "tcp_open", lambda ip, port=None, timeout=1.0: True)
+    monkeypatch.setattr(guest_mod, "tcp_open",
+                        lambda ip, port=None, timeout=1.0, until=None: True)
     monkeypatch.setattr(guest_mod.time, "sleep", lambda s: None)
     clone_guest = KeyFlipGuest(stale=3)
     guest_mod.wait_for_ssh(clone_guest, budget_s=30, alive=lambda: True,  # type: ignore[arg-type]
@@ -466,7 +468,8 @@ def test_a_clone_that_announces_itself_is_probed_at_once(
     assert not said()
     connects: list[str] = []
     monkeypatch.setattr(guest_mod, "tcp_open",
-                        lambda ip, port=None, timeout=1.0: connects.append(ip) or False)
+                        lambda ip, port=None, timeout=1.0, until=None:
+                        connects.append(ip) or False)
 
     class Probed:
         ip = "172.30.0.9"
@@ -502,3 +505,34 @@ def test_the_applied_probe_passes_only_for_its_generation(tmp_path: Path) -> Non
         res = subprocess.run(["sh", "-c", probe], capture_output=True, text=True)
         assert (res.returncode == 0) == ok
         assert ok or "has not applied its identity" in res.stderr
+
+
+def test_a_pending_connect_ends_when_the_guest_announces_itself() -> None:
+    """A connect whose SYN goes unanswered (here: a loopback listener with a full
+    backlog) waits out its timeout unless ``until`` turns true first; a listener that
+    accepts answers at once, a closed port refuses."""
+    from banger.daemon.guest import tcp_open
+
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        port = full.getsockname()[1]
+        queued = [socket.create_connection(("127.0.0.1", port), timeout=5)]  # fills it
+        try:
+            asked: list[int] = []
+
+            def said() -> bool:
+                asked.append(1)
+                return len(asked) >= 3
+
+            assert not tcp_open("127.0.0.1", port, timeout=60, until=said)
+            assert len(asked) == 3
+        finally:
+            for c in queued:
+                c.close()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        assert tcp_open("127.0.0.1", listener.getsockname()[1], timeout=5)
+        closed = listener.getsockname()[1]
+    assert not tcp_open("127.0.0.1", closed, timeout=5)

@@ -12,8 +12,10 @@ ends it when the VM is torn down.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
+import select
 import signal
 import socket
 import subprocess
@@ -186,12 +188,26 @@ PROBE_CONNECT_S = 0.5
 PROBE_PAUSE_S = 0.25  # between probes
 
 
-def tcp_open(ip: str, port: int | None = None, timeout: float = 1.0) -> bool:
-    """True when a TCP connect to ``ip`` (port 22 by default) succeeds within ``timeout``."""
-    try:
-        with socket.create_connection((ip, port or SSH_PORT), timeout=timeout):
-            return True
-    except OSError:
+def tcp_open(ip: str, port: int | None = None, timeout: float = 1.0,
+             until: Callable[[], bool] | None = None) -> bool:
+    """True when a TCP connect to ``ip`` (port 22 by default) succeeds within ``timeout``.
+
+    ``until``: checked every 50 ms while the connect is pending; once it is true the
+    wait ends early (False: the connect did not succeed, the caller knows why it
+    stopped). A guest taking its address has no ARP entry yet, and a connect to it
+    waits out the whole timeout even when the guest says it is ready meanwhile.
+    """
+    end = time.monotonic() + timeout
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setblocking(False)
+        if sock.connect_ex((ip, port or SSH_PORT)) not in (0, errno.EINPROGRESS):
+            return False
+        while (left := end - time.monotonic()) > 0:
+            _, writable, _ = select.select([], [sock], [], min(left, 0.05))
+            if writable:
+                return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+            if until is not None and until():
+                return False
         return False
 
 
@@ -234,7 +250,9 @@ def wait_for_ssh(
             raise VMMError("the VMM exited while the guest was booting",
                            hint=_serial_hint(serial_tail()))
         told = announced is not None and announced()
-        if told or tcp_open(guest.ip, timeout=PROBE_CONNECT_S):
+        # An announcement that comes while the connect is pending ends that wait.
+        if (told or tcp_open(guest.ip, timeout=PROBE_CONNECT_S, until=announced)
+                or (announced is not None and announced())):
             try:
                 guest.run(probe, timeout=probe_timeout, desc="ssh readiness probe")
                 return time.monotonic() - start

@@ -23,8 +23,9 @@ from banger.daemon.imagemgr import (
     Recipe,
     debugfs_script,
     finalize_tree,
-    find_boot_files,
+    find_kernel,
     guest_agent_files,
+    initramfs,
     injected_dirs,
     install_files,
     recipe_for,
@@ -153,10 +154,10 @@ def build(d: Daemon, recipe: Recipe, op: Operation) -> dict[str, Any]:
         install_files(root, recipe.files(), recipe.masked())
         finalize_tree(root, staging / "workseed")
         op.enter("kernel")
-        kernel, initrd = find_boot_files(root)
+        kernel, version = find_kernel(root)
         shutil.copy2(kernel, staging / "vmlinuz")
-        if initrd is not None:
-            shutil.copy2(initrd, staging / "initrd.img")
+        op.report("banger's initramfs")
+        initramfs.build(root, version, staging / "initrd.img")
         op.enter("rootfs", "mkfs.ext4")
         size = rootfs_size(tree_size(root))
         d.runner.run(

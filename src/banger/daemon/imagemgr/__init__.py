@@ -1,10 +1,10 @@
 """Image subsystem helpers: the built-in recipe, guest agent files, validators, staging.
 
 Pure functions and data only; the daemon runs the commands. The built-in
-image is a debootstrapped Debian with systemd and sshd, a Debian kernel and
-initrd for QEMU, and ``banger-init``, a tiny boot unit that configures the
-network, host name, resolver and SSH host key from ``banger.*`` kernel
-arguments. Keeping all per-VM settings on the kernel command line means a
+image is a debootstrapped Debian with systemd and sshd, a Debian kernel with
+banger's own small initramfs (:mod:`.initramfs`) for QEMU, and ``banger-init``, a
+tiny boot unit that configures the network, host name, resolver and SSH host key
+from ``banger.*`` kernel arguments. Keeping all per-VM settings on the kernel command line means a
 VM's root disk never has to be opened on the host.
 """
 
@@ -17,10 +17,11 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from banger.daemon.imagemgr import initramfs
 from banger.errors import BadRequest, NotFound
 from banger.vmm import IDENT_VSOCK_PORT
 
-RECIPE_VERSION = 5  # bump when the build procedure changes in a way the recipe text does not show
+RECIPE_VERSION = 6  # bump when the build procedure changes in a way the recipe text does not show
 
 ROOT_LABEL = "banger-root"
 WORK_LABEL = "banger-work"
@@ -449,65 +450,21 @@ blacklist crc32_pclmul
 NO_NOLOGIN = """# Written by banger: no /run/nologin while the boot finishes (sshd answers first).
 """
 
-# Debian's /etc/pam.d/sshd without pam_motd, which at every login (a command over ssh
-# too) runs `run-parts /etc/update-motd.d` and its scripts: four programs started for a
-# message of the day nobody sees, each costing a TCG guest a tenth of a second or more
-# (half a second in a just-restored clone).
-PAM_SSHD = """# Written by banger: Debian's sshd PAM stack, without pam_motd.
-@include common-auth
-account    required     pam_nologin.so
-@include common-account
-session [success=ok ignore=ignore module_unknown=ignore default=bad]        pam_selinux.so close
-session    required     pam_loginuid.so
-session    optional     pam_keyinit.so force revoke
-@include common-session
-session    optional     pam_mail.so standard noenv
-session    required     pam_limits.so
-session    required     pam_env.so
-session    required     pam_env.so user_readenv=1 envfile=/etc/default/locale
-session [success=ok ignore=ignore module_unknown=ignore default=bad]        pam_selinux.so open
-@include common-password
+# The built-in image's logins skip PAM. Only root logs in there, by key; Debian's sshd
+# stack would load a dozen modules into every connection's sshd (environment, limits,
+# login uid, keyrings, motd: nothing a sandbox's root session needs), which measured a
+# third of a second or more per connection under TCG. (Images a user registers keep
+# their own PAM: their accounts may rely on it.)
+SSHD_BUILTIN = """# Written by banger for its built-in image: root logs in by key, without PAM.
+UsePAM no
 """
 
-# The initramfs (QEMU boots Debian's kernel, whose virtio drivers are modules) holds only
-# what mounting the root takes: the virtio-mmio bus, disk and NIC drivers (so banger-init
-# finds the NIC at once) and virtio_console (banger-ident's port), zstd-compressed.
-# MODULES=most packs ~15 MB the kernel unpacks and udev probes at every boot. Written
-# before debootstrap, which makes the initramfs.
-INITRAMFS_CONF = """# Written by banger: a small initramfs for a virtio-mmio VM.
+# Debian's kernel package makes an initramfs (initramfs-tools) whatever banger boots;
+# banger boots its own (see initramfs.py), so Debian's is kept as small and quick to
+# make as it goes: only the listed drivers. Written before debootstrap, which makes it.
+INITRAMFS_CONF = """# Written by banger: banger boots its own initramfs; keep this one small.
 MODULES=list
 COMPRESS=zstd
-"""
-INITRAMFS_MODULES = """# Written by banger: drivers for the root disk, NIC, identity channel.
-virtio_mmio
-virtio_blk
-virtio_net
-virtio_console
-"""
-# No udev in the initramfs either: its coldplug and settle cost a TCG guest seconds at
-# every boot, and nothing there needs it. The drivers above are loaded by name, devtmpfs
-# gives the root disk its node, and systemd starts udev once the root is mounted. Boot
-# scripts in /etc/initramfs-tools/scripts replace Debian's of the same name; the hook
-# runs after Debian's and takes udev's files back out.
-INITRAMFS_NO_UDEV_TOP = """#!/bin/sh
-# Written by banger: udev does not run in the initramfs (see the banger-no-udev hook).
-case "$1" in prereqs) exit 0 ;; esac
-exit 0
-"""
-INITRAMFS_NO_UDEV_BOTTOM = """#!/bin/sh
-# Written by banger: what Debian's udev script does here besides stopping udev: the
-# devtmpfs the initramfs mounted on /dev becomes the root's /dev.
-case "$1" in prereqs) exit 0 ;; esac
-mount -n -o move /dev "${rootmnt:?}/dev" || mount -n --move /dev "${rootmnt}/dev"
-nuke /dev 2>/dev/null || rm -rf /dev
-ln -s "${rootmnt}/dev" /dev
-"""
-INITRAMFS_NO_UDEV_HOOK = """#!/bin/sh
-# Written by banger: take udev back out of the initramfs (its boot scripts are replaced).
-case "$1" in prereqs) exit 0 ;; esac
-for f in usr/bin/udevadm usr/lib/systemd/systemd-udevd usr/lib/udev etc/udev; do
-  rm -rf "${DESTDIR:?}/$f"
-done
 """
 
 # sshd answers as soon as banger-init has set up the network, the work disk (its
@@ -583,7 +540,7 @@ class Recipe:
     packages: tuple[str, ...] = (
         "systemd", "systemd-sysv", "udev", "dbus", "openssh-server", "git",
         "ca-certificates", "iproute2", "procps", "less", "curl", "make", "python3",
-        "xz-utils", "initramfs-tools", "zstd",
+        "xz-utils", "initramfs-tools", "zstd", "busybox-static",
     )
     # Units that cost boot time in a throwaway VM and do nothing useful there. The
     # modprobe@ ones preload modules a VM has no hardware for (drm, efi_pstore) or that
@@ -636,18 +593,13 @@ class Recipe:
     # initramfs while debootstrap installs it.
     preseed_files: tuple[GuestFile, ...] = field(default_factory=lambda: (
         GuestFile("etc/initramfs-tools/conf.d/banger.conf", INITRAMFS_CONF),
-        GuestFile("usr/share/initramfs-tools/modules.d/banger", INITRAMFS_MODULES),
-        GuestFile("etc/initramfs-tools/scripts/init-top/udev", INITRAMFS_NO_UDEV_TOP, 0o755),
-        GuestFile("etc/initramfs-tools/scripts/init-bottom/udev", INITRAMFS_NO_UDEV_BOTTOM,
-                  0o755),
-        GuestFile("etc/initramfs-tools/hooks/banger-no-udev", INITRAMFS_NO_UDEV_HOOK, 0o755),
     ))
     extra_files: tuple[GuestFile, ...] = field(default_factory=lambda: (
         GuestFile("etc/fstab", FSTAB),
         GuestFile("etc/hostname", "banger\n"),
         GuestFile("etc/hosts", "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n"),
         GuestFile("etc/tmpfiles.d/systemd-nologin.conf", NO_NOLOGIN),
-        GuestFile("etc/pam.d/sshd", PAM_SSHD),
+        GuestFile("etc/ssh/sshd_config.d/banger-image.conf", SSHD_BUILTIN),
         GuestFile("etc/modprobe.d/banger.conf", MODPROBE_CONF),
     ))
 
@@ -676,6 +628,7 @@ class Recipe:
             "masked": self.masked(),
             "files": [[f.path, f.content, f.mode] for f in self.files()],
             "preseed": [[f.path, f.content, f.mode] for f in self.preseed_files],
+            "initramfs": [initramfs.INIT, list(initramfs.BOOT_MODULES)],
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -771,15 +724,13 @@ def finalize_tree(root: Path, workseed: Path) -> None:
     workseed.chmod(0o700)
 
 
-def find_boot_files(root: Path) -> tuple[Path, Path | None]:
-    """The newest ``vmlinuz-*`` in ``root/boot`` and its matching initrd."""
+def find_kernel(root: Path) -> tuple[Path, str]:
+    """The newest ``vmlinuz-*`` in ``root/boot`` and its version (its modules' directory
+    name under ``lib/modules``)."""
     kernels = sorted((root / "boot").glob("vmlinuz-*"), key=_version_key)
     if not kernels:
         raise NotFound(f"no kernel (vmlinuz-*) in {root / 'boot'}")
-    kernel = kernels[-1]
-    version = kernel.name.removeprefix("vmlinuz-")
-    initrd = root / "boot" / f"initrd.img-{version}"
-    return kernel, initrd if initrd.exists() else None
+    return kernels[-1], kernels[-1].name.removeprefix("vmlinuz-")
 
 
 def _version_key(p: Path) -> list[int | str]:
