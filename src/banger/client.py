@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from banger import PROTOCOL_VERSION, api
+from banger import MAX_FRAME, PROTOCOL_VERSION, api
+from banger.api.methods import check_params, check_result
 from banger.config import Config
 from banger.errors import BangerError, DaemonUnavailable, from_code
 from banger.fsutil import tail
@@ -37,16 +38,21 @@ class Client:
     def call(self, method: str, timeout: float | None = None, **params: Any) -> Any:
         """Send one JSON-RPC request on a fresh connection and return its result.
 
-        None-valued params are left out. ``timeout`` bounds the wait for the answer
-        (None: wait forever); connecting has its own short timeout.
+        None-valued params are left out; the rest are checked against the method's
+        model before they are sent, and the result against its type
+        (:mod:`banger.api.methods`). ``timeout`` bounds the wait for the answer (None:
+        wait forever); connecting has its own short timeout.
 
         Raises:
+            BadRequest: ``params`` do not fit the method.
+            BadVersion: the reply does not have the shape the method's result has.
             DaemonUnavailable: the socket is missing, refused, not permitted or timed out,
                 or the daemon closed the connection without answering.
             BangerError: the daemon's error, rebuilt as its most specific class.
         """
-        req = {"jsonrpc": "2.0", "id": next(_ids), "method": method,
-               "params": {k: v for k, v in params.items() if v is not None},
+        sent = {k: v for k, v in params.items() if v is not None}
+        check_params(method, sent)
+        req = {"jsonrpc": "2.0", "id": next(_ids), "method": method, "params": sent,
                "protocol": PROTOCOL_VERSION}
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -54,7 +60,7 @@ class Client:
                 s.connect(str(self.socket_path))
                 s.settimeout(timeout)
                 s.sendall(api.encode(req))
-                line = s.makefile("rb").readline(api.MAX_FRAME * 16)
+                line = s.makefile("rb").readline(MAX_FRAME + 1)
         except FileNotFoundError as exc:
             raise DaemonUnavailable(f"bangerd is not running ({self.socket_path} is missing)",
                                     hint="any banger command starts it; or `banger daemon start`"
@@ -71,6 +77,14 @@ class Client:
         if not line:
             raise DaemonUnavailable(f"bangerd closed the connection during {method}",
                                     hint="see the daemon log (`banger daemon status`)")
+        if len(line) > MAX_FRAME:
+            raise DaemonUnavailable(f"bangerd's reply to {method} is longer than the "
+                                    f"{MAX_FRAME}-byte frame a reply may take",
+                                    hint="see the daemon log (`banger daemon status`)")
+        if not line.endswith(b"\n"):
+            raise DaemonUnavailable(f"bangerd closed the connection in the middle of its "
+                                    f"reply to {method}",
+                                    hint="see the daemon log (`banger daemon status`)")
         try:
             resp = json.loads(line)
             if not isinstance(resp, dict):
@@ -83,7 +97,12 @@ class Client:
             data = err.get("data") or {}
             raise from_code(data.get("code", "error"), err.get("message", "error"),
                             data.get("hint", ""), **(data.get("details") or {}))
-        return resp.get("result")
+        return check_result(method, resp.get("result"))
+
+    def send(self, method: str, params: api.Model, timeout: float | None = None) -> Any:
+        """:meth:`call` with ``params`` given as the method's model (unset fields: the
+        model's defaults)."""
+        return self.call(method, timeout, **params.model_dump(mode="json"))
 
     def config_drift(self, cfg: Config) -> str | None:
         """The warning for a daemon running with other config values than ``cfg``.

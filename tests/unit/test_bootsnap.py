@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from banger.api import VMState
+from banger.api.params import CreateParams
 from banger.daemon import bootsnap, images, snapshots, vmcreate, vmdelete, vms
 from banger.daemon.core import Daemon
 from banger.daemon.opstate import Operation
@@ -35,7 +36,7 @@ def warm(daemon: Daemon, world: FakeWorld) -> Iterator[Daemon]:
 
 
 def make(d: Daemon, name: str, **kw: object) -> Operation:
-    op = vmcreate.begin_create(d, vmcreate.CreateParams(name=name, **kw))  # type: ignore[arg-type]
+    op = vmcreate.begin_create(d, CreateParams(name=name, **kw))  # type: ignore[arg-type]
     with contextlib.suppress(BangerError):
         vms.wait_op(op)
     return op

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from banger.api.params import CreateParams
 from banger.config import Config
 from banger.daemon import reconcile, vmcreate
 from banger.daemon.cgroups import CgroupHost, CgroupVersion, detect, install_group
@@ -98,7 +99,7 @@ def test_sweep_removes_empty_cgroups_of_no_vm_and_leaves_the_rest(
     assert host.group(f"banger-ffffff/{ORPHAN}").exists()
 
     # A VM's own cgroup stays; one leaked since is swept and reported like the others.
-    vm = vmcreate.create_sync(d, vmcreate.CreateParams(name="web"))
+    vm = vmcreate.create_sync(d, CreateParams(name="web"))
     make(host, f"{mine}/{vm['id']}")
     make(host, f"{mine}/{ORPHAN}")
     removed = reconcile.sweep(d)

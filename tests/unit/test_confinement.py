@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from banger import vmmuser
+from banger.api.params import CreateParams
 from banger.cli import output
 from banger.config import Config, parse_config
 from banger.daemon import reconcile, vmcreate, vmpower
@@ -389,7 +390,7 @@ class ConfinedFake(FakeVMM):
 def test_vm_show_carries_the_confinement_until_the_vm_stops(
         daemon: Daemon, world: FakeWorld) -> None:
     world.vmm = ConfinedFake()
-    vmcreate.create_sync(daemon, vmcreate.CreateParams(name="c"))
+    vmcreate.create_sync(daemon, CreateParams(name="c"))
     vm = daemon.db.get_vm(daemon.db.find_vm("c").id)  # type: ignore[union-attr]
     shown = view(daemon, vm)
     assert shown["confinement"]["cgroup"]["path"] == f"/cg/{vm.id}"

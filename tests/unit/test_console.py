@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from banger.api.params import CreateParams
 from banger.daemon import console, vmcreate
 from banger.daemon.console import SSH_STARTED, ConsoleWatch
 from banger.daemon.core import Daemon
@@ -61,7 +62,7 @@ def test_a_boot_is_probed_when_its_console_says_sshd_started(
         return instant_ssh(guest, **kwargs)
 
     monkeypatch.setattr(daemon.seams, "wait_for_ssh", recording)
-    vm = vmcreate.create_sync(daemon, vmcreate.CreateParams(name="web"))
+    vm = vmcreate.create_sync(daemon, CreateParams(name="web"))
     (watch,) = [w["announced"] for w in waits]
     assert isinstance(watch, ConsoleWatch) and watch.pattern is SSH_STARTED
     assert watch.path == daemon.layout.vm(str(vm["id"])).serial_log

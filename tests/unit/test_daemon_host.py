@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from banger import api
+from banger.api.params import CreateParams
 from banger.client import Client, config_drift
 from banger.config import Config, parse_config
 from banger.daemon import reconcile, vmcreate, vmpower
@@ -105,7 +106,7 @@ def _open(root: Path, world: FakeWorld, config_file: Path | None = None,
 def two_installs(tmp_path: Path, world: FakeWorld) -> Iterator[tuple[Daemon, Path]]:
     """Install A running with a VM and a warm TAP pool; B's root, not opened yet."""
     a = _open(tmp_path / "a", world)
-    vmcreate.create_sync(a, vmcreate.CreateParams(name="web"))
+    vmcreate.create_sync(a, CreateParams(name="web"))
     yield a, tmp_path / "b"
     a.close()
 
@@ -269,12 +270,12 @@ def test_a_failed_restore_step_stays_recorded(tmp_path: Path) -> None:
 
 def test_stop_with_no_vm_left_removes_bridge_and_taps(tmp_path: Path, world: FakeWorld) -> None:
     d = _open(tmp_path, world)
-    vmcreate.create_sync(d, vmcreate.CreateParams(name="gone"))
+    vmcreate.create_sync(d, CreateParams(name="gone"))
     assert "br-banger" in world.net.links() and world.net.taps()
     from banger.daemon import vmdelete
 
     vmdelete.delete(d, "gone")
-    vmcreate.create_sync(d, vmcreate.CreateParams(name="kept", start=False))  # stopped VMs
+    vmcreate.create_sync(d, CreateParams(name="kept", start=False))  # stopped VMs
     world.net.create_tap(d.tap_pool.prefix + "1eaced", "br-banger")  # a release that failed
     other = tap_prefix_for("0f0f0f") + "abcdef"  # another install's, on a bridge of its own
     world.net.ensure_bridge("br-other", "10.9.0.1/24")
@@ -287,7 +288,7 @@ def test_stop_with_no_vm_left_removes_bridge_and_taps(tmp_path: Path, world: Fak
 
 def test_stop_with_a_running_vm_keeps_the_network(tmp_path: Path, world: FakeWorld) -> None:
     d = _open(tmp_path, world)
-    vmcreate.create_sync(d, vmcreate.CreateParams(name="up"))
+    vmcreate.create_sync(d, CreateParams(name="up"))
     vm = d.db.find_vm("up")
     assert vm is not None and d.status()["idle"] is False
     d.close()
@@ -311,7 +312,7 @@ def test_a_bug_in_vm_start_is_internal_and_names_the_log(
     keep = Keep()
     logging.getLogger("banger").addHandler(keep)
     try:
-        vmcreate.create_sync(d, vmcreate.CreateParams(name="s", start=False))
+        vmcreate.create_sync(d, CreateParams(name="s", start=False))
 
         def buggy(plan: Any) -> Any:
             raise KeyError("a bug")

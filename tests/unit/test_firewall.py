@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from banger import egress
+from banger.api.params import CreateParams, EgressParams
 from banger.cli.output import network_policy, vm_detail
 from banger.daemon import vmcreate, vmegress, vmpower
 from banger.daemon.core import Daemon
@@ -314,7 +315,7 @@ def test_a_vm_is_admitted_before_its_vmm_and_forgotten_with_its_tap(
         return real_launch(plan)
 
     world.vmm.launch = launch  # type: ignore[method-assign]
-    vm = vmcreate.create_sync(daemon, vmcreate.CreateParams(name="alpha", nat=True))
+    vm = vmcreate.create_sync(daemon, CreateParams(name="alpha", nat=True))
     assert launched_with == [[vm["tap"]]]
     rec = daemon.db.find_vm("alpha")
     assert rec is not None and rec.spec.nat and not rec.spec.allow_private
@@ -331,12 +332,12 @@ def test_a_vm_is_admitted_before_its_vmm_and_forgotten_with_its_tap(
 
 def test_nat_defaults_to_the_config_and_allow_private_needs_it(
         daemon: Daemon, feeds: Feeds) -> None:
-    vm = vmcreate.create_sync(daemon, vmcreate.CreateParams(name="plain"))
+    vm = vmcreate.create_sync(daemon, CreateParams(name="plain"))
     assert vm["spec"]["nat"] is False and vm["spec"]["allow_private"] is False
     assert daemon.firewall.ip_forward.read_text() == "0\n"  # no NAT guest: left alone
     with pytest.raises(BadRequest, match="allow-private"):
-        vmcreate.create_sync(daemon, vmcreate.CreateParams(name="odd", allow_private=True))
-    vm = vmcreate.create_sync(daemon, vmcreate.CreateParams(name="open", nat=True,
+        vmcreate.create_sync(daemon, CreateParams(name="odd", allow_private=True))
+    vm = vmcreate.create_sync(daemon, CreateParams(name="open", nat=True,
                                                             allow_private=True))
     assert vm["spec"]["allow_private"] is True
     assert "network" in vm_detail(vm) and "private ranges included" in vm_detail(vm)
@@ -347,7 +348,7 @@ def test_a_vm_whose_admission_fails_does_not_run(daemon: Daemon, world: FakeWorl
     daemon.ensure_network()  # the rules load; only the VM's own elements are refused
     world.runner.on(["nft"], ok(rc=1, err="Error: Could not process rule"))
     with pytest.raises(CommandFailed):
-        vmcreate.create_sync(daemon, vmcreate.CreateParams(name="cut"))
+        vmcreate.create_sync(daemon, CreateParams(name="cut"))
     assert world.vmm.launched == []
     assert daemon.db.find_vm("cut") is None
 
@@ -359,7 +360,7 @@ def test_network_policy_line() -> None:
 
 
 def test_allow_out_implies_nat_and_is_refused_with_no_nat(daemon: Daemon, feeds: Feeds) -> None:
-    vm = vmcreate.create_sync(daemon, vmcreate.CreateParams(
+    vm = vmcreate.create_sync(daemon, CreateParams(
         name="listed", allow_out=["OK.test", "198.51.100.7"]))
     assert vm["spec"]["nat"] is True
     assert vm["spec"]["allow_out"] == ["ok.test", "198.51.100.7/32"]
@@ -367,33 +368,33 @@ def test_allow_out_implies_nat_and_is_refused_with_no_nat(daemon: Daemon, feeds:
     rule = daemon.firewall.admitted()[vm["tap"]]
     assert rule.allowlist.domains == ("ok.test",)
     with pytest.raises(BadRequest, match="--no-nat"):
-        vmcreate.create_sync(daemon, vmcreate.CreateParams(name="odd", nat=False,
+        vmcreate.create_sync(daemon, CreateParams(name="odd", nat=False,
                                                            allow_out=["ok.test"]))
     with pytest.raises(BadRequest, match="not an address"):
-        vmcreate.create_sync(daemon, vmcreate.CreateParams(name="odd", allow_out=["nope"]))
+        vmcreate.create_sync(daemon, CreateParams(name="odd", allow_out=["nope"]))
     assert daemon.db.find_vm("odd") is None
 
 
 def test_set_egress_changes_a_running_vms_rules_at_once(daemon: Daemon, feeds: Feeds) -> None:
-    vm = vmcreate.create_sync(daemon, vmcreate.CreateParams(name="busy"))
+    vm = vmcreate.create_sync(daemon, CreateParams(name="busy"))
     tap = vm["tap"]
-    res = vmegress.set_egress(daemon, vmegress.EgressParams(name="busy",
+    res = vmegress.set_egress(daemon, EgressParams(name="busy",
                                                             allow_out=["ok.test"]))
     assert res == {"name": "busy", "applied": True, "nat": True, "allow_private": False,
                    "allow_out": ["ok.test"]}
     assert daemon.firewall.admitted()[tap].allowlist.domains == ("ok.test",)
     assert f"allowlisted {{ {vm['ip']} }}" in feeds.scripts[-1]
     # options not given keep their value; clearing the allowlist keeps NAT
-    res = vmegress.set_egress(daemon, vmegress.EgressParams(name="busy", allow_out=[]))
+    res = vmegress.set_egress(daemon, EgressParams(name="busy", allow_out=[]))
     assert res["nat"] is True and res["allow_out"] == []
     assert not daemon.firewall.admitted()[tap].allowlist
-    res = vmegress.set_egress(daemon, vmegress.EgressParams(name="busy", nat=False))
+    res = vmegress.set_egress(daemon, EgressParams(name="busy", nat=False))
     assert res["nat"] is False and not daemon.firewall.admitted()[tap].nat
     rec = daemon.db.find_vm("busy")
     assert rec is not None and not rec.spec.nat
     # a stopped VM: the store only, applied at the next start
     vmpower.stop(daemon, "busy")
-    res = vmegress.set_egress(daemon, vmegress.EgressParams(name="busy", nat=True,
+    res = vmegress.set_egress(daemon, EgressParams(name="busy", nat=True,
                                                             allow_private=True))
     assert res["applied"] is False and daemon.firewall.admitted() == {}
     vmpower.start(daemon, "busy")
@@ -403,10 +404,10 @@ def test_set_egress_changes_a_running_vms_rules_at_once(daemon: Daemon, feeds: F
 
 def test_set_egress_keeps_the_old_policy_when_nft_refuses(
         daemon: Daemon, world: FakeWorld, feeds: Feeds) -> None:
-    vmcreate.create_sync(daemon, vmcreate.CreateParams(name="kept", nat=True))
+    vmcreate.create_sync(daemon, CreateParams(name="kept", nat=True))
     world.runner.on(["nft"], ok(rc=1, err="Error: Could not process rule"))
     with pytest.raises(CommandFailed):
-        vmegress.set_egress(daemon, vmegress.EgressParams(name="kept", allow_out=["ok.test"]))
+        vmegress.set_egress(daemon, EgressParams(name="kept", allow_out=["ok.test"]))
     rec = daemon.db.find_vm("kept")
     assert rec is not None and rec.spec.allow_out == [] and rec.spec.nat
     assert not next(iter(daemon.firewall.admitted().values())).allowlist

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from banger.api.params import CreateParams
 from banger.daemon import forwards, reconcile, vmcreate, vmpower, vms
 from banger.daemon.core import Daemon
 from banger.daemon.forwarder import Forward, ForwardSpec, ForwardTable, check, parse
@@ -108,7 +109,7 @@ def test_table_refuses_a_port_another_vm_forwards() -> None:
 
 def test_forward_rules(daemon: Daemon) -> None:
     port, created = free_port(), free_port()
-    vmcreate.create_sync(daemon, vmcreate.CreateParams(name="web",
+    vmcreate.create_sync(daemon, CreateParams(name="web",
                                                        forwards=[f"{created}:8081"]))
     assert [str(s) for s in daemon.forwards.opened(
         vms.resolve(daemon, "web").id)] == [f"127.0.0.1:{created}:8081"]
@@ -130,14 +131,14 @@ def test_forward_rules(daemon: Daemon) -> None:
     vmpower.start(daemon, "web")
     assert [s.host_port for s in daemon.forwards.opened(vm.id)] == [created]  # -p only
     with pytest.raises(BadRequest):
-        vmcreate.create_sync(daemon, vmcreate.CreateParams(name="bad", forwards=["99999:1"]))
+        vmcreate.create_sync(daemon, CreateParams(name="bad", forwards=["99999:1"]))
 
 
 def test_a_vm_found_dead_at_start_up_loses_its_run_time_forwards(daemon: Daemon) -> None:
     """The VMM died while no daemon ran: reconcile marks the VM stopped, and the forwards
     added while it ran end with it, as at a stop (its -p ones stay in the spec)."""
     created = free_port()
-    vmcreate.create_sync(daemon, vmcreate.CreateParams(name="gone",
+    vmcreate.create_sync(daemon, CreateParams(name="gone",
                                                        forwards=[f"{created}:80"]))
     forwards.add(daemon, "gone", f"{free_port()}:8080")
     vm = vms.resolve(daemon, "gone")

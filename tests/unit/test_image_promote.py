@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from banger.api.params import CreateParams
 from banger.daemon import images, vmcreate, vmpower, vms
 from banger.daemon.core import Daemon
 from banger.daemon.dmsnap import CowHandle
@@ -18,7 +19,7 @@ from banger.errors import AlreadyExists, BadRequest, HostError, InvalidState, No
 
 
 def test_promote_a_stopped_vm(daemon: Daemon) -> None:
-    vmcreate.create_sync(daemon, vmcreate.CreateParams(name="src"))
+    vmcreate.create_sync(daemon, CreateParams(name="src"))
     with pytest.raises(InvalidState) as exc:
         promote(daemon, "src", "gold")
     assert "banger vm stop src" in exc.value.hint
@@ -53,7 +54,7 @@ def test_promote_reads_a_dm_snapshot_through_the_snapshot(
     """A dmsnap disk is activated, read as one device (zeros left as holes) and taken
     down again; the real dm path runs in tests/e2e/test_lifecycle.py where the host has
     device-mapper."""
-    vmcreate.create_sync(daemon, vmcreate.CreateParams(name="snap"))
+    vmcreate.create_sync(daemon, CreateParams(name="snap"))
     vmpower.stop(daemon, "snap")
     vm = vms.resolve(daemon, "snap")
     device = tmp_path / "dm-device"  # what the merged snapshot reads as

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from banger.api.params import CreateParams
 from banger.daemon import ports, vmcreate
 from banger.daemon.core import Daemon
 from banger.daemon.ports import Listener, endpoint, parse_ss
@@ -62,7 +63,7 @@ def test_hostile_process_names_and_floods_are_bounded() -> None:
 
 def test_named_vms_must_exist_and_run(daemon: Daemon) -> None:
     assert ports.ports(daemon, []) == []  # nothing running: nothing asked
-    vmcreate.create_sync(daemon, vmcreate.CreateParams(name="cold", start=False))
+    vmcreate.create_sync(daemon, CreateParams(name="cold", start=False))
     with pytest.raises(NotRunning) as exc:
         ports.ports(daemon, ["cold"])
     assert "banger vm start cold" in (exc.value.hint or "")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from banger.api.params import CreateParams
 from banger.config import parse_config
 from banger.daemon import images, kernels, reconcile, vmcreate
 from banger.daemon.core import Daemon
@@ -85,11 +86,11 @@ def test_image_kernel_selection_per_vmm(daemon: Daemon, tmp_path: Path) -> None:
 def test_vm_boots_the_registry_kernel(daemon: Daemon, tmp_path: Path, world: object) -> None:
     kernels.import_files(daemon, "qk", [str(bzimage(tmp_path / "bz"))], None)
     images.set_kernel(daemon, "debian-bookworm", "qk")
-    vmcreate.create_sync(daemon, vmcreate.CreateParams(name="kvm1"))
+    vmcreate.create_sync(daemon, CreateParams(name="kvm1"))
     plan = world.vmm.launched[-1]  # type: ignore[attr-defined]
     assert plan.kernel == daemon.layout.kernel_dir("qk") / "bzImage"
     with pytest.raises(BadRequest):
-        vmcreate.create_sync(daemon, vmcreate.CreateParams(name="fc1", vmm="firecracker"))
+        vmcreate.create_sync(daemon, CreateParams(name="fc1", vmm="firecracker"))
     assert daemon.db.find_vm("fc1") is None
 
 

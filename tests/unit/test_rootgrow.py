@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from banger.api.params import CreateParams
 from banger.daemon import rootgrow, vmcreate, vms
 from banger.daemon.core import Daemon
 from banger.errors import BadRequest, CommandFailed
@@ -43,7 +44,7 @@ def fs_bytes(image: Path) -> int:
 
 
 def create(d: Daemon, name: str, disk: str) -> dict[str, object]:
-    return vmcreate.create_sync(d, vmcreate.CreateParams(name=name, disk_size=disk))
+    return vmcreate.create_sync(d, CreateParams(name=name, disk_size=disk))
 
 
 def test_each_size_is_grown_once_and_every_vm_of_it_copies_that(

@@ -21,6 +21,7 @@ from typing import Any
 import click
 import pytest
 
+from banger.api.params import CreateParams
 from banger.cli import attach as attach_cli
 from banger.cli.attach import KeyFilter
 from banger.cli.session import split_ref
@@ -73,7 +74,7 @@ def box(daemon: Daemon, world: FakeWorld, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     root = tmp_path / "guest" / ".banger" / "sessions"
     monkeypatch.setattr(scripts, "ROOT", str(root))
-    vm = vmcreate.create_sync(daemon, vmcreate.CreateParams(name="box"))
+    vm = vmcreate.create_sync(daemon, CreateParams(name="box"))
     world.guests[str(vm["ip"])] = HostShellGuest(str(vm["ip"]), on_poweroff=world.vmm.poweroff)
     yield "box"
     for pid_file in root.glob("*/pid"):  # whatever a failed test left running

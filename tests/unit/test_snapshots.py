@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from banger.api import VMState
+from banger.api.params import CreateParams
 from banger.daemon import (
     identity,
     reconcile,
@@ -47,7 +48,7 @@ from tests.conftest import FakeWorld
 
 
 def make(d: Daemon, name: str = "src", **kw: object) -> VMRecord:
-    vmcreate.create_sync(d, vmcreate.CreateParams(name=name, **kw))  # type: ignore[arg-type]
+    vmcreate.create_sync(d, CreateParams(name=name, **kw))  # type: ignore[arg-type]
     vm = vms.resolve(d, name)
     work = d.layout.vm(vm.id).work_disk
     if not work.exists():  # the fake runner makes no file system

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from banger import __version__
+from banger.api.params import CreateParams
 from banger.cli import quick
 from banger.config import Config, parse_config
 from banger.daemon import reconcile, vmcreate, vmpower
@@ -96,7 +97,7 @@ def cfg(tmp_path: Path) -> Iterator[Config]:
 
 
 def _create(d: Daemon, name: str) -> dict[str, Any]:
-    return vmcreate.create_sync(d, vmcreate.CreateParams(name=name))
+    return vmcreate.create_sync(d, CreateParams(name=name))
 
 
 def test_dial_uses_the_master_of_the_current_boot(daemon: Daemon) -> None:

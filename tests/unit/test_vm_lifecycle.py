@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from banger.api import VMState
+from banger.api.params import CreateParams
 from banger.daemon import vmcreate, vmdelete, vmpower, vms, vmteardown
 from banger.daemon.core import Daemon
 from banger.daemon.opstate import Operation
@@ -24,7 +25,7 @@ from tests.fakes import instant_ssh
 
 
 def create(d: Daemon, **kw: object) -> dict[str, object]:
-    return vmcreate.create_sync(d, vmcreate.CreateParams(**kw))  # type: ignore[arg-type]
+    return vmcreate.create_sync(d, CreateParams(**kw))  # type: ignore[arg-type]
 
 
 def test_create_boots_and_records_handles(daemon: Daemon, world: FakeWorld) -> None:
@@ -195,8 +196,8 @@ def test_create_builds_a_missing_builtin_image_once(daemon: Daemon, world: FakeW
         return images.view(d.db.get_image("debian-bookworm"))
 
     daemon.seams.image_build = fake_build
-    first = vmcreate.begin_create(daemon, vmcreate.CreateParams(name="one"))
-    second = vmcreate.begin_create(daemon, vmcreate.CreateParams(name="two"))
+    first = vmcreate.begin_create(daemon, CreateParams(name="one"))
+    second = vmcreate.begin_create(daemon, CreateParams(name="two"))
     for _ in range(200):
         if "building image debian-bookworm" in first.progress:
             break
@@ -536,7 +537,7 @@ def test_a_cancel_racing_the_reservation_leaves_no_creating_row(
         assert daemon.cancel_inflight(vm.id, "deleted by the user")  # what delete does
 
     monkeypatch.setattr(daemon.db, "add_vm", add_then_cancel)
-    op = vmcreate.begin_create(daemon, vmcreate.CreateParams(name="racy", start=False))
+    op = vmcreate.begin_create(daemon, CreateParams(name="racy", start=False))
     assert op.wait(30) and op.stage == "cancelled", op.view()
     assert daemon.db.find_vm("racy") is None
     assert daemon.host_idle()  # no token left behind

@@ -15,6 +15,7 @@ import time
 import pytest
 
 from banger.api import VMState
+from banger.api.params import CreateParams, EgressParams
 from banger.daemon import (
     forwards,
     reconcile,
@@ -35,7 +36,7 @@ from tests.unit.test_forwards import free_port
 
 
 def make(d: Daemon, name: str = "s", **kw: object) -> VMRecord:
-    vmcreate.create_sync(d, vmcreate.CreateParams(name=name, **kw))  # type: ignore[arg-type]
+    vmcreate.create_sync(d, CreateParams(name=name, **kw))  # type: ignore[arg-type]
     return vms.resolve(d, name)
 
 
@@ -305,10 +306,10 @@ def test_set_egress_applies_to_a_paused_vm_at_once_and_a_suspended_one_at_start(
         daemon: Daemon) -> None:
     make(daemon)
     vmsuspend.pause(daemon, "s")
-    res = vmegress.set_egress(daemon, vmegress.EgressParams(name="s", nat=True))
+    res = vmegress.set_egress(daemon, EgressParams(name="s", nat=True))
     assert res["applied"] is True and res["nat"] is True
     vmsuspend.suspend(daemon, "s")
-    res = vmegress.set_egress(daemon, vmegress.EgressParams(name="s", nat=False))
+    res = vmegress.set_egress(daemon, EgressParams(name="s", nat=False))
     assert res["applied"] is False
     assert vms.resolve(daemon, "s").spec.nat is False
 

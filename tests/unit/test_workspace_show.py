@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from banger.api.params import CreateParams
 from banger.cli.output import vm_detail
 from banger.daemon import Daemon, vmcreate, vms
 from tests.unit.test_images_qemu import VM
 
 
 def test_show_lists_workspace_backups_oldest_first(daemon: Daemon) -> None:
-    vm = vmcreate.create_sync(daemon, vmcreate.CreateParams(name="ws"))
+    vm = vmcreate.create_sync(daemon, CreateParams(name="ws"))
     assert vms.show(daemon, "ws")["workspace_backups"] == []
     saved = daemon.layout.vm(str(vm["id"])).workspace_backups
     saved.mkdir(parents=True)

@@ -29,7 +29,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from banger import PROTOCOL_VERSION, __version__
+from banger import MAX_FRAME, PROTOCOL_VERSION, __version__
 from banger.sshopts import private_control_path, ssh_argv
 
 # What a VM name is (banger.names.check_name, without importing its error tree).
@@ -174,7 +174,7 @@ def call_quietly(sock: str, method: str, params: dict[str, Any]) -> Any:
             s.settimeout(RPC_TIMEOUT_S)
             s.connect(sock)
             s.sendall(json.dumps(req, separators=(",", ":")).encode() + b"\n")
-            line = s.makefile("rb").readline(1 << 24)
+            line = s.makefile("rb").readline(MAX_FRAME + 1)
         resp = json.loads(line)
     except (OSError, ValueError, RecursionError):
         return None

@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import click
+from pydantic import ValidationError
 
+from banger.api.methods import invalid_params
+from banger.api.params import CreateParams
 from banger.cli import exits, output
 from banger.cli.app import App, follow, json_option, name_arg, pass_app
 from banger.cli.complete import image_names, snapshot_names, vm_names
@@ -80,13 +83,18 @@ def create_options(f: Any) -> Any:
     return f
 
 
-def _create_params(kw: dict[str, Any], start: bool) -> dict[str, Any]:
-    return {"name": kw["name"], "image": kw["image"], "vcpu": kw["vcpu"],
-            "memory_mib": kw["memory"], "disk_size": kw["disk_size"],
-            "work_disk_size": kw["work_disk_size"], "vmm": kw["vmm"], "start": start,
-            "nat": kw["nat"], "allow_private": kw["allow_private"],
-            "allow_out": list(kw["allow_out"]), "forwards": list(kw["forwards"]),
-            "from_snapshot": kw["from_snapshot"], "cold": kw["cold"]}
+def _create_params(kw: dict[str, Any], start: bool) -> CreateParams:
+    """The create options (``create_options``) as the request's model: a flag's value
+    that does not fit is refused here, naming the field."""
+    try:
+        return CreateParams(
+            name=kw["name"], image=kw["image"], vcpu=kw["vcpu"], memory_mib=kw["memory"],
+            disk_size=kw["disk_size"], work_disk_size=kw["work_disk_size"], vmm=kw["vmm"],
+            start=start, nat=kw["nat"], allow_private=kw["allow_private"],
+            allow_out=list(kw["allow_out"]), forwards=list(kw["forwards"]),
+            from_snapshot=kw["from_snapshot"], cold=kw["cold"])
+    except ValidationError as exc:
+        raise invalid_params("vm.create", exc) from exc
 
 
 @vm.command("create")
@@ -97,7 +105,7 @@ def _create_params(kw: dict[str, Any], start: bool) -> dict[str, Any]:
 def vm_create(app: App, /, no_start: bool, **kw: Any) -> None:
     """Create a VM (and boot it, unless --no-start)."""
     client = app.client()
-    op = client.call("vm.create.begin", **_create_params(kw, not no_start))
+    op = client.send("vm.create.begin", _create_params(kw, not no_start))
     res = follow(app, client, op, "vm.create")
     app.emit(res, f"{res['name']} {res['state']} at {res['ip']}")
 
@@ -379,7 +387,7 @@ def vm_run(app: App, /, remove: bool, detach: bool, workspace_mode: str,
         raise click.UsageError("--export and --detach cannot be combined; use "
                                "`banger vm workspace export` later")
     client = app.client()
-    op = client.call("vm.create.begin", **_create_params(kw, True))
+    op = client.send("vm.create.begin", _create_params(kw, True))
     name = op["target"]
     keep = not remove  # set when deleting would lose edits banger could not save
     try:

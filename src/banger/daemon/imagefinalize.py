@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
+from banger.api.params import CreateParams
 from banger.daemon.guest import SSH_PORT
 from banger.daemon.oci.rootfs import APT_PACKAGES, RootInfo
 from banger.daemon.opstate import Operation
-from banger.daemon.vmcreate import CreateParams, begin_create
+from banger.daemon.vmcreate import begin_create
 from banger.daemon.vmdelete import destroy
 from banger.daemon.vms import wait_op
 from banger.errors import BadRequest, BangerError, CommandFailed, GuestError

@@ -1,19 +1,27 @@
 """The RPC dispatch table: method name -> handler taking validated params.
 
-Handlers parse their params with a pydantic model (``bad_request`` on any
-mismatch, naming the field) and return JSON-ready values. This table is the
-daemon's whole control surface.
+Each method's params are parsed with the model :data:`banger.api.methods.METHODS`
+gives it (``bad_request`` on any mismatch, naming the field) before its handler runs;
+handlers return JSON-ready values. This table is the daemon's whole control surface.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from datetime import UTC
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from pydantic import Field, ValidationError
+from pydantic import ValidationError
 
 from banger.api import Model
+from banger.api.methods import METHODS
+from banger.api.params import (
+    ImageExportParams,
+    ImagePullParams,
+    KernelPullParams,
+    NoParams,
+    OpRef,
+)
 from banger.daemon import (
     bundles,
     catalog,
@@ -41,6 +49,8 @@ if TYPE_CHECKING:
     from banger.daemon.core import Daemon
 
 M = TypeVar("M", bound=Model)
+# A method's handler: its params, parsed (banger.api.methods.METHODS names the model).
+Handler = Callable[[Any], Any]
 
 
 def parse(model: type[M], params: dict[str, Any]) -> M:
@@ -58,129 +68,19 @@ def parse(model: type[M], params: dict[str, Any]) -> M:
         raise BadRequest(f"invalid params: {where}: {msg}") from exc
 
 
-class NoParams(Model):
-    pass
-
-
-class Ref(Model):
-    name: str = Field(min_length=1, max_length=256)
-
-
-class OpRef(Model):
-    id: str = Field(min_length=1, max_length=64)
-    wait_s: float = Field(default=0.0, ge=0, le=30)
-    since: datetime | None = None
-
-
-class KillParams(Model):
-    name: str = Field(min_length=1, max_length=256)
-    signal: str = "KILL"
-
-
-class ImageBuildParams(Model):
-    name: str | None = None
-
-
-class PullParams(Model):
-    reference: str = Field(min_length=1, max_length=4096)
-    name: str | None = None
-    size_bytes: int | None = None
-    kernel: str | None = None
-    insecure: bool = False
-
-
-class ExportParams(Model):
-    name: str = Field(min_length=1, max_length=256)
-    output: str = Field(min_length=1, max_length=4096)
-    owner_uid: int | None = Field(default=None, ge=0, le=2**32 - 2)
-    owner_gid: int | None = Field(default=None, ge=0, le=2**32 - 2)
-
-
-class KernelPullParams(Model):
-    reference: str = Field(min_length=1, max_length=4096)
-    name: str | None = None
-    insecure: bool = False
-
-
-class CatalogParams(Model):
-    kind: Literal["image", "kernel"] = "image"
-    insecure: bool = False
-
-
-class PromoteParams(Model):
-    vm: str = Field(min_length=1, max_length=256)
-    name: str
-
-
-class SnapshotParams(Model):
-    vm: str = Field(min_length=1, max_length=256)
-    name: str
-
-
-class PruneParams(Model):
-    dry_run: bool = False
-
-
-class PortsParams(Model):
-    names: list[str] = Field(default_factory=list, max_length=256)
-
-
-class ForwardParams(Model):
-    name: str = Field(min_length=1, max_length=256)
-    forward: str = Field(min_length=1, max_length=64)
-
-
-class ForwardListParams(Model):
-    name: str | None = None
-
-
-class RegisterParams(Model):
-    name: str
-    rootfs: str
-    kernel: str | None = None
-    initrd: str | None = None
-    kernel_name: str | None = None
-
-
-class SetKernelParams(Model):
-    name: str
-    kernel: str | None = None
-
-
-class KernelBuildParams(Model):
-    name: str = "banger-6.1"
-    base_config: str | None = None
-    source: str | None = None
-    jobs: int | None = Field(default=None, ge=1, le=256)
-
-
-class KernelImportParams(Model):
-    name: str
-    paths: list[str] = Field(min_length=1, max_length=2)
-    initrd: str | None = None
-
-
 def register(d: Daemon) -> None:
-    """Fill ``d.methods``."""
+    """Fill ``d.methods``: each method's params are parsed with its model from
+    :data:`banger.api.methods.METHODS` before its handler sees them.
 
-    def no(fn: Callable[[], Any]) -> Callable[[dict[str, Any]], Any]:
-        def handler(p: dict[str, Any]) -> Any:
-            parse(NoParams, p)
-            return fn()
-        return handler
+    Raises:
+        RuntimeError: the handlers here and ``METHODS`` name different methods (a bug
+            caught at start-up, not by a client).
+    """
 
-    def ref(fn: Callable[[Daemon, str], Any]) -> Callable[[dict[str, Any]], Any]:
-        return lambda p: fn(d, parse(Ref, p).name)
-
-    def create_begin(p: dict[str, Any]) -> Any:
-        return vms.op_view(vmcreate.begin_create(d, parse(vmcreate.CreateParams, p)))
-
-    def op_methods(prefix: str, registry: Registry[Operation]
-                   ) -> dict[str, Callable[[dict[str, Any]], Any]]:
+    def op_methods(prefix: str, registry: Registry[Operation]) -> dict[str, Handler]:
         """``<prefix>.status`` (long-polls with wait_s) and ``<prefix>.cancel``."""
 
-        def status(p: dict[str, Any]) -> Any:
-            r = parse(OpRef, p)
+        def status(r: OpRef) -> Any:
             op = registry.get(r.id)
             if r.wait_s:
                 since = r.since or op.updated_at
@@ -189,141 +89,113 @@ def register(d: Daemon) -> None:
                 op.wait_change(since, r.wait_s)
             return vms.op_view(op)
 
-        def cancel(p: dict[str, Any]) -> Any:
-            op = registry.get(parse(OpRef, p).id)
+        def cancel(r: OpRef) -> Any:
+            op = registry.get(r.id)
             op.request_cancel("cancelled by the user")
             return vms.op_view(op)
 
         return {f"{prefix}.status": status, f"{prefix}.cancel": cancel}
 
-    def image_build_begin(p: dict[str, Any]) -> Any:
-        name = parse(ImageBuildParams, p).name or d.cfg.default_image_name
-        return vms.op_view(images.begin_build(d, name))
-
-    def image_pull_begin(p: dict[str, Any]) -> Any:
-        r = parse(PullParams, p)
+    def image_pull_begin(r: ImagePullParams) -> Any:
         req = imagepull.check_request(d, r.reference, name=r.name, size_bytes=r.size_bytes,
                                       kernel_name=r.kernel, insecure=r.insecure)
         return vms.op_view(imagepull.begin_pull(d, req))
 
-    def image_export_begin(p: dict[str, Any]) -> Any:
-        r = parse(ExportParams, p)
+    def image_export_begin(r: ImageExportParams) -> Any:
         owner = (r.owner_uid, r.owner_gid) if r.owner_uid is not None \
             and r.owner_gid is not None else None
         return vms.op_view(bundles.begin_export(d, r.name, r.output, owner))
 
-    def kernel_pull_begin(p: dict[str, Any]) -> Any:
-        r = parse(KernelPullParams, p)
+    def kernel_pull_begin(r: KernelPullParams) -> Any:
         req = bundles.check_request(d, r.reference, kind="kernel", name=r.name,
                                     size_bytes=None, insecure=r.insecure)
         return vms.op_view(bundles.begin_pull(d, req))
 
-    def catalog_list(p: dict[str, Any]) -> Any:
-        r = parse(CatalogParams, p)
-        return catalog.available(d.cfg.catalog_url, kind=r.kind, insecure=r.insecure)
-
-    def prepare_begin(p: dict[str, Any]) -> Any:
-        return vms.op_view(workspaces.begin_prepare(d, parse(workspaces.PrepareParams, p)))
-
-    def image_register(p: dict[str, Any]) -> Any:
-        r = parse(RegisterParams, p)
-        return images.register(d, r.name, r.rootfs, r.kernel, r.initrd,
-                               kernel_name=r.kernel_name)
-
-    def image_set_kernel(p: dict[str, Any]) -> Any:
-        r = parse(SetKernelParams, p)
-        return images.set_kernel(d, r.name, r.kernel)
-
-    def kernel_build(p: dict[str, Any]) -> Any:
-        r = parse(KernelBuildParams, p)
-        return vms.op_view(kernels.begin_build(d, r.name, r.base_config, r.source, r.jobs))
-
-    def kernel_import(p: dict[str, Any]) -> Any:
-        r = parse(KernelImportParams, p)
-        return kernels.import_files(d, r.name, r.paths, r.initrd)
-
-    def kill(p: dict[str, Any]) -> Any:
-        r = parse(KillParams, p)
-        return vmpower.kill(d, r.name, r.signal)
-
-    def stop() -> Any:
+    def stop(_: NoParams) -> Any:
         d.shutdown()
         return {"stopping": True}
 
-    def operations() -> Any:
+    def operations(_: NoParams) -> Any:
         ops = [o for r in d.op_registries for o in r.all()]
         return [vms.op_view(o) for o in sorted(ops, key=lambda o: o.started_at)]
 
-    d.methods.update({
-        "daemon.ping": no(lambda: {"pong": True, **d.status()}),
-        "daemon.status": no(lambda: {**d.status(), "vm_pool": vmpool.status(d)}),
-        "daemon.stop": no(stop),
-        "daemon.operations.list": no(operations),
-        "vm.create": lambda p: vmcreate.create_sync(d, parse(vmcreate.CreateParams, p)),
-        "vm.create.begin": create_begin,
+    handlers: dict[str, Handler] = {
+        "daemon.ping": lambda _: {"pong": True, **d.status()},
+        "daemon.status": lambda _: {**d.status(), "vm_pool": vmpool.status(d)},
+        "daemon.stop": stop,
+        "daemon.operations.list": operations,
+        "vm.create": lambda r: vmcreate.create_sync(d, r),
+        "vm.create.begin": lambda r: vms.op_view(vmcreate.begin_create(d, r)),
         **op_methods("vm.create", d.create_ops),
-        "vm.start": ref(vmpower.start),
-        "vm.start.begin": ref(lambda d, name: vms.op_view(vmpower.begin_start(d, name))),
+        "vm.start": lambda r: vmpower.start(d, r.name),
+        "vm.start.begin": lambda r: vms.op_view(vmpower.begin_start(d, r.name)),
         **op_methods("vm.start", d.power_ops),
-        "vm.stop": ref(vmpower.stop),
-        "vm.stop.begin": ref(lambda d, name: vms.op_view(vmpower.begin_stop(d, name))),
+        "vm.stop": lambda r: vmpower.stop(d, r.name),
+        "vm.stop.begin": lambda r: vms.op_view(vmpower.begin_stop(d, r.name)),
         **op_methods("vm.stop", d.power_ops),
-        "vm.restart": ref(vmpower.restart),
-        "vm.restart.begin": ref(lambda d, name: vms.op_view(vmpower.begin_restart(d, name))),
+        "vm.restart": lambda r: vmpower.restart(d, r.name),
+        "vm.restart.begin": lambda r: vms.op_view(vmpower.begin_restart(d, r.name)),
         **op_methods("vm.restart", d.power_ops),
-        "vm.kill": kill,
-        "vm.pause": ref(vmsuspend.pause),
-        "vm.resume": ref(vmsuspend.resume),
-        "vm.suspend": ref(vmsuspend.suspend),
-        "vm.suspend.begin": ref(lambda d, name: vms.op_view(vmsuspend.begin_suspend(d, name))),
+        "vm.kill": lambda r: vmpower.kill(d, r.name, r.signal),
+        "vm.pause": lambda r: vmsuspend.pause(d, r.name),
+        "vm.resume": lambda r: vmsuspend.resume(d, r.name),
+        "vm.suspend": lambda r: vmsuspend.suspend(d, r.name),
+        "vm.suspend.begin": lambda r: vms.op_view(vmsuspend.begin_suspend(d, r.name)),
         **op_methods("vm.suspend", d.power_ops),
-        "vm.snapshot": lambda p: snapshots.take(d, (r := parse(SnapshotParams, p)).vm, r.name),
-        "vm.snapshot.begin": lambda p: vms.op_view(snapshots.begin_snapshot(
-            d, (r := parse(SnapshotParams, p)).vm, r.name)),
+        "vm.snapshot": lambda r: snapshots.take(d, r.vm, r.name),
+        "vm.snapshot.begin": lambda r: vms.op_view(snapshots.begin_snapshot(d, r.vm, r.name)),
         **op_methods("vm.snapshot", d.power_ops),
-        "snapshot.list": no(lambda: snapshots.list_snapshots(d)),
-        "snapshot.rm": ref(snapshots.remove),
-        "vm.set_egress": lambda p: vmegress.set_egress(d, parse(vmegress.EgressParams, p)),
-        "vm.delete": ref(vmdelete.delete),
-        "vm.list": no(lambda: vms.list_vms(d)),
-        "vm.show": ref(vms.show),
-        "vm.logs": ref(vms.logs),
-        "vm.ssh_info": ref(vms.ssh_info),
-        "vm.ports": lambda p: ports.ports(d, parse(PortsParams, p).names),
-        "vm.forward.add": lambda p: forwards.add(
-            d, (r := parse(ForwardParams, p)).name, r.forward),
-        "vm.forward.remove": lambda p: forwards.remove(
-            d, (r := parse(ForwardParams, p)).name, r.forward),
-        "vm.forward.list": lambda p: forwards.list_forwards(
-            d, parse(ForwardListParams, p).name),
-        **sessionrpc.methods(d, parse),
-        "image.build.begin": image_build_begin,
+        "snapshot.list": lambda _: snapshots.list_snapshots(d),
+        "snapshot.rm": lambda r: snapshots.remove(d, r.name),
+        "vm.set_egress": lambda r: vmegress.set_egress(d, r),
+        "vm.delete": lambda r: vmdelete.delete(d, r.name),
+        "vm.list": lambda _: vms.list_vms(d),
+        "vm.show": lambda r: vms.show(d, r.name),
+        "vm.logs": lambda r: vms.logs(d, r.name),
+        "vm.ssh_info": lambda r: vms.ssh_info(d, r.name),
+        "vm.ports": lambda r: ports.ports(d, r.names),
+        "vm.forward.add": lambda r: forwards.add(d, r.name, r.forward),
+        "vm.forward.remove": lambda r: forwards.remove(d, r.name, r.forward),
+        "vm.forward.list": lambda r: forwards.list_forwards(d, r.name),
+        **sessionrpc.handlers(d),
+        "image.build.begin": lambda r: vms.op_view(
+            images.begin_build(d, r.name or d.cfg.default_image_name)),
         **op_methods("image.build", d.image_ops),
         "image.pull.begin": image_pull_begin,
         **op_methods("image.pull", d.image_ops),
         "image.export.begin": image_export_begin,
         **op_methods("image.export", d.image_ops),
-        "catalog.list": catalog_list,
-        "image.promote": lambda p: imagepromote.promote(
-            d, (r := parse(PromoteParams, p)).vm, r.name),
-        "image.cache.prune": lambda p: imagepull.prune_cache(
-            d, dry_run=parse(PruneParams, p).dry_run),
-        "vm.workspace.prepare.begin": prepare_begin,
+        "catalog.list": lambda r: catalog.available(d.cfg.catalog_url, kind=r.kind,
+                                                    insecure=r.insecure),
+        "image.promote": lambda r: imagepromote.promote(d, r.vm, r.name),
+        "image.cache.prune": lambda r: imagepull.prune_cache(d, dry_run=r.dry_run),
+        "vm.workspace.prepare.begin": lambda r: vms.op_view(workspaces.begin_prepare(d, r)),
         **op_methods("vm.workspace.prepare", d.workspace_ops),
-        "vm.workspace.export": lambda p: workspaces.export(
-            d, parse(workspaces.ExportParams, p)),
-        "vm.workspace.status": ref(workspaces.status),
-        "image.register": image_register,
-        "image.list": no(lambda: images.list_images(d)),
-        "image.show": ref(images.show),
-        "image.delete": ref(images.delete),
-        "image.set_kernel": image_set_kernel,
-        "kernel.import": kernel_import,
-        "kernel.build.begin": kernel_build,
+        "vm.workspace.export": lambda r: workspaces.export(d, r),
+        "vm.workspace.status": lambda r: workspaces.status(d, r.name),
+        "image.register": lambda r: images.register(d, r.name, r.rootfs, r.kernel, r.initrd,
+                                                    kernel_name=r.kernel_name),
+        "image.list": lambda _: images.list_images(d),
+        "image.show": lambda r: images.show(d, r.name),
+        "image.delete": lambda r: images.delete(d, r.name),
+        "image.set_kernel": lambda r: images.set_kernel(d, r.name, r.kernel),
+        "kernel.import": lambda r: kernels.import_files(d, r.name, r.paths, r.initrd),
+        "kernel.build.begin": lambda r: vms.op_view(
+            kernels.begin_build(d, r.name, r.base_config, r.source, r.jobs)),
         **op_methods("kernel.build", d.kernel_ops),
         "kernel.pull.begin": kernel_pull_begin,
         **op_methods("kernel.pull", d.kernel_ops),
-        "kernel.list": no(lambda: kernels.list_kernels(d)),
-        "kernel.show": ref(kernels.show),
-        "kernel.rm": ref(kernels.remove),
-    })
+        "kernel.list": lambda _: kernels.list_kernels(d),
+        "kernel.show": lambda r: kernels.show(d, r.name),
+        "kernel.rm": lambda r: kernels.remove(d, r.name),
+    }
+    if set(handlers) != set(METHODS):
+        raise RuntimeError("rpc handlers and api.methods.METHODS differ: "
+                           f"{sorted(set(handlers) ^ set(METHODS))}")
+    d.methods.update({name: _parsing(METHODS[name].params, fn)
+                      for name, fn in handlers.items()})
+
+
+def _parsing(model: type[Model], handler: Handler) -> Callable[[dict[str, Any]], Any]:
+    """``handler`` behind :func:`parse` with ``model``: what the server calls."""
+    return lambda raw: handler(parse(model, raw))

@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from banger import api
+from banger import MAX_FRAME, api
 from banger.daemon.core import current_op
 from banger.errors import BadRequest, BadVersion, BangerError, HostError, InternalError
 
@@ -98,11 +98,11 @@ class RPCServer:
             conn.settimeout(IDLE_TIMEOUT_S)
             reader = conn.makefile("rb")
             while True:
-                frame = reader.readline(api.MAX_FRAME + 1)
+                frame = reader.readline(MAX_FRAME + 1)
                 if not frame:
                     return  # client closed (or half-closed) its side
-                if len(frame) > api.MAX_FRAME:
-                    err = BadRequest(f"frame exceeds {api.MAX_FRAME} bytes",
+                if len(frame) > MAX_FRAME:
+                    err = BadRequest(f"frame exceeds {MAX_FRAME} bytes",
                                      hint="requests are one JSON object per line")
                     conn.sendall(api.encode(api.error_response(None, err, api.INVALID_REQUEST)))
                     return  # cannot find the next frame boundary safely

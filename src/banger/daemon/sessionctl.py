@@ -33,7 +33,6 @@ log = logging.getLogger("banger.sessions")
 # loaded TCG guest can take a minute to answer one ssh).
 LEASE_S = 120.0
 QUEUE_CHUNKS = 256  # pending writes per writer before `write` refuses (the guest stalls)
-MAX_WRITE = 64 << 10  # bytes per write call
 
 
 class Writer:

@@ -27,10 +27,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from banger.api import VMState
+from banger.api.params import ATTACH_MAX_WRITE, SESSION_MAX_ARGV, SESSION_MAX_ENV, SESSION_MAX_TEXT
 from banger.daemon.guest import Guest
 from banger.daemon.session import quote, scripts, step_error
 from banger.daemon.session.status import GuestSession, parse_logs, parse_status
-from banger.daemon.sessionctl import MAX_WRITE, Writer
+from banger.daemon.sessionctl import Writer
 from banger.daemon.store import SessionRecord, VMRecord, now
 from banger.daemon.vms import not_running, resolve, resolve_running, user_vms
 from banger.daemon.workspace.transfer import OutputTooLarge, run_script
@@ -56,10 +57,7 @@ LOG_CHUNK = 256 << 10  # bytes of each log per read (base64 in the reply stays <
 # tens of seconds to accept an ssh connection.
 GUEST_TIMEOUT_S = 90.0
 READY_S = 30.0  # how long `start` waits for the guest to say the command runs
-MAX_ARGV = 256
-MAX_ARG = 16 << 10
-MAX_ENV = 64
-MAX_TEXT = 64 << 10  # `send`
+MAX_ARG = 16 << 10  # bytes per argument (the argument count: api.params)
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
 STARTING, RUNNING, ENDED = "starting", "running", "ended"
@@ -91,15 +89,15 @@ def check_request(req: StartRequest) -> None:
     """
     if not req.argv:
         raise BadRequest("no command given", hint="banger vm session start VM -- CMD [ARG...]")
-    if len(req.argv) > MAX_ARGV or any(len(a) > MAX_ARG for a in req.argv):
-        raise BadRequest(f"the command is too long (at most {MAX_ARGV} arguments of "
+    if len(req.argv) > SESSION_MAX_ARGV or any(len(a) > MAX_ARG for a in req.argv):
+        raise BadRequest(f"the command is too long (at most {SESSION_MAX_ARGV} arguments of "
                          f"{MAX_ARG >> 10} KiB)")
     if req.name is not None:
         check_name(req.name, "session")
     if req.cwd is not None and (not req.cwd.startswith("/") or len(req.cwd) > 4096):
         raise BadRequest(f"--cwd {req.cwd!r} must be an absolute guest path")
-    if len(req.env) > MAX_ENV:
-        raise BadRequest(f"at most {MAX_ENV} --env values")
+    if len(req.env) > SESSION_MAX_ENV:
+        raise BadRequest(f"at most {SESSION_MAX_ENV} --env values")
     for key, value in req.env:
         if not _ENV_KEY.fullmatch(key):
             raise BadRequest(f"--env {key!r}: not a variable name",
@@ -456,8 +454,8 @@ def send(d: Daemon, vm_ref: str, name: str, text: str, newline: bool = True) -> 
         InvalidState: the session has ended.
     """
     data = (text + ("\n" if newline else "")).encode()
-    if len(data) > MAX_TEXT:
-        raise BadRequest(f"at most {MAX_TEXT >> 10} KiB per send")
+    if len(data) > SESSION_MAX_TEXT:
+        raise BadRequest(f"at most {SESSION_MAX_TEXT >> 10} KiB per send")
     vm, _rec, _gs = _live(d, vm_ref, name)
     ctl = d.sessions.peek(vm.id, name)
     if ctl is not None and ctl.counts()[1]:
@@ -560,8 +558,8 @@ def write(d: Daemon, attachment: str, data: str) -> dict[str, Any]:
         raw = base64.b64decode(data, validate=True)
     except ValueError as exc:
         raise BadRequest("data is not base64") from exc
-    if len(raw) > MAX_WRITE:
-        raise BadRequest(f"at most {MAX_WRITE >> 10} KiB per write")
+    if len(raw) > ATTACH_MAX_WRITE:
+        raise BadRequest(f"at most {ATTACH_MAX_WRITE >> 10} KiB per write")
     d.sessions.by_attachment(attachment).stream_for(attachment).put(raw)
     return {"written": len(raw)}
 

@@ -20,9 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field
-
-from banger.api import Model, VMSpec, VMState
+from banger.api import VMSpec, VMState
+from banger.api.params import CreateParams
 from banger.config import parse_size
 from banger.daemon import (
     bootsnap,
@@ -58,23 +57,6 @@ log = logging.getLogger("banger.vms")
 CREATE_STAGES = ["reserve", "image", "disk", "network", "boot", "wait-ssh"]
 CLONE_STAGES = ["reserve", "disk", "network", "restore", "wait-ssh"]
 POOL_STAGES = ["reserve", "network", "restore", "wait-ssh"]  # a clone taken from the pool
-
-
-class CreateParams(Model):
-    name: str | None = None
-    image: str | None = None
-    vcpu: int | None = Field(default=None, ge=1, le=64)
-    memory_mib: int | None = Field(default=None, ge=128, le=262144)
-    disk_size: str | int | None = None
-    work_disk_size: str | int | None = None
-    vmm: str = "auto"
-    start: bool = True
-    nat: bool | None = None  # None: config `nat`
-    allow_private: bool = False
-    allow_out: list[str] = Field(default_factory=list)
-    forwards: list[str] = Field(default_factory=list, max_length=64)  # -p, forwarder.parse
-    from_snapshot: str | None = None  # a clone of this snapshot (`vm snapshot`)
-    cold: bool = False  # boot, even when a boot snapshot could be restored (bootsnap)
 
 
 def begin_create(d: Daemon, params: CreateParams, *, extra_disks: tuple[str, ...] = ()

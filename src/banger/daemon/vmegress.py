@@ -14,7 +14,8 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from banger import egress
-from banger.api import Model, VMState
+from banger.api import VMState
+from banger.api.params import EgressParams
 from banger.daemon import vms
 from banger.daemon.firewall import guest_rule
 from banger.errors import BadRequest, InvalidState
@@ -23,13 +24,6 @@ if TYPE_CHECKING:
     from banger.daemon.core import Daemon
 
 log = logging.getLogger("banger.vms")
-
-
-class EgressParams(Model):
-    name: str
-    nat: bool | None = None  # None: unchanged (implied on with a new allowlist)
-    allow_private: bool | None = None  # None: unchanged
-    allow_out: list[str] | None = None  # None: unchanged; []: remove the allowlist
 
 
 def resolve(nat: bool | None, allow_private: bool, allow_out: list[str],

@@ -21,6 +21,7 @@ import time
 from typing import TYPE_CHECKING
 
 from banger.api import VMState
+from banger.api.params import CreateParams
 from banger.daemon import bootsnap, vmboot, vmcreate, vmpool
 from banger.daemon.core import new_id
 from banger.daemon.network import allocate_ip, mac_for_ip
@@ -106,7 +107,7 @@ class PoolFiller:
             if size <= 0 or d.db.find_image(image) is None:
                 continue
             try:
-                vmm, spec = vmcreate.plan_boot(d, vmcreate.CreateParams(image=image))
+                vmm, spec = vmcreate.plan_boot(d, CreateParams(image=image))
                 img = d.db.get_image(image)
                 key = bootsnap.key(d, img, vmm, spec)
             except BangerError as exc:

@@ -26,9 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field
-
-from banger.api import Model, VMState
+from banger.api import VMState
+from banger.api.params import WorkspaceExportParams, WorkspacePrepareParams
 from banger.config import check_sync_target, config_path
 from banger.daemon import vms, workspace
 from banger.daemon.opstate import Operation
@@ -51,21 +50,6 @@ log = logging.getLogger("banger.workspaces")
 
 PREPARE_STAGES = ["inspect", "wait", "save", "copy", "record"]
 LOCK_POLL_S = 0.2  # how often a queued prepare/export checks for cancellation
-
-
-class PrepareParams(Model):
-    name: str = Field(min_length=1, max_length=256)
-    path: str = Field(min_length=1, max_length=4096)
-    guest_path: str | None = None
-    branch: str | None = None
-    from_ref: str | None = None
-    mode: str = "shallow"
-    discard_guest_changes: bool = False
-
-
-class ExportParams(Model):
-    name: str = Field(min_length=1, max_length=256)
-    base_commit: str | None = None
 
 
 def owner_runner(d: Daemon, path: Path) -> OwnerRunner:
@@ -110,7 +94,7 @@ def _acquire(d: Daemon, vm_id: str, op: Operation | None) -> threading.Lock:
     return lock
 
 
-def begin_prepare(d: Daemon, p: PrepareParams) -> Operation:
+def begin_prepare(d: Daemon, p: WorkspacePrepareParams) -> Operation:
     """Validate the VM and the repository now; copy on a worker thread."""
     if not os.path.isabs(p.path):
         raise BadRequest(f"workspace path {p.path!r} must be absolute")
@@ -182,7 +166,7 @@ def _save_guest_changes(d: Daemon, op: Operation, vm: VMRecord, guest_path: str,
 
 def _prepare(d: Daemon, op: Operation, *, vm: VMRecord, runner: Runner,
              info: workspace.RepoInfo, plan: workspace.CopyPlan, guest_path: str,
-             p: PrepareParams) -> dict[str, Any]:
+             p: WorkspacePrepareParams) -> dict[str, Any]:
     op.enter("wait")
     lock = _acquire(d, vm.id, op)
     try:
@@ -268,7 +252,7 @@ def _prepare(d: Daemon, op: Operation, *, vm: VMRecord, runner: Runner,
         lock.release()
 
 
-def export(d: Daemon, p: ExportParams) -> dict[str, Any]:
+def export(d: Daemon, p: WorkspaceExportParams) -> dict[str, Any]:
     """Diff the guest workspace; the patch goes to a 0600 file the CLI reads and removes."""
     vm = _running(d, p.name)
     ws = vm.workspace

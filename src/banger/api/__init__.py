@@ -17,11 +17,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from banger import PROTOCOL_VERSION
+from banger import MAX_FRAME, PROTOCOL_VERSION
 from banger.config import Config
 from banger.errors import BadRequest, BadVersion, BangerError
-
-MAX_FRAME = 1 << 20  # 1 MiB: generous for any request banger sends, small enough to bound memory
 
 # JSON-RPC 2.0 numeric codes (jsonrpc.org/specification section 5.1); banger's
 # stable string code travels in error.data.code.
@@ -320,6 +318,13 @@ class VMView(Model):
     # The snapshot a clone was restored from (`vm create --from-snapshot`).
     from_snapshot: str | None = None
     from_pool: bool = False  # taken ready-restored from the pool (config pool_size)
+
+
+class VMDetail(VMView):
+    """``vm show``: the view, and the guest changes a workspace re-prepare saved
+    (patch files, oldest first)."""
+
+    workspace_backups: list[str] = Field(default_factory=list)
 
 
 class SnapshotView(Model):

@@ -1,0 +1,158 @@
+"""banger.api.methods against the daemon's real dispatch table and the real client.
+
+The table names every method once, with the params model the daemon parses and the
+result type the client checks: the daemon serves exactly its methods, parses each with
+its model, and its answers (from a daemon with fake host seams) have the shapes the
+table gives them.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from banger import MAX_FRAME
+from banger.api.methods import METHODS, check_params, check_result
+from banger.client import Client
+from banger.daemon import rpc
+from banger.daemon.core import Daemon
+from banger.errors import BadRequest, BadVersion, DaemonUnavailable
+
+
+def call(d: Daemon, method: str, **params: Any) -> Any:
+    """``method`` through the dispatch table, its answer checked as the client checks it."""
+    return check_result(method, d.methods[method](params))
+
+
+def test_the_daemon_serves_exactly_the_methods_of_the_table(daemon: Daemon) -> None:
+    assert set(daemon.methods) == set(METHODS)
+
+
+def test_a_handler_missing_from_the_table_stops_the_daemon_starting(
+        daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    shorter = dict(METHODS)
+    del shorter["vm.show"]
+    monkeypatch.setattr(rpc, "METHODS", shorter)
+    with pytest.raises(RuntimeError, match=r"vm\.show"):
+        rpc.register(daemon)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_parses_its_params_with_the_tables_model(daemon: Daemon,
+                                                              method: str) -> None:
+    """An unknown field is refused by the daemon and by the client's check alike."""
+    with pytest.raises(BadRequest, match=r"^invalid params: ") as served:
+        daemon.methods[method]({"no_such_field": 1})
+    with pytest.raises(BadRequest, match=rf"^invalid params for {method}: ") as checked:
+        check_params(method, {"no_such_field": 1})
+    assert served.value.message.split(": ", 1)[1] == checked.value.message.split(": ", 1)[1]
+
+
+def test_typed_answers_have_their_shapes(daemon: Daemon) -> None:
+    """A VM's life through the table: each typed answer validates against its type."""
+    vm = call(daemon, "vm.create", name="alpha")
+    assert vm["state"] == "running"
+    daemon.layout.vm(vm["id"]).work_disk.write_bytes(b"work")  # the fake runner makes none
+    assert call(daemon, "vm.show", name="alpha")["name"] == "alpha"
+    assert [v["name"] for v in call(daemon, "vm.list")] == ["alpha"]
+    assert call(daemon, "vm.ssh_info", name="alpha")["ip"] == vm["ip"]
+    assert call(daemon, "vm.pause", name="alpha")["state"] == "paused"
+    assert call(daemon, "vm.resume", name="alpha")["state"] == "running"
+    snap = call(daemon, "vm.snapshot", vm="alpha", name="s1")
+    assert [s["name"] for s in call(daemon, "snapshot.list")] == ["s1"]
+    assert call(daemon, "snapshot.rm", name="s1")["id"] == snap["id"]
+    assert call(daemon, "vm.stop", name="alpha")["state"] == "stopped"
+    op = call(daemon, "vm.start.begin", name="alpha")
+    done = call(daemon, "vm.start.status", id=op["id"], wait_s=10)
+    while not done["done"]:
+        done = call(daemon, "vm.start.status", id=op["id"], wait_s=10)
+    assert done["error"] is None
+    assert call(daemon, "vm.restart", name="alpha")["state"] == "running"
+    assert call(daemon, "vm.kill", name="alpha")["state"] == "stopped"
+    images = call(daemon, "image.list")
+    assert call(daemon, "image.show", name=images[0]["name"]) == images[0]
+    assert call(daemon, "daemon.operations.list")
+    assert call(daemon, "vm.delete", name="alpha")["deleted"] == "alpha"
+
+
+def test_a_reply_of_another_shape_is_a_version_mismatch() -> None:
+    with pytest.raises(BadVersion, match=r"vm\.show") as exc:
+        check_result("vm.show", {"name": "alpha"})
+    assert "daemon restart" in (exc.value.hint or "")
+    with pytest.raises(BadVersion):
+        check_result("vm.list", [{"name": "alpha"}])
+    assert check_result("daemon.status", {"anything": 1}) == {"anything": 1}  # untyped
+    assert check_result("some.future.method", [1]) == [1]
+
+
+class OneReply:
+    """A Unix socket server that answers one request with ``reply`` (raw bytes)."""
+
+    def __init__(self, path: Path, reply: bytes) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen(1)
+        self.received: list[dict[str, Any]] = []
+        self.thread = threading.Thread(target=self._serve, args=(reply,), daemon=True)
+        self.thread.start()
+
+    def _serve(self, reply: bytes) -> None:
+        conn, _ = self.sock.accept()
+        with conn:
+            self.received.append(json.loads(conn.makefile("rb").readline()))
+            conn.sendall(reply)
+
+    def close(self) -> None:
+        self.thread.join(5)
+        self.sock.close()
+
+
+def test_the_client_reads_no_more_than_a_frame_and_checks_what_it_reads(
+        tmp_path: Path) -> None:
+    path = tmp_path / "sock"
+    too_long = b'{"jsonrpc":"2.0","id":1,"result":"' + b"x" * MAX_FRAME + b'"}\n'
+    server = OneReply(path, too_long)
+    with pytest.raises(DaemonUnavailable, match="longer than the"):
+        Client(path).call("daemon.status", timeout=10)
+    server.close()
+    path.unlink()
+    server = OneReply(path, b'{"jsonrpc":"2.0","id":1,"result":{"name":"x"}}\n')
+    with pytest.raises(BadVersion):
+        Client(path).call("vm.show", timeout=10, name="x")
+    server.close()
+    assert server.received[0]["params"] == {"name": "x"}
+    path.unlink()
+    server = OneReply(path, b'{"jsonrpc":"2.0","id":1,"result":{"na')
+    with pytest.raises(DaemonUnavailable, match="in the middle of its reply"):
+        Client(path).call("daemon.status", timeout=10)
+    server.close()
+
+
+def test_the_client_refuses_bad_params_before_sending(tmp_path: Path) -> None:
+    with pytest.raises(BadRequest, match=r"vm\.create: vcpu"):
+        Client(tmp_path / "no-daemon-here").call("vm.create", vcpu=0)
+    with pytest.raises(BadRequest, match="unknown parameter"):
+        Client(tmp_path / "no-daemon-here").call("vm.show", name="x", nmae="typo")
+
+
+def test_the_cli_builds_a_create_from_its_flags_through_the_model() -> None:
+    """`vm create`/`vm run` flags become the request's model: renamed flags (--memory)
+    land in their fields, and a value the model refuses is a clear error, not a
+    traceback."""
+    from banger.cli.vm import _create_params
+
+    flags: dict[str, Any] = {
+        "name": "a", "image": None, "vcpu": 2, "memory": 512, "disk_size": None,
+        "work_disk_size": None, "vmm": "auto", "nat": None, "allow_private": False,
+        "allow_out": ("example.com",), "forwards": (), "from_snapshot": None, "cold": True}
+    made = _create_params(flags, start=False)
+    assert (made.memory_mib, made.start, made.allow_out, made.cold) == (
+        512, False, ["example.com"], True)
+    check_params("vm.create.begin", made.model_dump(mode="json"))
+    with pytest.raises(BadRequest, match=r"^invalid params for vm\.create: vcpu: "):
+        _create_params({**flags, "vcpu": 0}, start=True)
