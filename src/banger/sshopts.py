@@ -9,6 +9,7 @@ over it, which costs a few milliseconds instead of a key exchange and a login.
 from __future__ import annotations
 
 import os
+import shlex
 import stat
 from pathlib import Path
 
@@ -141,3 +142,27 @@ def end_master_argv(ssh_bin: str, control_path: Path) -> list[str]:
     (it removes its socket); fails harmlessly when no master listens there."""
     return [ssh_bin, "-F", "/dev/null", "-o", "ControlPath=" + str(control_path).replace("%", "%%"),
             "-O", "exit", "banger-guest"]
+
+
+def remote_command(command: list[str], *, workdir: str | None, shell_string: bool) -> str:
+    """The command line the guest's login shell runs for ``vm exec``/``vm ssh``.
+
+    ``shell_string`` (``vm ssh``) joins the words with spaces and lets the guest's
+    shell interpret them, exactly as OpenSSH does (``'a; b'`` runs two commands);
+    otherwise (``vm exec``) every word is quoted, so argv arrives unchanged.
+
+    The command never replaces the shell (no ``exec``): the shell outlives it and
+    reports a death by signal N as status 128+N, like any shell. With no command
+    the result starts an interactive login shell (empty when there is no workdir
+    either: ssh's own default).
+    """
+    if shell_string:
+        body = f"eval {shlex.quote(' '.join(command))}" if command else ""
+    else:
+        body = " ".join(shlex.quote(c) for c in command)
+    cd = f"cd {shlex.quote(workdir)} && " if workdir else ""
+    if not body:
+        return f'{cd}exec "$SHELL" -l' if workdir else ""
+    # "; exit $?" keeps the shell from exec'ing the last command (bash does for a
+    # lone one), so a signal death still comes back as an exit status.
+    return f"{cd}{body}; exit $?"

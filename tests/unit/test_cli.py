@@ -10,8 +10,8 @@ from pathlib import Path
 import click
 import pytest
 
-from banger.cli.quick import remote_command
 from banger.cli.vm import split_run_args
+from banger.sshopts import remote_command
 
 
 def banger(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:

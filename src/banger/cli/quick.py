@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import re
-import shlex
 import signal
 import socket
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from banger import MAX_FRAME, PROTOCOL_VERSION, __version__
-from banger.sshopts import private_control_path, ssh_argv
+from banger.sshopts import private_control_path, remote_command, ssh_argv
 
 # What a VM name is (banger.names.check_name, without importing its error tree).
 _NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
@@ -39,30 +38,6 @@ _NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 RPC_TIMEOUT_S = 5.0
 # Config.runtime_dir's default (banger.config).
 DEFAULT_RUNTIME_DIR = "/run/banger"
-
-
-def remote_command(command: list[str], *, workdir: str | None, shell_string: bool) -> str:
-    """The command line the guest's login shell runs for ``vm exec``/``vm ssh``.
-
-    ``shell_string`` (``vm ssh``) joins the words with spaces and lets the guest's
-    shell interpret them, exactly as OpenSSH does (``'a; b'`` runs two commands);
-    otherwise (``vm exec``) every word is quoted, so argv arrives unchanged.
-
-    The command never replaces the shell (no ``exec``): the shell outlives it and
-    reports a death by signal N as status 128+N, like any shell. With no command
-    the result starts an interactive login shell (empty when there is no workdir
-    either: ssh's own default).
-    """
-    if shell_string:
-        body = f"eval {shlex.quote(' '.join(command))}" if command else ""
-    else:
-        body = " ".join(shlex.quote(c) for c in command)
-    cd = f"cd {shlex.quote(workdir)} && " if workdir else ""
-    if not body:
-        return f'{cd}exec "$SHELL" -l' if workdir else ""
-    # "; exit $?" keeps the shell from exec'ing the last command (bash does for a
-    # lone one), so a signal death still comes back as an exit status.
-    return f"{cd}{body}; exit $?"
 
 
 def ssh_command(info: dict[str, Any], command: list[str], *, interactive: bool,

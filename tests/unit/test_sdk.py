@@ -1,0 +1,92 @@
+"""``from banger import Client`` against the daemon's real RPC server and dispatch table
+(fake host seams: no VMM, no guest). The guest half (exec, workspace export) is the
+end-to-end test ``tests/e2e/test_sdk.py``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import banger
+from banger.api import OpView, VMView
+from banger.daemon.core import Daemon
+from banger.daemon.server import RPCServer
+from banger.errors import BadRequest, Cancelled, NotFound
+from banger.sdk import Client
+
+
+@pytest.fixture
+def sdk(daemon: Daemon, tmp_path: Path) -> Iterator[Client]:
+    """A Client on a real socket the test's daemon serves."""
+    path = tmp_path / "bangerd.sock"
+    server = RPCServer(daemon, path)
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve_until, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        yield Client(socket=path)
+    finally:
+        stop.set()
+        server.close()
+        thread.join(5)
+
+
+def test_the_package_exports_the_sdk_client() -> None:
+    assert banger.Client is Client
+    with pytest.raises(AttributeError):
+        banger.NoSuchThing  # noqa: B018
+
+
+def test_a_vms_life_through_typed_methods(sdk: Client) -> None:
+    seen: list[OpView] = []
+    vm = sdk.vms.create("alpha", vcpu=1, on_progress=seen.append)
+    assert isinstance(vm, VMView) and vm.name == "alpha" and vm.state == "running"
+    assert seen and seen[-1].done and seen[-1].kind == "vm.create"
+    assert [v.name for v in sdk.vms.list()] == ["alpha"]
+    assert sdk.vms.show("alpha").spec.vcpu == 1
+    assert sdk.vms.stop("alpha").state == "stopped"
+    assert sdk.vms.start("alpha").state == "running"
+    assert sdk.vms.ssh_info("alpha").ip == vm.ip
+    assert [i.name for i in sdk.images.list()] == [sdk.images.list()[0].name]
+    sdk.vms.delete("alpha")
+    assert sdk.vms.list() == []
+
+
+def test_errors_are_the_cli_s_exception_tree_with_codes(sdk: Client) -> None:
+    with pytest.raises(NotFound) as missing:
+        sdk.vms.show("nope")
+    assert missing.value.code == "not_found"
+    with pytest.raises(BadRequest, match="vcpu"):
+        sdk.vms.create("bad", vcpu=0)  # refused before anything is sent
+    assert sdk.vms.list() == []
+
+
+def test_setting_cancel_cancels_the_operation_and_raises_cancelled(
+        sdk: Client, daemon: Daemon) -> None:
+    in_ssh = threading.Event()
+
+    def slow_ssh(guest: object, **kw: Any) -> float:
+        in_ssh.set()
+        token = kw["cancel"]
+        while not token.cancelled:
+            time.sleep(0.01)
+        token.check()
+        return 0.0
+
+    daemon.seams.wait_for_ssh = slow_ssh
+    cancel = threading.Event()
+
+    def progress(view: OpView) -> None:
+        if in_ssh.is_set():
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        sdk.vms.create("slow", on_progress=progress, cancel=cancel)
+    assert cancel.is_set()
+    assert daemon.db.find_vm("slow") is None  # the cancelled create rolled itself back
