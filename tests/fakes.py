@@ -256,6 +256,21 @@ def instant_ssh(guest: Any, **kwargs: Any) -> float:
     return 0.0
 
 
+def ssh_until_cancelled(started: threading.Event) -> Callable[..., float]:
+    """wait_for_ssh seam: the guest never answers; ``started`` is set once the wait
+    began, and the wait ends only when its operation is cancelled (raising Cancelled)."""
+
+    def wait(guest: Any, **kwargs: Any) -> float:
+        started.set()
+        token = kwargs["cancel"]
+        while not token.cancelled:
+            time.sleep(0.01)
+        token.check()
+        return 0.0
+
+    return wait
+
+
 class RPCSocket:
     """A Unix socket that answers one JSON-RPC request per connection as bangerd frames
     them: ``answer(method, params)`` gives the reply's ``result``, or raises

@@ -6,10 +6,8 @@ end-to-end test ``tests/e2e/test_sdk.py``.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -19,6 +17,7 @@ from banger.daemon.core import Daemon
 from banger.daemon.server import RPCServer
 from banger.errors import BadRequest, Cancelled, NotFound
 from banger.sdk import Client
+from tests.fakes import ssh_until_cancelled
 
 
 @pytest.fixture
@@ -70,16 +69,7 @@ def test_errors_are_the_cli_s_exception_tree_with_codes(sdk: Client) -> None:
 def test_setting_cancel_cancels_the_operation_and_raises_cancelled(
         sdk: Client, daemon: Daemon) -> None:
     in_ssh = threading.Event()
-
-    def slow_ssh(guest: object, **kw: Any) -> float:
-        in_ssh.set()
-        token = kw["cancel"]
-        while not token.cancelled:
-            time.sleep(0.01)
-        token.check()
-        return 0.0
-
-    daemon.seams.wait_for_ssh = slow_ssh
+    daemon.seams.wait_for_ssh = ssh_until_cancelled(in_ssh)
     cancel = threading.Event()
 
     def progress(view: OpView) -> None:

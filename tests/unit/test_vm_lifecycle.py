@@ -21,7 +21,7 @@ from banger.errors import AlreadyExists, BadName, InvalidState, NotFound, NotRun
 from banger.proc import find_by_marker, matches
 from banger.vmm import vm_marker
 from tests.conftest import FakeWorld
-from tests.fakes import instant_ssh
+from tests.fakes import instant_ssh, ssh_until_cancelled
 
 
 def create(d: Daemon, **kw: object) -> dict[str, object]:
@@ -486,16 +486,7 @@ def test_lifecycle_ops_over_rpc_and_a_stop_is_not_cancelled(daemon: Daemon) -> N
 def test_cancelling_a_start_leaves_the_vm_stopped(daemon: Daemon) -> None:
     create(daemon, name="c", start=False)
     in_ssh = threading.Event()
-
-    def slow_ssh(guest: object, **kw: Any) -> float:
-        in_ssh.set()
-        token = kw["cancel"]
-        while not token.cancelled:
-            time.sleep(0.01)
-        token.check()
-        return 0.0
-
-    daemon.seams.wait_for_ssh = slow_ssh
+    daemon.seams.wait_for_ssh = ssh_until_cancelled(in_ssh)
     op = daemon.methods["vm.start.begin"]({"name": "c"})
     assert in_ssh.wait(10)
     daemon.methods["vm.start.cancel"]({"id": op["id"]})
