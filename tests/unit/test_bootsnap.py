@@ -60,7 +60,7 @@ def test_the_first_boot_is_kept_and_the_next_vm_is_its_clone(warm: Daemon,
     second = make(warm, "second")
     assert second.stages == vmcreate.CLONE_STAGES
     vm = vms.resolve(warm, "second")
-    assert vm.runtime["from_snapshot"] == snap["name"] and vm.state == VMState.RUNNING
+    assert vm.runtime.from_snapshot == snap["name"] and vm.state == VMState.RUNNING
     assert ("reidentify", vm.id) in world.vmm.calls
     assert len(boot_snaps(warm)) == 1  # a clone keeps nothing more
 
@@ -78,7 +78,7 @@ def test_another_size_is_another_start(warm: Daemon) -> None:
     make(warm, "small", memory_mib=256)
     make(warm, "big", memory_mib=512)
     assert sorted(s["memory_mib"] for s in boot_snaps(warm)) == [256, 512]
-    assert vms.resolve(warm, "big").runtime.get("from_snapshot") is None
+    assert vms.resolve(warm, "big").runtime.from_snapshot is None
 
 
 def test_a_changed_image_or_vmm_replaces_the_old_boot(warm: Daemon, world: FakeWorld

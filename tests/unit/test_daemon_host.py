@@ -117,7 +117,7 @@ def test_a_second_installs_sweep_leaves_the_first_ones_taps_and_dm_targets(
     a, b_root = two_installs
     taps_a = set(world.net.taps())
     vm = a.db.find_vm("web")
-    assert vm is not None and vm.runtime["teardown"]["tap"] in taps_a
+    assert vm is not None and vm.runtime.teardown["tap"] in taps_a
     assert len(taps_a) == 3  # the VM's and two warm ones
     b_layout = Layout.from_config(_config(b_root))
     b_tap_prefix = tap_prefix_for(b_layout.install_tag)
@@ -293,7 +293,7 @@ def test_stop_with_a_running_vm_keeps_the_network(tmp_path: Path, world: FakeWor
     assert vm is not None and d.status()["idle"] is False
     d.close()
     assert "br-banger" in world.net.links()
-    assert vm.runtime["teardown"]["tap"] in world.net.taps()
+    assert vm.runtime.teardown["tap"] in world.net.taps()
     assert d.layout.host_network_state.exists()  # undone by a later stop
 
 

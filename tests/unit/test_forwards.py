@@ -124,7 +124,7 @@ def test_forward_rules(daemon: Daemon) -> None:
 
     vmpower.stop(daemon, "web")
     vm = vms.resolve(daemon, "web")
-    assert daemon.forwards.opened(vm.id) == [] and "forwards" not in vm.runtime
+    assert daemon.forwards.opened(vm.id) == [] and vm.runtime.forwards is None
     with pytest.raises(NotRunning) as exc:
         forwards.add(daemon, "web", f"{port}:8080")
     assert "banger vm start web" in (exc.value.hint or "")
@@ -143,7 +143,7 @@ def test_a_vm_found_dead_at_start_up_loses_its_run_time_forwards(daemon: Daemon)
     forwards.add(daemon, "gone", f"{free_port()}:8080")
     vm = vms.resolve(daemon, "gone")
     h = daemon.handles.get(vm.id)
-    assert h is not None and h.process is not None and vm.runtime["forwards"]
+    assert h is not None and h.process is not None and vm.runtime.forwards
     daemon.forwards.close_all()  # the daemon went away
     os.kill(h.process.pid, signal.SIGKILL)
     for _ in range(100):
@@ -152,5 +152,5 @@ def test_a_vm_found_dead_at_start_up_loses_its_run_time_forwards(daemon: Daemon)
         time.sleep(0.02)
     reconcile.reconcile_vm(daemon, vm)
     after = vms.resolve(daemon, "gone")
-    assert after.state.value == "stopped" and "forwards" not in after.runtime
+    assert after.state.value == "stopped" and after.runtime.forwards is None
     assert [f["host_port"] for f in forwards.list_forwards(daemon, "gone")] == [created]

@@ -19,6 +19,7 @@ from banger.daemon.dmsnap import CopyCow, CowHandle, DmSnapshotCow, sparse_copy
 from banger.daemon.network import TapPool, allocate_ip, mac_for_ip
 from banger.daemon.opstate import Operation, Registry
 from banger.daemon.store import ImageRecord, Store, VMRecord, now
+from banger.daemon.vmruntime import VMRuntime
 from banger.errors import (
     AlreadyExists,
     Cancelled,
@@ -91,8 +92,9 @@ def test_store_vms_and_images(tmp_path: Path) -> None:
                           state=VMState.CREATING, ip="10.0.0.3", mac="06:00:0a:00:00:03"))
     got = s.find_vm("one")
     assert got is not None and got.spec == vm.spec
-    updated = s.update_vm(got, state=VMState.STOPPED, runtime={"x": 1})
-    assert s.get_vm(vm.id).state == VMState.STOPPED and s.get_vm(vm.id).runtime == {"x": 1}
+    runtime = VMRuntime(last_error="x", forwards=[{"host_port": 1}])
+    updated = s.update_vm(got, state=VMState.STOPPED, runtime=runtime)
+    assert s.get_vm(vm.id).state == VMState.STOPPED and s.get_vm(vm.id).runtime == runtime
     assert updated.updated_at >= got.updated_at
     with pytest.raises(InvalidState):
         s.delete_image("img")  # still used

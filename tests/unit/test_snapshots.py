@@ -132,10 +132,10 @@ def test_unclonable_vms_are_refused(daemon: Daemon, world: FakeWorld) -> None:
     assert "cannot clone" in refused.value.message and refused.value.hint == "use another"
     world.vmm.unclonable = False
     for changed, words in (
-            (dataclasses.replace(vm, runtime={**vm.runtime, "cow": {"strategy": "dmsnap"}}),
+            (dataclasses.replace(vm, runtime=vm.runtime.merged(cow={"strategy": "dmsnap"})),
              "device-mapper"),
-            (dataclasses.replace(vm, runtime={k: v for k, v in vm.runtime.items()
-                                              if k != "ident_channel"}), "identity channel")):
+            (dataclasses.replace(vm, runtime=vm.runtime.merged(ident_channel=None)),
+             "identity channel")):
         with pytest.raises(BadRequest) as exc:
             snapshots.refuse_unclonable(daemon, changed)
         assert words in exc.value.message
@@ -148,7 +148,7 @@ def test_a_failed_save_leaves_no_snapshot_and_the_guest_running(daemon: Daemon,
     with pytest.raises(VMMError):
         snapshots.take(daemon, "src", "snap")
     row = vms.resolve(daemon, "src")
-    assert row.state == VMState.RUNNING and "snapshot failed" in row.runtime["last_error"]
+    assert row.state == VMState.RUNNING and "snapshot failed" in row.runtime.last_error
     assert world.vmm.calls[-1] == ("resume", vm.id)
     assert snapshots.list_snapshots(daemon) == []
     assert not daemon.layout.snapshots_dir.exists() or \
@@ -166,7 +166,7 @@ def test_a_clone_gets_the_snapshots_disks_and_its_own_identity(daemon: Daemon,
     for vm in (a, b):
         assert vm.state == VMState.RUNNING and vm.image == src.image
         assert vm.spec.vcpu == src.spec.vcpu and vm.spec.memory_mib == src.spec.memory_mib
-        assert vm.runtime["from_snapshot"] == "snap"
+        assert vm.runtime.from_snapshot == "snap"
         assert vms.view(daemon, vm)["from_snapshot"] == "snap"
         paths = daemon.layout.vm(vm.id)
         assert paths.work_disk.read_bytes() == b"source work"
@@ -248,7 +248,7 @@ def test_a_restart_mid_snapshot_runs_the_guest_on_and_drops_the_partial_copy(
     with daemon.vm_locks.held(vm.id):
         row = daemon.db.get_vm(vm.id)
         daemon.db.update_vm(row, state=VMState.SNAPSHOTTING,
-                            runtime={**row.runtime, "snapshot_from": "running"})
+                            runtime=row.runtime.merged(snapshot_from="running"))
     partial = daemon.layout.snapshot("abc").partial
     partial.mkdir(parents=True)
     (partial / "memory").write_bytes(b"half")
@@ -256,7 +256,7 @@ def test_a_restart_mid_snapshot_runs_the_guest_on_and_drops_the_partial_copy(
     orphan.mkdir()
     reconcile.reconcile(daemon)
     row = vms.resolve(daemon, "src")
-    assert row.state == VMState.RUNNING and "interrupted" in row.runtime["last_error"]
+    assert row.state == VMState.RUNNING and "interrupted" in row.runtime.last_error
     assert ("resume", vm.id) in world.vmm.calls
     assert not partial.exists() and not orphan.exists()
 
@@ -276,18 +276,18 @@ def test_a_suspended_guest_restores_with_the_devices_it_was_saved_with(
         daemon: Daemon, world: FakeWorld) -> None:
     vm = make(daemon)
     vmsuspend.suspend(daemon, "src")
-    assert vms.resolve(daemon, "src").runtime["suspended"]["ident"] is True
+    assert vms.resolve(daemon, "src").runtime.suspended["ident"] is True
     vmpower.start(daemon, "src")
     assert world.vmm.launched[-1].ident_channel
     # a guest saved by a banger without the channel is restored without it
     vmsuspend.suspend(daemon, "src")
     with daemon.vm_locks.held(vm.id):
         row = daemon.db.get_vm(vm.id)
-        saved = {k: v for k, v in row.runtime["suspended"].items() if k != "ident"}
-        daemon.db.update_vm(row, runtime={**row.runtime, "suspended": saved})
+        saved = {k: v for k, v in row.runtime.suspended.items() if k != "ident"}
+        daemon.db.update_vm(row, runtime=row.runtime.merged(suspended=saved))
     vmpower.start(daemon, "src")
     assert not world.vmm.launched[-1].ident_channel
-    assert not vms.resolve(daemon, "src").runtime.get("ident_channel")
+    assert not vms.resolve(daemon, "src").runtime.ident_channel
     with pytest.raises(BadRequest):  # and cannot be snapshotted for clones
         snapshots.take(daemon, "src", "snap")
 

@@ -39,7 +39,7 @@ def test_create_boots_and_records_handles(daemon: Daemon, world: FakeWorld) -> N
     assert h.tap in world.net.taps()
     assert daemon.layout.vm(rec.id).handles.exists()
     # teardown identity mirrored onto the runtime record
-    assert rec.runtime["teardown"]["tap"] == h.tap
+    assert rec.runtime.teardown["tap"] == h.tap
     plan = world.vmm.launched[-1]
     assert "banger.ip=172.29.0.2/24" in plan.cmdline
     assert "banger.hostname=alpha" in plan.cmdline
@@ -152,7 +152,7 @@ def test_vmm_exit_is_noticed(daemon: Daemon) -> None:
     reconcile.reap_exited(daemon)
     after = daemon.db.find_vm("exits")
     assert after is not None and after.state == VMState.STOPPED
-    assert "powered off" in after.runtime["stop_reason"]
+    assert "powered off" in after.runtime.stop_reason
 
 
 def test_restart_gets_a_new_process(daemon: Daemon) -> None:
@@ -290,7 +290,7 @@ def _failed_with_leftovers(d: Daemon, name: str) -> VMRecord:
     rec = d.db.find_vm(name)
     assert rec is not None
     return d.db.update_vm(rec, state=VMState.ERROR,
-                          runtime=vms.merge_runtime(rec.runtime, {"last_error": "tap: busy"}))
+                          runtime=rec.runtime.merged(last_error="tap: busy"))
 
 
 def test_concurrent_starts_of_a_failed_vm_leave_one_intact_running_vm(
@@ -339,7 +339,7 @@ def test_concurrent_starts_of_a_failed_vm_leave_one_intact_running_vm(
     assert h is not None and h.process is not None and matches(h.process)
     assert h.process != old.process and not matches(old.process)  # leftovers were cleared
     assert h.tap in world.net.taps()
-    assert daemon.db.get_vm(rec.id).runtime["teardown"]["tap"] == h.tap
+    assert daemon.db.get_vm(rec.id).runtime.teardown["tap"] == h.tap
 
 
 def test_exit_watcher_leaves_a_vm_restarted_under_it_alone(
@@ -494,7 +494,7 @@ def test_cancelling_a_start_leaves_the_vm_stopped(daemon: Daemon) -> None:
     assert done.wait(10) and done.stage == "cancelled"
     vm = daemon.db.find_vm("c")
     assert vm is not None and vm.state == VMState.STOPPED
-    assert vm.runtime["stop_reason"] == "start failed"
+    assert vm.runtime.stop_reason == "start failed"
     assert daemon.handles.get(vm.id) is None
 
 

@@ -92,7 +92,7 @@ def test_stop_of_a_paused_vm_runs_it_first_for_a_clean_poweroff(daemon: Daemon,
     assert stopped["state"] == "stopped"
     assert world.vmm.calls == [("pause", vm.id), ("resume", vm.id)]
     assert any("poweroff" in s for s in world.guests[vm.ip].scripts)
-    assert "paused" not in vms.resolve(daemon, "s").runtime
+    assert vms.resolve(daemon, "s").runtime.paused is None
 
 
 def test_suspend_saves_releases_and_start_restores_in_order(daemon: Daemon,
@@ -103,7 +103,7 @@ def test_suspend_saves_releases_and_start_restores_in_order(daemon: Daemon,
     forwards.add(daemon, "s", f"{extra}:8080")
     h = daemon.handles.get(vm.id)
     assert h is not None and h.process is not None and h.tap
-    booted_at = vms.resolve(daemon, "s").runtime["booted_at"]
+    booted_at = vms.resolve(daemon, "s").runtime.booted_at
     paths = daemon.layout.vm(vm.id)
 
     res = vmsuspend.suspend(daemon, "s")
@@ -115,7 +115,7 @@ def test_suspend_saves_releases_and_start_restores_in_order(daemon: Daemon,
     assert not paths.saved_partial.exists()
     assert daemon.forwards.opened(vm.id) == []
     row = vms.resolve(daemon, "s")
-    assert len(row.runtime["forwards"]) == 1  # the run-time forward is remembered
+    assert len(row.runtime.forwards) == 1  # the run-time forward is remembered
     with pytest.raises(NotRunning) as exc:
         vms.ssh_info(daemon, "s")
     assert "banger vm start s" in exc.value.hint
@@ -140,7 +140,7 @@ def test_suspend_saves_releases_and_start_restores_in_order(daemon: Daemon,
     guest = world.guests[vm.ip]
     assert any(s.startswith("date -u -s @") for s in guest.scripts)
     row = vms.resolve(daemon, "s")
-    assert row.runtime["booted_at"] == booted_at and "suspended" not in row.runtime
+    assert row.runtime.booted_at == booted_at and row.runtime.suspended is None
     assert sorted(str(s) for s in daemon.forwards.opened(vm.id)) == sorted(
         f"127.0.0.1:{p}:{g}" for p, g in ((port, 80), (extra, 8080)))
     # the next stop and start are a plain boot again
@@ -159,7 +159,7 @@ def test_suspend_of_a_paused_vm_and_a_failed_save_leave_it_as_it_was(
         vmsuspend.suspend(daemon, "s")
     row = vms.resolve(daemon, "s")
     paths = daemon.layout.vm(vm.id)
-    assert row.state == VMState.PAUSED and "suspend failed" in row.runtime["last_error"]
+    assert row.state == VMState.PAUSED and "suspend failed" in row.runtime.last_error
     assert not paths.saved_partial.exists() and not paths.saved_state.exists()
     assert vms.view(daemon, row)["pid"] == pid
     assert ("resume", vm.id) not in world.vmm.calls  # it was paused: it stays paused
@@ -181,7 +181,7 @@ def test_a_failed_restore_keeps_the_saved_state(daemon: Daemon, world: FakeWorld
     with pytest.raises(VMMError):
         vmpower.start(daemon, "s")
     row = vms.resolve(daemon, "s")
-    assert row.state == VMState.SUSPENDED and "injected" in row.runtime["last_error"]
+    assert row.state == VMState.SUSPENDED and "injected" in row.runtime.last_error
     assert savedstate.complete(daemon.layout.vm(vm.id)) is not None
     world.vmm.fail = False
     assert vmpower.start(daemon, "s")["state"] == "running"
@@ -226,7 +226,7 @@ def _claim_suspend(d: Daemon, vm: VMRecord, was: VMState) -> None:
     with d.vm_locks.held(vm.id):
         row = d.db.get_vm(vm.id)
         d.db.update_vm(row, state=VMState.SUSPENDING,
-                       runtime={**row.runtime, "suspend_from": was.value})
+                       runtime=row.runtime.merged(suspend_from=was.value))
 
 
 def test_restart_mid_save_runs_the_guest_on_and_drops_the_half_save(
@@ -238,7 +238,7 @@ def test_restart_mid_save_runs_the_guest_on_and_drops_the_half_save(
     (paths.saved_partial / "memory").write_bytes(b"half")
     reconcile.reconcile_vm(daemon, vms.resolve(daemon, "s"))
     row = vms.resolve(daemon, "s")
-    assert row.state == VMState.RUNNING and "interrupted" in row.runtime["last_error"]
+    assert row.state == VMState.RUNNING and "interrupted" in row.runtime.last_error
     assert world.vmm.calls == [("resume", vm.id)]
     assert not paths.saved_partial.exists()
 
@@ -254,7 +254,7 @@ def test_restart_after_the_save_was_committed_finishes_the_suspend(
     (paths.saved_state / "memory").write_bytes(b"x" * 1000)
     reconcile.reconcile_vm(daemon, vms.resolve(daemon, "s"))
     row = vms.resolve(daemon, "s")
-    assert row.state == VMState.SUSPENDED and row.runtime["suspended"]["bytes"] == 1000
+    assert row.state == VMState.SUSPENDED and row.runtime.suspended["bytes"] == 1000
     wait_dead(h.process)
     assert vmpower.start(daemon, "s")["state"] == "running"
     assert world.vmm.launched[-1].restore == paths.saved_state
@@ -269,7 +269,7 @@ def test_restart_mid_save_with_the_vmm_gone_stops_the_vm(daemon: Daemon) -> None
     wait_dead(h.process)
     reconcile.reconcile_vm(daemon, vms.resolve(daemon, "s"))
     row = vms.resolve(daemon, "s")
-    assert row.state == VMState.STOPPED and "memory was lost" in row.runtime["last_error"]
+    assert row.state == VMState.STOPPED and "memory was lost" in row.runtime.last_error
 
 
 def test_restart_mid_restore_before_the_load_keeps_it_suspended(daemon: Daemon,
@@ -298,7 +298,7 @@ def test_a_suspended_vm_without_its_saved_state_is_stopped(daemon: Daemon) -> No
     savedstate.remove_tree(daemon.layout.vm(vm.id).saved_state)
     reconcile.reconcile_vm(daemon, vms.resolve(daemon, "s"))
     row = vms.resolve(daemon, "s")
-    assert row.state == VMState.STOPPED and "missing" in row.runtime["stop_reason"]
+    assert row.state == VMState.STOPPED and "missing" in row.runtime.stop_reason
     assert vmpower.start(daemon, "s")["state"] == "running"
 
 

@@ -15,6 +15,7 @@ from banger.cli.output import daemon_status, vm_detail
 from banger.daemon import caps, images, reconcile, snapshots, vmcreate, vmdelete, vmpool, vms
 from banger.daemon.core import Daemon
 from banger.daemon.vmpoolfill import PoolFiller
+from banger.daemon.vmruntime import VMRuntime
 from banger.errors import NotFound
 from tests.conftest import FakeWorld
 from tests.unit.test_bootsnap import fake_mkfs, make
@@ -47,7 +48,7 @@ def test_the_pool_fills_from_the_boot_snapshot_and_stays_out_of_sight(
     assert [m.state for m in ready] == [VMState.POOLED] * 2
     (snap,) = [s for s in snapshots.list_snapshots(pooled) if s["kind"] == "boot"]
     for m in ready:
-        assert m.runtime["from_snapshot"] == snap["name"]
+        assert m.runtime.from_snapshot == snap["name"]
         assert m.name.startswith(vmpool.NAME_PREFIX)
         # restored, given an identity of its own, run until SSH answered, paused
         calls = [c for c, vm_id in world.vmm.calls if vm_id == m.id]
@@ -81,7 +82,7 @@ def test_a_create_takes_a_ready_clone_with_its_own_name_and_egress(
     assert op.stages == vmcreate.POOL_STAGES and op.error is None
     vm = vms.resolve(pooled, "taken")
     assert vm.id == oldest.id and vm.ip == oldest.ip and vm.state == VMState.RUNNING
-    assert not vm.in_pool and vm.runtime["from_pool"] is True
+    assert not vm.in_pool and vm.runtime.from_pool is True
     assert vm.spec.nat and vm.spec.allow_out == ["1.1.1.1/32"]
     assert len(world.vmm.launched) == launched  # woken, not launched
     assert world.vmm.calls[-1] == ("resume", vm.id)
@@ -101,7 +102,7 @@ def test_only_the_same_image_and_size_take_from_the_pool(pooled: Daemon) -> None
     for name, kw in (("cold", {"cold": True}), ("big", {"memory_mib": 512}),
                      ("idle", {"start": False})):
         make(pooled, name, **kw)
-        assert not vms.resolve(pooled, name).runtime.get("from_pool"), name
+        assert not vms.resolve(pooled, name).runtime.from_pool, name
     assert len(members(pooled)) == 2
 
 
@@ -183,8 +184,8 @@ def test_adopt_pooled_succeeds_once(pooled: Daemon) -> None:
     PoolFiller(pooled).fill()
     m = members(pooled)[0]
     spec = VMSpec.model_validate({**m.spec.model_dump(), "nat": True})
-    assert pooled.db.adopt_pooled(m, "one", spec, {"cow": m.runtime["cow"]}) is not None
-    assert pooled.db.adopt_pooled(m, "two", spec, {}) is None
+    assert pooled.db.adopt_pooled(m, "one", spec, VMRuntime(cow=m.runtime.cow)) is not None
+    assert pooled.db.adopt_pooled(m, "two", spec, VMRuntime()) is None
     assert pooled.db.get_vm(m.id).name == "one"
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from banger.api import VMState
 from banger.daemon.forwarder import ForwardSpec, parse
 from banger.daemon.store import VMRecord
-from banger.daemon.vms import merge_runtime, resolve, resolve_running, user_vms
+from banger.daemon.vms import resolve, resolve_running, user_vms
 from banger.errors import BadRequest, BangerError, NotFound, NotRunning
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ MAX_FORWARDS = 64  # per VM
 def wanted(vm: VMRecord) -> list[ForwardSpec]:
     """Every forward VM ``vm`` should have open while it runs, sorted, without repeats."""
     specs = {parse(text) for text in vm.spec.forwards}
-    specs.update(ForwardSpec.from_json(f) for f in vm.runtime.get("forwards") or [])
+    specs.update(ForwardSpec.from_json(f) for f in vm.runtime.forwards or [])
     return sorted(specs)
 
 
@@ -62,10 +62,9 @@ def add(d: Daemon, ref: str, text: str) -> dict[str, Any]:
             row = d.db.get_vm(vm.id)
             if row.state != VMState.RUNNING:
                 raise NotRunning(f"VM {vm.name!r} stopped while the forward was opened")
-            kept = [f for f in row.runtime.get("forwards") or []
+            kept = [f for f in row.runtime.forwards or []
                     if ForwardSpec.from_json(f) != spec]
-            d.db.update_vm(row, runtime=merge_runtime(
-                row.runtime, {"forwards": [*kept, spec.to_json()]}))
+            d.db.update_vm(row, runtime=row.runtime.merged(forwards=[*kept, spec.to_json()]))
     except BaseException:
         d.forwards.close(vm.id, spec)
         raise
@@ -84,10 +83,10 @@ def remove(d: Daemon, ref: str, text: str) -> dict[str, Any]:
     vm = resolve(d, ref)
     with d.vm_locks.held(vm.id):
         row = d.db.get_vm(vm.id)
-        runtime = list(row.runtime.get("forwards") or [])
+        runtime = list(row.runtime.forwards or [])
         kept = [f for f in runtime if ForwardSpec.from_json(f) != spec]
         if len(kept) != len(runtime):
-            d.db.update_vm(row, runtime=merge_runtime(row.runtime, {"forwards": kept}))
+            d.db.update_vm(row, runtime=row.runtime.merged(forwards=kept))
     closed = d.forwards.close(vm.id, spec)
     if not closed and len(kept) == len(runtime):
         raise NotFound(f"VM {vm.name} has no forward {spec}",
@@ -134,8 +133,8 @@ class ForwardCap:
                 row = self.d.db.get_vm(vm.id)
             except NotFound:
                 return
-            if row.runtime.get("forwards"):
-                self.d.db.update_vm(row, runtime=merge_runtime(row.runtime, {"forwards": None}))
+            if row.runtime.forwards:
+                self.d.db.update_vm(row, runtime=row.runtime.merged(forwards=None))
 
     def deleted(self, vm: VMRecord) -> None:
         """Close them (the row is gone with the VM)."""

@@ -62,7 +62,7 @@ def promote(d: Daemon, vm_ref: str, name: str) -> dict[str, Any]:
                 raise InvalidState(f"VM {vm.name} is {vm.state.value}; promote needs it stopped",
                                    hint=f"stop it first: banger vm stop {vm.name}")
             paths = d.layout.vm(vm.id)
-            cow = vm.runtime.get("cow")
+            cow = vm.runtime.cow
             if cow and cow.get("strategy") == "dmsnap":
                 how = read_snapshot(d, vm, CowHandle.from_json(cow), staging / "rootfs.ext4")
             else:

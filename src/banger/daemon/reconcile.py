@@ -149,7 +149,7 @@ def reconcile_vm(d: Daemon, vm: VMRecord) -> None:
     if state == VMState.STOPPING or (alive and state == VMState.STOPPED):
         vmteardown.kill_vmm(h.process)
     if state != VMState.STOPPED or alive or d.layout.vm(vm.id).handles.exists() \
-            or vm.runtime.get("teardown"):
+            or vm.runtime.teardown:
         problems = vmteardown.teardown(d, vm.id, h)
         reason = {
             VMState.STOPPING: "stop finished after a daemon restart",
@@ -169,7 +169,7 @@ def _back_from(d: Daemon, vm: VMRecord, h: VMHandles, what: str) -> VMState:
     """A suspend cut short before its saved state was complete, or a snapshot cut short
     (``what``), its VMM alive: the guest goes on as it was (running, or paused). The
     state it is back in. (The snapshot's partial files went in :func:`snapshots.sweep`.)"""
-    was = VMState(vm.runtime.get(f"{what}_from", VMState.RUNNING.value))
+    was = getattr(vm.runtime, f"{what}_from") or VMState.RUNNING
     if was == VMState.RUNNING:
         try:
             d.driver(h.vmm).resume(d.layout.vm(vm.id))
@@ -190,7 +190,7 @@ def _settle_saved(d: Daemon, vm: VMRecord, h: VMHandles, alive: bool) -> None:
         vmteardown.kill_vmm(h.process)
     paths = d.layout.vm(vm.id)
     problems = []
-    if alive or paths.handles.exists() or vm.runtime.get("teardown"):
+    if alive or paths.handles.exists() or vm.runtime.teardown:
         problems = vmteardown.teardown(d, vm.id, h)
     if problems:
         _force_state(d, vm.id, VMState.ERROR, last_error="; ".join(problems))
@@ -198,9 +198,9 @@ def _settle_saved(d: Daemon, vm: VMRecord, h: VMHandles, alive: bool) -> None:
     saved = savedstate.complete(paths)
     if saved is not None:
         if vm.state != VMState.SUSPENDED:
-            record = vm.runtime.get("suspended") or savedstate.record(
+            record = vm.runtime.suspended or savedstate.record(
                 savedstate.size(saved), vm.vmm,
-                ident_channel=bool(vm.runtime.get("ident_channel")))
+                ident_channel=bool(vm.runtime.ident_channel))
             _force_state(d, vm.id, VMState.SUSPENDED, suspended=record, suspend_from=None)
             log.warning("vm %s: suspended (its saved state is complete)", vm.name)
         return
@@ -219,7 +219,7 @@ def _force_state(d: Daemon, vm_id: str, state: VMState, **runtime: Any) -> VMRec
     table, which describes operations, not discoveries."""
     with d.vm_locks.held(vm_id):
         vm = d.db.get_vm(vm_id)
-        return d.db.update_vm(vm, state=state, runtime=vms.merge_runtime(vm.runtime, runtime))
+        return d.db.update_vm(vm, state=state, runtime=vm.runtime.merged(**runtime))
 
 
 def _finish_start(d: Daemon, vm: VMRecord, h: VMHandles) -> None:
@@ -230,7 +230,7 @@ def _finish_start(d: Daemon, vm: VMRecord, h: VMHandles) -> None:
         try:
             assert h.process is not None
             ident = h.process
-            restored = bool(vm.runtime.get("suspended"))
+            restored = bool(vm.runtime.suspended)
             if restored:
                 # Its saved state was loaded and deleted: the guest may still be paused.
                 d.driver(h.vmm).resume(d.layout.vm(vm.id))
@@ -285,7 +285,7 @@ def sweep(d: Daemon) -> dict[str, list[str]]:
         if vm_id in known and h.tap:
             owned_taps.add(h.tap)
     for vm in d.db.list_vms():
-        tap = (vm.runtime.get("teardown") or {}).get("tap")
+        tap = (vm.runtime.teardown or {}).get("tap")
         if tap:
             owned_taps.add(tap)
 

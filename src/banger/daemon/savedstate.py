@@ -26,6 +26,7 @@ from banger.fsutil import fsync_path, remove_tree
 from banger.layout import VMPaths
 
 if TYPE_CHECKING:
+    from banger.daemon.vmruntime import VMRuntime
     from banger.vmm import VMMDriver
 
 log = logging.getLogger("banger.vms")
@@ -95,9 +96,9 @@ def record(size: int, vmm: str, *, ident_channel: bool) -> dict[str, Any]:
     return {"bytes": size, "saved_at": time.time(), "vmm": vmm, "ident": ident_channel}
 
 
-def had_ident_channel(vm_runtime: dict[str, Any]) -> bool:
+def had_ident_channel(vm_runtime: VMRuntime) -> bool:
     """Whether a suspended VM's saved guest has the identity channel."""
-    saved = vm_runtime.get("suspended")
+    saved = vm_runtime.suspended
     return bool(saved.get("ident")) if isinstance(saved, dict) else False
 
 

@@ -102,12 +102,12 @@ def refuse_unclonable(d: Daemon, vm: VMRecord) -> None:
     except BadRequest as exc:
         raise BadRequest(f"VM {vm.name!r} cannot be snapshotted: {exc.message}",
                          hint=exc.hint) from exc
-    cow = vm.runtime.get("cow") or {}
+    cow = vm.runtime.cow or {}
     if cow.get("strategy") == "dmsnap":
         raise BadRequest(f"VM {vm.name!r}'s root disk is a device-mapper snapshot, which a "
                          "snapshot cannot copy yet",
                          hint="set cow_strategy to reflink or copy for VMs to snapshot")
-    if vm.state in (VMState.RUNNING, VMState.PAUSED) and not vm.runtime.get("ident_channel"):
+    if vm.state in (VMState.RUNNING, VMState.PAUSED) and not vm.runtime.ident_channel:
         raise BadRequest(f"VM {vm.name!r} was started without the identity channel its "
                          "clones need (by an older banger)",
                          hint=f"`banger vm restart {vm.name}` gives it one")
@@ -130,8 +130,8 @@ def claim(d: Daemon, vm: VMRecord) -> VMRecord:
         current = d.db.get_vm(vm.id)
         if current.state not in (VMState.RUNNING, VMState.PAUSED):
             raise _not_running(current)
-        return d.db.update_vm(current, state=VMState.SNAPSHOTTING, runtime={
-            **current.runtime, "snapshot_from": current.state.value})
+        return d.db.update_vm(current, state=VMState.SNAPSHOTTING,
+                              runtime=current.runtime.merged(snapshot_from=current.state))
 
 
 def take_claimed(d: Daemon, vm: VMRecord, name: str, op: Operation, *,
@@ -140,7 +140,7 @@ def take_claimed(d: Daemon, vm: VMRecord, name: str, op: Operation, *,
     afterwards, whether the snapshot was made or not."""
     paths = d.layout.vm(vm.id)
     drv = d.driver(vm.vmm)
-    was = VMState(vm.runtime.get("snapshot_from", VMState.RUNNING.value))
+    was = vm.runtime.snapshot_from or VMState.RUNNING
     snap_id = new_id()
     files = d.layout.snapshot(snap_id)
     try:
@@ -156,7 +156,7 @@ def take_claimed(d: Daemon, vm: VMRecord, name: str, op: Operation, *,
         end_masters(d.runner, paths.ssh_dir)
         drv.pause(paths)
         op.enter("disks")
-        cow = CowHandle.from_json(vm.runtime["cow"])
+        cow = CowHandle.from_json(vm.runtime.cow or {})
         _copy_all(files, [(Path(cow.disk), files.rootfs), (paths.work_disk, files.work_disk),
                           (boot.kernel, files.kernel),
                           *([(boot.initrd, files.initrd)] if boot.initrd else [])])

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from banger.api import VMSpec, VMState
+from banger.daemon.vmruntime import VMRuntime
 from banger.errors import AlreadyExists, BadRequest, HostError, InvalidState, NotFound
 
 BUSY_TIMEOUT_MS = 5000  # another process (a CLI debugging session) may briefly hold the db
@@ -184,7 +185,7 @@ class VMRecord:
     state: VMState
     ip: str
     mac: str
-    runtime: dict[str, Any] = field(default_factory=dict)
+    runtime: VMRuntime = field(default_factory=VMRuntime)
     created_at: datetime = field(default_factory=now)
     updated_at: datetime = field(default_factory=now)
     # The last workspace prepared into the VM (host path, guest path, base commit, ...).
@@ -193,7 +194,7 @@ class VMRecord:
     @property
     def in_pool(self) -> bool:
         """A clone being made for the pool, or kept in it (``vmpool``): no user's VM yet."""
-        return self.runtime.get("pool") is True
+        return self.runtime.pool
 
 
 @dataclass(frozen=True)
@@ -487,7 +488,7 @@ class Store:
                     "INSERT INTO vms (id, name, image, spec, vmm, state, ip, mac, runtime,"
                     " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (vm.id, vm.name, vm.image, vm.spec.model_dump_json(), vm.vmm, vm.state.value,
-                     vm.ip, vm.mac, json.dumps(vm.runtime), vm.created_at.isoformat(),
+                     vm.ip, vm.mac, vm.runtime.to_json(), vm.created_at.isoformat(),
                      vm.updated_at.isoformat()),
                 )
         except sqlite3.IntegrityError as exc:
@@ -534,7 +535,7 @@ class Store:
             # row can never undo a workspace change made meanwhile.
             cur = db.execute(
                 "UPDATE vms SET state = ?, runtime = ?, vmm = ?, updated_at = ? WHERE id = ?",
-                (new.state.value, json.dumps(new.runtime), new.vmm, new.updated_at.isoformat(),
+                (new.state.value, new.runtime.to_json(), new.vmm, new.updated_at.isoformat(),
                  vm.id),
             )
             if cur.rowcount == 0:
@@ -542,7 +543,7 @@ class Store:
         return new
 
     def adopt_pooled(self, vm: VMRecord, name: str, spec: VMSpec,
-                     runtime: dict[str, Any]) -> VMRecord | None:
+                     runtime: VMRuntime) -> VMRecord | None:
         """Make pooled ``vm`` a user's VM being created: its name, spec and runtime
         replaced, its creation time now, in one update that succeeds only while it is
         still pooled. None when it no longer is (removed or taken meanwhile).
@@ -557,7 +558,7 @@ class Store:
                 cur = db.execute(
                     "UPDATE vms SET name = ?, spec = ?, runtime = ?, state = ?, created_at = ?,"
                     " updated_at = ? WHERE id = ? AND state = ?",
-                    (name, spec.model_dump_json(), json.dumps(runtime), new.state.value,
+                    (name, spec.model_dump_json(), runtime.to_json(), new.state.value,
                      new.created_at.isoformat(), new.updated_at.isoformat(), vm.id,
                      VMState.POOLED.value))
         except sqlite3.IntegrityError as exc:
@@ -735,7 +736,7 @@ def _vm(r: sqlite3.Row) -> VMRecord:
     return VMRecord(
         id=r["id"], name=r["name"], image=r["image"],
         spec=VMSpec.model_validate_json(r["spec"]), vmm=r["vmm"], state=VMState(r["state"]),
-        ip=r["ip"], mac=r["mac"], runtime=json.loads(r["runtime"]),
+        ip=r["ip"], mac=r["mac"], runtime=VMRuntime.from_row(r["runtime"]),
         created_at=datetime.fromisoformat(r["created_at"]),
         updated_at=datetime.fromisoformat(r["updated_at"]),
         workspace=json.loads(r["workspace"]) if r["workspace"] else None,

@@ -148,7 +148,7 @@ def _stages(cancel: CancelToken, op: Operation | None) -> Callable[[str], None]:
 
 
 def _first_handles(d: Daemon, vm: VMRecord) -> VMHandles:
-    cow_json = vm.runtime.get("cow")
+    cow_json = vm.runtime.cow
     if not cow_json:
         raise HostError(f"VM {vm.name!r} has no root disk record", hint="delete and recreate it")
     return VMHandles(vmm=d.driver(vm.vmm).name, cow=CowHandle.from_json(cow_json))
@@ -286,7 +286,7 @@ def mark_running(d: Daemon, vm_id: str, expect: set[VMState]) -> VMRecord:
     """The end of every successful boot: running, with no stale error, stop reason or
     saved-state record. A restored guest keeps the time it first booted."""
     vm = d.db.get_vm(vm_id)
-    booted = vm.runtime.get("booted_at") if vm.runtime.get("suspended") else None
+    booted = vm.runtime.booted_at if vm.runtime.suspended else None
     return transition(d, vm_id, VMState.RUNNING, expect=expect, last_error=None,
                       stop_reason=None, suspended=None, booted_at=booted or time.time())
 

@@ -43,6 +43,7 @@ from banger.daemon.store import ImageRecord, SnapshotRecord, VMRecord
 from banger.daemon.vmboot import boot, wake
 from banger.daemon.vmdelete import destroy
 from banger.daemon.vmmselect import resolve_vmm
+from banger.daemon.vmruntime import VMRuntime
 from banger.daemon.vms import transition, update_runtime, view, wait_op
 from banger.errors import AlreadyExists, BadRequest, BangerError, Cancelled, HostError
 from banger.fsutil import remove_tree
@@ -97,12 +98,12 @@ def begin_create(d: Daemon, params: CreateParams, *, extra_disks: tuple[str, ...
         if d.db.find_vm(name) is not None:
             raise AlreadyExists(f"a VM named {name!r} already exists",
                                 hint="pick another --name, or delete it with `banger vm delete`")
-        runtime = {"from_snapshot": snap.name} if snap is not None else {}
+        runtime = VMRuntime(from_snapshot=snap.name if snap is not None else None)
         op = Operation(kind="vm.create", target=name,
                        stages=list(CREATE_STAGES if snap is None else CLONE_STAGES))
         op.enter("reserve")  # before the token is known: this cannot raise Cancelled
         # A boot snapshot's clone may be waiting, restored, in the pool (vmpool).
-        vm = (vmpool.take(d, snap, name, spec, {**runtime, "from_pool": True},
+        vm = (vmpool.take(d, snap, name, spec, runtime.merged(from_pool=True),
                            cancel=op.cancel)
               if snap is not None and snap.boot_key is not None and params.from_snapshot is None
               else None)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from banger.api import VMSpec, VMState
 from banger.daemon.store import SnapshotRecord, VMRecord
 from banger.daemon.vmdelete import destroy
+from banger.daemon.vmruntime import VMRuntime
 from banger.daemon.vms import handles_of, transition
 from banger.errors import BangerError
 from banger.proc import matches
@@ -45,7 +46,7 @@ def members(d: Daemon) -> list[VMRecord]:
 
 
 def take(d: Daemon, snap: SnapshotRecord, name: str, spec: VMSpec,
-         runtime: dict[str, Any], *, cancel: CancelToken) -> VMRecord | None:
+         runtime: VMRuntime, *, cancel: CancelToken) -> VMRecord | None:
     """A ready clone of ``snap``, made the user's VM ``name`` (state ``creating``, with
     ``spec``, and ``runtime`` over what its launch recorded), or None when the pool has
     none. Called under ``create_vm_mu``, where the name was found free. ``cancel`` (the
@@ -55,14 +56,14 @@ def take(d: Daemon, snap: SnapshotRecord, name: str, spec: VMSpec,
     A member whose VMM died is skipped (the pool's next pass removes it).
     """
     for vm in members(d):
-        if vm.state != VMState.POOLED or vm.runtime.get("from_snapshot") != snap.name:
+        if vm.state != VMState.POOLED or vm.runtime.from_snapshot != snap.name:
             continue
         if not vmm_alive(d, vm):
             continue
         d.register_inflight(vm.id, cancel)
-        kept = {k: v for k, v in vm.runtime.items() if k != "pool"}
+        adopted = vm.runtime.merged(pool=None, **runtime.model_dump(exclude_defaults=True))
         try:
-            taken = d.db.adopt_pooled(vm, name, spec, {**kept, **runtime})
+            taken = d.db.adopt_pooled(vm, name, spec, adopted)
         except BaseException:
             d.end_inflight(vm.id, cancel)
             raise

@@ -26,6 +26,7 @@ from banger.daemon import bootsnap, vmboot, vmcreate, vmpool
 from banger.daemon.core import new_id
 from banger.daemon.network import allocate_ip, mac_for_ip
 from banger.daemon.store import SnapshotRecord, VMRecord
+from banger.daemon.vmruntime import VMRuntime
 from banger.daemon.vms import transition
 from banger.errors import BangerError
 from banger.runner import CancelToken
@@ -88,7 +89,7 @@ class PoolFiller:
                 continue
             while not self._stop.is_set():
                 have = sum(1 for vm in vmpool.members(d)
-                           if vm.runtime.get("from_snapshot") == snap.name)
+                           if vm.runtime.from_snapshot == snap.name)
                 if have >= size or not _fits(d, snap):
                     break
                 try:
@@ -122,7 +123,7 @@ class PoolFiller:
 def prune(d: Daemon, keep: set[str]) -> None:
     """Remove ready members not cloned from a snapshot in ``keep``, or whose VMM died."""
     def stale(vm: VMRecord) -> bool:
-        return vm.runtime.get("from_snapshot") not in keep or not vmpool.vmm_alive(d, vm)
+        return vm.runtime.from_snapshot not in keep or not vmpool.vmm_alive(d, vm)
     vmpool.drain(d, stale, "its boot snapshot changed, or its VMM exited")
 
 
@@ -145,7 +146,7 @@ def make_clone(d: Daemon, snap: SnapshotRecord) -> VMRecord:
                           "nat": False, "allow_private": False, "allow_out": [],
                           "forwards": [], "extra_disks": []}),
                       vmm=snap.vmm, state=VMState.CREATING, ip=ip, mac=mac_for_ip(ip),
-                      runtime={"pool": True, "from_snapshot": snap.name})
+                      runtime=VMRuntime(pool=True, from_snapshot=snap.name))
         d.db.add_vm(vm)
     try:
         vmcreate.copy_snapshot_disks(d, vm, snap, CancelToken())

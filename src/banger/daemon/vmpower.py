@@ -22,7 +22,6 @@ from banger.daemon.vmboot import boot
 from banger.daemon.vms import (
     LIVE,
     handles_of,
-    merge_runtime,
     resolve,
     transition,
     update_runtime,
@@ -106,8 +105,8 @@ def claim_start(d: Daemon, vm_id: str, token: CancelToken, *,
     with d.vm_locks.held(vm_id):
         current = d.db.get_vm(vm_id)
         if restarting and current.state == VMState.STOPPING:
-            current = d.db.update_vm(current, state=VMState.STOPPED, runtime=merge_runtime(
-                current.runtime, {"stop_reason": "restarting", "booted_at": None}))
+            current = d.db.update_vm(current, state=VMState.STOPPED, runtime=current.runtime.merged(
+                stop_reason="restarting", booted_at=None))
         elif restarting or current.state not in (VMState.STOPPED, VMState.ERROR,
                                                  VMState.SUSPENDED) \
                 or not current.state.can_become(VMState.STARTING):
@@ -164,10 +163,10 @@ def settle_failed_start(d: Daemon, vm_id: str, err: BangerError) -> None:
             if vm.state == VMState.STARTING:
                 d.db.update_vm(
                     vm, state=VMState.SUSPENDED if suspended else VMState.STOPPED,
-                    runtime=merge_runtime(vm.runtime, {
-                        "last_error": err.message,
-                        "stop_reason": None if suspended else "start failed",
-                        **({} if suspended else {"suspended": None})}))
+                    runtime=vm.runtime.merged(
+                        last_error=err.message,
+                        stop_reason=None if suspended else "start failed",
+                        **({} if suspended else {"suspended": None})))
     except NotFound:
         pass
 
@@ -216,7 +215,7 @@ def claim_stop(d: Daemon, vm: VMRecord) -> VMRecord | None:
     (then it is already stopped, and stopping it again is not an error). A paused VM
     is marked so, for :func:`_power_off` to run it again first."""
     if vm.state == VMState.STOPPED:
-        if vm.runtime.get("stop_reason") == "start failed":
+        if vm.runtime.stop_reason == "start failed":
             return None
         raise NotRunning(f"VM {vm.name!r} is not running")
     if vm.state == VMState.SUSPENDED:
@@ -252,7 +251,7 @@ def _power_off(d: Daemon, vm: VMRecord, op: Operation | None) -> list[str]:
     """Poweroff and teardown of a VM this call has claimed (``stopping``); the problems."""
     d.checkpoint("stop.marked")
     h = handles_of(d, vm)
-    if vm.runtime.get("paused"):
+    if vm.runtime.paused:
         # A paused guest cannot sync or power off: run it again for that.
         try:
             d.driver(h.vmm).resume(d.layout.vm(vm.id))

@@ -81,15 +81,15 @@ def view(d: Daemon, vm: VMRecord) -> dict[str, Any]:
         mac=vm.mac, created_at=vm.created_at, updated_at=vm.updated_at,
         pid=h.process.pid if h and h.process else None,
         tap=h.tap if h else None,
-        last_error=vm.runtime.get("last_error"),
-        stop_reason=vm.runtime.get("stop_reason"),
-        confinement=vm.runtime.get("confinement"),
+        last_error=vm.runtime.last_error,
+        stop_reason=vm.runtime.stop_reason,
+        confinement=vm.runtime.confinement,
         forwards=[str(s) for s in d.forwards.opened(vm.id)],
-        from_snapshot=vm.runtime.get("from_snapshot"),
-        from_pool=vm.runtime.get("from_pool") is True,
+        from_snapshot=vm.runtime.from_snapshot,
+        from_pool=vm.runtime.from_pool,
         suspended=SavedStateView.model_validate(
             {k: v for k, v in saved.items() if k in SavedStateView.model_fields}) if (
-            saved := vm.runtime.get("suspended")) and vm.state == VMState.SUSPENDED else None,
+            saved := vm.runtime.suspended) and vm.state == VMState.SUSPENDED else None,
         workspace=WorkspaceView.model_validate(
             {k: v for k, v in ws.items() if k in WorkspaceView.model_fields}) if ws else None,
     ).model_dump(mode="json")
@@ -98,7 +98,8 @@ def view(d: Daemon, vm: VMRecord) -> dict[str, Any]:
 def transition(d: Daemon, vm_id: str, to: VMState, *,
                expect: AbstractSet[VMState] | None = None,
                **runtime: Any) -> VMRecord:
-    """Move a VM to state ``to`` under its lock; ``runtime`` keys are merged (None deletes)."""
+    """Move a VM to state ``to`` under its lock; ``runtime``: fields of its
+    :class:`~banger.daemon.vmruntime.VMRuntime` to set (None clears one)."""
     with d.vm_locks.held(vm_id):
         vm = d.db.get_vm(vm_id)
         if expect is not None and vm.state not in expect:
@@ -107,25 +108,14 @@ def transition(d: Daemon, vm_id: str, to: VMState, *,
         # claims the VM, and two claimants must not both succeed.
         if not vm.state.can_become(to):
             raise wrong_state(vm, to)
-        return d.db.update_vm(vm, state=to, runtime=merge_runtime(vm.runtime, runtime))
+        return d.db.update_vm(vm, state=to, runtime=vm.runtime.merged(**runtime))
 
 
 def update_runtime(d: Daemon, vm_id: str, **runtime: Any) -> VMRecord:
-    """Merge ``runtime`` keys into the VM row under its lock (None deletes a key)."""
+    """Set fields of the VM's runtime record under its lock (None clears one)."""
     with d.vm_locks.held(vm_id):
         vm = d.db.get_vm(vm_id)
-        return d.db.update_vm(vm, runtime=merge_runtime(vm.runtime, runtime))
-
-
-def merge_runtime(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """``old`` with ``new``'s keys set (a None value deletes the key)."""
-    out = dict(old)
-    for k, v in new.items():
-        if v is None:
-            out.pop(k, None)
-        else:
-            out[k] = v
-    return out
+        return d.db.update_vm(vm, runtime=vm.runtime.merged(**runtime))
 
 
 def wrong_state(vm: VMRecord, to: VMState) -> InvalidState:
@@ -155,8 +145,8 @@ def handles_of(d: Daemon, vm: VMRecord) -> VMHandles:
     h = d.handles.get(vm.id) or d.handles.load(vm.id)
     if h is not None:
         return h
-    mirror = vm.runtime.get("teardown") or {}
-    cow = mirror.get("cow") or vm.runtime.get("cow")
+    mirror = vm.runtime.teardown or {}
+    cow = mirror.get("cow") or vm.runtime.cow
     proc = mirror.get("process")
     return VMHandles(
         vmm=mirror.get("vmm") or vm.vmm,

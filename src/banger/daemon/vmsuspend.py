@@ -104,8 +104,8 @@ def begin_suspend(d: Daemon, ref: str) -> Operation:
         current = d.db.get_vm(vm.id)
         if current.state not in (VMState.RUNNING, VMState.PAUSED):
             raise _not_running(current, "suspend")
-        claimed = d.db.update_vm(current, state=VMState.SUSPENDING, runtime={
-            **current.runtime, "suspend_from": current.state.value})
+        claimed = d.db.update_vm(current, state=VMState.SUSPENDING,
+                                 runtime=current.runtime.merged(suspend_from=current.state))
     return d.power_ops.run(op, lambda o: view(d, _suspend(d, claimed, o)),
                            name=f"vm.suspend-{vm.name}")
 
@@ -125,7 +125,7 @@ def _suspend(d: Daemon, vm: VMRecord, op: Operation) -> VMRecord:
     paths = d.layout.vm(vm.id)
     h = handles_of(d, vm)
     drv = d.driver(vm.vmm)
-    was = VMState(vm.runtime.get("suspend_from", VMState.RUNNING.value))
+    was = vm.runtime.suspend_from or VMState.RUNNING
     op.enter("save")
     try:
         end_masters(d.runner, paths.ssh_dir)
@@ -142,7 +142,7 @@ def _suspend(d: Daemon, vm: VMRecord, op: Operation) -> VMRecord:
     op.enter("teardown")
     problems = teardown(d, vm.id, h)  # ends the VMM, which holds a saved guest now
     saved = savedstate.record(size, drv.name,
-                              ident_channel=bool(vm.runtime.get("ident_channel")))
+                              ident_channel=bool(vm.runtime.ident_channel))
     if problems:
         transition(d, vm.id, VMState.ERROR, last_error="; ".join(problems), suspended=saved,
                    suspend_from=None)
