@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from banger import PROTOCOL_VERSION
 from banger.errors import (
     BadRequest,
     BangerError,
@@ -24,6 +23,7 @@ from banger.errors import (
 )
 from banger.layout import VMPaths
 from banger.proc import ProcessIdentity, identify
+from banger.protocol import PROTOCOL_VERSION
 from banger.runner import CancelToken, Result, shell_line
 from banger.vmm import LaunchPlan
 from tests.childsignals import with_default_signals

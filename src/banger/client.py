@@ -12,13 +12,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from banger import MAX_FRAME, PROTOCOL_VERSION, api
+from banger import api
 from banger.api.methods import check_params, check_result
 from banger.config import Config
 from banger.errors import BangerError, DaemonUnavailable, from_code
 from banger.fsutil import tail
 from banger.layout import Layout
 from banger.proc import identify, wait_gone
+from banger.protocol import MAX_FRAME, PROTOCOL_VERSION
 
 DAEMON_START_S = 30.0  # opening the store, the bridge and reconciling VMs; usually < 1 s
 DAEMON_STOP_S = 30.0  # finishing requests and undoing the host network; usually < 1 s

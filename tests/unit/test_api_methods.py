@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 
-from banger import MAX_FRAME
 from banger.api.methods import METHODS, check_params, check_result
 from banger.client import Client
 from banger.daemon import rpc
 from banger.daemon.core import Daemon
 from banger.errors import BadRequest, BadVersion, DaemonUnavailable
+from banger.protocol import MAX_FRAME
 
 
 def call(d: Daemon, method: str, **params: Any) -> Any:

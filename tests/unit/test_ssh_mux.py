@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 
-from banger import __version__
 from banger.api.params import CreateParams
 from banger.cli import quick
 from banger.config import Config, parse_config
@@ -30,6 +29,7 @@ from banger.daemon.guest import SSHGuest, boot_key, find_masters
 from banger.errors import NotRunning
 from banger.layout import UNIX_PATH_MAX, VMPaths
 from banger.proc import ProcessIdentity
+from banger.protocol import __version__
 from banger.sshopts import CONTROL_PERSIST_S, private_control_path, ssh_argv
 from tests.conftest import FakeWorld
 from tests.fakes import FakeRunner, RPCSocket

@@ -17,9 +17,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from banger import MAX_FRAME, PROTOCOL_VERSION
 from banger.config import Config
 from banger.errors import BadRequest, BadVersion, BangerError
+from banger.protocol import MAX_FRAME, PROTOCOL_VERSION
 
 # JSON-RPC 2.0 numeric codes (jsonrpc.org/specification section 5.1); banger's
 # stable string code travels in error.data.code.

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import click
 
-from banger import __version__
 from banger.cli import (
     complete,
     daemon_cmds,
@@ -30,6 +29,7 @@ from banger.cli import (
 )
 from banger.cli.app import App, json_option, pass_app
 from banger.errors import BangerError, Cancelled
+from banger.protocol import __version__
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

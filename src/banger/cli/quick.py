@@ -28,7 +28,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from banger import MAX_FRAME, PROTOCOL_VERSION, __version__
+from banger.protocol import MAX_FRAME, PROTOCOL_VERSION, __version__
 from banger.sshopts import private_control_path, remote_command, ssh_argv
 
 # What a VM name is (banger.names.check_name, without importing its error tree).

@@ -24,12 +24,12 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from banger import __version__
 from banger.api import VMSpec
 from banger.daemon import kernels, snapshots, vmpool
 from banger.daemon.opstate import Operation
 from banger.daemon.store import ImageRecord, SnapshotRecord, VMRecord
 from banger.errors import AlreadyExists, BadRequest, BangerError
+from banger.protocol import __version__
 
 if TYPE_CHECKING:
     from banger.daemon.core import Daemon

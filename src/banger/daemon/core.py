@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from banger import PROTOCOL_VERSION, __version__
 from banger.api import VMState, config_hash, config_values
 from banger.config import Config
 from banger.daemon import vmmselect
@@ -58,6 +57,7 @@ from banger.daemon.sessionctl import SessionRegistry
 from banger.daemon.store import Store, VMRecord
 from banger.errors import BangerError, InternalError, from_foreign
 from banger.layout import Layout
+from banger.protocol import PROTOCOL_VERSION, __version__
 from banger.runner import CancelToken, Runner, SubprocessRunner
 from banger.vmm import VMMDriver
 

@@ -19,9 +19,10 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from banger import MAX_FRAME, api
+from banger import api
 from banger.daemon.core import current_op
 from banger.errors import BadRequest, BadVersion, BangerError, HostError, InternalError
+from banger.protocol import MAX_FRAME
 
 if TYPE_CHECKING:
     from banger.daemon.core import Daemon

@@ -18,7 +18,6 @@ import signal
 import threading
 from pathlib import Path
 
-from banger import __version__
 from banger.config import Config
 from banger.daemon import caps, reconcile, rpc
 from banger.daemon.core import Daemon, Seams, setup_logging
@@ -29,6 +28,7 @@ from banger.daemon.store import Store
 from banger.daemon.vmpoolfill import PoolFiller
 from banger.errors import BangerError, HostError
 from banger.fsutil import atomic_write
+from banger.protocol import __version__
 
 log = logging.getLogger("banger.daemon")
 

@@ -15,7 +15,6 @@ import logging
 from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Any
 
-from banger import __version__
 from banger.api import OpView, SavedStateView, SSHInfo, VMState, VMView, WorkspaceView
 from banger.daemon.dmsnap import CowHandle
 from banger.daemon.handles import VMHandles
@@ -24,6 +23,7 @@ from banger.daemon.store import VMRecord
 from banger.errors import BadRequest, InvalidState, NotFound, NotRunning
 from banger.fsutil import tail
 from banger.proc import ProcessIdentity
+from banger.protocol import __version__
 from banger.sshopts import GUEST_USER
 
 if TYPE_CHECKING:
