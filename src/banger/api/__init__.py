@@ -327,6 +327,18 @@ class VMDetail(VMView):
     workspace_backups: list[str] = Field(default_factory=list)
 
 
+class ForwardView(Model):
+    """A port forward (``vm forward``): host address and port to the guest's port."""
+
+    name: str  # the VM
+    host_addr: str
+    host_port: int
+    guest_port: int
+    guest: str  # IP:PORT
+    open: bool  # listening now (the VM runs and the port could be bound)
+    from_create: bool  # a `-p` of the VM's spec, reopened at every start
+
+
 class SnapshotView(Model):
     """A snapshot (``vm snapshot``): what ``vm create --from-snapshot`` clones."""
 

@@ -15,7 +15,16 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from banger.api import ImageView, Model, OpView, SnapshotView, SSHInfo, VMDetail, VMView
+from banger.api import (
+    ForwardView,
+    ImageView,
+    Model,
+    OpView,
+    SnapshotView,
+    SSHInfo,
+    VMDetail,
+    VMView,
+)
 from banger.api import params as p
 from banger.errors import BadRequest, BadVersion
 
@@ -66,9 +75,9 @@ METHODS: dict[str, Method] = {
     "vm.logs": Method(p.NameRef),
     "vm.ssh_info": Method(p.NameRef, SSHInfo),
     "vm.ports": Method(p.PortsParams),
-    "vm.forward.add": Method(p.ForwardParams, VMView),
-    "vm.forward.remove": Method(p.ForwardParams, VMView),
-    "vm.forward.list": Method(p.ForwardListParams),
+    "vm.forward.add": Method(p.ForwardParams, ForwardView),
+    "vm.forward.remove": Method(p.ForwardParams),
+    "vm.forward.list": Method(p.ForwardListParams, list[ForwardView]),
     "vm.session.start": Method(p.SessionStartParams),
     "vm.session.list": Method(p.SessionListParams),
     "vm.session.show": Method(p.SessionRef),

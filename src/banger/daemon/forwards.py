@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from banger.api import VMState
+from banger.api import ForwardView, VMState
 from banger.daemon.forwarder import ForwardSpec, parse
 from banger.daemon.store import VMRecord
 from banger.daemon.vms import resolve, resolve_running, user_vms
@@ -97,10 +97,10 @@ def remove(d: Daemon, ref: str, text: str) -> dict[str, Any]:
 
 def view(d: Daemon, vm: VMRecord, spec: ForwardSpec) -> dict[str, Any]:
     """One forward as the CLI shows it."""
-    return {"name": vm.name, "host_addr": spec.host_addr, "host_port": spec.host_port,
-            "guest_port": spec.guest_port, "guest": f"{vm.ip}:{spec.guest_port}",
-            "open": spec in d.forwards.opened(vm.id),
-            "from_create": str(spec) in vm.spec.forwards}
+    return ForwardView(name=vm.name, host_addr=spec.host_addr, host_port=spec.host_port,
+                       guest_port=spec.guest_port, guest=f"{vm.ip}:{spec.guest_port}",
+                       open=spec in d.forwards.opened(vm.id),
+                       from_create=str(spec) in vm.spec.forwards).model_dump(mode="json")
 
 
 def list_forwards(d: Daemon, ref: str | None) -> list[dict[str, Any]]:
