@@ -38,7 +38,7 @@ from banger.api import ImageView, OpView, SnapshotView, SSHInfo, VMDetail, VMVie
 from banger.api.methods import invalid_params
 from banger.api.params import CreateParams
 from banger.config import Config, load_config
-from banger.errors import BangerError, Cancelled, from_code
+from banger.errors import BangerError, from_code
 from banger.sshopts import private_control_path, remote_command, ssh_argv
 
 Progress = Callable[[OpView], None]
@@ -97,8 +97,11 @@ class Client:
                   cancel: threading.Event | None = None) -> Any:
         """Wait for operation ``op`` (a ``<kind>.begin`` answer) to end; its result.
 
+        A cancel that comes after the operation's last cancellable step changes nothing:
+        the operation's result is returned (a VM made is a VM the caller must know of).
+
         Raises:
-            Cancelled: ``cancel`` was set (the daemon was asked to cancel, and did).
+            Cancelled: ``cancel`` was set and the daemon cancelled the operation.
             BangerError: the operation's own error.
         """
         asked = False
@@ -117,8 +120,6 @@ class Client:
         if view.error:
             raise from_code(view.error["code"], view.error["message"],
                             view.error.get("hint", ""))
-        if asked:
-            raise Cancelled(f"{kind} {view.target} was cancelled")
         return view.result
 
 
