@@ -208,3 +208,18 @@ def start_daemon(cfg: Config) -> int:
         time.sleep(0.05)
     raise DaemonUnavailable(f"bangerd did not start within {DAEMON_START_S:g}s",
                             hint=f"see {layout.daemon_log}")
+
+
+def fetch_patch(client: Client, name: str, base_commit: str | None = None
+                ) -> tuple[dict[str, Any], bytes]:
+    """The VM's workspace export: the RPC's result (changed files) and the patch bytes.
+
+    The daemon writes the patch to a file only root can read; it is read and removed here.
+    """
+    res: dict[str, Any] = client.call("vm.workspace.export", name=name, base_commit=base_commit)
+    patch_path = Path(res.pop("patch_path"))
+    try:
+        data = patch_path.read_bytes()
+    finally:
+        patch_path.unlink(missing_ok=True)
+    return res, data

@@ -255,13 +255,7 @@ class Workspace:
 
     def export(self, name: str, base_commit: str | None = None) -> Patch:
         """The guest's edits since the workspace was prepared, as a patch."""
-        res: dict[str, Any] = self._c.call("vm.workspace.export", name=name,
-                                           base_commit=base_commit)
-        patch_path = Path(res.pop("patch_path"))
-        try:
-            data = patch_path.read_bytes()
-        finally:
-            patch_path.unlink(missing_ok=True)
+        res, data = rpc.fetch_patch(self._c.rpc, name, base_commit)
         return Patch(changes=list(res.get("changes") or []), data=data)
 
 

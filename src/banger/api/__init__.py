@@ -92,6 +92,16 @@ def _parse(frame: bytes) -> Any:
     return obj
 
 
+def first_error(exc: ValidationError, whole: str, *, extra: str | None = None) -> str:
+    """The first error pydantic found, as ``FIELD: MESSAGE`` (``whole`` names the value
+    itself when the error is not about one field); ``extra``, when given, is what an
+    unexpected field's message reads."""
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or whole
+    msg = extra if extra is not None and first["type"] == "extra_forbidden" else first["msg"]
+    return f"{where}: {msg}"
+
+
 def decode_request(frame: bytes) -> Request:
     """Parse one frame into a :class:`Request` or raise the error to send back.
 
@@ -111,9 +121,7 @@ def decode_request(frame: bytes) -> Request:
     try:
         return Request.model_validate(obj)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "request"
-        raise BadRequest(f"invalid request: {where}: {first['msg']}") from exc
+        raise BadRequest(f"invalid request: {first_error(exc, 'request')}") from exc
 
 
 def _short(value: Any, limit: int = 40) -> str:

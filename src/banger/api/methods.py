@@ -24,6 +24,7 @@ from banger.api import (
     SSHInfo,
     VMDetail,
     VMView,
+    first_error,
 )
 from banger.api import params as p
 from banger.errors import BadRequest, BadVersion
@@ -131,10 +132,8 @@ def check_params(method: str, params: dict[str, Any]) -> None:
 
 def invalid_params(method: str, exc: ValidationError) -> BadRequest:
     """The error for params of ``method`` its model refused: the first field at fault."""
-    first = exc.errors()[0]
-    where = ".".join(str(x) for x in first["loc"]) or "params"
-    msg = "unknown parameter" if first["type"] == "extra_forbidden" else first["msg"]
-    return BadRequest(f"invalid params for {method}: {where}: {msg}")
+    where = first_error(exc, "params", extra="unknown parameter")
+    return BadRequest(f"invalid params for {method}: {where}")
 
 
 def check_result(method: str, value: Any) -> Any:
@@ -149,10 +148,8 @@ def check_result(method: str, value: Any) -> Any:
     try:
         _adapter(known.result).validate_python(value)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(x) for x in first["loc"]) or "result"
         raise BadVersion(f"bangerd's reply to {method} does not have the shape this banger "
-                         f"expects ({where}: {first['msg']})",
+                         f"expects ({first_error(exc, 'result')})",
                          hint="the CLI and the daemon are different versions: "
                               "`banger daemon restart` starts this one's") from exc
     return value

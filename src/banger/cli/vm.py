@@ -22,8 +22,8 @@ from banger.cli import exits, output
 from banger.cli.app import App, follow, json_option, name_arg, pass_app
 from banger.cli.complete import image_names, snapshot_names, vm_names
 from banger.cli.quick import run_ssh
-from banger.cli.workspace import fetch_patch, prepared_text
-from banger.client import Client
+from banger.cli.workspace import prepared_text
+from banger.client import Client, fetch_patch
 from banger.errors import BangerError
 
 ALLOW_OUT_HELP = (

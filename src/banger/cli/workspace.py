@@ -12,7 +12,7 @@ import click
 from banger.cli import output
 from banger.cli.app import App, follow, json_option, pass_app
 from banger.cli.complete import vm_names
-from banger.client import Client
+from banger.client import fetch_patch
 
 
 @click.group("workspace")
@@ -109,18 +109,3 @@ def workspace_export(app: App, name: str, out_file: Path | None,
         old = f"{change['old_path']} -> " if change.get("old_path") else ""
         click.echo(f"{change['status']}\t{old}{change['path']}", err=True)
     click.echo(f"{len(res['changes'])} changed file(s)", err=True)
-
-
-def fetch_patch(client: Client, name: str, base_commit: str | None = None
-                ) -> tuple[dict[str, Any], bytes]:
-    """The VM's workspace export: the RPC's result (changed files) and the patch bytes.
-
-    The daemon writes the patch to a file only root can read; it is read and removed here.
-    """
-    res: dict[str, Any] = client.call("vm.workspace.export", name=name, base_commit=base_commit)
-    patch_path = Path(res.pop("patch_path"))
-    try:
-        data = patch_path.read_bytes()
-    finally:
-        patch_path.unlink(missing_ok=True)
-    return res, data

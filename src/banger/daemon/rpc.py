@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import ValidationError
 
-from banger.api import Model
+from banger.api import Model, first_error
 from banger.api.methods import METHODS
 from banger.api.params import (
     ImageExportParams,
@@ -62,10 +62,8 @@ def parse(model: type[M], params: dict[str, Any]) -> M:
     try:
         return model.model_validate(params)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "params"
-        msg = "unknown parameter" if first["type"] == "extra_forbidden" else first["msg"]
-        raise BadRequest(f"invalid params: {where}: {msg}") from exc
+        where = first_error(exc, "params", extra="unknown parameter")
+        raise BadRequest(f"invalid params: {where}") from exc
 
 
 def register(d: Daemon) -> None:
