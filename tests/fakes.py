@@ -21,6 +21,10 @@ from banger.errors import (
     HostError,
     VMMError,
 )
+from banger.hostops.client import HostOps
+from banger.hostops.executor import Executor
+from banger.hostops.nft import FirewallSettings
+from banger.hostops.policy import Policy
 from banger.layout import VMPaths
 from banger.proc import ProcessIdentity, identify
 from banger.protocol import PROTOCOL_VERSION
@@ -55,8 +59,9 @@ class FakeRunner:
             env: Mapping[str, str] | None = None, cwd: Path | None = None) -> Result:
         res = self._answer([str(a) for a in argv])
         if check and res.returncode != 0:
-            raise CommandFailed(f"{desc} failed (exit {res.returncode}): {shell_line(argv)}",
-                                stderr=res.err)
+            tail = f"\n{res.err.strip()}" if res.err.strip() else ""
+            raise CommandFailed(f"{desc} failed (exit {res.returncode}): {shell_line(argv)}"
+                                + tail, stderr=res.err)
         return res
 
     def stream(self, argv: Sequence[str], *, desc: str, on_line: Callable[[str], None],
@@ -117,6 +122,14 @@ class FakeNet:
 
     def taps(self) -> list[str]:
         return [n for n in self.links() if n.startswith("bgt")]
+
+
+def local_hostops(runner: Any, settings: FirewallSettings, net: Any = None,
+                  ip_forward: Path | None = None) -> HostOps:
+    """In-process host operations under ``settings``' policy, over ``runner`` (nft) and
+    ``net`` (links; a fresh :class:`FakeNet` when None)."""
+    return HostOps.local(Executor(Policy(settings), runner, net if net is not None else FakeNet(),
+                                  ip_forward or Path("/nonexistent/ip_forward")))
 
 
 class FakeVMM:

@@ -172,6 +172,9 @@ class Config(_Strict):
     workspace_transport: Literal["auto", "ssh"] = "auto"
     # The unprivileged system user QEMU runs as (created by bangerd if missing).
     vmm_user: str = "banger-vmm"
+    # Where the root helper (`banger-helper`) listens. Set: the daemon does what needs
+    # root (bridge, TAPs, nftables, ip_forward) through it; unset: in its own process.
+    helper_socket: Path | None = None
     # The bundle catalog `image pull NAME` and `kernel pull NAME` resolve names in
     # (a file:// or http(s):// URL of a JSON document); "" for none.
     catalog_url: str = ""
@@ -243,6 +246,13 @@ class Config(_Strict):
         if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", v) or v == "root":
             raise ValueError("must be a system user name (lower case, at most 32 "
                              "characters) other than root")
+        return v
+
+    @field_validator("helper_socket")
+    @classmethod
+    def _helper_socket(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_absolute():
+            raise ValueError("must be an absolute path")
         return v
 
     @field_validator("catalog_url")

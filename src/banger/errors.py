@@ -20,6 +20,7 @@ translated at the boundary that raised them, with ``raise ... from exc``.
     +-- GuestError              guest_error      SSH or a guest command failed
     +-- RegistryError           registry_error   an image registry failed, refused or lied
     +-- Cancelled               cancelled        the user cancelled an operation
+    +-- Refused                 refused          the root helper's policy said no
     +-- DaemonUnavailable       daemon_unavailable  the CLI cannot reach bangerd
     +-- InternalError           internal         a bug; its message names the daemon log
 """
@@ -129,6 +130,13 @@ class RegistryError(BangerError):
 
 class Cancelled(BangerError):
     code = "cancelled"
+
+
+class Refused(BangerError):
+    """The root helper refused a request outside its policy (banger.hostops.policy)."""
+
+    code = "refused"
+    default_hint = "the daemon asked for something its install does not allow; see the helper log"
 
 
 class DaemonUnavailable(BangerError):

@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,3 +152,10 @@ def open_files(pid: int, proc: Path = PROC) -> list[str]:
         with contextlib.suppress(OSError):
             out.append(os.readlink(entry))
     return out
+
+
+def peer_uid(conn: socket.socket) -> int:
+    """The uid of the process at the other end of a Unix socket (``SO_PEERCRED``)."""
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)

@@ -19,20 +19,16 @@ from banger.config import Config, parse_config
 from banger.daemon import reconcile, vmcreate, vmpower
 from banger.daemon.core import Daemon, Seams
 from banger.daemon.dmsnap import CopyCow, DmSnapshotCow, dm_prefix_for
-from banger.daemon.firewall import FirewallSettings, GuestFirewall, GuestRule
-from banger.daemon.network import (
-    IFNAMSIZ,
-    HostChanges,
-    ensure_bridge,
-    restore_host,
-    tap_name,
-    tap_prefix_for,
-)
+from banger.daemon.firewall import GuestFirewall
+from banger.daemon.network import HostChanges, ensure_bridge, restore_host
 from banger.daemon.service import Bangerd
 from banger.errors import HostError, InternalError
+from banger.hostops.client import HostOps
+from banger.hostops.netlink import IFNAMSIZ, tap_name, tap_prefix_for
+from banger.hostops.nft import FirewallSettings, GuestRule
 from banger.layout import Layout, install_tag
 from tests.conftest import FakeWorld, add_fake_image
-from tests.fakes import FakeNet, FakeRunner, instant_ssh, ok
+from tests.fakes import FakeNet, FakeRunner, instant_ssh, local_hostops, ok
 
 # ----------------------------------------------------------------- naming
 
@@ -148,10 +144,17 @@ def test_a_second_installs_sweep_leaves_the_first_ones_taps_and_dm_targets(
 # ----------------------------------------------------------------- host changes
 
 
-def _firewall(runner: FakeRunner, state: Path, fwd: Path) -> GuestFirewall:
-    settings = FirewallSettings(table="banger_t1", bridge="br-x", cidr="10.7.0.1/24",
-                                tap_prefix="bgtt1")
-    return GuestFirewall(runner, settings, state, ip_forward=fwd)
+def _settings(bridge: str = "br-x") -> FirewallSettings:
+    return FirewallSettings(table="banger_t1", bridge=bridge, cidr="10.7.0.1/24",
+                            tap_prefix="bgtt1")
+
+
+def _host(runner: FakeRunner, net: FakeNet, fwd: Path, bridge: str = "br-x") -> HostOps:
+    return local_hostops(runner, _settings(bridge), net, fwd)
+
+
+def _firewall(host: HostOps, state: Path) -> GuestFirewall:
+    return GuestFirewall(host, _settings(), state)
 
 
 NAT_GUEST = GuestRule(tap="bgtt1aaaaaa", ip="10.7.0.2", mac="06:00:0a:07:00:02", nat=True)
@@ -161,11 +164,12 @@ def test_firewall_records_before_changing_and_restore_undoes(tmp_path: Path) -> 
     runner, net = FakeRunner(), FakeNet()
     fwd = tmp_path / "ip_forward"
     fwd.write_text("0\n")
+    host = _host(runner, net, fwd)
     state = tmp_path / "host-network.json"
     changes = HostChanges.load(state)
     assert changes.empty
-    ensure_bridge(net, "br-x", "10.7.0.1/24", changes)
-    fw = _firewall(runner, state, fwd)
+    ensure_bridge(host, "br-x", "10.7.0.1/24", changes)
+    fw = _firewall(host, state)
     # Forwarding waits for the first guest with NAT; one without leaves it alone.
     fw.admit(GuestRule(tap="bgtt1bbbbbb", ip="10.7.0.3", mac="06:00:0a:07:00:03"))
     assert fwd.read_text() == "0\n"
@@ -175,14 +179,14 @@ def test_firewall_records_before_changing_and_restore_undoes(tmp_path: Path) -> 
                                              "nft_table": "banger_t1"}
     # A second daemon (a restart) sees forwarding on but keeps the value banger found.
     again = HostChanges.load(state)
-    ensure_bridge(net, "br-x", "10.7.0.1/24", again)
-    fw2 = _firewall(runner, state, fwd)
+    ensure_bridge(host, "br-x", "10.7.0.1/24", again)
+    fw2 = _firewall(host, state)
     fw2.admit(NAT_GUEST)  # loads the tables afresh
     again = HostChanges.load(state)
     assert again.ip_forward_before == "0" and again.bridge == "br-x"
 
     script = network_script(runner, lambda: restore_host(
-        net, runner, HostChanges.load(state), ip_forward=fwd) == [] or pytest.fail("problems"))
+        host, HostChanges.load(state)) == [] or pytest.fail("problems"))
     assert "delete table inet banger_t1" in script and "delete table bridge banger_t1" in script
     assert fwd.read_text() == "0\n"
     assert "br-x" not in net.links()
@@ -191,24 +195,24 @@ def test_firewall_records_before_changing_and_restore_undoes(tmp_path: Path) -> 
 
 def test_restore_deletes_both_tables_and_a_legacy_record_still_works(tmp_path: Path) -> None:
     runner, net = FakeRunner(), FakeNet()
+    host = _host(runner, net, tmp_path / "fwd")
     state = tmp_path / "host-network.json"
     # What banger wrote before per-install tables: one `ip banger` table, as a bool.
     state.write_text(json.dumps({"ip_forward_before": None, "bridge": None,
                                  "nft_table": True}))
     assert HostChanges.load(state).nft_table == "banger"
     assert network_script(runner, lambda: restore_host(
-        net, runner, HostChanges.load(state))) == "table ip banger\ndelete table ip banger\n"
+        host, HostChanges.load(state))) == "table ip banger\ndelete table ip banger\n"
     assert not state.exists()
     # A daemon of this version that finds the legacy record replaces the old table.
     state.write_text(json.dumps({"ip_forward_before": None, "bridge": None,
                                  "nft_table": True}))
-    fw = _firewall(runner, state, tmp_path / "fwd")
+    fw = _firewall(host, state)
     script = network_script(runner, lambda: fw.admit(
         GuestRule(tap="bgtt1bbbbbb", ip="10.7.0.3", mac="06:00:0a:07:00:03")))
     assert script.startswith("table ip banger\ndelete table ip banger\n")
     assert HostChanges.load(state).nft_table == "banger_t1"
-    assert network_script(runner, lambda: restore_host(
-        net, runner, HostChanges.load(state))) == (
+    assert network_script(runner, lambda: restore_host(host, HostChanges.load(state))) == (
         "table bridge banger_t1\ndelete table bridge banger_t1\n"
         "table inet banger_t1\ndelete table inet banger_t1\n")
 
@@ -236,14 +240,15 @@ def test_restore_leaves_what_banger_found(tmp_path: Path) -> None:
     net.ensure_bridge("br-mine", "10.8.0.1/24")  # the user's own bridge
     fwd = tmp_path / "ip_forward"
     fwd.write_text("1\n")  # forwarding was already on
+    host = _host(runner, net, fwd, bridge="br-mine")
     state = tmp_path / "host-network.json"
     changes = HostChanges.load(state)
-    ensure_bridge(net, "br-mine", "10.8.0.1/24", changes)
-    fw = _firewall(runner, state, fwd)
+    ensure_bridge(host, "br-mine", "10.7.0.1/24", changes)
+    fw = _firewall(host, state)
     fw.admit(NAT_GUEST)
     changes = HostChanges.load(state)
     assert changes.bridge is None and changes.ip_forward_before is None
-    assert restore_host(net, runner, HostChanges.load(state), ip_forward=fwd) == []
+    assert restore_host(host, HostChanges.load(state)) == []
     assert "br-mine" in net.links() and fwd.read_text() == "1\n"
     assert not state.exists()
 
@@ -252,13 +257,14 @@ def test_a_failed_restore_step_stays_recorded(tmp_path: Path) -> None:
     runner, net = FakeRunner(), FakeNet()
     fwd = tmp_path / "ip_forward"
     fwd.write_text("0\n")
+    host = _host(runner, net, fwd)
     state = tmp_path / "host-network.json"
     changes = HostChanges.load(state)
-    ensure_bridge(net, "br-x", "10.7.0.1/24", changes)
-    fw = _firewall(runner, state, fwd)
+    ensure_bridge(host, "br-x", "10.7.0.1/24", changes)
+    fw = _firewall(host, state)
     fw.admit(NAT_GUEST)
     runner.on(["nft"], ok(rc=1, err="Error: Operation not permitted"))
-    problems = restore_host(net, runner, HostChanges.load(state), ip_forward=fwd)
+    problems = restore_host(host, HostChanges.load(state))
     assert len(problems) == 1 and "not permitted" in problems[0]
     # the other steps still ran; only the tables are left for the next stop to retry
     assert fwd.read_text() == "0\n" and "br-x" not in net.links()

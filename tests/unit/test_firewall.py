@@ -17,22 +17,22 @@ from banger.api.params import CreateParams, EgressParams
 from banger.cli.output import network_policy, vm_detail
 from banger.daemon import vmcreate, vmegress, vmpower
 from banger.daemon.core import Daemon
-from banger.daemon.firewall import (
+from banger.daemon.firewall import GuestFirewall
+from banger.errors import BadRequest, CommandFailed
+from banger.hostops.nft import (
     CLOSED_V4,
     PIN_MIN_S,
     PINS_PER_ANSWER,
     FirewallSettings,
-    GuestFirewall,
     GuestRule,
     admit_script,
     forget_script,
     ruleset,
     table_name,
 )
-from banger.errors import BadRequest, CommandFailed
 from banger.runner import Result
 from tests.conftest import FakeWorld
-from tests.fakes import ok
+from tests.fakes import local_hostops, ok
 
 SETTINGS = FirewallSettings(table="banger_t1", bridge="br-t", cidr="10.7.0.1/24",
                             tap_prefix="bgtt1", dns_port=53)
@@ -169,8 +169,8 @@ def test_nft_accepts_the_ruleset_and_admit_forget_are_idempotent(
         netns: NamespaceRunner, tmp_path: Path) -> None:
     fwd = tmp_path / "ip_forward"
     fwd.write_text("0\n")
-    fw = GuestFirewall(netns, SETTINGS, tmp_path / "host-network.json",  # type: ignore[arg-type]
-                       ip_forward=fwd)
+    fw = GuestFirewall(local_hostops(netns, SETTINGS, ip_forward=fwd), SETTINGS,
+                       tmp_path / "host-network.json")
     assert netns.nft("list", "tables").strip() == ""  # nothing until the first guest
     for _ in range(2):
         fw.admit(NAT_GUEST)
@@ -202,8 +202,8 @@ def test_nft_accepts_the_ruleset_and_admit_forget_are_idempotent(
     changes = HostChanges.load(tmp_path / "host-network.json")
     assert changes.nft_table is None
     fw.admit(GUEST)  # loaded again with the next guest
-    assert restore_host(FakeNet(), netns,  # type: ignore[arg-type]
-                        HostChanges.load(tmp_path / "host-network.json"), ip_forward=fwd) == []
+    host = local_hostops(netns, SETTINGS, FakeNet(), fwd)
+    assert restore_host(host, HostChanges.load(tmp_path / "host-network.json")) == []
     assert netns.nft("list", "tables").strip() == ""
     assert fwd.read_text() == "0\n"
 
@@ -216,8 +216,8 @@ def test_allowlists_and_pins_in_real_nft(netns: NamespaceRunner, tmp_path: Path)
     fwd = tmp_path / "ip_forward"
     fwd.write_text("0\n")
     now = [1000.0]
-    fw = GuestFirewall(netns, SETTINGS, tmp_path / "host-network.json",  # type: ignore[arg-type]
-                       ip_forward=fwd, clock=lambda: now[0])
+    fw = GuestFirewall(local_hostops(netns, SETTINGS, ip_forward=fwd), SETTINGS,
+                       tmp_path / "host-network.json", clock=lambda: now[0])
     fw.admit(ALLOWED)
     fw.admit(NAT_GUEST)
     assert "10.7.0.6" in netns.nft("list", "set", "inet", "banger_t1", "allowlisted")
@@ -254,8 +254,8 @@ def test_allowlists_and_pins_in_real_nft(netns: NamespaceRunner, tmp_path: Path)
 
 
 def test_dns_policy_follows_the_guests_spec(tmp_path: Path) -> None:
-    fw = GuestFirewall(ok_runner(), SETTINGS, tmp_path / "hn.json",  # type: ignore[arg-type]
-                       ip_forward=tmp_path / "fwd")
+    fw = GuestFirewall(local_hostops(ok_runner(), SETTINGS, ip_forward=tmp_path / "fwd"),
+                       SETTINGS, tmp_path / "hn.json")
     (tmp_path / "fwd").write_text("0\n")
     for g in (GUEST, NAT_GUEST, ALLOWED):
         fw.admit(g)
@@ -288,6 +288,7 @@ class Feeds:
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.scripts: list[str] = []
+        self.ip_forward = Path("/nonexistent")
 
     def run(self, argv: Sequence[str], **kw: Any) -> Result:
         if list(argv)[:1] == ["nft"]:
@@ -298,10 +299,12 @@ class Feeds:
 @pytest.fixture
 def feeds(daemon: Daemon, world: FakeWorld, tmp_path: Path) -> Feeds:
     rec = Feeds(world.runner)
-    daemon.firewall.runner = rec  # type: ignore[assignment]
     # Never the host's own forwarding switch.
-    daemon.firewall.ip_forward = tmp_path / "ip_forward"
-    daemon.firewall.ip_forward.write_text("0\n")
+    rec.ip_forward = tmp_path / "ip_forward"
+    rec.ip_forward.write_text("0\n")
+    daemon.host = local_hostops(rec, daemon.firewall.settings, world.net, rec.ip_forward)
+    daemon.firewall.host = daemon.host
+    daemon.tap_pool.net = daemon.host
     return rec
 
 
@@ -322,7 +325,7 @@ def test_a_vm_is_admitted_before_its_vmm_and_forgotten_with_its_tap(
     assert any(f'"{vm["tap"]}" . {vm["mac"]} . {vm["ip"]}' in s and
                f"add element inet {daemon.firewall.settings.table} nat_guests {{ {vm['ip']} }}"
                in s for s in feeds.scripts)
-    assert daemon.firewall.ip_forward.read_text() == "1\n"
+    assert feeds.ip_forward.read_text() == "1\n"
     vmpower.stop(daemon, "alpha")
     assert daemon.firewall.admitted() == {}
     # its elements go, then (the last guest) the tables
@@ -334,7 +337,7 @@ def test_nat_defaults_to_the_config_and_allow_private_needs_it(
         daemon: Daemon, feeds: Feeds) -> None:
     vm = vmcreate.create_sync(daemon, CreateParams(name="plain"))
     assert vm["spec"]["nat"] is False and vm["spec"]["allow_private"] is False
-    assert daemon.firewall.ip_forward.read_text() == "0\n"  # no NAT guest: left alone
+    assert feeds.ip_forward.read_text() == "0\n"  # no NAT guest: left alone
     with pytest.raises(BadRequest, match="allow-private"):
         vmcreate.create_sync(daemon, CreateParams(name="odd", allow_private=True))
     vm = vmcreate.create_sync(daemon, CreateParams(name="open", nat=True,

@@ -38,24 +38,20 @@ from banger.daemon.dmsnap import (
     strategy_for,
 )
 from banger.daemon.dns import VMDNS, upstream_from_resolv_conf
-from banger.daemon.firewall import FirewallSettings, GuestFirewall, table_name
+from banger.daemon.firewall import GuestFirewall
 from banger.daemon.forwarder import ForwardTable
 from banger.daemon.guest import Guest, GuestDialer, SSHGuest, boot_key, wait_for_ssh
 from banger.daemon.handles import HandleCache
-from banger.daemon.network import (
-    HostChanges,
-    HostNetwork,
-    NetlinkNetwork,
-    TapPool,
-    ensure_bridge,
-    gateway,
-    tap_prefix_for,
-)
+from banger.daemon.network import HostChanges, TapPool, ensure_bridge, gateway
 from banger.daemon.oci.blobs import BlobCache
 from banger.daemon.opstate import Operation, Registry
 from banger.daemon.sessionctl import SessionRegistry
 from banger.daemon.store import Store, VMRecord
 from banger.errors import BangerError, InternalError, from_foreign
+from banger.hostops.client import HostOps
+from banger.hostops.executor import Executor
+from banger.hostops.netlink import HostNetwork, NetlinkNetwork
+from banger.hostops.policy import Policy
 from banger.layout import Layout
 from banger.protocol import PROTOCOL_VERSION, __version__
 from banger.runner import CancelToken, Runner, SubprocessRunner
@@ -122,6 +118,7 @@ class Seams:
     """Side effects the tests replace. Real implementations by default."""
 
     runner: Runner = field(default_factory=SubprocessRunner)
+    # The links the in-process host operations change (unused with a root helper).
     net: HostNetwork = field(default_factory=NetlinkNetwork)
     vmm_factory: Callable[[str], VMMDriver] | None = None
     cow: CowStrategy | None = None
@@ -211,15 +208,18 @@ class Daemon:
         self.handles = HandleCache(self.layout)
         # Host-wide names (TAPs, dm targets) carry this install's tag, so sweeps of two
         # installs on one host never touch each other's.
-        self.tap_pool = TapPool(self.seams.net, cfg.bridge_name, cfg.tap_pool_size,
-                                tap_prefix_for(self.layout.install_tag))
+        policy = Policy.from_config(cfg)
+        # Everything that needs root: through the helper's socket when one is configured,
+        # else done here, with the same requests checked against the same policy.
+        self.host = (HostOps.connect(cfg.helper_socket) if cfg.helper_socket is not None
+                     else HostOps.local(Executor(policy, self.runner, self.seams.net)))
+        self.tap_pool = TapPool(self.host, cfg.bridge_name, cfg.tap_pool_size,
+                                policy.firewall.tap_prefix)
         self.dm_prefix = dm_prefix_for(self.layout.install_tag)
         # The guests' nftables policy (loaded with the first VM, which is admitted
         # before its VMM runs; deleted when the last VM's TAP goes).
-        self.firewall = GuestFirewall(self.runner, FirewallSettings(
-            table=table_name(self.layout.install_tag), bridge=cfg.bridge_name,
-            cidr=cfg.bridge_cidr, tap_prefix=self.tap_pool.prefix, dns_port=cfg.dns_port,
-            vm_to_vm=cfg.vm_to_vm), self.layout.host_network_state)
+        self.firewall = GuestFirewall(self.host, policy.firewall,
+                                      self.layout.host_network_state)
         self.vm_dns: VMDNS | None = None
         self.forwards = ForwardTable()  # vm forward: open host listeners by VM
         self.sessions = SessionRegistry()  # vm session attach: readers and the writer
@@ -257,7 +257,7 @@ class Daemon:
             if self._net_ready or not self._network_enabled:
                 return
             changes = HostChanges.load(self.layout.host_network_state)
-            ensure_bridge(self.seams.net, self.cfg.bridge_name, self.cfg.bridge_cidr, changes)
+            ensure_bridge(self.host, self.cfg.bridge_name, self.cfg.bridge_cidr, changes)
             # The guest policy is loaded with the first admitted VM, before its VMM
             # runs (GuestFirewall.admit): a pool TAP carries no frame until then.
             self.tap_pool.fill()

@@ -18,9 +18,7 @@ from pathlib import Path
 from banger.config import Config
 from banger.daemon.cgroups import detect as detect_cgroups
 from banger.daemon.dmsnap import dm_snapshot_supported, reflink_supported
-from banger.daemon.firewall import FirewallSettings, ruleset, table_name
 from banger.daemon.hostinfo import kvm_status, which
-from banger.daemon.network import tap_prefix_for
 from banger.daemon.qemuproc.confine import SANDBOX
 from banger.daemon.vmmselect import (
     firecracker_binary,
@@ -29,7 +27,8 @@ from banger.daemon.vmmselect import (
     resolve_vmm,
 )
 from banger.errors import BangerError
-from banger.layout import install_tag
+from banger.hostops.nft import ruleset
+from banger.hostops.policy import Policy
 from banger.runner import Runner, SubprocessRunner
 from banger.vmmuser import lookup_user
 
@@ -230,10 +229,7 @@ def _nftables(cfg: Config, runner: Runner) -> Check:
     if os.geteuid() != 0 or which("nft") is None:
         return Check("nftables", Status.FAIL, "nft is missing or bangerd is not root",
                      "install nftables (apt-get install nftables); run banger as root")
-    tag = install_tag(cfg.state_dir)
-    settings = FirewallSettings(table=table_name(tag), bridge=cfg.bridge_name,
-                                cidr=cfg.bridge_cidr, tap_prefix=tap_prefix_for(tag),
-                                dns_port=cfg.dns_port, vm_to_vm=cfg.vm_to_vm)
+    settings = Policy.from_config(cfg).firewall
     ns = f"banger-doctor-{secrets.token_hex(3)}"
     try:
         runner.run(["ip", "netns", "add", ns], desc="create a scratch netns", timeout=10)

@@ -43,118 +43,30 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from banger import egress
 from banger.daemon.dns import ClientPolicy
-from banger.daemon.network import (
-    IP_FORWARD,
-    LEGACY_NFT_TABLE,
-    HostChanges,
-    enable_forwarding,
-    gateway,
-    nft_delete_tables,
-)
+from banger.daemon.network import HostChanges, enable_forwarding, gateway
 from banger.errors import BangerError
-from banger.runner import Runner
+from banger.hostops.client import HostOps
+from banger.hostops.nft import (
+    LEGACY_NFT_TABLE,
+    PIN_MAX_S,
+    PIN_MIN_S,
+    PINS_PER_ANSWER,
+    FirewallSettings,
+    GuestRule,
+)
 
 if TYPE_CHECKING:
     from banger.daemon.store import VMRecord
 
 log = logging.getLogger("banger.firewall")
-
-TABLE_PREFIX = "banger_"
-# Private and special IPv4 ranges a NAT guest still cannot reach without --allow-private:
-# RFC 1918, CGNAT (RFC 6598), link-local (cloud metadata at 169.254.169.254), loopback,
-# "this network", and multicast + reserved + limited broadcast (224/4, 240/4).
-CLOSED_V4 = ("0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
-             "172.16.0.0/12", "192.168.0.0/16", "224.0.0.0/3")
-_CLOSED_NETS = tuple(ipaddress.IPv4Network(n) for n in CLOSED_V4)
-# A pinned DNS answer lives for its TTL, but never less than PIN_MIN_S (a TTL of 0 must
-# still let the guest connect) nor more than PIN_MAX_S; PINS_PER_ANSWER bounds what
-# one answer can add, ALLOW_DNS_SIZE the whole set.
-PIN_MIN_S = 30
-PIN_MAX_S = 86400
-PINS_PER_ANSWER = 32
-ALLOW_DNS_SIZE = 65536
-_TABLE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
-_IFNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
-
-
-def table_name(install_tag: str) -> str:
-    """The name of this install's two nftables tables (``inet`` and ``bridge``)."""
-    name = TABLE_PREFIX + install_tag
-    if not _TABLE_RE.fullmatch(name):
-        raise ValueError(f"install tag {install_tag!r} does not make an nftables name")
-    return name
-
-
-@dataclass(frozen=True)
-class FirewallSettings:
-    """What the rules depend on; fixed for a daemon's lifetime (config is read once)."""
-
-    table: str  # table_name(install tag)
-    bridge: str
-    cidr: str  # the bridge's gateway address and prefix, e.g. 172.29.0.1/24
-    tap_prefix: str  # network.tap_prefix_for(install tag)
-    dns_port: int = 53
-    vm_to_vm: bool = False
-
-    def __post_init__(self) -> None:
-        # Everything here is pasted into nft's input: refuse anything that could
-        # change the ruleset's meaning instead of quoting it.
-        if not _TABLE_RE.fullmatch(self.table):
-            raise ValueError(f"bad nftables table name {self.table!r}")
-        for name in (self.bridge, self.tap_prefix):
-            if not _IFNAME_RE.fullmatch(name):
-                raise ValueError(f"bad interface name {name!r}")
-        ipaddress.IPv4Interface(self.cidr)
-        if not 1 <= self.dns_port <= 65535:
-            raise ValueError(f"bad DNS port {self.dns_port}")
-
-
-@dataclass(frozen=True)
-class GuestRule:
-    """One VM's entry in the policy: its TAP, the address pair banger gave it, its egress."""
-
-    tap: str
-    ip: str
-    mac: str
-    nat: bool = False
-    allow_private: bool = False
-    allowlist: egress.Allowlist = field(default_factory=egress.Allowlist)
-
-    def __post_init__(self) -> None:
-        if not _IFNAME_RE.fullmatch(self.tap):
-            raise ValueError(f"bad TAP name {self.tap!r}")
-        ipaddress.IPv4Address(self.ip)
-        if not re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", self.mac):
-            raise ValueError(f"bad MAC {self.mac!r}")
-
-    def dns_policy(self) -> ClientPolicy:
-        """What banger's resolver answers this guest: ``.vm`` names only without NAT
-        (so a closed guest cannot tunnel through the host's resolver), else every name
-        or, with an allowlist, only its domains."""
-        if not self.nat:
-            return ClientPolicy(forward=False)
-        if self.allowlist:
-            return ClientPolicy(forward=True, allows=self.allowlist.allows_name)
-        return ClientPolicy(forward=True)
-
-    def pinnable(self, address: str) -> bool:
-        """Whether a DNS answer may open ``address`` to this guest: only an allowlisted
-        guest's, and a private or special address only with ``allow_private``."""
-        if not self.allowlist:
-            return False
-        addr = ipaddress.IPv4Address(address)
-        return self.allow_private or not any(addr in net for net in _CLOSED_NETS)
-
 
 def guest_rule(vm: VMRecord, tap: str) -> GuestRule:
     """``vm``'s entry in the policy, on ``tap``: its address pair and its spec's egress."""
@@ -163,175 +75,15 @@ def guest_rule(vm: VMRecord, tap: str) -> GuestRule:
                      allowlist=egress.parse(vm.spec.allow_out))
 
 
-def ruleset(s: FirewallSettings) -> str:
-    """Both tables, replacing any earlier version of them in one nft transaction.
-
-    ``table X`` + ``delete table X`` first makes the load idempotent (nft's "delete if
-    it exists"); the new tables start with empty per-VM sets, refilled by admitting
-    the running VMs again (reconcile does, when the daemon starts).
-    """
-    t, br, p = s.table, s.bridge, s.tap_prefix
-    gw, net = gateway(s.cidr), ipaddress.IPv4Interface(s.cidr).network
-    between_guests = "accept" if s.vm_to_vm else "drop"
-    closed = ", ".join(CLOSED_V4)
-    return f"""table bridge {t}
-delete table bridge {t}
-table inet {t}
-delete table inet {t}
-table bridge {t} {{
-  set guests {{
-    type ifname . ether_addr . ipv4_addr
-  }}
-  set guests_arp {{
-    type ifname . ether_addr . ether_addr . ipv4_addr
-  }}
-  chain prerouting {{
-    type filter hook prerouting priority -300; policy accept;
-    iifname "{p}*" jump from_guest
-  }}
-  chain from_guest {{
-    ether type ip iifname . ether saddr . ip saddr @guests return
-    ether type arp iifname . ether saddr . arp saddr ether . arp saddr ip @guests_arp return
-    drop
-  }}
-  chain forward {{
-    type filter hook forward priority filter; policy accept;
-    iifname "{p}*" oifname "{p}*" {between_guests}
-  }}
-}}
-table inet {t} {{
-  set nat_guests {{
-    type ipv4_addr
-  }}
-  set private_guests {{
-    type ipv4_addr
-  }}
-  set closed {{
-    type ipv4_addr
-    flags interval
-    elements = {{ {closed} }}
-  }}
-  set allowlisted {{
-    type ipv4_addr
-  }}
-  set allow_net {{
-    type ipv4_addr . ipv4_addr
-    flags interval
-  }}
-  set allow_dns {{
-    type ipv4_addr . ipv4_addr
-    flags timeout
-    size {ALLOW_DNS_SIZE}
-  }}
-  chain input {{
-    type filter hook input priority filter; policy accept;
-    iifname "{br}" ip saddr {net} jump from_guest
-  }}
-  chain from_guest {{
-    ct state established,related accept
-    ip daddr {gw} udp dport {s.dns_port} accept
-    ip daddr {gw} tcp dport {s.dns_port} accept
-    drop
-  }}
-  chain forward {{
-    type filter hook forward priority filter; policy accept;
-    iifname "{br}" ip saddr {net} jump out_of_guest
-  }}
-  chain out_of_guest {{
-    oifname "{br}" {between_guests}
-    ct state established,related accept
-    ip saddr != @nat_guests drop
-    ip saddr @allowlisted jump allowlist
-    ip saddr @private_guests accept
-    ip daddr @closed drop
-    accept
-  }}
-  chain allowlist {{
-    ip saddr . ip daddr @allow_net accept
-    ip saddr . ip daddr @allow_dns accept
-    drop
-  }}
-  chain postrouting {{
-    type nat hook postrouting priority srcnat; policy accept;
-    oifname != "{br}" ip saddr @nat_guests masquerade
-  }}
-}}
-"""
-
-
-def _ensure_absent(family: str, table: str, set_name: str, element: str) -> list[str]:
-    # nft has no "delete if present" for an element: adding it first makes the delete
-    # succeed either way, in the same (atomic) transaction.
-    return [f"add element {family} {table} {set_name} {{ {element} }}",
-            f"delete element {family} {table} {set_name} {{ {element} }}"]
-
-
-def _remove_lines(s: FirewallSettings, g: GuestRule, pins: Iterable[str]) -> list[str]:
-    """Lines removing every element ``g`` (and its pinned addresses) may have added."""
-    t = s.table
-    lines = [
-        *_ensure_absent("bridge", t, "guests", f'"{g.tap}" . {g.mac} . {g.ip}'),
-        *_ensure_absent("bridge", t, "guests_arp", f'"{g.tap}" . {g.mac} . {g.mac} . {g.ip}'),
-    ]
-    for set_name in ("nat_guests", "private_guests", "allowlisted"):
-        lines += _ensure_absent("inet", t, set_name, g.ip)
-    for net in g.allowlist.networks:
-        lines += _ensure_absent("inet", t, "allow_net", f"{g.ip} . {net}")
-    for addr in pins:
-        lines += _ensure_absent("inet", t, "allow_dns", f"{g.ip} . {addr}")
-    return lines
-
-
-def admit_script(s: FirewallSettings, g: GuestRule,
-                 previous: Sequence[tuple[GuestRule, Iterable[str]]] = ()) -> str:
-    """The nft transaction giving ``g``'s TAP its address pair and egress; idempotent.
-
-    ``previous`` are the rules (with their pinned addresses) this one replaces: the
-    same TAP or the same IP admitted earlier (``vm set-egress``, a failed removal).
-    Their elements go first, and the IP is taken out of the egress sets, so a stale
-    element never grants this VM more than its own spec.
-    """
-    t = s.table
-    lines: list[str] = []
-    for old, pins in previous:
-        lines += _remove_lines(s, old, pins)
-    lines += [
-        f'add element bridge {t} guests {{ "{g.tap}" . {g.mac} . {g.ip} }}',
-        f'add element bridge {t} guests_arp {{ "{g.tap}" . {g.mac} . {g.mac} . {g.ip} }}',
-    ]
-    for set_name in ("nat_guests", "private_guests", "allowlisted"):
-        lines += _ensure_absent("inet", t, set_name, g.ip)
-    if g.nat:
-        lines.append(f"add element inet {t} nat_guests {{ {g.ip} }}")
-    if g.allow_private:
-        lines.append(f"add element inet {t} private_guests {{ {g.ip} }}")
+def guest_dns_policy(g: GuestRule) -> ClientPolicy:
+    """What banger's resolver answers ``g``'s guest: ``.vm`` names only without NAT (so a
+    closed guest cannot tunnel through the host's resolver), else every name or, with an
+    allowlist, only its domains."""
+    if not g.nat:
+        return ClientPolicy(forward=False)
     if g.allowlist:
-        lines.append(f"add element inet {t} allowlisted {{ {g.ip} }}")
-    if g.allowlist.networks:
-        nets = ", ".join(f"{g.ip} . {net}" for net in g.allowlist.networks)
-        lines.append(f"add element inet {t} allow_net {{ {nets} }}")
-    return "\n".join(lines) + "\n"
-
-
-def forget_script(s: FirewallSettings, g: GuestRule, pins: Iterable[str] = ()) -> str:
-    """The nft transaction removing every element of ``g``; idempotent."""
-    return "\n".join(_remove_lines(s, g, pins)) + "\n"
-
-
-def pin_script(s: FirewallSettings, guest_ip: str, pins: dict[str, int]) -> str:
-    """The nft transaction letting ``guest_ip`` reach each address for its seconds.
-
-    An element already there keeps its old timeout on a plain ``add``; adding it with
-    any timeout and deleting it first makes the new timeout the one that counts.
-    """
-    t = s.table
-    lines: list[str] = []
-    for addr, seconds in pins.items():
-        element = f"{guest_ip} . {addr}"
-        lines += [f"add element inet {t} allow_dns {{ {element} timeout 1s }}",
-                  f"delete element inet {t} allow_dns {{ {element} }}",
-                  f"add element inet {t} allow_dns {{ {element} timeout {seconds}s }}"]
-    return "\n".join(lines) + "\n"
+        return ClientPolicy(forward=True, allows=g.allowlist.allows_name)
+    return ClientPolicy(forward=True)
 
 
 class GuestFirewall:
@@ -345,13 +97,11 @@ class GuestFirewall:
     30 s budget) and the host-network record; no other lock is taken under it.
     """
 
-    def __init__(self, runner: Runner, settings: FirewallSettings, changes_path: Path,
-                 ip_forward: Path = IP_FORWARD,
+    def __init__(self, host: HostOps, settings: FirewallSettings, changes_path: Path,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.runner = runner
+        self.host = host
         self.settings = settings
         self.changes_path = changes_path
-        self.ip_forward = ip_forward
         self._clock = clock
         self._mu = threading.Lock()
         self._loaded = False
@@ -376,8 +126,7 @@ class GuestFirewall:
                 self._enable_forwarding()
             previous = [r for r in self._admitted.values() if g.tap == r.tap or g.ip == r.ip]
             stale = [(r, list(self._pins.get(r.ip, {}))) for r in previous]
-            self._nft(admit_script(self.settings, g, stale),
-                      f"admit {g.tap} to the guest network")
+            self.host.nft_admit(g, stale)
             for r in previous:
                 self._admitted.pop(r.tap, None)
                 self._pins.pop(r.ip, None)
@@ -396,8 +145,7 @@ class GuestFirewall:
             if g is None:
                 return
             pins = list(self._pins.get(g.ip, {}))
-            self._nft(forget_script(self.settings, g, pins),
-                      f"remove {tap} from the guest network")
+            self.host.nft_forget(g, pins)
             self._admitted.pop(tap, None)
             self._pins.pop(g.ip, None)
             if not self._admitted:
@@ -425,7 +173,7 @@ class GuestFirewall:
         with self._mu:
             g = self._rule_of(client)
         if g is not None:
-            return g.dns_policy()
+            return guest_dns_policy(g)
         if addr in self._guest_net and str(addr) != self._gateway:
             return ClientPolicy(forward=False)
         return None
@@ -454,7 +202,7 @@ class GuestFirewall:
                     pins[addr] = min(max(ttl, PIN_MIN_S), PIN_MAX_S)
             if not pins:
                 return []
-            self._nft(pin_script(self.settings, g.ip, pins), f"pin DNS answers for {g.ip}")
+            self.host.nft_pin(g.ip, pins)
             now = self._clock()
             held = self._pins.setdefault(g.ip, {})
             for addr in [a for a, expiry in held.items() if expiry < now]:
@@ -483,8 +231,7 @@ class GuestFirewall:
         legacy = changes.nft_table == LEGACY_NFT_TABLE
         changes.nft_table = self.settings.table
         changes.save()
-        script = (nft_delete_tables(LEGACY_NFT_TABLE) if legacy else "") + ruleset(self.settings)
-        self._nft(script, "load banger's guest network rules")
+        self.host.nft_load(drop_legacy=legacy)
         self._loaded = True
         self._pins.clear()
 
@@ -494,7 +241,7 @@ class GuestFirewall:
             self._loaded = False
             return
         try:
-            self._nft(nft_delete_tables(changes.nft_table), "delete banger's guest network rules")
+            self.host.nft_delete(changes.nft_table)
         except BangerError as exc:
             # Harmless while no guest runs: the next admit replaces them, the daemon's
             # stop retries the removal (the record stays).
@@ -509,8 +256,5 @@ class GuestFirewall:
         if self._forwarding:
             return
         changes = HostChanges.load(self.changes_path)
-        enable_forwarding(changes, self.ip_forward)
+        enable_forwarding(self.host, changes)
         self._forwarding = True
-
-    def _nft(self, script: str, desc: str) -> None:
-        self.runner.run(["nft", "-f", "-"], input=script.encode(), desc=desc, timeout=30)

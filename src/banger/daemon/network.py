@@ -1,9 +1,10 @@
 """Host networking: the bridge, per-VM TAPs (with a small warm pool), guest IPs.
 
 Every VM gets a TAP enslaved to ``bridge_name`` and a static address from
-``bridge_cidr``; the bridge holds the gateway address. Netlink work goes
-through :class:`HostNetwork` (pyroute2 for real, a dict for unit tests).
-TAP names carry the install's tag (:func:`tap_prefix_for`). What banger changes
+``bridge_cidr``; the bridge holds the gateway address. Link work goes through
+:class:`~banger.hostops.client.HostOps` (root's, in process or in the helper; a
+dict in unit tests). TAP names carry the install's tag
+(:func:`banger.hostops.netlink.tap_prefix_for`). What banger changes
 on the host (bridge, nftables tables, ``ip_forward``) is recorded in a
 :class:`HostChanges` file first and undone by :func:`restore_host`. The guests'
 nftables policy itself is :mod:`banger.daemon.firewall`'s.
@@ -15,142 +16,20 @@ import ipaddress
 import json
 import logging
 import re
-import secrets
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
 
-from banger.errors import HostError
+from banger.errors import BangerError, HostError
 from banger.fsutil import atomic_write
-from banger.runner import Runner
+from banger.hostops.client import HostOps
+from banger.hostops.netlink import HostNetwork, tap_name
+from banger.hostops.nft import LEGACY_NFT_TABLE
 
 log = logging.getLogger("banger.network")
 
-TAP_PREFIX = "bgt"  # every TAP banger creates starts with this, then the install tag
-IFNAMSIZ = 16  # linux/if.h, including the NUL: a link name has at most 15 characters
-TAP_RANDOM_HEX = 6  # random hex digits after the install's prefix
 NFT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")  # a table name banger may record
-
-
-def tap_prefix_for(install_tag: str) -> str:
-    """The prefix of every TAP one install creates: ``bgt`` + its install tag.
-
-    Sweeps delete only links with their own install's prefix, so two installs (two
-    state dirs) on one host never delete each other's TAPs.
-    """
-    prefix = TAP_PREFIX + install_tag
-    if len(prefix) + TAP_RANDOM_HEX > IFNAMSIZ - 1:
-        raise ValueError(f"install tag {install_tag!r} leaves no room in a TAP name")
-    return prefix
-
-
-def tap_name(prefix: str) -> str:
-    """A fresh TAP name: ``prefix`` (see :func:`tap_prefix_for`) + 6 random hex digits.
-
-    ``bgt`` + a 6-digit tag + 6 digits is 15 characters, IFNAMSIZ's limit. TAPs are
-    pooled before a VM claims one, so the name cannot carry the 12-digit VM id; 6
-    random digits make a clash within one install (at most a few hundred TAPs, one
-    per guest address) unlikely, and a clash is refused by ``create_tap``, not merged.
-    """
-    return prefix + secrets.token_hex(TAP_RANDOM_HEX // 2)
-
-
-class HostNetwork(Protocol):
-    def ensure_bridge(self, name: str, cidr: str) -> None:
-        """Create bridge ``name`` if missing, give it ``cidr``'s address, bring it up."""
-        ...
-
-    def create_tap(self, name: str, bridge: str) -> None:
-        """Create TAP ``name``, enslave it to ``bridge`` and bring it up."""
-        ...
-
-    def delete_link(self, name: str) -> None:
-        """Delete link ``name``; a missing link is not an error."""
-        ...
-
-    def links(self) -> list[str]:
-        """The names of every network link on the host."""
-        ...
-
-
-class NetlinkNetwork:
-    """The real implementation, over rtnetlink via pyroute2."""
-
-    def _ipr(self) -> Any:
-        from pyroute2 import IPRoute
-
-        return IPRoute()
-
-    def ensure_bridge(self, name: str, cidr: str) -> None:
-        """Create bridge ``name`` if missing, add ``cidr``'s address if absent, set it up.
-
-        Raises:
-            HostError: any netlink failure (usually missing CAP_NET_ADMIN).
-        """
-        iface = ipaddress.ip_interface(cidr)
-        try:
-            with self._ipr() as ipr:
-                found = ipr.link_lookup(ifname=name)
-                if not found:
-                    ipr.link("add", ifname=name, kind="bridge")
-                    found = ipr.link_lookup(ifname=name)
-                idx = found[0]
-                have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"])
-                        for a in ipr.get_addr(index=idx, family=2)}
-                if (str(iface.ip), iface.network.prefixlen) not in have:
-                    ipr.addr("add", index=idx, address=str(iface.ip),
-                             prefixlen=iface.network.prefixlen)
-                ipr.link("set", index=idx, state="up")
-        except Exception as exc:
-            raise HostError(f"cannot set up bridge {name} ({cidr}): {exc}",
-                            hint="banger needs root (CAP_NET_ADMIN); see `banger doctor`") from exc
-
-    def create_tap(self, name: str, bridge: str) -> None:
-        """Create TAP ``name`` enslaved to ``bridge`` and up.
-
-        Raises:
-            HostError: the bridge is missing, or netlink failed (the half-made TAP
-                is deleted first).
-        """
-        try:
-            with self._ipr() as ipr:
-                bidx = ipr.link_lookup(ifname=bridge)
-                if not bidx:
-                    raise HostError(f"bridge {bridge} is missing")
-                if ipr.link_lookup(ifname=name):
-                    # Someone else's link (or a VM's TAP): never adopt it, and never
-                    # delete it in the clean-up below.
-                    raise HostError(f"cannot create tap {name}: a link of that name exists")
-                ipr.link("add", ifname=name, kind="tuntap", mode="tap")
-                tidx = ipr.link_lookup(ifname=name)[0]
-                ipr.link("set", index=tidx, master=bidx[0], state="up")
-        except HostError:
-            raise
-        except Exception as exc:
-            self.delete_link(name)
-            raise HostError(f"cannot create tap {name}: {exc}",
-                            hint="check /dev/net/tun with `banger doctor`") from exc
-
-    def delete_link(self, name: str) -> None:
-        """Delete link ``name`` if it exists.
-
-        Raises:
-            HostError: netlink refused the deletion.
-        """
-        try:
-            with self._ipr() as ipr:
-                found = ipr.link_lookup(ifname=name)
-                if found:
-                    ipr.link("del", index=found[0])
-        except Exception as exc:
-            raise HostError(f"cannot delete link {name}: {exc}") from exc
-
-    def links(self) -> list[str]:
-        """The names of every network link on the host."""
-        with self._ipr() as ipr:
-            return [str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()]
 
 
 class TapPool:
@@ -252,12 +131,6 @@ def mac_for_ip(ip: str) -> str:
     return "06:00:" + ":".join(f"{x:02x}" for x in b)
 
 
-LEGACY_NFT_TABLE = "banger"  # the one `ip` table banger loaded before per-install tables
-
-
-IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")  # per network namespace
-
-
 @dataclass
 class HostChanges:
     """What banger changed in its network namespace, so it can be undone later.
@@ -334,7 +207,7 @@ def ensure_bridge(net: HostNetwork, name: str, cidr: str, changes: HostChanges) 
     net.ensure_bridge(name, cidr)
 
 
-def enable_forwarding(changes: HostChanges, ip_forward: Path = IP_FORWARD) -> None:
+def enable_forwarding(host: HostOps, changes: HostChanges) -> None:
     """Turn on IPv4 forwarding (this network namespace only), for guests with NAT.
 
     ``changes`` records the value banger found, before it is changed, so
@@ -343,33 +216,17 @@ def enable_forwarding(changes: HostChanges, ip_forward: Path = IP_FORWARD) -> No
     Raises:
         HostError: forwarding cannot be read or set.
     """
-    try:
-        before = ip_forward.read_text().strip()
-    except OSError as exc:
-        raise HostError(f"cannot read IPv4 forwarding ({ip_forward}): {exc.strerror}",
-                        hint="run bangerd as root, or create the VM without --nat") from exc
+    before = host.ip_forward()
     if before == "1":
         return
     if changes.ip_forward_before is None:
         changes.ip_forward_before = before
         changes.save()
-    try:
-        ip_forward.write_text("1\n")
-    except OSError as exc:
-        raise HostError(f"cannot enable IPv4 forwarding: {exc.strerror}",
-                        hint="run bangerd as root, or create the VM without --nat") from exc
+    host.ip_forward("1")
 
 
-def nft_delete_tables(name: str) -> str:
-    """The nft transaction deleting the tables ``changes.nft_table`` names (if present)."""
-    families = ["ip"] if name == LEGACY_NFT_TABLE else ["bridge", "inet"]
-    # `table X` + `delete table X`: nft's "delete if it exists", in one transaction.
-    return "".join(f"table {f} {name}\ndelete table {f} {name}\n" for f in families)
-
-
-def restore_host(net: HostNetwork, runner: Runner, changes: HostChanges,
-                 ip_forward: Path = IP_FORWARD) -> list[str]:
-    """Undo what ``changes`` records: the nftables table, the bridge, ``ip_forward``.
+def restore_host(host: HostOps, changes: HostChanges) -> list[str]:
+    """Undo what ``changes`` records: the nftables tables, the bridge, ``ip_forward``.
 
     Each step runs even when an earlier one failed; what could not be undone stays in
     the record for the next daemon stop to retry. The caller has already released
@@ -381,26 +238,21 @@ def restore_host(net: HostNetwork, runner: Runner, changes: HostChanges,
     problems: list[str] = []
     if changes.nft_table is not None:
         try:
-            script = nft_delete_tables(changes.nft_table)
-            res = runner.run(["nft", "-f", "-"], input=script.encode(),
-                             desc="delete banger's nftables tables", timeout=30, check=False)
-            if res.returncode == 0:
-                changes.nft_table = None
-            else:
-                problems.append(f"nft delete table {changes.nft_table}: {res.err.strip()}")
-        except HostError as exc:
-            problems.append(exc.message)
+            host.nft_delete(changes.nft_table)
+            changes.nft_table = None
+        except BangerError as exc:
+            problems.append(f"nft delete table {changes.nft_table}: {exc.message}")
     if changes.bridge is not None:
         try:
-            net.delete_link(changes.bridge)
+            host.delete_link(changes.bridge)
             changes.bridge = None
-        except HostError as exc:
+        except BangerError as exc:
             problems.append(exc.message)
     if changes.ip_forward_before is not None:
         try:
-            ip_forward.write_text(changes.ip_forward_before + "\n")
+            host.ip_forward(changes.ip_forward_before)
             changes.ip_forward_before = None
-        except OSError as exc:
-            problems.append(f"cannot restore {ip_forward}: {exc.strerror}")
+        except BangerError as exc:
+            problems.append(f"cannot restore ip_forward: {exc.message}")
     changes.save()
     return problems

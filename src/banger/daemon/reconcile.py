@@ -298,16 +298,16 @@ def sweep(d: Daemon) -> dict[str, list[str]]:
             removed["processes"].append(str(pid))
 
     try:
-        links = d.seams.net.links()
+        links = d.host.links()
     except Exception as exc:
         log.warning("sweep: cannot list links: %s", exc)
         links = []
     for link in links:
         if link.startswith(d.tap_pool.prefix) and link not in owned_taps:
             try:
-                d.seams.net.delete_link(link)
+                d.host.delete_link(link)
                 removed["taps"].append(link)
-            except HostError as exc:
+            except BangerError as exc:
                 log.warning("sweep: %s", exc)
 
     # ssh masters of VMs this install no longer has (a teardown ends a VM's own).

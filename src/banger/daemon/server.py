@@ -14,7 +14,6 @@ import logging
 import os
 import secrets
 import socket
-import struct
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from banger import api
 from banger.daemon.core import current_op
 from banger.errors import BadRequest, BadVersion, BangerError, HostError, InternalError
+from banger.proc import peer_uid
 from banger.protocol import MAX_FRAME
 
 if TYPE_CHECKING:
@@ -32,12 +32,6 @@ log = logging.getLogger("banger.server")
 MAX_CONNECTIONS = 128  # concurrent clients; more are refused by closing at once
 IDLE_TIMEOUT_S = 300.0  # a connection that sends nothing for this long is closed
 ACCEPT_POLL_S = 0.5  # how often the accept loop checks for shutdown
-
-
-def _peer_uid(conn: socket.socket) -> int:
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return int(uid)
 
 
 class RPCServer:
@@ -92,7 +86,7 @@ class RPCServer:
 
     def _serve_conn(self, conn: socket.socket) -> None:
         try:
-            uid = _peer_uid(conn)
+            uid = peer_uid(conn)
             if uid not in self.allowed_uids:
                 log.warning("dropped a connection from uid %d", uid)
                 return

@@ -144,7 +144,7 @@ class Bangerd(Daemon):
                 problems = self._delete_own_taps()
                 changes = HostChanges.load(self.layout.host_network_state)
                 if not changes.empty:
-                    problems += restore_host(self.seams.net, self.runner, changes)
+                    problems += restore_host(self.host, changes)
             except BangerError as exc:
                 log.warning("host network not restored: %s (%s)", exc.message, exc.hint)
                 return
@@ -159,15 +159,15 @@ class Bangerd(Daemon):
         """Delete every TAP with this install's prefix (no VM holds one when idle): the
         drained pool's, and any a failed release left. Returns the failures."""
         try:
-            links = self.seams.net.links()
+            links = self.host.links()
         except Exception as exc:  # pyroute2 raises its own errors; say, and go on
             return [f"cannot list links: {exc}"]
         problems = []
         for link in links:
             if link.startswith(self.tap_pool.prefix):
                 try:
-                    self.seams.net.delete_link(link)
-                except HostError as exc:
+                    self.host.delete_link(link)
+                except BangerError as exc:
                     problems.append(exc.message)
         return problems
 

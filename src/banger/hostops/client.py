@@ -1,0 +1,153 @@
+""":class:`HostOps`: the daemon's one way to do what needs root.
+
+Each method builds a request of :mod:`banger.hostops.ops` and hands it to a
+transport: in process (the single-process root mode of development and CI), the
+request goes through a JSON round trip and the same :class:`Executor` the helper
+runs; installed, it goes over the root helper's socket (:func:`socket_transport`).
+Either way the request is parsed and checked against the install's policy before
+anything is done.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from banger.errors import BadVersion, DaemonUnavailable, from_code
+from banger.hostops import ops
+from banger.hostops.executor import Executor
+from banger.hostops.nft import GuestRule
+
+Transport = Callable[[ops.Request], Any]
+CONNECT_TIMEOUT_S = 5.0
+REPLY_TIMEOUT_S = 120.0  # above the executor's own budgets (nft: 30 s)
+MAX_REPLY = 1 << 20  # a link list is the largest answer
+
+_REQUEST: TypeAdapter[ops.Request] = TypeAdapter(ops.Request)
+
+
+def local_transport(executor: Executor) -> Transport:
+    """Run requests in this process, parsed back from their JSON as the helper would."""
+
+    def send(req: ops.Request) -> Any:
+        return executor.handle(_REQUEST.validate_json(_REQUEST.dump_json(req)))
+
+    return send
+
+
+def socket_transport(path: Path) -> Transport:
+    """Send each request over its own connection to the helper at ``path``."""
+    counter = iter(range(1, 2**53))
+
+    def send(req: ops.Request) -> Any:
+        env = ops.Envelope(v=ops.HELPER_PROTOCOL, id=next(counter), req=req)
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(CONNECT_TIMEOUT_S)
+                s.connect(str(path))
+                s.settimeout(REPLY_TIMEOUT_S)
+                s.sendall(env.model_dump_json().encode() + b"\n")
+                raw = _read_line(s)
+        except OSError as exc:
+            raise DaemonUnavailable(
+                f"cannot reach banger's root helper at {path}: {exc.strerror or exc}",
+                hint="`banger system status` shows the helper service") from exc
+        try:
+            reply = ops.Reply.model_validate_json(raw)
+        except ValidationError as exc:
+            raise BadVersion(f"the root helper at {path} answered in a form this banger "
+                             "does not know", hint="reinstall banger so the daemon and "
+                             "the helper are one version") from exc
+        if reply.error is not None:
+            raise from_code(reply.error.code, reply.error.message, reply.error.hint)
+        return reply.result
+
+    return send
+
+
+def _read_line(s: socket.socket) -> bytes:
+    buf = bytearray()
+    while b"\n" not in buf:
+        chunk = s.recv(65536)
+        if not chunk:
+            raise ConnectionResetError("the helper closed the connection without answering")
+        buf += chunk
+        if len(buf) > MAX_REPLY:
+            raise ConnectionResetError("the helper's answer is too long")
+    return bytes(buf[: buf.index(b"\n")])
+
+
+def _rule(g: GuestRule) -> ops.Rule:
+    entries = [str(n) for n in g.allowlist.networks] + list(g.allowlist.domains)
+    return ops.Rule(tap=g.tap, ip=g.ip, mac=g.mac, nat=g.nat, allow_private=g.allow_private,
+                    allow_out=entries)
+
+
+class HostOps:
+    """Bridge, TAPs, the guests' nftables policy and forwarding, through one transport."""
+
+    def __init__(self, transport: Transport) -> None:
+        self._send = transport
+
+    @classmethod
+    def local(cls, executor: Executor) -> HostOps:
+        """Host operations done in this process (the daemon runs as root)."""
+        return cls(local_transport(executor))
+
+    @classmethod
+    def connect(cls, path: Path) -> HostOps:
+        """Host operations done by the root helper listening at ``path``."""
+        return cls(socket_transport(path))
+
+    def ensure_bridge(self, name: str, cidr: str) -> None:
+        """Create bridge ``name`` if missing, give it ``cidr``'s address, bring it up."""
+        self._send(ops.EnsureBridge(name=name, cidr=cidr))
+
+    def create_tap(self, name: str, bridge: str) -> None:
+        """Create TAP ``name``, enslave it to ``bridge`` and bring it up."""
+        self._send(ops.CreateTap(name=name, bridge=bridge))
+
+    def delete_link(self, name: str) -> None:
+        """Delete link ``name``; a missing link is not an error."""
+        self._send(ops.DeleteLink(name=name))
+
+    def links(self) -> list[str]:
+        """The names of every network link on the host."""
+        names = self._send(ops.ListLinks())
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise BadVersion("the root helper's link list is not a list of names")
+        return names
+
+    def nft_load(self, drop_legacy: bool = False) -> None:
+        """Load (or replace) the install's tables, empty of guests."""
+        self._send(ops.NftLoad(drop_legacy=drop_legacy))
+
+    def nft_admit(self, rule: GuestRule,
+                  previous: Sequence[tuple[GuestRule, Iterable[str]]] = ()) -> None:
+        """Give ``rule``'s TAP its address pair and egress, replacing ``previous``."""
+        self._send(ops.NftAdmit(rule=_rule(rule), previous=[
+            ops.Stale(rule=_rule(old), pins=list(pins)) for old, pins in previous]))
+
+    def nft_forget(self, rule: GuestRule, pins: Iterable[str] = ()) -> None:
+        """Remove every element of ``rule`` and the addresses pinned for it."""
+        self._send(ops.NftForget(rule=_rule(rule), pins=list(pins)))
+
+    def nft_pin(self, guest_ip: str, pins: dict[str, int]) -> None:
+        """Let ``guest_ip`` reach each address for its seconds."""
+        self._send(ops.NftPin(guest_ip=guest_ip, pins=pins))
+
+    def nft_delete(self, table: str) -> None:
+        """Delete banger's tables named ``table`` (if present)."""
+        self._send(ops.NftDelete(table=table))
+
+    def ip_forward(self, value: str | None = None) -> str:
+        """IPv4 forwarding before this call, set to ``value`` (``"0"``/``"1"``) if given."""
+        before = self._send(ops.IPForward(set=value))  # type: ignore[arg-type]
+        if before not in ("0", "1"):
+            raise BadVersion(f"the root helper read ip_forward as {json.dumps(before)[:40]}")
+        return str(before)

@@ -1,0 +1,158 @@
+"""The host-operations protocol: one typed request per thing the daemon needs root for.
+
+A request is a JSON object whose ``op`` names its model; every model refuses fields
+it does not know, and every string and list is bounded, so a request of a shape this
+version does not know fails to parse before anything looks at its values. What the
+values may be (this install's bridge, its TAP names, its nftables table) is
+:mod:`banger.hostops.policy`'s to check.
+
+On the helper's socket each request travels in an :class:`Envelope` (protocol
+version, a request id), one JSON document per line; the answer is a :class:`Reply`.
+In process the same models are built and parsed, so both modes take one path.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+HELPER_PROTOCOL: Literal[1] = 1
+MAX_REQUEST = 4 << 20  # bytes in one request line (a guest's pins can be thousands)
+MAX_ALLOW_OUT = 256  # a VM's --allow-out entries
+MAX_PINS = 65536  # addresses pinned for one guest: the allow_dns set's own size
+MAX_STALE = 16  # rules one admission replaces (same TAP or same IP)
+
+IfName = Annotated[str, StringConstraints(min_length=1, max_length=15)]
+Address = Annotated[str, StringConstraints(min_length=7, max_length=15)]  # IPv4 dotted
+Text = Annotated[str, StringConstraints(max_length=253)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class EnsureBridge(_Model):
+    """Create the bridge if missing, give it its address, bring it up."""
+
+    op: Literal["bridge.ensure"] = "bridge.ensure"
+    name: IfName
+    cidr: Annotated[str, StringConstraints(max_length=18)]
+
+
+class CreateTap(_Model):
+    """Create a TAP enslaved to the bridge, up."""
+
+    op: Literal["tap.create"] = "tap.create"
+    name: IfName
+    bridge: IfName
+
+
+class DeleteLink(_Model):
+    """Delete a TAP or the bridge (a missing one is not an error)."""
+
+    op: Literal["link.delete"] = "link.delete"
+    name: IfName
+
+
+class ListLinks(_Model):
+    """The names of every link in the helper's network namespace."""
+
+    op: Literal["link.list"] = "link.list"
+
+
+class Rule(_Model):
+    """One guest's entry in the nftables policy (``nft.GuestRule`` on the wire)."""
+
+    tap: IfName
+    ip: Address
+    mac: Annotated[str, StringConstraints(min_length=17, max_length=17)]
+    nat: bool = False
+    allow_private: bool = False
+    allow_out: Annotated[list[Text], Field(max_length=MAX_ALLOW_OUT)] = []
+
+
+class Stale(_Model):
+    """A rule being replaced, with the addresses pinned for it."""
+
+    rule: Rule
+    pins: Annotated[list[Address], Field(max_length=MAX_PINS)] = []
+
+
+class NftLoad(_Model):
+    """Load (or replace) the install's two tables; with ``drop_legacy``, also delete the
+    single ``ip banger`` table of earlier versions in the same transaction."""
+
+    op: Literal["nft.load"] = "nft.load"
+    drop_legacy: bool = False
+
+
+class NftAdmit(_Model):
+    """Give a guest's TAP its address pair and egress, replacing ``previous``."""
+
+    op: Literal["nft.admit"] = "nft.admit"
+    rule: Rule
+    previous: Annotated[list[Stale], Field(max_length=MAX_STALE)] = []
+
+
+class NftForget(_Model):
+    """Remove every element of a guest's rule and its pins."""
+
+    op: Literal["nft.forget"] = "nft.forget"
+    rule: Rule
+    pins: Annotated[list[Address], Field(max_length=MAX_PINS)] = []
+
+
+class NftPin(_Model):
+    """Let a guest reach each address for its seconds (a DNS answer it was served)."""
+
+    op: Literal["nft.pin"] = "nft.pin"
+    guest_ip: Address
+    pins: Annotated[dict[Address, int], Field(max_length=MAX_PINS)]
+
+
+class NftDelete(_Model):
+    """Delete one of banger's tables (this install's pair, or the legacy ``ip`` one)."""
+
+    op: Literal["nft.delete"] = "nft.delete"
+    table: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+
+class IPForward(_Model):
+    """Read ``net.ipv4.ip_forward`` and, with ``set``, change it; answers the value before."""
+
+    op: Literal["ip_forward"] = "ip_forward"
+    set: Literal["0", "1"] | None = None
+
+
+Request = Annotated[
+    EnsureBridge | CreateTap | DeleteLink | ListLinks | NftLoad | NftAdmit | NftForget
+    | NftPin | NftDelete | IPForward,
+    Field(discriminator="op"),
+]
+
+
+class Envelope(_Model):
+    """One request on the helper's socket."""
+
+    v: Literal[1]
+    id: Annotated[int, Field(ge=0, le=2**53)]
+    req: Request
+
+
+class Failure(_Model):
+    """Why a request failed: a banger error code, its message and hint."""
+
+    code: Annotated[str, StringConstraints(max_length=64)]
+    message: Annotated[str, StringConstraints(max_length=4096)]
+    hint: Annotated[str, StringConstraints(max_length=4096)] = ""
+
+
+class Reply(BaseModel):
+    """The helper's answer to one :class:`Envelope` (``id`` -1: it could not be read)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: int
+    result: Any = None
+    error: Failure | None = None

@@ -1,0 +1,162 @@
+"""The root helper's socket: one request per line, from one uid only.
+
+The helper (``banger-helper``, run as root by ``banger-helper.service``) listens on
+a Unix socket owned by the daemon's user, mode 0600, and checks every peer with
+``SO_PEERCRED``: a connection from any uid but the owner's is closed without a
+word. Each line is an :class:`~banger.hostops.ops.Envelope`; it is parsed (bounded
+length, known shapes only), checked against the install's policy and done by the
+:class:`~banger.hostops.executor.Executor`, and answered with a
+:class:`~banger.hostops.ops.Reply`. A line that cannot be read costs an error reply,
+never the helper: nothing a daemon sends can stop it serving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from banger.api import first_error
+from banger.errors import BadRequest, BangerError, HostError, from_foreign
+from banger.hostops import ops
+from banger.hostops.executor import Executor
+from banger.proc import peer_uid
+
+log = logging.getLogger("banger.helper")
+
+MAX_CONNECTIONS = 32
+IDLE_TIMEOUT_S = 300.0
+ACCEPT_POLL_S = 0.5
+
+
+class HelperServer:
+    """Serves ``executor`` on ``path`` to the processes of ``owner_uid``."""
+
+    def __init__(self, executor: Executor, path: Path, owner_uid: int,
+                 owner_gid: int) -> None:
+        self.executor = executor
+        self.path = path
+        self.owner_uid = owner_uid
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # born 0600: no window where another user can connect
+        try:
+            self.sock.bind(str(path))
+        finally:
+            os.umask(old)
+        os.chown(path, owner_uid, owner_gid)
+        self.sock.listen(16)
+        self.sock.settimeout(ACCEPT_POLL_S)
+
+    def serve_until(self, stop: threading.Event) -> None:
+        """Accept connections until ``stop`` is set, one thread each."""
+        while not stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if stop.is_set():
+                    break
+                raise
+            if not self._slots.acquire(blocking=False):
+                log.warning("too many connections; refusing one")
+                conn.close()
+                continue
+            threading.Thread(target=self._serve_conn, args=(conn,), daemon=True,
+                             name="helper-conn").start()
+
+    def close(self) -> None:
+        """Stop listening and remove the socket (errors ignored)."""
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+    def _serve_conn(self, conn: socket.socket) -> None:
+        try:
+            uid = peer_uid(conn)
+            if uid != self.owner_uid:
+                log.warning("closed a connection from uid %d (only %d may connect)",
+                            uid, self.owner_uid)
+                return
+            conn.settimeout(IDLE_TIMEOUT_S)
+            reader = conn.makefile("rb")
+            while True:
+                line = reader.readline(ops.MAX_REQUEST + 1)
+                if not line:
+                    return
+                if len(line) > ops.MAX_REQUEST:
+                    conn.sendall(_encode(ops.Reply(id=-1, error=_failure(BadRequest(
+                        f"request longer than {ops.MAX_REQUEST} bytes")))))
+                    return  # the next line's start cannot be found safely
+                if line.strip():
+                    conn.sendall(_encode(answer(self.executor, line)))
+        except (TimeoutError, ConnectionError):
+            pass
+        except OSError as exc:
+            log.debug("connection error: %s", exc)
+        finally:
+            with contextlib.suppress(OSError):
+                conn.close()
+            self._slots.release()
+
+
+def answer(executor: Executor, line: bytes) -> ops.Reply:
+    """Parse ``line``, check it and do it with ``executor``; never raises."""
+    try:
+        env = ops.Envelope.model_validate_json(line)
+    except ValidationError as exc:
+        return ops.Reply(id=_id_of(line), error=_failure(BadRequest(
+            f"not a request this helper knows: {first_error(exc, 'request')}")))
+    try:
+        result = executor.handle(env.req)
+    except BangerError as exc:
+        log.info("%s refused or failed: [%s] %s", env.req.op, exc.code, exc.message)
+        return ops.Reply(id=env.id, error=_failure(exc))
+    except Exception as exc:
+        log.exception("%s failed", env.req.op)
+        return ops.Reply(id=env.id, error=_failure(from_foreign(exc, env.req.op,
+                                                                "the helper's log")))
+    log.debug("%s done", env.req.op)
+    return ops.Reply(id=env.id, result=result)
+
+
+def _failure(exc: BangerError) -> ops.Failure:
+    return ops.Failure(code=exc.code[:64], message=exc.message[:4096], hint=exc.hint[:4096])
+
+
+def _encode(reply: ops.Reply) -> bytes:
+    return reply.model_dump_json().encode() + b"\n"
+
+
+def _id_of(line: bytes) -> int:
+    """The request id of a line that did not parse, when it has a plain one (else -1)."""
+    try:
+        obj: Any = json.loads(line)
+    except (ValueError, RecursionError):
+        return -1
+    rid = obj.get("id") if isinstance(obj, dict) else None
+    return rid if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid <= 2**53 \
+        else -1
+
+
+def check_root() -> None:
+    """Refuse to start as anyone but root: the helper exists to hold root for the daemon.
+
+    Raises:
+        HostError: not root.
+    """
+    if os.geteuid() != 0:
+        raise HostError("banger-helper must run as root",
+                        hint="start it with `banger system install` (a systemd service)")
