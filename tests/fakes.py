@@ -56,7 +56,8 @@ class FakeRunner:
 
     def run(self, argv: Sequence[str], *, desc: str, timeout: float = 60.0,
             input: bytes | None = None, check: bool = True,
-            env: Mapping[str, str] | None = None, cwd: Path | None = None) -> Result:
+            env: Mapping[str, str] | None = None, cwd: Path | None = None,
+            pass_fds: Sequence[int] = ()) -> Result:
         res = self._answer([str(a) for a in argv])
         if check and res.returncode != 0:
             tail = f"\n{res.err.strip()}" if res.err.strip() else ""

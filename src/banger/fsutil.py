@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import shutil
@@ -116,3 +117,50 @@ def tail(path: Path, max_bytes: int = 4096) -> str:
             return fh.read().decode(errors="replace")
     except OSError:
         return ""
+
+
+def open_beneath(root: Path, path: Path, flags: int, mode: int = 0o600) -> int:
+    """Open ``path``, which must lie under ``root``, never through a symlink below ``root``.
+
+    Each directory on the way is opened relative to the one before with
+    ``O_NOFOLLOW``, so a directory swapped for a symlink while this runs cannot send
+    the open elsewhere; the last component is opened with ``flags | O_NOFOLLOW``
+    (``mode`` when it is created). ``root`` itself is resolved normally (an
+    administrator may configure a symlinked state directory).
+
+    Returns:
+        The descriptor (close-on-exec).
+
+    Raises:
+        OSError: a component is missing, is a symlink (``ELOOP``) or not a directory;
+            ``path`` is not under ``root`` or names ``..`` (``EPERM``).
+    """
+    rel = _relative(root, path)
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in rel[:-1]:
+            nxt = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        return os.open(rel[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def dir_beneath(root: Path, path: Path) -> int:
+    """An ``O_PATH`` descriptor of directory ``path`` under ``root``, opened like
+    :func:`open_beneath` (no symlink below ``root``)."""
+    return open_beneath(root, path, os.O_PATH | os.O_DIRECTORY)
+
+
+def _relative(root: Path, path: Path) -> list[str]:
+    if not path.is_absolute():
+        raise OSError(errno.EPERM, "not an absolute path", str(path))
+    try:
+        parts = path.relative_to(root).parts
+    except ValueError:
+        raise OSError(errno.EPERM, f"not under {root}", str(path)) from None
+    if not parts or any(p in ("..", ".") for p in parts):
+        raise OSError(errno.EPERM, "not a plain path under its root", str(path))
+    return list(parts)

@@ -106,8 +106,9 @@ class Runner(Protocol):
         check: bool = True,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> Result:
-        """Run ``argv`` to completion with captured output.
+        """Run ``argv`` to completion with captured output (``pass_fds`` stay open in it).
 
         Raises:
             CommandFailed: non-zero exit while ``check`` is true.
@@ -162,8 +163,10 @@ class SubprocessRunner:
         check: bool = True,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> Result:
-        """Run ``argv`` with captured output and ``env`` added to the daemon's own.
+        """Run ``argv`` with captured output and ``env`` added to the daemon's own;
+        ``pass_fds`` are inherited by it.
 
         stdin is ``/dev/null`` unless ``input`` is given.
 
@@ -185,6 +188,7 @@ class SubprocessRunner:
                 cwd=cwd,
                 stdin=None if input is not None else subprocess.DEVNULL,
                 check=False,
+                pass_fds=tuple(pass_fds),
             )
         except subprocess.TimeoutExpired as exc:
             raise CommandTimeout(
@@ -288,9 +292,10 @@ class OwnerRunner:
         self.home = home
 
     def wrap(self, argv: Sequence[str]) -> list[str]:
-        """``argv`` prefixed with ``setpriv`` and the owner's HOME, unless the owner is root."""
+        """``argv`` prefixed with ``setpriv`` and the owner's HOME, unless the owner is root
+        or this process's own user (a daemon running as its owner)."""
         args = self.inner.wrap(argv)
-        if self.uid == 0:
+        if self.uid in (0, os.getuid()):
             return args
         return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--init-groups",
                 "--", "env", f"HOME={self.home}", *args]
@@ -305,10 +310,11 @@ class OwnerRunner:
         check: bool = True,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> Result:
         """Run ``argv`` through the inner runner as the repository's owner."""
         return self.inner.run(self.wrap(argv), desc=desc, timeout=timeout, input=input,
-                              check=check, env=env, cwd=cwd)
+                              check=check, env=env, cwd=cwd, pass_fds=pass_fds)
 
     def stream(
         self,

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from banger.config import parse_config
-from banger.daemon.cgroups import CONTROLLERS, CgroupHost, CgroupVersion
 from banger.daemon.fcproc import (
     FirecrackerAPI,
     FirecrackerDriver,
@@ -27,6 +26,7 @@ from banger.daemon.fcproc import (
 )
 from banger.daemon.fcproc.jail import JailLayout
 from banger.errors import BadRequest, InvalidState, VMMError
+from banger.hostops.cgroups import CONTROLLERS, CgroupHost, CgroupVersion
 from banger.layout import VMPaths, install_tag
 from banger.proc import find_by_marker, matches, wait_gone
 from banger.runner import SubprocessRunner

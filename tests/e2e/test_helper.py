@@ -1,6 +1,7 @@
 """The root helper (`banger-helper`) as a process of its own: a daemon configured with
-``helper_socket`` does its bridge, TAPs, nftables and forwarding through it, boots a
-VM on them, and says so clearly when the helper is gone. Inside the test's own network
+``helper_socket`` does its bridge, TAPs, nftables, forwarding, QEMU launches, signals
+and cgroups through it, boots a VM on them, and says so clearly when the helper is
+gone. Inside the test's own network
 namespace, like every end-to-end test."""
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def test_a_vm_boots_on_a_network_the_helper_made(helper_host: HelperHost) -> Non
     assert ip_forward(host) == "1"
     log = helper_host.log.read_text()
     for op in ("bridge.ensure done", "tap.create done", "nft.load done", "nft.admit done",
-               "ip_forward done"):
+               "ip_forward done", "qemu.launch done"):
         assert op in log, f"the helper did not log {op!r}"
 
     # The helper gone: a new VM fails with what to do, and nothing is left half made.
@@ -104,4 +105,6 @@ def test_a_vm_boots_on_a_network_the_helper_made(helper_host: HelperHost) -> Non
     host.daemon = None
     assert not has_bridge(host) and not has_nft_table(host) and host.taps() == []
     assert ip_forward(host) == "0"
-    assert "nft.delete done" in helper_host.log.read_text()
+    log = helper_host.log.read_text()
+    for op in ("vmm.signal done", "cgroup.remove done", "nft.delete done"):
+        assert op in log, f"the helper did not log {op!r}"

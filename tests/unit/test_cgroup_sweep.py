@@ -17,10 +17,10 @@ import pytest
 from banger.api.params import CreateParams
 from banger.config import Config
 from banger.daemon import reconcile, vmcreate
-from banger.daemon.cgroups import CgroupHost, CgroupVersion, detect, install_group
 from banger.daemon.core import Daemon
 from banger.daemon.service import Bangerd
 from banger.errors import HostError
+from banger.hostops.cgroups import CgroupHost, CgroupVersion, detect, install_group
 from banger.layout import Layout
 from tests.conftest import FakeWorld, add_fake_image
 

@@ -20,7 +20,12 @@ from banger.api.params import CreateParams
 from banger.cli import output
 from banger.config import Config, parse_config
 from banger.daemon import reconcile, vmcreate, vmpower
-from banger.daemon.cgroups import (
+from banger.daemon.core import Daemon
+from banger.daemon.qemuproc import QemuDriver, build_argv, launch_request
+from banger.daemon.vms import view
+from banger.errors import BadRequest, HostError, Refused
+from banger.hostops import ops
+from banger.hostops.cgroups import (
     VMM_MEMORY_ALLOWANCE_MIB,
     CgroupHost,
     CgroupVersion,
@@ -30,14 +35,14 @@ from banger.daemon.cgroups import (
     limits_for,
     vm_group,
 )
-from banger.daemon.core import Daemon
-from banger.daemon.qemuproc import QemuDriver, build_argv, launch_spec
-from banger.daemon.qemuproc.confine import SANDBOX, privilege_drop
-from banger.daemon.vms import view
-from banger.errors import BadRequest, HostError
+from banger.hostops.client import HostOps
+from banger.hostops.confine import SANDBOX, privilege_drop
+from banger.hostops.executor import Executor
+from banger.hostops.nft import FirewallSettings
+from banger.hostops.policy import Policy
 from banger.layout import VMPaths
 from banger.runner import Result
-from banger.vmm import ConfinedVMM, LaunchPlan
+from banger.vmm import LaunchPlan
 from banger.vmmuser import VMMUser, check_unprivileged, ensure_user
 from tests.conftest import FakeWorld
 from tests.fakes import FakeRunner, FakeVMM
@@ -45,7 +50,9 @@ from tests.fakes import FakeRunner, FakeVMM
 doctor = importlib.import_module("banger.daemon.doctor")  # the package re-exports a function
 GOLDEN = Path(__file__).parent.parent / "golden"
 USER = VMMUser("banger-vmm", 990, 985)
-SPAWN = Path(__file__).parents[2] / "src/banger/daemon/qemuproc/_spawn.py"
+SPAWN = Path(__file__).parents[2] / "src/banger/hostops/qemu_spawn.py"
+FIREWALL = FirewallSettings(table="banger_abc123", bridge="br-t", cidr="10.7.0.1/24",
+                            tap_prefix="bgtabc123")
 
 
 def plan(tmp_path: Path, initrd: bool = True) -> LaunchPlan:
@@ -207,59 +214,189 @@ def test_extra_disks_follow_the_work_disk_by_descriptor(tmp_path: Path) -> None:
     drives = [argv[i + 1] for i, a in enumerate(argv) if a == "-drive"]
     assert [d.split(",")[0] for d in drives] == ["id=root", "id=work", "id=extra0"]
     assert "file=/proc/self/fd/{fd:extra0}" in drives[2]
-    assert launch_spec(p, ["qemu"], None)["files"]["extra0"] == ["/s/pulled.ext4", "rw"]
+    assert launch_request(p, argv[1:], "tcg").files["extra0"] == ops.VMFile(
+        path="/s/pulled.ext4", mode="rw", give=True)
     assert "/s/pulled" not in " ".join(argv)
 
 
-def test_command_drops_to_the_vmm_user_without_capabilities(tmp_path: Path) -> None:
-    drv = QemuDriver(FakeRunner(), "qemu-system-x86_64", "tcg", user=USER,
-                     cgroups=CgroupHost(CgroupVersion.V2, {}), install_tag="abc123")
-    cmd = drv.command(plan(tmp_path), None)
+class Launch:
+    """A VM's files under a state and a runtime dir of the test's own, and an executor
+    whose launcher run is captured instead of run."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        self.state, self.run = tmp_path / "s", tmp_path / "r"
+        self.root = v2_tree(tmp_path)
+        self.cgroups = CgroupHost(CgroupVersion.V2,
+                                  {c: self.root for c in ("memory", "pids", "cpu")})
+        self.policy = Policy(FIREWALL, state_dir=self.state, runtime_dir=self.run,
+                             install_tag="abc123", vmm_user="nobody",
+                             qemu_bin="/usr/bin/qemu-system-x86_64", daemon_uid=os.getuid())
+        self.specs: list[dict[str, Any]] = []
+        self.runner = FakeRunner()
+        self.runner.on([sys.executable], self._spawned)
+        self.executor = Executor(self.policy, self.runner, cgroups=lambda: self.cgroups,
+                                 open_tap=lambda name: os.open("/dev/null", os.O_RDWR))
+        self.plan = dataclasses.replace(
+            plan(tmp_path), vm_id="0123456789ab",
+            kernel=self.state / "images" / "vmlinuz", initrd=None,
+            rootfs=str(self.state / "vms/0123456789ab/rootfs.ext4"),
+            work_disk=str(self.state / "vms/0123456789ab/work.ext4"),
+            tap="bgtabc123aa00ff", paths=VMPaths(self.state / "vms/0123456789ab",
+                                                 self.run / "vms/0123456789ab"))
+        for d in (self.plan.paths.state, self.plan.paths.run, self.state / "images"):
+            d.mkdir(parents=True, exist_ok=True)
+        for f in (self.plan.kernel, Path(self.plan.rootfs), Path(self.plan.work_disk),
+                  self.plan.paths.serial_log):
+            f.write_bytes(b"x")
+        os.mkfifo(self.plan.paths.ident_fifo)
+
+    def _spawned(self, argv: list[str]) -> Result:
+        return Result(argv, 0, b"4242\n", b"")
+
+    def request(self, **changes: Any) -> ops.QemuLaunch:
+        args = build_argv("qemu-system-x86_64", self.plan, "tcg", None)[1:]
+        req = launch_request(self.plan, args, "tcg")
+        return req.model_copy(update=changes)
+
+    def launch(self, req: ops.QemuLaunch | None = None) -> dict[str, Any]:
+        captured: list[bytes] = []
+        real = self.runner.run
+
+        def run(argv: Any, **kw: Any) -> Result:
+            captured.append(kw.get("input") or b"")
+            return real(argv, **kw)
+
+        self.runner.run = run  # type: ignore[method-assign]
+        try:
+            assert HostOps.local(self.executor).qemu_launch(req or self.request()) == 4242
+        finally:
+            self.runner.run = real  # type: ignore[method-assign]
+        return dict(json.loads(captured[-1]))
+
+
+def test_the_launch_drops_to_the_vmm_user_in_its_cgroup_with_descriptors(
+        tmp_path: Path) -> None:
+    lt = Launch(tmp_path)
+    spec = lt.launch()
+    cmd = spec["command"]
+    nobody = vmmuser.lookup_user("nobody")
+    assert nobody is not None
     assert cmd[:cmd.index("--") + 1] == [
-        "setpriv", "--reuid=990", "--regid=985", "--clear-groups", "--inh-caps=-all",
-        "--bounding-set=-all", "--no-new-privs", "--"]
-    assert cmd[cmd.index("--") + 1] == "qemu-system-x86_64"
+        "setpriv", f"--reuid={nobody.uid}", f"--regid={nobody.gid}", "--clear-groups",
+        "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
+    # the binary is the helper's own, never the daemon's choice
+    assert cmd[cmd.index("--") + 1] == "/usr/bin/qemu-system-x86_64"
     assert privilege_drop(USER, [108])[3] == "--groups=108"  # /dev/kvm's group under KVM
-    assert isinstance(drv, ConfinedVMM)
+    assert set(spec["fds"]) == {"kernel", "rootfs", "work", "serial", "ident", "tap", "qmp"}
+    assert spec["cgroup_procs"] == [str(lt.root / "banger-abc123/0123456789ab/cgroup.procs")]
+    assert lt.cgroups.group("banger-abc123/0123456789ab").limits() == limits_for(512, 2)
+    # what QEMU writes is its group's; the boot files are not handed over
+    for f in (Path(lt.plan.rootfs), Path(lt.plan.work_disk), lt.plan.paths.serial_log,
+              lt.plan.paths.ident_fifo):
+        st = f.stat()
+        assert (st.st_mode & 0o777, st.st_gid, st.st_uid) == (0o660, nobody.gid, os.getuid())
+    assert lt.plan.kernel.stat().st_gid != nobody.gid
+    qmp = lt.plan.paths.qmp_socket.stat()
+    assert qmp.st_mode & 0o777 == 0o600 and qmp.st_uid == os.getuid()
 
 
-def test_launch_spec_hands_over_files_tap_socket_and_cgroup(tmp_path: Path) -> None:
-    root = v2_tree(tmp_path)
-    group = CgroupHost(CgroupVersion.V2, {c: root for c in ("memory", "pids", "cpu")}).group(
-        "banger-abc123/0123456789ab")
-    p = plan(tmp_path)
-    spec = launch_spec(p, ["qemu"], group)
-    assert spec["files"] == {
-        "kernel": ["/img/vmlinuz", "r"], "initrd": ["/img/initrd.img", "r"],
-        "rootfs": ["/s/rootfs.ext4", "rw"], "work": ["/s/work.ext4", "rw"],
-        "serial": [str(p.paths.serial_log), "rw"],
-        "ident": [str(p.paths.ident_fifo), "rw"]}  # the identity channel's FIFO
-    assert spec["tap"] == "bgt00000001"
-    assert spec["listen"] == {"qmp": str(p.paths.qmp_socket)}
-    assert spec["stderr"] == str(p.paths.vmm_log)
-    assert spec["cgroup_procs"] == [str(root / "banger-abc123/0123456789ab/cgroup.procs")]
+LAUNCH_REFUSED: list[tuple[str, dict[str, Any]]] = [
+    ("an option banger never uses", {"args": ["-plugin", "x"]}),
+    ("a monitor on stdio", {"args": ["-monitor", "stdio"]}),
+    ("a drive by path", {"args": ["-drive", "file=/etc/shadow,format=raw"]}),
+    ("a relative drive path", {"args": ["-drive", "file=etc/shadow,format=raw"]}),
+    ("a file chardev", {"args": ["-chardev", "file,id=x,path=/tmp/x"]}),
+    ("a tap with a script", {"args": ["-netdev", "tap,id=n,fd={fd:tap},script=/tmp/s"]}),
+    ("a user-mode network", {"args": ["-netdev", "user,id=n"]}),
+    ("a kernel by path", {"args": ["-kernel", "/boot/vmlinuz"]}),
+    ("an incoming exec", {"args": ["-incoming", "exec:sh"]}),
+    ("a descriptor not handed over", {"args": ["-drive", "file=/proc/self/fd/{fd:other}"]}),
+    ("no seccomp filter", {"args": ["-name", "banger-0123456789ab"]}),
+    ("seccomp off", {"args": ["-name", "banger-0123456789ab", "-sandbox", "off"]}),
+    ("another VM's name", {"args": ["-name", "banger-ba9876543210", "-sandbox", SANDBOX]}),
+    ("a file outside the state dir", {"files": {"kernel": ops.VMFile(path="/etc/shadow",
+                                                                     mode="r")}}),
+    ("a path with ..", {"files": {"kernel": ops.VMFile(path="/x/../etc/shadow", mode="r")}}),
+    ("QMP elsewhere", {"qmp": "/tmp/qmp.sock"}),
+    ("QMP in another VM's dir", {"qmp": "/RUN/vms/ba9876543210/qmp.sock"}),
+    ("a log elsewhere", {"stderr": "/var/log/syslog"}),
+    ("a foreign TAP", {"tap": "eth0"}),
+]
+
+
+@pytest.mark.parametrize(("why", "change"), LAUNCH_REFUSED, ids=[w for w, _ in LAUNCH_REFUSED])
+def test_a_launch_out_of_policy_is_refused_and_starts_nothing(
+        tmp_path: Path, why: str, change: dict[str, Any]) -> None:
+    lt = Launch(tmp_path)
+    if "qmp" in change:
+        change = {"qmp": change["qmp"].replace("/RUN", str(lt.run))}
+    with pytest.raises(Refused):
+        HostOps.local(lt.executor).qemu_launch(lt.request(**change))
+    assert lt.runner.ran(sys.executable) == [], why
+    assert not lt.cgroups.group("banger-abc123/0123456789ab").exists()
+
+
+def test_a_launch_never_follows_a_symlink_or_takes_a_file_not_the_daemons(
+        tmp_path: Path) -> None:
+    lt = Launch(tmp_path)
+    rootfs = Path(lt.plan.rootfs)
+    rootfs.unlink()
+    rootfs.symlink_to("/etc/hostname")
+    with pytest.raises(HostError, match="cannot set up QEMU"):
+        HostOps.local(lt.executor).qemu_launch(lt.request())
+    # a directory on the way swapped for a symlink
+    lt2 = Launch(tmp_path / "2")
+    vms = lt2.state / "vms"
+    vms.rename(lt2.state / "elsewhere")
+    vms.symlink_to(lt2.state / "elsewhere")
+    with pytest.raises(HostError, match="cannot set up QEMU"):
+        HostOps.local(lt2.executor).qemu_launch(lt2.request())
+    assert lt.runner.ran(sys.executable) == [] and lt2.runner.ran(sys.executable) == []
+    if os.geteuid() == 0:
+        lt3 = Launch(tmp_path / "3")
+        os.chown(lt3.plan.work_disk, 65534, 65534)
+        with pytest.raises(Refused, match="not the daemon's file"):
+            HostOps.local(lt3.executor).qemu_launch(lt3.request())
+
+
+def test_a_missing_file_is_named(tmp_path: Path) -> None:
+    lt = Launch(tmp_path)
+    Path(lt.plan.work_disk).unlink()
+    with pytest.raises(HostError, match=r"cannot set up QEMU.*work\.ext4"):
+        HostOps.local(lt.executor).qemu_launch(lt.request())
 
 
 def test_launcher_joins_the_cgroup_then_execs_with_descriptors(tmp_path: Path) -> None:
-    """The real ``_spawn.py``: a shell stands in for QEMU (no TAP: that needs a bridge)."""
-    secret = tmp_path / "private"
-    secret.mkdir(mode=0o700)
-    disk = secret / "disk"
+    """The real launcher: a shell stands in for QEMU, with the descriptors it inherits."""
+    import socket
+
+    disk = tmp_path / "disk"
     disk.write_text("disk contents\n")
     procs = tmp_path / "cgroup.procs"
     procs.write_text("")
     out = tmp_path / "out"
+    disk_fd = os.open(disk, os.O_RDWR)
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "mon.sock"))
+    sock.listen(1)
+    log_fd = os.open(tmp_path / "log", os.O_WRONLY | os.O_CREAT, 0o600)
     spec = {
         "command": ["/bin/sh", "-c",
                     f"cat /proc/self/fd/{{fd:disk}} > {out}; echo err >&2; "
                     f"test -S /proc/self/fd/{{fd:mon}} && echo sock >> {out}"],
-        "files": {"disk": [str(disk), "rw"]},
-        "listen": {"mon": str(tmp_path / "mon.sock")},
-        "stderr": str(tmp_path / "log"),
+        "fds": {"disk": disk_fd, "mon": sock.fileno()},
+        "stderr_fd": log_fd,
         "cgroup_procs": [str(procs)],
     }
-    res = subprocess.run([sys.executable, "-I", str(SPAWN)], input=json.dumps(spec).encode(),
-                         capture_output=True, check=True, timeout=30)
+    try:
+        res = subprocess.run([sys.executable, "-I", str(SPAWN)],
+                             input=json.dumps(spec).encode(), capture_output=True, check=True,
+                             timeout=30, pass_fds=(disk_fd, sock.fileno(), log_fd))
+    finally:
+        os.close(disk_fd)
+        os.close(log_fd)
+        sock.close()
     pid = int(res.stdout)
     assert pid > 0
     launcher_pid = int(procs.read_text())  # the launcher wrote itself in before forking
@@ -270,16 +407,15 @@ def test_launcher_joins_the_cgroup_then_execs_with_descriptors(tmp_path: Path) -
         time.sleep(0.05)
     assert out.read_text() == "disk contents\nsock\n"
     assert (tmp_path / "log").read_text() == "err\n"
-    assert (tmp_path / "mon.sock").stat().st_mode & 0o777 == 0o600
 
 
-def test_launcher_reports_a_file_it_cannot_open(tmp_path: Path) -> None:
-    spec = {"command": ["/bin/true"], "files": {"k": [str(tmp_path / "missing"), "r"]},
-            "stderr": str(tmp_path / "log")}
+def test_launcher_reports_a_cgroup_it_cannot_join(tmp_path: Path) -> None:
+    spec = {"command": ["/bin/true"], "fds": {}, "stderr_fd": 2,
+            "cgroup_procs": [str(tmp_path / "missing" / "cgroup.procs")]}
     res = subprocess.run([sys.executable, "-I", str(SPAWN)], input=json.dumps(spec).encode(),
                          capture_output=True, timeout=30)
     assert res.returncode == 1
-    assert b"cannot set up QEMU" in res.stderr and b"missing" in res.stderr
+    assert b"cannot join the VM's cgroup" in res.stderr and b"missing" in res.stderr
 
 
 # ------------------------------------------------------------------ the VMM user, config
@@ -406,10 +542,13 @@ def test_readopt_recreates_the_cgroup_and_moves_the_vmm_in(tmp_path: Path) -> No
     with limits from its own -m and -smp."""
     root = v2_tree(tmp_path)
     host = CgroupHost(CgroupVersion.V2, {c: root for c in ("memory", "pids", "cpu")})
+    policy = Policy(FIREWALL, install_tag="abc123", vmm_user="nobody",
+                    daemon_uid=os.getuid())
+    ops_ = HostOps.local(Executor(policy, FakeRunner(), cgroups=lambda: host))
     drv = QemuDriver(FakeRunner(), "qemu", "tcg", user=USER, cgroups=host,
-                     install_tag="abc123")
+                     install_tag="abc123", host=ops_)
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
-                             "-m", "768", "-smp", "3"])
+                             "-name", "banger-0123456789ab", "-m", "768", "-smp", "3"])
     try:
         # Popen returns from inside the child's execve; its argv shows a moment later.
         for _ in range(200):  # bounded: 10 s
@@ -433,8 +572,8 @@ def test_a_restore_loads_the_saved_guest_by_descriptor_and_keeps_it_paused(
     argv = build_argv("qemu-system-x86_64", p, "tcg", 2596128)
     assert argv[argv.index("-incoming") + 1] == "fd:{fd:restore}"
     assert "-S" in argv  # the vCPUs run only once the saved state is deleted
-    assert launch_spec(p, ["qemu"], None)["files"]["restore"] == [
-        str(saved / "qemu.migration"), "r"]
+    assert launch_request(p, argv[1:], "tcg").files["restore"] == ops.VMFile(
+        path=str(saved / "qemu.migration"), mode="r")
     assert str(saved) not in " ".join(argv)
     plain = build_argv("qemu-system-x86_64", plan(tmp_path), "tcg", 2596128)
     assert "-incoming" not in plain and "-S" not in plain

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from banger.daemon import fcproc, qemuproc
+from banger import hostops
+from banger.daemon import fcproc
 from banger.proc import ProcessIdentity, identify, send_signal, wait_gone
 from banger.vmm import vm_marker
 
 FC_SPAWN = Path(fcproc.__file__).with_name("_spawn.py")
-QEMU_SPAWN = Path(qemuproc.__file__).with_name("_spawn.py")
+QEMU_SPAWN = Path(hostops.__file__).with_name("qemu_spawn.py")
 SPAWN_TIMEOUT_S = 30  # a generous bound for a Python start-up and two forks
 SLEEPER = ("import sys, time; print('console', flush=True); "
            "print('oops', file=sys.stderr, flush=True); time.sleep(60)")
@@ -39,10 +40,14 @@ def launch_firecracker(command: list[str], out: Path) -> subprocess.CompletedPro
 
 
 def launch_qemu(command: list[str], out: Path) -> subprocess.CompletedProcess[bytes]:
-    spec = {"command": command, "stderr": str(out)}
-    return subprocess.run([sys.executable, "-I", str(QEMU_SPAWN)],
-                          input=json.dumps(spec).encode(), capture_output=True,
-                          timeout=SPAWN_TIMEOUT_S)
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        spec = {"command": command, "fds": {}, "stderr_fd": fd}
+        return subprocess.run([sys.executable, "-I", str(QEMU_SPAWN)],
+                              input=json.dumps(spec).encode(), capture_output=True,
+                              timeout=SPAWN_TIMEOUT_S, pass_fds=(fd,))
+    finally:
+        os.close(fd)
 
 
 LAUNCHERS = [pytest.param(launch_firecracker, id="firecracker"),

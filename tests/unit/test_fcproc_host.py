@@ -13,7 +13,6 @@ import pytest
 from banger import vmmuser
 from banger.config import Config, parse_config
 from banger.daemon import fcproc
-from banger.daemon.cgroups import CgroupHost, CgroupVersion
 from banger.daemon.fcproc import (
     FirecrackerDriver,
     JailerSettings,
@@ -25,6 +24,7 @@ from banger.daemon.fcproc import (
 )
 from banger.daemon.fcproc import host as fchost
 from banger.errors import BadRequest, HostError
+from banger.hostops.cgroups import CgroupHost, CgroupVersion
 from banger.layout import install_tag
 from banger.runner import Result, SubprocessRunner
 from banger.vmmuser import VMMUser

@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-from banger.daemon.cgroups import CgroupHost, CgroupVersion, Limits, limits_for
 from banger.daemon.fcproc import JailerSettings, JailLayout, direct_view, jailed_view
 from banger.daemon.fcproc.driver import configure
 from banger.daemon.fcproc.jail import (
@@ -33,6 +32,7 @@ from banger.daemon.fcproc.jail import (
     socket_links,
 )
 from banger.errors import BadRequest, HostError
+from banger.hostops.cgroups import CgroupHost, CgroupVersion, Limits, limits_for
 from banger.layout import Layout, VMPaths
 from banger.vmm import LaunchPlan
 from banger.vmmuser import VMMUser

@@ -31,7 +31,7 @@ from banger.daemon import (
     vmsuspend,
 )
 from banger.daemon.core import Daemon
-from banger.daemon.qemuproc import IDENT_PORT, QemuDriver, build_argv, launch_spec
+from banger.daemon.qemuproc import IDENT_PORT, QemuDriver, build_argv, launch_request
 from banger.daemon.store import VMRecord
 from banger.errors import (
     AlreadyExists,
@@ -341,15 +341,17 @@ def plan(tmp_path: Path, **kw: object) -> LaunchPlan:
 
 def test_qemu_gets_the_identity_channel_unless_the_saved_guest_had_none(tmp_path: Path
                                                                         ) -> None:
-    p = plan(tmp_path)
+    p = plan(tmp_path, vm_id="0123456789ab")
     argv = build_argv("qemu", p, "tcg")
     assert f"virtserialport,chardev=ident,name={IDENT_PORT}" in argv
     assert "pipe,id=ident,path=/proc/self/fd/{fd:ident}" in argv
-    assert launch_spec(p, argv, None)["files"]["ident"] == [str(p.paths.ident_fifo), "rw"]
-    old = plan(tmp_path, ident_channel=False, restore=tmp_path / "saved")
+    ident = launch_request(p, argv[1:], "tcg").files["ident"]
+    assert (ident.path, ident.mode, ident.give) == (str(p.paths.ident_fifo), "rw", True)
+    old = plan(tmp_path, vm_id="0123456789ab", ident_channel=False,
+               restore=tmp_path / "saved")
     argv = build_argv("qemu", old, "tcg")
     assert not any("ident" in a for a in argv)
-    assert "ident" not in launch_spec(old, argv, None)["files"]
+    assert "ident" not in launch_request(old, argv[1:], "tcg").files
 
 
 def test_reidentify_writes_the_fifo_in_one_piece(tmp_path: Path) -> None:

@@ -30,7 +30,6 @@ from typing import Any, Protocol
 from banger.api import VMState, config_hash, config_values
 from banger.config import Config
 from banger.daemon import vmmselect
-from banger.daemon.cgroups import CgroupHost, detect
 from banger.daemon.dmsnap import (
     CowHandle,
     CowStrategy,
@@ -48,6 +47,7 @@ from banger.daemon.opstate import Operation, Registry
 from banger.daemon.sessionctl import SessionRegistry
 from banger.daemon.store import Store, VMRecord
 from banger.errors import BangerError, InternalError, from_foreign
+from banger.hostops.cgroups import CgroupHost, detect
 from banger.hostops.client import HostOps
 from banger.hostops.executor import Executor
 from banger.hostops.netlink import HostNetwork, NetlinkNetwork
@@ -212,7 +212,8 @@ class Daemon:
         # Everything that needs root: through the helper's socket when one is configured,
         # else done here, with the same requests checked against the same policy.
         self.host = (HostOps.connect(cfg.helper_socket) if cfg.helper_socket is not None
-                     else HostOps.local(Executor(policy, self.runner, self.seams.net)))
+                     else HostOps.local(Executor(policy, self.runner, self.seams.net,
+                                                cgroups=self.seams.cgroups)))
         self.tap_pool = TapPool(self.host, cfg.bridge_name, cfg.tap_pool_size,
                                 policy.firewall.tap_prefix)
         self.dm_prefix = dm_prefix_for(self.layout.install_tag)
@@ -325,7 +326,7 @@ class Daemon:
                 if self.seams.vmm_factory is not None:
                     drv = self.seams.vmm_factory(name)
                 else:
-                    drv = vmmselect.make_driver(self.cfg, self.runner, name)
+                    drv = vmmselect.make_driver(self.cfg, self.runner, name, self.host)
                 with self._drivers_mu:
                     self._drivers[name] = drv
             return drv

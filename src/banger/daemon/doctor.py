@@ -16,10 +16,8 @@ from enum import StrEnum
 from pathlib import Path
 
 from banger.config import Config
-from banger.daemon.cgroups import detect as detect_cgroups
 from banger.daemon.dmsnap import dm_snapshot_supported, reflink_supported
 from banger.daemon.hostinfo import kvm_status, which
-from banger.daemon.qemuproc.confine import SANDBOX
 from banger.daemon.vmmselect import (
     firecracker_binary,
     firecracker_blockers,
@@ -27,6 +25,8 @@ from banger.daemon.vmmselect import (
     resolve_vmm,
 )
 from banger.errors import BangerError
+from banger.hostops.cgroups import detect as detect_cgroups
+from banger.hostops.confine import SANDBOX
 from banger.hostops.nft import ruleset
 from banger.hostops.policy import Policy
 from banger.runner import Runner, SubprocessRunner

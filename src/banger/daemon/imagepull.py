@@ -198,7 +198,7 @@ def pull(d: Daemon, req: PullRequest, op: Operation) -> dict[str, Any]:
         if apt is not None:
             op.enter("apt", f"installing {' '.join(apt.packages)}")
             imagefinalize.install(d, image, apt, op)
-            os.chown(image, 0, 0)  # the helper's VMM user owned it while attached
+            os.chmod(image, 0o600)  # the finalize VM's QEMU had its group's access
         op.report("adding banger's guest agent")
         images.extract_workseed(d, image, staging / "workseed")
         images.inject_guest_agent(d, image, staging)

@@ -147,7 +147,7 @@ def reconcile_vm(d: Daemon, vm: VMRecord) -> None:
             caps.started(d, vm)
         return
     if state == VMState.STOPPING or (alive and state == VMState.STOPPED):
-        vmteardown.kill_vmm(h.process)
+        vmteardown.kill_vmm(d.host, h.process)
     if state != VMState.STOPPED or alive or d.layout.vm(vm.id).handles.exists() \
             or vm.runtime.teardown:
         problems = vmteardown.teardown(d, vm.id, h)
@@ -187,7 +187,7 @@ def _settle_saved(d: Daemon, vm: VMRecord, h: VMHandles, alive: bool) -> None:
     saved state not yet loaded: whatever VMM it has goes, and it is suspended if its
     saved state is complete, else stopped (its memory is lost, its disks stay)."""
     if alive:
-        vmteardown.kill_vmm(h.process)
+        vmteardown.kill_vmm(d.host, h.process)
     paths = d.layout.vm(vm.id)
     problems = []
     if alive or paths.handles.exists() or vm.runtime.teardown:
@@ -294,7 +294,7 @@ def sweep(d: Daemon) -> dict[str, list[str]]:
         if not ids or ids[0] in known or not _ours(d, argv, pid):
             continue
         ident = identify(pid, vm_marker(ids[0]))
-        if ident is not None and vmteardown.kill_vmm(ident):
+        if ident is not None and vmteardown.kill_vmm(d.host, ident):
             removed["processes"].append(str(pid))
 
     try:
@@ -398,8 +398,11 @@ def _sweep_cgroups(d: Daemon, known: set[str]) -> list[str]:
                 log.warning("sweep: cgroup %s belongs to no VM but holds pids %s: left in "
                             "place", group.describe(), " ".join(map(str, members)))
                 continue
-            group.remove()
-        except HostError as exc:
+            if name == m.group(1):
+                d.host.cgroup_remove(name)  # a QEMU VM's, named by its id
+            else:
+                group.remove()  # a jailed Firecracker's (banger-<id>): the jailer's name
+        except BangerError as exc:
             log.warning("sweep: %s", exc.message)
             continue
         gone.append(group.describe())

@@ -351,14 +351,26 @@ def make_work_disk(d: Daemon, vm: VMRecord, img: ImageRecord, target: Path) -> N
         write_ssh_file(seed, HOST_KEY_FILE, private, 0o600)
         write_ssh_file(seed, f"{HOST_KEY_FILE}.pub", public, 0o644)
         d.runner.run(
-            ["mkfs.ext4", "-q", "-F", "-L", WORK_LABEL, "-E", "root_owner=0:0",
-             "-d", str(seed), str(target), f"{vm.spec.work_disk_size // 1024}k"],
+            [*as_root_owner(), "mkfs.ext4", "-q", "-F", "-L", WORK_LABEL,
+             "-E", "root_owner=0:0", "-d", str(seed), str(target),
+             f"{vm.spec.work_disk_size // 1024}k"],
             desc="make the work disk", timeout=300,
         )
     # mkfs -d makes the root directory 0755 whatever the seed's mode: set it here, so the
     # guest need not start chmod on its way to sshd.
     d.runner.run(["debugfs", "-w", "-R", "sif <2> mode 040700", str(target)],
                  desc="make the work disk's root private", timeout=60)
+
+
+def as_root_owner() -> list[str]:
+    """The prefix under which ``mkfs.ext4 -d`` writes the seed's files as root's.
+
+    mkfs copies each file's owner into the file system; the guest's sshd refuses an
+    ``authorized_keys`` that is not root's. A daemon running as its owner user made the
+    seed as itself, so mkfs runs in a user namespace that maps that user to root (its
+    files then read as uid 0); a root daemon needs nothing.
+    """
+    return [] if os.getuid() == 0 else ["unshare", "--map-root-user", "--"]
 
 
 def write_ssh_file(seed: Path, name: str, text: str, mode: int) -> None:

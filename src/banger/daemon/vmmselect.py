@@ -7,6 +7,7 @@ from collections.abc import Callable
 from banger.config import Config
 from banger.daemon.hostinfo import kvm_status, which
 from banger.errors import BadRequest, HostError
+from banger.hostops.client import HostOps
 from banger.runner import Runner
 from banger.vmm import VMMDriver
 
@@ -58,8 +59,9 @@ def resolve_accel(cfg: Config) -> str:
     return cfg.qemu_accel.value
 
 
-def make_driver(cfg: Config, runner: Runner, name: str) -> VMMDriver:
-    """Build the VMM driver called ``name`` (``qemu`` or ``firecracker``).
+def make_driver(cfg: Config, runner: Runner, name: str, host: HostOps) -> VMMDriver:
+    """Build the VMM driver called ``name`` (``qemu`` or ``firecracker``); ``host`` does
+    what needs root for it.
 
     Raises:
         HostError: the VMM's binary is missing or unusable.
@@ -72,7 +74,7 @@ def make_driver(cfg: Config, runner: Runner, name: str) -> VMMDriver:
         if qemu is None:
             raise HostError(f"QEMU ({cfg.qemu_bin}) is not installed",
                             hint="apt-get install qemu-system-x86")
-        return QemuDriver.from_config(cfg, runner, qemu, resolve_accel(cfg))
+        return QemuDriver.from_config(cfg, runner, qemu, resolve_accel(cfg), host)
     if name == "firecracker":
         from banger.daemon.fcproc import FirecrackerDriver
 

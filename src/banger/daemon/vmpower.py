@@ -39,7 +39,7 @@ from banger.errors import (
     NotFound,
     NotRunning,
 )
-from banger.proc import ProcessIdentity, matches, send_signal, wait_gone
+from banger.proc import ProcessIdentity, matches, wait_gone
 from banger.runner import CancelToken
 
 if TYPE_CHECKING:
@@ -334,7 +334,7 @@ def kill(d: Daemon, ref: str, sig_name: str = "KILL") -> dict[str, Any]:
     if not terminating or vm.state == VMState.STOPPING:
         # Only the signal: a non-terminating one leaves the VM running, and a VM
         # already stopping is torn down by the operation that is stopping it.
-        send_signal(h.process, sig)
+        d.host.signal(h.process, sig)
         return view(d, vm)
     # Claim the VM before the signal, so the exit watcher cannot tear it down as well.
     vm = transition(d, vm.id, VMState.STOPPING, expect=LIVE | {VMState.ERROR})
@@ -342,7 +342,7 @@ def kill(d: Daemon, ref: str, sig_name: str = "KILL") -> dict[str, Any]:
     # first read gave it a new VMM and TAP, and the old TAP may be another VM's now.
     h = handles_of(d, vm)
     if h.process is not None:
-        send_signal(h.process, sig)  # False (nothing sent) when it exited meanwhile
+        d.host.signal(h.process, sig)  # False (nothing sent) when it exited meanwhile
         wait_gone(h.process, SIGKILL_S)
     problems = teardown(d, vm.id, h)
     vm = finish_stop(d, vm, f"killed with {sig.name}", problems)

@@ -19,7 +19,8 @@ from banger.daemon.store import VMRecord
 from banger.daemon.vms import update_runtime
 from banger.errors import BangerError, NotFound
 from banger.fsutil import remove_tree
-from banger.proc import ProcessIdentity, find_by_marker, identify, matches, send_signal, wait_gone
+from banger.hostops.client import HostOps
+from banger.proc import ProcessIdentity, find_by_marker, identify, matches, wait_gone
 from banger.vmm import ConfinedVMM, vm_marker
 
 if TYPE_CHECKING:
@@ -31,15 +32,17 @@ SIGTERM_S = 5.0
 SIGKILL_S = 10.0
 
 
-def kill_vmm(ident: ProcessIdentity | None, sig: int = signal_mod.SIGKILL) -> bool:
-    """Signal and reap the VMM; escalates to SIGKILL. True when it is gone."""
+def kill_vmm(host: HostOps, ident: ProcessIdentity | None,
+             sig: int = signal_mod.SIGKILL) -> bool:
+    """Signal the VMM (through ``host``: it runs as the VMM user) and wait for it to go;
+    escalates to SIGKILL. True when it is gone."""
     if ident is None or not matches(ident):
         return True
     if sig != signal_mod.SIGKILL:
-        send_signal(ident, sig)
+        host.signal(ident, sig)
         if wait_gone(ident, SIGTERM_S):
             return True
-    send_signal(ident, signal_mod.SIGKILL)
+    host.signal(ident, signal_mod.SIGKILL)
     return wait_gone(ident, SIGKILL_S)
 
 
@@ -65,7 +68,7 @@ def teardown(d: Daemon, vm_id: str, h: VMHandles | None) -> list[str]:
         if ident is not None and ident not in idents:
             idents.append(ident)
     for ident in idents:
-        if not kill_vmm(ident, signal_mod.SIGTERM):
+        if not kill_vmm(d.host, ident, signal_mod.SIGTERM):
             problems.append(f"VMM pid {ident.pid} would not exit")
     if h is not None:
         try:

@@ -59,6 +59,14 @@ def owner_runner(d: Daemon, path: Path) -> OwnerRunner:
     except OSError as exc:
         raise BadRequest(f"{path}: {exc.strerror}", hint="pass an existing git work tree") \
             from exc
+    me = os.getuid()
+    if me not in (0, st.st_uid):
+        # Only root may become another user; a daemon running as its owner user runs
+        # git as itself, and never in someone else's repository (their hooks, their
+        # config).
+        raise BadRequest(f"{path} belongs to uid {st.st_uid}, and this bangerd runs as "
+                         f"uid {me}: it runs git only in its own user's repositories",
+                         hint="use a clone the daemon's user owns")
     try:
         home = pwd.getpwuid(st.st_uid).pw_dir
     except KeyError:

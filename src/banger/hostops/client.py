@@ -11,6 +11,7 @@ anything is done.
 from __future__ import annotations
 
 import json
+import signal as signal_mod
 import socket
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -18,10 +19,11 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from banger.errors import BadVersion, DaemonUnavailable, from_code
+from banger.errors import BadRequest, BadVersion, DaemonUnavailable, from_code
 from banger.hostops import ops
 from banger.hostops.executor import Executor
 from banger.hostops.nft import GuestRule
+from banger.proc import ProcessIdentity
 
 Transport = Callable[[ops.Request], Any]
 CONNECT_TIMEOUT_S = 5.0
@@ -151,3 +153,38 @@ class HostOps:
         if before not in ("0", "1"):
             raise BadVersion(f"the root helper read ip_forward as {json.dumps(before)[:40]}")
         return str(before)
+
+    def signal(self, ident: ProcessIdentity, sig: int) -> bool:
+        """Send ``sig`` to the VMM ``ident`` names, if it is still that process (its
+        marker is ``banger-<vm id>``); False when it is gone."""
+        name = signal_mod.Signals(sig).name.removeprefix("SIG")
+        if name not in ops.SIGNALS:
+            raise BadRequest(f"SIG{name} is not a signal banger sends to a VMM",
+                             hint="one of " + ", ".join(sorted(ops.SIGNALS)))
+        sent = self._send(ops.Signal(vm_id=_vm_id(ident), pid=ident.pid,
+                                     start_time=ident.start_time, sig=name))  # type: ignore[arg-type]
+        return bool(sent)
+
+    def cgroup_create(self, vm_id: str, memory_mib: int, vcpu: int) -> None:
+        """Make VM ``vm_id``'s cgroup with the limits of its size."""
+        self._send(ops.CgroupCreate(vm_id=vm_id, memory_mib=memory_mib, vcpu=vcpu))
+
+    def cgroup_adopt(self, ident: ProcessIdentity) -> None:
+        """Move the live VMM ``ident`` into its VM's cgroup."""
+        self._send(ops.CgroupAdopt(vm_id=_vm_id(ident), pid=ident.pid,
+                                   start_time=ident.start_time))
+
+    def cgroup_remove(self, vm_id: str, wait_s: float = 0.0) -> None:
+        """Remove VM ``vm_id``'s cgroup (absent is fine), waiting up to ``wait_s``."""
+        self._send(ops.CgroupRemove(vm_id=vm_id, wait_s=wait_s))
+
+    def qemu_launch(self, req: ops.QemuLaunch) -> int:
+        """Start QEMU as ``req`` says; its pid."""
+        pid = self._send(req)
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+            raise BadVersion(f"the root helper answered a launch with {str(pid)[:40]!r}")
+        return pid
+
+
+def _vm_id(ident: ProcessIdentity) -> str:
+    return ident.marker.removeprefix("banger-")

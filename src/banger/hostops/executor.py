@@ -10,29 +10,58 @@ guests' policy, the ``ip_forward`` file. The daemon reaches it in process
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import logging
+import os
+import signal
+import socket
+import stat
+import struct
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from banger.errors import CommandFailed, HostError, Refused, VMMError
+from banger.fsutil import dir_beneath, open_beneath
 from banger.hostops import nft, ops
+from banger.hostops.cgroups import CgroupHost, VMCgroup, detect, limits_for, vm_group
+from banger.hostops.confine import kvm_groups, privilege_drop
 from banger.hostops.netlink import IP_FORWARD, HostNetwork, NetlinkNetwork, ip_forward
 from banger.hostops.policy import Policy
+from banger.proc import ProcessIdentity, matches, send_signal
 from banger.runner import Runner
+from banger.vmm import vm_marker
+from banger.vmmuser import VMMUser, check_unprivileged, lookup_user
 
 log = logging.getLogger("banger.hostops")
 
 NFT_TIMEOUT_S = 30.0  # one short transaction
+SPAWN_TIMEOUT_S = 30.0  # the launcher joins a cgroup, forks and execs: well under a second
+LAUNCHER = Path(__file__).with_name("qemu_spawn.py")
+# linux/if_tun.h
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
 
 
 class Executor:
     """Runs requests that pass ``policy`` on this host (or in this network namespace)."""
 
     def __init__(self, policy: Policy, runner: Runner, net: HostNetwork | None = None,
-                 ip_forward_path: Path = IP_FORWARD) -> None:
+                 ip_forward_path: Path = IP_FORWARD, *,
+                 cgroups: Callable[[], CgroupHost] = detect,
+                 open_tap: Callable[[str], int] | None = None) -> None:
         self.policy = policy
+        self._open_tap = open_tap or attach_tap
         self.runner = runner
         self.net: HostNetwork = net if net is not None else NetlinkNetwork()
         self.ip_forward_path = ip_forward_path
+        self._cgroups = cgroups
+        self._cgroup_host: CgroupHost | None = None
 
     def handle(self, req: ops.Request) -> Any:
         """Check ``req`` and do it; returns the request's result (see :mod:`.ops`).
@@ -69,8 +98,170 @@ class Executor:
                 self._nft(nft.nft_delete_tables(table), f"delete the nftables tables {table}")
             case ops.IPForward(set=value):
                 return ip_forward(value, self.ip_forward_path)
+            case ops.Signal(vm_id=vm_id, pid=pid, start_time=st, sig=sig):
+                ident = self._vmm(req.op, vm_id, pid, st)
+                return ident is not None and send_signal(ident, signal.Signals["SIG" + sig])
+            case ops.CgroupCreate(vm_id=vm_id, memory_mib=memory, vcpu=vcpu):
+                self.cgroup(vm_id).create(limits_for(memory, vcpu))
+            case ops.CgroupAdopt(vm_id=vm_id, pid=pid, start_time=st):
+                ident = self._vmm(req.op, vm_id, pid, st)
+                if ident is None:
+                    raise HostError(f"VM {vm_id}'s VMM (pid {pid}) is gone")
+                self.cgroup(vm_id).adopt(pid)
+            case ops.CgroupRemove(vm_id=vm_id, wait_s=wait_s):
+                self.cgroup(vm_id).remove(wait_s=wait_s)
+            case ops.QemuLaunch():
+                return self._qemu_launch(req)
         return None
+
+    def cgroup(self, vm_id: str) -> VMCgroup:
+        """VM ``vm_id``'s cgroup (it may not exist)."""
+        if self._cgroup_host is None:
+            self._cgroup_host = self._cgroups()
+        return self._cgroup_host.group(vm_group(self.policy.install_tag, vm_id))
+
+    def vmm_user(self) -> VMMUser:
+        """The account VMMs run as.
+
+        Raises:
+            HostError: it does not exist (the daemon or the installer makes it).
+            BadRequest: it is root's.
+        """
+        user = lookup_user(self.policy.vmm_user)
+        if user is None:
+            raise HostError(f"the VMM user {self.policy.vmm_user!r} does not exist",
+                            hint="run scripts/install-deps or `banger system install`")
+        return check_unprivileged(user)
+
+    def _vmm(self, op: str, vm_id: str, pid: int, start_time: int) -> ProcessIdentity | None:
+        """VM ``vm_id``'s VMM if ``pid`` still is it (None when gone).
+
+        Raises:
+            Refused: the process runs as neither the VMM user nor the daemon's user.
+        """
+        ident = ProcessIdentity(pid, start_time, vm_marker(vm_id))
+        if not matches(ident):
+            return None
+        uid = _real_uid(pid)
+        allowed = {self.policy.daemon_uid}
+        user = lookup_user(self.policy.vmm_user)
+        if user is not None:
+            allowed.add(user.uid)
+        if uid is not None and uid not in allowed:
+            raise Refused(f"{op}: pid {pid} runs as uid {uid}, not as the VMM user")
+        return ident
+
+    def _qemu_launch(self, req: ops.QemuLaunch) -> int:
+        """Open what QEMU gets, make its cgroup, start it through the launcher."""
+        user = self.vmm_user()
+        fds: dict[str, int] = {}
+        try:
+            for name, f in req.files.items():
+                fds[name] = self._open_vm_file(req.op, name, f, user)
+            fds["tap"] = self._open_tap(req.tap)
+            fds["qmp"] = self._listen(Path(req.qmp))
+            out_fd = open_beneath(self.policy.state_dir, Path(req.stderr),
+                                  os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            fds["_stderr"] = out_fd
+            os.fchown(out_fd, self.policy.daemon_uid, -1)
+            group = self.cgroup(req.vm_id)
+            group.create(limits_for(req.memory_mib, req.vcpu))
+            command = [*privilege_drop(user, kvm_groups(req.accel)), self.policy.qemu_bin,
+                       *req.args]
+            spec = {"fds": {k: v for k, v in fds.items() if not k.startswith("_")},
+                    "stderr_fd": out_fd, "command": command,
+                    "cgroup_procs": [str(p) for p in group.procs_files]}
+            try:
+                res = self.runner.run([sys.executable, "-I", str(LAUNCHER)],
+                                      desc=f"start QEMU for VM {req.vm_id}",
+                                      timeout=SPAWN_TIMEOUT_S, input=json.dumps(spec).encode(),
+                                      pass_fds=list(fds.values()))
+            except CommandFailed as exc:
+                reason = (str(exc.details.get("stderr") or "").strip()
+                          or f"exit status {exc.details.get('returncode')}")
+                raise VMMError(reason) from exc
+        except OSError as exc:
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise HostError(f"cannot set up QEMU for VM {req.vm_id}: "
+                            f"{exc.strerror or exc}{where}") from exc
+        finally:
+            for fd in fds.values():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        try:
+            return int(res.out.strip())
+        except ValueError as exc:
+            raise VMMError(f"the QEMU launcher printed {res.out.strip()[:80]!r}, "
+                           "not a pid") from exc
+
+    def _open_vm_file(self, op: str, name: str, f: ops.VMFile, user: VMMUser) -> int:
+        """Open one of the VM's files below the state or runtime dir, never through a
+        symlink; only the daemon's own files, and a file QEMU writes made its group's."""
+        path = Path(f.path)
+        root = (self.policy.state_dir if path.is_relative_to(self.policy.state_dir)
+                else self.policy.runtime_dir)
+        fd = open_beneath(root, path, os.O_RDONLY if f.mode == "r" else os.O_RDWR)
+        try:
+            st = os.fstat(fd)
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode)):
+                raise Refused(f"{op}: {name} ({path}) is not a regular file or a FIFO")
+            if st.st_uid != self.policy.daemon_uid:
+                raise Refused(f"{op}: {name} ({path}) is not the daemon's file "
+                              f"(uid {st.st_uid})")
+            if f.give:
+                # QEMU re-opens it through /proc/self/fd, which checks the file's own
+                # permissions: the VMM user's group may read and write it, the daemon
+                # keeps it, nobody else (the directories above stay closed to both).
+                os.fchown(fd, -1, user.gid)
+                os.fchmod(fd, 0o660)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _listen(self, path: Path) -> int:
+        """Bind QEMU's QMP socket in its VM's runtime directory (no symlink on the way),
+        owned by the daemon's user, and listen."""
+        dfd = dir_beneath(self.policy.runtime_dir, path.parent)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISSOCK(os.stat(path.name, dir_fd=dfd, follow_symlinks=False).st_mode):
+                    os.unlink(path.name, dir_fd=dfd)  # a stale socket from an earlier run
+            where = f"/proc/self/fd/{dfd}/{path.name}"
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            # No umask dance (a daemon's other threads share it): the directory is the
+            # daemon's, 0700, so the socket's own mode is set after the bind.
+            sock.bind(where)
+            os.chmod(where, 0o600)
+            os.chown(where, self.policy.daemon_uid, -1, follow_symlinks=False)
+            sock.listen(8)
+            return sock.detach()
+        finally:
+            os.close(dfd)
 
     def _nft(self, script: str, desc: str) -> None:
         self.runner.run(["nft", "-f", "-"], input=script.encode(), desc=desc,
                         timeout=NFT_TIMEOUT_S)
+
+
+def attach_tap(name: str) -> int:
+    """A descriptor attached to TAP ``name`` (``TUNSETIFF`` needs CAP_NET_ADMIN)."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        ifr = struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+        fcntl.ioctl(fd, TUNSETIFF, ifr)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _real_uid(pid: int) -> int | None:
+    """The real uid of ``pid`` (``/proc/<pid>/status``), None when unreadable."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Uid:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

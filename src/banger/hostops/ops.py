@@ -13,7 +13,7 @@ In process the same models are built and parsed, so both modes take one path.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -125,9 +125,83 @@ class IPForward(_Model):
     set: Literal["0", "1"] | None = None
 
 
+VMId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{12}$")]
+HostPath = Annotated[str, StringConstraints(min_length=2, max_length=4096)]
+Pid = Annotated[int, Field(ge=1, le=1 << 22)]
+SignalName = Literal["TERM", "KILL", "INT", "QUIT", "HUP", "USR1", "USR2", "STOP", "CONT",
+                     "ALRM", "WINCH", "TSTP"]
+SIGNALS: frozenset[str] = frozenset(get_args(SignalName))
+MAX_VMM_ARGS = 256
+MAX_VMM_FILES = 16
+
+
+class Signal(_Model):
+    """Signal VM ``vm_id``'s VMM, if ``pid`` is still that process (its start time and
+    the VM's marker in its command line); answers whether a signal was sent."""
+
+    op: Literal["vmm.signal"] = "vmm.signal"
+    vm_id: VMId
+    pid: Pid
+    start_time: Annotated[int, Field(ge=0)]
+    sig: SignalName
+
+
+class CgroupCreate(_Model):
+    """Make VM ``vm_id``'s cgroup with the limits of its size."""
+
+    op: Literal["cgroup.create"] = "cgroup.create"
+    vm_id: VMId
+    memory_mib: Annotated[int, Field(ge=1, le=1 << 20)]
+    vcpu: Annotated[int, Field(ge=1, le=256)]
+
+
+class CgroupAdopt(_Model):
+    """Move VM ``vm_id``'s live VMM (``pid`` with ``start_time``) into its cgroup."""
+
+    op: Literal["cgroup.adopt"] = "cgroup.adopt"
+    vm_id: VMId
+    pid: Pid
+    start_time: Annotated[int, Field(ge=0)]
+
+
+class CgroupRemove(_Model):
+    """Remove VM ``vm_id``'s cgroup, retrying up to ``wait_s`` while it empties."""
+
+    op: Literal["cgroup.remove"] = "cgroup.remove"
+    vm_id: VMId
+    wait_s: Annotated[float, Field(ge=0, le=30)] = 0.0
+
+
+class VMFile(_Model):
+    """A file the VMM gets as a descriptor; ``give``: made writable by the VMM user."""
+
+    path: HostPath
+    mode: Literal["r", "rw"]
+    give: bool = False
+
+
+class QemuLaunch(_Model):
+    """Start QEMU for VM ``vm_id``, confined, with ``args`` after the binary (files,
+    the TAP and the QMP socket as ``{fd:NAME}`` placeholders); answers its pid."""
+
+    op: Literal["qemu.launch"] = "qemu.launch"
+    vm_id: VMId
+    args: Annotated[list[Annotated[str, StringConstraints(max_length=8192)]],
+                    Field(max_length=MAX_VMM_ARGS)]
+    files: Annotated[dict[Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,15}$")],
+                          VMFile], Field(max_length=MAX_VMM_FILES)]
+    tap: IfName
+    qmp: HostPath
+    stderr: HostPath
+    memory_mib: Annotated[int, Field(ge=1, le=1 << 20)]
+    vcpu: Annotated[int, Field(ge=1, le=256)]
+    accel: Literal["kvm", "tcg"]
+
+
 Request = Annotated[
     EnsureBridge | CreateTap | DeleteLink | ListLinks | NftLoad | NftAdmit | NftForget
-    | NftPin | NftDelete | IPForward,
+    | NftPin | NftDelete | IPForward | Signal | CgroupCreate | CgroupAdopt | CgroupRemove
+    | QemuLaunch,
     Field(discriminator="op"),
 ]
 

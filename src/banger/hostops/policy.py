@@ -12,13 +12,16 @@ change the meaning of an nft script or reach another interface.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from banger import egress
 from banger.config import Config
 from banger.errors import BangerError, Refused
 from banger.hostops import ops
+from banger.hostops.confine import SANDBOX
 from banger.hostops.netlink import tap_prefix_for
 from banger.hostops.nft import (
     LEGACY_NFT_TABLE,
@@ -29,9 +32,23 @@ from banger.hostops.nft import (
     table_name,
 )
 from banger.layout import install_tag
+from banger.vmm import vm_marker
 
 TAP_SUFFIX = re.compile(r"[0-9a-f]{6}")  # network.tap_name: the prefix, 6 hex digits
 MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+# QEMU's command line, as banger writes it (qemuproc.build_argv): the options it
+# uses, and how each may name a file. Every file is a descriptor the executor
+# opened ("/proc/self/fd/{fd:NAME}"); nothing else may contain a "/".
+QEMU_FLAGS = frozenset({"-nodefaults", "-no-user-config", "-S"})
+QEMU_OPTIONS = frozenset({"-name", "-M", "-accel", "-cpu", "-m", "-smp", "-display",
+                          "-sandbox", "-kernel", "-initrd", "-append", "-drive", "-device",
+                          "-netdev", "-serial", "-chardev", "-mon", "-incoming"})
+FD_REF = re.compile(r"/proc/self/fd/\{fd:([a-z][a-z0-9_]*)\}")
+FD_ONLY = re.compile(r"\{fd:([a-z][a-z0-9_]*)\}")
+# Option keys that name a host file, a program or a descriptor banger never passes.
+QEMU_FORBIDDEN_KEYS = frozenset({"script", "downscript", "helper", "mem-path", "romfile",
+                                 "logfile", "filename", "sock", "vhostfd", "vhostfds",
+                                 "fds", "vhostdev", "br", "ifname", "dir", "host"})
 
 
 @dataclass(frozen=True)
@@ -39,14 +56,24 @@ class Policy:
     """This install's names, fixed when the helper starts (its config is read once)."""
 
     firewall: FirewallSettings
+    state_dir: Path = Path("/nonexistent/state")
+    runtime_dir: Path = Path("/nonexistent/run")
+    install_tag: str = "000000"
+    vmm_user: str = "banger-vmm"
+    qemu_bin: str = "qemu-system-x86_64"
+    daemon_uid: int = 0  # whose files the daemon may hand to the VMM, and who owns sockets
 
     @classmethod
-    def from_config(cls, cfg: Config) -> Policy:
-        """The policy of the install ``cfg`` describes."""
+    def from_config(cls, cfg: Config, daemon_uid: int | None = None) -> Policy:
+        """The policy of the install ``cfg`` describes, for a daemon running as
+        ``daemon_uid`` (default: this process's uid)."""
         tag = install_tag(cfg.state_dir)
         return cls(FirewallSettings(
             table=table_name(tag), bridge=cfg.bridge_name, cidr=cfg.bridge_cidr,
-            tap_prefix=tap_prefix_for(tag), dns_port=cfg.dns_port, vm_to_vm=cfg.vm_to_vm))
+            tap_prefix=tap_prefix_for(tag), dns_port=cfg.dns_port, vm_to_vm=cfg.vm_to_vm),
+            state_dir=cfg.state_dir, runtime_dir=cfg.runtime_dir, install_tag=tag,
+            vmm_user=cfg.vmm_user, qemu_bin=cfg.qemu_bin,
+            daemon_uid=os.getuid() if daemon_uid is None else daemon_uid)
 
     @property
     def network(self) -> ipaddress.IPv4Network:
@@ -91,6 +118,104 @@ class Policy:
             case ops.NftDelete(table=table):
                 if table not in (s.table, LEGACY_NFT_TABLE):
                     raise Refused(f"nft.delete: table {table!r} is not banger's ({s.table})")
+            case ops.Signal() | ops.CgroupCreate() | ops.CgroupAdopt() | ops.CgroupRemove():
+                pass  # the VM id's shape is the model's; the process is checked live
+            case ops.QemuLaunch():
+                self._qemu_launch(req)
+
+    def _qemu_launch(self, req: ops.QemuLaunch) -> None:
+        vm_run = self.runtime_dir / "vms" / req.vm_id
+        vm_state = self.state_dir / "vms" / req.vm_id
+        for name, f in req.files.items():
+            self.beneath(req.op, Path(f.path), (self.state_dir, self.runtime_dir), name)
+        self.beneath(req.op, Path(req.qmp), (vm_run,), "qmp")
+        self.beneath(req.op, Path(req.stderr), (vm_state,), "stderr")
+        self._tap(req.op, req.tap)
+        self.qemu_args(req.vm_id, req.args, {*req.files, "tap", "qmp"})
+
+    @staticmethod
+    def beneath(op: str, path: Path, roots: tuple[Path, ...], what: str) -> Path:
+        """``path`` if it is a plain absolute path below one of ``roots``.
+
+        Raises:
+            Refused: a relative path, ``..``, or a path elsewhere.
+        """
+        if not path.is_absolute() or ".." in path.parts or str(path) != os.path.normpath(path):
+            raise Refused(f"{op}: {what} {str(path)!r} is not a plain absolute path")
+        if not any(path != r and path.is_relative_to(r) for r in roots):
+            raise Refused(f"{op}: {what} {path} is outside "
+                          f"{' and '.join(str(r) for r in roots)}")
+        return path
+
+    def qemu_args(self, vm_id: str, args: list[str], names: set[str]) -> None:
+        """Refuse a QEMU command line banger would not write (see :data:`QEMU_OPTIONS`):
+        an unknown option, a file by path, a descriptor not handed over, a helper
+        program, another VM's name, no seccomp filter.
+
+        Raises:
+            Refused: naming the option.
+        """
+        op = "qemu.launch"
+        i, sandboxed, named = 0, False, False
+        while i < len(args):
+            opt = args[i]
+            if opt in QEMU_FLAGS:
+                i += 1
+                continue
+            if opt not in QEMU_OPTIONS or i + 1 >= len(args):
+                raise Refused(f"{op}: QEMU option {opt[:40]!r} is not one banger uses")
+            value = args[i + 1]
+            i += 2
+            if opt == "-append":
+                continue  # the guest kernel's command line: the guest's business
+            if opt == "-sandbox":
+                if value != SANDBOX:
+                    raise Refused(f"{op}: -sandbox must be {SANDBOX}")
+                sandboxed = True
+                continue
+            if opt == "-name":
+                if value.split(",")[0] != vm_marker(vm_id):
+                    raise Refused(f"{op}: -name must start with {vm_marker(vm_id)}")
+                named = True
+                continue
+            self._qemu_value(op, opt, value, names)
+        if not (sandboxed and named):
+            raise Refused(f"{op}: the command line lacks -sandbox or -name")
+
+    @staticmethod
+    def _qemu_value(op: str, opt: str, value: str, names: set[str]) -> None:
+        for ref in FD_ONLY.findall(value):
+            if ref not in names:
+                raise Refused(f"{op}: {opt} names descriptor {ref!r}, which is not handed over")
+        if opt in ("-kernel", "-initrd"):
+            if not FD_REF.fullmatch(value):
+                raise Refused(f"{op}: {opt} must be a descriptor")
+            return
+        if opt == "-serial":
+            if not (value.startswith("file:") and FD_REF.fullmatch(value[5:])):
+                raise Refused(f"{op}: -serial must be a file descriptor")
+            return
+        if opt == "-incoming":
+            if not (value.startswith("fd:") and FD_ONLY.fullmatch(value[3:])):
+                raise Refused(f"{op}: -incoming must be a descriptor")
+            return
+        items = value.split(",")
+        if opt == "-chardev" and items[0] not in ("socket", "pipe"):
+            raise Refused(f"{op}: -chardev {items[0][:20]!r} is not one banger uses")
+        if opt == "-netdev" and items[0] != "tap":
+            raise Refused(f"{op}: -netdev {items[0][:20]!r} is not one banger uses")
+        for item in items:
+            key, _, val = item.partition("=")
+            if key in QEMU_FORBIDDEN_KEYS:
+                raise Refused(f"{op}: {opt} {key}= is not allowed")
+            if key in ("file", "path"):
+                if not FD_REF.fullmatch(val):
+                    raise Refused(f"{op}: {opt} {key}= must be a descriptor")
+            elif key == "fd":
+                if not FD_ONLY.fullmatch(val):
+                    raise Refused(f"{op}: {opt} fd= must be a descriptor banger hands over")
+            elif "/" in item:
+                raise Refused(f"{op}: {opt} names a path ({item[:60]!r})")
 
     def rule(self, op: str, rule: ops.Rule) -> GuestRule:
         """``rule`` as the nft module's ``GuestRule``, once every value is in policy.

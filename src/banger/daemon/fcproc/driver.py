@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from banger.config import Config
-from banger.daemon.cgroups import RELEASE_WAIT_S, CgroupHost, limits_for
 from banger.errors import BadRequest, CommandFailed, HostError, InvalidState, VMMError
 from banger.fsutil import atomic_write, tail
+from banger.hostops.cgroups import RELEASE_WAIT_S, CgroupHost, limits_for
 from banger.layout import VMPaths
 from banger.proc import ProcessIdentity, identify, matches, send_signal, wait_gone
 from banger.runner import Runner

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from banger.config import Config
-from banger.daemon.cgroups import MOUNTS, CgroupHost, detect, install_group
 from banger.errors import BangerError, HostError
+from banger.hostops.cgroups import MOUNTS, CgroupHost, detect, install_group
 from banger.layout import install_tag
 from banger.runner import Runner
 from banger.vmmuser import check_unprivileged, ensure_user, lookup_user
@@ -105,7 +105,8 @@ def jailer_settings(cfg: Config, runner: Runner, euid: int | None = None, *,
         cfg: The configuration.
         runner: Runs ``useradd`` when the VMM user does not exist yet.
         euid: The effective uid to judge by (default: this process's).
-        cgroups: The cgroup hierarchy (default: this host's, :func:`~banger.daemon.cgroups.detect`).
+        cgroups: The cgroup hierarchy (default: this host's,
+            :func:`~banger.hostops.cgroups.detect`).
 
     Raises:
         HostError: ``jailer_enabled = true`` but the jailer cannot run; the VMM

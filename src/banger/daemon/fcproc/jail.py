@@ -32,14 +32,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from banger.daemon.cgroups import (
+from banger.errors import BadRequest, HostError
+from banger.hostops.cgroups import (
     CgroupHost,
     CgroupVersion,
     Limits,
     VMCgroup,
     limit_files,
 )
-from banger.errors import BadRequest, HostError
 from banger.layout import VMPaths
 from banger.vmm import LaunchPlan
 from banger.vmmuser import VMMUser, check_unprivileged
@@ -81,7 +81,7 @@ class JailerSettings:
         cgroups: The host's cgroup hierarchy: ``--cgroup-version`` and the
             limit files' names.
         parent_cgroup: ``--parent-cgroup``, this install's cgroup
-            (:func:`banger.daemon.cgroups.install_group`), relative to the
+            (:func:`banger.hostops.cgroups.install_group`), relative to the
             hierarchy's root.
 
     Raises:
@@ -226,7 +226,7 @@ def jailer_argv(settings: JailerSettings, firecracker_bin: str, jail_id: str,
             hierarchy and this install's parent cgroup.
         firecracker_bin: Absolute path of the Firecracker binary to exec.
         jail_id: The jail (and Firecracker instance) id.
-        limits: The VM's cgroup limits (:func:`banger.daemon.cgroups.limits_for`).
+        limits: The VM's cgroup limits (:func:`banger.hostops.cgroups.limits_for`).
     """
     argv = [
         settings.binary,

@@ -3,44 +3,34 @@
 QEMU is banger's second VMM: it runs where Firecracker or a usable KVM is
 missing (TCG), and it is how our own test machines boot real guests.
 Devices are virtio-mmio (block, net), the serial console goes to a file and
-control goes through QMP on a Unix socket. QEMU runs confined (``confine``):
-as the VMM user, under seccomp, in the VM's cgroup, with its files handed over
-as descriptors; ``_spawn.py`` starts it detached, so the VMM outlives a daemon
-restart, and the launch waits for QMP to answer, so errors in device set-up
-(a busy tap, an unreadable file) come back from :meth:`QemuDriver.launch`.
+control goes through QMP on a Unix socket. QEMU runs confined
+(:mod:`banger.hostops.confine`): as the VMM user, under seccomp, in the VM's
+cgroup, with its files handed over as descriptors. What needs root (the files,
+the TAP, the cgroup, the launch itself) is a ``qemu.launch`` request to the host
+operations (:mod:`banger.hostops`), whose launcher starts QEMU detached, so the
+VMM outlives a daemon restart; the launch waits for QMP to answer, so errors in
+device set-up (a busy tap, an unreadable file) come back from
+:meth:`QemuDriver.launch`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import select
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from banger.config import Config
-from banger.daemon.cgroups import (
-    RELEASE_WAIT_S,
-    CgroupHost,
-    VMCgroup,
-    detect,
-    limits_for,
-    vm_group,
-)
-from banger.daemon.qemuproc.confine import (
-    SANDBOX,
-    TCG_TB_SIZE_MIB,
-    check_readable_by,
-    kvm_groups,
-    privilege_drop,
-)
 from banger.daemon.qemuproc.qmp import QMPSession, qmp_command, wait_qmp_ready, wait_status
-from banger.errors import CommandFailed, HostError, VMMError
+from banger.errors import HostError, VMMError
 from banger.fsutil import atomic_write, tail
+from banger.hostops import ops
+from banger.hostops.cgroups import RELEASE_WAIT_S, CgroupHost, VMCgroup, detect, vm_group
+from banger.hostops.client import HostOps
+from banger.hostops.confine import SANDBOX, TCG_TB_SIZE_MIB, check_readable_by
 from banger.layout import VMPaths, install_tag
 from banger.proc import ProcessIdentity, cmdline, identify, matches
 from banger.runner import Runner
@@ -63,7 +53,6 @@ RESTORE_TIMEOUT_S = 300.0  # reading the stream back; seconds for a GiB of memor
 IDENT_PORT = "org.banger.ident"
 IDENT_FD = "ident"
 LAUNCH_TIMEOUT_S = 30.0  # QMP answers after device init: seconds even under TCG
-SPAWN_TIMEOUT_S = 30.0  # the launcher opens files, forks and execs: well under a second
 
 
 def machine_args(accel: str) -> list[str]:
@@ -104,8 +93,8 @@ def build_argv(qemu_bin: str, plan: LaunchPlan, accel: str,
     """The QEMU command line for ``plan``.
 
     Every file, the TAP and the QMP socket are ``{fd:NAME}`` placeholders the
-    launcher (``_spawn.py``) replaces with descriptors it opened as root (see
-    :func:`launch_spec`): QEMU, running as the VMM user, opens nothing under
+    host operations' launcher replaces with descriptors opened as root (see
+    :func:`launch_request`): QEMU, running as the VMM user, opens nothing under
     banger's directories by path.
     """
     cmdline = plan.cmdline
@@ -173,29 +162,29 @@ def _fd(name: str) -> str:
     return "/proc/self/fd/{fd:" + name + "}"
 
 
-def launch_spec(plan: LaunchPlan, command: list[str], cgroup: VMCgroup | None) -> dict[str, Any]:
-    """What ``_spawn.py`` opens, joins and runs for ``plan`` (see its docstring)."""
+def launch_request(plan: LaunchPlan, args: list[str], accel: str) -> ops.QemuLaunch:
+    """The ``qemu.launch`` request for ``plan``: ``args`` (QEMU's command line after the
+    binary) and the files QEMU gets as descriptors; the disks, the serial log and the
+    identity FIFO are handed to the VMM user."""
     p = plan.paths
-    files: dict[str, list[str]] = {"kernel": [str(plan.kernel), "r"],
-                                   "rootfs": [plan.rootfs, "rw"],
-                                   "work": [plan.work_disk, "rw"],
-                                   "serial": [str(p.serial_log), "rw"]}
+    files: dict[str, ops.VMFile] = {
+        "kernel": ops.VMFile(path=str(plan.kernel), mode="r"),
+        "rootfs": ops.VMFile(path=plan.rootfs, mode="rw", give=True),
+        "work": ops.VMFile(path=plan.work_disk, mode="rw", give=True),
+        "serial": ops.VMFile(path=str(p.serial_log), mode="rw", give=True)}
     if plan.initrd is not None:
-        files["initrd"] = [str(plan.initrd), "r"]
+        files["initrd"] = ops.VMFile(path=str(plan.initrd), mode="r")
     if plan.restore is not None:
-        files[RESTORE_FD] = [str(plan.restore / MIGRATION_FILE), "r"]
+        files[RESTORE_FD] = ops.VMFile(path=str(plan.restore / MIGRATION_FILE), mode="r")
     if plan.ident_channel:
-        files[IDENT_FD] = [str(p.ident_fifo), "rw"]  # a FIFO: read-write never blocks
+        # a FIFO: read-write never blocks
+        files[IDENT_FD] = ops.VMFile(path=str(p.ident_fifo), mode="rw", give=True)
     for i, disk in enumerate(plan.extra_disks):
-        files[f"extra{i}"] = [disk, "rw"]
-    return {
-        "command": command,
-        "files": files,
-        "tap": plan.tap,
-        "listen": {"qmp": str(p.qmp_socket)},
-        "stderr": str(p.vmm_log),
-        "cgroup_procs": [str(f) for f in cgroup.procs_files] if cgroup is not None else [],
-    }
+        files[f"extra{i}"] = ops.VMFile(path=disk, mode="rw", give=True)
+    return ops.QemuLaunch(vm_id=plan.vm_id, args=args, files=files, tap=plan.tap,
+                          qmp=str(p.qmp_socket), stderr=str(p.vmm_log),
+                          memory_mib=plan.memory_mib, vcpu=plan.vcpu,
+                          accel=accel)  # type: ignore[arg-type]
 
 
 class QemuDriver:
@@ -204,8 +193,9 @@ class QemuDriver:
     name = "qemu"
 
     def __init__(self, runner: Runner, qemu_bin: str, accel: str, *, user: VMMUser,
-                 cgroups: CgroupHost, install_tag: str) -> None:
+                 cgroups: CgroupHost, install_tag: str, host: HostOps) -> None:
         self.runner = runner
+        self.host = host
         self.qemu_bin = qemu_bin
         self.accel = accel
         self.user = user
@@ -214,8 +204,8 @@ class QemuDriver:
         self._version: str | None = None
 
     @classmethod
-    def from_config(cls, cfg: Config, runner: Runner, qemu_bin: str, accel: str
-                    ) -> QemuDriver:
+    def from_config(cls, cfg: Config, runner: Runner, qemu_bin: str, accel: str,
+                    host: HostOps) -> QemuDriver:
         """The driver for ``cfg``: creates the VMM user if missing, finds the cgroup hierarchy.
 
         Raises:
@@ -223,24 +213,19 @@ class QemuDriver:
                 controllers banger needs.
         """
         return cls(runner, qemu_bin, accel, user=ensure_user(runner, cfg.vmm_user),
-                   cgroups=detect(), install_tag=install_tag(cfg.state_dir))
+                   cgroups=detect(), install_tag=install_tag(cfg.state_dir), host=host)
 
     def cgroup(self, vm_id: str) -> VMCgroup:
         """VM ``vm_id``'s cgroup (it may not exist)."""
         return self.cgroups.group(vm_group(self.install_tag, vm_id))
 
-    def command(self, plan: LaunchPlan, tsc_khz: int | None) -> list[str]:
-        """``setpriv`` (the VMM user, no capabilities) followed by QEMU's command line."""
-        return [*privilege_drop(self.user, kvm_groups(self.accel)),
-                *build_argv(self.qemu_bin, plan, self.accel, tsc_khz)]
-
     def prepare(self, plan: LaunchPlan) -> None:
-        """Fresh logs, and the files QEMU re-opens made the VMM user's.
+        """The VM's directories, fresh logs and identity FIFO; the boot files checked.
 
-        The disks and the serial log must be writable by the VMM user (QEMU
-        re-opens them through /proc/self/fd, which checks the file's own
-        permissions); they stay in root's 0700 directories, so nobody else
-        reaches them by path. The boot files must be readable by it.
+        The disks, the serial log and the FIFO are handed to the VMM user by the
+        launch request (QEMU re-opens them through /proc/self/fd, which checks the
+        file's own permissions); they stay in the daemon's 0700 directories, so
+        nobody else reaches them by path. The boot files must be readable by it.
         """
         p = plan.paths
         p.run.mkdir(parents=True, exist_ok=True)
@@ -249,15 +234,9 @@ class QemuDriver:
         p.pid_file.unlink(missing_ok=True)
         p.vmm_log.write_bytes(b"")
         p.serial_log.write_bytes(b"")
-        disks = [Path(plan.rootfs), Path(plan.work_disk), *map(Path, plan.extra_disks)]
-        owned = [p.serial_log, *disks]
         if plan.ident_channel:
             p.ident_fifo.unlink(missing_ok=True)
             os.mkfifo(p.ident_fifo, 0o600)
-            owned.append(p.ident_fifo)
-        for disk in owned:
-            os.chown(disk, self.user.uid, self.user.gid)
-            os.chmod(disk, 0o600)
         check_readable_by(plan.kernel, self.user, "kernel")
         if plan.initrd is not None:
             check_readable_by(plan.initrd, self.user, "initrd")
@@ -266,8 +245,8 @@ class QemuDriver:
         """Start QEMU confined for ``plan`` and wait until its QMP monitor answers
         (:func:`wait_qmp_ready`: devices are set up, the guest runs).
 
-        The VM's cgroup is created with its limits first; the launcher joins it
-        and forks QEMU inside it (see ``_spawn.py``).
+        The host operations make the VM's cgroup with its limits, open its files and
+        TAP, bind QMP and start QEMU inside the cgroup (``qemu.launch``).
 
         Raises:
             VMMError: QEMU failed to start (reason from its log), or exited or
@@ -280,26 +259,14 @@ class QemuDriver:
         except OSError as exc:
             raise HostError(f"cannot prepare {plan.name}'s files for QEMU: {exc.strerror} "
                             f"({exc.filename})") from exc
-        group = self.cgroup(plan.vm_id)
-        group.create(limits_for(plan.memory_mib, plan.vcpu))
         tsc_khz = host_tsc_khz() if self.accel == "tcg" else None  # only TCG uses it
-        spec = launch_spec(plan, self.command(plan, tsc_khz), group)
-        helper = Path(__file__).with_name("_spawn.py")
+        args = build_argv(self.qemu_bin, plan, self.accel, tsc_khz)[1:]
         try:
-            res = self.runner.run([sys.executable, "-I", str(helper)],
-                                  desc=f"start QEMU for {plan.name}", timeout=SPAWN_TIMEOUT_S,
-                                  input=json.dumps(spec).encode())
-        except CommandFailed as exc:
+            pid = self.host.qemu_launch(launch_request(plan, args, self.accel))
+        except VMMError as exc:
             log.warning("QEMU for %s failed: %s", plan.name, exc.message)
-            reason = (str(exc.details.get("stderr") or "").strip()
-                      or f"exit status {exc.details.get('returncode')}")
-            raise VMMError(f"QEMU failed to start {plan.name}: {reason}",
+            raise VMMError(f"QEMU failed to start {plan.name}: {exc.message}",
                            hint=f"QEMU's log: {p.vmm_log}") from exc
-        try:
-            pid = int(res.out.strip())
-        except ValueError as exc:
-            raise VMMError(f"the QEMU launcher printed {res.out.strip()[:80]!r}, not a pid") \
-                from exc
         ident = identify(pid, plan.marker)
         if ident is None or not wait_qmp_ready(p.qmp_socket, LAUNCH_TIMEOUT_S):
             # QEMU's stderr is vmm.log: a start-up error is its last line. A QEMU still
@@ -349,8 +316,11 @@ class QemuDriver:
         if not group.holds(pid):
             if not group.exists():
                 memory, vcpu = _vm_size(pid)
-                group.create(limits_for(memory, vcpu))
-            group.adopt(pid)
+                self.host.cgroup_create(vm_id, memory, vcpu)
+            ident = identify(pid, f"banger-{vm_id}")
+            if ident is None:
+                raise HostError(f"VM {vm_id}'s VMM (pid {pid}) is gone")
+            self.host.cgroup_adopt(ident)
             log.info("vm %s: moved VMM pid %d into cgroup %s", vm_id, pid, group.describe())
         return self.confinement(vm_id)
 
@@ -382,7 +352,7 @@ class QemuDriver:
              progress: Callable[[int], None] | None = None) -> int:
         """Migrate the stopped guest into ``into/qemu.migration``; the bytes written.
 
-        The file is opened here, as root, and handed to QEMU over QMP (``getfd``): QEMU,
+        The file is opened here, by the daemon, and handed to QEMU over QMP (``getfd``): QEMU,
         confined, opens nothing by path and may not spawn a helper. The guest is
         stopped first (a no-op when it already is); QEMU is left in ``postmigrate``,
         paused, for the caller to quit or resume.
@@ -466,7 +436,7 @@ class QemuDriver:
         """
         for f in (plan_paths.pid_file, plan_paths.run / "qmp.sock", plan_paths.ident_fifo):
             f.unlink(missing_ok=True)
-        self.cgroup(plan_paths.vm_id).remove(wait_s=RELEASE_WAIT_S)
+        self.host.cgroup_remove(plan_paths.vm_id, wait_s=RELEASE_WAIT_S)
 
 
 def _vm_size(pid: int) -> tuple[int, int]:

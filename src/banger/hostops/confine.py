@@ -7,7 +7,7 @@ user (config ``vmm_user``) with no capabilities and no supplementary groups
 inside a cgroup of its own. It never opens anything under banger's state or
 runtime directories by path: the launcher (root) opens the disks, logs, TAP and
 QMP socket and hands them over as file descriptors. The account
-(:mod:`banger.vmmuser`) and the cgroup limits (:func:`banger.daemon.cgroups.limits_for`)
+(:mod:`banger.vmmuser`) and the cgroup limits (:func:`banger.hostops.cgroups.limits_for`)
 are shared with the jailed Firecracker.
 """
 

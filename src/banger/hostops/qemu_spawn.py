@@ -1,0 +1,60 @@
+"""Start QEMU in its cgroup, detached; run as root as a script, never imported.
+
+Usage (by :mod:`banger.hostops.executor`, with the descriptors inherited)::
+
+    python -I qemu_spawn.py < SPEC.json
+
+The spec names:
+
+- ``cgroup_procs``: the VM's ``cgroup.procs`` files. The launcher writes its own
+  pid to each first, so QEMU (its grandchild) is in the VM's cgroup from its
+  first instruction;
+- ``fds``: ``{name: descriptor}``, inherited from the executor, which opened the
+  VM's files (never through a symlink), attached the TAP and bound the QMP socket;
+- ``stderr_fd``: the descriptor QEMU's stdout and stderr go to;
+- ``command``: the argv (``setpriv ... -- qemu ...``) where ``{fd:NAME}`` is
+  replaced by the descriptor number of ``NAME``.
+
+Then it detaches QEMU with :func:`banger.detach.run` (fork, ``setsid()``, fork
+again, exec in the grandchild), so QEMU is re-parented to init and outlives the
+daemon and the helper. QEMU cannot ``-daemonize`` itself under ``-sandbox
+spawn=deny``. Prints ``<pid>`` and exits 0 once the command is exec'd; prints the
+reason on stderr and exits 127 if exec fails, 1 if the set-up fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+from banger.detach import run
+
+_PLACEHOLDER = re.compile(r"\{fd:([a-z_][a-z0-9_]*)\}")
+
+
+def main() -> int:
+    """Read the spec on stdin, join the cgroup, detach QEMU; print its pid."""
+    spec = json.load(sys.stdin)
+    try:
+        for procs in spec.get("cgroup_procs", []):
+            with open(procs, "w") as fh:
+                fh.write(str(os.getpid()))
+    except OSError as exc:
+        sys.stderr.write(f"cannot join the VM's cgroup: {exc.strerror or exc} "
+                         f"({exc.filename})\n")
+        return 1
+    fds: dict[str, int] = {str(k): int(v) for k, v in spec["fds"].items()}
+    for fd in fds.values():
+        os.set_inheritable(fd, True)
+    try:
+        command = [_PLACEHOLDER.sub(lambda m: str(fds[m.group(1)]), a) for a in spec["command"]]
+    except KeyError as exc:
+        sys.stderr.write(f"the command names an unknown descriptor {exc}\n")
+        return 1
+    return run(command, int(spec["stderr_fd"]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

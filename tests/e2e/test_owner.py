@@ -1,0 +1,255 @@
+"""bangerd as an unprivileged user, with banger-helper as root: the split an installed
+banger runs as (`banger system install --owner USER`). The daemon, the CLI and git run
+as a user of the test's own; only the helper is root. A VM boots, a repository goes in,
+a command's status and the guest's edits come back. In the test's own network
+namespace, like every end-to-end test.
+
+The test's venv lives under root's home (0700), so the owner runs banger from a copy
+of the package and its dependencies under Debian's own python3 (same minor version).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata as md
+import json
+import os
+import pwd
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+
+from banger.proc import open_files
+from tests.e2e.conftest import ARTIFACTS, BIN, IMAGE, MEMORY_MIB, REPO, VCPU, CachedImage
+
+OWNER = "banger-e2e-owner"
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+
+
+def owner_account() -> pwd.struct_passwd:
+    """The test's unprivileged user, made once per host."""
+    try:
+        return pwd.getpwnam(OWNER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--user-group", "--create-home",
+                        "--home-dir", f"/var/lib/{OWNER}", "--shell", "/usr/sbin/nologin",
+                        OWNER], check=True)
+        return pwd.getpwnam(OWNER)
+
+
+def _requirements(name: str) -> list[str]:
+    """What ``name`` needs on this platform, without extras."""
+    out = []
+    for line in md.requires(name) or []:
+        req = Requirement(line)
+        if req.marker is None or req.marker.evaluate({"extra": ""}):
+            out.append(req.name)
+    return out
+
+
+def copy_runtime(site: Path) -> None:
+    """banger's package and the distributions it needs at run time, into ``site``."""
+    shutil.copytree(REPO / "src" / "banger", site / "banger",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    seen: set[str] = set()
+    todo = _requirements("banger")
+    while todo:
+        name = todo.pop()
+        key = name.lower().replace("_", "-")
+        if key in seen:
+            continue
+        seen.add(key)
+        dist = md.distribution(name)
+        for f in dist.files or []:
+            if f.parts and f.parts[0] == "..":
+                continue  # scripts in the venv's bin/
+            src = Path(str(dist.locate_file(f)))
+            if src.is_file():
+                dest = site / f
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, dest)
+        todo += _requirements(name)
+
+
+@dataclass
+class OwnerHost:
+    ns: str
+    root: Path
+    run_dir: Path
+    helper_socket: Path
+    user: pwd.struct_passwd
+    helper: subprocess.Popen[bytes] | None = None
+    daemon: subprocess.Popen[bytes] | None = None
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.toml"
+
+    def as_owner(self, *argv: str) -> list[str]:
+        """``argv`` as the owner (no capabilities, its own groups), in the namespace."""
+        return ["nsenter", f"--net=/run/netns/{self.ns}", "--",
+                "setpriv", f"--reuid={self.user.pw_uid}", f"--regid={self.user.pw_gid}",
+                "--init-groups", "--inh-caps=-all", "--",
+                "env", f"HOME={self.user.pw_dir}", f"PYTHONPATH={self.root / 'site'}",
+                f"BANGER_CONFIG={self.config}", "PYTHONDONTWRITEBYTECODE=1", *argv]
+
+    def cli(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.as_owner(str(SYSTEM_PYTHON), "-m", "banger", *args),
+                              capture_output=True, text=True, timeout=timeout,
+                              cwd=self.root)
+
+    def ok(self, *args: str, timeout: float = 600) -> str:
+        res = self.cli(*args, timeout=timeout)
+        assert res.returncode == 0, f"banger {' '.join(args)} -> {res.returncode}\n" \
+                                    f"{res.stdout}\n{res.stderr}"
+        return res.stdout
+
+    def start(self) -> None:
+        with (self.root / "helper.log").open("ab") as out:
+            self.helper = subprocess.Popen(
+                ["nsenter", f"--net=/run/netns/{self.ns}", "--", str(BIN / "banger-helper"),
+                 "--config", str(self.config), "--owner", OWNER],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+        _wait(lambda: self.helper_socket.exists(), self.helper, "banger-helper")
+        with (self.root / "bangerd.out").open("ab") as out:
+            self.daemon = subprocess.Popen(
+                self.as_owner(str(SYSTEM_PYTHON), "-m", "banger.cli.bangerd"),
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+        _wait(lambda: self.cli("daemon", "status").returncode == 0, self.daemon, "bangerd")
+
+
+def _wait(ready: object, proc: subprocess.Popen[bytes] | None, what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not ready():  # type: ignore[operator]
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"{what} exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not start")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def owner_host(request: pytest.FixtureRequest, test_image: CachedImage
+               ) -> Iterator[OwnerHost]:
+    if not SYSTEM_PYTHON.exists():
+        pytest.skip(f"the owner runs banger with {SYSTEM_PYTHON}, which is missing")
+    user = owner_account()
+    tag = secrets.token_hex(3)
+    ns = f"banger-e2e-{tag}"
+    root = Path(f"/var/tmp/banger-owner-{tag}")
+    run_dir = Path(f"/run/banger-e2e-{tag}")
+    h = OwnerHost(ns, root, run_dir, Path(f"/run/banger-e2e-{tag}-helper.sock"), user)
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+    try:
+        for d in (root, run_dir):
+            d.mkdir(mode=0o700)
+        copy_runtime(root / "site")
+        h.config.write_text(
+            f'state_dir = "{root / "state"}"\ncache_dir = "{root / "cache"}"\n'
+            f'runtime_dir = "{run_dir}"\nlog_level = "debug"\nboot_timeout_s = 240\n'
+            f'boot_snapshots = false\nvmm = "qemu"\nhelper_socket = "{h.helper_socket}"\n'
+            f"[vm_defaults]\nvcpu = {VCPU}\nmemory_mib = {MEMORY_MIB}\n")
+        subprocess.run(["chown", "-R", f"{user.pw_uid}:{user.pw_gid}", str(root),
+                        str(run_dir)], check=True)
+        h.start()
+        h.ok("image", "register", "--name", IMAGE, "--rootfs", str(test_image.rootfs),
+             "--kernel", str(test_image.kernel), "--initrd", str(test_image.initrd))
+        yield h
+    finally:
+        rep = getattr(request.node, "rep_call", None)
+        if rep is not None and rep.failed:
+            dest = ARTIFACTS / request.node.nodeid.replace("/", "_")
+            dest.mkdir(parents=True, exist_ok=True)
+            for f in (root / "helper.log", root / "bangerd.out", root / "state/bangerd.log"):
+                if f.exists():
+                    shutil.copy2(f, dest / f.name)
+            print(f"\nkept the helper and daemon logs in {dest}")
+        if h.daemon is not None:
+            listed = h.cli("vm", "list", "--json")
+            for vm in json.loads(listed.stdout) if listed.returncode == 0 else []:
+                h.cli("vm", "delete", vm["name"], timeout=120)
+            h.cli("daemon", "stop", timeout=120)
+            try:
+                h.daemon.wait(30)
+            except subprocess.TimeoutExpired:
+                h.daemon.kill()
+        if h.helper is not None:
+            h.helper.terminate()
+            h.helper.wait(30)
+        for pid in _vmms_under(root):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
+        h.helper_socket.unlink(missing_ok=True)
+
+
+def _vmms_under(root: Path) -> list[int]:
+    """QEMU processes with files open under ``root`` (a VM this test left)."""
+    pids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                cmd = (p / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"qemu-system" in cmd and any(f.startswith(str(root) + "/")
+                                             for f in open_files(int(p.name))):
+                pids.append(int(p.name))
+    return pids
+
+
+def _status(pid: int) -> dict[str, str]:
+    return dict(line.split(":\t", 1) for line in
+                Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
+
+
+def test_an_unprivileged_daemon_boots_a_vm_and_round_trips_a_workspace(
+        owner_host: OwnerHost) -> None:
+    h = owner_host
+    assert h.daemon is not None
+    daemon = _status(h.daemon.pid)
+    # setpriv execs bangerd in place: the pid is the daemon's, and it holds no root
+    assert daemon["Uid"].split()[0] == str(h.user.pw_uid)
+    assert int(daemon["CapEff"], 16) == 0
+
+    repo = h.root / "repo"
+    repo.mkdir()
+    (repo / "README").write_text("host\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "README"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "one"], check=True)
+    subprocess.run(["chown", "-R", f"{h.user.pw_uid}:{h.user.pw_gid}", str(repo)], check=True)
+
+    res = h.cli("vm", "run", "--rm", "--name", "w", "--export", str(h.root / "edits.patch"),
+                str(repo), "--", "sh", "-c", "echo guest >> README && cat README && exit 3",
+                timeout=900)
+    assert res.returncode == 3, res.stdout + res.stderr
+    assert res.stdout == "host\nguest\n", res.stdout + res.stderr
+    patch = (h.root / "edits.patch").read_text()
+    assert "+guest" in patch and "README" in patch
+    assert h.cli("vm", "list", "--json").stdout.strip() == "[]"
+
+    # What ran as root was the helper's: it launched QEMU, as the VMM user.
+    log = (h.root / "helper.log").read_text()
+    for op in ("tap.create done", "nft.admit done", "qemu.launch done", "vmm.signal done"):
+        assert op in log, f"the helper did not log {op!r}"
+    # The daemon could not have done it itself: it may not even open a TAP.
+    probe = subprocess.run(h.as_owner(str(SYSTEM_PYTHON), "-c",
+                                      "import os; os.open('/dev/net/tun', os.O_RDWR); "
+                                      "import fcntl, struct; fcntl.ioctl(os.open("
+                                      "'/dev/net/tun', os.O_RDWR), 0x400454CA, struct.pack("
+                                      "'16sH22x', b'bgtprobe', 2))"),
+                           capture_output=True, text=True, timeout=60)
+    assert probe.returncode != 0, probe
+    assert "PermissionError" in probe.stderr or "Operation not permitted" in probe.stderr, probe
