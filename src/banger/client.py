@@ -131,6 +131,13 @@ def connect(cfg: Config, *, autostart: bool = True) -> Client:
     client = Client(layout.socket)
     if not autostart or client.alive():
         return client
+    if cfg.helper_socket is not None:
+        # A daemon with a root helper is a service (`banger system install`): never
+        # start one here, least of all a root one.
+        raise DaemonUnavailable(
+            f"bangerd is not answering on {layout.socket}",
+            hint="it runs as a system service here: `banger system status` shows it, "
+                 "`banger system restart` restarts it")
     start_daemon(cfg)
     return client
 
@@ -181,6 +188,10 @@ def stop_daemon(client: Client) -> dict[str, Any] | None:
 def start_daemon(cfg: Config) -> int:
     """Spawn bangerd detached and wait (bounded) until it answers; returns its pid."""
     layout = Layout.from_config(cfg)
+    if cfg.helper_socket is not None:
+        raise DaemonUnavailable("this config's bangerd runs as a system service "
+                                "(it has a helper_socket)",
+                                hint="`banger system restart` starts it")
     if os.geteuid() != 0:
         raise DaemonUnavailable("bangerd is not running and only root can start it",
                                 hint="run banger with sudo")

@@ -287,12 +287,20 @@ class Config(_Strict):
         return self.ssh_key_path or self.state_dir / "ssh" / "id_ed25519"
 
 
-def config_path(env: dict[str, str] | None = None) -> Path:
-    """Where the config file is looked for: ``$BANGER_CONFIG``, else the default path."""
+SYSTEM_CONFIG = Path("/etc/banger/config.toml")  # written by `banger system install`
+
+
+def config_path(env: dict[str, str] | None = None, system: Path = SYSTEM_CONFIG) -> Path:
+    """Where the config file is looked for: ``$BANGER_CONFIG``; else the user's own
+    file when it exists; else the system install's (``/etc/banger/config.toml``) when
+    that exists; else the user's default path (absent: all defaults)."""
     env = dict(os.environ) if env is None else env
     if env.get("BANGER_CONFIG"):
         return Path(env["BANGER_CONFIG"])
-    return default_config_path(env)
+    own = default_config_path(env)
+    if not own.exists() and system.exists():
+        return system
+    return own
 
 
 def default_config_path(env: dict[str, str] | None = None) -> Path:

@@ -24,6 +24,7 @@ from banger.cli import (
     output,
     session,
     snapshot,
+    system,
     vm,
     workspace,
 )
@@ -84,6 +85,7 @@ cli.add_command(images.image)
 cli.add_command(images.kernel)
 cli.add_command(vm.vm)
 cli.add_command(snapshot.snapshot)
+cli.add_command(system.system)
 for _cmd in (lifecycle.start, lifecycle.stop, lifecycle.restart, lifecycle.delete, lifecycle.rm,
              lifecycle.vm_kill, lifecycle.pause, lifecycle.resume, lifecycle.suspend):
     vm.vm.add_command(_cmd)

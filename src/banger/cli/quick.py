@@ -36,6 +36,7 @@ _NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 # Budget for the RPC: bangerd answers it from memory and SQLite, in milliseconds;
 # past this the full CLI takes over with its own handling.
 RPC_TIMEOUT_S = 5.0
+SYSTEM_CONFIG = "/etc/banger/config.toml"  # banger.config.SYSTEM_CONFIG
 # Config.runtime_dir's default (banger.config).
 DEFAULT_RUNTIME_DIR = "/run/banger"
 
@@ -115,8 +116,10 @@ def config_of(env: dict[str, str]) -> tuple[str, str] | None:
     """``runtime_dir`` and the digest of the config file's bytes, as
     :func:`banger.config.read_config` makes it; None for anything unusual."""
     explicit = env.get("BANGER_CONFIG")
-    path = explicit or os.path.join(env.get("HOME", "/root"), ".config", "banger",
-                                    "config.toml")
+    own = os.path.join(env.get("HOME", "/root"), ".config", "banger", "config.toml")
+    # banger.config.config_path's order: the user's file, else a system install's
+    path = explicit or (SYSTEM_CONFIG if not os.path.exists(own)
+                        and os.path.exists(SYSTEM_CONFIG) else own)
     try:
         with open(path, "rb") as fh:
             raw = fh.read()
