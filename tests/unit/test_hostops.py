@@ -321,3 +321,19 @@ def test_a_foreign_uid_is_closed_without_a_reply(rec: Recorder) -> None:
         t.join(5)
         server.close()
         shutil.rmtree(where, ignore_errors=True)
+
+
+def test_doctor_checks_the_helper_answers_and_refuses(
+        helper: tuple[Path, HelperServer], tmp_path: Path) -> None:
+    import importlib
+
+    from banger.config import parse_config
+
+    doctor = importlib.import_module("banger.daemon.doctor")
+    path, _ = helper
+    ok = doctor._helper(parse_config({"helper_socket": str(path)}))
+    assert ok.status == doctor.Status.OK and "refuses" in ok.detail
+    gone = doctor._helper(parse_config({"helper_socket": str(tmp_path / "none.sock")}))
+    assert gone.status == doctor.Status.FAIL and "root helper" in gone.detail
+    none = doctor._helper(parse_config({}))
+    assert none.status == doctor.Status.OK

@@ -24,8 +24,9 @@ from banger.daemon.vmmselect import (
     resolve_accel,
     resolve_vmm,
 )
-from banger.errors import BangerError
+from banger.errors import BangerError, Refused
 from banger.hostops.cgroups import detect as detect_cgroups
+from banger.hostops.client import HostOps
 from banger.hostops.confine import SANDBOX
 from banger.hostops.nft import ruleset
 from banger.hostops.policy import Policy
@@ -88,6 +89,7 @@ def doctor(cfg: Config, runner: Runner | None = None) -> list[Check]:
         lambda: _reflink(cfg),
         _tools,
         lambda: _disk(cfg),
+        lambda: _helper(cfg),
     ]
     out: list[Check] = []
     for check in checks:
@@ -97,6 +99,29 @@ def doctor(cfg: Config, runner: Runner | None = None) -> list[Check]:
             res = Check(getattr(check, "__name__", "check"), Status.FAIL, f"check crashed: {exc}")
         out.extend(res if isinstance(res, list) else [res])
     return out
+
+
+def _helper(cfg: Config) -> Check:
+    """The root helper, when the config names one: it answers, and its policy is this
+    config's (a link list is the harmless request; a TAP of another install's prefix
+    must be refused)."""
+    if cfg.helper_socket is None:
+        return Check("root helper", Status.OK, "none: bangerd does what needs root itself")
+    host = HostOps.connect(cfg.helper_socket)
+    try:
+        host.links()
+    except BangerError as exc:
+        return Check("root helper", Status.FAIL, exc.message, exc.hint)
+    try:
+        host.delete_link("banger-doctor")  # never a name of this install's
+    except Refused:
+        return Check("root helper", Status.OK,
+                     f"{cfg.helper_socket} answers and refuses what is out of policy")
+    except BangerError as exc:
+        return Check("root helper", Status.FAIL, exc.message, exc.hint)
+    return Check("root helper", Status.FAIL,
+                 f"{cfg.helper_socket} accepted a request out of this install's policy",
+                 "the helper runs another banger or config: `banger system restart`")
 
 
 def _qemu(cfg: Config, runner: Runner) -> Check:
