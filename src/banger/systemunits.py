@@ -6,7 +6,7 @@
 (:mod:`banger.hostops.server`). Both units are hardened: no new privileges, a
 read-only system with only banger's directories writable, private /tmp, a narrow
 set of socket families and system calls, and a capability bounding set that holds
-only what each one needs (none for the daemon but binding the DNS port).
+only what each one needs (none at all for the daemon).
 
 Rendering is pure (:func:`daemon_unit`, :func:`helper_unit`, :func:`system_config`);
 the checks that the owner can run the installed banger are :func:`runnable_by`'s.
@@ -33,13 +33,11 @@ SYSTEM_RUNTIME = Path("/run/banger")
 # (CHOWN, FOWNER) below the daemon's 0700 directories (DAC_OVERRIDE,
 # DAC_READ_SEARCH); QEMU started as the VMM user with no capabilities (SETUID,
 # SETGID, SETPCAP); signals to VMMs (KILL); cgroups (SYS_ADMIN for v1's mounts and
-# moving a process between them).
-HELPER_CAPABILITIES = ("CAP_NET_ADMIN", "CAP_CHOWN", "CAP_FOWNER", "CAP_DAC_OVERRIDE",
-                       "CAP_DAC_READ_SEARCH", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP",
-                       "CAP_KILL", "CAP_SYS_ADMIN")
-# The daemon binds the .vm DNS server on port 53 of the bridge's address, and nothing
-# else privileged.
-DAEMON_CAPABILITIES = ("CAP_NET_BIND_SERVICE",)
+# moving a process between them); the .vm DNS server's port 53 (NET_BIND_SERVICE),
+# bound for the daemon and handed over.
+HELPER_CAPABILITIES = ("CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE", "CAP_CHOWN", "CAP_FOWNER",
+                       "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_SETUID", "CAP_SETGID",
+                       "CAP_SETPCAP", "CAP_KILL", "CAP_SYS_ADMIN")
 
 
 @dataclass(frozen=True)
@@ -111,8 +109,8 @@ def daemon_unit(i: Install) -> str:
         "ProtectControlGroups=yes",
         *_common_hardening(),
         "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
-        f"CapabilityBoundingSet={' '.join(DAEMON_CAPABILITIES)}",
-        f"AmbientCapabilities={' '.join(DAEMON_CAPABILITIES)}",
+        # None at all: everything that needs one is the helper's.
+        "CapabilityBoundingSet=",
         "",
         "[Install]",
         "WantedBy=multi-user.target",

@@ -78,11 +78,13 @@ def test_a_vm_boots_on_a_network_the_helper_made(helper_host: HelperHost) -> Non
     assert out["state"] == "running"
     res = host.cli("vm", "exec", "box", "--", "cat", "/etc/hostname")
     assert res.returncode == 0 and res.stdout.strip() == "box", res.stderr
+    resolved = host.ok("vm", "exec", "box", "--", "getent", "hosts", "box.vm").split()
+    assert resolved[0] == out["ip"]  # the DNS server on sockets the helper bound
     assert has_bridge(host) and has_nft_table(host) and out["tap"] in host.taps()
     assert ip_forward(host) == "1"
     log = helper_host.log.read_text()
     for op in ("bridge.ensure done", "tap.create done", "nft.load done", "nft.admit done",
-               "ip_forward done", "qemu.launch done"):
+               "ip_forward done", "qemu.launch done", "dns.sockets done"):
         assert op in log, f"the helper did not log {op!r}"
 
     # The helper gone: a new VM fails with what to do, and nothing is left half made.

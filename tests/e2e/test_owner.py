@@ -232,7 +232,9 @@ def test_an_unprivileged_daemon_boots_a_vm_and_round_trips_a_workspace(
     subprocess.run(["chown", "-R", f"{h.user.pw_uid}:{h.user.pw_gid}", str(repo)], check=True)
 
     res = h.cli("vm", "run", "--rm", "--name", "w", "--export", str(h.root / "edits.patch"),
-                str(repo), "--", "sh", "-c", "echo guest >> README && cat README && exit 3",
+                str(repo), "--", "sh", "-c",
+                # w.vm resolves through the DNS server whose port 53 the helper bound
+                "getent hosts w.vm >/dev/null && echo guest >> README && cat README && exit 3",
                 timeout=900)
     assert res.returncode == 3, res.stdout + res.stderr
     assert res.stdout == "host\nguest\n", res.stdout + res.stderr
@@ -242,7 +244,8 @@ def test_an_unprivileged_daemon_boots_a_vm_and_round_trips_a_workspace(
 
     # What ran as root was the helper's: it launched QEMU, as the VMM user.
     log = (h.root / "helper.log").read_text()
-    for op in ("tap.create done", "nft.admit done", "qemu.launch done", "vmm.signal done"):
+    for op in ("tap.create done", "nft.admit done", "qemu.launch done", "vmm.signal done",
+               "dns.sockets done"):
         assert op in log, f"the helper did not log {op!r}"
     # The daemon could not have done it itself: it may not even open a TAP.
     probe = subprocess.run(h.as_owner(str(SYSTEM_PYTHON), "-c",

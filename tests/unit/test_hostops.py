@@ -337,3 +337,43 @@ def test_doctor_checks_the_helper_answers_and_refuses(
     assert gone.status == doctor.Status.FAIL and "root helper" in gone.detail
     none = doctor._helper(parse_config({}))
     assert none.status == doctor.Status.OK
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("transport", ["local", "socket"])
+def test_dns_sockets_are_bound_by_the_host_operations_and_handed_over(
+        tmp_path: Path, transport: str) -> None:
+    port = _free_port()
+    settings = FirewallSettings(table="banger_t1", bridge="br-t", cidr="127.0.0.1/8",
+                                tap_prefix="bgtt1", dns_port=port)
+    executor = Executor(Policy(settings), FakeRunner(), FakeNet(), tmp_path / "fwd")
+    stop = threading.Event()
+    server = None
+    if transport == "local":
+        host = HostOps.local(executor)
+    else:
+        server = HelperServer(executor, tmp_path / "h.sock", os.getuid(), os.getgid())
+        threading.Thread(target=server.serve_until, args=(stop,), daemon=True).start()
+        host = HostOps.connect(tmp_path / "h.sock")
+    try:
+        udp, tcp = host.dns_sockets()
+        with udp, tcp:
+            assert udp.getsockname() == ("127.0.0.1", port)
+            assert tcp.getsockname() == ("127.0.0.1", port)
+            assert udp.type == socket.SOCK_DGRAM and tcp.type == socket.SOCK_STREAM
+            # they are live: a datagram sent to the port arrives on the handed-over socket
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+                c.sendto(b"ping", ("127.0.0.1", port))
+            udp.settimeout(5)
+            assert udp.recvfrom(16)[0] == b"ping"
+            with socket.create_connection(("127.0.0.1", port), timeout=5):
+                pass
+    finally:
+        stop.set()
+        if server is not None:
+            server.close()

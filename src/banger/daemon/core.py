@@ -41,7 +41,7 @@ from banger.daemon.firewall import GuestFirewall
 from banger.daemon.forwarder import ForwardTable
 from banger.daemon.guest import Guest, GuestDialer, SSHGuest, boot_key, wait_for_ssh
 from banger.daemon.handles import HandleCache
-from banger.daemon.network import HostChanges, TapPool, ensure_bridge, gateway
+from banger.daemon.network import HostChanges, TapPool, ensure_bridge
 from banger.daemon.oci.blobs import BlobCache
 from banger.daemon.opstate import Operation, Registry
 from banger.daemon.sessionctl import SessionRegistry
@@ -290,8 +290,10 @@ class Daemon:
                     else self.cfg.dns_upstream_address)
         self.vm_dns = VMDNS(upstream, policy=self.firewall)
         try:
-            self.vm_dns.listen(gateway(self.cfg.bridge_cidr), self.cfg.dns_port)
-        except OSError as exc:
+            # Bound by the host operations: port 53 is privileged, and a daemon
+            # running as its owner holds no capability.
+            self.vm_dns.serve(*self.host.dns_sockets())
+        except (OSError, BangerError) as exc:
             log.warning("dns: cannot listen on the bridge: %s", exc)
         for vm in self.db.list_vms():
             if vm.state in (VMState.RUNNING, VMState.PAUSED):

@@ -31,6 +31,8 @@ from typing import Protocol
 
 from dnslib import QTYPE, RCODE, RR, A, DNSRecord
 
+from banger.hostops.netlink import bind_dns
+
 log = logging.getLogger("banger.dns")
 
 ZONE = "vm"
@@ -190,20 +192,11 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 class _Listener:
     """One address's UDP and TCP sockets and their threads."""
 
-    def __init__(self, resolver: VMResolver, address: str, port: int) -> None:
+    def __init__(self, resolver: VMResolver, udp: socket.socket, tcp: socket.socket) -> None:
         self.resolver = resolver
         self.closing = threading.Event()
-        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            self.udp.bind((address, port))
-            self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self.tcp.bind((address, port))
-            self.tcp.listen(TCP_MAX_CONNECTIONS)
-        except OSError:
-            self.udp.close()
-            self.tcp.close()
-            raise
+        self.udp = udp
+        self.tcp = tcp
         self.workers = ThreadPoolExecutor(UDP_WORKERS, thread_name_prefix="dns-udp")
         self.backlog = threading.BoundedSemaphore(UDP_BACKLOG)
         self.connections = threading.BoundedSemaphore(TCP_MAX_CONNECTIONS)
@@ -306,8 +299,13 @@ class VMDNS:
         Raises:
             OSError: either socket cannot be bound.
         """
-        self._listeners.append(_Listener(self.resolver, address, port))
-        log.info("dns: serving .%s on %s:%d (udp, tcp)", ZONE, address, port)
+        self.serve(*bind_dns(address, port))
+
+    def serve(self, udp: socket.socket, tcp: socket.socket) -> None:
+        """Serve on sockets bound elsewhere (the host operations bind port 53)."""
+        self._listeners.append(_Listener(self.resolver, udp, tcp))
+        host, port = udp.getsockname()
+        log.info("dns: serving .%s on %s:%d (udp, tcp)", ZONE, host, port)
 
     def register(self, name: str, ip: str) -> None:
         """Make ``<name>.vm`` resolve to ``ip`` on every listening server."""

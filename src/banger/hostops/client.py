@@ -10,7 +10,9 @@ anything is done.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal as signal_mod
 import socket
 from collections.abc import Callable, Iterable, Sequence
@@ -29,6 +31,7 @@ Transport = Callable[[ops.Request], Any]
 CONNECT_TIMEOUT_S = 5.0
 REPLY_TIMEOUT_S = 120.0  # above the executor's own budgets (nft: 30 s)
 MAX_REPLY = 1 << 20  # a link list is the largest answer
+MAX_FDS = 4  # descriptors one reply may carry (dns.sockets: 2)
 
 _REQUEST: TypeAdapter[ops.Request] = TypeAdapter(ops.Request)
 
@@ -54,7 +57,7 @@ def socket_transport(path: Path) -> Transport:
                 s.connect(str(path))
                 s.settimeout(REPLY_TIMEOUT_S)
                 s.sendall(env.model_dump_json().encode() + b"\n")
-                raw = _read_line(s)
+                raw, fds = _read_line(s)
         except OSError as exc:
             raise DaemonUnavailable(
                 f"cannot reach banger's root helper at {path}: {exc.strerror or exc}",
@@ -66,22 +69,39 @@ def socket_transport(path: Path) -> Transport:
                              "does not know", hint="reinstall banger so the daemon and "
                              "the helper are one version") from exc
         if reply.error is not None:
+            _close(fds)
             raise from_code(reply.error.code, reply.error.message, reply.error.hint)
+        if fds or reply.result == {"fds": 0}:
+            if reply.result != {"fds": len(fds)}:
+                _close(fds)
+                raise BadVersion("the root helper sent descriptors its reply does not name")
+            return ops.Handover(fds)
         return reply.result
 
     return send
 
 
-def _read_line(s: socket.socket) -> bytes:
+def _read_line(s: socket.socket) -> tuple[bytes, list[int]]:
+    """One reply line, and the descriptors that came with it (at most :data:`MAX_FDS`)."""
     buf = bytearray()
+    fds: list[int] = []
     while b"\n" not in buf:
-        chunk = s.recv(65536)
+        chunk, got, _flags, _addr = socket.recv_fds(s, 65536, MAX_FDS)
+        fds += got
         if not chunk:
+            _close(fds)
             raise ConnectionResetError("the helper closed the connection without answering")
         buf += chunk
-        if len(buf) > MAX_REPLY:
+        if len(buf) > MAX_REPLY or len(fds) > MAX_FDS:
+            _close(fds)
             raise ConnectionResetError("the helper's answer is too long")
-    return bytes(buf[: buf.index(b"\n")])
+    return bytes(buf[: buf.index(b"\n")]), fds
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _rule(g: GuestRule) -> ops.Rule:
@@ -184,6 +204,15 @@ class HostOps:
         if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
             raise BadVersion(f"the root helper answered a launch with {str(pid)[:40]!r}")
         return pid
+
+    def dns_sockets(self) -> tuple[socket.socket, socket.socket]:
+        """The ``.vm`` DNS server's UDP and TCP sockets, bound to the bridge's address
+        and the DNS port by root (port 53 is privileged)."""
+        got = self._send(ops.DNSSockets())
+        if not isinstance(got, ops.Handover) or len(got.fds) != 2:
+            raise BadVersion("the root helper did not hand over two DNS sockets")
+        udp_fd, tcp_fd = got.fds
+        return socket.socket(fileno=udp_fd), socket.socket(fileno=tcp_fd)
 
 
 def _vm_id(ident: ProcessIdentity) -> str:

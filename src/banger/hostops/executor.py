@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import ipaddress
 import json
 import logging
 import os
@@ -29,7 +30,13 @@ from banger.fsutil import dir_beneath, open_beneath
 from banger.hostops import nft, ops
 from banger.hostops.cgroups import CgroupHost, VMCgroup, detect, limits_for, vm_group
 from banger.hostops.confine import kvm_groups, privilege_drop
-from banger.hostops.netlink import IP_FORWARD, HostNetwork, NetlinkNetwork, ip_forward
+from banger.hostops.netlink import (
+    IP_FORWARD,
+    HostNetwork,
+    NetlinkNetwork,
+    bind_dns,
+    ip_forward,
+)
 from banger.hostops.policy import Policy
 from banger.proc import ProcessIdentity, matches, send_signal
 from banger.runner import Runner
@@ -112,6 +119,10 @@ class Executor:
                 self.cgroup(vm_id).remove(wait_s=wait_s)
             case ops.QemuLaunch():
                 return self._qemu_launch(req)
+            case ops.DNSSockets():
+                gateway = str(ipaddress.IPv4Interface(s.cidr).ip)
+                udp, tcp = bind_dns(gateway, s.dns_port)
+                return ops.Handover([udp.detach(), tcp.detach()])
         return None
 
     def cgroup(self, vm_id: str) -> VMCgroup:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import secrets
+import socket
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -161,3 +162,28 @@ def ip_forward(value: str | None, path: Path = IP_FORWARD) -> str:
             raise HostError(f"cannot set IPv4 forwarding to {value}: {exc.strerror}",
                             hint="run bangerd as root, or create the VM without --nat") from exc
     return before
+
+
+DNS_TCP_BACKLOG = 64
+
+
+def bind_dns(address: str, port: int) -> tuple[socket.socket, socket.socket]:
+    """The ``.vm`` DNS server's UDP and TCP sockets, bound to ``address``:``port`` (the
+    TCP one listening). Port 53 needs CAP_NET_BIND_SERVICE: the helper binds them for a
+    daemon that has none and hands them over.
+
+    Raises:
+        OSError: either cannot be bound (both are closed then).
+    """
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        udp.bind((address, port))
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        tcp.bind((address, port))
+        tcp.listen(DNS_TCP_BACKLOG)
+    except OSError:
+        udp.close()
+        tcp.close()
+        raise
+    return udp, tcp

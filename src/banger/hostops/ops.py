@@ -198,10 +198,17 @@ class QemuLaunch(_Model):
     accel: Literal["kvm", "tcg"]
 
 
+class DNSSockets(_Model):
+    """Bind the ``.vm`` DNS server's UDP and TCP sockets on the bridge's address and the
+    install's DNS port; they come back as descriptors (``SCM_RIGHTS`` on the socket)."""
+
+    op: Literal["dns.sockets"] = "dns.sockets"
+
+
 Request = Annotated[
     EnsureBridge | CreateTap | DeleteLink | ListLinks | NftLoad | NftAdmit | NftForget
     | NftPin | NftDelete | IPForward | Signal | CgroupCreate | CgroupAdopt | CgroupRemove
-    | QemuLaunch,
+    | QemuLaunch | DNSSockets,
     Field(discriminator="op"),
 ]
 
@@ -212,6 +219,13 @@ class Envelope(_Model):
     v: Literal[1]
     id: Annotated[int, Field(ge=0, le=2**53)]
     req: Request
+
+
+class Handover:
+    """A result that is descriptors: the executor's, sent with the reply line."""
+
+    def __init__(self, fds: list[int]) -> None:
+        self.fds = fds
 
 
 class Failure(_Model):

@@ -101,7 +101,7 @@ class HelperServer:
                         f"request longer than {ops.MAX_REQUEST} bytes")))))
                     return  # the next line's start cannot be found safely
                 if line.strip():
-                    conn.sendall(_encode(answer(self.executor, line)))
+                    _send(conn, answer_fds(self.executor, line))
         except (TimeoutError, ConnectionError):
             pass
         except OSError as exc:
@@ -110,6 +110,28 @@ class HelperServer:
             with contextlib.suppress(OSError):
                 conn.close()
             self._slots.release()
+
+
+def answer_fds(executor: Executor, line: bytes) -> tuple[ops.Reply, list[int]]:
+    """:func:`answer`, with a result that is descriptors taken out of the reply: the
+    reply says how many (``{"fds": n}``) and they travel beside it."""
+    reply, fds = answer(executor, line), []
+    if isinstance(reply.result, ops.Handover):
+        fds = reply.result.fds
+        reply = ops.Reply(id=reply.id, result={"fds": len(fds)})
+    return reply, fds
+
+
+def _send(conn: socket.socket, answered: tuple[ops.Reply, list[int]]) -> None:
+    reply, fds = answered
+    try:
+        if fds:
+            socket.send_fds(conn, [_encode(reply)], fds)
+        else:
+            conn.sendall(_encode(reply))
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def answer(executor: Executor, line: bytes) -> ops.Reply:
