@@ -34,7 +34,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from banger import client as rpc
-from banger.api import ImageView, OpView, SnapshotView, SSHInfo, VMDetail, VMView
+from banger.api import ImageView, Model, OpView, SnapshotView, SSHInfo, VMDetail, VMView
 from banger.api.methods import invalid_params
 from banger.api.params import CreateParams
 from banger.config import Config, load_config
@@ -77,8 +77,10 @@ class Client:
     this process is root), or the daemon listening on ``socket``."""
 
     def __init__(self, config: Config | None = None, *, socket: str | Path | None = None,
-                 autostart: bool = True) -> None:
-        if socket is not None:
+                 autostart: bool = True, connection: rpc.Client | None = None) -> None:
+        if connection is not None:
+            self.rpc = connection  # one the caller made (the CLI: after its drift check)
+        elif socket is not None:
             self.rpc = rpc.Client(Path(socket))
         else:
             self.rpc = rpc.connect(config or load_config(), autostart=autostart)
@@ -92,6 +94,10 @@ class Client:
         """One RPC call by name (``banger.api.methods.METHODS``): params and result
         are checked against the method's types."""
         return self.rpc.call(method, timeout, **params)
+
+    def send(self, method: str, params: Model, timeout: float | None = None) -> Any:
+        """One RPC call with its parameters as their model (``banger.api.params``)."""
+        return self.rpc.send(method, params, timeout)
 
     def operation(self, kind: str, op: dict[str, Any], *, on_progress: Progress | None = None,
                   cancel: threading.Event | None = None) -> Any:

@@ -80,3 +80,33 @@ def test_setting_cancel_cancels_the_operation_and_raises_cancelled(
         sdk.vms.create("slow", on_progress=progress, cancel=cancel)
     assert cancel.is_set()
     assert daemon.db.find_vm("slow") is None  # the cancelled create rolled itself back
+
+
+def test_typed_views_dump_to_what_the_daemon_sent(sdk: Client) -> None:
+    """The CLI prints the SDK's typed views (model_dump): the same JSON the daemon sent,
+    so `--json` output did not change shape when the CLI moved onto the SDK."""
+    sdk.vms.create(name="seen", start=False)
+    assert [v.model_dump(mode="json") for v in sdk.vms.list()] == sdk.call("vm.list")
+    assert sdk.vms.show("seen").model_dump(mode="json") == sdk.call("vm.show", name="seen")
+    assert [i.model_dump(mode="json") for i in sdk.images.list()] == sdk.call("image.list")
+    name = sdk.call("image.list")[0]["name"]
+    assert sdk.images.show(name).model_dump(mode="json") == sdk.call("image.show", name=name)
+    assert [s.model_dump(mode="json") for s in sdk.snapshots.list()] == \
+        sdk.call("snapshot.list")
+
+
+def test_the_cli_follows_operations_through_the_sdk(
+        daemon: Daemon, sdk: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    from banger.cli.app import App, follow
+
+    seen: list[str] = []
+    real = Client.operation
+
+    def spy(self: Client, kind: str, op: dict[str, object], **kw: object) -> object:
+        seen.append(kind)
+        return real(self, kind, op, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Client, "operation", spy)
+    op = sdk.call("vm.create.begin", name="followed", start=False)
+    res = follow(App(None, debug=False, json=True), sdk, op, "vm.create")
+    assert seen == ["vm.create"] and res["name"] == "followed"

@@ -4,17 +4,20 @@ operation's progress. Running the system ``ssh`` into a VM is :mod:`banger.cli.q
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import click
 
+from banger.api import OpView
 from banger.cli import output
-from banger.client import Client, connect
+from banger.client import connect
 from banger.config import Config, config_path, load_config
-from banger.errors import BadName, from_code
+from banger.errors import BadName
 from banger.names import check_name
+from banger.sdk import Client
 
 
 @dataclass
@@ -38,16 +41,17 @@ class App:
         return self._cfg
 
     def client(self, autostart: bool = True) -> Client:
-        """A client for bangerd; with ``autostart`` it starts the daemon when none answers.
+        """The SDK's client for bangerd (:class:`banger.sdk.Client`: every command goes
+        through it); with ``autostart`` it starts the daemon when none answers.
 
         A running daemon keeps the config it started with: when its values differ from
         this command's config, one warning on stderr names the changed keys.
         """
-        client = connect(self.cfg, autostart=autostart)
-        drift = client.config_drift(self.cfg)  # from the ping connect made; no extra call
+        connection = connect(self.cfg, autostart=autostart)
+        drift = connection.config_drift(self.cfg)  # from the ping connect made; no extra call
         if drift:
             click.echo(f"warning: {drift}", err=True)
-        return client
+        return Client(connection=connection)
 
     def emit(self, obj: Any, human: str) -> None:
         """Print ``obj`` as JSON under ``--json``, else the ``human`` text."""
@@ -79,25 +83,24 @@ def name_arg(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
 
 
 def follow(app: App, client: Client, op: dict[str, Any], kind: str) -> Any:
-    """Show an operation's stages until it ends; Ctrl-C cancels it cleanly."""
+    """Show an operation's stages until it ends (:meth:`banger.sdk.Client.operation`);
+    Ctrl-C cancels it cleanly, a second Ctrl-C stops waiting."""
     from banger.cli.progress import Progress
 
-    cancelled = False
+    cancel = threading.Event()
+    last = op
     with Progress(enabled=not app.json) as progress:
+
+        def seen(view: OpView) -> None:
+            nonlocal last
+            last = view.model_dump(mode="json")
+            progress.update(last)
+
         while True:
-            progress.update(op)
-            if op["done"]:
-                break
             try:
-                op = client.call(f"{kind}.status", id=op["id"], wait_s=1.0,
-                                 since=op["updated_at"])
+                return client.operation(kind, last, on_progress=seen, cancel=cancel)
             except KeyboardInterrupt:
-                if cancelled:
+                if cancel.is_set():
                     raise
-                cancelled = True
+                cancel.set()  # the SDK asks the daemon to cancel at its next look
                 progress.note("cancelling (Ctrl-C again to stop waiting)...")
-                op = client.call(f"{kind}.cancel", id=op["id"])
-    if op.get("error"):
-        err = op["error"]
-        raise from_code(err["code"], err["message"], err.get("hint", ""))
-    return op["result"]

@@ -20,8 +20,8 @@ import tty
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from banger.client import Client
 from banger.errors import BangerError, NotFound
+from banger.sdk import Client
 
 DETACH = (0x10, 0x11)  # Ctrl-P, Ctrl-Q
 POLL_S = 5.0  # long-poll wait per logs call (well inside the attachment's lease)

@@ -44,7 +44,7 @@ def daemon_status(app: App) -> int:
 def daemon_start(app: App) -> None:
     """Start bangerd in the background if it is not running."""
     client = app.client(autostart=False)
-    if client.alive():
+    if client.rpc.alive():
         click.echo("bangerd is already running")
         return
     pid = start_daemon(app.cfg)
@@ -61,7 +61,7 @@ def daemon_stop(app: App) -> None:
     nftables table `banger` it made and the TAP pool are removed and
     net.ipv4.ip_forward gets its earlier value again.
     """
-    status = stop_daemon(app.client(autostart=False))
+    status = stop_daemon(app.client(autostart=False).rpc)
     if status is None:
         click.echo("bangerd is not running")
     else:
@@ -75,7 +75,7 @@ def daemon_restart(app: App) -> None:
 
     Running VMs keep running and are re-adopted by the new daemon.
     """
-    status = stop_daemon(app.client(autostart=False))
+    status = stop_daemon(app.client(autostart=False).rpc)
     if status is not None:
         click.echo(_stopped_line(status))
     pid = start_daemon(app.cfg)

@@ -144,7 +144,7 @@ def image_list(app: App, available: bool) -> None:
         entries = app.client().call("catalog.list", kind="image")
         app.emit(entries, output.catalog_table(entries, "image"))
         return
-    imgs = app.client().call("image.list")
+    imgs = [i.model_dump(mode="json") for i in app.client().images.list()]
     app.emit(imgs, output.image_table(imgs))
 
 
@@ -154,7 +154,7 @@ def image_list(app: App, available: bool) -> None:
 @pass_app
 def image_show(app: App, name: str) -> None:
     """Show one image."""
-    img = app.client().call("image.show", name=name)
+    img = app.client().images.show(name).model_dump(mode="json")
     app.emit(img, output.image_detail(img))
 
 

@@ -11,8 +11,8 @@ import click
 from banger.cli import exits, output
 from banger.cli.app import App, follow, json_option, pass_app
 from banger.cli.complete import vm_names
-from banger.client import Client
 from banger.errors import BangerError, Cancelled
+from banger.sdk import Client
 
 
 def _each(verb: str, act: Callable[[App, Client, str], Any]) -> Any:

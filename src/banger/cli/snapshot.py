@@ -44,7 +44,7 @@ def snapshot() -> None:
 def snapshot_list(app: App) -> None:
     """List snapshots: name, kind (user: `vm snapshot`; boot: an image's first boot, kept
     by banger), source VM, image, size of the saved machine, bytes on disk."""
-    snaps = app.client().call("snapshot.list")
+    snaps = [s.model_dump(mode="json") for s in app.client().snapshots.list()]
     app.emit(snaps, output.snapshot_table(snaps))
 
 

@@ -23,8 +23,9 @@ from banger.cli.app import App, follow, json_option, name_arg, pass_app
 from banger.cli.complete import image_names, snapshot_names, vm_names
 from banger.cli.quick import run_ssh
 from banger.cli.workspace import prepared_text
-from banger.client import Client, fetch_patch
+from banger.client import fetch_patch
 from banger.errors import BangerError
+from banger.sdk import Client
 
 ALLOW_OUT_HELP = (
     "Repeatable. The guest reaches only these: IPv4 addresses or networks, domains "
@@ -115,7 +116,7 @@ def vm_create(app: App, /, no_start: bool, **kw: Any) -> None:
 @pass_app
 def vm_list(app: App) -> None:
     """List VMs."""
-    vms = app.client().call("vm.list")
+    vms = [v.model_dump(mode="json") for v in app.client().vms.list()]
     app.emit(vms, output.vm_table(vms))
 
 
@@ -128,7 +129,7 @@ vm.add_command(vm_list, "ps")
 @pass_app
 def vm_show(app: App, name: str) -> None:
     """Show one VM: spec, state, address, process."""
-    res = app.client().call("vm.show", name=name)
+    res = app.client().vms.show(name).model_dump(mode="json")
     app.emit(res, output.vm_detail(res))
 
 
@@ -424,7 +425,7 @@ def _save_edits(app: App, client: Client, name: str, export_to: str | None,
     Returns False when the edits could not be read and the VM must be kept.
     """
     try:
-        res, data = fetch_patch(client, name)
+        res, data = fetch_patch(client.rpc, name)
     except BangerError as exc:
         exc.hint = f"the VM {name} was kept so its edits are not lost; " \
                    f"`banger vm workspace export {name}` retries"

@@ -92,7 +92,7 @@ def workspace_export(app: App, name: str, out_file: Path | None,
     web | git apply`). The changed files are listed on stderr. With --json the
     patch is in the JSON (base64) unless -o is given.
     """
-    res, data = fetch_patch(app.client(), name, base_commit)
+    res, data = fetch_patch(app.client().rpc, name, base_commit)
     if out_file is not None:
         out_file.write_bytes(data)
     if app.json:
