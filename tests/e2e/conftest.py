@@ -269,21 +269,8 @@ class Host:
         return [n for n in names if n.startswith("bgt")]
 
     def vmm_pids(self) -> list[int]:
-        """QEMU processes of this host (their command lines or, for a confined QEMU that
-        gets its files as descriptors, their open files name our state dir)."""
-        pids = []
-        for p in Path("/proc").iterdir():
-            if p.name.isdigit():
-                try:
-                    cmd = (p / "cmdline").read_bytes()
-                except OSError:
-                    continue
-                if b"qemu-system" in cmd and (
-                        str(self.state).encode() in cmd
-                        or any(f.startswith(str(self.state) + "/")
-                               for f in open_files(int(p.name)))):
-                    pids.append(int(p.name))
-        return pids
+        """QEMU processes of this host (see :func:`qemu_pids_under`)."""
+        return qemu_pids_under(self.state)
 
     def loops(self) -> list[str]:
         out = subprocess.run(["losetup", "--json", "--list"], capture_output=True,
@@ -323,6 +310,23 @@ class Host:
                     if (vm_dir / log).exists():
                         shutil.copy2(vm_dir / log, dest / f"{vm_dir.name}-{log}")
         return dest
+
+
+def qemu_pids_under(root: Path) -> list[int]:
+    """QEMU processes whose command lines or (a confined QEMU gets its files as
+    descriptors) open files name ``root``."""
+    pids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                cmd = (p / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"qemu-system" in cmd and (
+                    str(root).encode() in cmd
+                    or any(f.startswith(str(root) + "/") for f in open_files(int(p.name)))):
+                pids.append(int(p.name))
+    return pids
 
 
 def make_host(tmp_path: Path, extra_config: str = "", cache_dir: Path = CACHE) -> Host:

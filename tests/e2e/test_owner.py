@@ -26,8 +26,16 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from banger.proc import open_files
-from tests.e2e.conftest import ARTIFACTS, BIN, IMAGE, MEMORY_MIB, REPO, VCPU, CachedImage
+from tests.e2e.conftest import (
+    ARTIFACTS,
+    BIN,
+    IMAGE,
+    MEMORY_MIB,
+    REPO,
+    VCPU,
+    CachedImage,
+    qemu_pids_under,
+)
 
 OWNER = "banger-e2e-owner"
 SYSTEM_PYTHON = Path("/usr/bin/python3")
@@ -184,28 +192,13 @@ def owner_host(request: pytest.FixtureRequest, test_image: CachedImage
         if h.helper is not None:
             h.helper.terminate()
             h.helper.wait(30)
-        for pid in _vmms_under(root):
+        for pid in qemu_pids_under(root):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
         subprocess.run(["ip", "netns", "del", ns], check=False)
         shutil.rmtree(run_dir, ignore_errors=True)
         shutil.rmtree(root, ignore_errors=True)
         h.helper_socket.unlink(missing_ok=True)
-
-
-def _vmms_under(root: Path) -> list[int]:
-    """QEMU processes with files open under ``root`` (a VM this test left)."""
-    pids = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                cmd = (p / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"qemu-system" in cmd and any(f.startswith(str(root) + "/")
-                                             for f in open_files(int(p.name))):
-                pids.append(int(p.name))
-    return pids
 
 
 def _status(pid: int) -> dict[str, str]:

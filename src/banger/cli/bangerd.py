@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
+from banger.cli.exits import run_service
 from banger.config import config_path, read_config
-from banger.errors import BangerError
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -29,17 +28,8 @@ def run(config_file: Path | None, log_stderr: bool) -> None:
 
 
 def main() -> None:
-    """The ``bangerd`` entry point: click errors keep click's exit status, banger errors exit 1."""
-    try:
-        run.main(standalone_mode=False)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except BangerError as exc:
-        print(f"bangerd: error: {exc.message}", file=sys.stderr)
-        if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
-        sys.exit(1)
+    """The ``bangerd`` entry point (:func:`banger.cli.exits.run_service`)."""
+    run_service(run, "bangerd")
 
 
 if __name__ == "__main__":

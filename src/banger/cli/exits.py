@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 import sys
 
+import click
+
 from banger.errors import BangerError
 
 DOCTOR_FAIL = 1
@@ -56,3 +58,19 @@ def print_usage_error(message: str, command_path: str, as_json: bool) -> None:
         return
     print(f"error: {message}", file=sys.stderr)
     print(f"hint: {hint}", file=sys.stderr)
+
+
+def run_service(command: click.Command, prog: str) -> None:
+    """The entry point of a service program (``bangerd``, ``banger-helper``): click's
+    errors keep click's exit status; a banger error is printed as ``PROG: error:`` and
+    ``hint:`` lines and exits 1."""
+    try:
+        command.main(standalone_mode=False)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except BangerError as exc:
+        print(f"{prog}: error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        sys.exit(1)

@@ -17,8 +17,9 @@ from types import FrameType
 
 import click
 
+from banger.cli.exits import run_service
 from banger.config import config_path, read_config
-from banger.errors import BadRequest, BangerError
+from banger.errors import BadRequest
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -65,17 +66,8 @@ def run(config_file: Path | None, owner: str, socket_path: Path | None) -> None:
 
 
 def main() -> None:
-    """The ``banger-helper`` entry point: banger errors exit 1 with their hint."""
-    try:
-        run.main(standalone_mode=False)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except BangerError as exc:
-        print(f"banger-helper: error: {exc.message}", file=sys.stderr)
-        if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
-        sys.exit(1)
+    """The ``banger-helper`` entry point (:func:`banger.cli.exits.run_service`)."""
+    run_service(run, "banger-helper")
 
 
 if __name__ == "__main__":

@@ -9,20 +9,18 @@ own thread until the idle timeout.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import secrets
 import socket
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from banger import api
 from banger.daemon.core import current_op
 from banger.errors import BadRequest, BadVersion, BangerError, HostError, InternalError
-from banger.proc import peer_uid
 from banger.protocol import MAX_FRAME
+from banger.unixserver import UnixServer
 
 if TYPE_CHECKING:
     from banger.daemon.core import Daemon
@@ -31,87 +29,43 @@ log = logging.getLogger("banger.server")
 
 MAX_CONNECTIONS = 128  # concurrent clients; more are refused by closing at once
 IDLE_TIMEOUT_S = 300.0  # a connection that sends nothing for this long is closed
-ACCEPT_POLL_S = 0.5  # how often the accept loop checks for shutdown
 
 
-class RPCServer:
+class RPCServer(UnixServer):
+    """bangerd's socket: root and the daemon's own user may connect."""
+
+    thread_name = "rpc-conn"
+
     def __init__(self, d: Daemon, path: Path) -> None:
         self.d = d
-        self.path = path
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         if path.exists():
             if _alive(path):
                 raise HostError(f"another bangerd is already serving {path}",
                                 hint="`banger daemon status` shows it")
             path.unlink()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)  # the socket is born 0600: no window where others can connect
-        try:
-            self.sock.bind(str(path))
-        finally:
-            os.umask(old)
-        os.chmod(path, 0o600)
-        self.sock.listen(64)
-        self.sock.settimeout(ACCEPT_POLL_S)
+        super().__init__(path, max_connections=MAX_CONNECTIONS, backlog=64,
+                         idle_timeout_s=IDLE_TIMEOUT_S)
         self.allowed_uids = {0, os.getuid()}
 
-    def serve_until(self, stop: threading.Event) -> None:
-        """Accept connections until ``stop`` is set, one thread each.
+    def admits(self, uid: int) -> bool:
+        """Root and the daemon's own user."""
+        return uid in self.allowed_uids
 
-        Beyond ``MAX_CONNECTIONS`` concurrent clients a new connection is closed at once.
-        """
-        while not stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
+    def serve(self, conn: socket.socket) -> None:
+        """Answer one JSON-RPC request per line until the client closes."""
+        reader = conn.makefile("rb")
+        while True:
+            frame = reader.readline(MAX_FRAME + 1)
+            if not frame:
+                return  # client closed (or half-closed) its side
+            if len(frame) > MAX_FRAME:
+                err = BadRequest(f"frame exceeds {MAX_FRAME} bytes",
+                                 hint="requests are one JSON object per line")
+                conn.sendall(api.encode(api.error_response(None, err, api.INVALID_REQUEST)))
+                return  # cannot find the next frame boundary safely
+            if not frame.strip():
                 continue
-            except OSError:
-                if stop.is_set():
-                    break
-                raise
-            if not self._slots.acquire(blocking=False):
-                log.warning("too many connections; refusing one")
-                conn.close()
-                continue
-            threading.Thread(target=self._serve_conn, args=(conn,), daemon=True,
-                             name="rpc-conn").start()
-
-    def close(self) -> None:
-        """Close the listening socket and remove its path (errors ignored)."""
-        with contextlib.suppress(OSError):
-            self.sock.close()
-        with contextlib.suppress(OSError):
-            self.path.unlink()
-
-    def _serve_conn(self, conn: socket.socket) -> None:
-        try:
-            uid = peer_uid(conn)
-            if uid not in self.allowed_uids:
-                log.warning("dropped a connection from uid %d", uid)
-                return
-            conn.settimeout(IDLE_TIMEOUT_S)
-            reader = conn.makefile("rb")
-            while True:
-                frame = reader.readline(MAX_FRAME + 1)
-                if not frame:
-                    return  # client closed (or half-closed) its side
-                if len(frame) > MAX_FRAME:
-                    err = BadRequest(f"frame exceeds {MAX_FRAME} bytes",
-                                     hint="requests are one JSON object per line")
-                    conn.sendall(api.encode(api.error_response(None, err, api.INVALID_REQUEST)))
-                    return  # cannot find the next frame boundary safely
-                if not frame.strip():
-                    continue
-                conn.sendall(_encode_reply(self._answer(frame), self.d.log_location))
-        except (TimeoutError, ConnectionError, BrokenPipeError):
-            pass
-        except OSError as exc:
-            log.debug("connection error: %s", exc)
-        finally:
-            with contextlib.suppress(OSError):
-                conn.close()
-            self._slots.release()
+            conn.sendall(_encode_reply(self._answer(frame), self.d.log_location))
 
     def _answer(self, frame: bytes) -> dict[str, Any]:
         """:meth:`handle_frame`, with a last guard so that a bug in it costs one error

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import socket
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -27,89 +26,47 @@ from banger.api import first_error
 from banger.errors import BadRequest, BangerError, HostError, from_foreign
 from banger.hostops import ops
 from banger.hostops.executor import Executor
-from banger.proc import peer_uid
+from banger.unixserver import UnixServer
 
 log = logging.getLogger("banger.helper")
 
 MAX_CONNECTIONS = 32
 IDLE_TIMEOUT_S = 300.0
-ACCEPT_POLL_S = 0.5
 
 
-class HelperServer:
-    """Serves ``executor`` on ``path`` to the processes of ``owner_uid``."""
+class HelperServer(UnixServer):
+    """Serves ``executor`` on ``path`` to the processes of ``owner_uid`` (the socket is
+    theirs, mode 0600)."""
+
+    thread_name = "helper-conn"
 
     def __init__(self, executor: Executor, path: Path, owner_uid: int,
                  owner_gid: int) -> None:
         self.executor = executor
-        self.path = path
         self.owner_uid = owner_uid
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)  # born 0600: no window where another user can connect
-        try:
-            self.sock.bind(str(path))
-        finally:
-            os.umask(old)
+        super().__init__(path, max_connections=MAX_CONNECTIONS, backlog=16,
+                         idle_timeout_s=IDLE_TIMEOUT_S)
         os.chown(path, owner_uid, owner_gid)
-        self.sock.listen(16)
-        self.sock.settimeout(ACCEPT_POLL_S)
 
-    def serve_until(self, stop: threading.Event) -> None:
-        """Accept connections until ``stop`` is set, one thread each."""
-        while not stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                if stop.is_set():
-                    break
-                raise
-            if not self._slots.acquire(blocking=False):
-                log.warning("too many connections; refusing one")
-                conn.close()
-                continue
-            threading.Thread(target=self._serve_conn, args=(conn,), daemon=True,
-                             name="helper-conn").start()
+    def admits(self, uid: int) -> bool:
+        """The owner's processes, and no one else's (root's neither: it has the host)."""
+        return uid == self.owner_uid
 
-    def close(self) -> None:
-        """Stop listening and remove the socket (errors ignored)."""
-        with contextlib.suppress(OSError):
-            self.sock.close()
-        with contextlib.suppress(OSError):
-            self.path.unlink()
-
-    def _serve_conn(self, conn: socket.socket) -> None:
-        try:
-            uid = peer_uid(conn)
-            if uid != self.owner_uid:
-                log.warning("closed a connection from uid %d (only %d may connect)",
-                            uid, self.owner_uid)
+    def serve(self, conn: socket.socket) -> None:
+        """Answer one request per line until the daemon closes the connection."""
+        reader = conn.makefile("rb")
+        while True:
+            line = reader.readline(ops.MAX_REQUEST + 1)
+            if not line:
                 return
-            conn.settimeout(IDLE_TIMEOUT_S)
-            reader = conn.makefile("rb")
-            while True:
-                line = reader.readline(ops.MAX_REQUEST + 1)
-                if not line:
-                    return
-                if len(line) > ops.MAX_REQUEST:
-                    conn.sendall(_encode(ops.Reply(id=-1, error=_failure(BadRequest(
-                        f"request longer than {ops.MAX_REQUEST} bytes")))))
-                    return  # the next line's start cannot be found safely
-                if line.strip():
-                    _send(conn, answer_fds(self.executor, line))
-        except (TimeoutError, ConnectionError):
-            pass
-        except OSError as exc:
-            log.debug("connection error: %s", exc)
-        finally:
-            with contextlib.suppress(OSError):
-                conn.close()
-            self._slots.release()
+            if len(line) > ops.MAX_REQUEST:
+                conn.sendall(_encode(ops.Reply(id=-1, error=_failure(BadRequest(
+                    f"request longer than {ops.MAX_REQUEST} bytes")))))
+                return  # the next line's start cannot be found safely
+            if line.strip():
+                _send(conn, answer_fds(self.executor, line))
 
 
 def answer_fds(executor: Executor, line: bytes) -> tuple[ops.Reply, list[int]]:
