@@ -34,6 +34,19 @@ def install_tag(state_dir: Path) -> str:
     return digest[:INSTALL_TAG_HEX]
 
 
+DM_PREFIX = "banger-"  # every dm target banger creates starts with this, then the install tag
+
+
+def dm_prefix_for(install_tag: str) -> str:
+    """The prefix of one install's dm targets: ``banger-<install tag>-`` (a VM id follows).
+
+    Sweeps remove only targets with their own install's prefix, so two installs (two
+    state dirs) on one host never remove each other's snapshots. dm names may have
+    127 characters (DM_NAME_LEN in linux/dm-ioctl.h); this one has 26.
+    """
+    return f"{DM_PREFIX}{install_tag}-"
+
+
 def check_socket_path(path: Path) -> Path:
     """Return ``path`` if it fits in ``sun_path``, else explain how to shorten it."""
     if len(str(path).encode()) >= UNIX_PATH_MAX:

@@ -321,6 +321,9 @@ LAUNCH_REFUSED: list[tuple[str, dict[str, Any]]] = [
     ("QMP elsewhere", {"qmp": "/tmp/qmp.sock"}),
     ("QMP in another VM's dir", {"qmp": "/RUN/vms/ba9876543210/qmp.sock"}),
     ("a log elsewhere", {"stderr": "/var/log/syslog"}),
+    ("another VM's dm device", {"files": {"rootfs": ops.VMFile(
+        path="/dev/mapper/banger-abc123-ba9876543210", mode="rw", give=True)}}),
+    ("a device of the host's", {"files": {"rootfs": ops.VMFile(path="/dev/sda", mode="rw")}}),
     ("a foreign TAP", {"tap": "eth0"}),
 ]
 
@@ -335,6 +338,13 @@ def test_a_launch_out_of_policy_is_refused_and_starts_nothing(
         HostOps.local(lt.executor).qemu_launch(lt.request(**change))
     assert lt.runner.ran(sys.executable) == [], why
     assert not lt.cgroups.group("banger-abc123/0123456789ab").exists()
+
+
+def test_the_vms_own_dm_snapshot_device_is_in_policy(tmp_path: Path) -> None:
+    lt = Launch(tmp_path)
+    dev = ops.VMFile(path="/dev/mapper/banger-abc123-0123456789ab", mode="rw", give=True)
+    lt.policy.check(lt.request(files={**lt.request().files, "rootfs": dev}))
+    assert lt.policy.dm_device("0123456789ab") == Path(dev.path)
 
 
 def test_a_launch_never_follows_a_symlink_or_takes_a_file_not_the_daemons(

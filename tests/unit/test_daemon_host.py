@@ -18,7 +18,7 @@ from banger.client import Client, config_drift
 from banger.config import Config, parse_config
 from banger.daemon import reconcile, vmcreate, vmpower
 from banger.daemon.core import Daemon, Seams
-from banger.daemon.dmsnap import CopyCow, DmSnapshotCow, dm_prefix_for
+from banger.daemon.dmsnap import CopyCow, DmSnapshotCow
 from banger.daemon.firewall import GuestFirewall
 from banger.daemon.network import HostChanges, ensure_bridge, restore_host
 from banger.daemon.service import Bangerd
@@ -26,7 +26,7 @@ from banger.errors import HostError, InternalError
 from banger.hostops.client import HostOps
 from banger.hostops.netlink import IFNAMSIZ, tap_name, tap_prefix_for
 from banger.hostops.nft import FirewallSettings, GuestRule
-from banger.layout import Layout, install_tag
+from banger.layout import Layout, dm_prefix_for, install_tag
 from tests.conftest import FakeWorld, add_fake_image
 from tests.fakes import FakeNet, FakeRunner, instant_ssh, local_hostops, ok
 

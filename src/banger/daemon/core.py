@@ -33,7 +33,6 @@ from banger.daemon import vmmselect
 from banger.daemon.dmsnap import (
     CowHandle,
     CowStrategy,
-    dm_prefix_for,
     strategy_for,
 )
 from banger.daemon.dns import VMDNS, upstream_from_resolv_conf
@@ -52,7 +51,7 @@ from banger.hostops.client import HostOps
 from banger.hostops.executor import Executor
 from banger.hostops.netlink import HostNetwork, NetlinkNetwork
 from banger.hostops.policy import Policy
-from banger.layout import Layout
+from banger.layout import Layout, dm_prefix_for
 from banger.protocol import PROTOCOL_VERSION, __version__
 from banger.runner import CancelToken, Runner, SubprocessRunner
 from banger.vmm import VMMDriver

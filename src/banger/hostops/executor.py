@@ -168,7 +168,7 @@ class Executor:
         fds: dict[str, int] = {}
         try:
             for name, f in req.files.items():
-                fds[name] = self._open_vm_file(req.op, name, f, user)
+                fds[name] = self._open_vm_file(req.op, req.vm_id, name, f, user)
             fds["tap"] = self._open_tap(req.tap)
             fds["qmp"] = self._listen(Path(req.qmp))
             out_fd = open_beneath(self.policy.state_dir, Path(req.stderr),
@@ -205,13 +205,35 @@ class Executor:
             raise VMMError(f"the QEMU launcher printed {res.out.strip()[:80]!r}, "
                            "not a pid") from exc
 
-    def _open_vm_file(self, op: str, name: str, f: ops.VMFile, user: VMMUser) -> int:
+    @staticmethod
+    def _open_dm_device(op: str, name: str, path: Path, flags: int, user: VMMUser) -> int:
+        """The VM's dm-snapshot device (``/dev/mapper/<name>`` is udev's symlink to a
+        ``/dev/dm-N`` node): a block device under /dev, given to the VMM user's group."""
+        real = Path(os.path.realpath(path))
+        if real.parent != Path("/dev"):
+            raise Refused(f"{op}: {name} ({path}) does not lead to a device node in /dev")
+        fd = os.open(real, flags | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            if not stat.S_ISBLK(os.fstat(fd).st_mode):
+                raise Refused(f"{op}: {name} ({path}) is not a block device")
+            os.fchown(fd, -1, user.gid)
+            os.fchmod(fd, 0o660)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _open_vm_file(self, op: str, vm_id: str, name: str, f: ops.VMFile,
+                      user: VMMUser) -> int:
         """Open one of the VM's files below the state or runtime dir, never through a
         symlink; only the daemon's own files, and a file QEMU writes made its group's."""
         path = Path(f.path)
+        flags = os.O_RDONLY if f.mode == "r" else os.O_RDWR
+        if path == self.policy.dm_device(vm_id):
+            return self._open_dm_device(op, name, path, flags, user)
         root = (self.policy.state_dir if path.is_relative_to(self.policy.state_dir)
                 else self.policy.runtime_dir)
-        fd = open_beneath(root, path, os.O_RDONLY if f.mode == "r" else os.O_RDWR)
+        fd = open_beneath(root, path, flags)
         try:
             st = os.fstat(fd)
             if not (stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode)):

@@ -31,7 +31,7 @@ from banger.hostops.nft import (
     GuestRule,
     table_name,
 )
-from banger.layout import install_tag
+from banger.layout import dm_prefix_for, install_tag
 from banger.vmm import vm_marker
 
 TAP_SUFFIX = re.compile(r"[0-9a-f]{6}")  # network.tap_name: the prefix, 6 hex digits
@@ -127,11 +127,17 @@ class Policy:
         vm_run = self.runtime_dir / "vms" / req.vm_id
         vm_state = self.state_dir / "vms" / req.vm_id
         for name, f in req.files.items():
-            self.beneath(req.op, Path(f.path), (self.state_dir, self.runtime_dir), name)
+            if Path(f.path) != self.dm_device(req.vm_id):
+                self.beneath(req.op, Path(f.path), (self.state_dir, self.runtime_dir), name)
         self.beneath(req.op, Path(req.qmp), (vm_run,), "qmp")
         self.beneath(req.op, Path(req.stderr), (vm_state,), "stderr")
         self._tap(req.op, req.tap)
         self.qemu_args(req.vm_id, req.args, {*req.files, "tap", "qmp"})
+
+    def dm_device(self, vm_id: str) -> Path:
+        """VM ``vm_id``'s dm-snapshot root disk (``cow_strategy = dmsnap``): the one
+        device outside the state directory a launch may name."""
+        return Path("/dev/mapper") / (dm_prefix_for(self.install_tag) + vm_id)
 
     @staticmethod
     def beneath(op: str, path: Path, roots: tuple[Path, ...], what: str) -> Path:

@@ -30,19 +30,6 @@ from banger.runner import Runner
 FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h
 SECTOR = 512
 DM_CHUNK_SECTORS = 8  # 4 KiB exception chunks: the page size, the usual choice
-DM_PREFIX = "banger-"  # every dm target banger creates starts with this, then the install tag
-
-
-def dm_prefix_for(install_tag: str) -> str:
-    """The prefix of one install's dm targets: ``banger-<install tag>-`` (a VM id follows).
-
-    Sweeps remove only targets with their own install's prefix, so two installs (two
-    state dirs) on one host never remove each other's snapshots. dm names may have
-    127 characters (DM_NAME_LEN in linux/dm-ioctl.h); this one has 26.
-    """
-    return f"{DM_PREFIX}{install_tag}-"
-
-
 @dataclass
 class CowHandle:
     """Teardown identity of one VM's root disk."""
@@ -257,7 +244,7 @@ class DmSnapshotCow:
 
     def __init__(self, runner: Runner, dm_prefix: str) -> None:
         self.runner = runner
-        self.dm_prefix = dm_prefix  # dm_prefix_for(install tag): names this install's targets
+        self.dm_prefix = dm_prefix  # layout.dm_prefix_for(install tag): this install's
 
     def create(self, origin: Path, target: Path) -> CowHandle:
         """Make an empty sparse exception store at ``target``, the size of ``origin``."""
@@ -342,7 +329,7 @@ def choose_strategy(requested: str, state_dir: Path, runner: Runner,
                     dm_prefix: str) -> CowStrategy:
     """``auto`` picks reflink when ``state_dir`` supports it, else a sparse copy.
 
-    ``dm_prefix`` (see :func:`dm_prefix_for`) names the dm targets of ``dmsnap``.
+    ``dm_prefix`` (see :func:`banger.layout.dm_prefix_for`) names the dm targets of ``dmsnap``.
     """
     if requested == "dmsnap":
         if not dm_snapshot_supported():
