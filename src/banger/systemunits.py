@@ -134,6 +134,9 @@ def helper_unit(i: Install) -> str:
         "Restart=on-failure",
         # QEMU processes it launched are in cgroups of their own and outlive it.
         "KillMode=process",
+        # What it holds itself (requests are bounded; nft and the launcher are brief).
+        "MemoryMax=1G",
+        "TasksMax=256",
         "RuntimeDirectory=banger-helper",
         "RuntimeDirectoryMode=0755",
         f"ReadWritePaths={writable}",

@@ -587,3 +587,69 @@ def test_a_restore_loads_the_saved_guest_by_descriptor_and_keeps_it_paused(
     assert str(saved) not in " ".join(argv)
     plain = build_argv("qemu-system-x86_64", plan(tmp_path), "tcg", 2596128)
     assert "-incoming" not in plain and "-S" not in plain
+
+
+def test_kvm_launches_are_in_policy_and_what_slipped_before_is_not(tmp_path: Path) -> None:
+    lt = Launch(tmp_path)
+    kvm = build_argv("qemu-system-x86_64", lt.plan, "kvm", None)[1:]
+    lt.policy.check(lt.request(args=kvm, accel="kvm"))  # -cpu host, -accel kvm
+    names = {*lt.request().files, "tap", "qmp"}
+    for bad in (["-drive", "if=none,id=x,format=raw,file.driver=vvfat,file.dir=etc"],
+                ["-display", "vnc=0.0.0.0:0"],
+                ["-netdev", "tap,id=n,fd={fd:tap},vhost=on"],
+                ["-device", "vhost-vsock-device,guest-cid=3"],
+                ["-device", "usb-host,hostbus=1,hostaddr=2"],
+                ["-M", "microvm,dumpdtb=x"],
+                ["-device", "virtio-net-device,netdev=n,romfile=x"]):
+        with pytest.raises(Refused):
+            lt.policy.qemu_args("0123456789ab",
+                                ["-name", "banger-0123456789ab", "-sandbox", SANDBOX, *bad],
+                                names)
+    # the executor's own descriptor names are not file names
+    with pytest.raises(Refused, match="may not be called"):
+        lt.policy.check(lt.request(files={**lt.request().files, "tap": ops.VMFile(
+            path=str(lt.plan.rootfs), mode="rw")}))
+
+
+def test_the_log_must_be_the_daemons_own_plain_file(tmp_path: Path) -> None:
+    lt = Launch(tmp_path)
+    log = lt.plan.paths.vmm_log
+    other = lt.state / "other"
+    other.write_text("")
+    os.link(other, log)  # a hard link: st_nlink 2
+    with pytest.raises(Refused, match="plain file"):
+        HostOps.local(lt.executor).qemu_launch(lt.request())
+    log.unlink()
+    os.mkfifo(log)  # refused at once (ENXIO without a reader): never hangs the helper
+    with pytest.raises((Refused, HostError)):
+        HostOps.local(lt.executor).qemu_launch(lt.request())
+    log.unlink()
+    lt.launch()  # made afresh, the daemon's
+    assert log.stat().st_uid == os.getuid()
+
+
+def test_signals_reach_only_this_installs_vmm(tmp_path: Path) -> None:
+    marker = "banger-0123456789ab"
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", marker])
+    try:
+        for _ in range(200):
+            if marker.encode() in Path(f"/proc/{proc.pid}/cmdline").read_bytes():
+                break
+            time.sleep(0.05)
+        from banger.proc import identify
+
+        ident = identify(proc.pid, marker)
+        assert ident is not None
+        # another install's daemon (another uid, not in this install's cgroup): refused
+        other = Executor(Policy(FIREWALL, install_tag="abc123", vmm_user="nobody",
+                                daemon_uid=4242), FakeRunner())
+        with pytest.raises(Refused, match="not a VMM of this install"):
+            HostOps.local(other).signal(ident, 15)
+        assert proc.poll() is None
+        mine = Executor(Policy(FIREWALL, install_tag="abc123", vmm_user="nobody",
+                               daemon_uid=os.getuid()), FakeRunner())
+        assert HostOps.local(mine).signal(ident, 15) is True
+        assert proc.wait(10) != 0
+    finally:
+        proc.kill()
+        proc.wait()

@@ -16,6 +16,7 @@ import ipaddress
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import stat
@@ -111,7 +112,7 @@ class Executor:
             case ops.CgroupCreate(vm_id=vm_id, memory_mib=memory, vcpu=vcpu):
                 self.cgroup(vm_id).create(limits_for(memory, vcpu))
             case ops.CgroupAdopt(vm_id=vm_id, pid=pid, start_time=st):
-                ident = self._vmm(req.op, vm_id, pid, st)
+                ident = self._vmm(req.op, vm_id, pid, st, adopting=True)
                 if ident is None:
                     raise HostError(f"VM {vm_id}'s VMM (pid {pid}) is gone")
                 self.cgroup(vm_id).adopt(pid)
@@ -144,22 +145,34 @@ class Executor:
                             hint="run scripts/install-deps or `banger system install`")
         return check_unprivileged(user)
 
-    def _vmm(self, op: str, vm_id: str, pid: int, start_time: int) -> ProcessIdentity | None:
+    def _vmm(self, op: str, vm_id: str, pid: int, start_time: int, *,
+             adopting: bool = False) -> ProcessIdentity | None:
         """VM ``vm_id``'s VMM if ``pid`` still is it (None when gone).
 
+        The VM's marker is in every install's VMM command lines, so the process must
+        also be this install's: in the VM's cgroup (QEMU's, or a jailed Firecracker's),
+        or, for a process being moved into it (``adopting``) or one started without
+        one, running wholly (real, effective and saved uid) as the VMM user or as the
+        daemon's own user.
+
         Raises:
-            Refused: the process runs as neither the VMM user nor the daemon's user.
+            Refused: the process is neither.
         """
         ident = ProcessIdentity(pid, start_time, vm_marker(vm_id))
         if not matches(ident):
             return None
-        uid = _real_uid(pid)
+        tag = self.policy.install_tag
+        ours = (f"/banger-{tag}/{vm_id}", f"/banger-{tag}/banger-{vm_id}")
+        if not adopting and any(line.rstrip().endswith(ours) for line in _cgroups_of(pid)):
+            return ident
         allowed = {self.policy.daemon_uid}
         user = lookup_user(self.policy.vmm_user)
         if user is not None:
             allowed.add(user.uid)
-        if uid is not None and uid not in allowed:
-            raise Refused(f"{op}: pid {pid} runs as uid {uid}, not as the VMM user")
+        uids = _uids(pid)
+        if not uids or not set(uids) <= allowed or len(set(uids)) != 1:
+            raise Refused(f"{op}: pid {pid} is not a VMM of this install "
+                          f"(uids {uids or 'unreadable'})")
         return ident
 
     def _qemu_launch(self, req: ops.QemuLaunch) -> int:
@@ -171,10 +184,8 @@ class Executor:
                 fds[name] = self._open_vm_file(req.op, req.vm_id, name, f, user)
             fds["tap"] = self._open_tap(req.tap)
             fds["qmp"] = self._listen(Path(req.qmp))
-            out_fd = open_beneath(self.policy.state_dir, Path(req.stderr),
-                                  os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            out_fd = self._open_log(req.op, Path(req.stderr))
             fds["_stderr"] = out_fd
-            os.fchown(out_fd, self.policy.daemon_uid, -1)
             group = self.cgroup(req.vm_id)
             group.create(limits_for(req.memory_mib, req.vcpu))
             command = [*privilege_drop(user, kvm_groups(req.accel)), self.policy.qemu_bin,
@@ -233,11 +244,14 @@ class Executor:
             return self._open_dm_device(op, name, path, flags, user)
         root = (self.policy.state_dir if path.is_relative_to(self.policy.state_dir)
                 else self.policy.runtime_dir)
-        fd = open_beneath(root, path, flags)
+        # O_NONBLOCK: a FIFO put where a file was expected must not hang the helper.
+        fd = open_beneath(root, path, flags | os.O_NONBLOCK)
         try:
             st = os.fstat(fd)
             if not (stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode)):
                 raise Refused(f"{op}: {name} ({path}) is not a regular file or a FIFO")
+            if stat.S_ISREG(st.st_mode):
+                os.set_blocking(fd, True)
             if st.st_uid != self.policy.daemon_uid:
                 raise Refused(f"{op}: {name} ({path}) is not the daemon's file "
                               f"(uid {st.st_uid})")
@@ -252,23 +266,58 @@ class Executor:
             raise
         return fd
 
-    def _listen(self, path: Path) -> int:
-        """Bind QEMU's QMP socket in its VM's runtime directory (no symlink on the way),
-        owned by the daemon's user, and listen."""
-        dfd = dir_beneath(self.policy.runtime_dir, path.parent)
+    def _open_log(self, op: str, path: Path) -> int:
+        """QEMU's log below the state dir: the daemon's own regular file with one link
+        (never a hard link to someone else's), or made here and given to the daemon."""
+        flags = os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK
         try:
-            with contextlib.suppress(FileNotFoundError):
-                if stat.S_ISSOCK(os.stat(path.name, dir_fd=dfd, follow_symlinks=False).st_mode):
-                    os.unlink(path.name, dir_fd=dfd)  # a stale socket from an earlier run
-            where = f"/proc/self/fd/{dfd}/{path.name}"
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            # No umask dance (a daemon's other threads share it): the directory is the
-            # daemon's, 0700, so the socket's own mode is set after the bind.
-            sock.bind(where)
-            os.chmod(where, 0o600)
-            os.chown(where, self.policy.daemon_uid, -1, follow_symlinks=False)
-            sock.listen(8)
-            return sock.detach()
+            fd = open_beneath(self.policy.state_dir, path, flags)
+        except FileNotFoundError:
+            fd = open_beneath(self.policy.state_dir, path, flags | os.O_CREAT | os.O_EXCL,
+                              0o600)
+            os.fchown(fd, self.policy.daemon_uid, -1)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 \
+                    or st.st_uid != self.policy.daemon_uid:
+                raise Refused(f"{op}: {path} is not the daemon's own plain file")
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _listen(self, path: Path) -> int:
+        """Bind QEMU's QMP socket at ``path`` (the VM's runtime directory, reached
+        without a symlink), owned by the daemon's user, mode 0600, and listen.
+
+        It is bound, chmod'ed and chown'ed in a directory of the helper's own inside
+        that one (root's, 0700: the daemon cannot swap anything in it), then renamed
+        into place; nothing here follows a name the daemon could change.
+        """
+        dfd = dir_beneath(self.policy.runtime_dir, path.parent)
+        private = f".qmp-{secrets.token_hex(4)}"
+        try:
+            os.mkdir(private, 0o700, dir_fd=dfd)
+            pfd = os.open(private, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          dir_fd=dfd)
+            try:
+                where = f"/proc/self/fd/{pfd}/qmp.sock"
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    sock.bind(where)
+                    os.chmod(where, 0o600)
+                    os.chown(where, self.policy.daemon_uid, -1)
+                    os.rename("qmp.sock", path.name, src_dir_fd=pfd, dst_dir_fd=dfd)
+                    sock.listen(8)
+                except BaseException:
+                    sock.close()
+                    raise
+                return sock.detach()
+            finally:
+                os.close(pfd)
+                with contextlib.suppress(OSError):
+                    os.rmdir(private, dir_fd=dfd)
         finally:
             os.close(dfd)
 
@@ -289,12 +338,20 @@ def attach_tap(name: str) -> int:
     return fd
 
 
-def _real_uid(pid: int) -> int | None:
-    """The real uid of ``pid`` (``/proc/<pid>/status``), None when unreadable."""
+def _uids(pid: int) -> list[int]:
+    """Real, effective, saved and filesystem uid of ``pid``; empty when unreadable."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("Uid:"):
-                return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+                return [int(x) for x in line.split()[1:]]
+    except (OSError, ValueError):
+        return []
+    return []
+
+
+def _cgroups_of(pid: int) -> list[str]:
+    """The lines of ``/proc/<pid>/cgroup`` (v1 and v2); empty when unreadable."""
+    try:
+        return Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return []

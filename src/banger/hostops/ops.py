@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 HELPER_PROTOCOL: Literal[1] = 1
 MAX_REQUEST = 4 << 20  # bytes in one request line (a guest's pins can be thousands)
@@ -93,6 +93,13 @@ class NftAdmit(_Model):
     op: Literal["nft.admit"] = "nft.admit"
     rule: Rule
     previous: Annotated[list[Stale], Field(max_length=MAX_STALE)] = []
+
+    @model_validator(mode="after")
+    def _bounded(self) -> NftAdmit:
+        # One guest's pins are bounded by the set's size; so are all a request carries.
+        if sum(len(p.pins) for p in self.previous) > MAX_PINS:
+            raise ValueError(f"more than {MAX_PINS} pins in one request")
+        return self
 
 
 class NftForget(_Model):

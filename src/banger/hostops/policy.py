@@ -36,19 +36,33 @@ from banger.vmm import vm_marker
 
 TAP_SUFFIX = re.compile(r"[0-9a-f]{6}")  # network.tap_name: the prefix, 6 hex digits
 MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
-# QEMU's command line, as banger writes it (qemuproc.build_argv): the options it
-# uses, and how each may name a file. Every file is a descriptor the executor
-# opened ("/proc/self/fd/{fd:NAME}"); nothing else may contain a "/".
+# QEMU's command line, as banger writes it (qemuproc.build_argv), as an allowlist: for
+# each option, the first items it may start with (None: none) and the keys it may have.
+# Every file is a descriptor the executor opened ("/proc/self/fd/{fd:NAME}") and nothing
+# else may name a path, a program, a host device or a listening port.
 QEMU_FLAGS = frozenset({"-nodefaults", "-no-user-config", "-S"})
-QEMU_OPTIONS = frozenset({"-name", "-M", "-accel", "-cpu", "-m", "-smp", "-display",
-                          "-sandbox", "-kernel", "-initrd", "-append", "-drive", "-device",
-                          "-netdev", "-serial", "-chardev", "-mon", "-incoming"})
+QEMU_ITEMS: dict[str, tuple[frozenset[str] | None, frozenset[str]]] = {
+    "-M": (frozenset({"microvm"}), frozenset({"pit", "pic", "rtc"})),
+    "-drive": (None, frozenset({"id", "file", "format", "if", "cache", "discard"})),
+    "-device": (frozenset({"virtio-blk-device", "virtio-net-device", "virtio-serial-device",
+                           "virtserialport"}),
+                frozenset({"drive", "netdev", "mac", "chardev", "name", "max_ports"})),
+    "-netdev": (frozenset({"tap"}), frozenset({"id", "fd"})),
+    "-chardev": (frozenset({"socket", "pipe"}),
+                 frozenset({"id", "fd", "path", "server", "wait"})),
+    "-mon": (None, frozenset({"chardev", "mode"})),
+}
+QEMU_VALUES = {
+    "-accel": re.compile(r"kvm|tcg(,tb-size=\d{1,5})?"),
+    "-cpu": re.compile(r"host|max"),
+    "-m": re.compile(r"\d{1,7}"),
+    "-smp": re.compile(r"\d{1,3}"),
+    "-display": re.compile(r"none"),
+}
+ITEM_VALUE = re.compile(r"[A-Za-z0-9_:.-]{0,64}")  # no "/", no "=", no ","
 FD_REF = re.compile(r"/proc/self/fd/\{fd:([a-z][a-z0-9_]*)\}")
 FD_ONLY = re.compile(r"\{fd:([a-z][a-z0-9_]*)\}")
-# Option keys that name a host file, a program or a descriptor banger never passes.
-QEMU_FORBIDDEN_KEYS = frozenset({"script", "downscript", "helper", "mem-path", "romfile",
-                                 "logfile", "filename", "sock", "vhostfd", "vhostfds",
-                                 "fds", "vhostdev", "br", "ifname", "dir", "host"})
+RESERVED_FDS = frozenset({"tap", "qmp"})  # the executor's own: never a file's name
 
 
 @dataclass(frozen=True)
@@ -127,6 +141,8 @@ class Policy:
         vm_run = self.runtime_dir / "vms" / req.vm_id
         vm_state = self.state_dir / "vms" / req.vm_id
         for name, f in req.files.items():
+            if name in RESERVED_FDS:
+                raise Refused(f"{req.op}: a file may not be called {name!r}")
             if Path(f.path) != self.dm_device(req.vm_id):
                 self.beneath(req.op, Path(f.path), (self.state_dir, self.runtime_dir), name)
         self.beneath(req.op, Path(req.qmp), (vm_run,), "qmp")
@@ -154,7 +170,7 @@ class Policy:
         return path
 
     def qemu_args(self, vm_id: str, args: list[str], names: set[str]) -> None:
-        """Refuse a QEMU command line banger would not write (see :data:`QEMU_OPTIONS`):
+        """Refuse a QEMU command line banger would not write (see :data:`QEMU_ITEMS`):
         an unknown option, a file by path, a descriptor not handed over, a helper
         program, another VM's name, no seccomp filter.
 
@@ -168,7 +184,9 @@ class Policy:
             if opt in QEMU_FLAGS:
                 i += 1
                 continue
-            if opt not in QEMU_OPTIONS or i + 1 >= len(args):
+            known = opt in QEMU_ITEMS or opt in QEMU_VALUES or opt in (
+                "-name", "-sandbox", "-kernel", "-initrd", "-append", "-serial", "-incoming")
+            if not known or i + 1 >= len(args):
                 raise Refused(f"{op}: QEMU option {opt[:40]!r} is not one banger uses")
             value = args[i + 1]
             i += 2
@@ -193,6 +211,10 @@ class Policy:
         for ref in FD_ONLY.findall(value):
             if ref not in names:
                 raise Refused(f"{op}: {opt} names descriptor {ref!r}, which is not handed over")
+        if opt in QEMU_VALUES:
+            if not QEMU_VALUES[opt].fullmatch(value):
+                raise Refused(f"{op}: {opt} {value[:40]!r} is not a value banger uses")
+            return
         if opt in ("-kernel", "-initrd"):
             if not FD_REF.fullmatch(value):
                 raise Refused(f"{op}: {opt} must be a descriptor")
@@ -205,23 +227,24 @@ class Policy:
             if not (value.startswith("fd:") and FD_ONLY.fullmatch(value[3:])):
                 raise Refused(f"{op}: -incoming must be a descriptor")
             return
+        firsts, keys = QEMU_ITEMS[opt]
         items = value.split(",")
-        if opt == "-chardev" and items[0] not in ("socket", "pipe"):
-            raise Refused(f"{op}: -chardev {items[0][:20]!r} is not one banger uses")
-        if opt == "-netdev" and items[0] != "tap":
-            raise Refused(f"{op}: -netdev {items[0][:20]!r} is not one banger uses")
+        if firsts is not None:
+            if items[0] not in firsts:
+                raise Refused(f"{op}: {opt} {items[0][:30]!r} is not one banger uses")
+            items = items[1:]
         for item in items:
-            key, _, val = item.partition("=")
-            if key in QEMU_FORBIDDEN_KEYS:
-                raise Refused(f"{op}: {opt} {key}= is not allowed")
+            key, eq, val = item.partition("=")
+            if not eq or key not in keys:
+                raise Refused(f"{op}: {opt} {key[:30]!r} is not an option banger uses")
             if key in ("file", "path"):
                 if not FD_REF.fullmatch(val):
                     raise Refused(f"{op}: {opt} {key}= must be a descriptor")
             elif key == "fd":
                 if not FD_ONLY.fullmatch(val):
                     raise Refused(f"{op}: {opt} fd= must be a descriptor banger hands over")
-            elif "/" in item:
-                raise Refused(f"{op}: {opt} names a path ({item[:60]!r})")
+            elif not ITEM_VALUE.fullmatch(val):
+                raise Refused(f"{op}: {opt} {key}={val[:30]!r} is not a value banger uses")
 
     def rule(self, op: str, rule: ops.Rule) -> GuestRule:
         """``rule`` as the nft module's ``GuestRule``, once every value is in policy.

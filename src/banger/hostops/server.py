@@ -30,7 +30,7 @@ from banger.unixserver import UnixServer
 
 log = logging.getLogger("banger.helper")
 
-MAX_CONNECTIONS = 32
+MAX_CONNECTIONS = 32  # one daemon, one short request per connection
 IDLE_TIMEOUT_S = 300.0
 
 
