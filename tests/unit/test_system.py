@@ -8,6 +8,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ from banger.errors import BadRequest, DaemonUnavailable
 from banger.runner import Result
 from tests.fakes import FakeRunner
 
-VENV_BIN = Path(shutil.which("bangerd") or "/nonexistent").parent
+VENV_BIN = Path(sys.executable).parent  # where bangerd and banger-helper are installed
 
 
 def _install(bin_dir: Path = VENV_BIN, owner: str = "nobody") -> su.Install:
@@ -52,8 +53,9 @@ def test_units_are_hardened_and_hold_only_what_each_needs() -> None:
     assert "Requires=banger-helper.service" in daemon
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None or not VENV_BIN.is_dir(),
-                    reason="needs systemd-analyze (package systemd) and the venv's bangerd")
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None
+                    or not (VENV_BIN / "bangerd").exists(),
+                    reason="needs systemd-analyze (package systemd) and bangerd beside python")
 def test_systemd_analyze_verifies_both_units(tmp_path: Path) -> None:
     # (systemd warns about the shared "nobody" account: a real owner is a user of its own)
     for name, text in ((su.DAEMON_UNIT, su.daemon_unit(_install(owner="alice"))),
