@@ -8,6 +8,7 @@ answers on a socket only that user can reach.
 from __future__ import annotations
 
 import logging
+import os
 import pwd
 import signal
 import sys
@@ -39,6 +40,7 @@ def run(config_file: Path | None, owner: str, socket_path: Path | None) -> None:
 
     check_root()
     cfg, _digest = read_config(config_file or config_path())
+    os.chdir("/")  # what it starts (nft, the QEMU launcher) never inherits a cwd
     path = socket_path or cfg.helper_socket
     if path is None:
         raise BadRequest("no socket to listen on",
