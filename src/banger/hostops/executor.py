@@ -224,15 +224,13 @@ class Executor:
         if real.parent != Path("/dev"):
             raise Refused(f"{op}: {name} ({path}) does not lead to a device node in /dev")
         fd = os.open(real, flags | os.O_CLOEXEC | os.O_NOFOLLOW)
-        try:
+
+        def check(fd: int) -> None:
             if not stat.S_ISBLK(os.fstat(fd).st_mode):
                 raise Refused(f"{op}: {name} ({path}) is not a block device")
-            os.fchown(fd, -1, user.gid)
-            os.fchmod(fd, 0o660)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+            _give(fd, user)
+
+        return _kept_if(fd, check)
 
     def _open_vm_file(self, op: str, vm_id: str, name: str, f: ops.VMFile,
                       user: VMMUser) -> int:
@@ -246,7 +244,8 @@ class Executor:
                 else self.policy.runtime_dir)
         # O_NONBLOCK: a FIFO put where a file was expected must not hang the helper.
         fd = open_beneath(root, path, flags | os.O_NONBLOCK)
-        try:
+
+        def check(fd: int) -> None:
             st = os.fstat(fd)
             if not (stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode)):
                 raise Refused(f"{op}: {name} ({path}) is not a regular file or a FIFO")
@@ -256,15 +255,9 @@ class Executor:
                 raise Refused(f"{op}: {name} ({path}) is not the daemon's file "
                               f"(uid {st.st_uid})")
             if f.give:
-                # QEMU re-opens it through /proc/self/fd, which checks the file's own
-                # permissions: the VMM user's group may read and write it, the daemon
-                # keeps it, nobody else (the directories above stay closed to both).
-                os.fchown(fd, -1, user.gid)
-                os.fchmod(fd, 0o660)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+                _give(fd, user)
+
+        return _kept_if(fd, check)
 
     def _open_log(self, op: str, path: Path) -> int:
         """QEMU's log below the state dir: the daemon's own regular file with one link
@@ -276,16 +269,15 @@ class Executor:
             fd = open_beneath(self.policy.state_dir, path, flags | os.O_CREAT | os.O_EXCL,
                               0o600)
             os.fchown(fd, self.policy.daemon_uid, -1)
-        try:
+
+        def check(fd: int) -> None:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 \
                     or st.st_uid != self.policy.daemon_uid:
                 raise Refused(f"{op}: {path} is not the daemon's own plain file")
             os.set_blocking(fd, True)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+
+        return _kept_if(fd, check)
 
     def _listen(self, path: Path) -> int:
         """Bind QEMU's QMP socket at ``path`` (the VM's runtime directory, reached
@@ -328,14 +320,27 @@ class Executor:
 
 def attach_tap(name: str) -> int:
     """A descriptor attached to TAP ``name`` (``TUNSETIFF`` needs CAP_NET_ADMIN)."""
-    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    ifr = struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+    return _kept_if(os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC),
+                    lambda fd: fcntl.ioctl(fd, TUNSETIFF, ifr))
+
+
+def _kept_if(fd: int, check: Callable[[int], object]) -> int:
+    """``fd`` once ``check(fd)`` returned; closed when it raised."""
     try:
-        ifr = struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
-        fcntl.ioctl(fd, TUNSETIFF, ifr)
+        check(fd)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def _give(fd: int, user: VMMUser) -> None:
+    """Let the VMM user's group read and write the file behind ``fd``; its owner keeps
+    it. QEMU re-opens its files through /proc/self/fd, which checks the file's own
+    permissions; the directories above stay closed to it."""
+    os.fchown(fd, -1, user.gid)
+    os.fchmod(fd, 0o660)
 
 
 def _uids(pid: int) -> list[int]:
