@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,7 @@ from banger.client import Client, config_drift
 from banger.config import Config, parse_config
 from banger.daemon import reconcile, vmcreate, vmpower
 from banger.daemon.core import Daemon, Seams
-from banger.daemon.dmsnap import CopyCow, DmSnapshotCow
+from banger.daemon.dmsnap import CopyCow
 from banger.daemon.firewall import GuestFirewall
 from banger.daemon.network import HostChanges, ensure_bridge, restore_host
 from banger.daemon.service import Bangerd
@@ -55,19 +58,6 @@ def test_tap_names_fit_ifnamsiz_and_carry_the_install_prefix(tmp_path: Path) -> 
         assert re.fullmatch(r"bgt[0-9a-f]{12}", name)
     with pytest.raises(ValueError):
         tap_prefix_for("0123456789")  # would leave no room for the random part
-
-
-def test_dm_targets_carry_the_install_tag(tmp_path: Path) -> None:
-    runner = FakeRunner()
-    runner.on(["losetup", "--find"], ok("/dev/loop3\n"))
-    origin = tmp_path / "origin"
-    origin.write_bytes(b"\0" * 4096)
-    prefix = dm_prefix_for(install_tag(tmp_path))
-    assert prefix == f"banger-{install_tag(tmp_path)}-"
-    dm = DmSnapshotCow(runner, prefix)
-    active = dm.activate(dm.create(origin, tmp_path / "cow"), origin, "0123456789ab")
-    assert active.dm_name == prefix + "0123456789ab"
-    assert active.device == f"/dev/mapper/{prefix}0123456789ab"
 
 
 @pytest.fixture(autouse=True)
@@ -139,6 +129,33 @@ def test_a_second_installs_sweep_leaves_the_first_ones_taps_and_dm_targets(
         b.close()
     # B's shutdown (no VMs of its own) must not take the shared bridge A's VM uses either
     assert "br-banger" in world.net.bridges and taps_a <= set(world.net.taps())
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/dev/loop-control").exists()
+                    or shutil.which("losetup") is None,
+                    reason="attaching a loop device needs root and /dev/loop-control")
+def test_the_sweep_detaches_loop_devices_no_vm_names(tmp_path: Path, world: FakeWorld) -> None:
+    d = _open(tmp_path / "a", world)
+    try:
+        leaked = d.layout.vms_dir / "0123456789ab" / "cow"
+        leaked.parent.mkdir(parents=True)
+        leaked.write_bytes(b"\0" * 4096)
+        elsewhere = tmp_path / "not-banger.img"
+        elsewhere.write_bytes(b"\0" * 4096)
+        attach = ["losetup", "--find", "--show"]
+        devs = [subprocess.run([*attach, str(f)], capture_output=True, text=True,
+                               check=True).stdout.strip() for f in (leaked, elsewhere)]
+        try:
+            removed = reconcile.sweep(d)
+            # The leaked VM file's loop is detached (world.runner records the command);
+            # the loop of a file outside the state dir is not this install's to touch.
+            assert removed["loops"] == [devs[0]]
+            assert [c[-1] for c in world.runner.ran("losetup", "--detach")] == [devs[0]]
+        finally:
+            for dev in devs:
+                subprocess.run(["losetup", "--detach", dev], check=False)
+    finally:
+        d.close()
 
 
 # ----------------------------------------------------------------- host changes

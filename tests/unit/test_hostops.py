@@ -180,6 +180,8 @@ TRICKY = st.sampled_from([
     "br-t", "docker0", TAP, "bgtt1", "bgtt1abc12", "eth0", "banger_t1", "banger", "filter",
     "10.7.0.2", "10.7.0.1", "0.0.0.0", "255.255.255.255", "10.7.0.1/24", "06:00:0a:07:00:02",
     "}", '"', "\n", ";", "flush ruleset", "*", "../../etc", "", "a" * 300, "é", "\x00",
+    "/dev/loop0", "/dev/loop7", "/dev/sda", "/etc/shadow", "/nonexistent/state/vms/x",
+    "0123456789ab",
 ])
 VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-2**63, 2**64) | st.floats(allow_nan=False)
@@ -188,10 +190,12 @@ VALUES = st.recursive(
     max_leaves=12)
 OPS = st.sampled_from(["bridge.ensure", "tap.create", "link.delete", "link.list", "nft.load",
                        "nft.admit", "nft.forget", "nft.pin", "nft.delete", "ip_forward",
-                       "exec", "", "NFT.LOAD"])
+                       "loop.attach", "loop.detach", "loop.list", "dm.snapshot", "dm.remove",
+                       "dm.list", "exec", "", "NFT.LOAD"])
 FIELDS = st.sampled_from(["name", "cidr", "bridge", "rule", "previous", "pins", "guest_ip",
                           "table", "set", "drop_legacy", "tap", "ip", "mac", "allow_out",
-                          "nat", "argv"])
+                          "nat", "argv", "path", "read_only", "device", "vm_id", "origin",
+                          "cow"])
 RULES = st.fixed_dictionaries({"tap": TRICKY, "ip": TRICKY, "mac": TRICKY},
                               optional={"allow_out": st.lists(TRICKY, max_size=3),
                                         "nat": VALUES})
@@ -221,6 +225,12 @@ def test_fuzzed_frames_get_a_reply_and_never_leave_the_policy(
     for script in rec.scripts:
         for word in script.split():
             assert not word.startswith("banger_") or word == "banger_t1", script
+    # Loop devices and dm targets: nothing attached outside the state dir, no target
+    # made, only this install's removed.
+    for argv in rec.runner.calls:
+        assert argv[:2] not in (["losetup", "--find"], ["dmsetup", "create"]), argv
+        if argv[:2] == ["dmsetup", "remove"]:
+            assert argv[-1].startswith(rec.executor.policy.dm_name("")), argv
 
 
 # ----------------------------------------------------------------- the socket

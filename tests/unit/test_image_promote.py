@@ -6,6 +6,7 @@ tests/e2e/test_lifecycle.py.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,9 @@ def test_promote_reads_a_dm_snapshot_through_the_snapshot(
         def deactivate(self, handle: CowHandle) -> CowHandle:
             calls.append(f"deactivate {handle.dm_name}")
             return CowHandle("dmsnap", handle.path)
+
+        def open_disk(self, handle: CowHandle) -> int:
+            return os.open(str(handle.device), os.O_RDONLY)
 
     monkeypatch.setattr(daemon, "cow_for", lambda handle: Snap())
     vms.update_runtime(daemon, vm.id, cow={"strategy": "dmsnap", "path": "x"})

@@ -15,7 +15,7 @@ import pytest
 
 from banger.api import VMSpec, VMState
 from banger.daemon import store as store_mod
-from banger.daemon.dmsnap import CopyCow, CowHandle, DmSnapshotCow, sparse_copy
+from banger.daemon.dmsnap import CopyCow, sparse_copy
 from banger.daemon.network import TapPool, allocate_ip, mac_for_ip
 from banger.daemon.opstate import Operation, Registry
 from banger.daemon.store import ImageRecord, Store, VMRecord, now
@@ -33,7 +33,7 @@ from banger.fsutil import remove_tree
 from banger.proc import ProcessIdentity, identify, matches, send_signal, wait_gone
 from banger.runner import CancelToken, Hidden, SubprocessRunner
 from tests.childsignals import with_default_signals
-from tests.fakes import FakeNet, FakeRunner, ok
+from tests.fakes import FakeNet
 
 # ----------------------------------------------------------------- store
 
@@ -189,41 +189,6 @@ def test_copy_cow_create_remove(tmp_path: Path) -> None:
     assert cow.activate(h, origin, "id").disk == h.path
     cow.remove(h)
     assert not Path(h.path).exists()
-
-
-def test_dmsnap_commands_and_rollback(tmp_path: Path) -> None:
-    runner = FakeRunner()
-    loops = iter(["/dev/loop7", "/dev/loop8"])
-    runner.on(["losetup", "--find"], lambda argv: ok(next(loops) + "\n")(argv))
-    origin = tmp_path / "origin"
-    with origin.open("wb") as fh:
-        fh.truncate(1 << 20)
-    dm = DmSnapshotCow(runner, "banger-0a1b2c-")
-    h = dm.create(origin, tmp_path / "cow")
-    assert Path(h.path).stat().st_size == 1 << 20
-    recorded: list[CowHandle] = []
-    active = dm.activate(h, origin, "abc", recorded.append)
-    assert active.device == "/dev/mapper/banger-0a1b2c-abc"
-    # each kernel object is recorded before the next is made (crash-safe teardown)
-    assert [r.loops for r in recorded] == [["/dev/loop7"], ["/dev/loop7", "/dev/loop8"]]
-    assert recorded[-1].dm_name == "banger-0a1b2c-abc"
-    assert active.loops == ["/dev/loop7", "/dev/loop8"]
-    create = runner.ran("dmsetup", "create")[0]
-    assert create[-1] == "0 2048 snapshot /dev/loop7 /dev/loop8 P 8"
-    assert "--read-only" in runner.ran("losetup", "--find")[0]
-    back = CowHandle.from_json(active.to_json())
-    dm.deactivate(back)
-    assert runner.ran("dmsetup", "remove")
-    assert [c[-1] for c in runner.ran("losetup", "--detach")] == ["/dev/loop8", "/dev/loop7"]
-
-    failing = FakeRunner()
-    loops2 = iter(["/dev/loop1", "/dev/loop2"])
-    failing.on(["losetup", "--find"], lambda argv: ok(next(loops2))(argv))
-    failing.on(["dmsetup", "create"], ok(rc=1, err="no snapshot target"))
-    with pytest.raises(CommandFailed):
-        DmSnapshotCow(failing, "banger-0a1b2c-").activate(h, origin, "abc")
-    # both loop devices were detached again
-    assert sorted(c[-1] for c in failing.ran("losetup", "--detach")) == ["/dev/loop1", "/dev/loop2"]
 
 
 # ----------------------------------------------------------------- network

@@ -334,7 +334,7 @@ class Daemon:
 
     def cow_for(self, handle: CowHandle) -> CowStrategy:
         """The strategy that made ``handle`` (it may differ from today's ``cow_strategy``)."""
-        return strategy_for(handle, self.runner, self.dm_prefix)
+        return strategy_for(handle, self.host, self.dm_prefix)
 
     @property
     def log_location(self) -> str:

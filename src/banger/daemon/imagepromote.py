@@ -12,6 +12,7 @@ machine-id), banger's guest agent is refreshed, and the kernel is the VM's image
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import shutil
 from pathlib import Path
@@ -93,7 +94,11 @@ def read_snapshot(d: Daemon, vm: VMRecord, cow: CowHandle, dest: Path) -> str:
     strategy = d.cow_for(cow)
     active = strategy.activate(cow, Path(d.db.get_image(vm.image).rootfs), vm.id)
     try:
-        copy_device(Path(active.disk), dest)
+        fd = strategy.open_disk(active)
+        try:
+            copy_device(fd, dest)
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise HostError(f"cannot read VM {vm.name}'s dm-snapshot disk {active.disk}: "
                         f"{exc.strerror or exc}") from exc

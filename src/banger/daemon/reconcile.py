@@ -11,11 +11,10 @@ empty cgroups) are swept. Restarting bangerd never stops a running VM.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import threading
-from pathlib import Path
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from banger.api import VMState
@@ -316,9 +315,15 @@ def sweep(d: Daemon) -> dict[str, list[str]]:
         if vm_id not in known and stop_master(ident):
             removed["processes"].append(str(ident.pid))
 
-    removed["loops"] = _sweep_loops(d, known)
+    # dm snapshots of VMs gone, then the loop devices no VM's handles name (an image's
+    # or a VM's file: at start-up no activation is half-way). A snapshot holds its loops.
     if dm_snapshot_supported():
-        removed["dm"] = _sweep_dm(d, known)
+        vm_ids = _removed("dm targets", d.host.dm_vms, known.__contains__, d.host.dm_remove)
+        removed["dm"] = [d.dm_prefix + vm_id for vm_id in vm_ids]
+    owned = {loop for h in d.handles.all().values() if h.cow is not None
+             for loop in h.cow.loops}
+    removed["loops"] = _removed("loop devices", lambda: [dev for dev, _ in d.host.loops()],
+                                owned.__contains__, d.host.loop_detach)
     # After the VMM processes: a leaked VMM killed above has left its cgroup (or is
     # leaving it; a cgroup still busy is left for the next sweep).
     removed["cgroups"] = _sweep_cgroups(d, known)
@@ -334,44 +339,27 @@ def sweep(d: Daemon) -> dict[str, list[str]]:
     return removed
 
 
-def _sweep_loops(d: Daemon, known: set[str]) -> list[str]:
-    res = d.runner.run(["losetup", "--json", "--list"], desc="list loop devices", timeout=30,
-                       check=False)
-    if res.returncode != 0 or not res.out.strip():
-        return []
+def _removed(what: str, listed: Callable[[], Iterable[str]], keep: Callable[[str], bool],
+             remove: Callable[[str], None]) -> list[str]:
+    """Remove each listed ``what`` that ``keep`` does not hold on to; those removed.
+
+    A failure to list or to remove one is logged and the sweep goes on.
+    """
     try:
-        devices = json.loads(res.out).get("loopdevices", [])
-    except ValueError:
+        names = list(listed())
+    except BangerError as exc:
+        log.warning("sweep: cannot list %s: %s", what, exc.message)
         return []
-    vms_dir = str(d.layout.vms_dir) + "/"
-    owned = set()
-    for h in d.handles.all().values():
-        if h.cow is not None:
-            owned.update(h.cow.loops)
     gone = []
-    for dev in devices:
-        back = str(dev.get("back-file") or "")
-        name = str(dev.get("name") or "")
-        if not back.startswith(vms_dir) or name in owned:
+    for name in names:
+        if keep(name):
             continue
-        vm_id = Path(back).relative_to(d.layout.vms_dir).parts[0]
-        if vm_id in known and d.handles.get(vm_id) is not None:
+        try:
+            remove(name)
+        except BangerError as exc:
+            log.warning("sweep: %s", exc.message)
             continue
-        d.runner.run(["losetup", "--detach", name], desc=f"detach {name}", timeout=30,
-                     check=False)
         gone.append(name)
-    return gone
-
-
-def _sweep_dm(d: Daemon, known: set[str]) -> list[str]:
-    res = d.runner.run(["dmsetup", "ls"], desc="list dm targets", timeout=30, check=False)
-    gone = []
-    for line in res.out.splitlines():
-        name = line.split()[0] if line.split() else ""
-        if name.startswith(d.dm_prefix) and name[len(d.dm_prefix):] not in known:
-            d.runner.run(["dmsetup", "remove", "--retry", name], desc=f"remove {name}",
-                         timeout=30, check=False)
-            gone.append(name)
     return gone
 
 

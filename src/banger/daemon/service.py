@@ -65,7 +65,7 @@ class Bangerd(Daemon):
                  lay.state_dir)
         d.store = Store(lay.db)
         if d.cow is None:
-            d.cow = choose_strategy(cfg.cow_strategy, lay.vms_dir, d.runner, d.dm_prefix)
+            d.cow = choose_strategy(cfg.cow_strategy, lay.vms_dir, d.host, d.dm_prefix)
         log.info("cow strategy: %s", d.cow.name)
         d._network_enabled = network
         d.vm_caps = caps.default_caps(d)

@@ -215,5 +215,51 @@ class HostOps:
         return socket.socket(fileno=udp_fd), socket.socket(fileno=tcp_fd)
 
 
+    def loop_attach(self, path: Path, *, read_only: bool) -> str:
+        """Attach the daemon's file ``path`` (below the state dir) to a loop device."""
+        return _device(self._send(ops.LoopAttach(path=str(path), read_only=read_only)))
+
+    def loop_detach(self, device: str) -> None:
+        """Detach loop ``device`` (one with nothing attached is fine)."""
+        self._send(ops.LoopDetach(device=device))
+
+    def loops(self) -> list[tuple[str, str]]:
+        """``(device, file)`` of every loop device whose file is below the state dir."""
+        got = self._send(ops.LoopList())
+        if not isinstance(got, list) or not all(
+                isinstance(e, list) and len(e) == 2 and all(isinstance(x, str) for x in e)
+                for e in got):
+            raise BadVersion("the root helper answered loop.list with something else")
+        return [(device, back) for device, back in got]
+
+    def dm_snapshot(self, vm_id: str, origin: str, cow: str) -> str:
+        """Make VM ``vm_id``'s dm snapshot of loop ``origin`` over loop ``cow``; its device."""
+        return _device(self._send(ops.DmSnapshot(vm_id=vm_id, origin=origin, cow=cow)))
+
+    def dm_remove(self, vm_id: str) -> None:
+        """Remove VM ``vm_id``'s dm snapshot (a missing one is fine)."""
+        self._send(ops.DmRemove(vm_id=vm_id))
+
+    def dm_vms(self) -> list[str]:
+        """The ids of the VMs with a dm snapshot of this install."""
+        got = self._send(ops.DmList())
+        if not isinstance(got, list) or not all(isinstance(x, str) for x in got):
+            raise BadVersion("the root helper answered dm.list with something else")
+        return got
+
+    def dm_read(self, vm_id: str) -> int:
+        """A read-only descriptor on VM ``vm_id``'s dm snapshot (the caller closes it)."""
+        got = self._send(ops.DmRead(vm_id=vm_id))
+        if not isinstance(got, ops.Handover) or len(got.fds) != 1:
+            raise BadVersion("the root helper did not hand over the dm device")
+        return got.fds[0]
+
+
+def _device(answer: Any) -> str:
+    if not isinstance(answer, str) or not answer.startswith("/dev/"):
+        raise BadVersion(f"the root helper answered {str(answer)[:40]!r}, not a device")
+    return answer
+
+
 def _vm_id(ident: ProcessIdentity) -> str:
     return ident.marker.removeprefix("banger-")

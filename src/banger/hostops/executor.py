@@ -16,6 +16,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
@@ -28,7 +29,7 @@ from typing import Any
 
 from banger.errors import CommandFailed, HostError, Refused, VMMError
 from banger.fsutil import dir_beneath, open_beneath
-from banger.hostops import nft, ops
+from banger.hostops import blockdev, nft, ops
 from banger.hostops.cgroups import CgroupHost, VMCgroup, detect, limits_for, vm_group
 from banger.hostops.confine import kvm_groups, privilege_drop
 from banger.hostops.netlink import (
@@ -54,6 +55,7 @@ TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
+VM_ID = re.compile(r"[0-9a-f]{12}")
 
 
 class Executor:
@@ -62,8 +64,10 @@ class Executor:
     def __init__(self, policy: Policy, runner: Runner, net: HostNetwork | None = None,
                  ip_forward_path: Path = IP_FORWARD, *,
                  cgroups: Callable[[], CgroupHost] = detect,
-                 open_tap: Callable[[str], int] | None = None) -> None:
+                 open_tap: Callable[[str], int] | None = None,
+                 sys_block: Path = blockdev.SYS_BLOCK) -> None:
         self.policy = policy
+        self.sys_block = sys_block
         self._open_tap = open_tap or attach_tap
         self.runner = runner
         self.net: HostNetwork = net if net is not None else NetlinkNetwork()
@@ -124,7 +128,63 @@ class Executor:
                 gateway = str(ipaddress.IPv4Interface(s.cidr).ip)
                 udp, tcp = bind_dns(gateway, s.dns_port)
                 return ops.Handover([udp.detach(), tcp.detach()])
+            case ops.LoopAttach(path=path, read_only=read_only):
+                return self._loop_attach(req.op, Path(path), read_only)
+            case ops.LoopDetach(device=device):
+                if self._loop(req.op, device).backing is not None:
+                    blockdev.detach(self.runner, device)
+            case ops.LoopList():
+                return [[loop.device, str(loop.backing)] for loop in
+                        blockdev.loops_below(self.policy.state_dir, self.sys_block)]
+            case ops.DmSnapshot():
+                return self._dm_snapshot(req)
+            case ops.DmRemove(vm_id=vm_id):
+                blockdev.dm_remove(self.runner, self.policy.dm_name(vm_id))
+            case ops.DmList():
+                prefix = self.policy.dm_name("")
+                return [name.removeprefix(prefix) for name in blockdev.dm_names(self.runner)
+                        if name.startswith(prefix) and VM_ID.fullmatch(name[len(prefix):])]
+            case ops.DmRead(vm_id=vm_id):
+                return ops.Handover([blockdev.open_dm(self.policy.dm_device(vm_id),
+                                                      os.O_RDONLY)])
         return None
+
+    def _loop(self, op: str, device: str, within: Path | None = None) -> blockdev.Loop:
+        """Loop ``device`` as the kernel describes it; refused when the file behind it
+        lies outside ``within`` (default: the state directory)."""
+        info = blockdev.loop_info(device, self.sys_block)
+        root = within or self.policy.state_dir
+        if info.backing is not None and not blockdev.below(info.backing, root):
+            raise Refused(f"{op}: {device} holds {info.backing}, which is outside {root}")
+        return info
+
+    def _loop_attach(self, op: str, path: Path, read_only: bool) -> str:
+        """Open the daemon's file ``path`` (no symlink below the state dir) and attach
+        that descriptor to a loop device."""
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_NONBLOCK
+        try:
+            fd = open_beneath(self.policy.state_dir, path, flags)
+        except OSError as exc:
+            raise HostError(f"{op}: cannot open {path}: {exc.strerror or exc}") from exc
+        try:
+            blockdev.check_regular(fd, self.policy.daemon_uid, f"{op}: {path}")
+            return blockdev.attach(self.runner, fd, read_only=read_only)
+        finally:
+            os.close(fd)
+
+    def _dm_snapshot(self, req: ops.DmSnapshot) -> str:
+        """VM ``req.vm_id``'s snapshot target, its table written from what the kernel
+        says the two loops are."""
+        origin = self._loop(req.op, req.origin)
+        cow = self._loop(req.op, req.cow, self.policy.state_dir / "vms" / req.vm_id)
+        if origin.backing is None or cow.backing is None:
+            raise HostError(f"{req.op}: {req.origin} or {req.cow} has nothing attached")
+        if not origin.read_only or cow.read_only or origin.device == cow.device:
+            raise Refused(f"{req.op}: the origin must be a read-only loop and the "
+                          "exception store another, writable one")
+        blockdev.dm_create(self.runner, self.policy.dm_name(req.vm_id),
+                           blockdev.snapshot_table(origin, cow))
+        return str(self.policy.dm_device(req.vm_id))
 
     def cgroup(self, vm_id: str) -> VMCgroup:
         """VM ``vm_id``'s cgroup (it may not exist)."""
@@ -218,19 +278,12 @@ class Executor:
 
     @staticmethod
     def _open_dm_device(op: str, name: str, path: Path, flags: int, user: VMMUser) -> int:
-        """The VM's dm-snapshot device (``/dev/mapper/<name>`` is udev's symlink to a
-        ``/dev/dm-N`` node): a block device under /dev, given to the VMM user's group."""
-        real = Path(os.path.realpath(path))
-        if real.parent != Path("/dev"):
-            raise Refused(f"{op}: {name} ({path}) does not lead to a device node in /dev")
-        fd = os.open(real, flags | os.O_CLOEXEC | os.O_NOFOLLOW)
-
-        def check(fd: int) -> None:
-            if not stat.S_ISBLK(os.fstat(fd).st_mode):
-                raise Refused(f"{op}: {name} ({path}) is not a block device")
-            _give(fd, user)
-
-        return _kept_if(fd, check)
+        """The VM's dm-snapshot device, given to the VMM user's group."""
+        try:
+            fd = blockdev.open_dm(path, flags)
+        except Refused as exc:
+            raise Refused(f"{op}: {name}: {exc.message}") from exc
+        return _kept_if(fd, lambda fd: _give(fd, user))
 
     def _open_vm_file(self, op: str, vm_id: str, name: str, f: ops.VMFile,
                       user: VMMUser) -> int:

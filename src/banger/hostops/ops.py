@@ -212,10 +212,68 @@ class DNSSockets(_Model):
     op: Literal["dns.sockets"] = "dns.sockets"
 
 
+LoopDevice = Annotated[str, StringConstraints(pattern=r"^/dev/loop[0-9]{1,6}$")]
+
+
+class LoopAttach(_Model):
+    """Attach the daemon's file ``path`` below the state directory to a free loop
+    device; answers the device (``/dev/loopN``)."""
+
+    op: Literal["loop.attach"] = "loop.attach"
+    path: HostPath
+    read_only: bool
+
+
+class LoopDetach(_Model):
+    """Detach ``device`` when its file lies below the state directory (a device with
+    nothing attached is not an error)."""
+
+    op: Literal["loop.detach"] = "loop.detach"
+    device: LoopDevice
+
+
+class LoopList(_Model):
+    """The loop devices whose files lie below the state directory: ``[[device, file]]``."""
+
+    op: Literal["loop.list"] = "loop.list"
+
+
+class DmSnapshot(_Model):
+    """Make VM ``vm_id``'s dm snapshot: ``origin`` (a read-only loop of a file below the
+    state directory) with its exceptions in ``cow`` (a loop of a file in the VM's own
+    directory); answers the device (``/dev/mapper/<install prefix><vm id>``)."""
+
+    op: Literal["dm.snapshot"] = "dm.snapshot"
+    vm_id: VMId
+    origin: LoopDevice
+    cow: LoopDevice
+
+
+class DmRemove(_Model):
+    """Remove VM ``vm_id``'s dm snapshot (a missing one is not an error)."""
+
+    op: Literal["dm.remove"] = "dm.remove"
+    vm_id: VMId
+
+
+class DmList(_Model):
+    """The ids of the VMs that have a dm snapshot of this install."""
+
+    op: Literal["dm.list"] = "dm.list"
+
+
+class DmRead(_Model):
+    """A read-only descriptor on VM ``vm_id``'s dm snapshot (``image promote`` copies it)."""
+
+    op: Literal["dm.read"] = "dm.read"
+    vm_id: VMId
+
+
 Request = Annotated[
     EnsureBridge | CreateTap | DeleteLink | ListLinks | NftLoad | NftAdmit | NftForget
     | NftPin | NftDelete | IPForward | Signal | CgroupCreate | CgroupAdopt | CgroupRemove
-    | QemuLaunch | DNSSockets,
+    | QemuLaunch | DNSSockets | LoopAttach | LoopDetach | LoopList | DmSnapshot | DmRemove
+    | DmList | DmRead,
     Field(discriminator="op"),
 ]
 

@@ -112,7 +112,7 @@ class Policy:
             case ops.DeleteLink(name=name):
                 if name != s.bridge:
                     self._tap(req.op, name)
-            case ops.ListLinks() | ops.NftLoad() | ops.IPForward():
+            case ops.ListLinks() | ops.NftLoad() | ops.IPForward() | ops.DNSSockets():
                 pass
             case ops.NftAdmit(rule=rule, previous=previous):
                 self.rule(req.op, rule)
@@ -136,6 +136,13 @@ class Policy:
                 pass  # the VM id's shape is the model's; the process is checked live
             case ops.QemuLaunch():
                 self._qemu_launch(req)
+            case ops.LoopAttach(path=path):
+                self.beneath(req.op, Path(path), (self.state_dir,), "file")
+            case ops.LoopDetach() | ops.LoopList() | ops.DmSnapshot() | ops.DmRemove() \
+                    | ops.DmList() | ops.DmRead():
+                pass  # what a loop device holds is checked live, in the kernel's words
+            case _:
+                raise Refused(f"{req.op}: no policy for this request")
 
     def _qemu_launch(self, req: ops.QemuLaunch) -> None:
         vm_run = self.runtime_dir / "vms" / req.vm_id
@@ -150,10 +157,14 @@ class Policy:
         self._tap(req.op, req.tap)
         self.qemu_args(req.vm_id, req.args, {*req.files, "tap", "qmp"})
 
+    def dm_name(self, vm_id: str) -> str:
+        """The name of VM ``vm_id``'s dm target: the install's prefix and the id."""
+        return dm_prefix_for(self.install_tag) + vm_id
+
     def dm_device(self, vm_id: str) -> Path:
         """VM ``vm_id``'s dm-snapshot root disk (``cow_strategy = dmsnap``): the one
         device outside the state directory a launch may name."""
-        return Path("/dev/mapper") / (dm_prefix_for(self.install_tag) + vm_id)
+        return Path("/dev/mapper") / self.dm_name(vm_id)
 
     @staticmethod
     def beneath(op: str, path: Path, roots: tuple[Path, ...], what: str) -> Path:

@@ -13,9 +13,9 @@ Each returns a :class:`CowHandle` whose ``identity`` is the teardown identity
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
+import logging
 import os
 import tempfile
 from collections.abc import Callable
@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from banger.errors import CommandFailed, HostError
+from banger.errors import BangerError, HostError
 from banger.fsutil import write_sparse
-from banger.runner import Runner
+from banger.hostops.client import HostOps
+
+log = logging.getLogger("banger.dmsnap")
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h
-SECTOR = 512
-DM_CHUNK_SECTORS = 8  # 4 KiB exception chunks: the page size, the usual choice
 @dataclass
 class CowHandle:
     """Teardown identity of one VM's root disk."""
@@ -86,6 +86,10 @@ class CowStrategy(Protocol):
         """Delete the disk for good (after :meth:`deactivate`)."""
         ...
 
+    def open_disk(self, handle: CowHandle) -> int:
+        """A read-only descriptor on activated ``handle``'s disk (the caller closes it)."""
+        ...
+
 
 def reflink_supported(directory: Path) -> bool:
     """Try a real ``FICLONE`` between two scratch files in ``directory``."""
@@ -126,6 +130,9 @@ class _FileCow:
 
     def remove(self, handle: CowHandle) -> None:
         Path(handle.path).unlink(missing_ok=True)
+
+    def open_disk(self, handle: CowHandle) -> int:
+        return os.open(handle.path, os.O_RDONLY | os.O_CLOEXEC)
 
 
 class ReflinkCow(_FileCow):
@@ -203,17 +210,17 @@ def sparse_copy(src: Path, dst: Path, *, durable: bool = True) -> None:
             os.fsync(fout.fileno())
 
 
-def copy_device(src: Path, dst: Path, chunk: int = 1 << 20) -> None:
-    """Copy block device (or file) ``src`` to a new sparse file ``dst``: blocks of zeros
-    become holes (:func:`fsutil.write_sparse`; a device has no SEEK_DATA to say where
-    its data is)."""
-    with src.open("rb", buffering=0) as fin, dst.open("wb") as fout:
-        size = os.lseek(fin.fileno(), 0, os.SEEK_END)
+def copy_device(src: int, dst: Path, chunk: int = 1 << 20) -> None:
+    """Copy the block device (or file) open at ``src`` to a new sparse file ``dst``:
+    blocks of zeros become holes (:func:`fsutil.write_sparse`; a device has no
+    SEEK_DATA to say where its data is)."""
+    with dst.open("wb") as fout:
+        size = os.lseek(src, 0, os.SEEK_END)
         offset = 0
         while offset < size:
-            buf = os.pread(fin.fileno(), min(chunk, size - offset), offset)
+            buf = os.pread(src, min(chunk, size - offset), offset)
             if not buf:
-                raise OSError(errno.EIO, f"{src} ended at {offset} of {size} bytes")
+                raise OSError(errno.EIO, f"the device ended at {offset} of {size} bytes")
             write_sparse(fout, buf)
             offset += len(buf)
         fout.truncate(size)
@@ -238,12 +245,14 @@ def _copy_range(fin: int, fout: int, offset: int, length: int) -> None:
 
 
 class DmSnapshotCow:
-    """dm-snapshot over loop devices. Needs root and the dm-snapshot target."""
+    """dm-snapshot over loop devices, made and removed by the host operations (the
+    root helper, or this process in root mode): the daemon only names its files and
+    its VM."""
 
     name = "dmsnap"
 
-    def __init__(self, runner: Runner, dm_prefix: str) -> None:
-        self.runner = runner
+    def __init__(self, host: HostOps, dm_prefix: str) -> None:
+        self.host = host
         self.dm_prefix = dm_prefix  # layout.dm_prefix_for(install tag): this install's
 
     def create(self, origin: Path, target: Path) -> CowHandle:
@@ -271,38 +280,34 @@ class DmSnapshotCow:
         handle = self.deactivate(handle)
         loops: list[str] = []
         note = record or (lambda h: None)
+        dm_name = self.dm_prefix + vm_id
         try:
-            base = self._losetup(origin, read_only=True)
-            loops.append(base)
+            loops.append(self.host.loop_attach(origin, read_only=True))
             note(CowHandle(self.name, handle.path, loops=list(loops)))
-            cow = self._losetup(Path(handle.path), read_only=False)
-            loops.append(cow)
-            sectors = origin.stat().st_size // SECTOR
-            dm_name = self.dm_prefix + vm_id
+            loops.append(self.host.loop_attach(Path(handle.path), read_only=False))
             # Named before it exists: removing a dm target that is not there is harmless.
             note(CowHandle(self.name, handle.path, loops=list(loops), dm_name=dm_name))
-            table = f"0 {sectors} snapshot {base} {cow} P {DM_CHUNK_SECTORS}"
-            self.runner.run(["dmsetup", "create", dm_name, "--table", table],
-                            desc=f"create dm snapshot {dm_name}", timeout=30)
+            device = self.host.dm_snapshot(vm_id, loops[0], loops[1])
         except Exception:
             for loop in reversed(loops):
                 self._detach(loop)
             raise
-        return CowHandle(self.name, handle.path, device=f"/dev/mapper/{dm_name}",
-                         loops=loops, dm_name=dm_name)
+        return CowHandle(self.name, handle.path, device=device, loops=loops, dm_name=dm_name)
 
     def deactivate(self, handle: CowHandle) -> CowHandle:
         """Remove the dm target and detach the loops; returns the bare handle.
 
         Raises:
-            CommandFailed: ``dmsetup remove`` failed for a reason other than a missing device.
+            HostError: the dm target could not be removed (still open), or its name is
+                not this install's.
         """
         if handle.dm_name:
-            res = self.runner.run(["dmsetup", "remove", "--retry", handle.dm_name],
-                                  desc=f"remove dm snapshot {handle.dm_name}", timeout=30,
-                                  check=False)
-            if res.returncode != 0 and "No such device" not in res.err:
-                raise CommandFailed(f"dmsetup remove {handle.dm_name} failed: {res.err.strip()}")
+            vm_id = handle.dm_name.removeprefix(self.dm_prefix)
+            if vm_id == handle.dm_name:
+                raise HostError(f"dm target {handle.dm_name} is not this install's "
+                                f"({self.dm_prefix}...)",
+                                hint=f"remove it by hand: dmsetup remove {handle.dm_name}")
+            self.host.dm_remove(vm_id)
         for loop in reversed(handle.loops):
             self._detach(loop)
         return CowHandle(self.name, handle.path)
@@ -311,21 +316,21 @@ class DmSnapshotCow:
         """Delete the exception store file (after :meth:`deactivate`)."""
         Path(handle.path).unlink(missing_ok=True)
 
-    def _losetup(self, path: Path, *, read_only: bool) -> str:
-        argv = ["losetup", "--find", "--show"]
-        if read_only:
-            argv.append("--read-only")
-        res = self.runner.run([*argv, str(path)], desc=f"attach {path.name} to a loop device",
-                              timeout=30)
-        return res.out.strip()
+    def open_disk(self, handle: CowHandle) -> int:
+        """The snapshot's device, opened by the host operations (root's: the daemon
+        need not be able to open it)."""
+        if not handle.dm_name or not handle.dm_name.startswith(self.dm_prefix):
+            raise HostError(f"{handle.path}: the snapshot is not active")
+        return self.host.dm_read(handle.dm_name.removeprefix(self.dm_prefix))
 
     def _detach(self, loop: str) -> None:
-        with contextlib.suppress(CommandFailed):
-            self.runner.run(["losetup", "--detach", loop], desc=f"detach {loop}", timeout=30,
-                            check=False)
+        try:
+            self.host.loop_detach(loop)
+        except BangerError as exc:  # the sweep finds a loop left behind
+            log.warning("cannot detach %s: %s", loop, exc.message)
 
 
-def choose_strategy(requested: str, state_dir: Path, runner: Runner,
+def choose_strategy(requested: str, state_dir: Path, host: HostOps,
                     dm_prefix: str) -> CowStrategy:
     """``auto`` picks reflink when ``state_dir`` supports it, else a sparse copy.
 
@@ -335,17 +340,17 @@ def choose_strategy(requested: str, state_dir: Path, runner: Runner,
         if not dm_snapshot_supported():
             raise HostError("cow_strategy = dmsnap but this kernel has no device-mapper",
                             hint="use cow_strategy = auto")
-        return DmSnapshotCow(runner, dm_prefix)
+        return DmSnapshotCow(host, dm_prefix)
     if requested == "reflink" or (requested == "auto" and reflink_supported(state_dir)):
         return ReflinkCow()
     return CopyCow()
 
 
-def strategy_for(handle: CowHandle, runner: Runner, dm_prefix: str) -> CowStrategy:
+def strategy_for(handle: CowHandle, host: HostOps, dm_prefix: str) -> CowStrategy:
     """The strategy that made ``handle`` (for teardown after a restart, or a re-activation
     whose dm target is named with ``dm_prefix``)."""
     if handle.strategy == "dmsnap":
-        return DmSnapshotCow(runner, dm_prefix)
+        return DmSnapshotCow(host, dm_prefix)
     if handle.strategy == "reflink":
         return ReflinkCow()
     return CopyCow()
