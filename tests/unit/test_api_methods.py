@@ -12,6 +12,7 @@ import json
 import socket
 import subprocess
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,13 @@ from banger.api.methods import METHODS, check_params, check_result
 from banger.client import Client
 from banger.daemon import rpc
 from banger.daemon.core import Daemon
+from banger.daemon.session import scripts
 from banger.errors import BadRequest, BadVersion, DaemonUnavailable
 from banger.protocol import MAX_FRAME
+from tests.conftest import FakeWorld
+from tests.unit.test_bundles import entry, set_catalog, write_catalog
 from tests.unit.test_registry import bzimage
+from tests.unit.test_sessions import HostShellGuest
 
 
 def test_the_daemon_serves_exactly_the_methods_of_the_table(daemon: Daemon) -> None:
@@ -50,11 +55,12 @@ def test_every_method_parses_its_params_with_the_tables_model(daemon: Daemon,
     assert served.value.message.split(": ", 1)[1] == checked.value.message.split(": ", 1)[1]
 
 
-def test_every_typed_answer_has_its_shape(daemon: Daemon, tmp_path: Path) -> None:
+def test_every_typed_answer_has_its_shape(daemon: Daemon, world: FakeWorld, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Each method whose result the table types is called once (a VM's life, its
-    forwards, a suspend, a snapshot, images registered, promoted and re-kernelled) and
-    its answer validated as the client validates it; a typed method this test does not
-    reach fails it."""
+    forwards, ports, egress, logs and sessions, a suspend, a snapshot, images registered,
+    promoted and re-kernelled, kernels, the catalog) and its answer validated as the
+    client validates it; a typed method this test does not reach fails it."""
     called: set[str] = set()
 
     def call(method: str, **params: Any) -> Any:
@@ -79,6 +85,9 @@ def test_every_typed_answer_has_its_shape(daemon: Daemon, tmp_path: Path) -> Non
     fwd = call("vm.forward.add", name="alpha", forward=f"127.0.0.1:{port}:8080")
     assert fwd["guest_port"] == 8080
     assert [f["guest_port"] for f in call("vm.forward.list", name="alpha")] == [8080]
+    assert call("vm.set_egress", name="alpha", nat=False)["nat"] is False
+    assert call("vm.logs", name="alpha")["name"] == "alpha"
+    guest_side(call, world, vm["ip"], tmp_path, monkeypatch)
     assert call("vm.pause", name="alpha")["state"] == "paused"
     assert call("vm.resume", name="alpha")["state"] == "running"
     snap = call("vm.snapshot", vm="alpha", name="s1")
@@ -102,14 +111,53 @@ def test_every_typed_answer_has_its_shape(daemon: Daemon, tmp_path: Path) -> Non
     subprocess.run(["mkfs.ext4", "-q", "-F", str(rootfs), "8M"], check=True)
     registered = call("image.register", name="mine", rootfs=str(rootfs), kernel=str(kernel))
     assert registered["name"] == "mine"
-    daemon.methods["kernel.import"]({"name": "k1", "paths": [str(kernel)]})
+    assert call("kernel.import", name="k1", paths=[str(kernel)])["vmms"] == ["qemu"]
+    assert [k["name"] for k in call("kernel.list")] == ["k1"]
+    assert call("kernel.show", name="k1")["bzimage"]
     assert call("image.set_kernel", name="mine", kernel="k1")["kernel_name"] == "k1"
+    assert call("image.cache.prune", dry_run=True)["removed"] == []
+    bundle = tmp_path / "dev.tar.zst"
+    bundle.write_bytes(b"bundle")
+    set_catalog(daemon, write_catalog(tmp_path / "catalog.json", [entry("dev", bundle)]))
+    assert [e["name"] for e in call("catalog.list", kind="image")] == ["dev"]
     assert call("daemon.operations.list")
     typed = {m for m, spec in METHODS.items() if spec.result is not Any}
     # Every operation's begin, status and cancel share OpView: one kind stands for all.
     ops = {m for m in typed if m.rsplit(".", 1)[-1] in ("begin", "status", "cancel")}
     assert typed - ops <= called, sorted(typed - ops - called)
     assert {"vm.snapshot.begin", "vm.snapshot.status", "vm.snapshot.cancel"} <= called
+
+
+class ListeningGuest(HostShellGuest):
+    """Session scripts run by the host's sh; ``ss`` says sshd listens on port 22."""
+
+    def popen(self, script: str, **kwargs: Any) -> subprocess.Popen[bytes]:
+        if script.startswith("exec ss "):
+            return subprocess.Popen(["echo", SSHD_LISTENS], **kwargs)
+        return super().popen(script, **kwargs)
+
+
+SSHD_LISTENS = 'tcp LISTEN 0 128 0.0.0.0:22 0.0.0.0:* users:(("sshd",pid=312,fd=3))'
+
+
+def guest_side(call: Callable[..., Any], world: FakeWorld, ip: str, tmp_path: Path,
+               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The typed answers read from VM alpha's guest: its ports, and ``vm.session.*``
+    from session scripts run by the host's sh (tests/unit/test_sessions.py)."""
+    monkeypatch.setattr(scripts, "ROOT", str(tmp_path / "guest-sessions"))
+    world.guests[ip] = ListeningGuest(ip, on_poweroff=world.vmm.poweroff)
+    [ports] = call("vm.ports", names=["alpha"])
+    assert [(x["port"], x["endpoint"]) for x in ports["listeners"]] == [(22, "alpha.vm:22")]
+    started = call("vm.session.start", vm="alpha", argv=["sh", "-c", "echo hi; sleep 300"],
+                   name="s1")
+    assert started["state"] == "running"
+    assert [x["ref"] for x in call("vm.session.list", vm="alpha")] == ["alpha/s1"]
+    assert call("vm.session.show", vm="alpha", name="s1")["argv"][0] == "sh"
+    assert call("vm.session.logs", vm="alpha", name="s1", wait_s=5)["next"] != "0:0"
+    assert call("vm.session.attach", vm="alpha", name="s1", write=False)["writer"] is False
+    assert call("vm.session.kill", vm="alpha", name="s1", signal="TERM")["signal"] == 15
+    call("vm.session.start", vm="alpha", argv=["sleep", "300"], name="s2")
+    assert call("vm.session.stop", vm="alpha", name="s2", timeout_s=5)["state"] == "ended"
 
 
 def test_a_reply_of_another_shape_is_a_version_mismatch() -> None:

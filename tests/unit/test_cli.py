@@ -155,7 +155,7 @@ def test_a_bad_catalog_url_is_refused_with_a_hint(tmp_path: Path) -> None:
 
 def test_a_local_bundle_path_is_made_absolute(tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    from banger.cli.images import bundle_ref
+    from banger.sdk.images import bundle_ref
 
     monkeypatch.chdir(tmp_path)
     assert bundle_ref("dev.tar.zst") == str(tmp_path / "dev.tar.zst")

@@ -41,6 +41,7 @@ from banger.errors import (
     NotRunning,
 )
 from banger.runner import Result
+from banger.sdk import Client
 from tests.conftest import FakeWorld
 from tests.fakes import FakeGuest
 
@@ -303,19 +304,20 @@ def test_ctrl_p_ctrl_q_detaches_and_a_lone_ctrl_p_is_passed_on() -> None:
     assert keys.feed(b"\x11rest") == (b"", True)
 
 
-class DetachRaceClient:
+class DetachRaceConnection:
     """The daemon side of one attachment: the reader's logs call is on its way when the
     user detaches, and reaches the daemon only after the attachment was ended."""
 
     def __init__(self) -> None:
         self.detached = threading.Event()
 
-    def call(self, method: str, **params: Any) -> dict[str, Any]:
+    def call(self, method: str, timeout: float | None = None, **params: Any) -> dict[str, Any]:
         if method == "vm.session.attach":
-            return {"attachment": "att-1", "next": "0", "tty": False}
+            return {"attachment": "att-1", "writer": True, "tty": False, "vm": "box",
+                    "name": "shell", "next": "0:0"}
         if method == "vm.session.detach":
             self.detached.set()
-            return {}
+            return {"detached": True}
         assert method == "vm.session.logs" and params["attachment"] == "att-1"
         assert self.detached.wait(10)
         raise NotFound("this attachment has ended", hint="attach again")
@@ -323,10 +325,10 @@ class DetachRaceClient:
 
 def test_detaching_while_a_read_is_on_its_way_is_a_clean_detach(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    client = DetachRaceClient()
+    client = Client(connection=DetachRaceConnection())  # type: ignore[arg-type]
     monkeypatch.setattr(attach_cli, "_pump_input", lambda *_a, **_k: None)  # Ctrl-P Ctrl-Q
     monkeypatch.setattr(sys, "stdin", io.StringIO())
-    assert attach_cli.attach(lambda: client, "box", "shell", read_only=False) == 0  # type: ignore[arg-type]
+    assert attach_cli.attach(lambda: client, "box", "shell", read_only=False) == 0
     assert "[detached from box/shell]" in capsys.readouterr().err
 
 

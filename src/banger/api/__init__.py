@@ -8,14 +8,15 @@ the :data:`PROTOCOL_VERSION` it speaks; the daemon refuses other versions with
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import sys
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError
 
 from banger.config import Config
 from banger.errors import BadRequest, BadVersion, BangerError
@@ -407,3 +408,170 @@ class SSHInfo(Model):
     # daemon of its own version that read a config file with the same bytes as it did.
     daemon_version: str | None = None
     config_sha256: str | None = None
+
+
+# ------------------------------------------------------- views of the other methods
+
+# Timestamps in the form the daemon writes them, so that a view dumps back to the JSON
+# it was read from (``--json`` prints what the daemon sent): kernels with
+# ``datetime.isoformat()``, sessions with ``str(datetime)`` (a space before the time:
+# :func:`encode`'s ``default=str``). The views above are pydantic's own dumps.
+IsoTime = Annotated[datetime, PlainSerializer(datetime.isoformat, return_type=str,
+                                              when_used="json")]
+SpacedTime = Annotated[datetime, PlainSerializer(str, return_type=str, when_used="json")]
+
+
+def _from_base64(value: Any) -> Any:
+    return base64.b64decode(value, validate=True) if isinstance(value, str) else value
+
+
+# Bytes that travel base64-encoded (a session's output need not be text).
+Base64Data = Annotated[bytes, BeforeValidator(_from_base64),
+                       PlainSerializer(lambda b: base64.b64encode(b).decode(), return_type=str,
+                                       when_used="json")]
+
+
+class KernelView(Model):
+    """A registered guest kernel (``kernel list/show``)."""
+
+    name: str
+    vmlinux: str | None  # ELF, for Firecracker (and QEMU when it has a PVH entry)
+    bzimage: str | None  # for QEMU
+    initrd: str | None
+    vmms: list[str]
+    version: str | None
+    source: str  # imported, built or bundle
+    size_bytes: int
+    created_at: IsoTime
+
+
+class CatalogEntry(Model):
+    """A bundle the catalog (config ``catalog_url``) lists (``image list --available``)."""
+
+    name: str
+    version: str
+    kind: Literal["image", "kernel"]
+    url: str
+    sha256: str
+    size_bytes: int
+
+
+class BundleMember(Model):
+    size: int
+    sha256: str
+
+
+class BundleView(Model):
+    """An image written as a bundle (``image export``): the file, its digest and manifest."""
+
+    name: str
+    path: str
+    size_bytes: int
+    sha256: str
+    members: dict[str, BundleMember]
+    kernel: dict[str, str | None]  # the boot files' names in the bundle
+
+
+class PrunedBlob(Model):
+    digest: str
+    size_bytes: int
+
+
+class CachePruneView(Model):
+    """``image cache prune``: the blobs removed (with ``dry_run``: that would be)."""
+
+    removed: list[PrunedBlob]
+    freed_bytes: int
+    dry_run: bool
+    kept: int  # blobs kept because an image was pulled from them
+
+
+class EgressView(Model):
+    """A VM's egress policy after ``vm set-egress``."""
+
+    name: str
+    applied: bool  # the running VM's rules changed now (False: from its next start)
+    nat: bool
+    allow_private: bool
+    allow_out: list[str]
+
+
+class VMLogs(Model):
+    """``vm logs``: the serial console log's path and its last 128 KiB."""
+
+    name: str
+    path: str
+    content: str
+
+
+class ListenerView(Model):
+    """One listening socket in a guest."""
+
+    proto: str  # tcp or udp
+    address: str
+    port: int
+    process: str | None
+    pid: int | None
+    endpoint: str | None  # NAME.vm:PORT; None: bound to the guest's loopback only
+
+
+class PortsView(Model):
+    """``vm ports``: one running VM's listening sockets, or why they could not be read."""
+
+    name: str
+    ip: str
+    listeners: list[ListenerView]
+    error: str | None
+
+
+class SessionAttached(Model):
+    readers: int
+    writer: bool
+
+
+class SessionView(Model):
+    """A guest session (``vm session list/show``)."""
+
+    vm: str
+    name: str
+    ref: str  # VM/NAME
+    argv: list[str]
+    cwd: str
+    tty: bool
+    env_keys: list[str]  # the values are never stored
+    state: Literal["starting", "running", "ended"]
+    pid: int | None
+    exit_code: int | None
+    signal: int | None  # the signal that ended it
+    end_reason: str | None
+    started_at: SpacedTime
+    ended_at: SpacedTime | None
+    attached: SessionAttached
+    # Sent only when the guest was read just now (its VM runs): output so far.
+    stdout_bytes: int | None = None
+    stderr_bytes: int | None = None
+    stale: bool = False  # ``vm.session.list`` only: the guest could not be read
+
+
+class SessionLogs(Model):
+    """A chunk of a session's output (``vm session logs``); ``next`` continues after it."""
+
+    stdout: Base64Data
+    stderr: Base64Data
+    next: str  # "OUT:ERR" byte offsets
+    ended: bool
+    more: bool  # a full chunk: more output is waiting
+    exit_code: int | None
+    end_reason: str | None
+
+
+class SessionAttachment(Model):
+    """An attachment to a session (``vm session attach``): its id, and where its output
+    continues."""
+
+    attachment: str
+    writer: bool
+    tty: bool
+    vm: str
+    name: str
+    next: str

@@ -4,7 +4,9 @@ The daemon's dispatch table (:mod:`banger.daemon.rpc`) has exactly these methods
 unit test holds the two together); a client checks its params before sending them
 (:func:`check_params`: a misspelt field is refused here, not on the daemon) and every
 reply against the result type (:func:`check_result`). A result typed ``Any`` is JSON
-the caller reads as such (status documents, listings whose rows are not yet a model).
+the caller reads as such (status documents, receipts such as ``{"deleted": NAME}``, the
+workspace's records). An operation's result (its view's ``result``) is checked by the
+SDK method that waits for it (:mod:`banger.sdk`).
 """
 
 from __future__ import annotations
@@ -16,13 +18,22 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from banger.api import (
+    CachePruneView,
+    CatalogEntry,
+    EgressView,
     ForwardView,
     ImageView,
+    KernelView,
     Model,
     OpView,
+    PortsView,
+    SessionAttachment,
+    SessionLogs,
+    SessionView,
     SnapshotView,
     SSHInfo,
     VMDetail,
+    VMLogs,
     VMView,
     first_error,
 )
@@ -69,34 +80,34 @@ METHODS: dict[str, Method] = {
     **_ops("vm.snapshot", p.SnapshotParams),
     "snapshot.list": Method(p.NoParams, list[SnapshotView]),
     "snapshot.rm": Method(p.NameRef, SnapshotView),
-    "vm.set_egress": Method(p.EgressParams),
+    "vm.set_egress": Method(p.EgressParams, EgressView),
     "vm.delete": Method(p.NameRef),
     "vm.list": Method(p.NoParams, list[VMView]),
     "vm.show": Method(p.NameRef, VMDetail),
-    "vm.logs": Method(p.NameRef),
+    "vm.logs": Method(p.NameRef, VMLogs),
     "vm.ssh_info": Method(p.NameRef, SSHInfo),
-    "vm.ports": Method(p.PortsParams),
+    "vm.ports": Method(p.PortsParams, list[PortsView]),
     "vm.forward.add": Method(p.ForwardParams, ForwardView),
     "vm.forward.remove": Method(p.ForwardParams),
     "vm.forward.list": Method(p.ForwardListParams, list[ForwardView]),
-    "vm.session.start": Method(p.SessionStartParams),
-    "vm.session.list": Method(p.SessionListParams),
-    "vm.session.show": Method(p.SessionRef),
-    "vm.session.logs": Method(p.SessionLogsParams),
+    "vm.session.start": Method(p.SessionStartParams, SessionView),
+    "vm.session.list": Method(p.SessionListParams, list[SessionView]),
+    "vm.session.show": Method(p.SessionRef, SessionView),
+    "vm.session.logs": Method(p.SessionLogsParams, SessionLogs),
     "vm.session.send": Method(p.SessionSendParams),
-    "vm.session.stop": Method(p.SessionStopParams),
-    "vm.session.kill": Method(p.SessionKillParams),
+    "vm.session.stop": Method(p.SessionStopParams, SessionView),
+    "vm.session.kill": Method(p.SessionKillParams, SessionView),
     "vm.session.rm": Method(p.SessionRef),
-    "vm.session.attach": Method(p.SessionAttachParams),
+    "vm.session.attach": Method(p.SessionAttachParams, SessionAttachment),
     "vm.session.write": Method(p.AttachWriteParams),
     "vm.session.resize": Method(p.AttachResizeParams),
     "vm.session.detach": Method(p.AttachmentRef),
     **_ops("image.build", p.ImageBuildParams),
     **_ops("image.pull", p.ImagePullParams),
     **_ops("image.export", p.ImageExportParams),
-    "catalog.list": Method(p.CatalogParams),
+    "catalog.list": Method(p.CatalogParams, list[CatalogEntry]),
     "image.promote": Method(p.ImagePromoteParams, ImageView),
-    "image.cache.prune": Method(p.CachePruneParams),
+    "image.cache.prune": Method(p.CachePruneParams, CachePruneView),
     **_ops("vm.workspace.prepare", p.WorkspacePrepareParams),
     "vm.workspace.export": Method(p.WorkspaceExportParams),
     "vm.workspace.status": Method(p.NameRef),
@@ -105,11 +116,11 @@ METHODS: dict[str, Method] = {
     "image.show": Method(p.NameRef, ImageView),
     "image.delete": Method(p.NameRef),
     "image.set_kernel": Method(p.SetKernelParams, ImageView),
-    "kernel.import": Method(p.KernelImportParams),
+    "kernel.import": Method(p.KernelImportParams, KernelView),
     **_ops("kernel.build", p.KernelBuildParams),
     **_ops("kernel.pull", p.KernelPullParams),
-    "kernel.list": Method(p.NoParams),
-    "kernel.show": Method(p.NameRef),
+    "kernel.list": Method(p.NoParams, list[KernelView]),
+    "kernel.show": Method(p.NameRef, KernelView),
     "kernel.rm": Method(p.NameRef),
 }
 
@@ -145,14 +156,25 @@ def check_result(method: str, value: Any) -> Any:
     known = METHODS.get(method)
     if known is None or known.result is Any:
         return value
+    parse_result(known.result, value, method)
+    return value
+
+
+def parse_result(kind: Any, value: Any, what: str) -> Any:
+    """``value`` (the answer to ``what``: a method, or an operation's kind) validated as
+    ``kind``: models made of the JSON.
+
+    Raises:
+        BadVersion: it does not have that shape: a daemon of another banger version
+            answered.
+    """
     try:
-        _adapter(known.result).validate_python(value)
+        return _adapter(kind).validate_python(value)
     except ValidationError as exc:
-        raise BadVersion(f"bangerd's reply to {method} does not have the shape this banger "
+        raise BadVersion(f"bangerd's reply to {what} does not have the shape this banger "
                          f"expects ({first_error(exc, 'result')})",
                          hint="the CLI and the daemon are different versions: "
                               "`banger daemon restart` starts this one's") from exc
-    return value
 
 
 @cache

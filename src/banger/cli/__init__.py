@@ -1,4 +1,5 @@
-"""``banger``: the command line. Each command parses flags and makes one RPC call.
+"""``banger``: the command line. Each command parses flags and makes one call of the
+SDK (:mod:`banger.sdk`).
 
 The commands are :mod:`banger.cli.commands` (click); :func:`main` imports them only
 when :func:`banger.cli.quick.exec_fast` did not run the command already (the plain

@@ -5,19 +5,25 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
-from banger.api import OpView
+from banger.api import Model, OpView
 from banger.cli import output
 from banger.client import connect
 from banger.config import Config, config_path, load_config
 from banger.errors import BadName
 from banger.names import check_name
 from banger.sdk import Client
+
+T = TypeVar("T")
+# How often the waiting thread looks whether a followed operation ended (Ctrl-C is
+# seen at once either way).
+FOLLOW_TICK_S = 0.2
 
 
 @dataclass
@@ -82,25 +88,55 @@ def name_arg(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
     return value
 
 
-def follow(app: App, client: Client, op: dict[str, Any], kind: str) -> Any:
-    """Show an operation's stages until it ends (:meth:`banger.sdk.Client.operation`);
-    Ctrl-C cancels it cleanly, a second Ctrl-C stops waiting."""
+def wire(value: Any) -> Any:
+    """``value`` with each SDK view in it (a :class:`banger.api.Model`) as the JSON the
+    daemon sent for it: the fields it sent, in its form (what ``--json`` prints)."""
+    if isinstance(value, Model):
+        return value.model_dump(mode="json", exclude_unset=True)
+    if isinstance(value, list):
+        return [wire(v) for v in value]
+    return value
+
+
+def follow(app: App, method: Callable[..., T], /, *args: Any,
+           watch: Callable[[OpView], None] | None = None, **kw: Any) -> T:
+    """``method(*args, **kw)``, an SDK method that waits for an operation, with the
+    operation's stages shown as it runs (its ``on_progress``; ``watch`` sees each view
+    too). Ctrl-C cancels it cleanly (its ``cancel``), a second Ctrl-C stops waiting.
+
+    The method runs on a worker thread: Ctrl-C interrupts this one only, so the SDK's
+    wait goes on and asks the daemon to cancel at its next look.
+    """
     from banger.cli.progress import Progress
 
     cancel = threading.Event()
-    last = op
+    ended = threading.Event()
+    outcome: list[T] = []
+    failure: list[BaseException] = []
     with Progress(enabled=not app.json) as progress:
 
         def seen(view: OpView) -> None:
-            nonlocal last
-            last = view.model_dump(mode="json")
-            progress.update(last)
+            progress.update(view.model_dump(mode="json"))
+            if watch is not None:
+                watch(view)
 
-        while True:
+        def run() -> None:
             try:
-                return client.operation(kind, last, on_progress=seen, cancel=cancel)
+                outcome.append(method(*args, on_progress=seen, cancel=cancel, **kw))
+            except BaseException as exc:  # raised again on the waiting thread
+                failure.append(exc)
+            finally:
+                ended.set()
+
+        threading.Thread(target=run, name="follow", daemon=True).start()
+        while not ended.is_set():
+            try:
+                ended.wait(FOLLOW_TICK_S)
             except KeyboardInterrupt:
                 if cancel.is_set():
                     raise
                 cancel.set()  # the SDK asks the daemon to cancel at its next look
                 progress.note("cancelling (Ctrl-C again to stop waiting)...")
+    if failure:
+        raise failure[0]
+    return outcome[0]

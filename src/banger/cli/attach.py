@@ -1,14 +1,14 @@
 """The client side of ``vm session attach`` and ``vm session logs -f``.
 
-Output is long-polled (``vm.session.logs`` with the attachment's id, which also keeps
-the attachment alive); input goes out in ``vm.session.write`` calls. On a terminal the
-keyboard is in raw mode for a ``--tty`` session (keys, Ctrl-C included, reach the
-guest) and Ctrl-P Ctrl-Q detaches, as in docker; the window size follows the client's.
+Output is long-polled (``client.sessions.logs`` with the attachment's id, which also
+keeps the attachment alive); input goes out in ``client.sessions.write`` calls. On a
+terminal the keyboard is in raw mode for a ``--tty`` session (keys, Ctrl-C included,
+reach the guest) and Ctrl-P Ctrl-Q detaches, as in docker; the window size follows the
+client's.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import os
 import select
@@ -18,19 +18,24 @@ import termios
 import threading
 import tty
 from collections.abc import Callable, Iterator
-from typing import Any
 
+from banger.api import SessionLogs
 from banger.errors import BangerError, NotFound
 from banger.sdk import Client
 
 DETACH = (0x10, 0x11)  # Ctrl-P, Ctrl-Q
 POLL_S = 5.0  # long-poll wait per logs call (well inside the attachment's lease)
 CALL_TIMEOUT_S = 300.0  # a logs call: the daemon's own guest step is bounded at 90 s + wait
+# Calls that do not reach the guest (detach, write: queued for the writer) or take one
+# short guest step (resize).
+DETACH_TIMEOUT_S = 10.0
+RESIZE_TIMEOUT_S = 10.0
+WRITE_TIMEOUT_S = 30.0
 
 
-def write_out(reply: dict[str, Any]) -> bool:
+def write_out(reply: SessionLogs) -> bool:
     """Copy a logs reply's bytes to our stdout/stderr; True if there were any."""
-    out, err = base64.b64decode(reply["stdout"]), base64.b64decode(reply["stderr"])
+    out, err = reply.stdout, reply.stderr
     if out:
         sys.stdout.buffer.write(out)
         sys.stdout.buffer.flush()
@@ -42,16 +47,15 @@ def write_out(reply: dict[str, Any]) -> bool:
 
 def follow_logs(client: Client, vm: str, name: str, cursor: str, *,
                 attachment: str | None = None,
-                stop: threading.Event | None = None) -> dict[str, Any] | None:
+                stop: threading.Event | None = None) -> SessionLogs | None:
     """Print the session's output from ``cursor`` until it ends (returns the last reply)
     or ``stop`` is set (returns None)."""
     while stop is None or not stop.is_set():
-        reply: dict[str, Any] = client.call(
-            "vm.session.logs", vm=vm, name=name, cursor=cursor, wait_s=POLL_S,
-            attachment=attachment, timeout=CALL_TIMEOUT_S)
+        reply = client.sessions.logs(vm, name, cursor, POLL_S, attachment=attachment,
+                                     timeout=CALL_TIMEOUT_S)
         write_out(reply)
-        cursor = reply["next"]
-        if reply["ended"] and not reply["more"]:
+        cursor = reply.next
+        if reply.ended and not reply.more:
             return reply
     return None
 
@@ -94,17 +98,17 @@ def attach(connect: Callable[[], Client], vm: str, name: str, *, read_only: bool
     """Attach to ``vm``'s session ``name`` until it ends or the user detaches; returns
     the session's exit status when it ended, else 0."""
     client = connect()
-    info = client.call("vm.session.attach", vm=vm, name=name, write=not read_only)
-    att = info["attachment"]
+    info = client.sessions.attach(vm, name, write=not read_only)
+    att = info.attachment
     stop = threading.Event()
-    ended: dict[str, Any] = {}
+    ended: list[SessionLogs] = []
     failure: list[BangerError] = []
 
     def read() -> None:
         try:
-            last = follow_logs(connect(), vm, name, info["next"], attachment=att, stop=stop)
+            last = follow_logs(connect(), vm, name, info.next, attachment=att, stop=stop)
             if last is not None:
-                ended.update(last)
+                ended.append(last)
         except BangerError as exc:
             # A call already on its way when we detached finds the attachment gone.
             if not (isinstance(exc, NotFound) and stop.is_set()):
@@ -115,28 +119,28 @@ def attach(connect: Callable[[], Client], vm: str, name: str, *, read_only: bool
     reader = threading.Thread(target=read, daemon=True, name="attach-reader")
     reader.start()
     stdin_tty = sys.stdin.isatty()
-    note = "Ctrl-P Ctrl-Q detaches" if stdin_tty and info["tty"] else "Ctrl-C detaches"
+    note = "Ctrl-P Ctrl-Q detaches" if stdin_tty and info.tty else "Ctrl-C detaches"
     print(f"[attached to {vm}/{name}{'' if read_only else ' for writing'}; {note}]",
           file=sys.stderr)
     try:
         if read_only:
             stop.wait()
         else:
-            _pump_input(client, att, stop, raw=stdin_tty and info["tty"])
+            _pump_input(client, att, stop, raw=stdin_tty and info.tty)
     except KeyboardInterrupt:
         pass
     finally:
         stop.set()
         with contextlib.suppress(BangerError):
-            client.call("vm.session.detach", attachment=att, timeout=10)
+            client.sessions.detach(att, timeout=DETACH_TIMEOUT_S)
     reader.join(CALL_TIMEOUT_S if ended or failure else 0.1)
     if failure:
         raise failure[0]
     if ended:
-        code = ended.get("exit_code")
-        print(f"\r\n[{vm}/{name} ended: {ended.get('end_reason') or 'ended'}]",
+        code = ended[0].exit_code
+        print(f"\r\n[{vm}/{name} ended: {ended[0].end_reason or 'ended'}]",
               file=sys.stderr)
-        return code if isinstance(code, int) else 0
+        return code if code is not None else 0
     print(f"\r\n[detached from {vm}/{name}]", file=sys.stderr)
     return 0
 
@@ -148,8 +152,7 @@ def _pump_input(client: Client, att: str, stop: threading.Event, *, raw: bool) -
     def resize(*_: object) -> None:
         with contextlib.suppress(OSError, BangerError):
             size = os.get_terminal_size(fd)
-            client.call("vm.session.resize", attachment=att, rows=size.lines,
-                        cols=size.columns, timeout=10)
+            client.sessions.resize(att, size.lines, size.columns, timeout=RESIZE_TIMEOUT_S)
 
     with raw_mode(fd) if raw else contextlib.nullcontext():
         if raw:
@@ -169,7 +172,6 @@ def _pump_input(client: Client, att: str, stop: threading.Event, *, raw: bool) -
                 continue
             send, detach = keys.feed(data) if raw else (data, False)
             if send:
-                client.call("vm.session.write", attachment=att,
-                            data=base64.b64encode(send).decode(), timeout=30)
+                client.sessions.write(att, send, timeout=WRITE_TIMEOUT_S)
             if detach:
                 return

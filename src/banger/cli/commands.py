@@ -1,4 +1,5 @@
-"""``banger``'s commands (click). Each command parses flags and makes one RPC call.
+"""``banger``'s commands (click). Each command parses flags and makes one call of
+the SDK (:mod:`banger.sdk`).
 
 Errors from anywhere are printed once, as ``error: ...`` plus a ``hint:``
 line, in :func:`main`, which is also the one place that turns them into exit

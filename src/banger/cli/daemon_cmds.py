@@ -8,7 +8,7 @@ import click
 
 from banger.cli import output
 from banger.cli.app import App, json_option, pass_app
-from banger.client import start_daemon, stop_daemon
+from banger.client import start_daemon
 from banger.errors import DaemonUnavailable
 from banger.layout import Layout
 
@@ -29,7 +29,7 @@ def daemon_status(app: App) -> int:
     """
     client = app.client(autostart=False)
     try:
-        st = client.call("daemon.status")
+        st = client.daemon.status()
     except DaemonUnavailable:
         lay = Layout.from_config(app.cfg)
         app.emit({"running": False, "socket": str(lay.socket), "log": str(lay.daemon_log)},
@@ -44,7 +44,7 @@ def daemon_status(app: App) -> int:
 def daemon_start(app: App) -> None:
     """Start bangerd in the background if it is not running."""
     client = app.client(autostart=False)
-    if client.rpc.alive():
+    if client.daemon.alive():
         click.echo("bangerd is already running")
         return
     pid = start_daemon(app.cfg)
@@ -61,7 +61,7 @@ def daemon_stop(app: App) -> None:
     nftables table `banger` it made and the TAP pool are removed and
     net.ipv4.ip_forward gets its earlier value again.
     """
-    status = stop_daemon(app.client(autostart=False).rpc)
+    status = app.client(autostart=False).daemon.stop()
     if status is None:
         click.echo("bangerd is not running")
     else:
@@ -75,7 +75,7 @@ def daemon_restart(app: App) -> None:
 
     Running VMs keep running and are re-adopted by the new daemon.
     """
-    status = stop_daemon(app.client(autostart=False).rpc)
+    status = app.client(autostart=False).daemon.stop()
     if status is not None:
         click.echo(_stopped_line(status))
     pid = start_daemon(app.cfg)

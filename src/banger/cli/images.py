@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
 
 from banger.cli import output
-from banger.cli.app import App, follow, json_option, pass_app
+from banger.cli.app import App, follow, json_option, pass_app, wire
 from banger.cli.complete import image_names, kernel_names, vm_names
 from banger.config import parse_size
 
@@ -24,9 +23,7 @@ def image() -> None:
 @pass_app
 def image_build(app: App, name: str | None) -> None:
     """Build a built-in image (default: debian-bookworm) with debootstrap."""
-    client = app.client()
-    op = client.call("image.build.begin", name=name)
-    result = follow(app, client, op, "image.build")
+    result = wire(follow(app, app.client().images.build, name))
     app.emit(result, f"image {result['name']} built ({result['size_bytes'] >> 20} MiB)")
 
 
@@ -60,21 +57,11 @@ def image_pull(app: App, reference: str, name: str | None, size: str | None,
     list --available`). Every file in it is checked against its manifest's sha256
     (and the bundle against the catalog's); banger adds its guest agent.
     """
-    client = app.client()
-    op = client.call("image.pull.begin", reference=bundle_ref(reference), name=name,
-                     size_bytes=parse_size(size) if size else None, kernel=kernel_name,
-                     insecure=insecure)
-    result = follow(app, client, op, "image.pull")
+    result = wire(follow(app, app.client().images.pull, reference, name=name,
+                         size_bytes=parse_size(size) if size else None, kernel=kernel_name,
+                         insecure=insecure))
     app.emit(result, f"image {result['name']} pulled ({result['size_bytes'] >> 20} MiB) "
                      f"from {result.get('origin')}")
-
-
-def bundle_ref(reference: str) -> str:
-    """``reference`` with a local bundle path made absolute (the daemon's cwd is not ours)."""
-    if "://" not in reference and (reference.endswith(".tar.zst")
-                                   or reference.startswith(("/", "./", "../", "~"))):
-        return str(Path(reference).expanduser().resolve())
-    return reference
 
 
 @image.command("export")
@@ -92,10 +79,7 @@ def image_export(app: App, name: str, out_file: Path) -> None:
     catalog with the size and sha256 printed here). The file belongs to you, as if
     written by this command; a failed or cancelled export leaves none.
     """
-    client = app.client()
-    op = client.call("image.export.begin", name=name, output=str(out_file.resolve()),
-                     owner_uid=os.geteuid(), owner_gid=os.getegid())
-    res = follow(app, client, op, "image.export")
+    res = wire(follow(app, app.client().images.export, name, out_file))
     app.emit(res, f"image {name} exported to {res['path']} ({res['size_bytes'] >> 20} MiB, "
                   f"sha256 {res['sha256']})")
 
@@ -112,7 +96,7 @@ def image_promote(app: App, vm: str, name: str) -> None:
     the work disk's files (/root) become the image's work-seed. The VM's SSH host key
     and machine-id are left out; the VM itself is not changed.
     """
-    res = app.client().call("image.promote", vm=vm, name=name, timeout=None)
+    res = wire(app.client().images.promote(vm, name))
     app.emit(res, f"image {name} promoted from VM {vm} ({res['size_bytes'] >> 20} MiB)")
 
 
@@ -127,7 +111,7 @@ def image_cache() -> None:
 @pass_app
 def image_cache_prune(app: App, dry_run: bool) -> None:
     """Remove cached blobs that no image was pulled from."""
-    res = app.client().call("image.cache.prune", dry_run=dry_run)
+    res = wire(app.client().images.prune_cache(dry_run=dry_run))
     verb = "would free" if dry_run else "freed"
     app.emit(res, f"{len(res['removed'])} blob(s), {verb} {res['freed_bytes'] >> 20} MiB "
                   f"({res['kept']} kept for images)")
@@ -141,10 +125,10 @@ def image_cache_prune(app: App, dry_run: bool) -> None:
 def image_list(app: App, available: bool) -> None:
     """List images (or, with --available, those `banger image pull NAME` can fetch)."""
     if available:
-        entries = app.client().call("catalog.list", kind="image")
+        entries = wire(app.client().images.available())
         app.emit(entries, output.catalog_table(entries, "image"))
         return
-    imgs = [i.model_dump(mode="json") for i in app.client().images.list()]
+    imgs = wire(app.client().images.list())
     app.emit(imgs, output.image_table(imgs))
 
 
@@ -154,7 +138,7 @@ def image_list(app: App, available: bool) -> None:
 @pass_app
 def image_show(app: App, name: str) -> None:
     """Show one image."""
-    img = app.client().images.show(name).model_dump(mode="json")
+    img = wire(app.client().images.show(name))
     app.emit(img, output.image_detail(img))
 
 
@@ -164,7 +148,7 @@ def image_show(app: App, name: str) -> None:
 @pass_app
 def image_delete(app: App, name: str) -> None:
     """Delete an image no VM uses."""
-    res = app.client().call("image.delete", name=name)
+    res = app.client().images.delete(name)
     app.emit(res, f"deleted image {name}")
 
 
@@ -187,10 +171,8 @@ def image_register(app: App, name: str, rootfs: Path, kernel: Path | None,
     banger adds its small guest agent (network, host name, SSH host key, work disk)
     to the copy with debugfs; the original file is not changed.
     """
-    res = app.client().call(
-        "image.register", name=name, rootfs=str(rootfs.resolve()),
-        kernel=str(kernel.resolve()) if kernel else None,
-        initrd=str(initrd.resolve()) if initrd else None, kernel_name=kernel_name, timeout=None)
+    res = wire(app.client().images.register(name, rootfs, kernel=kernel, initrd=initrd,
+                                            kernel_name=kernel_name))
     app.emit(res, f"registered image {name}")
 
 
@@ -201,7 +183,7 @@ def image_register(app: App, name: str, rootfs: Path, kernel: Path | None,
 @pass_app
 def image_set_kernel(app: App, name: str, kernel: str | None) -> None:
     """Make image NAME boot registry KERNEL (omit KERNEL: its bundled kernel again)."""
-    res = app.client().call("image.set_kernel", name=name, kernel=kernel)
+    res = wire(app.client().images.set_kernel(name, kernel))
     app.emit(res, f"image {name} boots {kernel or 'its bundled kernel'}")
 
 
@@ -221,10 +203,10 @@ def kernel() -> None:
 def kernel_list(app: App, available: bool) -> None:
     """List kernels (or, with --available, those `banger kernel pull NAME` can fetch)."""
     if available:
-        entries = app.client().call("catalog.list", kind="kernel")
+        entries = wire(app.client().kernels.available())
         app.emit(entries, output.catalog_table(entries, "kernel"))
         return
-    ks = app.client().call("kernel.list")
+    ks = wire(app.client().kernels.list())
     app.emit(ks, output.kernel_table(ks))
 
 
@@ -243,10 +225,8 @@ def kernel_pull(app: App, reference: str, name: str | None, insecure: bool) -> N
     checked against the manifest's sha256s (and the bundle against the catalog's),
     then validated like `banger kernel import`.
     """
-    client = app.client()
-    op = client.call("kernel.pull.begin", reference=bundle_ref(reference), name=name,
-                     insecure=insecure)
-    res = follow(app, client, op, "kernel.pull")
+    res = wire(follow(app, app.client().kernels.pull, reference, name=name,
+                      insecure=insecure))
     app.emit(res, f"kernel {res['name']} pulled ({res.get('version')}; "
                   f"{', '.join(res['vmms'])})")
 
@@ -257,7 +237,7 @@ def kernel_pull(app: App, reference: str, name: str | None, insecure: bool) -> N
 @pass_app
 def kernel_show(app: App, name: str) -> None:
     """Show one kernel."""
-    k = app.client().call("kernel.show", name=name)
+    k = wire(app.client().kernels.show(name))
     app.emit(k, output.kernel_detail(k))
 
 
@@ -271,9 +251,7 @@ def kernel_show(app: App, name: str) -> None:
 @pass_app
 def kernel_import(app: App, paths: tuple[Path, ...], name: str, initrd: Path | None) -> None:
     """Import a vmlinux and/or a bzImage (validated: ELF x86-64, or a bzImage header)."""
-    res = app.client().call("kernel.import", name=name,
-                            paths=[str(p.resolve()) for p in paths],
-                            initrd=str(initrd.resolve()) if initrd else None, timeout=None)
+    res = wire(app.client().kernels.import_files(name, paths, initrd=initrd))
     app.emit(res, f"imported kernel {name} ({', '.join(res['vmms'])})")
 
 
@@ -295,11 +273,8 @@ def kernel_build(app: App, name: str, base_config: Path | None, source: Path | N
     """Build a guest kernel that boots on both VMMs (vmlinux + bzImage, no modules, no
     initrd) from Debian's kernel source: its x86_64_defconfig (or --base-config) plus
     banger's fragment. Slow: tens of minutes on a small host."""
-    client = app.client()
-    op = client.call("kernel.build.begin", name=name,
-                     base_config=str(base_config.resolve()) if base_config else None,
-                     source=str(source.resolve()) if source else None, jobs=jobs)
-    res = follow(app, client, op, "kernel.build")
+    res = wire(follow(app, app.client().kernels.build, name, base_config=base_config,
+                      source=source, jobs=jobs))
     app.emit(res, f"kernel {res['name']} built ({res.get('version')}; {', '.join(res['vmms'])})")
 
 
@@ -309,5 +284,5 @@ def kernel_build(app: App, name: str, base_config: Path | None, source: Path | N
 @pass_app
 def kernel_rm(app: App, name: str) -> None:
     """Remove a kernel no image uses."""
-    res = app.client().call("kernel.rm", name=name)
+    res = app.client().kernels.remove(name)
     app.emit(res, f"removed kernel {name}")

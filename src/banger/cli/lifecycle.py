@@ -9,10 +9,11 @@ from typing import Any
 import click
 
 from banger.cli import exits, output
-from banger.cli.app import App, follow, json_option, pass_app
+from banger.cli.app import App, follow, json_option, pass_app, wire
 from banger.cli.complete import vm_names
 from banger.errors import BangerError, Cancelled
 from banger.sdk import Client
+from banger.sdk.vms import VMs
 
 
 def _each(verb: str, act: Callable[[App, Client, str], Any]) -> Any:
@@ -37,7 +38,7 @@ def _each(verb: str, act: Callable[[App, Client, str], Any]) -> Any:
                 failed += 1
                 exits.print_error(exc, app.json)
                 continue
-            results.append(res)
+            results.append(wire(res))
             if not app.json:
                 click.echo(f"{verb} {name}")
         if app.json:
@@ -47,15 +48,16 @@ def _each(verb: str, act: Callable[[App, Client, str], Any]) -> Any:
     return command
 
 
-def _simple(method: str, verb: str) -> Any:
-    """One RPC call per VM, no progress (fast verbs)."""
-    return _each(verb, lambda _app, client, name: client.call(method, name=name))
+def _simple(verb: str, method: Callable[[VMs, str], Any]) -> Any:
+    """``method`` of ``client.vms`` per VM, no progress (fast verbs)."""
+    return _each(verb, lambda _app, client, name: method(client.vms, name))
 
 
-def _followed(kind: str, verb: str) -> Any:
-    """An operation per VM whose stages show on stderr as it runs (like ``vm create``)."""
+def _followed(verb: str, method: Callable[..., Any]) -> Any:
+    """``method`` of ``client.vms`` per VM, an operation whose stages show on stderr as it
+    runs (like ``vm create``)."""
     def act(app: App, client: Client, name: str) -> Any:
-        return follow(app, client, client.call(f"{kind}.begin", name=name), kind)
+        return follow(app, method, client.vms, name)
 
     return _each(verb, act)
 
@@ -63,30 +65,30 @@ def _followed(kind: str, verb: str) -> Any:
 start = click.command(
     "start", help="Boot stopped VMs (resume suspended ones where they were), one after the "
                   "other, showing each boot's stages.")(
-    _followed("vm.start", "started"))
+    _followed("started", VMs.start))
 stop = click.command(
     "stop", help="Stop VMs: sync, clean poweroff over SSH, kill after a bounded wait "
                  "(stages shown; once under way a stop is not cancelled).")(
-    _followed("vm.stop", "stopped"))
+    _followed("stopped", VMs.stop))
 restart = click.command(
     "restart", help="Stop then start VMs, showing the stages of both.")(
-    _followed("vm.restart", "restarted"))
+    _followed("restarted", VMs.restart))
 delete = click.command(
     "delete", help="Delete VMs: stop them and remove disks, TAP, IP and files.")(
-    _simple("vm.delete", "deleted"))
-rm = click.command("rm", help="Alias of delete.", hidden=True)(_simple("vm.delete", "deleted"))
+    _simple("deleted", VMs.delete))
+rm = click.command("rm", help="Alias of delete.", hidden=True)(_simple("deleted", VMs.delete))
 pause = click.command(
     "pause", help="Stop running VMs' vCPUs where they are (memory stays in RAM); "
                   "`vm resume` runs them again.")(
-    _simple("vm.pause", "paused"))
+    _simple("paused", VMs.pause))
 resume = click.command(
     "resume", help="Run paused VMs' vCPUs again (a suspended VM resumes with `vm start`).")(
-    _simple("vm.resume", "resumed"))
+    _simple("resumed", VMs.resume))
 suspend = click.command(
     "suspend", help="Save running or paused VMs' memory and device state to disk and end "
                     "their VMMs, freeing their memory; `vm start` resumes each where it "
                     "was, processes and all.")(
-    _followed("vm.suspend", "suspended"))
+    _followed("suspended", VMs.suspend))
 
 
 @click.command("kill")
@@ -97,5 +99,5 @@ suspend = click.command(
 @pass_app
 def vm_kill(app: App, name: str, sig: str) -> None:
     """Send a signal to a VM's VMM process (default: KILL, no clean shutdown)."""
-    res = app.client().call("vm.kill", name=name, signal=sig)
+    res = wire(app.client().vms.kill(name, sig))
     app.emit(res, f"sent SIG{sig.upper().removeprefix('SIG')} to {name} ({res['state']})")

@@ -1,12 +1,12 @@
 """``banger vm session ...``: long-running guest commands that outlive the client.
 
-A session is named ``VM/NAME`` on the command line. Each command is one RPC call,
-except ``logs -f`` and ``attach``, which poll (:mod:`banger.cli.attach`).
+A session is named ``VM/NAME`` on the command line. Each command is one call of
+``client.sessions`` (:mod:`banger.sdk.sessions`), except ``logs -f`` and ``attach``,
+which poll (:mod:`banger.cli.attach`).
 """
 
 from __future__ import annotations
 
-import base64
 import os
 import sys
 from typing import Any
@@ -15,7 +15,7 @@ import click
 
 from banger.cli import attach as attach_mod
 from banger.cli import output
-from banger.cli.app import App, json_option, pass_app
+from banger.cli.app import App, json_option, pass_app, wire
 from banger.cli.complete import session_refs, vm_names
 
 REF = "VM/NAME"
@@ -69,9 +69,9 @@ def start(app: App, vm: str, command: tuple[str, ...], name: str | None, cwd: st
     if not argv:
         raise click.UsageError("give the command after --")
     size = os.get_terminal_size(sys.stdout.fileno()) if tty and sys.stdout.isatty() else None
-    res = app.client().call("vm.session.start", vm=vm, argv=argv, name=name, cwd=cwd,
-                            env=pairs, tty=tty, rows=size.lines if size else 24,
-                            cols=size.columns if size else 80)
+    res = wire(app.client().sessions.start(vm, argv, name=name, cwd=cwd, env=pairs, tty=tty,
+                                           rows=size.lines if size else 24,
+                                           cols=size.columns if size else 80))
     app.emit(res, _started(res))
 
 
@@ -88,7 +88,7 @@ def _started(res: dict[str, Any]) -> str:
 @pass_app
 def list_(app: App, vm: str | None) -> None:
     """List sessions (of one VM, or of all)."""
-    res = app.client().call("vm.session.list", vm=vm)
+    res = wire(app.client().sessions.list(vm))
     app.emit(res, output.sessions_table(res))
 
 
@@ -99,7 +99,7 @@ def list_(app: App, vm: str | None) -> None:
 def show(app: App, ref: str) -> None:
     """Show one session: command, state, exit status, attachments."""
     vm, name = split_ref(ref)
-    res = app.client().call("vm.session.show", vm=vm, name=name)
+    res = wire(app.client().sessions.show(vm, name))
     app.emit(res, output.session_detail(res))
 
 
@@ -126,13 +126,13 @@ def logs(app: App, ref: str, follow: bool, since: str) -> None:
         return
     out, err, reply = bytearray(), bytearray(), None
     cursor = since
-    while reply is None or reply["more"]:
-        reply = client.call("vm.session.logs", vm=vm, name=name, cursor=cursor)
-        out += base64.b64decode(reply["stdout"])
-        err += base64.b64decode(reply["stderr"])
-        cursor = reply["next"]
+    while reply is None or reply.more:
+        reply = client.sessions.logs(vm, name, cursor)
+        out += reply.stdout
+        err += reply.stderr
+        cursor = reply.next
     if app.json:
-        app.emit({**reply, "stdout": out.decode(errors="replace"),
+        app.emit({**wire(reply), "stdout": out.decode(errors="replace"),
                   "stderr": err.decode(errors="replace")}, "")
         return
     sys.stdout.buffer.write(out)
@@ -167,8 +167,7 @@ def attach(app: App, ref: str, read_only: bool) -> None:
 def send(app: App, ref: str, text: str, no_newline: bool) -> None:
     """Write TEXT and a newline to a session's input."""
     vm, name = split_ref(ref)
-    res = app.client().call("vm.session.send", vm=vm, name=name, text=text,
-                            newline=not no_newline)
+    res = app.client().sessions.send(vm, name, text, newline=not no_newline)
     app.emit(res, f"{vm}/{name}: sent {res['sent']} bytes")
 
 
@@ -181,8 +180,7 @@ def send(app: App, ref: str, text: str, no_newline: bool) -> None:
 def stop(app: App, ref: str, timeout_s: float) -> None:
     """Stop a session: SIGTERM to its processes, SIGKILL if they outlast --timeout."""
     vm, name = split_ref(ref)
-    res = app.client().call("vm.session.stop", vm=vm, name=name, timeout_s=timeout_s,
-                            timeout=timeout_s + 120)
+    res = wire(app.client().sessions.stop(vm, name, timeout_s))
     app.emit(res, f"{res['ref']}: {output.session_status(res)}")
 
 
@@ -195,7 +193,7 @@ def stop(app: App, ref: str, timeout_s: float) -> None:
 def kill(app: App, ref: str, sig: str) -> None:
     """Send a signal to a session's processes."""
     vm, name = split_ref(ref)
-    res = app.client().call("vm.session.kill", vm=vm, name=name, signal=sig)
+    res = wire(app.client().sessions.kill(vm, name, sig))
     app.emit(res, f"{res['ref']}: {output.session_status(res)}")
 
 
@@ -206,5 +204,5 @@ def kill(app: App, ref: str, sig: str) -> None:
 def rm(app: App, ref: str) -> None:
     """Forget an ended session and delete its logs."""
     vm, name = split_ref(ref)
-    res = app.client().call("vm.session.rm", vm=vm, name=name)
+    res = app.client().sessions.remove(vm, name)
     app.emit(res, f"{vm}/{res['removed']} removed")

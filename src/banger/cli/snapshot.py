@@ -8,7 +8,7 @@ from __future__ import annotations
 import click
 
 from banger.cli import output
-from banger.cli.app import App, follow, json_option, name_arg, pass_app
+from banger.cli.app import App, follow, json_option, name_arg, pass_app, wire
 from banger.cli.complete import snapshot_names, vm_names
 
 
@@ -26,9 +26,7 @@ def vm_snapshot(app: App, vm_name: str, name: str) -> None:
     each with its own address, MAC, host name, machine-id, SSH host key and random
     state. QEMU VMs, and Firecracker VMs run under the jailer.
     """
-    client = app.client()
-    res = follow(app, client, client.call("vm.snapshot.begin", vm=vm_name, name=name),
-                 "vm.snapshot")
+    res = wire(follow(app, app.client().snapshots.take, vm_name, name))
     app.emit(res, f"snapshot {res['name']} of {res['source_vm']} "
                   f"({res['size_bytes'] / (1 << 20):.0f} MiB)")
 
@@ -44,7 +42,7 @@ def snapshot() -> None:
 def snapshot_list(app: App) -> None:
     """List snapshots: name, kind (user: `vm snapshot`; boot: an image's first boot, kept
     by banger), source VM, image, size of the saved machine, bytes on disk."""
-    snaps = [s.model_dump(mode="json") for s in app.client().snapshots.list()]
+    snaps = wire(app.client().snapshots.list())
     app.emit(snaps, output.snapshot_table(snaps))
 
 
@@ -58,6 +56,6 @@ snapshot.add_command(snapshot_list, "ls")
 def snapshot_rm(app: App, names: tuple[str, ...]) -> None:
     """Remove snapshots (clones made from them keep running)."""
     client = app.client()
-    removed = [client.call("snapshot.rm", name=n) for n in names]
+    removed = [wire(client.snapshots.remove(n)) for n in names]
     app.emit(removed if len(names) > 1 else removed[0],
              "\n".join(f"removed {r['name']}" for r in removed))

@@ -193,7 +193,7 @@ def system_status(runner: Runner, app: App) -> dict[str, Any]:
                  "active": _systemctl(runner, "is-active", u, check=False).strip()
                  or "unknown"} for u in UNITS}
     try:
-        daemon: dict[str, Any] | None = app.client(autostart=False).call("daemon.status")
+        daemon: dict[str, Any] | None = app.client(autostart=False).daemon.status()
     except DaemonUnavailable:
         daemon = None
     return {"units": units, "daemon": daemon}

@@ -16,14 +16,14 @@ from typing import Any
 import click
 from pydantic import ValidationError
 
+from banger.api import OpView
 from banger.api.methods import invalid_params
 from banger.api.params import CreateParams
 from banger.cli import exits, output
-from banger.cli.app import App, follow, json_option, name_arg, pass_app
+from banger.cli.app import App, follow, json_option, name_arg, pass_app, wire
 from banger.cli.complete import image_names, snapshot_names, vm_names
 from banger.cli.quick import run_ssh
 from banger.cli.workspace import prepared_text
-from banger.client import fetch_patch
 from banger.errors import BangerError
 from banger.sdk import Client
 
@@ -106,8 +106,7 @@ def _create_params(kw: dict[str, Any], start: bool) -> CreateParams:
 def vm_create(app: App, /, no_start: bool, **kw: Any) -> None:
     """Create a VM (and boot it, unless --no-start)."""
     client = app.client()
-    op = client.send("vm.create.begin", _create_params(kw, not no_start))
-    res = follow(app, client, op, "vm.create")
+    res = wire(follow(app, client.vms.create, **_create_params(kw, not no_start).model_dump()))
     app.emit(res, f"{res['name']} {res['state']} at {res['ip']}")
 
 
@@ -116,7 +115,7 @@ def vm_create(app: App, /, no_start: bool, **kw: Any) -> None:
 @pass_app
 def vm_list(app: App) -> None:
     """List VMs."""
-    vms = [v.model_dump(mode="json") for v in app.client().vms.list()]
+    vms = wire(app.client().vms.list())
     app.emit(vms, output.vm_table(vms))
 
 
@@ -129,7 +128,7 @@ vm.add_command(vm_list, "ps")
 @pass_app
 def vm_show(app: App, name: str) -> None:
     """Show one VM: spec, state, address, process."""
-    res = app.client().vms.show(name).model_dump(mode="json")
+    res = wire(app.client().vms.show(name))
     app.emit(res, output.vm_detail(res))
 
 
@@ -144,7 +143,7 @@ def vm_ports(app: App, names: tuple[str, ...]) -> None:
     the socket (NAME.vm:PORT through banger's DNS); a socket bound to the guest's
     loopback only has none.
     """
-    res = app.client().call("vm.ports", names=list(names))
+    res = wire(app.client().vms.ports(*names))
     app.emit(res, output.ports_table(res))
 
 
@@ -163,17 +162,17 @@ def vm_forward(app: App, args: tuple[str, ...], remove: bool) -> None:
     Forwards are re-opened when the daemon restarts.
     """
     if args[0] == "list" and len(args) <= 2 and not remove:
-        res = app.client().call("vm.forward.list", name=args[1] if len(args) == 2 else None)
+        res = wire(app.client().forwards.list(args[1] if len(args) == 2 else None))
         app.emit(res, output.forwards_table(res))
         return
     if len(args) != 2:
         raise click.UsageError("give VM and [ADDR:]HOST_PORT:GUEST_PORT, or list [VM]")
     name, spec = args
     if remove:
-        res = app.client().call("vm.forward.remove", name=name, forward=spec)
+        res = app.client().forwards.remove(name, spec)
         app.emit(res, f"{name}: forward {res['removed']} removed")
         return
-    res = app.client().call("vm.forward.add", name=name, forward=spec)
+    res = wire(app.client().forwards.add(name, spec))
     app.emit(res, f"{res['host_addr']}:{res['host_port']} -> {name}:{res['guest_port']}")
 
 
@@ -195,10 +194,9 @@ def vm_set_egress(app: App, name: str, nat: bool | None, allow_private: bool | N
     """
     if allow_out and no_allow_out:
         raise click.UsageError("--allow-out and --no-allow-out contradict each other")
-    params: dict[str, Any] = {"name": name, "nat": nat, "allow_private": allow_private}
-    if allow_out or no_allow_out:
-        params["allow_out"] = list(allow_out)
-    res = app.client().call("vm.set_egress", **params)
+    res = wire(app.client().vms.set_egress(
+        name, nat=nat, allow_private=allow_private,
+        allow_out=list(allow_out) if allow_out or no_allow_out else None))
     when = "now" if res["applied"] else "from its next start"
     app.emit(res, f"{name}: {output.network_policy(res)} ({when})")
 
@@ -212,7 +210,7 @@ def vm_logs(app: App, name: str, follow: bool) -> None:
     """Print a VM's serial console log (the last 128 KiB; --json: path and content)."""
     if follow and app.json:
         raise click.UsageError("--follow and --json cannot be combined")
-    res = app.client().call("vm.logs", name=name)
+    res = wire(app.client().vms.logs(name))
     if app.json:
         click.echo(output.to_json(res))
         return
@@ -252,7 +250,7 @@ def vm_ssh(app: App, name: str, command: tuple[str, ...]) -> int:
     Use `banger vm exec` to pass argv unchanged (no shell). The exit status is
     the command's; a command killed by signal N gives 128+N.
     """
-    info = app.client().call("vm.ssh_info", name=name)
+    info = wire(app.client().vms.ssh_info(name))
     return run_ssh(info, list(command), interactive=not command, shell_string=True,
                    debug=app.debug)
 
@@ -282,14 +280,13 @@ def vm_exec(app: App, name: str, command: tuple[str, ...], auto_prepare: bool,
         raise click.UsageError("--discard-guest-changes only applies with --auto-prepare")
     client = app.client()
     if auto_prepare:
-        st = client.call("vm.workspace.status", name=name)
+        st = client.workspace.status(name)
         if st["needs_resync"]:
-            op = client.call("vm.workspace.prepare.begin", name=name, path=st["host_path"],
-                             guest_path=st["guest_path"], mode=st.get("mode") or "shallow",
-                             discard_guest_changes=discard_guest_changes or None)
-            prepared = follow(app, client, op, "vm.workspace.prepare")
+            prepared = follow(app, client.workspace.prepare, name, st["host_path"],
+                              guest_path=st["guest_path"], mode=st.get("mode") or "shallow",
+                              discard_guest_changes=discard_guest_changes)
             click.echo(prepared_text(prepared), err=True)  # stdout is the command's
-    info = client.call("vm.ssh_info", name=name)
+    info = wire(client.vms.ssh_info(name))
     return run_ssh(info, list(command), interactive=False, debug=app.debug)
 
 
@@ -388,31 +385,35 @@ def vm_run(app: App, /, remove: bool, detach: bool, workspace_mode: str,
         raise click.UsageError("--export and --detach cannot be combined; use "
                                "`banger vm workspace export` later")
     client = app.client()
-    op = client.send("vm.create.begin", _create_params(kw, True))
-    name = op["target"]
+    params = _create_params(kw, True)
+    made: list[str] = []  # the VM's name, once the daemon took the create on
+
+    def accepted(view: OpView) -> None:
+        if not made:
+            made.append(view.target)
+
     keep = not remove  # set when deleting would lose edits banger could not save
     try:
-        res = follow(app, client, op, "vm.create")
+        res = follow(app, client.vms.create, watch=accepted, **params.model_dump())
+        name = res.name
         if repo is not None:
-            prep = client.call("vm.workspace.prepare.begin", name=name, path=str(repo),
-                               mode=workspace_mode)
-            follow(app, client, prep, "vm.workspace.prepare")
+            follow(app, client.workspace.prepare, name, repo, mode=workspace_mode)
         if detach:
-            app.emit(res, res["name"])
+            app.emit(wire(res), res.name)
             return 0
-        info = client.call("vm.ssh_info", name=name)
+        info = wire(client.vms.ssh_info(name))
         status = run_ssh(info, args, interactive=not args, debug=app.debug)
         if repo is not None and (export_to is not None or remove):
             keep = not _save_edits(app, client, name, export_to, remove)
         return status
     except BangerError as exc:
-        if not remove:
-            exc.hint = _kept_hint(client, name, exc.hint)
+        if not remove and made:
+            exc.hint = _kept_hint(client, made[0], exc.hint)
         raise
     finally:
-        if not keep:
+        if not keep and made:
             try:
-                client.call("vm.delete", name=name)
+                client.vms.delete(made[0])
             except BangerError as exc:
                 if exc.code != "not_found":
                     exits.print_error(exc, app.json)
@@ -425,19 +426,19 @@ def _save_edits(app: App, client: Client, name: str, export_to: str | None,
     Returns False when the edits could not be read and the VM must be kept.
     """
     try:
-        res, data = fetch_patch(client.rpc, name)
+        patch = client.workspace.export(name)
     except BangerError as exc:
         exc.hint = f"the VM {name} was kept so its edits are not lost; " \
                    f"`banger vm workspace export {name}` retries"
         exits.print_error(exc, app.json)
         return False
-    changed = len(res["changes"])
+    changed = len(patch.changes)
     if export_to == "-":
-        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.write(patch.data)
         sys.stdout.flush()
     elif export_to is not None:
         try:
-            Path(export_to).write_bytes(data)
+            Path(export_to).write_bytes(patch.data)
         except OSError as exc:
             click.echo(f"error: cannot write the patch to {export_to}: {exc.strerror}", err=True)
             click.echo(f"hint: the VM {name} was kept; `banger vm workspace export {name} "
@@ -453,7 +454,7 @@ def _save_edits(app: App, client: Client, name: str, export_to: str | None,
 def _kept_hint(client: Client, name: str, hint: str) -> str:
     """``hint`` plus how to remove VM ``name``, when the failure left it behind."""
     try:
-        client.call("vm.show", name=name)
+        client.vms.show(name)
     except BangerError:
         return hint
     extra = f"the VM {name} was kept: `banger vm delete {name}` removes it"

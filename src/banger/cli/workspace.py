@@ -12,7 +12,6 @@ import click
 from banger.cli import output
 from banger.cli.app import App, follow, json_option, pass_app
 from banger.cli.complete import vm_names
-from banger.client import fetch_patch
 
 
 @click.group("workspace")
@@ -48,11 +47,9 @@ def workspace_prepare(app: App, name: str, path: Path, guest_path: str | None,
     `banger vm show`), then re-applied on top of the new copy. When it does not
     apply, nothing is replaced; --discard-guest-changes replaces it anyway.
     """
-    client = app.client()
-    op = client.call("vm.workspace.prepare.begin", name=name, path=str(path.resolve()),
-                     guest_path=guest_path, branch=branch, from_ref=from_ref, mode=mode,
-                     discard_guest_changes=discard_guest_changes)
-    res = follow(app, client, op, "vm.workspace.prepare")
+    res = follow(app, app.client().workspace.prepare, name, path, guest_path=guest_path,
+                 branch=branch, from_ref=from_ref, mode=mode,
+                 discard_guest_changes=discard_guest_changes)
     app.emit(res, prepared_text(res))
 
 
@@ -92,10 +89,14 @@ def workspace_export(app: App, name: str, out_file: Path | None,
     web | git apply`). The changed files are listed on stderr. With --json the
     patch is in the JSON (base64) unless -o is given.
     """
-    res, data = fetch_patch(app.client().rpc, name, base_commit)
+    patch = app.client().workspace.export(name, base_commit)
+    data = patch.data
     if out_file is not None:
         out_file.write_bytes(data)
     if app.json:
+        # The daemon's answer, with the patch itself in place of its file's path.
+        res: dict[str, Any] = {"vm": patch.vm, "bytes": len(data), "base": patch.base,
+                               "changes": patch.changes}
         if out_file is None:
             res["patch_base64"] = base64.b64encode(data).decode()
         else:
@@ -105,7 +106,7 @@ def workspace_export(app: App, name: str, out_file: Path | None,
     if out_file is None:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
-    for change in res["changes"]:
+    for change in patch.changes:
         old = f"{change['old_path']} -> " if change.get("old_path") else ""
         click.echo(f"{change['status']}\t{old}{change['path']}", err=True)
-    click.echo(f"{len(res['changes'])} changed file(s)", err=True)
+    click.echo(f"{len(patch.changes)} changed file(s)", err=True)
