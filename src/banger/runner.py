@@ -131,6 +131,19 @@ class Runner(Protocol):
         ...
 
 
+def as_root_owner() -> list[str]:
+    """The prefix under which a command sees this process's files as root's.
+
+    ``mkfs.ext4 -d`` copies each file's owner into the file system: a work disk's
+    ``authorized_keys`` must be root's for the guest's sshd, and a pulled image's files
+    are root's unless the image says otherwise. A daemon running as its owner user made
+    those files as itself, so mkfs runs in a user namespace that maps that user to root
+    (its files then read as uid 0, and it may read them whatever their mode); a root
+    daemon needs nothing.
+    """
+    return [] if os.getuid() == 0 else ["unshare", "--map-root-user", "--"]
+
+
 def _failure(desc: str, argv: Sequence[str], rc: int, stderr: bytes) -> CommandFailed:
     tail = stderr.decode(errors="replace").strip()[-STDERR_TAIL:]
     msg = f"{desc} failed (exit {rc}): {shell_line(argv)}"

@@ -35,6 +35,8 @@ import pytest
 from banger.daemon.imagemgr import Recipe
 from banger.proc import open_files
 from tests.childsignals import with_default_signals
+from tests.e2e.pulled import AGENT
+from tests.ocilayout import Layer, cached_tree_layer, registry_tools_missing
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
@@ -421,3 +423,13 @@ def running_vm(host: Host) -> str:
     out = host.json("vm", "create", "--name", "box")
     assert out["state"] == "running"
     return "box"
+
+
+@pytest.fixture(scope="session")
+def base_layer(test_image: CachedImage) -> Layer:
+    """The test image's tree as one zstd layer, made once per recipe and cached."""
+    reason = registry_tools_missing()
+    if reason:
+        pytest.skip(reason)
+    return cached_tree_layer(test_image.rootfs, CACHE / "oci-layers" / Recipe().digest(),
+                             exclude=["usr/lib/modules", "boot", *AGENT])

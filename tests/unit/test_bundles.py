@@ -26,6 +26,8 @@ import zstandard
 from banger.daemon import bundles, catalog, imagepull, images, kernels
 from banger.daemon.core import Daemon
 from banger.daemon.imagemgr.kernel import inspect_kernel_file
+from banger.daemon.oci import fixups as oci_fixups
+from banger.daemon.oci.fixups import Fixups
 from banger.daemon.opstate import Operation
 from banger.daemon.store import ImageRecord
 from banger.errors import AlreadyExists, BadRequest, BangerError, NotFound
@@ -355,6 +357,30 @@ def test_hostile_bundles_are_refused_and_leave_nothing(
         pull(daemon, str(path))
     nothing_left(daemon, "evil")
     assert not (tmp_path / "escaped").exists() and kernels.list_kernels(daemon) == []
+
+
+def test_a_daemon_without_root_refuses_a_work_seed_it_cannot_make(
+        daemon: Daemon, tmp_path: Path, good_files: dict[str, bytes],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The seed stays a tree for every work disk made as root's: an owner other than
+    root cannot be kept by a daemon that is not root, so the import says so."""
+    monkeypatch.setattr(oci_fixups, "for_this_process", Fixups)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, uid in (("plain", 0), ("alices", 1000)):
+            info = tarfile.TarInfo(name)
+            info.size, info.uid = 4, uid
+            tar.addfile(info, io.BytesIO(b"seed"))
+    path = tmp_path / "owned.tar.zst"
+    build_bundle(path, {**good_files, "workseed.tar": buf.getvalue()})
+    with pytest.raises(BadRequest, match="without root cannot make: /alices") as err:
+        pull(daemon, str(path))
+    assert "root daemon" in err.value.hint
+    nothing_left(daemon, "evil")  # the bundle's own name
+    path.unlink()
+    build_bundle(path, {**good_files, "workseed.tar": workseed_with("plain")})
+    pull(daemon, str(path))  # root's files only: nothing to note
+    assert (daemon.layout.image_dir("evil") / "workseed" / "plain").read_bytes() == b"evil"
 
 
 def test_a_catalog_sha256_that_does_not_match_is_refused(

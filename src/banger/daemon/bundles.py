@@ -45,6 +45,7 @@ import zstandard
 
 from banger.daemon import catalog, images, kernels
 from banger.daemon.imagemgr.kernel import inspect_kernel_file
+from banger.daemon.oci import fixups as oci_fixups
 from banger.daemon.oci.flatten import LayerSource, flatten, tar_members
 from banger.daemon.opstate import ByteReport, Operation
 from banger.daemon.store import ImageRecord
@@ -391,8 +392,17 @@ def pull_image(d: Daemon, req: BundleRequest, op: Operation) -> dict[str, Any]:
             op.report("unpacking the work seed")
             seed = image_dir / "workseed"
             seed.mkdir(mode=0o700)
+            fixups = oci_fixups.for_this_process()
             flatten([LayerSource(image_dir / WORKSEED, "workseed.tar")], seed,
-                    max_bytes=WORKSEED_MAX, cancel=op.cancel)
+                    max_bytes=WORKSEED_MAX, cancel=op.cancel, fixups=fixups)
+            if fixups is not None and fixups.notes:
+                # The seed stays a tree (each work disk is made from it as root's): an
+                # owner, device or privileged xattr a daemon without root cannot keep.
+                raise BadRequest(
+                    "the bundle's work seed has entries a daemon without root cannot "
+                    f"make: {', '.join('/' + k for k in sorted(fixups.notes)[:5])}",
+                    hint="import it with a root daemon, or export it again from a VM "
+                         "whose /root holds only root's files")
             (image_dir / WORKSEED).unlink()
         op.report("adding banger's guest agent")
         images.inject_guest_agent(d, image_dir / ROOTFS, image_dir)

@@ -31,7 +31,9 @@ from typing import TYPE_CHECKING, Any
 from banger.daemon import bundles, imagefinalize, images
 from banger.daemon.imagemgr import ROOT_LABEL, rootfs_size
 from banger.daemon.imagemgr.kernel import inspect_kernel_file
+from banger.daemon.oci import fixups as oci_fixups
 from banger.daemon.oci import registry, rootfs
+from banger.daemon.oci.fixups import Fixups
 from banger.daemon.oci.flatten import LayerSource, flatten, make_ext4
 from banger.daemon.oci.reference import Reference, is_oci_reference, parse
 from banger.daemon.opstate import ByteReport, Operation, mib
@@ -179,10 +181,13 @@ def pull(d: Daemon, req: PullRequest, op: Operation) -> dict[str, Any]:
             op.report(f"layer {index + 1}/{len(sizes)}: {mib(before + done)} of "
                       f"{mib(total)} MiB")
 
+        # A daemon that is not root writes the tree as its own and notes the image's
+        # owners, devices and privileged xattrs for the ext4 instead.
+        fixups = oci_fixups.for_this_process()
         stats = flatten(layers, tree, max_bytes=req.size_bytes or DEFAULT_MAX_BYTES,
-                        progress=flatten_progress, cancel=op.cancel)
+                        progress=flatten_progress, cancel=op.cancel, fixups=fixups)
         op.enter("finalize", "checking init and sshd")
-        boot, added, apt = finalize(d, req, tree, staging, op)
+        boot, added, apt = finalize(d, req, tree, staging, op, fixups=fixups)
         op.enter("rootfs", "mkfs.ext4")
         image = staging / "rootfs.ext4"
         # An upper bound of the tree's size: its data, a block per entry, what finalize
@@ -193,7 +198,7 @@ def pull(d: Daemon, req: PullRequest, op: Operation) -> dict[str, Any]:
         size -= size % 4096
         inodes = stats.entries + 20_000
         make_ext4(d.runner, tree, image, size, label=ROOT_LABEL,
-                  inodes=inodes if inodes * 16384 > size else None)
+                  inodes=inodes if inodes * 16384 > size else None, fixups=fixups)
         remove_tree(tree)
         if apt is not None:
             op.enter("apt", f"installing {' '.join(apt.packages)}")
@@ -212,8 +217,9 @@ def pull(d: Daemon, req: PullRequest, op: Operation) -> dict[str, Any]:
         raise
 
 
-def finalize(d: Daemon, req: PullRequest, tree: Path, staging: Path,
-             op: Operation) -> tuple[BootKernel, int, imagefinalize.AptJob | None]:
+def finalize(d: Daemon, req: PullRequest, tree: Path, staging: Path, op: Operation, *,
+             fixups: Fixups | None = None
+             ) -> tuple[BootKernel, int, imagefinalize.AptJob | None]:
     """Check the tree can boot under banger and prepare it (the design's
     ``finalizePulledRootfs``); copies the boot kernel into ``staging``.
 
@@ -255,7 +261,7 @@ def finalize(d: Daemon, req: PullRequest, tree: Path, staging: Path,
     added = 0
     if modules is not None:
         added = sum(f.lstat().st_size + 4096 for f in modules.rglob("*"))
-    rootfs.prepare(tree, modules=modules)
+    rootfs.prepare(tree, modules=modules, fixups=fixups)
     if modules is not None:
         remove_tree(modules.parent)
     return boot, added, apt

@@ -37,7 +37,7 @@ from banger.daemon.imagemgr.kernel import inspect_kernel_file
 from banger.daemon.opstate import Operation
 from banger.daemon.store import ImageRecord, now
 from banger.daemon.vms import user_vms
-from banger.errors import AlreadyExists, BadRequest, NotFound
+from banger.errors import AlreadyExists, BadRequest, HostError, NotFound
 from banger.fsutil import existing_file, move_aside, remove_tree
 from banger.names import check_name
 from banger.vmmuser import BOOT_FILE_MODE
@@ -109,9 +109,17 @@ def begin_build(d: Daemon, name: str, *, join_existing: bool = False) -> Operati
         BadRequest: ``name`` is not a valid image name.
         NotFound: there is no built-in recipe called ``name``.
         AlreadyExists: the image exists, or is being built and ``join_existing`` is false.
+        HostError: this daemon is not root (debootstrap and its package scripts are).
     """
     check_name(name, "image")
     recipe = recipe_for(name)
+    if os.geteuid() != 0 and d.seams.image_build is None:
+        raise HostError(
+            f"image {name!r} is built with debootstrap, which needs a root daemon; this "
+            "one runs as its owner (banger system install)",
+            hint=f"build it where bangerd is root and bring it here (`banger image export "
+                 f"{name} FILE` there, `banger image pull FILE` here), or pull a bundle "
+                 "of it from your catalog (`banger image pull NAME`)")
     with d.image_ops_mu:
         for existing in d.image_ops.active():
             if existing.target == name and existing.kind != "image.export":

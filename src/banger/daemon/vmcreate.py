@@ -48,7 +48,7 @@ from banger.daemon.vms import transition, update_runtime, view, wait_op
 from banger.errors import AlreadyExists, BadRequest, BangerError, Cancelled, HostError
 from banger.fsutil import remove_tree
 from banger.names import check_name, generate_name
-from banger.runner import CancelToken
+from banger.runner import CancelToken, as_root_owner
 
 if TYPE_CHECKING:
     from banger.daemon.core import Daemon
@@ -360,17 +360,6 @@ def make_work_disk(d: Daemon, vm: VMRecord, img: ImageRecord, target: Path) -> N
     # guest need not start chmod on its way to sshd.
     d.runner.run(["debugfs", "-w", "-R", "sif <2> mode 040700", str(target)],
                  desc="make the work disk's root private", timeout=60)
-
-
-def as_root_owner() -> list[str]:
-    """The prefix under which ``mkfs.ext4 -d`` writes the seed's files as root's.
-
-    mkfs copies each file's owner into the file system; the guest's sshd refuses an
-    ``authorized_keys`` that is not root's. A daemon running as its owner user made the
-    seed as itself, so mkfs runs in a user namespace that maps that user to root (its
-    files then read as uid 0); a root daemon needs nothing.
-    """
-    return [] if os.getuid() == 0 else ["unshare", "--map-root-user", "--"]
 
 
 def write_ssh_file(seed: Path, name: str, text: str, mode: int) -> None:

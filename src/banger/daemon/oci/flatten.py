@@ -1,6 +1,6 @@
 """Layer flattening: apply an image's layers, in order, to a staging tree; make the ext4.
 
-Every layer is untrusted: it comes from a registry and bangerd is root on the host.
+Every layer is untrusted: it comes from a registry and bangerd may be root on the host.
 :func:`flatten` streams each layer (plain, gzip or zstd tar, told apart by its magic
 bytes; gzip is inflated by ISA-L (``isal``); a media type, when given, must name a tar
 layer) and creates every entry itself, relative to descriptors of directories it
@@ -38,7 +38,8 @@ Entries: regular files, directories, symlinks (the target is stored verbatim and
 never followed), hard links (the target must be a regular file already in the tree;
 the link takes the target's inode, so its own header's owner and mode are not
 applied), character and block devices and fifos (``mknod``; they are the guest's,
-which is why ``staging`` must sit in a directory only root can enter). Sparse files,
+which is why ``staging`` must sit in a directory only its owner can enter; a daemon that
+is not root notes devices, owners and privileged xattrs instead: :mod:`.fixups`). Sparse files,
 tar volume headers and unknown types are refused. Owners (numeric ids; names are
 ignored), modes with setuid/setgid/sticky, mtimes (clamped to ext4's range) and
 xattrs (pax ``SCHILY.xattr.*`` and ``LIBARCHIVE.xattr.*``; only the ``user``,
@@ -72,6 +73,7 @@ import errno
 import os
 import re
 import stat
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,8 +83,10 @@ from urllib.parse import unquote
 import zstandard
 from isal import igzip, isal_zlib
 
+from banger.daemon.oci.fixups import Fixups
+from banger.daemon.oci.fixups import apply as apply_fixups
 from banger.errors import BadRequest, HostError
-from banger.runner import CancelToken, Runner
+from banger.runner import CancelToken, Runner, as_root_owner
 
 MAX_ENTRIES = 2_000_000  # tar entries over all layers (inode bombs)
 MAX_HEADER_BYTES = 1 << 20  # one pax header or GNU long name
@@ -145,12 +149,17 @@ class FlattenStats:
 
 def flatten(layers: Sequence[LayerSource], staging: Path, *, max_bytes: int,
             max_entries: int = MAX_ENTRIES, progress: Progress | None = None,
-            cancel: CancelToken | None = None) -> FlattenStats:
+            cancel: CancelToken | None = None, fixups: Fixups | None = None) -> FlattenStats:
     """Apply ``layers`` (lowest first) to the empty directory ``staging``.
 
-    ``staging`` must be an empty directory whose parent only root can enter (the tree
-    holds the image's setuid files and device nodes with the image's owners). On any
-    error it is left as it is, for the caller to remove; nothing is written elsewhere.
+    ``staging`` must be an empty directory whose parent only its owner can enter (the
+    tree holds the image's setuid files and device nodes). On any error it is left as it
+    is, for the caller to remove; nothing is written elsewhere.
+
+    With ``fixups`` (a daemon that is not root), every entry is written as this
+    process's own and what the host cannot carry (other owners, devices, privileged
+    xattrs, a directory's mode without owner write) is noted there for the ext4
+    (:mod:`banger.daemon.oci.fixups`).
 
     Raises:
         BadRequest: a layer is refused (hostile or malformed entry, unsupported media
@@ -162,7 +171,7 @@ def flatten(layers: Sequence[LayerSource], staging: Path, *, max_bytes: int,
     """
     root_fd = _open_staging(staging)
     try:
-        ex = _Extractor(root_fd, max_bytes, max_entries, cancel)
+        ex = _Extractor(root_fd, max_bytes, max_entries, cancel, fixups)
         for index, layer in enumerate(layers):
             ex.apply(index, len(layers), layer, progress)
         ex.finish()
@@ -173,7 +182,8 @@ def flatten(layers: Sequence[LayerSource], staging: Path, *, max_bytes: int,
 
 
 def make_ext4(runner: Runner, staging: Path, image: Path, size_bytes: int, *,
-              label: str, inodes: int | None = None, timeout: float = 1800.0) -> None:
+              label: str, inodes: int | None = None, timeout: float = 1800.0,
+              fixups: Fixups | None = None) -> None:
     """Make ``image`` (created, or overwritten) an ext4 of ``size_bytes`` holding ``staging``.
 
     ``mkfs.ext4 -d`` copies owners, modes, mtimes, xattrs, hard links, symlinks, device
@@ -183,9 +193,14 @@ def make_ext4(runner: Runner, staging: Path, image: Path, size_bytes: int, *,
     :attr:`FlattenStats.entries` when the image has many small files. The ext4 has a
     journal, left unwritten (it reads as zeros: mke2fs discards the file first).
 
+    With ``fixups`` (the tree of a flatten that was not root's), mkfs runs where this
+    process's files read as root's (:func:`~banger.runner.as_root_owner`), then the
+    fixups give the image its other owners, devices and privileged xattrs.
+
     Raises:
         CommandFailed: mkfs.ext4 failed (too small, too few inodes: its stderr says).
         CommandTimeout: it ran past ``timeout`` seconds.
+        HostError: the fixups could not be applied.
         ValueError: ``size_bytes`` is not a positive multiple of 4096, or ``label`` is
             not 1-16 printable ASCII characters.
     """
@@ -194,14 +209,18 @@ def make_ext4(runner: Runner, staging: Path, image: Path, size_bytes: int, *,
     if not re.fullmatch(r"[\x21-\x7e]{1,16}", label):
         raise ValueError(f"ext4 label {label!r} is not 1-16 printable ASCII characters")
     root = os.stat(staging, follow_symlinks=False)
+    owner = "0:0" if fixups is not None else f"{root.st_uid}:{root.st_gid}"
     # lazy_journal_init: mke2fs first discards the file (punches it to zeros: it then
     # skips the inode tables' wipe too), so writing zeros over the journal is wasted.
-    argv = ["mkfs.ext4", "-q", "-F", "-L", label,
-            "-E", f"root_owner={root.st_uid}:{root.st_gid},lazy_journal_init=1"]
+    argv = [*(as_root_owner() if fixups is not None else []), "mkfs.ext4", "-q", "-F",
+            "-L", label, "-E", f"root_owner={owner},lazy_journal_init=1"]
     if inodes is not None:
         argv += ["-N", str(inodes)]
     argv += ["-d", str(staging), str(image), f"{size_bytes // 1024}k"]
     runner.run(argv, desc="make the image root file system", timeout=timeout)
+    if fixups is not None:
+        with tempfile.TemporaryDirectory(dir=image.parent, prefix=".fixups-") as work:
+            apply_fixups(runner, image, fixups, Path(work))
 
 
 @dataclass(frozen=True)
@@ -626,8 +645,9 @@ class _Extractor:
     """The state of one :func:`flatten` call."""
 
     def __init__(self, root_fd: int, max_bytes: int, max_entries: int,
-                 cancel: CancelToken | None) -> None:
+                 cancel: CancelToken | None, fixups: Fixups | None = None) -> None:
         self.root = root_fd
+        self.fixups = fixups  # None: owners, devices and xattrs go on the host (root)
         self.max_bytes = max_bytes
         self.max_entries = max_entries
         self.cancel = cancel
@@ -707,7 +727,7 @@ class _Extractor:
         if not parts:
             if entry.type != b"5":
                 raise _Refused("the image root must be a directory")
-            self._meta_fd(self.root, entry)
+            self._meta_fd(self.root, entry, "", stat.S_IFDIR)
             self.dir_mtimes[""] = entry.mtime_ns
             return
         if entry.type == b"1":
@@ -723,19 +743,20 @@ class _Extractor:
     def _put(self, parent: int, parts: tuple[str, ...], entry: _Entry,
              reader: _TarReader) -> None:
         name = parts[-1]
+        key = _key(parts)
         old = _lstat(parent, name)
         if old is not None and not (entry.type == b"5" and stat.S_ISDIR(old.st_mode)):
-            _remove(parent, name)
+            self._remove(parent, parts)
         self.entries += 1
         if entry.type == b"5":
             if old is None or not stat.S_ISDIR(old.st_mode):
                 os.mkdir(name, 0o700, dir_fd=parent)
             fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
             try:
-                self._meta_fd(fd, entry)
+                self._meta_fd(fd, entry, key, stat.S_IFDIR)
             finally:
                 os.close(fd)
-            self.dir_mtimes[_key(parts)] = entry.mtime_ns
+            self.dir_mtimes[key] = entry.mtime_ns
         elif entry.type == b"0":
             if self.data_bytes + entry.size > self.max_bytes:
                 raise _TooBig(f"a file of {_size(entry.size)} after {_size(self.data_bytes)}")
@@ -743,22 +764,26 @@ class _Extractor:
                          | os.O_CLOEXEC, 0o600, dir_fd=parent)
             try:
                 self._copy(reader.data(entry), fd)
-                self._meta_fd(fd, entry)
+                self._meta_fd(fd, entry, key, stat.S_IFREG)
             finally:
                 os.close(fd)
         elif entry.type == b"2":
             if not entry.linkname or len(os.fsencode(entry.linkname)) >= PATH_MAX:
                 raise _Refused("a symlink's target must be 1 to 4095 bytes")
             os.symlink(entry.linkname, name, dir_fd=parent)
-            self._meta_at(parent, name, entry, symlink=True)
+            self._meta_at(parent, name, entry, key, stat.S_IFLNK)
+        elif entry.type == b"6":
+            os.mkfifo(name, 0o600, dir_fd=parent)
+            self._meta_at(parent, name, entry, key, stat.S_IFIFO)
         else:
-            if entry.type == b"6":
-                os.mkfifo(name, 0o600, dir_fd=parent)
-            else:
-                kind = stat.S_IFCHR if entry.type == b"3" else stat.S_IFBLK
+            kind = stat.S_IFCHR if entry.type == b"3" else stat.S_IFBLK
+            if self.fixups is None:
                 os.mknod(name, kind | 0o600, os.makedev(entry.devmajor, entry.devminor),
                          dir_fd=parent)
-            self._meta_at(parent, name, entry, symlink=False)
+            else:  # an empty file stands in for it; the ext4 gets the device
+                os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                 | os.O_CLOEXEC, 0o600, dir_fd=parent))
+            self._meta_at(parent, name, entry, key, kind)
 
     def _copy(self, chunk: Callable[[], bytes], fd: int) -> None:
         while data := _guard(chunk):
@@ -782,16 +807,19 @@ class _Extractor:
             raise _Refused(f"hard link target {entry.linkname!r} is not in the image")
         try:
             st = _lstat(tparent, target[-1])
-            if st is None or not stat.S_ISREG(st.st_mode):
+            if st is None or not stat.S_ISREG(st.st_mode) or (
+                    self.fixups is not None and self.fixups.is_device(tkey)):
                 raise _Refused(f"hard link target {entry.linkname!r} is not a regular file "
                                "already in the image")
             parent = self._mkdirs(parts[:-1])
             try:
                 self._mark(parts)
                 if _lstat(parent, parts[-1]) is not None:
-                    _remove(parent, parts[-1])
+                    self._remove(parent, parts)
                 os.link(target[-1], parts[-1], src_dir_fd=tparent, dst_dir_fd=parent,
                         follow_symlinks=False)
+                if self.fixups is not None:
+                    self.fixups.link(tkey, key)
                 self.entries += 1
             finally:
                 os.close(parent)
@@ -823,7 +851,7 @@ class _Extractor:
         if st is None:
             return
         if _key(parts) not in self.layer_paths:
-            _remove(parent, parts[-1])
+            self._remove(parent, parts)
         elif stat.S_ISDIR(st.st_mode):
             self._prune(parts)
 
@@ -839,7 +867,7 @@ class _Extractor:
                 for child in os.listdir(fd):
                     parts = (*here, child)
                     if _key(parts) not in self.layer_paths:
-                        _remove(fd, child)
+                        self._remove(fd, parts)
                     elif stat.S_ISDIR(os.lstat(child, dir_fd=fd).st_mode):
                         todo.append(parts)
             finally:
@@ -909,24 +937,49 @@ class _Extractor:
             finally:
                 os.close(fd)
 
-    def _meta_fd(self, fd: int, entry: _Entry) -> None:
+    def _remove(self, parent: int, parts: tuple[str, ...]) -> None:
+        """Remove ``parts`` (in directory ``parent``) and whatever was noted for it."""
+        _remove(parent, parts[-1])
+        if self.fixups is not None:
+            self.fixups.forget(_key(parts))
+
+    def _owned(self, entry: _Entry, key: str, kind: int) -> tuple[int, list[tuple[str, bytes]]]:
+        """The mode ``key`` gets on the host and the xattrs set there. As root, the
+        entry's own; otherwise a directory stays writable by its owner (this process)
+        and the rest is noted in the fixups."""
+        if self.fixups is None:
+            return entry.mode, entry.xattrs
+        wanted = 0o777 if kind == stat.S_IFLNK else entry.mode  # a symlink's is fixed
+        mode = wanted | 0o700 if kind == stat.S_IFDIR else wanted
+        device = ((entry.devmajor, entry.devminor) if kind in (stat.S_IFCHR, stat.S_IFBLK)
+                  else None)
+        return mode, self.fixups.note(key, uid=entry.uid, gid=entry.gid,
+                                      mode=kind | wanted, host_mode=kind | mode,
+                                      xattrs=entry.xattrs, device=device,
+                                      mtime_ns=entry.mtime_ns)
+
+    def _meta_fd(self, fd: int, entry: _Entry, key: str, kind: int) -> None:
         """Owner, then mode (a chown clears setuid), xattrs (a chown clears file
         capabilities), then mtime, on an open file or directory."""
         _check_ids(entry)
-        os.fchown(fd, entry.uid, entry.gid)
-        os.fchmod(fd, entry.mode)
-        for name, value in entry.xattrs:
+        mode, xattrs = self._owned(entry, key, kind)
+        if self.fixups is None:
+            os.fchown(fd, entry.uid, entry.gid)
+        os.fchmod(fd, mode)
+        for name, value in xattrs:
             os.setxattr(fd, name, value)
         os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
 
-    def _meta_at(self, parent: int, name: str, entry: _Entry, *, symlink: bool) -> None:
+    def _meta_at(self, parent: int, name: str, entry: _Entry, key: str, kind: int) -> None:
         """The same for an entry not to be opened (a symlink, a device, a fifo)."""
         _check_ids(entry)
-        os.chown(name, entry.uid, entry.gid, dir_fd=parent, follow_symlinks=False)
-        if not symlink:  # just made by mknod/mkfifo: no symlink to follow
-            os.chmod(name, entry.mode, dir_fd=parent)
+        mode, xattrs = self._owned(entry, key, kind)
+        if self.fixups is None:
+            os.chown(name, entry.uid, entry.gid, dir_fd=parent, follow_symlinks=False)
+        if kind != stat.S_IFLNK:  # just made here: no symlink to follow
+            os.chmod(name, mode, dir_fd=parent)
         # No xattr call takes a dir_fd: name the entry through the parent's descriptor.
-        for xname, value in entry.xattrs:
+        for xname, value in xattrs:
             os.setxattr(f"/proc/self/fd/{parent}/{name}", xname, value,
                         follow_symlinks=False)
         os.utime(name, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=parent,

@@ -18,6 +18,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from banger.daemon.oci.fixups import Fixups
 from banger.errors import BadRequest
 
 MAX_LINKS = 40  # Linux's own limit on symlinks followed in one lookup
@@ -202,7 +203,8 @@ def make_dirs(root: Path, rel: str) -> Path:
             if os.path.lexists(path):
                 raise BadRequest(f"the image's {here} is a dangling link")
             os.mkdir(path, 0o755)
-            os.chown(path, 0, 0)
+            if os.geteuid() == 0:  # else the daemon's own: root's in the ext4 (as_root_owner)
+                os.chown(path, 0, 0)
         elif not stat.S_ISDIR(os.lstat(path).st_mode):
             raise BadRequest(f"the image's {here} is not a directory")
     final = resolve(root, rel)
@@ -210,14 +212,17 @@ def make_dirs(root: Path, rel: str) -> Path:
     return final
 
 
-def remove(root: Path, rel: str) -> None:
-    """Remove guest file ``rel`` (the link itself, when it is one), if present."""
+def remove(root: Path, rel: str, fixups: Fixups | None = None) -> None:
+    """Remove guest file ``rel`` (the link itself, when it is one), if present, and
+    what ``fixups`` noted for it."""
     try:
         path = resolve(root, rel, follow_last=False)
     except EscapeError:
         return
     if path is not None and not stat.S_ISDIR(os.lstat(path).st_mode):
         os.unlink(path)
+        if fixups is not None:
+            fixups.forget(str(path.relative_to(root)))
 
 
 def list_dir(root: Path, rel: str) -> list[str]:
@@ -231,7 +236,7 @@ def list_dir(root: Path, rel: str) -> list[str]:
     return sorted(os.listdir(path))
 
 
-def prepare(root: Path, *, modules: Path | None = None) -> None:
+def prepare(root: Path, *, modules: Path | None = None, fixups: Fixups | None = None) -> None:
     """Make a pulled tree ready to be many VMs' root: no shared host keys or machine-id,
     and the booting kernel's modules.
 
@@ -239,11 +244,13 @@ def prepare(root: Path, *, modules: Path | None = None) -> None:
         modules: a host directory ``.../<kernel version>`` copied to the guest's
             ``/lib/modules/<kernel version>`` (replacing one of that name), so udev
             can load the NIC and disk drivers the image's own tree does not have.
+        fixups: the flatten's notes (a daemon that is not root): what is removed here
+            is forgotten there.
     """
     for name in list_dir(root, "etc/ssh"):
         if name.startswith("ssh_host_"):
-            remove(root, f"etc/ssh/{name}")
-    remove(root, "etc/machine-id")
+            remove(root, f"etc/ssh/{name}", fixups)
+    remove(root, "etc/machine-id", fixups)
     machine_id = make_dirs(root, "etc") / "machine-id"
     machine_id.write_text("")  # systemd makes a fresh one per VM at first boot
     os.chmod(machine_id, 0o444)
@@ -255,4 +262,6 @@ def prepare(root: Path, *, modules: Path | None = None) -> None:
                 shutil.rmtree(dest)
             else:
                 os.unlink(dest)
+            if fixups is not None:
+                fixups.forget(str(dest.relative_to(root)))
         shutil.copytree(modules, dest, symlinks=True)
