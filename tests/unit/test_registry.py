@@ -5,16 +5,19 @@ from __future__ import annotations
 import dataclasses
 import struct
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from banger.api.params import CreateParams
 from banger.config import parse_config
-from banger.daemon import images, kernels, reconcile, vmcreate
+from banger.daemon import images, kernels, reconcile, vmcreate, vmmselect
 from banger.daemon.core import Daemon
 from banger.daemon.vmmselect import resolve_vmm
 from banger.daemon.workspaces import check_sync_target
-from banger.errors import AlreadyExists, BadRequest, InvalidState, NotFound
+from banger.errors import AlreadyExists, BadRequest, HostError, InvalidState, NotFound
+from banger.hostops.client import HostOps
+from tests.fakes import FakeRunner
 
 
 def bzimage(path: Path, version: str = "6.1.99-banger") -> Path:
@@ -104,6 +107,20 @@ def test_auto_vmm_needs_binary_kvm_and_a_bootable_kernel(tmp_path: Path) -> None
     assert resolve_vmm(parse_config({"vmm": "qemu"}), "auto") == "qemu"
     with pytest.raises(BadRequest):
         resolve_vmm(cfg, "xen")
+
+
+def test_a_daemon_that_is_not_root_does_not_pick_or_start_firecracker(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fc = tmp_path / "firecracker"
+    fc.write_text("#!/bin/sh\n")
+    fc.chmod(0o755)
+    cfg = parse_config({"firecracker_bin": str(fc)})
+    monkeypatch.setattr(vmmselect.os, "geteuid", lambda: 1000)
+    assert vmmselect.NOT_ROOT in vmmselect.firecracker_blockers(cfg)
+    assert resolve_vmm(cfg, "auto") == "qemu"
+    with pytest.raises(HostError, match="not root") as err:
+        vmmselect.make_driver(cfg, FakeRunner(), "firecracker", cast(HostOps, None))
+    assert "vmm = qemu" in err.value.hint
 
 
 @pytest.mark.parametrize("guest", ["/root/.config/x", "/root/a/b/c"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from banger.config import Config
@@ -19,9 +20,13 @@ def firecracker_binary(cfg: Config) -> str | None:
     return find_firecracker(cfg)
 
 
+NOT_ROOT = ("bangerd is not root, and Firecracker's jailer is not yet driven through the "
+            "root helper")
+
+
 def firecracker_blockers(cfg: Config) -> list[str]:
     """Every reason Firecracker cannot run VMs on this host (empty: it can)."""
-    reasons = []
+    reasons = [NOT_ROOT] if os.geteuid() != 0 else []
     if firecracker_binary(cfg) is None:
         reasons.append(f"no Firecracker binary ({cfg.firecracker_bin or 'firecracker'} "
                        "is not on PATH)")
@@ -76,6 +81,10 @@ def make_driver(cfg: Config, runner: Runner, name: str, host: HostOps) -> VMMDri
                             hint="apt-get install qemu-system-x86")
         return QemuDriver.from_config(cfg, runner, qemu, resolve_accel(cfg), host)
     if name == "firecracker":
+        if os.geteuid() != 0:
+            raise HostError(f"vmm = firecracker: {NOT_ROOT}",
+                            hint="use vmm = qemu (started through the root helper), or run "
+                                 "bangerd as root")
         from banger.daemon.fcproc import FirecrackerDriver
 
         return FirecrackerDriver.from_config(cfg, runner)
