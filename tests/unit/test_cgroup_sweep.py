@@ -20,8 +20,9 @@ from banger.daemon import reconcile, vmcreate
 from banger.daemon.core import Daemon
 from banger.daemon.service import Bangerd
 from banger.errors import HostError
-from banger.hostops.cgroups import CgroupHost, CgroupVersion, detect, install_group
+from banger.hostops.cgroups import CgroupHost, CgroupVersion, detect, in_vm_group, install_group
 from banger.layout import Layout
+from banger.proc import cmdline
 from tests.conftest import FakeWorld, add_fake_image
 
 ORPHAN = "0123456789ab"       # a VM id no row has
@@ -188,3 +189,52 @@ def test_sweep_on_the_real_cgroup_fs(cfg: Config, world: FakeWorld,
         for root in dict.fromkeys(host.roots.values()):
             with contextlib.suppress(FileNotFoundError):
                 (root / mine).rmdir()
+
+
+def test_a_leaked_vmm_is_known_by_its_cgroup(cfg: Config, world: FakeWorld,
+                                           opened: list[Daemon]) -> None:
+    """A confined VMM names no path of ours and a daemon that is not root cannot read its
+    descriptors: in this install's cgroup for its VM, it is ours and the sweep ends it;
+    the same marker outside that cgroup is another install's and is left alone."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make cgroups")
+    try:
+        host = detect()
+    except HostError as exc:
+        pytest.skip(f"no usable cgroup hierarchy here: {exc.message}")
+    d = open_daemon(cfg, world, None)
+    opened.append(d)
+    group = host.group(f"{install_group(d.layout.install_tag)}/{ORPHAN}")
+    marker = f"banger-{ORPHAN}"
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        try:
+            for path in group.dirs:
+                path.mkdir(parents=True)
+        except OSError as exc:
+            pytest.skip(f"cannot make a cgroup here: {exc.strerror}")
+        for _ in range(2):  # argv[0] carries the marker, as QEMU's -name does
+            procs.append(subprocess.Popen([marker, "60"], executable="sleep"))
+        mine, theirs = procs
+        deadline = time.monotonic() + 5
+        while not all(cmdline(p.pid)[:1] == [marker] for p in procs):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        (host.roots["pids"] / group.rel / "cgroup.procs").write_text(str(mine.pid))
+        assert in_vm_group(mine.pid, d.layout.install_tag, ORPHAN)
+
+        removed = reconcile.sweep(d)
+        assert str(mine.pid) in removed["processes"]
+        assert str(theirs.pid) not in removed["processes"]
+        assert mine.wait(10) is not None and theirs.poll() is None
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        for path in group.dirs:
+            _rmdir_when_released(path)
+        for root in dict.fromkeys(host.roots.values()):
+            with contextlib.suppress(FileNotFoundError, OSError):
+                (root / install_group(d.layout.install_tag)).rmdir()
+

@@ -36,6 +36,7 @@ from banger.daemon.handles import VMHandles
 from banger.daemon.store import VMRecord
 from banger.errors import BangerError, HostError
 from banger.fsutil import remove_trash, remove_tree
+from banger.hostops.cgroups import in_vm_group
 from banger.proc import find_by_marker, identify, matches, open_files
 from banger.vmm import vm_marker
 
@@ -95,7 +96,7 @@ def _live_handles(d: Daemon, vm: VMRecord) -> tuple[VMHandles, bool]:
         return h, True
     marker = vm_marker(vm.id)
     for pid, argv in find_by_marker(marker).items():
-        if _ours(d, argv, pid):
+        if _ours(d, argv, pid, vm.id):
             ident = identify(pid, marker)
             if ident is not None:
                 return h.with_(process=ident), True
@@ -253,14 +254,17 @@ def _finish_start(d: Daemon, vm: VMRecord, h: VMHandles) -> None:
     threading.Thread(target=body, name=f"readopt-{vm.name}", daemon=True).start()
 
 
-def _ours(d: Daemon, argv: list[str], pid: int) -> bool:
-    """A VMM process belongs to this daemon when its command line or its open files
-    use our directories.
+def _ours(d: Daemon, argv: list[str], pid: int, vm_id: str) -> bool:
+    """A VMM process belongs to this daemon when it is in this install's cgroup for its
+    VM, or its command line or open files use our directories.
 
     Several daemons (test runs, other state dirs) may share a host; never touch theirs.
-    A confined QEMU names no path (it gets its disks and sockets as descriptors), so
-    its open descriptors are checked too.
+    A confined QEMU names no path (it gets its disks and sockets as descriptors), and a
+    daemon that is not root cannot read the VMM user's descriptors: its cgroup, which
+    anyone may read, says whose it is.
     """
+    if in_vm_group(pid, d.layout.install_tag, vm_id):
+        return True
     roots = (str(d.layout.vms_dir) + "/", str(d.layout.vms_run_dir) + "/")
     if any(root in arg for arg in argv for root in roots):
         return True
@@ -290,7 +294,7 @@ def sweep(d: Daemon) -> dict[str, list[str]]:
 
     for pid, argv in find_by_marker("banger-").items():
         ids = [m.group(1) for a in argv if (m := _MARKER.match(a))]
-        if not ids or ids[0] in known or not _ours(d, argv, pid):
+        if not ids or ids[0] in known or not _ours(d, argv, pid, ids[0]):
             continue
         ident = identify(pid, vm_marker(ids[0]))
         if ident is not None and vmteardown.kill_vmm(d.host, ident):

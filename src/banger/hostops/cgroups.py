@@ -147,6 +147,18 @@ def vm_group(install_tag: str, name: str) -> str:
     return f"{install_group(install_tag)}/{name}"
 
 
+def in_vm_group(pid: int, install_tag: str, vm_id: str, proc: Path = Path("/proc")) -> bool:
+    """``pid`` is in VM ``vm_id``'s cgroup of this install (QEMU's, named by the id, or a
+    jailed Firecracker's, by its marker), on any hierarchy. ``/proc/<pid>/cgroup`` is
+    readable by every user: a daemon that is not root can tell its VMMs this way."""
+    ours = (f"/{vm_group(install_tag, vm_id)}", f"/{vm_group(install_tag, 'banger-' + vm_id)}")
+    try:
+        lines = (proc / str(pid) / "cgroup").read_text().splitlines()
+    except OSError:
+        return False
+    return any(line.rstrip().endswith(ours) for line in lines)
+
+
 def _unescape(field: str) -> str:
     # /proc/self/mounts escapes space, tab, newline and backslash as octal (\040).
     return field.encode().decode("unicode_escape") if "\\" in field else field

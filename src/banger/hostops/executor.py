@@ -30,7 +30,14 @@ from typing import Any
 from banger.errors import CommandFailed, HostError, Refused, VMMError
 from banger.fsutil import dir_beneath, open_beneath
 from banger.hostops import blockdev, nft, ops
-from banger.hostops.cgroups import CgroupHost, VMCgroup, detect, limits_for, vm_group
+from banger.hostops.cgroups import (
+    CgroupHost,
+    VMCgroup,
+    detect,
+    in_vm_group,
+    limits_for,
+    vm_group,
+)
 from banger.hostops.confine import kvm_groups, privilege_drop
 from banger.hostops.netlink import (
     IP_FORWARD,
@@ -221,9 +228,7 @@ class Executor:
         ident = ProcessIdentity(pid, start_time, vm_marker(vm_id))
         if not matches(ident):
             return None
-        tag = self.policy.install_tag
-        ours = (f"/banger-{tag}/{vm_id}", f"/banger-{tag}/banger-{vm_id}")
-        if not adopting and any(line.rstrip().endswith(ours) for line in _cgroups_of(pid)):
+        if not adopting and in_vm_group(pid, self.policy.install_tag, vm_id):
             return ident
         allowed = {self.policy.daemon_uid}
         user = lookup_user(self.policy.vmm_user)
@@ -406,10 +411,3 @@ def _uids(pid: int) -> list[int]:
         return []
     return []
 
-
-def _cgroups_of(pid: int) -> list[str]:
-    """The lines of ``/proc/<pid>/cgroup`` (v1 and v2); empty when unreadable."""
-    try:
-        return Path(f"/proc/{pid}/cgroup").read_text().splitlines()
-    except OSError:
-        return []
