@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -134,44 +133,17 @@ def local_hostops(runner: Any, settings: FirewallSettings, net: Any = None,
                                   ip_forward or Path("/nonexistent/ip_forward")))
 
 
-class FakeBlockDevs:
-    """Loop devices in a sysfs tree of its own and dm targets in a dict, answering a
-    :class:`FakeRunner`'s ``losetup`` and ``dmsetup``: the dm-snapshot path on a kernel
-    without device-mapper. ``tests/unit/test_blockdev.py`` attaches real loop devices."""
+class FakeDM:
+    """dm targets in a dict, answering a :class:`FakeRunner`'s ``dmsetup``: the
+    dm-snapshot path on a kernel without device-mapper (its loop devices are real:
+    ``tests/unit/test_blockdev.py``)."""
 
-    def __init__(self, root: Path, runner: FakeRunner) -> None:
-        self.sys_block = root / "sys-block"
-        self.sys_block.mkdir(parents=True)
+    def __init__(self, runner: FakeRunner) -> None:
         self.dm: dict[str, str] = {}  # name -> table
         self.fail_create = ""
-        runner.on(["losetup", "--find"], self._attach)
-        runner.on(["losetup", "--detach"], self._detach)
         runner.on(["dmsetup", "create"], self._create)
         runner.on(["dmsetup", "remove"], self._remove)
         runner.on(["dmsetup", "ls"], self._list)
-
-    def attached(self) -> dict[str, str]:
-        """``/dev/loopN`` -> the file behind it."""
-        return {f"/dev/{d.name}": (d / "loop" / "backing_file").read_text().strip()
-                for d in self.sys_block.iterdir() if (d / "loop").is_dir()}
-
-    def _attach(self, argv: list[str]) -> Result:
-        fd = int(argv[-1].removeprefix("/proc/self/fd/"))  # the runner runs in this process
-        n = next(i for i in range(64) if not (self.sys_block / f"loop{i}" / "loop").exists())
-        dev = self.sys_block / f"loop{n}"
-        (dev / "loop").mkdir(parents=True)
-        (dev / "loop" / "backing_file").write_text(os.readlink(f"/proc/self/fd/{fd}") + "\n")
-        (dev / "ro").write_text("1\n" if "--read-only" in argv else "0\n")
-        (dev / "size").write_text(f"{os.fstat(fd).st_size // 512}\n")
-        return Result(argv, 0, f"/dev/loop{n}\n".encode(), b"")
-
-    def _detach(self, argv: list[str]) -> Result:
-        dev = self.sys_block / argv[-1].removeprefix("/dev/")
-        for f in ("loop/backing_file", "ro", "size"):
-            (dev / f).unlink(missing_ok=True)
-        if (dev / "loop").exists():
-            (dev / "loop").rmdir()
-        return Result(argv, 0, b"", b"")
 
     def _create(self, argv: list[str]) -> Result:
         if self.fail_create:

@@ -1,13 +1,15 @@
 """Loop devices and dm snapshots through the host operations (``cow_strategy = dmsnap``):
 what the daemon's :class:`DmSnapshotCow` asks for, what the executor refuses, and
 real loop devices attached, listed and detached. This kernel has no device-mapper, so
-``dmsetup`` is answered by :class:`tests.fakes.FakeBlockDevs`; a host with dm-snapshot
+``dmsetup`` is answered by :class:`tests.fakes.FakeDM`; a host with dm-snapshot
 runs the real thing in ``tests/e2e/test_lifecycle.py`` (a dm-snapshot VM promoted)."""
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,26 +18,33 @@ from pydantic import TypeAdapter, ValidationError
 
 from banger.daemon.dmsnap import CowHandle, DmSnapshotCow
 from banger.errors import BangerError, HostError, Refused
-from banger.hostops import ops
+from banger.hostops import blockdev, ops
 from banger.hostops.client import HostOps
 from banger.hostops.executor import Executor
 from banger.hostops.nft import FirewallSettings
 from banger.hostops.policy import Policy
 from banger.layout import dm_prefix_for
 from banger.runner import SubprocessRunner
-from tests.fakes import FakeBlockDevs, FakeRunner
+from tests.fakes import FakeDM, FakeRunner
 
 SETTINGS = FirewallSettings(table="banger_t1", bridge="br-t", cidr="10.7.0.1/24",
                             tap_prefix="bgtt1", dns_port=53)
 TAG = "0a1b2c"
 VM = "0123456789ab"
+OTHER = "fedcba987654"
 PREFIX = dm_prefix_for(TAG)
 
 
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not Path("/dev/loop-control").exists(),
+    reason="attaching loop devices needs root and /dev/loop-control")
+
+
 class Host:
-    """An install's state dir with an image and a VM, and host operations over fakes."""
+    """An install's state dir with an image and a VM; real loop devices, dmsetup faked."""
 
     def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
         self.state = tmp / "state"
         self.origin = self.state / "images" / "base" / "rootfs.ext4"
         self.origin.parent.mkdir(parents=True)
@@ -44,26 +53,43 @@ class Host:
         self.vm_dir = self.state / "vms" / VM
         self.vm_dir.mkdir(parents=True)
         self.runner = FakeRunner()
-        self.devs = FakeBlockDevs(tmp, self.runner)
+        self.dm = FakeDM(self.runner)
         policy = Policy(SETTINGS, state_dir=self.state, install_tag=TAG,
                         daemon_uid=os.getuid())
-        self.executor = Executor(policy, self.runner, sys_block=self.devs.sys_block)
+        self.executor = Executor(policy, self.runner)
         self.host = HostOps.local(self.executor)
+        self.made: list[str] = []
 
     def loop_of(self, path: Path, *, read_only: bool = False) -> str:
         """A loop device attached to ``path`` outside the host operations."""
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            argv = ["losetup", "--find", "--show", *(["--read-only"] if read_only else []),
-                    f"/proc/self/fd/{fd}"]
-            return self.runner.run(argv, desc="test").out.strip()
-        finally:
-            os.close(fd)
+        out = subprocess.run(["losetup", "--find", "--show",
+                              *(["--read-only"] if read_only else []), str(path)],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        self.made.append(out)
+        return out
+
+    def attached(self) -> dict[str, str]:
+        """Loops of this test's files: device -> file."""
+        out = json.loads(subprocess.run(["losetup", "--json", "--list"], capture_output=True,
+                                        text=True, check=True).stdout or "{}")
+        return {d["name"]: d["back-file"] for d in out.get("loopdevices", [])
+                if str(d.get("back-file") or "").startswith(str(self.tmp))}
+
+    def close(self) -> None:
+        for dev in self.attached():
+            subprocess.run(["losetup", "--detach", dev], check=False)
+
+
+def numbers(device: str) -> str:
+    rdev = os.stat(device).st_rdev
+    return f"{os.major(rdev)}:{os.minor(rdev)}"
 
 
 @pytest.fixture
-def h(tmp_path: Path) -> Host:
-    return Host(tmp_path)
+def h(tmp_path: Path) -> Iterator[Host]:
+    host = Host(tmp_path)
+    yield host
+    host.close()
 
 
 def test_a_snapshot_is_made_and_taken_down_through_the_host_operations(h: Host) -> None:
@@ -77,42 +103,44 @@ def test_a_snapshot_is_made_and_taken_down_through_the_host_operations(h: Host) 
     assert [r.loops for r in recorded] == [active.loops[:1], active.loops]
     assert recorded[-1].dm_name == PREFIX + VM
     base, cow = active.loops
-    assert h.devs.attached() == {base: str(h.origin), cow: str(h.vm_dir / "cow")}
-    # the table is the executor's, from the kernel's sizes: 1 MiB is 2048 sectors
-    assert h.devs.dm == {PREFIX + VM: f"0 2048 snapshot {base} {cow} P 8"}
-    assert "--read-only" in h.runner.ran("losetup", "--find")[0]
+    assert h.attached() == {base: str(h.origin), cow: str(h.vm_dir / "cow")}
+    assert Path(f"/sys/block/{Path(base).name}/ro").read_text().strip() == "1"
+    # the table is the executor's: the loops' numbers and sizes (1 MiB: 2048 sectors)
+    assert h.dm.dm == {PREFIX + VM: f"0 2048 snapshot {numbers(base)} {numbers(cow)} P 8"}
     assert h.host.dm_vms() == [VM]
 
     dm.deactivate(CowHandle.from_json(active.to_json()))
-    assert h.devs.dm == {} and h.devs.attached() == {}
-    assert [c[-1] for c in h.runner.ran("losetup", "--detach")] == [cow, base]
+    assert h.dm.dm == {} and h.attached() == {}
 
 
 def test_a_failed_snapshot_detaches_the_loops_it_made(h: Host) -> None:
-    h.devs.fail_create = "device-mapper: reload ioctl failed: no snapshot target"
+    h.dm.fail_create = "device-mapper: reload ioctl failed: no snapshot target"
     dm = DmSnapshotCow(h.host, PREFIX)
     handle = dm.create(h.origin, h.vm_dir / "cow")
     with pytest.raises(BangerError, match="snapshot"):
         dm.activate(handle, h.origin, VM)
-    assert h.devs.attached() == {}
+    assert h.attached() == {}
 
 
 def test_a_handle_of_another_install_is_not_removed(h: Host) -> None:
     dm = DmSnapshotCow(h.host, PREFIX)
+    (h.vm_dir / "cow").write_bytes(b"\0" * 4096)
     foreign = CowHandle("dmsnap", str(h.vm_dir / "cow"), dm_name="banger-ffffff-" + VM)
+    foreign.loops.append(h.loop_of(h.vm_dir / "cow"))
     with pytest.raises(HostError, match="not this install's") as err:
         dm.deactivate(foreign)
     assert "dmsetup remove" in err.value.hint
     assert not h.runner.ran("dmsetup", "remove")
+    assert h.attached() == {}  # its loops are freed all the same
 
 
 def test_dm_list_names_only_this_installs_vms(h: Host) -> None:
-    h.devs.dm.update({PREFIX + VM: "t", "banger-ffffff-" + VM: "t", "cryptroot": "t",
+    h.dm.dm.update({PREFIX + VM: "t", "banger-ffffff-" + VM: "t", "cryptroot": "t",
                       PREFIX + "not-a-vm-id": "t"})
     assert h.host.dm_vms() == [VM]
     h.host.dm_remove(VM)
     h.host.dm_remove(VM)  # gone already: not an error
-    assert set(h.devs.dm) == {"banger-ffffff-" + VM, "cryptroot", PREFIX + "not-a-vm-id"}
+    assert set(h.dm.dm) == {"banger-ffffff-" + VM, "cryptroot", PREFIX + "not-a-vm-id"}
 
 
 def test_loop_list_holds_only_files_below_the_state_dir(h: Host, tmp_path: Path) -> None:
@@ -140,6 +168,12 @@ def _refusals(h: Host, tmp: Path) -> list[tuple[str, ops.Request]]:
     (h.vm_dir / "cow").write_bytes(b"\0" * 4096)
     cow = h.loop_of(h.vm_dir / "cow")
     other_cow = h.loop_of(other_vm / "cow")
+    # The daemon owns vms/: a VM directory that is a symlink to a store elsewhere.
+    evil = tmp / "evil"
+    evil.mkdir()
+    (evil / "cow").write_bytes(b"\0" * 4096)
+    (h.state / "vms" / OTHER).symlink_to(evil)
+    evil_cow = h.loop_of(evil / "cow")
     return [
         ("attach a file outside the state dir", ops.LoopAttach(path=str(outside),
                                                                read_only=True)),
@@ -157,6 +191,9 @@ def _refusals(h: Host, tmp: Path) -> list[tuple[str, ops.Request]]:
         ("a snapshot of a writable origin", ops.DmSnapshot(
             vm_id=VM, origin=origin_rw, cow=cow)),
         ("a snapshot over one loop twice", ops.DmSnapshot(vm_id=VM, origin=cow, cow=cow)),
+        ("a store behind a symlinked VM directory", ops.DmSnapshot(
+            vm_id=OTHER, origin=origin_ro, cow=evil_cow)),
+        ("a loop number that is not a loop's", ops.LoopDetach(device="/dev/loop999999")),
     ]
 
 
@@ -164,11 +201,32 @@ def test_out_of_policy_loop_and_dm_requests_are_refused(h: Host, tmp_path: Path)
     if os.geteuid() != 0:
         pytest.skip("chown to nobody needs root")
     for why, req in _refusals(h, tmp_path):
-        before = (h.devs.attached(), dict(h.devs.dm), len(h.runner.calls))
-        with pytest.raises((Refused, HostError)) as err:
+        before = (h.attached(), dict(h.dm.dm), len(h.runner.calls))
+        try:
             h.executor.handle(req)
-        assert isinstance(err.value, Refused) or "cannot open" in err.value.message, why
-        assert (h.devs.attached(), h.devs.dm, len(h.runner.calls)) == before, why
+        except Refused:
+            pass
+        except HostError as exc:  # a directory cannot be opened for writing
+            assert "Is a directory" in exc.message, why
+        else:
+            assert req.op == "loop.detach" and "999999" in str(req), why  # nothing there
+
+        assert (h.attached(), h.dm.dm, len(h.runner.calls)) == before, why
+
+
+def test_the_loops_and_targets_of_an_install_are_capped(
+        h: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    h.loop_of(h.origin, read_only=True)
+    monkeypatch.setattr(blockdev, "MAX_LOOPS", 1)
+    with pytest.raises(Refused, match="1 loop devices"):
+        h.host.loop_attach(h.origin, read_only=True)
+    monkeypatch.setattr(blockdev, "MAX_LOOPS", 8)
+    monkeypatch.setattr(blockdev, "MAX_TARGETS", 1)
+    h.dm.dm[PREFIX + "ffffffffffff"] = "t"
+    dm = DmSnapshotCow(h.host, PREFIX)
+    with pytest.raises(Refused, match="1 dm targets"):
+        dm.activate(dm.create(h.origin, h.vm_dir / "cow"), h.origin, VM)
+    assert list(h.attached().values()) == [str(h.origin)]  # the two it made, freed again
 
 
 @pytest.mark.parametrize("frame", [
@@ -185,9 +243,6 @@ def test_device_names_of_other_kinds_do_not_parse(frame: dict[str, Any]) -> None
 
 # ----------------------------------------------------------------- real loop devices
 
-@pytest.mark.skipif(os.geteuid() != 0 or not Path("/dev/loop-control").exists()
-                    or shutil.which("losetup") is None,
-                    reason="attaching loop devices needs root and /dev/loop-control")
 def test_real_loop_devices_are_attached_listed_and_detached(tmp_path: Path) -> None:
     state = tmp_path / "state"
     image = state / "images" / "base" / "rootfs.ext4"

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import stat
+import struct
 import subprocess
 import tarfile
 import tempfile
@@ -29,6 +30,10 @@ from tests.copyruntime import SYSTEM_PYTHON, copy_runtime
 from tests.unit.test_oci_flatten import CAP_NET_RAW, World, d, f, hard, node, sym
 
 NOBODY = 65534
+# POSIX ACL (xattr form, version 2): owner rw, user 1001 rw, group r, mask rw, other none.
+ACL = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, uid) for tag, perm, uid in (
+    (0x01, 6, 0xFFFFFFFF), (0x02, 6, 1001), (0x04, 4, 0xFFFFFFFF), (0x10, 6, 0xFFFFFFFF),
+    (0x20, 0, 0xFFFFFFFF)))
 SIZE = 64 << 20
 
 
@@ -77,6 +82,25 @@ def test_the_script_quotes_paths_and_refuses_what_it_cannot_quote(tmp_path: Path
             fx.script(tmp_path)
 
 
+def test_what_debugfs_cannot_carry_is_refused_or_made_to_agree(tmp_path: Path) -> None:
+    fx = Fixups()
+    with pytest.raises(BadRequest, match="only as root"):
+        fx.note("dev/big", uid=0, gid=0, mode=0o20600, host_mode=0o20600, xattrs=[],
+                device=(1, 70000))
+    fx.note("dev/old", uid=0, gid=0, mode=0o20600, host_mode=0o20600, xattrs=[],
+            device=(1, 3), mtime_ns=-500_000_000)
+    assert fx.notes["dev/old"].mtime_s == 0  # debugfs cannot be told a time before 1970
+    fx.note("", uid=0, gid=0, mode=0o40555, host_mode=0o40755, xattrs=[])
+    assert "" not in fx.notes  # the root directory keeps mke2fs's 0755, as a root pull's
+    fx.note("dev/tagged", uid=0, gid=0, mode=0o20600, host_mode=0o20600,
+            xattrs=[("user.x", b"1")], device=(1, 5))
+    assert fx.notes["dev/tagged"].xattrs == (("user.x", b"1"),)  # not lost with its stand-in
+    fx = Fixups()
+    fx.note("a\0b", uid=1, gid=1, mode=0o100644, host_mode=0o100644, xattrs=[])
+    with pytest.raises(BadRequest):
+        fx.script(tmp_path)
+
+
 # ----------------------------------------------------------------- root's image and the noted one
 
 def layers(w: World) -> list[LayerSource]:
@@ -99,6 +123,8 @@ def layers(w: World) -> list[LayerSource]:
         d("./home"), d("./home/alice", mode=0o700, uid=1000, gid=1000),
         f("./home/alice/notes", b"hi", mode=0o600, uid=1000, gid=1000),
         f("./home/alice/locked", b"no one reads", mode=0o000, uid=1000, gid=1000),
+        f("./home/alice/shared", b"alice and bob", mode=0o640, uid=1000, gid=1000,
+          xattrs={"system.posix_acl_access": ACL.decode("utf-8", "surrogateescape")}),
         d("./dev"),
         node("./dev/null", tarfile.CHRTYPE, 1, 3, mode=0o666),
         node("./dev/loop0", tarfile.BLKTYPE, 7, 0, mode=0o660, gid=6),
@@ -242,6 +268,9 @@ def want(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     assert found["home-link"]["owner"] == [1000, 1000]
     assert found["relinked2"]["owner"] == [11, 12]
     assert found["hard links"] == [["usr/bin/ping", "usr/bin/ping6"]]
+    shared = found["home/alice/shared"]  # the ACL's mask is the mode's group bits
+    assert shared["mode"] == oct(0o100660) and shared["xattrs"] == {
+        "system.posix_acl_access": ACL.hex()}
     return found
 
 

@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +36,7 @@ from banger.api import (
     SnapshotView,
     VMView,
 )
+from banger.cli import app as app_module
 from banger.cli.app import App, follow
 from banger.daemon import images
 from banger.daemon.core import Daemon
@@ -44,6 +46,7 @@ from banger.daemon.session import scripts
 from banger.daemon.store import ImageRecord, now
 from banger.errors import BadRequest, BadVersion, Cancelled, NotFound
 from banger.sdk import Client, Patch
+from banger.sdk.client import Cancel
 from tests.conftest import FakeWorld
 from tests.fakes import RPCSocket, ssh_until_cancelled
 from tests.unit.test_api_methods import ListeningGuest
@@ -389,6 +392,42 @@ def test_ctrl_c_while_following_cancels_the_operation(daemon: Daemon, sdk: Clien
         follow(App(None, debug=False, json=True), sdk.vms.create, "slow", watch=ctrl_c)
     assert interrupted
     assert daemon.db.find_vm("slow") is None
+
+
+def test_a_second_ctrl_c_stops_waiting_only_once_the_cancel_was_asked(
+        daemon: Daemon, sdk: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two Ctrl-Cs in a row: the command stops waiting (or sees the cancel land), and
+    either way the daemon had been asked to cancel before it returned: a CLI that exits
+    then leaves no operation running unasked."""
+    in_ssh = threading.Event()
+    daemon.seams.wait_for_ssh = ssh_until_cancelled(in_ssh)
+    made: list[Cancel] = []
+
+    class Recorded(Cancel):
+        def __init__(self) -> None:
+            super().__init__()
+            made.append(self)
+
+    monkeypatch.setattr(app_module, "Cancel", Recorded)
+    interrupted: list[str] = []
+
+    def twice() -> None:
+        _thread.interrupt_main()
+        time.sleep(0.02)
+        _thread.interrupt_main()
+
+    def ctrl_c(view: OpView) -> None:
+        if in_ssh.is_set() and not interrupted:
+            interrupted.append(view.stage)
+            threading.Thread(target=twice).start()
+
+    with pytest.raises((KeyboardInterrupt, Cancelled)):
+        follow(App(None, debug=False, json=True), sdk.vms.create, "twice", watch=ctrl_c)
+    assert interrupted and made[0].asked.is_set()
+    deadline = time.monotonic() + 30
+    while daemon.db.find_vm("twice") is not None:  # cancelled: the half-made VM goes
+        assert time.monotonic() < deadline, "the operation was left running"
+        time.sleep(0.05)
 
 
 # ------------------------------------------------------------ against a scripted socket

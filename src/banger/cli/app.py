@@ -19,6 +19,7 @@ from banger.config import Config, config_path, load_config
 from banger.errors import BadName
 from banger.names import check_name
 from banger.sdk import Client
+from banger.sdk.client import POLL_WAIT_S, Cancel
 
 T = TypeVar("T")
 # How often the waiting thread looks whether a followed operation ended (Ctrl-C is
@@ -105,11 +106,13 @@ def follow(app: App, method: Callable[..., T], /, *args: Any,
     too). Ctrl-C cancels it cleanly (its ``cancel``), a second Ctrl-C stops waiting.
 
     The method runs on a worker thread: Ctrl-C interrupts this one only, so the SDK's
-    wait goes on and asks the daemon to cancel at its next look.
+    wait goes on and asks the daemon to cancel at its next look (within a status poll,
+    :data:`~banger.sdk.client.POLL_WAIT_S`); a second Ctrl-C stops waiting once that was
+    asked, so the operation is never left running unasked.
     """
     from banger.cli.progress import Progress
 
-    cancel = threading.Event()
+    cancel = Cancel()
     ended = threading.Event()
     outcome: list[T] = []
     failure: list[BaseException] = []
@@ -134,6 +137,7 @@ def follow(app: App, method: Callable[..., T], /, *args: Any,
                 ended.wait(FOLLOW_TICK_S)
             except KeyboardInterrupt:
                 if cancel.is_set():
+                    cancel.asked.wait(2 * POLL_WAIT_S)  # a third Ctrl-C ends this wait too
                     raise
                 cancel.set()  # the SDK asks the daemon to cancel at its next look
                 progress.note("cancelling (Ctrl-C again to stop waiting)...")

@@ -11,6 +11,7 @@ guests' policy, the ``ip_forward`` file. The daemon reaches it in process
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import ipaddress
 import json
@@ -74,7 +75,8 @@ class Executor:
                  open_tap: Callable[[str], int] | None = None,
                  sys_block: Path = blockdev.SYS_BLOCK) -> None:
         self.policy = policy
-        self.sys_block = sys_block
+        self.blocks = blockdev.BlockDevices(runner, policy.state_dir, policy.daemon_uid,
+                                            sys_block)
         self._open_tap = open_tap or attach_tap
         self.runner = runner
         self.net: HostNetwork = net if net is not None else NetlinkNetwork()
@@ -138,32 +140,22 @@ class Executor:
             case ops.LoopAttach(path=path, read_only=read_only):
                 return self._loop_attach(req.op, Path(path), read_only)
             case ops.LoopDetach(device=device):
-                if self._loop(req.op, device).backing is not None:
-                    blockdev.detach(self.runner, device)
+                self.blocks.detach(req.op, device)
             case ops.LoopList():
-                return [[loop.device, str(loop.backing)] for loop in
-                        blockdev.loops_below(self.policy.state_dir, self.sys_block)]
-            case ops.DmSnapshot():
-                return self._dm_snapshot(req)
+                return [[loop.device, str(loop.backing)] for loop in self.blocks.loops()]
+            case ops.DmSnapshot(vm_id=vm_id, origin=origin, cow=cow):
+                self.blocks.snapshot(req.op, self.policy.dm_name(vm_id), vm_id, origin, cow)
+                return str(self.policy.dm_device(vm_id))
             case ops.DmRemove(vm_id=vm_id):
-                blockdev.dm_remove(self.runner, self.policy.dm_name(vm_id))
+                self.blocks.remove(self.policy.dm_name(vm_id))
             case ops.DmList():
                 prefix = self.policy.dm_name("")
-                return [name.removeprefix(prefix) for name in blockdev.dm_names(self.runner)
-                        if name.startswith(prefix) and VM_ID.fullmatch(name[len(prefix):])]
+                return [name.removeprefix(prefix) for name in self.blocks.target_names(prefix)
+                        if VM_ID.fullmatch(name[len(prefix):])]
             case ops.DmRead(vm_id=vm_id):
-                return ops.Handover([blockdev.open_dm(self.policy.dm_device(vm_id),
-                                                      os.O_RDONLY)])
+                return ops.Handover([self.blocks.open_dm(self.policy.dm_device(vm_id),
+                                                         os.O_RDONLY)])
         return None
-
-    def _loop(self, op: str, device: str, within: Path | None = None) -> blockdev.Loop:
-        """Loop ``device`` as the kernel describes it; refused when the file behind it
-        lies outside ``within`` (default: the state directory)."""
-        info = blockdev.loop_info(device, self.sys_block)
-        root = within or self.policy.state_dir
-        if info.backing is not None and not blockdev.below(info.backing, root):
-            raise Refused(f"{op}: {device} holds {info.backing}, which is outside {root}")
-        return info
 
     def _loop_attach(self, op: str, path: Path, read_only: bool) -> str:
         """Open the daemon's file ``path`` (no symlink below the state dir) and attach
@@ -172,26 +164,13 @@ class Executor:
         try:
             fd = open_beneath(self.policy.state_dir, path, flags)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise Refused(f"{op}: {path} is reached through a symlink") from exc
             raise HostError(f"{op}: cannot open {path}: {exc.strerror or exc}") from exc
         try:
-            blockdev.check_regular(fd, self.policy.daemon_uid, f"{op}: {path}")
-            return blockdev.attach(self.runner, fd, read_only=read_only)
+            return self.blocks.attach(f"{op}: {path}", fd, read_only=read_only)
         finally:
             os.close(fd)
-
-    def _dm_snapshot(self, req: ops.DmSnapshot) -> str:
-        """VM ``req.vm_id``'s snapshot target, its table written from what the kernel
-        says the two loops are."""
-        origin = self._loop(req.op, req.origin)
-        cow = self._loop(req.op, req.cow, self.policy.state_dir / "vms" / req.vm_id)
-        if origin.backing is None or cow.backing is None:
-            raise HostError(f"{req.op}: {req.origin} or {req.cow} has nothing attached")
-        if not origin.read_only or cow.read_only or origin.device == cow.device:
-            raise Refused(f"{req.op}: the origin must be a read-only loop and the "
-                          "exception store another, writable one")
-        blockdev.dm_create(self.runner, self.policy.dm_name(req.vm_id),
-                           blockdev.snapshot_table(origin, cow))
-        return str(self.policy.dm_device(req.vm_id))
 
     def cgroup(self, vm_id: str) -> VMCgroup:
         """VM ``vm_id``'s cgroup (it may not exist)."""
@@ -285,7 +264,7 @@ class Executor:
     def _open_dm_device(op: str, name: str, path: Path, flags: int, user: VMMUser) -> int:
         """The VM's dm-snapshot device, given to the VMM user's group."""
         try:
-            fd = blockdev.open_dm(path, flags)
+            fd = blockdev.BlockDevices.open_dm(path, flags)
         except Refused as exc:
             raise Refused(f"{op}: {name}: {exc.message}") from exc
         return _kept_if(fd, lambda fd: _give(fd, user))

@@ -6,16 +6,33 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
+from banger import client as rpc
 from banger.api import Model, OpView
 from banger.api.methods import parse_result
 
-if TYPE_CHECKING:
-    from banger.sdk.client import Client
-
 Progress = Callable[[OpView], None]
 M = TypeVar("M", bound=Model)
+
+
+class Caller(Protocol):
+    """What a namespace needs of its client (:class:`banger.sdk.client.Client`)."""
+
+    rpc: rpc.Client
+
+    def call(self, method: str, timeout: float | None = None, **params: Any) -> Any:
+        """One RPC call by name."""
+        ...
+
+    def send(self, method: str, params: Model, timeout: float | None = None) -> Any:
+        """One RPC call with its parameters as their model."""
+        ...
+
+    def operation(self, kind: str, op: dict[str, Any], *, on_progress: Progress | None = None,
+                  cancel: threading.Event | None = None) -> Any:
+        """Wait for operation ``op`` to end; its result."""
+        ...
 
 
 def view(kind: type[M], value: Any, what: str) -> M:
@@ -40,7 +57,7 @@ def absolute(path: str | Path) -> str:
 class Namespace:
     """A group of the client's methods (``client.vms``, ``client.images``, ...)."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Caller) -> None:
         self._c = client
 
     def _wait(self, kind: str, op: Any, result: type[M], on_progress: Progress | None,

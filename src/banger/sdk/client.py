@@ -25,6 +25,15 @@ from banger.sdk.workspace import Workspace
 POLL_WAIT_S = 1.0
 
 
+class Cancel(threading.Event):
+    """A ``cancel`` event that also says when the daemon was asked: ``asked`` is set once
+    the SDK has sent the operation's cancel (the CLI waits for it before it gives up)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = threading.Event()
+
+
 class Client:
     """A connection to bangerd: the configured one (started when it is not running and
     this process is root), or the daemon listening on ``socket``."""
@@ -37,9 +46,9 @@ class Client:
             self.rpc = rpc.Client(Path(socket))
         else:
             self.rpc = rpc.connect(config or load_config(), autostart=autostart)
-        self.vms = VMs(self)
-        self.forwards = Forwards(self)
         self.workspace = Workspace(self)
+        self.vms = VMs(self, self.workspace)
+        self.forwards = Forwards(self)
         self.images = Images(self)
         self.kernels = Kernels(self)
         self.snapshots = Snapshots(self)
@@ -76,6 +85,8 @@ class Client:
             if cancel is not None and cancel.is_set() and not asked:
                 asked = True
                 op = self.call(f"{kind}.cancel", id=view.id)
+                if isinstance(cancel, Cancel):
+                    cancel.asked.set()
                 continue
             op = self.call(f"{kind}.status", id=view.id, wait_s=POLL_WAIT_S,
                            since=op["updated_at"])

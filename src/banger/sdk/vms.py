@@ -15,8 +15,8 @@ from banger.api import EgressView, PortsView, SSHInfo, VMDetail, VMLogs, VMView
 from banger.api.methods import invalid_params
 from banger.api.params import CreateParams
 from banger.errors import BangerError
-from banger.sdk.base import Namespace, Progress, view, views
-from banger.sdk.workspace import Patch
+from banger.sdk.base import Caller, Namespace, Progress, view, views
+from banger.sdk.workspace import Patch, Workspace
 from banger.sshopts import private_control_path, remote_command, ssh_argv
 
 
@@ -40,6 +40,10 @@ class RunResult:
 
 class VMs(Namespace):
     """``client.vms``."""
+
+    def __init__(self, client: Caller, workspace: Workspace) -> None:
+        super().__init__(client)
+        self._workspace = workspace  # vms.run copies a repository in and a patch out
 
     def create(self, name: str | None = None, *, image: str | None = None,
                vcpu: int | None = None, memory_mib: int | None = None,
@@ -166,13 +170,13 @@ class VMs(Namespace):
         try:
             patch = None
             if repo is not None:
-                self._c.workspace.prepare(vm.name, repo, mode=mode, on_progress=on_progress,
+                self._workspace.prepare(vm.name, repo, mode=mode, on_progress=on_progress,
                                           cancel=cancel)
                 keep = True  # from here the guest may hold edits: kept until they are read
             result = self.exec(vm.name, argv, timeout=timeout)
             if repo is not None:
                 try:
-                    patch = self._c.workspace.export(vm.name)
+                    patch = self._workspace.export(vm.name)
                 except BangerError as exc:
                     exc.hint = (f"the VM {vm.name} was kept so its edits are not lost; "
                                 f"workspace.export({vm.name!r}) retries")

@@ -301,15 +301,19 @@ class DmSnapshotCow:
             HostError: the dm target could not be removed (still open), or its name is
                 not this install's.
         """
+        foreign = None
         if handle.dm_name:
             vm_id = handle.dm_name.removeprefix(self.dm_prefix)
-            if vm_id == handle.dm_name:
-                raise HostError(f"dm target {handle.dm_name} is not this install's "
-                                f"({self.dm_prefix}...)",
-                                hint=f"remove it by hand: dmsetup remove {handle.dm_name}")
-            self.host.dm_remove(vm_id)
-        for loop in reversed(handle.loops):
+            if vm_id == handle.dm_name:  # e.g. made before the state dir moved
+                foreign = HostError(f"dm target {handle.dm_name} is not this install's "
+                                    f"({self.dm_prefix}...)",
+                                    hint=f"remove it by hand: dmsetup remove {handle.dm_name}")
+            else:
+                self.host.dm_remove(vm_id)
+        for loop in reversed(handle.loops):  # in use by a target left: freed with it
             self._detach(loop)
+        if foreign is not None:
+            raise foreign
         return CowHandle(self.name, handle.path)
 
     def remove(self, handle: CowHandle) -> None:
@@ -319,8 +323,11 @@ class DmSnapshotCow:
     def open_disk(self, handle: CowHandle) -> int:
         """The snapshot's device, opened by the host operations (root's: the daemon
         need not be able to open it)."""
-        if not handle.dm_name or not handle.dm_name.startswith(self.dm_prefix):
+        if not handle.dm_name:
             raise HostError(f"{handle.path}: the snapshot is not active")
+        if not handle.dm_name.startswith(self.dm_prefix):
+            raise HostError(f"dm target {handle.dm_name} is not this install's "
+                            f"({self.dm_prefix}...)")
         return self.host.dm_read(handle.dm_name.removeprefix(self.dm_prefix))
 
     def _detach(self, loop: str) -> None:

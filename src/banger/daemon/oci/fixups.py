@@ -17,15 +17,22 @@ from __future__ import annotations
 
 import os
 import stat
+import struct
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from banger.errors import BadRequest, CommandFailed, HostError
 from banger.runner import Runner
 
-# What an owner may set on its own files without privilege: these go on the host.
+# What an owner may set on its own files without privilege: these go on the host. POSIX
+# ACLs go there too (the kernel fits the file's mode to them) but are noted as well:
+# they name uids, which mkfs would read back through the namespace's map.
 HOST_XATTRS = ("user.", "system.posix_acl_access", "system.posix_acl_default")
-_UNQUOTABLE = frozenset(b'"\n\r')
+_UNQUOTABLE = frozenset(b'"\n\r\0')
+DEVICE_NUMBER_MAX = 0xFFFF  # debugfs's mknod takes 16-bit majors and minors
+ACCESS_ACL = "system.posix_acl_access"
+_ACL_ENTRY = struct.Struct("<HHI")  # tag, permissions, id (linux/posix_acl_xattr.h)
+_USER_OBJ, _USER, _GROUP_OBJ, _GROUP, _MASK, _OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
 
 
 @dataclass(frozen=True)
@@ -51,11 +58,25 @@ class Fixups:
              mtime_ns: int = 0) -> list[tuple[str, bytes]]:
         """Note what ``key`` needs beyond the tree (``host_mode``: the st_mode it has
         there, owned by the daemon); returns the xattrs to set on the host."""
-        on_host = [(n, v) for n, v in xattrs if n.startswith(HOST_XATTRS)]
-        privileged = tuple((n, v) for n, v in xattrs if not n.startswith(HOST_XATTRS))
+        if device is not None and max(device) > DEVICE_NUMBER_MAX:
+            raise BadRequest(f"/{key} is device {device[0]}:{device[1]}, which banger can "
+                             "make only as root",
+                             hint="pull this image with a root daemon")
+        if not key:  # the root directory: mke2fs's own mode, as a root daemon's pull has
+            mode = host_mode = stat.S_IFDIR | 0o755
+        # A device's are all noted: its stand-in file is replaced.
+        on_host = [(n, v) for n, v in xattrs if n.startswith(HOST_XATTRS) and device is None]
+        privileged = tuple((n, v) for n, v in xattrs
+                           if device is not None or not n.startswith("user."))
+        for name, value in on_host:
+            if name == ACCESS_ACL:  # as the kernel fits the host file's mode to it
+                mode, kept = acl_mode(mode, value)
+                host_mode, _ = acl_mode(host_mode, value)
+                if not kept:
+                    privileged = tuple(x for x in privileged if x[0] != ACCESS_ACL)
         if uid or gid or mode != host_mode or privileged or device is not None:
             self.notes[key] = Fixup(uid, gid, mode, device, privileged,
-                                    mtime_ns // 10**9 if device is not None else 0)
+                                    max(0, mtime_ns // 10**9) if device is not None else 0)
         else:
             self.notes.pop(key, None)
         return on_host
@@ -105,6 +126,30 @@ class Fixups:
                 lines.append(b"ea_set -f " + _quoted(str(value_file)) + b" " + path + b" "
                              + _quoted(name))
         return b"".join(line + b"\n" for line in lines)
+
+
+def acl_mode(mode: int, acl: bytes) -> tuple[int, bool]:
+    """``mode`` with its permission bits as setting access ACL ``acl`` leaves them, and
+    whether the kernel keeps the ACL (one that only repeats the mode is not stored).
+    A malformed ACL changes nothing (setting it fails, as on the host)."""
+    if len(acl) < 4 or (len(acl) - 4) % _ACL_ENTRY.size or acl[:4] != b"\x02\0\0\0":
+        return mode, True
+    bits, mask, extended = 0, None, False
+    for tag, raw, _id in _ACL_ENTRY.iter_unpack(acl[4:]):
+        perm = raw & 0o7
+        if tag == _USER_OBJ:
+            bits |= perm << 6
+        elif tag == _GROUP_OBJ:
+            bits |= perm << 3
+        elif tag == _OTHER:
+            bits |= perm
+        elif tag == _MASK:
+            mask, extended = perm << 3, True
+        elif tag in (_USER, _GROUP):
+            extended = True
+    if mask is not None:
+        bits = (bits & ~0o070) | mask
+    return (mode & ~0o777) | bits, extended
 
 
 def for_this_process() -> Fixups | None:
