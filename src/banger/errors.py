@@ -28,6 +28,7 @@ translated at the boundary that raised them, with ``raise ... from exc``.
 from __future__ import annotations
 
 import errno
+import os
 import sqlite3
 import subprocess
 from typing import Any, ClassVar
@@ -185,9 +186,10 @@ def from_foreign(exc: BaseException, doing: str, log: str | None = None) -> Bang
         return exc
     if isinstance(exc, OSError):
         where = f" ({exc.filename})" if exc.filename else ""
+        who = "root" if os.geteuid() == 0 else f"uid {os.geteuid()}"
+        denied = f"bangerd runs as {who}; check the path's permissions"
         hint = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some disk space",
-                errno.EACCES: "bangerd runs as root; check the path's permissions",
-                errno.EPERM: "bangerd runs as root; check the path's permissions"}.get(
+                errno.EACCES: denied, errno.EPERM: denied}.get(
                     exc.errno or 0, "run `banger doctor` to check the host")
         return HostError(f"{doing} failed: {exc.strerror or exc}{where}", hint=hint)
     if isinstance(exc, sqlite3.Error):

@@ -141,7 +141,7 @@ def as_root_owner() -> list[str]:
     (its files then read as uid 0, and it may read them whatever their mode); a root
     daemon needs nothing.
     """
-    return [] if os.getuid() == 0 else ["unshare", "--map-root-user", "--"]
+    return [] if os.geteuid() == 0 else ["unshare", "--map-root-user", "--"]
 
 
 def _failure(desc: str, argv: Sequence[str], rc: int, stderr: bytes) -> CommandFailed:
@@ -289,29 +289,16 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-class OwnerRunner:
-    """Runs commands as another user (a repository's owner) through ``setpriv``.
+class WrappingRunner:
+    """Runs every command through an inner runner after :meth:`wrap` (a prefix that
+    changes who or where it runs)."""
 
-    bangerd is root; a user's git repository must not make root run its hooks,
-    filters or ``core.fsmonitor``, and git's ``safe.directory`` check refuses it
-    anyway. Every command goes through the wrapped runner with
-    ``setpriv --reuid --regid --init-groups`` and the owner's HOME.
-    """
-
-    def __init__(self, inner: Runner, uid: int, gid: int, home: str) -> None:
+    def __init__(self, inner: Runner) -> None:
         self.inner = inner
-        self.uid = uid
-        self.gid = gid
-        self.home = home
 
     def wrap(self, argv: Sequence[str]) -> list[str]:
-        """``argv`` prefixed with ``setpriv`` and the owner's HOME, unless the owner is root
-        or this process's own user (a daemon running as its owner)."""
-        args = self.inner.wrap(argv)
-        if self.uid in (0, os.getuid()):
-            return args
-        return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--init-groups",
-                "--", "env", f"HOME={self.home}", *args]
+        """``argv`` as the inner runner would run it (subclasses add their prefix)."""
+        return self.inner.wrap(argv)
 
     def run(
         self,
@@ -325,7 +312,7 @@ class OwnerRunner:
         cwd: Path | None = None,
         pass_fds: Sequence[int] = (),
     ) -> Result:
-        """Run ``argv`` through the inner runner as the repository's owner."""
+        """Run the wrapped ``argv`` through the inner runner."""
         return self.inner.run(self.wrap(argv), desc=desc, timeout=timeout, input=input,
                               check=check, env=env, cwd=cwd, pass_fds=pass_fds)
 
@@ -339,6 +326,43 @@ class OwnerRunner:
         env: Mapping[str, str] | None = None,
         cancel: CancelToken | None = None,
     ) -> Result:
-        """Stream ``argv`` through the inner runner as the repository's owner."""
+        """Stream the wrapped ``argv`` through the inner runner."""
         return self.inner.stream(self.wrap(argv), desc=desc, on_line=on_line,
                                  timeout=timeout, env=env, cancel=cancel)
+
+
+class PrefixRunner(WrappingRunner):
+    """Runs every command after a fixed ``prefix`` (``nsenter ... --``, ``env ...``)."""
+
+    def __init__(self, inner: Runner, prefix: Sequence[str]) -> None:
+        super().__init__(inner)
+        self.prefix = list(prefix)
+
+    def wrap(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` after the prefix."""
+        return self.inner.wrap([*self.prefix, *argv])
+
+
+class OwnerRunner(WrappingRunner):
+    """Runs commands as another user (a repository's owner) through ``setpriv``.
+
+    bangerd is root; a user's git repository must not make root run its hooks,
+    filters or ``core.fsmonitor``, and git's ``safe.directory`` check refuses it
+    anyway. Every command goes through the wrapped runner with
+    ``setpriv --reuid --regid --init-groups`` and the owner's HOME.
+    """
+
+    def __init__(self, inner: Runner, uid: int, gid: int, home: str) -> None:
+        super().__init__(inner)
+        self.uid = uid
+        self.gid = gid
+        self.home = home
+
+    def wrap(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` prefixed with ``setpriv`` and the owner's HOME, unless the owner is root
+        or this process's own user (a daemon running as its owner)."""
+        args = self.inner.wrap(argv)
+        if self.uid in (0, os.getuid()):
+            return args
+        return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--init-groups",
+                "--", "env", f"HOME={self.home}", *args]

@@ -108,6 +108,9 @@ def daemon_unit(i: Install) -> str:
         "ProtectKernelTunables=yes",
         "ProtectControlGroups=yes",
         *_common_hardening(),
+        # Image builds run in a user namespace of the daemon's own (ids mapped by the
+        # helper), where debootstrap mounts /proc and /dev and chroots.
+        "SystemCallFilter=@mount",
         "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
         # None at all: everything that needs one is the helper's.
         "CapabilityBoundingSet=",

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import pwd
+import re
 import secrets
 import shutil
 import subprocess
@@ -24,10 +25,13 @@ from pathlib import Path
 
 import pytest
 
+from banger.config import Config
+from banger.hostops import userns
 from tests.copyruntime import SYSTEM_PYTHON, copy_runtime
 from tests.e2e.conftest import (
     ARTIFACTS,
     BIN,
+    CACHE,
     IMAGE,
     MEMORY_MIB,
     VCPU,
@@ -35,9 +39,11 @@ from tests.e2e.conftest import (
     qemu_pids_under,
 )
 from tests.e2e.pulled import PROBE, check_pulled, top_layers
+from tests.mirrorrelay import MirrorProxy, Relay
 from tests.ocilayout import Layer, Registry, write_layout
 
 OWNER = "banger-e2e-owner"
+RELAY_PORT = 18081  # the Debian mirror, on loopback in the test's namespace
 
 
 def owner_account() -> pwd.struct_passwd:
@@ -84,6 +90,15 @@ class OwnerHost:
                                     f"{res.stdout}\n{res.stderr}"
         return res.stdout
 
+    def restart_daemon(self, extra_config: str) -> None:
+        """Stop bangerd, add top-level ``extra_config`` to its config, start it again."""
+        self.ok("daemon", "stop", timeout=120)
+        assert self.daemon is not None
+        self.daemon.wait(30)
+        # First: the file ends in a table ([vm_defaults]).
+        self.config.write_text(extra_config + "\n" + self.config.read_text())
+        self._start_daemon()
+
     def start(self) -> None:
         with (self.root / "helper.log").open("ab") as out:
             self.helper = subprocess.Popen(
@@ -91,6 +106,9 @@ class OwnerHost:
                  "--config", str(self.config), "--owner", OWNER],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
         _wait(lambda: self.helper_socket.exists(), self.helper, "banger-helper")
+        self._start_daemon()
+
+    def _start_daemon(self) -> None:
         with (self.root / "bangerd.out").open("ab") as out:
             self.daemon = subprocess.Popen(
                 self.as_owner(str(SYSTEM_PYTHON), "-m", "banger.cli.bangerd"),
@@ -114,6 +132,7 @@ def owner_host(request: pytest.FixtureRequest, test_image: CachedImage
     if not SYSTEM_PYTHON.exists():
         pytest.skip(f"the owner runs banger with {SYSTEM_PYTHON}, which is missing")
     user = owner_account()
+    userns.reserve(OWNER, user.pw_uid)  # its image builds' ids, as `system install` does
     tag = secrets.token_hex(3)
     ns = f"banger-e2e-{tag}"
     root = Path(f"/var/tmp/banger-owner-{tag}")
@@ -238,7 +257,42 @@ def test_an_unprivileged_daemon_pulls_an_image_with_its_owners_and_devices(
     check_pulled(seen, "pulled")
     h.ok("vm", "delete", "pulled", timeout=300)
     h.ok("image", "delete", "owned-1")
-    # An image build is debootstrap's, which needs root: refused, saying what to do.
-    build = h.cli("image", "build", IMAGE)
-    assert build.returncode != 0 and "needs a root daemon" in build.stderr, build.stderr
-    assert "banger image export" in build.stderr
+
+
+def test_an_unprivileged_daemon_builds_the_default_image(owner_host: OwnerHost,
+                                                        tmp_path: Path) -> None:
+    """debootstrap runs in a namespace of the daemon's own whose ids the helper mapped:
+    the image's files keep the owners its packages gave them, and it boots. The daemon
+    reaches the Debian mirror through a relay into the test's namespace."""
+    h = owner_host
+    cached = CACHE / "debootstrap"  # the test image's packages: not fetched again
+    if cached.is_dir():
+        shutil.copytree(cached, h.root / "cache" / "debootstrap")
+        subprocess.run(["chown", "-R", f"{h.user.pw_uid}:{h.user.pw_gid}",
+                        str(h.root / "cache")], check=True)
+    proxy = MirrorProxy(Config().debian_mirror, tmp_path / "mirror.sock")
+    proxy.start()
+    relay = Relay(RELAY_PORT, tmp_path / "mirror.sock",
+                  lambda argv: ["nsenter", f"--net=/run/netns/{h.ns}", "--", *argv])
+    try:
+        relay.start()
+        h.restart_daemon(f'debian_mirror = "http://127.0.0.1:{RELAY_PORT}/debian"')
+        h.ok("image", "delete", IMAGE)  # the fixture registered the test's copy
+        h.ok("image", "build", IMAGE, timeout=3000)
+    finally:
+        relay.stop()
+        proxy.stop()
+    assert proxy.refused == []
+    img = json.loads(h.ok("image", "show", IMAGE, "--json"))
+    assert img["source"] == "built"
+    rootfs = Path(img["rootfs"])
+    assert rootfs.stat().st_uid == h.user.pw_uid  # the daemon's file on the host
+    shadow = subprocess.run(["debugfs", "-R", "stat /etc/shadow", str(rootfs)],
+                            capture_output=True, text=True, check=True).stdout
+    assert re.search(r"User:\s+0\s+Group:\s+42\b", shadow), shadow  # root:shadow (dpkg's)
+    assert not list((h.root / "state" / "staging").iterdir())  # the tree went with it
+    res = h.cli("vm", "run", "--rm", "--name", "built", "--", "stat", "-c", "%U:%G %a",
+                "/etc/shadow", "/usr/bin/chage", timeout=900)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.split("\n")[:2] == ["root:shadow 640", "root:shadow 2755"], res.stdout
+

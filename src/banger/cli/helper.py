@@ -51,7 +51,8 @@ def run(config_file: Path | None, owner: str, socket_path: Path | None) -> None:
         raise BadRequest(f"no user {owner!r}", hint="name the daemon's user") from exc
     logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
-    policy = Policy.from_config(cfg, daemon_uid=user.pw_uid)
+    policy = Policy.from_config(cfg, daemon_uid=user.pw_uid, daemon_gid=user.pw_gid,
+                                daemon_user=user.pw_name)
     server = HelperServer(Executor(policy, SubprocessRunner()), path, user.pw_uid, user.pw_gid)
     stop = threading.Event()
 

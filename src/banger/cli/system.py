@@ -27,6 +27,7 @@ from banger.cli.app import App, json_option, pass_app
 from banger.client import Client
 from banger.config import SYSTEM_CONFIG, load_config
 from banger.errors import BadRequest, DaemonUnavailable
+from banger.hostops import userns
 from banger.layout import Layout
 from banger.runner import Runner, SubprocessRunner
 from banger.vmmuser import ensure_user
@@ -127,6 +128,10 @@ def install_system(owner: str, *, root: Path, runner: Runner, start: bool, bin_d
     _refuse_a_running_daemon(cfg.runtime_dir)
     vmm = ensure_user(runner, cfg.vmm_user)
     out.append(f"VMM user: {vmm.describe()}")
+    uids, gids_range = userns.reserve(owner, pw.pw_uid)
+    out.append(f"{owner}'s image builds use subordinate uids {uids.start}+{uids.count} and "
+               f"gids {gids_range.start}+{gids_range.count} ({userns.SUBUID}, "
+               f"{userns.SUBGID})")
     for d in (cfg.state_dir, cfg.cache_dir, cfg.runtime_dir):
         d.mkdir(parents=True, exist_ok=True)
         _chown_tree(d, pw.pw_uid, pw.pw_gid)

@@ -12,11 +12,13 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from banger.api import ImageView
 from banger.daemon import bootsnap
+from banger.daemon.buildns import BuildNamespace
 from banger.daemon.dmsnap import clone_or_copy
 from banger.daemon.imagemgr import (
     BUILTIN_RECIPES,
@@ -37,9 +39,10 @@ from banger.daemon.imagemgr.kernel import inspect_kernel_file
 from banger.daemon.opstate import Operation
 from banger.daemon.store import ImageRecord, now
 from banger.daemon.vms import user_vms
-from banger.errors import AlreadyExists, BadRequest, HostError, NotFound
+from banger.errors import AlreadyExists, BadRequest, NotFound
 from banger.fsutil import existing_file, move_aside, remove_tree
 from banger.names import check_name
+from banger.runner import Runner
 from banger.vmmuser import BOOT_FILE_MODE
 
 if TYPE_CHECKING:
@@ -109,17 +112,9 @@ def begin_build(d: Daemon, name: str, *, join_existing: bool = False) -> Operati
         BadRequest: ``name`` is not a valid image name.
         NotFound: there is no built-in recipe called ``name``.
         AlreadyExists: the image exists, or is being built and ``join_existing`` is false.
-        HostError: this daemon is not root (debootstrap and its package scripts are).
     """
     check_name(name, "image")
     recipe = recipe_for(name)
-    if os.geteuid() != 0 and d.seams.image_build is None:
-        raise HostError(
-            f"image {name!r} is built with debootstrap, which needs a root daemon; this "
-            "one runs as its owner (banger system install)",
-            hint=f"build it where bangerd is root and bring it here (`banger image export "
-                 f"{name} FILE` there, `banger image pull FILE` here), or pull a bundle "
-                 "of it from your catalog (`banger image pull NAME`)")
     with d.image_ops_mu:
         for existing in d.image_ops.active():
             if existing.target == name and existing.kind != "image.export":
@@ -138,7 +133,24 @@ _DEBOOTSTRAP_STEP = re.compile(r"^I: (Retrieving|Validating|Extracting|Unpacking
 
 
 def build(d: Daemon, recipe: Recipe, op: Operation) -> dict[str, Any]:
-    """debootstrap -> configure -> kernel -> mkfs.ext4 -d -> publish."""
+    """debootstrap -> configure -> kernel -> mkfs.ext4 -d -> publish.
+
+    A daemon that is not root builds in a namespace of its own (:mod:`.buildns`), where
+    it is root with its user's subordinate ids; the tree is read, made into the ext4
+    and removed from inside it.
+    """
+    if os.geteuid() == 0:
+        return _build(d, recipe, op, runner=d.runner, remove=remove_tree,
+                      debootstrap_prefix=[])
+    with BuildNamespace(d.host) as ns:
+        runner = ns.runner(d.runner)
+        # No mknod in a user namespace: debootstrap binds the host's /dev nodes instead.
+        return _build(d, recipe, op, runner=runner, remove=lambda p: ns.remove(runner, p),
+                      debootstrap_prefix=["env", "container=lxc"])
+
+
+def _build(d: Daemon, recipe: Recipe, op: Operation, *, runner: Runner,
+           remove: Callable[[Path], None], debootstrap_prefix: list[str]) -> dict[str, Any]:
     staging = d.layout.staging_dir / f"{recipe.name}-{op.id}"
     root = staging / "rootfs"
     try:
@@ -153,8 +165,9 @@ def build(d: Daemon, recipe: Recipe, op: Operation) -> dict[str, Any]:
                 counter["n"] += 1
                 op.report(f"[{counter['n']}] {line[3:][:80]}")
 
-        d.runner.stream(
-            recipe.debootstrap_argv(root, d.cfg.debian_mirror, d.layout.debootstrap_cache),
+        runner.stream(
+            [*debootstrap_prefix,
+             *recipe.debootstrap_argv(root, d.cfg.debian_mirror, d.layout.debootstrap_cache)],
             desc=f"debootstrap {recipe.suite}", on_line=progress, timeout=3600,
             cancel=op.cancel,
         )
@@ -168,16 +181,16 @@ def build(d: Daemon, recipe: Recipe, op: Operation) -> dict[str, Any]:
         initramfs.build(root, version, staging / "initrd.img")
         op.enter("rootfs", "mkfs.ext4")
         size = rootfs_size(tree_size(root))
-        d.runner.run(
+        runner.run(
             ["mkfs.ext4", "-q", "-F", "-L", "banger-root", "-d", str(root),
              str(staging / "rootfs.ext4"), f"{size // 1024}k"],
             desc="make the image root file system", timeout=1800,
         )
-        remove_tree(root)
+        remove(root)
         op.enter("publish")
         return publish(d, recipe.name, staging, source="built", recipe_hash=recipe.digest())
     except BaseException:
-        remove_tree(staging)
+        remove(staging)
         raise
 
 

@@ -255,6 +255,12 @@ class HostOps:
         return got.fds[0]
 
 
+    def userns_map(self, pid: int) -> None:
+        """Map the new user namespace of this daemon's process ``pid`` (0: the daemon's
+        ids, 1..65535: its user's subordinate ids)."""
+        self._send(ops.UsernsMap(pid=pid))
+
+
 def _device(answer: Any) -> str:
     if not isinstance(answer, str) or not answer.startswith("/dev/"):
         raise BadVersion(f"the root helper answered {str(answer)[:40]!r}, not a device")

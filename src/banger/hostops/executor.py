@@ -30,7 +30,7 @@ from typing import Any
 
 from banger.errors import CommandFailed, HostError, Refused, VMMError
 from banger.fsutil import dir_beneath, open_beneath
-from banger.hostops import blockdev, nft, ops
+from banger.hostops import blockdev, nft, ops, userns
 from banger.hostops.cgroups import (
     CgroupHost,
     VMCgroup,
@@ -152,6 +152,9 @@ class Executor:
                 prefix = self.policy.dm_name("")
                 return [name.removeprefix(prefix) for name in self.blocks.target_names(prefix)
                         if VM_ID.fullmatch(name[len(prefix):])]
+            case ops.UsernsMap(pid=pid):
+                p = self.policy
+                userns.map_ids(pid, p.daemon_uid, p.daemon_gid, p.subuids, p.subgids)
             case ops.DmRead(vm_id=vm_id):
                 return ops.Handover([self.blocks.open_dm(self.policy.dm_device(vm_id),
                                                          os.O_RDONLY)])

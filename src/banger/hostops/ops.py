@@ -269,11 +269,19 @@ class DmRead(_Model):
     vm_id: VMId
 
 
+class UsernsMap(_Model):
+    """Map the new user namespace of the daemon's process ``pid``: 0 to the daemon's ids,
+    1..65535 to its user's subordinate ids (an image build runs in it)."""
+
+    op: Literal["userns.map"] = "userns.map"
+    pid: Pid
+
+
 Request = Annotated[
     EnsureBridge | CreateTap | DeleteLink | ListLinks | NftLoad | NftAdmit | NftForget
     | NftPin | NftDelete | IPForward | Signal | CgroupCreate | CgroupAdopt | CgroupRemove
     | QemuLaunch | DNSSockets | LoopAttach | LoopDetach | LoopList | DmSnapshot | DmRemove
-    | DmList | DmRead,
+    | DmList | DmRead | UsernsMap,
     Field(discriminator="op"),
 ]
 

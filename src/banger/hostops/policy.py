@@ -31,6 +31,7 @@ from banger.hostops.nft import (
     GuestRule,
     table_name,
 )
+from banger.hostops.userns import SUBGID, SUBUID, IdRange, subordinate
 from banger.layout import dm_prefix_for, install_tag
 from banger.vmm import vm_marker
 
@@ -76,18 +77,27 @@ class Policy:
     vmm_user: str = "banger-vmm"
     qemu_bin: str = "qemu-system-x86_64"
     daemon_uid: int = 0  # whose files the daemon may hand to the VMM, and who owns sockets
+    daemon_gid: int = 0
+    # The daemon's user's subordinate ids (/etc/subuid, /etc/subgid): its build namespaces'.
+    subuids: IdRange | None = None
+    subgids: IdRange | None = None
 
     @classmethod
-    def from_config(cls, cfg: Config, daemon_uid: int | None = None) -> Policy:
+    def from_config(cls, cfg: Config, daemon_uid: int | None = None,
+                    daemon_gid: int | None = None, daemon_user: str = "") -> Policy:
         """The policy of the install ``cfg`` describes, for a daemon running as
-        ``daemon_uid`` (default: this process's uid)."""
+        ``daemon_uid``/``daemon_gid`` (default: this process's), user ``daemon_user``
+        (whose subordinate ids its build namespaces get)."""
         tag = install_tag(cfg.state_dir)
+        uid = os.getuid() if daemon_uid is None else daemon_uid
         return cls(FirewallSettings(
             table=table_name(tag), bridge=cfg.bridge_name, cidr=cfg.bridge_cidr,
             tap_prefix=tap_prefix_for(tag), dns_port=cfg.dns_port, vm_to_vm=cfg.vm_to_vm),
             state_dir=cfg.state_dir, runtime_dir=cfg.runtime_dir, install_tag=tag,
-            vmm_user=cfg.vmm_user, qemu_bin=cfg.qemu_bin,
-            daemon_uid=os.getuid() if daemon_uid is None else daemon_uid)
+            vmm_user=cfg.vmm_user, qemu_bin=cfg.qemu_bin, daemon_uid=uid,
+            daemon_gid=os.getgid() if daemon_gid is None else daemon_gid,
+            subuids=subordinate(SUBUID, daemon_user, uid) if daemon_user else None,
+            subgids=subordinate(SUBGID, daemon_user, uid) if daemon_user else None)
 
     @property
     def network(self) -> ipaddress.IPv4Network:
@@ -139,7 +149,7 @@ class Policy:
             case ops.LoopAttach(path=path):
                 self.beneath(req.op, Path(path), (self.state_dir,), "file")
             case ops.LoopDetach() | ops.LoopList() | ops.DmSnapshot() | ops.DmRemove() \
-                    | ops.DmList() | ops.DmRead():
+                    | ops.DmList() | ops.DmRead() | ops.UsernsMap():
                 pass  # what a loop device holds is checked live, in the kernel's words
             case _:
                 raise Refused(f"{req.op}: no policy for this request")

@@ -672,8 +672,9 @@ def write_files(root: Path, files: list[GuestFile] | tuple[GuestFile, ...]) -> N
     for f in files:
         dest = safe_join(root, f.path)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        if dest.is_symlink():
-            dest.unlink()
+        # Replaced, never written through: a symlink, a hard link or a read-only file
+        # (a daemon that is not root may not write one it cannot write) left there.
+        dest.unlink(missing_ok=True)
         dest.write_text(f.content)
         dest.chmod(f.mode)
 
@@ -715,8 +716,10 @@ def finalize_tree(root: Path, workseed: Path) -> None:
         for junk in root.glob(pattern):
             junk.unlink()
     machine_id = root / "etc/machine-id"
-    if machine_id.exists():
+    if machine_id.exists():  # replaced: it is read-only (0444)
+        machine_id.unlink()
         machine_id.write_text("")  # systemd makes a fresh one per VM on first boot
+        machine_id.chmod(0o444)
     workseed.mkdir(parents=True, exist_ok=True)
     home = root / "root"
     home.mkdir(mode=0o700, exist_ok=True)
