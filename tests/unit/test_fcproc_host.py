@@ -257,7 +257,7 @@ def test_doctor_fails_when_the_jailer_blocks_firecracker(tmp_path: Path,
                          (JailerStatus(False, "unjailed"), doctor.Status.WARN),
                          (JailerStatus(False, "root", blocks_vms=True, hint="fix"),
                           doctor.Status.FAIL)):
-        monkeypatch.setattr(fcproc, "jailer_status", lambda cfg, s=status: s)
+        monkeypatch.setattr(doctor, "jailer_status", lambda cfg, s=status: s)
         check = doctor._jailer(cfg)
         assert (check.status, check.detail) == (want, status.detail)
         if status.blocks_vms:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from banger.config import Config
 from banger.daemon.dmsnap import dm_snapshot_supported, reflink_supported
+from banger.daemon.fcproc import check_version, jailer_status
 from banger.daemon.hostinfo import kvm_status, which
 from banger.daemon.vmmselect import (
     firecracker_binary,
@@ -140,16 +141,12 @@ def _firecracker(cfg: Config, runner: Runner) -> Check:
         return Check("firecracker", Status.WARN,
                      f"{cfg.firecracker_bin or 'firecracker'} not found: QEMU will be used",
                      "install a Firecracker release binary and set firecracker_bin")
-    from banger.daemon.fcproc import check_version
-
     ok, detail = check_version(runner, path)
     return Check("firecracker", Status.OK if ok else Status.WARN, detail,
                  "" if ok else "upgrade Firecracker")
 
 
 def _jailer(cfg: Config) -> Check:
-    from banger.daemon.fcproc import jailer_status
-
     if firecracker_binary(cfg) is None:
         return Check("jailer", Status.OK, "not needed: Firecracker is not installed")
     st = jailer_status(cfg)

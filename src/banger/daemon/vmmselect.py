@@ -6,7 +6,9 @@ import os
 from collections.abc import Callable
 
 from banger.config import Config
+from banger.daemon.fcproc import FirecrackerDriver, find_firecracker
 from banger.daemon.hostinfo import kvm_status, which
+from banger.daemon.qemuproc import QemuDriver
 from banger.errors import BadRequest, HostError
 from banger.hostops.client import HostOps
 from banger.runner import Runner
@@ -14,9 +16,7 @@ from banger.vmm import VMMDriver
 
 
 def firecracker_binary(cfg: Config) -> str | None:
-    """The Firecracker binary the config names or PATH has, or None (lazy import)."""
-    from banger.daemon.fcproc import find_firecracker
-
+    """The Firecracker binary the config names or PATH has, or None."""
     return find_firecracker(cfg)
 
 
@@ -73,8 +73,6 @@ def make_driver(cfg: Config, runner: Runner, name: str, host: HostOps) -> VMMDri
         BadRequest: unknown VMM name, or a jailer set-up that cannot work.
     """
     if name == "qemu":
-        from banger.daemon.qemuproc import QemuDriver
-
         qemu = which(cfg.qemu_bin)
         if qemu is None:
             raise HostError(f"QEMU ({cfg.qemu_bin}) is not installed",
@@ -85,7 +83,5 @@ def make_driver(cfg: Config, runner: Runner, name: str, host: HostOps) -> VMMDri
             raise HostError(f"vmm = firecracker: {NOT_ROOT}",
                             hint="use vmm = qemu (started through the root helper), or run "
                                  "bangerd as root")
-        from banger.daemon.fcproc import FirecrackerDriver
-
         return FirecrackerDriver.from_config(cfg, runner)
     raise BadRequest(f"unknown VMM {name!r}", hint="use auto, qemu or firecracker")
