@@ -12,7 +12,6 @@ import pytest
 
 from banger import vmmuser
 from banger.config import Config, parse_config
-from banger.daemon import fcproc
 from banger.daemon.fcproc import (
     FirecrackerDriver,
     JailerSettings,
