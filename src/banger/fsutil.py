@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -12,6 +13,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 from banger.errors import BadRequest
+
+
+def mount_field(field: str) -> str:
+    """A field of ``/proc/*/mounts`` or ``mountinfo``, whose space, tab, newline and
+    backslash the kernel writes as octal escapes (``\\040``)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:

@@ -139,18 +139,24 @@ def _rmdir_when_released(d: Path) -> None:
             time.sleep(0.05)
 
 
-def test_sweep_on_the_real_cgroup_fs(cfg: Config, world: FakeWorld,
-                                     opened: list[Daemon]) -> None:
-    """A throwaway cgroup of this test's install (its tag is its tmp state dir's): swept
-    when empty, left while a process is in it, and everything removed at the end."""
+@pytest.fixture
+def real(cfg: Config, world: FakeWorld, opened: list[Daemon]) -> tuple[CgroupHost, Daemon]:
+    """This host's cgroup hierarchy and a daemon on it (the real seam: detect())."""
     if os.geteuid() != 0:
         pytest.skip("needs root to make cgroups")
     try:
         host = detect()
     except HostError as exc:
         pytest.skip(f"no usable cgroup hierarchy here: {exc.message}")
-    d = open_daemon(cfg, world, None)  # the real seam: detect()
+    d = open_daemon(cfg, world, None)
     opened.append(d)
+    return host, d
+
+
+def test_sweep_on_the_real_cgroup_fs(real: tuple[CgroupHost, Daemon]) -> None:
+    """A throwaway cgroup of this test's install (its tag is its tmp state dir's): swept
+    when empty, left while a process is in it, and everything removed at the end."""
+    host, d = real
     mine = install_group(d.layout.install_tag)
     empty, busy = host.group(f"{mine}/{ORPHAN}"), host.group(f"{mine}/{BUSY}")
     sleeper: subprocess.Popen[bytes] | None = None
@@ -191,19 +197,11 @@ def test_sweep_on_the_real_cgroup_fs(cfg: Config, world: FakeWorld,
                 (root / mine).rmdir()
 
 
-def test_a_leaked_vmm_is_known_by_its_cgroup(cfg: Config, world: FakeWorld,
-                                           opened: list[Daemon]) -> None:
+def test_a_leaked_vmm_is_known_by_its_cgroup(real: tuple[CgroupHost, Daemon]) -> None:
     """A confined VMM names no path of ours and a daemon that is not root cannot read its
     descriptors: in this install's cgroup for its VM, it is ours and the sweep ends it;
     the same marker outside that cgroup is another install's and is left alone."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to make cgroups")
-    try:
-        host = detect()
-    except HostError as exc:
-        pytest.skip(f"no usable cgroup hierarchy here: {exc.message}")
-    d = open_daemon(cfg, world, None)
-    opened.append(d)
+    host, d = real
     group = host.group(f"{install_group(d.layout.install_tag)}/{ORPHAN}")
     marker = f"banger-{ORPHAN}"
     procs: list[subprocess.Popen[bytes]] = []

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
 import subprocess
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 from types import TracebackType
 
 from banger.errors import HostError
+from banger.fsutil import mount_field
 from banger.hostops.client import HostOps
 from banger.runner import PrefixRunner, Runner
 
@@ -87,7 +87,7 @@ class BuildNamespace:
         except OSError:
             return []
         top = str(path)
-        points = [_unescape(line.split()[4]) for line in lines if len(line.split()) > 4]
+        points = [mount_field(line.split()[4]) for line in lines if len(line.split()) > 4]
         return [p for p in points if p == top or p.startswith(top + "/")]
 
     def close(self) -> None:
@@ -112,11 +112,6 @@ class BuildNamespace:
             if time.monotonic() > deadline:
                 raise HostError(f"{what} did not appear within {START_TIMEOUT_S:.0f} s")
             time.sleep(0.01)
-
-
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as octal (\040).
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def _userns(pid: int) -> str | None:

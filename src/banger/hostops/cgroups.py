@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from banger.errors import HostError
+from banger.fsutil import mount_field
 
 MOUNTS = Path("/proc/self/mounts")
 CONTROLLERS = ("memory", "pids", "cpu")
@@ -159,11 +160,6 @@ def in_vm_group(pid: int, install_tag: str, vm_id: str, proc: Path = Path("/proc
     return any(line.rstrip().endswith(ours) for line in lines)
 
 
-def _unescape(field: str) -> str:
-    # /proc/self/mounts escapes space, tab, newline and backslash as octal (\040).
-    return field.encode().decode("unicode_escape") if "\\" in field else field
-
-
 def detect(mounts: Path = MOUNTS) -> CgroupHost:
     """The cgroup hierarchy to use on this host.
 
@@ -181,7 +177,7 @@ def detect(mounts: Path = MOUNTS) -> CgroupHost:
         fields = line.split()
         if len(fields) < 4:
             continue
-        point, fstype, options = Path(_unescape(fields[1])), fields[2], fields[3].split(",")
+        point, fstype, options = Path(mount_field(fields[1])), fields[2], fields[3].split(",")
         if fstype == "cgroup2":
             try:
                 available = (point / "cgroup.controllers").read_text().split()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,23 +33,29 @@ class IdRange:
     count: int
 
 
-def subordinate(path: Path, user: str, uid: int) -> IdRange | None:
-    """``user``'s first range of at least :data:`SUBID_COUNT` ids in ``path`` (lines
-    ``NAME_OR_ID:START:COUNT``), or None."""
+def _ranges(path: Path) -> Iterator[tuple[str, IdRange]]:
+    """The ``NAME_OR_ID:START:COUNT`` lines of ``path`` that parse (none if unreadable)."""
     try:
         lines = path.read_text().splitlines()
     except OSError:
-        return None
+        return
     for line in lines:
         fields = line.strip().split(":")
-        if len(fields) != 3 or fields[0] not in (user, str(uid)):
+        if len(fields) != 3:
             continue
         try:
-            start, count = int(fields[1]), int(fields[2])
+            yield fields[0], IdRange(int(fields[1]), int(fields[2]))
         except ValueError:
             continue
-        if start > 0 and count >= SUBID_COUNT and start + count <= 2**32 - 1:
-            return IdRange(start, count)
+
+
+def subordinate(path: Path, user: str, uid: int) -> IdRange | None:
+    """``user``'s first range of at least :data:`SUBID_COUNT` ids in ``path`` (lines
+    ``NAME_OR_ID:START:COUNT``), or None."""
+    for name, ids in _ranges(path):
+        if name in (user, str(uid)) and ids.start > 0 and ids.count >= SUBID_COUNT \
+                and ids.start + ids.count <= 2**32 - 1:
+            return ids
     return None
 
 
@@ -118,12 +125,8 @@ def reserve(user: str, uid: int, subuid: Path = SUBUID, subgid: Path = SUBGID
     found = subordinate(subuid, user, uid), subordinate(subgid, user, uid)
     if found[0] is not None and found[1] is not None:
         return found[0], found[1]
-    end = 100000
-    for path in (subuid, subgid):
-        for line in path.read_text().splitlines() if path.exists() else []:
-            fields = line.strip().split(":")
-            if len(fields) == 3 and fields[1].isdigit() and fields[2].isdigit():
-                end = max(end, int(fields[1]) + int(fields[2]))
+    end = max([100000, *(ids.start + ids.count for path in (subuid, subgid)
+                         for _, ids in _ranges(path))])
     fresh = IdRange(end, SUBID_COUNT)
     out = []
     for path, have in ((subuid, found[0]), (subgid, found[1])):

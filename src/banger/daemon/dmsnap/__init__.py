@@ -301,19 +301,13 @@ class DmSnapshotCow:
             HostError: the dm target could not be removed (still open), or its name is
                 not this install's.
         """
-        foreign = None
-        if handle.dm_name:
-            vm_id = handle.dm_name.removeprefix(self.dm_prefix)
-            if vm_id == handle.dm_name:  # e.g. made before the state dir moved
-                foreign = HostError(f"dm target {handle.dm_name} is not this install's "
-                                    f"({self.dm_prefix}...)",
-                                    hint=f"remove it by hand: dmsetup remove {handle.dm_name}")
-            else:
-                self.host.dm_remove(vm_id)
+        vm_id = self._vm_id(handle.dm_name) if handle.dm_name else None
+        if vm_id is not None:
+            self.host.dm_remove(vm_id)
         for loop in reversed(handle.loops):  # in use by a target left: freed with it
             self._detach(loop)
-        if foreign is not None:
-            raise foreign
+        if handle.dm_name and vm_id is None:
+            raise self._foreign(handle.dm_name)
         return CowHandle(self.name, handle.path)
 
     def remove(self, handle: CowHandle) -> None:
@@ -325,10 +319,20 @@ class DmSnapshotCow:
         need not be able to open it)."""
         if not handle.dm_name:
             raise HostError(f"{handle.path}: the snapshot is not active")
-        if not handle.dm_name.startswith(self.dm_prefix):
-            raise HostError(f"dm target {handle.dm_name} is not this install's "
-                            f"({self.dm_prefix}...)")
-        return self.host.dm_read(handle.dm_name.removeprefix(self.dm_prefix))
+        vm_id = self._vm_id(handle.dm_name)
+        if vm_id is None:
+            raise self._foreign(handle.dm_name)
+        return self.host.dm_read(vm_id)
+
+    def _vm_id(self, dm_name: str) -> str | None:
+        """The VM id in dm target name ``dm_name``; None when the name is not this
+        install's (e.g. made before the state dir moved)."""
+        return dm_name.removeprefix(self.dm_prefix) if dm_name.startswith(self.dm_prefix) \
+            else None
+
+    def _foreign(self, dm_name: str) -> HostError:
+        return HostError(f"dm target {dm_name} is not this install's ({self.dm_prefix}...)",
+                         hint=f"remove it by hand: dmsetup remove {dm_name}")
 
     def _detach(self, loop: str) -> None:
         try:
