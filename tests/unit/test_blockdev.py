@@ -222,8 +222,12 @@ def test_the_loops_and_targets_of_an_install_are_capped(
         h.host.loop_attach(h.origin, read_only=True)
     monkeypatch.setattr(blockdev, "MAX_LOOPS", 8)
     monkeypatch.setattr(blockdev, "MAX_TARGETS", 1)
-    h.dm.dm[PREFIX + "ffffffffffff"] = "t"
+    h.dm.dm["banger-ffffff-" + VM] = "t"  # another install's: not counted
+    h.dm.dm["cryptroot"] = "t"
     dm = DmSnapshotCow(h.host, PREFIX)
+    active = dm.activate(dm.create(h.origin, h.vm_dir / "cow"), h.origin, VM)
+    dm.deactivate(active)
+    h.dm.dm[PREFIX + "ffffffffffff"] = "t"
     with pytest.raises(Refused, match="1 dm targets"):
         dm.activate(dm.create(h.origin, h.vm_dir / "cow"), h.origin, VM)
     assert list(h.attached().values()) == [str(h.origin)]  # the two it made, freed again

@@ -147,7 +147,7 @@ class BlockDevices:
             if not o.read_only or c.read_only or o.rdev == c.rdev:
                 raise Refused(f"{op}: the origin must be a read-only loop and the "
                               "exception store another, writable one")
-            if len(self.target_names("")) >= MAX_TARGETS:
+            if len(self.target_names(name.removesuffix(vm_id))) >= MAX_TARGETS:
                 raise Refused(f"{op}: this install has {MAX_TARGETS} dm targets")
             table = (f"0 {o.sectors} snapshot {_numbers(o.rdev)} {_numbers(c.rdev)} P "
                      f"{DM_CHUNK_SECTORS}")
