@@ -22,8 +22,10 @@ from tests.childsignals import with_default_signals
 from tests.e2e.conftest import BIN, Host
 
 # A line a second; whatever arrives on stdin is echoed back.
-TICKER = ('i=0; while :; do i=$((i+1)); echo "line $i"; '
-          'if read -t 1 x; then echo "got $x"; fi; done')
+# A line that arrives as `read -t 1` times out is kept in part in $x (bash reads a
+# pipe a byte at a time): keep it in $p and print it whole once its newline comes.
+TICKER = ('i=0; p=; while :; do i=$((i+1)); echo "line $i"; '
+          'if read -t 1 x; then echo "got $p$x"; p=; else p="$p$x"; fi; done')
 
 
 def logs(host: Host, ref: str) -> str:

@@ -397,3 +397,54 @@ def test_config_drift_warning_names_keys_and_restart(tmp_path: Path, world: Fake
     assert config_drift(_config(tmp_path), {"pid": 1}) is None  # an older daemon
     client = Client(tmp_path / "nowhere.sock")
     assert client.config_drift(_config(tmp_path)) is None  # no ping yet: nothing to compare
+
+
+def test_background_work_that_fails_as_the_daemon_closes_is_no_thread_error(
+        daemon: Daemon, caplog: pytest.LogCaptureFixture) -> None:
+    """Re-adoption work runs on threads the close does not wait for: what they hit once
+    the daemon closes (the store gone) is noted, not an unhandled thread exception;
+    before that, a failure is logged as one."""
+    import threading
+
+    caplog.set_level(logging.DEBUG, logger="banger.daemon")
+    go, done = threading.Event(), threading.Event()
+
+    def reads_the_store() -> None:
+        try:
+            go.wait(10)
+            daemon.db.list_vms()
+        finally:
+            done.set()
+
+    daemon.in_background("late-reader", reads_the_store)
+    daemon.close()
+    go.set()
+    assert done.wait(10)
+    for _ in range(100):  # the note is logged just after `done`
+        if any("late-reader: stopped by the daemon's shutdown" in r.message
+               for r in caplog.records):
+            break
+        threading.Event().wait(0.05)
+    else:
+        raise AssertionError("the late reader's failure was not noted")
+
+
+def test_background_work_that_fails_while_serving_is_logged(
+        daemon: Daemon, caplog: pytest.LogCaptureFixture) -> None:
+    import threading
+
+    done = threading.Event()
+
+    def fails() -> None:
+        done.set()
+        raise RuntimeError("boom")
+
+    daemon.in_background("doomed", fails)
+    assert done.wait(10)
+    for _ in range(100):
+        if any(r.message == "doomed failed" and r.levelno == logging.ERROR
+               for r in caplog.records):
+            break
+        threading.Event().wait(0.05)
+    else:
+        raise AssertionError("the failure was not logged")

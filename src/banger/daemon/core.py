@@ -237,6 +237,7 @@ class Daemon:
         self._server: Any = None
         self._instance_lock: int | None = None
         self._stop = threading.Event()
+        self._closed = False
         self._watcher: threading.Thread | None = None
         # Set to have the pool filler (vmpoolfill) look again: a member was taken, a
         # boot snapshot kept or forgotten.
@@ -268,6 +269,25 @@ class Daemon:
     def shutdown(self) -> None:
         """Stop serving; running VMs keep running (they are re-adopted on the next start)."""
         self._stop.set()
+
+    def in_background(self, name: str, body: Callable[[], None]) -> None:
+        """Run ``body`` on a daemon thread that no error escapes.
+
+        A closing daemon does not wait for such work (a guest may take its whole ssh
+        timeout to answer): what fails once :meth:`shutdown` or ``close`` has begun
+        (the store is closed under it) is noted at debug level; the next daemon redoes
+        it when it re-adopts the VMs. Anything else that escapes ``body`` is logged.
+        """
+        def run() -> None:
+            try:
+                body()
+            except Exception:
+                if self._stop.is_set():
+                    log.debug("%s: stopped by the daemon's shutdown", name, exc_info=True)
+                else:
+                    log.exception("%s failed", name)
+
+        threading.Thread(target=run, name=name, daemon=True).start()
 
     def host_idle(self) -> bool:
         """True when no VM needs the host network: every VM in the store is stopped (or

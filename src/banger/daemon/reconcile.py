@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -251,7 +250,7 @@ def _finish_start(d: Daemon, vm: VMRecord, h: VMHandles) -> None:
         finally:
             d.end_inflight(vm.id, token)
 
-    threading.Thread(target=body, name=f"readopt-{vm.name}", daemon=True).start()
+    d.in_background(f"readopt-{vm.name}", body)
 
 
 def _ours(d: Daemon, argv: list[str], pid: int, vm_id: str) -> bool:

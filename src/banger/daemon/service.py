@@ -101,8 +101,11 @@ class Bangerd(Daemon):
         When no VM is left running (:meth:`host_idle`), the host network is also put
         back as banger found it (:meth:`_restore_host_network`); otherwise the bridge
         and NAT stay for the running VMs. The pid file is removed only if it still
-        names this process.
+        names this process. A second call does nothing.
         """
+        if self._closed:
+            return
+        self._closed = True
         self._stop.set()
         if self._server is not None:
             self._server.close()

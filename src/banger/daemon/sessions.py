@@ -20,7 +20,6 @@ import contextlib
 import logging
 import re
 import subprocess
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -612,7 +611,7 @@ class SessionCap:
             except BangerError as exc:
                 log.warning("sessions of %s not re-read: %s", vm.name, exc.message)
 
-        threading.Thread(target=body, name=f"sessions-{vm.name}", daemon=True).start()
+        self.d.in_background(f"sessions-{vm.name}", body)
 
     def stopped(self, vm: VMRecord) -> None:
         """Its running sessions ended with it; their attachments end too."""
