@@ -38,6 +38,10 @@ SYSTEM_RUNTIME = Path("/run/banger")
 HELPER_CAPABILITIES = ("CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE", "CAP_CHOWN", "CAP_FOWNER",
                        "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_SETUID", "CAP_SETGID",
                        "CAP_SETPCAP", "CAP_KILL", "CAP_SYS_ADMIN")
+# What Firecracker's jailer needs beyond that, only where it was found at install time:
+# device nodes in the jail (MKNOD: /dev/kvm, /dev/net/tun; a VM's dm device) and its
+# chroot (SYS_CHROOT), after a pivot_root in a mount namespace of its own (@mount).
+JAILER_CAPABILITIES = ("CAP_MKNOD", "CAP_SYS_CHROOT")
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,8 @@ class Install:
     state_dir: Path = SYSTEM_STATE
     cache_dir: Path = SYSTEM_CACHE
     runtime_dir: Path = SYSTEM_RUNTIME
+    # Where Firecracker's jails live when its jailer was found (None: no Firecracker).
+    jail_base: Path | None = None
 
 
 def system_config(state_dir: Path = SYSTEM_STATE, cache_dir: Path = SYSTEM_CACHE,
@@ -126,6 +132,13 @@ def helper_unit(i: Install) -> str:
     writable = " ".join(str(p) for p in (
         i.state_dir, i.runtime_dir, Path("/sys/fs/cgroup"),
         Path("/proc/sys/net/ipv4/ip_forward")))
+    caps: tuple[str, ...] = HELPER_CAPABILITIES
+    jailer: list[str] = []
+    if i.jail_base is not None:
+        writable += f" -{i.jail_base}"  # "-": made by the first jail, not needed to start
+        caps += JAILER_CAPABILITIES
+        jailer = ["# Firecracker's jailer: a mount namespace, pivot_root, device nodes.",
+                  "SystemCallFilter=@mount"]
     return "\n".join([
         "[Unit]",
         "Description=banger root helper: bridge, TAPs, nftables, VMM launches",
@@ -145,8 +158,9 @@ def helper_unit(i: Install) -> str:
         f"ReadWritePaths={writable}",
         "ProtectHome=yes",
         *_common_hardening(),
+        *jailer,
         "RestrictAddressFamilies=AF_UNIX AF_NETLINK AF_INET AF_INET6",
-        f"CapabilityBoundingSet={' '.join(HELPER_CAPABILITIES)}",
+        f"CapabilityBoundingSet={' '.join(caps)}",
         "",
         "[Install]",
         "WantedBy=multi-user.target",

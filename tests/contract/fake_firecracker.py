@@ -249,6 +249,8 @@ class FakeVM:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # Bind relative to the jail root (our cwd), as a chrooted process would.
         sock.bind(str(target.relative_to(self.root)))
+        if self.owner is not None:  # the real one runs as the jail's uid: its sockets are its
+            os.chown(target.relative_to(self.root), *self.owner)
         sock.listen(8)
         self.vsock, self.vsock_path = sock, uds_path
         threading.Thread(target=self._serve_vsock, args=(sock,), daemon=True).start()
@@ -436,6 +438,8 @@ def firecracker_main(argv: list[str], *, spec: str, journal_dir: str,
                 fail_on=fail_on, owner=owner)
     sock_path = str((root / api_sock.lstrip("/")).relative_to(root))
     server = _Server(sock_path, _Handler)
+    if owner is not None:
+        os.chown(sock_path, *owner)
     server.vm = vm
     try:
         server.serve_forever(poll_interval=0.05)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from banger.config import parse_config
+from banger.config import Config, parse_config
 from banger.daemon.fcproc import (
     FirecrackerAPI,
     FirecrackerDriver,
@@ -24,9 +24,12 @@ from banger.daemon.fcproc import (
     kill,
     saved_files,
 )
-from banger.daemon.fcproc.jail import JailLayout
 from banger.errors import BadRequest, InvalidState, VMMError
 from banger.hostops.cgroups import CONTROLLERS, CgroupHost, CgroupVersion
+from banger.hostops.client import HostOps
+from banger.hostops.executor import Executor
+from banger.hostops.jail import JailLayout
+from banger.hostops.policy import Policy
 from banger.layout import VMPaths, install_tag
 from banger.proc import find_by_marker, matches, wait_gone
 from banger.runner import SubprocessRunner
@@ -63,7 +66,18 @@ def driver_for(fakes: FakeInstall, vms: VMs) -> FirecrackerDriver:
         "jailer_enabled": False,
         "jailer_chroot_base": str(vms.layout.state_dir / "jail"),
     })
-    return FirecrackerDriver.from_config(cfg, SubprocessRunner())
+    return FirecrackerDriver.from_config(cfg, SubprocessRunner(), host_ops(cfg))
+
+
+def host_ops(cfg: Config, cgroups: CgroupHost | None = None) -> HostOps:
+    """The host operations of a root daemon: the helper's executor, in process."""
+    def hierarchy() -> CgroupHost:
+        if cgroups is None:
+            raise AssertionError("this test makes no cgroup")
+        return cgroups
+
+    return HostOps.local(Executor(Policy.from_config(cfg), SubprocessRunner(),
+                                  cgroups=hierarchy))
 
 
 def fake_cgroups(root: Path, version: CgroupVersion) -> CgroupHost:
@@ -84,7 +98,8 @@ def jail_user() -> VMMUser:
 def jailed_driver(tmp_path: Path, spec_path: Path, vms: VMs, base: Path,
                   version: CgroupVersion = CgroupVersion.V2
                   ) -> tuple[FakeInstall, FirecrackerDriver, CgroupHost]:
-    """The real driver built from the config (jailer on, vmm_user nobody) over fakes."""
+    """The real driver built from the config (jailer on, vmm_user nobody) over fakes, its
+    jail built by the root helper's executor in process (as in a root daemon)."""
     host = fake_cgroups(tmp_path / "cgroup", version)
     fakes = write_fakes(tmp_path / "bin", spec_path,
                         cgroup_roots={c: str(d) for c, d in host.roots.items()})
@@ -97,7 +112,7 @@ def jailed_driver(tmp_path: Path, spec_path: Path, vms: VMs, base: Path,
         "jailer_chroot_base": str(base),
         "vmm_user": JAIL_USER,
     })
-    return fakes, FirecrackerDriver.from_config(cfg, SubprocessRunner(), cgroups=host), host
+    return fakes, FirecrackerDriver.from_config(cfg, SubprocessRunner(), host_ops(cfg, host)), host
 
 
 def proc_field(pid: int, name: str) -> str:
@@ -113,7 +128,7 @@ def bodies(fakes: FakeInstall, plan: LaunchPlan, pid: int) -> dict[tuple[str, st
 
 def test_create_start_stop_delete(fakes: FakeInstall, vms: VMs, spec: FirecrackerSpec) -> None:
     drv = driver_for(fakes, vms)
-    assert drv.jailer is None and drv.binary == str(fakes.firecracker)
+    assert drv.jail is None and drv.binary == str(fakes.firecracker)
     plan = vms.plan()
     p = plan.paths
 
@@ -282,7 +297,7 @@ def test_jailed_launch_argv_cgroup_and_files(tmp_path: Path, spec_path: Path, vm
     user = jail_user()
     base = tmp_path / "jails"
     fakes, drv, host = jailed_driver(tmp_path, spec_path, vms, base, version)
-    assert drv.jailer is not None and drv.jailer.user == user
+    assert drv.jail is not None
     plan = vms.plan(vcpu=2)  # 256 MiB of guest memory
     p = plan.paths
     tag = install_tag(vms.layout.state_dir)
@@ -306,7 +321,7 @@ def test_jailed_launch_argv_cgroup_and_files(tmp_path: Path, spec_path: Path, vm
     ]
     assert "0" not in (jailer["argv"][5], jailer["argv"][7])
     # The VM's cgroup: <hierarchy>/banger-<install tag>/<jail id>, beside QEMU VMs' cgroups.
-    group = drv.jailer.cgroup(plan.marker)
+    group = host.group(f"banger-{tag}/{plan.marker}")
     assert group.rel == f"banger-{tag}/{plan.marker}"
     made = journal.events("cgroup")
     assert [f"{e['file']}={e['value']}" for e in made] == limits
@@ -333,13 +348,16 @@ def test_jailed_launch_argv_cgroup_and_files(tmp_path: Path, spec_path: Path, vm
     assert linked == {"vmlinux": plan.kernel, "initrd": plan.initrd,
                       "rootfs": Path(plan.rootfs), "work": Path(plan.work_disk),
                       "vmm.log": p.vmm_log}
-    # What Firecracker writes is the VMM user's alone; the boot files stay root's.
-    for name in ("rootfs", "work", "vmm.log", "fc.metrics"):
+    # What Firecracker writes stays the daemon's (root's here), given to the VMM user's
+    # group; its metrics are its own; the boot files are left as they were.
+    for name in ("rootfs", "work", "vmm.log"):
         st = os.stat(layout.root / name)
-        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (user.uid, user.gid,
-                                                                    0o600), name
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, user.gid, 0o660), name
+    st = os.stat(layout.root / "fc.metrics")
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (user.uid, user.gid, 0o600)
     for name in ("vmlinux", "initrd"):
-        assert os.stat(layout.root / name).st_uid == 0, name
+        st = os.stat(layout.root / name)
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o644), name
     assert p.serial_log.stat().st_uid == 0  # the console log is never handed over
 
     assert drv.stop(p, ident, grace_s=10)
@@ -369,8 +387,10 @@ def test_the_fake_jailer_refuses_what_banger_must_never_pass(tmp_path: Path) -> 
 
 @needs_root
 def test_jailed_lifecycle(tmp_path: Path, spec_path: Path, vms: VMs) -> None:
-    """Through the (fake) jailer: files in the chroot, in-jail paths, short socket links."""
-    # Deep enough that the in-jail API socket's host path cannot be connect()ed directly.
+    """Through the (fake) jailer: files in the chroot, in-jail paths, sockets reached
+    through connections the helper hands over."""
+    # Deep enough that the in-jail API socket's host path cannot be connect()ed by name:
+    # the helper connects through a descriptor of it.
     base = vms.layout.state_dir / ("deep-" * 12) / "jail"
     user = jail_user()
     fakes, drv, _ = jailed_driver(tmp_path, spec_path, vms, base)
@@ -381,31 +401,34 @@ def test_jailed_lifecycle(tmp_path: Path, spec_path: Path, vms: VMs) -> None:
     ident = drv.launch(plan)
     jailed_sock = layout.root / "fc.sock"
     assert len(str(jailed_sock).encode()) >= 108
-    assert p.api_socket.is_symlink() and p.api_socket.resolve() == jailed_sock
+    assert not p.api_socket.exists() and not p.api_socket.is_symlink()
     assert jailed_sock.is_socket()
     assert (layout.root / "vsock.sock").is_socket()
     argv = fakes.journal(plan.marker).events("start")[0]["argv"]
     assert f"--id={plan.marker}" in argv and argv[-2:] == ["--api-sock", "/fc.sock"]
     jailer_argv = fakes.journal(plan.marker).events("jailer")[0]
     assert jailer_argv["problems"] == []
-    # Disks and the log are hard links (writes reach the originals), owned by the jail uid.
+    # Disks and the log are hard links (writes reach the originals), the jail group's.
     for inside, original in (("rootfs", plan.rootfs), ("work", plan.work_disk),
                              ("vmm.log", p.vmm_log)):
         st = os.stat(layout.root / inside)
         assert st.st_ino == os.stat(original).st_ino
-        assert (st.st_uid, st.st_gid) == (user.uid, user.gid)
+        assert (st.st_uid, st.st_gid) == (0, user.gid)
     assert "logger ready" in p.vmm_log.read_text()
     drv.flush_metrics(p)
-    assert p.metrics.is_symlink() and "utc_timestamp_ms" in p.metrics.read_text()
+    assert "utc_timestamp_ms" in (layout.root / "fc.metrics").read_text()
 
     drv.pause(p)
     files = SnapshotFiles(p.state / "snap" / "vm.state", p.state / "snap" / "vm.mem")
     drv.snapshot(p, files)
     assert files.memory.read_text().startswith("fake mem_file_path")
     assert not (layout.root / "snapshot.mem").exists()  # moved out of the jail
+    for moved in (files.state, files.memory):  # and made the daemon's
+        st = moved.stat()
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o600)
     assert drv.stop(p, ident, grace_s=10)
     drv.cleanup(p)
-    assert not layout.jail_dir.exists() and not p.api_socket.is_symlink()
+    assert not layout.jail_dir.exists()
     assert Path(plan.rootfs).read_bytes() == b"fake rootfs"  # originals survive
 
     second = drv.restore(plan, files)

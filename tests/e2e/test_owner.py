@@ -36,6 +36,8 @@ from tests.e2e.conftest import (
     MEMORY_MIB,
     VCPU,
     CachedImage,
+    firecracker_kernel,
+    firecracker_skip_reason,
     qemu_pids_under,
 )
 from tests.e2e.pulled import PROBE, check_pulled, top_layers
@@ -296,3 +298,24 @@ def test_an_unprivileged_daemon_builds_the_default_image(owner_host: OwnerHost,
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.split("\n")[:2] == ["root:shadow 640", "root:shadow 2755"], res.stdout
 
+
+
+def test_an_unprivileged_daemon_runs_firecracker_through_the_helpers_jail(
+        request: pytest.FixtureRequest, test_image: CachedImage) -> None:
+    """The helper builds the jail and starts the jailer; the daemon reaches Firecracker's
+    API and vsock only through connections the helper hands over."""
+    reason = firecracker_skip_reason()
+    if reason:
+        pytest.skip(reason)  # before the owner's daemon and helper are started
+    kernel = firecracker_kernel()
+    assert kernel is not None
+    h: OwnerHost = request.getfixturevalue("owner_host")
+    h.ok("image", "register", "--name", "fc", "--rootfs", str(test_image.rootfs),
+         "--kernel", str(kernel))
+    res = h.cli("vm", "run", "--rm", "--vmm", "firecracker", "--image", "fc", "--name", "fc",
+                "--", "sh", "-c", "cat /proc/cmdline; exit 4", timeout=900)
+    assert res.returncode == 4, res.stdout + res.stderr
+    log = (h.root / "helper.log").read_text()
+    for op in ("fc.launch done", "fc.connect done", "fc.cleanup done"):
+        assert op in log, f"the helper did not log {op!r}"
+    assert h.cli("vm", "list", "--json").stdout.strip() == "[]"

@@ -50,7 +50,7 @@ from tests.fakes import FakeRunner, FakeVMM
 doctor = importlib.import_module("banger.daemon.doctor")  # the package re-exports a function
 GOLDEN = Path(__file__).parent.parent / "golden"
 USER = VMMUser("banger-vmm", 990, 985)
-SPAWN = Path(__file__).parents[2] / "src/banger/hostops/qemu_spawn.py"
+SPAWN = Path(__file__).parents[2] / "src/banger/hostops/vmm_spawn.py"
 FIREWALL = FirewallSettings(table="banger_abc123", bridge="br-t", cidr="10.7.0.1/24",
                             tap_prefix="bgtabc123")
 

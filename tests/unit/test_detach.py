@@ -25,7 +25,7 @@ from banger.proc import ProcessIdentity, identify, send_signal, wait_gone
 from banger.vmm import vm_marker
 
 FC_SPAWN = Path(fcproc.__file__).with_name("_spawn.py")
-QEMU_SPAWN = Path(hostops.__file__).with_name("qemu_spawn.py")
+QEMU_SPAWN = Path(hostops.__file__).with_name("vmm_spawn.py")
 SPAWN_TIMEOUT_S = 30  # a generous bound for a Python start-up and two forks
 SLEEPER = ("import sys, time; print('console', flush=True); "
            "print('oops', file=sys.stderr, flush=True); time.sleep(60)")

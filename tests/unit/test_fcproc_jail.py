@@ -1,12 +1,13 @@
 """The jailer: layout and argv (pure), and building jails on a real filesystem.
 
-The side-effect tests need root (mknod, chown to another uid), like the jailer.
+The jail is the root helper's (:mod:`banger.hostops.jail`); the daemon only names
+the files it holds (:func:`banger.daemon.fcproc.driver.jail_files`). The side-effect
+tests need root (mknod, chown to another uid), like the jailer.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -15,29 +16,34 @@ from typing import Any
 
 import pytest
 
-from banger.daemon.fcproc import JailerSettings, JailLayout, direct_view, jailed_view
-from banger.daemon.fcproc.driver import configure
-from banger.daemon.fcproc.jail import (
-    Exposure,
+from banger.daemon.fcproc import direct_view, jailed_view
+from banger.daemon.fcproc.driver import SnapshotFiles, configure, firecracker_argv, jail_files
+from banger.errors import BadRequest, HostError
+from banger.hostops import ops
+from banger.hostops.cgroups import CgroupHost, CgroupVersion, Limits, limits_for
+from banger.hostops.jail import (
+    JAIL_FILES,
+    JAIL_METRICS,
+    JAIL_SNAPSHOT_MEM,
+    JAIL_SNAPSHOT_STATE,
+    MAX_EXTRA_DISKS,
+    JailerSettings,
+    JailLayout,
     check_exec_file,
     check_jail_id,
-    expose,
-    firecracker_argv,
     jailer_argv,
     move_out,
-    plan_exposures,
+    place,
     prepare_jail,
     readable_by,
     remove_jail,
-    socket_links,
 )
-from banger.errors import BadRequest, HostError
-from banger.hostops.cgroups import CgroupHost, CgroupVersion, Limits, limits_for
 from banger.layout import Layout, VMPaths
 from banger.vmm import LaunchPlan
 from banger.vmmuser import VMMUser
 
 NOBODY = 65534
+NOBODY_USER = VMMUser("nobody", NOBODY, NOBODY)
 VMM = VMMUser("banger-vmm", 990, 985)
 V1 = CgroupHost(CgroupVersion.V1, {c: Path("/sys/fs/cgroup") / c for c in ("memory", "pids",
                                                                              "cpu")})
@@ -57,6 +63,11 @@ def make_plan(paths: VMPaths, *, initrd: Path | None = Path("/img/initrd"),
                       kernel=kernel, initrd=initrd, cmdline="console=ttyS0",
                       rootfs=rootfs, work_disk=str(paths.work_disk),
                       tap="tap-1", mac="06:00:00:00:00:01", paths=paths, extra_disks=extra_disks)
+
+
+def opened(path: Path, flags: int = os.O_RDONLY) -> int:
+    """A descriptor of ``path``, as the root helper opens a VM's file."""
+    return os.open(path, flags | os.O_CLOEXEC)
 
 
 # ------------------------------------------------------------------ pure
@@ -161,29 +172,47 @@ def test_views(tmp_path: Path) -> None:
     assert jailed_view(make_plan(paths, initrd=None)).initrd is None
 
 
-def test_exposures_mark_what_firecracker_writes(tmp_path: Path) -> None:
+def test_jail_files_mark_what_firecracker_writes(tmp_path: Path) -> None:
     paths = VMPaths(tmp_path / "s", tmp_path / "r")
-    items = plan_exposures(make_plan(paths, initrd=None, kernel=Path("/k"), rootfs="/r",
-                                     extra_disks=("/x",)))
-    assert [(str(i.source), i.jailed, i.writable) for i in items] == [
-        ("/k", "/vmlinux", False), ("/r", "/rootfs", True),
-        (str(paths.work_disk), "/work", True), (str(paths.vmm_log), "/vmm.log", True),
-        ("/x", "/extra0", True)]
-    assert jailed_view(make_plan(paths, extra_disks=("/x", "/y"))).extra_disks == (
-        "/extra0", "/extra1")
-
-
-def test_socket_links_are_short_and_point_into_the_jail(tmp_path: Path) -> None:
-    paths = VMPaths(tmp_path / "s", Path("/run/banger/vms/0a1b2c3d4e5f"))
-    layout = JailLayout(Path("/srv/" + "deep/" * 30), "firecracker", "banger-0a1b2c3d4e5f")
-    links = socket_links(layout, paths)
-    assert links == {
-        paths.api_socket: layout.root / "fc.sock",
-        paths.vsock_socket: layout.root / "vsock.sock",
-        paths.metrics: layout.root / "fc.metrics",
+    plan = make_plan(paths, initrd=None, kernel=Path("/k"), rootfs="/r", extra_disks=("/x",))
+    assert jail_files(plan) == {
+        "kernel": ops.VMFile(path="/k", mode="r"),
+        "rootfs": ops.VMFile(path="/r", mode="rw", give=True),
+        "work": ops.VMFile(path=str(paths.work_disk), mode="rw", give=True),
+        "log": ops.VMFile(path=str(paths.vmm_log), mode="rw", give=True),
+        "extra0": ops.VMFile(path="/x", mode="rw", give=True),
     }
-    assert all(len(str(link).encode()) < 108 for link in links)
-    assert len(str(layout.root / "fc.sock").encode()) >= 108  # the reason for the links
+    restore = SnapshotFiles(state=tmp_path / "fc.state", memory=tmp_path / "fc.mem")
+    files = jail_files(make_plan(paths), restore)
+    assert files["initrd"] == ops.VMFile(path="/img/initrd", mode="r")
+    assert files["kernel"].give is False and files["initrd"].give is False
+    assert files["snapshot_state"] == ops.VMFile(path=str(restore.state), mode="r", give=True)
+    assert files["snapshot_mem"] == ops.VMFile(path=str(restore.memory), mode="r", give=True)
+    assert set(files) <= set(JAIL_FILES)
+
+
+def test_jail_files_land_where_the_jailed_view_looks(tmp_path: Path) -> None:
+    """The helper places each file at JAIL_FILES[name]; Firecracker is told the view's."""
+    paths = VMPaths(tmp_path / "s", tmp_path / "r")
+    plan = make_plan(paths, extra_disks=("/x", "/y"))
+    view = jailed_view(plan)
+    files = jail_files(plan)
+    assert {name: JAIL_FILES[name] for name in files} == {
+        "kernel": view.kernel, "initrd": view.initrd, "rootfs": view.rootfs,
+        "work": view.work_disk, "log": view.log, "extra0": view.extra_disks[0],
+        "extra1": view.extra_disks[1]}
+    assert view.extra_disks == ("/extra0", "/extra1")
+    assert view.metrics == JAIL_METRICS
+    assert (JAIL_FILES["snapshot_state"], JAIL_FILES["snapshot_mem"]) == (
+        JAIL_SNAPSHOT_STATE, JAIL_SNAPSHOT_MEM)
+
+
+def test_jail_files_refuse_more_extra_disks_than_a_jail_holds(tmp_path: Path) -> None:
+    paths = VMPaths(tmp_path / "s", tmp_path / "r")
+    most = tuple(f"/x{i}" for i in range(MAX_EXTRA_DISKS))
+    assert f"extra{MAX_EXTRA_DISKS - 1}" in jail_files(make_plan(paths, extra_disks=most))
+    with pytest.raises(BadRequest, match=f"at most {MAX_EXTRA_DISKS} extra disks"):
+        jail_files(make_plan(paths, extra_disks=(*most, "/one-more")))
 
 
 # (file mode, file owner, file group, reader uid, reader gid, readable)
@@ -212,16 +241,28 @@ def jail_root(tmp_path: Path) -> Path:
     return root
 
 
+def place_path(path: Path, jailed: str, root: Path, *, writable: bool,
+               flags: int = os.O_RDONLY) -> Path:
+    """``place`` the file at ``path`` through a descriptor, closed afterwards."""
+    fd = opened(path, flags)
+    try:
+        return place(fd, jailed, root, NOBODY_USER, writable=writable)
+    finally:
+        os.close(fd)
+
+
 @needs_root
-def test_writable_file_is_hard_linked_and_chowned(tmp_path: Path, jail_root: Path) -> None:
+def test_writable_file_is_hard_linked_as_it_is(tmp_path: Path, jail_root: Path) -> None:
     disk = tmp_path / "work.ext4"
     disk.write_bytes(b"disk")
-    disk.chmod(0o644)
-    target = expose(Exposure(disk, "/work", writable=True), jail_root, NOBODY, NOBODY)
+    os.chown(disk, 0, NOBODY)  # the caller gave it to the VMM group already
+    disk.chmod(0o660)
+    target = place_path(disk, "/work", jail_root, writable=True, flags=os.O_RDWR)
     assert target == jail_root / "work"
     assert target.stat().st_ino == disk.stat().st_ino  # writes reach the original
-    assert (disk.stat().st_uid, disk.stat().st_gid) == (NOBODY, NOBODY)
-    assert stat.S_IMODE(disk.stat().st_mode) == 0o600  # the VMM user's alone
+    st = disk.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, NOBODY, 0o660)
+    assert st.st_nlink == 2
 
 
 @needs_root
@@ -230,9 +271,26 @@ def test_readable_file_is_linked_without_changing_its_owner(tmp_path: Path,
     kernel = tmp_path / "vmlinux"
     kernel.write_bytes(b"kernel")
     kernel.chmod(0o644)
-    target = expose(Exposure(kernel, "/vmlinux", writable=False), jail_root, NOBODY, NOBODY)
+    target = place_path(kernel, "/vmlinux", jail_root, writable=False)
     assert target.stat().st_ino == kernel.stat().st_ino
-    assert kernel.stat().st_uid == 0
+    assert kernel.stat().st_uid == 0 and stat.S_IMODE(kernel.stat().st_mode) == 0o644
+
+
+@needs_root
+def test_link_follows_the_descriptor_not_the_name(tmp_path: Path, jail_root: Path) -> None:
+    """A name swapped after the helper opened it does not change what the jail gets."""
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(b"kernel")
+    kernel.chmod(0o644)
+    fd = opened(kernel)
+    try:
+        kernel.rename(tmp_path / "vmlinux.old")
+        kernel.write_bytes(b"swapped")
+        target = place(fd, "/vmlinux", jail_root, NOBODY_USER, writable=False)
+    finally:
+        os.close(fd)
+    assert target.read_bytes() == b"kernel"
+    assert target.stat().st_ino == (tmp_path / "vmlinux.old").stat().st_ino
 
 
 @needs_root
@@ -241,31 +299,44 @@ def test_unreadable_read_only_file_is_copied_for_the_jail_user(tmp_path: Path,
     kernel = tmp_path / "vmlinux"
     kernel.write_bytes(b"kernel")
     kernel.chmod(0o600)  # root only
-    target = expose(Exposure(kernel, "/vmlinux", writable=False), jail_root, NOBODY, NOBODY)
+    target = place_path(kernel, "/vmlinux", jail_root, writable=False)
     assert target.stat().st_ino != kernel.stat().st_ino
     assert target.read_bytes() == b"kernel"
     assert (target.stat().st_uid, kernel.stat().st_uid) == (NOBODY, 0)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
 
 
 @needs_root
 def test_block_device_gets_its_own_node(tmp_path: Path, jail_root: Path) -> None:
     dev = tmp_path / "dm-7"
     os.mknod(dev, stat.S_IFBLK | 0o600, os.makedev(253, 7))
-    link = tmp_path / "banger-root"  # like /dev/mapper/<name> -> ../dm-7
-    link.symlink_to(dev)
-    target = expose(Exposure(link, "/rootfs", writable=True), jail_root, NOBODY, NOBODY)
+    os.chown(dev, 0, 6)  # as the host's dm nodes: root:disk
+    dev.chmod(0o660)
+    # O_PATH: the node needs no device behind it to be stat'ed through its descriptor.
+    target = place_path(dev, "/rootfs", jail_root, writable=True, flags=os.O_PATH)
     st = target.lstat()
     assert stat.S_ISBLK(st.st_mode) and st.st_rdev == os.makedev(253, 7)
-    assert (st.st_uid, st.st_gid) == (NOBODY, NOBODY)
-    assert dev.stat().st_uid == 0  # the host's node is untouched
+    assert st.st_ino != dev.stat().st_ino
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (NOBODY, NOBODY, 0o600)
+    host = dev.stat()  # the host's node is untouched
+    assert (host.st_uid, host.st_gid, stat.S_IMODE(host.st_mode)) == (0, 6, 0o660)
 
 
-def test_other_file_kinds_and_missing_files_are_refused(tmp_path: Path,
-                                                        jail_root: Path) -> None:
-    with pytest.raises(HostError, match="not a regular file or block device"):
-        expose(Exposure(Path("/dev/null"), "/rootfs", writable=True), jail_root, 0, 0)
-    with pytest.raises(HostError, match="No such file"):
-        expose(Exposure(tmp_path / "missing", "/rootfs", writable=True), jail_root, 0, 0)
+@needs_root
+def test_place_never_replaces_what_is_in_the_jail(tmp_path: Path, jail_root: Path) -> None:
+    """A name already in the jail (say a symlink the VMM user left) is never written through."""
+    precious = tmp_path / "precious"
+    precious.write_bytes(b"precious")
+    (jail_root / "vmlinux").symlink_to(precious)
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(b"kernel")
+    kernel.chmod(0o600)  # would be copied
+    with pytest.raises(HostError, match="cannot put vmlinux in the jail"):
+        place_path(kernel, "/vmlinux", jail_root, writable=False)
+    kernel.chmod(0o644)  # would be linked
+    with pytest.raises(HostError, match="cannot put vmlinux in the jail"):
+        place_path(kernel, "/vmlinux", jail_root, writable=False)
+    assert precious.read_bytes() == b"precious" and precious.stat().st_uid == 0
 
 
 @pytest.fixture
@@ -285,13 +356,15 @@ def test_cross_filesystem_files(other_fs: Path, jail_root: Path) -> None:
     disk = other_fs / "work.ext4"
     disk.write_bytes(b"disk")
     with pytest.raises(HostError, match="another filesystem") as exc:
-        expose(Exposure(disk, "/work", writable=True), jail_root, NOBODY, NOBODY)
-    assert "same filesystem as state_dir" in exc.value.hint
+        place_path(disk, "/work", jail_root, writable=True, flags=os.O_RDWR)
+    assert "jailer_chroot_base" in exc.value.hint
+    assert not (jail_root / "work").exists()
     kernel = other_fs / "vmlinux"
     kernel.write_bytes(b"kernel")
     kernel.chmod(0o644)
-    target = expose(Exposure(kernel, "/vmlinux", writable=False), jail_root, NOBODY, NOBODY)
+    target = place_path(kernel, "/vmlinux", jail_root, writable=False)
     assert target.read_bytes() == b"kernel" and target.stat().st_ino != kernel.stat().st_ino
+    assert target.stat().st_uid == NOBODY
 
 
 @needs_root
@@ -299,29 +372,38 @@ def test_prepare_and_remove_jail(tmp_path: Path) -> None:
     layout = Layout(tmp_path / "s", tmp_path / "c", tmp_path / "r", tmp_path / "k")
     paths = layout.vm("0a1b2c3d4e5f")
     paths.state.mkdir(parents=True)
-    paths.run.mkdir(parents=True)
     for f in (paths.rootfs, paths.work_disk, paths.vmm_log):
         f.write_bytes(b"x")
     kernel = tmp_path / "vmlinux"
     kernel.write_bytes(b"k")
     kernel.chmod(0o644)
-    nobody = settings(user=VMMUser("nobody", NOBODY, NOBODY), base=tmp_path / "jails")
+    nobody = settings(user=NOBODY_USER, base=tmp_path / "jails")
     jail = JailLayout.for_vm(nobody.chroot_base, "/usr/bin/firecracker", "banger-0a1b2c3d4e5f")
     (jail.root / "stale").mkdir(parents=True)  # left by a crashed run
 
-    items = plan_exposures(make_plan(paths, initrd=None, kernel=kernel,
-                                     rootfs=str(paths.rootfs)))
-    prepare_jail(jail, nobody, paths, items)
+    files = jail_files(make_plan(paths, initrd=None, kernel=kernel, rootfs=str(paths.rootfs)))
+    fds = {name: opened(Path(f.path), os.O_RDWR if f.mode == "rw" else os.O_RDONLY)
+           for name, f in files.items()}
+    try:
+        prepare_jail(jail, NOBODY_USER, {JAIL_FILES[name]: (fds[name], f.mode == "rw")
+                                         for name, f in files.items()})
+    finally:
+        for fd in fds.values():
+            os.close(fd)
     assert sorted(os.listdir(jail.root)) == ["fc.metrics", "rootfs", "vmlinux", "vmm.log",
                                              "work"]
-    assert jail.host_path("/fc.metrics").stat().st_uid == NOBODY
-    assert os.readlink(paths.api_socket) == str(jail.root / "fc.sock")
-    assert os.readlink(paths.vsock_socket) == str(jail.root / "vsock.sock")
-    assert os.readlink(paths.metrics) == str(jail.root / "fc.metrics")
+    assert stat.S_IMODE(jail.root.stat().st_mode) & 0o027 == 0  # not the group's, nor others'
+    metrics = jail.host_path(JAIL_METRICS).lstat()
+    assert stat.S_ISREG(metrics.st_mode) and metrics.st_size == 0
+    assert (metrics.st_uid, metrics.st_gid, stat.S_IMODE(metrics.st_mode)) == (
+        NOBODY, NOBODY, 0o600)
+    assert jail.host_path("/work").stat().st_ino == paths.work_disk.stat().st_ino
+    assert not paths.api_socket.exists() and not paths.api_socket.is_symlink()  # no links
 
     assert remove_jail(jail) is True
     assert not jail.jail_dir.exists() and jail.jail_dir.parent.is_dir()
     assert paths.rootfs.read_bytes() == b"x" and kernel.exists()  # originals survive
+    assert paths.work_disk.stat().st_nlink == 1
     assert remove_jail(jail) is False  # idempotent
 
 
@@ -335,45 +417,93 @@ def test_remove_jail_never_follows_a_symlinked_jail(tmp_path: Path) -> None:
     assert (precious / "root").is_dir()
 
 
-def test_move_out(tmp_path: Path, other_fs: Path) -> None:
-    src = tmp_path / "snapshot.mem"
+@pytest.fixture
+def jail(tmp_path: Path) -> JailLayout:
+    layout = JailLayout(tmp_path / "jails", "firecracker", "banger-1")
+    layout.root.mkdir(parents=True)
+    return layout
+
+
+def move(layout: JailLayout, jailed: str, target_dir: Path, name: str,
+         owner: tuple[int, int]) -> None:
+    """``move_out`` into ``target_dir`` through a descriptor, closed afterwards."""
+    dfd = os.open(target_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        move_out(layout, jailed, dfd, name, owner)
+    finally:
+        os.close(dfd)
+
+
+@needs_root
+def test_move_out(tmp_path: Path, jail: JailLayout, other_fs: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    src = jail.host_path(JAIL_SNAPSHOT_MEM)
     src.write_bytes(b"memory")
-    move_out(src, tmp_path / "out" / "vm.mem")
-    assert (tmp_path / "out" / "vm.mem").read_bytes() == b"memory" and not src.exists()
+    src.chmod(0o644)
+    ino = src.stat().st_ino
+    move(jail, JAIL_SNAPSHOT_MEM, out, "vm.mem", (NOBODY, NOBODY))
+    st = (out / "vm.mem").stat()
+    assert (out / "vm.mem").read_bytes() == b"memory" and not src.exists()
+    assert st.st_ino == ino  # renamed, not copied
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (NOBODY, NOBODY, 0o600)
+    assert sorted(os.listdir(out)) == ["vm.mem"]  # no temporary left
+
     src.write_bytes(b"again")
-    move_out(src, other_fs / "vm.mem")  # across filesystems: copy + unlink
+    move(jail, JAIL_SNAPSHOT_MEM, other_fs, "vm.mem", (NOBODY, NOBODY))  # copy + unlink
+    st = (other_fs / "vm.mem").stat()
     assert (other_fs / "vm.mem").read_bytes() == b"again" and not src.exists()
-    with pytest.raises(HostError, match="cannot move"):
-        move_out(tmp_path / "missing", tmp_path / "out" / "x")
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (NOBODY, NOBODY, 0o600)
+    assert sorted(os.listdir(other_fs)) == ["vm.mem"]
 
 
-def test_symlink_reaches_a_socket_whose_own_path_is_too_long(tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch
-                                                             ) -> None:
-    """connect() through the short runtime-dir link works where the jail path cannot."""
-    deep = tmp_path / ("d" * 60) / ("e" * 60)
-    deep.mkdir(parents=True)
-    target = deep / "fc.sock"
-    assert len(str(target).encode()) >= 108
-    monkeypatch.chdir(deep)  # bind relative to the jail root, as the chrooted VMM does
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as srv:
-        srv.bind("fc.sock")
-        srv.listen(1)
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as direct, \
-                pytest.raises(OSError, match="too long"):
-            direct.connect(str(target))
-        link = Path(tempfile.mkdtemp(prefix="bfl-", dir="/tmp")) / "fc.sock"
-        link.symlink_to(target)
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as cli:
-                cli.connect(str(link))
-                conn, _ = srv.accept()
-                with conn:
-                    cli.sendall(b"ping")
-                    assert conn.recv(4) == b"ping"
-        finally:
-            link.unlink()
-            link.parent.rmdir()
+def test_move_out_replaces_an_older_file(tmp_path: Path, jail: JailLayout) -> None:
+    own = (os.getuid(), os.getgid())
+    jail.host_path(JAIL_SNAPSHOT_STATE).write_bytes(b"new")
+    (tmp_path / "vm.state").write_bytes(b"old")
+    move(jail, JAIL_SNAPSHOT_STATE, tmp_path, "vm.state", own)
+    assert (tmp_path / "vm.state").read_bytes() == b"new"
+
+
+def test_move_out_refuses_a_missing_file(tmp_path: Path, jail: JailLayout) -> None:
+    with pytest.raises(HostError, match="cannot read"):
+        move(jail, JAIL_SNAPSHOT_MEM, tmp_path, "vm.mem", (os.getuid(), os.getgid()))
+    assert not (tmp_path / "vm.mem").exists()
+
+
+def test_move_out_refuses_a_symlink_in_the_jail(tmp_path: Path, jail: JailLayout) -> None:
+    """The VMM user owns the jail: a symlink it planted must not move the host's file."""
+    precious = tmp_path / "precious"
+    precious.write_bytes(b"precious")
+    out = tmp_path / "out"
+    out.mkdir()
+    jail.host_path(JAIL_SNAPSHOT_MEM).symlink_to(precious)
+    with pytest.raises(HostError, match="cannot read"):
+        move(jail, JAIL_SNAPSHOT_MEM, out, "vm.mem", (os.getuid(), os.getgid()))
+    assert precious.read_bytes() == b"precious"
+    assert os.listdir(out) == []
+    assert jail.host_path(JAIL_SNAPSHOT_MEM).is_symlink()
+
+
+def test_move_out_refuses_a_hard_linked_file(tmp_path: Path, jail: JailLayout) -> None:
+    """A link to a file elsewhere (say one of the host's) is not a file Firecracker wrote."""
+    precious = tmp_path / "precious"
+    precious.write_bytes(b"precious")
+    out = tmp_path / "out"
+    out.mkdir()
+    os.link(precious, jail.host_path(JAIL_SNAPSHOT_MEM))
+    with pytest.raises(HostError, match="not a plain file"):
+        move(jail, JAIL_SNAPSHOT_MEM, out, "vm.mem", (os.getuid(), os.getgid()))
+    assert precious.read_bytes() == b"precious" and precious.stat().st_nlink == 2
+    assert os.listdir(out) == []
+
+
+def test_move_out_refuses_a_fifo(tmp_path: Path, jail: JailLayout) -> None:
+    """Not a regular file: refused without blocking on the open."""
+    os.mkfifo(jail.host_path(JAIL_SNAPSHOT_MEM))
+    with pytest.raises(HostError, match="not a plain file"):
+        move(jail, JAIL_SNAPSHOT_MEM, tmp_path, "vm.mem", (os.getuid(), os.getgid()))
+    assert not (tmp_path / "vm.mem").exists()
 
 
 def test_configure_adds_extra_disks_after_the_work_disk(tmp_path: Path) -> None:

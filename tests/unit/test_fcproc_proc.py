@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from banger.daemon.fcproc import FirecrackerDriver, kill, stop_gracefully
+from banger.daemon.fcproc import FirecrackerAPI, FirecrackerDriver, kill, stop_gracefully
 from banger.errors import BadRequest, VMMError
 from banger.layout import Layout
 from banger.proc import ProcessIdentity, find_by_marker, identify, matches
@@ -73,7 +73,8 @@ def test_recycled_pid_is_never_signalled(marked_sleep: tuple[subprocess.Popen[by
     # like after the VMM died and the kernel handed its pid to a new process.
     recycled = ProcessIdentity(proc.pid, real.start_time - 1, marker)
     assert not matches(recycled)
-    assert stop_gracefully(short_root / "fc.sock", recycled, grace_s=0.1) is True  # "gone"
+    never = lambda t: FirecrackerAPI(short_root / "fc.sock", timeout=t)  # noqa: E731
+    assert stop_gracefully(never, recycled, grace_s=0.1) is True  # "gone"
     assert kill(recycled, 0.1) is True
     time.sleep(0.2)
     assert alive(proc)
@@ -118,7 +119,8 @@ def test_unresponsive_vmm_is_killed_after_the_request_fails(
     assert ident is not None
     started = time.monotonic()
     # No API socket: Ctrl-Alt-Del cannot be sent, so no grace period is spent.
-    assert stop_gracefully(short_root / "fc.sock", ident, grace_s=30, kill_wait_s=5) is True
+    absent = lambda t: FirecrackerAPI(short_root / "fc.sock", timeout=t)  # noqa: E731
+    assert stop_gracefully(absent, ident, grace_s=30, kill_wait_s=5) is True
     assert time.monotonic() - started < 5
     deadline = time.monotonic() + 2  # "gone" can be reported while the kernel still tears down
     while not dead(proc.pid):

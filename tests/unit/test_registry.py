@@ -13,11 +13,13 @@ from banger.api.params import CreateParams
 from banger.config import parse_config
 from banger.daemon import images, kernels, reconcile, vmcreate, vmmselect
 from banger.daemon.core import Daemon
+from banger.daemon.fcproc import FirecrackerDriver
+from banger.daemon.fcproc import host as fchost
 from banger.daemon.vmmselect import resolve_vmm
 from banger.daemon.workspaces import check_sync_target
 from banger.errors import AlreadyExists, BadRequest, HostError, InvalidState, NotFound
 from banger.hostops.client import HostOps
-from tests.fakes import FakeRunner
+from banger.runner import SubprocessRunner
 
 
 def bzimage(path: Path, version: str = "6.1.99-banger") -> Path:
@@ -109,18 +111,33 @@ def test_auto_vmm_needs_binary_kvm_and_a_bootable_kernel(tmp_path: Path) -> None
         resolve_vmm(cfg, "xen")
 
 
-def test_a_daemon_that_is_not_root_does_not_pick_or_start_firecracker(
+def test_a_daemon_that_is_not_root_runs_firecracker_only_under_the_jailer(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The jail is built by the root helper; an unjailed Firecracker would need a root
+    daemon. Without the jailer, `auto` picks QEMU and `firecracker` is a clear error."""
     fc = tmp_path / "firecracker"
-    fc.write_text("#!/bin/sh\n")
+    fc.write_text("#!/bin/sh\necho Firecracker v1.7.0\n")
     fc.chmod(0o755)
-    cfg = parse_config({"firecracker_bin": str(fc)})
-    monkeypatch.setattr(vmmselect.os, "geteuid", lambda: 1000)
-    assert vmmselect.NOT_ROOT in vmmselect.firecracker_blockers(cfg)
+    monkeypatch.setattr(fchost.os, "geteuid", lambda: 1000)
+    helper = cast(HostOps, object())
+    cfg = parse_config({"firecracker_bin": str(fc), "jailer_bin": str(tmp_path / "no-jailer")})
+    blockers = vmmselect.firecracker_blockers(cfg)
+    assert any("bangerd is not root" in b and "jailer" in b for b in blockers), blockers
     assert resolve_vmm(cfg, "auto") == "qemu"
     with pytest.raises(HostError, match="not root") as err:
-        vmmselect.make_driver(cfg, FakeRunner(), "firecracker", cast(HostOps, None))
+        vmmselect.make_driver(cfg, SubprocessRunner(), "firecracker", helper)
     assert "vmm = qemu" in err.value.hint
+    off = parse_config({"firecracker_bin": str(fc), "jailer_enabled": False})
+    with pytest.raises(HostError, match="needs a daemon running as root"):
+        vmmselect.make_driver(off, SubprocessRunner(), "firecracker", helper)
+
+    jailer = tmp_path / "jailer"
+    jailer.write_text("#!/bin/sh\n")
+    jailer.chmod(0o755)
+    jailed = parse_config({"firecracker_bin": str(fc), "jailer_bin": str(jailer)})
+    assert not any("jailer" in b for b in vmmselect.firecracker_blockers(jailed))
+    drv = vmmselect.make_driver(jailed, SubprocessRunner(), "firecracker", helper)
+    assert isinstance(drv, FirecrackerDriver) and drv.jail is helper
 
 
 @pytest.mark.parametrize("guest", ["/root/.config/x", "/root/a/b/c"])

@@ -395,7 +395,7 @@ def test_firecracker_clones_only_jailed_vms_and_needs_their_vsock(tmp_path: Path
     from banger.daemon.fcproc.driver import FirecrackerDriver
 
     drv = FirecrackerDriver.__new__(FirecrackerDriver)
-    drv.jailer = None
+    drv.jail = None
     with pytest.raises(BadRequest) as unjailed:
         drv.check_clonable()
     assert "jailed" in unjailed.value.message and "--vmm qemu" in unjailed.value.hint

@@ -4,6 +4,7 @@ daemon of its own for it."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import stat
@@ -53,13 +54,27 @@ def test_units_are_hardened_and_hold_only_what_each_needs() -> None:
     assert "Requires=banger-helper.service" in daemon
 
 
+def test_a_helper_that_runs_the_jailer_gets_its_jail_base_and_no_more() -> None:
+    plain = su.helper_unit(_install())
+    jail = su.helper_unit(dataclasses.replace(_install(), jail_base=Path("/srv/jailer")))
+    caps = next(line for line in jail.splitlines() if line.startswith("CapabilityBounding"))
+    assert set(caps.split("=", 1)[1].split()) == {*su.HELPER_CAPABILITIES,
+                                                  *su.JAILER_CAPABILITIES}
+    assert "SystemCallFilter=@mount" in jail.splitlines()
+    assert "SystemCallFilter=@mount" not in plain and "CAP_MKNOD" not in plain
+    rw = next(line for line in jail.splitlines() if line.startswith("ReadWritePaths="))
+    assert rw.endswith(" -/srv/jailer") and "/srv/jailer" not in plain
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None
                     or not (VENV_BIN / "bangerd").exists(),
                     reason="needs systemd-analyze (package systemd) and bangerd beside python")
-def test_systemd_analyze_verifies_both_units(tmp_path: Path) -> None:
+@pytest.mark.parametrize("jail_base", [None, Path("/srv/jailer")])
+def test_systemd_analyze_verifies_both_units(tmp_path: Path, jail_base: Path | None) -> None:
     # (systemd warns about the shared "nobody" account: a real owner is a user of its own)
-    for name, text in ((su.DAEMON_UNIT, su.daemon_unit(_install(owner="alice"))),
-                       (su.HELPER_UNIT, su.helper_unit(_install(owner="alice")))):
+    alice = dataclasses.replace(_install(owner="alice"), jail_base=jail_base)
+    for name, text in ((su.DAEMON_UNIT, su.daemon_unit(alice)),
+                       (su.HELPER_UNIT, su.helper_unit(alice))):
         (tmp_path / name).write_text(text)
     res = subprocess.run(["systemd-analyze", "verify", str(tmp_path / su.DAEMON_UNIT),
                           str(tmp_path / su.HELPER_UNIT)], capture_output=True, text=True,

@@ -28,6 +28,7 @@ from banger.client import Client
 from banger.config import SYSTEM_CONFIG, load_config
 from banger.errors import BadRequest, DaemonUnavailable
 from banger.hostops import userns
+from banger.hostops.policy import Policy
 from banger.layout import Layout
 from banger.runner import Runner, SubprocessRunner
 from banger.vmmuser import ensure_user
@@ -115,9 +116,12 @@ def install_system(owner: str, *, root: Path, runner: Runner, start: bool, bin_d
     if cfg.runtime_dir.parent != Path("/run"):
         raise BadRequest(f"runtime_dir {cfg.runtime_dir} is not directly under /run",
                          hint="a system install keeps sockets in /run/<name>")
+    found = Policy.from_config(cfg)  # the Firecracker and jailer the helper will find
+    jailed = bool(found.jailer_bin and found.firecracker_bin)
     i = su.Install(owner=owner, group=grp.getgrgid(pw.pw_gid).gr_name, config=SYSTEM_CONFIG,
                    bin_dir=bin_dir, state_dir=cfg.state_dir, cache_dir=cfg.cache_dir,
-                   runtime_dir=cfg.runtime_dir)
+                   runtime_dir=cfg.runtime_dir,
+                   jail_base=cfg.jailer_chroot_base if jailed else None)
     units = root / su.UNIT_DIR
     units.mkdir(parents=True, exist_ok=True)
     for name, text in ((su.DAEMON_UNIT, su.daemon_unit(i)), (su.HELPER_UNIT, su.helper_unit(i))):

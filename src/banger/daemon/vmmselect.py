@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 from banger.config import Config
-from banger.daemon.fcproc import FirecrackerDriver, find_firecracker
+from banger.daemon.fcproc import FirecrackerDriver, jailer_binary
 from banger.daemon.hostinfo import kvm_status, which
 from banger.daemon.qemuproc import QemuDriver
 from banger.errors import BadRequest, HostError
 from banger.hostops.client import HostOps
+from banger.hostops.jail import find_firecracker
 from banger.runner import Runner
 from banger.vmm import VMMDriver
 
@@ -20,13 +20,13 @@ def firecracker_binary(cfg: Config) -> str | None:
     return find_firecracker(cfg)
 
 
-NOT_ROOT = ("bangerd is not root, and Firecracker's jailer is not yet driven through the "
-            "root helper")
-
-
 def firecracker_blockers(cfg: Config) -> list[str]:
     """Every reason Firecracker cannot run VMs on this host (empty: it can)."""
-    reasons = [NOT_ROOT] if os.geteuid() != 0 else []
+    reasons = []
+    try:
+        jailer_binary(cfg)  # a daemon that is not root needs the jailer
+    except HostError as exc:
+        reasons.append(exc.message)
     if firecracker_binary(cfg) is None:
         reasons.append(f"no Firecracker binary ({cfg.firecracker_bin or 'firecracker'} "
                        "is not on PATH)")
@@ -79,9 +79,5 @@ def make_driver(cfg: Config, runner: Runner, name: str, host: HostOps) -> VMMDri
                             hint="apt-get install qemu-system-x86")
         return QemuDriver.from_config(cfg, runner, qemu, resolve_accel(cfg), host)
     if name == "firecracker":
-        if os.geteuid() != 0:
-            raise HostError(f"vmm = firecracker: {NOT_ROOT}",
-                            hint="use vmm = qemu (started through the root helper), or run "
-                                 "bangerd as root")
-        return FirecrackerDriver.from_config(cfg, runner)
+        return FirecrackerDriver.from_config(cfg, runner, host)
     raise BadRequest(f"unknown VMM {name!r}", hint="use auto, qemu or firecracker")

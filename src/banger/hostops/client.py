@@ -200,10 +200,27 @@ class HostOps:
 
     def qemu_launch(self, req: ops.QemuLaunch) -> int:
         """Start QEMU as ``req`` says; its pid."""
-        pid = self._send(req)
-        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
-            raise BadVersion(f"the root helper answered a launch with {str(pid)[:40]!r}")
-        return pid
+        return _pid(self._send(req))
+
+    def fc_launch(self, req: ops.FcLaunch) -> int:
+        """Build a jail and start Firecracker in it as ``req`` says; its pid."""
+        return _pid(self._send(req))
+
+    def fc_connect(self, vm_id: str, which: str) -> socket.socket:
+        """A connection to VM ``vm_id``'s jailed Firecracker ``api`` or ``vsock`` socket."""
+        got = self._send(ops.FcConnect(vm_id=vm_id, socket=which))  # type: ignore[arg-type]
+        if not isinstance(got, ops.Handover) or len(got.fds) != 1:
+            raise BadVersion("the root helper did not hand over a Firecracker socket")
+        return socket.socket(fileno=got.fds[0])
+
+    def fc_snapshot_out(self, vm_id: str, state: Path, memory: Path) -> None:
+        """Move the snapshot VM ``vm_id``'s Firecracker wrote in its jail to ``state`` and
+        ``memory`` (their directories exist), made this daemon's."""
+        self._send(ops.FcSnapshotOut(vm_id=vm_id, state=str(state), memory=str(memory)))
+
+    def fc_cleanup(self, vm_id: str, wait_s: float = 0.0) -> None:
+        """Remove VM ``vm_id``'s jail and its cgroup (absent is fine)."""
+        self._send(ops.FcCleanup(vm_id=vm_id, wait_s=wait_s))
 
     def dns_sockets(self) -> tuple[socket.socket, socket.socket]:
         """The ``.vm`` DNS server's UDP and TCP sockets, bound to the bridge's address
@@ -259,6 +276,12 @@ class HostOps:
         """Map the new user namespace of this daemon's process ``pid`` (0: the daemon's
         ids, 1..65535: its user's subordinate ids)."""
         self._send(ops.UsernsMap(pid=pid))
+
+
+def _pid(answer: Any) -> int:
+    if not isinstance(answer, int) or isinstance(answer, bool) or answer <= 0:
+        raise BadVersion(f"the root helper answered a launch with {str(answer)[:40]!r}")
+    return answer
 
 
 def _device(answer: Any) -> str:

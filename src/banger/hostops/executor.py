@@ -21,7 +21,6 @@ import re
 import secrets
 import signal
 import socket
-import stat
 import struct
 import sys
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from banger.hostops.cgroups import (
     vm_group,
 )
 from banger.hostops.confine import kvm_groups, privilege_drop
+from banger.hostops.fcjail import Jails
 from banger.hostops.netlink import (
     IP_FORWARD,
     HostNetwork,
@@ -48,6 +48,7 @@ from banger.hostops.netlink import (
     ip_forward,
 )
 from banger.hostops.policy import Policy
+from banger.hostops.vmfiles import kept_if, launch_files, open_log, open_vm_file
 from banger.proc import ProcessIdentity, matches, send_signal
 from banger.runner import Runner
 from banger.vmm import vm_marker
@@ -57,7 +58,7 @@ log = logging.getLogger("banger.hostops")
 
 NFT_TIMEOUT_S = 30.0  # one short transaction
 SPAWN_TIMEOUT_S = 30.0  # the launcher joins a cgroup, forks and execs: well under a second
-LAUNCHER = Path(__file__).with_name("qemu_spawn.py")
+LAUNCHER = Path(__file__).with_name("vmm_spawn.py")
 # linux/if_tun.h
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
@@ -83,6 +84,7 @@ class Executor:
         self.ip_forward_path = ip_forward_path
         self._cgroups = cgroups
         self._cgroup_host: CgroupHost | None = None
+        self.jails = Jails(policy, self.hierarchy, self.vmm_user, self._spawn)
 
     def handle(self, req: ops.Request) -> Any:
         """Check ``req`` and do it; returns the request's result (see :mod:`.ops`).
@@ -155,6 +157,14 @@ class Executor:
             case ops.UsernsMap(pid=pid):
                 p = self.policy
                 userns.map_ids(pid, p.daemon_uid, p.daemon_gid, p.subuids, p.subgids)
+            case ops.FcLaunch():
+                return self.jails.launch(req)
+            case ops.FcConnect(vm_id=vm_id, socket=which):
+                return ops.Handover([self.jails.connect(vm_id, which)])
+            case ops.FcSnapshotOut(vm_id=vm_id, state=state, memory=memory):
+                self.jails.snapshot_out(vm_id, Path(state), Path(memory))
+            case ops.FcCleanup(vm_id=vm_id, wait_s=wait_s):
+                self.jails.cleanup(vm_id, wait_s)
             case ops.DmRead(vm_id=vm_id):
                 return ops.Handover([self.blocks.open_dm(self.policy.dm_device(vm_id),
                                                          os.O_RDONLY)])
@@ -175,11 +185,15 @@ class Executor:
         finally:
             os.close(fd)
 
-    def cgroup(self, vm_id: str) -> VMCgroup:
-        """VM ``vm_id``'s cgroup (it may not exist)."""
+    def hierarchy(self) -> CgroupHost:
+        """The host's cgroup hierarchy, found once."""
         if self._cgroup_host is None:
             self._cgroup_host = self._cgroups()
-        return self._cgroup_host.group(vm_group(self.policy.install_tag, vm_id))
+        return self._cgroup_host
+
+    def cgroup(self, vm_id: str) -> VMCgroup:
+        """VM ``vm_id``'s cgroup (it may not exist)."""
+        return self.hierarchy().group(vm_group(self.policy.install_tag, vm_id))
 
     def vmm_user(self) -> VMMUser:
         """The account VMMs run as.
@@ -225,99 +239,42 @@ class Executor:
     def _qemu_launch(self, req: ops.QemuLaunch) -> int:
         """Open what QEMU gets, make its cgroup, start it through the launcher."""
         user = self.vmm_user()
-        fds: dict[str, int] = {}
-        try:
+        with launch_files(f"QEMU for VM {req.vm_id}") as fds:
             for name, f in req.files.items():
-                fds[name] = self._open_vm_file(req.op, req.vm_id, name, f, user)
+                fds[name] = open_vm_file(self.policy, req.op, req.vm_id, name, f, user=user)
             fds["tap"] = self._open_tap(req.tap)
             fds["qmp"] = self._listen(Path(req.qmp))
-            out_fd = self._open_log(req.op, Path(req.stderr))
+            out_fd = open_log(self.policy, req.op, Path(req.stderr))
             fds["_stderr"] = out_fd
             group = self.cgroup(req.vm_id)
             group.create(limits_for(req.memory_mib, req.vcpu))
             command = [*privilege_drop(user, kvm_groups(req.accel)), self.policy.qemu_bin,
                        *req.args]
-            spec = {"fds": {k: v for k, v in fds.items() if not k.startswith("_")},
-                    "stderr_fd": out_fd, "command": command,
-                    "cgroup_procs": [str(p) for p in group.procs_files]}
-            try:
-                res = self.runner.run([sys.executable, "-I", str(LAUNCHER)],
-                                      desc=f"start QEMU for VM {req.vm_id}",
-                                      timeout=SPAWN_TIMEOUT_S, input=json.dumps(spec).encode(),
-                                      pass_fds=list(fds.values()))
-            except CommandFailed as exc:
-                reason = (str(exc.details.get("stderr") or "").strip()
-                          or f"exit status {exc.details.get('returncode')}")
-                raise VMMError(reason) from exc
-        except OSError as exc:
-            where = f" ({exc.filename})" if exc.filename else ""
-            raise HostError(f"cannot set up QEMU for VM {req.vm_id}: "
-                            f"{exc.strerror or exc}{where}") from exc
-        finally:
-            for fd in fds.values():
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            spec: dict[str, object] = {
+                "fds": {k: v for k, v in fds.items() if not k.startswith("_")},
+                "stderr_fd": out_fd, "command": command,
+                "cgroup_procs": [str(p) for p in group.procs_files]}
+            return self._spawn(f"start QEMU for VM {req.vm_id}", spec, list(fds.values()))
+
+    def _spawn(self, desc: str, spec: dict[str, object], pass_fds: list[int]) -> int:
+        """Start a VMM through the launcher (:mod:`.vmm_spawn`) as ``spec`` says; its pid.
+
+        Raises:
+            VMMError: the launcher failed (its reason) or printed no pid.
+        """
+        try:
+            res = self.runner.run([sys.executable, "-I", str(LAUNCHER)], desc=desc,
+                                  timeout=SPAWN_TIMEOUT_S, input=json.dumps(spec).encode(),
+                                  pass_fds=pass_fds)
+        except CommandFailed as exc:
+            reason = (str(exc.details.get("stderr") or "").strip()
+                      or f"exit status {exc.details.get('returncode')}")
+            raise VMMError(reason) from exc
         try:
             return int(res.out.strip())
         except ValueError as exc:
-            raise VMMError(f"the QEMU launcher printed {res.out.strip()[:80]!r}, "
+            raise VMMError(f"the VMM launcher printed {res.out.strip()[:80]!r}, "
                            "not a pid") from exc
-
-    @staticmethod
-    def _open_dm_device(op: str, name: str, path: Path, flags: int, user: VMMUser) -> int:
-        """The VM's dm-snapshot device, given to the VMM user's group."""
-        try:
-            fd = blockdev.BlockDevices.open_dm(path, flags)
-        except Refused as exc:
-            raise Refused(f"{op}: {name}: {exc.message}") from exc
-        return _kept_if(fd, lambda fd: _give(fd, user))
-
-    def _open_vm_file(self, op: str, vm_id: str, name: str, f: ops.VMFile,
-                      user: VMMUser) -> int:
-        """Open one of the VM's files below the state or runtime dir, never through a
-        symlink; only the daemon's own files, and a file QEMU writes made its group's."""
-        path = Path(f.path)
-        flags = os.O_RDONLY if f.mode == "r" else os.O_RDWR
-        if path == self.policy.dm_device(vm_id):
-            return self._open_dm_device(op, name, path, flags, user)
-        root = (self.policy.state_dir if path.is_relative_to(self.policy.state_dir)
-                else self.policy.runtime_dir)
-        # O_NONBLOCK: a FIFO put where a file was expected must not hang the helper.
-        fd = open_beneath(root, path, flags | os.O_NONBLOCK)
-
-        def check(fd: int) -> None:
-            st = os.fstat(fd)
-            if not (stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode)):
-                raise Refused(f"{op}: {name} ({path}) is not a regular file or a FIFO")
-            if stat.S_ISREG(st.st_mode):
-                os.set_blocking(fd, True)
-            if st.st_uid != self.policy.daemon_uid:
-                raise Refused(f"{op}: {name} ({path}) is not the daemon's file "
-                              f"(uid {st.st_uid})")
-            if f.give:
-                _give(fd, user)
-
-        return _kept_if(fd, check)
-
-    def _open_log(self, op: str, path: Path) -> int:
-        """QEMU's log below the state dir: the daemon's own regular file with one link
-        (never a hard link to someone else's), or made here and given to the daemon."""
-        flags = os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK
-        try:
-            fd = open_beneath(self.policy.state_dir, path, flags)
-        except FileNotFoundError:
-            fd = open_beneath(self.policy.state_dir, path, flags | os.O_CREAT | os.O_EXCL,
-                              0o600)
-            os.fchown(fd, self.policy.daemon_uid, -1)
-
-        def check(fd: int) -> None:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 \
-                    or st.st_uid != self.policy.daemon_uid:
-                raise Refused(f"{op}: {path} is not the daemon's own plain file")
-            os.set_blocking(fd, True)
-
-        return _kept_if(fd, check)
 
     def _listen(self, path: Path) -> int:
         """Bind QEMU's QMP socket at ``path`` (the VM's runtime directory, reached
@@ -361,26 +318,8 @@ class Executor:
 def attach_tap(name: str) -> int:
     """A descriptor attached to TAP ``name`` (``TUNSETIFF`` needs CAP_NET_ADMIN)."""
     ifr = struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
-    return _kept_if(os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC),
+    return kept_if(os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC),
                     lambda fd: fcntl.ioctl(fd, TUNSETIFF, ifr))
-
-
-def _kept_if(fd: int, check: Callable[[int], object]) -> int:
-    """``fd`` once ``check(fd)`` returned; closed when it raised."""
-    try:
-        check(fd)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _give(fd: int, user: VMMUser) -> None:
-    """Let the VMM user's group read and write the file behind ``fd``; its owner keeps
-    it. QEMU re-opens its files through /proc/self/fd, which checks the file's own
-    permissions; the directories above stay closed to it."""
-    os.fchown(fd, -1, user.gid)
-    os.fchmod(fd, 0o660)
 
 
 def _uids(pid: int) -> list[int]:

@@ -180,7 +180,8 @@ class CgroupRemove(_Model):
 
 
 class VMFile(_Model):
-    """A file the VMM gets as a descriptor; ``give``: made writable by the VMM user."""
+    """A file the VMM gets as a descriptor; ``give``: made the VMM user's group's
+    (readable, and writable for mode ``rw``), its owner still the daemon."""
 
     path: HostPath
     mode: Literal["r", "rw"]
@@ -203,6 +204,50 @@ class QemuLaunch(_Model):
     memory_mib: Annotated[int, Field(ge=1, le=1 << 20)]
     vcpu: Annotated[int, Field(ge=1, le=256)]
     accel: Literal["kvm", "tcg"]
+
+
+JailName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,15}$")]
+
+
+class FcLaunch(_Model):
+    """Build VM ``vm_id``'s jail from ``files`` (named as in ``hostops.jail.JAIL_FILES``)
+    and start Firecracker in it under the jailer fixed at install time, confined to
+    the VM's size; its console goes to ``serial``. Answers its pid."""
+
+    op: Literal["fc.launch"] = "fc.launch"
+    vm_id: VMId
+    files: Annotated[dict[JailName, VMFile], Field(max_length=MAX_VMM_FILES)]
+    serial: HostPath
+    memory_mib: Annotated[int, Field(ge=1, le=1 << 20)]
+    vcpu: Annotated[int, Field(ge=1, le=256)]
+
+
+class FcConnect(_Model):
+    """A connection to VM ``vm_id``'s Firecracker ``api`` or ``vsock`` socket inside its
+    jail (handed over as a descriptor)."""
+
+    op: Literal["fc.connect"] = "fc.connect"
+    vm_id: VMId
+    socket: Literal["api", "vsock"]
+
+
+class FcSnapshotOut(_Model):
+    """Move the snapshot VM ``vm_id``'s Firecracker wrote in its jail to ``state`` and
+    ``memory`` (below the state directory), made the daemon's."""
+
+    op: Literal["fc.snapshot_out"] = "fc.snapshot_out"
+    vm_id: VMId
+    state: HostPath
+    memory: HostPath
+
+
+class FcCleanup(_Model):
+    """Remove VM ``vm_id``'s jail and the cgroup the jailer made, retrying up to
+    ``wait_s`` while it empties (a missing one is not an error)."""
+
+    op: Literal["fc.cleanup"] = "fc.cleanup"
+    vm_id: VMId
+    wait_s: Annotated[float, Field(ge=0, le=30)] = 0.0
 
 
 class DNSSockets(_Model):
@@ -281,7 +326,7 @@ Request = Annotated[
     EnsureBridge | CreateTap | DeleteLink | ListLinks | NftLoad | NftAdmit | NftForget
     | NftPin | NftDelete | IPForward | Signal | CgroupCreate | CgroupAdopt | CgroupRemove
     | QemuLaunch | DNSSockets | LoopAttach | LoopDetach | LoopList | DmSnapshot | DmRemove
-    | DmList | DmRead | UsernsMap,
+    | DmList | DmRead | UsernsMap | FcLaunch | FcConnect | FcSnapshotOut | FcCleanup,
     Field(discriminator="op"),
 ]
 

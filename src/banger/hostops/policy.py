@@ -22,6 +22,7 @@ from banger.config import Config
 from banger.errors import BangerError, Refused
 from banger.hostops import ops
 from banger.hostops.confine import SANDBOX
+from banger.hostops.jail import JAIL_FILES, find_firecracker, find_jailer
 from banger.hostops.netlink import tap_prefix_for
 from banger.hostops.nft import (
     LEGACY_NFT_TABLE,
@@ -76,6 +77,11 @@ class Policy:
     install_tag: str = "000000"
     vmm_user: str = "banger-vmm"
     qemu_bin: str = "qemu-system-x86_64"
+    # Firecracker under its jailer ("" : none found, or jailer_enabled = false), and
+    # where jails live: fixed when the helper starts, never named by a request.
+    firecracker_bin: str = ""
+    jailer_bin: str = ""
+    jailer_chroot_base: Path = Path("/nonexistent/jail")
     daemon_uid: int = 0  # whose files the daemon may hand to the VMM, and who owns sockets
     daemon_gid: int = 0
     # The daemon's user's subordinate ids (/etc/subuid, /etc/subgid): its build namespaces'.
@@ -90,11 +96,15 @@ class Policy:
         (whose subordinate ids its build namespaces get)."""
         tag = install_tag(cfg.state_dir)
         uid = os.getuid() if daemon_uid is None else daemon_uid
+        jailed = cfg.jailer_enabled is not False
         return cls(FirewallSettings(
             table=table_name(tag), bridge=cfg.bridge_name, cidr=cfg.bridge_cidr,
             tap_prefix=tap_prefix_for(tag), dns_port=cfg.dns_port, vm_to_vm=cfg.vm_to_vm),
             state_dir=cfg.state_dir, runtime_dir=cfg.runtime_dir, install_tag=tag,
-            vmm_user=cfg.vmm_user, qemu_bin=cfg.qemu_bin, daemon_uid=uid,
+            vmm_user=cfg.vmm_user, qemu_bin=cfg.qemu_bin,
+            firecracker_bin=(find_firecracker(cfg) or "") if jailed else "",
+            jailer_bin=(find_jailer(cfg) or "") if jailed else "",
+            jailer_chroot_base=cfg.jailer_chroot_base, daemon_uid=uid,
             daemon_gid=os.getgid() if daemon_gid is None else daemon_gid,
             subuids=subordinate(SUBUID, daemon_user, uid) if daemon_user else None,
             subgids=subordinate(SUBGID, daemon_user, uid) if daemon_user else None)
@@ -151,6 +161,13 @@ class Policy:
             case ops.LoopDetach() | ops.LoopList() | ops.DmSnapshot() | ops.DmRemove() \
                     | ops.DmList() | ops.DmRead() | ops.UsernsMap():
                 pass  # what a loop device holds is checked live, in the kernel's words
+            case ops.FcLaunch():
+                self._fc_launch(req)
+            case ops.FcSnapshotOut(state=state, memory=memory):
+                for what, path in (("state", state), ("memory", memory)):
+                    self.beneath(req.op, Path(path), (self.state_dir,), what)
+            case ops.FcConnect() | ops.FcCleanup():
+                pass  # the jail's path is the helper's own, from the VM id's shape
             case _:
                 raise Refused(f"{req.op}: no policy for this request")
 
@@ -166,6 +183,17 @@ class Policy:
         self.beneath(req.op, Path(req.stderr), (vm_state,), "stderr")
         self._tap(req.op, req.tap)
         self.qemu_args(req.vm_id, req.args, {*req.files, "tap", "qmp"})
+
+    def _fc_launch(self, req: ops.FcLaunch) -> None:
+        if not (self.jailer_bin and self.firecracker_bin):
+            raise Refused(f"{req.op}: no Firecracker with its jailer was found when the "
+                          "root helper started (jailer_enabled, firecracker_bin, jailer_bin)")
+        for name, f in req.files.items():
+            if name not in JAIL_FILES:
+                raise Refused(f"{req.op}: {name!r} is not a file a jail holds")
+            if Path(f.path) != self.dm_device(req.vm_id):
+                self.beneath(req.op, Path(f.path), (self.state_dir, self.runtime_dir), name)
+        self.beneath(req.op, Path(req.serial), (self.state_dir / "vms" / req.vm_id,), "serial")
 
     def dm_name(self, vm_id: str) -> str:
         """The name of VM ``vm_id``'s dm target: the install's prefix and the id."""

@@ -3,17 +3,16 @@
 - :mod:`.api` — :class:`FirecrackerAPI`, the REST client on the API socket.
 - :mod:`.driver` — :class:`FirecrackerDriver` (the ``VMMDriver``), launch,
   graceful stop, snapshots.
-- :mod:`.jail` — the jailer's chroot layout and command line (pure: the VMM
-  user's uid/gid, the cgroup version, limits and parent), and building/removing
-  a jail.
-- :mod:`.host` — finding the binaries, version check, jailer status for doctor.
+- :mod:`.host` — the version check, whether to jail, jailer status for doctor.
+  The jail itself (layout, the jailer's command line, building and removing it)
+  is the root helper's: :mod:`banger.hostops.jail` and :mod:`banger.hostops.fcjail`.
 - :mod:`.vsock` — host-initiated connections to a guest's vsock port (a clone's
   identity).
 - ``_spawn.py`` — a script that starts a command detached (double fork).
 
-A leaf subpackage: it imports banger's top-level modules and, of the other
-``banger.daemon`` modules, only the ``cgroups`` leaf (the limits and naming it
-shares with the QEMU driver).
+A leaf subpackage: it imports banger's top-level modules and ``banger.hostops``
+(the jail's names, and the requests that build it), no other ``banger.daemon``
+module.
 """
 
 from __future__ import annotations
@@ -41,14 +40,9 @@ from .host import (
     MIN_VERSION,
     JailerStatus,
     check_version,
-    find_binary,
-    find_firecracker,
-    find_jailer,
     jailer_binary,
-    jailer_settings,
     jailer_status,
 )
-from .jail import JailerSettings, JailLayout, jailer_argv
 
 __all__ = [
     "MIN_VERSION",
@@ -57,8 +51,6 @@ __all__ = [
     "FirecrackerDriver",
     "InstanceInfo",
     "InstanceState",
-    "JailLayout",
-    "JailerSettings",
     "JailerStatus",
     "SnapshotFiles",
     "SnapshotType",
@@ -66,13 +58,8 @@ __all__ = [
     "check_version",
     "configure",
     "direct_view",
-    "find_binary",
-    "find_firecracker",
-    "find_jailer",
     "jailed_view",
-    "jailer_argv",
     "jailer_binary",
-    "jailer_settings",
     "jailer_status",
     "kill",
     "saved_files",

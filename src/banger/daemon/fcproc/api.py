@@ -18,15 +18,17 @@ from __future__ import annotations
 import json
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import httpcore
 import httpx
 
-from banger.errors import InvalidState, VMMError
+from banger.errors import BangerError, InvalidState, VMMError
 
 # Configuration requests touch nothing but Firecracker's own state and answer
 # in milliseconds; InstanceStart loads the kernel and initrd into guest memory,
@@ -185,6 +187,66 @@ class UnixSocketTransport(httpx.BaseTransport):
     def close(self) -> None:
         """Close the wrapped httpx transport and its pooled connections."""
         self._inner.close()
+
+
+class _SocketStream(httpcore.NetworkStream):
+    """httpcore's view of one connected socket (HTTP/1.1, no TLS)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        self._sock.settimeout(timeout)
+        return self._sock.recv(max_bytes)
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._sock.settimeout(timeout)
+        self._sock.sendall(buffer)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class HandedSocketTransport(httpx.BaseTransport):
+    """One request per connection, each connection from ``dial``: how the daemon reaches
+    a jailed Firecracker, whose socket the root helper connects to and hands over
+    (``fc.connect``). A ``dial`` that fails is httpx's ``ConnectError``, as a missing
+    socket is for :class:`UnixSocketTransport`.
+    """
+
+    def __init__(self, dial: Callable[[], socket.socket]) -> None:
+        self.dial = dial
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        """Send ``request`` on a fresh connection and read the whole answer.
+
+        Raises:
+            httpx.ConnectError: no connection was handed over.
+            httpx.ReadTimeout: the answer did not come within the read timeout.
+            httpx.ReadError: the connection broke or the answer was not HTTP.
+        """
+        try:
+            sock = self.dial()
+        except (BangerError, OSError) as exc:
+            raise httpx.ConnectError(str(exc), request=request) from exc
+        conn = httpcore.HTTP11Connection(origin=httpcore.Origin(b"http", b"localhost", 80),
+                                         stream=_SocketStream(sock))
+        try:
+            answer = conn.handle_request(httpcore.Request(
+                method=request.method,
+                url=httpcore.URL(scheme=b"http", host=b"localhost", port=80,
+                                 target=request.url.raw_path),
+                headers=request.headers.raw, content=request.stream,
+                extensions=request.extensions))
+            body = answer.read()
+        except (httpcore.TimeoutException, TimeoutError) as exc:
+            raise httpx.ReadTimeout(str(exc), request=request) from exc
+        except (httpcore.NetworkError, httpcore.ProtocolError, OSError) as exc:
+            raise httpx.ReadError(str(exc), request=request) from exc
+        finally:
+            conn.close()
+        return httpx.Response(answer.status, headers=answer.headers, content=body,
+                              request=request)
 
 
 def _fault_message(resp: httpx.Response) -> str:

@@ -1,17 +1,24 @@
 """The Firecracker VMM driver: launch, configure over the API, stop, snapshot.
 
-A launch is: prepare the runtime files (and the jail, when jailed), start
-Firecracker detached with ``--api-sock`` and ``--id <marker>``, record its
-pid, wait for the API to answer, ``PUT`` the logger, metrics, machine,
-kernel, drives, NIC and vsock, then ``InstanceStart``. If any step fails the
-process is killed and its files removed before the error reaches the caller,
-so a failed start leaves nothing behind.
+A launch is: prepare the runtime files, start Firecracker detached with
+``--api-sock`` and ``--id <marker>``, record its pid, wait for the API to answer,
+``PUT`` the logger, metrics, machine, kernel, drives, NIC and vsock, then
+``InstanceStart``. If any step fails the process is killed and its files removed
+before the error reaches the caller, so a failed start leaves nothing behind.
+
+Jailed (the production set-up), everything that needs root goes through the host
+operations (:mod:`banger.hostops`, the root helper or, in a root daemon, the same
+code in process): the helper builds the jail from the VM's files and starts the
+jailer (``fc.launch``), hands over connections to the API and vsock sockets in the
+jail (``fc.connect``), moves snapshots out of it and removes it. Unjailed (a root
+daemon without the jailer, for development) the driver starts Firecracker itself.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import sys
 import time
@@ -21,19 +28,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from banger.config import Config
-from banger.errors import BadRequest, CommandFailed, HostError, InvalidState, VMMError
+from banger.errors import (
+    BadRequest,
+    BangerError,
+    CommandFailed,
+    HostError,
+    InvalidState,
+    VMMError,
+)
 from banger.fsutil import atomic_write, tail
-from banger.hostops.cgroups import RELEASE_WAIT_S, CgroupHost, limits_for
-from banger.layout import VMPaths
-from banger.proc import ProcessIdentity, identify, matches, send_signal, wait_gone
-from banger.runner import Runner
-from banger.vmm import IDENT_VSOCK_PORT, LaunchPlan, VMMDriver, binary_version, vm_marker
-
-from . import vsock
-from .api import FirecrackerAPI, InstanceInfo, InstanceState, SnapshotType
-from .host import check_version, find_firecracker, jailer_settings
-from .jail import (
+from banger.hostops import ops
+from banger.hostops.cgroups import RELEASE_WAIT_S
+from banger.hostops.client import HostOps
+from banger.hostops.jail import (
     JAIL_API_SOCKET,
+    JAIL_FILES,
     JAIL_INITRD,
     JAIL_KERNEL,
     JAIL_LOG,
@@ -43,18 +52,27 @@ from .jail import (
     JAIL_SNAPSHOT_STATE,
     JAIL_VSOCK,
     JAIL_WORK_DISK,
-    Exposure,
-    JailerSettings,
-    JailLayout,
+    MAX_EXTRA_DISKS,
     check_exec_file,
-    firecracker_argv,
+    find_firecracker,
     jail_extra_disk,
-    jailer_argv,
-    move_out,
-    plan_exposures,
-    prepare_jail,
-    remove_jail,
 )
+from banger.layout import VMPaths
+from banger.proc import ProcessIdentity, identify, matches, send_signal, wait_gone
+from banger.runner import Runner
+from banger.vmm import IDENT_VSOCK_PORT, LaunchPlan, VMMDriver, binary_version
+from banger.vmmuser import check_unprivileged, ensure_user, lookup_user
+
+from . import vsock
+from .api import (
+    REQUEST_TIMEOUT_S,
+    FirecrackerAPI,
+    HandedSocketTransport,
+    InstanceInfo,
+    InstanceState,
+    SnapshotType,
+)
+from .host import check_version, jailer_binary
 
 log = logging.getLogger("banger.fcproc")
 
@@ -150,6 +168,43 @@ def jailed_view(plan: LaunchPlan) -> VMMView:
     )
 
 
+def firecracker_argv(binary: str, api_socket: str, vm_id_marker: str) -> list[str]:
+    """The command line of an unjailed Firecracker.
+
+    Args:
+        binary: The Firecracker executable.
+        api_socket: Where it creates its API socket.
+        vm_id_marker: ``--id``; also the marker identity checks look for in
+            ``/proc/<pid>/cmdline``.
+    """
+    return [binary, "--api-sock", api_socket, "--id", vm_id_marker]
+
+
+def jail_files(plan: LaunchPlan, restore: SnapshotFiles | None = None) -> dict[str, ops.VMFile]:
+    """What ``plan``'s jail holds, by the names ``fc.launch`` takes (see
+    :data:`banger.hostops.jail.JAIL_FILES`): the boot files read-only, the disks and
+    the log Firecracker writes given to the VMM user's group, and a snapshot to load
+    given read-only (so the helper links it rather than copying gigabytes).
+
+    Raises:
+        BadRequest: more extra disks than a jail holds.
+    """
+    if len(plan.extra_disks) > MAX_EXTRA_DISKS:
+        raise BadRequest(f"a jailed Firecracker VM has at most {MAX_EXTRA_DISKS} extra disks")
+    files = {"kernel": ops.VMFile(path=str(plan.kernel), mode="r")}
+    if plan.initrd is not None:
+        files["initrd"] = ops.VMFile(path=str(plan.initrd), mode="r")
+    written = {"rootfs": plan.rootfs, "work": plan.work_disk, "log": str(plan.paths.vmm_log),
+               **{f"extra{i}": disk for i, disk in enumerate(plan.extra_disks)}}
+    files.update({name: ops.VMFile(path=path, mode="rw", give=True)
+                  for name, path in written.items()})
+    if restore is not None:
+        files["snapshot_state"] = ops.VMFile(path=str(restore.state), mode="r", give=True)
+        files["snapshot_mem"] = ops.VMFile(path=str(restore.memory), mode="r", give=True)
+    assert set(files) <= set(JAIL_FILES)
+    return files
+
+
 def check_machine(plan: LaunchPlan) -> None:
     """Refuse, before starting anything, a machine Firecracker cannot run.
 
@@ -212,17 +267,26 @@ def _serial_tail(serial_log: Path | None) -> str:
     return f"; its output ends with:\n{text}" if text else ""
 
 
-def kill(ident: ProcessIdentity, wait_s: float = KILL_WAIT_S) -> bool:
+# Sends a signal to a VMM if it still is the process named (False: it is gone):
+# banger.proc.send_signal, or the root helper's for a jailed VMM (HostOps.signal).
+SignalSender = Callable[[ProcessIdentity, int], bool]
+# Opens the VM's API with the given per-request timeout.
+APIOpener = Callable[[float], FirecrackerAPI]
+
+
+def kill(ident: ProcessIdentity, wait_s: float = KILL_WAIT_S,
+         send: SignalSender = send_signal) -> bool:
     """SIGKILL the process if it is still ``ident``; True once it is gone.
 
     The signal goes through a pidfd opened after the identity check
-    (:func:`banger.proc.send_signal`), so a recycled pid is never hit.
+    (:func:`banger.proc.send_signal`, or the helper's own), so a recycled pid is
+    never hit.
     """
-    send_signal(ident, signal.SIGKILL)
+    send(ident, signal.SIGKILL)
     return wait_gone(ident, wait_s)
 
 
-def press_ctrl_alt_del(api_socket: Path, ident: ProcessIdentity) -> bool:
+def press_ctrl_alt_del(open_api: APIOpener, ident: ProcessIdentity) -> bool:
     """Press Ctrl-Alt-Del through the API; True if Firecracker accepted it.
 
     Nothing is sent when ``ident`` no longer names the running VMM.
@@ -230,7 +294,7 @@ def press_ctrl_alt_del(api_socket: Path, ident: ProcessIdentity) -> bool:
     if not matches(ident):
         return False
     try:
-        with FirecrackerAPI(api_socket, timeout=SHUTDOWN_REQUEST_TIMEOUT_S) as api:
+        with open_api(SHUTDOWN_REQUEST_TIMEOUT_S) as api:
             api.send_ctrl_alt_del()
     except VMMError as exc:
         log.info("Ctrl-Alt-Del to pid %d failed: %s", ident.pid, exc)
@@ -238,28 +302,29 @@ def press_ctrl_alt_del(api_socket: Path, ident: ProcessIdentity) -> bool:
     return True
 
 
-def stop_gracefully(api_socket: Path, ident: ProcessIdentity, *,
+def stop_gracefully(open_api: APIOpener, ident: ProcessIdentity, *,
                     grace_s: float = CTRL_ALT_DEL_GRACE_S,
-                    kill_wait_s: float = KILL_WAIT_S) -> bool:
+                    kill_wait_s: float = KILL_WAIT_S,
+                    send: SignalSender = send_signal) -> bool:
     """Ctrl-Alt-Del, wait up to ``grace_s``, then SIGKILL; True when the VMM is gone.
 
     A process that no longer matches ``ident`` (exited, or its pid now
     belongs to someone else) counts as gone and is never signalled.
 
     Args:
-        api_socket: The VM's API socket (or its symlink).
+        open_api: Opens the VM's API.
         ident: The Firecracker process.
         grace_s: How long the guest may take to shut down after Ctrl-Alt-Del.
         kill_wait_s: How long to wait for the process to vanish after SIGKILL.
     """
     if not matches(ident):
         return True
-    if press_ctrl_alt_del(api_socket, ident):
+    if press_ctrl_alt_del(open_api, ident):
         if wait_gone(ident, grace_s):
             return True
         log.warning("Firecracker pid %d still runs %gs after Ctrl-Alt-Del; killing it",
                     ident.pid, grace_s)
-    return kill(ident, kill_wait_s)
+    return kill(ident, kill_wait_s, send)
 
 
 @dataclass(frozen=True)
@@ -285,8 +350,7 @@ class FirecrackerDriver:
         runner: Runner,
         binary: str,
         *,
-        jailer: JailerSettings | None = None,
-        chroot_base: Path | None = None,
+        jail: HostOps | None = None,
         api_wait_s: float = API_SOCKET_WAIT_S,
     ) -> None:
         """A driver for one Firecracker binary.
@@ -294,36 +358,34 @@ class FirecrackerDriver:
         Args:
             runner: The subprocess chokepoint (starts the detaching helper).
             binary: Absolute path of the Firecracker executable.
-            jailer: Run under the jailer with these settings; None for unjailed.
-            chroot_base: Where jails live, so a jail left by an earlier
-                configuration is still found and removed (default: the
-                jailer's, else none).
+            jail: Run Firecracker under the jailer through these host operations
+                (the root helper's, or in process); None: unjailed, started here.
             api_wait_s: Budget for the API socket to answer after start.
 
         Raises:
-            BadRequest: ``jailer`` is given and the jailer cannot exec ``binary``.
+            BadRequest: jailed, and the jailer cannot exec ``binary``.
         """
-        if jailer is not None:
+        if jail is not None:
             check_exec_file(binary)  # refuse now, not at the first VM start
         self.runner = runner
         self.binary = binary
-        self.jailer = jailer
-        self.chroot_base = chroot_base or (jailer.chroot_base if jailer else None)
+        self.jail = jail
         self.api_wait_s = api_wait_s
         self._version: str | None = None
 
     @classmethod
-    def from_config(cls, cfg: Config, runner: Runner, *,
-                    cgroups: CgroupHost | None = None) -> FirecrackerDriver:
+    def from_config(cls, cfg: Config, runner: Runner, host: HostOps) -> FirecrackerDriver:
         """Build the driver from the config, checking the binaries exist.
 
-        Jailed, Firecracker runs as the VMM user (created if missing) in a
-        cgroup of its own (see :func:`~.host.jailer_settings`).
+        Jailed (:func:`~.host.jailer_binary`), ``host`` builds the jail and starts the
+        jailer, which runs Firecracker as the VMM user (created here if missing when
+        bangerd is root; ``banger system install`` makes it for a service) in a cgroup
+        of its own.
 
         Args:
             cfg: The configuration.
             runner: The subprocess chokepoint.
-            cgroups: The cgroup hierarchy (default: this host's).
+            host: The host operations (the root helper, or in process).
 
         Raises:
             HostError: Firecracker is missing or too old; the jailer is
@@ -343,8 +405,14 @@ class FirecrackerDriver:
         if not ok:
             raise HostError(f"unsupported Firecracker: {detail}",
                             hint="install a newer Firecracker release, or set vmm = qemu")
-        return cls(runner, binary, jailer=jailer_settings(cfg, runner, cgroups=cgroups),
-                   chroot_base=cfg.jailer_chroot_base)
+        jailed = jailer_binary(cfg) is not None
+        if jailed:
+            # The in-process helper of a root daemon runs it as that user: made here.
+            user = (ensure_user(runner, cfg.vmm_user) if os.geteuid() == 0
+                    else lookup_user(cfg.vmm_user))
+            if user is not None:
+                check_unprivileged(user)
+        return cls(runner, binary, jail=host if jailed else None)
 
     # ------------------------------------------------------------ VMMDriver
 
@@ -376,11 +444,10 @@ class FirecrackerDriver:
     def request_shutdown(self, plan_paths: VMPaths, ident: ProcessIdentity) -> bool:
         """Press Ctrl-Alt-Del (see :func:`press_ctrl_alt_del`)."""
         try:
-            api_socket = plan_paths.api_socket
+            return press_ctrl_alt_del(self._opener(plan_paths), ident)
         except BadRequest as exc:  # a path over the socket limit: nothing to press
             log.info("Ctrl-Alt-Del to pid %d failed: %s", ident.pid, exc)
             return False
-        return press_ctrl_alt_del(api_socket, ident)
 
     def cleanup(self, plan_paths: VMPaths) -> None:
         """Remove sockets, symlinks, metrics, the pid file, the jail and its cgroup.
@@ -395,11 +462,8 @@ class FirecrackerDriver:
         """
         for path in _runtime_files(plan_paths):
             path.unlink(missing_ok=True)
-        layout = self._layout_for(plan_paths)
-        if layout is not None:
-            remove_jail(layout)
-        if self.jailer is not None:
-            self.jailer.cgroup(vm_marker(plan_paths.vm_id)).remove(wait_s=RELEASE_WAIT_S)
+        if self.jail is not None:
+            self.jail.fc_cleanup(plan_paths.vm_id, wait_s=RELEASE_WAIT_S)
 
     # ------------------------------------------------------------ beyond the protocol
 
@@ -409,16 +473,16 @@ class FirecrackerDriver:
 
         See :func:`stop_gracefully`.
         """
-        return stop_gracefully(plan_paths.api_socket, ident, grace_s=grace_s)
+        return stop_gracefully(self._opener(plan_paths), ident, grace_s=grace_s, send=self._signal)
 
     def instance_info(self, plan_paths: VMPaths) -> InstanceInfo:
         """``GET /`` of the VM's Firecracker."""
-        with FirecrackerAPI(plan_paths.api_socket) as api:
+        with self._api(plan_paths) as api:
             return api.instance_info()
 
     def flush_metrics(self, plan_paths: VMPaths) -> None:
         """Make Firecracker write a metrics line to ``VMPaths.metrics`` now."""
-        with FirecrackerAPI(plan_paths.api_socket) as api:
+        with self._api(plan_paths) as api:
             api.flush_metrics()
 
     def pause(self, plan_paths: VMPaths) -> None:
@@ -428,7 +492,7 @@ class FirecrackerDriver:
             InvalidState: The VM was never started.
             VMMError: Firecracker refused.
         """
-        with FirecrackerAPI(plan_paths.api_socket) as api:
+        with self._api(plan_paths) as api:
             state = api.instance_info().state
             if state is InstanceState.PAUSED:
                 return
@@ -442,7 +506,7 @@ class FirecrackerDriver:
             InvalidState: The VM was never started.
             VMMError: Firecracker refused.
         """
-        with FirecrackerAPI(plan_paths.api_socket) as api:
+        with self._api(plan_paths) as api:
             state = api.instance_info().state
             if state is InstanceState.RUNNING:
                 return
@@ -487,11 +551,17 @@ class FirecrackerDriver:
         Raises:
             VMMError: the VM has no vsock socket.
         """
+        what = f"vm {plan_paths.vm_id} identity"
+        if self.jail is not None:
+            host, vm_id = self.jail, plan_paths.vm_id
+            vsock.hand_over(lambda: host.fc_connect(vm_id, "vsock"), IDENT_VSOCK_PORT, message,
+                            what=what)
+            return
         uds = plan_paths.vsock_socket
         if not uds.exists():
             raise VMMError(f"VM {plan_paths.vm_id} has no vsock socket ({uds}): its "
                            "clone cannot be given its own identity")
-        vsock.hand_over(uds, IDENT_VSOCK_PORT, message, what=f"vm {plan_paths.vm_id} identity")
+        vsock.hand_over(uds, IDENT_VSOCK_PORT, message, what=what)
 
     def check_clonable(self) -> None:
         """A Firecracker snapshot restores its disks at the paths it recorded: a jailed
@@ -501,12 +571,12 @@ class FirecrackerDriver:
         Raises:
             BadRequest: Firecracker runs unjailed.
         """
-        if self.jailer is None:
+        if self.jail is None:
             raise BadRequest("an unjailed Firecracker restores a snapshot onto the "
                              "snapshotted VM's own disks, so banger clones only jailed "
                              "Firecracker VMs",
-                             hint="run bangerd as root with the jailer installed "
-                                  "(jailer_enabled), or use --vmm qemu")
+                             hint="install Firecracker's jailer (jailer_bin) and leave "
+                                  "jailer_enabled on, or use --vmm qemu")
 
     def snapshot(self, plan_paths: VMPaths, files: SnapshotFiles, *,
                  snapshot_type: SnapshotType = SnapshotType.FULL) -> None:
@@ -517,22 +587,20 @@ class FirecrackerDriver:
             VMMError: Firecracker refused.
             HostError: A jailed snapshot could not be moved out of the jail.
         """
-        layout = self._existing_jail(plan_paths)
-        with FirecrackerAPI(plan_paths.api_socket) as api:
+        files.state.parent.mkdir(parents=True, exist_ok=True)
+        files.memory.parent.mkdir(parents=True, exist_ok=True)
+        with self._api(plan_paths) as api:
             state = api.instance_info().state
             if state is not InstanceState.PAUSED:
                 raise InvalidState(f"cannot snapshot a Firecracker instance that is "
                                    f"{state.value!r}", hint="pause it first")
-            if layout is None:
-                files.state.parent.mkdir(parents=True, exist_ok=True)
-                files.memory.parent.mkdir(parents=True, exist_ok=True)
+            if self.jail is None:
                 api.create_snapshot(str(files.state), str(files.memory),
                                     snapshot_type=snapshot_type)
                 return
             api.create_snapshot(JAIL_SNAPSHOT_STATE, JAIL_SNAPSHOT_MEM,
                                 snapshot_type=snapshot_type)
-        move_out(layout.host_path(JAIL_SNAPSHOT_STATE), files.state)
-        move_out(layout.host_path(JAIL_SNAPSHOT_MEM), files.memory)
+        self.jail.fc_snapshot_out(plan_paths.vm_id, files.state, files.memory)
 
     def restore(self, plan: LaunchPlan, files: SnapshotFiles, *, resume: bool = True,
                 override_tap: bool = True) -> ProcessIdentity:
@@ -566,9 +634,7 @@ class FirecrackerDriver:
             if resume:
                 api.resume()
 
-        extra = [Exposure(files.state, JAIL_SNAPSHOT_STATE, writable=False),
-                 Exposure(files.memory, JAIL_SNAPSHOT_MEM, writable=False)]
-        return self._run(plan, "restore", load, extra)
+        return self._run(plan, "restore", load, restore=files)
 
     # ------------------------------------------------------------ internals
 
@@ -577,7 +643,7 @@ class FirecrackerDriver:
         plan: LaunchPlan,
         what: str,
         setup: Callable[[FirecrackerAPI, VMMView, InstanceInfo], None],
-        extra: list[Exposure] | None = None,
+        restore: SnapshotFiles | None = None,
     ) -> ProcessIdentity:
         """Prepare files, start the process, wait for its API, run ``setup``.
 
@@ -585,17 +651,26 @@ class FirecrackerDriver:
         the error propagates.
         """
         p = plan.paths
-        api_socket = p.api_socket  # checks the 108-byte limit before anything starts
+        if self.jail is None:
+            view = direct_view(plan)  # its api_socket checks the 108-byte limit first
         ident: ProcessIdentity | None = None
         try:
             self._prepare_runtime(p)
-            view, argv = self._prepare_process(plan, extra or [])
-            ident = self._spawn(argv, plan)
-            with FirecrackerAPI(api_socket) as api:
+            if self.jail is None:
+                p.metrics.write_bytes(b"")
+                ident = self._spawn(firecracker_argv(self.binary, view.api_socket, plan.marker),
+                                    plan)
+            else:
+                view = jailed_view(plan)
+                pid = self.jail.fc_launch(ops.FcLaunch(
+                    vm_id=p.vm_id, files=jail_files(plan, restore), serial=str(p.serial_log),
+                    memory_mib=plan.memory_mib, vcpu=plan.vcpu))
+                ident = self._identify(pid, plan)
+            with self._api(p) as api:
                 info = wait_for_api(api, ident, self.api_wait_s, p.serial_log)
                 setup(api, view, info)
             log.info("vm %s: Firecracker pid %d (%s)", plan.name, ident.pid,
-                     f"jailed as {self.jailer.user.describe()}" if self.jailer else "unjailed")
+                     "jailed" if self.jail is not None else "unjailed")
             return ident
         except VMMError as exc:
             self._abort(p, ident)
@@ -610,6 +685,25 @@ class FirecrackerDriver:
             self._abort(p, ident)
             raise
 
+    def _api(self, p: VMPaths, timeout: float = REQUEST_TIMEOUT_S) -> FirecrackerAPI:
+        """The VM's API: its socket, or (jailed) connections the helper hands over."""
+        if self.jail is None:
+            return FirecrackerAPI(p.api_socket, timeout=timeout)
+        host, vm_id = self.jail, p.vm_id
+        return FirecrackerAPI(Path(f"<the jail of vm {vm_id}>{JAIL_API_SOCKET}"),
+                              timeout=timeout,
+                              transport=HandedSocketTransport(
+                                  lambda: host.fc_connect(vm_id, "api")))
+
+    def _signal(self, ident: ProcessIdentity, sig: int) -> bool:
+        """Signal the VMM: a jailed one (the VMM user's) through the helper."""
+        if self.jail is not None:
+            return self.jail.signal(ident, sig)
+        return send_signal(ident, sig)
+
+    def _opener(self, p: VMPaths) -> APIOpener:
+        return lambda timeout: self._api(p, timeout)
+
     def _prepare_runtime(self, p: VMPaths) -> None:
         p.run.mkdir(parents=True, exist_ok=True)
         p.state.mkdir(parents=True, exist_ok=True)
@@ -621,26 +715,8 @@ class FirecrackerDriver:
         p.serial_log.write_bytes(b"")
         p.vmm_log.write_bytes(b"")
 
-    def _prepare_process(self, plan: LaunchPlan, extra: list[Exposure]) -> tuple[VMMView,
-                                                                                   list[str]]:
-        """The jail (or its absence), the view Firecracker gets, and its argv."""
-        p = plan.paths
-        stale = self._layout_for(p)
-        if stale is not None:
-            remove_jail(stale)  # e.g. the jailer was switched off since the last run
-        if self.jailer is None:
-            p.metrics.write_bytes(b"")
-            view = direct_view(plan)
-            return view, firecracker_argv(self.binary, view.api_socket, plan.marker)
-        layout = JailLayout.for_vm(self.jailer.chroot_base, self.binary, plan.marker)
-        items = plan_exposures(plan) + extra
-        prepare_jail(layout, self.jailer, p, items)
-        # jailer_argv passes --api-sock JAIL_API_SOCKET, which the jailed view names.
-        return jailed_view(plan), jailer_argv(self.jailer, self.binary, plan.marker,
-                                              limits_for(plan.memory_mib, plan.vcpu))
-
     def _spawn(self, argv: list[str], plan: LaunchPlan) -> ProcessIdentity:
-        """Start ``argv`` detached (see ``_spawn.py``); write the pid file; identify it."""
+        """Start ``argv`` detached (see ``_spawn.py``) and identify it."""
         p = plan.paths
         helper = Path(__file__).with_name("_spawn.py")
         try:
@@ -656,6 +732,11 @@ class FirecrackerDriver:
         except ValueError as exc:
             raise VMMError(f"the Firecracker launcher printed {res.out.strip()[:80]!r} "
                            "instead of a pid") from exc
+        return self._identify(pid, plan)
+
+    def _identify(self, pid: int, plan: LaunchPlan) -> ProcessIdentity:
+        """Write the pid file and identify the process (its marker and start time)."""
+        p = plan.paths
         atomic_write(p.pid_file, f"{pid}\n".encode(), mode=0o644)
         ident = identify(pid, plan.marker)
         if ident is None:
@@ -665,25 +746,12 @@ class FirecrackerDriver:
 
     def _abort(self, p: VMPaths, ident: ProcessIdentity | None) -> None:
         """Undo a failed start: kill the process, remove its files."""
-        if ident is not None and not kill(ident):
+        if ident is not None and not kill(ident, send=self._signal):
             log.error("Firecracker pid %d survived SIGKILL for %gs", ident.pid, KILL_WAIT_S)
         try:
             self.cleanup(p)
-        except HostError as exc:
+        except BangerError as exc:
             log.error("cleanup after a failed start: %s", exc)
-
-    def _layout_for(self, p: VMPaths) -> JailLayout | None:
-        """Where this VM's jail would be, if jails are possible here at all."""
-        if self.chroot_base is None:
-            return None
-        try:
-            return JailLayout.for_vm(self.chroot_base, self.binary, vm_marker(p.vm_id))
-        except BadRequest:
-            return None
-
-    def _existing_jail(self, p: VMPaths) -> JailLayout | None:
-        layout = self._layout_for(p)
-        return layout if layout is not None and layout.root.is_dir() else None
 
 
 def _runtime_files(p: VMPaths) -> list[Path]:

@@ -19,7 +19,10 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+from banger.errors import BangerError
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +30,19 @@ HANDOVER_S = 60.0  # a clone's vCPUs run within seconds of the hand-over startin
 RETRY_S = 0.1
 ANSWER_MAX = 64  # "OK <u32>\n" is at most 14 bytes; anything longer is not Firecracker
 
+# The VM's vsock socket: its path, or a function that connects to it (a jailed
+# Firecracker's, through the root helper).
+Endpoint = Path | Callable[[], socket.socket]
 
-def connect(uds: Path, port: int, *, timeout_s: float) -> socket.socket | None:
+
+def connect(uds: Endpoint, port: int, *, timeout_s: float) -> socket.socket | None:
     """A stream to guest vsock ``port`` through Firecracker's socket ``uds``, or None
     when nothing in the guest accepted it (not listening, or the VMM is gone)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.settimeout(timeout_s)
-        sock.connect(str(uds))
+        sock = _dial(uds, timeout_s)
+    except (OSError, BangerError):
+        return None
+    try:
         sock.sendall(f"CONNECT {port}\n".encode())
         if _answer(sock).startswith(b"OK "):
             return sock
@@ -42,6 +50,21 @@ def connect(uds: Path, port: int, *, timeout_s: float) -> socket.socket | None:
         pass
     sock.close()
     return None
+
+
+def _dial(uds: Endpoint, timeout_s: float) -> socket.socket:
+    if not isinstance(uds, Path):
+        sock = uds()
+        sock.settimeout(timeout_s)
+        return sock
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout_s)
+        sock.connect(str(uds))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _answer(sock: socket.socket) -> bytes:
@@ -55,7 +78,7 @@ def _answer(sock: socket.socket) -> bytes:
     return line
 
 
-def send(uds: Path, port: int, message: bytes, *, deadline: float) -> bool:
+def send(uds: Endpoint, port: int, message: bytes, *, deadline: float) -> bool:
     """Deliver ``message`` to the guest program listening on vsock ``port``, trying until
     it accepts or ``deadline`` (``time.monotonic``) passes; True when delivered whole."""
     while True:
@@ -74,7 +97,7 @@ def send(uds: Path, port: int, message: bytes, *, deadline: float) -> bool:
         time.sleep(RETRY_S)
 
 
-def hand_over(uds: Path, port: int, message: bytes, *, what: str,
+def hand_over(uds: Endpoint, port: int, message: bytes, *, what: str,
               timeout_s: float = HANDOVER_S) -> threading.Thread:
     """:func:`send` in a thread of its own (the guest answers only once its vCPUs run);
     a delivery that never happens is logged, and the caller's own wait for the guest

@@ -1,4 +1,4 @@
-"""Firecracker's jailer: per-VM chroot layout, command lines, and building the jail.
+"""Firecracker's jailer: per-VM chroot layout, its command line, and building the jail.
 
 The jailer (a separate binary shipped with Firecracker) creates
 ``<chroot_base>/<exec_file_name>/<id>/root``, copies the Firecracker binary
@@ -10,13 +10,16 @@ that it makes the VM's cgroup, ``<hierarchy>/<parent cgroup>/<id>``, writes each
 (config ``vmm_user``, never root) as ``uid:gid`` and the same cgroup limits a
 QEMU VM gets, under this install's ``banger-<install tag>`` cgroup. Inside
 the jail Firecracker sees only that directory, so everything it opens must be
-put there first: banger hard-links the kernel, initrd, disks and log into the
-root (a block device gets a fresh device node instead), and reaches the API
-and vsock sockets through short symlinks in the VM's runtime directory.
+put there first: the root helper hard-links the kernel, initrd, disks and log
+into the root from descriptors it opened itself (a block device gets a fresh
+device node instead), and hands the daemon connections to the API and vsock
+sockets inside (``fc.connect``): the jail is the VMM user's, never the daemon's.
 
-The first half of this module is pure (paths and argv, unit-tested without
-privileges); :func:`prepare_jail` and :func:`remove_jail` do the work and need
-root, like the jailer itself.
+This is the root side (:mod:`banger.hostops.executor` uses it; so does the
+daemon for the names and the pure argv). The first half is pure (paths and
+argv, unit-tested without privileges); :func:`prepare_jail`,
+:func:`remove_jail` and :func:`move_out` do the work and need root, like the
+jailer itself.
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ import os
 import re
 import shutil
 import stat
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from banger.config import Config
 from banger.errors import BadRequest, HostError
 from banger.hostops.cgroups import (
     CgroupHost,
@@ -40,11 +44,9 @@ from banger.hostops.cgroups import (
     VMCgroup,
     limit_files,
 )
-from banger.layout import VMPaths
-from banger.vmm import LaunchPlan
 from banger.vmmuser import VMMUser, check_unprivileged
 
-log = logging.getLogger("banger.fcproc")
+log = logging.getLogger("banger.hostops")
 
 # The jailer accepts ids of alphanumerics and hyphens, at most 64 characters
 # (Firecracker docs/jailer.md, "Jailer Usage").
@@ -193,18 +195,6 @@ def check_exec_file(firecracker_bin: str) -> str:
     return path.name
 
 
-def firecracker_argv(binary: str, api_socket: str, vm_id_marker: str) -> list[str]:
-    """The command line of an unjailed Firecracker.
-
-    Args:
-        binary: The Firecracker executable.
-        api_socket: Where it creates its API socket.
-        vm_id_marker: ``--id``; also the marker identity checks look for in
-            ``/proc/<pid>/cmdline``.
-    """
-    return [binary, "--api-sock", api_socket, "--id", vm_id_marker]
-
-
 def jailer_argv(settings: JailerSettings, firecracker_bin: str, jail_id: str,
                 limits: Limits) -> list[str]:
     """The jailer command line that runs Firecracker in ``jail_id``'s chroot and cgroup.
@@ -257,141 +247,152 @@ def readable_by(st: os.stat_result, uid: int, gid: int) -> bool:
     return bool(st.st_mode & stat.S_IROTH)
 
 
-@dataclass(frozen=True)
-class Exposure:
-    """One host file to make visible inside the jail."""
-
-    source: Path
-    jailed: str
-    writable: bool
-
-
 def jail_extra_disk(index: int) -> str:
     """Where extra disk ``index`` (after the work disk) sits in the jail."""
     return f"/extra{index}"
 
 
-def plan_exposures(plan: LaunchPlan) -> list[Exposure]:
-    """What ``plan``'s jail must contain, and whether Firecracker writes to it."""
-    items = [Exposure(plan.kernel, JAIL_KERNEL, writable=False)]
-    if plan.initrd is not None:
-        items.append(Exposure(plan.initrd, JAIL_INITRD, writable=False))
-    items += [
-        Exposure(Path(plan.rootfs), JAIL_ROOTFS, writable=True),
-        Exposure(Path(plan.work_disk), JAIL_WORK_DISK, writable=True),
-        Exposure(plan.paths.vmm_log, JAIL_LOG, writable=True),
-    ]
-    items += [Exposure(Path(disk), jail_extra_disk(i), writable=True)
-              for i, disk in enumerate(plan.extra_disks)]
-    return items
+MAX_EXTRA_DISKS = 8
+# What a launch may put in a jail: the request's name for a file -> its name inside.
+JAIL_FILES: dict[str, str] = {
+    "kernel": JAIL_KERNEL, "initrd": JAIL_INITRD, "rootfs": JAIL_ROOTFS,
+    "work": JAIL_WORK_DISK, "log": JAIL_LOG, "snapshot_state": JAIL_SNAPSHOT_STATE,
+    "snapshot_mem": JAIL_SNAPSHOT_MEM,
+    **{f"extra{i}": jail_extra_disk(i) for i in range(MAX_EXTRA_DISKS)},
+}
 
 
-def socket_links(layout: JailLayout, paths: VMPaths) -> dict[Path, Path]:
-    """Short runtime-dir symlink -> socket or file inside the jail.
+def find_binary(name: str) -> str | None:
+    """Absolute path of ``name`` (a path, or a command on PATH), or None.
 
-    The jail root can be deep (``/srv/jailer/firecracker/banger-<id>/root``
-    plus a long base) and ``sun_path`` holds 108 bytes; ``connect()``
-    resolves symlinks, so the daemon connects through a link whose own path
-    was checked by :class:`~banger.layout.VMPaths`.
+    A name containing ``/`` must be executable as given; a bare name is
+    looked up on PATH plus the sbin directories.
     """
-    return {
-        paths.api_socket: layout.host_path(JAIL_API_SOCKET),
-        paths.vsock_socket: layout.host_path(JAIL_VSOCK),
-        paths.metrics: layout.host_path(JAIL_METRICS),
-    }
+    if "/" in name:
+        usable = os.path.isfile(name) and os.access(name, os.X_OK)
+        return str(Path(name).absolute()) if usable else None
+    return shutil.which(name, path=os.environ.get("PATH", "") + _EXTRA_PATH)
+
+
+def find_firecracker(cfg: Config) -> str | None:
+    """The Firecracker binary: ``firecracker_bin``, else ``firecracker`` on PATH."""
+    return find_binary(cfg.firecracker_bin or "firecracker")
+
+
+def find_jailer(cfg: Config) -> str | None:
+    """The jailer binary: ``jailer_bin``, else ``jailer`` on PATH."""
+    return find_binary(cfg.jailer_bin or "jailer")
+
+
+# The jailer is usually installed beside Firecracker in a root-only directory.
+_EXTRA_PATH = ":/usr/sbin:/sbin"
 
 
 # ------------------------------------------------------------------ side effects
 
 
-def expose(item: Exposure, root: Path, uid: int, gid: int) -> Path:
-    """Put ``item.source`` inside the jail root, usable by ``uid:gid``.
+def place(fd: int, jailed: str, root: Path, user: VMMUser, *, writable: bool) -> Path:
+    """Put the file open at ``fd`` inside the jail ``root`` as ``jailed``.
 
-    A block device (a device-mapper COW snapshot) gets a new device node with
-    the same major:minor, ``uid:gid``'s and mode 0600. A regular file is
-    hard-linked, so writes land in the original; when Firecracker must write
-    it the link is made ``uid:gid``'s with mode 0600, which changes the
-    original too (same inode), as the QEMU driver does with a VM's disks. A
-    read-only file that ``uid:gid`` cannot read, or one on another filesystem,
-    is copied instead (the copy is ``uid:gid``'s).
-
-    Returns:
-        The host path of the new entry.
+    A block device (the VM's dm-snapshot disk) gets a new device node with the same
+    major:minor, the VMM user's, mode 0600. A regular file is hard-linked through
+    its descriptor (never by a name someone could swap), so writes land in the
+    original; the caller made a file Firecracker writes its group's. A read-only
+    file the VMM user cannot read, or one on another filesystem, is copied instead
+    (the copy is the VMM user's).
 
     Raises:
-        HostError: The source is missing or of another kind, or a file
-            Firecracker writes is on another filesystem than the jail (a hard
-            link cannot cross filesystems and a copy would lose the writes).
+        HostError: a file Firecracker writes is on another filesystem than the jail
+            (a hard link cannot cross filesystems and a copy would lose the writes),
+            or the host refused.
     """
-    target = root / item.jailed.lstrip("/")
-    try:
-        st = os.stat(item.source)
-    except OSError as exc:
-        raise HostError(f"cannot put {item.source} in the jail: {exc.strerror}") from exc
-    target.unlink(missing_ok=True)
+    target = root / jailed.lstrip("/")
+    st = os.fstat(fd)
     try:
         if stat.S_ISBLK(st.st_mode):
             os.mknod(target, stat.S_IFBLK | 0o600, st.st_rdev)
-            os.chown(target, uid, gid)
+            os.chown(target, user.uid, user.gid)
             return target
-        if not stat.S_ISREG(st.st_mode):
-            raise HostError(f"cannot put {item.source} in the jail: "
-                            "not a regular file or block device")
-        if not item.writable and not readable_by(st, uid, gid):
-            _copy_owned(item.source, target, uid, gid)
+        if not writable and not readable_by(st, user.uid, user.gid):
+            _copy_owned(fd, target, user)
             return target
         try:
-            os.link(item.source, target)
+            _link_fd(fd, target)
         except OSError as exc:
             if exc.errno != errno.EXDEV:
                 raise
-            if item.writable:
+            if writable:
                 raise HostError(
-                    f"{item.source} is on another filesystem than the jail {root}; "
+                    f"{jailed.lstrip('/')} is on another filesystem than the jail {root}; "
                     "Firecracker writes to it, so it must be hard-linked, not copied",
                     hint="put jailer_chroot_base on the same filesystem as state_dir",
                 ) from exc
-            _copy_owned(item.source, target, uid, gid)
-            return target
-        if item.writable:
-            os.chown(target, uid, gid)
-            os.chmod(target, 0o600)
+            _copy_owned(fd, target, user)
     except OSError as exc:
-        raise HostError(f"cannot put {item.source} in the jail at {target}: {exc.strerror}",
-                        hint="the jailer needs root (CAP_MKNOD, CAP_CHOWN)") from exc
+        raise HostError(f"cannot put {jailed.lstrip('/')} in the jail at {target}: "
+                        f"{exc.strerror or exc}") from exc
     return target
 
 
-def _copy_owned(source: Path, target: Path, uid: int, gid: int) -> None:
-    shutil.copyfile(source, target)
-    os.chown(target, uid, gid)
+def _link_fd(fd: int, target: Path) -> None:
+    """Hard-link the file open at ``fd`` as ``target``: ``linkat`` following the
+    ``/proc/self/fd`` link (a ``dst_dir_fd`` makes Python call ``linkat``, whose
+    ``AT_SYMLINK_FOLLOW`` a plain ``link`` lacks: it would link the magic link itself)."""
+    dfd = os.open(target.parent, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.link(f"/proc/self/fd/{fd}", target.name, dst_dir_fd=dfd, follow_symlinks=True)
+    finally:
+        os.close(dfd)
 
 
-def prepare_jail(layout: JailLayout, settings: JailerSettings, paths: VMPaths,
-                 items: Sequence[Exposure]) -> None:
-    """Build a fresh jail for one launch: root dir, files, runtime-dir symlinks.
+def _copy_owned(fd: int, target: Path, user: VMMUser) -> None:
+    out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                  0o600)
+    try:
+        os.fchown(out, user.uid, user.gid)
+        _copy_fd(fd, out)
+    finally:
+        os.close(out)
 
-    A jail left by an earlier run of this VM is removed first: the VM's
-    process is gone (the daemon kills it before starting the VM again) and
-    stale sockets inside would make Firecracker's ``bind`` fail.
+
+def _copy_fd(src: int, dst: int) -> None:
+    """Copy the whole file open at ``src`` into ``dst`` (in the kernel, from offset 0):
+    ``sendfile``, as ``copy_file_range`` refuses two filesystems on some kernels."""
+    offset, size = 0, os.fstat(src).st_size
+    os.lseek(dst, 0, os.SEEK_SET)
+    while offset < size:
+        sent = os.sendfile(dst, src, offset, size - offset)
+        if sent == 0:
+            break
+        offset += sent
+
+
+def prepare_jail(layout: JailLayout, user: VMMUser, files: Mapping[str, tuple[int, bool]]
+                 ) -> None:
+    """Build a fresh jail for one launch: its root, ``files`` (jailed name ->
+    (descriptor, writable)) and an empty metrics file the VMM user writes.
+
+    A jail left by an earlier run of this VM is removed first: the VM's process is
+    gone (the daemon kills it before starting the VM again) and stale sockets
+    inside would make Firecracker's ``bind`` fail.
 
     Raises:
-        HostError: A file could not be put in the jail.
+        HostError: a file could not be put in the jail.
     """
     remove_jail(layout)
     layout.root.mkdir(parents=True, mode=0o750)
-    for item in items:
-        expose(item, layout.root, settings.uid, settings.gid)
+    for jailed, (fd, writable) in files.items():
+        place(fd, jailed, layout.root, user, writable=writable)
     metrics = layout.host_path(JAIL_METRICS)
-    metrics.write_bytes(b"")
     try:
-        os.chown(metrics, settings.uid, settings.gid)
-        os.chmod(metrics, 0o600)
+        fd = os.open(metrics, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchown(fd, user.uid, user.gid)
+        finally:
+            os.close(fd)
     except OSError as exc:
-        raise HostError(f"cannot chown {metrics}: {exc.strerror}") from exc
-    for link, target in socket_links(layout, paths).items():
-        link.unlink(missing_ok=True)
-        link.symlink_to(target)
+        raise HostError(f"cannot make {metrics}: {exc.strerror}") from exc
 
 
 def remove_jail(layout: JailLayout) -> bool:
@@ -410,21 +411,52 @@ def remove_jail(layout: JailLayout) -> bool:
     return True
 
 
-def move_out(source: Path, target: Path) -> None:
-    """Move a file Firecracker wrote inside the jail to ``target`` on the host.
+def move_out(layout: JailLayout, jailed: str, target_dir: int, name: str,
+             owner: tuple[int, int]) -> None:
+    """Move the file Firecracker wrote at ``jailed`` in the jail to ``name`` in the
+    directory open at ``target_dir``, made ``owner``'s (uid, gid) with mode 0600.
 
-    A rename when both are on one filesystem; otherwise copy, then unlink.
+    The jail is the VMM user's: the file is opened without following a symlink and
+    must be a regular file with one link, or nothing is moved. A rename when both are
+    on one filesystem; otherwise a copy from the open descriptor.
+
+    Raises:
+        HostError: it is missing or not a plain file, or the host refused.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
+    src = layout.host_path(jailed)
     try:
-        os.replace(source, target)
+        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise HostError(f"cannot move {source} to {target}: {exc.strerror}") from exc
-        try:
-            shutil.copyfile(source, target)
-        except OSError as copy_exc:
-            raise HostError(f"cannot copy {source} to {target}: {copy_exc.strerror}") from copy_exc
+        raise HostError(f"cannot read {src}: {exc.strerror or exc}") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise HostError(f"{src} is not a plain file Firecracker wrote")
+        tmp = f".{name}.moving"
         with contextlib.suppress(FileNotFoundError):
-            source.unlink()
-    log.debug("moved %s out of the jail to %s", source, target)
+            os.unlink(tmp, dir_fd=target_dir)
+        try:
+            os.rename(src, tmp, dst_dir_fd=target_dir)
+            out = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=target_dir)
+            moved = os.fstat(out)
+            if (moved.st_dev, moved.st_ino) != (st.st_dev, st.st_ino):
+                os.close(out)
+                raise HostError(f"{src} changed while it was moved out of the jail")
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            out = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                          | os.O_CLOEXEC, 0o600, dir_fd=target_dir)
+            _copy_fd(fd, out)
+            os.unlink(src)
+        try:
+            os.fchown(out, *owner)
+            os.fchmod(out, 0o600)
+        finally:
+            os.close(out)
+        os.rename(tmp, name, src_dir_fd=target_dir, dst_dir_fd=target_dir)
+    except OSError as exc:
+        raise HostError(f"cannot move {src} out of the jail: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    log.debug("moved %s out of the jail", src)

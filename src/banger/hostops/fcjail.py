@@ -1,0 +1,156 @@
+"""Firecracker's jails, run by the root helper (``fc.*`` requests).
+
+Everything a jailed Firecracker needs root for happens here: building the jail
+from descriptors of the VM's files (:func:`banger.hostops.jail.prepare_jail`),
+starting the jailer fixed at install time (:class:`~banger.hostops.policy.Policy`),
+connecting to the API and vsock sockets inside the jail, moving a snapshot out of
+it, and removing the jail and the cgroup the jailer made. Requests name a VM id and
+the VM's own files; the jailer, the Firecracker binary and the chroot base are the
+helper's.
+
+The jail's root is the VMM user's, and the VMM runs what the guest asks of it, so
+nothing in it is trusted: a socket is connected to only when it is the VMM user's
+own socket with one link (never a world-writable socket linked in, which root would
+then reach for the daemon), found without following a symlink; a snapshot file is
+moved out only as a plain file with one link.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+from banger.errors import HostError, Refused
+from banger.fsutil import dir_beneath
+from banger.hostops import ops
+from banger.hostops.cgroups import CgroupHost, install_group, limits_for, vm_group
+from banger.hostops.jail import (
+    JAIL_API_SOCKET,
+    JAIL_FILES,
+    JAIL_SNAPSHOT_MEM,
+    JAIL_SNAPSHOT_STATE,
+    JAIL_VSOCK,
+    JailerSettings,
+    JailLayout,
+    jailer_argv,
+    move_out,
+    prepare_jail,
+    remove_jail,
+)
+from banger.hostops.policy import Policy
+from banger.hostops.vmfiles import launch_files, open_log, open_vm_file
+from banger.vmm import vm_marker
+from banger.vmmuser import VMMUser
+
+CONNECT_TIMEOUT_S = 5.0  # a local socket: anything slower is a VMM that is not listening
+SOCKETS = {"api": JAIL_API_SOCKET, "vsock": JAIL_VSOCK}
+
+# (description, spec, descriptors to pass) -> the launched process's pid
+Spawn = Callable[[str, dict[str, object], list[int]], int]
+
+
+class Jails:
+    """This install's Firecracker jails (under the policy's chroot base)."""
+
+    def __init__(self, policy: Policy, cgroups: Callable[[], CgroupHost],
+                 vmm_user: Callable[[], VMMUser], spawn: Spawn) -> None:
+        self.policy = policy
+        self._cgroups = cgroups
+        self._vmm_user = vmm_user
+        self._spawn = spawn
+
+    def layout(self, vm_id: str) -> JailLayout:
+        """Where VM ``vm_id``'s jail is.
+
+        Raises:
+            Refused: the helper found no Firecracker and jailer when it started.
+        """
+        if not (self.policy.firecracker_bin and self.policy.jailer_bin):
+            raise Refused("this root helper runs no Firecracker: none was found with its "
+                          "jailer when it started (jailer_enabled, firecracker_bin, "
+                          "jailer_bin)")
+        return JailLayout.for_vm(self.policy.jailer_chroot_base, self.policy.firecracker_bin,
+                                 vm_marker(vm_id))
+
+    def launch(self, req: ops.FcLaunch) -> int:
+        """Build the jail from the request's files and start the jailer; its pid."""
+        layout = self.layout(req.vm_id)
+        user = self._vmm_user()
+        settings = JailerSettings(self.policy.jailer_bin, self.policy.jailer_chroot_base, user,
+                                  self._cgroups(), install_group(self.policy.install_tag))
+        with launch_files(f"Firecracker's jail for VM {req.vm_id}") as fds:
+            for name, f in req.files.items():
+                fds[name] = open_vm_file(self.policy, req.op, req.vm_id, name, f, user=user)
+            serial = open_log(self.policy, req.op, Path(req.serial))
+            fds["_serial"] = serial
+            prepare_jail(layout, user, {JAIL_FILES[name]: (fds[name], f.mode == "rw")
+                                        for name, f in req.files.items()})
+            argv = jailer_argv(settings, self.policy.firecracker_bin, layout.jail_id,
+                               limits_for(req.memory_mib, req.vcpu))
+            # The jailer makes the VM's cgroup and joins it itself.
+            spec: dict[str, object] = {"fds": {}, "stderr_fd": serial, "command": argv,
+                                       "cgroup_procs": []}
+            return self._spawn(f"start Firecracker for VM {req.vm_id}", spec, [serial])
+
+    def connect(self, vm_id: str, which: Literal["api", "vsock"]) -> int:
+        """A connected descriptor to VM ``vm_id``'s ``which`` socket in its jail.
+
+        Raises:
+            HostError: there is no such socket (yet), or it does not accept.
+            Refused: the name is not the VMM user's own socket.
+        """
+        path = self.layout(vm_id).host_path(SOCKETS[which])
+        try:
+            fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise HostError(f"VM {vm_id} has no Firecracker {which} socket: "
+                            f"{exc.strerror or exc}") from exc
+        try:
+            st = os.fstat(fd)
+            user = self._vmm_user()
+            if not stat.S_ISSOCK(st.st_mode) or st.st_nlink != 1 or st.st_uid != user.uid:
+                raise Refused(f"fc.connect: {path} is not a socket of the VMM user's own")
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(CONNECT_TIMEOUT_S)
+                sock.connect(f"/proc/self/fd/{fd}")
+                sock.settimeout(None)
+            except OSError as exc:
+                sock.close()
+                raise HostError(f"VM {vm_id}'s Firecracker {which} socket does not accept: "
+                                f"{exc.strerror or exc}") from exc
+            return sock.detach()
+        finally:
+            os.close(fd)
+
+    def snapshot_out(self, vm_id: str, state: Path, memory: Path) -> None:
+        """Move the snapshot Firecracker wrote in the jail to ``state`` and ``memory``
+        (their directories exist below the state dir), made the daemon's.
+
+        Raises:
+            HostError: a file is missing or not plain, or the host refused.
+        """
+        layout = self.layout(vm_id)
+        owner = (self.policy.daemon_uid, self.policy.daemon_gid)
+        for jailed, target in ((JAIL_SNAPSHOT_STATE, state), (JAIL_SNAPSHOT_MEM, memory)):
+            try:
+                dfd = dir_beneath(self.policy.state_dir, target.parent)
+            except OSError as exc:
+                raise HostError(f"cannot move the snapshot to {target.parent}: "
+                                f"{exc.strerror or exc}") from exc
+            try:
+                move_out(layout, jailed, dfd, target.name, owner)
+            finally:
+                os.close(dfd)
+
+    def cleanup(self, vm_id: str, wait_s: float) -> None:
+        """Remove VM ``vm_id``'s jail and the cgroup the jailer made for it."""
+        if not (self.policy.firecracker_bin and self.policy.jailer_bin):
+            return  # no jail was ever made by this helper
+        remove_jail(self.layout(vm_id))
+        group = vm_group(self.policy.install_tag, vm_marker(vm_id))
+        self._cgroups().group(group).remove(wait_s=wait_s)
