@@ -135,7 +135,7 @@ def helper_unit(i: Install) -> str:
     caps: tuple[str, ...] = HELPER_CAPABILITIES
     jailer: list[str] = []
     if i.jail_base is not None:
-        writable += f" -{i.jail_base}"  # "-": made by the first jail, not needed to start
+        writable += f" {i.jail_base}"  # `system install` makes it
         caps += JAILER_CAPABILITIES
         jailer = ["# Firecracker's jailer: a mount namespace, pivot_root, device nodes.",
                   "SystemCallFilter=@mount"]

@@ -433,6 +433,14 @@ def test_jailed_lifecycle(tmp_path: Path, spec_path: Path, vms: VMs) -> None:
 
     second = drv.restore(plan, files)
     assert drv.instance_info(p).state is InstanceState.RUNNING
+    # A restored VM is snapshotted again (suspend, start, suspend): the loaded files
+    # have names of their own in the jail, so the new snapshot does not overwrite them.
+    drv.pause(p)
+    again = SnapshotFiles(p.state / "snap2" / "vm.state", p.state / "snap2" / "vm.mem")
+    drv.snapshot(p, again)
+    assert again.memory.read_text().startswith("fake mem_file_path")
+    assert files.memory.read_text().startswith("fake mem_file_path")  # the loaded one kept
+    drv.resume(p)
     assert drv.stop(p, second, grace_s=10)
     drv.cleanup(p)
     assert not layout.jail_dir.exists()
@@ -449,7 +457,7 @@ def test_jailed_lifecycle(tmp_path: Path, spec_path: Path, vms: VMs) -> None:
         "snapshot_type": "Full", "snapshot_path": "/snapshot.state",
         "mem_file_path": "/snapshot.mem"}
     loaded = bodies(fakes, plan, second.pid)[("PUT", "/snapshot/load")]
-    assert loaded["snapshot_path"] == "/snapshot.state"  # type: ignore[index]
+    assert loaded["snapshot_path"] == "/restore.state"  # type: ignore[index]
 
 
 @needs_root
@@ -494,7 +502,7 @@ def test_a_jailed_snapshot_clones_into_a_vm_of_its_own(tmp_path: Path, spec_path
     for plan in (src, clone):
         assert fakes.journal(plan.marker).errors() == []
     loaded = bodies(fakes, clone, second.pid)[("PUT", "/snapshot/load")]
-    assert loaded["snapshot_path"] == "/snapshot.state"  # type: ignore[index]
+    assert loaded["snapshot_path"] == "/restore.state"  # type: ignore[index]
     assert loaded["network_overrides"] == [  # type: ignore[index]
         {"iface_id": "eth0", "host_dev_name": "tap-clone"}]
 

@@ -125,6 +125,9 @@ def test_a_helper_without_a_jailer_runs_no_firecracker(jail: Jail, tmp_path: Pat
     with pytest.raises(Refused, match="runs no Firecracker"):
         bare.handle(ops.FcConnect(vm_id=VM, socket="api"))
     bare.handle(ops.FcCleanup(vm_id=VM))  # nothing was ever made: nothing to remove
+    # What a daemon that is not root asks before it picks Firecracker:
+    assert HostOps.local(bare).fc_status() == ("", "")
+    assert jail.host.fc_status() == ("/usr/bin/firecracker", "/usr/bin/jailer")
 
 
 # ----------------------------------------------------------------- connecting

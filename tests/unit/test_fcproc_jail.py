@@ -24,6 +24,8 @@ from banger.hostops.cgroups import CgroupHost, CgroupVersion, Limits, limits_for
 from banger.hostops.jail import (
     JAIL_FILES,
     JAIL_METRICS,
+    JAIL_RESTORE_MEM,
+    JAIL_RESTORE_STATE,
     JAIL_SNAPSHOT_MEM,
     JAIL_SNAPSHOT_STATE,
     MAX_EXTRA_DISKS,
@@ -203,8 +205,11 @@ def test_jail_files_land_where_the_jailed_view_looks(tmp_path: Path) -> None:
         "extra1": view.extra_disks[1]}
     assert view.extra_disks == ("/extra0", "/extra1")
     assert view.metrics == JAIL_METRICS
-    assert (JAIL_FILES["snapshot_state"], JAIL_FILES["snapshot_mem"]) == (
-        JAIL_SNAPSHOT_STATE, JAIL_SNAPSHOT_MEM)
+    # A snapshot to load has names of its own: a new snapshot of the restored VM is
+    # written at JAIL_SNAPSHOT_*, which must not be the loaded (read-only) files.
+    loaded = (JAIL_FILES["snapshot_state"], JAIL_FILES["snapshot_mem"])
+    assert loaded == (JAIL_RESTORE_STATE, JAIL_RESTORE_MEM)
+    assert not set(loaded) & {JAIL_SNAPSHOT_STATE, JAIL_SNAPSHOT_MEM}
 
 
 def test_jail_files_refuse_more_extra_disks_than_a_jail_holds(tmp_path: Path) -> None:
@@ -317,7 +322,9 @@ def test_block_device_gets_its_own_node(tmp_path: Path, jail_root: Path) -> None
     st = target.lstat()
     assert stat.S_ISBLK(st.st_mode) and st.st_rdev == os.makedev(253, 7)
     assert st.st_ino != dev.stat().st_ino
-    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (NOBODY, NOBODY, 0o600)
+    # root's, the VMM user's group's: an owner could chmod the node or link it out of
+    # the jail, and keep a name for whatever device gets its number next.
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, NOBODY, 0o660)
     host = dev.stat()  # the host's node is untouched
     assert (host.st_uid, host.st_gid, stat.S_IMODE(host.st_mode)) == (0, 6, 0o660)
 
@@ -523,3 +530,16 @@ def test_configure_adds_extra_disks_after_the_work_disk(tmp_path: Path) -> None:
     calls.clear()
     configure(Recorder(), plan, direct_view(plan))  # type: ignore[arg-type]
     assert calls[2] == ("extra0", "/x")
+
+
+@needs_root
+def test_place_refuses_a_jail_root_that_is_not_roots_own(tmp_path: Path,
+                                                          jail_root: Path) -> None:
+    """Once the jailer gave the root to the VMM user, its names can be swapped under
+    the helper: it builds only in a directory of root's own."""
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(b"kernel")
+    os.chown(jail_root, NOBODY, NOBODY)
+    with pytest.raises(HostError, match="not root's own directory"):
+        place_path(kernel, "/vmlinux", jail_root, writable=False, flags=os.O_RDONLY)
+    assert os.listdir(jail_root) == []

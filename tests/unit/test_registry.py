@@ -14,6 +14,7 @@ from banger.config import parse_config
 from banger.daemon import images, kernels, reconcile, vmcreate, vmmselect
 from banger.daemon.core import Daemon
 from banger.daemon.fcproc import FirecrackerDriver
+from banger.daemon.fcproc import driver as fcdriver
 from banger.daemon.fcproc import host as fchost
 from banger.daemon.vmmselect import resolve_vmm
 from banger.daemon.workspaces import check_sync_target
@@ -111,33 +112,47 @@ def test_auto_vmm_needs_binary_kvm_and_a_bootable_kernel(tmp_path: Path) -> None
         resolve_vmm(cfg, "xen")
 
 
-def test_a_daemon_that_is_not_root_runs_firecracker_only_under_the_jailer(
+class Helper:
+    """The root helper as far as choosing Firecracker asks it: what it found."""
+
+    def __init__(self, firecracker: str, jailer: str) -> None:
+        self.found = (firecracker, jailer)
+
+    def fc_status(self) -> tuple[str, str]:
+        return self.found
+
+
+def test_a_daemon_that_is_not_root_runs_firecracker_only_under_the_helpers_jailer(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The jail is built by the root helper; an unjailed Firecracker would need a root
-    daemon. Without the jailer, `auto` picks QEMU and `firecracker` is a clear error."""
+    """The jail is built by the root helper, with the jailer it found; an unjailed
+    Firecracker would need a root daemon. Without the jailer, `auto` picks QEMU and
+    `firecracker` is a clear error."""
     fc = tmp_path / "firecracker"
     fc.write_text("#!/bin/sh\necho Firecracker v1.7.0\n")
     fc.chmod(0o755)
-    monkeypatch.setattr(fchost.os, "geteuid", lambda: 1000)
-    helper = cast(HostOps, object())
+    for module in (fchost.os, fcdriver.os):
+        monkeypatch.setattr(module, "geteuid", lambda: 1000)
     cfg = parse_config({"firecracker_bin": str(fc), "jailer_bin": str(tmp_path / "no-jailer")})
     blockers = vmmselect.firecracker_blockers(cfg)
     assert any("bangerd is not root" in b and "jailer" in b for b in blockers), blockers
     assert resolve_vmm(cfg, "auto") == "qemu"
-    with pytest.raises(HostError, match="not root") as err:
-        vmmselect.make_driver(cfg, SubprocessRunner(), "firecracker", helper)
+    without = cast(HostOps, Helper(str(fc), ""))
+    with pytest.raises(HostError, match="root helper found no Firecracker and jailer") as err:
+        vmmselect.make_driver(cfg, SubprocessRunner(), "firecracker", without)
     assert "vmm = qemu" in err.value.hint
     off = parse_config({"firecracker_bin": str(fc), "jailer_enabled": False})
     with pytest.raises(HostError, match="needs a daemon running as root"):
-        vmmselect.make_driver(off, SubprocessRunner(), "firecracker", helper)
+        vmmselect.make_driver(off, SubprocessRunner(), "firecracker", without)
 
+    # The helper's jailer counts, even one this user cannot see.
+    helper = cast(HostOps, Helper(str(fc), "/usr/sbin/jailer"))
+    drv = vmmselect.make_driver(cfg, SubprocessRunner(), "firecracker", helper)
+    assert isinstance(drv, FirecrackerDriver) and drv.jail is helper
     jailer = tmp_path / "jailer"
     jailer.write_text("#!/bin/sh\n")
     jailer.chmod(0o755)
     jailed = parse_config({"firecracker_bin": str(fc), "jailer_bin": str(jailer)})
     assert not any("jailer" in b for b in vmmselect.firecracker_blockers(jailed))
-    drv = vmmselect.make_driver(jailed, SubprocessRunner(), "firecracker", helper)
-    assert isinstance(drv, FirecrackerDriver) and drv.jail is helper
 
 
 @pytest.mark.parametrize("guest", ["/root/.config/x", "/root/a/b/c"])

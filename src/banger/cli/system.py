@@ -132,6 +132,9 @@ def install_system(owner: str, *, root: Path, runner: Runner, start: bool, bin_d
     _refuse_a_running_daemon(cfg.runtime_dir)
     vmm = ensure_user(runner, cfg.vmm_user)
     out.append(f"VMM user: {vmm.describe()}")
+    if i.jail_base is not None:  # the helper's unit may write only there: it must exist
+        i.jail_base.mkdir(parents=True, exist_ok=True)
+        out.append(f"Firecracker's jails: {i.jail_base}")
     uids, gids_range = userns.reserve(owner, pw.pw_uid)
     out.append(f"{owner}'s image builds use subordinate uids {uids.start}+{uids.count} and "
                f"gids {gids_range.start}+{gids_range.count} ({userns.SUBUID}, "

@@ -210,6 +210,8 @@ class HostOps:
         """A connection to VM ``vm_id``'s jailed Firecracker ``api`` or ``vsock`` socket."""
         got = self._send(ops.FcConnect(vm_id=vm_id, socket=which))  # type: ignore[arg-type]
         if not isinstance(got, ops.Handover) or len(got.fds) != 1:
+            for fd in got.fds if isinstance(got, ops.Handover) else []:
+                os.close(fd)
             raise BadVersion("the root helper did not hand over a Firecracker socket")
         return socket.socket(fileno=got.fds[0])
 
@@ -217,6 +219,14 @@ class HostOps:
         """Move the snapshot VM ``vm_id``'s Firecracker wrote in its jail to ``state`` and
         ``memory`` (their directories exist), made this daemon's."""
         self._send(ops.FcSnapshotOut(vm_id=vm_id, state=str(state), memory=str(memory)))
+
+    def fc_status(self) -> tuple[str, str]:
+        """The Firecracker and jailer binaries the helper runs (``""``: none found)."""
+        got = self._send(ops.FcStatus())
+        if not (isinstance(got, dict) and all(isinstance(got.get(k), str)
+                                              for k in ("firecracker", "jailer"))):
+            raise BadVersion("the root helper answered fc.status with something else")
+        return got["firecracker"], got["jailer"]
 
     def fc_cleanup(self, vm_id: str, wait_s: float = 0.0) -> None:
         """Remove VM ``vm_id``'s jail and its cgroup (absent is fine)."""

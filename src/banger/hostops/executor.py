@@ -165,6 +165,9 @@ class Executor:
                 self.jails.snapshot_out(vm_id, Path(state), Path(memory))
             case ops.FcCleanup(vm_id=vm_id, wait_s=wait_s):
                 self.jails.cleanup(vm_id, wait_s)
+            case ops.FcStatus():
+                return {"firecracker": self.policy.firecracker_bin,
+                        "jailer": self.policy.jailer_bin}
             case ops.DmRead(vm_id=vm_id):
                 return ops.Handover([self.blocks.open_dm(self.policy.dm_device(vm_id),
                                                          os.O_RDONLY)])

@@ -2,7 +2,7 @@
 
 Everything a jailed Firecracker needs root for happens here: building the jail
 from descriptors of the VM's files (:func:`banger.hostops.jail.prepare_jail`),
-starting the jailer fixed at install time (:class:`~banger.hostops.policy.Policy`),
+starting the jailer found when the helper started (:class:`~banger.hostops.policy.Policy`),
 connecting to the API and vsock sockets inside the jail, moving a snapshot out of
 it, and removing the jail and the cgroup the jailer made. Requests name a VM id and
 the VM's own files; the jailer, the Firecracker binary and the chroot base are the

@@ -66,6 +66,10 @@ JAIL_LOG = "/vmm.log"
 JAIL_METRICS = "/fc.metrics"
 JAIL_SNAPSHOT_STATE = "/snapshot.state"
 JAIL_SNAPSHOT_MEM = "/snapshot.mem"
+# A snapshot to load has names of its own: the files are the daemon's (linked in,
+# read-only to the VMM), and a restored VM must still be able to write a new snapshot.
+JAIL_RESTORE_STATE = "/restore.state"
+JAIL_RESTORE_MEM = "/restore.mem"
 
 # The jailer's --cgroup-version takes "1" or "2" (docs/jailer.md, "Jailer Usage").
 JAILER_CGROUP_VERSION = {CgroupVersion.V1: "1", CgroupVersion.V2: "2"}
@@ -256,8 +260,8 @@ MAX_EXTRA_DISKS = 8
 # What a launch may put in a jail: the request's name for a file -> its name inside.
 JAIL_FILES: dict[str, str] = {
     "kernel": JAIL_KERNEL, "initrd": JAIL_INITRD, "rootfs": JAIL_ROOTFS,
-    "work": JAIL_WORK_DISK, "log": JAIL_LOG, "snapshot_state": JAIL_SNAPSHOT_STATE,
-    "snapshot_mem": JAIL_SNAPSHOT_MEM,
+    "work": JAIL_WORK_DISK, "log": JAIL_LOG, "snapshot_state": JAIL_RESTORE_STATE,
+    "snapshot_mem": JAIL_RESTORE_MEM,
     **{f"extra{i}": jail_extra_disk(i) for i in range(MAX_EXTRA_DISKS)},
 }
 
@@ -294,30 +298,42 @@ _EXTRA_PATH = ":/usr/sbin:/sbin"
 def place(fd: int, jailed: str, root: Path, user: VMMUser, *, writable: bool) -> Path:
     """Put the file open at ``fd`` inside the jail ``root`` as ``jailed``.
 
-    A block device (the VM's dm-snapshot disk) gets a new device node with the same
-    major:minor, the VMM user's, mode 0600. A regular file is hard-linked through
-    its descriptor (never by a name someone could swap), so writes land in the
-    original; the caller made a file Firecracker writes its group's. A read-only
-    file the VMM user cannot read, or one on another filesystem, is copied instead
-    (the copy is the VMM user's).
+    ``root`` must be root's own directory, as :func:`prepare_jail` makes it (the
+    jailer gives it to the VMM user only later): everything is done relative to a
+    descriptor of it, so no name in it can be swapped meanwhile. A block device (the
+    VM's dm-snapshot disk) gets a new device node with the same major:minor, root's,
+    given to the VMM user's group (0660: an owner could chmod it or link it out of
+    the jail, and keep a node that names whatever device gets that number later). A
+    regular file is hard-linked through its descriptor, so writes land in the
+    original; the caller made a file Firecracker writes its group's. A read-only file
+    the VMM user cannot read, or one on another filesystem, is copied instead (the
+    copy is the VMM user's).
 
     Raises:
-        HostError: a file Firecracker writes is on another filesystem than the jail
-            (a hard link cannot cross filesystems and a copy would lose the writes),
-            or the host refused.
+        HostError: ``root`` is not root's own directory; a file Firecracker writes is on
+            another filesystem than the jail (a hard link cannot cross filesystems and
+            a copy would lose the writes), or the host refused.
     """
     target = root / jailed.lstrip("/")
+    name = target.name
+    try:
+        dfd = _own_dir(root)
+    except OSError as exc:
+        raise HostError(f"cannot open the jail {root}: {exc.strerror or exc}") from exc
     st = os.fstat(fd)
     try:
         if stat.S_ISBLK(st.st_mode):
-            os.mknod(target, stat.S_IFBLK | 0o600, st.st_rdev)
-            os.chown(target, user.uid, user.gid)
+            os.mknod(name, stat.S_IFBLK | 0o600, st.st_rdev, dir_fd=dfd)
+            os.chown(name, 0, user.gid, dir_fd=dfd, follow_symlinks=False)
+            os.chmod(name, 0o660, dir_fd=dfd)  # root's fresh node in root's own directory
             return target
         if not writable and not readable_by(st, user.uid, user.gid):
-            _copy_owned(fd, target, user)
+            _copy_owned(fd, dfd, name, user)
             return target
         try:
-            _link_fd(fd, target)
+            # linkat following /proc/self/fd (a dst_dir_fd makes Python call linkat with
+            # AT_SYMLINK_FOLLOW; a plain link would link the magic link itself).
+            os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dfd, follow_symlinks=True)
         except OSError as exc:
             if exc.errno != errno.EXDEV:
                 raise
@@ -327,27 +343,32 @@ def place(fd: int, jailed: str, root: Path, user: VMMUser, *, writable: bool) ->
                     "Firecracker writes to it, so it must be hard-linked, not copied",
                     hint="put jailer_chroot_base on the same filesystem as state_dir",
                 ) from exc
-            _copy_owned(fd, target, user)
+            _copy_owned(fd, dfd, name, user)
     except OSError as exc:
         raise HostError(f"cannot put {jailed.lstrip('/')} in the jail at {target}: "
                         f"{exc.strerror or exc}") from exc
+    finally:
+        os.close(dfd)
     return target
 
 
-def _link_fd(fd: int, target: Path) -> None:
-    """Hard-link the file open at ``fd`` as ``target``: ``linkat`` following the
-    ``/proc/self/fd`` link (a ``dst_dir_fd`` makes Python call ``linkat``, whose
-    ``AT_SYMLINK_FOLLOW`` a plain ``link`` lacks: it would link the magic link itself)."""
-    dfd = os.open(target.parent, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        os.link(f"/proc/self/fd/{fd}", target.name, dst_dir_fd=dfd, follow_symlinks=True)
-    finally:
+def _own_dir(path: Path) -> int:
+    """A descriptor of directory ``path``, if it is root's and no symlink.
+
+    Raises:
+        OSError: it is missing, a symlink, not a directory, or not root's.
+    """
+    dfd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    st = os.fstat(dfd)
+    if st.st_uid != 0 or st.st_mode & 0o022:
         os.close(dfd)
+        raise OSError(errno.EPERM, "not root's own directory", str(path))
+    return dfd
 
 
-def _copy_owned(fd: int, target: Path, user: VMMUser) -> None:
-    out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                  0o600)
+def _copy_owned(fd: int, dfd: int, name: str, user: VMMUser) -> None:
+    out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                  0o600, dir_fd=dfd)
     try:
         os.fchown(out, user.uid, user.gid)
         _copy_fd(fd, out)
@@ -385,8 +406,12 @@ def prepare_jail(layout: JailLayout, user: VMMUser, files: Mapping[str, tuple[in
         place(fd, jailed, layout.root, user, writable=writable)
     metrics = layout.host_path(JAIL_METRICS)
     try:
-        fd = os.open(metrics, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                     | os.O_CLOEXEC, 0o600)
+        dfd = _own_dir(layout.root)
+        try:
+            fd = os.open(metrics.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+        finally:
+            os.close(dfd)
         try:
             os.fchown(fd, user.uid, user.gid)
         finally:
@@ -416,9 +441,11 @@ def move_out(layout: JailLayout, jailed: str, target_dir: int, name: str,
     """Move the file Firecracker wrote at ``jailed`` in the jail to ``name`` in the
     directory open at ``target_dir``, made ``owner``'s (uid, gid) with mode 0600.
 
-    The jail is the VMM user's: the file is opened without following a symlink and
-    must be a regular file with one link, or nothing is moved. A rename when both are
-    on one filesystem; otherwise a copy from the open descriptor.
+    The jail is the VMM user's, who may swap its names at any time: the file is opened
+    without following a symlink (and without waiting on a FIFO), must be a regular
+    file with one link, and everything after that is done to that descriptor: it is
+    made ``owner``'s and hard-linked into the target directory through it (copied from
+    it across filesystems), then its name in the jail is removed.
 
     Raises:
         HostError: it is missing or not a plain file, or the host refused.
@@ -428,34 +455,33 @@ def move_out(layout: JailLayout, jailed: str, target_dir: int, name: str,
         fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise HostError(f"cannot read {src}: {exc.strerror or exc}") from exc
+    tmp = f".{name}.moving"
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
             raise HostError(f"{src} is not a plain file Firecracker wrote")
-        tmp = f".{name}.moving"
+        os.fchown(fd, *owner)
+        os.fchmod(fd, 0o600)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp, dir_fd=target_dir)
         try:
-            os.rename(src, tmp, dst_dir_fd=target_dir)
-            out = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=target_dir)
-            moved = os.fstat(out)
-            if (moved.st_dev, moved.st_ino) != (st.st_dev, st.st_ino):
-                os.close(out)
-                raise HostError(f"{src} changed while it was moved out of the jail")
+            os.link(f"/proc/self/fd/{fd}", tmp, dst_dir_fd=target_dir, follow_symlinks=True)
         except OSError as exc:
             if exc.errno != errno.EXDEV:
                 raise
-            out = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                           | os.O_CLOEXEC, 0o600, dir_fd=target_dir)
-            _copy_fd(fd, out)
-            os.unlink(src)
-        try:
-            os.fchown(out, *owner)
-            os.fchmod(out, 0o600)
-        finally:
-            os.close(out)
+            try:
+                os.fchown(out, *owner)
+                _copy_fd(fd, out)
+            finally:
+                os.close(out)
         os.rename(tmp, name, src_dir_fd=target_dir, dst_dir_fd=target_dir)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(src)  # a name the VMM user swapped meanwhile is its own business
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=target_dir)
         raise HostError(f"cannot move {src} out of the jail: {exc.strerror or exc}") from exc
     finally:
         os.close(fd)

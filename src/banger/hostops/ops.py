@@ -211,7 +211,7 @@ JailName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,15}$")]
 
 class FcLaunch(_Model):
     """Build VM ``vm_id``'s jail from ``files`` (named as in ``hostops.jail.JAIL_FILES``)
-    and start Firecracker in it under the jailer fixed at install time, confined to
+    and start Firecracker in it under the jailer fixed when the helper started, confined to
     the VM's size; its console goes to ``serial``. Answers its pid."""
 
     op: Literal["fc.launch"] = "fc.launch"
@@ -239,6 +239,13 @@ class FcSnapshotOut(_Model):
     vm_id: VMId
     state: HostPath
     memory: HostPath
+
+
+class FcStatus(_Model):
+    """The Firecracker and jailer binaries the helper found when it started (``""``:
+    none): whether it runs jailed Firecracker VMs at all."""
+
+    op: Literal["fc.status"] = "fc.status"
 
 
 class FcCleanup(_Model):
@@ -326,7 +333,8 @@ Request = Annotated[
     EnsureBridge | CreateTap | DeleteLink | ListLinks | NftLoad | NftAdmit | NftForget
     | NftPin | NftDelete | IPForward | Signal | CgroupCreate | CgroupAdopt | CgroupRemove
     | QemuLaunch | DNSSockets | LoopAttach | LoopDetach | LoopList | DmSnapshot | DmRemove
-    | DmList | DmRead | UsernsMap | FcLaunch | FcConnect | FcSnapshotOut | FcCleanup,
+    | DmList | DmRead | UsernsMap | FcLaunch | FcConnect | FcSnapshotOut | FcCleanup
+    | FcStatus,
     Field(discriminator="op"),
 ]
 

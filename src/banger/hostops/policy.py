@@ -166,7 +166,7 @@ class Policy:
             case ops.FcSnapshotOut(state=state, memory=memory):
                 for what, path in (("state", state), ("memory", memory)):
                     self.beneath(req.op, Path(path), (self.state_dir,), what)
-            case ops.FcConnect() | ops.FcCleanup():
+            case ops.FcConnect() | ops.FcCleanup() | ops.FcStatus():
                 pass  # the jail's path is the helper's own, from the VM id's shape
             case _:
                 raise Refused(f"{req.op}: no policy for this request")

@@ -1,22 +1,24 @@
-"""Start QEMU in its cgroup, detached; run as root as a script, never imported.
+"""Start a VMM (QEMU, or Firecracker's jailer) detached; run as root as a script,
+never imported.
 
 Usage (by :mod:`banger.hostops.executor`, with the descriptors inherited)::
 
-    python -I qemu_spawn.py < SPEC.json
+    python -I vmm_spawn.py < SPEC.json
 
 The spec names:
 
-- ``cgroup_procs``: the VM's ``cgroup.procs`` files. The launcher writes its own
-  pid to each first, so QEMU (its grandchild) is in the VM's cgroup from its
-  first instruction;
+- ``cgroup_procs``: the VM's ``cgroup.procs`` files (QEMU's; the jailer makes and
+  joins its own). The launcher writes its own pid to each first, so QEMU (its
+  grandchild) is in the VM's cgroup from its first instruction;
 - ``fds``: ``{name: descriptor}``, inherited from the executor, which opened the
   VM's files (never through a symlink), attached the TAP and bound the QMP socket;
-- ``stderr_fd``: the descriptor QEMU's stdout and stderr go to;
-- ``command``: the argv (``setpriv ... -- qemu ...``) where ``{fd:NAME}`` is
-  replaced by the descriptor number of ``NAME``.
+- ``stderr_fd``: the descriptor the VMM's stdout and stderr go to (QEMU's log,
+  Firecracker's serial console);
+- ``command``: the argv (``setpriv ... -- qemu ...``, or ``jailer ...``) where
+  ``{fd:NAME}`` is replaced by the descriptor number of ``NAME``.
 
-Then it detaches QEMU with :func:`banger.detach.run` (fork, ``setsid()``, fork
-again, exec in the grandchild), so QEMU is re-parented to init and outlives the
+Then it detaches the VMM with :func:`banger.detach.run` (fork, ``setsid()``, fork
+again, exec in the grandchild), so it is re-parented to init and outlives the
 daemon and the helper. QEMU cannot ``-daemonize`` itself under ``-sandbox
 spawn=deny``. Prints ``<pid>`` and exits 0 once the command is exec'd; prints the
 reason on stderr and exits 127 if exec fails, 1 if the set-up fails.

@@ -47,6 +47,8 @@ from banger.hostops.jail import (
     JAIL_KERNEL,
     JAIL_LOG,
     JAIL_METRICS,
+    JAIL_RESTORE_MEM,
+    JAIL_RESTORE_STATE,
     JAIL_ROOTFS,
     JAIL_SNAPSHOT_MEM,
     JAIL_SNAPSHOT_STATE,
@@ -405,7 +407,21 @@ class FirecrackerDriver:
         if not ok:
             raise HostError(f"unsupported Firecracker: {detail}",
                             hint="install a newer Firecracker release, or set vmm = qemu")
-        jailed = jailer_binary(cfg) is not None
+        if os.geteuid() == 0:
+            jailed = jailer_binary(cfg) is not None
+        else:
+            if cfg.jailer_enabled is False:
+                jailer_binary(cfg)  # refuses: an unjailed Firecracker needs root
+            # The helper's jailer (it may sit where this user cannot look), or none.
+            found, jailer = host.fc_status()
+            if not (found and jailer):
+                raise HostError(
+                    "bangerd is not root, so Firecracker runs under its jailer, and the "
+                    "root helper found no Firecracker and jailer when it started",
+                    hint="install both (firecracker_bin, jailer_bin) and restart the "
+                         "helper (`banger system install` again gives it what jails "
+                         "need), or use vmm = qemu")
+            jailed = True
         if jailed:
             # The in-process helper of a root daemon runs it as that user: made here.
             user = (ensure_user(runner, cfg.vmm_user) if os.geteuid() == 0
@@ -627,7 +643,7 @@ class FirecrackerDriver:
             info.state.check_can_become(InstanceState.PAUSED, "restore a snapshot into")
             api.put_logger(view.log)
             api.put_metrics(view.metrics)
-            state, memory = ((JAIL_SNAPSHOT_STATE, JAIL_SNAPSHOT_MEM) if view.jailed
+            state, memory = ((JAIL_RESTORE_STATE, JAIL_RESTORE_MEM) if view.jailed
                              else (str(files.state), str(files.memory)))
             api.load_snapshot(state, memory, resume_vm=False,
                               network_overrides={IFACE: plan.tap} if override_tap else None)
@@ -746,8 +762,14 @@ class FirecrackerDriver:
 
     def _abort(self, p: VMPaths, ident: ProcessIdentity | None) -> None:
         """Undo a failed start: kill the process, remove its files."""
-        if ident is not None and not kill(ident, send=self._signal):
-            log.error("Firecracker pid %d survived SIGKILL for %gs", ident.pid, KILL_WAIT_S)
+        if ident is not None:
+            try:
+                if not kill(ident, send=self._signal):
+                    log.error("Firecracker pid %d survived SIGKILL for %gs", ident.pid,
+                              KILL_WAIT_S)
+            except BangerError as exc:  # a refusal must not hide the first error
+                log.error("killing Firecracker pid %d after a failed start: %s",
+                          ident.pid, exc)
         try:
             self.cleanup(p)
         except BangerError as exc:
