@@ -17,10 +17,12 @@ moved out only as a plain file with one link.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import stat
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -62,6 +64,17 @@ class Jails:
         self._cgroups = cgroups
         self._vmm_user = vmm_user
         self._spawn = spawn
+        # One request per VM's jail at a time: a second launch must not rebuild a root
+        # the first one's jailer is giving to the VMM user meanwhile. _mu guards the dict.
+        self._mu = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+
+    @contextlib.contextmanager
+    def _jail_of(self, vm_id: str) -> Iterator[None]:
+        with self._mu:
+            lock = self._locks.setdefault(vm_id, threading.Lock())
+        with lock:
+            yield
 
     def layout(self, vm_id: str) -> JailLayout:
         """Where VM ``vm_id``'s jail is.
@@ -78,6 +91,10 @@ class Jails:
 
     def launch(self, req: ops.FcLaunch) -> int:
         """Build the jail from the request's files and start the jailer; its pid."""
+        with self._jail_of(req.vm_id):
+            return self._launch(req)
+
+    def _launch(self, req: ops.FcLaunch) -> int:
         layout = self.layout(req.vm_id)
         user = self._vmm_user()
         settings = JailerSettings(self.policy.jailer_bin, self.policy.jailer_chroot_base, user,
@@ -136,6 +153,11 @@ class Jails:
         """
         layout = self.layout(vm_id)
         owner = (self.policy.daemon_uid, self.policy.daemon_gid)
+        with self._jail_of(vm_id):
+            self._move_out(layout, owner, state, memory)
+
+    def _move_out(self, layout: JailLayout, owner: tuple[int, int], state: Path,
+                  memory: Path) -> None:
         for jailed, target in ((JAIL_SNAPSHOT_STATE, state), (JAIL_SNAPSHOT_MEM, memory)):
             try:
                 dfd = dir_beneath(self.policy.state_dir, target.parent)
@@ -151,6 +173,7 @@ class Jails:
         """Remove VM ``vm_id``'s jail and the cgroup the jailer made for it."""
         if not (self.policy.firecracker_bin and self.policy.jailer_bin):
             return  # no jail was ever made by this helper
-        remove_jail(self.layout(vm_id))
-        group = vm_group(self.policy.install_tag, vm_marker(vm_id))
-        self._cgroups().group(group).remove(wait_s=wait_s)
+        with self._jail_of(vm_id):
+            remove_jail(self.layout(vm_id))
+            group = vm_group(self.policy.install_tag, vm_marker(vm_id))
+            self._cgroups().group(group).remove(wait_s=wait_s)
