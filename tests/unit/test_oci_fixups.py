@@ -60,6 +60,23 @@ def test_notes_follow_the_tree() -> None:
     assert "proc" not in fx.notes  # a later layer made it plain again
 
 
+def test_forgetting_a_path_takes_its_whole_noted_subtree_and_nothing_else() -> None:
+    """Notes below a directory that has none of its own, a sibling sharing a prefix,
+    and a path noted again after it was forgotten."""
+    fx = Fixups()
+    for key in ("opt/a/b/c/deep", "opt/a/b/x", "opt/ab", "opt/a/bc", "opt/a"):
+        fx.note(key, uid=0, gid=0, mode=0o100600, host_mode=0o100644, xattrs=[])
+    fx.forget("opt/a/b")  # not noted itself; two notes below it
+    assert sorted(fx.notes) == ["opt/a", "opt/a/bc", "opt/ab"]
+    fx.note("opt/a/b/new", uid=5, gid=5, mode=0o100644, host_mode=0o100644, xattrs=[])
+    fx.forget("opt/a")
+    assert sorted(fx.notes) == ["opt/ab"]
+    fx.forget("opt/nothing-here")
+    fx.note("opt/a/b/again", uid=5, gid=5, mode=0o100644, host_mode=0o100644, xattrs=[])
+    fx.forget("")  # the root: everything
+    assert fx.notes == {}
+
+
 def test_the_script_quotes_paths_and_refuses_what_it_cannot_quote(tmp_path: Path) -> None:
     fx = Fixups()
     fx.note("a b/it's $x", uid=5, gid=6, mode=0o100600, host_mode=0o100600, xattrs=[])

@@ -52,6 +52,20 @@ class Fixups:
     """The notes of one flatten, keyed by the path below the image root ("" is the root)."""
 
     notes: dict[str, Fixup] = field(default_factory=dict)
+    # Directory key -> the keys below it on the way to a note (noted or not): what
+    # ``forget`` walks, so removing a path costs its noted subtree, not every note.
+    _below: dict[str, set[str]] = field(default_factory=dict, repr=False)
+
+    def _set(self, key: str, fixup: Fixup) -> None:
+        self.notes[key] = fixup
+        child = key
+        while child:
+            parent = child.rpartition("/")[0]
+            seen = self._below.setdefault(parent, set())
+            if child in seen:
+                break  # its ancestors lead here already
+            seen.add(child)
+            child = parent
 
     def note(self, key: str, *, uid: int, gid: int, mode: int, host_mode: int,
              xattrs: list[tuple[str, bytes]], device: tuple[int, int] | None = None,
@@ -75,8 +89,8 @@ class Fixups:
                 if not kept:
                     privileged = tuple(x for x in privileged if x[0] != ACCESS_ACL)
         if uid or gid or mode != host_mode or privileged or device is not None:
-            self.notes[key] = Fixup(uid, gid, mode, device, privileged,
-                                    max(0, mtime_ns // 10**9) if device is not None else 0)
+            self._set(key, Fixup(uid, gid, mode, device, privileged,
+                                 max(0, mtime_ns // 10**9) if device is not None else 0))
         else:
             self.notes.pop(key, None)
         return on_host
@@ -84,7 +98,7 @@ class Fixups:
     def link(self, target: str, key: str) -> None:
         """``key`` became a hard link to ``target``: it shares the target's inode."""
         if target in self.notes:
-            self.notes[key] = replace(self.notes[target], device=None)
+            self._set(key, replace(self.notes[target], device=None))
         else:
             self.notes.pop(key, None)
 
@@ -95,10 +109,13 @@ class Fixups:
 
     def forget(self, key: str) -> None:
         """``key`` and everything below it were removed from the tree."""
-        self.notes.pop(key, None)
-        below = key + "/" if key else ""
-        for k in [k for k in self.notes if k.startswith(below) and k != key]:
-            del self.notes[k]
+        stack = [key]
+        while stack:
+            k = stack.pop()
+            self.notes.pop(k, None)
+            stack.extend(self._below.pop(k, ()))
+        if key:
+            self._below.get(key.rpartition("/")[0], set()).discard(key)
 
     def script(self, xattr_dir: Path) -> bytes:
         """The debugfs commands that give the ext4 what the notes say; each privileged
