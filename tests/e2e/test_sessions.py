@@ -22,10 +22,11 @@ from tests.childsignals import with_default_signals
 from tests.e2e.conftest import BIN, Host
 
 # A line a second; whatever arrives on stdin is echoed back.
-# A line that arrives as `read -t 1` times out is kept in part in $x (bash reads a
-# pipe a byte at a time): keep it in $p and print it whole once its newline comes.
-TICKER = ('i=0; p=; while :; do i=$((i+1)); echo "line $i"; '
-          'if read -t 1 x; then echo "got $p$x"; p=; else p="$p$x"; fi; done')
+# Input is read by a loop of its own (no `read -t`: a timeout that fires as a line's
+# newline is read reports the whole line as partial, and it is lost), on a copy of
+# stdin (an asynchronous list's own stdin is /dev/null); the other loop ticks.
+TICKER = ('exec 4<&0; i=0; { while read -r x; do echo "got $x"; done; } <&4 & '
+          'while :; do i=$((i+1)); echo "line $i"; sleep 1; done')
 
 
 def logs(host: Host, ref: str) -> str:
