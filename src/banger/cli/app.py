@@ -14,10 +14,13 @@ import click
 
 from banger.api import Model, OpView
 from banger.cli import output
+from banger.client import Client as RPCClient
 from banger.client import connect
 from banger.config import Config, config_path, load_config
-from banger.errors import BadName
+from banger.contexts import chosen_host
+from banger.errors import BadName, BadRequest
 from banger.names import check_name
+from banger.remote import SSHLink, SSHTarget
 from banger.sdk import Client
 from banger.sdk.client import POLL_WAIT_S, Cancel
 
@@ -32,7 +35,30 @@ class App:
     config_file: Path | None
     debug: bool
     json: bool = False
+    host: str | None = None  # --host, as given
     _cfg: Config | None = field(default=None, repr=False)
+    _link: SSHLink | None = field(default=None, repr=False)
+
+    @property
+    def remote(self) -> SSHTarget | None:
+        """The remote host this command talks to (``--host``, ``$BANGER_HOST``, the
+        current context), or None for this machine's daemon."""
+        return chosen_host(self.host)
+
+    def link(self) -> SSHLink:
+        """The one SSH connection to the remote host, opened on first use.
+
+        Raises:
+            BadRequest: no remote host is chosen.
+        """
+        if self._link is None:
+            target = self.remote
+            if target is None:
+                raise BadRequest("no remote host: this command runs on this machine")
+            link = SSHLink(target)
+            link.open()
+            self._link = link
+        return self._link
 
     @property
     def cfg(self) -> Config:
@@ -47,13 +73,42 @@ class App:
             self._cfg = load_config(self.config_file or config_path())
         return self._cfg
 
+    def local_files(self, what: str) -> None:
+        """Refuse ``what``, which reads files on this machine, when the daemon is remote.
+
+        Raises:
+            BadRequest: a remote host is chosen.
+        """
+        target = self.remote
+        if target is not None:
+            raise BadRequest(f"{what} copies files from this machine, which the daemon on "
+                             f"{target} cannot do yet",
+                             hint="run the command on that host, or talk to this machine's "
+                                  "daemon (`--host ''`)")
+
+    def on_this_machine(self, what: str) -> None:
+        """Refuse ``what``, which acts on this machine itself, when a remote host is chosen
+        (it would not do what the user means).
+
+        Raises:
+            BadRequest: a remote host is chosen.
+        """
+        target = self.remote
+        if target is not None:
+            raise BadRequest(f"{what} acts on this machine, not on {target}",
+                             hint=f"run it on that host (`ssh {target.destination}`), or "
+                                  "leave out --host / $BANGER_HOST / the current context")
+
     def client(self, autostart: bool = True) -> Client:
         """The SDK's client for bangerd (:class:`banger.sdk.Client`: every command goes
         through it); with ``autostart`` it starts the daemon when none answers.
 
         A running daemon keeps the config it started with: when its values differ from
-        this command's config, one warning on stderr names the changed keys.
+        this command's config, one warning on stderr names the changed keys. With a
+        remote host, it is that host's daemon, through :meth:`link` (its own config).
         """
+        if self.remote is not None:
+            return Client(connection=RPCClient(self.link().socket))
         connection = connect(self.cfg, autostart=autostart)
         drift = connection.config_drift(self.cfg)  # from the ping connect made; no extra call
         if drift:

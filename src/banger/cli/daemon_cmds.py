@@ -11,6 +11,7 @@ from banger.cli.app import App, json_option, pass_app
 from banger.client import start_daemon
 from banger.errors import DaemonUnavailable
 from banger.layout import Layout
+from banger.protocol import PROTOCOL_VERSION
 
 
 @click.group()
@@ -39,10 +40,26 @@ def daemon_status(app: App) -> int:
     return 0
 
 
+@daemon.command("where")
+@json_option
+@pass_app
+def daemon_where(app: App) -> None:
+    """Where this machine's daemon listens, and its version (starting it if needed).
+
+    What a `banger --host ssh://...` on another machine asks first, over SSH.
+    """
+    client = app.client()
+    st = client.daemon.status()
+    info = {"version": st["version"], "protocol": PROTOCOL_VERSION,
+            "socket": str(Layout.from_config(app.cfg).socket)}
+    app.emit(info, f"bangerd {info['version']} at {info['socket']}")
+
+
 @daemon.command("start")
 @pass_app
 def daemon_start(app: App) -> None:
     """Start bangerd in the background if it is not running."""
+    app.on_this_machine("`banger daemon start`")
     client = app.client(autostart=False)
     if client.daemon.alive():
         click.echo("bangerd is already running")
@@ -75,6 +92,7 @@ def daemon_restart(app: App) -> None:
 
     Running VMs keep running and are re-adopted by the new daemon.
     """
+    app.on_this_machine("`banger daemon restart`")
     status = app.client(autostart=False).daemon.stop()
     if status is not None:
         click.echo(_stopped_line(status))

@@ -47,6 +47,7 @@ def workspace_prepare(app: App, name: str, path: Path, guest_path: str | None,
     `banger vm show`), then re-applied on top of the new copy. When it does not
     apply, nothing is replaced; --discard-guest-changes replaces it anyway.
     """
+    app.local_files("vm workspace prepare")
     res = follow(app, app.client().workspace.prepare, name, path, guest_path=guest_path,
                  branch=branch, from_ref=from_ref, mode=mode,
                  discard_guest_changes=discard_guest_changes)
