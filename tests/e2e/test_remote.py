@@ -55,7 +55,7 @@ def _sshd_config(d: Path, port: int, path: str, config: Path) -> Path:
         f"AuthorizedKeysFile {d / 'authorized_keys'}\nPermitRootLogin prohibit-password\n"
         "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
         f"StrictModes no\nPidFile none\nAllowStreamLocalForwarding yes\n"
-        f"SetEnv PATH={path} BANGER_CONFIG={config}\n")
+        f"SetEnv PATH={path} BANGER_CONFIG={config} XDG_CACHE_HOME={d / 'cache'}\n")
     return cfg
 
 
@@ -132,17 +132,38 @@ def test_a_remote_daemon_runs_a_vm_for_a_client_over_ssh(host: Host, remote: Cli
     # The --host flag wins over the context; '' is this machine's daemon.
     listed = remote.banger("--host", url, "vm", "list", "--json")
     assert [v["name"] for v in json.loads(listed.stdout)] == ["rbox"], listed.stderr
-    # A repository on the client cannot be copied over yet: refused, nothing made.
-    repo = remote.home / "repo"
-    repo.mkdir()
-    refused = remote.banger("vm", "run", str(repo), "--", "true")
-    assert refused.returncode == 125 and "cannot do yet" in refused.stderr, refused.stderr
     assert remote.banger("vm", "delete", "rbox").returncode == 0
     assert host.json("vm", "list") == []
     # One SSH connection per command, gone with it: no ssh left in the client's namespace.
     left = subprocess.run(["ip", "netns", "pids", remote.ns], capture_output=True,
                           text=True, check=False).stdout.split()
     assert left == [], left
+
+
+def test_a_repository_on_the_client_runs_in_a_remote_vm_and_its_patch_comes_back(
+        host: Host, remote: Client) -> None:
+    """`vm run ./repo -- cmd`: the repository travels over the command's SSH connection,
+    the guest's status comes back, and `--export` writes the patch on the client."""
+    repo = remote.home / "my repo"  # a name the remote side must make safe
+    repo.mkdir()
+    (repo / "README").write_text("host\n")
+    (repo / "notes.txt").write_text("untracked, not ignored\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "README"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "one"], check=True)
+    patch_file = remote.home / "edits.patch"
+    res = remote.banger("--host", f"ssh://root@{REMOTE_IP}", "vm", "run", "--rm", "--name",
+                        "rrun", "--export", str(patch_file), str(repo), "--", "sh", "-c",
+                        "cat notes.txt >&2; echo guest >> README; cat README; exit 3")
+    assert res.returncode == 3, res.stdout + res.stderr
+    assert res.stdout == "host\nguest\n", res.stdout + res.stderr
+    assert "untracked, not ignored" in res.stderr
+    patch = patch_file.read_text()  # written here, on the client
+    assert "+guest" in patch and "README" in patch
+    assert host.json("vm", "list") == []
+    received = list((remote.home.parent / "cache" / "banger" / "received").iterdir())
+    assert received == []  # the copy on the remote host went once it was in the guest
 
 
 def test_a_wrong_key_an_unreachable_host_and_a_host_without_banger_are_clear(

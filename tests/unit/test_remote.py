@@ -4,15 +4,18 @@ remote bangerd in a second network namespace are tests/e2e/test_remote.py's."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import stat
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
 
+from banger import repoship
 from banger.cli.quick import remote_chosen
 from banger.contexts import Contexts, chosen_host
 from banger.errors import AlreadyExists, BadName, BadRequest, DaemonUnavailable, NotFound
@@ -242,3 +245,63 @@ def test_the_link_never_passes_the_host_as_an_option() -> None:
         assert argv[argv.index("-p") + 1] == "2222" and argv[-1] == "dev@box"
     finally:
         link.close()
+
+
+# ----------------------------------------------------------------- a repository sent over
+
+
+def _tar(members: list[tuple[str, bytes]], link: tuple[str, str] | None = None
+         ) -> io.BytesIO:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        if link is not None:
+            info = tarfile.TarInfo(link[0])
+            info.type, info.linkname = tarfile.SYMTYPE, link[1]
+            tar.addfile(info)
+    buf.seek(0)
+    return buf
+
+
+def test_a_received_repository_is_unpacked_as_untrusted_data(tmp_path: Path) -> None:
+    root = tmp_path / "received"
+    got = repoship.unpack("repo", _tar([("README", b"hi"), (".git/HEAD", b"ref")]), root)
+    assert got.name == "repo" and got.parent.parent == root
+    assert (got / "README").read_bytes() == b"hi"
+    for bad in (_tar([("../evil", b"x")]), _tar([], link=("escape", "/etc/passwd")),
+                _tar([], link=("up", "../../../evil"))):
+        with pytest.raises(BadRequest, match="could not be unpacked"):
+            repoship.unpack("repo", bad, root)
+    assert not (tmp_path / "evil").exists()
+    assert [p for p in root.iterdir()] == [got.parent]  # the refused ones left nothing
+    inside = repoship.unpack("abs", _tar([("/etc/evil", b"x")]), root)
+    assert (inside / "etc" / "evil").read_bytes() == b"x"  # made relative: stays inside
+    repoship.remove(str(inside), root)
+    for name in ("..", "a/b", "", "x" * 101):
+        with pytest.raises(BadRequest, match="not a repository directory name"):
+            repoship.unpack(name, _tar([]), root)
+    with pytest.raises(BadRequest, match="not a repository banger received"):
+        repoship.remove(str(tmp_path), root)
+    with pytest.raises(BadRequest):
+        repoship.remove(str(root / "repo-x" / "repo"), root)  # no such holder
+    repoship.remove(str(got), root)
+    assert list(root.iterdir()) == []
+
+
+def test_what_is_sent_is_the_git_dir_and_what_git_lists(tmp_path: Path) -> None:
+    repo = tmp_path / "r"
+    repo.mkdir()
+    subprocess.run(["git", "-C", str(repo), "init", "-q"], check=True)
+    (repo / ".gitignore").write_text("*.o\n")
+    for name in ("a.c", "b.o", "sub/c.txt"):
+        (repo / name).parent.mkdir(exist_ok=True)
+        (repo / name).write_text(name)
+    assert repoship.files_of(repo) == [".git", ".gitignore", "a.c", "sub/c.txt"]
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / ".git").write_text("gitdir: ../r/.git\n")
+    with pytest.raises(BadRequest, match=r"no \.git directory of its own"):
+        repoship.files_of(linked)

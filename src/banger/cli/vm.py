@@ -23,7 +23,7 @@ from banger.cli import exits, output
 from banger.cli.app import App, follow, json_option, name_arg, pass_app, wire
 from banger.cli.complete import image_names, snapshot_names, vm_names
 from banger.cli.quick import run_ssh
-from banger.cli.workspace import prepared_text
+from banger.cli.workspace import prepare_from, prepared_text
 from banger.errors import BangerError
 from banger.sdk import Client
 
@@ -399,8 +399,6 @@ def vm_run(app: App, /, remove: bool, detach: bool, workspace_mode: str,
     if export_to is not None and detach:
         raise click.UsageError("--export and --detach cannot be combined; use "
                                "`banger vm workspace export` later")
-    if repo is not None:
-        app.local_files("vm run REPO")
     client = app.client()
     params = _create_params(kw, True)
     made: list[str] = []  # the VM's name, once the daemon took the create on
@@ -414,7 +412,7 @@ def vm_run(app: App, /, remove: bool, detach: bool, workspace_mode: str,
         res = follow(app, client.vms.create, watch=accepted, **params.model_dump())
         name = res.name
         if repo is not None:
-            follow(app, client.workspace.prepare, name, repo, mode=workspace_mode)
+            prepare_from(app, client, name, repo, mode=workspace_mode)
         if detach:
             app.emit(wire(res), res.name)
             return 0
