@@ -24,8 +24,11 @@ import json
 import re
 import shlex
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +106,8 @@ def _port(url: str, text: str, hint: str) -> int:
 
 
 def _valid_host(host: str) -> bool:
+    if "%" in host:
+        return False  # an IPv6 scope: ssh hands %h to the user's ProxyCommand and shells
     try:
         ipaddress.ip_address(host)
         return True
@@ -124,34 +129,54 @@ class SSHLink:
         self._master: subprocess.Popen[bytes] | None = None
         atexit.register(self.close)
 
-    def ssh(self, *extra: str) -> list[str]:
-        """``ssh`` with this link's options (the control socket, the port, batch mode:
-        a password prompt would hang a script)."""
-        argv = ["ssh", "-o", f"ControlPath={self.control}", "-o", "BatchMode=yes",
+    def ssh(self, *extra: str, master: bool = False) -> list[str]:
+        """``ssh`` with this link's options: its control socket (a session of the one
+        connection; ``master`` makes it), the port, batch mode (a password prompt would
+        hang a script)."""
+        argv = ["ssh", "-o", f"ControlPath={self.control}",
+                "-o", f"ControlMaster={'yes' if master else 'no'}", "-o", "BatchMode=yes",
                 "-o", f"ConnectTimeout={CONNECT_TIMEOUT_S}"]
         if self.target.port:
             argv += ["-p", str(self.target.port)]
         return [*argv, *extra]
 
-    def open(self) -> Path:
-        """Connect, check the remote daemon's version and forward its socket; the local
-        socket to give :class:`banger.client.Client`.
+    def remote_command(self, argv: list[str]) -> str:
+        """The remote banger running ``argv`` against its own machine's daemon (``--host
+        ''``: never onwards, whatever that host's environment or contexts say)."""
+        return shlex.join([self.remote_banger, "--host", "", *argv])
+
+    def connect(self) -> None:
+        """Open the connection (idempotent).
 
         Raises:
-            DaemonUnavailable: ssh could not connect or log in, the remote host has no
-                banger, or its daemon did not answer.
-            BadRequest: the remote banger's version or protocol is not this one's.
+            DaemonUnavailable: ssh could not connect or log in.
         """
+        if self._master is not None:
+            return
         if shutil.which("ssh") is None:
             raise DaemonUnavailable("no ssh here to reach the remote host with",
                                     hint="install OpenSSH's client (openssh-client)")
         # Its messages go to a file: a pipe nobody reads could fill and stall it.
         with (self._dir / "ssh.err").open("wb") as err:
             self._master = subprocess.Popen(
-                self.ssh("-M", "-N", "-o", "ControlPersist=no", self.target.destination),
+                self.ssh("-N", "-o", "ControlPersist=no", self.target.destination,
+                         master=True),
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+        _close_on_signals()
         self._wait_for_master()
-        self.remote = self._where()
+
+    def open(self, *, start: bool = True) -> Path:
+        """Connect, check the remote daemon's version and forward its socket; the local
+        socket to give :class:`banger.client.Client`. ``start``: the remote banger
+        starts its daemon when none runs (else ``remote["running"]`` says so).
+
+        Raises:
+            DaemonUnavailable: ssh could not connect or log in, the remote host has no
+                banger, or its daemon did not answer.
+            BadRequest: the remote banger's version or protocol is not this one's.
+        """
+        self.connect()
+        self.remote = self._where(start)
         self._check_version()
         self._forward(str(self.remote["socket"]))
         return self.socket
@@ -178,12 +203,25 @@ class SSHLink:
         port = ["-p", str(self.target.port)] if self.target.port else []
         return [*port, self.target.destination]
 
-    def _where(self) -> dict[str, Any]:
-        res = subprocess.run(
-            self.ssh(self.target.destination, "--", self.remote_banger, "daemon", "where",
-                     "--json"),
-            stdin=subprocess.DEVNULL, capture_output=True, timeout=WHERE_TIMEOUT_S,
-            check=False)
+    def capture(self, argv: list[str], *, timeout: float, input: bytes | None = None
+                ) -> subprocess.CompletedProcess[bytes]:
+        """Run the remote banger with ``argv`` over the connection, its output captured.
+
+        Raises:
+            DaemonUnavailable: it did not end within ``timeout`` seconds.
+        """
+        try:
+            return subprocess.run(
+                self.ssh("-T", self.target.destination, "--", self.remote_command(argv)),
+                input=input, stdin=None if input is not None else subprocess.DEVNULL,
+                capture_output=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired as exc:
+            raise DaemonUnavailable(f"the banger on {self.target} did not answer "
+                                    f"`banger {shlex.join(argv)}` within {timeout:g}s") from exc
+
+    def _where(self, start: bool) -> dict[str, Any]:
+        res = self.capture(["daemon", "where", "--json", *([] if start else ["--no-start"])],
+                           timeout=WHERE_TIMEOUT_S)
         out, err = res.stdout[:MAX_ANSWER], res.stderr.decode(errors="replace").strip()
         if res.returncode == 127:
             raise DaemonUnavailable(
@@ -197,8 +235,11 @@ class SSHLink:
             info = json.loads(out)
         except ValueError:
             info = None
+        if isinstance(info, dict) and isinstance(info.get("error"), dict):
+            raise DaemonUnavailable(f"{self.target}: {str(info['error'].get('message'))[:300]}",
+                                    hint=str(info["error"].get("hint") or "")[:300])
         if res.returncode != 0 or not isinstance(info, dict):
-            # An older banger has no `daemon where`: its usage error says so.
+            # An older banger has no `daemon where` (or no --host): its usage error says so.
             detail = err.splitlines()[-1][:300] if err else f"exit status {res.returncode}"
             raise DaemonUnavailable(
                 f"the banger on {self.target} did not say where its daemon is: {detail}",
@@ -218,11 +259,15 @@ class SSHLink:
             raise DaemonUnavailable(f"the banger on {self.target} named no daemon socket")
 
     def _forward(self, remote_socket: str) -> None:
-        res = subprocess.run(
-            self.ssh("-O", "forward", "-L", f"{self.socket}:{remote_socket}",
-                     self.target.destination),
-            stdin=subprocess.DEVNULL, capture_output=True, timeout=FORWARD_WAIT_S,
-            check=False)
+        try:
+            res = subprocess.run(
+                self.ssh("-O", "forward", "-L", f"{self.socket}:{remote_socket}",
+                         self.target.destination),
+                stdin=subprocess.DEVNULL, capture_output=True, timeout=FORWARD_WAIT_S,
+                check=False)
+        except subprocess.TimeoutExpired as exc:
+            raise DaemonUnavailable(f"forwarding {self.target}'s daemon socket timed out") \
+                from exc
         if res.returncode != 0:
             raise DaemonUnavailable(
                 f"cannot forward {self.target}'s daemon socket {remote_socket}: "
@@ -232,11 +277,10 @@ class SSHLink:
 
     def run(self, argv: list[str], *, tty: bool) -> int:
         """Run the remote banger with ``argv`` over this connection (``-t`` for a
-        terminal); its exit status."""
-        opts = ["-t"] if tty else ["-T"]
-        command = shlex.join([self.remote_banger, *argv])
-        res = subprocess.run(self.ssh(*opts, self.target.destination, "--", command),
-                             check=False)
+        terminal), its output this process's; its exit status."""
+        self.connect()
+        res = subprocess.run(self.ssh("-t" if tty else "-T", self.target.destination, "--",
+                                      self.remote_command(argv)), check=False)
         return res.returncode
 
     def close(self) -> None:
@@ -250,3 +294,13 @@ class SSHLink:
                 self._master.wait(10)
             self._master = None
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _close_on_signals() -> None:
+    """SIGTERM and SIGHUP end this process through ``sys.exit`` (128+N), so atexit closes
+    the connection; by default they would end it at once and leave the ssh master."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) == signal.SIG_DFL:
+            signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))

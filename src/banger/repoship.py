@@ -97,7 +97,13 @@ def send(link: SSHLink, repo: Path) -> str:
         proc.wait()
         raise BadRequest(f"cannot send {top}: {exc.strerror or exc} ({exc.filename})",
                          hint="try again once nothing is changing the repository") from exc
-    out, err = proc.communicate(timeout=RECEIVE_TIMEOUT_S)  # closes its stdin: the end
+    try:
+        out, err = proc.communicate(timeout=RECEIVE_TIMEOUT_S)  # closes its stdin: the end
+    except subprocess.TimeoutExpired as exc:
+        proc.kill()
+        proc.wait()
+        raise HostError(f"{link.target} did not take the repository within "
+                        f"{RECEIVE_TIMEOUT_S:g}s") from exc
     try:
         path = json.loads(out[:MAX_ANSWER])["path"]
     except (ValueError, KeyError, TypeError):
@@ -137,11 +143,23 @@ def unpack(name: str, stream: IO[bytes], root: Path | None = None) -> Path:
     dest.mkdir()
     try:
         with tarfile.open(fileobj=stream, mode="r|") as tar:
-            tar.extractall(dest, filter="data")
+            tar.extractall(dest, filter=_repo_filter)  # noqa: S202 (the filter checks each)
     except (tarfile.TarError, OSError) as exc:
         shutil.rmtree(holder, ignore_errors=True)
         raise BadRequest(f"the repository stream could not be unpacked: {exc}") from exc
     return dest
+
+
+def _repo_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
+    """tarfile's ``data`` filter, except that a symlink may point anywhere (a repository
+    may hold ``bin -> /usr/bin``): it is checked under a harmless target and keeps its
+    own. Writing through one stays refused (the filter resolves what is already
+    unpacked, and a member whose real path leaves ``dest`` is an error)."""
+    if member.issym():
+        checked = tarfile.data_filter(member.replace(linkname="x", deep=False), dest)
+        return None if checked is None else checked.replace(linkname=member.linkname,
+                                                            deep=False)
+    return tarfile.data_filter(member, dest)
 
 
 def remove(path: str, root: Path | None = None) -> None:

@@ -33,17 +33,27 @@ pytestmark = pytest.mark.skipif(not SSHD.exists(),
                                 reason=f"needs OpenSSH's server ({SSHD}: openssh-server)")
 
 
+# The client's view: the remote daemon's state and runtime directories covered, so
+# whatever the client gets of them (a patch, above all) comes over SSH, as it must
+# between two machines.
+HIDE = 'for d in "$@"; do [ "$d" = -- ] && break; mount -t tmpfs none "$d"; shift; done; ' \
+       'shift; exec "$@"'
+
+
 @dataclass
 class Client:
     ns: str
     home: Path
     bin_dir: Path
+    hidden: tuple[Path, ...]
 
     def banger(self, *args: str, key: str = "id_ed25519", timeout: float = 600,
                ) -> subprocess.CompletedProcess[str]:
         env = {"HOME": str(self.home), "PATH": f"{self.bin_dir}:{BIN}:/usr/bin:/bin",
                "TEST_SSH_KEY": str(self.home / ".ssh" / key), "LANG": "C.UTF-8"}
         return subprocess.run(["nsenter", f"--net=/run/netns/{self.ns}", "--",
+                               "unshare", "--mount", "--propagation", "private", "--",
+                               "sh", "-c", HIDE, "sh", *map(str, self.hidden), "--",
                                str(BIN / "banger"), *args], env=env, text=True,
                               capture_output=True, timeout=timeout, check=False)
 
@@ -105,7 +115,7 @@ def remote(host: Host, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli
             assert time.monotonic() < deadline and all(p.poll() is None for p in sshds), \
                 (d / "sshd-22.log").read_text()
             time.sleep(0.1)
-        yield Client(client_ns, home, bin_dir)
+        yield Client(client_ns, home, bin_dir, (host.root, host.run_dir))
     finally:
         for p in sshds:
             p.terminate()

@@ -158,7 +158,7 @@ FAKE_SSH = """\
 import os, socket, sys, time
 args = sys.argv[1:]
 control = next(a.split("=", 1)[1] for a in args if a.startswith("ControlPath="))
-if "-M" in args:
+if "ControlMaster=yes" in args:
     if os.environ.get("FAKE_SSH_MASTER") == "refused":
         print("ssh: connect to host box port 22: Connection refused", file=sys.stderr)
         sys.exit(255)
@@ -271,8 +271,18 @@ def test_a_received_repository_is_unpacked_as_untrusted_data(tmp_path: Path) -> 
     got = repoship.unpack("repo", _tar([("README", b"hi"), (".git/HEAD", b"ref")]), root)
     assert got.name == "repo" and got.parent.parent == root
     assert (got / "README").read_bytes() == b"hi"
-    for bad in (_tar([("../evil", b"x")]), _tar([], link=("escape", "/etc/passwd")),
-                _tar([], link=("up", "../../../evil"))):
+    escape = _tar([], link=("escape", str(tmp_path)))
+    escape.seek(0)
+    through = io.BytesIO()
+    with tarfile.open(fileobj=through, mode="w") as tar:  # a link, then a file through it
+        with tarfile.open(fileobj=escape) as links:
+            for member in links.getmembers():
+                tar.addfile(member)
+        info = tarfile.TarInfo("escape/evil")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    through.seek(0)
+    for bad in (_tar([("../evil", b"x")]), through):
         with pytest.raises(BadRequest, match="could not be unpacked"):
             repoship.unpack("repo", bad, root)
     assert not (tmp_path / "evil").exists()
@@ -280,6 +290,10 @@ def test_a_received_repository_is_unpacked_as_untrusted_data(tmp_path: Path) -> 
     inside = repoship.unpack("abs", _tar([("/etc/evil", b"x")]), root)
     assert (inside / "etc" / "evil").read_bytes() == b"x"  # made relative: stays inside
     repoship.remove(str(inside), root)
+    # A repository's own symlinks may point anywhere: they are kept as they are.
+    linked = repoship.unpack("links", _tar([], link=("bin", "/usr/bin")), root)
+    assert os.readlink(linked / "bin") == "/usr/bin"
+    repoship.remove(str(linked), root)
     for name in ("..", "a/b", "", "x" * 101):
         with pytest.raises(BadRequest, match="not a repository directory name"):
             repoship.unpack(name, _tar([]), root)

@@ -65,7 +65,8 @@ def doctor(app: App) -> int:
     """Check this host for what banger needs (no daemon required); with a remote host,
     that host's checks."""
     if app.remote is not None:
-        return app.link().run(["doctor", *(["--json"] if app.json else [])], tty=False)
+        return app.link(daemon=False).run(["doctor", *(["--json"] if app.json else [])],
+                                          tty=False)
     from banger.daemon import doctor as run_doctor
 
     checks = [c.to_json() for c in run_doctor(app.cfg)]

@@ -440,7 +440,7 @@ def _save_edits(app: App, client: Client, name: str, export_to: str | None,
     Returns False when the edits could not be read and the VM must be kept.
     """
     try:
-        patch = client.workspace.export(name)
+        patch = app.export_patch(client, name)
     except BangerError as exc:
         exc.hint = f"the VM {name} was kept so its edits are not lost; " \
                    f"`banger vm workspace export {name}` retries"

@@ -118,7 +118,7 @@ def workspace_export(app: App, name: str, out_file: Path | None,
     web | git apply`). The changed files are listed on stderr. With --json the
     patch is in the JSON (base64) unless -o is given.
     """
-    patch = app.client().workspace.export(name, base_commit)
+    patch = app.export_patch(app.client(), name, base_commit)
     data = patch.data
     if out_file is not None:
         out_file.write_bytes(data)
