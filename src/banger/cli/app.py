@@ -3,6 +3,8 @@ operation's progress. Running the system ``ssh`` into a VM is :mod:`banger.cli.q
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import threading
 from collections.abc import Callable
@@ -14,17 +16,22 @@ import click
 
 from banger.api import Model, OpView
 from banger.cli import output
+from banger.client import Client as RPCClient
 from banger.client import connect
 from banger.config import Config, config_path, load_config
-from banger.errors import BadName
+from banger.contexts import chosen_host
+from banger.errors import BadName, BadRequest, BangerError, DaemonUnavailable
 from banger.names import check_name
+from banger.remote import SSHLink, SSHTarget
 from banger.sdk import Client
 from banger.sdk.client import POLL_WAIT_S, Cancel
+from banger.sdk.workspace import Patch
 
 T = TypeVar("T")
 # How often the waiting thread looks whether a followed operation ended (Ctrl-C is
 # seen at once either way).
 FOLLOW_TICK_S = 0.2
+EXPORT_TIMEOUT_S = 600.0  # a remote export: the guest's diff and the patch's way back
 
 
 @dataclass
@@ -32,7 +39,65 @@ class App:
     config_file: Path | None
     debug: bool
     json: bool = False
+    host: str | None = None  # --host, as given
     _cfg: Config | None = field(default=None, repr=False)
+    _link: SSHLink | None = field(default=None, repr=False)
+    _remote: list[SSHTarget | None] = field(default_factory=list, repr=False)
+
+    @property
+    def remote(self) -> SSHTarget | None:
+        """The remote host this command talks to (``--host``, ``$BANGER_HOST``, the
+        current context), or None for this machine's daemon; read once per command."""
+        if not self._remote:
+            self._remote.append(chosen_host(self.host))
+        return self._remote[0]
+
+    def link(self, *, daemon: bool = True, start: bool = True) -> SSHLink:
+        """The one SSH connection to the remote host, opened on first use; with
+        ``daemon``, its daemon found (``start``: started if need be) and its socket
+        forwarded.
+
+        Raises:
+            BadRequest: no remote host is chosen.
+        """
+        if self._link is None:
+            target = self.remote
+            if target is None:
+                raise BadRequest("no remote host: this command runs on this machine")
+            self._link = SSHLink(target)
+        if not daemon:
+            self._link.connect()
+        elif not self._link.remote:
+            self._link.open(start=start)
+        return self._link
+
+    def export_patch(self, client: Client, name: str, base_commit: str | None = None
+                     ) -> Patch:
+        """VM ``name``'s workspace export (:meth:`banger.sdk.workspace.Workspace.export`).
+        The daemon hands the patch over as a file on its machine: with a remote daemon,
+        that host's banger reads it there and it comes back over the SSH connection."""
+        if self.remote is None:
+            return client.workspace.export(name, base_commit)
+        base = ["--base-commit", base_commit] if base_commit else []
+        res = self.link().capture(["vm", "workspace", "export", name, "--json", *base],
+                                  timeout=EXPORT_TIMEOUT_S)
+        try:
+            got = json.loads(res.stdout)
+        except ValueError:
+            got = None
+        if not isinstance(got, dict):
+            raise DaemonUnavailable(f"the banger on {self.remote} sent no patch: "
+                                    f"{res.stderr.decode(errors='replace').strip()[-300:]}")
+        if "error" in got:
+            err = got["error"] if isinstance(got["error"], dict) else {}
+            raise BangerError(str(err.get("message"))[:1000], hint=str(err.get("hint") or ""))
+        try:
+            return Patch(changes=list(got["changes"]),
+                         data=base64.b64decode(got["patch_base64"], validate=True),
+                         vm=str(got["vm"]), base=str(got["base"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DaemonUnavailable(f"the banger on {self.remote} sent a patch banger "
+                                    "cannot read") from exc
 
     @property
     def cfg(self) -> Config:
@@ -47,13 +112,42 @@ class App:
             self._cfg = load_config(self.config_file or config_path())
         return self._cfg
 
+    def local_files(self, what: str) -> None:
+        """Refuse ``what``, which reads files on this machine, when the daemon is remote.
+
+        Raises:
+            BadRequest: a remote host is chosen.
+        """
+        target = self.remote
+        if target is not None:
+            raise BadRequest(f"{what} names files on this machine, which the daemon on "
+                             f"{target} cannot reach yet",
+                             hint="run the command on that host, or talk to this machine's "
+                                  "daemon (`--host ''`)")
+
+    def on_this_machine(self, what: str) -> None:
+        """Refuse ``what``, which acts on this machine itself, when a remote host is chosen
+        (it would not do what the user means).
+
+        Raises:
+            BadRequest: a remote host is chosen.
+        """
+        target = self.remote
+        if target is not None:
+            raise BadRequest(f"{what} acts on this machine, not on {target}",
+                             hint=f"run it on that host (`ssh {target.destination}`), or "
+                                  "leave out --host / $BANGER_HOST / the current context")
+
     def client(self, autostart: bool = True) -> Client:
         """The SDK's client for bangerd (:class:`banger.sdk.Client`: every command goes
         through it); with ``autostart`` it starts the daemon when none answers.
 
         A running daemon keeps the config it started with: when its values differ from
-        this command's config, one warning on stderr names the changed keys.
+        this command's config, one warning on stderr names the changed keys. With a
+        remote host, it is that host's daemon, through :meth:`link` (its own config).
         """
+        if self.remote is not None:
+            return Client(connection=RPCClient(self.link(start=autostart).socket))
         connection = connect(self.cfg, autostart=autostart)
         drift = connection.config_drift(self.cfg)  # from the ping connect made; no extra call
         if drift:

@@ -18,6 +18,7 @@ import click
 
 from banger.cli import (
     complete,
+    context,
     daemon_cmds,
     exits,
     images,
@@ -38,9 +39,12 @@ from banger.protocol import __version__
 @click.option("--config", "config_file", type=click.Path(path_type=Path),
               help="Config file (default: $BANGER_CONFIG or ~/.config/banger/config.toml).")
 @click.option("--debug", is_flag=True, help="Show tracebacks for unexpected errors.")
+@click.option("--host", metavar="ssh://[USER@]HOST[:PORT]",
+              help="Talk to the bangerd on HOST over SSH (default: $BANGER_HOST, else the "
+                   "current `banger context`, else this machine's).")
 @click.version_option(__version__, prog_name="banger")
 @click.pass_context
-def cli(ctx: click.Context, config_file: Path | None, debug: bool) -> None:
+def cli(ctx: click.Context, config_file: Path | None, debug: bool, host: str | None) -> None:
     """One-command development sandboxes on microVMs.
 
     \b
@@ -49,7 +53,7 @@ def cli(ctx: click.Context, config_file: Path | None, debug: bool) -> None:
     banger vm ssh NAME                 a shell in a running VM
     banger doctor                      check this host
     """
-    ctx.obj = App(config_file, debug)
+    ctx.obj = App(config_file, debug, host=host)
 
 
 
@@ -58,7 +62,11 @@ def cli(ctx: click.Context, config_file: Path | None, debug: bool) -> None:
 @json_option
 @pass_app
 def doctor(app: App) -> int:
-    """Check this host for what banger needs (no daemon required)."""
+    """Check this host for what banger needs (no daemon required); with a remote host,
+    that host's checks."""
+    if app.remote is not None:
+        return app.link(daemon=False).run(["doctor", *(["--json"] if app.json else [])],
+                                          tty=False)
     from banger.daemon import doctor as run_doctor
 
     checks = [c.to_json() for c in run_doctor(app.cfg)]
@@ -82,6 +90,7 @@ def completion(shell: str) -> None:
 
 
 cli.add_command(daemon_cmds.daemon)
+cli.add_command(context.context)
 cli.add_command(images.image)
 cli.add_command(images.kernel)
 cli.add_command(vm.vm)

@@ -11,6 +11,7 @@ from banger.cli.app import App, json_option, pass_app
 from banger.client import start_daemon
 from banger.errors import DaemonUnavailable
 from banger.layout import Layout
+from banger.protocol import PROTOCOL_VERSION, __version__
 
 
 @click.group()
@@ -31,6 +32,10 @@ def daemon_status(app: App) -> int:
     try:
         st = client.daemon.status()
     except DaemonUnavailable:
+        if app.remote is not None:
+            app.emit({"running": False, "host": str(app.remote)},
+                     f"bangerd is not running on {app.remote}")
+            return 3
         lay = Layout.from_config(app.cfg)
         app.emit({"running": False, "socket": str(lay.socket), "log": str(lay.daemon_log)},
                  f"bangerd is not running (socket {lay.socket}, log {lay.daemon_log})")
@@ -39,10 +44,34 @@ def daemon_status(app: App) -> int:
     return 0
 
 
+@daemon.command("where")
+@click.option("--no-start", is_flag=True, help="Do not start it when it is not running.")
+@json_option
+@pass_app
+def daemon_where(app: App, no_start: bool) -> None:
+    """Where this machine's daemon listens, and its version (starting it if needed).
+
+    What a `banger --host ssh://...` on another machine asks first, over SSH.
+    """
+    app.on_this_machine("`banger daemon where`")
+    client = app.client(autostart=not no_start)
+    socket = str(Layout.from_config(app.cfg).socket)
+    try:
+        version, running = client.daemon.status()["version"], True
+    except DaemonUnavailable:
+        if not no_start:
+            raise
+        version, running = __version__, False  # the CLI's: the daemon it would start
+    info = {"version": version, "protocol": PROTOCOL_VERSION, "socket": socket,
+            "running": running}
+    app.emit(info, f"bangerd {version} at {socket}" + ("" if running else " (not running)"))
+
+
 @daemon.command("start")
 @pass_app
 def daemon_start(app: App) -> None:
     """Start bangerd in the background if it is not running."""
+    app.on_this_machine("`banger daemon start`")
     client = app.client(autostart=False)
     if client.daemon.alive():
         click.echo("bangerd is already running")
@@ -75,6 +104,7 @@ def daemon_restart(app: App) -> None:
 
     Running VMs keep running and are re-adopted by the new daemon.
     """
+    app.on_this_machine("`banger daemon restart`")
     status = app.client(autostart=False).daemon.stop()
     if status is not None:
         click.echo(_stopped_line(status))

@@ -79,6 +79,7 @@ def image_export(app: App, name: str, out_file: Path) -> None:
     catalog with the size and sha256 printed here). The file belongs to you, as if
     written by this command; a failed or cancelled export leaves none.
     """
+    app.local_files("`image export -o`")  # the daemon writes the file, on its machine
     res = wire(follow(app, app.client().images.export, name, out_file))
     app.emit(res, f"image {name} exported to {res['path']} ({res['size_bytes'] >> 20} MiB, "
                   f"sha256 {res['sha256']})")
@@ -171,6 +172,7 @@ def image_register(app: App, name: str, rootfs: Path, kernel: Path | None,
     banger adds its small guest agent (network, host name, SSH host key, work disk)
     to the copy with debugfs; the original file is not changed.
     """
+    app.local_files("`image register`")
     res = wire(app.client().images.register(name, rootfs, kernel=kernel, initrd=initrd,
                                             kernel_name=kernel_name))
     app.emit(res, f"registered image {name}")
@@ -251,6 +253,7 @@ def kernel_show(app: App, name: str) -> None:
 @pass_app
 def kernel_import(app: App, paths: tuple[Path, ...], name: str, initrd: Path | None) -> None:
     """Import a vmlinux and/or a bzImage (validated: ELF x86-64, or a bzImage header)."""
+    app.local_files("`kernel import`")
     res = wire(app.client().kernels.import_files(name, paths, initrd=initrd))
     app.emit(res, f"imported kernel {name} ({', '.join(res['vmms'])})")
 
@@ -273,6 +276,8 @@ def kernel_build(app: App, name: str, base_config: Path | None, source: Path | N
     """Build a guest kernel that boots on both VMMs (vmlinux + bzImage, no modules, no
     initrd) from Debian's kernel source: its x86_64_defconfig (or --base-config) plus
     banger's fragment. Slow: tens of minutes on a small host."""
+    if source is not None or base_config is not None:
+        app.local_files("`kernel build --source/--base-config`")
     res = wire(follow(app, app.client().kernels.build, name, base_config=base_config,
                       source=source, jobs=jobs))
     app.emit(res, f"kernel {res['name']} built ({res.get('version')}; {', '.join(res['vmms'])})")

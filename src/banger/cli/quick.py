@@ -98,6 +98,8 @@ def exec_fast(args: list[str], env: dict[str, str] | None = None) -> int | None:
     if _NAME.fullmatch(name) is None:
         return None
     env = dict(os.environ) if env is None else env
+    if remote_chosen(env):
+        return None  # the full CLI talks to the remote host's banger
     found = config_of(env)
     if found is None:
         return None
@@ -110,6 +112,21 @@ def exec_fast(args: list[str], env: dict[str, str] | None = None) -> int | None:
         return run_ssh(info, command, interactive=False)
     except OSError:
         return None  # no ssh to run: the full CLI says so its own way
+
+
+def remote_chosen(env: dict[str, str]) -> bool:
+    """``$BANGER_HOST`` or a current context names a remote host (see
+    :mod:`banger.contexts`; anything unreadable counts as one: the full CLI decides)."""
+    if "BANGER_HOST" in env:
+        return env["BANGER_HOST"] != ""
+    base = env.get("XDG_CONFIG_HOME") or os.path.join(env.get("HOME", "/root"), ".config")
+    try:
+        with open(os.path.join(base, "banger", "contexts.json"), "rb") as fh:
+            return json.loads(fh.read(1 << 20)).get("current") is not None
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError, AttributeError):
+        return True
 
 
 def config_of(env: dict[str, str]) -> tuple[str, str] | None:

@@ -49,8 +49,10 @@ def _systemctl(runner: Runner, *args: str, check: bool = True) -> str:
 
 
 @click.group()
-def system() -> None:
+@pass_app
+def system(app: App) -> None:
     """Run banger as a system service: the daemon as its owner, a root helper."""
+    app.on_this_machine("`banger system`")
 
 
 @system.command("install")

@@ -23,7 +23,7 @@ from banger.cli import exits, output
 from banger.cli.app import App, follow, json_option, name_arg, pass_app, wire
 from banger.cli.complete import image_names, snapshot_names, vm_names
 from banger.cli.quick import run_ssh
-from banger.cli.workspace import prepared_text
+from banger.cli.workspace import prepare_from, prepared_text
 from banger.errors import BangerError
 from banger.sdk import Client
 
@@ -250,9 +250,7 @@ def vm_ssh(app: App, name: str, command: tuple[str, ...]) -> int:
     Use `banger vm exec` to pass argv unchanged (no shell). The exit status is
     the command's; a command killed by signal N gives 128+N.
     """
-    info = wire(app.client().vms.ssh_info(name))
-    return run_ssh(info, list(command), interactive=not command, shell_string=True,
-                   debug=app.debug)
+    return in_guest(app, app.client(), name, list(command), shell_string=True)
 
 
 @vm.command("exec", context_settings={"ignore_unknown_options": True})
@@ -280,14 +278,31 @@ def vm_exec(app: App, name: str, command: tuple[str, ...], auto_prepare: bool,
         raise click.UsageError("--discard-guest-changes only applies with --auto-prepare")
     client = app.client()
     if auto_prepare:
+        app.local_files("--auto-prepare")
         st = client.workspace.status(name)
         if st["needs_resync"]:
             prepared = follow(app, client.workspace.prepare, name, st["host_path"],
                               guest_path=st["guest_path"], mode=st.get("mode") or "shallow",
                               discard_guest_changes=discard_guest_changes)
             click.echo(prepared_text(prepared), err=True)  # stdout is the command's
+    return in_guest(app, client, name, list(command))
+
+
+def in_guest(app: App, client: Client, name: str, command: list[str], *,
+             shell_string: bool = False) -> int:
+    """Run ``command`` in VM ``name`` (a login shell when empty); its exit status.
+
+    Here, the system ssh with the install's key (:func:`run_ssh`); with a remote
+    daemon, that host's banger runs ``vm ssh``/``vm exec`` over the command's SSH
+    connection, so the guest's key and known_hosts never leave it.
+    """
+    if app.remote is not None:
+        sub = ["vm", "ssh" if shell_string or not command else "exec", name]
+        tty = not command or (sys.stdin.isatty() and sys.stdout.isatty())
+        return app.link().run([*sub, "--", *command] if command else sub, tty=tty)
     info = wire(client.vms.ssh_info(name))
-    return run_ssh(info, list(command), interactive=False, debug=app.debug)
+    return run_ssh(info, command, interactive=not command, shell_string=shell_string,
+                   debug=app.debug)
 
 
 class _RunCommand(click.Command):
@@ -397,12 +412,11 @@ def vm_run(app: App, /, remove: bool, detach: bool, workspace_mode: str,
         res = follow(app, client.vms.create, watch=accepted, **params.model_dump())
         name = res.name
         if repo is not None:
-            follow(app, client.workspace.prepare, name, repo, mode=workspace_mode)
+            prepare_from(app, client, name, repo, mode=workspace_mode)
         if detach:
             app.emit(wire(res), res.name)
             return 0
-        info = wire(client.vms.ssh_info(name))
-        status = run_ssh(info, args, interactive=not args, debug=app.debug)
+        status = in_guest(app, client, name, args)
         if repo is not None and (export_to is not None or remove):
             keep = not _save_edits(app, client, name, export_to, remove)
         return status
@@ -426,7 +440,7 @@ def _save_edits(app: App, client: Client, name: str, export_to: str | None,
     Returns False when the edits could not be read and the VM must be kept.
     """
     try:
-        patch = client.workspace.export(name)
+        patch = app.export_patch(client, name)
     except BangerError as exc:
         exc.hint = f"the VM {name} was kept so its edits are not lost; " \
                    f"`banger vm workspace export {name}` retries"

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import base64
+import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
+from banger import repoship
 from banger.cli import output
 from banger.cli.app import App, follow, json_option, pass_app
 from banger.cli.complete import vm_names
+from banger.sdk import Client
 
 
 @click.group("workspace")
@@ -47,10 +50,36 @@ def workspace_prepare(app: App, name: str, path: Path, guest_path: str | None,
     `banger vm show`), then re-applied on top of the new copy. When it does not
     apply, nothing is replaced; --discard-guest-changes replaces it anyway.
     """
-    res = follow(app, app.client().workspace.prepare, name, path, guest_path=guest_path,
-                 branch=branch, from_ref=from_ref, mode=mode,
-                 discard_guest_changes=discard_guest_changes)
+    res = prepare_from(app, app.client(), name, path, guest_path=guest_path,
+                       branch=branch, from_ref=from_ref, mode=mode,
+                       discard_guest_changes=discard_guest_changes)
     app.emit(res, prepared_text(res))
+
+
+def prepare_from(app: App, client: Client, name: str, repo: Path, **kw: Any) -> dict[str, Any]:
+    """Prepare VM ``name``'s workspace from ``repo`` on this machine; with a remote
+    daemon, the repository is sent to its host first and dropped there afterwards
+    (:mod:`banger.repoship`)."""
+    if app.remote is None:
+        return follow(app, client.workspace.prepare, name, repo, **kw)
+    link = app.link()
+    there = repoship.send(link, repo)
+    try:
+        return follow(app, client.workspace.prepare, name, there, **kw)
+    finally:
+        repoship.drop(link, there)
+
+
+@vm_workspace.command("receive", hidden=True)
+@click.argument("name")
+@click.option("--drop", is_flag=True, help="Remove the received repository NAME (a path).")
+def workspace_receive(name: str, drop: bool) -> None:
+    """Unpack a repository sent by `banger --host` on another machine (a tar on stdin)
+    below this user's cache dir; print where, as JSON."""
+    if drop:
+        repoship.remove(name)
+        return
+    click.echo(json.dumps({"path": str(repoship.unpack(name, sys.stdin.buffer))}))
 
 
 def prepared_text(res: dict[str, Any]) -> str:
@@ -89,7 +118,7 @@ def workspace_export(app: App, name: str, out_file: Path | None,
     web | git apply`). The changed files are listed on stderr. With --json the
     patch is in the JSON (base64) unless -o is given.
     """
-    patch = app.client().workspace.export(name, base_commit)
+    patch = app.export_patch(app.client(), name, base_commit)
     data = patch.data
     if out_file is not None:
         out_file.write_bytes(data)
