@@ -118,8 +118,7 @@ def install_system(owner: str, *, root: Path, runner: Runner, start: bool, bin_d
     if cfg.runtime_dir.parent != Path("/run"):
         raise BadRequest(f"runtime_dir {cfg.runtime_dir} is not directly under /run",
                          hint="a system install keeps sockets in /run/<name>")
-    found = Policy.from_config(cfg)  # the Firecracker and jailer the helper will find
-    jailed = bool(found.jailer_bin and found.firecracker_bin)
+    jailed = Policy.from_config(cfg).runs_firecracker  # what the helper will find
     i = su.Install(owner=owner, group=grp.getgrgid(pw.pw_gid).gr_name, config=SYSTEM_CONFIG,
                    bin_dir=bin_dir, state_dir=cfg.state_dir, cache_dir=cfg.cache_dir,
                    runtime_dir=cfg.runtime_dir,

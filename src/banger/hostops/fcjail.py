@@ -82,7 +82,7 @@ class Jails:
         Raises:
             Refused: the helper found no Firecracker and jailer when it started.
         """
-        if not (self.policy.firecracker_bin and self.policy.jailer_bin):
+        if not self.policy.runs_firecracker:
             raise Refused("this root helper runs no Firecracker: none was found with its "
                           "jailer when it started (jailer_enabled, firecracker_bin, "
                           "jailer_bin)")
@@ -171,7 +171,7 @@ class Jails:
 
     def cleanup(self, vm_id: str, wait_s: float) -> None:
         """Remove VM ``vm_id``'s jail and the cgroup the jailer made for it."""
-        if not (self.policy.firecracker_bin and self.policy.jailer_bin):
+        if not self.policy.runs_firecracker:
             return  # no jail was ever made by this helper
         with self._jail_of(vm_id):
             remove_jail(self.layout(vm_id))

@@ -328,7 +328,7 @@ def place(fd: int, jailed: str, root: Path, user: VMMUser, *, writable: bool) ->
             os.chmod(name, 0o660, dir_fd=dfd)  # root's fresh node in root's own directory
             return target
         if not writable and not readable_by(st, user.uid, user.gid):
-            _copy_owned(fd, dfd, name, user)
+            _copy_owned(fd, dfd, name, (user.uid, user.gid))
             return target
         try:
             # linkat following /proc/self/fd (a dst_dir_fd makes Python call linkat with
@@ -343,7 +343,7 @@ def place(fd: int, jailed: str, root: Path, user: VMMUser, *, writable: bool) ->
                     "Firecracker writes to it, so it must be hard-linked, not copied",
                     hint="put jailer_chroot_base on the same filesystem as state_dir",
                 ) from exc
-            _copy_owned(fd, dfd, name, user)
+            _copy_owned(fd, dfd, name, (user.uid, user.gid))
     except OSError as exc:
         raise HostError(f"cannot put {jailed.lstrip('/')} in the jail at {target}: "
                         f"{exc.strerror or exc}") from exc
@@ -366,11 +366,13 @@ def _own_dir(path: Path) -> int:
     return dfd
 
 
-def _copy_owned(fd: int, dfd: int, name: str, user: VMMUser) -> None:
+def _copy_owned(fd: int, dfd: int, name: str, owner: tuple[int, int]) -> None:
+    """Copy the file open at ``fd`` to a new file ``name`` in directory ``dfd``, made
+    ``owner``'s (uid, gid), mode 0600."""
     out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                   0o600, dir_fd=dfd)
     try:
-        os.fchown(out, user.uid, user.gid)
+        os.fchown(out, *owner)
         _copy_fd(fd, out)
     finally:
         os.close(out)
@@ -469,13 +471,7 @@ def move_out(layout: JailLayout, jailed: str, target_dir: int, name: str,
         except OSError as exc:
             if exc.errno != errno.EXDEV:
                 raise
-            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                          | os.O_CLOEXEC, 0o600, dir_fd=target_dir)
-            try:
-                os.fchown(out, *owner)
-                _copy_fd(fd, out)
-            finally:
-                os.close(out)
+            _copy_owned(fd, target_dir, tmp, owner)
         os.rename(tmp, name, src_dir_fd=target_dir, dst_dir_fd=target_dir)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(src)  # a name the VMM user swapped meanwhile is its own business

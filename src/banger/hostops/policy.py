@@ -110,6 +110,11 @@ class Policy:
             subgids=subordinate(SUBGID, daemon_user, uid) if daemon_user else None)
 
     @property
+    def runs_firecracker(self) -> bool:
+        """A Firecracker binary and its jailer were found when the helper started."""
+        return bool(self.firecracker_bin and self.jailer_bin)
+
+    @property
     def network(self) -> ipaddress.IPv4Network:
         """The guests' network (the bridge's)."""
         return ipaddress.IPv4Interface(self.firewall.cidr).network
@@ -185,7 +190,7 @@ class Policy:
         self.qemu_args(req.vm_id, req.args, {*req.files, "tap", "qmp"})
 
     def _fc_launch(self, req: ops.FcLaunch) -> None:
-        if not (self.jailer_bin and self.firecracker_bin):
+        if not self.runs_firecracker:
             raise Refused(f"{req.op}: no Firecracker with its jailer was found when the "
                           "root helper started (jailer_enabled, firecracker_bin, jailer_bin)")
         for name, f in req.files.items():
