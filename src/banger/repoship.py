@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -27,10 +26,11 @@ import tempfile
 from pathlib import Path
 from typing import IO
 
-from banger.errors import BadRequest, HostError
+from banger.errors import BadRequest, BangerError, HostError
 from banger.remote import SSHLink
 
 RECEIVE_TIMEOUT_S = 3600.0
+DROP_TIMEOUT_S = 120.0
 MAX_ANSWER = 4096
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
 PREFIX = "repo-"
@@ -80,9 +80,8 @@ def send(link: SSHLink, repo: Path) -> str:
     print(f"sending {top} ({len(names) - 1} files and its git data) to {link.target}",
           file=sys.stderr)
     name = re.sub(r"[^A-Za-z0-9._-]", "-", top.name).strip(".") or "repo"
-    remote_cmd = [link.remote_banger, "vm", "workspace", "receive", name[:100]]
-    proc = subprocess.Popen(link.ssh("-T", link.target.destination, "--",
-                                     shlex.join(remote_cmd)),
+    receive = link.remote_command(["vm", "workspace", "receive", name[:100]])
+    proc = subprocess.Popen(link.ssh("-T", link.target.destination, "--", receive),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     assert proc.stdin is not None
@@ -116,14 +115,14 @@ def send(link: SSHLink, repo: Path) -> str:
 
 def drop(link: SSHLink, path: str) -> None:
     """Remove a received repository on the remote host (failures are only reported)."""
-    res = subprocess.run(link.ssh("-T", link.target.destination, "--", shlex.join(
-                                      [link.remote_banger, "vm", "workspace", "receive",
-                                       "--drop", path])),
-                         stdin=subprocess.DEVNULL, capture_output=True, timeout=120,
-                         check=False)
-    if res.returncode != 0:
-        print(f"warning: could not remove the copy {path} on {link.target}: "
-              f"{res.stderr.decode(errors='replace').strip()[-200:]}", file=sys.stderr)
+    try:
+        res = link.capture(["vm", "workspace", "receive", "--drop", path], timeout=DROP_TIMEOUT_S)
+        why = res.stderr.decode(errors="replace").strip()[-200:] if res.returncode else ""
+    except BangerError as exc:
+        why = exc.message
+    if why:
+        print(f"warning: could not remove the copy {path} on {link.target}: {why}",
+              file=sys.stderr)
 
 
 def unpack(name: str, stream: IO[bytes], root: Path | None = None) -> Path:

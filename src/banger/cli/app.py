@@ -9,6 +9,7 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,15 +43,11 @@ class App:
     host: str | None = None  # --host, as given
     _cfg: Config | None = field(default=None, repr=False)
     _link: SSHLink | None = field(default=None, repr=False)
-    _remote: list[SSHTarget | None] = field(default_factory=list, repr=False)
-
-    @property
+    @cached_property
     def remote(self) -> SSHTarget | None:
         """The remote host this command talks to (``--host``, ``$BANGER_HOST``, the
         current context), or None for this machine's daemon; read once per command."""
-        if not self._remote:
-            self._remote.append(chosen_host(self.host))
-        return self._remote[0]
+        return chosen_host(self.host)
 
     def link(self, *, daemon: bool = True, start: bool = True) -> SSHLink:
         """The one SSH connection to the remote host, opened on first use; with

@@ -21,12 +21,12 @@ def context() -> None:
     """
 
 
-def _change(change: Callable[[Contexts], str]) -> None:
-    """Load the contexts, apply ``change``, save them, print what it says."""
+def _change(apply: Callable[[Contexts], object], said: Callable[[Contexts], str]) -> None:
+    """Load the contexts, ``apply`` a change, save them, print what ``said`` says."""
     ctx = Contexts.load()
-    said = change(ctx)
+    apply(ctx)
     ctx.save()
-    click.echo(said)
+    click.echo(said(ctx))
 
 
 @context.command("add")
@@ -34,7 +34,8 @@ def _change(change: Callable[[Contexts], str]) -> None:
 @click.argument("url", metavar="ssh://[USER@]HOST[:PORT]")
 def context_add(name: str, url: str) -> None:
     """Store NAME for the bangerd reached at URL (the system ssh, your keys and config)."""
-    _change(lambda ctx: f"context {name}: {ctx.add(name, url)} "
+    _change(lambda ctx: ctx.add(name, url),
+            lambda ctx: f"context {name}: {ctx.hosts[name]} "
                         f"(`banger context use {name}` to talk to it)")
 
 
@@ -42,22 +43,14 @@ def context_add(name: str, url: str) -> None:
 @click.argument("name")
 def context_use(name: str) -> None:
     """Make NAME the current context (`local`: this machine's daemon)."""
-    def use(ctx: Contexts) -> str:
-        ctx.use(name)
-        return f"now using {name}"
-
-    _change(use)
+    _change(lambda ctx: ctx.use(name), lambda _ctx: f"now using {name}")
 
 
 @context.command("rm")
 @click.argument("name")
 def context_rm(name: str) -> None:
     """Forget context NAME (when it was current, `local` is)."""
-    def remove(ctx: Contexts) -> str:
-        ctx.remove(name)
-        return f"removed context {name}"
-
-    _change(remove)
+    _change(lambda ctx: ctx.remove(name), lambda _ctx: f"removed context {name}")
 
 
 @context.command("ls")
