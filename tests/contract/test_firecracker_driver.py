@@ -16,14 +16,8 @@ from pathlib import Path
 import pytest
 
 from banger.config import Config, parse_config
-from banger.daemon.fcproc import (
-    FirecrackerAPI,
-    FirecrackerDriver,
-    InstanceState,
-    SnapshotFiles,
-    kill,
-    saved_files,
-)
+from banger.daemon.fcproc.api import FirecrackerAPI, InstanceState
+from banger.daemon.fcproc.driver import FirecrackerDriver, SnapshotFiles, kill, saved_files
 from banger.errors import BadRequest, InvalidState, VMMError
 from banger.hostops.cgroups import CONTROLLERS, CgroupHost, CgroupVersion
 from banger.hostops.client import HostOps

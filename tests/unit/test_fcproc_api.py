@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from banger.daemon.fcproc import FirecrackerAPI, InstanceInfo, InstanceState, SnapshotType
+from banger.daemon.fcproc.api import FirecrackerAPI, InstanceInfo, InstanceState, SnapshotType
 from banger.errors import InvalidState, VMMError
 
 

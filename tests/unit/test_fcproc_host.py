@@ -12,7 +12,6 @@ import pytest
 from banger import vmmuser
 from banger.config import Config, parse_config
 from banger.daemon.fcproc import (
-    FirecrackerDriver,
     JailerStatus,
     check_version,
     jailer_binary,
@@ -20,6 +19,7 @@ from banger.daemon.fcproc import (
 )
 from banger.daemon.fcproc import driver as fcdriver
 from banger.daemon.fcproc import host as fchost
+from banger.daemon.fcproc.driver import FirecrackerDriver
 from banger.errors import BadRequest, HostError
 from banger.hostops.client import HostOps
 from banger.hostops.jail import find_binary

@@ -16,8 +16,14 @@ from typing import Any
 
 import pytest
 
-from banger.daemon.fcproc import direct_view, jailed_view
-from banger.daemon.fcproc.driver import SnapshotFiles, configure, firecracker_argv, jail_files
+from banger.daemon.fcproc.driver import (
+    SnapshotFiles,
+    configure,
+    direct_view,
+    firecracker_argv,
+    jail_files,
+    jailed_view,
+)
 from banger.errors import BadRequest, HostError
 from banger.hostops import ops
 from banger.hostops.cgroups import CgroupHost, CgroupVersion, Limits, limits_for

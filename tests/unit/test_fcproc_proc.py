@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from banger.daemon.fcproc import FirecrackerAPI, FirecrackerDriver, kill, stop_gracefully
+from banger.daemon.fcproc.api import FirecrackerAPI
+from banger.daemon.fcproc.driver import FirecrackerDriver, kill, stop_gracefully
 from banger.errors import BadRequest, VMMError
 from banger.layout import Layout
 from banger.proc import ProcessIdentity, find_by_marker, identify, matches

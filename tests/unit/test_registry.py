@@ -13,9 +13,9 @@ from banger.api.params import CreateParams
 from banger.config import parse_config
 from banger.daemon import images, kernels, reconcile, vmcreate, vmmselect
 from banger.daemon.core import Daemon
-from banger.daemon.fcproc import FirecrackerDriver
 from banger.daemon.fcproc import driver as fcdriver
 from banger.daemon.fcproc import host as fchost
+from banger.daemon.fcproc.driver import FirecrackerDriver
 from banger.daemon.vmmselect import resolve_vmm
 from banger.daemon.workspaces import check_sync_target
 from banger.errors import AlreadyExists, BadRequest, HostError, InvalidState, NotFound

@@ -9,25 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import ValidationError
 
 from banger.api import Model, first_error
 from banger.api.methods import METHODS
-from banger.api.params import (
-    ImageExportParams,
-    ImagePullParams,
-    KernelPullParams,
-    NoParams,
-    OpRef,
-)
+from banger.api.params import NoParams, OpRef
 from banger.daemon import (
-    bundles,
-    catalog,
     forwards,
     imagepromote,
-    imagepull,
     images,
     kernels,
     ports,
@@ -94,21 +86,6 @@ def register(d: Daemon) -> None:
 
         return {f"{prefix}.status": status, f"{prefix}.cancel": cancel}
 
-    def image_pull_begin(r: ImagePullParams) -> Any:
-        req = imagepull.check_request(d, r.reference, name=r.name, size_bytes=r.size_bytes,
-                                      kernel_name=r.kernel, insecure=r.insecure)
-        return vms.op_view(imagepull.begin_pull(d, req))
-
-    def image_export_begin(r: ImageExportParams) -> Any:
-        owner = (r.owner_uid, r.owner_gid) if r.owner_uid is not None \
-            and r.owner_gid is not None else None
-        return vms.op_view(bundles.begin_export(d, r.name, r.output, owner))
-
-    def kernel_pull_begin(r: KernelPullParams) -> Any:
-        req = bundles.check_request(d, r.reference, kind="kernel", name=r.name,
-                                    size_bytes=None, insecure=r.insecure)
-        return vms.op_view(bundles.begin_pull(d, req))
-
     def stop(_: NoParams) -> Any:
         d.shutdown()
         return {"stopping": True}
@@ -159,14 +136,13 @@ def register(d: Daemon) -> None:
         "image.build.begin": lambda r: vms.op_view(
             images.begin_build(d, r.name or d.cfg.default_image_name)),
         **op_methods("image.build", d.image_ops),
-        "image.pull.begin": image_pull_begin,
+        "image.pull.begin": lambda r: _distribution().image_pull_begin(d, r),
         **op_methods("image.pull", d.image_ops),
-        "image.export.begin": image_export_begin,
+        "image.export.begin": lambda r: _distribution().image_export_begin(d, r),
         **op_methods("image.export", d.image_ops),
-        "catalog.list": lambda r: catalog.available(d.cfg.catalog_url, kind=r.kind,
-                                                    insecure=r.insecure),
+        "catalog.list": lambda r: _distribution().catalog_list(d, r),
         "image.promote": lambda r: imagepromote.promote(d, r.vm, r.name),
-        "image.cache.prune": lambda r: imagepull.prune_cache(d, dry_run=r.dry_run),
+        "image.cache.prune": lambda r: _distribution().cache_prune(d, r),
         "vm.workspace.prepare.begin": lambda r: vms.op_view(workspaces.begin_prepare(d, r)),
         **op_methods("vm.workspace.prepare", d.workspace_ops),
         "vm.workspace.export": lambda r: workspaces.export(d, r),
@@ -181,7 +157,7 @@ def register(d: Daemon) -> None:
         "kernel.build.begin": lambda r: vms.op_view(
             kernels.begin_build(d, r.name, r.base_config, r.source, r.jobs)),
         **op_methods("kernel.build", d.kernel_ops),
-        "kernel.pull.begin": kernel_pull_begin,
+        "kernel.pull.begin": lambda r: _distribution().kernel_pull_begin(d, r),
         **op_methods("kernel.pull", d.kernel_ops),
         "kernel.list": lambda _: kernels.list_kernels(d),
         "kernel.show": lambda r: kernels.show(d, r.name),
@@ -192,6 +168,15 @@ def register(d: Daemon) -> None:
                            f"{sorted(set(handlers) ^ set(METHODS))}")
     d.methods.update({name: _parsing(METHODS[name].params, fn)
                       for name, fn in handlers.items()})
+
+
+def _distribution() -> ModuleType:
+    """:mod:`.distrpc`, loaded on the first call of one of its methods: deliberately
+    here and not at the top, so a daemon that never pulls or exports an image does not
+    hold httpx (see that module)."""
+    from banger.daemon import distrpc
+
+    return distrpc
 
 
 def _parsing(model: type[Model], handler: Handler) -> Callable[[dict[str, Any]], Any]:

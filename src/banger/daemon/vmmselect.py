@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from banger.config import Config
-from banger.daemon.fcproc import FirecrackerDriver, jailer_binary
+from banger.daemon.fcproc import jailer_binary
 from banger.daemon.hostinfo import kvm_status, which
 from banger.daemon.qemuproc import QemuDriver
 from banger.errors import BadRequest, HostError
@@ -79,5 +79,9 @@ def make_driver(cfg: Config, runner: Runner, name: str, host: HostOps) -> VMMDri
                             hint="apt-get install qemu-system-x86")
         return QemuDriver.from_config(cfg, runner, qemu, resolve_accel(cfg), host)
     if name == "firecracker":
+        # Imported here, on purpose: the driver's API client (httpx) costs a daemon about
+        # 9 MiB, which only a daemon running Firecracker VMs should carry.
+        from banger.daemon.fcproc.driver import FirecrackerDriver
+
         return FirecrackerDriver.from_config(cfg, runner, host)
     raise BadRequest(f"unknown VMM {name!r}", hint="use auto, qemu or firecracker")
