@@ -49,7 +49,7 @@ from banger.errors import BangerError, InternalError, from_foreign
 from banger.hostops.cgroups import CgroupHost, detect
 from banger.hostops.client import HostOps
 from banger.hostops.executor import Executor
-from banger.hostops.netlink import HostNetwork, NetlinkNetwork
+from banger.hostops.netlink import HostNetwork, IPNetwork
 from banger.hostops.policy import Policy
 from banger.layout import Layout, dm_prefix_for
 from banger.protocol import PROTOCOL_VERSION, __version__
@@ -118,7 +118,7 @@ class Seams:
 
     runner: Runner = field(default_factory=SubprocessRunner)
     # The links the in-process host operations change (unused with a root helper).
-    net: HostNetwork = field(default_factory=NetlinkNetwork)
+    net: HostNetwork = field(default_factory=IPNetwork)
     vmm_factory: Callable[[str], VMMDriver] | None = None
     cow: CowStrategy | None = None
     dial: GuestDialer | None = None

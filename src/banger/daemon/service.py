@@ -163,7 +163,7 @@ class Bangerd(Daemon):
         drained pool's, and any a failed release left. Returns the failures."""
         try:
             links = self.host.links()
-        except Exception as exc:  # pyroute2 raises its own errors; say, and go on
+        except BangerError as exc:  # say, and go on
             return [f"cannot list links: {exc}"]
         problems = []
         for link in links:

@@ -43,7 +43,7 @@ from banger.hostops.fcjail import Jails
 from banger.hostops.netlink import (
     IP_FORWARD,
     HostNetwork,
-    NetlinkNetwork,
+    IPNetwork,
     bind_dns,
     ip_forward,
 )
@@ -80,7 +80,7 @@ class Executor:
                                             sys_block)
         self._open_tap = open_tap or attach_tap
         self.runner = runner
-        self.net: HostNetwork = net if net is not None else NetlinkNetwork()
+        self.net: HostNetwork = net if net is not None else IPNetwork()
         self.ip_forward_path = ip_forward_path
         self._cgroups = cgroups
         self._cgroup_host: CgroupHost | None = None

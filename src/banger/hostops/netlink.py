@@ -1,23 +1,28 @@
-"""The host's links over rtnetlink (pyroute2), and IPv4 forwarding.
+"""The host's links (iproute2's ``ip``), IPv4 forwarding and the DNS sockets.
 
 What the executor (:mod:`banger.hostops.executor`) runs for the network requests:
 the bridge, TAPs, deleting a link, listing links, ``net.ipv4.ip_forward``. Unit
-tests replace :class:`NetlinkNetwork` with a dict (``tests.fakes.FakeNet``) and the
-forwarding file with one of their own.
+tests replace :class:`IPNetwork` with a dict (``tests.fakes.FakeNet``) and the
+forwarding file with one of their own; ``tests/integration`` runs it in a network
+namespace of its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import json
 import secrets
 import socket
+import subprocess
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from banger.errors import HostError
 
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")  # per network namespace
 TAP_PREFIX = "bgt"  # every TAP banger creates starts with this, then the install tag
+IP_TIMEOUT_S = 30  # one `ip` command: milliseconds, unless the host is in trouble
 IFNAMSIZ = 16  # linux/if.h, including the NUL: a link name has at most 15 characters
 TAP_RANDOM_HEX = 6  # random hex digits after the install's prefix
 
@@ -63,82 +68,111 @@ class HostNetwork(Protocol):
         ...
 
 
-class NetlinkNetwork:
-    """The real implementation, over rtnetlink via pyroute2."""
+class IPNetwork:
+    """The real implementation: iproute2's ``ip`` (rtnetlink; its JSON read back).
 
-    def _ipr(self) -> Any:
-        from pyroute2 import IPRoute
+    A program per change, not a netlink library in the daemon: these run when a TAP is
+    made for the pool (ahead of any VM that takes one) or the bridge on first need, a
+    few milliseconds each, and a library (pyroute2) held 10 MiB of the daemon's memory
+    for them. Whether a link exists is asked of the kernel directly
+    (``if_nametoindex``, in this process's network namespace).
+    """
 
-        return IPRoute()
+    def __init__(self, ip_bin: str = "ip") -> None:
+        self.ip_bin = ip_bin
+
+    def _ip(self, *args: str) -> str:
+        """``ip ARGS``'s standard output.
+
+        Raises:
+            HostError: ``ip`` failed (its message) or is missing.
+        """
+        try:
+            res = subprocess.run([self.ip_bin, *args], capture_output=True, text=True,
+                                 timeout=IP_TIMEOUT_S, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise HostError(f"cannot run {self.ip_bin}: {exc}",
+                            hint="install iproute2; see `banger doctor`") from exc
+        if res.returncode != 0:
+            raise HostError(res.stderr.strip()[-500:] or f"ip {' '.join(args)} failed")
+        return res.stdout
 
     def ensure_bridge(self, name: str, cidr: str) -> None:
         """Create bridge ``name`` if missing, add ``cidr``'s address if absent, set it up.
 
         Raises:
-            HostError: any netlink failure (usually missing CAP_NET_ADMIN).
+            HostError: any failure (usually missing CAP_NET_ADMIN).
         """
         iface = ipaddress.ip_interface(cidr)
         try:
-            with self._ipr() as ipr:
-                found = ipr.link_lookup(ifname=name)
-                if not found:
-                    ipr.link("add", ifname=name, kind="bridge")
-                    found = ipr.link_lookup(ifname=name)
-                idx = found[0]
-                have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"])
-                        for a in ipr.get_addr(index=idx, family=2)}
-                if (str(iface.ip), iface.network.prefixlen) not in have:
-                    ipr.addr("add", index=idx, address=str(iface.ip),
-                             prefixlen=iface.network.prefixlen)
-                ipr.link("set", index=idx, state="up")
-        except Exception as exc:
-            raise HostError(f"cannot set up bridge {name} ({cidr}): {exc}",
+            if not link_exists(name):
+                self._ip("link", "add", "name", name, "type", "bridge")
+            shown = json.loads(self._ip("-j", "-4", "addr", "show", "dev", name) or "[]")
+            have = {(a.get("local"), a.get("prefixlen")) for link in shown
+                    for a in link.get("addr_info", [])}
+            if (str(iface.ip), iface.network.prefixlen) not in have:
+                self._ip("addr", "add", str(iface.with_prefixlen), "dev", name)
+            self._ip("link", "set", "dev", name, "up")
+        except (HostError, ValueError, AttributeError) as exc:
+            message = exc.message if isinstance(exc, HostError) else f"unexpected ip output: {exc}"
+            raise HostError(f"cannot set up bridge {name} ({cidr}): {message}",
                             hint="banger needs root (CAP_NET_ADMIN); see `banger doctor`") from exc
 
     def create_tap(self, name: str, bridge: str) -> None:
         """Create TAP ``name`` enslaved to ``bridge`` and up.
 
         Raises:
-            HostError: the bridge is missing, or netlink failed (the half-made TAP
-                is deleted first).
+            HostError: the bridge is missing, a link named ``name`` exists, or ``ip``
+                failed (the half-made TAP is deleted first).
         """
+        if not link_exists(bridge):
+            raise HostError(f"bridge {bridge} is missing")
+        if link_exists(name):
+            # Someone else's link (or a VM's TAP): never adopt it, and never delete it
+            # in the clean-up below.
+            raise HostError(f"cannot create tap {name}: a link of that name exists")
         try:
-            with self._ipr() as ipr:
-                bidx = ipr.link_lookup(ifname=bridge)
-                if not bidx:
-                    raise HostError(f"bridge {bridge} is missing")
-                if ipr.link_lookup(ifname=name):
-                    # Someone else's link (or a VM's TAP): never adopt it, and never
-                    # delete it in the clean-up below.
-                    raise HostError(f"cannot create tap {name}: a link of that name exists")
-                ipr.link("add", ifname=name, kind="tuntap", mode="tap")
-                tidx = ipr.link_lookup(ifname=name)[0]
-                ipr.link("set", index=tidx, master=bidx[0], state="up")
-        except HostError:
-            raise
-        except Exception as exc:
-            self.delete_link(name)
-            raise HostError(f"cannot create tap {name}: {exc}",
+            self._ip("tuntap", "add", "dev", name, "mode", "tap")
+            self._ip("link", "set", "dev", name, "master", bridge, "up")
+        except HostError as exc:
+            with contextlib.suppress(HostError):
+                self.delete_link(name)
+            raise HostError(f"cannot create tap {name}: {exc.message}",
                             hint="check /dev/net/tun with `banger doctor`") from exc
 
     def delete_link(self, name: str) -> None:
         """Delete link ``name`` if it exists.
 
         Raises:
-            HostError: netlink refused the deletion.
+            HostError: the deletion was refused.
         """
+        if not link_exists(name):
+            return
         try:
-            with self._ipr() as ipr:
-                found = ipr.link_lookup(ifname=name)
-                if found:
-                    ipr.link("del", index=found[0])
-        except Exception as exc:
-            raise HostError(f"cannot delete link {name}: {exc}") from exc
+            self._ip("link", "del", "dev", name)
+        except HostError as exc:
+            if link_exists(name):  # not gone meanwhile by another hand
+                raise HostError(f"cannot delete link {name}: {exc.message}") from exc
 
     def links(self) -> list[str]:
-        """The names of every network link on the host."""
-        with self._ipr() as ipr:
-            return [str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()]
+        """The names of every network link on the host.
+
+        Raises:
+            HostError: ``ip`` failed or said something unexpected.
+        """
+        try:
+            return [str(link["ifname"]) for link in json.loads(self._ip("-j", "link", "show"))]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise HostError(f"cannot list links: unexpected ip output: {exc}") from exc
+
+
+def link_exists(name: str) -> bool:
+    """Whether this network namespace has a link named ``name``."""
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True
 
 
 def ip_forward(value: str | None, path: Path = IP_FORWARD) -> str:
