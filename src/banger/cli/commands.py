@@ -10,6 +10,7 @@ codes (see :mod:`banger.cli.exits`). The commands live in one module per group:
 
 from __future__ import annotations
 
+import importlib
 import sys
 import traceback
 from pathlib import Path
@@ -26,7 +27,6 @@ from banger.cli import (
     output,
     session,
     snapshot,
-    system,
     vm,
     workspace,
 )
@@ -35,7 +35,37 @@ from banger.errors import BangerError, Cancelled
 from banger.protocol import __version__
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """A group whose commands in ``lazy`` (name -> ``module:attribute``) are imported
+    when a command line names them (or help lists them), not at start.
+
+    ``system`` is one: installing banger as a service needs the root helper's policy,
+    its host operations and the unit files, whose import took about a fifth of every
+    other command's start-up.
+    """
+
+    def __init__(self, *args: object, lazy: dict[str, str], **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.lazy = lazy
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        """Every command's name, the lazy ones too (help, completion)."""
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        """The command called ``cmd_name``, a lazy one imported now."""
+        where = self.lazy.get(cmd_name)
+        if where is None:
+            return super().get_command(ctx, cmd_name)
+        module, attribute = where.split(":")
+        command = getattr(importlib.import_module(module), attribute)
+        if not isinstance(command, click.Command):
+            raise TypeError(f"{where} is not a click command")
+        return command
+
+
+@click.group(cls=LazyGroup, lazy={"system": "banger.cli.system:system"},
+             context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_file", type=click.Path(path_type=Path),
               help="Config file (default: $BANGER_CONFIG or ~/.config/banger/config.toml).")
 @click.option("--debug", is_flag=True, help="Show tracebacks for unexpected errors.")
@@ -95,7 +125,6 @@ cli.add_command(images.image)
 cli.add_command(images.kernel)
 cli.add_command(vm.vm)
 cli.add_command(snapshot.snapshot)
-cli.add_command(system.system)
 for _cmd in (lifecycle.start, lifecycle.stop, lifecycle.restart, lifecycle.delete, lifecycle.rm,
              lifecycle.vm_kill, lifecycle.pause, lifecycle.resume, lifecycle.suspend):
     vm.vm.add_command(_cmd)

@@ -1,6 +1,7 @@
 """What bangerd loads at start: not the HTTP client (httpx and its TLS stack, ~9 MiB)
-that only pulls, exports and Firecracker's API use. Checked in a fresh interpreter:
-this one has imported everything the other tests use."""
+that only pulls, exports and Firecracker's API use; and what every CLI command loads:
+not the service installer's modules. Checked in fresh interpreters: this one has
+imported everything the other tests use."""
 
 from __future__ import annotations
 
@@ -39,3 +40,20 @@ def test_the_first_pull_or_export_call_loads_it() -> None:
     loaded = _loaded("rpc._distribution()")
     assert {"banger.daemon.distrpc", "httpx"} <= loaded
     assert "banger.daemon.fcproc.driver" not in loaded
+
+
+# What only `banger system ...` needs (the root helper's policy and host operations).
+SYSTEM_ONLY = ("banger.cli.system", "banger.hostops.policy", "banger.hostops.ops")
+
+
+def test_the_cli_loads_the_service_installer_only_for_system() -> None:
+    probe = ("import sys\nimport banger.cli.commands as c\n{run}\n"
+             f"print(','.join(m for m in {SYSTEM_ONLY!r} if m in sys.modules))")
+    def loaded(run: str) -> set[str]:
+        res = subprocess.run([sys.executable, "-c", probe.format(run=run)],
+                             capture_output=True, text=True, check=True)
+        return set(filter(None, res.stdout.strip().rpartition("\n")[2].split(",")))
+
+    assert loaded("") == set()
+    # naming it loads it, and it is a whole group there
+    assert loaded("c.cli.main(['system', '--help'], standalone_mode=False)") == set(SYSTEM_ONLY)
