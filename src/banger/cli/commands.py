@@ -10,9 +10,9 @@ codes (see :mod:`banger.cli.exits`). The commands live in one module per group:
 
 from __future__ import annotations
 
-import importlib
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -36,15 +36,17 @@ from banger.protocol import __version__
 
 
 class LazyGroup(click.Group):
-    """A group whose commands in ``lazy`` (name -> ``module:attribute``) are imported
-    when a command line names them (or help lists them), not at start.
+    """A group whose commands in ``lazy`` (name -> a function that imports and returns
+    the command) are imported when a command line names them (or help lists them), not
+    at start.
 
     ``system`` is one: installing banger as a service needs the root helper's policy,
     its host operations and the unit files, whose import took about a fifth of every
     other command's start-up.
     """
 
-    def __init__(self, *args: object, lazy: dict[str, str], **kwargs: object) -> None:
+    def __init__(self, *args: object, lazy: dict[str, Callable[[], click.Command]],
+                 **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.lazy = lazy
 
@@ -54,17 +56,18 @@ class LazyGroup(click.Group):
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         """The command called ``cmd_name``, a lazy one imported now."""
-        where = self.lazy.get(cmd_name)
-        if where is None:
-            return super().get_command(ctx, cmd_name)
-        module, attribute = where.split(":")
-        command = getattr(importlib.import_module(module), attribute)
-        if not isinstance(command, click.Command):
-            raise TypeError(f"{where} is not a click command")
-        return command
+        load = self.lazy.get(cmd_name)
+        return super().get_command(ctx, cmd_name) if load is None else load()
 
 
-@click.group(cls=LazyGroup, lazy={"system": "banger.cli.system:system"},
+def _system() -> click.Command:
+    """``banger system``: imported here, when named (see :class:`LazyGroup`)."""
+    from banger.cli.system import system
+
+    return system
+
+
+@click.group(cls=LazyGroup, lazy={"system": _system},
              context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_file", type=click.Path(path_type=Path),
               help="Config file (default: $BANGER_CONFIG or ~/.config/banger/config.toml).")
