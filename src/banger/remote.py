@@ -203,26 +203,32 @@ class SSHLink:
         port = ["-p", str(self.target.port)] if self.target.port else []
         return [*port, self.target.destination]
 
-    def capture(self, argv: list[str], *, timeout: float, input: bytes | None = None
-                ) -> subprocess.CompletedProcess[bytes]:
-        """Run the remote banger with ``argv`` over the connection, its output captured.
+    def capture(self, argv: list[str], *, timeout: float, input: bytes | None = None,
+                limit: int = MAX_ANSWER) -> subprocess.CompletedProcess[bytes]:
+        """Run the remote banger with ``argv`` over the connection, its output captured:
+        at most ``limit`` bytes of standard output (what it says is read, not trusted
+        to be small) and the last :data:`MAX_ANSWER` bytes of its errors.
 
         Raises:
-            DaemonUnavailable: it did not end within ``timeout`` seconds.
+            DaemonUnavailable: it did not end within ``timeout`` seconds, or printed
+                more than ``limit`` bytes.
         """
+        what = f"`banger {shlex.join(argv)}`"
         try:
-            return subprocess.run(
+            return run_bounded(
                 self.ssh("-T", self.target.destination, "--", self.remote_command(argv)),
-                input=input, stdin=None if input is not None else subprocess.DEVNULL,
-                capture_output=True, timeout=timeout, check=False)
+                timeout=timeout, input=input, limit=limit)
         except subprocess.TimeoutExpired as exc:
             raise DaemonUnavailable(f"the banger on {self.target} did not answer "
-                                    f"`banger {shlex.join(argv)}` within {timeout:g}s") from exc
+                                    f"{what} within {timeout:g}s") from exc
+        except OutputTooLarge as exc:
+            raise DaemonUnavailable(f"the banger on {self.target} answered {what} with "
+                                    f"more than {limit} bytes; nothing of it was used") from exc
 
     def _where(self, start: bool) -> dict[str, Any]:
         res = self.capture(["daemon", "where", "--json", *([] if start else ["--no-start"])],
                            timeout=WHERE_TIMEOUT_S)
-        out, err = res.stdout[:MAX_ANSWER], res.stderr.decode(errors="replace").strip()
+        out, err = res.stdout, res.stderr.decode(errors="replace").strip()
         if res.returncode == 127:
             raise DaemonUnavailable(
                 f"{self.target} has no banger ({self.remote_banger!r} is not a command "
@@ -304,3 +310,62 @@ def _close_on_signals() -> None:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(sig) == signal.SIG_DFL:
             signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
+
+
+class OutputTooLarge(Exception):
+    """A command printed more than it was allowed to (see :func:`run_bounded`)."""
+
+
+def run_bounded(argv: list[str], *, timeout: float, input: bytes | None = None,
+                limit: int) -> subprocess.CompletedProcess[bytes]:
+    """Run ``argv`` to its end, holding at most ``limit`` bytes of its standard output
+    and the last :data:`MAX_ANSWER` bytes of its standard error.
+
+    Raises:
+        OutputTooLarge: it printed more than ``limit`` bytes (it is killed).
+        subprocess.TimeoutExpired: it did not end within ``timeout`` seconds (killed).
+    """
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE if input is not None
+                            else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    out, err = bytearray(), bytearray()
+    over = threading.Event()
+
+    def read_out(stream: Any) -> None:
+        while chunk := stream.read1(1 << 16):
+            if len(out) + len(chunk) > limit:
+                over.set()
+                proc.kill()
+                return
+            out.extend(chunk)
+
+    def read_err(stream: Any) -> None:
+        while chunk := stream.read1(1 << 16):
+            err.extend(chunk)
+            del err[:-MAX_ANSWER]
+
+    readers = [threading.Thread(target=read_out, args=(proc.stdout,), daemon=True),
+               threading.Thread(target=read_err, args=(proc.stderr,), daemon=True)]
+    for r in readers:
+        r.start()
+    try:
+        if input is not None:
+            assert proc.stdin is not None
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.write(input)
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.close()
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        for r in readers:
+            r.join(5)
+        proc.stdout.close()
+        proc.stderr.close()
+    if over.is_set():
+        raise OutputTooLarge(f"more than {limit} bytes")
+    return subprocess.CompletedProcess(argv, proc.returncode, bytes(out), bytes(err))

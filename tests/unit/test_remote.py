@@ -20,7 +20,7 @@ from banger.cli.quick import remote_chosen
 from banger.contexts import Contexts, chosen_host
 from banger.errors import AlreadyExists, BadName, BadRequest, DaemonUnavailable, NotFound
 from banger.protocol import PROTOCOL_VERSION, __version__
-from banger.remote import SSHLink, SSHTarget
+from banger.remote import MAX_ANSWER, OutputTooLarge, SSHLink, SSHTarget, run_bounded
 
 # ----------------------------------------------------------------- addresses
 
@@ -235,6 +235,32 @@ def test_an_unreachable_host_is_a_clear_error(fake_ssh: Path,
     link = SSHLink(SSHTarget("box"))
     link.close()
     assert not link.control.parent.exists()  # its private directory went with it
+
+
+def test_what_the_remote_end_prints_is_held_only_up_to_a_bound() -> None:
+    def printing(out: int, err: int = 0) -> list[str]:
+        return [sys.executable, "-c", f"import sys; sys.stdout.write('o' * {out}); "
+                f"sys.stderr.write('e' * {err} + 'END')"]
+
+    res = run_bounded(printing(1000, 3 * MAX_ANSWER), timeout=30, limit=1000)
+    assert res.stdout == b"o" * 1000 and res.returncode == 0
+    assert len(res.stderr) == MAX_ANSWER and res.stderr.endswith(b"END")  # its tail
+    with pytest.raises(OutputTooLarge):
+        run_bounded(printing(1001), timeout=30, limit=1000)
+    with pytest.raises(OutputTooLarge):  # a stream that never ends is cut off, not read
+        run_bounded(["yes"], timeout=30, limit=1 << 20)
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_bounded(["sleep", "30"], timeout=0.5, limit=10)
+    echoed = run_bounded(["cat"], timeout=30, input=b"repo", limit=10)
+    assert echoed.stdout == b"repo"
+
+
+def test_an_oversized_answer_from_the_remote_banger_is_refused(
+        fake_ssh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    where(monkeypatch, 0, " " * MAX_ANSWER + json.dumps({
+        "version": __version__, "protocol": PROTOCOL_VERSION, "socket": "/run/b.sock"}))
+    with pytest.raises(DaemonUnavailable, match="more than"):
+        open_link()
 
 
 def test_the_link_never_passes_the_host_as_an_option() -> None:

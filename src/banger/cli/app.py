@@ -33,6 +33,9 @@ T = TypeVar("T")
 # seen at once either way).
 FOLLOW_TICK_S = 0.2
 EXPORT_TIMEOUT_S = 600.0  # a remote export: the guest's diff and the patch's way back
+# A remote export's answer: its daemon holds a guest's changes to 256 MiB (patch and
+# file list), which base64 and JSON make at most about twice as long.
+EXPORT_ANSWER_MAX = 512 << 20
 
 
 @dataclass
@@ -77,7 +80,7 @@ class App:
             return client.workspace.export(name, base_commit)
         base = ["--base-commit", base_commit] if base_commit else []
         res = self.link().capture(["vm", "workspace", "export", name, "--json", *base],
-                                  timeout=EXPORT_TIMEOUT_S)
+                                  timeout=EXPORT_TIMEOUT_S, limit=EXPORT_ANSWER_MAX)
         try:
             got = json.loads(res.stdout)
         except ValueError:
