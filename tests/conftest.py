@@ -28,6 +28,9 @@ def cfg(tmp_path: Path) -> Config:
         "dns_enabled": False,
         "nat": False,  # unit tests must never touch the host's forwarding or firewall
         "tap_pool_size": 1,
+        # No root disks copied in the background under the tests' feet;
+        # tests/unit/test_spares.py turns them on.
+        "spare_root_disks": 0,
         # Every VM boots; tests/unit/test_bootsnap.py turns boot snapshots on.
         "boot_snapshots": False,
         "log_level": "debug",

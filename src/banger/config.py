@@ -153,6 +153,9 @@ class Config(_Strict):
     # nameserver (/etc/resolv.conf), "none" for nowhere, or "IP" / "IP:PORT".
     dns_upstream: str = ""
     tap_pool_size: Annotated[int, Field(ge=0, le=64)] = 2
+    # Root disks copied ahead of the creates that take them, where root disks are plain
+    # copies (cow_strategy copy; banger.daemon.spares): how many of the last used image.
+    spare_root_disks: Annotated[int, Field(ge=0, le=8)] = 1
     # Boot snapshots (banger.daemon.bootsnap): a VM's first boot of an image and size (QEMU,
     # or a jailed Firecracker) is snapshotted, and later creates restore a clone of it.
     boot_snapshots: bool = True

@@ -254,6 +254,12 @@ class Layout:
         return self.state_dir / "vms"
 
     @property
+    def spares_dir(self) -> Path:
+        """``spares/``: root disks copied ahead of the creates that take them
+        (:mod:`banger.daemon.spares`)."""
+        return self.state_dir / "spares"
+
+    @property
     def vms_run_dir(self) -> Path:
         """``vms/`` in the runtime dir: the per-VM socket and pid-file directories."""
         return self.runtime_dir / "vms"

@@ -33,6 +33,7 @@ from banger.daemon import vmmselect
 from banger.daemon.dmsnap import (
     CowHandle,
     CowStrategy,
+    sparse_copy,
     strategy_for,
 )
 from banger.daemon.dns import VMDNS, upstream_from_resolv_conf
@@ -44,6 +45,7 @@ from banger.daemon.network import HostChanges, TapPool, ensure_bridge
 from banger.daemon.oci.blobs import BlobCache
 from banger.daemon.opstate import Operation, Registry
 from banger.daemon.sessionctl import SessionRegistry
+from banger.daemon.spares import Spares
 from banger.daemon.store import Store, VMRecord
 from banger.errors import BangerError, InternalError, from_foreign
 from banger.hostops.cgroups import CgroupHost, detect
@@ -225,6 +227,10 @@ class Daemon:
         self.sessions = SessionRegistry()  # vm session attach: readers and the writer
         self.vm_caps: list[VMCap] = []
         self.cow: CowStrategy | None = self.seams.cow
+        # Root disks copied ahead of creates: off until the daemon knows the strategy is
+        # plain copies (banger.daemon.service.Bangerd.open).
+        self.spares = Spares(self.layout.spares_dir, 0,
+                             lambda source, target: sparse_copy(source, target, durable=False))
         self._drivers: dict[str, VMMDriver] = {}
         # _drivers_mu: a leaf lock guarding only _drivers; _driver_builds[name] serialises
         # building one driver (I/O), never held with another lock (see driver()).

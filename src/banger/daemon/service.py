@@ -67,6 +67,10 @@ class Bangerd(Daemon):
         if d.cow is None:
             d.cow = choose_strategy(cfg.cow_strategy, lay.vms_dir, d.host, d.dm_prefix)
         log.info("cow strategy: %s", d.cow.name)
+        d.spares.keep = cfg.spare_root_disks if d.cow.name == "copy" else 0
+        d.spares.sweep()
+        if d.spares.keep == 0:
+            d.spares.drop()
         d._network_enabled = network
         d.vm_caps = caps.default_caps(d)
         if d.db.list_vms():

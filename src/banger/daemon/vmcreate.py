@@ -35,7 +35,7 @@ from banger.daemon import (
     vmpool,
 )
 from banger.daemon.core import new_id
-from banger.daemon.dmsnap import clone_or_copy
+from banger.daemon.dmsnap import CowHandle, clone_or_copy
 from banger.daemon.imagemgr import WORK_LABEL
 from banger.daemon.network import allocate_ip, mac_for_ip
 from banger.daemon.opstate import Operation
@@ -306,8 +306,13 @@ def make_disks(d: Daemon, vm: VMRecord, img: ImageRecord, cancel: CancelToken) -
     cancel.check()
     # Record the intent first so a crash mid-copy still knows what to remove.
     update_runtime(d, vm.id, cow={"strategy": d.cow.name, "path": str(paths.rootfs)})
-    cow = d.cow.create(source, paths.rootfs)
+    if d.spares.take(source, paths.rootfs):  # a copy made ahead (only for "copy")
+        cow = CowHandle(d.cow.name, str(paths.rootfs))
+    else:
+        cow = d.cow.create(source, paths.rootfs)
     update_runtime(d, vm.id, cow=cow.to_json())
+    if d.spares.keep:  # the next create's copy, made now, off its path
+        d.in_background("spare root disk", lambda: d.spares.refill(source))
     cancel.check()
     make_work_disk(d, vm, img, paths.work_disk)
 
