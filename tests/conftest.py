@@ -75,14 +75,20 @@ def add_fake_image(d: Daemon, name: str = "debian-bookworm") -> None:
                                size_bytes=32 << 20, recipe_hash=None, created_at=now()))
 
 
-@pytest.fixture
-def daemon(cfg: Config, world: FakeWorld) -> Iterator[Daemon]:
+def open_fake_daemon(cfg: Config, world: FakeWorld) -> Daemon:
+    """A daemon on ``world``'s fakes, with its SSH key and a fake image."""
     key = cfg.key_path
     key.parent.mkdir(parents=True, exist_ok=True)
     key.write_text("PRIVATE")
     key.with_name(key.name + ".pub").write_text("ssh-ed25519 AAAA test\n")
     d = Bangerd.open(cfg, world.seams(), log_to_stderr=True)
     add_fake_image(d)
+    return d
+
+
+@pytest.fixture
+def daemon(cfg: Config, world: FakeWorld) -> Iterator[Daemon]:
+    d = open_fake_daemon(cfg, world)
     yield d
     world.vmm.reap_all()
     d.close()

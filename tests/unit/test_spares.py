@@ -17,7 +17,7 @@ from banger.daemon import Bangerd, vmcreate
 from banger.daemon.core import Daemon
 from banger.daemon.dmsnap import sparse_copy
 from banger.daemon.spares import TEMP_PREFIX, Spares
-from tests.conftest import FakeWorld, add_fake_image
+from tests.conftest import FakeWorld, open_fake_daemon
 
 
 def copying(source: Path, target: Path) -> None:
@@ -115,13 +115,7 @@ def test_one_refill_at_a_time(tmp_path: Path, source: Path) -> None:
 
 @pytest.fixture
 def spare_daemon(cfg: Config, world: FakeWorld) -> Iterator[Daemon]:
-    key = cfg.key_path
-    key.parent.mkdir(parents=True, exist_ok=True)
-    key.write_text("PRIVATE")
-    key.with_name(key.name + ".pub").write_text("ssh-ed25519 AAAA test\n")
-    d = Bangerd.open(cfg.model_copy(update={"spare_root_disks": 1}), world.seams(),
-                     log_to_stderr=True)
-    add_fake_image(d)
+    d = open_fake_daemon(cfg.model_copy(update={"spare_root_disks": 1}), world)
     yield d
     world.vmm.reap_all()
     d.close()
