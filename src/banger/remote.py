@@ -357,15 +357,17 @@ def run_bounded(argv: list[str], *, timeout: float, input: bytes | None = None,
             with contextlib.suppress(BrokenPipeError):
                 proc.stdin.close()
         proc.wait(timeout)
-    except subprocess.TimeoutExpired:
+    except BaseException:  # the timeout, or this command interrupted: ssh goes too
         proc.kill()
         proc.wait()
         raise
     finally:
+        # ssh is gone (or killed above): its pipes end, and so do the readers.
         for r in readers:
             r.join(5)
-        proc.stdout.close()
-        proc.stderr.close()
+        if not any(r.is_alive() for r in readers):
+            proc.stdout.close()
+            proc.stderr.close()
     if over.is_set():
         raise OutputTooLarge(f"more than {limit} bytes")
     return subprocess.CompletedProcess(argv, proc.returncode, bytes(out), bytes(err))

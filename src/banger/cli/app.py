@@ -33,9 +33,10 @@ T = TypeVar("T")
 # seen at once either way).
 FOLLOW_TICK_S = 0.2
 EXPORT_TIMEOUT_S = 600.0  # a remote export: the guest's diff and the patch's way back
-# A remote export's answer: its daemon holds a guest's changes to 256 MiB (patch and
-# file list), which base64 and JSON make at most about twice as long.
-EXPORT_ANSWER_MAX = 512 << 20
+# A remote export's answer: its daemon holds a guest's changes to at most 16 GiB
+# (workspace_export_max_mib's ceiling; 256 MiB by default), which base64 and JSON make
+# at most about twice as long. The bound is for a stream that never ends.
+EXPORT_ANSWER_MAX = 32 << 30
 
 
 @dataclass

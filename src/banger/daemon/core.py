@@ -229,8 +229,7 @@ class Daemon:
         self.cow: CowStrategy | None = self.seams.cow
         # Root disks copied ahead of creates: off until the daemon knows the strategy is
         # plain copies (banger.daemon.service.Bangerd.open).
-        self.spares = Spares(self.layout.spares_dir, 0,
-                             lambda source, target: sparse_copy(source, target, durable=False))
+        self.spares = Spares(self.layout.spares_dir, 0, sparse_copy)
         self._drivers: dict[str, VMMDriver] = {}
         # _drivers_mu: a leaf lock guarding only _drivers; _driver_builds[name] serialises
         # building one driver (I/O), never held with another lock (see driver()).

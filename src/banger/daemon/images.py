@@ -331,6 +331,7 @@ def delete(d: Daemon, name: str) -> dict[str, Any]:
         trash = move_aside(d.layout.image_dir(name))
     if trash is not None:
         remove_tree(trash)  # gigabytes: never under the lock
+    d.spares.drop()  # they may be this image's copies (the next create makes new ones)
     return {"deleted": name}
 
 

@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 import secrets
+import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +31,8 @@ log = logging.getLogger("banger.spares")
 
 TEMP_PREFIX = ".making-"
 SUFFIX = ".ext4"
+# What a spare must leave free on its file system: the VMs' own disks grow into it.
+FREE_MARGIN = 2 << 30
 
 
 def source_key(source: Path) -> str:
@@ -47,8 +50,8 @@ def source_key(source: Path) -> str:
 class Spares:
     """Ready copies of one source at a time, below ``root`` (on the VMs' file system).
 
-    ``copy(source, target)`` makes one (:func:`banger.daemon.dmsnap.sparse_copy`, not
-    synced: a root disk is written with flushes ignored anyway). ``take`` and the
+    ``copy(source, target)`` makes one, on disk before it returns
+    (:func:`banger.daemon.dmsnap.sparse_copy`, durable). ``take`` and the
     refill's own renames are under ``_mu``; the copying itself is not, and one
     refill runs at a time.
     """
@@ -83,7 +86,9 @@ class Spares:
                 except FileNotFoundError:
                     continue
                 except OSError as exc:  # another file system (EXDEV): copy as before
-                    log.warning("cannot move spare %s to %s: %s", spare, target, exc.strerror)
+                    log.warning("cannot move spare %s to %s: %s; no more spares made",
+                                spare, target, exc.strerror)
+                    self.keep = 0
                     return False
                 log.debug("root disk %s: a spare copy of %s", target, source)
                 return True
@@ -92,7 +97,9 @@ class Spares:
     def refill(self, source: Path) -> None:
         """Make copies of ``source`` until :attr:`keep` are ready, and remove every
         spare of another source (or of an older version of this one). Returns at once
-        when another refill is running: it makes the same copies."""
+        when another refill is running: it makes the same copies. A copy that fails,
+        or that would leave less than :data:`FREE_MARGIN` of the file system free, is
+        not made (a warning says why): the creates copy as before."""
         if self.keep == 0 or not self._filling.acquire(blocking=False):
             return
         try:
@@ -104,16 +111,33 @@ class Spares:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._drop_all_but(key)
             while len(self._ready(key)) < self.keep:
-                temp = self.root / f"{TEMP_PREFIX}{key}-{secrets.token_hex(4)}{SUFFIX}"
-                try:
-                    self._copy(source, temp)
-                    with self._mu:
-                        temp.rename(self.root / temp.name.removeprefix(TEMP_PREFIX))
-                except BaseException:
-                    temp.unlink(missing_ok=True)
-                    raise
+                needed = os.stat(source).st_blocks * 512 + FREE_MARGIN
+                if shutil.disk_usage(self.root).free < needed:
+                    log.warning("no spare root disk made: less than %d MiB free in %s",
+                                needed >> 20, self.root)
+                    return
+                self._make_one(source, key)
+        except OSError as exc:
+            log.warning("no spare root disk made of %s: %s", source, exc.strerror or exc)
         finally:
             self._filling.release()
+
+    def _make_one(self, source: Path, key: str) -> None:
+        """One spare: copied under a temporary name, on disk (a spare that a host crash
+        left half written must never pass for a whole one), then renamed."""
+        temp = self.root / f"{TEMP_PREFIX}{key}-{secrets.token_hex(4)}{SUFFIX}"
+        try:
+            self._copy(source, temp)
+            with self._mu:
+                temp.rename(self.root / temp.name.removeprefix(TEMP_PREFIX))
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)  # the rename itself
+        finally:
+            os.close(fd)
 
     def sweep(self) -> None:
         """At start: remove copies a killed daemon left half made."""

@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import os
 import secrets
+import shutil
 import socket
 import subprocess
 from pathlib import Path
@@ -75,11 +77,13 @@ class IPNetwork:
     made for the pool (ahead of any VM that takes one) or the bridge on first need, a
     few milliseconds each, and a library (pyroute2) held 10 MiB of the daemon's memory
     for them. Whether a link exists is asked of the kernel directly
-    (``if_nametoindex``, in this process's network namespace).
+    (``if_nameindex``, in this process's network namespace).
     """
 
-    def __init__(self, ip_bin: str = "ip") -> None:
-        self.ip_bin = ip_bin
+    def __init__(self, ip_bin: str | None = None) -> None:
+        # Found once, in the sbin directories too: a root helper's PATH may lack them.
+        self.ip_bin = ip_bin or shutil.which(
+            "ip", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin:/usr/bin:/bin") or "ip"
 
     def _ip(self, *args: str) -> str:
         """``ip ARGS``'s standard output.
@@ -113,7 +117,7 @@ class IPNetwork:
             if (str(iface.ip), iface.network.prefixlen) not in have:
                 self._ip("addr", "add", str(iface.with_prefixlen), "dev", name)
             self._ip("link", "set", "dev", name, "up")
-        except (HostError, ValueError, AttributeError) as exc:
+        except (HostError, ValueError, AttributeError, TypeError) as exc:
             message = exc.message if isinstance(exc, HostError) else f"unexpected ip output: {exc}"
             raise HostError(f"cannot set up bridge {name} ({cidr}): {message}",
                             hint="banger needs root (CAP_NET_ADMIN); see `banger doctor`") from exc
@@ -167,12 +171,17 @@ class IPNetwork:
 
 
 def link_exists(name: str) -> bool:
-    """Whether this network namespace has a link named ``name``."""
+    """Whether this network namespace has a link named ``name`` (asked of the kernel,
+    in this process's namespace).
+
+    Raises:
+        HostError: the kernel could not be asked.
+    """
     try:
-        socket.if_nametoindex(name)
-    except OSError:
-        return False
-    return True
+        # Not if_nametoindex: its "no such name" and its failures are one error.
+        return any(link == name for _, link in socket.if_nameindex())
+    except OSError as exc:
+        raise HostError(f"cannot list the network links: {exc.strerror or exc}") from exc
 
 
 def ip_forward(value: str | None, path: Path = IP_FORWARD) -> str:
