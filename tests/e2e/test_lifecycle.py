@@ -89,8 +89,14 @@ def test_work_disk_survives_stop_start_and_delete_leaves_nothing(host: Host,
 def test_two_vms_get_distinct_addresses_and_resolve_but_cannot_reach_each_other(
         host: Host) -> None:
     a = host.json("vm", "run", "-d", "--name", "a")
+    copies = host.json("daemon", "status")["cow_strategy"] == "copy"
+    if copies:  # a's create asked for a spare root disk (spare_root_disks): wait for it
+        wait_for_spare(host)
     b = host.json("vm", "run", "-d", "--name", "b")
     assert a["ip"] != b["ip"]
+    if copies:  # b's root disk is that copy, and b boots from it (below)
+        log = (host.state / "bangerd.log").read_text()
+        assert f"vms/{b['id']}/rootfs.ext4: a spare copy of" in log
     for vm in (a, b):
         assert host.ok("vm", "exec", vm["name"], "--", "hostname").strip() == vm["name"]
     # guest to guest over the bridge: closed (config vm_to_vm), b's sshd does not answer a
@@ -106,6 +112,14 @@ def test_two_vms_get_distinct_addresses_and_resolve_but_cannot_reach_each_other(
                     "r = DNSRecord.parse(DNSRecord.question('a.vm').send('172.29.0.1', 53, "
                     "timeout=5)); print(r.short())")
     assert query.stdout.strip() == a["ip"]
+
+
+def wait_for_spare(host: Host, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not [p for p in (host.state / "spares").glob("*.ext4")
+               if not p.name.startswith(".")]:
+        assert time.monotonic() < deadline, "no spare root disk was made"
+        time.sleep(0.5)
 
 
 def test_bad_and_duplicate_names_are_refused_cleanly(host: Host) -> None:
