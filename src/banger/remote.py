@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from banger.drain import Drain, close
 from banger.errors import BadRequest, DaemonUnavailable
 from banger.protocol import PROTOCOL_VERSION, __version__
 
@@ -328,34 +329,14 @@ def run_bounded(argv: list[str], *, timeout: float, input: bytes | None = None,
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE if input is not None
                             else subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stderr is not None
-    out, err = bytearray(), bytearray()
-    over = threading.Event()
-
-    def read_out(stream: Any) -> None:
-        while chunk := stream.read1(1 << 16):
-            if len(out) + len(chunk) > limit:
-                over.set()
-                proc.kill()
-                return
-            out.extend(chunk)
-
-    def read_err(stream: Any) -> None:
-        while chunk := stream.read1(1 << 16):
-            err.extend(chunk)
-            del err[:-MAX_ANSWER]
-
-    readers = [threading.Thread(target=read_out, args=(proc.stdout,), daemon=True),
-               threading.Thread(target=read_err, args=(proc.stderr,), daemon=True)]
-    for r in readers:
-        r.start()
+    out = Drain(proc.stdout, cap=limit, on_cap=proc.kill)
+    err = Drain(proc.stderr, MAX_ANSWER)
     try:
         if input is not None:
             assert proc.stdin is not None
             with contextlib.suppress(BrokenPipeError):
                 proc.stdin.write(input)
-            with contextlib.suppress(BrokenPipeError):
-                proc.stdin.close()
+            close(proc.stdin)
         proc.wait(timeout)
     except BaseException:  # the timeout, or this command interrupted: ssh goes too
         proc.kill()
@@ -363,11 +344,8 @@ def run_bounded(argv: list[str], *, timeout: float, input: bytes | None = None,
         raise
     finally:
         # ssh is gone (or killed above): its pipes end, and so do the readers.
-        for r in readers:
-            r.join(5)
-        if not any(r.is_alive() for r in readers):
-            proc.stdout.close()
-            proc.stderr.close()
-    if over.is_set():
+        stdout, stderr = out.join(), err.join()
+        close(proc.stdout, proc.stderr)
+    if out.over_cap:
         raise OutputTooLarge(f"more than {limit} bytes")
-    return subprocess.CompletedProcess(argv, proc.returncode, bytes(out), bytes(err))
+    return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)

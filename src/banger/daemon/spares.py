@@ -27,6 +27,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from banger.fsutil import fsync_path
+
 log = logging.getLogger("banger.spares")
 
 TEMP_PREFIX = ".making-"
@@ -133,11 +135,7 @@ class Spares:
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)  # the rename itself
-        finally:
-            os.close(fd)
+        fsync_path(self.root)  # the rename itself
 
     def sweep(self) -> None:
         """At start: remove copies a killed daemon left half made."""

@@ -20,11 +20,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from banger.drain import Drain, close
 from banger.errors import HostError
 from banger.runner import CancelToken, Runner, shell_line
 
 from .repo import GIT_CONFIG, GIT_ENV
-from .transfer import POLL_S, Drain, close, kill_group
+from .transfer import POLL_S, kill_group
 
 # A clean environment for root's own git: no user or system configuration.
 _ROOT_GIT_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/nonexistent",

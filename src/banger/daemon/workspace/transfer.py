@@ -27,9 +27,10 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import Any, cast
 
 from banger.daemon.session import step_error
+from banger.drain import OUTPUT_LIMIT, Drain, close
 from banger.errors import BangerError, Cancelled, GuestError
 from banger.runner import CancelToken, Result
 
@@ -42,7 +43,6 @@ log = logging.getLogger("banger.workspace")
 
 CHUNK = 1 << 20  # bytes per read/write: large enough for throughput, small enough for progress
 TAR_BUFFER = 64 << 10  # tarfile's write size: the unit progress is counted in
-OUTPUT_LIMIT = 1 << 20  # bytes of a process's stdout/stderr kept in memory
 POLL_S = 0.05
 FIRST_LINE_MAX = 64  # `banger-port 65535\n` and then some
 CONNECT_TIMEOUT_S = 10.0  # the guest's listener is up before it names its port
@@ -50,52 +50,6 @@ CONNECT_TIMEOUT_S = 10.0  # the guest's listener is up before it names its port
 
 class OutputTooLarge(GuestError):
     """A guest step printed more than the caller's ``stdout_cap`` (it was killed)."""
-
-
-class Drain:
-    """Reads a pipe to EOF in a thread, keeping the last ``limit`` bytes.
-
-    With ``cap``, keeps everything instead but stops at ``cap`` bytes: ``over_cap``
-    is set and ``on_cap`` called (it kills the writer, which would otherwise block).
-    """
-
-    def __init__(self, stream: IO[bytes] | None, limit: int | None = OUTPUT_LIMIT, *,
-                 cap: int | None = None, on_cap: Callable[[], None] | None = None) -> None:
-        self.data = bytearray()
-        self._limit = None if cap is not None else limit
-        self._cap = cap
-        self._on_cap = on_cap
-        self.over_cap = False
-        self._thread: threading.Thread | None = None
-        if stream is not None:
-            self._thread = threading.Thread(target=self._run, args=(stream,), daemon=True)
-            self._thread.start()
-
-    def _run(self, stream: IO[bytes]) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            while chunk := stream.read(65536):
-                if self._cap is not None and len(self.data) + len(chunk) > self._cap:
-                    self.over_cap = True
-                    if self._on_cap is not None:
-                        self._on_cap()
-                    return
-                self.data += chunk
-                if self._limit is not None and len(self.data) > self._limit:
-                    del self.data[: len(self.data) - self._limit]
-
-    def join(self, timeout: float = 5.0) -> bytes:
-        """Wait (at most ``timeout``) for the end of the stream; what was kept."""
-        if self._thread is not None:
-            self._thread.join(timeout)
-        return bytes(self.data)
-
-
-def close(*streams: IO[bytes] | None) -> None:
-    """Close each stream that is not None, ignoring errors."""
-    for stream in streams:
-        if stream is not None:
-            with contextlib.suppress(OSError):
-                stream.close()
 
 
 def kill_group(proc: subprocess.Popen[bytes]) -> None:
