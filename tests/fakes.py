@@ -95,6 +95,7 @@ class FakeNet:
     def __init__(self) -> None:
         self._links: dict[str, str | None] = {}  # name -> master bridge
         self.bridges: dict[str, str] = {}
+        self.namespaces: dict[str, tuple[str, tuple[int, int]]] = {}  # name -> port, owner
         self._mu = threading.Lock()
         self.fail_tap = False
 
@@ -123,6 +124,26 @@ class FakeNet:
 
     def taps(self) -> list[str]:
         return [n for n in self.links() if n.startswith("bgt")]
+
+    def create_vm_netns(self, netns: str, port: str, bridge: str,
+                        tap_owner: tuple[int, int]) -> None:
+        with self._mu:
+            if bridge not in self.bridges:
+                raise HostError(f"bridge {bridge} is missing")
+            if port in self._links or netns in self.namespaces:
+                raise HostError(f"{port} or {netns} exists")
+            self._links[port] = bridge
+            self.namespaces[netns] = (port, tap_owner)
+
+    def delete_netns(self, netns: str) -> None:
+        with self._mu:
+            port, _ = self.namespaces.pop(netns, (None, None))
+            if port is not None:
+                self._links.pop(port, None)
+
+    def netns_names(self) -> list[str]:
+        with self._mu:
+            return list(self.namespaces)
 
 
 def local_hostops(runner: Any, settings: FirewallSettings, net: Any = None,
@@ -165,6 +186,7 @@ class FakeVMM:
     """A real sleeping process whose argv carries the VM marker, instead of a VMM."""
 
     name = "qemu"
+    own_port = False
 
     def __init__(self, fail: bool = False) -> None:
         self.fail = fail

@@ -135,8 +135,8 @@ class Config(_Strict):
     jailer_enabled: bool | None = None
     jailer_bin: str = ""
     jailer_chroot_base: Path = Path("/srv/jailer")
-    # The jailer's --netns: refused unless empty (see _jailer_netns).
-    jailer_netns: str = ""
+    # A jailed Firecracker VM in a network namespace of its own (the jailer's --netns).
+    jailer_netns: bool = False
     cow_strategy: Literal["auto", "reflink", "copy", "dmsnap"] = "auto"
     bridge_name: str = "br-banger"
     bridge_cidr: str = "172.29.0.1/24"
@@ -229,17 +229,16 @@ class Config(_Strict):
         host, _, port = self.dns_upstream.partition(":")
         return host, int(port or 53)
 
-    @field_validator("jailer_netns")
+    @field_validator("jailer_netns", mode="before")
     @classmethod
-    def _jailer_netns(cls, v: str) -> str:
-        # Firecracker opens its TAP by name inside the namespace the jailer joins, but
-        # banger makes every TAP in its own namespace as a port of its bridge, under
-        # nftables rules keyed on the TAP's name: a TAP in another namespace can be
-        # neither. Refused until banger can build the VM's network in that namespace.
-        if v:
-            raise ValueError("is not supported yet: Firecracker would look for the VM's "
-                             "TAP inside that namespace, and banger creates TAPs on its "
-                             "bridge in its own namespace; leave jailer_netns empty")
+    def _jailer_netns(cls, v: object) -> object:
+        # Before it was a switch, jailer_netns was a path and only "" was accepted.
+        if v == "":
+            return False
+        if isinstance(v, str):
+            raise ValueError("is true or false: with true, banger makes each jailed "
+                             "Firecracker VM a network namespace of its own (there is no "
+                             "path to give)")
         return v
 
     @field_validator("vmm_user")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from banger.errors import BadRequest
+from banger.hostops.netlink import NETNS_DIR
 
 DAEMON_UNIT = "bangerd.service"
 HELPER_UNIT = "banger-helper.service"
@@ -135,10 +136,13 @@ def helper_unit(i: Install) -> str:
     caps: tuple[str, ...] = HELPER_CAPABILITIES
     jailer: list[str] = []
     if i.jail_base is not None:
-        writable += f" {i.jail_base}"  # `system install` makes it
+        # `system install` makes the jail base; `ip netns` names VMs' own network
+        # namespaces (jailer_netns) in /run/netns, a tmpfs directory made at each start.
+        writable += f" {i.jail_base} {NETNS_DIR}"
         caps += JAILER_CAPABILITIES
         jailer = ["# Firecracker's jailer: a mount namespace, pivot_root, device nodes.",
-                  "SystemCallFilter=@mount"]
+                  "SystemCallFilter=@mount",
+                  f"ExecStartPre=+/bin/mkdir -p {NETNS_DIR}"]
     return "\n".join([
         "[Unit]",
         "Description=banger root helper: bridge, TAPs, nftables, VMM launches",

@@ -63,6 +63,9 @@ class VMMDriver(Protocol):
     """One VMM. Implementations: ``qemuproc.QemuDriver``, ``fcproc.FirecrackerDriver``."""
 
     name: str
+    # True: the launch makes the VM's port on the bridge itself, under the name
+    # ``plan.tap`` (the daemon names one instead of taking a TAP from its pool).
+    own_port: bool
 
     def launch(self, plan: LaunchPlan) -> ProcessIdentity:
         """Start the VM; return once the VMM process runs (not when the guest booted)."""

@@ -33,7 +33,10 @@ fake Firecracker where the jail is (``FAKE_FC_CHROOT``) and the fake resolves
 every path it is given inside that directory, as a jailed process would. It
 never touches the host's cgroups: given a fake hierarchy (controller -> root
 directory) it makes ``<root>/<parent cgroup>/<id>`` there for each controller a
-``--cgroup`` names, as the real jailer does, and journals the values.
+``--cgroup`` names, as the real jailer does, and journals the values. Given
+``--netns`` it joins that network namespace before the exec, and the fake
+Firecracker then opens its ``host_dev_name`` TAP there as the jail's uid and gid,
+as the real one does (a missing TAP, or one that user may not open, is a fault).
 """
 
 from __future__ import annotations
@@ -47,12 +50,14 @@ import shutil
 import socket
 import socketserver
 import stat
+import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from tests.contract import netnsutil
 from tests.contract.fcspec import FirecrackerSpec, Route
 
 FAKE_VERSION = "1.7.0"
@@ -236,6 +241,8 @@ class FakeVM:
         elif template == "/network-interfaces/{iface_id}":
             if len(body["host_dev_name"]) >= IFNAMSIZ:
                 raise Fault(f"Open tap device failed: name {body['host_dev_name']!r} too long")
+            if "FAKE_FC_NETNS" in os.environ:  # the jailer joined a namespace: open it there
+                _attach_tap(body["host_dev_name"])
             if "guest_mac" in body and not _MAC.match(body["guest_mac"]):
                 raise Fault(f"Invalid MAC address {body['guest_mac']!r}")
         elif template == "/vsock":
@@ -451,6 +458,32 @@ def firecracker_main(argv: list[str], *, spec: str, journal_dir: str,
     return 0
 
 
+# Attach to TAP argv[1] as the jailed Firecracker does: /dev/net/tun (the jail's own node
+# is the VMM user's), then TUNSETIFF as uid argv[2]. Exit 0, or the error on stderr.
+_ATTACH = r"""
+import fcntl, os, struct, sys
+fd = os.open("/dev/net/tun", os.O_RDWR)
+uid, gid = int(sys.argv[2]), int(sys.argv[3])
+os.setgroups([])
+os.setresgid(gid, gid, gid)
+os.setresuid(uid, uid, uid)
+try:
+    fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH", sys.argv[1].encode(), 0x0002 | 0x1000 | 0x4000))
+except OSError as exc:
+    sys.exit(f"{sys.argv[1]}: {exc.strerror}")
+"""
+
+
+def _attach_tap(name: str) -> None:
+    """Open TAP ``name`` in this process's network namespace as the jail's uid and gid,
+    as Firecracker does with ``host_dev_name`` (it must exist and let that user in)."""
+    res = subprocess.run([sys.executable, "-I", "-S", "-c", _ATTACH, name,
+                          os.environ["FAKE_FC_UID"], os.environ["FAKE_FC_GID"]],
+                         capture_output=True, text=True, timeout=30, check=False)
+    if res.returncode != 0:
+        raise Fault(f"Open tap device failed: {res.stderr.strip()[-300:]}")
+
+
 def jailer_main(argv: list[str], *, journal_dir: str,
                 cgroup_roots: dict[str, str] | None = None) -> int:
     """The fake ``jailer`` binary (``cgroup_roots``: the fake hierarchy, controller -> dir)."""
@@ -463,7 +496,10 @@ def jailer_main(argv: list[str], *, journal_dir: str,
     version = _option(own, "--cgroup-version", "1") or "1"
     cgroups = _options(own, "--cgroup")
     parent = _option(own, "--parent-cgroup", Path(exec_file or "").name) or ""
+    netns = _option(own, "--netns")
     problems = _cgroup_problems(version, parent, cgroups)
+    if netns is not None and not Path(netns).exists():
+        problems.append(f"--netns {netns!r} does not exist")
     if "0" in (uid, gid):
         problems.append(f"banger must not run Firecracker as uid/gid {uid}/{gid}")
     if not jail_id or len(jail_id) > 64 or not re.fullmatch(r"[A-Za-z0-9-]+", jail_id):
@@ -494,6 +530,9 @@ def jailer_main(argv: list[str], *, journal_dir: str,
     os.chown(root, int(uid), int(gid))
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "FAKE_FC_CHROOT": str(root),
            "FAKE_FC_UID": uid, "FAKE_FC_GID": gid}
+    if netns is not None:  # as the jailer does, before it execs Firecracker
+        netnsutil.join(netns)
+        env["FAKE_FC_NETNS"] = netns
     with contextlib.suppress(OSError):
         os.execve(exec_file, [exec_name, f"--id={jail_id}", "--start-time-us=0",
                               "--start-time-cpu-us=0", *extra], env)

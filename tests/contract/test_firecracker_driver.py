@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from banger.hostops.cgroups import CONTROLLERS, CgroupHost, CgroupVersion
 from banger.hostops.client import HostOps
 from banger.hostops.executor import Executor
 from banger.hostops.jail import JailLayout
+from banger.hostops.netlink import tap_name, tap_prefix_for
 from banger.hostops.policy import Policy
 from banger.layout import VMPaths, install_tag
 from banger.proc import find_by_marker, matches, wait_gone
@@ -32,6 +34,7 @@ from banger.vmmuser import VMMUser, lookup_user
 from tests.contract import fake_firecracker
 from tests.contract.conftest import FakeInstall, VMs, write_fakes
 from tests.contract.fcspec import FirecrackerSpec
+from tests.contract.netnsutil import own_netns
 
 # The jailer runs as root; so does the fake, which chowns the jail to the VMM user.
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the jailer needs root (chown)")
@@ -90,10 +93,11 @@ def jail_user() -> VMMUser:
 
 
 def jailed_driver(tmp_path: Path, spec_path: Path, vms: VMs, base: Path,
-                  version: CgroupVersion = CgroupVersion.V2
+                  version: CgroupVersion = CgroupVersion.V2, *, netns: bool = False
                   ) -> tuple[FakeInstall, FirecrackerDriver, CgroupHost]:
-    """The real driver built from the config (jailer on, vmm_user nobody) over fakes, its
-    jail built by the root helper's executor in process (as in a root daemon)."""
+    """The real driver built from the config (jailer on, vmm_user nobody; ``netns``:
+    jailer_netns) over fakes, its jail built by the root helper's executor in process
+    (as in a root daemon)."""
     host = fake_cgroups(tmp_path / "cgroup", version)
     fakes = write_fakes(tmp_path / "bin", spec_path,
                         cgroup_roots={c: str(d) for c, d in host.roots.items()})
@@ -105,6 +109,7 @@ def jailed_driver(tmp_path: Path, spec_path: Path, vms: VMs, base: Path,
         "jailer_bin": str(fakes.jailer),
         "jailer_chroot_base": str(base),
         "vmm_user": JAIL_USER,
+        "jailer_netns": netns,
     })
     return fakes, FirecrackerDriver.from_config(cfg, SubprocessRunner(), host_ops(cfg, host)), host
 
@@ -452,6 +457,58 @@ def test_jailed_lifecycle(tmp_path: Path, spec_path: Path, vms: VMs) -> None:
         "mem_file_path": "/snapshot.mem"}
     loaded = bodies(fakes, plan, second.pid)[("PUT", "/snapshot/load")]
     assert loaded["snapshot_path"] == "/restore.state"  # type: ignore[index]
+
+
+@needs_root
+def test_jailer_netns_vm_opens_its_tap_in_a_namespace_of_its_own(tmp_path: Path,
+                                                                spec_path: Path,
+                                                                vms: VMs) -> None:
+    """``jailer_netns``: the jailer joins the VM's own network namespace, where the fake
+    Firecracker opens ``tap0`` as the VMM user (the real one fails to start without
+    it); the VM's port sits on the bridge; the cleanup takes both away. Run in a network
+    namespace this test makes, so the bridge and the port are never the host's."""
+    jail_user()
+    with own_netns():
+        fakes, drv, _ = jailed_driver(tmp_path, spec_path, vms, tmp_path / "jails",
+                                      netns=True)
+        assert drv.jail is not None and drv.own_port
+        drv.jail.ensure_bridge("br-banger", "172.29.0.1/24")
+        tag = install_tag(vms.layout.state_dir)
+        port = tap_name(tap_prefix_for(tag))
+        plan = vms.plan(tap=port)
+        ns = Path(f"/run/netns/banger-{tag}-{plan.vm_id}")
+
+        ident = drv.launch(plan)
+        journal = fakes.journal(plan.marker)
+        jailer = journal.events("jailer")[0]
+        assert jailer["problems"] == []
+        own = jailer["argv"][:jailer["argv"].index("--")]
+        assert own[own.index("--netns") + 1] == str(ns)
+        assert bodies(fakes, plan, ident.pid)[("PUT", "/network-interfaces/eth0")] == {
+            "iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": plan.mac}
+        assert journal.errors() == []  # the fake opened tap0 in there, as the VMM user
+        assert ns.exists()
+        shown = json.loads(subprocess.run(["ip", "-j", "-d", "link", "show", "dev", port],
+                                          capture_output=True, text=True, check=True).stdout)
+        assert shown[0]["master"] == "br-banger"
+        assert shown[0]["linkinfo"]["info_kind"] == "veth"
+        assert drv.jail.fc_netns_vms() == [plan.vm_id]
+
+        assert drv.stop(plan.paths, ident, grace_s=10)
+        drv.cleanup(plan.paths)
+        assert not ns.exists()
+        assert port not in drv.jail.links()
+        assert drv.jail.fc_netns_vms() == []
+
+
+def test_jailer_netns_without_the_jailer_is_refused(fakes: FakeInstall, vms: VMs) -> None:
+    cfg = parse_config({"state_dir": str(vms.layout.state_dir),
+                        "runtime_dir": str(vms.layout.runtime_dir),
+                        "firecracker_bin": str(fakes.firecracker), "jailer_enabled": False,
+                        "jailer_netns": True})
+    with pytest.raises(BadRequest, match="jailer is off") as exc:
+        FirecrackerDriver.from_config(cfg, SubprocessRunner(), host_ops(cfg))
+    assert "jailer_netns off" in exc.value.hint
 
 
 @needs_root

@@ -3,22 +3,18 @@ inside a network namespace this test makes: the bridge, TAPs, refusals, deletion
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
 import shutil
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.integration.conftest import steps_in
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None or not Path("/dev/net/tun").exists(),
     reason="needs root, iproute2 and /dev/net/tun (a network namespace of its own)")
 
-SRC = Path(__file__).resolve().parents[2] / "src"
 
 # Runs inside the namespace; prints one JSON line per step.
 SCRIPT = """
@@ -56,22 +52,8 @@ say(step="deleted", links=net.links())
 """
 
 
-@pytest.fixture
-def netns() -> Iterator[str]:
-    name = f"bgt-ipnet-{secrets.token_hex(3)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
-
-
 def test_bridge_and_taps_through_ip(netns: str) -> None:
-    res = subprocess.run(["nsenter", f"--net=/run/netns/{netns}", "--",
-                          sys.executable, "-c", SCRIPT, str(SRC)],
-                         capture_output=True, text=True, timeout=120, check=False)
-    assert res.returncode == 0, res.stderr
-    steps = {s["step"]: s for s in map(json.loads, res.stdout.splitlines())}
+    steps = steps_in(netns, SCRIPT)
 
     bridge = steps["bridge"]["link"]
     assert "UP" in bridge["flags"]

@@ -131,6 +131,26 @@ def test_a_second_installs_sweep_leaves_the_first_ones_taps_and_dm_targets(
     assert "br-banger" in world.net.bridges and taps_a <= set(world.net.taps())
 
 
+def test_the_sweep_removes_the_network_namespaces_of_vms_gone_and_only_its_own(
+        tmp_path: Path, world: FakeWorld) -> None:
+    """A jailed Firecracker VM's own namespace (``jailer_netns``) outlives a crashed
+    daemon; the next sweep removes it once its VM is gone, never another install's."""
+    d = _open(tmp_path / "a", world)
+    try:
+        vmcreate.create_sync(d, CreateParams(name="web"))
+        vm = d.db.find_vm("web")
+        assert vm is not None
+        prefix = f"banger-{d.layout.install_tag}-"
+        other = "banger-ffffff-0123456789ab"  # another install's
+        for name in (prefix + vm.id, prefix + "0123456789ab", other):
+            world.net.create_vm_netns(name, tap_name("bgtfffff0"), "br-banger", (1, 1))
+        removed = reconcile.sweep(d)
+        assert removed["netns"] == ["0123456789ab"]
+        assert set(world.net.namespaces) == {prefix + vm.id, other}
+    finally:
+        d.close()
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or not Path("/dev/loop-control").exists()
                     or shutil.which("losetup") is None,
                     reason="attaching a loop device needs root and /dev/loop-control")

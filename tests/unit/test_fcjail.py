@@ -100,6 +100,8 @@ REFUSED = [
         path="/dev/mapper/bgr-other0a1b2c3d4e5f", mode="rw")})),
     ("the console log in another VM's directory", launch(
         serial="/STATE/vms/ffffffffffff/serial.log")),
+    ("a port that is not one of the install's TAPs", launch(port="eth0")),
+    ("another install's TAP as the port", launch(port="bgtt2a0b1c2")),
     ("a snapshot moved out of the state dir", ops.FcSnapshotOut(
         vm_id=VM, state="/STATE/vms/0a1b2c3d4e5f/s", memory="/root/mem")),
 ]
@@ -206,3 +208,59 @@ def test_cleanup_removes_the_jail_and_the_jailers_cgroup(jail: Jail) -> None:
     assert not jail.layout.jail_dir.exists()
     assert not group.exists()
     jail.host.fc_cleanup(VM)  # again: nothing left, no error
+
+
+# ----------------------------------------------------------------- a namespace of its own
+
+
+def test_a_launch_with_a_port_puts_the_vm_in_a_network_namespace_of_its_own(jail: Jail
+                                                                         ) -> None:
+    """``jailer_netns``: the helper makes the VM's namespace (its TAP the VMM user's, its
+    port on the bridge) and the jailer joins it; a failed start and the cleanup leave
+    none behind. The real namespace and its frames: tests/integration/test_vm_netns.py."""
+    net = jail.executor.net
+    assert isinstance(net, FakeNet)
+    net.ensure_bridge("br-t", SETTINGS.cidr)
+    kernel = jail.state / "vmlinux"
+    kernel.write_bytes(b"kernel")
+    serial = jail.state / "vms" / VM / "serial.log"
+    serial.write_bytes(b"")
+    for path in (kernel, serial):
+        os.chown(path, jail.policy.daemon_uid, jail.policy.daemon_gid)
+    started: list[list[str]] = []
+
+    def spawn(what: str, spec: dict[str, Any], fds: list[int]) -> int:
+        started.append(list(spec["command"]))
+        return 4242
+
+    jail.executor.jails._spawn = spawn
+    req = launch(serial=f"{jail.state}/vms/{VM}/serial.log", port="bgtt1a0b1c2",
+                 files={"kernel": ops.VMFile(path=str(kernel), mode="r")})
+    assert jail.host.fc_launch(req) == 4242
+    ns = f"banger-t1-{VM}"
+    assert net.namespaces == {ns: ("bgtt1a0b1c2", (jail.user.uid, jail.user.gid))}
+    argv = started[-1]
+    assert argv[argv.index("--netns") + 1] == f"/run/netns/{ns}"
+    assert argv.index("--netns") < argv.index("--")  # the jailer's option, not Firecracker's
+    assert jail.host.fc_netns_vms() == [VM]
+
+    # Launched again (a restart after a crash): the old namespace is replaced.
+    assert jail.host.fc_launch(req) == 4242
+    assert list(net.namespaces) == [ns]
+
+    def fail(what: str, spec: dict[str, Any], fds: list[int]) -> int:
+        raise HostError("the jailer did not start")
+
+    jail.executor.jails._spawn = fail
+    with pytest.raises(HostError, match="did not start"):
+        jail.host.fc_launch(req)
+    assert net.namespaces == {} and "bgtt1a0b1c2" not in net.links()
+
+    jail.executor.jails._spawn = spawn
+    jail.host.fc_launch(req)
+    jail.host.fc_cleanup(VM)
+    assert net.namespaces == {} and jail.host.fc_netns_vms() == []
+
+    # Without a port: the helper's own namespace, as before.
+    jail.host.fc_launch(req.model_copy(update={"port": None}))
+    assert "--netns" not in started[-1] and net.namespaces == {}

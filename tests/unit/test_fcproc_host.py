@@ -255,6 +255,18 @@ def test_jailer_status_texts(tmp_path: Path) -> None:
             True, f"jailer {tmp_path / 'jailer'}: Firecracker runs jailed under "
                   f"{tmp_path / 'jails'} as banger-vmm (990:985), in a cgroup v1 under "
                   f"banger-{tag} (memory, pids and cpu limits)")
+    netns = config(tmp_path, jailer_bin=str(tmp_path / "jailer"), jailer_netns=True)
+    assert jailer_status(netns, euid=0, mounts=v1_mounts(tmp_path)).detail.endswith(
+        "limits); each VM in a network namespace of its own (jailer_netns)")
+
+
+def test_jailer_netns_without_a_jailer_blocks_firecracker(tmp_path: Path) -> None:
+    for cfg in (config(tmp_path, jailer_enabled=False, jailer_netns=True),
+                config(tmp_path, jailer_bin=str(tmp_path / "nope"), jailer_netns=True)):
+        st = jailer_status(cfg, euid=0)
+        assert (st.jailed, st.blocks_vms) == (False, True)
+        assert st.detail.endswith("and jailer_netns needs it: Firecracker VMs will not start")
+        assert "turn jailer_netns off" in st.hint
 
 
 def test_doctor_fails_when_the_jailer_blocks_firecracker(tmp_path: Path,
@@ -273,8 +285,10 @@ def test_doctor_fails_when_the_jailer_blocks_firecracker(tmp_path: Path,
             assert check.hint == "fix"
 
 
-def test_jailer_netns_is_refused_until_supported() -> None:
-    assert parse_config({}).jailer_netns == ""
-    with pytest.raises(BadRequest, match=r"jailer_netns: .*not supported yet") as exc:
+def test_jailer_netns_is_a_switch_and_an_old_path_is_refused_with_why() -> None:
+    assert parse_config({}).jailer_netns is False
+    assert parse_config({"jailer_netns": ""}).jailer_netns is False  # the old default
+    assert parse_config({"jailer_netns": True}).jailer_netns is True
+    with pytest.raises(BadRequest, match=r"jailer_netns: .*true or false") as exc:
         parse_config({"jailer_netns": "/var/run/netns/fc"})
-    assert "TAP" in exc.value.message
+    assert "no path to give" in exc.value.message

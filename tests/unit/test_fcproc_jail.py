@@ -139,6 +139,17 @@ def test_argv_cgroup_v1() -> None:
     assert argv[argv.index("--") + 1:] == ["--api-sock", "/fc.sock"]
 
 
+def test_argv_joins_the_vms_own_network_namespace_when_given_one() -> None:
+    plain = jailer_argv(settings(), "/usr/bin/firecracker", "banger-0a1b", LIMITS)
+    argv = jailer_argv(settings(), "/usr/bin/firecracker", "banger-0a1b", LIMITS,
+                       Path("/run/netns/banger-abc123-0a1b2c3d4e5f"))
+    sep = argv.index("--")
+    assert argv[:sep] == [*plain[:plain.index("--")],
+                          "--netns", "/run/netns/banger-abc123-0a1b2c3d4e5f"]
+    assert argv[sep:] == plain[plain.index("--"):]  # Firecracker's own arguments unchanged
+    assert "--netns" not in plain
+
+
 def test_settings_refuse_root_and_name_the_vm_cgroup() -> None:
     for uid, gid in ((0, 0), (0, 985), (990, 0)):
         with pytest.raises(BadRequest, match="is root") as exc:
@@ -171,13 +182,16 @@ def test_views(tmp_path: Path) -> None:
         str(paths.api_socket), "/img/vmlinux", "/img/initrd", "/dev/mapper/banger-0a1b",
         str(paths.vmm_log), str(paths.metrics), str(paths.vsock_socket))
     assert not direct.jailed
-    jailed = jailed_view(plan)
+    assert direct.tap == "tap-1"
+    jailed = jailed_view(plan, netns=False)
     assert jailed.jailed
     assert (jailed.api_socket, jailed.kernel, jailed.initrd, jailed.rootfs, jailed.work_disk,
-            jailed.log, jailed.metrics, jailed.vsock) == (
+            jailed.log, jailed.metrics, jailed.vsock, jailed.tap) == (
         "/fc.sock", "/vmlinux", "/initrd", "/rootfs", "/work", "/vmm.log", "/fc.metrics",
-        "/vsock.sock")
-    assert jailed_view(make_plan(paths, initrd=None)).initrd is None
+        "/vsock.sock", "tap-1")
+    assert jailed_view(make_plan(paths, initrd=None), netns=False).initrd is None
+    # In a namespace of its own, the TAP Firecracker opens is the one made there.
+    assert jailed_view(plan, netns=True).tap == "tap0"
 
 
 def test_jail_files_mark_what_firecracker_writes(tmp_path: Path) -> None:
@@ -203,7 +217,7 @@ def test_jail_files_land_where_the_jailed_view_looks(tmp_path: Path) -> None:
     """The helper places each file at JAIL_FILES[name]; Firecracker is told the view's."""
     paths = VMPaths(tmp_path / "s", tmp_path / "r")
     plan = make_plan(paths, extra_disks=("/x", "/y"))
-    view = jailed_view(plan)
+    view = jailed_view(plan, netns=False)
     files = jail_files(plan)
     assert {name: JAIL_FILES[name] for name in files} == {
         "kernel": view.kernel, "initrd": view.initrd, "rootfs": view.rootfs,
@@ -531,7 +545,7 @@ def test_configure_adds_extra_disks_after_the_work_disk(tmp_path: Path) -> None:
 
     paths = VMPaths(tmp_path / "s", tmp_path / "r")
     plan = make_plan(paths, extra_disks=("/x",))
-    configure(Recorder(), plan, jailed_view(plan))  # type: ignore[arg-type]
+    configure(Recorder(), plan, jailed_view(plan, netns=False))  # type: ignore[arg-type]
     assert calls == [("rootfs", "/rootfs"), ("work", "/work"), ("extra0", "/extra0")]
     calls.clear()
     configure(Recorder(), plan, direct_view(plan))  # type: ignore[arg-type]

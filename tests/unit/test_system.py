@@ -63,7 +63,10 @@ def test_a_helper_that_runs_the_jailer_gets_its_jail_base_and_no_more() -> None:
     assert "SystemCallFilter=@mount" in jail.splitlines()
     assert "SystemCallFilter=@mount" not in plain and "CAP_MKNOD" not in plain
     rw = next(line for line in jail.splitlines() if line.startswith("ReadWritePaths="))
-    assert rw.endswith(" /srv/jailer") and "/srv/jailer" not in plain
+    assert rw.endswith(" /srv/jailer /run/netns") and "/srv/jailer" not in plain
+    # jailer_netns's namespaces are named in /run/netns, made before the sandbox is set up
+    assert "ExecStartPre=+/bin/mkdir -p /run/netns" in jail.splitlines()
+    assert "/run/netns" not in plain
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None

@@ -24,7 +24,7 @@ from pathlib import Path
 from banger.errors import BangerError, HostError
 from banger.fsutil import atomic_write
 from banger.hostops.client import HostOps
-from banger.hostops.netlink import HostNetwork, tap_name
+from banger.hostops.netlink import Links, tap_name
 from banger.hostops.nft import LEGACY_NFT_TABLE
 
 log = logging.getLogger("banger.network")
@@ -38,7 +38,7 @@ class TapPool:
     ``_mu`` guards ``_ready`` only (a leaf lock); netlink calls happen outside it.
     """
 
-    def __init__(self, net: HostNetwork, bridge: str, size: int, prefix: str) -> None:
+    def __init__(self, net: Links, bridge: str, size: int, prefix: str) -> None:
         self.net = net
         self.bridge = bridge
         self.size = size
@@ -57,6 +57,11 @@ class TapPool:
         name = tap_name(self.prefix)
         self.net.create_tap(name, self.bridge)
         return name
+
+    def port_name(self) -> str:
+        """A fresh name for a port a VMM makes itself (``VMMDriver.own_port``), with this
+        install's TAP prefix: the guest network's rules and the sweep take it for a TAP."""
+        return tap_name(self.prefix)
 
     def release(self, name: str) -> None:
         """Delete a TAP a VM no longer needs (a used TAP is never recycled)."""
@@ -196,7 +201,7 @@ class HostChanges:
         atomic_write(self.path, json.dumps(data, indent=1).encode() + b"\n", 0o600)
 
 
-def ensure_bridge(net: HostNetwork, name: str, cidr: str, changes: HostChanges) -> None:
+def ensure_bridge(net: Links, name: str, cidr: str, changes: HostChanges) -> None:
     """Create (or reuse) the bridge, recording first when banger is the one creating it.
 
     A bridge that existed before banger is left in place by :func:`restore_host`.

@@ -274,13 +274,14 @@ def sweep(d: Daemon) -> dict[str, list[str]]:
     """Remove this install's host resources that no VM owns; returns what was removed.
 
     Only resources named or placed by this install are candidates: TAPs with its TAP
-    prefix, dm targets with its dm prefix, cgroups under its ``banger-<tag>`` cgroup
+    prefix, VMs' network namespaces with its namespace prefix, dm targets with its dm
+    prefix, cgroups under its ``banger-<tag>`` cgroup
     (all three carry the install tag, see ``banger.layout.install_tag``), loop devices
     and VMM processes over its directories. Another install's (another state dir's)
     are never touched.
     """
-    removed: dict[str, list[str]] = {"processes": [], "taps": [], "loops": [], "dm": [],
-                                     "cgroups": [], "files": []}
+    removed: dict[str, list[str]] = {"processes": [], "taps": [], "netns": [], "loops": [],
+                                     "dm": [], "cgroups": [], "files": []}
     known = {vm.id for vm in d.db.list_vms()}
     owned_taps: set[str] = set(d.tap_pool.owned())
     for vm_id, h in d.handles.all().items():
@@ -299,6 +300,10 @@ def sweep(d: Daemon) -> dict[str, list[str]]:
         if ident is not None and vmteardown.kill_vmm(d.host, ident):
             removed["processes"].append(str(pid))
 
+    # Jailed Firecracker VMs' own network namespaces (their ports go with them), once
+    # their VMMs are gone; the jails and cgroups go too.
+    removed["netns"] = _removed("network namespaces", d.host.fc_netns_vms, known.__contains__,
+                                d.host.fc_cleanup)
     try:
         links = d.host.links()
     except Exception as exc:

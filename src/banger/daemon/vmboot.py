@@ -155,9 +155,11 @@ def _first_handles(d: Daemon, vm: VMRecord) -> VMHandles:
 
 
 def _network(d: Daemon, vm: VMRecord, h: VMHandles) -> VMHandles:
-    """The bridge (made on first need) and a TAP for the VM, recorded in its handles."""
+    """The bridge (made on first need) and a TAP for the VM (or, for a VMM that makes
+    its port itself, the port's name), recorded in its handles."""
     d.ensure_network()
-    h = h.with_(tap=d.tap_pool.acquire())
+    own = d.driver(vm.vmm).own_port
+    h = h.with_(tap=d.tap_pool.port_name() if own else d.tap_pool.acquire())
     save_handles(d, vm.id, h)
     return h
 

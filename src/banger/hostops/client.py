@@ -229,8 +229,15 @@ class HostOps:
         return got["firecracker"], got["jailer"]
 
     def fc_cleanup(self, vm_id: str, wait_s: float = 0.0) -> None:
-        """Remove VM ``vm_id``'s jail and its cgroup (absent is fine)."""
+        """Remove VM ``vm_id``'s jail, network namespace and cgroup (absent is fine)."""
         self._send(ops.FcCleanup(vm_id=vm_id, wait_s=wait_s))
+
+    def fc_netns_vms(self) -> list[str]:
+        """The ids of the VMs with a network namespace of this install."""
+        got = self._send(ops.FcNetnsList())
+        if not isinstance(got, list) or not all(isinstance(x, str) for x in got):
+            raise BadVersion("the root helper answered fc.netns_list with something else")
+        return got
 
     def dns_sockets(self) -> tuple[socket.socket, socket.socket]:
         """The ``.vm`` DNS server's UDP and TCP sockets, bound to the bridge's address

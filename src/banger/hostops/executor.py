@@ -17,7 +17,6 @@ import ipaddress
 import json
 import logging
 import os
-import re
 import secrets
 import signal
 import socket
@@ -64,7 +63,6 @@ TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
-VM_ID = re.compile(r"[0-9a-f]{12}")
 
 
 class Executor:
@@ -84,7 +82,7 @@ class Executor:
         self.ip_forward_path = ip_forward_path
         self._cgroups = cgroups
         self._cgroup_host: CgroupHost | None = None
-        self.jails = Jails(policy, self.hierarchy, self.vmm_user, self._spawn)
+        self.jails = Jails(policy, self.hierarchy, self.vmm_user, self._spawn, self.net)
 
     def handle(self, req: ops.Request) -> Any:
         """Check ``req`` and do it; returns the request's result (see :mod:`.ops`).
@@ -153,7 +151,7 @@ class Executor:
             case ops.DmList():
                 prefix = self.policy.dm_name("")
                 return [name.removeprefix(prefix) for name in self.blocks.target_names(prefix)
-                        if VM_ID.fullmatch(name[len(prefix):])]
+                        if ops.VM_ID.fullmatch(name[len(prefix):])]
             case ops.UsernsMap(pid=pid):
                 p = self.policy
                 userns.map_ids(pid, p.daemon_uid, p.daemon_gid, p.subuids, p.subgids)
@@ -165,6 +163,8 @@ class Executor:
                 self.jails.snapshot_out(vm_id, Path(state), Path(memory))
             case ops.FcCleanup(vm_id=vm_id, wait_s=wait_s):
                 self.jails.cleanup(vm_id, wait_s)
+            case ops.FcNetnsList():
+                return self.jails.netns_vms()
             case ops.FcStatus():
                 return {"firecracker": self.policy.firecracker_bin,
                         "jailer": self.policy.jailer_bin}

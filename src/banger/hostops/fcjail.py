@@ -43,6 +43,7 @@ from banger.hostops.jail import (
     prepare_jail,
     remove_jail,
 )
+from banger.hostops.netlink import NETNS_DIR, HostNetwork, vm_netns_prefix
 from banger.hostops.policy import Policy
 from banger.hostops.vmfiles import launch_files, open_log, open_vm_file
 from banger.vmm import vm_marker
@@ -59,11 +60,12 @@ class Jails:
     """This install's Firecracker jails (under the policy's chroot base)."""
 
     def __init__(self, policy: Policy, cgroups: Callable[[], CgroupHost],
-                 vmm_user: Callable[[], VMMUser], spawn: Spawn) -> None:
+                 vmm_user: Callable[[], VMMUser], spawn: Spawn, net: HostNetwork) -> None:
         self.policy = policy
         self._cgroups = cgroups
         self._vmm_user = vmm_user
         self._spawn = spawn
+        self.net = net
         # One request per VM's jail at a time: a second launch must not rebuild a root
         # the first one's jailer is giving to the VMM user meanwhile. _mu guards the dict.
         self._mu = threading.Lock()
@@ -106,12 +108,35 @@ class Jails:
             fds["_serial"] = serial
             prepare_jail(layout, user, {JAIL_FILES[name]: (fds[name], f.mode == "rw")
                                         for name, f in req.files.items()})
+            netns = None
+            if req.port is not None:
+                netns = self.netns_name(req.vm_id)
+                self.net.delete_netns(netns)  # a failed launch's, before this one
+                self.net.create_vm_netns(netns, req.port, self.policy.firewall.bridge,
+                                         (user.uid, user.gid))
             argv = jailer_argv(settings, self.policy.firecracker_bin, layout.jail_id,
-                               limits_for(req.memory_mib, req.vcpu))
+                               limits_for(req.memory_mib, req.vcpu),
+                               NETNS_DIR / netns if netns is not None else None)
             # The jailer makes the VM's cgroup and joins it itself.
             spec: dict[str, object] = {"fds": {}, "stderr_fd": serial, "command": argv,
                                        "cgroup_procs": []}
-            return self._spawn(f"start Firecracker for VM {req.vm_id}", spec, [serial])
+            try:
+                return self._spawn(f"start Firecracker for VM {req.vm_id}", spec, [serial])
+            except BaseException:
+                if netns is not None:
+                    with contextlib.suppress(HostError):
+                        self.net.delete_netns(netns)
+                raise
+
+    def netns_name(self, vm_id: str) -> str:
+        """The name of VM ``vm_id``'s own network namespace (``fc.launch`` with a port)."""
+        return vm_netns_prefix(self.policy.install_tag) + vm_id
+
+    def netns_vms(self) -> list[str]:
+        """The ids of the VMs that have a network namespace of this install."""
+        prefix = vm_netns_prefix(self.policy.install_tag)
+        return [name.removeprefix(prefix) for name in self.net.netns_names()
+                if name.startswith(prefix) and ops.VM_ID.fullmatch(name[len(prefix):])]
 
     def connect(self, vm_id: str, which: Literal["api", "vsock"]) -> int:
         """A connected descriptor to VM ``vm_id``'s ``which`` socket in its jail.
@@ -170,10 +195,12 @@ class Jails:
                 os.close(dfd)
 
     def cleanup(self, vm_id: str, wait_s: float) -> None:
-        """Remove VM ``vm_id``'s jail and the cgroup the jailer made for it."""
-        if not self.policy.runs_firecracker:
-            return  # no jail was ever made by this helper
+        """Remove VM ``vm_id``'s network namespace, its jail and the cgroup the jailer
+        made for it."""
         with self._jail_of(vm_id):
+            self.net.delete_netns(self.netns_name(vm_id))
+            if not self.policy.runs_firecracker:
+                return  # no jail was ever made by this helper
             remove_jail(self.layout(vm_id))
             group = vm_group(self.policy.install_tag, vm_marker(vm_id))
             self._cgroups().group(group).remove(wait_s=wait_s)

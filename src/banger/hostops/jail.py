@@ -200,7 +200,7 @@ def check_exec_file(firecracker_bin: str) -> str:
 
 
 def jailer_argv(settings: JailerSettings, firecracker_bin: str, jail_id: str,
-                limits: Limits) -> list[str]:
+                limits: Limits, netns: Path | None = None) -> list[str]:
     """The jailer command line that runs Firecracker in ``jail_id``'s chroot and cgroup.
 
     No ``--daemonize`` (it would point the serial console at /dev/null; banger
@@ -221,6 +221,8 @@ def jailer_argv(settings: JailerSettings, firecracker_bin: str, jail_id: str,
         firecracker_bin: Absolute path of the Firecracker binary to exec.
         jail_id: The jail (and Firecracker instance) id.
         limits: The VM's cgroup limits (:func:`banger.hostops.cgroups.limits_for`).
+        netns: The network namespace the jailer joins before it execs Firecracker
+            (``--netns``, a path ``ip netns`` made), or None: the helper's own.
     """
     argv = [
         settings.binary,
@@ -234,6 +236,8 @@ def jailer_argv(settings: JailerSettings, firecracker_bin: str, jail_id: str,
     ]
     for name, value in limit_files(settings.cgroups.version, limits).items():
         argv += ["--cgroup", f"{name}={value}"]
+    if netns is not None:
+        argv += ["--netns", str(netns)]
     return [*argv, "--", "--api-sock", JAIL_API_SOCKET]
 
 

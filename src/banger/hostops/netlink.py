@@ -27,6 +27,13 @@ TAP_PREFIX = "bgt"  # every TAP banger creates starts with this, then the instal
 IP_TIMEOUT_S = 30  # one `ip` command: milliseconds, unless the host is in trouble
 IFNAMSIZ = 16  # linux/if.h, including the NUL: a link name has at most 15 characters
 TAP_RANDOM_HEX = 6  # random hex digits after the install's prefix
+NETNS_DIR = Path("/run/netns")  # where `ip netns` names a namespace (a bind mount)
+NETNS_PREFIX = "banger-"  # a VM's own namespace: this, the install tag, "-", the VM id
+# Inside a VM's own namespace: the TAP its VMM opens by name, the bridge it hangs from,
+# and that bridge's uplink (a veth whose other end is the VM's port on banger's bridge).
+VM_NETNS_TAP = "tap0"
+VM_NETNS_BRIDGE = "br0"
+VM_NETNS_UPLINK = "uplink0"
 
 
 def tap_prefix_for(install_tag: str) -> str:
@@ -52,7 +59,15 @@ def tap_name(prefix: str) -> str:
     return prefix + secrets.token_hex(TAP_RANDOM_HEX // 2)
 
 
-class HostNetwork(Protocol):
+def vm_netns_prefix(install_tag: str) -> str:
+    """The prefix of the network namespaces one install makes for VMs (a VM id follows)."""
+    return f"{NETNS_PREFIX}{install_tag}-"
+
+
+class Links(Protocol):
+    """The bridge and its TAPs: what the daemon asks of the host's links (through
+    :class:`~banger.hostops.client.HostOps`)."""
+
     def ensure_bridge(self, name: str, cidr: str) -> None:
         """Create bridge ``name`` if missing, give it ``cidr``'s address, bring it up."""
         ...
@@ -67,6 +82,23 @@ class HostNetwork(Protocol):
 
     def links(self) -> list[str]:
         """The names of every network link on the host."""
+        ...
+
+
+class HostNetwork(Links, Protocol):
+    """:class:`Links`, and VMs' own network namespaces (the root helper's alone)."""
+
+    def create_vm_netns(self, netns: str, port: str, bridge: str,
+                        tap_owner: tuple[int, int]) -> None:
+        """Make network namespace ``netns`` for one VM (see :meth:`IPNetwork.create_vm_netns`)."""
+        ...
+
+    def delete_netns(self, netns: str) -> None:
+        """Delete network namespace ``netns`` and what it holds; a missing one is not an error."""
+        ...
+
+    def netns_names(self) -> list[str]:
+        """The names of the host's named network namespaces."""
         ...
 
 
@@ -85,15 +117,15 @@ class IPNetwork:
         self.ip_bin = ip_bin or shutil.which(
             "ip", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin:/usr/bin:/bin") or "ip"
 
-    def _ip(self, *args: str) -> str:
-        """``ip ARGS``'s standard output.
+    def _ip(self, *args: str, stdin: str | None = None) -> str:
+        """``ip ARGS``'s standard output (``stdin``: what it reads, for ``-batch -``).
 
         Raises:
             HostError: ``ip`` failed (its message) or is missing.
         """
         try:
-            res = subprocess.run([self.ip_bin, *args], capture_output=True, text=True,
-                                 timeout=IP_TIMEOUT_S, check=False)
+            res = subprocess.run([self.ip_bin, *args], input=stdin, capture_output=True,
+                                 text=True, timeout=IP_TIMEOUT_S, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise HostError(f"cannot run {self.ip_bin}: {exc}",
                             hint="install iproute2; see `banger doctor`") from exc
@@ -168,6 +200,84 @@ class IPNetwork:
             return [str(link["ifname"]) for link in json.loads(self._ip("-j", "link", "show"))]
         except (ValueError, KeyError, TypeError) as exc:
             raise HostError(f"cannot list links: unexpected ip output: {exc}") from exc
+
+
+    def create_vm_netns(self, netns: str, port: str, bridge: str,
+                        tap_owner: tuple[int, int]) -> None:
+        """Make network namespace ``netns`` holding one VM's TAP, joined to ``bridge``.
+
+        Inside the namespace: TAP :data:`VM_NETNS_TAP` (owned by ``tap_owner``'s uid
+        and gid, so a VMM running as that user may open it by name and no other user
+        may), enslaved with :data:`VM_NETNS_UPLINK` to bridge :data:`VM_NETNS_BRIDGE`.
+        The uplink is a veth whose other end is ``port`` on ``bridge`` here: the
+        guest's frames reach banger's bridge through ``port``, which carries a TAP's
+        name so the guest network's rules apply to it as to any TAP. No link in the
+        namespace has an address (IPv6 address generation off): the namespace only
+        carries the guest's frames.
+
+        Raises:
+            HostError: the bridge is missing, ``port`` or the namespace exists, or
+                ``ip`` failed (what was made is removed first).
+        """
+        if not link_exists(bridge):
+            raise HostError(f"bridge {bridge} is missing")
+        if link_exists(port):
+            raise HostError(f"cannot create port {port}: a link of that name exists")
+        if (NETNS_DIR / netns).exists():
+            raise HostError(f"network namespace {netns} exists")
+        uid, gid = tap_owner
+        inside = "\n".join([
+            f"link add name {VM_NETNS_BRIDGE} type bridge",
+            f"link set dev {VM_NETNS_BRIDGE} addrgenmode none up",
+            f"link set dev {VM_NETNS_UPLINK} addrgenmode none master {VM_NETNS_BRIDGE} up",
+            f"tuntap add dev {VM_NETNS_TAP} mode tap user {uid} group {gid}",
+            f"link set dev {VM_NETNS_TAP} addrgenmode none master {VM_NETNS_BRIDGE} up",
+        ]) + "\n"
+        try:
+            self._ip("netns", "add", netns)
+            self._ip("link", "add", "name", port, "type", "veth",
+                     "peer", "name", VM_NETNS_UPLINK, "netns", netns)
+            self._ip("link", "set", "dev", port, "master", bridge, "up")
+            self._ip("-n", netns, "-batch", "-", stdin=inside)
+        except HostError as exc:
+            with contextlib.suppress(HostError):
+                self.delete_netns(netns)
+            with contextlib.suppress(HostError):
+                self.delete_link(port)
+            raise HostError(f"cannot make network namespace {netns}: {exc.message}",
+                            hint="check network namespaces with `banger doctor`") from exc
+
+    def delete_netns(self, netns: str) -> None:
+        """Delete network namespace ``netns``, its links, and the VM's port they fed.
+
+        Raises:
+            HostError: the deletion was refused.
+        """
+        if not (NETNS_DIR / netns).exists():
+            return
+        # The uplink first: deleting a veth takes its peer (the VM's port) at once, where
+        # a namespace's links go only when the kernel gets round to freeing it.
+        with contextlib.suppress(HostError):
+            self._ip("-n", netns, "link", "del", "dev", VM_NETNS_UPLINK)
+        try:
+            self._ip("netns", "del", netns)
+        except HostError as exc:
+            if (NETNS_DIR / netns).exists():
+                raise HostError(f"cannot delete network namespace {netns}: "
+                                f"{exc.message}") from exc
+
+    def netns_names(self) -> list[str]:
+        """The host's named network namespaces (``ip netns``' names in :data:`NETNS_DIR`).
+
+        Raises:
+            HostError: the directory cannot be read.
+        """
+        try:
+            return sorted(p.name for p in NETNS_DIR.iterdir())
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise HostError(f"cannot list {NETNS_DIR}: {exc.strerror or exc}") from exc
 
 
 def link_exists(name: str) -> bool:

@@ -13,6 +13,7 @@ In process the same models are built and parsed, so both modes take one path.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
@@ -132,7 +133,8 @@ class IPForward(_Model):
     set: Literal["0", "1"] | None = None
 
 
-VMId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{12}$")]
+VM_ID = re.compile(r"[0-9a-f]{12}")  # a VM id, as every request carries it
+VMId = Annotated[str, StringConstraints(pattern=f"^{VM_ID.pattern}$")]
 HostPath = Annotated[str, StringConstraints(min_length=2, max_length=4096)]
 Pid = Annotated[int, Field(ge=1, le=1 << 22)]
 SignalName = Literal["TERM", "KILL", "INT", "QUIT", "HUP", "USR1", "USR2", "STOP", "CONT",
@@ -212,7 +214,9 @@ JailName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,15}$")]
 class FcLaunch(_Model):
     """Build VM ``vm_id``'s jail from ``files`` (named as in ``hostops.jail.JAIL_FILES``)
     and start Firecracker in it under the jailer fixed when the helper started, confined to
-    the VM's size; its console goes to ``serial``. Answers its pid."""
+    the VM's size; its console goes to ``serial``. With ``port``, the jailer puts it in a
+    network namespace of the VM's own, whose only TAP reaches the bridge through ``port``
+    (a TAP's name, made here). Answers its pid."""
 
     op: Literal["fc.launch"] = "fc.launch"
     vm_id: VMId
@@ -220,6 +224,7 @@ class FcLaunch(_Model):
     serial: HostPath
     memory_mib: Annotated[int, Field(ge=1, le=1 << 20)]
     vcpu: Annotated[int, Field(ge=1, le=256)]
+    port: IfName | None = None
 
 
 class FcConnect(_Model):
@@ -249,12 +254,18 @@ class FcStatus(_Model):
 
 
 class FcCleanup(_Model):
-    """Remove VM ``vm_id``'s jail and the cgroup the jailer made, retrying up to
-    ``wait_s`` while it empties (a missing one is not an error)."""
+    """Remove VM ``vm_id``'s jail, its network namespace and the cgroup the jailer made,
+    retrying up to ``wait_s`` while it empties (a missing one is not an error)."""
 
     op: Literal["fc.cleanup"] = "fc.cleanup"
     vm_id: VMId
     wait_s: Annotated[float, Field(ge=0, le=30)] = 0.0
+
+
+class FcNetnsList(_Model):
+    """The ids of the VMs that have a network namespace of this install."""
+
+    op: Literal["fc.netns_list"] = "fc.netns_list"
 
 
 class DNSSockets(_Model):
@@ -334,7 +345,7 @@ Request = Annotated[
     | NftPin | NftDelete | IPForward | Signal | CgroupCreate | CgroupAdopt | CgroupRemove
     | QemuLaunch | DNSSockets | LoopAttach | LoopDetach | LoopList | DmSnapshot | DmRemove
     | DmList | DmRead | UsernsMap | FcLaunch | FcConnect | FcSnapshotOut | FcCleanup
-    | FcStatus,
+    | FcStatus | FcNetnsList,
     Field(discriminator="op"),
 ]
 

@@ -171,7 +171,7 @@ class Policy:
             case ops.FcSnapshotOut(state=state, memory=memory):
                 for what, path in (("state", state), ("memory", memory)):
                     self.beneath(req.op, Path(path), (self.state_dir,), what)
-            case ops.FcConnect() | ops.FcCleanup() | ops.FcStatus():
+            case ops.FcConnect() | ops.FcCleanup() | ops.FcStatus() | ops.FcNetnsList():
                 pass  # the jail's path is the helper's own, from the VM id's shape
             case _:
                 raise Refused(f"{req.op}: no policy for this request")
@@ -199,6 +199,8 @@ class Policy:
             if Path(f.path) != self.dm_device(req.vm_id):
                 self.beneath(req.op, Path(f.path), (self.state_dir, self.runtime_dir), name)
         self.beneath(req.op, Path(req.serial), (self.state_dir / "vms" / req.vm_id,), "serial")
+        if req.port is not None:
+            self._tap(req.op, req.port)
 
     def dm_name(self, vm_id: str) -> str:
         """The name of VM ``vm_id``'s dm target: the install's prefix and the id."""

@@ -59,6 +59,7 @@ from banger.hostops.jail import (
     find_firecracker,
     jail_extra_disk,
 )
+from banger.hostops.netlink import VM_NETNS_TAP
 from banger.layout import VMPaths
 from banger.proc import ProcessIdentity, identify, matches, send_signal, wait_gone
 from banger.runner import Runner
@@ -134,6 +135,7 @@ class VMMView:
     log: str
     metrics: str
     vsock: str
+    tap: str
     extra_disks: tuple[str, ...] = ()
 
 
@@ -150,12 +152,14 @@ def direct_view(plan: LaunchPlan) -> VMMView:
         log=str(p.vmm_log),
         metrics=str(p.metrics),
         vsock=str(p.vsock_socket),
+        tap=plan.tap,
         extra_disks=plan.extra_disks,
     )
 
 
-def jailed_view(plan: LaunchPlan) -> VMMView:
-    """What a jailed Firecracker is told: the fixed names inside its chroot."""
+def jailed_view(plan: LaunchPlan, netns: bool) -> VMMView:
+    """What a jailed Firecracker is told: the fixed names inside its chroot (and, in a
+    network namespace of the VM's own, the TAP's name there)."""
     return VMMView(
         jailed=True,
         api_socket=JAIL_API_SOCKET,
@@ -166,6 +170,7 @@ def jailed_view(plan: LaunchPlan) -> VMMView:
         log=JAIL_LOG,
         metrics=JAIL_METRICS,
         vsock=JAIL_VSOCK,
+        tap=VM_NETNS_TAP if netns else plan.tap,
         extra_disks=tuple(jail_extra_disk(i) for i, _ in enumerate(plan.extra_disks)),
     )
 
@@ -234,7 +239,7 @@ def configure(api: FirecrackerAPI, plan: LaunchPlan, view: VMMView) -> None:
     api.put_drive(WORK_DRIVE, view.work_disk, is_root_device=False, cache_type="Writeback")
     for i, disk in enumerate(view.extra_disks):
         api.put_drive(f"extra{i}", disk, is_root_device=False, cache_type="Writeback")
-    api.put_network_interface(IFACE, plan.tap, plan.mac)
+    api.put_network_interface(IFACE, view.tap, plan.mac)
     api.put_vsock(GUEST_CID, view.vsock)
 
 
@@ -353,6 +358,7 @@ class FirecrackerDriver:
         binary: str,
         *,
         jail: HostOps | None = None,
+        netns: bool = False,
         api_wait_s: float = API_SOCKET_WAIT_S,
     ) -> None:
         """A driver for one Firecracker binary.
@@ -362,16 +368,26 @@ class FirecrackerDriver:
             binary: Absolute path of the Firecracker executable.
             jail: Run Firecracker under the jailer through these host operations
                 (the root helper's, or in process); None: unjailed, started here.
+            netns: Jailed, each VM in a network namespace of its own (the jailer's
+                ``--netns``), its TAP joined to the bridge through the port the
+                launch makes.
             api_wait_s: Budget for the API socket to answer after start.
 
         Raises:
-            BadRequest: jailed, and the jailer cannot exec ``binary``.
+            BadRequest: jailed, and the jailer cannot exec ``binary``; ``netns``
+                without the jailer.
         """
         if jail is not None:
             check_exec_file(binary)  # refuse now, not at the first VM start
+        elif netns:
+            raise BadRequest("jailer_netns puts each VM in a network namespace through "
+                             "Firecracker's jailer, and the jailer is off",
+                             hint="turn jailer_enabled on (and install the jailer), or "
+                                  "jailer_netns off")
         self.runner = runner
         self.binary = binary
         self.jail = jail
+        self.own_port = netns
         self.api_wait_s = api_wait_s
         self._version: str | None = None
 
@@ -428,7 +444,7 @@ class FirecrackerDriver:
                     else lookup_user(cfg.vmm_user))
             if user is not None:
                 check_unprivileged(user)
-        return cls(runner, binary, jail=host if jailed else None)
+        return cls(runner, binary, jail=host if jailed else None, netns=cfg.jailer_netns)
 
     # ------------------------------------------------------------ VMMDriver
 
@@ -631,10 +647,10 @@ class FirecrackerDriver:
             plan: The VM to restore; its TAP and runtime paths are used.
             files: The snapshot.
             resume: Run the vCPUs after loading.
-            override_tap: Tell Firecracker to use ``plan.tap`` instead of the
+            override_tap: Tell Firecracker to use the VM's TAP instead of the
                 TAP recorded in the snapshot (banger's TAPs come from a pool,
-                so the name usually differs). Needs a Firecracker release
-                that knows ``network_overrides``.
+                so the name usually differs; in a namespace of its own it is the
+                same). Needs a Firecracker release that knows ``network_overrides``.
 
         Raises:
             VMMError: Firecracker did not start or refused the load.
@@ -646,7 +662,7 @@ class FirecrackerDriver:
             state, memory = ((JAIL_RESTORE_STATE, JAIL_RESTORE_MEM) if view.jailed
                              else (str(files.state), str(files.memory)))
             api.load_snapshot(state, memory, resume_vm=False,
-                              network_overrides={IFACE: plan.tap} if override_tap else None)
+                              network_overrides={IFACE: view.tap} if override_tap else None)
             if resume:
                 api.resume()
 
@@ -677,10 +693,11 @@ class FirecrackerDriver:
                 ident = self._spawn(firecracker_argv(self.binary, view.api_socket, plan.marker),
                                     plan)
             else:
-                view = jailed_view(plan)
+                view = jailed_view(plan, self.own_port)
                 pid = self.jail.fc_launch(ops.FcLaunch(
                     vm_id=p.vm_id, files=jail_files(plan, restore), serial=str(p.serial_log),
-                    memory_mib=plan.memory_mib, vcpu=plan.vcpu))
+                    memory_mib=plan.memory_mib, vcpu=plan.vcpu,
+                    port=plan.tap if self.own_port else None))
                 ident = self._identify(pid, plan)
             with self._api(p) as api:
                 info = wait_for_api(api, ident, self.api_wait_s, p.serial_log)

@@ -104,12 +104,11 @@ def jailer_status(cfg: Config, euid: int | None = None, *,
     """
     label = _jailer_label(cfg)
     if cfg.jailer_enabled is False:
-        return JailerStatus(False, "jailer disabled (jailer_enabled = false): "
-                                   "Firecracker runs unjailed")
+        return _unjailed(cfg, "jailer disabled (jailer_enabled = false)")
     try:
         binary = jailer_binary(cfg, euid)
         if binary is None:
-            return JailerStatus(False, f"jailer ({label}) not found: Firecracker runs unjailed")
+            return _unjailed(cfg, f"jailer ({label}) not found")
         user = lookup_user(cfg.vmm_user)
         if user is None:
             who = (f"{cfg.vmm_user} (not created yet: bangerd creates it at the first VM, "
@@ -121,7 +120,19 @@ def jailer_status(cfg: Config, euid: int | None = None, *,
         return JailerStatus(False, f"{exc.message}: Firecracker VMs will not start",
                             blocks_vms=True, hint=exc.hint)
     parent = install_group(install_tag(cfg.state_dir))
+    netns = ("; each VM in a network namespace of its own (jailer_netns)"
+             if cfg.jailer_netns else "")
     return JailerStatus(True, f"jailer {binary}: Firecracker runs jailed under "
                               f"{cfg.jailer_chroot_base} as {who}, in a cgroup "
                               f"{host.version.value} under {parent} (memory, pids and cpu "
-                              "limits)")
+                              f"limits){netns}")
+
+
+def _unjailed(cfg: Config, why: str) -> JailerStatus:
+    """No jailer: Firecracker runs unjailed, or (``jailer_netns``) not at all."""
+    if cfg.jailer_netns:
+        return JailerStatus(False, f"{why}, and jailer_netns needs it: Firecracker VMs "
+                                   "will not start", blocks_vms=True,
+                            hint="install Firecracker's jailer (jailer_bin) and leave "
+                                 "jailer_enabled on, or turn jailer_netns off")
+    return JailerStatus(False, f"{why}: Firecracker runs unjailed")
