@@ -4,6 +4,7 @@ limits, through stop, start, delete and a daemon restart."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -50,11 +51,20 @@ def assert_confined(host: Host, vm: dict[str, Any]) -> None:
     assert st["Seccomp"] == "2" and st["NoNewPrivs"] == "1"
     for caps in ("CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb"):
         assert int(st[caps], 16) == 0, (caps, st[caps])
+    # An empty network namespace of its own: only a loopback, not the daemon's links
+    # (the guest's network is the TAP descriptor QEMU was handed).
+    vmm_netns = os.readlink(f"/proc/{pid}/ns/net")
+    assert vmm_netns not in (f"net:[{os.stat(f'/run/netns/{host.ns}').st_ino}]",
+                             os.readlink("/proc/self/ns/net"))
+    links = [line.split(":")[0].strip()
+             for line in Path(f"/proc/{pid}/net/dev").read_text().splitlines()[2:]]
+    assert links == ["lo"]
     group = cgroup_of(host, vm)
     assert group.holds(pid)
     assert group.limits() == limits_for(MEMORY_MIB, VCPU)  # the host's vm_defaults
     conf = vm["confinement"]
     assert conf["user"] == "banger-vmm" and str(conf["uid"]) == uids[0]
+    assert conf["netns"] == "own"
     assert conf["cgroup"]["path"] == group.describe()
     assert conf["cgroup"]["limits"] == limits_for(MEMORY_MIB, VCPU).to_json()
 

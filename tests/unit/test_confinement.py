@@ -290,6 +290,7 @@ def test_the_launch_drops_to_the_vmm_user_in_its_cgroup_with_descriptors(
     assert privilege_drop(USER, [108])[3] == "--groups=108"  # /dev/kvm's group under KVM
     assert set(spec["fds"]) == {"kernel", "rootfs", "work", "serial", "ident", "tap", "qmp"}
     assert spec["cgroup_procs"] == [str(lt.root / "banger-abc123/0123456789ab/cgroup.procs")]
+    assert spec["own_netns"] is True  # QEMU gets no network but its TAP's descriptor
     assert lt.cgroups.group("banger-abc123/0123456789ab").limits() == limits_for(512, 2)
     # what QEMU writes is its group's; the boot files are not handed over
     for f in (Path(lt.plan.rootfs), Path(lt.plan.work_disk), lt.plan.paths.serial_log,
@@ -419,6 +420,42 @@ def test_launcher_joins_the_cgroup_then_execs_with_descriptors(tmp_path: Path) -
     assert (tmp_path / "log").read_text() == "err\n"
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="a network namespace needs root")
+def test_launcher_puts_the_vmm_in_an_empty_network_namespace(tmp_path: Path) -> None:
+    """``own_netns``: the VMM's namespace is not the launcher's and holds only ``lo``;
+    a descriptor opened outside (here a socket listening on the host's loopback) still
+    works in there, as QEMU's TAP does."""
+    import socket
+
+    out = tmp_path / "out"
+    outside = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    outside.bind(("127.0.0.1", 0))
+    outside.listen(1)
+    port = outside.getsockname()[1]
+    spec = {
+        "command": ["/bin/bash", "-c",  # bash: /dev/tcp
+                    f"readlink /proc/self/ns/net > {out}; cut -d: -f1 /proc/self/net/dev "
+                    f"| tail -n +3 | tr -d ' ' >> {out}; "
+                    f"test -S /proc/self/fd/{{fd:sock}} && echo inherited >> {out}; "
+                    f"(exec 3<>/dev/tcp/127.0.0.1/{port}) 2>/dev/null && echo reached >> {out}; "
+                    f"echo done >> {out}"],
+        "fds": {"sock": outside.fileno()}, "stderr_fd": 2, "own_netns": True,
+    }
+    try:
+        subprocess.run([sys.executable, "-I", str(SPAWN)], input=json.dumps(spec).encode(),
+                       capture_output=True, check=True, timeout=30,
+                       pass_fds=(outside.fileno(),))
+        for _ in range(200):  # bounded: 10 s for a shell to run a few commands
+            if out.exists() and out.read_text().endswith("done\n"):
+                break
+            time.sleep(0.05)
+    finally:
+        outside.close()
+    netns, *rest = out.read_text().splitlines()
+    assert netns != os.readlink("/proc/self/ns/net")
+    assert rest == ["lo", "inherited", "done"]  # the host's loopback is out of reach
+
+
 def test_launcher_reports_a_cgroup_it_cannot_join(tmp_path: Path) -> None:
     spec = {"command": ["/bin/true"], "fds": {}, "stderr_fd": 2,
             "cgroup_procs": [str(tmp_path / "missing" / "cgroup.procs")]}
@@ -498,7 +535,8 @@ CONFINED_VM = {
     "last_error": None, "stop_reason": None, "workspace": None,
     "spec": {"image": "debian-bookworm", "vcpu": 2, "memory_mib": 1024, "disk_size": 4 << 30,
              "work_disk_size": 2 << 30, "vmm": "auto"},
-    "confinement": {"user": "banger-vmm", "uid": 990, "seccomp": SANDBOX, "cgroup": {
+    "confinement": {"user": "banger-vmm", "uid": 990, "seccomp": SANDBOX, "netns": "own",
+                    "cgroup": {
         "version": "v1", "path": "memory,pids,cpu:/banger-abc123/0123456789ab",
         "limits": {"memory_bytes": 1536 << 20, "pids_max": 256, "cpu_weight": 200}}},
 }

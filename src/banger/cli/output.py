@@ -91,11 +91,14 @@ def network_policy(spec: dict[str, Any]) -> str:
 
 
 def confinement_lines(conf: dict[str, Any] | None) -> list[tuple[str, str]]:
-    """``vm show`` lines for a confined VMM: its user, seccomp, cgroup and limits."""
+    """``vm show`` lines for a confined VMM: its user, seccomp, network namespace, cgroup
+    and limits."""
     if not conf:
         return []
     items = [("vmm user", f"{conf['user']} (uid {conf['uid']})"),
              ("seccomp", f"-sandbox {conf['seccomp']}")]
+    if conf.get("netns") == "own":
+        items.append(("vmm network", "an empty namespace of its own (the TAP only)"))
     cg = conf.get("cgroup") or {}
     if cg:
         items.append(("cgroup", f"{cg['path']} ({cg['version']})"))

@@ -195,7 +195,8 @@ def _confinement(cfg: Config, status: Path = Path("/proc/self/status")) -> list[
                     "set vmm_user to an unprivileged account")
     else:
         who = Check("vmm user", Status.OK,
-                    f"QEMU runs as {user.name} (uid {user.uid}), no capabilities")
+                    f"QEMU runs as {user.name} (uid {user.uid}), no capabilities, "
+                    "in an empty network namespace of its own (the TAP only)")
     try:
         has_seccomp = any(line.startswith("Seccomp:") for line in status.read_text().splitlines())
     except OSError:

@@ -255,7 +255,7 @@ class Executor:
                        *req.args]
             spec: dict[str, object] = {
                 "fds": {k: v for k, v in fds.items() if not k.startswith("_")},
-                "stderr_fd": out_fd, "command": command,
+                "stderr_fd": out_fd, "command": command, "own_netns": True,
                 "cgroup_procs": [str(p) for p in group.procs_files]}
             return self._spawn(f"start QEMU for VM {req.vm_id}", spec, list(fds.values()))
 

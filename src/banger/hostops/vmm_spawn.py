@@ -15,7 +15,12 @@ The spec names:
 - ``stderr_fd``: the descriptor the VMM's stdout and stderr go to (QEMU's log,
   Firecracker's serial console);
 - ``command``: the argv (``setpriv ... -- qemu ...``, or ``jailer ...``) where
-  ``{fd:NAME}`` is replaced by the descriptor number of ``NAME``.
+  ``{fd:NAME}`` is replaced by the descriptor number of ``NAME``;
+- ``own_netns``: true for QEMU, which then runs in a new network namespace holding
+  nothing but a loopback that is down. QEMU reaches the guest's network through the
+  TAP descriptor it inherits (opened in the host's namespace) and everything else
+  through descriptors and paths, so it needs no network of its own; a VMM the guest
+  took over can open no connection to the host's services, loopback included.
 
 Then it detaches the VMM with :func:`banger.detach.run` (fork, ``setsid()``, fork
 again, exec in the grandchild), so it is re-parented to init and outlives the
@@ -26,6 +31,7 @@ reason on stderr and exits 127 if exec fails, 1 if the set-up fails.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -34,6 +40,25 @@ import sys
 from banger.detach import run
 
 _PLACEHOLDER = re.compile(r"\{fd:([a-z_][a-z0-9_]*)\}")
+
+
+CLONE_NEWNET = 0x40000000  # linux/sched.h
+
+
+def unshare_network() -> None:
+    """Move this process into a new, empty network namespace (``unshare(CLONE_NEWNET)``).
+
+    Raises:
+        OSError: the kernel refused (no CAP_SYS_ADMIN, or namespaces are off).
+    """
+    unshare = getattr(os, "unshare", None)  # Python 3.12+
+    if unshare is not None:
+        unshare(CLONE_NEWNET)
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def main() -> int:
@@ -47,6 +72,13 @@ def main() -> int:
         sys.stderr.write(f"cannot join the VM's cgroup: {exc.strerror or exc} "
                          f"({exc.filename})\n")
         return 1
+    if spec.get("own_netns"):
+        try:
+            unshare_network()
+        except OSError as exc:
+            sys.stderr.write("cannot give the VMM a network namespace of its own: "
+                             f"{exc.strerror or exc}\n")
+            return 1
     fds: dict[str, int] = {str(k): int(v) for k, v in spec["fds"].items()}
     for fd in fds.values():
         os.set_inheritable(fd, True)

@@ -191,6 +191,7 @@ class QemuDriver:
     """The QEMU VMM driver: QEMU confined (user, seccomp, cgroup) and detached."""
 
     name = "qemu"
+    own_port = False  # QEMU gets its TAP as a descriptor from the pool's
 
     def __init__(self, runner: Runner, qemu_bin: str, accel: str, *, user: VMMUser,
                  cgroups: CgroupHost, install_tag: str, host: HostOps) -> None:
@@ -299,9 +300,10 @@ class QemuDriver:
                            hint=f"QEMU's log: {plan.paths.vmm_log}") from exc
 
     def confinement(self, vm_id: str) -> dict[str, Any]:
-        """How VM ``vm_id``'s VMM is confined, for ``vm show``: user, seccomp, cgroup."""
+        """How VM ``vm_id``'s VMM is confined, for ``vm show``: user, seccomp, its network
+        namespace (an empty one of its own: the launcher's ``own_netns``), cgroup."""
         return {"user": self.user.name, "uid": self.user.uid, "seccomp": SANDBOX,
-                "cgroup": self.cgroup(vm_id).to_json()}
+                "netns": "own", "cgroup": self.cgroup(vm_id).to_json()}
 
     def readopt(self, vm_id: str, pid: int) -> dict[str, Any]:
         """A live VMM found after a daemon restart: make sure it is in its cgroup.
