@@ -6,7 +6,10 @@ directory and the work tree's files (tracked and untracked, not ignored: what a
 workspace copies) as one tar stream into ``banger vm workspace receive`` on the remote
 host, which unpacks it below the remote user's cache dir and names the directory.
 The workspace is then prepared from that directory as from any local repository, and
-the directory is dropped (``receive --drop``) once the copy is in the guest.
+the directory is dropped (``receive --drop``) once the copy is in the guest. A linked
+worktree or a submodule (whose ``.git`` is a file naming git data elsewhere) arrives
+as a plain repository with that data in its own ``.git``; populated submodules come
+with their files.
 
 The stream is the user's own repository, but it is still unpacked as untrusted data
 (``tarfile``'s ``data`` filter: no absolute paths, no ``..``, no links out, no device
@@ -15,17 +18,24 @@ nodes), into a fresh directory of its own.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from banger.api.params import WorkspaceOrigin
 from banger.errors import BadRequest, BangerError, HostError
 from banger.remote import SSHLink
 
@@ -44,40 +54,203 @@ def receive_root(env: dict[str, str] | None = None) -> Path:
     return Path(base) / "banger" / "received"
 
 
-def files_of(top: Path) -> list[str]:
-    """What is sent of the work tree at ``top``: its git directory, then the files git
-    lists (tracked and untracked, not ignored) that exist.
+# What a linked worktree keeps in its own git directory (the rest is the repository's
+# common one): sent in place of the main work tree's, so the copy is the worktree's.
+PER_WORKTREE = ("HEAD", "index", "ORIG_HEAD", "MERGE_HEAD", "CHERRY_PICK_HEAD", "logs/HEAD",
+                "config.worktree", "refs/bisect", "refs/worktree", "refs/rewritten")
+# What of a common git directory is never sent: other worktrees' state, and the config
+# (sent rewritten: see _plain_config).
+NOT_SENT = ("worktrees", "config")
+GIT_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True)
+class Member:
+    """One path sent in the tar: ``source`` on this machine as ``arcname``, with what is
+    below it when ``recursive``, except the arcnames in ``skip``."""
+
+    source: Path
+    arcname: str
+    recursive: bool = False
+    skip: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Shipment:
+    """What is sent of one work tree: its files, and its git data as a plain ``.git``
+    directory (``git_config``: that directory's ``config``, when it is rewritten)."""
+
+    top: Path
+    git_dir: Path  # the work tree's own git directory (its HEAD and index)
+    members: tuple[Member, ...]
+    git_config: bytes | None = None
+
+    @property
+    def files(self) -> int:
+        """How many work-tree paths are sent (the git data aside)."""
+        return sum(1 for m in self.members if not (
+            m.arcname == ".git" or m.arcname.startswith(".git/") or m.arcname.endswith("/.git")))
+
+
+def _git(top: Path, *args: str) -> bytes:
+    """``git -C top ARGS``'s output.
 
     Raises:
-        BadRequest: not a git work tree, or its ``.git`` is not a directory (a linked
-            worktree or a submodule, whose git data lives elsewhere).
+        BadRequest: git failed (``top`` is not a git work tree, say).
     """
-    if not (top / ".git").is_dir() or (top / ".git").is_symlink():
-        raise BadRequest(f"{top} has no .git directory of its own (a linked worktree or a "
-                         "submodule?): it cannot be sent to a remote host yet",
-                         hint="clone it to a plain repository first")
-    res = subprocess.run(["git", "-C", str(top), "ls-files", "-z", "--cached", "--others",
-                          "--exclude-standard"], capture_output=True, check=False)
+    try:
+        res = subprocess.run(["git", "-C", str(top), *args], capture_output=True, check=False,
+                             timeout=GIT_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise BadRequest(f"cannot run git in {top}: {exc}") from exc
     if res.returncode != 0:
         raise BadRequest(f"{top} is not a git work tree: "
                          f"{res.stderr.decode(errors='replace').strip()[:200]}")
-    names = sorted({n for n in res.stdout.decode(errors="surrogateescape").split("\0")
-                    if n and os.path.lexists(top / n)})
-    return [".git", *names]
+    return res.stdout
 
 
-def send(link: SSHLink, repo: Path) -> str:
-    """Send the work tree ``repo`` to the remote host; the directory it is in there.
+def files_of(top: Path) -> list[str]:
+    """The work tree's files git lists (tracked and untracked, not ignored) that exist,
+    and those of its populated submodules (with their ``.git`` files), below ``top``.
 
     Raises:
-        BadRequest: ``repo`` is not a plain git work tree.
+        BadRequest: not a git work tree.
+    """
+    listed = _git(top, "ls-files", "-z", "--cached", "--others", "--exclude-standard")
+    names = {n for n in listed.decode(errors="surrogateescape").split("\0")
+             if n and os.path.lexists(top / n)}
+    for sub in _populated_submodules(top):
+        names.add(f"{sub}/.git")
+        names.update(f"{sub}/{n}" for n in files_of(top / sub))
+    return sorted(names)
+
+
+def _populated_submodules(top: Path) -> list[str]:
+    """The paths of the submodules (gitlinks in the index) checked out below ``top``."""
+    staged = _git(top, "ls-files", "-z", "--stage").decode(errors="surrogateescape")
+    subs = [rec.partition("\t")[2] for rec in staged.split("\0") if rec.startswith("160000 ")]
+    return [sub for sub in subs if (top / sub / ".git").is_file()]
+
+
+def shipment(top: Path) -> Shipment:
+    """What is sent of the work tree at ``top``: its git data as a plain ``.git``
+    directory, then :func:`files_of`.
+
+    A repository whose ``.git`` is a directory of its own goes as it is. A linked
+    worktree's git data is the repository's common directory with the worktree's own
+    HEAD, index and per-worktree refs in place of the main work tree's; a submodule's
+    (or a ``--separate-git-dir`` repository's) is the directory its ``.git`` file names.
+    Either way the config goes without ``core.bare`` and ``core.worktree``, which would
+    point the copy back at this machine (or call it bare).
+
+    Raises:
+        BadRequest: not a git work tree.
+    """
+    dirs = _git(top, "rev-parse", "--path-format=absolute", "--git-dir",
+                "--git-common-dir").decode(errors="surrogateescape").splitlines()
+    git_dir, common = Path(dirs[0]), Path(dirs[1])
+    files = tuple(Member(top / name, name) for name in files_of(top))
+    own = top / ".git"
+    if git_dir == own and common == own and own.is_dir() and not own.is_symlink():
+        return Shipment(top, own, (Member(own, ".git", recursive=True), *files))
+    skip = {f".git/{name}" for name in NOT_SENT}
+    extra: list[Member] = []
+    if git_dir != common:  # a linked worktree: its own state, not the main work tree's
+        skip.update(f".git/{name}" for name in PER_WORKTREE)
+        extra = [Member(git_dir / name, f".git/{name}", recursive=True)
+                 for name in PER_WORKTREE if (git_dir / name).exists()]
+    git = Member(common, ".git", recursive=True, skip=frozenset(skip))
+    return Shipment(top, git_dir, (git, *extra, *files),
+                    git_config=_plain_config(common / "config"))
+
+
+def fingerprint(ship: Shipment) -> str:
+    """A hash that changes when the work tree ``ship`` was made of changes: HEAD and its
+    branch, the index file, and the set and ``lstat`` data (type, mode, size, mtime,
+    ctime, inode) of the files sent. No content is read: a file touched without a
+    change counts as changed (a spare resync, never a missed one)."""
+    h = hashlib.sha256()
+    head = subprocess.run(["git", "-C", str(ship.top), "rev-parse", "-q", "--verify", "HEAD"],
+                          capture_output=True, check=False, timeout=GIT_TIMEOUT_S).stdout
+    branch = subprocess.run(["git", "-C", str(ship.top), "symbolic-ref", "-q", "HEAD"],
+                            capture_output=True, check=False, timeout=GIT_TIMEOUT_S).stdout
+    h.update(b"head " + head + b"branch " + branch)
+    for m in (Member(ship.git_dir / "index", ".git/index"), *ship.members):
+        if m.recursive:
+            continue  # the git data: HEAD and the index speak for it
+        try:
+            st = os.lstat(m.source)
+        except FileNotFoundError:
+            h.update(m.arcname.encode(errors="surrogateescape") + b"\0missing\0")
+            continue
+        h.update(m.arcname.encode(errors="surrogateescape") + b"\0")
+        h.update(f"{st.st_mode} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} "
+                 f"{st.st_ino}\0".encode())
+    return h.hexdigest()
+
+
+def origin(ship: Shipment) -> WorkspaceOrigin:
+    """Where ``ship`` comes from, as the remote daemon keeps it with the workspace: this
+    machine's name, the work tree, its :func:`fingerprint`."""
+    return WorkspaceOrigin(host=socket.gethostname(), path=str(ship.top),
+                           fingerprint=fingerprint(ship))
+
+
+def _plain_config(path: Path) -> bytes:
+    """The git config at ``path`` without ``core.bare`` and ``core.worktree``."""
+    with tempfile.TemporaryDirectory(prefix="banger-ship-") as tmp:
+        copy = Path(tmp) / "config"
+        shutil.copyfile(path, copy)
+        for key in ("core.bare", "core.worktree"):
+            # Exit 5: the key was not set, which is what is wanted.
+            subprocess.run(["git", "config", "--file", str(copy), "--unset-all", key],
+                           capture_output=True, check=False, timeout=GIT_TIMEOUT_S)
+        return copy.read_bytes()
+
+
+def write_tar(ship: Shipment, out: IO[bytes]) -> None:
+    """Write ``ship`` to ``out`` as one tar stream (what ``receive`` unpacks).
+
+    Raises:
+        OSError: a file could not be read (or ``out`` stopped taking the stream).
+    """
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        for m in ship.members:
+            tar.add(m.source, arcname=m.arcname, recursive=m.recursive,
+                    filter=_skipping(m.skip))
+        if ship.git_config is not None:
+            info = tarfile.TarInfo(".git/config")
+            info.size, info.mode, info.mtime = len(ship.git_config), 0o644, int(time.time())
+            tar.addfile(info, io.BytesIO(ship.git_config))
+
+
+def _skipping(skip: frozenset[str]) -> Callable[[tarfile.TarInfo], tarfile.TarInfo | None]:
+    """A ``tarfile`` filter that leaves out the members named in ``skip`` (with, for a
+    directory, everything below it)."""
+    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        return None if info.name in skip else info
+    return keep
+
+
+def top_of(repo: Path) -> Path:
+    """The top of the work tree ``repo`` is in.
+
+    Raises:
+        BadRequest: ``repo`` is not in a git work tree.
+    """
+    return Path(_git(repo, "rev-parse", "--show-toplevel").decode(errors="surrogateescape")
+                .strip() or repo)
+
+
+def send(link: SSHLink, ship: Shipment) -> str:
+    """Send ``ship`` (:func:`shipment`) to the remote host; the directory it is in there.
+
+    Raises:
+        BadRequest: a file could not be read.
         HostError: the remote end failed to take it.
     """
-    top = Path(subprocess.run(["git", "-C", str(repo), "rev-parse", "--show-toplevel"],
-                              capture_output=True, text=True, check=False).stdout.strip()
-               or repo)
-    names = files_of(top)
-    print(f"sending {top} ({len(names) - 1} files and its git data) to {link.target}",
+    top = ship.top
+    print(f"sending {top} ({ship.files} files and its git data) to {link.target}",
           file=sys.stderr)
     name = re.sub(r"[^A-Za-z0-9._-]", "-", top.name).strip(".") or "repo"
     receive = link.remote_command(["vm", "workspace", "receive", name[:100]])
@@ -86,9 +259,7 @@ def send(link: SSHLink, repo: Path) -> str:
                             stderr=subprocess.PIPE)
     assert proc.stdin is not None
     try:
-        with tarfile.open(fileobj=proc.stdin, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-            for name in names:
-                tar.add(top / name, arcname=name, recursive=name == ".git")
+        write_tar(ship, proc.stdin)
     except BrokenPipeError:
         pass  # the remote end stopped reading: its error is below
     except OSError as exc:  # a file went away or became unreadable meanwhile

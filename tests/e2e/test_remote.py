@@ -139,6 +139,21 @@ def test_a_remote_daemon_runs_a_vm_for_a_client_over_ssh(host: Host, remote: Cli
     assert ran.stdout.strip() == "rbox"
     shell = remote.banger("vm", "ssh", "rbox", "--", "echo", "$((40+2))")
     assert (shell.returncode, shell.stdout.strip()) == (0, "42"), shell.stderr
+    # `vm exec --auto-prepare`: the workspace's origin is this client's repository, which
+    # is sent again only when it changed.
+    repo = remote.home / "ws"
+    repo.mkdir()
+    (repo / "f.txt").write_text("one\n")
+    subprocess.run(["git", "-C", str(repo), "init", "-q"], check=True)
+    prepared = remote.banger("vm", "workspace", "prepare", "rbox", str(repo))
+    assert prepared.returncode == 0, prepared.stderr
+    same = remote.banger("vm", "exec", "--auto-prepare", "rbox", "--", "cat", "f.txt")
+    assert (same.returncode, same.stdout) == (0, "one\n"), same.stderr
+    assert "sending" not in same.stderr  # unchanged: nothing sent
+    (repo / "f.txt").write_text("two\n")
+    fresh = remote.banger("vm", "exec", "--auto-prepare", "rbox", "--", "cat", "f.txt")
+    assert (fresh.returncode, fresh.stdout) == (0, "two\n"), fresh.stderr
+    assert "sending" in fresh.stderr
     # The --host flag wins over the context; '' is this machine's daemon.
     listed = remote.banger("--host", url, "vm", "list", "--json")
     assert [v["name"] for v in json.loads(listed.stdout)] == ["rbox"], listed.stderr
@@ -153,15 +168,22 @@ def test_a_remote_daemon_runs_a_vm_for_a_client_over_ssh(host: Host, remote: Cli
 def test_a_repository_on_the_client_runs_in_a_remote_vm_and_its_patch_comes_back(
         host: Host, remote: Client) -> None:
     """`vm run ./repo -- cmd`: the repository travels over the command's SSH connection,
-    the guest's status comes back, and `--export` writes the patch on the client."""
+    the guest's status comes back, and `--export` writes the patch on the client. The
+    repository is a linked worktree (its git data in the main repository's .git): it
+    arrives as a plain repository of its own."""
+    main = remote.home / "main"
+    main.mkdir()
+    (main / "README").write_text("main\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C"]
+    subprocess.run([*git, str(main), "init", "-q"], check=True)
+    subprocess.run([*git, str(main), "add", "README"], check=True)
+    subprocess.run([*git, str(main), "commit", "-q", "-m", "one"], check=True)
     repo = remote.home / "my repo"  # a name the remote side must make safe
-    repo.mkdir()
+    subprocess.run([*git, str(main), "worktree", "add", "-q", "-b", "feature", str(repo)],
+                   check=True)
     (repo / "README").write_text("host\n")
+    subprocess.run([*git, str(repo), "commit", "-q", "-am", "two, on feature"], check=True)
     (repo / "notes.txt").write_text("untracked, not ignored\n")
-    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run([*git, "init", "-q"], check=True)
-    subprocess.run([*git, "add", "README"], check=True)
-    subprocess.run([*git, "commit", "-q", "-m", "one"], check=True)
     patch_file = remote.home / "edits.patch"
     res = remote.banger("--host", f"ssh://root@{REMOTE_IP}", "vm", "run", "--rm", "--name",
                         "rrun", "--export", str(patch_file), str(repo), "--", "sh", "-c",
@@ -171,6 +193,8 @@ def test_a_repository_on_the_client_runs_in_a_remote_vm_and_its_patch_comes_back
     assert "untracked, not ignored" in res.stderr
     patch = patch_file.read_text()  # written here, on the client
     assert "+guest" in patch and "README" in patch
+    # It applies to the worktree it came from, on the client.
+    subprocess.run([*git, str(repo), "apply", "--check", str(patch_file)], check=True)
     assert host.json("vm", "list") == []
     received = list((remote.home.parent / "cache" / "banger" / "received").iterdir())
     assert received == []  # the copy on the remote host went once it was in the guest

@@ -329,19 +329,3 @@ def test_a_received_repository_is_unpacked_as_untrusted_data(tmp_path: Path) -> 
         repoship.remove(str(root / "repo-x" / "repo"), root)  # no such holder
     repoship.remove(str(got), root)
     assert list(root.iterdir()) == []
-
-
-def test_what_is_sent_is_the_git_dir_and_what_git_lists(tmp_path: Path) -> None:
-    repo = tmp_path / "r"
-    repo.mkdir()
-    subprocess.run(["git", "-C", str(repo), "init", "-q"], check=True)
-    (repo / ".gitignore").write_text("*.o\n")
-    for name in ("a.c", "b.o", "sub/c.txt"):
-        (repo / name).parent.mkdir(exist_ok=True)
-        (repo / name).write_text(name)
-    assert repoship.files_of(repo) == [".git", ".gitignore", "a.c", "sub/c.txt"]
-    linked = tmp_path / "linked"
-    linked.mkdir()
-    (linked / ".git").write_text("gitdir: ../r/.git\n")
-    with pytest.raises(BadRequest, match=r"no \.git directory of its own"):
-        repoship.files_of(linked)

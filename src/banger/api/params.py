@@ -94,6 +94,16 @@ class ForwardListParams(Model):
 
 # ----------------------------------------------------------------- workspaces
 
+class WorkspaceOrigin(Model):
+    """Where a repository sent from another machine came from (``banger --host``): that
+    machine's name, the work tree there and its state when it was sent. The daemon keeps
+    it in the workspace record for the client's ``vm exec --auto-prepare``."""
+
+    host: str = Field(min_length=1, max_length=255)
+    path: str = Field(min_length=1, max_length=4096)
+    fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 class WorkspacePrepareParams(Model):
     name: str = Field(min_length=1, max_length=256)
     path: str = Field(min_length=1, max_length=4096)
@@ -102,6 +112,7 @@ class WorkspacePrepareParams(Model):
     from_ref: str | None = None
     mode: str = "shallow"
     discard_guest_changes: bool = False
+    origin: WorkspaceOrigin | None = None
 
 
 class WorkspaceExportParams(Model):

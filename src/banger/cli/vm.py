@@ -23,7 +23,7 @@ from banger.cli import exits, output
 from banger.cli.app import App, follow, json_option, name_arg, pass_app, wire
 from banger.cli.complete import image_names, snapshot_names, vm_names
 from banger.cli.quick import run_ssh
-from banger.cli.workspace import prepare_from, prepared_text
+from banger.cli.workspace import prepare_from, prepared_text, resync_source
 from banger.errors import BangerError
 from banger.sdk import Client
 
@@ -258,7 +258,8 @@ def vm_ssh(app: App, name: str, command: tuple[str, ...]) -> int:
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.option("--auto-prepare", is_flag=True,
               help="Re-sync the workspace first if the host HEAD or work tree changed "
-                   "(guest edits are saved and re-applied; see `vm workspace prepare`).")
+                   "(guest edits are saved and re-applied; see `vm workspace prepare`). "
+                   "With a remote host: the repository on this machine it was sent from.")
 @click.option("--discard-guest-changes", is_flag=True,
               help="With --auto-prepare: do not re-apply the guest's edits (they are still "
                    "saved as a patch under the VM's directory).")
@@ -278,12 +279,12 @@ def vm_exec(app: App, name: str, command: tuple[str, ...], auto_prepare: bool,
         raise click.UsageError("--discard-guest-changes only applies with --auto-prepare")
     client = app.client()
     if auto_prepare:
-        app.local_files("--auto-prepare")
         st = client.workspace.status(name)
-        if st["needs_resync"]:
-            prepared = follow(app, client.workspace.prepare, name, st["host_path"],
-                              guest_path=st["guest_path"], mode=st.get("mode") or "shallow",
-                              discard_guest_changes=discard_guest_changes)
+        repo = resync_source(app, st)
+        if repo is not None:
+            prepared = prepare_from(app, client, name, repo, guest_path=st["guest_path"],
+                                    mode=st.get("mode") or "shallow",
+                                    discard_guest_changes=discard_guest_changes)
             click.echo(prepared_text(prepared), err=True)  # stdout is the command's
     return in_guest(app, client, name, list(command))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from banger import repoship
 from banger.cli import output
 from banger.cli.app import App, follow, json_option, pass_app
 from banger.cli.complete import vm_names
+from banger.errors import BadRequest
 from banger.sdk import Client
 
 
@@ -59,15 +61,46 @@ def workspace_prepare(app: App, name: str, path: Path, guest_path: str | None,
 def prepare_from(app: App, client: Client, name: str, repo: Path, **kw: Any) -> dict[str, Any]:
     """Prepare VM ``name``'s workspace from ``repo`` on this machine; with a remote
     daemon, the repository is sent to its host first and dropped there afterwards
-    (:mod:`banger.repoship`)."""
+    (:mod:`banger.repoship`), and the daemon keeps where it came from (its origin)."""
     if app.remote is None:
         return follow(app, client.workspace.prepare, name, repo, **kw)
     link = app.link()
-    there = repoship.send(link, repo)
+    ship = repoship.shipment(repoship.top_of(repo))
+    origin = repoship.origin(ship)  # before the copy: a change meanwhile is seen next time
+    there = repoship.send(link, ship)
     try:
-        return follow(app, client.workspace.prepare, name, there, **kw)
+        return follow(app, client.workspace.prepare, name, there, origin=origin, **kw)
     finally:
         repoship.drop(link, there)
+
+
+def resync_source(app: App, st: dict[str, Any]) -> Path | None:
+    """For ``vm exec --auto-prepare``: the repository on this machine to prepare VM
+    ``st['vm']``'s workspace from again, or None when it has not changed since.
+
+    Here, the daemon compares the repository it copied from; a remote daemon's copy
+    came from this machine, so the repository and its fingerprint then are the
+    workspace's origin, compared here.
+
+    Raises:
+        BadRequest: the remote workspace was not sent from this machine.
+    """
+    if app.remote is None:
+        return Path(st["host_path"]) if st["needs_resync"] else None
+    origin = st.get("origin")
+    here = socket.gethostname()
+    if not origin or origin.get("host") != here:
+        came = f" (it came from {origin['host']})" if origin else ""
+        raise BadRequest(
+            f"VM {st['vm']}'s workspace was not sent from this machine{came}, so "
+            "--auto-prepare cannot tell whether it is current",
+            hint=f"prepare it from here first: `banger vm workspace prepare {st['vm']} PATH`")
+    repo = Path(origin["path"])
+    try:
+        changed = repoship.fingerprint(repoship.shipment(repo)) != origin["fingerprint"]
+    except BadRequest:
+        changed = True  # gone or no longer a work tree: the prepare says why
+    return repo if changed else None
 
 
 @vm_workspace.command("receive", hidden=True)

@@ -205,6 +205,8 @@ def _prepare(d: Daemon, op: Operation, *, vm: VMRecord, runner: Runner,
             "base_commit": info.head, "branch": p.branch, "mode": info.mode.value,
             "prepared": False, "prepared_at": None, "info": info.to_dict(),
         }
+        if p.origin is not None:
+            record["origin"] = p.origin.model_dump()
         _set_workspace(d, vm.id, record)
         started = time.monotonic()
         total_files, total_mb = plan.files, plan.bytes / 1e6  # walking the plan is not free

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from banger import client as rpc
+from banger.api.params import WorkspaceOrigin
 from banger.sdk.base import Namespace, Progress, absolute
 
 
@@ -27,13 +28,16 @@ class Workspace(Namespace):
     def prepare(self, name: str, path: str | Path, *, guest_path: str | None = None,
                 branch: str | None = None, from_ref: str | None = None,
                 mode: str = "shallow", discard_guest_changes: bool = False,
+                origin: WorkspaceOrigin | None = None,
                 on_progress: Progress | None = None,
                 cancel: threading.Event | None = None) -> dict[str, Any]:
         """Copy the git work tree at ``path`` into VM ``name`` (``vm workspace prepare``);
-        what was copied, and what became of the guest's earlier changes."""
+        what was copied, and what became of the guest's earlier changes. ``origin``:
+        where a repository sent from another machine came from (kept with the record)."""
         op = self._c.call("vm.workspace.prepare.begin", name=name, path=absolute(path),
                           guest_path=guest_path, branch=branch, from_ref=from_ref, mode=mode,
-                          discard_guest_changes=discard_guest_changes)
+                          discard_guest_changes=discard_guest_changes,
+                          origin=origin.model_dump() if origin is not None else None)
         result: dict[str, Any] = self._c.operation("vm.workspace.prepare", op,
                                                    on_progress=on_progress, cancel=cancel)
         return result
