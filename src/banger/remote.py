@@ -30,7 +30,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +181,28 @@ class SSHLink:
         self._check_version()
         self._forward(str(self.remote["socket"]))
         return self.socket
+
+    def check_sends_to_own_daemon(self) -> None:
+        """Refuse to send a repository the remote daemon will not copy: one unpacked as
+        the login user, for a daemon that runs as another user and is not root (a
+        service daemon copies only its owner's repositories).
+
+        Raises:
+            BadRequest: the remote daemon runs as another, unprivileged user.
+        """
+        daemon_uid, login_uid = self.remote.get("daemon_uid"), self.remote.get("login_uid")
+        if not isinstance(daemon_uid, int) or daemon_uid in (0, login_uid):
+            return
+        name = self.remote.get("daemon_user")
+        if isinstance(name, str) and _USER.fullmatch(name):
+            owner = name
+            hint = f"log in as {owner}: {replace(self.target, user=owner)}"
+        else:
+            owner, hint = f"uid {daemon_uid}", "log in as the daemon's user"
+        raise BadRequest(
+            f"the daemon on {self.target} runs as {owner} and copies only {owner}'s "
+            f"repositories, but this login (uid {str(login_uid)[:12]}) would send yours",
+            hint=hint)
 
     def _wait_for_master(self) -> None:
         deadline = time.monotonic() + CONNECT_TIMEOUT_S + 15

@@ -139,6 +139,9 @@ def test_a_remote_daemon_runs_a_vm_for_a_client_over_ssh(host: Host, remote: Cli
     assert ran.stdout.strip() == "rbox"
     shell = remote.banger("vm", "ssh", "rbox", "--", "echo", "$((40+2))")
     assert (shell.returncode, shell.stdout.strip()) == (0, "42"), shell.stderr
+    # Who runs the remote daemon and who logs in (a root daemon copies anyone's repository).
+    where = host.json("daemon", "where")
+    assert (where["daemon_uid"], where["daemon_user"], where["login_uid"]) == (0, "root", 0)
     # `vm exec --auto-prepare`: the workspace's origin is this client's repository, which
     # is sent again only when it changed.
     repo = remote.home / "ws"

@@ -329,3 +329,20 @@ def test_a_received_repository_is_unpacked_as_untrusted_data(tmp_path: Path) -> 
         repoship.remove(str(root / "repo-x" / "repo"), root)  # no such holder
     repoship.remove(str(got), root)
     assert list(root.iterdir()) == []
+
+
+def test_a_repository_is_not_sent_to_a_daemon_of_another_unprivileged_user() -> None:
+    """A received repository is the login user's; a service daemon running as another
+    user copies only its own user's: refused before anything is sent."""
+    link = SSHLink(SSHTarget("box", "root", 2222))
+    for daemon_uid, login_uid in ((0, 1000), (1000, 1000), (None, 1000)):  # root, the same
+        link.remote = {"daemon_uid": daemon_uid, "daemon_user": "x", "login_uid": login_uid}
+        link.check_sends_to_own_daemon()  # a root daemon copies anyone's; None: not running
+    link.remote = {"daemon_uid": 1001, "daemon_user": "alice", "login_uid": 0}
+    with pytest.raises(BadRequest, match="runs as alice and copies only alice's") as exc:
+        link.check_sends_to_own_daemon()
+    assert exc.value.hint == "log in as alice: ssh://alice@box:2222"
+    link.remote = {"daemon_uid": 1001, "daemon_user": "-oProxyCommand=x", "login_uid": 0}
+    with pytest.raises(BadRequest, match="runs as uid 1001") as exc:  # never echoed as a name
+        link.check_sends_to_own_daemon()
+    assert exc.value.hint == "log in as the daemon's user"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pwd
 from typing import Any
 
 import click
@@ -49,22 +51,37 @@ def daemon_status(app: App) -> int:
 @json_option
 @pass_app
 def daemon_where(app: App, no_start: bool) -> None:
-    """Where this machine's daemon listens, and its version (starting it if needed).
+    """Where this machine's daemon listens, its version and user (starting it if needed).
 
     What a `banger --host ssh://...` on another machine asks first, over SSH.
     """
     app.on_this_machine("`banger daemon where`")
     client = app.client(autostart=not no_start)
     socket = str(Layout.from_config(app.cfg).socket)
+    daemon_uid: int | None = None
     try:
-        version, running = client.daemon.status()["version"], True
+        st = client.daemon.status()
+        version, running, daemon_uid = st["version"], True, st.get("uid")
     except DaemonUnavailable:
         if not no_start:
             raise
         version, running = __version__, False  # the CLI's: the daemon it would start
+    # Who runs the daemon and who asks: a repository sent over SSH is unpacked as the
+    # latter, and a daemon that is not root copies only its own user's repositories.
     info = {"version": version, "protocol": PROTOCOL_VERSION, "socket": socket,
-            "running": running}
+            "running": running, "daemon_uid": daemon_uid,
+            "daemon_user": _user_name(daemon_uid), "login_uid": os.getuid()}
     app.emit(info, f"bangerd {version} at {socket}" + ("" if running else " (not running)"))
+
+
+def _user_name(uid: int | None) -> str | None:
+    """The account name of ``uid`` (None when it has none, or for None)."""
+    if uid is None:
+        return None
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
 
 
 @daemon.command("start")

@@ -65,6 +65,7 @@ def prepare_from(app: App, client: Client, name: str, repo: Path, **kw: Any) -> 
     if app.remote is None:
         return follow(app, client.workspace.prepare, name, repo, **kw)
     link = app.link()
+    link.check_sends_to_own_daemon()
     ship = repoship.shipment(repoship.top_of(repo))
     origin = repoship.origin(ship)  # before the copy: a change meanwhile is seen next time
     there = repoship.send(link, ship)

@@ -461,10 +461,12 @@ class Daemon:
                 time.sleep(3600)
 
     def status(self) -> dict[str, Any]:
-        """Daemon facts for ``daemon.ping``: pid, version, paths, uptime, VM and op counts."""
+        """Daemon facts for ``daemon.ping``: pid, its user, version, paths, uptime, VM and
+        op counts."""
         vms = self.db.list_vms()
         return {
-            "pid": os.getpid(), "version": __version__, "protocol": PROTOCOL_VERSION,
+            "pid": os.getpid(), "uid": os.getuid(), "version": __version__,
+            "protocol": PROTOCOL_VERSION,
             "socket": str(self.layout.socket), "log": str(self.layout.daemon_log),
             "state_dir": str(self.layout.state_dir),
             "uptime_s": round(time.time() - self.started_at, 1),
