@@ -96,6 +96,8 @@ class FakeNet:
         self._links: dict[str, str | None] = {}  # name -> master bridge
         self.bridges: dict[str, str] = {}
         self.namespaces: dict[str, tuple[str, tuple[int, int]]] = {}  # name -> port, owner
+        self.unnamed: list[str] = []  # names dropped while a VMM held the namespace
+        self.made: list[tuple[str, str, tuple[int, int]]] = []  # netns, port, TAP owner
         self._mu = threading.Lock()
         self.fail_tap = False
 
@@ -134,12 +136,18 @@ class FakeNet:
                 raise HostError(f"{port} or {netns} exists")
             self._links[port] = bridge
             self.namespaces[netns] = (port, tap_owner)
+            self.made.append((netns, port, tap_owner))
 
     def delete_netns(self, netns: str) -> None:
         with self._mu:
             port, _ = self.namespaces.pop(netns, (None, None))
             if port is not None:
                 self._links.pop(port, None)
+
+    def unname_netns(self, netns: str) -> None:
+        with self._mu:
+            self.namespaces.pop(netns, None)  # the port stays: a VMM holds the namespace
+            self.unnamed.append(netns)
 
     def netns_names(self) -> list[str]:
         with self._mu:

@@ -127,8 +127,9 @@ class VMMDriver(Protocol):
 class ConfinedVMM(Protocol):
     """A driver that confines its VMM (user, seccomp, cgroup): ``qemuproc.QemuDriver``."""
 
-    def confinement(self, vm_id: str) -> dict[str, Any]:
-        """How the VM's VMM is confined (``vm show``)."""
+    def confinement(self, vm_id: str, pid: int | None = None) -> dict[str, Any]:
+        """How the VM's VMM is confined (``vm show``): one just launched, or (``pid``)
+        one found running."""
         ...
 
     def readopt(self, vm_id: str, pid: int) -> dict[str, Any]:

@@ -465,8 +465,9 @@ def test_jailer_netns_vm_opens_its_tap_in_a_namespace_of_its_own(tmp_path: Path,
                                                                 vms: VMs) -> None:
     """``jailer_netns``: the jailer joins the VM's own network namespace, where the fake
     Firecracker opens ``tap0`` as the VMM user (the real one fails to start without
-    it); the VM's port sits on the bridge; the cleanup takes both away. Run in a network
-    namespace this test makes, so the bridge and the port are never the host's."""
+    it); the VM's port sits on the bridge; once joined, the namespace has no name and
+    goes, port and all, with the VMM. Run in a network namespace this test makes, so
+    the bridge and the port are never the host's."""
     jail_user()
     with own_netns():
         fakes, drv, _ = jailed_driver(tmp_path, spec_path, vms, tmp_path / "jails",
@@ -477,28 +478,38 @@ def test_jailer_netns_vm_opens_its_tap_in_a_namespace_of_its_own(tmp_path: Path,
         port = tap_name(tap_prefix_for(tag))
         plan = vms.plan(tap=port)
         ns = Path(f"/run/netns/banger-{tag}-{plan.vm_id}")
+        ident = None
+        try:
+            ident = drv.launch(plan)
+            journal = fakes.journal(plan.marker)
+            jailer = journal.events("jailer")[0]
+            assert jailer["problems"] == []
+            own = jailer["argv"][:jailer["argv"].index("--")]
+            assert own[own.index("--netns") + 1] == str(ns)
+            assert bodies(fakes, plan, ident.pid)[("PUT", "/network-interfaces/eth0")] == {
+                "iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": plan.mac}
+            assert journal.errors() == []  # the fake opened tap0 in there, as the VMM user
+            # Firecracker holds the namespace; its name is gone, its port on the bridge.
+            assert not ns.exists() and drv.jail.fc_netns_vms() == []
+            assert os.readlink(f"/proc/{ident.pid}/ns/net") != os.readlink(
+                "/proc/thread-self/ns/net")
+            shown = json.loads(subprocess.run(
+                ["ip", "-j", "-d", "link", "show", "dev", port], capture_output=True,
+                text=True, check=True).stdout)
+            assert shown[0]["master"] == "br-banger"
+            assert shown[0]["linkinfo"]["info_kind"] == "veth"
 
-        ident = drv.launch(plan)
-        journal = fakes.journal(plan.marker)
-        jailer = journal.events("jailer")[0]
-        assert jailer["problems"] == []
-        own = jailer["argv"][:jailer["argv"].index("--")]
-        assert own[own.index("--netns") + 1] == str(ns)
-        assert bodies(fakes, plan, ident.pid)[("PUT", "/network-interfaces/eth0")] == {
-            "iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": plan.mac}
-        assert journal.errors() == []  # the fake opened tap0 in there, as the VMM user
-        assert ns.exists()
-        shown = json.loads(subprocess.run(["ip", "-j", "-d", "link", "show", "dev", port],
-                                          capture_output=True, text=True, check=True).stdout)
-        assert shown[0]["master"] == "br-banger"
-        assert shown[0]["linkinfo"]["info_kind"] == "veth"
-        assert drv.jail.fc_netns_vms() == [plan.vm_id]
-
-        assert drv.stop(plan.paths, ident, grace_s=10)
-        drv.cleanup(plan.paths)
-        assert not ns.exists()
-        assert port not in drv.jail.links()
-        assert drv.jail.fc_netns_vms() == []
+            assert drv.stop(plan.paths, ident, grace_s=10)
+            drv.cleanup(plan.paths)
+            # The last process left the namespace: the kernel frees it, the port with it.
+            deadline = time.monotonic() + 30
+            while port in drv.jail.links():
+                assert time.monotonic() < deadline, "the VM's port outlived its namespace"
+                time.sleep(0.1)
+        finally:
+            if ident is not None:
+                kill(ident)
+            subprocess.run(["ip", "netns", "del", ns.name], capture_output=True, check=False)
 
 
 def test_jailer_netns_without_the_jailer_is_refused(fakes: FakeInstall, vms: VMs) -> None:

@@ -468,3 +468,28 @@ def test_background_work_that_fails_while_serving_is_logged(
         threading.Event().wait(0.05)
     else:
         raise AssertionError("the failure was not logged")
+
+
+def test_a_vmm_that_makes_its_own_port_gets_a_name_not_a_pooled_tap(
+        tmp_path: Path, world: FakeWorld) -> None:
+    """A jailed Firecracker with jailer_netns makes the VM's port itself (``own_port``):
+    the daemon names it with the install's TAP prefix, leaves the TAP pool alone, admits
+    the guest on that name, and deletes it at teardown like any TAP."""
+    world.vmm.own_port = True  # type: ignore[misc]
+    d = _open(tmp_path / "a", world)
+    try:
+        vmcreate.create_sync(d, CreateParams(name="web"))
+        vm = d.db.find_vm("web")
+        assert vm is not None
+        port = vm.runtime.teardown["tap"]
+        d.tap_pool.fill()
+        pooled = d.tap_pool.owned()
+        assert port.startswith(d.tap_pool.prefix) and port not in pooled
+        assert len(pooled) == 2  # the pool's size: none of it went to the VM
+        assert set(world.net.taps()) == pooled  # and the daemon made no TAP for the VM
+        assert port in {g.tap for g in d.firewall._admitted.values()}
+        world.net.create_tap(port, "br-banger")  # as the VMM's launch would
+        vmpower.stop(d, "web")
+        assert port not in world.net.links()  # released like any TAP
+    finally:
+        d.close()

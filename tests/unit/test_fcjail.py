@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from banger.errors import HostError, Refused
-from banger.hostops import ops
+from banger.hostops import fcjail, ops
 from banger.hostops.cgroups import CONTROLLERS, CgroupHost, CgroupVersion
 from banger.hostops.client import HostOps
 from banger.hostops.executor import Executor
@@ -40,7 +40,7 @@ class Jail:
     """A policy with a (fake) jailer, a state dir, and VM ``VM``'s jail root, as the
     jailer leaves it: the VMM user's (nobody here)."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *, jailer_netns: bool = False) -> None:
         user = lookup_user("nobody")
         if user is None:
             pytest.skip("needs the 'nobody' account")
@@ -52,7 +52,8 @@ class Jail:
         self.policy = Policy(SETTINGS, state_dir=self.state, runtime_dir=tmp / "run",
                              install_tag="t1", vmm_user="nobody",
                              firecracker_bin="/usr/bin/firecracker", jailer_bin="/usr/bin/jailer",
-                             jailer_chroot_base=self.base, daemon_uid=4242, daemon_gid=4343)
+                             jailer_chroot_base=self.base, jailer_netns=jailer_netns,
+                             daemon_uid=4242, daemon_gid=4343)
         self.executor = Executor(self.policy, FakeRunner(), FakeNet(), tmp / "fwd",
                                  cgroups=lambda: self.cgroups)
         self.host = HostOps.local(self.executor)
@@ -100,8 +101,7 @@ REFUSED = [
         path="/dev/mapper/bgr-other0a1b2c3d4e5f", mode="rw")})),
     ("the console log in another VM's directory", launch(
         serial="/STATE/vms/ffffffffffff/serial.log")),
-    ("a port that is not one of the install's TAPs", launch(port="eth0")),
-    ("another install's TAP as the port", launch(port="bgtt2a0b1c2")),
+    ("a port where this install has jailer_netns off", launch(port="bgtt1a0b1c2")),
     ("a snapshot moved out of the state dir", ops.FcSnapshotOut(
         vm_id=VM, state="/STATE/vms/0a1b2c3d4e5f/s", memory="/root/mem")),
 ]
@@ -213,11 +213,13 @@ def test_cleanup_removes_the_jail_and_the_jailers_cgroup(jail: Jail) -> None:
 # ----------------------------------------------------------------- a namespace of its own
 
 
-def test_a_launch_with_a_port_puts_the_vm_in_a_network_namespace_of_its_own(jail: Jail
-                                                                         ) -> None:
+def test_a_launch_with_a_port_puts_the_vm_in_a_network_namespace_of_its_own(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``jailer_netns``: the helper makes the VM's namespace (its TAP the VMM user's, its
-    port on the bridge) and the jailer joins it; a failed start and the cleanup leave
-    none behind. The real namespace and its frames: tests/integration/test_vm_netns.py."""
+    port on the bridge), the jailer joins it, and then its name goes (the VMM holds it);
+    a failed start and the cleanup leave none behind. The real namespace and its frames:
+    tests/integration/test_vm_netns.py; a real join: tests/contract."""
+    jail = Jail(tmp_path, jailer_netns=True)
     net = jail.executor.net
     assert isinstance(net, FakeNet)
     net.ensure_bridge("br-t", SETTINGS.cidr)
@@ -233,34 +235,70 @@ def test_a_launch_with_a_port_puts_the_vm_in_a_network_namespace_of_its_own(jail
         started.append(list(spec["command"]))
         return 4242
 
-    jail.executor.jails._spawn = spawn
+    jails = jail.executor.jails
+    jails._spawn = spawn
+    jails._joined = lambda pid, netns: pid == 4242 and netns in net.namespaces
     req = launch(serial=f"{jail.state}/vms/{VM}/serial.log", port="bgtt1a0b1c2",
                  files={"kernel": ops.VMFile(path=str(kernel), mode="r")})
     assert jail.host.fc_launch(req) == 4242
     ns = f"banger-t1-{VM}"
-    assert net.namespaces == {ns: ("bgtt1a0b1c2", (jail.user.uid, jail.user.gid))}
+    assert net.made == [(ns, "bgtt1a0b1c2", (jail.user.uid, jail.user.gid))]
     argv = started[-1]
     assert argv[argv.index("--netns") + 1] == f"/run/netns/{ns}"
     assert argv.index("--netns") < argv.index("--")  # the jailer's option, not Firecracker's
-    assert jail.host.fc_netns_vms() == [VM]
+    # Joined: the name is dropped, the namespace (and the port) live on with the VMM.
+    assert net.unnamed == [ns] and net.namespaces == {} and "bgtt1a0b1c2" in net.links()
+    assert jail.host.fc_netns_vms() == []
 
-    # Launched again (a restart after a crash): the old namespace is replaced.
-    assert jail.host.fc_launch(req) == 4242
-    assert list(net.namespaces) == [ns]
+    # A name a crashed launch left behind is replaced by the next launch.
+    net.create_vm_netns(ns, "bgtt1d0d0d0", "br-t", (1, 1))
+    assert jail.host.fc_launch(req.model_copy(update={"port": "bgtt1a1a1a1"})) == 4242
+    assert net.made[-1] == (ns, "bgtt1a1a1a1", (jail.user.uid, jail.user.gid))
+    assert "bgtt1d0d0d0" not in net.links()
+
+    # A jailer that ends, or never joins, takes its namespace with it.
+    def gone(pid: int, netns: str) -> bool:
+        raise ProcessLookupError(pid)
+
+    jails._joined = gone
+    with pytest.raises(HostError, match="ended before it joined"):
+        jail.host.fc_launch(req.model_copy(update={"port": "bgtt1b1b1b1"}))
+    assert net.namespaces == {} and "bgtt1b1b1b1" not in net.links()
+    jails._joined = lambda pid, netns: False
+    monkeypatch.setattr(fcjail, "JOIN_WAIT_S", 0.05)
+    with pytest.raises(HostError, match="did not join"):
+        jail.host.fc_launch(req.model_copy(update={"port": "bgtt1c1c1c1"}))
+    assert net.namespaces == {} and "bgtt1c1c1c1" not in net.links()
 
     def fail(what: str, spec: dict[str, Any], fds: list[int]) -> int:
         raise HostError("the jailer did not start")
 
-    jail.executor.jails._spawn = fail
+    jails._spawn = fail
     with pytest.raises(HostError, match="did not start"):
-        jail.host.fc_launch(req)
-    assert net.namespaces == {} and "bgtt1a0b1c2" not in net.links()
+        jail.host.fc_launch(req.model_copy(update={"port": "bgtt1e1e1e1"}))
+    assert net.namespaces == {} and "bgtt1e1e1e1" not in net.links()
 
-    jail.executor.jails._spawn = spawn
-    jail.host.fc_launch(req)
+    # The cleanup removes a name left behind, and goes on to the jail after a failure.
+    net.create_vm_netns(ns, "bgtt1f1f1f1", "br-t", (1, 1))
+    assert jail.host.fc_netns_vms() == [VM]
     jail.host.fc_cleanup(VM)
     assert net.namespaces == {} and jail.host.fc_netns_vms() == []
+    jail.layout.root.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setattr(net, "delete_netns", lambda name: (_ for _ in ()).throw(
+        HostError("cannot delete it")))
+    with pytest.raises(HostError, match="cannot delete it"):
+        jail.host.fc_cleanup(VM)
+    assert not jail.layout.jail_dir.exists()  # the jail went all the same
 
-    # Without a port: the helper's own namespace, as before.
-    jail.host.fc_launch(req.model_copy(update={"port": None}))
-    assert "--netns" not in started[-1] and net.namespaces == {}
+
+def test_jailer_netns_is_the_helpers_rule_not_the_daemons(tmp_path: Path) -> None:
+    """With jailer_netns on, a launch must name a port of this install: a daemon cannot
+    drop the namespace, nor name another install's link."""
+    jail = Jail(tmp_path, jailer_netns=True)
+    serial = f"{jail.state}/vms/{VM}/serial.log"
+    kernel = {"kernel": ops.VMFile(path=f"{jail.state}/k", mode="r")}
+    for port, why in ((None, "names no port"), ("eth0", "not one of this install's TAPs"),
+                      ("bgtt2a0b1c2", "not one of this install's TAPs")):
+        with pytest.raises(Refused, match=why):
+            jail.executor.handle(launch(serial=serial, files=kernel, port=port))
+    assert os.listdir(jail.root) == []

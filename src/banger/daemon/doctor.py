@@ -241,9 +241,12 @@ def _netns(runner: Runner) -> Check:
             runner.run(["ip", "netns", "del", ns], desc="delete the scratch netns", timeout=10,
                        check=False)
     except BangerError as exc:
-        return Check("network", Status.FAIL, f"cannot create a bridge: {exc.message}",
-                     "check CAP_NET_ADMIN and the bridge module")
-    return Check("network", Status.OK, "can create network namespaces and bridges")
+        return Check("network", Status.FAIL,
+                     f"cannot create a network namespace and a bridge: {exc.message}",
+                     "check CAP_NET_ADMIN, CAP_SYS_ADMIN (every QEMU runs in a network "
+                     "namespace of its own) and the bridge module")
+    return Check("network", Status.OK, "can create network namespaces (QEMU runs in one of "
+                                       "its own) and bridges")
 
 
 def _nftables(cfg: Config, runner: Runner) -> Check:

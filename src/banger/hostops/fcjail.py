@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
@@ -46,10 +48,14 @@ from banger.hostops.jail import (
 from banger.hostops.netlink import NETNS_DIR, HostNetwork, vm_netns_prefix
 from banger.hostops.policy import Policy
 from banger.hostops.vmfiles import launch_files, open_log, open_vm_file
+from banger.proc import identify, send_signal
 from banger.vmm import vm_marker
 from banger.vmmuser import VMMUser
 
 CONNECT_TIMEOUT_S = 5.0  # a local socket: anything slower is a VMM that is not listening
+# The jailer joins the VM's namespace after building the chroot, before it execs
+# Firecracker: a second or so, unless the host is in trouble.
+JOIN_WAIT_S = 10.0
 SOCKETS = {"api": JAIL_API_SOCKET, "vsock": JAIL_VSOCK}
 
 # (description, spec, descriptors to pass) -> the launched process's pid
@@ -66,6 +72,7 @@ class Jails:
         self._vmm_user = vmm_user
         self._spawn = spawn
         self.net = net
+        self._joined = joined_netns
         # One request per VM's jail at a time: a second launch must not rebuild a root
         # the first one's jailer is giving to the VMM user meanwhile. _mu guards the dict.
         self._mu = threading.Lock()
@@ -121,12 +128,44 @@ class Jails:
             spec: dict[str, object] = {"fds": {}, "stderr_fd": serial, "command": argv,
                                        "cgroup_procs": []}
             try:
-                return self._spawn(f"start Firecracker for VM {req.vm_id}", spec, [serial])
+                pid = self._spawn(f"start Firecracker for VM {req.vm_id}", spec, [serial])
+                if netns is not None:
+                    self._await_join(req.vm_id, pid, netns)
             except BaseException:
                 if netns is not None:
                     with contextlib.suppress(HostError):
                         self.net.delete_netns(netns)
                 raise
+        if netns is not None:
+            # Firecracker holds its namespace now: the name is dropped, so the namespace
+            # and its links go with the VMM, whatever becomes of this helper (its mount
+            # namespace, where a service's names live, does not outlive it).
+            self.net.unname_netns(netns)
+        return pid
+
+    def _await_join(self, vm_id: str, pid: int, netns: str) -> None:
+        """Wait until the jailer ``pid`` has joined ``netns`` (before it execs
+        Firecracker); kill it when it has not within :data:`JOIN_WAIT_S`.
+
+        Raises:
+            HostError: it ended first, or did not join in time.
+        """
+        deadline = time.monotonic() + JOIN_WAIT_S
+        while True:
+            try:
+                if self._joined(pid, netns):
+                    return
+            except OSError as exc:
+                raise HostError(f"Firecracker's jailer for VM {vm_id} ended before it joined "
+                                "the VM's network namespace (its output is in the VM's "
+                                "serial log)") from exc
+            if time.monotonic() > deadline:
+                ident = identify(pid, vm_marker(vm_id))
+                if ident is not None:
+                    send_signal(ident, signal.SIGKILL)
+                raise HostError(f"Firecracker's jailer for VM {vm_id} did not join the VM's "
+                                f"network namespace within {JOIN_WAIT_S:g}s")
+            time.sleep(0.01)
 
     def netns_name(self, vm_id: str) -> str:
         """The name of VM ``vm_id``'s own network namespace (``fc.launch`` with a port)."""
@@ -198,9 +237,26 @@ class Jails:
         """Remove VM ``vm_id``'s network namespace, its jail and the cgroup the jailer
         made for it."""
         with self._jail_of(vm_id):
-            self.net.delete_netns(self.netns_name(vm_id))
-            if not self.policy.runs_firecracker:
-                return  # no jail was ever made by this helper
-            remove_jail(self.layout(vm_id))
-            group = vm_group(self.policy.install_tag, vm_marker(vm_id))
-            self._cgroups().group(group).remove(wait_s=wait_s)
+            steps: list[Callable[[], object]] = [
+                lambda: self.net.delete_netns(self.netns_name(vm_id))]  # a launch's leftover
+            if self.policy.runs_firecracker:  # else no jail was ever made by this helper
+                group = vm_group(self.policy.install_tag, vm_marker(vm_id))
+                steps += [lambda: remove_jail(self.layout(vm_id)),
+                          lambda: self._cgroups().group(group).remove(wait_s=wait_s)]
+            failed: list[HostError] = []
+            for step in steps:  # each one, whatever became of the one before
+                try:
+                    step()
+                except HostError as exc:
+                    failed.append(exc)
+            if failed:
+                raise failed[0]
+
+
+def joined_netns(pid: int, netns: str) -> bool:
+    """Whether process ``pid`` is in the named network namespace ``netns``.
+
+    Raises:
+        OSError: there is no process ``pid`` (or the name is gone).
+    """
+    return os.readlink(f"/proc/{pid}/ns/net") == f"net:[{os.stat(NETNS_DIR / netns).st_ino}]"

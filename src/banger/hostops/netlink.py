@@ -23,6 +23,7 @@ from typing import Protocol
 from banger.errors import HostError
 
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")  # per network namespace
+IPV6 = Path("/proc/sys/net/ipv6")  # absent on a kernel booted with ipv6.disable=1
 TAP_PREFIX = "bgt"  # every TAP banger creates starts with this, then the install tag
 IP_TIMEOUT_S = 30  # one `ip` command: milliseconds, unless the host is in trouble
 IFNAMSIZ = 16  # linux/if.h, including the NUL: a link name has at most 15 characters
@@ -95,6 +96,10 @@ class HostNetwork(Links, Protocol):
 
     def delete_netns(self, netns: str) -> None:
         """Delete network namespace ``netns`` and what it holds; a missing one is not an error."""
+        ...
+
+    def unname_netns(self, netns: str) -> None:
+        """Remove the name ``netns`` only (the namespace lives while a process is in it)."""
         ...
 
     def netns_names(self) -> list[str]:
@@ -226,12 +231,14 @@ class IPNetwork:
         if (NETNS_DIR / netns).exists():
             raise HostError(f"network namespace {netns} exists")
         uid, gid = tap_owner
+        # No IPv6 address generation: a kernel booted without IPv6 has no such setting.
+        quiet = " addrgenmode none" if IPV6.exists() else ""
         inside = "\n".join([
             f"link add name {VM_NETNS_BRIDGE} type bridge",
-            f"link set dev {VM_NETNS_BRIDGE} addrgenmode none up",
-            f"link set dev {VM_NETNS_UPLINK} addrgenmode none master {VM_NETNS_BRIDGE} up",
+            f"link set dev {VM_NETNS_BRIDGE}{quiet} up",
+            f"link set dev {VM_NETNS_UPLINK}{quiet} master {VM_NETNS_BRIDGE} up",
             f"tuntap add dev {VM_NETNS_TAP} mode tap user {uid} group {gid}",
-            f"link set dev {VM_NETNS_TAP} addrgenmode none master {VM_NETNS_BRIDGE} up",
+            f"link set dev {VM_NETNS_TAP}{quiet} master {VM_NETNS_BRIDGE} up",
         ]) + "\n"
         try:
             self._ip("netns", "add", netns)
@@ -240,12 +247,14 @@ class IPNetwork:
             self._ip("link", "set", "dev", port, "master", bridge, "up")
             self._ip("-n", netns, "-batch", "-", stdin=inside)
         except HostError as exc:
+            # The uplink's deletion takes the port, if this call made it (and only then:
+            # a port of that name made meanwhile by another hand is left alone).
             with contextlib.suppress(HostError):
                 self.delete_netns(netns)
-            with contextlib.suppress(HostError):
-                self.delete_link(port)
             raise HostError(f"cannot make network namespace {netns}: {exc.message}",
-                            hint="check network namespaces with `banger doctor`") from exc
+                            hint="check network namespaces with `banger doctor`; a system "
+                                 "service installed before jailer_netns needs `banger "
+                                 "system install` again") from exc
 
     def delete_netns(self, netns: str) -> None:
         """Delete network namespace ``netns``, its links, and the VM's port they fed.
@@ -259,11 +268,22 @@ class IPNetwork:
         # a namespace's links go only when the kernel gets round to freeing it.
         with contextlib.suppress(HostError):
             self._ip("-n", netns, "link", "del", "dev", VM_NETNS_UPLINK)
+        self.unname_netns(netns)
+
+    def unname_netns(self, netns: str) -> None:
+        """Remove the name ``netns`` only: the namespace lives on while a process is in
+        it (a VMM that joined it), and goes, with its links, when the last one leaves.
+
+        Raises:
+            HostError: the name could not be removed.
+        """
+        if not (NETNS_DIR / netns).exists():
+            return
         try:
             self._ip("netns", "del", netns)
         except HostError as exc:
             if (NETNS_DIR / netns).exists():
-                raise HostError(f"cannot delete network namespace {netns}: "
+                raise HostError(f"cannot remove the name of network namespace {netns}: "
                                 f"{exc.message}") from exc
 
     def netns_names(self) -> list[str]:

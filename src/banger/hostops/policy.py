@@ -82,6 +82,7 @@ class Policy:
     firecracker_bin: str = ""
     jailer_bin: str = ""
     jailer_chroot_base: Path = Path("/nonexistent/jail")
+    jailer_netns: bool = False  # every jailed VM in a namespace of its own, never fewer
     daemon_uid: int = 0  # whose files the daemon may hand to the VMM, and who owns sockets
     daemon_gid: int = 0
     # The daemon's user's subordinate ids (/etc/subuid, /etc/subgid): its build namespaces'.
@@ -104,7 +105,8 @@ class Policy:
             vmm_user=cfg.vmm_user, qemu_bin=cfg.qemu_bin,
             firecracker_bin=(find_firecracker(cfg) or "") if jailed else "",
             jailer_bin=(find_jailer(cfg) or "") if jailed else "",
-            jailer_chroot_base=cfg.jailer_chroot_base, daemon_uid=uid,
+            jailer_chroot_base=cfg.jailer_chroot_base, jailer_netns=cfg.jailer_netns,
+            daemon_uid=uid,
             daemon_gid=os.getgid() if daemon_gid is None else daemon_gid,
             subuids=subordinate(SUBUID, daemon_user, uid) if daemon_user else None,
             subgids=subordinate(SUBGID, daemon_user, uid) if daemon_user else None)
@@ -199,7 +201,13 @@ class Policy:
             if Path(f.path) != self.dm_device(req.vm_id):
                 self.beneath(req.op, Path(f.path), (self.state_dir, self.runtime_dir), name)
         self.beneath(req.op, Path(req.serial), (self.state_dir / "vms" / req.vm_id,), "serial")
+        if self.jailer_netns and req.port is None:
+            raise Refused(f"{req.op}: this install runs every Firecracker VM in a network "
+                          "namespace of its own (jailer_netns), and the request names no port")
         if req.port is not None:
+            if not self.jailer_netns:
+                raise Refused(f"{req.op}: a port for a network namespace of the VM's own, "
+                              "but this install has jailer_netns off")
             self._tap(req.op, req.port)
 
     def dm_name(self, vm_id: str) -> str:

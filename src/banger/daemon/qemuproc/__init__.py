@@ -157,6 +157,16 @@ def _ident_args() -> list[str]:
     ]
 
 
+def _own_netns(pid: int) -> bool:
+    """Whether process ``pid`` is in another network namespace than this process (False
+    when that cannot be read: a QEMU started before banger gave it one of its own, or
+    not ours to look at)."""
+    try:
+        return os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
+    except OSError:
+        return False
+
+
 def _fd(name: str) -> str:
     """A file QEMU re-opens through the descriptor the launcher holds for it."""
     return "/proc/self/fd/{fd:" + name + "}"
@@ -299,11 +309,16 @@ class QemuDriver:
             raise VMMError(f"QEMU could not restore {plan.name}: {reason}",
                            hint=f"QEMU's log: {plan.paths.vmm_log}") from exc
 
-    def confinement(self, vm_id: str) -> dict[str, Any]:
+    def confinement(self, vm_id: str, pid: int | None = None) -> dict[str, Any]:
         """How VM ``vm_id``'s VMM is confined, for ``vm show``: user, seccomp, its network
-        namespace (an empty one of its own: the launcher's ``own_netns``), cgroup."""
-        return {"user": self.user.name, "uid": self.user.uid, "seccomp": SANDBOX,
-                "netns": "own", "cgroup": self.cgroup(vm_id).to_json()}
+        namespace, cgroup. A VMM just launched has an empty namespace of its own (the
+        launcher's ``own_netns``); one found running (``pid``) is looked at, and a VMM
+        whose namespace cannot be read (a daemon that is not root) claims none."""
+        conf = {"user": self.user.name, "uid": self.user.uid, "seccomp": SANDBOX,
+                "cgroup": self.cgroup(vm_id).to_json()}
+        if pid is None or _own_netns(pid):
+            conf["netns"] = "own"
+        return conf
 
     def readopt(self, vm_id: str, pid: int) -> dict[str, Any]:
         """A live VMM found after a daemon restart: make sure it is in its cgroup.
@@ -324,7 +339,7 @@ class QemuDriver:
                 raise HostError(f"VM {vm_id}'s VMM (pid {pid}) is gone")
             self.host.cgroup_adopt(ident)
             log.info("vm %s: moved VMM pid %d into cgroup %s", vm_id, pid, group.describe())
-        return self.confinement(vm_id)
+        return self.confinement(vm_id, pid)
 
     def request_shutdown(self, plan_paths: VMPaths, ident: ProcessIdentity) -> bool:
         """Send ``system_powerdown`` (ACPI) over QMP; False if QMP did not answer."""
