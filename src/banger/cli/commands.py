@@ -5,7 +5,8 @@ Errors from anywhere are printed once, as ``error: ...`` plus a ``hint:``
 line, in :func:`main`, which is also the one place that turns them into exit
 codes (see :mod:`banger.cli.exits`). The commands live in one module per group:
 :mod:`~banger.cli.vm`, :mod:`~banger.cli.lifecycle`, :mod:`~banger.cli.workspace`,
-:mod:`~banger.cli.images`, :mod:`~banger.cli.snapshot` and :mod:`~banger.cli.daemon_cmds`.
+:mod:`~banger.cli.images`, :mod:`~banger.cli.kernels`, :mod:`~banger.cli.snapshot` and
+:mod:`~banger.cli.daemon_cmds`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from banger.cli import (
     daemon_cmds,
     exits,
     images,
+    kernels,
     lifecycle,
     output,
     session,
@@ -125,7 +127,7 @@ def completion(shell: str) -> None:
 cli.add_command(daemon_cmds.daemon)
 cli.add_command(context.context)
 cli.add_command(images.image)
-cli.add_command(images.kernel)
+cli.add_command(kernels.kernel)
 cli.add_command(vm.vm)
 cli.add_command(snapshot.snapshot)
 for _cmd in (lifecycle.start, lifecycle.stop, lifecycle.restart, lifecycle.delete, lifecycle.rm,
