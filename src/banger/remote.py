@@ -30,9 +30,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from banger.drain import Drain, close
 from banger.errors import BadRequest, DaemonUnavailable
@@ -183,9 +184,9 @@ class SSHLink:
         return self.socket
 
     def check_sends_to_own_daemon(self) -> None:
-        """Refuse to send a repository the remote daemon will not copy: one unpacked as
-        the login user, for a daemon that runs as another user and is not root (a
-        service daemon copies only its owner's repositories).
+        """Refuse to send a repository or files the remote daemon will not read: they are
+        unpacked as the login user, and a daemon that runs as another user and is not
+        root (a service daemon) copies only its own user's.
 
         Raises:
             BadRequest: the remote daemon runs as another, unprivileged user.
@@ -201,7 +202,8 @@ class SSHLink:
             owner, hint = f"uid {daemon_uid}", "log in as the daemon's user"
         raise BadRequest(
             f"the daemon on {self.target} runs as {owner} and copies only {owner}'s "
-            f"repositories, but this login (uid {str(login_uid)[:12]}) would send yours",
+            f"repositories and files, but this login (uid {str(login_uid)[:12]}) would "
+            "send yours",
             hint=hint)
 
     def _wait_for_master(self) -> None:
@@ -225,6 +227,40 @@ class SSHLink:
     def _plain_args(self) -> list[str]:
         port = ["-p", str(self.target.port)] if self.target.port else []
         return [*port, self.target.destination]
+
+    def copy_out(self, argv: list[str], out: IO[bytes], *, limit: int,
+                 chunk: Callable[[bytes], None] | None = None
+                 ) -> subprocess.CompletedProcess[bytes]:
+        """Run the remote banger with ``argv`` over the connection, its standard output
+        written to ``out`` (each piece also given to ``chunk``: a digest, progress) up
+        to ``limit`` bytes; the last :data:`MAX_ANSWER` bytes of its errors come back.
+
+        Raises:
+            OutputTooLarge: it printed more than ``limit`` bytes (it is killed).
+        """
+        argv = self.ssh("-T", self.target.destination, "--", self.remote_command(argv))
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        err = Drain(proc.stderr, MAX_ANSWER)
+        total = 0
+        try:
+            assert proc.stdout is not None
+            while data := proc.stdout.read(1 << 20):
+                total += len(data)
+                if total > limit:
+                    raise OutputTooLarge(f"more than {limit} bytes")
+                out.write(data)
+                if chunk is not None:
+                    chunk(data)
+            proc.wait()
+        except BaseException:  # too much, a full disk, or this command interrupted
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            stderr = err.join()
+            close(proc.stdout, proc.stderr)
+        return subprocess.CompletedProcess(argv, proc.returncode, b"", stderr)
 
     def capture(self, argv: list[str], *, timeout: float, input: bytes | None = None,
                 limit: int = MAX_ANSWER) -> subprocess.CompletedProcess[bytes]:

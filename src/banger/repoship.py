@@ -253,35 +253,125 @@ def send(link: SSHLink, ship: Shipment) -> str:
     print(f"sending {top} ({ship.files} files and its git data) to {link.target}",
           file=sys.stderr)
     name = re.sub(r"[^A-Za-z0-9._-]", "-", top.name).strip(".") or "repo"
-    receive = link.remote_command(["vm", "workspace", "receive", name[:100]])
+    return _stream(link, name[:100], lambda out: write_tar(ship, out), what=str(top))
+
+
+def _stream(link: SSHLink, name: str, write: Callable[[IO[bytes]], None], *, what: str) -> str:
+    """Run ``receive NAME`` on the remote host with what ``write`` writes as its input
+    (a tar); the directory it unpacked it in.
+
+    Raises:
+        BadRequest: ``write`` could not read what it sends.
+        HostError: the remote end failed to take it.
+    """
+    receive = link.remote_command(["vm", "workspace", "receive", name])
     proc = subprocess.Popen(link.ssh("-T", link.target.destination, "--", receive),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     assert proc.stdin is not None
     try:
-        write_tar(ship, proc.stdin)
+        write(proc.stdin)
     except BrokenPipeError:
         pass  # the remote end stopped reading: its error is below
-    except OSError as exc:  # a file went away or became unreadable meanwhile
+    except (OSError, BadRequest) as exc:  # a file went away or became unreadable meanwhile
         proc.kill()
         proc.wait()
-        raise BadRequest(f"cannot send {top}: {exc.strerror or exc} ({exc.filename})",
-                         hint="try again once nothing is changing the repository") from exc
+        if isinstance(exc, BadRequest):
+            raise
+        raise BadRequest(f"cannot send {what}: {exc.strerror or exc} ({exc.filename})",
+                         hint="try again once nothing is changing it") from exc
     try:
         out, err = proc.communicate(timeout=RECEIVE_TIMEOUT_S)  # closes its stdin: the end
     except subprocess.TimeoutExpired as exc:
         proc.kill()
         proc.wait()
-        raise HostError(f"{link.target} did not take the repository within "
+        raise HostError(f"{link.target} did not take {what} within "
                         f"{RECEIVE_TIMEOUT_S:g}s") from exc
     try:
         path = json.loads(out[:MAX_ANSWER])["path"]
     except (ValueError, KeyError, TypeError):
         path = None
     if proc.returncode != 0 or not isinstance(path, str):
-        raise HostError(f"{link.target} did not take the repository: "
+        raise HostError(f"{link.target} did not take {what}: "
                         f"{err.decode(errors='replace').strip()[-300:] or proc.returncode}")
     return path
+
+
+FILES = "files"  # the directory ``receive`` makes for files sent with :func:`send_files`
+_KEY = re.compile(r"[a-z0-9_]{1,32}")
+PROGRESS_STEP = 256 << 20  # bytes between two progress lines while files are sent
+
+
+def send_files(link: SSHLink, files: dict[str, Path]) -> tuple[str, dict[str, str]]:
+    """Send ``files`` (a key, such as ``rootfs``, for each) to the remote host for its
+    daemon to read; the directory they are in there (for :func:`drop`) and where each
+    one is, by key. Each goes as ``<key>/<its name>``, so two files of one name never
+    meet. Prints progress on standard error.
+
+    Raises:
+        BadRequest: a key is not a plain name, or a file could not be read.
+        HostError: the remote end failed to take them.
+    """
+    for key in files:
+        if not _KEY.fullmatch(key):
+            raise BadRequest(f"{key!r} is not a file key")
+    try:
+        total = sum(path.stat().st_size for path in files.values())
+    except OSError as exc:
+        raise BadRequest(f"cannot send {exc.filename}: {exc.strerror or exc}") from exc
+    names = ", ".join(path.name for path in files.values())
+    print(f"sending {names} ({total / 1e6:.1f} MB) to {link.target}", file=sys.stderr)
+    report = _Progress(total)
+    there = _stream(link, FILES, lambda out: write_files(files, out, report), what=names)
+    return there, {key: f"{there}/{key}/{path.name}" for key, path in files.items()}
+
+
+def write_files(files: dict[str, Path], out: IO[bytes],
+                report: Callable[[int], None] = lambda n: None) -> None:
+    """Write ``files`` to ``out`` as one tar of ``<key>/<name>`` members (what ``receive``
+    unpacks for :func:`send_files`), each byte counted to ``report``.
+
+    Raises:
+        BadRequest: one is not a regular file.
+        OSError: one could not be read.
+    """
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        for key, path in files.items():
+            info = tar.gettarinfo(path, arcname=f"{key}/{path.name}")
+            if not info.isreg():
+                raise BadRequest(f"{path} is not a regular file")
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            with path.open("rb") as fh:
+                tar.addfile(info, _Counting(fh, report))
+
+
+class _Progress:
+    """Progress lines (every :data:`PROGRESS_STEP` bytes) for files being sent."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self._next = total, 0, PROGRESS_STEP
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        if self.done >= self._next:
+            self._next += PROGRESS_STEP
+            print(f"  {self.done / 1e6:.0f}/{self.total / 1e6:.0f} MB sent", file=sys.stderr)
+
+
+class _Counting(io.RawIOBase):
+    """A file read through, its bytes counted to ``report``."""
+
+    def __init__(self, fh: IO[bytes], report: Callable[[int], None]) -> None:
+        self._fh, self._report = fh, report
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._fh.read(size)
+        self._report(len(data))
+        return data
 
 
 def drop(link: SSHLink, path: str) -> None:

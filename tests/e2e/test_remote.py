@@ -9,6 +9,7 @@ reads the account's ~/.ssh, not $HOME's). Nothing leaves the two namespaces.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import shutil
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from banger.protocol import __version__
-from tests.e2e.conftest import BIN, Host
+from tests.e2e.conftest import BIN, IMAGE, CachedImage, Host
 
 SSHD = Path("/usr/sbin/sshd")
 REMOTE_IP = "198.18.249.1"  # the veth pair's /30, inside the test's namespaces only
@@ -201,6 +202,40 @@ def test_a_repository_on_the_client_runs_in_a_remote_vm_and_its_patch_comes_back
     assert host.json("vm", "list") == []
     received = list((remote.home.parent / "cache" / "banger" / "received").iterdir())
     assert received == []  # the copy on the remote host went once it was in the guest
+
+
+def test_image_and_kernel_files_travel_over_the_connection(
+        host: Host, remote: Client, test_image: CachedImage) -> None:
+    """Files a command names are this machine's: `kernel import` and `image pull FILE`
+    send them to the remote host (and remove them there after); `image export -o FILE`
+    brings the bundle back here."""
+    url = f"ssh://root@{REMOTE_IP}"
+    kernel = remote.home / "vmlinuz"
+    shutil.copy(test_image.kernel, kernel)
+    imported = remote.banger("--host", url, "kernel", "import", "--name", "rk", str(kernel))
+    assert imported.returncode == 0, imported.stderr
+    assert "qemu" in host.json("kernel", "show", "rk")["vmms"]
+
+    bundle = remote.home / "img.tar.zst"
+    exported = remote.banger("--host", url, "image", "export", IMAGE, "-o", str(bundle),
+                             "--json", timeout=900)
+    assert exported.returncode == 0, exported.stderr
+    out = json.loads(exported.stdout)
+    digest = hashlib.sha256(bundle.read_bytes()).hexdigest()
+    assert (out["path"], out["sha256"], out["size_bytes"]) == (
+        str(bundle), digest, bundle.stat().st_size)
+    assert [p.name for p in remote.home.iterdir() if p.name.endswith(".partial")] == []
+
+    pulled = remote.banger("--host", url, "image", "pull", str(bundle), "--name", "rimg",
+                           "--json", timeout=900)
+    assert pulled.returncode == 0, pulled.stderr
+    assert host.json("image", "show", "rimg")["name"] == "rimg"
+    received = remote.home.parent / "cache" / "banger" / "received"
+    assert list(received.iterdir()) == []  # what was sent went once the daemon had it
+
+    missing = remote.banger("--host", url, "kernel", "import", "--name", "nk",
+                            str(remote.home / "nope"))
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr
 
 
 def test_a_wrong_key_an_unreachable_host_and_a_host_without_banger_are_clear(

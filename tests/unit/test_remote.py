@@ -4,6 +4,7 @@ remote bangerd in a second network namespace are tests/e2e/test_remote.py's."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -12,13 +13,22 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from banger import repoship
+from banger.cli import bundleout
 from banger.cli.quick import remote_chosen
 from banger.contexts import Contexts, chosen_host
-from banger.errors import AlreadyExists, BadName, BadRequest, DaemonUnavailable, NotFound
+from banger.errors import (
+    AlreadyExists,
+    BadName,
+    BadRequest,
+    BangerError,
+    DaemonUnavailable,
+    NotFound,
+)
 from banger.protocol import PROTOCOL_VERSION, __version__
 from banger.remote import MAX_ANSWER, OutputTooLarge, SSHLink, SSHTarget, run_bounded
 
@@ -346,3 +356,70 @@ def test_a_repository_is_not_sent_to_a_daemon_of_another_unprivileged_user() -> 
     with pytest.raises(BadRequest, match="runs as uid 1001") as exc:  # never echoed as a name
         link.check_sends_to_own_daemon()
     assert exc.value.hint == "log in as the daemon's user"
+
+
+# ----------------------------------------------------------- a bundle back from the host
+
+
+def test_copy_out_writes_what_the_remote_banger_prints_bounded(tmp_path: Path) -> None:
+    link = SSHLink(SSHTarget("box"))
+    script = "printf 'bundle bytes'; echo 'a warning' >&2; exit 0"
+    link.ssh = lambda *args, **kw: ["sh", "-c", script]  # type: ignore[method-assign]
+    out = io.BytesIO()
+    seen: list[bytes] = []
+    res = link.copy_out(["image", "export", "x", "-o", "-"], out, limit=100,
+                        chunk=seen.append)
+    assert (res.returncode, out.getvalue(), b"".join(seen)) == (0, b"bundle bytes",
+                                                                 b"bundle bytes")
+    assert res.stderr == b"a warning\n"
+    with pytest.raises(OutputTooLarge):
+        link.copy_out(["image", "export", "x", "-o", "-"], io.BytesIO(), limit=5)
+
+
+class _Link:
+    """What bundleout asks of the SSH link: the remote banger's export, played."""
+
+    def __init__(self, data: bytes, rc: int = 0, err: bytes = b"") -> None:
+        self.data, self.rc, self.err = data, rc, err
+
+    def copy_out(self, argv: list[str], out: Any, *, limit: int,
+                 chunk: Any = None) -> subprocess.CompletedProcess[bytes]:
+        assert argv == ["image", "export", "img", "-o", "-"]
+        if len(self.data) > limit:
+            raise OutputTooLarge("too much")
+        out.write(self.data[:7])  # a failure half-way still wrote some
+        if chunk is not None:
+            chunk(self.data)
+        out.write(self.data[7:])
+        return subprocess.CompletedProcess(argv, self.rc, b"", self.err)
+
+
+class _RemoteApp:
+    remote = SSHTarget("box")
+
+    def __init__(self, link: _Link) -> None:
+        self._link = link
+
+    def link(self) -> _Link:
+        return self._link
+
+
+def test_a_remote_export_lands_whole_or_not_at_all(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "img.tar.zst"
+    res = bundleout.from_remote(_RemoteApp(_Link(b"zstd bundle data")),  # type: ignore[arg-type]
+                                "img", target)
+    assert target.read_bytes() == b"zstd bundle data"
+    assert res == {"name": "img", "path": str(target), "size_bytes": 16,
+                   "sha256": hashlib.sha256(b"zstd bundle data").hexdigest()}
+    failing = _Link(b"partial bundle", rc=4, err=b"error: image 'img' is in use\nhint: wait\n")
+    with pytest.raises(BangerError, match="image 'img' is in use") as exc:
+        bundleout.from_remote(_RemoteApp(failing), "img", tmp_path / "b.tar.zst")  # type: ignore[arg-type]
+    assert exc.value.hint == "wait"
+    silent = _Link(b"partial bundle", rc=1, err=b"Killed\n")
+    with pytest.raises(DaemonUnavailable, match="did not export: Killed"):
+        bundleout.from_remote(_RemoteApp(silent), "img", tmp_path / "b.tar.zst")  # type: ignore[arg-type]
+    monkeypatch.setattr(bundleout, "BUNDLE_MAX", 3)
+    with pytest.raises(DaemonUnavailable, match="more than 3 bytes"):
+        bundleout.from_remote(_RemoteApp(_Link(b"too big")), "img", tmp_path / "b.tar.zst")  # type: ignore[arg-type]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img.tar.zst"]  # no partial left

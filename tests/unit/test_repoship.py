@@ -176,3 +176,31 @@ def test_auto_prepare_over_a_remote_host_compares_the_origin_here(tmp_path: Path
         assert "vm workspace prepare web PATH" in exc.value.hint
     gone = {**st, "origin": {**origin, "path": str(tmp_path / "gone")}}
     assert resync_source(remote, gone) == tmp_path / "gone"  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------- image and kernel files
+
+
+def test_files_go_as_key_and_name_and_arrive_whole(tmp_path: Path) -> None:
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"K" * 5000)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "vmlinuz").write_bytes(b"second file of the same name")
+    buf = io.BytesIO()
+    counted: list[int] = []
+    repoship.write_files({"kernel0": kernel, "kernel1": other / "vmlinuz"}, buf, counted.append)
+    assert sum(counted) == 5000 + len(b"second file of the same name")
+    buf.seek(0)
+    got = repoship.unpack(repoship.FILES, buf, tmp_path / "received")
+    assert (got / "kernel0" / "vmlinuz").read_bytes() == b"K" * 5000
+    assert (got / "kernel1" / "vmlinuz").read_bytes() == b"second file of the same name"
+    with pytest.raises(BadRequest, match="not a regular file"):
+        repoship.write_files({"dir": other}, io.BytesIO())
+
+
+def test_a_file_that_cannot_be_sent_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(BadRequest, match=r"cannot send .*nope: No such file"):
+        repoship.send_files(None, {"kernel0": tmp_path / "nope"})  # type: ignore[arg-type]
+    with pytest.raises(BadRequest, match="not a file key"):
+        repoship.send_files(None, {"../x": tmp_path})  # type: ignore[arg-type]

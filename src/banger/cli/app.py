@@ -4,10 +4,11 @@ operation's progress. Running the system ``ssh`` into a VM is :mod:`banger.cli.q
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any, TypeVar
 
 import click
 
+from banger import repoship
 from banger.api import Model, OpView
 from banger.cli import output
 from banger.client import Client as RPCClient
@@ -26,6 +28,7 @@ from banger.names import check_name
 from banger.remote import SSHLink, SSHTarget
 from banger.sdk import Client
 from banger.sdk.client import POLL_WAIT_S, Cancel
+from banger.sdk.images import bundle_ref
 from banger.sdk.workspace import Patch
 
 T = TypeVar("T")
@@ -113,18 +116,41 @@ class App:
             self._cfg = load_config(self.config_file or config_path())
         return self._cfg
 
-    def local_files(self, what: str) -> None:
-        """Refuse ``what``, which reads files on this machine, when the daemon is remote.
+    @contextlib.contextmanager
+    def daemon_reference(self, reference: str) -> Iterator[str]:
+        """A pull's REFERENCE as the daemon reads it: a bundle file on this machine (a
+        path, see :func:`banger.sdk.images.bundle_ref`) is sent to a remote daemon's host
+        for the body's length (:meth:`daemon_paths`); anything else is as given."""
+        local = bundle_ref(reference)
+        if local == reference and not reference.startswith("/"):
+            yield reference  # a name, a URL or an OCI reference
+            return
+        with self.daemon_paths({"bundle": Path(local)}) as at:
+            yield at["bundle"] or local
+
+    @contextlib.contextmanager
+    def daemon_paths(self, files: dict[str, Path | None]) -> Iterator[dict[str, str | None]]:
+        """Where the daemon reads each of ``files`` (files on this machine, by key; None
+        for one not given): here, the files themselves; with a remote daemon, copies sent
+        to its host over the command's SSH connection for the body's length
+        (:func:`banger.repoship.send_files`), removed there after.
 
         Raises:
-            BadRequest: a remote host is chosen.
+            BadRequest: the remote daemon would not read them (another user's daemon),
+                or a file could not be read.
+            HostError: the remote host did not take them.
         """
-        target = self.remote
-        if target is not None:
-            raise BadRequest(f"{what} names files on this machine, which the daemon on "
-                             f"{target} cannot reach yet",
-                             hint="run the command on that host, or talk to this machine's "
-                                  "daemon (`--host ''`)")
+        given = {key: path for key, path in files.items() if path is not None}
+        if self.remote is None or not given:
+            yield {key: str(path) if path is not None else None for key, path in files.items()}
+            return
+        link = self.link()
+        link.check_sends_to_own_daemon()
+        there, sent = repoship.send_files(link, given)
+        try:
+            yield {key: sent.get(key) for key in files}
+        finally:
+            repoship.drop(link, there)
 
     def on_this_machine(self, what: str) -> None:
         """Refuse ``what``, which acts on this machine itself, when a remote host is chosen

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from banger.cli import output
+from banger.cli import bundleout, output
 from banger.cli.app import App, follow, json_option, pass_app, wire
 from banger.cli.complete import image_names, kernel_names, vm_names
 from banger.config import parse_size
@@ -57,9 +57,10 @@ def image_pull(app: App, reference: str, name: str | None, size: str | None,
     list --available`). Every file in it is checked against its manifest's sha256
     (and the bundle against the catalog's); banger adds its guest agent.
     """
-    result = wire(follow(app, app.client().images.pull, reference, name=name,
-                         size_bytes=parse_size(size) if size else None, kernel=kernel_name,
-                         insecure=insecure))
+    with app.daemon_reference(reference) as ref:
+        result = wire(follow(app, app.client().images.pull, ref, name=name,
+                             size_bytes=parse_size(size) if size else None,
+                             kernel=kernel_name, insecure=insecure))
     app.emit(result, f"image {result['name']} pulled ({result['size_bytes'] >> 20} MiB) "
                      f"from {result.get('origin')}")
 
@@ -67,8 +68,9 @@ def image_pull(app: App, reference: str, name: str | None, size: str | None,
 @image.command("export")
 @click.argument("name", shell_complete=image_names)
 @click.option("-o", "--output", "out_file", required=True,
-              type=click.Path(dir_okay=False, path_type=Path),
-              help="The bundle file to write, e.g. NAME.tar.zst (replaced if it exists).")
+              type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+              help="The bundle file to write, e.g. NAME.tar.zst (replaced if it exists); "
+                   "- for standard output.")
 @json_option
 @pass_app
 def image_export(app: App, name: str, out_file: Path) -> None:
@@ -77,12 +79,23 @@ def image_export(app: App, name: str, out_file: Path) -> None:
 
     Pull it elsewhere with `banger image pull FILE.tar.zst` (or a URL, or list it in a
     catalog with the size and sha256 printed here). The file belongs to you, as if
-    written by this command; a failed or cancelled export leaves none.
+    written by this command; a failed or cancelled export leaves none. With a remote
+    host the bundle comes back over the SSH connection. With `-o -` it goes to standard
+    output and the summary to standard error.
     """
-    app.local_files("`image export -o`")  # the daemon writes the file, on its machine
-    res = wire(follow(app, app.client().images.export, name, out_file))
-    app.emit(res, f"image {name} exported to {res['path']} ({res['size_bytes'] >> 20} MiB, "
-                  f"sha256 {res['sha256']})")
+    if str(out_file) == "-":
+        res = bundleout.to_stdout(app, name)
+    elif app.remote is not None:
+        res = bundleout.from_remote(app, name, out_file)
+    else:
+        res = wire(follow(app, app.client().images.export, name, out_file))
+    where = "standard output" if res["path"] == "-" else res["path"]
+    text = (f"image {name} exported to {where} ({res['size_bytes'] >> 20} MiB, "
+            f"sha256 {res['sha256']})")
+    if res["path"] == "-":  # standard output is the bundle's
+        click.echo(output.to_json(res) if app.json else text, err=True)
+        return
+    app.emit(res, text)
 
 
 @image.command("promote")
@@ -172,9 +185,9 @@ def image_register(app: App, name: str, rootfs: Path, kernel: Path | None,
     banger adds its small guest agent (network, host name, SSH host key, work disk)
     to the copy with debugfs; the original file is not changed.
     """
-    app.local_files("`image register`")
-    res = wire(app.client().images.register(name, rootfs, kernel=kernel, initrd=initrd,
-                                            kernel_name=kernel_name))
+    with app.daemon_paths({"rootfs": rootfs, "kernel": kernel, "initrd": initrd}) as at:
+        res = wire(app.client().images.register(name, at["rootfs"] or "", kernel=at["kernel"],
+                                                initrd=at["initrd"], kernel_name=kernel_name))
     app.emit(res, f"registered image {name}")
 
 

@@ -46,8 +46,8 @@ def kernel_pull(app: App, reference: str, name: str | None, insecure: bool) -> N
     checked against the manifest's sha256s (and the bundle against the catalog's),
     then validated like `banger kernel import`.
     """
-    res = wire(follow(app, app.client().kernels.pull, reference, name=name,
-                      insecure=insecure))
+    with app.daemon_reference(reference) as ref:
+        res = wire(follow(app, app.client().kernels.pull, ref, name=name, insecure=insecure))
     app.emit(res, f"kernel {res['name']} pulled ({res.get('version')}; "
                   f"{', '.join(res['vmms'])})")
 
@@ -72,8 +72,10 @@ def kernel_show(app: App, name: str) -> None:
 @pass_app
 def kernel_import(app: App, paths: tuple[Path, ...], name: str, initrd: Path | None) -> None:
     """Import a vmlinux and/or a bzImage (validated: ELF x86-64, or a bzImage header)."""
-    app.local_files("`kernel import`")
-    res = wire(app.client().kernels.import_files(name, paths, initrd=initrd))
+    files = {f"kernel{i}": path for i, path in enumerate(paths)}
+    with app.daemon_paths({**files, "initrd": initrd}) as at:
+        res = wire(app.client().kernels.import_files(
+            name, [at[key] or "" for key in files], initrd=at["initrd"]))
     app.emit(res, f"imported kernel {name} ({', '.join(res['vmms'])})")
 
 
@@ -95,10 +97,9 @@ def kernel_build(app: App, name: str, base_config: Path | None, source: Path | N
     """Build a guest kernel that boots on both VMMs (vmlinux + bzImage, no modules, no
     initrd) from Debian's kernel source: its x86_64_defconfig (or --base-config) plus
     banger's fragment. Slow: tens of minutes on a small host."""
-    if source is not None or base_config is not None:
-        app.local_files("`kernel build --source/--base-config`")
-    res = wire(follow(app, app.client().kernels.build, name, base_config=base_config,
-                      source=source, jobs=jobs))
+    with app.daemon_paths({"base_config": base_config, "source": source}) as at:
+        res = wire(follow(app, app.client().kernels.build, name, base_config=at["base_config"],
+                          source=at["source"], jobs=jobs))
     app.emit(res, f"kernel {res['name']} built ({res.get('version')}; {', '.join(res['vmms'])})")
 
 

@@ -1,0 +1,116 @@
+"""``image export`` where the daemon cannot write the file itself: to standard output
+(``-o -``), and from a daemon on another machine (``banger --host``), whose bundle
+comes back over the command's SSH connection.
+
+A daemon writes a bundle as a file on its own machine. For ``-o -`` it writes one into
+a private directory of this user's (the one received repositories use) and the CLI
+copies it out. For a remote daemon, that host's banger does exactly that, and its
+standard output is written here to a temp file beside the target, hashed as it
+arrives, and renamed over the target only once all of it came: an export that fails
+or is interrupted leaves no file, as a local one does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from banger import repoship
+from banger.cli.app import App, follow, wire
+from banger.errors import BangerError, DaemonUnavailable, HostError
+from banger.remote import OutputTooLarge
+
+BUNDLE_MAX = 1 << 40  # bytes of a bundle from a remote host: more than any image, a bound
+PROGRESS_STEP = 256 << 20  # bytes between two progress lines
+
+
+def to_stdout(app: App, name: str) -> dict[str, Any]:
+    """Export image ``name`` to standard output; the daemon's answer (path ``-``)."""
+    if app.remote is not None:
+        return from_remote(app, name, None)
+    root = repoship.receive_root()
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with tempfile.TemporaryDirectory(prefix="export-", dir=root) as tmp:
+        path = Path(tmp) / f"{name}.tar.zst"
+        res = wire(follow(app, app.client().images.export, name, path))
+        with path.open("rb") as fh:
+            shutil.copyfileobj(fh, sys.stdout.buffer, 1 << 20)
+        sys.stdout.buffer.flush()
+    return {**res, "path": "-"}
+
+
+def from_remote(app: App, name: str, out_file: Path | None) -> dict[str, Any]:
+    """Export image ``name`` on the remote host into ``out_file`` here (None: standard
+    output); its name, path, size and sha256 (as received).
+
+    Raises:
+        BangerError: the remote banger's error, as it said it.
+        DaemonUnavailable: it failed without saying why, or sent more than
+            :data:`BUNDLE_MAX` bytes.
+    """
+    link = app.link()
+    digest = hashlib.sha256()
+    got = 0
+    shown = PROGRESS_STEP
+
+    def arrived(data: bytes) -> None:
+        nonlocal got, shown
+        digest.update(data)
+        got += len(data)
+        if got >= shown:
+            shown += PROGRESS_STEP
+            print(f"  {got / 1e6:.0f} MB received", file=sys.stderr)
+
+    tmp = (out_file.with_name(f".{out_file.name}.{secrets.token_hex(4)}.partial")
+           if out_file is not None else None)
+    try:
+        with _target(tmp) as out:
+            res = link.copy_out(["image", "export", name, "-o", "-"], out,
+                                limit=BUNDLE_MAX, chunk=arrived)
+        if res.returncode != 0:
+            raise _remote_error(app, res.stderr)
+        if tmp is not None and out_file is not None:
+            os.replace(tmp, out_file)
+    except OutputTooLarge as exc:
+        raise DaemonUnavailable(f"the banger on {app.remote} sent more than {BUNDLE_MAX} "
+                                "bytes for one bundle; nothing of it was kept") from exc
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+    return {"name": name, "path": str(out_file) if out_file is not None else "-",
+            "size_bytes": got, "sha256": digest.hexdigest()}
+
+
+@contextlib.contextmanager
+def _target(tmp: Path | None) -> Iterator[IO[bytes]]:
+    """A file to write to: ``tmp`` (made new, 0644 as a file the user writes), or
+    standard output."""
+    if tmp is None:
+        yield sys.stdout.buffer
+        sys.stdout.buffer.flush()
+        return
+    try:
+        fh: IO[bytes] = tmp.open("xb")
+    except OSError as exc:
+        raise HostError(f"cannot write {tmp.parent}: {exc.strerror or exc}") from exc
+    with fh:
+        yield fh
+
+
+def _remote_error(app: App, stderr: bytes) -> BangerError:
+    """The remote banger's ``error:``/``hint:`` lines as an error (or a plain one)."""
+    lines = stderr.decode(errors="replace").splitlines()
+    message = next((ln[len("error: "):] for ln in lines if ln.startswith("error: ")), None)
+    hint = next((ln[len("hint: "):] for ln in lines if ln.startswith("hint: ")), "")
+    if message is None:
+        tail = "\n".join(lines[-3:])[-300:] or "no reason given"
+        return DaemonUnavailable(f"the banger on {app.remote} did not export: {tail}")
+    return BangerError(message[:1000], hint=hint[:500])
