@@ -18,13 +18,16 @@ nodes), into a fresh directory of its own.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import re
+import secrets
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tarfile
@@ -36,8 +39,11 @@ from pathlib import Path
 from typing import IO
 
 from banger.api.params import WorkspaceOrigin
+from banger.drain import Drain, close
 from banger.errors import BadRequest, BangerError, HostError
+from banger.fsutil import atomic_write
 from banger.remote import SSHLink
+from banger.sdk.base import DaemonPath
 
 RECEIVE_TIMEOUT_S = 3600.0
 DROP_TIMEOUT_S = 120.0
@@ -54,20 +60,28 @@ def receive_root(env: dict[str, str] | None = None) -> Path:
     return Path(base) / "banger" / "received"
 
 
-# What a linked worktree keeps in its own git directory (the rest is the repository's
-# common one): sent in place of the main work tree's, so the copy is the worktree's.
-PER_WORKTREE = ("HEAD", "index", "ORIG_HEAD", "MERGE_HEAD", "CHERRY_PICK_HEAD", "logs/HEAD",
-                "config.worktree", "refs/bisect", "refs/worktree", "refs/rewritten")
-# What of a common git directory is never sent: other worktrees' state, and the config
-# (sent rewritten: see _plain_config).
-NOT_SENT = ("worktrees", "config")
+# What of a linked worktree's git directory is not its own state: where git finds the
+# common directory and the work tree, and the worktree's lock.
+NOT_WORKTREE_STATE = frozenset({"commondir", "gitdir", "locked"})
+# The main work tree's own state in a common git directory, never sent for a linked
+# worktree (whose own, where it has any, goes instead): git's per-worktree paths.
+MAIN_WORKTREE_STATE = frozenset({
+    "HEAD", "index", "ORIG_HEAD", "MERGE_HEAD", "MERGE_MSG", "MERGE_MODE", "MERGE_RR",
+    "CHERRY_PICK_HEAD", "REVERT_HEAD", "REBASE_HEAD", "AUTO_MERGE", "FETCH_HEAD",
+    "BISECT_LOG", "BISECT_START", "BISECT_EXPECTED_REV", "BISECT_TERMS", "BISECT_NAMES",
+    "BISECT_ANCESTORS_OK", "BISECT_RUN", "rebase-merge", "rebase-apply", "sequencer",
+    "config.worktree", "logs/HEAD", "refs/bisect", "refs/worktree", "refs/rewritten",
+    "info/sparse-checkout", "modules"})
+# Never sent from any git directory: other worktrees' state, the config (sent rewritten,
+# see _plain_config), and submodules' git data (each submodule's goes as its own .git).
+NOT_SENT = frozenset({"worktrees", "config", "modules"})
 GIT_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True)
 class Member:
     """One path sent in the tar: ``source`` on this machine as ``arcname``, with what is
-    below it when ``recursive``, except the arcnames in ``skip``."""
+    below it when ``recursive``, except the arcnames in ``skip`` (and lock files)."""
 
     source: Path
     arcname: str
@@ -76,20 +90,43 @@ class Member:
 
 
 @dataclass(frozen=True)
-class Shipment:
-    """What is sent of one work tree: its files, and its git data as a plain ``.git``
-    directory (``git_config``: that directory's ``config``, when it is rewritten)."""
+class Repo:
+    """One repository of a shipment (the work tree's, or a submodule's below it):
+    ``prefix`` in the tar (``""`` or ``"sub/dir/"``), its own git directory (HEAD and
+    index) and its common one."""
 
     top: Path
-    git_dir: Path  # the work tree's own git directory (its HEAD and index)
+    prefix: str
+    git_dir: Path
+    common: Path
+
+
+@dataclass(frozen=True)
+class Shipment:
+    """What is sent of one work tree: its files and its populated submodules', each
+    repository's git data as a plain ``.git`` directory, and those directories'
+    configs (rewritten: ``configs``, by arcname)."""
+
+    top: Path
+    repos: tuple[Repo, ...]
     members: tuple[Member, ...]
-    git_config: bytes | None = None
+    configs: tuple[tuple[str, bytes], ...] = ()
+
+    @property
+    def git_dir(self) -> Path:
+        """The work tree's own git directory (its HEAD and index)."""
+        return self.repos[0].git_dir
 
     @property
     def files(self) -> int:
         """How many work-tree paths are sent (the git data aside)."""
-        return sum(1 for m in self.members if not (
-            m.arcname == ".git" or m.arcname.startswith(".git/") or m.arcname.endswith("/.git")))
+        return sum(1 for m in self.members if not _is_git(m.arcname))
+
+
+def _is_git(arcname: str) -> bool:
+    """Whether ``arcname`` is git data (in a ``.git`` directory) rather than a file."""
+    return arcname == ".git" or arcname.startswith(".git/") or "/.git/" in arcname \
+        or arcname.endswith("/.git")
 
 
 def _git(top: Path, *args: str) -> bytes:
@@ -111,79 +148,141 @@ def _git(top: Path, *args: str) -> bytes:
 
 def files_of(top: Path) -> list[str]:
     """The work tree's files git lists (tracked and untracked, not ignored) that exist,
-    and those of its populated submodules (with their ``.git`` files), below ``top``.
+    below ``top`` (not those of its submodules: see :func:`shipment`).
 
     Raises:
-        BadRequest: not a git work tree.
+        BadRequest: not a git work tree, or it holds a repository that is not a
+            submodule (git lists it as ``dir/``; it would go empty).
     """
     listed = _git(top, "ls-files", "-z", "--cached", "--others", "--exclude-standard")
-    names = {n for n in listed.decode(errors="surrogateescape").split("\0")
-             if n and os.path.lexists(top / n)}
-    for sub in _populated_submodules(top):
-        names.add(f"{sub}/.git")
-        names.update(f"{sub}/{n}" for n in files_of(top / sub))
-    return sorted(names)
+    names = sorted({n for n in listed.decode(errors="surrogateescape").split("\0")
+                    if n and os.path.lexists(top / n.rstrip("/"))})
+    nested = [n for n in names if n.endswith("/")]
+    if nested:
+        raise BadRequest(f"{top} holds a git repository that is not a submodule "
+                         f"({nested[0].rstrip('/')}), which banger does not copy",
+                         hint="make it a submodule, ignore it in .gitignore, or move it out")
+    return names
 
 
 def _populated_submodules(top: Path) -> list[str]:
     """The paths of the submodules (gitlinks in the index) checked out below ``top``."""
     staged = _git(top, "ls-files", "-z", "--stage").decode(errors="surrogateescape")
     subs = [rec.partition("\t")[2] for rec in staged.split("\0") if rec.startswith("160000 ")]
-    return [sub for sub in subs if (top / sub / ".git").is_file()]
+    return [sub for sub in subs if (top / sub / ".git").exists()]
 
 
-def shipment(top: Path) -> Shipment:
-    """What is sent of the work tree at ``top``: its git data as a plain ``.git``
-    directory, then :func:`files_of`.
-
-    A repository whose ``.git`` is a directory of its own goes as it is. A linked
-    worktree's git data is the repository's common directory with the worktree's own
-    HEAD, index and per-worktree refs in place of the main work tree's; a submodule's
-    (or a ``--separate-git-dir`` repository's) is the directory its ``.git`` file names.
-    Either way the config goes without ``core.bare`` and ``core.worktree``, which would
-    point the copy back at this machine (or call it bare).
+def _repo(top: Path, prefix: str) -> Repo:
+    """The work tree at ``top``'s repository: its git directory and common one.
 
     Raises:
         BadRequest: not a git work tree.
     """
-    dirs = _git(top, "rev-parse", "--path-format=absolute", "--git-dir",
-                "--git-common-dir").decode(errors="surrogateescape").splitlines()
-    git_dir, common = Path(dirs[0]), Path(dirs[1])
-    files = tuple(Member(top / name, name) for name in files_of(top))
-    own = top / ".git"
-    if git_dir == own and common == own and own.is_dir() and not own.is_symlink():
-        return Shipment(top, own, (Member(own, ".git", recursive=True), *files))
-    skip = {f".git/{name}" for name in NOT_SENT}
-    extra: list[Member] = []
-    if git_dir != common:  # a linked worktree: its own state, not the main work tree's
-        skip.update(f".git/{name}" for name in PER_WORKTREE)
-        extra = [Member(git_dir / name, f".git/{name}", recursive=True)
-                 for name in PER_WORKTREE if (git_dir / name).exists()]
-    git = Member(common, ".git", recursive=True, skip=frozenset(skip))
-    return Shipment(top, git_dir, (git, *extra, *files),
-                    git_config=_plain_config(common / "config"))
+    out = _git(top, "rev-parse", "--absolute-git-dir", "--git-common-dir")
+    lines = out.decode(errors="surrogateescape").splitlines()
+    if len(lines) != 2:
+        raise BadRequest(f"git said something unexpected of {top}: {out[:200]!r}")
+    git_dir = Path(lines[0])
+    common = (top / lines[1]).resolve() if not os.path.isabs(lines[1]) else Path(lines[1])
+    return Repo(top, prefix, git_dir, common)
+
+
+def _repos(top: Path, prefix: str = "") -> list[Repo]:
+    """``top``'s repository, then each populated submodule's below it (depth first)."""
+    found = [_repo(top, prefix)]
+    for sub in _populated_submodules(top):
+        found += _repos(top / sub, f"{prefix}{sub}/")
+    return found
+
+
+def _git_members(r: Repo) -> list[Member]:
+    """``r``'s git data as a plain ``<prefix>.git`` directory: its common directory, and
+    for a linked worktree the worktree's own state in place of the main one's."""
+    dot = f"{r.prefix}.git"
+    skip = {f"{dot}/{name}" for name in NOT_SENT}
+    own: list[Member] = []
+    if r.git_dir != r.common:  # a linked worktree: its files over the main tree's
+        skip.update(f"{dot}/{name}" for name in MAIN_WORKTREE_STATE)
+        for parent, dirs, names in os.walk(r.git_dir):
+            rel = Path(parent).relative_to(r.git_dir)
+            top_level = rel == Path(".")
+            if top_level:
+                dirs[:] = [d for d in dirs if d not in NOT_WORKTREE_STATE | NOT_SENT]
+            for name in sorted(names):
+                if top_level and name in NOT_WORKTREE_STATE | NOT_SENT:
+                    continue
+                arcname = f"{dot}/{(rel / name).as_posix()}"
+                skip.add(arcname)
+                own.append(Member(Path(parent) / name, arcname))
+    return [Member(r.common, dot, recursive=True, skip=frozenset(skip)), *own]
+
+
+def shipment(top: Path) -> Shipment:
+    """What is sent of the work tree at ``top``: each repository's git data as a plain
+    ``.git`` directory (the work tree's, then each populated submodule's), then the
+    files git lists in each.
+
+    A repository whose ``.git`` is a directory of its own goes as it is. A linked
+    worktree's git data is the repository's common directory with the worktree's own
+    HEAD, index and state in place of the main work tree's; a submodule's (or a
+    ``--separate-git-dir`` repository's) is the directory its ``.git`` file names. The
+    configs go without ``core.bare`` and ``core.worktree``, which would point a copy
+    back at this machine (or call it bare), and with this machine's git identity, which
+    the guest's commits then carry as they would here.
+
+    Raises:
+        BadRequest: not a git work tree, or one that cannot be copied.
+    """
+    repos = _repos(top)
+    members: list[Member] = []
+    configs: list[tuple[str, bytes]] = []
+    for r in repos:
+        members += _git_members(r)
+        configs.append((f"{r.prefix}.git/config",
+                        _plain_config(r.common / "config", _identity(r.top))))
+    for r in repos:
+        subs = {f"{r.prefix}{s}" for s in _populated_submodules(r.top)}
+        members += [Member(r.top / name, f"{r.prefix}{name}") for name in files_of(r.top)
+                    if f"{r.prefix}{name}" not in subs]
+    return Shipment(top, tuple(repos), tuple(members), tuple(configs))
+
+
+def _identity(top: Path) -> dict[str, str]:
+    """``user.name`` and ``user.email`` as git resolves them in ``top`` (those set)."""
+    found = {}
+    for key in ("user.name", "user.email"):
+        res = subprocess.run(["git", "-C", str(top), "config", "--get", key],
+                             capture_output=True, check=False, timeout=GIT_TIMEOUT_S)
+        value = res.stdout.decode(errors="replace").strip()
+        if res.returncode == 0 and value and "\n" not in value:
+            found[key] = value[:256]
+    return found
 
 
 def fingerprint(ship: Shipment) -> str:
-    """A hash that changes when the work tree ``ship`` was made of changes: HEAD and its
-    branch, the index file, and the set and ``lstat`` data (type, mode, size, mtime,
-    ctime, inode) of the files sent. No content is read: a file touched without a
-    change counts as changed (a spare resync, never a missed one)."""
+    """A hash that changes when the work tree ``ship`` was made of changes: each
+    repository's HEAD and branch and its index file, and the set and ``lstat`` data
+    (type, mode, size, mtime, ctime, inode) of the files sent. No content is read: a
+    file touched without a change counts as changed (a spare resync, never a missed
+    one)."""
     h = hashlib.sha256()
-    head = subprocess.run(["git", "-C", str(ship.top), "rev-parse", "-q", "--verify", "HEAD"],
-                          capture_output=True, check=False, timeout=GIT_TIMEOUT_S).stdout
-    branch = subprocess.run(["git", "-C", str(ship.top), "symbolic-ref", "-q", "HEAD"],
-                            capture_output=True, check=False, timeout=GIT_TIMEOUT_S).stdout
-    h.update(b"head " + head + b"branch " + branch)
-    for m in (Member(ship.git_dir / "index", ".git/index"), *ship.members):
-        if m.recursive:
-            continue  # the git data: HEAD and the index speak for it
+    stats: list[tuple[str, Path]] = []
+    for r in ship.repos:
+        head = subprocess.run(["git", "-C", str(r.top), "rev-parse", "-q", "--verify", "HEAD"],
+                              capture_output=True, check=False, timeout=GIT_TIMEOUT_S).stdout
+        branch = subprocess.run(["git", "-C", str(r.top), "symbolic-ref", "-q", "HEAD"],
+                                capture_output=True, check=False, timeout=GIT_TIMEOUT_S).stdout
+        h.update(f"repo {r.prefix}\0".encode(errors="surrogateescape") + b"head " + head
+                 + b"branch " + branch)
+        stats.append((f"{r.prefix}.git/index", r.git_dir / "index"))
+    stats += [(m.arcname, m.source) for m in ship.members if not _is_git(m.arcname)]
+    for arcname, source in stats:
+        h.update(arcname.encode(errors="surrogateescape") + b"\0")
         try:
-            st = os.lstat(m.source)
+            st = os.lstat(source)
         except FileNotFoundError:
-            h.update(m.arcname.encode(errors="surrogateescape") + b"\0missing\0")
+            h.update(b"missing\0")
             continue
-        h.update(m.arcname.encode(errors="surrogateescape") + b"\0")
         h.update(f"{st.st_mode} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} "
                  f"{st.st_ino}\0".encode())
     return h.hexdigest()
@@ -191,21 +290,79 @@ def fingerprint(ship: Shipment) -> str:
 
 def origin(ship: Shipment) -> WorkspaceOrigin:
     """Where ``ship`` comes from, as the remote daemon keeps it with the workspace: this
-    machine's name, the work tree, its :func:`fingerprint`."""
+    machine's name, the work tree, its :func:`fingerprint`, and a nonce naming this
+    one prepare (see :class:`SentWorkspaces`)."""
     return WorkspaceOrigin(host=socket.gethostname(), path=str(ship.top),
-                           fingerprint=fingerprint(ship))
+                           fingerprint=fingerprint(ship), nonce=secrets.token_hex(16))
 
 
-def _plain_config(path: Path) -> bytes:
-    """The git config at ``path`` without ``core.bare`` and ``core.worktree``."""
+MAX_SENT = 512  # remembered prepares; the oldest are forgotten first
+
+
+class SentWorkspaces:
+    """This machine's own record of the workspaces it sent to remote daemons, by remote
+    host and VM id: the origin of each (:func:`origin`). ``vm exec --auto-prepare``
+    trusts only this record for the path it sends again; the remote daemon's copy of
+    the origin must carry the same nonce, or the workspace was prepared by someone else
+    since. Kept in ``$XDG_STATE_HOME/banger/sent-workspaces.json`` (default
+    ``~/.local/state``), mode 0600.
+    """
+
+    def __init__(self, path: Path | None = None, env: dict[str, str] | None = None) -> None:
+        if path is None:
+            env = dict(os.environ) if env is None else env
+            base = env.get("XDG_STATE_HOME") or str(Path(env.get("HOME", "/root"))
+                                                     / ".local" / "state")
+            path = Path(base) / "banger" / "sent-workspaces.json"
+        self.path = path
+
+    def _load(self) -> dict[str, dict[str, str]]:
+        try:
+            data = json.loads(self.path.read_bytes()[: 4 << 20])
+        except (OSError, ValueError):
+            return {}
+        return {k: v for k, v in data.items() if isinstance(v, dict)} \
+            if isinstance(data, dict) else {}
+
+    def remember(self, host: str, vm_id: str, sent: WorkspaceOrigin) -> None:
+        """Record ``sent`` as VM ``vm_id``'s workspace on remote ``host``."""
+        records = self._load()
+        records.pop(f"{host}|{vm_id}", None)
+        records[f"{host}|{vm_id}"] = sent.model_dump()
+        while len(records) > MAX_SENT:
+            records.pop(next(iter(records)))
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        atomic_write(self.path, json.dumps(records, indent=1).encode(), 0o600)
+
+    def recall(self, host: str, vm_id: str) -> WorkspaceOrigin | None:
+        """What this machine sent as VM ``vm_id``'s workspace on ``host``, if it did."""
+        record = self._load().get(f"{host}|{vm_id}")
+        try:
+            return WorkspaceOrigin.model_validate(record) if record is not None else None
+        except ValueError:
+            return None
+
+
+def _plain_config(path: Path, identity: dict[str, str]) -> bytes:
+    """The git config at ``path`` without ``core.bare`` and ``core.worktree``, with
+    ``identity`` (``user.name``, ``user.email``) set."""
     with tempfile.TemporaryDirectory(prefix="banger-ship-") as tmp:
         copy = Path(tmp) / "config"
-        shutil.copyfile(path, copy)
+        try:
+            shutil.copyfile(path, copy)
+        except OSError as exc:
+            raise BadRequest(f"cannot read {path}: {exc.strerror or exc}") from exc
         for key in ("core.bare", "core.worktree"):
             # Exit 5: the key was not set, which is what is wanted.
             subprocess.run(["git", "config", "--file", str(copy), "--unset-all", key],
                            capture_output=True, check=False, timeout=GIT_TIMEOUT_S)
+        for key, value in identity.items():
+            subprocess.run(["git", "config", "--file", str(copy), key, value],
+                           capture_output=True, check=False, timeout=GIT_TIMEOUT_S)
         return copy.read_bytes()
+
+
+COMPLETE = ".banger-complete"  # the last member of every stream: one without it was cut
 
 
 def write_tar(ship: Shipment, out: IO[bytes]) -> None:
@@ -218,17 +375,25 @@ def write_tar(ship: Shipment, out: IO[bytes]) -> None:
         for m in ship.members:
             tar.add(m.source, arcname=m.arcname, recursive=m.recursive,
                     filter=_skipping(m.skip))
-        if ship.git_config is not None:
-            info = tarfile.TarInfo(".git/config")
-            info.size, info.mode, info.mtime = len(ship.git_config), 0o644, int(time.time())
-            tar.addfile(info, io.BytesIO(ship.git_config))
+        for arcname, data in ship.configs:
+            _add_bytes(tar, arcname, data)
+        _add_bytes(tar, COMPLETE, b"")
+
+
+def _add_bytes(tar: tarfile.TarFile, arcname: str, data: bytes) -> None:
+    info = tarfile.TarInfo(arcname)
+    info.size, info.mode, info.mtime = len(data), 0o644, int(time.time())
+    tar.addfile(info, io.BytesIO(data))
 
 
 def _skipping(skip: frozenset[str]) -> Callable[[tarfile.TarInfo], tarfile.TarInfo | None]:
     """A ``tarfile`` filter that leaves out the members named in ``skip`` (with, for a
     directory, everything below it)."""
     def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
-        return None if info.name in skip else info
+        # A lock or a half-written pack of a git running here meanwhile is not data.
+        if info.name in skip or info.name.endswith(".lock") or "/objects/pack/tmp_" in info.name:
+            return None
+        return info
     return keep
 
 
@@ -253,7 +418,8 @@ def send(link: SSHLink, ship: Shipment) -> str:
     print(f"sending {top} ({ship.files} files and its git data) to {link.target}",
           file=sys.stderr)
     name = re.sub(r"[^A-Za-z0-9._-]", "-", top.name).strip(".") or "repo"
-    return _stream(link, name[:100], lambda out: write_tar(ship, out), what=str(top))
+    return DaemonPath(_stream(link, name[:100], lambda out: write_tar(ship, out),
+                              what=str(top)))
 
 
 def _stream(link: SSHLink, name: str, write: Callable[[IO[bytes]], None], *, what: str) -> str:
@@ -268,27 +434,36 @@ def _stream(link: SSHLink, name: str, write: Callable[[IO[bytes]], None], *, wha
     proc = subprocess.Popen(link.ssh("-T", link.target.destination, "--", receive),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
+    # Its answer is read while the stream goes (bounded: it is the remote host's).
+    answer = Drain(proc.stdout, cap=MAX_ANSWER, on_cap=proc.kill)
+    errors = Drain(proc.stderr, MAX_ANSWER)
     assert proc.stdin is not None
     try:
-        write(proc.stdin)
+        try:
+            write(proc.stdin)
+        finally:
+            close(proc.stdin)  # the end of the stream (or of a cut one: refused there)
+        proc.wait(RECEIVE_TIMEOUT_S)
     except BrokenPipeError:
-        pass  # the remote end stopped reading: its error is below
-    except (OSError, BadRequest) as exc:  # a file went away or became unreadable meanwhile
-        proc.kill()
-        proc.wait()
-        if isinstance(exc, BadRequest):
-            raise
-        raise BadRequest(f"cannot send {what}: {exc.strerror or exc} ({exc.filename})",
-                         hint="try again once nothing is changing it") from exc
-    try:
-        out, err = proc.communicate(timeout=RECEIVE_TIMEOUT_S)  # closes its stdin: the end
+        proc.wait(RECEIVE_TIMEOUT_S)  # the remote end stopped reading: its error is below
     except subprocess.TimeoutExpired as exc:
         proc.kill()
         proc.wait()
         raise HostError(f"{link.target} did not take {what} within "
                         f"{RECEIVE_TIMEOUT_S:g}s") from exc
+    except BaseException as exc:  # a file went away, or this command was interrupted
+        proc.kill()
+        proc.wait()
+        if isinstance(exc, OSError):
+            raise BadRequest(f"cannot send {what}: {exc.strerror or exc}"
+                             + (f" ({exc.filename})" if exc.filename else ""),
+                             hint="try again once nothing is changing it") from exc
+        raise
+    finally:
+        out, err = answer.join(), errors.join()
+        close(proc.stdout, proc.stderr)
     try:
-        path = json.loads(out[:MAX_ANSWER])["path"]
+        path = json.loads(out)["path"]
     except (ValueError, KeyError, TypeError):
         path = None
     if proc.returncode != 0 or not isinstance(path, str):
@@ -323,7 +498,7 @@ def send_files(link: SSHLink, files: dict[str, Path]) -> tuple[str, dict[str, st
     print(f"sending {names} ({total / 1e6:.1f} MB) to {link.target}", file=sys.stderr)
     report = _Progress(total)
     there = _stream(link, FILES, lambda out: write_files(files, out, report), what=names)
-    return there, {key: f"{there}/{key}/{path.name}" for key, path in files.items()}
+    return there, {key: DaemonPath(f"{there}/{key}/{path.name}") for key, path in files.items()}
 
 
 def write_files(files: dict[str, Path], out: IO[bytes],
@@ -337,13 +512,16 @@ def write_files(files: dict[str, Path], out: IO[bytes],
     """
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         for key, path in files.items():
-            info = tar.gettarinfo(path, arcname=f"{key}/{path.name}")
-            if not info.isreg():
+            if path.is_dir():
                 raise BadRequest(f"{path} is not a regular file")
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            with path.open("rb") as fh:
+            with path.open("rb") as fh:  # through a symlink, as the daemon would read it
+                info = tar.gettarinfo(arcname=f"{key}/{path.name}", fileobj=fh)
+                if not info.isreg():
+                    raise BadRequest(f"{path} is not a regular file")
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
                 tar.addfile(info, _Counting(fh, report))
+        _add_bytes(tar, COMPLETE, b"")
 
 
 class _Progress:
@@ -398,16 +576,41 @@ def unpack(name: str, stream: IO[bytes], root: Path | None = None) -> Path:
         raise BadRequest(f"{name!r} is not a repository directory name")
     root = root or receive_root()
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    sweep(root)
     holder = Path(tempfile.mkdtemp(prefix=PREFIX, dir=root))
     dest = holder / name
     dest.mkdir()
     try:
         with tarfile.open(fileobj=stream, mode="r|") as tar:
             tar.extractall(dest, filter=_repo_filter)  # noqa: S202 (the filter checks each)
-    except (tarfile.TarError, OSError) as exc:
+        # A stream cut at a member's boundary reads as a whole (shorter) tar: the sender's
+        # last member says it is all there.
+        end = dest / COMPLETE
+        if end.is_symlink() or not end.is_file():
+            raise BadRequest("the stream was cut short (its sender stopped)")
+        end.unlink()
+    except (tarfile.TarError, OSError, BadRequest) as exc:
         shutil.rmtree(holder, ignore_errors=True)
+        if isinstance(exc, BadRequest):
+            raise
         raise BadRequest(f"the repository stream could not be unpacked: {exc}") from exc
     return dest
+
+
+STALE_S = 24 * 3600.0  # a received directory older than this was left by a crash
+
+
+def sweep(root: Path) -> None:
+    """Remove what a crashed or killed send left in ``root``: received directories
+    older than :data:`STALE_S` (a live one is dropped within the command that sent it)."""
+    cutoff = time.time() - STALE_S
+    with contextlib.suppress(OSError):
+        for holder in root.iterdir():
+            with contextlib.suppress(OSError):
+                st = holder.lstat()
+                if holder.name.startswith(PREFIX) and stat.S_ISDIR(st.st_mode) \
+                        and st.st_mtime < cutoff:
+                    shutil.rmtree(holder, ignore_errors=True)
 
 
 def _repo_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:

@@ -233,9 +233,12 @@ def test_image_and_kernel_files_travel_over_the_connection(
     received = remote.home.parent / "cache" / "banger" / "received"
     assert list(received.iterdir()) == []  # what was sent went once the daemon had it
 
-    missing = remote.banger("--host", url, "kernel", "import", "--name", "nk",
+    # A file that is not there is a clear error before anything is sent (the flag takes
+    # any path: the daemon's own error names it when local).
+    missing = remote.banger("--host", url, "kernel", "build", "--base-config",
                             str(remote.home / "nope"))
-    assert missing.returncode != 0 and "Traceback" not in missing.stderr
+    assert missing.returncode == 1, missing.stderr
+    assert "cannot send" in missing.stderr and "internal error" not in missing.stderr
 
 
 def test_a_wrong_key_an_unreachable_host_and_a_host_without_banger_are_clear(

@@ -6,7 +6,9 @@ the tar ``receive`` unpacks, unpacked, and compared with the original by git its
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -62,7 +64,9 @@ def test_a_plain_repository_goes_as_it_is(tmp_path: Path) -> None:
     ship = repoship.shipment(repo)
     assert [m.arcname for m in ship.members] == [".git", ".gitignore", "a.c", "new.txt",
                                                 "sub/c.txt"]
-    assert ship.git_config is None and ship.files == 4
+    assert ship.files == 4
+    assert [name for name, _ in ship.configs] == [".git/config"]  # with this identity
+    assert b"name = t" in ship.configs[0][1] and b"email = t@t" in ship.configs[0][1]
     got = shipped(repo, tmp_path / "received")
     assert state(got) == state(repo)
     assert not (got / "b.o").exists()
@@ -83,6 +87,7 @@ def test_a_linked_worktree_arrives_as_a_plain_repository_of_its_own(tmp_path: Pa
     assert state(got)["status"] == " M a.txt\nA  b.txt\n"  # the worktree's own index
     assert not (got / ".git" / "worktrees").exists()  # other worktrees' state stays home
     assert "main moves on" in git(got, "log", "--all", "--format=%s")  # history came along
+    assert git(got, "branch", "--format=%(refname:short)").split() == ["feature", "main"]
 
 
 def test_a_worktree_of_a_bare_repository_is_not_called_bare(tmp_path: Path) -> None:
@@ -112,12 +117,73 @@ def test_a_submodule_as_the_repository_and_submodules_inside_one(tmp_path: Path)
     assert state(got) == state(inside)
     assert "core.worktree=" not in git(got, "config", "--list", "--local")
 
-    # The superproject: the submodule's files and its .git file come along.
-    names = repoship.files_of(app)
-    assert {"vendor/lib/.git", "vendor/lib/lib.c", "main.c", ".gitmodules"} <= set(names)
+    # The superproject: the submodule's files and its git data (a .git of its own).
+    names = {m.arcname for m in repoship.shipment(app).members}
+    assert {"vendor/lib/.git", "vendor/lib/lib.c", "main.c", ".gitmodules"} <= names
     got = shipped(app, tmp_path / "received2")
     assert state(got) == state(app)
     assert state(got / "vendor" / "lib") == state(inside)
+    assert (got / "vendor" / "lib" / ".git").is_dir()
+
+
+def test_submodules_in_a_worktree_and_of_the_old_layout_arrive_whole(tmp_path: Path) -> None:
+    """A submodule's git data lives in the worktree's own git dir ("modules" is per
+    worktree); an old-style submodule has a .git directory of its own. Each arrives as
+    a repository with a .git directory of its own."""
+    lib = make_repo(tmp_path / "lib", {"lib.c": "lib\n"})
+    app = make_repo(tmp_path / "app", {"main.c": "main\n"})
+    git(app, "submodule", "add", "-q", str(lib), "vendor/lib")
+    git(app, "commit", "-qm", "add lib")
+    wt = tmp_path / "wt"
+    git(app, "worktree", "add", "-q", "-b", "w", str(wt))
+    git(wt, "submodule", "update", "-q", "--init")
+    (wt / "vendor" / "lib" / "lib.c").write_text("patched in the worktree\n")
+    got = shipped(wt, tmp_path / "received")
+    assert state(got) == state(wt)
+    assert state(got / "vendor" / "lib") == state(wt / "vendor" / "lib")
+
+    old = make_repo(tmp_path / "old", {"top.c": "top\n"})
+    git(tmp_path, "clone", "-q", str(lib), str(old / "embedded"))  # .git is a directory
+    git(old, "add", "embedded")  # a gitlink with its own .git directory
+    git(old, "commit", "-qm", "embed")
+    (old / "embedded" / "lib.c").write_text("edited\n")
+    got = shipped(old, tmp_path / "received2")
+    assert (got / "embedded" / "lib.c").read_text() == "edited\n"
+    assert state(got / "embedded") == state(old / "embedded")
+
+
+def test_a_repository_inside_that_is_not_a_submodule_is_refused(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "r", {"a.c": "a"})
+    make_repo(repo / "nested", {"n.c": "n"})  # untracked, not a submodule
+    with pytest.raises(BadRequest, match=r"repository that is not a submodule \(nested\)"):
+        repoship.shipment(repo)
+
+
+def test_a_stream_cut_short_is_refused_and_leaves_nothing(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "r", {"a.c": "a" * 3000, "b.c": "b"})
+    buf = io.BytesIO()
+    repoship.write_tar(repoship.shipment(repo), buf)
+    data = buf.getvalue()
+    root = tmp_path / "received"
+    marker = data.rindex(repoship.COMPLETE.encode()) // 512 * 512  # the last header
+    for cut in (512, 1024, marker // 2, marker):  # at member boundaries, and inside one
+        with pytest.raises(BadRequest, match=r"cut short|could not be unpacked"):
+            repoship.unpack("r", io.BytesIO(data[:cut]), root)
+        assert list(root.iterdir()) == []
+    whole = repoship.unpack("r", io.BytesIO(data), root)
+    assert not (whole / repoship.COMPLETE).exists()  # the marker is not the repository's
+
+
+def test_received_directories_a_crash_left_are_swept(tmp_path: Path) -> None:
+    root = tmp_path / "received"
+    root.mkdir()
+    old, new = root / "repo-old", root / "repo-new"
+    for d in (old, new):
+        d.mkdir()
+    day_ago = repoship.time.time() - repoship.STALE_S - 60
+    os.utime(old, (day_ago, day_ago))
+    repoship.sweep(root)
+    assert sorted(p.name for p in root.iterdir()) == ["repo-new"]
 
 
 def test_a_directory_outside_any_repository_is_refused(tmp_path: Path,
@@ -152,6 +218,16 @@ def test_the_fingerprint_moves_with_what_a_workspace_copies(tmp_path: Path) -> N
         assert fp() != before
 
 
+def test_the_fingerprint_moves_with_a_submodules_commit(tmp_path: Path) -> None:
+    lib = make_repo(tmp_path / "lib", {"lib.c": "lib\n"})
+    app = make_repo(tmp_path / "app", {"main.c": "main\n"})
+    git(app, "submodule", "add", "-q", str(lib), "vendor/lib")
+    git(app, "commit", "-qm", "add lib")
+    before = repoship.fingerprint(repoship.shipment(app))
+    git(app / "vendor" / "lib", "commit", "-q", "--allow-empty", "-m", "inside")
+    assert repoship.fingerprint(repoship.shipment(app)) != before
+
+
 class _App:
     """What :func:`resync_source` reads of the CLI's app: whether the daemon is remote."""
 
@@ -159,23 +235,47 @@ class _App:
         self.remote = remote
 
 
-def test_auto_prepare_over_a_remote_host_compares_the_origin_here(tmp_path: Path) -> None:
+def test_auto_prepare_over_a_remote_host_trusts_only_this_machines_record(
+        tmp_path: Path) -> None:
     repo = make_repo(tmp_path / "r", {"a.c": "a"})
-    origin = repoship.origin(repoship.shipment(repo)).model_dump()
-    st = {"vm": "web", "host_path": "/remote/received/r", "needs_resync": True,
-          "origin": origin}
+    sent = repoship.SentWorkspaces(tmp_path / "state" / "sent.json")
+    origin = repoship.origin(repoship.shipment(repo))
+    sent.remember("ssh://box", "0123456789ab", origin)
+    assert oct(sent.path.stat().st_mode & 0o777) == "0o600"
+    st = {"vm": "web", "vm_id": "0123456789ab", "host_path": "/remote/received/r",
+          "needs_resync": True, "prepared": True, "origin": origin.model_dump()}
     remote = _App("ssh://box")
-    assert resync_source(remote, st) is None  # type: ignore[arg-type]
+
+    def source(status: dict[str, Any]) -> Path | None:
+        return resync_source(remote, status, sent)  # type: ignore[arg-type]
+
+    assert source(st) is None
     (repo / "a.c").write_text("edited")
-    assert resync_source(remote, st) == repo  # type: ignore[arg-type]
+    assert source(st) == repo
     # Here (no remote host) the daemon's own answer counts.
     assert resync_source(_App(None), st) == Path("/remote/received/r")  # type: ignore[arg-type]
-    for other in (None, {**origin, "host": "another-machine"}):
-        with pytest.raises(BadRequest, match="not sent from this machine") as exc:
-            resync_source(remote, {**st, "origin": other})  # type: ignore[arg-type]
+    # A copy that did not finish is made again, changed or not.
+    git(repo, "checkout", "--", "a.c")
+    again = repoship.origin(repoship.shipment(repo))
+    sent.remember("ssh://box", "0123456789ab", again)
+    fresh = {**st, "origin": again.model_dump()}
+    assert source(fresh) is None
+    assert source({**fresh, "prepared": False}) == repo
+    assert source({**fresh, "error": "cancelled"}) == repo
+    # The remote's origin never names the path: a path it makes up is not sent.
+    planted = {**fresh, "origin": {**again.model_dump(), "path": "/home/me/.ssh"}}
+    assert source(planted) is None
+    for other, why in (({**fresh, "vm_id": "ffffffffffff"}, "not sent from this machine"),
+                       ({**fresh, "origin": None}, "prepared again since"),
+                       ({**fresh, "origin": {**again.model_dump(), "nonce": "0" * 32}},
+                        "prepared again since")):
+        with pytest.raises(BadRequest, match=why) as exc:
+            source(other)
         assert "vm workspace prepare web PATH" in exc.value.hint
-    gone = {**st, "origin": {**origin, "path": str(tmp_path / "gone")}}
-    assert resync_source(remote, gone) == tmp_path / "gone"  # type: ignore[arg-type]
+    gone = repoship.origin(repoship.shipment(repo)).model_copy(
+        update={"path": str(tmp_path / "gone")})
+    sent.remember("ssh://box", "0123456789ab", gone)
+    assert source({**fresh, "origin": gone.model_dump()}) == tmp_path / "gone"
 
 
 # ----------------------------------------------------------- image and kernel files
@@ -197,6 +297,13 @@ def test_files_go_as_key_and_name_and_arrive_whole(tmp_path: Path) -> None:
     assert (got / "kernel1" / "vmlinuz").read_bytes() == b"second file of the same name"
     with pytest.raises(BadRequest, match="not a regular file"):
         repoship.write_files({"dir": other}, io.BytesIO())
+    # A symlink (/boot/vmlinuz is one) goes as the file it names.
+    (tmp_path / "link").symlink_to(kernel)
+    buf = io.BytesIO()
+    repoship.write_files({"kernel": tmp_path / "link"}, buf)
+    buf.seek(0)
+    got = repoship.unpack(repoship.FILES, buf, tmp_path / "received")
+    assert (got / "kernel" / "link").read_bytes() == b"K" * 5000
 
 
 def test_a_file_that_cannot_be_sent_is_a_clear_error(tmp_path: Path) -> None:

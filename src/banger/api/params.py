@@ -102,6 +102,9 @@ class WorkspaceOrigin(Model):
     host: str = Field(min_length=1, max_length=255)
     path: str = Field(min_length=1, max_length=4096)
     fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")
+    # Names this one prepare; the client keeps its own record of it (the daemon's copy
+    # of the origin is never trusted to name a path on the client).
+    nonce: str = Field(pattern=r"^[0-9a-f]{32}$")
 
 
 class WorkspacePrepareParams(Model):

@@ -25,7 +25,8 @@ from typing import IO, Any
 
 from banger import repoship
 from banger.cli.app import App, follow, wire
-from banger.errors import BangerError, DaemonUnavailable, HostError
+from banger.errors import BadRequest, BangerError, DaemonUnavailable, HostError
+from banger.fsutil import fsync_path
 from banger.remote import OutputTooLarge
 
 BUNDLE_MAX = 1 << 40  # bytes of a bundle from a remote host: more than any image, a bound
@@ -33,7 +34,15 @@ PROGRESS_STEP = 256 << 20  # bytes between two progress lines
 
 
 def to_stdout(app: App, name: str) -> dict[str, Any]:
-    """Export image ``name`` to standard output; the daemon's answer (path ``-``)."""
+    """Export image ``name`` to standard output; the daemon's answer (path ``-``).
+
+    Raises:
+        BadRequest: standard output is a terminal.
+        HostError: standard output was closed before the bundle was all written.
+    """
+    if sys.stdout.isatty():
+        raise BadRequest("`image export -o -` writes a binary bundle, and standard output "
+                         "is a terminal", hint="redirect it (> FILE, | ssh ...), or use -o FILE")
     if app.remote is not None:
         return from_remote(app, name, None)
     root = repoship.receive_root()
@@ -41,9 +50,13 @@ def to_stdout(app: App, name: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="export-", dir=root) as tmp:
         path = Path(tmp) / f"{name}.tar.zst"
         res = wire(follow(app, app.client().images.export, name, path))
-        with path.open("rb") as fh:
-            shutil.copyfileobj(fh, sys.stdout.buffer, 1 << 20)
-        sys.stdout.buffer.flush()
+        try:
+            with path.open("rb") as fh:
+                shutil.copyfileobj(fh, sys.stdout.buffer, 1 << 20)
+            sys.stdout.buffer.flush()
+        except BrokenPipeError as exc:
+            raise HostError("standard output was closed before the bundle was all "
+                            "written") from exc
     return {**res, "path": "-"}
 
 
@@ -57,6 +70,7 @@ def from_remote(app: App, name: str, out_file: Path | None) -> dict[str, Any]:
             :data:`BUNDLE_MAX` bytes.
     """
     link = app.link()
+    link.check_sends_to_own_daemon()  # it writes into this login's directory first
     digest = hashlib.sha256()
     got = 0
     shown = PROGRESS_STEP
@@ -73,12 +87,20 @@ def from_remote(app: App, name: str, out_file: Path | None) -> dict[str, Any]:
            if out_file is not None else None)
     try:
         with _target(tmp) as out:
-            res = link.copy_out(["image", "export", name, "-o", "-"], out,
-                                limit=BUNDLE_MAX, chunk=arrived)
+            try:
+                res = link.copy_out(["image", "export", name, "-o", "-"], out,
+                                    limit=BUNDLE_MAX, chunk=arrived)
+                if res.returncode == 0 and tmp is not None:
+                    out.flush()
+                    os.fsync(out.fileno())  # whole on disk before it takes FILE's name
+            except OSError as exc:  # a full disk, or standard output closed
+                raise HostError(f"cannot write the bundle to {out_file or 'standard output'}"
+                                f": {exc.strerror or exc}") from exc
         if res.returncode != 0:
             raise _remote_error(app, res.stderr)
         if tmp is not None and out_file is not None:
             os.replace(tmp, out_file)
+            fsync_path(out_file.parent)
     except OutputTooLarge as exc:
         raise DaemonUnavailable(f"the banger on {app.remote} sent more than {BUNDLE_MAX} "
                                 "bytes for one bundle; nothing of it was kept") from exc

@@ -67,13 +67,13 @@ def image_pull(app: App, reference: str, name: str | None, size: str | None,
 
 @image.command("export")
 @click.argument("name", shell_complete=image_names)
-@click.option("-o", "--output", "out_file", required=True,
-              type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+@click.option("-o", "--output", "out_name", required=True,
+              type=click.Path(dir_okay=False, allow_dash=True),
               help="The bundle file to write, e.g. NAME.tar.zst (replaced if it exists); "
                    "- for standard output.")
 @json_option
 @pass_app
-def image_export(app: App, name: str, out_file: Path) -> None:
+def image_export(app: App, name: str, out_name: str) -> None:
     """Write image NAME as a bundle: a zstd tar of its root file system, work seed and
     kernel, with a manifest of their sizes and sha256s.
 
@@ -83,7 +83,8 @@ def image_export(app: App, name: str, out_file: Path) -> None:
     host the bundle comes back over the SSH connection. With `-o -` it goes to standard
     output and the summary to standard error.
     """
-    if str(out_file) == "-":
+    out_file = Path(out_name)  # "./-" is a file named -, "-" standard output
+    if out_name == "-":
         res = bundleout.to_stdout(app, name)
     elif app.remote is not None:
         res = bundleout.from_remote(app, name, out_file)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -70,35 +69,45 @@ def prepare_from(app: App, client: Client, name: str, repo: Path, **kw: Any) -> 
     origin = repoship.origin(ship)  # before the copy: a change meanwhile is seen next time
     there = repoship.send(link, ship)
     try:
-        return follow(app, client.workspace.prepare, name, there, origin=origin, **kw)
+        res = follow(app, client.workspace.prepare, name, there, origin=origin, **kw)
     finally:
         repoship.drop(link, there)
+    status = client.workspace.status(name)
+    repoship.SentWorkspaces().remember(str(app.remote), str(status["vm_id"]), origin)
+    return res
 
 
-def resync_source(app: App, st: dict[str, Any]) -> Path | None:
+def resync_source(app: App, st: dict[str, Any],
+                  sent: repoship.SentWorkspaces | None = None) -> Path | None:
     """For ``vm exec --auto-prepare``: the repository on this machine to prepare VM
     ``st['vm']``'s workspace from again, or None when it has not changed since.
 
-    Here, the daemon compares the repository it copied from; a remote daemon's copy
-    came from this machine, so the repository and its fingerprint then are the
-    workspace's origin, compared here.
+    Here, the daemon compares the repository it copied from. A remote daemon's copy
+    came from this machine: what was sent is this machine's own record
+    (:class:`banger.repoship.SentWorkspaces`), never a path the remote names, and the
+    remote's record must carry the same nonce (else someone prepared it since).
 
     Raises:
-        BadRequest: the remote workspace was not sent from this machine.
+        BadRequest: the remote workspace was not sent from this machine, or was
+            prepared again from elsewhere since.
     """
     if app.remote is None:
         return Path(st["host_path"]) if st["needs_resync"] else None
-    origin = st.get("origin")
-    here = socket.gethostname()
-    if not origin or origin.get("host") != here:
-        came = f" (it came from {origin['host']})" if origin else ""
-        raise BadRequest(
-            f"VM {st['vm']}'s workspace was not sent from this machine{came}, so "
-            "--auto-prepare cannot tell whether it is current",
-            hint=f"prepare it from here first: `banger vm workspace prepare {st['vm']} PATH`")
-    repo = Path(origin["path"])
+    vm = str(st.get("vm"))[:64]
+    hint = f"prepare it from here: `banger vm workspace prepare {vm} PATH`"
+    mine = (sent or repoship.SentWorkspaces()).recall(str(app.remote), str(st.get("vm_id")))
+    theirs = st.get("origin")
+    if mine is None:
+        raise BadRequest(f"VM {vm}'s workspace was not sent from this machine, so "
+                         "--auto-prepare cannot tell whether it is current", hint=hint)
+    if not isinstance(theirs, dict) or theirs.get("nonce") != mine.nonce:
+        raise BadRequest(f"VM {vm}'s workspace was prepared again since this machine sent "
+                         f"{mine.path}", hint=hint)
+    repo = Path(mine.path)
+    if not st.get("prepared") or st.get("error"):
+        return repo  # the last copy did not finish
     try:
-        changed = repoship.fingerprint(repoship.shipment(repo)) != origin["fingerprint"]
+        changed = repoship.fingerprint(repoship.shipment(repo)) != mine.fingerprint
     except BadRequest:
         changed = True  # gone or no longer a work tree: the prepare says why
     return repo if changed else None

@@ -298,7 +298,7 @@ def status(d: Daemon, ref: str) -> dict[str, Any]:
     if ws.get("prepared") and os.path.isdir(host):
         info = workspace.RepoInfo.from_dict(ws["info"])
         changed = workspace.needs_resync(owner_runner(d, Path(host)), info)
-    return {"vm": vm.name, "needs_resync": changed,
+    return {"vm": vm.name, "vm_id": vm.id, "needs_resync": changed,
             **{k: v for k, v in ws.items() if k != "info"}}
 
 

@@ -49,8 +49,16 @@ def views(kind: type[M], value: Any, what: str) -> list[M]:
     return cast(list[M], parse_result(list[kind], value, what))  # type: ignore[valid-type]
 
 
+class DaemonPath(str):
+    """A path on the daemon's machine (a remote host's), passed to it as it is: never
+    resolved against this machine's files."""
+
+
 def absolute(path: str | Path) -> str:
-    """``path`` made absolute here: bangerd's working directory is not the caller's."""
+    """``path`` made absolute here: bangerd's working directory is not the caller's (a
+    :class:`DaemonPath` is already the daemon's)."""
+    if isinstance(path, DaemonPath):
+        return str(path)
     return str(Path(path).resolve())
 
 

@@ -9,11 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from banger.api import BundleView, CachePruneView, CatalogEntry, ImageView
-from banger.sdk.base import Namespace, Progress, absolute, view, views
+from banger.sdk.base import DaemonPath, Namespace, Progress, absolute, view, views
 
 
 def bundle_ref(reference: str) -> str:
-    """``reference`` with a local bundle path made absolute (the daemon's cwd is not ours)."""
+    """``reference`` with a local bundle path made absolute (the daemon's cwd is not ours;
+    a :class:`~banger.sdk.base.DaemonPath` is already the daemon's)."""
+    if isinstance(reference, DaemonPath):
+        return str(reference)
     if "://" not in reference and (reference.endswith(".tar.zst")
                                    or reference.startswith(("/", "./", "../", "~"))):
         return str(Path(reference).expanduser().resolve())
