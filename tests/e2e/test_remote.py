@@ -237,7 +237,7 @@ def test_image_and_kernel_files_travel_over_the_connection(
     # any path: the daemon's own error names it when local).
     missing = remote.banger("--host", url, "kernel", "build", "--base-config",
                             str(remote.home / "nope"))
-    assert missing.returncode == 1, missing.stderr
+    assert missing.returncode == 125, missing.stderr  # banger failed, and said why
     assert "cannot send" in missing.stderr and "internal error" not in missing.stderr
 
 
