@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import socket
 import struct
@@ -110,13 +111,28 @@ def send_signal(ident: ProcessIdentity, sig: int = signal.SIGTERM) -> bool:
 
 
 def wait_gone(ident: ProcessIdentity, timeout: float) -> bool:
-    """Poll until the process is gone or ``timeout`` seconds pass; True if gone."""
+    """Wait until the process is gone or ``timeout`` seconds pass; True if gone.
+
+    Woken by the process's exit (a pidfd) where the kernel has them, else polled.
+    """
     deadline = time.monotonic() + timeout
-    while matches(ident):
-        if time.monotonic() >= deadline:
-            return False
-        _reap(ident.pid)
-        time.sleep(0.05)
+    try:
+        fd = os.pidfd_open(ident.pid)
+    except OSError:  # gone already (ESRCH), or no pidfds here
+        fd = None
+    try:
+        while matches(ident):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            _reap(ident.pid)
+            if fd is not None:
+                select.select([fd], [], [], min(left, 0.5))  # readable once it has exited
+            else:
+                time.sleep(0.05)
+    finally:
+        if fd is not None:
+            os.close(fd)
     _reap(ident.pid)
     return True
 

@@ -159,11 +159,14 @@ def stop_master(ident: ProcessIdentity) -> bool:
 def end_masters(runner: Runner, ssh_dir: Path, ssh_bin: str = "ssh") -> list[str]:
     """End every OpenSSH master of one VM (sockets in ``ssh_dir``); the problems left.
 
-    Each socket's master is asked to exit (``ssh -O exit``, which closes its connection
-    and removes the socket), then any master still running there, even one whose
-    socket is gone, gets SIGTERM and, after :data:`MASTER_TERM_S`, SIGKILL. The
-    directory itself is left to the caller.
+    Each master found running there, even one whose socket is gone, gets SIGTERM (it
+    closes its connection and removes its socket as it exits) and, after
+    :data:`MASTER_TERM_S`, SIGKILL. A socket whose master is not found that way (not
+    named as banger's masters are) is asked to exit with ``ssh -O exit``. The directory
+    itself is left to the caller.
     """
+    problems = [f"ssh master pid {ident.pid} would not exit"
+                for ident, _ in find_masters(ssh_dir) if not stop_master(ident)]
     try:
         sockets = sorted(p for p in ssh_dir.iterdir() if p.is_socket())
     except FileNotFoundError:
@@ -172,10 +175,9 @@ def end_masters(runner: Runner, ssh_dir: Path, ssh_bin: str = "ssh") -> list[str
         try:
             runner.run(end_master_argv(ssh_bin, path), desc="end the VM's ssh master",
                        timeout=END_MASTER_S, check=False)
-        except BangerError as exc:  # the signals below still end it
-            log.info("ssh -O exit %s: %s", path, exc.message)
-    return [f"ssh master pid {ident.pid} would not exit"
-            for ident, _ in find_masters(ssh_dir) if not stop_master(ident)]
+        except BangerError as exc:
+            problems.append(f"ssh -O exit {path}: {exc.message}")
+    return problems
 
 
 class GuestDialer(Protocol):
