@@ -120,6 +120,9 @@ def wait_gone(ident: ProcessIdentity, timeout: float) -> bool:
         fd = os.pidfd_open(ident.pid)
     except OSError:  # gone already (ESRCH), or no pidfds here
         fd = None
+    exited = select.poll()  # not select(): a daemon's descriptors may number past 1024
+    if fd is not None:
+        exited.register(fd, select.POLLIN)  # readable once the process has exited
     try:
         while matches(ident):
             left = deadline - time.monotonic()
@@ -127,7 +130,7 @@ def wait_gone(ident: ProcessIdentity, timeout: float) -> bool:
                 return False
             _reap(ident.pid)
             if fd is not None:
-                select.select([fd], [], [], min(left, 0.5))  # readable once it has exited
+                exited.poll(min(left, 0.5) * 1000)
             else:
                 time.sleep(0.05)
     finally:

@@ -157,6 +157,9 @@ def files_of(top: Path) -> list[str]:
     listed = _git(top, "ls-files", "-z", "--cached", "--others", "--exclude-standard")
     names = sorted({n for n in listed.decode(errors="surrogateescape").split("\0")
                     if n and os.path.lexists(top / n.rstrip("/"))})
+    if COMPLETE in names:
+        raise BadRequest(f"{top} has a file named {COMPLETE} at its top, the name banger's "
+                         "stream ends with", hint="rename it to send this repository")
     nested = [n for n in names if n.endswith("/")]
     if nested:
         raise BadRequest(f"{top} holds a git repository that is not a submodule "
@@ -209,9 +212,10 @@ def _git_members(r: Repo) -> list[Member]:
             if top_level:
                 dirs[:] = [d for d in dirs if d not in NOT_WORKTREE_STATE | NOT_SENT]
             for name in sorted(names):
-                if top_level and name in NOT_WORKTREE_STATE | NOT_SENT:
-                    continue
                 arcname = f"{dot}/{(rel / name).as_posix()}"
+                if (top_level and name in NOT_WORKTREE_STATE | NOT_SENT) \
+                        or _git_scratch(arcname):
+                    continue
                 skip.add(arcname)
                 own.append(Member(Path(parent) / name, arcname))
     return [Member(r.common, dot, recursive=True, skip=frozenset(skip)), *own]
@@ -390,11 +394,14 @@ def _skipping(skip: frozenset[str]) -> Callable[[tarfile.TarInfo], tarfile.TarIn
     """A ``tarfile`` filter that leaves out the members named in ``skip`` (with, for a
     directory, everything below it)."""
     def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
-        # A lock or a half-written pack of a git running here meanwhile is not data.
-        if info.name in skip or info.name.endswith(".lock") or "/objects/pack/tmp_" in info.name:
-            return None
-        return info
+        return None if info.name in skip or _git_scratch(info.name) else info
     return keep
+
+
+def _git_scratch(arcname: str) -> bool:
+    """A lock or a half-written pack in git data (of a git running here meanwhile): not
+    data. A work tree's own ``Cargo.lock`` is data."""
+    return _is_git(arcname) and (arcname.endswith(".lock") or "/objects/pack/tmp_" in arcname)
 
 
 def top_of(repo: Path) -> Path:
@@ -441,11 +448,11 @@ def _stream(link: SSHLink, name: str, write: Callable[[IO[bytes]], None], *, wha
     try:
         try:
             write(proc.stdin)
+        except BrokenPipeError:
+            pass  # the remote end stopped reading: its error is below
         finally:
             close(proc.stdin)  # the end of the stream (or of a cut one: refused there)
         proc.wait(RECEIVE_TIMEOUT_S)
-    except BrokenPipeError:
-        proc.wait(RECEIVE_TIMEOUT_S)  # the remote end stopped reading: its error is below
     except subprocess.TimeoutExpired as exc:
         proc.kill()
         proc.wait()

@@ -311,3 +311,15 @@ def test_a_file_that_cannot_be_sent_is_a_clear_error(tmp_path: Path) -> None:
         repoship.send_files(None, {"kernel0": tmp_path / "nope"})  # type: ignore[arg-type]
     with pytest.raises(BadRequest, match="not a file key"):
         repoship.send_files(None, {"../x": tmp_path})  # type: ignore[arg-type]
+
+
+def test_a_lock_file_is_data_in_the_work_tree_and_scratch_in_git(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "r", {"Cargo.lock": "deps\n", "sub/yarn.lock": "deps\n"})
+    (repo / ".git" / "index.lock").write_text("a git running here")
+    got = shipped(repo, tmp_path / "received")
+    assert (got / "Cargo.lock").read_text() == "deps\n"
+    assert (got / "sub" / "yarn.lock").read_text() == "deps\n"
+    assert not (got / ".git" / "index.lock").exists()
+    (repo / repoship.COMPLETE).write_text("mine")
+    with pytest.raises(BadRequest, match="the name banger's stream ends with"):
+        repoship.shipment(repo)

@@ -100,7 +100,8 @@ def from_remote(app: App, name: str, out_file: Path | None) -> dict[str, Any]:
             raise _remote_error(app, res.stderr)
         if tmp is not None and out_file is not None:
             os.replace(tmp, out_file)
-            fsync_path(out_file.parent)
+            with contextlib.suppress(OSError):  # the bundle is in place: the rest is care
+                fsync_path(out_file.parent)
     except OutputTooLarge as exc:
         raise DaemonUnavailable(f"the banger on {app.remote} sent more than {BUNDLE_MAX} "
                                 "bytes for one bundle; nothing of it was kept") from exc
@@ -117,7 +118,11 @@ def _target(tmp: Path | None) -> Iterator[IO[bytes]]:
     standard output."""
     if tmp is None:
         yield sys.stdout.buffer
-        sys.stdout.buffer.flush()
+        try:
+            sys.stdout.buffer.flush()
+        except OSError as exc:
+            raise HostError(f"cannot write the bundle to standard output: "
+                            f"{exc.strerror or exc}") from exc
         return
     try:
         fh: IO[bytes] = tmp.open("xb")

@@ -67,14 +67,19 @@ def prepare_from(app: App, client: Client, name: str, repo: Path, **kw: Any) -> 
     link.check_sends_to_own_daemon()
     ship = repoship.shipment(repoship.top_of(repo))
     origin = repoship.origin(ship)  # before the copy: a change meanwhile is seen next time
+    # Remembered before the copy (its nonce is made here): a copy that fails or is cut
+    # short is then one this machine sent, and --auto-prepare makes it again.
+    vm_id = client.vms.show(name).id
+    try:
+        repoship.SentWorkspaces().remember(str(app.remote), vm_id, origin)
+    except OSError as exc:
+        print(f"warning: cannot record what was sent ({exc.strerror or exc}): "
+              "--auto-prepare will not know this workspace", file=sys.stderr)
     there = repoship.send(link, ship)
     try:
-        res = follow(app, client.workspace.prepare, name, there, origin=origin, **kw)
+        return follow(app, client.workspace.prepare, name, there, origin=origin, **kw)
     finally:
         repoship.drop(link, there)
-    status = client.workspace.status(name)
-    repoship.SentWorkspaces().remember(str(app.remote), str(status["vm_id"]), origin)
-    return res
 
 
 def resync_source(app: App, st: dict[str, Any],

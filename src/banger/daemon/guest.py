@@ -177,6 +177,9 @@ def end_masters(runner: Runner, ssh_dir: Path, ssh_bin: str = "ssh") -> list[str
                        timeout=END_MASTER_S, check=False)
         except BangerError as exc:
             problems.append(f"ssh -O exit {path}: {exc.message}")
+    if sockets:  # a master that was still starting (not yet named) when first looked for
+        problems += [f"ssh master pid {ident.pid} would not exit"
+                     for ident, _ in find_masters(ssh_dir) if not stop_master(ident)]
     return problems
 
 
