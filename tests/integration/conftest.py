@@ -27,12 +27,29 @@ def netns() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
+# Run before every script: banger's source on the path, say() to report a step, and
+# refused() for the message of a HostError (None when the call went through).
+PRELUDE = """
+import json, subprocess, sys
+sys.path.insert(0, sys.argv[1])
+from banger.errors import HostError
+def say(**kw):
+    print(json.dumps(kw), flush=True)
+def refused(fn, *args):
+    try:
+        fn(*args)
+    except HostError as exc:
+        return exc.message
+    return None
+"""
+
+
 def steps_in(netns: str, script: str, *args: str, timeout: float = 120
              ) -> dict[str, dict[str, Any]]:
-    """Run Python ``script`` in ``netns`` (``sys.argv[1]`` is banger's source, then
-    ``args``); its JSON lines, by their ``step``."""
+    """Run Python ``script`` in ``netns`` after :data:`PRELUDE` (``sys.argv[1]`` is
+    banger's source, then ``args``); its JSON lines, by their ``step``."""
     res = subprocess.run(["nsenter", f"--net=/run/netns/{netns}", "--",
-                          sys.executable, "-c", script, str(SRC), *args],
+                          sys.executable, "-c", PRELUDE + script, str(SRC), *args],
                          capture_output=True, text=True, timeout=timeout, check=False)
     assert res.returncode == 0, res.stderr
     return {s["step"]: s for s in map(json.loads, res.stdout.splitlines())}

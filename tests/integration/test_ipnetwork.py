@@ -18,20 +18,9 @@ pytestmark = pytest.mark.skipif(
 
 # Runs inside the namespace; prints one JSON line per step.
 SCRIPT = """
-import json, socket, subprocess, sys
-sys.path.insert(0, sys.argv[1])
-from banger.errors import HostError
 from banger.hostops.netlink import IPNetwork, link_exists
 
 net = IPNetwork()
-def say(**kw):
-    print(json.dumps(kw), flush=True)
-def refused(fn, *args):
-    try:
-        fn(*args)
-    except HostError as exc:
-        return exc.message
-    return None
 def show(name):
     return json.loads(subprocess.run(["ip", "-j", "addr", "show", "dev", name],
                                      capture_output=True, text=True, check=True).stdout)[0]

@@ -68,24 +68,13 @@ print(json.dumps({"answer_from": None}))
 
 # Runs in the outer namespace (the "host"); prints one JSON line per step.
 HOST = """
-import json, subprocess, sys
-sys.path.insert(0, sys.argv[1])
-from banger.errors import HostError
 from banger.hostops.netlink import IPNetwork, link_exists
 
 ns, guest, vmm_uid, other_uid = sys.argv[2:6]
 net = IPNetwork()
-def say(**kw):
-    print(json.dumps(kw), flush=True)
 def ip_json(*args):
     return json.loads(subprocess.run(["ip", "-j", "-d", *args], capture_output=True,
                                      text=True, check=True).stdout)
-def refused(fn, *args):
-    try:
-        fn(*args)
-    except HostError as exc:
-        return exc.message
-    return None
 def as_user(uid):
     res = subprocess.run(["nsenter", f"--net=/run/netns/{ns}", "--", sys.executable, "-I",
                           "-S", "-c", guest, "tap0", "172.31.7.1", "172.31.7.2",
