@@ -375,14 +375,19 @@ class OutputTooLarge(Exception):
     """A command printed more than it was allowed to (see :func:`run_bounded`)."""
 
 
-def run_bounded(argv: list[str], *, timeout: float, input: bytes | None = None,
+def run_bounded(argv: list[str], *, timeout: float,
+                input: bytes | Callable[[IO[bytes]], None] | None = None,
                 limit: int) -> subprocess.CompletedProcess[bytes]:
     """Run ``argv`` to its end, holding at most ``limit`` bytes of its standard output
-    and the last :data:`MAX_ANSWER` bytes of its standard error.
+    and the last :data:`MAX_ANSWER` bytes of its standard error, both read while
+    ``input`` (bytes, or what a function writes to the stream) goes to its standard
+    input. ``timeout`` counts from the end of the input.
 
     Raises:
         OutputTooLarge: it printed more than ``limit`` bytes (it is killed).
         subprocess.TimeoutExpired: it did not end within ``timeout`` seconds (killed).
+        Exception: what writing ``input`` raised (it is killed), but a broken pipe:
+            the program stopped reading, and its exit says why.
     """
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE if input is not None
                             else subprocess.DEVNULL,
@@ -392,9 +397,15 @@ def run_bounded(argv: list[str], *, timeout: float, input: bytes | None = None,
     try:
         if input is not None:
             assert proc.stdin is not None
-            with contextlib.suppress(BrokenPipeError):
-                proc.stdin.write(input)
-            close(proc.stdin)
+            try:
+                if callable(input):
+                    input(proc.stdin)
+                else:
+                    proc.stdin.write(input)
+            except BrokenPipeError:
+                pass
+            finally:
+                close(proc.stdin)  # the end of the input
         proc.wait(timeout)
     except BaseException:  # the timeout, or this command interrupted: ssh goes too
         proc.kill()

@@ -39,10 +39,9 @@ from pathlib import Path
 from typing import IO
 
 from banger.api.params import WorkspaceOrigin
-from banger.drain import Drain, close
 from banger.errors import BadRequest, BangerError, HostError
 from banger.fsutil import atomic_write
-from banger.remote import SSHLink
+from banger.remote import OutputTooLarge, SSHLink, run_bounded
 from banger.sdk.base import DaemonPath
 
 RECEIVE_TIMEOUT_S = 3600.0
@@ -99,6 +98,7 @@ class Repo:
     prefix: str
     git_dir: Path
     common: Path
+    submodules: tuple[str, ...]  # populated ones, relative to ``top``
 
 
 @dataclass(frozen=True)
@@ -111,11 +111,6 @@ class Shipment:
     repos: tuple[Repo, ...]
     members: tuple[Member, ...]
     configs: tuple[tuple[str, bytes], ...] = ()
-
-    @property
-    def git_dir(self) -> Path:
-        """The work tree's own git directory (its HEAD and index)."""
-        return self.repos[0].git_dir
 
     @property
     def files(self) -> int:
@@ -187,13 +182,13 @@ def _repo(top: Path, prefix: str) -> Repo:
         raise BadRequest(f"git said something unexpected of {top}: {out[:200]!r}")
     git_dir = Path(lines[0])
     common = (top / lines[1]).resolve() if not os.path.isabs(lines[1]) else Path(lines[1])
-    return Repo(top, prefix, git_dir, common)
+    return Repo(top, prefix, git_dir, common, tuple(_populated_submodules(top)))
 
 
 def _repos(top: Path, prefix: str = "") -> list[Repo]:
     """``top``'s repository, then each populated submodule's below it (depth first)."""
     found = [_repo(top, prefix)]
-    for sub in _populated_submodules(top):
+    for sub in found[0].submodules:
         found += _repos(top / sub, f"{prefix}{sub}/")
     return found
 
@@ -245,9 +240,8 @@ def shipment(top: Path) -> Shipment:
         configs.append((f"{r.prefix}.git/config",
                         _plain_config(r.common / "config", _identity(r.top))))
     for r in repos:
-        subs = {f"{r.prefix}{s}" for s in _populated_submodules(r.top)}
         members += [Member(r.top / name, f"{r.prefix}{name}") for name in files_of(r.top)
-                    if f"{r.prefix}{name}" not in subs]
+                    if name not in r.submodules]
     return Shipment(top, tuple(repos), tuple(members), tuple(configs))
 
 
@@ -437,51 +431,33 @@ def _stream(link: SSHLink, name: str, write: Callable[[IO[bytes]], None], *, wha
         BadRequest: ``write`` could not read what it sends.
         HostError: the remote end failed to take it.
     """
-    receive = link.remote_command(["vm", "workspace", "receive", name])
-    proc = subprocess.Popen(link.ssh("-T", link.target.destination, "--", receive),
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    # Its answer is read while the stream goes (bounded: it is the remote host's).
-    answer = Drain(proc.stdout, cap=MAX_ANSWER, on_cap=proc.kill)
-    errors = Drain(proc.stderr, MAX_ANSWER)
-    assert proc.stdin is not None
+    argv = link.ssh("-T", link.target.destination, "--",
+                    link.remote_command(["vm", "workspace", "receive", name]))
     try:
-        try:
-            write(proc.stdin)
-        except BrokenPipeError:
-            pass  # the remote end stopped reading: its error is below
-        finally:
-            close(proc.stdin)  # the end of the stream (or of a cut one: refused there)
-        proc.wait(RECEIVE_TIMEOUT_S)
+        res = run_bounded(argv, timeout=RECEIVE_TIMEOUT_S, input=write, limit=MAX_ANSWER)
     except subprocess.TimeoutExpired as exc:
-        proc.kill()
-        proc.wait()
         raise HostError(f"{link.target} did not take {what} within "
                         f"{RECEIVE_TIMEOUT_S:g}s") from exc
-    except BaseException as exc:  # a file went away, or this command was interrupted
-        proc.kill()
-        proc.wait()
-        if isinstance(exc, OSError):
-            raise BadRequest(f"cannot send {what}: {exc.strerror or exc}"
-                             + (f" ({exc.filename})" if exc.filename else ""),
-                             hint="try again once nothing is changing it") from exc
-        raise
-    finally:
-        out, err = answer.join(), errors.join()
-        close(proc.stdout, proc.stderr)
+    except OutputTooLarge as exc:
+        raise HostError(f"{link.target} did not take {what}: it answered more than "
+                        f"{MAX_ANSWER} bytes") from exc
+    except OSError as exc:  # a file went away or became unreadable meanwhile
+        raise BadRequest(f"cannot send {what}: {exc.strerror or exc}"
+                         + (f" ({exc.filename})" if exc.filename else ""),
+                         hint="try again once nothing is changing it") from exc
     try:
-        path = json.loads(out)["path"]
+        path = json.loads(res.stdout)["path"]
     except (ValueError, KeyError, TypeError):
         path = None
-    if proc.returncode != 0 or not isinstance(path, str):
+    if res.returncode != 0 or not isinstance(path, str):
         raise HostError(f"{link.target} did not take {what}: "
-                        f"{err.decode(errors='replace').strip()[-300:] or proc.returncode}")
+                        f"{res.stderr.decode(errors='replace').strip()[-300:] or res.returncode}")
     return path
 
 
 FILES = "files"  # the directory ``receive`` makes for files sent with :func:`send_files`
 _KEY = re.compile(r"[a-z0-9_]{1,32}")
-PROGRESS_STEP = 256 << 20  # bytes between two progress lines while files are sent
+PROGRESS_STEP = 256 << 20  # bytes between two progress lines (files sent, a bundle received)
 
 
 def send_files(link: SSHLink, files: dict[str, Path]) -> tuple[str, dict[str, str]]:
@@ -503,7 +479,7 @@ def send_files(link: SSHLink, files: dict[str, Path]) -> tuple[str, dict[str, st
         raise BadRequest(f"cannot send {exc.filename}: {exc.strerror or exc}") from exc
     names = ", ".join(path.name for path in files.values())
     print(f"sending {names} ({total / 1e6:.1f} MB) to {link.target}", file=sys.stderr)
-    report = _Progress(total)
+    report = ByteProgress("sent", total)
     there = _stream(link, FILES, lambda out: write_files(files, out, report), what=names)
     return there, {key: DaemonPath(f"{there}/{key}/{path.name}") for key, path in files.items()}
 
@@ -531,17 +507,20 @@ def write_files(files: dict[str, Path], out: IO[bytes],
         _add_bytes(tar, COMPLETE, b"")
 
 
-class _Progress:
-    """Progress lines (every :data:`PROGRESS_STEP` bytes) for files being sent."""
+class ByteProgress:
+    """Progress lines on standard error, every :data:`PROGRESS_STEP` bytes, for bytes
+    ``verb`` (sent, received) out of ``total`` (None: not known ahead)."""
 
-    def __init__(self, total: int) -> None:
-        self.total, self.done, self._next = total, 0, PROGRESS_STEP
+    def __init__(self, verb: str, total: int | None = None) -> None:
+        self.verb, self.total, self.done, self._next = verb, total, 0, PROGRESS_STEP
 
     def __call__(self, n: int) -> None:
+        """Count ``n`` more bytes (a line when another step is passed)."""
         self.done += n
         if self.done >= self._next:
             self._next += PROGRESS_STEP
-            print(f"  {self.done / 1e6:.0f}/{self.total / 1e6:.0f} MB sent", file=sys.stderr)
+            of = f"/{self.total / 1e6:.0f}" if self.total is not None else ""
+            print(f"  {self.done / 1e6:.0f}{of} MB {self.verb}", file=sys.stderr)
 
 
 class _Counting(io.RawIOBase):

@@ -57,7 +57,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.contract import netnsutil
+from banger.netns import join_network
 from tests.contract.fcspec import FirecrackerSpec, Route
 
 FAKE_VERSION = "1.7.0"
@@ -531,7 +531,11 @@ def jailer_main(argv: list[str], *, journal_dir: str,
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "FAKE_FC_CHROOT": str(root),
            "FAKE_FC_UID": uid, "FAKE_FC_GID": gid}
     if netns is not None:  # as the jailer does, before it execs Firecracker
-        netnsutil.join(netns)
+        fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            join_network(fd)
+        finally:
+            os.close(fd)
         env["FAKE_FC_NETNS"] = netns
     with contextlib.suppress(OSError):
         os.execve(exec_file, [exec_name, f"--id={jail_id}", "--start-time-us=0",

@@ -263,6 +263,15 @@ def test_what_the_remote_end_prints_is_held_only_up_to_a_bound() -> None:
         run_bounded(["sleep", "30"], timeout=0.5, limit=10)
     echoed = run_bounded(["cat"], timeout=30, input=b"repo", limit=10)
     assert echoed.stdout == b"repo"
+    # A writer instead of bytes (a stream too large to hold): its errors come back.
+    written = run_bounded(["cat"], timeout=30, input=lambda f: f.write(b"tar"), limit=10)
+    assert written.stdout == b"tar"
+
+    def unreadable(f: Any) -> None:
+        raise PermissionError(13, "Permission denied", "/some/file")
+
+    with pytest.raises(PermissionError):
+        run_bounded(["cat"], timeout=30, input=unreadable, limit=10)
 
 
 def test_an_oversized_answer_from_the_remote_banger_is_refused(

@@ -28,7 +28,7 @@ from banger.names import check_name
 from banger.remote import SSHLink, SSHTarget
 from banger.sdk import Client
 from banger.sdk.client import POLL_WAIT_S, Cancel
-from banger.sdk.images import bundle_ref
+from banger.sdk.images import bundle_ref, is_bundle_path
 from banger.sdk.workspace import Patch
 
 T = TypeVar("T")
@@ -121,10 +121,10 @@ class App:
         """A pull's REFERENCE as the daemon reads it: a bundle file on this machine (a
         path, see :func:`banger.sdk.images.bundle_ref`) is sent to a remote daemon's host
         for the body's length (:meth:`daemon_paths`); anything else is as given."""
-        local = bundle_ref(reference)
-        if local == reference and not reference.startswith("/"):
+        if not is_bundle_path(reference):
             yield reference  # a name, a URL or an OCI reference
             return
+        local = bundle_ref(reference)
         with self.daemon_paths({"bundle": Path(local)}) as at:
             yield at["bundle"] or local
 

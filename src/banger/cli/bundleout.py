@@ -30,7 +30,6 @@ from banger.fsutil import fsync_path
 from banger.remote import OutputTooLarge
 
 BUNDLE_MAX = 1 << 40  # bytes of a bundle from a remote host: more than any image, a bound
-PROGRESS_STEP = 256 << 20  # bytes between two progress lines
 
 
 def to_stdout(app: App, name: str) -> dict[str, Any]:
@@ -72,16 +71,11 @@ def from_remote(app: App, name: str, out_file: Path | None) -> dict[str, Any]:
     link = app.link()
     link.check_sends_to_own_daemon()  # it writes into this login's directory first
     digest = hashlib.sha256()
-    got = 0
-    shown = PROGRESS_STEP
+    progress = repoship.ByteProgress("received")
 
     def arrived(data: bytes) -> None:
-        nonlocal got, shown
         digest.update(data)
-        got += len(data)
-        if got >= shown:
-            shown += PROGRESS_STEP
-            print(f"  {got / 1e6:.0f} MB received", file=sys.stderr)
+        progress(len(data))
 
     tmp = (out_file.with_name(f".{out_file.name}.{secrets.token_hex(4)}.partial")
            if out_file is not None else None)
@@ -109,7 +103,7 @@ def from_remote(app: App, name: str, out_file: Path | None) -> dict[str, Any]:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
     return {"name": name, "path": str(out_file) if out_file is not None else "-",
-            "size_bytes": got, "sha256": digest.hexdigest()}
+            "size_bytes": progress.done, "sha256": digest.hexdigest()}
 
 
 @contextlib.contextmanager

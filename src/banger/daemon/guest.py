@@ -165,8 +165,7 @@ def end_masters(runner: Runner, ssh_dir: Path, ssh_bin: str = "ssh") -> list[str
     named as banger's masters are) is asked to exit with ``ssh -O exit``. The directory
     itself is left to the caller.
     """
-    problems = [f"ssh master pid {ident.pid} would not exit"
-                for ident, _ in find_masters(ssh_dir) if not stop_master(ident)]
+    problems = _stop_masters(ssh_dir)
     try:
         sockets = sorted(p for p in ssh_dir.iterdir() if p.is_socket())
     except FileNotFoundError:
@@ -178,9 +177,14 @@ def end_masters(runner: Runner, ssh_dir: Path, ssh_bin: str = "ssh") -> list[str
         except BangerError as exc:
             problems.append(f"ssh -O exit {path}: {exc.message}")
     if sockets:  # a master that was still starting (not yet named) when first looked for
-        problems += [f"ssh master pid {ident.pid} would not exit"
-                     for ident, _ in find_masters(ssh_dir) if not stop_master(ident)]
+        problems += _stop_masters(ssh_dir)
     return problems
+
+
+def _stop_masters(ssh_dir: Path) -> list[str]:
+    """:func:`stop_master` for each master found under ``ssh_dir``; those left running."""
+    return [f"ssh master pid {ident.pid} would not exit"
+            for ident, _ in find_masters(ssh_dir) if not stop_master(ident)]
 
 
 class GuestDialer(Protocol):

@@ -31,34 +31,15 @@ reason on stderr and exits 127 if exec fails, 1 if the set-up fails.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import re
 import sys
 
 from banger.detach import run
+from banger.netns import unshare_network
 
 _PLACEHOLDER = re.compile(r"\{fd:([a-z_][a-z0-9_]*)\}")
-
-
-CLONE_NEWNET = 0x40000000  # linux/sched.h
-
-
-def unshare_network() -> None:
-    """Move this process into a new, empty network namespace (``unshare(CLONE_NEWNET)``).
-
-    Raises:
-        OSError: the kernel refused (no CAP_SYS_ADMIN, or namespaces are off).
-    """
-    unshare = getattr(os, "unshare", None)  # Python 3.12+
-    if unshare is not None:
-        unshare(CLONE_NEWNET)
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 def main() -> int:

@@ -17,10 +17,16 @@ def bundle_ref(reference: str) -> str:
     a :class:`~banger.sdk.base.DaemonPath` is already the daemon's)."""
     if isinstance(reference, DaemonPath):
         return str(reference)
-    if "://" not in reference and (reference.endswith(".tar.zst")
-                                   or reference.startswith(("/", "./", "../", "~"))):
+    if is_bundle_path(reference):
         return str(Path(reference).expanduser().resolve())
     return reference
+
+
+def is_bundle_path(reference: str) -> bool:
+    """Whether a pull's ``reference`` names a bundle file (not a name, a URL or an OCI
+    reference)."""
+    return "://" not in reference and (reference.endswith(".tar.zst")
+                                       or reference.startswith(("/", "./", "../", "~")))
 
 
 class Images(Namespace):
