@@ -150,8 +150,7 @@ class Executor:
                 self.blocks.remove(self.policy.dm_name(vm_id))
             case ops.DmList():
                 prefix = self.policy.dm_name("")
-                return [name.removeprefix(prefix) for name in self.blocks.target_names(prefix)
-                        if ops.VM_ID.fullmatch(name[len(prefix):])]
+                return ops.vm_ids(self.blocks.target_names(prefix), prefix)
             case ops.UsernsMap(pid=pid):
                 p = self.policy
                 userns.map_ids(pid, p.daemon_uid, p.daemon_gid, p.subuids, p.subgids)

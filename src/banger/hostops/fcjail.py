@@ -173,9 +173,7 @@ class Jails:
 
     def netns_vms(self) -> list[str]:
         """The ids of the VMs that have a network namespace of this install."""
-        prefix = vm_netns_prefix(self.policy.install_tag)
-        return [name.removeprefix(prefix) for name in self.net.netns_names()
-                if name.startswith(prefix) and ops.VM_ID.fullmatch(name[len(prefix):])]
+        return ops.vm_ids(self.net.netns_names(), vm_netns_prefix(self.policy.install_tag))
 
     def connect(self, vm_id: str, which: Literal["api", "vsock"]) -> int:
         """A connected descriptor to VM ``vm_id``'s ``which`` socket in its jail.

@@ -134,6 +134,13 @@ class IPForward(_Model):
 
 
 VM_ID = re.compile(r"[0-9a-f]{12}")  # a VM id, as every request carries it
+
+
+def vm_ids(names: list[str], prefix: str) -> list[str]:
+    """The VM ids of the ``names`` that are ``prefix`` and a VM id (an install's dm
+    targets, its VMs' network namespaces)."""
+    return [name.removeprefix(prefix) for name in names
+            if name.startswith(prefix) and VM_ID.fullmatch(name[len(prefix):])]
 VMId = Annotated[str, StringConstraints(pattern=f"^{VM_ID.pattern}$")]
 HostPath = Annotated[str, StringConstraints(min_length=2, max_length=4096)]
 Pid = Annotated[int, Field(ge=1, le=1 << 22)]
