@@ -195,6 +195,7 @@ class FakeVMM:
 
     name = "qemu"
     own_port = False
+    agent_port = False
 
     def __init__(self, fail: bool = False) -> None:
         self.fail = fail

@@ -155,6 +155,12 @@ class VMPaths:
         return self.run / "fc.metrics"
 
     @property
+    def agent_socket(self) -> Path:
+        """``agent.sock``: the host end of the guest agent's virtio-serial port (QEMU
+        driver), beside ``agent.lock``, which its one client holds (``banger.agent``)."""
+        return check_socket_path(self.run / "agent.sock")
+
+    @property
     def ident_fifo(self) -> Path:
         """``ident.fifo``: the host end of the guest's identity channel (QEMU driver): what
         is written here reaches ``banger-ident`` in the guest (``banger.daemon.identity``)."""

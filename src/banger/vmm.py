@@ -52,6 +52,10 @@ class LaunchPlan:
     # clone learns its new identity through. A guest saved without it is restored without
     # it (the device set must match the saved one).
     ident_channel: bool = True
+    # The guest agent's port (``banger.agent``): commands without an SSH login. It comes
+    # with the identity channel (a device set with both), for the same reason only when
+    # the saved guest being restored had it.
+    agent_channel: bool = True
 
     @property
     def marker(self) -> str:
@@ -66,6 +70,8 @@ class VMMDriver(Protocol):
     # True: the launch makes the VM's port on the bridge itself, under the name
     # ``plan.tap`` (the daemon names one instead of taking a TAP from its pool).
     own_port: bool
+    # True: the VM gets the guest agent's port when ``plan.agent_channel`` says so.
+    agent_port: bool
 
     def launch(self, plan: LaunchPlan) -> ProcessIdentity:
         """Start the VM; return once the VMM process runs (not when the guest booted)."""

@@ -22,6 +22,7 @@ import pytest
 
 from tests.e2e.checker import assert_consistent
 from tests.e2e.conftest import IMAGE, MEMORY_MIB, CachedImage, Host, open_host
+from tests.e2e.test_agent import readiness
 from tests.e2e.test_faults import crash_at
 from tests.e2e.test_suspend import TICKER, guest
 
@@ -176,6 +177,9 @@ def test_the_first_boot_is_kept_and_later_vms_are_its_clones(warm_host: Host) ->
     assert second["hostname"] == "second" and second["ip"].split("/")[0] == shown["ip"]
     for key in ("machine_id", "host_key", "mac", "ip"):
         assert second[key] != first[key], key
+    # found ready by its agent, and SSH (strict about the host key) takes its new one
+    assert readiness(host, "second") == "agent"
+    assert host.ok("vm", "ssh", "second", "--", "hostname").strip() == "second"
 
     # vm run is warm too; --cold boots and keeps nothing
     assert host.ok("vm", "run", "--rm", "--name", "quick", "--", "hostname").strip() == "quick"
@@ -202,6 +206,7 @@ def test_the_first_boot_is_kept_and_later_vms_are_its_clones(warm_host: Host) ->
     reuse = host.json("vm", "create", "--name", "reuse")
     assert reuse["ip"] == first_ip and reuse["from_snapshot"] == boot["name"]
     assert guest(host, "reuse", "hostname") == "reuse"
+    assert host.ok("vm", "ssh", "reuse", "--", "hostname").strip() == "reuse"
     assert_consistent(host)
 
 

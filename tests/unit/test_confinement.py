@@ -7,6 +7,7 @@ import dataclasses
 import importlib
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -288,7 +289,8 @@ def test_the_launch_drops_to_the_vmm_user_in_its_cgroup_with_descriptors(
     # the binary is the helper's own, never the daemon's choice
     assert cmd[cmd.index("--") + 1] == "/usr/bin/qemu-system-x86_64"
     assert privilege_drop(USER, [108])[3] == "--groups=108"  # /dev/kvm's group under KVM
-    assert set(spec["fds"]) == {"kernel", "rootfs", "work", "serial", "ident", "tap", "qmp"}
+    assert set(spec["fds"]) == {"kernel", "rootfs", "work", "serial", "ident", "tap", "qmp",
+                                "agent"}
     assert spec["cgroup_procs"] == [str(lt.root / "banger-abc123/0123456789ab/cgroup.procs")]
     assert spec["own_netns"] is True  # QEMU gets no network but its TAP's descriptor
     assert lt.cgroups.group("banger-abc123/0123456789ab").limits() == limits_for(512, 2)
@@ -298,8 +300,10 @@ def test_the_launch_drops_to_the_vmm_user_in_its_cgroup_with_descriptors(
         st = f.stat()
         assert (st.st_mode & 0o777, st.st_gid, st.st_uid) == (0o660, nobody.gid, os.getuid())
     assert lt.plan.kernel.stat().st_gid != nobody.gid
-    qmp = lt.plan.paths.qmp_socket.stat()
-    assert qmp.st_mode & 0o777 == 0o600 and qmp.st_uid == os.getuid()
+    for sock in (lt.plan.paths.qmp_socket, lt.plan.paths.agent_socket):
+        st = sock.stat()
+        assert stat.S_ISSOCK(st.st_mode)
+        assert st.st_mode & 0o777 == 0o600 and st.st_uid == os.getuid()
 
 
 LAUNCH_REFUSED: list[tuple[str, dict[str, Any]]] = [
@@ -321,6 +325,9 @@ LAUNCH_REFUSED: list[tuple[str, dict[str, Any]]] = [
     ("a path with ..", {"files": {"kernel": ops.VMFile(path="/x/../etc/shadow", mode="r")}}),
     ("QMP elsewhere", {"qmp": "/tmp/qmp.sock"}),
     ("QMP in another VM's dir", {"qmp": "/RUN/vms/ba9876543210/qmp.sock"}),
+    ("the agent's port elsewhere", {"agent": "/tmp/agent.sock"}),
+    ("the agent's port in another VM's dir", {"agent": "/RUN/vms/ba9876543210/agent.sock"}),
+    ("a file called agent", {"files": {"agent": ops.VMFile(path="/S/x", mode="r")}}),
     ("a log elsewhere", {"stderr": "/var/log/syslog"}),
     ("another VM's dm device", {"files": {"rootfs": ops.VMFile(
         path="/dev/mapper/banger-abc123-ba9876543210", mode="rw", give=True)}}),
@@ -335,6 +342,11 @@ def test_a_launch_out_of_policy_is_refused_and_starts_nothing(
     lt = Launch(tmp_path)
     if "qmp" in change:
         change = {"qmp": change["qmp"].replace("/RUN", str(lt.run))}
+    if "agent" in change:
+        change = {"agent": change["agent"].replace("/RUN", str(lt.run))}
+    if "agent" in change.get("files", {}):
+        change = {"files": {**lt.request().files, "agent": ops.VMFile(
+            path=str(lt.state / "x"), mode="r")}}
     with pytest.raises(Refused):
         HostOps.local(lt.executor).qemu_launch(lt.request(**change))
     assert lt.runner.ran(sys.executable) == [], why

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from banger.agent import wire
 from banger.api import VMState
 from banger.api.params import CreateParams
 from banger.daemon import (
@@ -272,6 +273,16 @@ def test_a_snapshot_row_without_files_is_forgotten_at_start(daemon: Daemon) -> N
     assert snapshots.list_snapshots(daemon) == []
 
 
+def suspend_as_an_older_banger(daemon: Daemon, vm: VMRecord, without: str) -> None:
+    """Suspend ``vm``, then drop ``without`` from its saved state's record, as a banger
+    from before that device wrote it."""
+    vmsuspend.suspend(daemon, vm.name)
+    with daemon.vm_locks.held(vm.id):
+        row = daemon.db.get_vm(vm.id)
+        saved = {k: v for k, v in row.runtime.suspended.items() if k != without}
+        daemon.db.update_vm(row, runtime=row.runtime.merged(suspended=saved))
+
+
 def test_a_suspended_guest_restores_with_the_devices_it_was_saved_with(
         daemon: Daemon, world: FakeWorld) -> None:
     vm = make(daemon)
@@ -280,11 +291,7 @@ def test_a_suspended_guest_restores_with_the_devices_it_was_saved_with(
     vmpower.start(daemon, "src")
     assert world.vmm.launched[-1].ident_channel
     # a guest saved by a banger without the channel is restored without it
-    vmsuspend.suspend(daemon, "src")
-    with daemon.vm_locks.held(vm.id):
-        row = daemon.db.get_vm(vm.id)
-        saved = {k: v for k, v in row.runtime.suspended.items() if k != "ident"}
-        daemon.db.update_vm(row, runtime=row.runtime.merged(suspended=saved))
+    suspend_as_an_older_banger(daemon, vm, "ident")
     vmpower.start(daemon, "src")
     assert not world.vmm.launched[-1].ident_channel
     assert not vms.resolve(daemon, "src").runtime.ident_channel
@@ -539,3 +546,68 @@ def test_a_pending_connect_ends_when_the_guest_announces_itself() -> None:
         assert tcp_open("127.0.0.1", listener.getsockname()[1], timeout=5)
         closed = listener.getsockname()[1]
     assert not tcp_open("127.0.0.1", closed, timeout=5)
+
+
+# ------------------------------------------------------------------ the agent's port
+
+
+def test_qemu_gets_the_agents_port_with_a_third_serial_port(tmp_path: Path) -> None:
+    p = plan(tmp_path, vm_id="0123456789ab")
+    argv = build_argv("qemu", p, "tcg")
+    assert "virtio-serial-device,max_ports=3" in argv
+    assert "socket,id=agent,fd={fd:agent},server=on,wait=off" in argv
+    assert f"virtserialport,chardev=agent,name={wire.PORT_NAME}" in argv
+    assert launch_request(p, argv[1:], "tcg").agent == str(p.paths.agent_socket)
+    # a guest saved without the port: the device set it was saved with, max_ports included
+    old = plan(tmp_path, vm_id="0123456789ab", agent_channel=False,
+               restore=tmp_path / "saved")
+    argv = build_argv("qemu", old, "tcg")
+    assert "virtio-serial-device,max_ports=2" in argv
+    assert not any("agent" in a for a in argv)
+    assert launch_request(old, argv[1:], "tcg").agent is None
+
+
+def test_the_agents_port_follows_the_saved_guest(daemon: Daemon, world: FakeWorld) -> None:
+    """Boots get the port; a suspended guest and a snapshot's clones get it exactly when
+    the saved guest had it, and a snapshot records whether its agent listened."""
+    world.vmm.agent_port = True  # type: ignore[misc]
+    vm = make(daemon)
+    assert world.vmm.launched[-1].agent_channel
+    assert vms.resolve(daemon, "src").runtime.agent_channel
+    vmsuspend.suspend(daemon, "src")
+    assert vms.resolve(daemon, "src").runtime.suspended["agent"] is True
+    vmpower.start(daemon, "src")
+    assert world.vmm.launched[-1].agent_channel
+    suspend_as_an_older_banger(daemon, vm, "agent")
+    vmpower.start(daemon, "src")
+    assert not world.vmm.launched[-1].agent_channel
+    assert not vms.resolve(daemon, "src").runtime.agent_channel
+    assert snapshots.take(daemon, "src", "without")["name"] == "without"
+    assert daemon.db.get_snapshot("without").agent == ""
+    clone(daemon, "c-without", snap="without")
+    assert not world.vmm.launched[-1].agent_channel
+
+    make(daemon, "fresh")
+    snapshots.take(daemon, "fresh", "with")  # the fake guest says no agent listens
+    assert daemon.db.get_snapshot("with").agent == "port"
+    clone(daemon, "c-with", snap="with")
+    assert world.vmm.launched[-1].agent_channel
+
+
+def test_a_vmm_without_the_port_never_gets_one(daemon: Daemon, world: FakeWorld) -> None:
+    make(daemon)  # FakeVMM, like Firecracker: agent_port False
+    assert not world.vmm.launched[-1].agent_channel
+    assert not vms.resolve(daemon, "src").runtime.agent_channel
+    snapshots.take(daemon, "src", "snap")
+    assert daemon.db.get_snapshot("snap").agent == ""
+
+
+@pytest.mark.parametrize(("channel", "answered", "listens", "state"), [
+    (None, None, True, ""), (True, None, False, "port"), (True, None, True, "ready"),
+    (True, True, False, "ready")])
+def test_agent_state(daemon: Daemon, channel: bool | None, answered: bool | None,
+                     listens: bool, state: str) -> None:
+    vm = make(daemon)
+    vm = dataclasses.replace(vm, runtime=vm.runtime.merged(agent_channel=channel,
+                                                           agent=answered))
+    assert snapshots.agent_state(vm, listens) == state

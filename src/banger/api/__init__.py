@@ -327,6 +327,8 @@ class VMView(Model):
     # The snapshot a clone was restored from (`vm create --from-snapshot`).
     from_snapshot: str | None = None
     from_pool: bool = False  # taken ready-restored from the pool (config pool_size)
+    # Its guest agent answered (banger.agent): `vm exec`/`vm run` commands skip SSH.
+    agent: bool = False
 
 
 class VMDetail(VMView):
@@ -404,6 +406,9 @@ class SSHInfo(Model):
     # The socket of the OpenSSH master this boot's commands share (bangerd's, in a 0700
     # directory it owns); the CLI uses it only when it runs as that directory's owner.
     control_path: str | None = None
+    # The VM's runtime directory when its guest agent answers there (banger.agent): the
+    # CLI runs a command that needs no terminal through it, under the same rule.
+    agent_dir: str | None = None
     # Who answered: the CLI's fast path (banger.cli.quick) trusts this reply only from a
     # daemon of its own version that read a config file with the same bytes as it did.
     daemon_version: str | None = None

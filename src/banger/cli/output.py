@@ -135,6 +135,8 @@ def vm_detail(vm: dict[str, Any]) -> str:
     if vm.get("tap"):
         items.append(("tap", vm["tap"]))
     items += confinement_lines(vm.get("confinement"))
+    if vm.get("agent"):
+        items.append(("guest agent", "answers: `vm exec`/`vm run` commands skip SSH"))
     items += [("forward", f"{f.rsplit(':', 1)[0]} -> guest port {f.rsplit(':', 1)[1]}")
               for f in vm.get("forwards") or []]
     items.append(("created", vm["created_at"]))

@@ -28,6 +28,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from banger.agent import wire
 from banger.protocol import MAX_FRAME, PROTOCOL_VERSION, __version__
 from banger.sshopts import private_control_path, remote_command, ssh_argv
 
@@ -89,6 +90,91 @@ def run_ssh(info: dict[str, Any], command: list[str], *, interactive: bool,
     return 128 - code if code < 0 else code  # killed by signal N: 128+N, as a shell says
 
 
+def run_in_guest(info: dict[str, Any], command: list[str], *, shell_string: bool = False,
+                 debug: bool = False) -> int:
+    """Run ``command`` in a VM (``info``: ``vm.ssh_info``); its exit status.
+
+    ``vm exec``'s and ``vm run``'s commands (argv, not ``shell_string``) go through the
+    guest's agent (:mod:`banger.agent`: no SSH login) when the VM has one, the command
+    needs no terminal (not both stdin and stdout are one) and this process may use it
+    (the same rule as for the shared master); otherwise, or when the agent is busy with
+    another command or cannot be reached, over ssh (:func:`run_ssh`). Either way the
+    guest's login shell runs the same command line
+    (:func:`banger.sshopts.remote_command`). ``vm ssh`` (``shell_string``, or no
+    command: a login shell) is always ssh.
+
+    Raises:
+        OSError: ssh could not be started.
+    """
+    if command and not shell_string and not (sys.stdin.isatty() and sys.stdout.isatty()):
+        status = _run_by_agent(info, command, debug=debug)
+        if status is not None:
+            return status
+    return run_ssh(info, command, interactive=not command, shell_string=shell_string,
+                   debug=debug)
+
+
+def _run_by_agent(info: dict[str, Any], command: list[str], *, debug: bool) -> int | None:
+    """The command's status through the agent, or None to use ssh instead (said with
+    ``debug``). Ctrl-C (and SIGTERM, SIGHUP) reach the command; a second Ctrl-C hangs
+    up, which ends it (130)."""
+    agent_dir = info.get("agent_dir")
+    usable, why = (None, "the VM's guest agent did not answer at boot") if not agent_dir \
+        else private_control_path(os.path.join(agent_dir, wire.SOCKET_NAME))
+    conn = None
+    if usable is not None:
+        try:
+            conn = wire.connect(str(usable.parent))
+            why = "its guest agent runs another command"
+        except wire.AgentError as exc:
+            why = str(exc)
+    if conn is None:
+        if debug:
+            print(f"debug: not using the guest agent: {why}", file=sys.stderr)
+        return None
+    caught: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if signum == signal.SIGINT and caught.count(signal.SIGINT) >= 1:
+            raise KeyboardInterrupt
+        caught.append(signum)
+
+    sent = 0
+
+    def interrupted() -> int | None:
+        nonlocal sent
+        if sent < len(caught):
+            sent += 1
+            return caught[sent - 1]
+        return None
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in wire.FORWARDED}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        with conn:
+            return conn.run(remote_command(command, workdir=info.get("workdir"),
+                                           shell_string=False),
+                            stdin=_stdin_fd(), stdout=1, stderr=2, interrupted=interrupted)
+    except KeyboardInterrupt:
+        return 130
+    except wire.AgentError as exc:
+        print(f"banger: {exc}", file=sys.stderr)
+        return 255  # as ssh says when its connection fails
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stdin_fd() -> int | None:
+    """Descriptor 0 when it is open (a closed stdin: the command gets none)."""
+    try:
+        os.fstat(0)
+    except OSError:
+        return None
+    return 0
+
+
 def exec_fast(args: list[str], env: dict[str, str] | None = None) -> int | None:
     """``banger vm exec NAME -- CMD...`` (``args`` after the program name): the command's
     exit status, or None when the full CLI must handle ``args``."""
@@ -109,7 +195,7 @@ def exec_fast(args: list[str], env: dict[str, str] | None = None) -> int | None:
             or info.get("config_sha256") != digest:
         return None
     try:
-        return run_ssh(info, command, interactive=False)
+        return run_in_guest(info, command)
     except OSError:
         return None  # no ssh to run: the full CLI says so its own way
 

@@ -22,7 +22,7 @@ from banger.api.params import CreateParams
 from banger.cli import exits, output
 from banger.cli.app import App, follow, json_option, name_arg, pass_app, wire
 from banger.cli.complete import image_names, snapshot_names, vm_names
-from banger.cli.quick import run_ssh
+from banger.cli.quick import run_in_guest
 from banger.cli.workspace import prepare_from, prepared_text, resync_source
 from banger.errors import BangerError
 from banger.sdk import Client
@@ -293,17 +293,17 @@ def in_guest(app: App, client: Client, name: str, command: list[str], *,
              shell_string: bool = False) -> int:
     """Run ``command`` in VM ``name`` (a login shell when empty); its exit status.
 
-    Here, the system ssh with the install's key (:func:`run_ssh`); with a remote
-    daemon, that host's banger runs ``vm ssh``/``vm exec`` over the command's SSH
-    connection, so the guest's key and known_hosts never leave it.
+    Here, through the guest's agent or the system ssh with the install's key
+    (:func:`run_in_guest`); with a remote daemon, that host's banger runs ``vm
+    ssh``/``vm exec`` over the command's SSH connection, so the guest's key and
+    known_hosts never leave it.
     """
     if app.remote is not None:
         sub = ["vm", "ssh" if shell_string or not command else "exec", name]
         tty = not command or (sys.stdin.isatty() and sys.stdout.isatty())
         return app.link().run([*sub, "--", *command] if command else sub, tty=tty)
     info = wire(client.vms.ssh_info(name))
-    return run_ssh(info, command, interactive=not command, shell_string=shell_string,
-                   debug=app.debug)
+    return run_in_guest(info, command, shell_string=shell_string, debug=app.debug)
 
 
 class _RunCommand(click.Command):

@@ -24,6 +24,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from banger.agent import wire
 from banger.api import VMSpec
 from banger.daemon import kernels, snapshots, vmpool
 from banger.daemon.opstate import Operation
@@ -55,8 +56,11 @@ def key(d: Daemon, img: ImageRecord, vmm: str, spec: VMSpec) -> str | None:
     except BadRequest:
         return None
     boot = kernels.boot_files(d, img, vmm)
+    drv = d.driver(vmm)
     start = {
-        "banger": __version__, "vmm": vmm, "vmm_version": d.driver(vmm).version(),
+        "banger": __version__, "vmm": vmm, "vmm_version": drv.version(),
+        # Boot snapshots from before the agent are remade with it.
+        "agent": wire.PROTOCOL if drv.agent_port else None,
         "image": img.name, "image_created": img.created_at.isoformat(),
         "files": [_file_id(Path(p)) for p in (img.rootfs, boot.kernel, boot.initrd) if p],
     }

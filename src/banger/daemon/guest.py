@@ -232,6 +232,7 @@ def wait_for_ssh(
     probe: str = "true",
     probe_timeout: float = 15.0,
     announced: Callable[[], bool] | None = None,
+    agent: Callable[[], bool] | None = None,
 ) -> float:
     """Wait until ``ssh guest <probe>`` succeeds; returns the seconds waited.
 
@@ -246,7 +247,9 @@ def wait_for_ssh(
     milliseconds), then a full ssh login running ``probe`` bounded at ``probe_timeout``
     (a clone's probe passes only once its identity is applied whole). ``announced``:
     whether the guest said it is reachable now (a clone, on its console); once it has,
-    the next probe comes at once and goes straight to ssh.
+    the next probe comes at once and goes straight to ssh. ``agent``: asked before each
+    ssh probe whether the guest's agent says it is ready (``agentready``): then no ssh
+    login is needed.
     Fails fast when the VMM dies or the operation is cancelled.
     """
     start = time.monotonic()
@@ -262,6 +265,8 @@ def wait_for_ssh(
         # An announcement that comes while the connect is pending ends that wait.
         if (told or tcp_open(guest.ip, timeout=PROBE_CONNECT_S, until=announced)
                 or (announced is not None and announced())):
+            if agent is not None and agent():
+                return time.monotonic() - start
             try:
                 guest.run(probe, timeout=probe_timeout, desc="ssh readiness probe")
                 return time.monotonic() - start

@@ -25,6 +25,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from banger.agent import wire
 from banger.api import SnapshotView, VMState
 from banger.daemon import identity, kernels
 from banger.daemon.core import new_id
@@ -145,8 +146,7 @@ def take_claimed(d: Daemon, vm: VMRecord, name: str, op: Operation, *,
     files = d.layout.snapshot(snap_id)
     try:
         op.enter("check")
-        if was == VMState.RUNNING:
-            _check_listener(d, vm)
+        agent_listens = _check_listener(d, vm) if was == VMState.RUNNING else False
         version = drv.version()
         img = d.db.get_image(vm.image)
         boot = kernels.boot_files(d, img, vm.vmm)
@@ -167,7 +167,8 @@ def take_claimed(d: Daemon, vm: VMRecord, name: str, op: Operation, *,
         _commit(files)
         snap = SnapshotRecord(id=snap_id, name=name, image=vm.image, source_vm=vm.name,
                               vmm=vm.vmm, spec=vm.spec, vmm_version=version,
-                              size_bytes=_allocated(files.dir), boot_key=boot_key)
+                              size_bytes=_allocated(files.dir), boot_key=boot_key,
+                              agent=agent_state(vm, agent_listens))
         d.db.add_snapshot(snap)
     except BaseException as exc:
         remove_tree(files.partial)
@@ -197,9 +198,10 @@ def _copy_all(files: SnapshotPaths, pairs: list[tuple[Path, Path]]) -> None:
                         f"{exc.strerror}", hint=hint) from exc
 
 
-def _check_listener(d: Daemon, vm: VMRecord) -> None:
+def _check_listener(d: Daemon, vm: VMRecord) -> bool:
     """Refuse a guest whose ``banger-ident`` is not waiting on its channel: its clones
-    would keep the snapshot's identity.
+    would keep the snapshot's identity. Returns whether its agent listens on its port
+    too (:mod:`banger.agent`).
 
     Raises:
         BadRequest: it is not (an image made before banger had it, or stopped by hand).
@@ -210,14 +212,25 @@ def _check_listener(d: Daemon, vm: VMRecord) -> None:
     polls = int(LISTENER_WAIT_S * 10)
     listening, installed = identity.GUEST_LISTENING, identity.GUEST_IDENT_PATH
     script = (f"i=0; while [ ! -e {listening} ] && [ -x {installed} ] && [ $i -lt {polls} ]; "
-              f"do sleep 0.1; i=$((i + 1)); done; test -e {listening}")
+              f"do sleep 0.1; i=$((i + 1)); done; test -e {listening} || exit 1; "
+              f"if [ -e {wire.GUEST_LISTENING} ]; then echo agent; fi")
     try:
-        d.dial(vm.id, vm.ip).run(script, timeout=LISTENER_CHECK_S, desc="check banger-ident")
+        res = d.dial(vm.id, vm.ip).run(script, timeout=LISTENER_CHECK_S,
+                                       desc="check banger-ident")
     except GuestError as exc:
         raise BadRequest(f"VM {vm.name!r} has no banger-ident waiting for a new identity, "
                          "so its clones could not be given their own",
                          hint="images built or registered by this banger have it: rebuild "
                               "or re-register the image") from exc
+    return res.out.strip() == "agent"
+
+
+def agent_state(vm: VMRecord, listens: bool) -> str:
+    """``SnapshotRecord.agent`` for a snapshot of ``vm`` (whose agent ``listens``, or
+    answered when it became ready)."""
+    if not vm.runtime.agent_channel:
+        return ""
+    return "ready" if listens or vm.runtime.agent else "port"
 
 
 def _commit(files: SnapshotPaths) -> None:

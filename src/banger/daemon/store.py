@@ -135,6 +135,13 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         ALTER TABLE snapshots ADD COLUMN boot_key TEXT;
         """,
     ),
+    (
+        8,
+        "snapshots with the guest agent",
+        """
+        ALTER TABLE snapshots ADD COLUMN agent TEXT NOT NULL DEFAULT '';
+        """,
+    ),
 ]
 
 
@@ -233,6 +240,10 @@ class SnapshotRecord:
     # A boot snapshot's key (banger.daemon.bootsnap): what it was booted from; None for a
     # snapshot taken with `vm snapshot`.
     boot_key: str | None = None
+    # The guest agent's port (banger.agent): "" none (a clone is restored without it),
+    # "port" (with it; nothing answered on it), "ready" (the agent answered: clones are
+    # found ready through it).
+    agent: str = ""
 
 
 class Store:
@@ -673,10 +684,11 @@ class Store:
             with self._tx() as db:
                 db.execute(
                     "INSERT INTO snapshots (id, name, image, source_vm, vmm, spec, vmm_version,"
-                    " size_bytes, created_at, boot_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " size_bytes, created_at, boot_key, agent)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (snap.id, snap.name, snap.image, snap.source_vm, snap.vmm,
                      snap.spec.model_dump_json(), snap.vmm_version, snap.size_bytes,
-                     snap.created_at.isoformat(), snap.boot_key))
+                     snap.created_at.isoformat(), snap.boot_key, snap.agent))
         except sqlite3.IntegrityError as exc:
             raise AlreadyExists(f"a snapshot named {snap.name!r} already exists",
                                 hint="pick another name, or remove it with "
@@ -754,7 +766,7 @@ def _snapshot(r: sqlite3.Row) -> SnapshotRecord:
         id=r["id"], name=r["name"], image=r["image"], source_vm=r["source_vm"], vmm=r["vmm"],
         spec=VMSpec.model_validate_json(r["spec"]), vmm_version=r["vmm_version"],
         size_bytes=r["size_bytes"], created_at=datetime.fromisoformat(r["created_at"]),
-        boot_key=r["boot_key"])
+        boot_key=r["boot_key"], agent=r["agent"])
 
 
 def _session(r: sqlite3.Row) -> SessionRecord:

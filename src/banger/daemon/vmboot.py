@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from banger.api import VMState
 from banger.daemon import caps, identity, kernels, savedstate, workspaces
+from banger.daemon.agentready import AgentProbe
 from banger.daemon.console import SSH_STARTED, ConsoleWatch
 from banger.daemon.dmsnap import CowHandle
 from banger.daemon.firewall import guest_rule
@@ -87,7 +88,9 @@ def boot(d: Daemon, vm: VMRecord, img: ImageRecord, cancel: CancelToken,
         stage("boot" if restore is None and fork is None else "restore")
         own = _clone_identity(d, vm) if fork is not None else None
         h = _launch(d, vm, img, h, restore=restore, fork=fork)
-        vm = _wake(d, vm, h, cancel, op, own=own, restored=restore is not None)
+        ask_agent = restore is None and (fork is None or fork.agent == "ready")
+        vm = _wake(d, vm, h, cancel, op, own=own, restored=restore is not None,
+                   ask_agent=ask_agent)
     except BaseException as exc:
         _tear_down_failed(d, vm, h, exc)
         raise
@@ -109,6 +112,9 @@ def prepare_pooled(d: Daemon, vm: VMRecord, img: ImageRecord, fork: SnapshotReco
         own = _clone_identity(d, vm, hostname=f"pool-{vm.id}")
         h = _launch(d, vm, img, h, restore=None, fork=fork)
         _run_until_ssh(d, vm, h, CancelToken(), None, own=own, restored=False, held=True)
+        # Found ready over the held master (its wake-up needs it), yet the agent runs
+        # as in any clone: the CLI's commands use it.
+        update_runtime(d, vm.id, agent=fork.agent == "ready" or None)
         d.driver(vm.vmm).pause(d.layout.vm(vm.id))
     except BaseException as exc:
         _tear_down_failed(d, vm, h, exc)
@@ -192,21 +198,36 @@ def _launch(d: Daemon, vm: VMRecord, img: ImageRecord, h: VMHandles, *,
         tap=h.tap or "", mac=vm.mac, paths=paths, extra_disks=tuple(vm.spec.extra_disks),
         restore=restore or (snap.dir if snap is not None else None),
         ident_channel=restore is None or savedstate.had_ident_channel(vm.runtime),
+        agent_channel=drv.agent_port and _agent_channel(vm, restore=restore, fork=fork),
     )
     ident = drv.launch(plan)
     h = h.with_(process=ident)
     save_handles(d, vm.id, h)
     update_runtime(d, vm.id, ident_channel=plan.ident_channel or None,
+                   agent_channel=(plan.ident_channel and plan.agent_channel) or None,
+                   agent=None,
                    confinement=drv.confinement(vm.id) if isinstance(drv, ConfinedVMM) else None)
     log.info("vm %s: %s running as pid %d", vm.name, drv.name, ident.pid)
     return h
 
 
+def _agent_channel(vm: VMRecord, *, restore: Path | None, fork: SnapshotRecord | None
+                   ) -> bool:
+    """Whether the VMM gives the guest the agent's port: always on a boot; a restored
+    guest as it was saved (the device set must match)."""
+    if fork is not None:
+        return fork.agent != ""
+    if restore is not None:
+        return savedstate.had_agent_channel(vm.runtime)
+    return True
+
+
 def _wake(d: Daemon, vm: VMRecord, h: VMHandles, cancel: CancelToken,
-          op: Operation | None, *, own: identity.Identity | None, restored: bool) -> VMRecord:
-    """Run a launched VM until SSH answers (:func:`_run_until_ssh`), copy the
-    configured files in, and mark it running."""
-    _run_until_ssh(d, vm, h, cancel, op, own=own, restored=restored)
+          op: Operation | None, *, own: identity.Identity | None, restored: bool,
+          ask_agent: bool) -> VMRecord:
+    """Run a launched VM until SSH answers (:func:`_run_until_ssh`; its agent asked first
+    with ``ask_agent``), copy the configured files in, and mark it running."""
+    _run_until_ssh(d, vm, h, cancel, op, own=own, restored=restored, ask_agent=ask_agent)
     d.checkpoint("start.wait-ssh")
     return _running(d, vm, op, expect={VMState.STARTING, VMState.CREATING})
 
@@ -222,10 +243,11 @@ def _running(d: Daemon, vm: VMRecord, op: Operation | None, *, expect: set[VMSta
 
 def _run_until_ssh(d: Daemon, vm: VMRecord, h: VMHandles, cancel: CancelToken,
                    op: Operation | None, *, own: identity.Identity | None, restored: bool,
-                   held: bool = False) -> None:
+                   held: bool = False, ask_agent: bool = False) -> None:
     """Run a launched VM's vCPUs (a clone's after handing it ``own``; a suspended
     VM's after consuming its saved state) and wait for SSH (over a held master with
-    ``held``); a restored guest's clock is set."""
+    ``held``), or for its agent to say it is ready (``ask_agent``, when the VM has the
+    agent's port: no login then); a restored guest's clock is set."""
     drv = d.driver(vm.vmm)
     paths = d.layout.vm(vm.id)
     assert h.process is not None
@@ -251,12 +273,19 @@ def _run_until_ssh(d: Daemon, vm: VMRecord, h: VMHandles, cancel: CancelToken,
         ready = {}  # sshd runs already: nothing is said
     else:
         ready = {"announced": ConsoleWatch(paths.serial_log, SSH_STARTED)}
+    probe = None
+    if ask_agent and not held and d.db.get_vm(vm.id).runtime.agent_channel:
+        probe = AgentProbe(paths, own.generation if own is not None else "",
+                           booting=own is None)
     waited = d.seams.wait_for_ssh(
         guest, budget_s=d.cfg.boot_timeout_s, alive=lambda: matches(ident), cancel=cancel,
         on_wait=(lambda s: op.report(f"{s:.0f}s")) if op is not None else None,
         serial_tail=lambda: tail(paths.serial_log, 2000), new_host_key=own is not None,
-        **ready)
-    log.info("vm %s: ssh ready after %.1fs", vm.name, waited)
+        agent=probe, **ready)
+    if probe is not None and probe.answered:
+        update_runtime(d, vm.id, agent=True)
+    log.info("vm %s: %s ready after %.1fs", vm.name,
+             "agent" if probe is not None and probe.answered else "ssh", waited)
     if restored and own is None:
         warning = savedstate.set_clock(guest, vm.name)
         if warning is not None and op is not None:

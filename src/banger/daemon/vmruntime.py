@@ -41,6 +41,10 @@ class VMRuntime(BaseModel):
     suspended: dict[str, Any] | None = None
     # The VMM gave the guest banger's identity channel (a clone can be re-identified).
     ident_channel: bool | None = None
+    # The VMM gave the guest the agent's port (banger.agent), and whether the guest's
+    # agent answered on it (the CLI then runs commands through it: vms.ssh_info).
+    agent_channel: bool | None = None
+    agent: bool | None = None
     # The snapshot a clone was restored from; taken ready-made from the pool.
     from_snapshot: str | None = None
     from_pool: bool = False

@@ -87,6 +87,7 @@ def view(d: Daemon, vm: VMRecord) -> dict[str, Any]:
         forwards=[str(s) for s in d.forwards.opened(vm.id)],
         from_snapshot=vm.runtime.from_snapshot,
         from_pool=vm.runtime.from_pool,
+        agent=bool(vm.runtime.agent) and vm.state in (VMState.RUNNING, VMState.PAUSED),
         suspended=SavedStateView.model_validate(
             {k: v for k, v in saved.items() if k in SavedStateView.model_fields}) if (
             saved := vm.runtime.suspended) and vm.state == VMState.SUSPENDED else None,
@@ -195,6 +196,7 @@ def ssh_info(d: Daemon, ref: str) -> dict[str, Any]:
                    known_hosts=str(d.layout.known_hosts),
                    workdir=ws.get("guest_path") if ws.get("prepared") else None,
                    control_path=str(control) if (control := d.ssh_control(vm.id)) else None,
+                   agent_dir=str(d.layout.vm(vm.id).run) if vm.runtime.agent else None,
                    daemon_version=__version__, config_sha256=d.config_sha256,
                    ).model_dump(mode="json")
 

@@ -142,7 +142,8 @@ def _suspend(d: Daemon, vm: VMRecord, op: Operation) -> VMRecord:
     op.enter("teardown")
     problems = teardown(d, vm.id, h)  # ends the VMM, which holds a saved guest now
     saved = savedstate.record(size, drv.name,
-                              ident_channel=bool(vm.runtime.ident_channel))
+                              ident_channel=bool(vm.runtime.ident_channel),
+                              agent_channel=bool(vm.runtime.agent_channel))
     if problems:
         transition(d, vm.id, VMState.ERROR, last_error="; ".join(problems), suspended=saved,
                    suspend_from=None)

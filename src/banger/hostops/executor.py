@@ -246,6 +246,8 @@ class Executor:
                 fds[name] = open_vm_file(self.policy, req.op, req.vm_id, name, f, user=user)
             fds["tap"] = self._open_tap(req.tap)
             fds["qmp"] = self._listen(Path(req.qmp))
+            if req.agent is not None:
+                fds["agent"] = self._listen(Path(req.agent))
             out_fd = open_log(self.policy, req.op, Path(req.stderr))
             fds["_stderr"] = out_fd
             group = self.cgroup(req.vm_id)
@@ -279,27 +281,28 @@ class Executor:
                            "not a pid") from exc
 
     def _listen(self, path: Path) -> int:
-        """Bind QEMU's QMP socket at ``path`` (the VM's runtime directory, reached
-        without a symlink), owned by the daemon's user, mode 0600, and listen.
+        """Bind a socket QEMU serves (its QMP monitor, the guest agent's port) at ``path``
+        (the VM's runtime directory, reached without a symlink), owned by the daemon's
+        user, mode 0600, and listen.
 
         It is bound, chmod'ed and chown'ed in a directory of the helper's own inside
         that one (root's, 0700: the daemon cannot swap anything in it), then renamed
         into place; nothing here follows a name the daemon could change.
         """
         dfd = dir_beneath(self.policy.runtime_dir, path.parent)
-        private = f".qmp-{secrets.token_hex(4)}"
+        private = f".sock-{secrets.token_hex(4)}"
         try:
             os.mkdir(private, 0o700, dir_fd=dfd)
             pfd = os.open(private, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                           dir_fd=dfd)
             try:
-                where = f"/proc/self/fd/{pfd}/qmp.sock"
+                where = f"/proc/self/fd/{pfd}/{path.name}"
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 try:
                     sock.bind(where)
                     os.chmod(where, 0o600)
                     os.chown(where, self.policy.daemon_uid, -1)
-                    os.rename("qmp.sock", path.name, src_dir_fd=pfd, dst_dir_fd=dfd)
+                    os.rename(path.name, path.name, src_dir_fd=pfd, dst_dir_fd=dfd)
                     sock.listen(8)
                 except BaseException:
                     sock.close()

@@ -199,7 +199,8 @@ class VMFile(_Model):
 
 class QemuLaunch(_Model):
     """Start QEMU for VM ``vm_id``, confined, with ``args`` after the binary (files,
-    the TAP and the QMP socket as ``{fd:NAME}`` placeholders); answers its pid."""
+    the TAP, the QMP socket and the agent's socket as ``{fd:NAME}`` placeholders);
+    answers its pid."""
 
     op: Literal["qemu.launch"] = "qemu.launch"
     vm_id: VMId
@@ -213,6 +214,7 @@ class QemuLaunch(_Model):
     memory_mib: Annotated[int, Field(ge=1, le=1 << 20)]
     vcpu: Annotated[int, Field(ge=1, le=256)]
     accel: Literal["kvm", "tcg"]
+    agent: HostPath | None = None  # the guest agent's port: a socket QEMU serves, like qmp
 
 
 JailName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,15}$")]

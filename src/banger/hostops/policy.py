@@ -64,7 +64,7 @@ QEMU_VALUES = {
 ITEM_VALUE = re.compile(r"[A-Za-z0-9_:.-]{0,64}")  # no "/", no "=", no ","
 FD_REF = re.compile(r"/proc/self/fd/\{fd:([a-z][a-z0-9_]*)\}")
 FD_ONLY = re.compile(r"\{fd:([a-z][a-z0-9_]*)\}")
-RESERVED_FDS = frozenset({"tap", "qmp"})  # the executor's own: never a file's name
+RESERVED_FDS = frozenset({"tap", "qmp", "agent"})  # the executor's own: never a file's name
 
 
 @dataclass(frozen=True)
@@ -187,9 +187,12 @@ class Policy:
             if Path(f.path) != self.dm_device(req.vm_id):
                 self.beneath(req.op, Path(f.path), (self.state_dir, self.runtime_dir), name)
         self.beneath(req.op, Path(req.qmp), (vm_run,), "qmp")
+        if req.agent is not None:
+            self.beneath(req.op, Path(req.agent), (vm_run,), "agent")
         self.beneath(req.op, Path(req.stderr), (vm_state,), "stderr")
         self._tap(req.op, req.tap)
-        self.qemu_args(req.vm_id, req.args, {*req.files, "tap", "qmp"})
+        sockets = {"tap", "qmp"} | ({"agent"} if req.agent is not None else set())
+        self.qemu_args(req.vm_id, req.args, {*req.files, *sockets})
 
     def _fc_launch(self, req: ops.FcLaunch) -> None:
         if not self.runs_firecracker:

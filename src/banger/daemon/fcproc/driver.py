@@ -388,6 +388,7 @@ class FirecrackerDriver:
         self.binary = binary
         self.jail = jail
         self.own_port = netns
+        self.agent_port = False  # no virtio-serial: commands go over SSH
         self.api_wait_s = api_wait_s
         self._version: str | None = None
 

@@ -17,6 +17,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from banger.agent.guest import AGENT_PATH, AGENT_UNIT_PATH, GUEST_AGENT_UNIT, agent_script
 from banger.daemon.imagemgr import initramfs
 from banger.errors import BadRequest, NotFound
 from banger.vmm import IDENT_VSOCK_PORT
@@ -507,7 +508,7 @@ IDENT_UNIT_PATH = "etc/systemd/system/banger-ident.service"
 # (link, unit) for each of banger's units: enabled by a link in multi-user.target.wants.
 ENABLED_UNITS = tuple(
     (f"etc/systemd/system/multi-user.target.wants/{Path(unit).name}", unit)
-    for unit in (UNIT_PATH, IDENT_UNIT_PATH))
+    for unit in (UNIT_PATH, IDENT_UNIT_PATH, AGENT_UNIT_PATH))
 
 
 @dataclass(frozen=True)
@@ -524,6 +525,8 @@ def guest_agent_files() -> list[GuestFile]:
         GuestFile(UNIT_PATH, GUEST_INIT_UNIT),
         GuestFile("usr/local/sbin/banger-ident", GUEST_IDENT, 0o755),
         GuestFile(IDENT_UNIT_PATH, GUEST_IDENT_UNIT),
+        GuestFile(AGENT_PATH, agent_script(), 0o755),
+        GuestFile(AGENT_UNIT_PATH, GUEST_AGENT_UNIT),
         GuestFile("etc/ssh/sshd_config.d/banger.conf", SSHD_CONFIG),
         GuestFile("etc/systemd/system/ssh.service.d/banger.conf", SSH_DROPIN),
     ]

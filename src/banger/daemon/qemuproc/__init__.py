@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from banger.agent import wire
 from banger.config import Config
 from banger.daemon.qemuproc.qmp import QMPSession, qmp_command, wait_qmp_ready, wait_status
 from banger.errors import HostError, VMMError
@@ -52,6 +53,7 @@ RESTORE_TIMEOUT_S = 300.0  # reading the stream back; seconds for a GiB of memor
 # reads what the daemon writes there (``reidentify``) and passes it to the guest.
 IDENT_PORT = "org.banger.ident"
 IDENT_FD = "ident"
+AGENT_PORT = wire.PORT_NAME
 LAUNCH_TIMEOUT_S = 30.0  # QMP answers after device init: seconds even under TCG
 
 
@@ -133,7 +135,7 @@ def build_argv(qemu_bin: str, plan: LaunchPlan, accel: str,
     argv += [
         "-netdev", "tap,id=net0,fd={fd:tap}",
         "-device", f"virtio-net-device,netdev=net0,mac={plan.mac}",
-        *(_ident_args() if plan.ident_channel else []),
+        *(_channel_args(agent=plan.agent_channel) if plan.ident_channel else []),
         "-serial", f"file:{_fd('serial')}",
         "-chardev", "socket,id=qmp,fd={fd:qmp},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
@@ -145,16 +147,27 @@ def build_argv(qemu_bin: str, plan: LaunchPlan, accel: str,
     return argv
 
 
-def _ident_args() -> list[str]:
-    """The identity channel's devices. A pipe chardev opens ``<path>.in``/``.out``, else
-    ``path`` itself read-write: here the FIFO, through the launcher's descriptor. What
-    a guest writes to its port comes back to it (QEMU reads the same FIFO); nothing on
-    the host reads it."""
-    return [
-        "-device", "virtio-serial-device,max_ports=2",
+def _channel_args(*, agent: bool) -> list[str]:
+    """The identity channel's devices, and the agent's port with ``agent``.
+
+    The identity channel is a pipe chardev, which opens ``<path>.in``/``.out``, else
+    ``path`` itself read-write: here the FIFO, through the launcher's descriptor. What a
+    guest writes to its port comes back to it (QEMU reads the same FIFO); nothing on the
+    host reads it. The agent's port is a socket QEMU serves (bound by the launcher, like
+    QMP's), one client at a time. A guest saved with one port is restored with one:
+    ``max_ports`` is part of the saved device state.
+    """
+    args = [
+        "-device", f"virtio-serial-device,max_ports={3 if agent else 2}",
         "-chardev", f"pipe,id=ident,path={_fd(IDENT_FD)}",
         "-device", f"virtserialport,chardev=ident,name={IDENT_PORT}",
     ]
+    if agent:
+        args += [
+            "-chardev", "socket,id=agent,fd={fd:agent},server=on,wait=off",
+            "-device", f"virtserialport,chardev=agent,name={AGENT_PORT}",
+        ]
+    return args
 
 
 def _own_netns(pid: int) -> bool:
@@ -191,8 +204,10 @@ def launch_request(plan: LaunchPlan, args: list[str], accel: str) -> ops.QemuLau
         files[IDENT_FD] = ops.VMFile(path=str(p.ident_fifo), mode="rw", give=True)
     for i, disk in enumerate(plan.extra_disks):
         files[f"extra{i}"] = ops.VMFile(path=disk, mode="rw", give=True)
+    agent = plan.ident_channel and plan.agent_channel
     return ops.QemuLaunch(vm_id=plan.vm_id, args=args, files=files, tap=plan.tap,
                           qmp=str(p.qmp_socket), stderr=str(p.vmm_log),
+                          agent=str(p.agent_socket) if agent else None,
                           memory_mib=plan.memory_mib, vcpu=plan.vcpu,
                           accel=accel)  # type: ignore[arg-type]
 
@@ -202,6 +217,7 @@ class QemuDriver:
 
     name = "qemu"
     own_port = False  # QEMU gets its TAP as a descriptor from the pool's
+    agent_port = True  # the guest agent's virtio-serial port (LaunchPlan.agent_channel)
 
     def __init__(self, runner: Runner, qemu_bin: str, accel: str, *, user: VMMUser,
                  cgroups: CgroupHost, install_tag: str, host: HostOps) -> None:
