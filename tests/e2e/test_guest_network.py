@@ -208,6 +208,13 @@ def connect(host: Host, vm: str, ip: str, port: int) -> str | None:
     return res.stdout.strip() if res.returncode == 0 else None
 
 
+def reaches(host: Host, vm: str, ip: str, port: int) -> str | None:
+    """:func:`connect`, tried a second time when the first fails: a path that is open
+    answers one of two (a first SYN lost on a loaded two-core host, with the guest under
+    emulation, is not a closed path); a closed one fails both."""
+    return connect(host, vm, ip, port) or connect(host, vm, ip, port)
+
+
 def test_a_guest_reaches_only_dns_and_with_nat_the_outside(host: Host, outside: str) -> None:
     a = host.json("vm", "create", "--name", "a", "--nat")
     b = host.json("vm", "create", "--name", "b")
@@ -226,10 +233,10 @@ def test_a_guest_reaches_only_dns_and_with_nat_the_outside(host: Host, outside: 
     assert "host saw" in host.sh(sys.executable, "-c", CONNECT, GATEWAY, str(HOST_PORT)).stdout
 
     # the outside: with NAT (masqueraded), not without; 10.x only with --allow-private
-    assert connect(host, "a", OUTSIDE, PORT) == f"outside saw {HOST_UP}"
+    assert reaches(host, "a", OUTSIDE, PORT) == f"outside saw {HOST_UP}"
     assert connect(host, "b", OUTSIDE, PORT) is None
     assert connect(host, "a", PRIVATE, PORT) is None
-    assert connect(host, "c", PRIVATE, PORT) == f"outside saw {HOST_UP}"
+    assert reaches(host, "c", PRIVATE, PORT) == f"outside saw {HOST_UP}"
 
     # other guests: not even their sshd
     assert connect(host, "a", b["ip"], 22) is None
@@ -253,9 +260,9 @@ def test_a_guest_reaches_only_dns_and_with_nat_the_outside(host: Host, outside: 
     assert host.daemon is not None
     host.daemon.wait(30)  # the fixture's bangerd is gone; the CLI started the new one
     assert _wait_running(host, "a")
-    banner = connect(host, "a", b["ip"], 22)
+    banner = reaches(host, "a", b["ip"], 22)
     assert banner is not None and banner.startswith("SSH-")
-    assert connect(host, "a", OUTSIDE, PORT) == f"outside saw {HOST_UP}"
+    assert reaches(host, "a", OUTSIDE, PORT) == f"outside saw {HOST_UP}"
     assert connect(host, "b", OUTSIDE, PORT) is None
     assert connect(host, "a", GATEWAY, HOST_PORT) is None
 
@@ -266,19 +273,19 @@ def test_a_guest_reaches_only_dns_and_with_nat_the_outside(host: Host, outside: 
 
     # --allow-out on the running VM a: before, it reaches both outside addresses; after,
     # only ok.test's, and only once banger's resolver has given it that address
-    assert connect(host, "a", OTHER, PORT) == f"outside saw {HOST_UP}"
+    assert reaches(host, "a", OTHER, PORT) == f"outside saw {HOST_UP}"
     out = host.ok("vm", "set-egress", "a", "--allow-out", "ok.test")
     assert "NAT: only ok.test" in out and "(now)" in out
     assert re.search(r"\nnetwork: +NAT: only ok.test\n", host.ok("vm", "show", "a"))
     assert connect(host, "a", OUTSIDE, PORT) is None  # not asked for yet
     assert host.ok("vm", "exec", "a", "--", "getent", "hosts", "ok.test").split()[0] == OUTSIDE
-    assert connect(host, "a", OUTSIDE, PORT) == f"outside saw {HOST_UP}"
+    assert reaches(host, "a", OUTSIDE, PORT) == f"outside saw {HOST_UP}"
     assert connect(host, "a", OTHER, PORT) is None
     assert host.cli("vm", "exec", "a", "--", "getent", "hosts", "other.test").returncode != 0
     assert connect(host, "a", OTHER, PORT) is None
     # and off again
     host.ok("vm", "set-egress", "a", "--no-allow-out")
-    assert connect(host, "a", OTHER, PORT) == f"outside saw {HOST_UP}"
+    assert reaches(host, "a", OTHER, PORT) == f"outside saw {HOST_UP}"
 
 
 def _wait_running(host: Host, vm: str) -> bool:

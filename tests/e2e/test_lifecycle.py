@@ -38,6 +38,8 @@ def test_work_disk_survives_stop_start_and_delete_leaves_nothing(host: Host,
                         "cmp /etc/ssh/ssh_host_ed25519_key /root/.ssh/banger_host_ed25519_key"
                         " && stat -c %a /root")
     assert made_here == "700\n"
+    # (vm exec went through the guest agent; the first SSH connection records the key)
+    assert host.ok("vm", "ssh", running_vm, "--", "true") == ""
     assert host_key.split()[1] in (host.state / "ssh" / "known_hosts").read_text()
     shown = host.json("vm", "show", running_vm)
     vm_id, tap, pid = shown["id"], shown["tap"], shown["pid"]
@@ -193,14 +195,15 @@ def test_state_errors_logs_list_and_ports(host: Host, running_vm: str) -> None:
 def test_kill_and_restart(host: Host, running_vm: str) -> None:
     shown = host.json("vm", "show", running_vm)
     pid, vm_id = shown["pid"], shown["id"]
-    # Guest commands share one ssh master per boot, which ends with the VM.
-    assert host.ok("vm", "exec", running_vm, "--", "true") == ""
+    # SSH commands share one ssh master per boot, which ends with the VM.
+    assert host.ok("vm", "ssh", running_vm, "--", "true") == ""
     assert ssh_master_vms(host) == [vm_id]
     killed = host.json("vm", "kill", running_vm)
     assert killed["state"] == "stopped" and "SIGKILL" in killed["stop_reason"]
     assert pid not in host.vmm_pids()
     assert ssh_master_vms(host) == []
     host.ok("vm", "start", running_vm)
+    assert host.ok("vm", "ssh", running_vm, "--", "true") == ""
     first = host.json("vm", "show", running_vm)["pid"]
     first_sockets = sorted(p.name for p in (host.run_dir / "vms" / vm_id / "ssh").iterdir())
     restarted = host.cli("vm", "restart", running_vm)
@@ -208,7 +211,7 @@ def test_kill_and_restart(host: Host, running_vm: str) -> None:
     assert "[2/6] wait-poweroff" in restarted.stderr and "[6/6] wait-ssh" in restarted.stderr
     second = host.json("vm", "show", running_vm)
     assert second["state"] == "running" and second["pid"] != first
-    assert host.ok("vm", "exec", running_vm, "--", "true") == ""
+    assert host.ok("vm", "ssh", running_vm, "--", "true") == ""
     # The new boot has a master of its own, under another name.
     sockets = sorted(p.name for p in (host.run_dir / "vms" / vm_id / "ssh").iterdir())
     assert len(sockets) == 1 and sockets != first_sockets
