@@ -231,7 +231,8 @@ def test_guest_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
         (root / exe).write_text("#!/bin/sh\n")
         (root / exe).chmod(0o755)
     (root / "etc/systemd/system/ssh.service").write_text(DEBIAN_SSH_SERVICE)
-    res = verify_units(root, "banger-init.service", "banger-ident.service", "ssh.service")
+    res = verify_units(root, "banger-init.service", "banger-ident.service",
+                       "banger-agent.service", "ssh.service")
     assert res.returncode == 0, res.stderr
     assert "banger" not in res.stderr, res.stderr
     # verify does read the drop-in: a bad key in it is reported
