@@ -102,6 +102,44 @@ def test_output_flows_while_unread_input_waits(agent, tmp_path: Path) -> None:
     assert status == 0 and len(out) == 3_000_000
 
 
+def test_a_signal_gets_past_input_the_command_leaves_unread(agent, tmp_path: Path) -> None:
+    """The host sends at most a window of input ahead of what the command took, so the
+    port stays readable for the signal."""
+    conn, _ = agent
+    conn.hello(5)
+    start = time.monotonic()
+    sent = []
+
+    def interrupted() -> int | None:
+        if not sent and time.monotonic() - start > 1.0:
+            sent.append(1)
+            return int(signal.SIGTERM)
+        return None
+
+    status, _, _ = run(conn, "exec sleep 30", tmp_path, stdin=b"z" * 4_000_000,
+                       interrupted=interrupted)
+    assert status == 128 + signal.SIGTERM and time.monotonic() - start < 20
+
+
+def test_a_closed_output_pipe_hangs_up_like_sigpipe(agent) -> None:
+    conn, _ = agent
+    conn.hello(5)
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        status = conn.run("head -c 2000000 /dev/zero", stdin=None, stdout=w, stderr=w)
+    finally:
+        os.close(w)
+    assert status == 128 + signal.SIGPIPE
+
+
+def test_the_hello_answer_is_found_after_leftovers() -> None:
+    dec = wire.Decoder(synced=False)
+    half = wire.encode(b"O", 9, b"x" * 100)[:50]
+    assert dec.feed(half + wire.SYNC[:5]) == []
+    assert dec.feed(wire.SYNC[5:] + wire.encode(b"H", 0, b"n")) == [wire.Frame(b"H", 0, b"n")]
+
+
 def test_a_signal_reaches_the_command(agent, tmp_path: Path) -> None:
     conn, _ = agent
     conn.hello(5)

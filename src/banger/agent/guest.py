@@ -13,6 +13,7 @@ from banger.agent.wire import (
     MAX_STREAMS,
     PORT_NAME,
     PROTOCOL,
+    WINDOW,
 )
 
 AGENT_PATH = "usr/local/sbin/banger-agent"
@@ -32,7 +33,9 @@ GUEST_AGENT = r"""#!/usr/bin/perl
 # K (a signal number for the command's process group), W (answer once
 # /run/banger-ident says gen=<payload> (any, for an empty payload) and sshd listens).
 # Guest to host: H (the nonce, then "banger-agent <protocol>"), O/R (stdout/stderr
-# bytes), X (the end: "exit N", "signal N" or "error TEXT"), W ("ok <ident status>").
+# bytes), A (stdin bytes the command took: the host sends at most a window ahead),
+# X (the end: "exit N", "signal N" or "error TEXT"), W ("ok <ident status>"); a hello's
+# answer follows a sync marker, after which the host finds the frames' boundaries.
 use strict;
 use warnings;
 use Fcntl qw(F_GETFL F_SETFL O_NONBLOCK O_RDWR);
@@ -40,6 +43,8 @@ use Fcntl qw(F_GETFL F_SETFL O_NONBLOCK O_RDWR);
 my $NAME = "@PORT@";
 my $MAX = @MAX@;
 my $HIGH = 4 * $MAX;  # unsent output above this: stop reading the commands' output
+my $WINDOW = @WINDOW@;  # the host sends at most this much stdin not yet taken
+my $SYNC = "\0banger-agent-sync\0";  # before a hello's answer: the host syncs on it
 my $MAX_STREAMS = @STREAMS@;
 my $PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -56,7 +61,8 @@ if ($arg =~ /\Afd:(\d+)\z/) {  # tests: a socket standing in for the port
       chomp $n;
       if ($n eq $NAME) { ($dev = $p) =~ s{.*/}{/dev/}; last }
     }
-    last if $dev || !glob("/sys/bus/virtio/drivers/virtio_console/virtio*");
+    my @consoles = glob("/sys/bus/virtio/drivers/virtio_console/virtio*");
+    last if $dev || !@consoles;
     select(undef, undef, undef, 0.05);
   }
   if (!$dev) { notify(); exit 0 }  # a VMM without the channel: nothing to do
@@ -72,7 +78,8 @@ if ($real) {
 }
 notify();
 
-my %st;         # stream id => {pid, in, out, err, inbuf, eof, status}
+my %st;         # stream id => {pid, in, out, err, inbuf, took, eof, status}
+my $orphans = 0;  # commands hung up on and not reaped yet
 my @ready;      # pending W: [id, gen, deadline]
 my ($rbuf, $wbuf) = ("", "");
 my ($connected, $hello, $broken) = (0, 0, 0);
@@ -118,9 +125,11 @@ sub start {
     print STDERR "banger-agent: cannot run $shell: $!\n";
     exit 127;
   }
+  setpgrp($pid, $pid);  # here too: a signal sent before the child ran its own finds it
   close $ir; close $ow; close $ew;
   nonblock($_) for ($iw, $or, $er);
-  $st{$id} = {pid => $pid, in => $iw, out => $or, err => $er, inbuf => "", eof => 0};
+  $st{$id} = {pid => $pid, in => $iw, out => $or, err => $er, inbuf => "", took => 0,
+              eof => 0};
 }
 
 sub end_all {  # the host is gone or starts over: its commands go (as with an ssh hang-up)
@@ -128,6 +137,7 @@ sub end_all {  # the host is gone or starts over: its commands go (as with an ss
     kill("HUP", -$s->{pid});
     kill("CONT", -$s->{pid});
     close($_) for grep { defined } @{$s}{qw(in out err)};
+    $orphans++ unless defined $s->{status};
   }
   %st = ();
   @ready = ();
@@ -149,25 +159,34 @@ sub ident_ok {
   return undef;
 }
 
+sub refuse {  # end everything, and take nothing more until the host end reconnects
+  end_all();
+  ($rbuf, $hello, $broken) = ("", 0, 1);
+}
+
 sub input {
   while (length($rbuf) >= 9) {
     my ($t, $id, $len) = unpack("a1NN", $rbuf);
-    # Not banger's framing: end everything, and take nothing more from this connection
-    # (no frame boundary can be trusted in it) until the host end reconnects.
-    if ($len > $MAX) { end_all(); ($rbuf, $hello, $broken) = ("", 0, 1); return }
+    if ($len > $MAX) { refuse(); return }  # not banger's framing
     last if length($rbuf) < 9 + $len;
     my $data = substr($rbuf, 9, $len);
     substr($rbuf, 0, 9 + $len) = "";
     if ($t eq "H") {
       end_all();
       $hello = 1;
+      $wbuf = $SYNC;  # whatever was half-sent before, the host finds the answer after this
       frame("H", 0, substr($data, 0, 64) . " banger-agent @PROTOCOL@");
       next;
     }
     next unless $hello;  # what an earlier connection left unread
     my $s = $st{$id};
     if ($t eq "E") { start($id, $data) }
-    elsif ($t eq "I") { $s->{inbuf} .= $data if $s && $s->{in} }
+    elsif ($t eq "I") {
+      next unless $s && $s->{in};
+      $s->{inbuf} .= $data;
+      # More than the window allows: not banger's host.
+      if (length($s->{inbuf}) > 2 * $WINDOW) { refuse(); return }
+    }
     elsif ($t eq "C") { $s->{eof} = 1 if $s }
     elsif ($t eq "K") { kill($data, -$s->{pid}) if $s && $data =~ /\A[1-9][0-9]?\z/ }
     elsif ($t eq "W") { push @ready, [$id, $data, time + 120] }
@@ -181,16 +200,14 @@ sub disconnected {
 
 while (1) {
   my ($rin, $win) = ("", "");
-  my $backlog = 0;
   for my $s (values %st) {
-    $backlog += length $s->{inbuf};
     if ($s->{in} && length $s->{inbuf}) { vec($win, fileno($s->{in}), 1) = 1 }
     if (length($wbuf) < $HIGH) {
       for my $k ("out", "err") { vec($rin, fileno($s->{$k}), 1) = 1 if $s->{$k} }
     }
   }
   if ($connected) {
-    vec($rin, fileno($port), 1) = 1 if $backlog < $HIGH;
+    vec($rin, fileno($port), 1) = 1;
     vec($win, fileno($port), 1) = 1 if length $wbuf;
   } elsif ($real) {
     # Nobody at the host end: a read returns at once (end of file), but a write would
@@ -198,7 +215,8 @@ while (1) {
     vec($win, fileno($port), 1) = 1;
   }
   my $reaping = grep { !$_->{out} && !$_->{err} } values %st;
-  my $timeout = (@ready || $reaping) ? 0.02 : ($connected || $real) ? undef : 1;
+  my $timeout = (@ready || $reaping) ? 0.02 : $orphans ? 1
+                : ($connected || $real) ? undef : 1;
   my $n = select(my $r = $rin, my $w = $win, undef, $timeout);
   if ($n < 0) { $r = ""; $w = "" }
   if ((!$connected && ($n > 0 || !$real)) || vec($r, fileno($port), 1)) {
@@ -223,14 +241,23 @@ while (1) {
     }
     if ($s->{in} && length $s->{inbuf} && vec($w, fileno($s->{in}), 1)) {
       my $put = syswrite($s->{in}, $s->{inbuf});
-      if (defined $put) { substr($s->{inbuf}, 0, $put) = "" }
-      elsif (!$!{EAGAIN}) { $s->{inbuf} = ""; close $s->{in}; $s->{in} = undef }
+      if (defined $put) { substr($s->{inbuf}, 0, $put) = ""; $s->{took} += $put }
+      elsif (!$!{EAGAIN}) {
+        $s->{took} += length $s->{inbuf};
+        $s->{inbuf} = ""; close $s->{in}; $s->{in} = undef;
+      }
+      # What the command took frees the host's window.
+      if ($s->{took} >= 16384 || ($s->{took} && !length $s->{inbuf})) {
+        frame("A", $id, $s->{took});
+        $s->{took} = 0;
+      }
     }
     if ($s->{in} && $s->{eof} && !length $s->{inbuf}) { close $s->{in}; $s->{in} = undef }
   }
   while ((my $pid = waitpid(-1, 1)) > 0) {  # WNOHANG
     my $status = $?;
-    for my $s (values %st) { $s->{status} = $status if $s->{pid} == $pid }
+    my ($mine) = grep { $_->{pid} == $pid } values %st;
+    if ($mine) { $mine->{status} = $status } elsif ($orphans) { $orphans-- }
   }
   for my $id (keys %st) {
     my $s = $st{$id};
@@ -281,4 +308,4 @@ def agent_script() -> str:
     """``banger-agent`` with banger's constants filled in."""
     return (GUEST_AGENT.replace("@PORT@", PORT_NAME).replace("@MAX@", str(MAX_PAYLOAD))
             .replace("@STREAMS@", str(MAX_STREAMS)).replace("@PROTOCOL@", str(PROTOCOL))
-            .replace("@LISTENING@", GUEST_LISTENING))
+            .replace("@LISTENING@", GUEST_LISTENING).replace("@WINDOW@", str(WINDOW)))

@@ -15,7 +15,9 @@ connection with :class:`AgentError`.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import errno
 import fcntl
 import os
 import select
@@ -36,6 +38,10 @@ SOCKET_NAME = "agent.sock"  # in the VM's runtime directory
 LOCK_NAME = "agent.lock"
 
 HEADER = struct.Struct(">cII")
+# Ahead of the guest's answer to a hello: the client finds the frames' boundaries again
+# after it, whatever an earlier connection left half-sent.
+SYNC = b"\x00banger-agent-sync\x00"
+WINDOW = 1 << 18  # stdin bytes sent and not yet taken by the command (its "A" frames)
 HELLO_TIMEOUT_S = 2.0  # a running agent answers in milliseconds, a just-restored one in tenths
 READ_CHUNK = 65536
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -60,10 +66,12 @@ def encode(kind: bytes, stream: int, data: bytes = b"") -> bytes:
 
 
 class Decoder:
-    """Frames out of a byte stream, each bounded by :data:`MAX_PAYLOAD`."""
+    """Frames out of a byte stream, each bounded by :data:`MAX_PAYLOAD`. Unsynced, it
+    first skips everything up to :data:`SYNC` (keeping at most its length)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, synced: bool = True) -> None:
         self.buf = bytearray()
+        self.synced = synced
 
     def feed(self, data: bytes) -> list[Frame]:
         """The frames ``data`` completes.
@@ -72,6 +80,13 @@ class Decoder:
             AgentError: a frame longer than the maximum.
         """
         self.buf += data
+        if not self.synced:
+            at = self.buf.find(SYNC)
+            if at < 0:
+                del self.buf[:max(0, len(self.buf) - len(SYNC))]
+                return []
+            del self.buf[:at + len(SYNC)]
+            self.synced = True
         out = []
         while len(self.buf) >= HEADER.size:
             kind, stream, length = HEADER.unpack_from(self.buf)
@@ -104,13 +119,14 @@ def exit_status(text: bytes) -> int:
 
 
 class Connection:
-    """A connection to a VM's agent that has been answered (:func:`connect`)."""
+    """A connection to a VM's agent that has been answered (:func:`connect`). Every
+    failure of its socket is an :class:`AgentError`."""
 
     def __init__(self, sock: socket.socket, lock_fd: int) -> None:
         self.sock = sock
         self.lock_fd = lock_fd
         self.decoder = Decoder()
-        self.pending: list[Frame] = []
+        self.pending: collections.deque[Frame] = collections.deque()
 
     def close(self) -> None:
         """Hang up (the guest ends what this connection started) and free the lock."""
@@ -127,33 +143,44 @@ class Connection:
 
     def send(self, kind: bytes, stream: int, data: bytes = b"") -> None:
         """Send one frame (a few bytes: blocking is fine)."""
-        self.sock.sendall(encode(kind, stream, data))
+        try:
+            self.sock.sendall(encode(kind, stream, data))
+        except OSError as exc:
+            raise AgentError(f"the guest agent's connection failed: {exc}") from exc
 
     def receive(self, deadline: float | None) -> Frame | None:
-        """The next frame, or None at ``deadline`` (a monotonic time).
+        """The next frame, or None once ``deadline`` (a monotonic time) has passed, even
+        while the guest keeps sending.
 
         Raises:
             AgentError: the connection ended or carried a bad frame.
         """
         while not self.pending:
-            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, _, _ = select.select([self.sock], [], [], wait)
-            if not ready:
+            wait = None if deadline is None else deadline - time.monotonic()
+            if wait is not None and wait <= 0:
                 return None
-            data = self.sock.recv(READ_CHUNK)
+            try:
+                ready, _, _ = select.select([self.sock], [], [], wait)
+                data = self.sock.recv(READ_CHUNK) if ready else None
+            except OSError as exc:
+                raise AgentError(f"the guest agent's connection failed: {exc}") from exc
+            if data is None:
+                return None
             if not data:
                 raise AgentError("the guest agent's connection closed")
-            self.pending += self.decoder.feed(data)
-        return self.pending.pop(0)
+            self.pending.extend(self.decoder.feed(data))
+        return self.pending.popleft()
 
     def hello(self, timeout: float) -> None:
-        """Say hello and wait for its answer (anything before it is an earlier
-        connection's).
+        """Say hello and wait for its answer, after the guest's :data:`SYNC` (anything
+        before it is an earlier connection's).
 
         Raises:
             AgentError: no answer within ``timeout``, or a wrong one.
         """
         nonce = os.urandom(8).hex().encode()
+        self.decoder = Decoder(synced=False)
+        self.pending.clear()
         self.send(b"H", 0, nonce)
         deadline = time.monotonic() + timeout
         while True:
@@ -162,6 +189,7 @@ class Connection:
                 raise AgentError(f"the guest agent did not answer within {timeout:g}s")
             if frame.kind == b"H" and frame.data.split(b" ", 1)[0] == nonce:
                 return
+            self.decoder.synced = False  # another answer: look for the next SYNC
 
     def ready(self, generation: str, timeout: float) -> str:
         """Wait until the guest applied identity ``generation`` (any, when empty) and
@@ -183,11 +211,14 @@ class Connection:
             interrupted: Callable[[], int | None] = lambda: None) -> int:
         """Run ``command`` with the guest's login shell (``-c``), copying ``stdin`` (a
         descriptor; None: nothing) to it and its output to ``stdout``/``stderr``; its
-        exit status. ``interrupted`` is asked between reads for a signal to forward.
+        exit status (141, as a shell says for SIGPIPE, when ``stdout`` or ``stderr``
+        is a closed pipe: the command is hung up on). ``interrupted`` is asked between
+        reads for a signal to forward.
 
-        Never blocks on sending: input is read only once what was read before has
-        gone, while the guest's output is always taken, so a command that writes
-        without reading its input cannot wedge the two ends against each other.
+        Never blocks on sending, and sends at most :data:`WINDOW` bytes of input the
+        command has not taken yet (the guest acknowledges what it took), while the
+        guest's output is always taken: a command that writes without reading its
+        input cannot wedge the two ends, and signals and a hang-up always get through.
 
         Raises:
             AgentError: the connection ended before the command did.
@@ -198,45 +229,61 @@ class Connection:
         out = bytearray(encode(b"E", 2, data))
         if stdin is None:
             out += encode(b"C", 2)
+        unacked = 0
         self.sock.setblocking(False)
-        frames, self.pending = self.pending, []
-        while True:
-            for frame in frames:
-                if frame.stream != 2:
-                    continue
-                if frame.kind == b"O":
-                    _write_all(stdout, frame.data)
-                elif frame.kind == b"R":
-                    _write_all(stderr, frame.data)
-                elif frame.kind == b"X":
-                    return exit_status(frame.data)
-            sig = interrupted()
-            if sig is not None:
-                out += encode(b"K", 2, str(sig).encode())
-            reads = [self.sock] + ([stdin] if stdin is not None and not out else [])
-            try:
-                readable, writable, _ = select.select(reads, [self.sock] if out else [], [],
-                                                      0.2)
-            except InterruptedError:
-                readable, writable = [], []
-            if writable:
-                with contextlib.suppress(BlockingIOError):
-                    del out[:self.sock.send(out)]
-            if stdin is not None and stdin in readable:
-                chunk = os.read(stdin, MAX_PAYLOAD)
-                out += encode(b"I" if chunk else b"C", 2, chunk)
-                if not chunk:
-                    stdin = None
-            frames = []
-            if self.sock in readable:
+        frames, self.pending = list(self.pending), collections.deque()
+        try:
+            while True:
+                for frame in frames:
+                    if frame.stream != 2:
+                        continue
+                    if frame.kind in (b"O", b"R"):
+                        _write_all(stdout if frame.kind == b"O" else stderr, frame.data)
+                    elif frame.kind == b"A" and frame.data.isdigit():
+                        unacked = max(0, unacked - int(frame.data[:12]))
+                    elif frame.kind == b"X":
+                        return exit_status(frame.data)
+                sig = interrupted()
+                if sig is not None:
+                    out += encode(b"K", 2, str(sig).encode())
+                reading = stdin is not None and not out and unacked < WINDOW
+                reads = [self.sock] + ([stdin] if reading and stdin is not None else [])
                 try:
-                    got = self.sock.recv(READ_CHUNK)
-                except BlockingIOError:
-                    continue
-                if not got:
-                    raise AgentError("the guest agent's connection closed before the "
-                                     "command ended")
-                frames = self.decoder.feed(got)
+                    readable, writable, _ = select.select(
+                        reads, [self.sock] if out else [], [], 0.2)
+                except InterruptedError:
+                    readable, writable = [], []
+                if writable:
+                    with contextlib.suppress(BlockingIOError):
+                        del out[:self.sock.send(out)]
+                if stdin is not None and stdin in readable:
+                    try:
+                        chunk = os.read(stdin, MAX_PAYLOAD)
+                    except BlockingIOError:
+                        chunk = None
+                    except OSError:
+                        chunk = b""  # an unreadable stdin ends like an empty one
+                    if chunk is not None:
+                        out += encode(b"I" if chunk else b"C", 2, chunk)
+                        unacked += len(chunk)
+                        if not chunk:
+                            stdin = None
+                frames = []
+                if self.sock in readable:
+                    try:
+                        got = self.sock.recv(READ_CHUNK)
+                    except BlockingIOError:
+                        continue
+                    if not got:
+                        raise AgentError("the guest agent's connection closed before the "
+                                         "command ended")
+                    frames = self.decoder.feed(got)
+        except BrokenPipeError:
+            return 128 + signal.SIGPIPE  # where the output went is closed
+        except OSError as exc:
+            if exc.errno == errno.EPIPE:
+                return 128 + signal.SIGPIPE
+            raise AgentError(f"the guest agent's connection failed: {exc}") from exc
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -259,10 +306,13 @@ def connect(run_dir: str, timeout: float = HELLO_TIMEOUT_S) -> Connection | None
         raise AgentError(f"cannot open the agent's lock: {exc.strerror}") from exc
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     except BlockingIOError:
         os.close(lock_fd)
         return None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    except OSError as exc:
+        os.close(lock_fd)
+        raise AgentError(f"cannot reach the guest agent: {exc.strerror or exc}") from exc
     conn = Connection(sock, lock_fd)
     try:
         sock.settimeout(timeout)

@@ -116,8 +116,12 @@ def run_in_guest(info: dict[str, Any], command: list[str], *, shell_string: bool
 
 def _run_by_agent(info: dict[str, Any], command: list[str], *, debug: bool) -> int | None:
     """The command's status through the agent, or None to use ssh instead (said with
-    ``debug``). Ctrl-C (and SIGTERM, SIGHUP) reach the command; a second Ctrl-C hangs
-    up, which ends it (130)."""
+    ``debug``); None only before the command was sent, so it never runs twice.
+
+    SIGINT, SIGTERM and SIGHUP (those not ignored here) reach the command; a second one
+    hangs up, which ends it (130 after Ctrl-C, else 128+N). The agent failing once the
+    command was sent gives 255, as ssh does when its connection fails.
+    """
     agent_dir = info.get("agent_dir")
     usable, why = (None, "the VM's guest agent did not answer at boot") if not agent_dir \
         else private_control_path(os.path.join(agent_dir, wire.SOCKET_NAME))
@@ -134,9 +138,13 @@ def _run_by_agent(info: dict[str, Any], command: list[str], *, debug: bool) -> i
         return None
     caught: list[int] = []
 
+    class HangUp(Exception):
+        def __init__(self, signum: int) -> None:
+            self.signum = signum
+
     def on_signal(signum: int, _frame: object) -> None:
-        if signum == signal.SIGINT and caught.count(signal.SIGINT) >= 1:
-            raise KeyboardInterrupt
+        if caught:
+            raise HangUp(signum)
         caught.append(signum)
 
     sent = 0
@@ -148,7 +156,10 @@ def _run_by_agent(info: dict[str, Any], command: list[str], *, debug: bool) -> i
             return caught[sent - 1]
         return None
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in wire.FORWARDED}
+    previous = {sig: handler for sig in wire.FORWARDED
+                if (handler := signal.getsignal(sig)) not in (signal.SIG_IGN, None)}
+    for sig in previous:  # an ignored one (nohup's choice) stays ignored
+        signal.signal(sig, on_signal)
     sys.stdout.flush()
     sys.stderr.flush()
     try:
@@ -156,6 +167,8 @@ def _run_by_agent(info: dict[str, Any], command: list[str], *, debug: bool) -> i
             return conn.run(remote_command(command, workdir=info.get("workdir"),
                                            shell_string=False),
                             stdin=_stdin_fd(), stdout=1, stderr=2, interrupted=interrupted)
+    except HangUp as exc:
+        return 130 if exc.signum == signal.SIGINT else 128 + exc.signum
     except KeyboardInterrupt:
         return 130
     except wire.AgentError as exc:
