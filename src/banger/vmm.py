@@ -58,6 +58,12 @@ class LaunchPlan:
     agent_channel: bool = True
 
     @property
+    def agent_port(self) -> bool:
+        """Whether the guest gets the agent's port: it comes only with the identity
+        channel (one virtio-serial device carries both)."""
+        return self.ident_channel and self.agent_channel
+
+    @property
     def marker(self) -> str:
         """The ``banger-<vm id>`` string the VMM's command line must carry."""
         return vm_marker(self.vm_id)

@@ -88,6 +88,8 @@ def boot(d: Daemon, vm: VMRecord, img: ImageRecord, cancel: CancelToken,
         stage("boot" if restore is None and fork is None else "restore")
         own = _clone_identity(d, vm) if fork is not None else None
         h = _launch(d, vm, img, h, restore=restore, fork=fork)
+        # A boot, or a clone whose snapshot's agent answered: both have the agent's
+        # port wherever the driver gives one (_agent_channel).
         ask_agent = restore is None and (fork is None or fork.agent == "ready")
         vm = _wake(d, vm, h, cancel, op, own=own, restored=restore is not None,
                    ask_agent=ask_agent)
@@ -204,7 +206,7 @@ def _launch(d: Daemon, vm: VMRecord, img: ImageRecord, h: VMHandles, *,
     h = h.with_(process=ident)
     save_handles(d, vm.id, h)
     update_runtime(d, vm.id, ident_channel=plan.ident_channel or None,
-                   agent_channel=(plan.ident_channel and plan.agent_channel) or None,
+                   agent_channel=plan.agent_port or None,
                    agent=None,
                    confinement=drv.confinement(vm.id) if isinstance(drv, ConfinedVMM) else None)
     log.info("vm %s: %s running as pid %d", vm.name, drv.name, ident.pid)
@@ -274,7 +276,7 @@ def _run_until_ssh(d: Daemon, vm: VMRecord, h: VMHandles, cancel: CancelToken,
     else:
         ready = {"announced": ConsoleWatch(paths.serial_log, SSH_STARTED)}
     probe = None
-    if ask_agent and not held and d.db.get_vm(vm.id).runtime.agent_channel:
+    if ask_agent and not held and drv.agent_port:
         probe = AgentProbe(paths, own.generation if own is not None else "",
                            booting=own is None)
     waited = d.seams.wait_for_ssh(
@@ -282,10 +284,10 @@ def _run_until_ssh(d: Daemon, vm: VMRecord, h: VMHandles, cancel: CancelToken,
         on_wait=(lambda s: op.report(f"{s:.0f}s")) if op is not None else None,
         serial_tail=lambda: tail(paths.serial_log, 2000), new_host_key=own is not None,
         agent=probe, **ready)
-    if probe is not None and probe.answered:
+    via_agent = probe is not None and probe.answered
+    if via_agent:
         update_runtime(d, vm.id, agent=True)
-    log.info("vm %s: %s ready after %.1fs", vm.name,
-             "agent" if probe is not None and probe.answered else "ssh", waited)
+    log.info("vm %s: %s ready after %.1fs", vm.name, "agent" if via_agent else "ssh", waited)
     if restored and own is None:
         warning = savedstate.set_clock(guest, vm.name)
         if warning is not None and op is not None:

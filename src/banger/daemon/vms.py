@@ -87,7 +87,7 @@ def view(d: Daemon, vm: VMRecord) -> dict[str, Any]:
         forwards=[str(s) for s in d.forwards.opened(vm.id)],
         from_snapshot=vm.runtime.from_snapshot,
         from_pool=vm.runtime.from_pool,
-        agent=bool(vm.runtime.agent) and vm.state in (VMState.RUNNING, VMState.PAUSED),
+        agent=bool(vm.runtime.agent) and vm.state in LIVE,
         suspended=SavedStateView.model_validate(
             {k: v for k, v in saved.items() if k in SavedStateView.model_fields}) if (
             saved := vm.runtime.suspended) and vm.state == VMState.SUSPENDED else None,

@@ -135,7 +135,7 @@ def build_argv(qemu_bin: str, plan: LaunchPlan, accel: str,
     argv += [
         "-netdev", "tap,id=net0,fd={fd:tap}",
         "-device", f"virtio-net-device,netdev=net0,mac={plan.mac}",
-        *(_channel_args(agent=plan.agent_channel) if plan.ident_channel else []),
+        *(_channel_args(agent=plan.agent_port) if plan.ident_channel else []),
         "-serial", f"file:{_fd('serial')}",
         "-chardev", "socket,id=qmp,fd={fd:qmp},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
@@ -204,10 +204,9 @@ def launch_request(plan: LaunchPlan, args: list[str], accel: str) -> ops.QemuLau
         files[IDENT_FD] = ops.VMFile(path=str(p.ident_fifo), mode="rw", give=True)
     for i, disk in enumerate(plan.extra_disks):
         files[f"extra{i}"] = ops.VMFile(path=disk, mode="rw", give=True)
-    agent = plan.ident_channel and plan.agent_channel
     return ops.QemuLaunch(vm_id=plan.vm_id, args=args, files=files, tap=plan.tap,
                           qmp=str(p.qmp_socket), stderr=str(p.vmm_log),
-                          agent=str(p.agent_socket) if agent else None,
+                          agent=str(p.agent_socket) if plan.agent_port else None,
                           memory_mib=plan.memory_mib, vcpu=plan.vcpu,
                           accel=accel)  # type: ignore[arg-type]
 
