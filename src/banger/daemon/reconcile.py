@@ -198,9 +198,7 @@ def _settle_saved(d: Daemon, vm: VMRecord, h: VMHandles, alive: bool) -> None:
     if saved is not None:
         if vm.state != VMState.SUSPENDED:
             record = vm.runtime.suspended or savedstate.record(
-                savedstate.size(saved), vm.vmm,
-                ident_channel=bool(vm.runtime.ident_channel),
-                agent_channel=bool(vm.runtime.agent_channel))
+                savedstate.size(saved), vm.vmm, vm.runtime)
             _force_state(d, vm.id, VMState.SUSPENDED, suspended=record, suspend_from=None)
             log.warning("vm %s: suspended (its saved state is complete)", vm.name)
         return

@@ -87,28 +87,31 @@ def size(saved: Path) -> int:
     return sum(f.stat().st_size for f in saved.iterdir() if f.is_file())
 
 
-def record(size: int, vmm: str, *, ident_channel: bool, agent_channel: bool
-           ) -> dict[str, Any]:
-    """The ``runtime.suspended`` record of a state just saved (``api.SavedStateView``).
+def record(size: int, vmm: str, running: VMRuntime) -> dict[str, Any]:
+    """The ``runtime.suspended`` record of a state just saved (``api.SavedStateView``)
+    from a guest whose runtime was ``running``.
 
-    ``ident_channel``/``agent_channel``: the saved guest's VMM had the identity channel
-    and the agent's port; its restore must have them too (and one saved by an older
-    banger, without them, must not).
+    ``ident``/``agent``: the saved guest's VMM had the identity channel and the agent's
+    port; its restore must have them too (and one saved by an older banger, without
+    them, must not).
     """
-    return {"bytes": size, "saved_at": time.time(), "vmm": vmm, "ident": ident_channel,
-            "agent": agent_channel}
+    return {"bytes": size, "saved_at": time.time(), "vmm": vmm,
+            "ident": bool(running.ident_channel), "agent": bool(running.agent_channel)}
 
 
 def had_agent_channel(vm_runtime: VMRuntime) -> bool:
     """Whether a suspended VM's saved guest has the agent's port."""
-    saved = vm_runtime.suspended
-    return bool(saved.get("agent")) if isinstance(saved, dict) else False
+    return _had(vm_runtime, "agent")
 
 
 def had_ident_channel(vm_runtime: VMRuntime) -> bool:
     """Whether a suspended VM's saved guest has the identity channel."""
+    return _had(vm_runtime, "ident")
+
+
+def _had(vm_runtime: VMRuntime, device: str) -> bool:
     saved = vm_runtime.suspended
-    return bool(saved.get("ident")) if isinstance(saved, dict) else False
+    return bool(saved.get(device)) if isinstance(saved, dict) else False
 
 
 def consume(drv: VMMDriver, paths: VMPaths) -> None:

@@ -141,9 +141,7 @@ def _suspend(d: Daemon, vm: VMRecord, op: Operation) -> VMRecord:
     d.checkpoint("suspend.committed")
     op.enter("teardown")
     problems = teardown(d, vm.id, h)  # ends the VMM, which holds a saved guest now
-    saved = savedstate.record(size, drv.name,
-                              ident_channel=bool(vm.runtime.ident_channel),
-                              agent_channel=bool(vm.runtime.agent_channel))
+    saved = savedstate.record(size, drv.name, vm.runtime)
     if problems:
         transition(d, vm.id, VMState.ERROR, last_error="; ".join(problems), suspended=saved,
                    suspend_from=None)
