@@ -10,7 +10,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -69,6 +69,21 @@ def _feed(fd: int, data: bytes) -> None:
         os.close(fd)
 
 
+def term_after(seconds: float) -> Callable[[], int | None]:
+    """An ``interrupted`` for :meth:`wire.Connection.run`: SIGTERM once, ``seconds``
+    after it was made."""
+    start = time.monotonic()
+    sent: list[int] = []
+
+    def interrupted() -> int | None:
+        if not sent and time.monotonic() - start > seconds:
+            sent.append(1)
+            return int(signal.SIGTERM)
+        return None
+
+    return interrupted
+
+
 def test_runs_a_command_with_its_output_and_status(agent, tmp_path: Path) -> None:
     conn, _ = agent
     conn.hello(5)
@@ -108,16 +123,8 @@ def test_a_signal_gets_past_input_the_command_leaves_unread(agent, tmp_path: Pat
     conn, _ = agent
     conn.hello(5)
     start = time.monotonic()
-    sent = []
-
-    def interrupted() -> int | None:
-        if not sent and time.monotonic() - start > 1.0:
-            sent.append(1)
-            return int(signal.SIGTERM)
-        return None
-
     status, _, _ = run(conn, "exec sleep 30", tmp_path, stdin=b"z" * 4_000_000,
-                       interrupted=interrupted)
+                       interrupted=term_after(1.0))
     assert status == 128 + signal.SIGTERM and time.monotonic() - start < 20
 
 
@@ -143,16 +150,8 @@ def test_the_hello_answer_is_found_after_leftovers() -> None:
 def test_a_signal_reaches_the_command(agent, tmp_path: Path) -> None:
     conn, _ = agent
     conn.hello(5)
-    sent = []
-
-    def interrupted() -> int | None:
-        if not sent and time.monotonic() - start > 0.5:
-            sent.append(1)
-            return int(signal.SIGTERM)
-        return None
-
     start = time.monotonic()
-    status, _, _ = run(conn, "sleep 30", tmp_path, interrupted=interrupted)
+    status, _, _ = run(conn, "sleep 30", tmp_path, interrupted=term_after(0.5))
     assert status == 128 + signal.SIGTERM and time.monotonic() - start < 20
 
 
