@@ -10,6 +10,7 @@ namespace of its own.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import ipaddress
 import json
 import os
@@ -139,7 +140,15 @@ class IPNetwork:
         return res.stdout
 
     def ensure_bridge(self, name: str, cidr: str) -> None:
-        """Create bridge ``name`` if missing, add ``cidr``'s address if absent, set it up.
+        """Create bridge ``name`` if missing, add ``cidr``'s address if absent, set it up,
+        and keep its MAC fixed.
+
+        A Linux bridge whose MAC was never set takes its lowest port's, so it changes as
+        TAPs come and go (a VM deleted, the TAP pool drained at daemon stop). Guests
+        would then send to the gateway's old MAC until their ARP entry fails, seconds
+        without any traffic leaving the guest network. A new bridge gets
+        :func:`bridge_mac`; an existing one keeps the MAC it has now (setting it to
+        itself pins it), so running guests see no change.
 
         Raises:
             HostError: any failure (usually missing CAP_NET_ADMIN).
@@ -147,14 +156,17 @@ class IPNetwork:
         iface = ipaddress.ip_interface(cidr)
         try:
             if not link_exists(name):
-                self._ip("link", "add", "name", name, "type", "bridge")
+                self._ip("link", "add", "name", name, "address", bridge_mac(name),
+                         "type", "bridge")
             shown = json.loads(self._ip("-j", "-4", "addr", "show", "dev", name) or "[]")
             have = {(a.get("local"), a.get("prefixlen")) for link in shown
                     for a in link.get("addr_info", [])}
             if (str(iface.ip), iface.network.prefixlen) not in have:
                 self._ip("addr", "add", str(iface.with_prefixlen), "dev", name)
+            link = json.loads(self._ip("-j", "link", "show", "dev", name))
+            self._ip("link", "set", "dev", name, "address", str(link[0]["address"]))
             self._ip("link", "set", "dev", name, "up")
-        except (HostError, ValueError, AttributeError, TypeError) as exc:
+        except (HostError, ValueError, AttributeError, TypeError, LookupError) as exc:
             message = exc.message if isinstance(exc, HostError) else f"unexpected ip output: {exc}"
             raise HostError(f"cannot set up bridge {name} ({cidr}): {message}",
                             hint="banger needs root (CAP_NET_ADMIN); see `banger doctor`") from exc
@@ -298,6 +310,15 @@ class IPNetwork:
             return []
         except OSError as exc:
             raise HostError(f"cannot list {NETNS_DIR}: {exc.strerror or exc}") from exc
+
+
+def bridge_mac(name: str) -> str:
+    """The MAC banger gives a bridge it creates: locally administered, unicast, and the
+    same for the same name, so a bridge made again (deleted with the last VM) still
+    has the gateway MAC that suspended guests and snapshots remember."""
+    digest = hashlib.sha256(f"banger-bridge\0{name}".encode()).digest()
+    first = (digest[0] & 0xFC) | 0x02
+    return ":".join(f"{b:02x}" for b in (first, *digest[1:6]))
 
 
 def link_exists(name: str) -> bool:
