@@ -62,18 +62,21 @@ def receive_root(env: dict[str, str] | None = None) -> Path:
 # What of a linked worktree's git directory is not its own state: where git finds the
 # common directory and the work tree, and the worktree's lock.
 NOT_WORKTREE_STATE = frozenset({"commondir", "gitdir", "locked"})
-# The main work tree's own state in a common git directory, never sent for a linked
-# worktree (whose own, where it has any, goes instead): git's per-worktree paths.
-MAIN_WORKTREE_STATE = frozenset({
-    "HEAD", "index", "ORIG_HEAD", "MERGE_HEAD", "MERGE_MSG", "MERGE_MODE", "MERGE_RR",
-    "CHERRY_PICK_HEAD", "REVERT_HEAD", "REBASE_HEAD", "AUTO_MERGE", "FETCH_HEAD",
-    "BISECT_LOG", "BISECT_START", "BISECT_EXPECTED_REV", "BISECT_TERMS", "BISECT_NAMES",
-    "BISECT_ANCESTORS_OK", "BISECT_RUN", "rebase-merge", "rebase-apply", "sequencer",
-    "config.worktree", "logs/HEAD", "refs/bisect", "refs/worktree", "refs/rewritten",
-    "info/sparse-checkout", "modules"})
-# Never sent from any git directory: other worktrees' state, the config (sent rewritten,
-# see _plain_config), and submodules' git data (each submodule's goes as its own .git).
-NOT_SENT = frozenset({"worktrees", "config", "modules"})
+# What of a common git directory every worktree shares (git's own list, ``common_list``
+# in its path.c): anything else at its top level (HEAD, index, MERGE_HEAD,
+# NOTES_MERGE_*, rebase-merge, ...) is the main work tree's state, never sent for a
+# linked worktree, whose own state goes instead.
+SHARED_GIT_STATE = frozenset({
+    "branches", "common", "hooks", "info", "logs", "lost-found", "objects", "refs",
+    "remotes", "rr-cache", "svn", "packed-refs", "shallow"})
+# ... except these below them, each worktree's own.
+PER_WORKTREE_BELOW_SHARED = frozenset({
+    "info/sparse-checkout", "logs/HEAD", "logs/refs/bisect", "logs/refs/rewritten",
+    "logs/refs/worktree", "refs/bisect", "refs/rewritten", "refs/worktree"})
+# Never sent from any git directory: other worktrees' state, the configs (sent
+# rewritten, see _plain_config), and submodules' git data (each submodule's goes as its
+# own .git).
+NOT_SENT = frozenset({"worktrees", "config", "config.worktree", "modules"})
 GIT_TIMEOUT_S = 300.0
 
 
@@ -200,7 +203,12 @@ def _git_members(r: Repo) -> list[Member]:
     skip = {f"{dot}/{name}" for name in NOT_SENT}
     own: list[Member] = []
     if r.git_dir != r.common:  # a linked worktree: its files over the main tree's
-        skip.update(f"{dot}/{name}" for name in MAIN_WORKTREE_STATE)
+        try:
+            common_names = os.listdir(r.common)
+        except OSError as exc:
+            raise BadRequest(f"cannot list {r.common}: {exc.strerror or exc}") from exc
+        skip.update(f"{dot}/{name}" for name in common_names if name not in SHARED_GIT_STATE)
+        skip.update(f"{dot}/{path}" for path in PER_WORKTREE_BELOW_SHARED)
         for parent, dirs, names in os.walk(r.git_dir):
             rel = Path(parent).relative_to(r.git_dir)
             top_level = rel == Path(".")
@@ -225,9 +233,10 @@ def shipment(top: Path) -> Shipment:
     worktree's git data is the repository's common directory with the worktree's own
     HEAD, index and state in place of the main work tree's; a submodule's (or a
     ``--separate-git-dir`` repository's) is the directory its ``.git`` file names. The
-    configs go without ``core.bare`` and ``core.worktree``, which would point a copy
-    back at this machine (or call it bare), and with this machine's git identity, which
-    the guest's commits then carry as they would here.
+    configs (``config``, and the work tree's ``config.worktree`` where git keeps one) go
+    without ``core.bare`` and ``core.worktree``, which would point a copy back at this
+    machine (or call it bare); ``config`` gets this machine's git identity, which the
+    guest's commits then carry as they would here.
 
     Raises:
         BadRequest: not a git work tree, or one that cannot be copied.
@@ -239,6 +248,9 @@ def shipment(top: Path) -> Shipment:
         members += _git_members(r)
         configs.append((f"{r.prefix}.git/config",
                         _plain_config(r.common / "config", _identity(r.top))))
+        if (r.git_dir / "config.worktree").is_file():  # extensions.worktreeConfig
+            configs.append((f"{r.prefix}.git/config.worktree",
+                            _plain_config(r.git_dir / "config.worktree", {})))
     for r in repos:
         members += [Member(r.top / name, f"{r.prefix}{name}") for name in files_of(r.top)
                     if name not in r.submodules]

@@ -90,6 +90,45 @@ def test_a_linked_worktree_arrives_as_a_plain_repository_of_its_own(tmp_path: Pa
     assert git(got, "branch", "--format=%(refname:short)").split() == ["feature", "main"]
 
 
+def test_only_a_linked_worktrees_own_state_goes_never_the_main_trees(
+        tmp_path: Path) -> None:
+    """git shares a few paths of the common directory between worktrees; the rest of it
+    is the main work tree's (a bisect, a notes merge), and stays home."""
+    main = make_repo(tmp_path / "main", {"a.txt": "1\n"})
+    for n in (2, 3):
+        (main / "a.txt").write_text(f"{n}\n")
+        git(main, "commit", "-qam", f"c{n}")
+    wt = tmp_path / "wt"
+    git(main, "worktree", "add", "-q", "-b", "feature", str(wt), "HEAD~1")
+    git(main, "bisect", "start", "HEAD", "HEAD~2")  # the main tree's bisect
+    (main / ".git" / "logs" / "refs" / "bisect").mkdir()  # a per-worktree reflog
+    (main / ".git" / "logs" / "refs" / "bisect" / "bad").write_text("")
+    (main / ".git" / "NOTES_MERGE_REF").write_text("ref: refs/notes/commits\n")
+    git(wt, "bisect", "start", "HEAD", "HEAD~1")  # and the worktree's own
+    main_only = ("COMMIT_EDITMSG", "NOTES_MERGE_REF", "logs/refs/bisect/bad")
+    assert all((main / ".git" / name).exists() for name in main_only)
+    got = shipped(wt, tmp_path / "received")
+    dot = got / ".git"
+    assert [name for name in main_only if (dot / name).exists()] == []
+    assert (dot / "BISECT_LOG").read_text() == \
+        (main / ".git" / "worktrees" / "wt" / "BISECT_LOG").read_text()
+    assert git(got, "rev-parse", "refs/bisect/bad") == git(wt, "rev-parse", "refs/bisect/bad")
+    assert state(got) == state(wt)
+
+
+def test_a_worktree_config_goes_without_this_machines_paths(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "r", {"a.txt": "a\n"})
+    git(repo, "config", "extensions.worktreeConfig", "true")
+    git(repo, "config", "--worktree", "core.worktree", str(repo))
+    git(repo, "config", "--worktree", "banger.test", "kept")
+    got = shipped(repo, tmp_path / "received")
+    worktree_config = git(got, "config", "--list", "--worktree")
+    assert "banger.test=kept" in worktree_config
+    assert "core.worktree" not in worktree_config
+    assert state(got) == state(repo)
+    assert Path(git(got, "rev-parse", "--show-toplevel").strip()) == got
+
+
 def test_a_worktree_of_a_bare_repository_is_not_called_bare(tmp_path: Path) -> None:
     src = make_repo(tmp_path / "src", {"a.txt": "a\n"})
     bare = tmp_path / "repo.git"
