@@ -224,6 +224,7 @@ def test_image_and_kernel_files_travel_over_the_connection(
     digest = hashlib.sha256(bundle.read_bytes()).hexdigest()
     assert (out["path"], out["sha256"], out["size_bytes"]) == (
         str(bundle), digest, bundle.stat().st_size)
+    assert "rootfs.ext4" in out["members"] and "kernel" in out  # the remote's whole answer
     assert [p.name for p in remote.home.iterdir() if p.name.endswith(".partial")] == []
 
     pulled = remote.banger("--host", url, "image", "pull", str(bundle), "--name", "rimg",

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from banger import repoship
-from banger.cli import bundleout
+from banger.cli import bundleout, exits
 from banger.cli.quick import remote_chosen
 from banger.contexts import Contexts, chosen_host
 from banger.errors import (
@@ -390,7 +390,13 @@ def test_copy_out_writes_what_the_remote_banger_prints_bounded(tmp_path: Path) -
 class _Link:
     """What bundleout asks of the SSH link: the remote banger's export, played."""
 
-    def __init__(self, data: bytes, rc: int = 0, err: bytes = b"") -> None:
+    def __init__(self, data: bytes, rc: int = 0, err: bytes | None = None) -> None:
+        if err is None:  # what the remote banger says of a whole export
+            err = b"exporting...\n" + json.dumps(
+                {"name": "img", "path": "-", "size_bytes": len(data),
+                 "sha256": hashlib.sha256(data).hexdigest(),
+                 "members": {"rootfs.ext4": {"size": 1, "sha256": "ab"}},
+                 "kernel": {"name": None}}, indent=2).encode()
         self.data, self.rc, self.err = data, rc, err
 
     def check_sends_to_own_daemon(self) -> None:
@@ -398,7 +404,7 @@ class _Link:
 
     def copy_out(self, argv: list[str], out: Any, *, limit: int,
                  chunk: Any = None) -> subprocess.CompletedProcess[bytes]:
-        assert argv == ["image", "export", "img", "-o", "-"]
+        assert argv == ["image", "export", "img", "-o", "-", "--json"]
         if len(self.data) > limit:
             raise OutputTooLarge("too much")
         out.write(self.data[:7])  # a failure half-way still wrote some
@@ -425,12 +431,27 @@ def test_a_remote_export_lands_whole_or_not_at_all(tmp_path: Path,
                                 "img", target)
     assert target.read_bytes() == b"zstd bundle data"
     assert res == {"name": "img", "path": str(target), "size_bytes": 16,
-                   "sha256": hashlib.sha256(b"zstd bundle data").hexdigest()}
+                   "sha256": hashlib.sha256(b"zstd bundle data").hexdigest(),
+                   "members": {"rootfs.ext4": {"size": 1, "sha256": "ab"}},
+                   "kernel": {"name": None}}  # the remote daemon's answer, path here
     # Each failure leaves the FILE that was there as it was, and no partial file.
     failing = _Link(b"partial bundle", rc=4, err=b"error: image 'img' is in use\nhint: wait\n")
     with pytest.raises(BangerError, match="image 'img' is in use") as exc:
         bundleout.from_remote(_RemoteApp(failing), "img", target)  # type: ignore[arg-type]
     assert exc.value.hint == "wait"
+    as_json = _Link(b"", rc=125, err=json.dumps(
+        {"error": {"code": "busy", "message": "image 'img' is in use", "hint": "wait"}},
+        indent=2).encode())
+    with pytest.raises(BangerError, match="image 'img' is in use") as exc:
+        bundleout.from_remote(_RemoteApp(as_json), "img", target)  # type: ignore[arg-type]
+    assert exc.value.hint == "wait"
+    other = _Link(b"zstd bundle data")
+    other.data = b"zstd bundle dat4"  # not what the remote said it sent
+    with pytest.raises(DaemonUnavailable, match="not what its banger exported"):
+        bundleout.from_remote(_RemoteApp(other), "img", target)  # type: ignore[arg-type]
+    mute = _Link(b"zstd bundle data", err=b"done\n")
+    with pytest.raises(DaemonUnavailable, match="did not say what it exported"):
+        bundleout.from_remote(_RemoteApp(mute), "img", target)  # type: ignore[arg-type]
     silent = _Link(b"partial bundle", rc=1, err=b"Killed\n")
     with pytest.raises(DaemonUnavailable, match="did not export: Killed"):
         bundleout.from_remote(_RemoteApp(silent), "img", target)  # type: ignore[arg-type]
@@ -439,3 +460,17 @@ def test_a_remote_export_lands_whole_or_not_at_all(tmp_path: Path,
         bundleout.from_remote(_RemoteApp(_Link(b"too big")), "img", target)  # type: ignore[arg-type]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["img.tar.zst"]  # no partial left
     assert target.read_bytes() == b"zstd bundle data"
+
+
+def test_a_json_error_goes_to_stderr_when_stdout_is_the_data(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    err = BangerError("image 'img' is in use", hint="wait")
+    monkeypatch.setattr(exits._Stdout, "is_data", False)
+    exits.print_error(err, True)
+    out = capsys.readouterr()
+    assert json.loads(out.out)["error"]["message"] == "image 'img' is in use"
+    assert out.err == ""
+    exits.claim_stdout()
+    exits.print_error(err, True)
+    out = capsys.readouterr()
+    assert out.out == "" and json.loads(out.err)["error"]["hint"] == "wait"

@@ -6,14 +6,17 @@ A daemon writes a bundle as a file on its own machine. For ``-o -`` it writes on
 a private directory of this user's (the one received repositories use) and the CLI
 copies it out. For a remote daemon, that host's banger does exactly that, and its
 standard output is written here to a temp file beside the target, hashed as it
-arrives, and renamed over the target only once all of it came: an export that fails
-or is interrupted leaves no file, as a local one does.
+arrives, and renamed over the target only once all of it came and matches the size
+and sha256 in the remote banger's ``--json`` answer (on its stderr, since its stdout is
+the bundle's): an export that fails or is interrupted leaves no file, as a local one
+does.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import secrets
 import shutil
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from banger import repoship
+from banger.cli import exits
 from banger.cli.app import App, follow, wire
 from banger.errors import BadRequest, BangerError, DaemonUnavailable, HostError
 from banger.fsutil import fsync_path
@@ -42,6 +46,7 @@ def to_stdout(app: App, name: str) -> dict[str, Any]:
     if sys.stdout.isatty():
         raise BadRequest("`image export -o -` writes a binary bundle, and standard output "
                          "is a terminal", hint="redirect it (> FILE, | ssh ...), or use -o FILE")
+    exits.claim_stdout()
     if app.remote is not None:
         return from_remote(app, name, None)
     root = repoship.receive_root()
@@ -61,12 +66,14 @@ def to_stdout(app: App, name: str) -> dict[str, Any]:
 
 def from_remote(app: App, name: str, out_file: Path | None) -> dict[str, Any]:
     """Export image ``name`` on the remote host into ``out_file`` here (None: standard
-    output); its name, path, size and sha256 (as received).
+    output); the remote daemon's answer (its manifest's members and kernel too), with
+    the path here. The remote's size and sha256 must be what arrived.
 
     Raises:
         BangerError: the remote banger's error, as it said it.
-        DaemonUnavailable: it failed without saying why, or sent more than
-            :data:`BUNDLE_MAX` bytes.
+        DaemonUnavailable: it failed without saying why, sent more than
+            :data:`BUNDLE_MAX` bytes, or did not say what it sent or sent something
+            else (nothing of it is kept).
     """
     link = app.link()
     link.check_sends_to_own_daemon()  # it writes into this login's directory first
@@ -82,7 +89,7 @@ def from_remote(app: App, name: str, out_file: Path | None) -> dict[str, Any]:
     try:
         with _target(tmp) as out:
             try:
-                res = link.copy_out(["image", "export", name, "-o", "-"], out,
+                res = link.copy_out(["image", "export", name, "-o", "-", "--json"], out,
                                     limit=BUNDLE_MAX, chunk=arrived)
                 if res.returncode == 0 and tmp is not None:
                     out.flush()
@@ -92,6 +99,17 @@ def from_remote(app: App, name: str, out_file: Path | None) -> dict[str, Any]:
                                 f": {exc.strerror or exc}") from exc
         if res.returncode != 0:
             raise _remote_error(app, res.stderr)
+        said = _last_json(res.stderr)
+        if said is None or "sha256" not in said:
+            raise DaemonUnavailable(f"the banger on {app.remote} did not say what it "
+                                    "exported; nothing of it was kept")
+        if (said.get("sha256"), said.get("size_bytes")) != (digest.hexdigest(),
+                                                           progress.done):
+            raise DaemonUnavailable(
+                f"the bundle from {app.remote} is not what its banger exported "
+                f"({progress.done} bytes, sha256 {digest.hexdigest()}; it said "
+                f"{said.get('size_bytes')} bytes, sha256 {said.get('sha256')}); "
+                "nothing of it was kept", hint="export it again")
         if tmp is not None and out_file is not None:
             os.replace(tmp, out_file)
             with contextlib.suppress(OSError):  # the bundle is in place: the rest is care
@@ -102,7 +120,7 @@ def from_remote(app: App, name: str, out_file: Path | None) -> dict[str, Any]:
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
-    return {"name": name, "path": str(out_file) if out_file is not None else "-",
+    return {**said, "name": name, "path": str(out_file) if out_file is not None else "-",
             "size_bytes": progress.done, "sha256": digest.hexdigest()}
 
 
@@ -126,8 +144,29 @@ def _target(tmp: Path | None) -> Iterator[IO[bytes]]:
         yield fh
 
 
+def _last_json(stderr: bytes) -> dict[str, Any] | None:
+    """The last JSON object the remote banger printed on stderr (an indented one, its
+    ``{`` alone on a line), or None. ``stderr`` is bounded by the link."""
+    lines = stderr.decode(errors="replace").splitlines()
+    starts = [i for i, line in enumerate(lines) if line == "{"]
+    if not starts:
+        return None
+    try:
+        doc = json.loads("\n".join(lines[starts[-1]:]))
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
 def _remote_error(app: App, stderr: bytes) -> BangerError:
-    """The remote banger's ``error:``/``hint:`` lines as an error (or a plain one)."""
+    """The remote banger's error (JSON, or ``error:``/``hint:`` lines) as an error, or
+    a plain one when it said none."""
+    said = _last_json(stderr)
+    error = said.get("error") if said is not None else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        hint = error.get("hint")
+        return BangerError(error["message"][:1000],
+                           hint=hint[:500] if isinstance(hint, str) else "")
     lines = stderr.decode(errors="replace").splitlines()
     message = next((ln[len("error: "):] for ln in lines if ln.startswith("error: ")), None)
     hint = next((ln[len("hint: "):] for ln in lines if ln.startswith("hint: ")), "")

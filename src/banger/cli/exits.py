@@ -38,11 +38,23 @@ def code_for(err: BangerError) -> int:
     return BANGER_ERROR
 
 
+class _Stdout:
+    is_data = False  # set once, by claim_stdout: a process runs one command
+
+
+def claim_stdout() -> None:
+    """Say that standard output carries this command's data (``image export -o -``'s
+    bundle): a JSON error then goes to stderr, not into the data."""
+    _Stdout.is_data = True
+
+
 def print_error(err: BangerError, as_json: bool) -> None:
-    """Print ``err`` as ``error:``/``hint:`` lines on stderr, or as JSON on stdout."""
+    """Print ``err`` as ``error:``/``hint:`` lines on stderr, or as JSON on stdout
+    (on stderr when standard output is the command's data: :func:`claim_stdout`)."""
     if as_json:
         print(json.dumps({"error": {"code": err.code, "message": err.message,
-                                    "hint": err.hint}}, indent=2))
+                                    "hint": err.hint}}, indent=2),
+              file=sys.stderr if _Stdout.is_data else sys.stdout)
         return
     print(f"error: {err.message}", file=sys.stderr)
     if err.hint:
