@@ -13,6 +13,7 @@ import hashlib
 import json
 import secrets
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -230,7 +231,10 @@ def test_image_and_kernel_files_travel_over_the_connection(
     pulled = remote.banger("--host", url, "image", "pull", str(bundle), "--name", "rimg",
                            "--json", timeout=900)
     assert pulled.returncode == 0, pulled.stderr
-    assert host.json("image", "show", "rimg")["name"] == "rimg"
+    shown = host.json("image", "show", "rimg")
+    assert shown["name"] == "rimg"
+    # its origin is where the client read the file, not the copy sent (gone now)
+    assert shown["origin"] == f"{socket.gethostname()}:{bundle}#sha256:{digest}"
     received = remote.home.parent / "cache" / "banger" / "received"
     assert list(received.iterdir()) == []  # what was sent went once the daemon had it
 

@@ -167,6 +167,19 @@ def test_export_then_pull_back_three_ways(daemon: Daemon, world: FakeWorld, tmp_
     nothing_left(daemon)
     images.delete(daemon, "src")
 
+    # 1b. a file a remote client sent: the origin is where that client read it; only
+    # a bundle file can say so
+    img = pull(daemon, str(out), sent_from="laptop:/home/u/src.tar.zst")
+    assert img["origin"] == f"laptop:/home/u/src.tar.zst#sha256:{res['sha256']}"
+    images.delete(daemon, "src")
+    for text, sent_from, why in [
+            ("127.0.0.1:5000/team/dev:1", "laptop:/x", "is an OCI image"),
+            ("http://127.0.0.1:1/x.tar.zst", "laptop:/x", "is not a file"),
+            (str(out), "laptop:/x\n", "control character")]:
+        with pytest.raises(BadRequest, match=why):
+            imagepull.check_request(daemon, text, name=None, size_bytes=None,
+                                    kernel_name=None, insecure=False, sent_from=sent_from)
+
     # 2. a file:// catalog (relative url), under another name
     set_catalog(daemon, write_catalog(out.parent / "catalog.json", [entry("src", out)]))
     img = pull(daemon, "src", name="copy")

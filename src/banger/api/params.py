@@ -206,6 +206,9 @@ class ImagePullParams(Model):
     size_bytes: int | None = None
     kernel: str | None = None
     insecure: bool = False
+    # A bundle file a remote client sent: where it read it (HOST:PATH), recorded as the
+    # image's origin instead of the sent copy's path (removed after the pull).
+    sent_from: str | None = Field(default=None, min_length=1, max_length=4096)
 
 
 class ImageExportParams(Model):

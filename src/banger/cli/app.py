@@ -7,6 +7,7 @@ import base64
 import contextlib
 import json
 import os
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -127,6 +128,13 @@ class App:
         local = bundle_ref(reference)
         with self.daemon_paths({"bundle": Path(local)}) as at:
             yield at["bundle"] or local
+
+    def sent_from(self, reference: str) -> str | None:
+        """Where a bundle file :meth:`daemon_reference` sends to a remote daemon was read
+        (``HOST:PATH``: the image's origin there), or None when nothing is sent."""
+        if self.remote is None or not is_bundle_path(reference):
+            return None
+        return f"{socket.gethostname()}:{bundle_ref(reference)}"
 
     @contextlib.contextmanager
     def daemon_paths(self, files: dict[str, Path | None]) -> Iterator[dict[str, str | None]]:

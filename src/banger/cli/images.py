@@ -60,7 +60,8 @@ def image_pull(app: App, reference: str, name: str | None, size: str | None,
     with app.daemon_reference(reference) as ref:
         result = wire(follow(app, app.client().images.pull, ref, name=name,
                              size_bytes=parse_size(size) if size else None,
-                             kernel=kernel_name, insecure=insecure))
+                             kernel=kernel_name, insecure=insecure,
+                             sent_from=app.sent_from(reference)))
     app.emit(result, f"image {result['name']} pulled ({result['size_bytes'] >> 20} MiB) "
                      f"from {result.get('origin')}")
 

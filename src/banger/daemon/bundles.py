@@ -105,11 +105,17 @@ class BundleRequest:
     kind: str  # "image" or "kernel"
     name: str | None  # --name; None: the manifest's name
     size_bytes: int | None  # the rootfs cap (default ROOTFS_MAX)
+    sent_from: str | None = None  # a sent file: where the client read it
 
     @property
     def text(self) -> str:
         """The source as the user named it (for joins and messages)."""
         return self.source.origin
+
+    @property
+    def origin(self) -> str:
+        """What the image records as its origin: where the bundle was read."""
+        return self.sent_from or self.source.origin
 
 
 # -------------------------------------------------------------------------- export
@@ -315,12 +321,14 @@ def _hash_file(path: Path, cancel: CancelToken, progress: Any) -> Member:
 
 
 def check_request(d: Daemon, text: str, *, kind: str, name: str | None,
-                  size_bytes: int | None, insecure: bool) -> BundleRequest:
+                  size_bytes: int | None, insecure: bool,
+                  sent_from: str | None = None) -> BundleRequest:
     """Validate a bundle pull before anything is downloaded (a catalog name is looked
     up now; plain HTTP to a remote host is refused before any connection).
 
     Raises:
-        BadRequest: a bad name, size, path or URL.
+        BadRequest: a bad name, size, path or URL; ``sent_from`` for a bundle that is
+            not a local file, or with a control character.
         NotFound: no catalog, or the name is not in it.
     """
     if name is not None:
@@ -329,7 +337,13 @@ def check_request(d: Daemon, text: str, *, kind: str, name: str | None,
         raise BadRequest(f"--size {size_bytes} bytes is out of range for a bundle",
                          hint="give 64M to 64G, e.g. --size 8G")
     source = catalog.resolve(d.cfg.catalog_url, text, kind=kind, insecure=insecure)
-    return BundleRequest(source=source, kind=kind, name=name, size_bytes=size_bytes)
+    if sent_from is not None and (source.path is None or source.name is not None):
+        raise BadRequest(f"sent_from names where a sent bundle file was read; {text!r} "
+                         "is not a file")
+    if sent_from is not None and not sent_from.isprintable():
+        raise BadRequest("sent_from has a control character")
+    return BundleRequest(source=source, kind=kind, name=name, size_bytes=size_bytes,
+                         sent_from=sent_from)
 
 
 def begin_pull(d: Daemon, req: BundleRequest) -> Operation:
@@ -408,7 +422,7 @@ def pull_image(d: Daemon, req: BundleRequest, op: Operation) -> dict[str, Any]:
         images.inject_guest_agent(d, image_dir / ROOTFS, image_dir)
         op.enter("publish")
         return images.publish(d, name, image_dir, source="bundle", recipe_hash=None,
-                              kernel_name=kernel_name, origin=f"{req.text}#sha256:{sha}")
+                              kernel_name=kernel_name, origin=f"{req.origin}#sha256:{sha}")
     except BaseException:
         if imported is not None:
             with contextlib.suppress(Exception):

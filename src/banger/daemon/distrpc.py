@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 def image_pull_begin(d: Daemon, r: ImagePullParams) -> Any:
     """``image.pull.begin``: check the request, start the pull; its operation."""
     req = imagepull.check_request(d, r.reference, name=r.name, size_bytes=r.size_bytes,
-                                  kernel_name=r.kernel, insecure=r.insecure)
+                                  kernel_name=r.kernel, insecure=r.insecure,
+                                  sent_from=r.sent_from)
     return op_view(imagepull.begin_pull(d, req))
 
 

@@ -97,15 +97,19 @@ def default_name(ref: Reference) -> str:
 
 
 def check_request(d: Daemon, text: str, *, name: str | None, size_bytes: int | None,
-                  kernel_name: str | None, insecure: bool
+                  kernel_name: str | None, insecure: bool, sent_from: str | None = None
                   ) -> PullRequest | bundles.BundleRequest:
     """Validate a pull request before anything is downloaded.
 
     ``text`` is an OCI reference, or a bundle (a ``.tar.zst`` path, a URL, a catalog
     name: :func:`oci.reference.is_oci_reference`), checked by :mod:`bundles`.
 
+    ``sent_from`` (a bundle file a remote client sent: where it read it) is recorded as
+    the image's origin.
+
     Raises:
-        BadRequest: a bad reference, name or size; ``--kernel`` with a bundle.
+        BadRequest: a bad reference, name or size; ``--kernel`` with a bundle;
+            ``sent_from`` with anything but a bundle file, or not printable.
         NotFound: ``kernel_name`` is not a registered kernel, or no kernel was named
             and the default image (whose kernel is used) does not exist; a catalog
             name that is not in the catalog.
@@ -115,7 +119,11 @@ def check_request(d: Daemon, text: str, *, name: str | None, size_bytes: int | N
             raise BadRequest("--kernel applies to OCI images; a bundle brings its own kernel",
                              hint="pull it without --kernel, then `banger image set-kernel`")
         return bundles.check_request(d, text, kind="image", name=name,
-                                     size_bytes=size_bytes, insecure=insecure)
+                                     size_bytes=size_bytes, insecure=insecure,
+                                     sent_from=sent_from)
+    if sent_from is not None:
+        raise BadRequest("sent_from names where a sent bundle file was read; "
+                         f"{text!r} is an OCI image")
     ref = parse(text)
     name = check_name(name or default_name(ref), "image")
     if size_bytes is not None and not MIN_SIZE <= size_bytes <= MAX_SIZE:

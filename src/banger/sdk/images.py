@@ -48,12 +48,14 @@ class Images(Namespace):
 
     def pull(self, reference: str, *, name: str | None = None, size_bytes: int | None = None,
              kernel: str | None = None, insecure: bool = False,
-             on_progress: Progress | None = None,
+             sent_from: str | None = None, on_progress: Progress | None = None,
              cancel: threading.Event | None = None) -> ImageView:
         """``image pull``: an OCI image or a bundle (a file, URL or catalog name), made
-        bootable and registered."""
+        bootable and registered. ``sent_from``: a bundle file sent to the daemon's
+        host, where it was read (the image's origin)."""
         op = self._c.call("image.pull.begin", reference=bundle_ref(reference), name=name,
-                          size_bytes=size_bytes, kernel=kernel, insecure=insecure)
+                          size_bytes=size_bytes, kernel=kernel, insecure=insecure,
+                          sent_from=sent_from)
         return self._wait("image.pull", op, ImageView, on_progress, cancel)
 
     def export(self, name: str, output: str | Path, *, on_progress: Progress | None = None,
