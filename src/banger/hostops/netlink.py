@@ -155,16 +155,17 @@ class IPNetwork:
         """
         iface = ipaddress.ip_interface(cidr)
         try:
-            if not link_exists(name):
+            if not link_exists(name):  # made with its MAC set: pinned already
                 self._ip("link", "add", "name", name, "address", bridge_mac(name),
                          "type", "bridge")
+            else:
+                mac = json.loads(self._ip("-j", "link", "show", "dev", name))[0]["address"]
+                self._ip("link", "set", "dev", name, "address", str(mac))
             shown = json.loads(self._ip("-j", "-4", "addr", "show", "dev", name) or "[]")
             have = {(a.get("local"), a.get("prefixlen")) for link in shown
                     for a in link.get("addr_info", [])}
             if (str(iface.ip), iface.network.prefixlen) not in have:
                 self._ip("addr", "add", str(iface.with_prefixlen), "dev", name)
-            link = json.loads(self._ip("-j", "link", "show", "dev", name))
-            self._ip("link", "set", "dev", name, "address", str(link[0]["address"]))
             self._ip("link", "set", "dev", name, "up")
         except (HostError, ValueError, AttributeError, TypeError, LookupError) as exc:
             message = exc.message if isinstance(exc, HostError) else f"unexpected ip output: {exc}"
