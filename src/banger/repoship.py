@@ -19,6 +19,7 @@ nodes), into a fresh directory of its own.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -335,14 +336,23 @@ class SentWorkspaces:
             if isinstance(data, dict) else {}
 
     def remember(self, host: str, vm_id: str, sent: WorkspaceOrigin) -> None:
-        """Record ``sent`` as VM ``vm_id``'s workspace on remote ``host``."""
-        records = self._load()
-        records.pop(f"{host}|{vm_id}", None)
-        records[f"{host}|{vm_id}"] = sent.model_dump()
-        while len(records) > MAX_SENT:
-            records.pop(next(iter(records)))
+        """Record ``sent`` as VM ``vm_id``'s workspace on remote ``host``.
+
+        Read, changed and written under a lock beside the record
+        (``sent-workspaces.json.lock``), so two prepares at once both keep theirs.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        atomic_write(self.path, json.dumps(records, indent=1).encode(), 0o600)
+        lock = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            records = self._load()
+            records.pop(f"{host}|{vm_id}", None)
+            records[f"{host}|{vm_id}"] = sent.model_dump()
+            while len(records) > MAX_SENT:
+                records.pop(next(iter(records)))
+            atomic_write(self.path, json.dumps(records, indent=1).encode(), 0o600)
+        finally:
+            os.close(lock)  # and with it the lock
 
     def recall(self, host: str, vm_id: str) -> WorkspaceOrigin | None:
         """What this machine sent as VM ``vm_id``'s workspace on ``host``, if it did."""
@@ -577,8 +587,11 @@ def unpack(name: str, stream: IO[bytes], root: Path | None = None) -> Path:
     sweep(root)
     holder = Path(tempfile.mkdtemp(prefix=PREFIX, dir=root))
     dest = holder / name
-    dest.mkdir()
+    # Held while the stream comes in, however long it takes: sweep leaves it alone.
+    busy = os.open(holder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
+        fcntl.flock(busy, fcntl.LOCK_EX)
+        dest.mkdir()
         with tarfile.open(fileobj=stream, mode="r|") as tar:
             tar.extractall(dest, filter=_repo_filter)  # noqa: S202 (the filter checks each)
         # A stream cut at a member's boundary reads as a whole (shorter) tar: the sender's
@@ -587,11 +600,14 @@ def unpack(name: str, stream: IO[bytes], root: Path | None = None) -> Path:
         if end.is_symlink() or not end.is_file():
             raise BadRequest("the stream was cut short (its sender stopped)")
         end.unlink()
+        os.utime(holder)  # STALE_S counts from the end of the send, not its start
     except (tarfile.TarError, OSError, BadRequest) as exc:
         shutil.rmtree(holder, ignore_errors=True)
         if isinstance(exc, BadRequest):
             raise
         raise BadRequest(f"the repository stream could not be unpacked: {exc}") from exc
+    finally:
+        os.close(busy)
     return dest
 
 
@@ -600,7 +616,9 @@ STALE_S = 24 * 3600.0  # a received directory older than this was left by a cras
 
 def sweep(root: Path) -> None:
     """Remove what a crashed or killed send left in ``root``: received directories
-    older than :data:`STALE_S` (a live one is dropped within the command that sent it)."""
+    whose send ended more than :data:`STALE_S` ago (a live one is dropped within the
+    command that sent it). One still being received (:func:`unpack` holds its lock)
+    stays, however old."""
     cutoff = time.time() - STALE_S
     with contextlib.suppress(OSError):
         for holder in root.iterdir():
@@ -608,7 +626,20 @@ def sweep(root: Path) -> None:
                 st = holder.lstat()
                 if holder.name.startswith(PREFIX) and stat.S_ISDIR(st.st_mode) \
                         and st.st_mtime < cutoff:
-                    shutil.rmtree(holder, ignore_errors=True)
+                    _remove_unless_busy(holder)
+
+
+def _remove_unless_busy(holder: Path) -> None:
+    """Remove the received directory ``holder`` unless a receive holds its lock."""
+    fd = os.open(holder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return
+        shutil.rmtree(holder, ignore_errors=True)
+    finally:
+        os.close(fd)
 
 
 def _repo_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:

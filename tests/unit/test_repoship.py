@@ -5,8 +5,10 @@ the tar ``receive`` unpacks, unpacked, and compared with the original by git its
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -225,6 +227,49 @@ def test_received_directories_a_crash_left_are_swept(tmp_path: Path) -> None:
     assert sorted(p.name for p in root.iterdir()) == ["repo-new"]
 
 
+def test_a_received_directory_still_coming_in_is_never_swept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    buf = io.BytesIO()
+    repoship.write_files({"rootfs": _file(tmp_path / "a.img", b"x" * (1 << 20))}, buf)
+    root = tmp_path / "received"
+    swept_during: list[list[str]] = []
+
+    class Slow(io.BytesIO):
+        """A stream that, half-way, has a second send sweep with every directory stale."""
+
+        def read(self, size: int | None = -1) -> bytes:
+            if self.tell() > 0 and not swept_during:
+                with monkeypatch.context() as m:
+                    m.setattr(repoship, "STALE_S", -3600.0)
+                    repoship.sweep(root)
+                swept_during.append([p.name for p in root.iterdir()])
+            return super().read(size)
+
+    got = repoship.unpack(repoship.FILES, Slow(buf.getvalue()), root)
+    assert swept_during and swept_during[0] == [got.parent.name]
+    assert (got / "rootfs" / "a.img").read_bytes() == b"x" * (1 << 20)
+    # Once whole, its 24 hours count from the end of the send.
+    repoship.sweep(root)
+    assert got.exists()
+    # A stale directory whose lock someone holds stays; unheld, it goes.
+    day_ago = repoship.time.time() - repoship.STALE_S - 60
+    os.utime(got.parent, (day_ago, day_ago))
+    held = os.open(got.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        repoship.sweep(root)
+        assert got.exists()
+    finally:
+        os.close(held)
+    repoship.sweep(root)
+    assert list(root.iterdir()) == []
+
+
+def _file(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
 def test_a_directory_outside_any_repository_is_refused(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     plain = tmp_path / "plain"
@@ -265,6 +310,28 @@ def test_the_fingerprint_moves_with_a_submodules_commit(tmp_path: Path) -> None:
     before = repoship.fingerprint(repoship.shipment(app))
     git(app / "vendor" / "lib", "commit", "-q", "--allow-empty", "-m", "inside")
     assert repoship.fingerprint(repoship.shipment(app)) != before
+
+
+def test_prepares_at_once_each_keep_their_record(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "r", {"a.c": "a"})
+    origin = repoship.origin(repoship.shipment(repo))
+    path = tmp_path / "state" / "sent.json"
+    start = threading.Barrier(6)
+
+    def prepare(n: int) -> None:
+        start.wait()
+        for i in range(15):
+            repoship.SentWorkspaces(path).remember("ssh://box", f"vm{n}-{i}", origin)
+
+    threads = [threading.Thread(target=prepare, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sent = repoship.SentWorkspaces(path)
+    lost = [f"vm{n}-{i}" for n in range(6) for i in range(15)
+            if sent.recall("ssh://box", f"vm{n}-{i}") is None]
+    assert lost == []
 
 
 class _App:
