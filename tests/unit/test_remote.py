@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from banger import repoship
+from banger import remotecopy
 from banger.cli import bundleout, exits
 from banger.cli.quick import remote_chosen
 from banger.contexts import Contexts, chosen_host
@@ -307,14 +307,14 @@ def _tar(members: list[tuple[str, bytes]], link: tuple[str, str] | None = None
             info = tarfile.TarInfo(link[0])
             info.type, info.linkname = tarfile.SYMTYPE, link[1]
             tar.addfile(info)
-        tar.addfile(tarfile.TarInfo(repoship.COMPLETE), io.BytesIO(b""))  # the sender's end
+        tar.addfile(tarfile.TarInfo(remotecopy.COMPLETE), io.BytesIO(b""))  # the sender's end
     buf.seek(0)
     return buf
 
 
 def test_a_received_repository_is_unpacked_as_untrusted_data(tmp_path: Path) -> None:
     root = tmp_path / "received"
-    got = repoship.unpack("repo", _tar([("README", b"hi"), (".git/HEAD", b"ref")]), root)
+    got = remotecopy.unpack("repo", _tar([("README", b"hi"), (".git/HEAD", b"ref")]), root)
     assert got.name == "repo" and got.parent.parent == root
     assert (got / "README").read_bytes() == b"hi"
     escape = _tar([], link=("escape", str(tmp_path)))
@@ -327,28 +327,28 @@ def test_a_received_repository_is_unpacked_as_untrusted_data(tmp_path: Path) -> 
         info = tarfile.TarInfo("escape/evil")
         info.size = 1
         tar.addfile(info, io.BytesIO(b"x"))
-        tar.addfile(tarfile.TarInfo(repoship.COMPLETE), io.BytesIO(b""))
+        tar.addfile(tarfile.TarInfo(remotecopy.COMPLETE), io.BytesIO(b""))
     through.seek(0)
     for bad in (_tar([("../evil", b"x")]), through):
         with pytest.raises(BadRequest, match="could not be unpacked"):
-            repoship.unpack("repo", bad, root)
+            remotecopy.unpack("repo", bad, root)
     assert not (tmp_path / "evil").exists()
     assert [p for p in root.iterdir()] == [got.parent]  # the refused ones left nothing
-    inside = repoship.unpack("abs", _tar([("/etc/evil", b"x")]), root)
+    inside = remotecopy.unpack("abs", _tar([("/etc/evil", b"x")]), root)
     assert (inside / "etc" / "evil").read_bytes() == b"x"  # made relative: stays inside
-    repoship.remove(str(inside), root)
+    remotecopy.remove(str(inside), root)
     # A repository's own symlinks may point anywhere: they are kept as they are.
-    linked = repoship.unpack("links", _tar([], link=("bin", "/usr/bin")), root)
+    linked = remotecopy.unpack("links", _tar([], link=("bin", "/usr/bin")), root)
     assert os.readlink(linked / "bin") == "/usr/bin"
-    repoship.remove(str(linked), root)
+    remotecopy.remove(str(linked), root)
     for name in ("..", "a/b", "", "x" * 101):
         with pytest.raises(BadRequest, match="not a repository directory name"):
-            repoship.unpack(name, _tar([]), root)
+            remotecopy.unpack(name, _tar([]), root)
     with pytest.raises(BadRequest, match="not a repository banger received"):
-        repoship.remove(str(tmp_path), root)
+        remotecopy.remove(str(tmp_path), root)
     with pytest.raises(BadRequest):
-        repoship.remove(str(root / "repo-x" / "repo"), root)  # no such holder
-    repoship.remove(str(got), root)
+        remotecopy.remove(str(root / "repo-x" / "repo"), root)  # no such holder
+    remotecopy.remove(str(got), root)
     assert list(root.iterdir()) == []
 
 

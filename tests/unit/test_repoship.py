@@ -5,16 +5,14 @@ the tar ``receive`` unpacks, unpacked, and compared with the original by git its
 
 from __future__ import annotations
 
-import fcntl
 import io
-import os
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from banger import repoship
+from banger import remotecopy, repoship
 from banger.cli.workspace import resync_source
 from banger.errors import BadRequest
 from tests.gitenv import git, isolate_git
@@ -44,7 +42,7 @@ def shipped(top: Path, root: Path) -> Path:
     buf = io.BytesIO()
     repoship.write_tar(repoship.shipment(top), buf)
     buf.seek(0)
-    return repoship.unpack(top.name, buf, root)
+    return remotecopy.unpack(top.name, buf, root)
 
 
 def state(top: Path) -> dict[str, str]:
@@ -206,68 +204,13 @@ def test_a_stream_cut_short_is_refused_and_leaves_nothing(tmp_path: Path) -> Non
     repoship.write_tar(repoship.shipment(repo), buf)
     data = buf.getvalue()
     root = tmp_path / "received"
-    marker = data.rindex(repoship.COMPLETE.encode()) // 512 * 512  # the last header
+    marker = data.rindex(remotecopy.COMPLETE.encode()) // 512 * 512  # the last header
     for cut in (512, 1024, marker // 2, marker):  # at member boundaries, and inside one
         with pytest.raises(BadRequest, match=r"cut short|could not be unpacked"):
-            repoship.unpack("r", io.BytesIO(data[:cut]), root)
+            remotecopy.unpack("r", io.BytesIO(data[:cut]), root)
         assert list(root.iterdir()) == []
-    whole = repoship.unpack("r", io.BytesIO(data), root)
-    assert not (whole / repoship.COMPLETE).exists()  # the marker is not the repository's
-
-
-def test_received_directories_a_crash_left_are_swept(tmp_path: Path) -> None:
-    root = tmp_path / "received"
-    root.mkdir()
-    old, new = root / "repo-old", root / "repo-new"
-    for d in (old, new):
-        d.mkdir()
-    day_ago = repoship.time.time() - repoship.STALE_S - 60
-    os.utime(old, (day_ago, day_ago))
-    repoship.sweep(root)
-    assert sorted(p.name for p in root.iterdir()) == ["repo-new"]
-
-
-def test_a_received_directory_still_coming_in_is_never_swept(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    buf = io.BytesIO()
-    repoship.write_files({"rootfs": _file(tmp_path / "a.img", b"x" * (1 << 20))}, buf)
-    root = tmp_path / "received"
-    swept_during: list[list[str]] = []
-
-    class Slow(io.BytesIO):
-        """A stream that, half-way, has a second send sweep with every directory stale."""
-
-        def read(self, size: int | None = -1) -> bytes:
-            if self.tell() > 0 and not swept_during:
-                with monkeypatch.context() as m:
-                    m.setattr(repoship, "STALE_S", -3600.0)
-                    repoship.sweep(root)
-                swept_during.append([p.name for p in root.iterdir()])
-            return super().read(size)
-
-    got = repoship.unpack(repoship.FILES, Slow(buf.getvalue()), root)
-    assert swept_during and swept_during[0] == [got.parent.name]
-    assert (got / "rootfs" / "a.img").read_bytes() == b"x" * (1 << 20)
-    # Once whole, its 24 hours count from the end of the send.
-    repoship.sweep(root)
-    assert got.exists()
-    # A stale directory whose lock someone holds stays; unheld, it goes.
-    day_ago = repoship.time.time() - repoship.STALE_S - 60
-    os.utime(got.parent, (day_ago, day_ago))
-    held = os.open(got.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(held, fcntl.LOCK_EX)
-        repoship.sweep(root)
-        assert got.exists()
-    finally:
-        os.close(held)
-    repoship.sweep(root)
-    assert list(root.iterdir()) == []
-
-
-def _file(path: Path, data: bytes) -> Path:
-    path.write_bytes(data)
-    return path
+    whole = remotecopy.unpack("r", io.BytesIO(data), root)
+    assert not (whole / remotecopy.COMPLETE).exists()  # the marker is not the repository's
 
 
 def test_a_directory_outside_any_repository_is_refused(tmp_path: Path,
@@ -384,41 +327,6 @@ def test_auto_prepare_over_a_remote_host_trusts_only_this_machines_record(
     assert source({**fresh, "origin": gone.model_dump()}) == tmp_path / "gone"
 
 
-# ----------------------------------------------------------- image and kernel files
-
-
-def test_files_go_as_key_and_name_and_arrive_whole(tmp_path: Path) -> None:
-    kernel = tmp_path / "vmlinuz"
-    kernel.write_bytes(b"K" * 5000)
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "vmlinuz").write_bytes(b"second file of the same name")
-    buf = io.BytesIO()
-    counted: list[int] = []
-    repoship.write_files({"kernel0": kernel, "kernel1": other / "vmlinuz"}, buf, counted.append)
-    assert sum(counted) == 5000 + len(b"second file of the same name")
-    buf.seek(0)
-    got = repoship.unpack(repoship.FILES, buf, tmp_path / "received")
-    assert (got / "kernel0" / "vmlinuz").read_bytes() == b"K" * 5000
-    assert (got / "kernel1" / "vmlinuz").read_bytes() == b"second file of the same name"
-    with pytest.raises(BadRequest, match="not a regular file"):
-        repoship.write_files({"dir": other}, io.BytesIO())
-    # A symlink (/boot/vmlinuz is one) goes as the file it names.
-    (tmp_path / "link").symlink_to(kernel)
-    buf = io.BytesIO()
-    repoship.write_files({"kernel": tmp_path / "link"}, buf)
-    buf.seek(0)
-    got = repoship.unpack(repoship.FILES, buf, tmp_path / "received")
-    assert (got / "kernel" / "link").read_bytes() == b"K" * 5000
-
-
-def test_a_file_that_cannot_be_sent_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(BadRequest, match=r"cannot send .*nope: No such file"):
-        repoship.send_files(None, {"kernel0": tmp_path / "nope"})  # type: ignore[arg-type]
-    with pytest.raises(BadRequest, match="not a file key"):
-        repoship.send_files(None, {"../x": tmp_path})  # type: ignore[arg-type]
-
-
 def test_a_lock_file_is_data_in_the_work_tree_and_scratch_in_git(tmp_path: Path) -> None:
     repo = make_repo(tmp_path / "r", {"Cargo.lock": "deps\n", "sub/yarn.lock": "deps\n"})
     (repo / ".git" / "index.lock").write_text("a git running here")
@@ -426,6 +334,6 @@ def test_a_lock_file_is_data_in_the_work_tree_and_scratch_in_git(tmp_path: Path)
     assert (got / "Cargo.lock").read_text() == "deps\n"
     assert (got / "sub" / "yarn.lock").read_text() == "deps\n"
     assert not (got / ".git" / "index.lock").exists()
-    (repo / repoship.COMPLETE).write_text("mine")
+    (repo / remotecopy.COMPLETE).write_text("mine")
     with pytest.raises(BadRequest, match="the name banger's stream ends with"):
         repoship.shipment(repo)

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import click
 
-from banger import repoship
+from banger import remotecopy
 from banger.api import Model, OpView
 from banger.cli import output
 from banger.client import Client as RPCClient
@@ -141,7 +141,7 @@ class App:
         """Where the daemon reads each of ``files`` (files on this machine, by key; None
         for one not given): here, the files themselves; with a remote daemon, copies sent
         to its host over the command's SSH connection for the body's length
-        (:func:`banger.repoship.send_files`), removed there after.
+        (:func:`banger.remotecopy.send_files`), removed there after.
 
         Raises:
             BadRequest: the remote daemon would not read them (another user's daemon),
@@ -154,11 +154,11 @@ class App:
             return
         link = self.link()
         link.check_sends_to_own_daemon()
-        there, sent = repoship.send_files(link, given)
+        there, sent = remotecopy.send_files(link, given)
         try:
             yield {key: sent.get(key) for key in files}
         finally:
-            repoship.drop(link, there)
+            remotecopy.drop(link, there)
 
     def on_this_machine(self, what: str) -> None:
         """Refuse ``what``, which acts on this machine itself, when a remote host is chosen

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from banger import repoship
+from banger import remotecopy
 from banger.cli import exits
 from banger.cli.app import App, follow, wire
 from banger.errors import BadRequest, BangerError, DaemonUnavailable, HostError
@@ -49,7 +49,7 @@ def to_stdout(app: App, name: str) -> dict[str, Any]:
     exits.claim_stdout()
     if app.remote is not None:
         return from_remote(app, name, None)
-    root = repoship.receive_root()
+    root = remotecopy.receive_root()
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     with tempfile.TemporaryDirectory(prefix="export-", dir=root) as tmp:
         path = Path(tmp) / f"{name}.tar.zst"
@@ -78,7 +78,7 @@ def from_remote(app: App, name: str, out_file: Path | None) -> dict[str, Any]:
     link = app.link()
     link.check_sends_to_own_daemon()  # it writes into this login's directory first
     digest = hashlib.sha256()
-    progress = repoship.ByteProgress("received")
+    progress = remotecopy.ByteProgress("received")
 
     def arrived(data: bytes) -> None:
         digest.update(data)

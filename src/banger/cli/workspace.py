@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from banger import repoship
+from banger import remotecopy, repoship
 from banger.cli import output
 from banger.cli.app import App, follow, json_option, pass_app
 from banger.cli.complete import vm_names
@@ -79,7 +79,7 @@ def prepare_from(app: App, client: Client, name: str, repo: Path, **kw: Any) -> 
     try:
         return follow(app, client.workspace.prepare, name, there, origin=origin, **kw)
     finally:
-        repoship.drop(link, there)
+        remotecopy.drop(link, there)
 
 
 def resync_source(app: App, st: dict[str, Any],
@@ -125,9 +125,9 @@ def workspace_receive(name: str, drop: bool) -> None:
     """Unpack a repository sent by `banger --host` on another machine (a tar on stdin)
     below this user's cache dir; print where, as JSON."""
     if drop:
-        repoship.remove(name)
+        remotecopy.remove(name)
         return
-    click.echo(json.dumps({"path": str(repoship.unpack(name, sys.stdin.buffer))}))
+    click.echo(json.dumps({"path": str(remotecopy.unpack(name, sys.stdin.buffer))}))
 
 
 def prepared_text(res: dict[str, Any]) -> str:
