@@ -16,6 +16,7 @@ cut short is refused: its last member (:data:`COMPLETE`) says it is whole.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import io
 import json
@@ -112,7 +113,7 @@ def send_files(link: SSHLink, files: dict[str, Path]) -> tuple[str, dict[str, st
         if not _KEY.fullmatch(key):
             raise BadRequest(f"{key!r} is not a file key")
     try:
-        total = sum(path.stat().st_size for path in files.values())
+        total = sum(sent_bytes(path) for path in files.values())
     except OSError as exc:
         raise BadRequest(f"cannot send {exc.filename}: {exc.strerror or exc}") from exc
     names = ", ".join(path.name for path in files.values())
@@ -141,8 +142,76 @@ def write_files(files: dict[str, Path], out: IO[bytes],
                     raise BadRequest(f"{path} is not a regular file")
                 info.uid = info.gid = 0
                 info.uname = info.gname = ""
-                tar.addfile(info, _Counting(fh, report))
+                runs = data_runs(fh.fileno(), info.size)
+                if runs is None:
+                    tar.addfile(info, _Counting(fh, report))
+                else:
+                    _add_sparse(tar, info, fh, runs, report)
         add_bytes(tar, COMPLETE, b"")
+
+
+SPARSE_MAX_RUNS = 1 << 16  # a file in more pieces than this goes whole (its map is large)
+USTAR_MAX_SIZE = 8 ** 11 - 1  # past this a member needs pax's "size", which the map can't share
+
+
+def data_runs(fd: int, size: int) -> list[tuple[int, int]] | None:
+    """The ``(offset, length)`` runs of data, in order, of the first ``size`` bytes of
+    the file open on ``fd``, when it has holes to leave out (a sparse disk image);
+    None when it has none, or they cannot be found (it then goes whole)."""
+    if os.fstat(fd).st_blocks * 512 >= size:
+        return None
+    runs: list[tuple[int, int]] = []
+    pos = 0
+    try:
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # a hole to the end
+                    break
+                raise
+            if start >= size:
+                break
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            runs.append((start, end - start))
+            if len(runs) > SPARSE_MAX_RUNS:
+                return None
+            pos = end
+    except OSError:  # no SEEK_DATA here (EINVAL): the file goes whole
+        return None
+    finally:
+        os.lseek(fd, 0, os.SEEK_SET)
+    return runs
+
+
+def sent_bytes(path: Path) -> int:
+    """How many bytes of ``path``'s data :func:`write_files` sends (holes left out)."""
+    with path.open("rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        runs = data_runs(fh.fileno(), size)
+    return size if runs is None else sum(n for _, n in runs)
+
+
+def _add_sparse(tar: tarfile.TarFile, info: tarfile.TarInfo, fh: IO[bytes],
+                runs: list[tuple[int, int]], report: Callable[[int], None]) -> None:
+    """Add ``info`` to ``tar`` with only ``runs`` of ``fh``'s data, as a GNU sparse
+    file (pax format 1.0: a map of the runs, then their data), which ``tarfile`` and
+    GNU tar unpack with the holes in place. One too large for that goes whole."""
+    if not runs or sum(runs[-1]) < info.size:
+        runs = [*runs, (info.size, 0)]  # the map's last entry says where the file ends
+    head = "".join(f"{v}\n" for v in (len(runs), *(x for run in runs for x in run))).encode()
+    head += bytes(-len(head) % tarfile.BLOCKSIZE)
+    stored = len(head) + sum(n for _, n in runs)
+    if stored > USTAR_MAX_SIZE:
+        tar.addfile(info, _Counting(fh, report))
+        return
+    parent, _, name = info.name.rpartition("/")
+    held = info.replace(name=f"{parent}/GNUSparseFile.0/{name}", deep=False)
+    held.size = stored
+    # "path" first: the reader applies these in order, and the real name must win.
+    held.pax_headers = {"path": held.name, "GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+                        "GNU.sparse.name": info.name, "GNU.sparse.realsize": str(info.size)}
+    tar.addfile(held, _Runs(head, fh, runs, report))
 
 
 class ByteProgress:
@@ -174,6 +243,40 @@ class _Counting(io.RawIOBase):
         data = self._fh.read(size)
         self._report(len(data))
         return data
+
+
+class _Runs(io.RawIOBase):
+    """``head``, then the data of ``runs`` of ``fh`` one after another; the data's bytes
+    counted to ``report``. Every read is whole until the end (``tarfile`` wants that); a
+    file that shrank meanwhile ends early, which ``tarfile`` refuses."""
+
+    def __init__(self, head: bytes, fh: IO[bytes], runs: list[tuple[int, int]],
+                 report: Callable[[int], None]) -> None:
+        self._head, self._fh, self._runs, self._report = head, fh, iter(runs), report
+        self._left = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        size = size if size > 0 else 1 << 20
+        out = bytearray(self._head[:size])
+        self._head = self._head[len(out):]
+        while len(out) < size:
+            if self._left == 0:
+                run = next(self._runs, None)
+                if run is None:
+                    break
+                self._fh.seek(run[0])
+                self._left = run[1]
+                continue
+            data = self._fh.read(min(size - len(out), self._left))
+            if not data:
+                break
+            self._left -= len(data)
+            self._report(len(data))
+            out += data
+        return bytes(out)
 
 
 def drop(link: SSHLink, path: str) -> None:

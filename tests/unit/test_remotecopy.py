@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import io
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,54 @@ def test_a_file_that_cannot_be_sent_is_a_clear_error(tmp_path: Path) -> None:
         remotecopy.send_files(None, {"kernel0": tmp_path / "nope"})  # type: ignore[arg-type]
     with pytest.raises(BadRequest, match="not a file key"):
         remotecopy.send_files(None, {"../x": tmp_path})  # type: ignore[arg-type]
+
+
+def _sparse(path: Path, size: int, pieces: dict[int, bytes]) -> Path:
+    with path.open("wb") as f:
+        f.truncate(size)
+        for offset, data in pieces.items():
+            f.seek(offset)
+            f.write(data)
+    return path
+
+
+@pytest.mark.parametrize("pieces", [
+    {1 << 20: b"a" * 4096, 40 << 20: b"b" * 8192},  # holes around and between
+    {0: b"head", (64 << 20) - 5: b"tail!"},  # data at both ends
+    {},  # all hole
+])
+def test_a_sparse_file_goes_as_its_data_and_arrives_with_its_holes(
+        tmp_path: Path, pieces: dict[int, bytes]) -> None:
+    image = _sparse(tmp_path / "rootfs.ext4", 64 << 20, pieces)
+    if os.stat(image).st_blocks * 512 >= 64 << 20:
+        pytest.skip(f"{tmp_path} keeps no holes")
+    runs = remotecopy.data_runs(os.open(image, os.O_RDONLY), 64 << 20)
+    assert runs is not None and len(runs) == len(pieces)
+    buf = io.BytesIO()
+    counted: list[int] = []
+    remotecopy.write_files({"rootfs": image}, buf, counted.append)
+    data_bytes = sum(n for _, n in runs)
+    assert sum(counted) == data_bytes == remotecopy.sent_bytes(image)
+    assert len(buf.getvalue()) < data_bytes + 16 * 1024  # the holes did not travel
+    buf.seek(0)
+    got = remotecopy.unpack(remotecopy.FILES, buf, tmp_path / "received") / "rootfs" / image.name
+    assert got.read_bytes() == image.read_bytes()
+    assert os.stat(got).st_blocks * 512 <= data_bytes + 64 * 1024  # holes again
+    # GNU tar reads the same stream as the same file.
+    out = tmp_path / "gnu"
+    out.mkdir()
+    subprocess.run(["tar", "-C", str(out), "-xf", "-"], input=buf.getvalue(), check=True)
+    assert (out / "rootfs" / image.name).read_bytes() == image.read_bytes()
+    assert sorted(p.name for p in (out / "rootfs").iterdir()) == [image.name]
+
+
+def test_a_file_without_holes_goes_whole(tmp_path: Path) -> None:
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(os.urandom(100_000))
+    assert remotecopy.data_runs(os.open(kernel, os.O_RDONLY), 100_000) is None
+    buf = io.BytesIO()
+    remotecopy.write_files({"kernel": kernel}, buf)
+    assert b"GNU.sparse" not in buf.getvalue()
+    buf.seek(0)
+    got = remotecopy.unpack(remotecopy.FILES, buf, tmp_path / "received")
+    assert (got / "kernel" / "vmlinuz").read_bytes() == kernel.read_bytes()
