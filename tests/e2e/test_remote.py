@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import secrets
 import shutil
 import socket
@@ -237,6 +239,19 @@ def test_image_and_kernel_files_travel_over_the_connection(
     assert shown["origin"] == f"{socket.gethostname()}:{bundle}#sha256:{digest}"
     received = remote.home.parent / "cache" / "banger" / "received"
     assert list(received.iterdir()) == []  # what was sent went once the daemon had it
+
+    # A sparse root file system goes as its data only and arrives as the same file.
+    rootfs = remote.home / "rootfs.ext4"
+    subprocess.run(["cp", "--sparse=always", str(test_image.rootfs), str(rootfs)], check=True)
+    data_mb = os.stat(rootfs).st_blocks * 512 / 1e6
+    registered = remote.banger("--host", url, "image", "register", "--name", "rreg",
+                               "--rootfs", str(rootfs), "--kernel-name", "rk", timeout=900)
+    assert registered.returncode == 0, registered.stderr
+    sent_mb = float(re.search(r"sending rootfs\.ext4 \(([0-9.]+) MB\)",
+                              registered.stderr).group(1))  # type: ignore[union-attr]
+    assert sent_mb <= data_mb + 1 and sent_mb < rootfs.stat().st_size / 1e6 / 1.5
+    assert host.json("image", "show", "rreg")["kernel_name"] == "rk"
+    assert list(received.iterdir()) == []
 
     # A file that is not there is a clear error before anything is sent (the flag takes
     # any path: the daemon's own error names it when local).
