@@ -405,15 +405,31 @@ def top_of(repo: Path) -> Path:
 def send(link: SSHLink, ship: Shipment) -> str:
     """Send ``ship`` (:func:`shipment`) to the remote host; the directory it is in there.
 
+    A file that went away while it was sent (deleted meanwhile, or git packing its
+    objects) ends that send, which the remote end refuses as cut short; the work tree
+    is then listed and sent once more, as it is now.
+
     Raises:
-        BadRequest: a file could not be read.
+        BadRequest: a file could not be read (or went away in both sends).
         HostError: the remote end failed to take it.
     """
+    try:
+        return _send_once(link, ship)
+    except BadRequest as exc:
+        gone = exc.__cause__
+        if not isinstance(gone, FileNotFoundError):
+            raise
+        print(f"{gone.filename or 'a file'} went away while it was sent", file=sys.stderr)
+    return _send_once(link, shipment(ship.top), again=True)
+
+
+def _send_once(link: SSHLink, ship: Shipment, *, again: bool = False) -> str:
     top = ship.top
-    print(f"sending {top} ({ship.files} files and its git data) to {link.target}",
-          file=sys.stderr)
+    files = f"{ship.files} file" + ("" if ship.files == 1 else "s")
+    print(f"sending {top} ({files} and its git data) to {link.target}"
+          + (" again" if again else ""), file=sys.stderr)
     name = re.sub(r"[^A-Za-z0-9._-]", "-", top.name).strip(".") or "repo"
     return DaemonPath(stream(link, name[:100], lambda out: write_tar(ship, out),
-                              what=str(top)))
+                             what=str(top)))
 
 

@@ -6,7 +6,10 @@ the tar ``receive`` unpacks, unpacked, and compared with the original by git its
 from __future__ import annotations
 
 import io
+import json
+import subprocess
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,7 @@ import pytest
 from banger import remotecopy, repoship
 from banger.cli.workspace import resync_source
 from banger.errors import BadRequest
+from banger.remote import SSHLink, SSHTarget
 from tests.gitenv import git, isolate_git
 
 
@@ -211,6 +215,53 @@ def test_a_stream_cut_short_is_refused_and_leaves_nothing(tmp_path: Path) -> Non
         assert list(root.iterdir()) == []
     whole = remotecopy.unpack("r", io.BytesIO(data), root)
     assert not (whole / remotecopy.COMPLETE).exists()  # the marker is not the repository's
+
+
+def _receiving_here(monkeypatch: pytest.MonkeyPatch, root: Path,
+                    before_each: Callable[[int], None]) -> list[str]:
+    """``remotecopy``'s ssh run, played here: ``before_each(n)`` runs, then the stream
+    is written into ``unpack`` (the remote's ``receive``) under ``root``. The results,
+    one per send: the path, or the writer's error."""
+    sends: list[str] = []
+
+    def run_bounded(argv: list[str], *, timeout: float, input: Any, limit: int) -> Any:
+        before_each(len(sends))
+        buf = io.BytesIO()
+        try:
+            input(buf)
+        except OSError as exc:
+            sends.append(f"failed: {exc}")
+            with pytest.raises(BadRequest, match=r"cut short|could not be unpacked"):
+                remotecopy.unpack("r", io.BytesIO(buf.getvalue()), root)  # what it got
+            raise
+        got = remotecopy.unpack("r", io.BytesIO(buf.getvalue()), root)
+        sends.append(str(got))
+        return subprocess.CompletedProcess(argv, 0, json.dumps({"path": str(got)}).encode(), b"")
+
+    monkeypatch.setattr(remotecopy, "run_bounded", run_bounded)
+    return sends
+
+
+def test_a_file_that_goes_away_mid_send_sends_the_tree_again_as_it_is_now(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = make_repo(tmp_path / "r", {"keep.c": "k", "gone.c": "g"})
+    ship = repoship.shipment(repo)
+    link = SSHLink(SSHTarget("box"))
+    sends = _receiving_here(monkeypatch, tmp_path / "received",
+                            lambda n: (repo / "gone.c").unlink(missing_ok=True))
+    there = Path(repoship.send(link, ship))
+    assert len(sends) == 2 and sends[0].startswith("failed:") and "gone.c" in sends[0]
+    assert sorted(p.name for p in there.iterdir()) == [".git", "keep.c"]
+    git(there, "fsck", "--no-progress")
+    # A file gone in the second send too: a clear error, and nothing left received.
+    for n in (0, 1):
+        (repo / f"{n}.c").write_text(str(n))
+    sends = _receiving_here(monkeypatch, tmp_path / "received2",
+                            lambda n: (repo / f"{n}.c").unlink())
+    with pytest.raises(BadRequest, match=r"cannot send .*1\.c") as err:
+        repoship.send(link, repoship.shipment(repo))
+    assert err.value.hint and "try again" in err.value.hint
+    assert len(sends) == 2 and list((tmp_path / "received2").iterdir()) == []
 
 
 def test_a_directory_outside_any_repository_is_refused(tmp_path: Path,
