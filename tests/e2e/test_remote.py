@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from banger.protocol import __version__
+from tests.bundlefiles import build_bundle
 from tests.e2e.conftest import BIN, IMAGE, CachedImage, Host
 
 SSHD = Path("/usr/sbin/sshd")
@@ -239,6 +240,16 @@ def test_image_and_kernel_files_travel_over_the_connection(
     assert shown["origin"] == f"{socket.gethostname()}:{bundle}#sha256:{digest}"
     received = remote.home.parent / "cache" / "banger" / "received"
     assert list(received.iterdir()) == []  # what was sent went once the daemon had it
+
+    # So does a kernel bundle's: `kernel pull FILE` records where this machine read it.
+    kbundle = build_bundle(remote.home / "k.tar.zst", {"bzImage": kernel.read_bytes()},
+                           kind="kernel", manifest={"name": "rkb"})
+    kpulled = remote.banger("--host", url, "kernel", "pull", str(kbundle), timeout=600)
+    assert kpulled.returncode == 0, kpulled.stderr
+    ksha = hashlib.sha256(kbundle.read_bytes()).hexdigest()
+    assert host.json("kernel", "show", "rkb")["origin"] == \
+        f"{socket.gethostname()}:{kbundle}#sha256:{ksha}"
+    assert list(received.iterdir()) == []
 
     # A sparse root file system goes as its data only and arrives as the same file.
     rootfs = remote.home / "rootfs.ext4"

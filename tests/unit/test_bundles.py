@@ -31,6 +31,7 @@ from banger.daemon.oci.fixups import Fixups
 from banger.daemon.opstate import Operation
 from banger.daemon.store import ImageRecord
 from banger.errors import AlreadyExists, BadRequest, BangerError, NotFound
+from tests.bundlefiles import build_bundle
 from tests.conftest import FakeWorld
 from tests.unit.test_registry import bzimage
 
@@ -238,6 +239,7 @@ def test_export_of_a_registry_kernel_image_imports_or_reuses_it(
     kernels.remove(daemon, "qk")
     img = pull(daemon, str(out))  # absent: imported from the bundle
     assert img["kernel_name"] == "qk" and kernels.show(daemon, "qk")["source"] == "bundle"
+    assert kernels.show(daemon, "qk")["origin"] == img["origin"]  # the image bundle's
     images.delete(daemon, "withk")
     kernels.remove(daemon, "qk")
     kernels.import_files(daemon, "qk", [str(bzimage(tmp_path / "other", "6.1.1-x"))], None)
@@ -263,38 +265,6 @@ def test_a_failed_export_leaves_no_file(daemon: Daemon, tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------ refusals
-
-
-def build_bundle(path: Path, files: dict[str, bytes], *, kind: str = "image",
-                 manifest: dict[str, Any] | None = None,
-                 members: list[tuple[str, bytes | tarfile.TarInfo]] | None = None,
-                 manifest_first: bool = True, pad_manifest: int = 0) -> Path:
-    """A bundle of ``files`` with a correct manifest, unless told otherwise:
-    ``manifest`` entries override it, ``members`` replace the tar's members."""
-    doc: dict[str, Any] = {
-        "format": bundles.FORMAT, "kind": kind, "name": "evil", "arch": "x86_64",
-        "created_at": "2026-01-01T00:00:00+00:00",
-        "members": {n: {"size": len(b), "sha256": hashlib.sha256(b).hexdigest()}
-                    for n, b in files.items()},
-        "kernel": {"name": None, "version": None},
-    }
-    doc.update(manifest or {})
-    text = json.dumps(doc).encode() + b" " * pad_manifest
-    entries: list[tuple[str, bytes | tarfile.TarInfo]] = members if members is not None \
-        else list(files.items())
-    entries = [("manifest.json", text), *entries] if manifest_first \
-        else [*entries, ("manifest.json", text)]
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in entries:
-            if isinstance(data, tarfile.TarInfo):
-                tar.addfile(data)
-                continue
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    path.write_bytes(zstandard.ZstdCompressor().compress(buf.getvalue()))
-    return path
 
 
 @pytest.fixture
@@ -461,6 +431,9 @@ def test_kernel_pull_from_a_catalog(daemon: Daemon, tmp_path: Path,
                                 size_bytes=None, insecure=False)
     k = finished(bundles.begin_pull(daemon, req))
     assert k["name"] == "cat-kernel" and k["version"] == "6.1.42-cat"
+    sha = hashlib.sha256(bundle.read_bytes()).hexdigest()
+    assert k["origin"] == f"{base}/k.tar.zst#sha256:{sha}"
+    assert kernels.show(daemon, "cat-kernel")["origin"] == k["origin"]  # kept in the store
     assert Path(k["bzimage"]).read_bytes() == kernel
     assert Path(k["bzimage"]).stat().st_mode & 0o777 == 0o644  # the VMM user reads it
     assert Path(k["initrd"]).read_bytes() == b"rd"
@@ -472,6 +445,16 @@ def test_kernel_pull_from_a_catalog(daemon: Daemon, tmp_path: Path,
                                   size_bytes=None, insecure=False)
     with pytest.raises(AlreadyExists):  # --name: refused before anything is fetched
         bundles.begin_pull(daemon, named)
+    # a kernel bundle file a remote client sent: the origin is where that client read it
+    kernels.remove(daemon, "cat-kernel")
+    sent = bundles.check_request(daemon, str(bundle), kind="kernel", name=None, size_bytes=None,
+                                 insecure=False, sent_from="laptop:/home/u/k.tar.zst")
+    assert finished(bundles.begin_pull(daemon, sent))["origin"] == \
+        f"laptop:/home/u/k.tar.zst#sha256:{sha}"
+    with pytest.raises(BadRequest, match="sent_from"):  # only for a bundle file
+        bundles.check_request(daemon, "cat-kernel", kind="kernel", name="x", size_bytes=None,
+                              insecure=False, sent_from="laptop:/k.tar.zst")
+    assert kernels.import_files(daemon, "plain", [str(tmp_path / "bz")], None)["origin"] is None
     # a kernel bundle with a junk "kernel" is refused by the registry's own checks
     build_bundle(root / "junk.tar.zst", {"bzImage": b"junk"}, kind="kernel")
     bad = bundles.check_request(daemon, f"{base}/junk.tar.zst", kind="kernel", name="junk",

@@ -18,7 +18,7 @@ from banger.daemon import store as store_mod
 from banger.daemon.dmsnap import CopyCow, sparse_copy
 from banger.daemon.network import TapPool, allocate_ip, mac_for_ip
 from banger.daemon.opstate import Operation, Registry
-from banger.daemon.store import ImageRecord, Store, VMRecord, now
+from banger.daemon.store import ImageRecord, KernelRecord, Store, VMRecord, now
 from banger.daemon.vmruntime import VMRuntime
 from banger.errors import (
     AlreadyExists,
@@ -52,6 +52,27 @@ def test_store_migrates_once_and_records_versions(tmp_path: Path) -> None:
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     rows = conn.execute("SELECT version FROM schema_migrations").fetchall()
     assert [r[0] for r in rows] == [v for v, _, _ in store_mod.MIGRATIONS]
+
+
+def test_kernels_of_an_older_store_gain_an_empty_origin(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = tmp_path / "b.db"
+    with monkeypatch.context() as m:
+        m.setattr(store_mod, "MIGRATIONS", [x for x in store_mod.MIGRATIONS if x[0] < 9])
+        old = Store(db)
+        old.close()
+    conn = sqlite3.connect(db)
+    conn.execute("INSERT INTO kernels VALUES ('k', NULL, '/k/bzImage', NULL, '[\"qemu\"]', "
+                 "'6.1', 'imported', 10, ?)", (now().isoformat(),))
+    conn.commit()
+    conn.close()
+    s = Store(db)  # migration 9 runs
+    assert s.get_kernel("k").origin is None
+    s.add_kernel(KernelRecord(name="p", vmlinux=None, bzimage="/p/bzImage", initrd=None,
+                              vmms=("qemu",), version="6.1", source="bundle", size_bytes=1,
+                              created_at=now(), origin="https://x/k.tar.zst#sha256:ab"))
+    assert s.get_kernel("p").origin == "https://x/k.tar.zst#sha256:ab"
+    s.close()
 
 
 def test_failed_migration_rolls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -47,12 +47,12 @@ from banger.daemon.store import ImageRecord, now
 from banger.errors import BadRequest, BadVersion, Cancelled, NotFound
 from banger.sdk import Client, Patch
 from banger.sdk.client import Cancel
+from tests.bundlefiles import build_bundle
 from tests.conftest import FakeWorld
 from tests.fakes import RPCSocket, ssh_until_cancelled
 from tests.unit.test_api_methods import ListeningGuest
 from tests.unit.test_bundles import (
     add_image,
-    build_bundle,
     entry,
     make_ext4,
     set_catalog,
@@ -255,6 +255,10 @@ def test_kernels_and_the_catalog(sdk: Client, daemon: Daemon, tmp_path: Path) ->
     pulled = sdk.kernels.pull(str(kbundle), on_progress=lambda v: stages.append(v.kind))
     assert (pulled.name, pulled.version, set(stages)) == ("cat-kernel", "6.1.8-cat",
                                                          {"kernel.pull"})
+    assert pulled.origin is not None and pulled.origin.startswith(f"{kbundle}#sha256:")
+    assert sdk.kernels.remove("cat-kernel") == {"deleted": "cat-kernel"}
+    sent = sdk.kernels.pull(str(kbundle), sent_from="laptop:/k.tar.zst")
+    assert sent.origin is not None and sent.origin.startswith("laptop:/k.tar.zst#sha256:")
     assert sdk.kernels.remove("cat-kernel") == {"deleted": "cat-kernel"}
     assert [k.name for k in sdk.kernels.list()] == ["k1"]
 

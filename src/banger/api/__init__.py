@@ -448,6 +448,7 @@ class KernelView(Model):
     source: str  # imported, built or bundle
     size_bytes: int
     created_at: IsoTime
+    origin: str | None = None  # a pulled kernel's bundle: URL-OR-PATH#sha256:DIGEST
 
 
 class CatalogEntry(Model):

@@ -222,6 +222,8 @@ class KernelPullParams(Model):
     reference: str = Field(min_length=1, max_length=4096)
     name: str | None = None
     insecure: bool = False
+    # As ImagePullParams.sent_from: a sent bundle file's HOST:PATH, the kernel's origin.
+    sent_from: str | None = Field(default=None, min_length=1, max_length=4096)
 
 
 class CatalogParams(Model):

@@ -228,6 +228,8 @@ def kernel_detail(k: dict[str, Any]) -> str:
         ("initrd", k.get("initrd") or "-"), ("source", k["source"]),
         ("size", f"{k['size_bytes'] / (1 << 20):.1f}M"), ("created", k["created_at"]),
     ]
+    if k.get("origin"):
+        items.append(("origin", k["origin"]))
     return pairs(items)
 
 

@@ -399,7 +399,8 @@ def pull_image(d: Daemon, req: BundleRequest, op: Operation) -> dict[str, Any]:
         if manifest.kernel_name is not None:
             if INITRD in manifest.members:
                 shutil.move(image_dir / INITRD, kernel_dir / INITRD)
-            kernel_name, imported = _bundled_kernel(d, manifest.kernel_name, kernel_dir)
+            kernel_name, imported = _bundled_kernel(d, manifest.kernel_name, kernel_dir,
+                                                    f"{req.origin}#sha256:{sha}")
         else:
             inspect_kernel_file(image_dir / VMLINUZ)
         if WORKSEED in manifest.members:
@@ -441,14 +442,15 @@ def pull_kernel(d: Daemon, req: BundleRequest, op: Operation) -> dict[str, Any]:
         op.enter("unpack")
         files = staging / "kernel"
         files.mkdir(mode=0o700)
-        manifest, _ = unpack(bundle, kind="kernel", caps={}, place=lambda m: files / m,
+        manifest, sha = unpack(bundle, kind="kernel", caps={}, place=lambda m: files / m,
                              expect_sha=sha, op=op)
         name = check_name(req.name or req.source.name or manifest.name, "kernel")
         op.enter("check")
         paths = [str(files / m) for m in (VMLINUX, BZIMAGE) if m in manifest.members]
         initrd = str(files / INITRD) if INITRD in manifest.members else None
         op.enter("publish")
-        return kernels.import_files(d, name, paths, initrd, source="bundle")
+        return kernels.import_files(d, name, paths, initrd, source="bundle",
+                                    origin=f"{req.origin}#sha256:{sha}")
     finally:
         remove_tree(staging)
 
@@ -671,9 +673,9 @@ def _check_ext4(rootfs: Path) -> None:
                              hint="a bundle is made by `banger image export`")
 
 
-def _bundled_kernel(d: Daemon, name: str, files: Path) -> tuple[str, str | None]:
-    """Register the bundle's kernel ``name`` from ``files``, or reuse the registry's
-    when it has the same files.
+def _bundled_kernel(d: Daemon, name: str, files: Path, origin: str) -> tuple[str, str | None]:
+    """Register the bundle's kernel ``name`` from ``files`` (``origin``: the bundle's),
+    or reuse the registry's when it has the same files.
 
     Returns:
         The kernel name, and that name again when this call imported it (to remove on
@@ -699,7 +701,7 @@ def _bundled_kernel(d: Daemon, name: str, files: Path) -> tuple[str, str | None]
         paths = [str(files / m) for m in (VMLINUX, BZIMAGE) if m in bundled]
         initrd = str(files / INITRD) if INITRD in bundled else None
         try:
-            kernels.import_files(d, name, paths, initrd, source="bundle")
+            kernels.import_files(d, name, paths, initrd, source="bundle", origin=origin)
         except AlreadyExists:
             if attempt:
                 raise

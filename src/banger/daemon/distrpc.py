@@ -44,7 +44,7 @@ def image_export_begin(d: Daemon, r: ImageExportParams) -> Any:
 def kernel_pull_begin(d: Daemon, r: KernelPullParams) -> Any:
     """``kernel.pull.begin``: check the request, start the pull; its operation."""
     req = bundles.check_request(d, r.reference, kind="kernel", name=r.name,
-                                size_bytes=None, insecure=r.insecure)
+                                size_bytes=None, insecure=r.insecure, sent_from=r.sent_from)
     return op_view(bundles.begin_pull(d, req))
 
 

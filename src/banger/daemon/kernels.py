@@ -51,7 +51,8 @@ def view(k: KernelRecord) -> dict[str, Any]:
     """``k`` as the JSON-ready dict the kernel RPCs return (``created_at`` in ISO 8601)."""
     return {"name": k.name, "vmlinux": k.vmlinux, "bzimage": k.bzimage, "initrd": k.initrd,
             "vmms": list(k.vmms), "version": k.version, "source": k.source,
-            "size_bytes": k.size_bytes, "created_at": k.created_at.isoformat()}
+            "size_bytes": k.size_bytes, "created_at": k.created_at.isoformat(),
+            "origin": k.origin}
 
 
 def refuse_taken(d: Daemon, name: str, instead: str = "") -> None:
@@ -68,8 +69,9 @@ def refuse_taken(d: Daemon, name: str, instead: str = "") -> None:
 
 
 def import_files(d: Daemon, name: str, paths: list[str], initrd: str | None,
-                 source: str = "imported") -> dict[str, Any]:
-    """Validate kernel files, copy them into the registry and record the kernel."""
+                 source: str = "imported", *, origin: str | None = None) -> dict[str, Any]:
+    """Validate kernel files, copy them into the registry and record the kernel
+    (``origin``: where a pulled kernel's bundle was read)."""
     check_name(name, "kernel")
     if not paths:
         raise BadRequest("give at least one kernel file (a vmlinux and/or a bzImage)")
@@ -105,12 +107,12 @@ def import_files(d: Daemon, name: str, paths: list[str], initrd: str | None,
         version = versions[0] if versions else None
         manifest = {"name": name, "vmms": sorted(vmms), "version": version,
                     "files": {k: Path(v).name for k, v in files.items() if v},
-                    "source": source}
+                    "source": source, "origin": origin}
         atomic_write(staging / "manifest.json", json.dumps(manifest, indent=1).encode(), 0o644)
         record = KernelRecord(
             name=name, vmlinux=files["vmlinux"], bzimage=files["bzimage"],
             initrd=files["initrd"], vmms=tuple(sorted(vmms)), version=version,
-            source=source,
+            source=source, origin=origin,
             size_bytes=sum(f.stat().st_size for f in staging.iterdir() if f.is_file()),
             created_at=now())
         with d.image_ops_mu:

@@ -142,6 +142,13 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         ALTER TABLE snapshots ADD COLUMN agent TEXT NOT NULL DEFAULT '';
         """,
     ),
+    (
+        9,
+        "pulled kernels' origin",
+        """
+        ALTER TABLE kernels ADD COLUMN origin TEXT;
+        """,
+    ),
 ]
 
 
@@ -180,6 +187,8 @@ class KernelRecord:
     source: str
     size_bytes: int
     created_at: datetime
+    # Where a pulled kernel's bundle was read: "URL-OR-PATH#sha256:DIGEST".
+    origin: str | None = None
 
 
 @dataclass(frozen=True)
@@ -413,9 +422,9 @@ class Store:
         try:
             with self._tx() as db:
                 db.execute(
-                    "INSERT INTO kernels VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO kernels VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (k.name, k.vmlinux, k.bzimage, k.initrd, json.dumps(list(k.vmms)),
-                     k.version, k.source, k.size_bytes, k.created_at.isoformat()),
+                     k.version, k.source, k.size_bytes, k.created_at.isoformat(), k.origin),
                 )
         except sqlite3.IntegrityError as exc:
             raise AlreadyExists(f"kernel {k.name!r} already exists",
@@ -741,6 +750,7 @@ def _kernel(r: sqlite3.Row) -> KernelRecord:
         name=r["name"], vmlinux=r["vmlinux"], bzimage=r["bzimage"], initrd=r["initrd"],
         vmms=tuple(json.loads(r["vmms"])), version=r["version"], source=r["source"],
         size_bytes=r["size_bytes"], created_at=datetime.fromisoformat(r["created_at"]),
+        origin=r["origin"],
     )
 
 

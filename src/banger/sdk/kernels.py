@@ -32,11 +32,13 @@ class Kernels(Namespace):
         return view(KernelView, res, "kernel.import")
 
     def pull(self, reference: str, *, name: str | None = None, insecure: bool = False,
-             on_progress: Progress | None = None,
+             sent_from: str | None = None, on_progress: Progress | None = None,
              cancel: threading.Event | None = None) -> KernelView:
-        """Pull a kernel bundle (a catalog name, a file or a URL) into the registry."""
+        """Pull a kernel bundle (a catalog name, a file or a URL) into the registry.
+        ``sent_from``: a bundle file sent to the daemon's host, where it was read (the
+        kernel's origin)."""
         op = self._c.call("kernel.pull.begin", reference=bundle_ref(reference), name=name,
-                          insecure=insecure)
+                          insecure=insecure, sent_from=sent_from)
         return self._wait("kernel.pull", op, KernelView, on_progress, cancel)
 
     def build(self, name: str = "banger-6.1", *, base_config: str | Path | None = None,
