@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import click
 
@@ -41,6 +41,15 @@ EXPORT_TIMEOUT_S = 600.0  # a remote export: the guest's diff and the patch's wa
 # (workspace_export_max_mib's ceiling; 256 MiB by default), which base64 and JSON make
 # at most about twice as long. The bound is for a stream that never ends.
 EXPORT_ANSWER_MAX = 32 << 30
+
+
+class DaemonReference(NamedTuple):
+    """A pull's reference as the daemon reads it (:meth:`App.daemon_reference`)."""
+
+    reference: str
+    # A bundle file sent to a remote daemon's host: ``HOST:PATH`` where this machine read
+    # it, which the pulled image or kernel records as its origin. None: nothing was sent.
+    sent_from: str | None = None
 
 
 @dataclass
@@ -118,23 +127,19 @@ class App:
         return self._cfg
 
     @contextlib.contextmanager
-    def daemon_reference(self, reference: str) -> Iterator[str]:
+    def daemon_reference(self, reference: str) -> Iterator[DaemonReference]:
         """A pull's REFERENCE as the daemon reads it: a bundle file on this machine (a
         path, see :func:`banger.sdk.images.bundle_ref`) is sent to a remote daemon's host
-        for the body's length (:meth:`daemon_paths`); anything else is as given."""
+        for the body's length (:meth:`daemon_paths`), with where it was read; anything
+        else is as given."""
         if not is_bundle_path(reference):
-            yield reference  # a name, a URL or an OCI reference
+            yield DaemonReference(reference)  # a name, a URL or an OCI reference
             return
         local = bundle_ref(reference)
         with self.daemon_paths({"bundle": Path(local)}) as at:
-            yield at["bundle"] or local
-
-    def sent_from(self, reference: str) -> str | None:
-        """Where a bundle file :meth:`daemon_reference` sends to a remote daemon was read
-        (``HOST:PATH``: the image's origin there), or None when nothing is sent."""
-        if self.remote is None or not is_bundle_path(reference):
-            return None
-        return f"{socket.gethostname()}:{bundle_ref(reference)}"
+            sent = at["bundle"] if self.remote is not None else None
+            yield DaemonReference(sent or local,
+                                  f"{socket.gethostname()}:{local}" if sent else None)
 
     @contextlib.contextmanager
     def daemon_paths(self, files: dict[str, Path | None]) -> Iterator[dict[str, str | None]]:

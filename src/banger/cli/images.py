@@ -58,10 +58,10 @@ def image_pull(app: App, reference: str, name: str | None, size: str | None,
     (and the bundle against the catalog's); banger adds its guest agent.
     """
     with app.daemon_reference(reference) as ref:
-        result = wire(follow(app, app.client().images.pull, ref, name=name,
+        result = wire(follow(app, app.client().images.pull, ref.reference, name=name,
                              size_bytes=parse_size(size) if size else None,
                              kernel=kernel_name, insecure=insecure,
-                             sent_from=app.sent_from(reference)))
+                             sent_from=ref.sent_from))
     app.emit(result, f"image {result['name']} pulled ({result['size_bytes'] >> 20} MiB) "
                      f"from {result.get('origin')}")
 

@@ -47,8 +47,8 @@ def kernel_pull(app: App, reference: str, name: str | None, insecure: bool) -> N
     then validated like `banger kernel import`.
     """
     with app.daemon_reference(reference) as ref:
-        res = wire(follow(app, app.client().kernels.pull, ref, name=name, insecure=insecure,
-                          sent_from=app.sent_from(reference)))
+        res = wire(follow(app, app.client().kernels.pull, ref.reference, name=name,
+                          insecure=insecure, sent_from=ref.sent_from))
     app.emit(res, f"kernel {res['name']} pulled ({res.get('version')}; "
                   f"{', '.join(res['vmms'])})")
 
