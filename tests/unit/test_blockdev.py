@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,15 @@ class Host:
         return {d["name"]: d["back-file"] for d in out.get("loopdevices", [])
                 if str(d.get("back-file") or "").startswith(str(self.tmp))}
 
+    def released(self) -> dict[str, str]:
+        """:meth:`attached` once the kernel has let go of what was detached: a loop
+        detached while open (by the host operations, or udev's probe) goes at its last
+        close, which the kernel may finish a moment later. Waits at most 10 s."""
+        deadline = time.monotonic() + 10
+        while (left := self.attached()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return left
+
     def close(self) -> None:
         for dev in self.attached():
             subprocess.run(["losetup", "--detach", dev], check=False)
@@ -110,7 +120,7 @@ def test_a_snapshot_is_made_and_taken_down_through_the_host_operations(h: Host) 
     assert h.host.dm_vms() == [VM]
 
     dm.deactivate(CowHandle.from_json(active.to_json()))
-    assert h.dm.dm == {} and h.attached() == {}
+    assert h.dm.dm == {} and h.released() == {}
 
 
 def test_a_failed_snapshot_detaches_the_loops_it_made(h: Host) -> None:
@@ -119,7 +129,7 @@ def test_a_failed_snapshot_detaches_the_loops_it_made(h: Host) -> None:
     handle = dm.create(h.origin, h.vm_dir / "cow")
     with pytest.raises(BangerError, match="snapshot"):
         dm.activate(handle, h.origin, VM)
-    assert h.attached() == {}
+    assert h.released() == {}
 
 
 def test_a_handle_of_another_install_is_not_removed(h: Host) -> None:
@@ -131,7 +141,7 @@ def test_a_handle_of_another_install_is_not_removed(h: Host) -> None:
         dm.deactivate(foreign)
     assert "dmsetup remove" in err.value.hint
     assert not h.runner.ran("dmsetup", "remove")
-    assert h.attached() == {}  # its loops are freed all the same
+    assert h.released() == {}  # its loops are freed all the same
 
 
 def test_dm_list_names_only_this_installs_vms(h: Host) -> None:
