@@ -262,15 +262,18 @@ class SSHLink:
             close(proc.stdout, proc.stderr)
         return subprocess.CompletedProcess(argv, proc.returncode, b"", stderr)
 
-    def capture(self, argv: list[str], *, timeout: float, input: bytes | None = None,
+    def capture(self, argv: list[str], *, timeout: float,
+                input: bytes | Callable[[IO[bytes]], None] | None = None,
                 limit: int = MAX_ANSWER) -> subprocess.CompletedProcess[bytes]:
         """Run the remote banger with ``argv`` over the connection, its output captured:
         at most ``limit`` bytes of standard output (what it says is read, not trusted
-        to be small) and the last :data:`MAX_ANSWER` bytes of its errors.
+        to be small) and the last :data:`MAX_ANSWER` bytes of its errors. ``input`` as
+        for :func:`run_bounded`.
 
         Raises:
             DaemonUnavailable: it did not end within ``timeout`` seconds, or printed
                 more than ``limit`` bytes.
+            Exception: what writing ``input`` raised.
         """
         what = f"`banger {shlex.join(argv)}`"
         try:

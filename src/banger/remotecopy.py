@@ -24,7 +24,6 @@ import os
 import re
 import shutil
 import stat
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -33,8 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from banger.errors import BadRequest, BangerError, HostError
-from banger.remote import OutputTooLarge, SSHLink, run_bounded
+from banger.errors import BadRequest, BangerError, DaemonUnavailable, HostError
+from banger.remote import SSHLink
 from banger.sdk.base import DaemonPath
 
 RECEIVE_TIMEOUT_S = 3600.0
@@ -70,16 +69,11 @@ def stream(link: SSHLink, name: str, write: Callable[[IO[bytes]], None], *, what
         BadRequest: ``write`` could not read what it sends.
         HostError: the remote end failed to take it.
     """
-    argv = link.ssh("-T", link.target.destination, "--",
-                    link.remote_command(["vm", "workspace", "receive", name]))
     try:
-        res = run_bounded(argv, timeout=RECEIVE_TIMEOUT_S, input=write, limit=MAX_ANSWER)
-    except subprocess.TimeoutExpired as exc:
-        raise HostError(f"{link.target} did not take {what} within "
-                        f"{RECEIVE_TIMEOUT_S:g}s") from exc
-    except OutputTooLarge as exc:
-        raise HostError(f"{link.target} did not take {what}: it answered more than "
-                        f"{MAX_ANSWER} bytes") from exc
+        res = link.capture(["vm", "workspace", "receive", name], timeout=RECEIVE_TIMEOUT_S,
+                           input=write, limit=MAX_ANSWER)
+    except DaemonUnavailable as exc:  # it did not end in time, or answered too much
+        raise HostError(f"{link.target} did not take {what}: {exc.message}") from exc
     except OSError as exc:  # a file went away or became unreadable meanwhile
         raise BadRequest(f"cannot send {what}: {exc.strerror or exc}"
                          + (f" ({exc.filename})" if exc.filename else ""),

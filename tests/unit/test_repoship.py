@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from banger import remotecopy, repoship
+from banger import remote, remotecopy, repoship
 from banger.cli.workspace import resync_source
 from banger.errors import BadRequest
 from banger.remote import SSHLink, SSHTarget
@@ -219,9 +219,10 @@ def test_a_stream_cut_short_is_refused_and_leaves_nothing(tmp_path: Path) -> Non
 
 def _receiving_here(monkeypatch: pytest.MonkeyPatch, root: Path,
                     before_each: Callable[[int], None]) -> list[str]:
-    """``remotecopy``'s ssh run, played here: ``before_each(n)`` runs, then the stream
-    is written into ``unpack`` (the remote's ``receive``) under ``root``. The results,
-    one per send: the path, or the writer's error."""
+    """The ssh run of ``receive`` (:meth:`SSHLink.capture`), played here:
+    ``before_each(n)`` runs, then the stream is written into ``unpack`` (the remote's
+    ``receive``) under ``root``. The results, one per send: the path, or the writer's
+    error."""
     sends: list[str] = []
 
     def run_bounded(argv: list[str], *, timeout: float, input: Any, limit: int) -> Any:
@@ -238,7 +239,7 @@ def _receiving_here(monkeypatch: pytest.MonkeyPatch, root: Path,
         sends.append(str(got))
         return subprocess.CompletedProcess(argv, 0, json.dumps({"path": str(got)}).encode(), b"")
 
-    monkeypatch.setattr(remotecopy, "run_bounded", run_bounded)
+    monkeypatch.setattr(remote, "run_bounded", run_bounded)
     return sends
 
 
